@@ -1,0 +1,82 @@
+"""Tensors <-> raw frames. numpy on the client side, torch on the agent side; the bytes are never copied by Python.
+
+A tensor travels as (meta, frame): meta = {name, datatype, shape} goes into the msgpack header, the frame is the
+tensor's own C-ordered memory, handed to ZeroMQ as a buffer (send with copy=False). On receipt the array is a view
+over the received frame's buffer (read-only, which is why the agent marks its inputs as not to be written to).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cluster.protocol import ProtocolError, frame_bytes
+
+NUMPY_DTYPE = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+DATATYPE_OF_NUMPY = {v: k for k, v in NUMPY_DTYPE.items()}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The Open Inference Protocol datatype name of a numpy array; ValueError if the bus cannot carry it."""
+    try:
+        return DATATYPE_OF_NUMPY[array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype]
+    except KeyError:
+        raise ValueError(f"dtype {array.dtype} cannot travel on the bus") from None
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A C-contiguous little-endian numpy array from a numpy array, a torch tensor or a nested list."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch.Tensor, without importing torch here
+        value = value.detach().cpu()
+        if not value.is_contiguous():
+            value = value.contiguous()
+        value = value.numpy()
+    array = np.asarray(value)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def encode_tensors(tensors: Mapping[str, Any]) -> tuple[list[dict], list]:
+    """(metas, frames) for a name -> array mapping. Frames are the arrays' own buffers."""
+    metas, frames = [], []
+    for name, value in tensors.items():
+        array = as_numpy(value)
+        metas.append({"name": name, "datatype": datatype_of(array), "shape": list(array.shape)})
+        frames.append(memoryview(array).cast("B") if array.size else b"")
+    return metas, frames
+
+
+def decode_tensors(metas: Sequence[dict], frames: Sequence) -> dict[str, np.ndarray]:
+    """name -> numpy view over each frame. Call protocol.validate_tensor_metas first."""
+    out = {}
+    for meta, frame in zip(metas, frames):
+        dtype = NUMPY_DTYPE.get(meta["datatype"])
+        if dtype is None:
+            raise ProtocolError(f"tensor '{meta['name']}': unsupported datatype {meta['datatype']!r}")
+        out[meta["name"]] = np.frombuffer(frame_bytes(frame), dtype=dtype).reshape(meta["shape"])
+    return out
+
+
+def to_torch(array: np.ndarray):
+    """A torch tensor sharing the array's memory (read-only buffers included: the model must not write its input)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)

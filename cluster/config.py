@@ -1,0 +1,90 @@
+"""Every address, timing and limit of the cluster, in one place.
+
+Each setting has a default here and an environment variable that overrides it, so a test (or an operator) can run
+the whole cluster with, say, 100 ms heartbeats without touching code. Command-line options override both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+
+# --- default addresses (loopback only unless told otherwise) ---------------------------------------------------
+DEFAULT_HOST = "127.0.0.1"
+BROKER_CLIENT_ADDR = f"tcp://{DEFAULT_HOST}:5555"  # clients (Client, AsyncClient, edge) connect here
+BROKER_AGENT_ADDR = f"tcp://{DEFAULT_HOST}:5556"  # agents connect their DEALER here
+MANAGER_HEARTBEAT_ADDR = f"tcp://{DEFAULT_HOST}:5557"  # agents PUB heartbeats here (manager binds SUB)
+MANAGER_EVENTS_ADDR = f"tcp://{DEFAULT_HOST}:5558"  # manager PUBlishes registry changes here (broker SUBs)
+MANAGER_QUERY_ADDR = f"tcp://{DEFAULT_HOST}:5559"  # manager answers agents/models queries here (ROUTER)
+EDGE_HOST = DEFAULT_HOST
+EDGE_PORT = 8000
+
+# --- limits -------------------------------------------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # data sockets: largest frame a peer may send (ZMQ_MAXMSGSIZE)
+MAX_CONTROL_BYTES = 1024 * 1024  # heartbeat, event and query sockets
+MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
+MAX_TENSORS = 64  # tensors in one request or reply
+MAX_DIMS = 16  # dimensions of one tensor
+SOCKET_HWM = 10_000  # ZeroMQ high-water mark per socket (messages); queues are bounded in the app too
+LINGER_MS = 200  # how long a closing socket may flush
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Heartbeats, liveness and deadlines. All in seconds."""
+
+    heartbeat_interval: float = 1.0  # agents beat this often (to the manager and the broker)
+    liveness: int = 3  # a peer silent for liveness * interval is dead
+    reconnect_initial: float = 1.0  # first reconnect delay; doubles ...
+    reconnect_max: float = 32.0  # ... up to this, with jitter
+    request_timeout: float = 30.0  # default deadline of an inference request
+    query_timeout: float = 5.0  # deadline of an agents()/models() query
+    max_dispatch_attempts: int = 3  # how often the broker re-dispatches a request whose agent died
+    broker_queue_limit: int = 10_000  # requests the broker holds waiting for a free agent, past that: OVERLOADED
+
+    @property
+    def expiry(self) -> float:
+        """Seconds of silence after which a peer is declared dead."""
+        return self.heartbeat_interval * self.liveness
+
+
+_ENV_PREFIX = "CLUSTER_"
+
+
+def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timings:
+    """Timings from CLUSTER_<FIELD> environment variables (e.g. CLUSTER_HEARTBEAT_INTERVAL=0.2), then overrides."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(Timings):
+        raw = environ.get(_ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = type(f.default)(float(raw))  # int fields accept "3" and "3.0"
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    timings = replace(Timings(), **values)
+    if timings.heartbeat_interval < 0.01:
+        raise ValueError("heartbeat interval must be at least 10 ms")
+    if timings.liveness < 1:
+        raise ValueError("liveness must be at least 1")
+    return timings
+
+
+def env_or(name: str, default: str) -> str:
+    """An address or path from CLUSTER_<NAME>, else the default."""
+    return os.environ.get(_ENV_PREFIX + name, default)
+
+
+def default_share_dir() -> str:
+    """Where `cluster up` keeps its local model share unless --share says otherwise (the user's data dir)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return env_or("SHARE", os.path.join(base, "cluster", "share"))
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where each component listens; one object so every CLI command and test passes the same set around."""
+
+    broker_clients: str = field(default_factory=lambda: env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR))
+    broker_agents: str = field(default_factory=lambda: env_or("BROKER_AGENTS", BROKER_AGENT_ADDR))
+    manager_heartbeats: str = field(default_factory=lambda: env_or("MANAGER_HEARTBEATS", MANAGER_HEARTBEAT_ADDR))
+    manager_events: str = field(default_factory=lambda: env_or("MANAGER_EVENTS", MANAGER_EVENTS_ADDR))
+    manager_queries: str = field(default_factory=lambda: env_or("MANAGER_QUERIES", MANAGER_QUERY_ADDR))

@@ -1,0 +1,213 @@
+"""The wire protocol: every message on the bus is defined here, and only here.
+
+A message is a list of ZeroMQ frames:
+
+    frame 0   preamble  = TAG (b"MSB1": protocol name and version) + one command byte
+    frame 1   route     = 8-byte request key the broker attaches (only broker <-> agent REQUEST/REPLY/ERROR)
+    next      header    = msgpack map (string keys), at most MAX_HEADER_BYTES
+    rest      tensors   = one raw frame per tensor, described in order by header["inputs"] or header["outputs"]
+
+Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
+
+    client  -> broker   REQUEST  {id, model, version?, timeout, inputs: [meta...], outputs?: [name...]} + tensors
+                        QUERY    {id, what: "agents" | "models"}
+    broker  -> client   REPLY    {id, model, version, agent, outputs: [meta...]} + tensors   (the agent's header, as is)
+                        REPLY    {id, result: ...}                                            (answer to a QUERY)
+                        ERROR    {id, code, message, model?}
+    agent   -> broker   READY    {agent, capacity, models: [{name, version}], ...heartbeat fields}
+                        HEARTBEAT {the same fields as the PUB heartbeat}
+                        REPLY / ERROR  route + header + tensors (answers a REQUEST)
+    broker  -> agent    REQUEST  route + the client's header + tensors (forwarded, never decoded)
+                        HEARTBEAT {}   DISCONNECT {reason}   (DISCONNECT: "I do not know you, send READY again")
+    agent   -> manager  HEARTBEAT (PUB) {agent, host, pid, device, models, in_flight, capacity, draining, uptime, ...}
+    manager -> broker   EVENT (PUB) {event: "agent_joined" | "agent_dead" | "snapshot", agent?, agents?}
+    anyone  -> manager  QUERY {id, what} -> REPLY {id, result}
+
+A tensor meta is {name, datatype, shape}: datatype is an Open Inference Protocol name (FP32, INT64, ...), shape a
+list of ints, and the tensor's frame holds exactly prod(shape) * itemsize bytes, C order. No pickle, no msgpack list
+of numbers for tensor data.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Sequence
+
+import msgpack
+
+from cluster.config import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
+
+TAG = b"MSB1"  # Model-Serving Bus, protocol version 1
+ROUTE_BYTES = 8
+
+
+class Command(enum.IntEnum):
+    READY = 0x01
+    REQUEST = 0x02
+    REPLY = 0x03
+    ERROR = 0x04
+    HEARTBEAT = 0x05
+    DISCONNECT = 0x06
+    QUERY = 0x07
+    EVENT = 0x08
+
+
+PREAMBLE = {cmd: TAG + bytes([cmd]) for cmd in Command}
+_COMMAND_BY_PREAMBLE = {v: k for k, v in PREAMBLE.items()}
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request failed; the client maps each to one exception type, the edge to one HTTP status."""
+
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"  # no agent has ever served this model (or this version)
+    NO_AGENT = "NO_AGENT"  # the model is known but no live agent serves it now
+    TIMEOUT = "TIMEOUT"  # no answer within the request's deadline
+    BAD_REQUEST = "BAD_REQUEST"  # malformed message, unknown input, wrong dtype or shape
+    INFERENCE_FAILED = "INFERENCE_FAILED"  # the model raised
+    OVERLOADED = "OVERLOADED"  # the broker's queue is full
+    INTERNAL = "INTERNAL"
+
+
+# Open Inference Protocol datatypes the bus carries, with their item size. BYTES (strings) is not a raw tensor.
+DATATYPE_ITEMSIZE = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "FP32": 4,
+    "FP64": 8,
+}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol. Receivers answer BAD_REQUEST where they can, else drop it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------------------------
+
+def pack(header: dict) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def message(cmd: Command, header: dict, tensors: Sequence = ()) -> list:
+    """Frames for a message without a route frame: [preamble, header, *tensors]."""
+    return [PREAMBLE[cmd], pack(header), *tensors]
+
+
+def routed(cmd: Command, route: bytes, header: dict | bytes, tensors: Sequence = ()) -> list:
+    """Frames for broker <-> agent REQUEST/REPLY/ERROR: [preamble, route, header, *tensors]."""
+    return [PREAMBLE[cmd], route, header if isinstance(header, bytes) else pack(header), *tensors]
+
+
+def error_header(request_id: Any, code: ErrorCode, text: str, model: str | None = None) -> dict:
+    header = {"id": request_id, "code": code.value, "message": text}
+    if model is not None:
+        header["model"] = model
+    return header
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding and validation (before anything touches the data)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def frame_bytes(frame) -> bytes | memoryview:
+    """Bytes of a frame: bytes and memoryviews as they are, a zmq.Frame (recv with copy=False) as its buffer."""
+    return getattr(frame, "buffer", frame)
+
+
+def parse_preamble(frame) -> Command:
+    """The command of a message whose first frame is `frame`; ProtocolError if the tag or command is wrong."""
+    raw = frame if isinstance(frame, bytes) else bytes(frame_bytes(frame))
+    cmd = _COMMAND_BY_PREAMBLE.get(raw)
+    if cmd is None:
+        if not raw.startswith(TAG[:3]):
+            raise ProtocolError("not a bus message (bad protocol tag)")
+        if raw[: len(TAG)] != TAG:
+            raise ProtocolError(f"unsupported protocol version {raw[: len(TAG)]!r}, expected {TAG!r}")
+        raise ProtocolError(f"unknown command {raw[len(TAG):]!r}")
+    return cmd
+
+
+def unpack_header(frame) -> dict:
+    """Decode a msgpack header frame into a dict, with size and type checks."""
+    raw = frame_bytes(frame)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=MAX_HEADER_BYTES,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=MAX_HEADER_BYTES,
+            max_array_len=100_000,
+            max_map_len=100_000,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    return header
+
+
+def require(header: dict, key: str, kind: type | tuple, *, optional: bool = False) -> Any:
+    """header[key], checked to be of `kind`; ProtocolError naming the key otherwise."""
+    if key not in header or header[key] is None:
+        if optional:
+            return None
+        raise ProtocolError(f"header is missing '{key}'")
+    value = header[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"header field '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") -> list[dict]:
+    """Check tensor metas against their frames: names, datatypes, shapes and byte counts.
+
+    Returns the metas; raises ProtocolError with a message that names the offending tensor.
+    """
+    if not isinstance(metas, list):
+        raise ProtocolError(f"'{what}' must be a list")
+    if len(metas) > MAX_TENSORS:
+        raise ProtocolError(f"{len(metas)} tensors is over the limit of {MAX_TENSORS}")
+    if len(metas) != len(frames):
+        raise ProtocolError(f"{len(metas)} {what} described but {len(frames)} tensor frames sent")
+    seen = set()
+    for meta, frame in zip(metas, frames):
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"each of '{what}' must be a map")
+        name = meta.get("name")
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise ProtocolError(f"a tensor in '{what}' has no valid name")
+        if name in seen:
+            raise ProtocolError(f"tensor '{name}' appears twice")
+        seen.add(name)
+        datatype = meta.get("datatype")
+        if datatype not in DATATYPE_ITEMSIZE:
+            raise ProtocolError(f"tensor '{name}': unsupported datatype {datatype!r}")
+        shape = meta.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+        ):
+            raise ProtocolError(f"tensor '{name}': shape must be a list of at most {MAX_DIMS} non-negative ints")
+        expected = math.prod(shape) * DATATYPE_ITEMSIZE[datatype]
+        if expected != len(frame_bytes(frame)):
+            raise ProtocolError(
+                f"tensor '{name}': shape {shape} of {datatype} needs {expected} bytes, frame has {len(frame_bytes(frame))}"
+            )
+    return metas
