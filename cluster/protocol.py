@@ -148,14 +148,13 @@ def unpack_header(frame) -> dict:
             raw,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=MAX_HEADER_BYTES,
             max_str_len=MAX_HEADER_BYTES,
             max_bin_len=MAX_HEADER_BYTES,
             max_array_len=100_000,
             max_map_len=100_000,
             max_ext_len=0,
         )
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:  # the types msgpack raises on garbage
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")

@@ -1,0 +1,274 @@
+"""The agent: hosts models on one machine and answers inference requests from the broker.
+
+Threads:
+- the I/O thread (`run`) owns every socket: a DEALER to the broker (READY, HEARTBEAT, answers), an XPUB to the
+  manager (HEARTBEAT every interval, and at once when a manager subscribes), and an inproc PULL for answers coming
+  back from the workers. It validates each request before it reaches a model.
+- inference workers (runner.WorkerPool) run the models.
+
+The agent trusts nothing it receives: a malformed request gets an ERROR answer (or is dropped, with a log line, when
+it cannot even be answered), never a crash. If the broker goes silent for `liveness` intervals, the agent sends
+READY again, backing off from `reconnect_initial` to `reconnect_max` with jitter, so a restarted broker gets every
+agent back without an agent restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from cluster import protocol
+from cluster.agent.runner import Job, WorkerPool
+from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, pack, require
+from cluster.repository import InputError, ModelRepository, RepositoryError
+from cluster.sockets import make_socket
+
+log = logging.getLogger("cluster.agent")
+
+_instance_ids = itertools.count()
+
+
+def default_agent_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{next(_instance_ids)}"
+
+
+class Agent:
+    def __init__(
+        self,
+        share: str,
+        addresses: Addresses | None = None,
+        timings: Timings | None = None,
+        agent_id: str | None = None,
+        capacity: int = 4,
+        workers: int = 1,
+        device: str = "cpu",
+        model_names: list[str] | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.share = share
+        self.addresses = addresses or Addresses()
+        self.timings = timings or Timings()
+        self.agent_id = agent_id or default_agent_id()
+        if not 0 < len(self.agent_id.encode()) <= 255:
+            raise ValueError("agent id must be 1 to 255 bytes")
+        self.capacity = capacity
+        self.device = device
+        self.model_names = model_names
+        self.ctx = ctx or zmq.Context()
+        self._own_ctx = ctx is None
+        self.models: dict[str, Any] = {}  # name -> repository.LoadedModel
+        self.in_flight = 0
+        self.draining = False
+        self.started = time.time()
+        self._started_mono = time.monotonic()
+        self._stop = threading.Event()
+        self._results_addr = f"inproc://agent-results-{id(self)}"
+        self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers)
+
+    # ---- models -------------------------------------------------------------------------------------------------
+
+    def load_models(self) -> None:
+        """Load the newest version of each model in the share (or of the names asked for), warm-up included."""
+        repository = ModelRepository(self.share)
+        for name in self.model_names or repository.model_names():
+            version = repository.latest_version(name)
+            if version is None:
+                log.warning("model %s has no version in the share; skipped", name)
+                continue
+            try:
+                self.models[name] = repository.load(name, version, device=self.device)
+                log.info("agent %s loaded %s v%d", self.agent_id, name, version)
+            except RepositoryError as exc:
+                log.error("agent %s could not load %s v%d: %s", self.agent_id, name, version, exc)
+
+    def models_ready(self) -> list[dict]:
+        return [{"name": m.name, "version": m.version} for m in self.models.values()]
+
+    def status(self) -> dict:
+        """The heartbeat: what the manager's registry and `cluster status` show about this agent."""
+        return {
+            "agent": self.agent_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "models": [] if self.draining else self.models_ready(),
+            "in_flight": self.in_flight,
+            "capacity": self.capacity,
+            "draining": self.draining,
+            "uptime": round(time.monotonic() - self._started_mono, 3),
+            "started": self.started,
+            "interval": self.timings.heartbeat_interval,
+        }
+
+    # ---- the I/O loop -------------------------------------------------------------------------------------------
+
+    def run(self, drain_timeout: float = 10.0) -> None:
+        """Load models, connect, serve until stop(); then drain what is in flight and say goodbye."""
+        self.load_models()
+        self.results = self.ctx.socket(zmq.PULL)
+        self.results.bind(self._results_addr)
+        self.pool.start()
+        self.broker = make_socket(
+            self.ctx, zmq.DEALER, connect=self.addresses.broker_agents, identity=self.agent_id.encode(), timings=self.timings
+        )
+        self.beats = make_socket(
+            self.ctx, zmq.XPUB, connect=self.addresses.manager_heartbeats, max_bytes=MAX_CONTROL_BYTES, hwm=100, timings=self.timings
+        )
+        self.beats.setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, so a restarted manager gets a beat at once
+        poller = zmq.Poller()
+        for sock in (self.broker, self.results, self.beats):
+            poller.register(sock, zmq.POLLIN)
+        interval = self.timings.heartbeat_interval
+        self.register()
+        now = time.monotonic()
+        next_beat = now
+        self._broker_heard = now
+        self._ready_backoff = self.timings.reconnect_initial
+        self._next_ready = now + self.timings.expiry
+        drain_deadline = None
+        log.info("agent %s up: broker %s, manager %s", self.agent_id, self.addresses.broker_agents, self.addresses.manager_heartbeats)
+        try:
+            while True:
+                if self._stop.is_set() and drain_deadline is None:
+                    drain_deadline = time.monotonic() + drain_timeout
+                    self.draining = True
+                    self.send_heartbeat()  # the broker stops routing here at once
+                if drain_deadline is not None and (self.in_flight == 0 or time.monotonic() > drain_deadline):
+                    break
+                ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
+                if self.results in ready:
+                    self.forward_results()
+                if self.broker in ready:
+                    self.process_broker()
+                if self.beats in ready:
+                    self.process_subscriptions()
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + interval
+                    self.send_heartbeat()
+                    self.check_broker(now)
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        try:
+            self.broker.send_multipart(message(Command.DISCONNECT, {"reason": "agent stopping"}), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.pool.stop()
+        for sock in (self.broker, self.beats, self.results):
+            sock.close(linger=100)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def register(self) -> None:
+        """READY to the broker: who we are, what we serve, how much we take at once."""
+        self.broker.send_multipart(message(Command.READY, self.status()))
+
+    def send_heartbeat(self) -> None:
+        beat = message(Command.HEARTBEAT, self.status())
+        try:
+            self.beats.send_multipart(beat, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB semantics: a missed beat is tolerated by the manager
+        try:
+            self.broker.send_multipart(beat, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # broker unreachable and our queue to it is full: check_broker re-registers later
+
+    def check_broker(self, now: float) -> None:
+        """The broker has been silent too long: send READY again, backing off (with jitter) while it stays silent."""
+        if now - self._broker_heard <= self.timings.expiry or now < self._next_ready:
+            return
+        log.warning("agent %s: broker silent for %.1f s; registering again", self.agent_id, now - self._broker_heard)
+        self.register()
+        self._next_ready = now + self._ready_backoff * random.uniform(0.8, 1.2)
+        self._ready_backoff = min(self._ready_backoff * 2, self.timings.reconnect_max)
+
+    def process_subscriptions(self) -> None:
+        for _ in range(100):
+            try:
+                frame = self.beats.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frame[:1] == b"\x01":  # a manager (re)subscribed: beat now rather than at the next interval
+                self.send_heartbeat()
+
+    def forward_results(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.results.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.in_flight -= 1
+            self.broker.send_multipart(frames, copy=False)
+
+    def process_broker(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.broker.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._broker_heard = time.monotonic()
+            self._ready_backoff = self.timings.reconnect_initial
+            try:
+                cmd = protocol.parse_preamble(frames[0])
+            except (ProtocolError, IndexError) as exc:
+                log.warning("agent %s: bad message from the broker dropped: %s", self.agent_id, exc)
+                continue
+            if cmd == Command.REQUEST:
+                self.accept_request(frames)
+            elif cmd == Command.DISCONNECT:
+                log.info("agent %s: broker asked us to register again", self.agent_id)
+                self.register()
+            elif cmd != Command.HEARTBEAT:
+                log.warning("agent %s: unexpected %s from the broker dropped", self.agent_id, cmd.name)
+
+    def accept_request(self, frames: list) -> None:
+        """Validate a REQUEST and queue it for a worker; answer ERROR at once if it cannot be served."""
+        if len(frames) < 3:
+            log.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
+            return
+        route = frames[1].bytes
+        request_id = name = None
+        try:
+            if len(route) != protocol.ROUTE_BYTES:
+                raise ProtocolError("bad route frame")
+            header = protocol.unpack_header(frames[2])
+            request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
+            name = require(header, "model", str)
+            version = require(header, "version", int, optional=True)
+            model = self.models.get(name)
+            if model is None or self.draining or (version is not None and version != model.version):
+                what = f"model '{name}'" + (f" version {version}" if version is not None else "")
+                self.answer_error(route, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not loaded on agent {self.agent_id}", name)
+                return
+            tensors = frames[3:]
+            metas = protocol.validate_tensor_metas(require(header, "inputs", list), tensors)
+            model.config.check_inputs(metas)
+            outputs = require(header, "outputs", list, optional=True)
+            if outputs is not None:
+                known = {spec.name for spec in model.config.outputs}
+                unknown = [o for o in outputs if not isinstance(o, str) or o not in known]
+                if unknown:
+                    raise InputError(f"model '{name}' has no output {unknown[0]!r}; it has {sorted(known)}")
+        except (ProtocolError, InputError) as exc:
+            self.answer_error(route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
+            return
+        self.in_flight += 1
+        self.pool.submit(Job(route, request_id, model, metas, list(tensors), outputs))
+
+    def answer_error(self, route: bytes, request_id, code: ErrorCode, text: str, model: str | None) -> None:
+        self.broker.send_multipart([PREAMBLE[Command.ERROR], route, pack(error_header(request_id, code, text, model))])

@@ -1,0 +1,260 @@
+"""The `cluster` command: run each role on its own, or the whole cluster on this machine with `cluster up`.
+
+Every address and timing can come from an option or from an environment variable (CLUSTER_*); `--help` on each
+command lists them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cluster import config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="A model-serving cluster for PyTorch.")
+
+# ---- options shared by the commands -----------------------------------------------------------------------------
+
+BrokerClients = typer.Option(config.BROKER_CLIENT_ADDR, envvar="CLUSTER_BROKER_CLIENTS", help="Broker address for clients.")
+BrokerAgents = typer.Option(config.BROKER_AGENT_ADDR, envvar="CLUSTER_BROKER_AGENTS", help="Broker address for agents.")
+ManagerHeartbeats = typer.Option(config.MANAGER_HEARTBEAT_ADDR, envvar="CLUSTER_MANAGER_HEARTBEATS", help="Manager heartbeat address (agents publish here).")
+ManagerEvents = typer.Option(config.MANAGER_EVENTS_ADDR, envvar="CLUSTER_MANAGER_EVENTS", help="Manager registry-event address (the broker subscribes).")
+ManagerQueries = typer.Option(config.MANAGER_QUERY_ADDR, envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address.")
+Interval = typer.Option(None, "--heartbeat-interval", envvar="CLUSTER_HEARTBEAT_INTERVAL", help="Seconds between heartbeats (default 1).")
+Liveness = typer.Option(None, "--liveness", envvar="CLUSTER_LIVENESS", help="Missed heartbeats before a peer is dead (default 3).")
+LogLevel = typer.Option("INFO", "--log-level", envvar="CLUSTER_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
+
+
+def _setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _stop_on_signals(component) -> None:
+    """SIGTERM and Ctrl-C stop the component's loop cleanly (it polls with short timeouts)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: component.stop())
+
+
+def _addresses(**kwargs) -> config.Addresses:
+    return config.Addresses(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+# ---- the roles ----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def manager(
+    heartbeats: str = ManagerHeartbeats,
+    events: str = ManagerEvents,
+    queries: str = ManagerQueries,
+    heartbeat_interval: Optional[float] = Interval,
+    liveness: Optional[int] = Liveness,
+    log_level: str = LogLevel,
+):
+    """Run the lifecycle manager: registry of live agents from their heartbeats."""
+    from cluster.manager import Manager
+
+    _setup_logging(log_level, "manager")
+    timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
+    component = Manager(_addresses(manager_heartbeats=heartbeats, manager_events=events, manager_queries=queries), timings)
+    _stop_on_signals(component)
+    component.run()
+
+
+@app.command()
+def broker(
+    clients: str = BrokerClients,
+    agents: str = BrokerAgents,
+    events: str = ManagerEvents,
+    policy: str = typer.Option("round-robin", envvar="CLUSTER_POLICY", help="Routing policy: round-robin or least-outstanding."),
+    heartbeat_interval: Optional[float] = Interval,
+    liveness: Optional[int] = Liveness,
+    log_level: str = LogLevel,
+):
+    """Run the broker: routes client requests to live agents that have the model."""
+    from cluster.broker import Broker
+
+    _setup_logging(log_level, "broker")
+    timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
+    component = Broker(_addresses(broker_clients=clients, broker_agents=agents, manager_events=events), timings, policy)
+    _stop_on_signals(component)
+    component.run()
+
+
+@app.command()
+def agent(
+    share: str = typer.Option(None, envvar="CLUSTER_SHARE", help="Model repository folder (default: the local share)."),
+    broker: str = BrokerAgents,
+    heartbeats: str = ManagerHeartbeats,
+    agent_id: Optional[str] = typer.Option(None, "--id", envvar="CLUSTER_AGENT_ID", help="Agent id (default host-pid)."),
+    capacity: int = typer.Option(4, envvar="CLUSTER_CAPACITY", help="Requests this agent takes at once."),
+    workers: int = typer.Option(1, envvar="CLUSTER_WORKERS", help="Inference threads."),
+    threads: int = typer.Option(1, envvar="CLUSTER_TORCH_THREADS", help="torch intra-op threads per agent (0: torch's default)."),
+    device: str = typer.Option("cpu", envvar="CLUSTER_DEVICE", help="cpu, cuda or cuda:N."),
+    models: Optional[str] = typer.Option(None, envvar="CLUSTER_MODELS", help="Comma-separated model names to serve (default: all in the share)."),
+    heartbeat_interval: Optional[float] = Interval,
+    liveness: Optional[int] = Liveness,
+    log_level: str = LogLevel,
+):
+    """Run an agent: loads the share's models and serves them to the broker."""
+    import torch
+
+    from cluster.agent import Agent
+
+    _setup_logging(log_level, "agent")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
+    component = Agent(
+        share or config.default_share_dir(),
+        _addresses(broker_agents=broker, manager_heartbeats=heartbeats),
+        timings,
+        agent_id=agent_id,
+        capacity=capacity,
+        workers=workers,
+        device=device,
+        model_names=[m for m in models.split(",") if m] if models else None,
+    )
+    _stop_on_signals(component)
+    component.run()
+
+
+# ---- the whole cluster on one machine ------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In a child of `cluster up`: get SIGTERM if `cluster up` itself dies, so no process is orphaned (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _spawn(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster", *args],
+        env=env,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+
+
+def _stop_all(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM everything (agents first, so they drain), wait, then SIGKILL what is left."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@app.command()
+def up(
+    agents: int = typer.Option(2, "--agents", help="How many agents to start."),
+    share: Optional[str] = typer.Option(None, envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."),
+    heartbeat_interval: Optional[float] = Interval,
+    log_level: str = LogLevel,
+):
+    """Start the manager, the broker and N agents on this machine; Ctrl-C or SIGTERM stops them all."""
+    from cluster.demo_models import write_demo_models
+    from cluster.repository import ModelRepository
+
+    _setup_logging(log_level, "up")
+    share_dir = Path(share or config.default_share_dir())
+    share_dir.mkdir(parents=True, exist_ok=True)
+    if not ModelRepository(share_dir).model_names():
+        typer.echo(f"Writing the demo models (digits, echo) into {share_dir} ...")
+        write_demo_models(share_dir)
+    env = dict(os.environ, CLUSTER_SHARE=str(share_dir), CLUSTER_LOG_LEVEL=log_level)
+    if heartbeat_interval is not None:
+        env["CLUSTER_HEARTBEAT_INTERVAL"] = str(heartbeat_interval)
+    addresses = config.Addresses()
+    procs = [_spawn(["manager"], env), _spawn(["broker"], env)]
+    procs += [_spawn(["agent"], env) for _ in range(agents)]
+    stopping = []
+
+    def request_stop(*_):
+        stopping.append(True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    typer.echo(
+        f"cluster up: share {share_dir}\n"
+        f"  clients (Client / AsyncClient): {addresses.broker_clients}\n"
+        f"  broker for agents:              {addresses.broker_agents}\n"
+        f"  manager heartbeats / events / queries: {addresses.manager_heartbeats} {addresses.manager_events} {addresses.manager_queries}\n"
+        f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
+    )
+    try:
+        while not stopping:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                typer.echo(f"a cluster process exited (pid {dead[0].pid}, status {dead[0].returncode}); stopping", err=True)
+                break
+            time.sleep(0.2)
+    finally:
+        _stop_all(procs)
+        typer.echo("cluster stopped")
+    raise typer.Exit(0 if stopping else 1)
+
+
+@app.command()
+def status(
+    broker: str = BrokerClients,
+    timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
+):
+    """Print the live agents and the models they serve."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cluster import Client, ClusterError
+
+    with Client(broker) as client:
+        try:
+            agents = client.agents(timeout=timeout)
+            models = client.models(timeout=timeout)
+        except ClusterError as exc:
+            typer.echo(f"cannot reach the broker at {broker}: {exc}", err=True)
+            raise typer.Exit(1)
+    console = Console()
+    table = Table(title=f"Agents ({len(agents)})")
+    for column in ("id", "host", "pid", "device", "models", "in flight", "capacity", "heartbeat age", "uptime"):
+        table.add_column(column)
+    for a in sorted(agents, key=lambda a: a["id"]):
+        table.add_row(
+            a["id"], str(a.get("host")), str(a.get("pid")), str(a.get("device")),
+            ", ".join(f"{m['name']} v{m['version']}" for m in a.get("models", [])),
+            str(a.get("in_flight")), str(a.get("capacity")), f"{a.get('heartbeat_age', 0):.2f} s", f"{a.get('uptime', 0):.0f} s",
+        )
+    console.print(table)
+    table = Table(title=f"Models ({len(models)})")
+    for column in ("model", "versions", "agents"):
+        table.add_column(column)
+    for name, info in sorted(models.items()):
+        table.add_row(name, ", ".join(map(str, info["versions"])), ", ".join(info["agents"]))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""The Python client: `Client` (blocking, thread-safe) and `AsyncClient` (asyncio), over one DEALER socket each.
+
+    from cluster import Client
+    with Client("tcp://127.0.0.1:5555") as client:
+        result = client.infer("digits", {"image": images})      # numpy arrays or torch tensors
+        result.as_numpy("probs"), result.version, result.agent
+
+Layout (pyzmq's zmq/auth idea): `ClientCore` is the sans-IO part (encode requests, match answers to calls, notice
+deadlines); `Client` and `AsyncClient` are thin adapters that own the socket. Many requests share one socket and
+are told apart by request id. If the connection to the broker drops and comes back (a broker restart), every call
+still waiting is sent again: inference is idempotent, and the first answer wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from cluster import protocol
+from cluster.codec import decode_tensors, encode_tensors
+from cluster.config import BROKER_CLIENT_ADDR, LINGER_MS, MAX_MESSAGE_BYTES, Timings, env_or
+from cluster.errors import BadRequestError, ClusterError, InferenceTimeoutError, error_from_header
+from cluster.protocol import Command, ProtocolError
+
+DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
+
+
+@dataclass
+class InferResult:
+    """The answer to one inference request."""
+
+    model: str
+    version: int
+    agent: str  # id of the agent that served it
+    outputs: dict[str, np.ndarray]  # read-only views over the received bytes
+    id: Any = None
+
+    def as_numpy(self, name: str) -> np.ndarray:
+        try:
+            return self.outputs[name]
+        except KeyError:
+            raise KeyError(f"no output {name!r}; outputs are {sorted(self.outputs)}") from None
+
+
+@dataclass(eq=False)
+class Call:
+    """One request waiting for its answer."""
+
+    request_id: int
+    header: dict
+    tensors: list
+    deadline: float  # monotonic
+    future: Any  # concurrent.futures.Future or asyncio.Future
+    model: str | None = None
+    command: Command = Command.REQUEST
+
+    def frames(self) -> list:
+        """The message, with the timeout brought down to what is left of the deadline (matters on a resend)."""
+        if self.command == Command.REQUEST:
+            self.header["timeout"] = max(0.001, self.deadline - DEADLINE_GRACE - time.monotonic())
+        return protocol.message(self.command, self.header, self.tensors)
+
+
+class ClientCore:
+    """Everything a client does except I/O."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.calls: dict[int, Call] = {}
+        self._ids = itertools.count(1)
+
+    def infer_call(self, model: str, inputs: Mapping[str, Any], version, timeout, outputs, future) -> Call:
+        if not isinstance(model, str) or not model:
+            raise BadRequestError("model must be a non-empty string")
+        if not isinstance(inputs, Mapping) or not inputs:
+            raise BadRequestError("inputs must be a non-empty mapping of name -> array or tensor")
+        try:
+            metas, tensors = encode_tensors(inputs)
+        except (ValueError, TypeError) as exc:
+            raise BadRequestError(f"inputs cannot be sent: {exc}", model) from None
+        size = sum(len(t) for t in tensors)
+        if size > MAX_MESSAGE_BYTES:
+            raise BadRequestError(f"request of {size} bytes is over the bus limit of {MAX_MESSAGE_BYTES} bytes", model)
+        timeout = self.timeout if timeout is None else float(timeout)
+        header = {"id": next(self._ids), "model": model, "timeout": timeout, "inputs": metas}
+        if version is not None:
+            header["version"] = int(version)
+        if outputs is not None:
+            header["outputs"] = list(outputs)
+        call = Call(header["id"], header, tensors, time.monotonic() + timeout + DEADLINE_GRACE, future, model)
+        self.calls[call.request_id] = call
+        return call
+
+    def query_call(self, what: str, timeout, future) -> Call:
+        timeout = Timings().query_timeout if timeout is None else float(timeout)
+        header = {"id": next(self._ids), "what": what}
+        call = Call(header["id"], header, [], time.monotonic() + timeout, future, command=Command.QUERY)
+        self.calls[call.request_id] = call
+        return call
+
+    def on_message(self, frames: list) -> tuple[Call | None, Any]:
+        """Match an answer to its call: (call, InferResult | query result | ClusterError). (None, None) if unknown."""
+        try:
+            cmd = protocol.parse_preamble(frames[0])
+            header = protocol.unpack_header(frames[1])
+        except (ProtocolError, IndexError):
+            return None, None
+        call = self.calls.pop(header.get("id"), None) if isinstance(header.get("id"), int) else None
+        if call is None:
+            return None, None  # a late or duplicate answer
+        if cmd == Command.ERROR:
+            return call, error_from_header(header)
+        if "result" in header:
+            return call, header["result"]
+        try:
+            metas = protocol.validate_tensor_metas(header.get("outputs"), frames[2:], "outputs")
+            return call, InferResult(header.get("model"), header.get("version"), header.get("agent"), decode_tensors(metas, frames[2:]), call.request_id)
+        except ProtocolError as exc:
+            return call, ClusterError(f"malformed answer from the cluster: {exc}", call.model)
+
+    def expired(self, now: float) -> list[tuple[Call, ClusterError]]:
+        out = []
+        for call in [c for c in self.calls.values() if c.deadline < now]:
+            del self.calls[call.request_id]
+            what = f"model '{call.model}'" if call.model else "query"
+            out.append((call, InferenceTimeoutError(f"{what}: no answer from the broker within the deadline (is it running?)", call.model)))
+        return out
+
+    def cancel(self, call: Call) -> None:
+        self.calls.pop(call.request_id, None)
+
+
+def _make_dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.connect(address)
+    return sock
+
+
+def _reconnected(monitor_frames: list) -> bool:
+    """True when a monitor event says the connection came back after a drop."""
+    event = parse_monitor_message(monitor_frames)["event"]
+    return event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+class Client:
+    """Blocking client, safe to share between threads. An I/O thread owns the socket; callers wait on futures."""
+
+    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+        self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+        self.core = ClientCore(Timings().request_timeout if timeout is None else timeout)
+        self._lock = threading.Lock()  # guards core.calls between callers and the I/O thread
+        self._outbox: queue.SimpleQueue[Call] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closed = threading.Event()
+        self._ctx = zmq.Context()
+        self._thread = threading.Thread(target=self._io_loop, name="cluster-client-io", daemon=True)
+        self._started = threading.Event()
+        self._thread.start()
+        self._started.wait(5)
+
+    # -- public API --
+
+    def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, timeout: float | None = None, outputs=None) -> InferResult:
+        """Run `model` on `inputs` (name -> numpy array or torch tensor) and wait for the answer."""
+        future = self.submit(model, inputs, version=version, timeout=timeout, outputs=outputs)
+        return self._wait(future)
+
+    def submit(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, timeout: float | None = None, outputs=None) -> concurrent.futures.Future:
+        """Send without waiting: a Future that resolves to an InferResult or raises a ClusterError."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            call = self.core.infer_call(model, inputs, version, timeout, outputs, future)
+        self._send(call)
+        return future
+
+    def agents(self, timeout: float | None = None) -> list[dict]:
+        """The live agents, each with its heartbeat fields (id, host, pid, device, models, in_flight, ...)."""
+        return self._query("agents", timeout)
+
+    def models(self, timeout: float | None = None) -> dict[str, dict]:
+        """Model name -> {"versions": [...], "agents": [agent ids]} for every model a live agent serves."""
+        return self._query("models", timeout)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._wake()
+            self._thread.join(5)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._ctx.term()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- internals --
+
+    def _query(self, what: str, timeout):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            call = self.core.query_call(what, timeout, future)
+        self._send(call)
+        return self._wait(future)
+
+    def _wait(self, future: concurrent.futures.Future):
+        # The I/O thread fails every call at its deadline; this outer bound only guards against a dead I/O thread.
+        done, _ = concurrent.futures.wait([future], timeout=24 * 3600)
+        if not done:
+            raise InferenceTimeoutError("no answer: the client's I/O thread is not running")
+        return future.result()
+
+    def _send(self, call: Call) -> None:
+        if self._closed.is_set():
+            raise ClusterError("client is closed")
+        self._outbox.put(call)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already signalled, or closing
+
+    def _io_loop(self) -> None:
+        sock = _make_dealer(self._ctx, self.address)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        handshakes = 0
+        self._started.set()
+        try:
+            while not self._closed.is_set():
+                ready = dict(poller.poll(100))
+                if self._wake_r.fileno() in ready:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                while True:
+                    try:
+                        call = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    sock.send_multipart(call.frames(), copy=False)
+                if sock in ready:
+                    for _ in range(1024):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        with self._lock:
+                            call, outcome = self.core.on_message(frames)
+                        if call is not None:
+                            _resolve(call.future, outcome)
+                if monitor in ready:
+                    if _reconnected(monitor.recv_multipart()):
+                        handshakes += 1
+                        if handshakes > 1:  # a reconnection: whatever was in flight on the old broker is lost
+                            with self._lock:
+                                waiting = list(self.core.calls.values())
+                            for call in waiting:
+                                sock.send_multipart(call.frames(), copy=False)
+                with self._lock:
+                    expired = self.core.expired(time.monotonic())
+                for call, error in expired:
+                    _resolve(call.future, error)
+        finally:
+            with self._lock:
+                waiting = list(self.core.calls.values())
+                self.core.calls.clear()
+            for call in waiting:
+                _resolve(call.future, ClusterError("client closed", call.model))
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+
+
+def _resolve(future, outcome) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class AsyncClient:
+    """asyncio client: the same calls as Client, as coroutines. One reader task per socket; create it in a loop."""
+
+    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+        self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+        self.core = ClientCore(Timings().request_timeout if timeout is None else timeout)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock = None
+        self._tasks: list[asyncio.Task] = []
+
+    def _ensure_started(self) -> None:
+        if self._sock is not None:
+            return
+        self._ctx = zmq.asyncio.Context()
+        self._sock = _make_dealer(self._ctx, self.address)
+        monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._tasks = [
+            asyncio.ensure_future(self._read()),
+            asyncio.ensure_future(self._watch(monitor)),
+            asyncio.ensure_future(self._expire()),
+        ]
+
+    async def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, timeout: float | None = None, outputs=None) -> InferResult:
+        self._ensure_started()
+        future = asyncio.get_running_loop().create_future()
+        call = self.core.infer_call(model, inputs, version, timeout, outputs, future)
+        return await self._send_and_wait(call)
+
+    async def agents(self, timeout: float | None = None) -> list[dict]:
+        return await self._query("agents", timeout)
+
+    async def models(self, timeout: float | None = None) -> dict[str, dict]:
+        return await self._query("models", timeout)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for call in list(self.core.calls.values()):
+            _resolve(call.future, ClusterError("client closed", call.model))
+        self.core.calls.clear()
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._sock.close(0)
+            self._ctx.term()
+            self._sock = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        self._ensure_started()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _query(self, what: str, timeout):
+        self._ensure_started()
+        future = asyncio.get_running_loop().create_future()
+        call = self.core.query_call(what, timeout, future)
+        return await self._send_and_wait(call)
+
+    async def _send_and_wait(self, call: Call):
+        try:
+            await self._sock.send_multipart(call.frames(), copy=False)
+            return await call.future
+        finally:
+            self.core.cancel(call)  # cancelled by the caller: forget it (a late answer is then ignored)
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            call, outcome = self.core.on_message(frames)
+            if call is not None:
+                _resolve(call.future, outcome)
+
+    async def _watch(self, monitor) -> None:
+        handshakes = 0
+        try:
+            while True:
+                if _reconnected(await monitor.recv_multipart()):
+                    handshakes += 1
+                    if handshakes > 1:
+                        for call in list(self.core.calls.values()):
+                            await self._sock.send_multipart(call.frames(), copy=False)
+        finally:
+            monitor.close(0)
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            for call, error in self.core.expired(time.monotonic()):
+                _resolve(call.future, error)

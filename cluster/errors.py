@@ -1,0 +1,50 @@
+"""The exceptions a client sees. One per ErrorCode of the wire protocol, all under ClusterError."""
+
+from __future__ import annotations
+
+from cluster.protocol import ErrorCode
+
+
+class ClusterError(Exception):
+    """Base of every error the cluster reports. `.code` is the wire ErrorCode, `.model` the model if known."""
+
+    code = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class ModelNotFoundError(ClusterError):
+    code = ErrorCode.MODEL_NOT_FOUND
+
+
+class NoAgentAvailableError(ClusterError):
+    code = ErrorCode.NO_AGENT
+
+
+class InferenceTimeoutError(ClusterError, TimeoutError):
+    code = ErrorCode.TIMEOUT
+
+
+class BadRequestError(ClusterError, ValueError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class InferenceFailedError(ClusterError):
+    code = ErrorCode.INFERENCE_FAILED
+
+
+class OverloadedError(ClusterError):
+    code = ErrorCode.OVERLOADED
+
+
+ERROR_BY_CODE = {cls.code.value: cls for cls in ClusterError.__subclasses__()}
+ERROR_BY_CODE[ErrorCode.INTERNAL.value] = ClusterError
+
+
+def error_from_header(header: dict) -> ClusterError:
+    """The exception an ERROR message stands for."""
+    cls = ERROR_BY_CODE.get(header.get("code"), ClusterError)
+    model = header.get("model") if isinstance(header.get("model"), str) else None
+    return cls(str(header.get("message", "unknown error")), model)

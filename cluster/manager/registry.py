@@ -1,0 +1,65 @@
+"""The registry of live agents, without any I/O (the sans-IO core of the manager, as pyzmq's zmq/auth/base.py is).
+
+Fed heartbeats and clock ticks, it returns the registry events to publish. Any beat from an agent keeps it alive;
+an agent silent for `expiry` seconds is dead. A missed beat (PUB/SUB drops them at the high-water mark and while
+a subscriber joins) costs nothing as long as a later one arrives in time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AgentRecord:
+    agent_id: str
+    beat: dict  # the latest heartbeat, as the agent sent it
+    first_seen: float
+    last_seen: float
+
+
+class Registry:
+    def __init__(self, expiry: float) -> None:
+        self.expiry = expiry
+        self.agents: dict[str, AgentRecord] = {}
+
+    def observe(self, beat: dict, now: float) -> list[dict]:
+        """Record a heartbeat; returns [agent_joined event] the first time an agent is seen."""
+        agent_id = beat["agent"]
+        record = self.agents.get(agent_id)
+        if record is None:
+            self.agents[agent_id] = AgentRecord(agent_id, beat, now, now)
+            return [{"event": "agent_joined", "agent": agent_id, "info": beat}]
+        record.beat = beat
+        record.last_seen = now
+        return []
+
+    def expire(self, now: float) -> list[dict]:
+        """Drop agents silent for longer than the expiry; returns an agent_dead event for each."""
+        dead = [r for r in self.agents.values() if now - r.last_seen > self.expiry]
+        for record in dead:
+            del self.agents[record.agent_id]
+        return [
+            {"event": "agent_dead", "agent": r.agent_id, "silent_for": round(now - r.last_seen, 3)} for r in dead
+        ]
+
+    def describe_agents(self, now: float) -> list[dict]:
+        out = []
+        for record in self.agents.values():
+            entry = dict(record.beat)
+            entry["id"] = record.agent_id
+            entry["heartbeat_age"] = round(now - record.last_seen, 3)
+            out.append(entry)
+        return out
+
+    def describe_models(self) -> dict[str, dict]:
+        models: dict[str, dict] = {}
+        for record in self.agents.values():
+            for entry in record.beat.get("models", []):
+                model = models.setdefault(entry["name"], {"versions": [], "agents": []})
+                if entry["version"] not in model["versions"]:
+                    model["versions"].append(entry["version"])
+                    model["versions"].sort()
+                if record.agent_id not in model["agents"]:
+                    model["agents"].append(record.agent_id)
+        return models

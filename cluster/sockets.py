@@ -1,0 +1,60 @@
+"""One socket factory, so every socket on the bus gets the same safety options (the vLLM `make_zmq_socket` idea).
+
+What it sets and why:
+- ROUTER_MANDATORY on ROUTERs: a ROUTER otherwise drops messages to unknown or departed peers without a word.
+- ROUTER_HANDOVER where peers reconnect with a fixed identity (agents): otherwise the new connection is refused.
+- MAXMSGSIZE: a peer that sends a larger frame is disconnected before we spend memory on it.
+- Explicit high-water marks (never 0 = unbounded) and a short LINGER, so closing never hangs.
+- TCP keepalive, and reconnect backoff from `reconnect_initial` doubling to `reconnect_max`, jittered so that a
+  restarted broker is not stampeded by every agent at the same instant.
+"""
+
+from __future__ import annotations
+
+import random
+
+import zmq
+
+from cluster.config import LINGER_MS, MAX_MESSAGE_BYTES, SOCKET_HWM, Timings
+
+
+def make_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    bind: str | None = None,
+    connect: str | None = None,
+    identity: bytes | None = None,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    hwm: int = SOCKET_HWM,
+    handover: bool = False,
+    subscribe: bytes | None = None,
+    timings: Timings | None = None,
+) -> zmq.Socket:
+    """A configured socket, bound or connected. Exactly one of bind/connect."""
+    if (bind is None) == (connect is None):
+        raise ValueError("give exactly one of bind or connect")
+    timings = timings or Timings()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+    initial_ms = int(timings.reconnect_initial * 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL, max(10, int(initial_ms * random.uniform(0.8, 1.2))))
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(initial_ms, int(timings.reconnect_max * 1000)))
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, subscribe if subscribe is not None else b"")
+    if bind is not None:
+        sock.bind(bind)
+    else:
+        sock.connect(connect)
+    return sock

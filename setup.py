@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="torch-serving-cluster",
+    version="0.1.0",
+    description="A model-serving cluster for PyTorch over a ZeroMQ bus, with an Open Inference Protocol HTTP edge.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cluster", "cluster.*", "edge", "edge.*"]),
+    install_requires=[
+        "torch>=2.1",  # kept open for GPU users; README and CI pin the CPU build with constraints.txt
+        "numpy>=1.24",
+        "pyzmq>=25",
+        "msgpack>=1.0",
+        "typer>=0.9",
+        "rich>=13",
+        "scikit-learn>=1.3",  # the digits demo model's data set
+        "fastapi>=0.110",
+        "uvicorn>=0.27",
+        "prometheus_client>=0.19",
+        "pydantic>=2",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2",
+            "hypothesis>=6",
+            "psutil>=5",
+            "httpx>=0.27",
+            "playwright>=1.40",
+            "tritonclient[http]>=2.40",
+        ],
+    },
+    entry_points={"console_scripts": ["cluster=cluster.cli:main"]},
+)
