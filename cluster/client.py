@@ -103,9 +103,9 @@ class ClientCore:
         self.calls[call.request_id] = call
         return call
 
-    def query_call(self, what: str, timeout, future) -> Call:
+    def query_call(self, what: str, timeout, future, **fields) -> Call:
         timeout = Timings().query_timeout if timeout is None else float(timeout)
-        header = {"id": next(self._ids), "what": what}
+        header = {"id": next(self._ids), "what": what, **{k: v for k, v in fields.items() if v is not None}}
         call = Call(header["id"], header, [], time.monotonic() + timeout, future, command=Command.QUERY)
         self.calls[call.request_id] = call
         return call
@@ -201,6 +201,16 @@ class Client:
         """Model name -> {"versions": [...], "agents": [agent ids]} for every model a live agent serves."""
         return self._query("models", timeout)
 
+    def model_metadata(self, name: str, version: int | None = None, timeout: float | None = None) -> dict:
+        """{name, platform, inputs, outputs, version, versions, ready} of a model (newest version by default).
+
+        Raises ModelNotFoundError for a model (or version) no agent has ever announced."""
+        return self._query("model", timeout, name=name, version=version)
+
+    def stats(self, timeout: float | None = None) -> dict:
+        """The broker's counters: requests, redispatched, timeouts, agents_lost, and agents, in_flight, queued now."""
+        return self._query("stats", timeout)
+
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
@@ -224,10 +234,10 @@ class Client:
 
     # -- internals --
 
-    def _query(self, what: str, timeout):
+    def _query(self, what: str, timeout, **fields):
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            call = self.core.query_call(what, timeout, future)
+            call = self.core.query_call(what, timeout, future, **fields)
         self._send(call)
         return self._wait(future)
 
@@ -350,6 +360,12 @@ class AsyncClient:
     async def models(self, timeout: float | None = None) -> dict[str, dict]:
         return await self._query("models", timeout)
 
+    async def model_metadata(self, name: str, version: int | None = None, timeout: float | None = None) -> dict:
+        return await self._query("model", timeout, name=name, version=version)
+
+    async def stats(self, timeout: float | None = None) -> dict:
+        return await self._query("stats", timeout)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -371,10 +387,10 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _query(self, what: str, timeout):
+    async def _query(self, what: str, timeout, **fields):
         self._ensure_started()
         future = asyncio.get_running_loop().create_future()
-        call = self.core.query_call(what, timeout, future)
+        call = self.core.query_call(what, timeout, future, **fields)
         return await self._send_and_wait(call)
 
     async def _send_and_wait(self, call: Call):

@@ -174,8 +174,10 @@ class Agent:
             self.ctx.term()
 
     def register(self) -> None:
-        """READY to the broker: who we are, what we serve, how much we take at once."""
-        self.broker.send_multipart(message(Command.READY, self.status()))
+        """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
+        ready = self.status()
+        ready["metadata"] = [dict(m.config.metadata(), version=m.version) for m in self.models.values()]
+        self.broker.send_multipart(message(Command.READY, ready))
 
     def send_heartbeat(self) -> None:
         beat = message(Command.HEARTBEAT, self.status())

@@ -100,10 +100,12 @@ class Broker:
         self.agents: dict[bytes, AgentEntry] = {}
         self.serving: dict[str, list[AgentEntry]] = {}  # model -> agents that have it, in arrival order
         self.known_models: set[str] = set()  # every model any agent ever served: "no agent" vs "not found"
+        self.metadata: dict[tuple[str, int], dict] = {}  # (model, version) -> inputs/outputs, from agents' READY
         self.requests: dict[bytes, BrokerRequest] = {}  # route -> request, from arrival until answered
         self.pending: dict[str, deque[BrokerRequest]] = {}  # model -> requests waiting for a free slot
         self.pending_count = 0
         self._routes = itertools.count(1)
+        self.stats = {"requests": 0, "redispatched": 0, "timeouts": 0, "agents_lost": 0}
         self._stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
@@ -199,6 +201,7 @@ class Broker:
         if not self.candidates(model, version):
             self.fail_unroutable(client, request_id, model, version)
             return
+        self.stats["requests"] += 1
         request = BrokerRequest(
             route=struct.pack(">Q", next(self._routes)),
             client=client,
@@ -239,8 +242,14 @@ class Broker:
             result = self.describe_agents()
         elif what == "models":
             result = self.describe_models()
+        elif what == "model":
+            result = self.describe_model(client, request_id, require(header, "name", str), require(header, "version", int, optional=True))
+            if result is None:
+                return
+        elif what == "stats":
+            result = dict(self.stats, agents=len(self.agents), in_flight=len(self.requests), queued=self.pending_count)
         else:
-            raise ProtocolError(f"unknown query {what!r}; ask for 'agents' or 'models'")
+            raise ProtocolError(f"unknown query {what!r}; ask for 'agents', 'models', 'model' or 'stats'")
         self.send_client(client, [PREAMBLE[Command.REPLY], pack({"id": request_id, "result": result})])
 
     def describe_agents(self) -> list[dict]:
@@ -263,6 +272,19 @@ class Broker:
             versions = sorted(set().union(*(a.models.get(name, set()) for a in agents)))
             models[name] = {"versions": versions, "agents": [a.agent_id for a in agents]}
         return models
+
+    def describe_model(self, client: bytes, request_id, name: str, version: int | None) -> dict | None:
+        """Metadata of one model (newest version unless one is named), with the versions live agents serve."""
+        served = self.describe_models().get(name)
+        known = sorted(v for (m, v) in self.metadata if m == name)
+        if version is None:
+            version = max(served["versions"]) if served else (known[-1] if known else None)
+        meta = self.metadata.get((name, version)) if version is not None else None
+        if meta is None:
+            what = f"model '{name}'" + (f" version {version}" if version is not None else "")
+            self.send_client_error(client, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not known to the cluster", name)
+            return None
+        return dict(meta, versions=served["versions"] if served else [], ready=bool(served and version in served["versions"]))
 
     def send_client(self, client: bytes, frames: list) -> None:
         try:
@@ -324,6 +346,7 @@ class Broker:
         request.agent = None
         if request.done:
             return
+        self.stats["redispatched"] += 1
         if request.attempts >= self.timings.max_dispatch_attempts:
             self.finish_with_error(
                 request, ErrorCode.INFERENCE_FAILED,
@@ -409,6 +432,9 @@ class Broker:
         old = self.agents.get(identity)
         if old is not None:
             self.remove_agent(old, "it registered again (restarted)")
+        for meta in header.pop("metadata", None) or []:
+            if isinstance(meta, dict) and isinstance(meta.get("name"), str) and isinstance(meta.get("version"), int):
+                self.metadata[(meta["name"], meta["version"])] = meta
         agent = AgentEntry(agent_id, identity, capacity, models, header, time.monotonic())
         self.agents[identity] = agent
         self._index(agent)
@@ -438,6 +464,7 @@ class Broker:
             return
         del self.agents[agent.identity]
         self._unindex(agent)
+        self.stats["agents_lost"] += 1
         orphans = list(agent.in_flight.values())
         agent.in_flight.clear()
         log.warning("agent %s removed: %s; re-dispatching %d requests", agent.agent_id, reason, len(orphans))
@@ -458,6 +485,7 @@ class Broker:
 
     def expire_requests(self, now: float) -> None:
         for request in [r for r in self.requests.values() if r.deadline < now]:
+            self.stats["timeouts"] += 1
             where = f" (on agent {request.agent.agent_id})" if request.agent else " (waiting for a free agent)"
             self.finish_with_error(
                 request, ErrorCode.TIMEOUT, f"model '{request.model}': no answer within the request's deadline{where}"

@@ -1,0 +1,165 @@
+"""The two models that ship with the project, rebuilt from source rather than shipped as binaries.
+
+digits: a small CNN on scikit-learn's 8x8 digits, trained here in a few seconds, so a fresh checkout (and CI) has a
+real model to serve without downloading weights. echo: returns its input, for testing the bus without a model's cost.
+Both are built deterministically (fixed seed, one thread), so rebuilding gives the same model (byte-identical
+TorchScript on the same machine) and accuracy numbers are reproducible.
+
+    python -m cluster.demo_models SHARE_DIR
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from cluster.repository import ModelRepository, publish_version
+
+DIGITS_CONFIG = {
+    "name": "digits",
+    "platform": "torchscript",
+    "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8]}],
+    "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]}],
+    "max_batch_size": 256,
+    "max_queue_delay_us": 500,
+    "instances": 1,
+}
+
+ECHO_CONFIG = {
+    "name": "echo",
+    "platform": "torchscript",
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
+    "max_batch_size": 0,
+    "max_queue_delay_us": 0,
+    "instances": 1,
+}
+
+TEST_SIZE = 360
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test); the 360-image held-out split is fixed so accuracy claims are comparable."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = data.images.astype(np.float32)  # [1797, 8, 8], pixel values 0-16
+    y = data.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=TEST_SIZE, random_state=0, stratify=y)
+    return x_train, y_train, x_test, y_test
+
+
+class DigitsNet(nn.Module):
+    """Raw 0-16 pixels in, probabilities out: clients send the data set's values as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features((image / 16.0).unsqueeze(1)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(image), dim=1)
+
+
+class Echo(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Use n intra-op threads for a while: the thread count is process-wide, so put it back for the rest of the app."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_digits(seed: int = 0, epochs: int = 20, batch_size: int = 32) -> torch.jit.ScriptModule:
+    """Train the digits CNN; one thread and a forked RNG make it reproducible without disturbing the caller's RNG."""
+    x_train, y_train, _, _ = digits_split()
+    x = torch.from_numpy(x_train)
+    y = torch.from_numpy(y_train)
+    with _torch_threads(1), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model = DigitsNet()
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), batch_size):
+                idx = order[start : start + batch_size]
+                loss = nn.functional.cross_entropy(model.logits(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+        model.eval()
+        return torch.jit.script(model)
+
+
+def make_echo() -> torch.jit.ScriptModule:
+    return torch.jit.script(Echo().eval())
+
+
+DEMO_MODELS = (("digits", train_digits, DIGITS_CONFIG), ("echo", make_echo, ECHO_CONFIG))
+
+
+def write_demo_models(share_dir: str | os.PathLike) -> list[str]:
+    """Publish each demo model as version 1 unless the share already has a version of it (safe to call at every
+    start-up: digits is only trained when it is missing)."""
+    repo = ModelRepository(share_dir)
+    written = []
+    for name, build, config in DEMO_MODELS:
+        if repo.versions(name):
+            continue
+        module = build()
+        with tempfile.TemporaryDirectory(prefix=f"cluster-{name}-") as tmp:
+            path = os.path.join(tmp, "model.pt")
+            torch.jit.save(module, path)
+            publish_version(share_dir, name, path, config=config, version=1)
+        written.append(name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m cluster.demo_models SHARE_DIR", file=sys.stderr)
+        return 2
+    share = argv[0]
+    started = time.perf_counter()
+    written = write_demo_models(share)
+    repo = ModelRepository(share)
+    if written:
+        for name in written:
+            print(f"wrote {name} version {repo.latest_version(name)} to {repo.models_dir / name}")
+        print(f"done in {time.perf_counter() - started:.1f} s")
+    else:
+        print(f"nothing to write: {', '.join(n for n, _, _ in DEMO_MODELS)} already in {repo.models_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
