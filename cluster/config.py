@@ -20,7 +20,8 @@ EDGE_HOST = DEFAULT_HOST
 EDGE_PORT = 8000
 
 # --- limits -------------------------------------------------------------------------------------------------------
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # data sockets: largest frame a peer may send (ZMQ_MAXMSGSIZE)
+# data sockets: the largest frame a peer may send (ZMQ_MAXMSGSIZE; larger: the peer is disconnected)
+MAX_MESSAGE_BYTES = int(os.environ.get("CLUSTER_MAX_MESSAGE_BYTES", 256 * 1024 * 1024))
 MAX_CONTROL_BYTES = 1024 * 1024  # heartbeat, event and query sockets
 MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
 MAX_TENSORS = 64  # tensors in one request or reply

@@ -69,6 +69,7 @@ class Agent:
         self.in_flight = 0
         self.draining = False
         self.started = time.time()
+        self.serving_since: float | None = None
         self._started_mono = time.monotonic()
         self._stop = threading.Event()
         self._results_addr = f"inproc://agent-results-{id(self)}"
@@ -106,6 +107,7 @@ class Agent:
             "draining": self.draining,
             "uptime": round(time.monotonic() - self._started_mono, 3),
             "started": self.started,
+            "serving_since": self.serving_since,  # wall time the agent connected, models loaded
             "interval": self.timings.heartbeat_interval,
         }
 
@@ -124,6 +126,7 @@ class Agent:
             self.ctx, zmq.XPUB, connect=self.addresses.manager_heartbeats, max_bytes=MAX_CONTROL_BYTES, hwm=100, timings=self.timings
         )
         self.beats.setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, so a restarted manager gets a beat at once
+        self.serving_since = time.time()
         poller = zmq.Poller()
         for sock in (self.broker, self.results, self.beats):
             poller.register(sock, zmq.POLLIN)

@@ -65,6 +65,7 @@ class AgentEntry:
     models: dict[str, set[int]]  # model name -> versions ready on this agent
     info: dict  # the latest READY/HEARTBEAT header (host, pid, device, ...)
     last_seen: float
+    joined: float = field(default_factory=time.time)  # wall time of READY
     in_flight: dict[bytes, BrokerRequest] = field(default_factory=dict)
 
     @property
@@ -262,6 +263,7 @@ class Broker:
                 capacity=agent.capacity,
                 broker_in_flight=agent.in_flight_count,
                 heartbeat_age=round(now - agent.last_seen, 3),
+                joined=agent.joined,
             )
             out.append(entry)
         return out

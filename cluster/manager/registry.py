@@ -7,6 +7,7 @@ a subscriber joins) costs nothing as long as a later one arrives in time.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 
@@ -16,6 +17,7 @@ class AgentRecord:
     beat: dict  # the latest heartbeat, as the agent sent it
     first_seen: float
     last_seen: float
+    joined: float  # wall time of the first beat
 
 
 class Registry:
@@ -28,7 +30,7 @@ class Registry:
         agent_id = beat["agent"]
         record = self.agents.get(agent_id)
         if record is None:
-            self.agents[agent_id] = AgentRecord(agent_id, beat, now, now)
+            self.agents[agent_id] = AgentRecord(agent_id, beat, now, now, time.time())
             return [{"event": "agent_joined", "agent": agent_id, "info": beat}]
         record.beat = beat
         record.last_seen = now
@@ -49,6 +51,7 @@ class Registry:
             entry = dict(record.beat)
             entry["id"] = record.agent_id
             entry["heartbeat_age"] = round(now - record.last_seen, 3)
+            entry["joined"] = record.joined
             out.append(entry)
         return out
 

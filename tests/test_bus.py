@@ -1,0 +1,219 @@
+"""End-to-end behaviour of the bus on real processes over loopback TCP: manager, broker, agents, Python client."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cluster import (
+    InferenceTimeoutError,
+    ModelNotFoundError,
+    NoAgentAvailableError,
+)
+from cluster.demo_models import digits_split
+from cluster.repository import ModelRepository
+from tests.harness import wait_for
+from tests.models import publish_slow, slow_rounds_per_second
+
+
+def test_round_robin_splits_sequential_requests_evenly(cluster):
+    """300 sequential requests over 3 agents serving digits: 100 +/- 1 each."""
+    cluster.start_manager()
+    cluster.start_broker()
+    cluster.start_agents(3)
+    cluster.wait_for_agents(3, model="digits")
+    _, _, x_test, _ = digits_split()
+    client = cluster.client()
+    served = collections.Counter(client.infer("digits", {"image": x_test[i % 360][None]}).agent for i in range(300))
+    assert len(served) == 3, served
+    assert all(99 <= count <= 101 for count in served.values()), served
+
+
+def test_agent_killed_mid_load_loses_nothing(cluster):
+    """kill -9 one of 3 agents while 16 requests are in flight: it leaves the registry within 3 heartbeat
+    intervals, its in-flight requests are re-dispatched, and every request gets its right answer."""
+    publish_slow(cluster.share)
+    rounds = max(1000, int(slow_rounds_per_second() * 0.02))  # ~20 ms per request, so requests sit on agents
+    cluster.start_manager()
+    cluster.start_broker()
+    agents = cluster.start_agents(3)
+    cluster.wait_for_agents(3, model="slow")
+    client = cluster.client()
+    victim = agents[0]
+    total, in_flight_target = 400, 16
+    sent = 0
+    answers: dict[int, object] = {}
+    errors = []
+    in_flight: dict[concurrent.futures.Future, int] = {}
+    kill_time = None
+    gone = {}
+
+    def watch_registries():
+        while len(gone) < 2 and time.monotonic() - kill_time < 10:
+            now = time.monotonic()
+            if "manager" not in gone and victim.name not in {a["id"] for a in cluster.manager_query("agents")}:
+                gone["manager"] = now
+            if "broker" not in gone and victim.name not in cluster.agent_ids(client):
+                gone["broker"] = now
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_registries)
+    while len(answers) + len(errors) < total:
+        while sent < total and len(in_flight) < in_flight_target:
+            x = np.full((1, 8), sent, dtype=np.float32)
+            in_flight[client.submit("slow", {"x": x, "n": np.array([rounds])})] = sent
+            sent += 1
+        done, _ = concurrent.futures.wait(in_flight, timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
+        assert done, "no answer within 60 s"
+        for future in done:
+            i = in_flight.pop(future)
+            try:
+                result = future.result()
+                assert result.as_numpy("y")[0, 0] == i, f"request {i} got someone else's answer"
+                answers[i] = result.agent
+            except Exception as exc:  # collected, so the failure message lists them all
+                errors.append((i, repr(exc)))
+        if kill_time is None and len(answers) >= 100:
+            cluster.kill(victim)
+            kill_time = time.monotonic()
+            watcher.start()
+    watcher.join(15)
+
+    assert not errors, f"{len(errors)} requests failed: {errors[:5]}"
+    assert sorted(answers) == list(range(total))
+    expiry = cluster.heartbeat_interval * cluster.liveness
+    for where in ("manager", "broker"):
+        assert where in gone, f"killed agent still listed by the {where}"
+        assert gone[where] - kill_time <= expiry + 0.4, f"{where} took {gone[where] - kill_time:.2f} s (expiry {expiry} s)"
+    stats = client.stats()
+    assert stats["agents_lost"] == 1 and stats["redispatched"] >= 1, stats
+    late = [i for i, agent in answers.items() if agent == victim.name and i > 200]
+    assert not late, f"requests sent well after the kill were answered by the dead agent: {late[:5]}"
+
+
+def test_failures_are_fast_and_clear(cluster):
+    """Unknown model: ModelNotFoundError at once. Model whose agents died: NoAgentAvailableError at once.
+    No answer within the deadline: InferenceTimeoutError naming the model, at the deadline."""
+    publish_slow(cluster.share)
+    cluster.start_manager()
+    cluster.start_broker()
+    agent = cluster.start_agent("only-agent", "--models", "slow,echo")
+    cluster.wait_for_agents(1, model="slow")
+    client = cluster.client()
+
+    for model in ("no-such-model", "digits"):  # digits is in the share but no agent serves it
+        start = time.monotonic()
+        with pytest.raises(ModelNotFoundError, match=model):
+            client.infer(model, {"x": np.zeros((1, 1), np.float32)})
+        assert time.monotonic() - start < 1.0
+
+    rounds = int(slow_rounds_per_second() * 3)  # a 3 s forward pass against a 0.5 s deadline
+    start = time.monotonic()
+    with pytest.raises(InferenceTimeoutError, match="'slow'"):
+        client.infer("slow", {"x": np.zeros((1, 1), np.float32), "n": np.array([rounds])}, timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert 0.4 <= elapsed < 1.5, f"timeout came after {elapsed:.2f} s, deadline was 0.5 s"
+    assert client.core.timeout == 30.0, "default deadline is 30 s"
+
+    cluster.kill(agent)
+    wait_for(lambda: not cluster.agent_ids(client), 5, "the agent to leave the broker's registry")
+    start = time.monotonic()
+    with pytest.raises(NoAgentAvailableError, match="echo"):
+        client.infer("echo", {"x": np.zeros((1, 1), np.float32)})
+    assert time.monotonic() - start < 1.0
+
+
+def test_any_start_order_and_restarts(cluster):
+    """Agents before broker and manager; a late agent joins within one interval; manager and broker restarts need
+    no agent restart; the client recovers on its own after a broker restart."""
+    early = cluster.start_agents(2)
+    wait_for(lambda: all(" up: " in p.log() for p in early), 60, "the early agents to load their models")
+    manager = cluster.start_manager()
+    broker = cluster.start_broker()
+    cluster.wait_for_agents(2, timeout=10)
+    client = cluster.client()
+    x = np.ones((1, 4), np.float32)
+    assert client.infer("echo", {"x": x}).as_numpy("y").tolist() == x.tolist()
+
+    late = cluster.start_agent("late-agent")
+    wait_for(lambda: " up: " in late.log(), 60, "the late agent to load its models")
+    record = wait_for(
+        lambda: next((a for a in cluster.manager_query("agents") if a["id"] == "late-agent"), None), 5, "late agent in the manager"
+    )
+    assert record["joined"] - record["serving_since"] <= cluster.heartbeat_interval, record
+    seen = wait_for(lambda: next((a for a in client.agents() if a["id"] == "late-agent"), None), 5, "late agent in the broker")
+    assert seen["joined"] - seen["serving_since"] <= cluster.heartbeat_interval, seen
+
+    # Manager restart: the broker keeps serving meanwhile, and the new manager rebuilds its registry from beats.
+    cluster.kill(manager)
+    assert client.infer("echo", {"x": x}).agent
+    restarted = time.monotonic()
+    cluster.start_manager()
+    wait_for(lambda: len(cluster.manager_query("agents")) == 3, 15, "the restarted manager to know all 3 agents")
+    assert time.monotonic() - restarted < 10
+
+    # Broker restart: a request made while it is down is answered once it is back; agents re-register by themselves.
+    cluster.kill(broker)
+    pending = client.submit("echo", {"x": x * 7}, timeout=20)
+    cluster.start_broker()
+    assert pending.result(timeout=25).as_numpy("y").tolist() == (x * 7).tolist()
+    cluster.wait_for_agents(3, timeout=10)
+    assert client.infer("echo", {"x": x}).as_numpy("y").tolist() == x.tolist()
+
+
+def test_busy_agent_is_not_dead_and_not_overfilled(cluster):
+    """An agent in a 5 s forward pass keeps heartbeating (never declared dead) and gets no more than its capacity."""
+    publish_slow(cluster.share)
+    cluster.start_manager()
+    cluster.start_broker()
+    cluster.start_agent("busy-agent", "--capacity", "1", "--models", "slow")
+    cluster.wait_for_agents(1, model="slow")
+    client = cluster.client()
+    rounds = int(slow_rounds_per_second() * 5)
+    x = np.zeros((1, 1), np.float32)
+    started = time.monotonic()
+    first = client.submit("slow", {"x": x, "n": np.array([rounds])})
+    second = client.submit("slow", {"x": x + 1, "n": np.array([1])})
+    observations = 0
+    while not first.done():
+        agents = {a["id"]: a for a in client.agents()}
+        assert "busy-agent" in agents, "the busy agent was dropped by the broker"
+        assert agents["busy-agent"]["broker_in_flight"] <= 1, agents["busy-agent"]
+        assert agents["busy-agent"]["heartbeat_age"] < cluster.heartbeat_interval * cluster.liveness
+        in_manager = {a["id"]: a for a in cluster.manager_query("agents")}
+        assert "busy-agent" in in_manager, "the manager declared the busy agent dead"
+        assert in_manager["busy-agent"]["in_flight"] <= 1
+        stats = client.stats()
+        assert stats["in_flight"] == 2 and stats["queued"] <= 1, stats
+        observations += 1
+        time.sleep(0.1)
+    first.result(timeout=1)
+    assert time.monotonic() - started >= 3.5, "the forward pass was too short to show anything"
+    assert observations >= 20
+    assert second.result(timeout=5).as_numpy("y")[0, 0] == 1
+    assert client.stats()["agents_lost"] == 0
+
+
+def test_held_out_digits_match_the_model_run_directly(cluster, share):
+    """The 360 held-out images through the cluster give the model's own predictions, >= 95% of them right."""
+    cluster.start_manager()
+    cluster.start_broker()
+    cluster.start_agents(2)
+    cluster.wait_for_agents(2, model="digits")
+    _, _, x_test, y_test = digits_split()
+    assert len(x_test) == 360
+    repository = ModelRepository(share)
+    model = repository.load("digits", repository.latest_version("digits"))
+    direct = model.infer({"image": torch.from_numpy(x_test)})["probs"].numpy().argmax(1)
+    client = cluster.client()
+    futures = [client.submit("digits", {"image": x_test[i : i + 1]}) for i in range(360)]
+    through_cluster = np.array([f.result(timeout=60).as_numpy("probs")[0].argmax() for f in futures])
+    assert (through_cluster == direct).all(), f"{(through_cluster != direct).sum()} predictions differ"
+    accuracy = (through_cluster == y_test).mean()
+    assert accuracy >= 0.95, accuracy
