@@ -30,7 +30,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from cluster import protocol
 from cluster.codec import decode_tensors, encode_tensors
-from cluster.config import BROKER_CLIENT_ADDR, LINGER_MS, MAX_MESSAGE_BYTES, Timings, env_or
+from cluster.config import BROKER_CLIENT_ADDR, MAX_MESSAGE_BYTES, Timings, env_or, timings_from_env
 from cluster.errors import BadRequestError, ClusterError, InferenceTimeoutError, error_from_header
 from cluster.protocol import Command, ProtocolError
 
@@ -165,7 +165,7 @@ class Client:
 
     def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
         self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
-        self.core = ClientCore(Timings().request_timeout if timeout is None else timeout)
+        self.core = ClientCore(timings_from_env().request_timeout if timeout is None else timeout)
         self._lock = threading.Lock()  # guards core.calls between callers and the I/O thread
         self._outbox: queue.SimpleQueue[Call] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -331,7 +331,7 @@ class AsyncClient:
 
     def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
         self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
-        self.core = ClientCore(Timings().request_timeout if timeout is None else timeout)
+        self.core = ClientCore(timings_from_env().request_timeout if timeout is None else timeout)
         self._ctx: zmq.asyncio.Context | None = None
         self._sock = None
         self._tasks: list[asyncio.Task] = []

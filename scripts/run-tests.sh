@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh Debian machine (as root, or with sudo), then runs the test suite.
+# Debian packages: Chromium (browser tests), nfs-ganesha + libnfs tools + rpcbind (the NFS share test), wrk (benchmarks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+PACKAGES="chromium nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind wrk"
+if ! dpkg -s $PACKAGES >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
+fi
+python3 -m pip install -q -c constraints.txt -e '.[test]'
+exec python3 -m pytest "$@"
