@@ -463,6 +463,23 @@ class ModelRepository:
         except RepositoryError as exc:
             raise RepositoryError(f"{path}: {exc}") from None
 
+    def _version_config(self, name: str, version: int, files: dict[str, str]) -> ModelConfig:
+        """The config published with this version (sha256-checked), or the model's config.json for older layouts."""
+        path = self._version_dir(name, version) / CONFIG_FILE
+        if CONFIG_FILE not in files:
+            return self._read_config(name)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise RepositoryError(f"model '{name}' version {version}: cannot read {path}: {_describe(exc)}") from None
+        self._check_digest(name, version, path, files[CONFIG_FILE], raw)
+        try:
+            return ModelConfig.from_dict(json.loads(raw), name=name)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RepositoryError(f"{path} is not valid JSON: {exc}") from None
+        except RepositoryError as exc:
+            raise RepositoryError(f"{path}: {exc}") from None
+
     def _version_dir(self, name: str, version: int) -> Path:
         if not _is_int(version) or version < 0:
             raise RepositoryError(f"model '{name}': invalid version {version!r}")
@@ -543,9 +560,9 @@ class ModelRepository:
         """Verify, load, warm up. The model file is hashed from the very bytes handed to torch, so a file swapped
         between the check and the load cannot slip through."""
         where = f"model '{name}' version {version}"
-        config = self._read_config(name)
-        path, platform = self._model_file(name, version, config.platform)
         files = self._manifest(name, version)
+        config = self._version_config(name, version, files)
+        path, platform = self._model_file(name, version, config.platform)
         if path.name not in files:
             raise RepositoryError(f"{where}: {MANIFEST_FILE} does not list {path.name}; refusing to load it unverified")
         for fname, digest in files.items():
@@ -653,6 +670,11 @@ def publish_version(
             "files": {target_file: h.hexdigest()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        # Each version keeps the config it was published with, so a later version's config.json cannot change
+        # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
+        version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
+        _write_new_file(tmp / CONFIG_FILE, version_config)
+        manifest["files"][CONFIG_FILE] = hashlib.sha256(version_config).hexdigest()
         _write_new_file(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_dir(tmp)
 

@@ -227,11 +227,12 @@ def test_publish_writes_complete_version(tmp_path):
     assert n == 1
     repo = ModelRepository(tmp_path)
     folder = repo.models_dir / "echo" / "1"
-    assert sorted(os.listdir(folder)) == ["manifest.json", "model.pt"]
+    assert sorted(os.listdir(folder)) == ["config.json", "manifest.json", "model.pt"]
     assert [e for e in os.listdir(repo.models_dir / "echo") if e.startswith(".")] == []  # no temp folder left
     manifest = json.loads((folder / "manifest.json").read_text())
     digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
-    assert manifest["files"] == {"model.pt": digest}
+    assert manifest["files"] == {"model.pt": digest, "config.json": sha256_file(folder / "config.json")}
+    assert (folder / "config.json").read_bytes() == (repo.models_dir / "echo" / "config.json").read_bytes()
     assert datetime.fromisoformat(manifest["created"]).tzinfo is not None
     assert sha256_file(folder / "model.pt") == digest
     assert json.loads((repo.models_dir / "echo" / "config.json").read_text()) == ModelConfig.from_dict(
@@ -240,7 +241,7 @@ def test_publish_writes_complete_version(tmp_path):
     size = os.path.getsize(src)
     assert calls[0] == (0, size) and calls[-1] == (size, size)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert repo.verify("echo", 1) == {"model.pt": digest}
+    assert repo.verify("echo", 1) == manifest["files"]
 
 
 def test_publish_numbering_and_refusals(tmp_path):
@@ -424,7 +425,7 @@ def test_torch_export_program(tmp_path):
     cfg = {"inputs": [_spec(name="a"), _spec(name="b")], "outputs": [_spec(name="c")]}
     publish_version(tmp_path, "sub", src, config=cfg)
     repo = ModelRepository(tmp_path)
-    assert sorted(os.listdir(repo.models_dir / "sub" / "1")) == ["manifest.json", "model.pt2"]
+    assert sorted(os.listdir(repo.models_dir / "sub" / "1")) == ["config.json", "manifest.json", "model.pt2"]
     assert repo.read_config("sub").platform == "torch_export"
     model = repo.load("sub", 1)
     assert model.config.platform == "torch_export"
