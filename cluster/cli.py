@@ -55,8 +55,12 @@ def _addresses(**kwargs) -> config.Addresses:
 # ---- the roles ----------------------------------------------------------------------------------------------------
 
 
+Share = typer.Option(None, "--share", envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir).")
+
+
 @app.command()
 def manager(
+    share: Optional[str] = Share,
     heartbeats: str = ManagerHeartbeats,
     events: str = ManagerEvents,
     queries: str = ManagerQueries,
@@ -69,7 +73,11 @@ def manager(
 
     _setup_logging(log_level, "manager")
     timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
-    component = Manager(_addresses(manager_heartbeats=heartbeats, manager_events=events, manager_queries=queries), timings)
+    component = Manager(
+        _addresses(manager_heartbeats=heartbeats, manager_events=events, manager_queries=queries),
+        timings,
+        share=share or config.default_share_dir(),
+    )
     _stop_on_signals(component)
     component.run()
 
@@ -96,7 +104,9 @@ def broker(
 
 @app.command()
 def agent(
-    share: str = typer.Option(None, envvar="CLUSTER_SHARE", help="Model repository folder (default: the local share)."),
+    share: str = typer.Option(
+        None, envvar="CLUSTER_SHARE", help="Model repository: a folder (e.g. an NFS mount) or nfs://server/export (read with libnfs into a local cache)."
+    ),
     broker: str = BrokerAgents,
     heartbeats: str = ManagerHeartbeats,
     agent_id: Optional[str] = typer.Option(None, "--id", envvar="CLUSTER_AGENT_ID", help="Agent id (default host-pid)."),
@@ -250,6 +260,111 @@ def status(
     for name, info in sorted(models.items()):
         table.add_row(name, ", ".join(map(str, info["versions"])), ", ".join(info["agents"]))
     console.print(table)
+
+
+# ---- deployments -------------------------------------------------------------------------------------------------
+
+ManagerAddress = typer.Option(config.MANAGER_QUERY_ADDR, "--manager", envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address.")
+
+
+def _print_rollout(report: dict, what: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{what} {report['model']} v{report['version']}" + (f" (was v{report['previous']})" if report.get("previous") else ""))
+    table.add_column("agent")
+    table.add_column("outcome")
+    for agent_id, outcome in report["agents"].items():
+        table.add_row(agent_id, "[green]ok[/green]" if outcome == "ok" else f"[red]failed: {outcome}[/red]")
+    Console().print(table)
+    if report.get("note"):
+        typer.echo(report["note"])
+    verdict = "done" if report["ok"] else "FAILED: every agent keeps serving the previous version"
+    typer.echo(f"{what} of {report['model']} v{report['version']} {verdict} in {report['seconds']:.2f} s on {len(report['agents'])} agents")
+
+
+def _manager_call(manager: str, what: str, wait: float, **fields):
+    from cluster import ClusterError
+    from cluster.manager.client import ManagerClient
+
+    try:
+        return ManagerClient(manager).call(what, timeout=wait, **fields)
+    except ClusterError as exc:
+        typer.echo(f"{what} failed: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def deploy(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="The model file: .pt (TorchScript) or .pt2 (torch.export)."),
+    name: str = typer.Option(..., "--name", help="Model name."),
+    config_file: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="config.json (inputs, outputs, serving settings); required for a new model."),
+    share: Optional[str] = Share,
+    manager: str = ManagerAddress,
+    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
+):
+    """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome."""
+    import json
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from cluster.repository import RepositoryError, publish_version
+
+    share_dir = Path(share or config.default_share_dir())
+    model_config = None
+    if config_file is not None:
+        try:
+            model_config = json.loads(config_file.read_text())
+        except ValueError as exc:
+            typer.echo(f"{config_file} is not valid JSON: {exc}", err=True)
+            raise typer.Exit(2)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True) as progress:
+        task = progress.add_task(f"publishing {path.name}", total=path.stat().st_size)
+        try:
+            version = publish_version(share_dir, name, path, model_config, progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except RepositoryError as exc:
+            typer.echo(f"cannot publish: {exc}", err=True)
+            raise typer.Exit(2)
+    typer.echo(f"published {name} version {version} to {share_dir}; rolling out ...")
+    report = _manager_call(manager, "deploy", timeout + 30, name=name, version=version, rollout_timeout=timeout)
+    _print_rollout(report, "deploy")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+@app.command()
+def rollback(
+    name: str = typer.Argument(..., help="Model name."),
+    to: Optional[int] = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
+    manager: str = ManagerAddress,
+    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent."),
+):
+    """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
+    report = _manager_call(manager, "rollback", timeout + 30, name=name, to=to, rollout_timeout=timeout)
+    _print_rollout(report, "rollback")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+@app.command()
+def undeploy(name: str = typer.Argument(..., help="Model name."), manager: str = ManagerAddress):
+    """Stop serving a model everywhere (agents finish what is in flight, then unload it). The share keeps its files."""
+    _manager_call(manager, "undeploy", 10, name=name)
+    typer.echo(f"undeployed {name}")
+
+
+@app.command()
+def models(manager: str = ManagerAddress):
+    """What is deployed, at which version, on which agents."""
+    from rich.console import Console
+    from rich.table import Table
+
+    deployments = _manager_call(manager, "deployments", 5)
+    table = Table(title="Deployments")
+    for column in ("model", "version", "staged", "history", "agents (versions served)"):
+        table.add_column(column)
+    for name, d in sorted(deployments.items()):
+        agents = ", ".join(f"{a} (v{','.join(map(str, vs))})" for a, vs in sorted(d["agents"].items())) or "none"
+        table.add_row(name, str(d["version"] or "-"), str(d["staged"] or "-"), ", ".join(map(str, d["history"])) or "-", agents)
+    Console().print(table)
 
 
 def main() -> None:

@@ -15,21 +15,25 @@ agent back without an agent restart.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import random
 import socket
 import threading
 import time
-from typing import Any
 
 import zmq
 
 from cluster import protocol
+from cluster.agent.loader import ModelLoader, load_version
+from cluster.agent.models import ModelTable
 from cluster.agent.runner import Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.manager.deployments import DEPLOYMENTS_FILE, DesiredState, ModelDeployment
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, pack, require
-from cluster.repository import InputError, ModelRepository, RepositoryError
+from cluster.repository import InputError, RepositoryError
+from cluster.share import ShareError, open_share
 from cluster.sockets import make_socket
 
 log = logging.getLogger("cluster.agent")
@@ -54,7 +58,7 @@ class Agent:
         model_names: list[str] | None = None,
         ctx: zmq.Context | None = None,
     ) -> None:
-        self.share = share
+        self.share = open_share(share)
         self.addresses = addresses or Addresses()
         self.timings = timings or Timings()
         self.agent_id = agent_id or default_agent_id()
@@ -65,7 +69,9 @@ class Agent:
         self.model_names = model_names
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
-        self.models: dict[str, Any] = {}  # name -> repository.LoadedModel
+        self.table = ModelTable()  # what this agent serves, has staged, and failed to load
+        self.desired = DesiredState()  # what the manager (or, at start, the share) says to serve
+        self.loading: set[tuple[str, int]] = set()
         self.in_flight = 0
         self.draining = False
         self.started = time.time()
@@ -73,35 +79,86 @@ class Agent:
         self._started_mono = time.monotonic()
         self._stop = threading.Event()
         self._results_addr = f"inproc://agent-results-{id(self)}"
+        self._loads_addr = f"inproc://agent-loads-{id(self)}"
         self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers)
+        self.loader = ModelLoader(self.ctx, self._loads_addr, self.share, device)
 
     # ---- models -------------------------------------------------------------------------------------------------
 
-    def load_models(self) -> None:
-        """Load the newest version of each model in the share (or of the names asked for), warm-up included."""
-        repository = ModelRepository(self.share)
-        for name in self.model_names or repository.model_names():
-            version = repository.latest_version(name)
-            if version is None:
-                log.warning("model %s has no version in the share; skipped", name)
-                continue
+    def initial_desired_state(self) -> DesiredState:
+        """What to serve before the manager says anything: the share's deployments.json, else each model's newest
+        version (what a manager starting on that share would decide too)."""
+        try:
+            desired = DesiredState.from_wire(json.loads(self.share.read_text(DEPLOYMENTS_FILE)))
+        except (ShareError, ValueError):
+            desired = DesiredState()
             try:
-                self.models[name] = repository.load(name, version, device=self.device)
-                log.info("agent %s loaded %s v%d", self.agent_id, name, version)
-            except RepositoryError as exc:
-                log.error("agent %s could not load %s v%d: %s", self.agent_id, name, version, exc)
+                for name in self.share.list_models():
+                    versions = self.share.list_versions(name)
+                    if versions:
+                        desired.models[name] = ModelDeployment(max(versions))
+            except ShareError as exc:
+                log.error("agent %s cannot read the share: %s", self.agent_id, exc)
+        return self.filtered(desired)
 
-    def models_ready(self) -> list[dict]:
-        return [{"name": m.name, "version": m.version} for m in self.models.values()]
+    def filtered(self, desired: DesiredState) -> DesiredState:
+        """Only the models this agent was told to serve (--models), if it was told."""
+        if self.model_names is None:
+            return desired
+        return DesiredState({n: d for n, d in desired.models.items() if n in self.model_names}, desired.generation)
+
+    def load_models(self) -> None:
+        """At start, before announcing anything: load (fetch, verify, warm up) every desired version."""
+        self.desired = self.initial_desired_state()
+        for name, version in self.table.plan(self.desired, self.loading):
+            try:
+                self.table.add_loaded(name, version, load_version(self.share, name, version, self.device))
+                log.info("agent %s loaded %s v%d", self.agent_id, name, version)
+            except (RepositoryError, ShareError) as exc:
+                self.table.add_failed(name, version, str(exc))
+                log.error("agent %s could not load %s v%d: %s", self.agent_id, name, version, exc)
+        self.table.converge(self.desired)
+
+    def apply_desired(self, desired: DesiredState) -> None:
+        """The manager published a desired state: start loads, switch, unload."""
+        desired = self.filtered(desired)
+        if desired.to_wire()["models"] == self.desired.to_wire()["models"]:
+            return
+        self.desired = desired
+        for name, version in self.table.plan(desired, self.loading):
+            log.info("agent %s loading %s v%d", self.agent_id, name, version)
+            self.loading.add((name, version))
+            self.loader.submit(name, version)
+        self.models_changed(self.table.converge(desired))
+
+    def finish_loads(self) -> None:
+        while self.loads.poll(0):
+            self.loads.recv()
+        while not self.loader.done.empty():
+            name, version, outcome = self.loader.done.get()
+            self.loading.discard((name, version))
+            if isinstance(outcome, str):
+                log.error("agent %s could not load %s v%d: %s", self.agent_id, name, version, outcome)
+                self.table.add_failed(name, version, outcome)
+            else:
+                log.info("agent %s loaded and warmed up %s v%d", self.agent_id, name, version)
+                self.table.add_loaded(name, version, outcome)
+            self.table.converge(self.desired)
+            self.models_changed(True)
+
+    def models_changed(self, changed: bool) -> None:
+        """Tell the broker and the manager at once, rather than at the next beat."""
+        if changed:
+            log.info("agent %s now: %s", self.agent_id, self.table.describe())
+            self.send_heartbeat()
 
     def status(self) -> dict:
         """The heartbeat: what the manager's registry and `cluster status` show about this agent."""
-        return {
+        status = {
             "agent": self.agent_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": self.device,
-            "models": [] if self.draining else self.models_ready(),
             "in_flight": self.in_flight,
             "capacity": self.capacity,
             "draining": self.draining,
@@ -109,7 +166,12 @@ class Agent:
             "started": self.started,
             "serving_since": self.serving_since,  # wall time the agent connected, models loaded
             "interval": self.timings.heartbeat_interval,
+            "serves_only": self.model_names,  # None: every deployed model
         }
+        status.update(self.table.describe())
+        if self.draining:
+            status["models"] = []
+        return status
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------
 
@@ -118,7 +180,14 @@ class Agent:
         self.load_models()
         self.results = self.ctx.socket(zmq.PULL)
         self.results.bind(self._results_addr)
+        self.loads = self.ctx.socket(zmq.PULL)
+        self.loads.bind(self._loads_addr)
         self.pool.start()
+        self.loader.start()
+        self.events = make_socket(
+            self.ctx, zmq.SUB, connect=self.addresses.manager_events, subscribe=PREAMBLE[Command.EVENT],
+            max_bytes=MAX_CONTROL_BYTES, timings=self.timings,
+        )
         self.broker = make_socket(
             self.ctx, zmq.DEALER, connect=self.addresses.broker_agents, identity=self.agent_id.encode(), timings=self.timings
         )
@@ -128,7 +197,7 @@ class Agent:
         self.beats.setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, so a restarted manager gets a beat at once
         self.serving_since = time.time()
         poller = zmq.Poller()
-        for sock in (self.broker, self.results, self.beats):
+        for sock in (self.broker, self.results, self.beats, self.loads, self.events):
             poller.register(sock, zmq.POLLIN)
         interval = self.timings.heartbeat_interval
         self.register()
@@ -154,6 +223,10 @@ class Agent:
                     self.process_broker()
                 if self.beats in ready:
                     self.process_subscriptions()
+                if self.loads in ready:
+                    self.finish_loads()
+                if self.events in ready:
+                    self.process_events()
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + interval
@@ -171,7 +244,8 @@ class Agent:
         except zmq.ZMQError:
             pass
         self.pool.stop()
-        for sock in (self.broker, self.beats, self.results):
+        self.loader.stop()
+        for sock in (self.broker, self.beats, self.results, self.loads, self.events):
             sock.close(linger=100)
         if self._own_ctx:
             self.ctx.term()
@@ -179,7 +253,7 @@ class Agent:
     def register(self) -> None:
         """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
         ready = self.status()
-        ready["metadata"] = [dict(m.config.metadata(), version=m.version) for m in self.models.values()]
+        ready["metadata"] = [dict(m.config.metadata(), version=m.version) for m in self.table.loaded_models()]
         self.broker.send_multipart(message(Command.READY, ready))
 
     def send_heartbeat(self) -> None:
@@ -201,6 +275,22 @@ class Agent:
         self.register()
         self._next_ready = now + self._ready_backoff * random.uniform(0.8, 1.2)
         self._ready_backoff = min(self._ready_backoff * 2, self.timings.reconnect_max)
+
+    def process_events(self) -> None:
+        """The manager's events: only the desired state concerns agents."""
+        for _ in range(100):
+            try:
+                frames = self.events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if len(frames) != 2:
+                    raise ProtocolError("event must be preamble + header")
+                header = protocol.unpack_header(frames[1])
+                if header.get("event") == "desired":
+                    self.apply_desired(DesiredState.from_wire(header.get("state")))
+            except (ProtocolError, ValueError) as exc:
+                log.warning("agent %s: bad event from the manager dropped: %s", self.agent_id, exc)
 
     def process_subscriptions(self) -> None:
         for _ in range(100):
@@ -255,8 +345,8 @@ class Agent:
             request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
             name = require(header, "model", str)
             version = require(header, "version", int, optional=True)
-            model = self.models.get(name)
-            if model is None or self.draining or (version is not None and version != model.version):
+            model = self.table.lookup(name, version)
+            if model is None or self.draining:
                 what = f"model '{name}'" + (f" version {version}" if version is not None else "")
                 self.answer_error(route, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not loaded on agent {self.agent_id}", name)
                 return

@@ -412,13 +412,36 @@ class Broker:
             return
         route = frames[2].bytes
         agent.in_flight.pop(route, None)
-        request = self.requests.pop(route, None)
+        request = self.requests.get(route)
+        if request is not None and not request.done and frames[1].bytes == PREAMBLE[Command.ERROR] and self.refused(agent, request, frames[3]):
+            self.redispatch(request, f"agent {agent.agent_id} no longer has it")
+            self.dispatch_pending(agent.models)
+            return
+        self.requests.pop(route, None)
         if request is not None and not request.done:
             request.done = True
             if request.agent is not None and request.agent is not agent:
                 request.agent.in_flight.pop(route, None)
             self.send_client(request.client, [frames[1], *frames[3:]])
         self.dispatch_pending(agent.models)
+
+    def refused(self, agent: AgentEntry, request: BrokerRequest, header_frame) -> bool:
+        """True if the agent answered MODEL_NOT_FOUND: it unloaded that version (a rollout) since its last beat.
+        Forget that it has it, so the request can go to an agent that does (no error reaches the client)."""
+        try:
+            code = protocol.unpack_header(header_frame).get("code")
+        except ProtocolError:
+            return False
+        if code != ErrorCode.MODEL_NOT_FOUND.value:
+            return False
+        versions = agent.models.get(request.model, set())
+        gone = versions if request.version is None else versions & {request.version}
+        if gone:
+            self._unindex(agent)
+            agent.models = {m: (vs - gone if m == request.model else vs) for m, vs in agent.models.items()}
+            agent.models = {m: vs for m, vs in agent.models.items() if vs}
+            self._index(agent)
+        return True
 
     def register_agent(self, identity: bytes, header_frame) -> None:
         try:

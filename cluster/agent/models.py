@@ -1,0 +1,93 @@
+"""What one agent holds: the versions it serves, the ones staged for a rollout, the ones that failed to load.
+
+`ModelTable` is the sans-IO part of the agent's model lifecycle: given the desired state it says which versions to
+load (`plan`), takes loaded versions in (`add_loaded`) and applies switches and unloads (`converge`). It never drops
+the version it serves by default until the desired version is ready to take over, so a rollout never leaves a gap,
+and a version that failed to load leaves the old one serving. Only the agent's I/O thread touches it; a version
+removed here stays alive for the requests still running on it (they hold a reference) and is freed after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.manager.deployments import DesiredState
+
+
+class ModelTable:
+    def __init__(self) -> None:
+        self.serving: dict[str, dict[int, Any]] = {}  # name -> version -> LoadedModel
+        self.default: dict[str, int] = {}  # name -> the version unversioned requests get
+        self.staged: dict[str, dict[int, Any]] = {}  # loaded and warm, not served until the rollout switches
+        self.failed: dict[tuple[str, int], str] = {}  # (name, version) -> why it could not be loaded
+
+    def lookup(self, name: str, version: int | None):
+        versions = self.serving.get(name)
+        if not versions:
+            return None
+        return versions.get(self.default[name] if version is None else version)
+
+    def has(self, name: str, version: int) -> bool:
+        return version in self.serving.get(name, {}) or version in self.staged.get(name, {})
+
+    def plan(self, desired: DesiredState, loading: set[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The (name, version) pairs to load: wanted, not held, not loading, not failed already."""
+        wanted = []
+        for name, d in desired.models.items():
+            for version in (d.version, d.staged):
+                key = (name, version)
+                if version is not None and not self.has(name, version) and key not in loading and key not in self.failed:
+                    wanted.append(key)
+        return wanted
+
+    def add_loaded(self, name: str, version: int, model) -> None:
+        """A freshly loaded, warmed-up version: staged until converge() decides to serve it."""
+        self.staged.setdefault(name, {})[version] = model
+        self.failed.pop((name, version), None)
+
+    def add_failed(self, name: str, version: int, reason: str) -> None:
+        self.failed[(name, version)] = reason
+
+    def converge(self, desired: DesiredState) -> bool:
+        """Switch and unload toward the desired state; True if anything a heartbeat shows changed."""
+        before = self.describe()
+        for name in list(self.serving) + list(self.staged):
+            if name not in desired.models:  # undeployed
+                self.serving.pop(name, None)
+                self.staged.pop(name, None)
+                self.default.pop(name, None)
+        for name, d in desired.models.items():
+            serving = self.serving.setdefault(name, {})
+            staged = self.staged.setdefault(name, {})
+            if d.version is not None and d.version in staged:  # the switch: new requests go to the new version
+                serving[d.version] = staged.pop(d.version)
+            if d.version in serving:
+                self.default[name] = d.version
+            elif serving and self.default.get(name) not in serving:
+                self.default[name] = max(serving)
+            keep = {d.version, d.staged}
+            for version in [v for v in serving if v not in keep and v != self.default.get(name)]:
+                del serving[version]  # drained: running requests hold their own reference
+            for version in [v for v in staged if v not in keep]:
+                del staged[version]
+            if not serving:
+                self.serving.pop(name)
+                self.default.pop(name, None)
+            if not staged:
+                self.staged.pop(name)
+        self.failed = {k: v for k, v in self.failed.items() if k[0] in desired.models and k[1] in (desired.models[k[0]].version, desired.models[k[0]].staged)}
+        return self.describe() != before
+
+    def describe(self) -> dict:
+        """The heartbeat fields: models (served), staged, failed."""
+        return {
+            "models": [
+                {"name": n, "version": v, "default": v == self.default.get(n)} for n, vs in self.serving.items() for v in sorted(vs)
+            ],
+            "staged": [{"name": n, "version": v} for n, vs in self.staged.items() for v in sorted(vs)],
+            "failed": [{"name": n, "version": v, "error": e} for (n, v), e in sorted(self.failed.items())],
+        }
+
+    def loaded_models(self):
+        for versions in self.serving.values():
+            yield from versions.values()

@@ -1,0 +1,201 @@
+"""Deployments: `cluster deploy` publishes a version atomically and the manager rolls it out to every agent with no
+failed request; a broken version leaves every agent on the old one; late agents and a restarted manager follow the
+desired state kept on the share."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.demo_models import DIGITS_CONFIG, digits_split, train_digits
+from cluster.manager.client import ManagerClient
+from cluster.repository import publish_version
+from tests.harness import REPO_ROOT, wait_for
+
+
+class Load:
+    """Keeps `in_flight` digits requests in flight from a thread; records every outcome and its latency."""
+
+    def __init__(self, client, in_flight: int = 16) -> None:
+        self.client = client
+        self.in_flight = in_flight
+        self.results: list[tuple[float, float, int, str]] = []  # (sent at, latency, version, agent)
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        _, _, self.images, _ = digits_split()
+        self.thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> "Load":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join(60)
+
+    def _submit(self, i: int):
+        return self.client.submit("digits", {"image": self.images[i % 360][None]}), time.monotonic()
+
+    def _run(self) -> None:
+        pending = dict(self._submit(i) for i in range(self.in_flight))
+        i = self.in_flight
+        while pending:
+            done, _ = concurrent.futures.wait(pending, timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                self.errors.append("no answer within 60 s")
+                return
+            for future in done:
+                sent = pending.pop(future)
+                try:
+                    result = future.result()
+                    self.results.append((sent, time.monotonic() - sent, result.version, result.agent))
+                except Exception as exc:
+                    self.errors.append(repr(exc))
+                if not self._stop.is_set():
+                    new_future, at = self._submit(i)
+                    pending[new_future] = at
+                    i += 1
+
+    def wait_for_answers(self, n: int, timeout: float = 30) -> None:
+        start = len(self.results)
+        wait_for(lambda: len(self.results) >= start + n, timeout, f"{n} more answers under load")
+
+
+def model_file(tmp_path: Path, seed: int) -> Path:
+    path = tmp_path / f"digits-seed{seed}.pt"
+    train_digits(seed=seed).save(str(path))
+    return path
+
+
+def run_cli(cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args], env=cluster.env(), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    )
+
+
+def served_versions(client, model: str = "digits") -> dict[str, list[int]]:
+    return {a["id"]: sorted(m["version"] for m in a["models"] if m["name"] == model) for a in client.agents()}
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) * 1000 if values else float("nan")
+
+
+@pytest.fixture
+def three_agents(cluster):
+    cluster.start_manager()
+    cluster.start_broker()
+    cluster.start_agents(3)
+    cluster.wait_for_agents(3, model="digits")
+    return cluster
+
+
+def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(three_agents, tmp_path):
+    cluster = three_agents
+    client = cluster.client()
+    v2_file = model_file(tmp_path, seed=1)
+    with Load(client) as load:
+        load.wait_for_answers(300)
+        before = [lat for _, lat, _, _ in load.results]
+        started = time.monotonic()
+        out = run_cli(cluster, "deploy", str(v2_file), "--name", "digits")
+        rollout_seconds = time.monotonic() - started
+        during = [lat for sent, lat, _, _ in load.results if sent >= started and sent <= started + rollout_seconds]
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "published digits version 2" in out.stdout and "done" in out.stdout, out.stdout
+        wait_for(lambda: all(v == [2] for v in served_versions(client).values()), 10, "every agent to serve v2 only")
+        load.wait_for_answers(300)
+        versions_seen = [v for _, _, v, _ in load.results]
+
+        # Version 3 with bad bytes: every agent fails to load it and keeps serving v2.
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(os.urandom(4096))
+        out_bad = run_cli(cluster, "deploy", str(bad), "--name", "digits")
+        # Version 4, a good file whose bytes change after publishing: the sha256 check refuses it on every agent.
+        good = model_file(tmp_path, seed=2)
+        v4 = publish_version(cluster.share, "digits", good)
+        published = cluster.share / "models" / "digits" / str(v4) / "model.pt"
+        data = bytearray(published.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        published.write_bytes(bytes(data))
+        refused = ManagerClient(cluster.addresses.manager_queries).call("deploy", timeout=60, name="digits", version=v4)
+        load.wait_for_answers(200)
+
+    print(
+        f"\nrollout of digits v2 over 3 agents took {rollout_seconds:.2f} s (CLI wall time); latency p50/p99 "
+        f"before {percentile(before, 50):.1f}/{percentile(before, 99):.1f} ms, during {percentile(during, 50):.1f}/"
+        f"{percentile(during, 99):.1f} ms ({len(during)} requests)"
+    )
+    assert not load.errors, f"{len(load.errors)} requests failed: {load.errors[:5]}"
+    assert versions_seen[:100] == [1] * 100 and versions_seen[-100:] == [2] * 100, "replies did not switch from v1 to v2"
+    assert out_bad.returncode == 1, out_bad.stdout + out_bad.stderr
+    assert "FAILED" in out_bad.stdout and all(f"agent-{i}" in out_bad.stdout for i in (2, 3, 4)), out_bad.stdout
+    assert "cannot load" in out_bad.stdout, out_bad.stdout
+    assert not refused["ok"] and len(refused["agents"]) == 3, refused
+    assert all("sha256 mismatch" in reason for reason in refused["agents"].values()), refused
+    assert all(v == [2] for v in served_versions(client).values()), served_versions(client)
+    result = client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)})
+    assert result.version == 2
+
+
+def test_late_agent_and_restarted_manager_follow_the_desired_state(three_agents, tmp_path):
+    cluster = three_agents
+    client = cluster.client()
+    publish_version(cluster.share, "digits", model_file(tmp_path, seed=1))  # v2 on the share
+    manager = ManagerClient(cluster.addresses.manager_queries)
+    assert manager.call("deploy", timeout=60, name="digits", version=2)["ok"]
+    out = run_cli(cluster, "rollback", "digits")  # back to v1, while v2 stays the newest on the share
+    assert out.returncode == 0 and "rollback of digits v1 done" in out.stdout, out.stdout + out.stderr
+    wait_for(lambda: all(v == [1] for v in served_versions(client).values()), 10, "every agent back on v1")
+
+    # Restart the manager: it reads the desired state back from the share.
+    cluster.kill(cluster.procs[0])
+    cluster.start_manager()
+    wait_for(lambda: len(cluster.manager_query("agents")) == 3, 10, "the new manager to see the agents")
+    deployments = manager.call("deployments")
+    assert deployments["digits"]["version"] == 1 and deployments["digits"]["history"][-1] == 2, deployments
+
+    # A new agent loads the desired version (v1, not the share's newest v2) before it takes any request.
+    late = cluster.start_agent("late-agent")
+    first_sight = wait_for(lambda: next((a for a in client.agents() if a["id"] == "late-agent"), None), 60, "the late agent")
+    assert [(m["name"], m["version"]) for m in first_sight["models"] if m["name"] == "digits"] == [("digits", 1)], first_sight
+    assert "late-agent" in [a for a in manager.call("deployments")["digits"]["agents"]] or wait_for(
+        lambda: "late-agent" in manager.call("deployments")["digits"]["agents"], 5, "the manager to list the late agent"
+    )
+    out = run_cli(cluster, "models")
+    assert out.returncode == 0 and "late-agent" in out.stdout, out.stdout + out.stderr
+    assert late.alive()
+
+
+def test_undeploy_and_deploy_a_new_model(three_agents, tmp_path):
+    cluster = three_agents
+    client = cluster.client()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**DIGITS_CONFIG, "name": "digits2"}))
+    out = run_cli(cluster, "deploy", str(model_file(tmp_path, seed=3)), "--name", "digits2", "--config", str(config))
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = client.infer("digits2", {"image": np.zeros((1, 8, 8), np.float32)})
+    assert result.model == "digits2" and result.version == 1
+    out = run_cli(cluster, "undeploy", "echo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_for(lambda: "echo" not in client.models(), 10, "echo to be unloaded everywhere")
+    out = run_cli(cluster, "deploy", str(tmp_path / "missing.pt"), "--name", "x")
+    assert out.returncode == 2
+
+
+def test_request_naming_a_version(three_agents, tmp_path):
+    cluster = three_agents
+    client = cluster.client()
+    assert client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)}, version=1).version == 1
+    with pytest.raises(Exception, match="version 7"):
+        client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)}, version=7)
