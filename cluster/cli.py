@@ -107,6 +107,7 @@ def agent(
     share: str = typer.Option(
         None, envvar="CLUSTER_SHARE", help="Model repository: a folder (e.g. an NFS mount) or nfs://server/export (read with libnfs into a local cache)."
     ),
+    cache: Optional[str] = typer.Option(None, envvar="CLUSTER_SHARE_CACHE", help="Local cache for an nfs:// share (default under ~/.cache)."),
     broker: str = BrokerAgents,
     heartbeats: str = ManagerHeartbeats,
     agent_id: Optional[str] = typer.Option(None, "--id", envvar="CLUSTER_AGENT_ID", help="Agent id (default host-pid)."),
@@ -137,6 +138,7 @@ def agent(
         workers=workers,
         device=device,
         model_names=[m for m in models.split(",") if m] if models else None,
+        cache_dir=cache,
     )
     _stop_on_signals(component)
     component.run()

@@ -57,8 +57,9 @@ class Agent:
         device: str = "cpu",
         model_names: list[str] | None = None,
         ctx: zmq.Context | None = None,
+        cache_dir: str | None = None,
     ) -> None:
-        self.share = open_share(share)
+        self.share = open_share(share, cache_dir)  # a folder, or nfs:// mirrored into cache_dir
         self.addresses = addresses or Addresses()
         self.timings = timings or Timings()
         self.agent_id = agent_id or default_agent_id()
