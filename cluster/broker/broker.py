@@ -108,6 +108,7 @@ class Broker:
         self._routes = itertools.count(1)
         self.stats = {"requests": 0, "redispatched": 0, "timeouts": 0, "agents_lost": 0}
         self._stop = threading.Event()
+        self.started = time.monotonic()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
 
@@ -140,6 +141,8 @@ class Broker:
                     next_tick = now + tick
                     self.purge_agents(now)
                     self.expire_requests(now)
+                    if self.pending_count and not self.warming_up():
+                        self.fail_orphaned_queues()
                     if now >= next_beat:
                         next_beat = now + self.timings.heartbeat_interval
                         self.send_heartbeats()
@@ -199,7 +202,7 @@ class Broker:
             timeout = self.timings.request_timeout
         if not 0 < timeout <= MAX_REQUEST_TIMEOUT:
             raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
-        if not self.candidates(model, version):
+        if not self.candidates(model, version) and not self.warming_up():
             self.fail_unroutable(client, request_id, model, version)
             return
         self.stats["requests"] += 1
@@ -223,6 +226,11 @@ class Broker:
         else:
             self.requests[request.route] = request
             self.enqueue(request)
+
+    def warming_up(self) -> bool:
+        """Just started (or restarted): agents are still re-registering, so "no agent has it" is not known yet.
+        Requests wait (within their deadline) instead of failing, so clients ride through a broker restart."""
+        return time.monotonic() - self.started < self.timings.expiry + self.timings.heartbeat_interval
 
     def fail_unroutable(self, client: bytes, request_id, model: str, version: int | None) -> None:
         """Answer a request no live agent can take: NO_AGENT if the model was ever served, else MODEL_NOT_FOUND."""
@@ -455,16 +463,23 @@ class Broker:
             log.warning("bad READY from %r dropped: %s", identity, exc)
             return
         old = self.agents.get(identity)
+        if old is not None and (old.info.get("pid"), old.info.get("started")) == (header.get("pid"), header.get("started")):
+            self.update_agent(old, header_frame)  # the same process saying READY again (it thought we were gone)
+            return
         if old is not None:
             self.remove_agent(old, "it registered again (restarted)")
-        for meta in header.pop("metadata", None) or []:
-            if isinstance(meta, dict) and isinstance(meta.get("name"), str) and isinstance(meta.get("version"), int):
-                self.metadata[(meta["name"], meta["version"])] = meta
+        self._remember_metadata(header)
         agent = AgentEntry(agent_id, identity, capacity, models, header, time.monotonic())
         self.agents[identity] = agent
         self._index(agent)
         log.info("agent %s ready: capacity %d, models %s", agent_id, capacity, self._models_text(models))
         self.dispatch_pending(models)
+
+    def _remember_metadata(self, header: dict) -> None:
+        """READY carries each model's inputs and outputs; keep them for `model` queries (the edge's metadata)."""
+        for meta in header.pop("metadata", None) or []:
+            if isinstance(meta, dict) and isinstance(meta.get("name"), str) and isinstance(meta.get("version"), int):
+                self.metadata[(meta["name"], meta["version"])] = meta
 
     def update_agent(self, agent: AgentEntry, header_frame) -> None:
         try:
@@ -474,6 +489,7 @@ class Broker:
         except ProtocolError as exc:
             log.warning("bad HEARTBEAT from agent %s ignored: %s", agent.agent_id, exc)
             return
+        self._remember_metadata(header)
         agent.info = header
         if capacity is not None and capacity >= 1 and capacity != agent.capacity:
             agent.capacity = capacity
@@ -507,6 +523,22 @@ class Broker:
                 self.agents_sock.send_multipart([agent.identity, PREAMBLE[Command.HEARTBEAT], _EMPTY_HEADER], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 self.remove_agent(agent, f"heartbeat send failed ({exc})")
+
+    def fail_orphaned_queues(self) -> None:
+        """After warm-up: requests queued for a model no live agent has fail now rather than at their deadline.
+        Also drops queued requests already answered (timed out), so the queue length counts live ones only."""
+        for model, queue in list(self.pending.items()):
+            for request in queue:
+                if not request.done and not self.candidates(request.model, request.version):
+                    request.done = True
+                    self.requests.pop(request.route, None)
+                    self.fail_unroutable(request.client, request.request_id, request.model, request.version)
+            live = deque(r for r in queue if not r.done)
+            self.pending_count -= len(queue) - len(live)
+            if live:
+                self.pending[model] = live
+            else:
+                del self.pending[model]
 
     def expire_requests(self, now: float) -> None:
         for request in [r for r in self.requests.values() if r.deadline < now]:
