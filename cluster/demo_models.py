@@ -27,7 +27,7 @@ DIGITS_CONFIG = {
     "platform": "torchscript",
     "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8]}],
     "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]}],
-    "max_batch_size": 256,
+    "max_batch_size": 32,
     "max_queue_delay_us": 500,
     "instances": 1,
 }

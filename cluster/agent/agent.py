@@ -153,6 +153,12 @@ class Agent:
             log.info("agent %s now: %s", self.agent_id, self.table.describe())
             self.send_heartbeat()
 
+    def effective_capacity(self) -> int:
+        """Requests the broker may keep here at once: the configured capacity, or enough to fill two batches of the
+        largest batching model (one running, one filling), whichever is more."""
+        batch = max((m.config.max_batch_size for m in self.table.loaded_models()), default=0)
+        return max(self.capacity, 2 * batch) if batch > 1 else self.capacity
+
     def status(self) -> dict:
         """The heartbeat: what the manager's registry and `cluster status` show about this agent."""
         status = {
@@ -161,7 +167,8 @@ class Agent:
             "pid": os.getpid(),
             "device": self.device,
             "in_flight": self.in_flight,
-            "capacity": self.capacity,
+            "capacity": self.effective_capacity(),
+            "batching": self.pool.describe(),
             "draining": self.draining,
             "uptime": round(time.monotonic() - self._started_mono, 3),
             "started": self.started,

@@ -1,18 +1,26 @@
 """Inference workers: threads that run models, apart from the I/O thread that owns the bus sockets.
 
-The I/O thread validates a request and puts a Job on the queue; a worker builds torch tensors over the received
-frames (no copy), runs the model and pushes the answer frames to the I/O thread over an inproc socket of its own
-(ZeroMQ sockets are not shared between threads). A forward pass of any length never delays a heartbeat.
+The I/O thread validates a request and submits a Job; a worker builds torch tensors over the received frames (no
+copy), runs the model and pushes the answer frames to the I/O thread over an inproc socket of its own (ZeroMQ
+sockets are not shared between threads). A forward pass of any length never delays a heartbeat.
+
+Dynamic batching (per model, from config.json: `max_batch_size` > 1 turns it on, `max_queue_delay_us` bounds the
+wait): a worker takes every queued request for the model (up to max_batch_size), stacks their inputs along the first
+dimension, runs one forward pass and splits the outputs back, each caller getting exactly its own rows. A lone
+request goes at once; only when requests are already queuing (a burst) does the worker wait up to the delay for the
+batch to fill. If a batched pass fails, each request is run alone, so one bad request fails only itself.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import zmq
 
 from cluster.codec import decode_tensors, encode_tensors, to_torch
@@ -29,63 +37,181 @@ class Job:
     metas: list[dict]  # validated input metas
     tensors: list  # the input frames (zmq.Frame), in meta order
     outputs: list[str] | None  # which outputs the client wants; None = all
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0  # when its (batched) forward pass began
+
+
+@dataclass
+class BatchStats:
+    """What the heartbeat shows of batching, per model."""
+
+    batches: int = 0
+    requests: int = 0
+    largest: int = 0
+    queue_wait_s: float = 0.0  # summed over requests
+
+    def add(self, size: int, waits: list[float]) -> None:
+        self.batches += 1
+        self.requests += size
+        self.largest = max(self.largest, size)
+        self.queue_wait_s += sum(waits)
+
+    def describe(self) -> dict:
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "mean_batch": round(self.requests / self.batches, 2) if self.batches else 0,
+            "largest_batch": self.largest,
+            "mean_queue_wait_ms": round(1000 * self.queue_wait_s / self.requests, 3) if self.requests else 0,
+        }
 
 
 class WorkerPool:
-    """`count` threads taking Jobs from one queue; answers go out on the inproc socket at `results_addr`."""
+    """`count` threads taking work per model; answers go out on the inproc socket at `results_addr`."""
 
     def __init__(self, ctx: zmq.Context, results_addr: str, agent_id: str, count: int = 1) -> None:
         self.ctx = ctx
         self.results_addr = results_addr
         self.agent_id = agent_id
-        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self.threads = [
-            threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))
-        ]
+        self._cond = threading.Condition()
+        self._queues: dict[int, collections.deque[Job]] = {}  # id(model) -> its queued jobs
+        self._ready: collections.deque = collections.deque()  # models with queued jobs that no worker holds
+        self._held: set[int] = set()  # models a worker is collecting a batch for
+        self._stopping = False
+        self.stats: dict[str, BatchStats] = collections.defaultdict(BatchStats)
+        self.threads = [threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))]
 
     def start(self) -> None:
         for thread in self.threads:
             thread.start()
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        key = id(job.model)
+        with self._cond:
+            queue = self._queues.setdefault(key, collections.deque())
+            if not queue and key not in self._held:
+                self._ready.append(job.model)
+            queue.append(job)
+            self._cond.notify()
 
     def stop(self, timeout: float = 5.0) -> None:
-        for _ in self.threads:
-            self.jobs.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         for thread in self.threads:
             thread.join(timeout)
+
+    def describe(self) -> dict:
+        return {name: stats.describe() for name, stats in self.stats.items() if stats.batches}
+
+    # ---- taking work ------------------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._ready and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            model = self._ready.popleft()
+            key = id(model)
+            queue = self._queues[key]
+            limit = model.config.max_batch_size if model.config.max_batch_size > 1 else 1
+            batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
+            delay = model.config.max_queue_delay_us / 1e6
+            if 1 < len(batch) < limit and delay > 0:  # a burst: let the batch fill, for at most the delay
+                self._held.add(key)
+                deadline = time.monotonic() + delay
+                while len(batch) < limit and not self._stopping:
+                    if queue:
+                        batch.append(queue.popleft())
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                self._held.discard(key)
+            if queue:
+                self._ready.append(model)  # the rest is for the next free worker
+            else:
+                del self._queues[key]
+            return batch
 
     def _work(self) -> None:
         out = self.ctx.socket(zmq.PUSH)
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self.results_addr)
         try:
-            while (job := self.jobs.get()) is not None:
-                out.send_multipart(self.run(job), copy=False)
+            while (batch := self._next_batch()) is not None:
+                started = time.monotonic()
+                for job in batch:
+                    job.started_at = started
+                self.stats[batch[0].model.name].add(len(batch), [started - job.queued_at for job in batch])
+                for frames in self.run_batch(batch) if len(batch) > 1 else [self.run(batch[0])]:
+                    out.send_multipart(frames, copy=False)
         finally:
             out.close()
 
+    # ---- running ---------------------------------------------------------------------------------------------
+
     def run(self, job: Job) -> list:
         """The answer frames for one job: REPLY with the outputs, or ERROR saying why the model failed."""
-        model = job.model
         try:
-            arrays = decode_tensors(job.metas, job.tensors)
-            device = getattr(model, "device", "cpu")
-            inputs = {name: to_torch(a) if device == "cpu" else to_torch(a).to(device) for name, a in arrays.items()}
-            outputs = model.infer(inputs)
-            if job.outputs is not None:
-                outputs = {name: outputs[name] for name in job.outputs}
-            metas, frames = encode_tensors(outputs)
+            outputs = job.model.infer(self._inputs(job))
+            return self._reply(job, outputs, 1)
         except Exception as exc:  # the model's own failure: tell the client, keep serving
-            log.warning("model %s v%s failed: %s: %s", model.name, model.version, type(exc).__name__, exc)
-            text = f"model '{model.name}' version {model.version} failed: {type(exc).__name__}: {exc}"
-            return [PREAMBLE[Command.ERROR], job.route, pack(error_header(job.request_id, ErrorCode.INFERENCE_FAILED, text, model.name))]
+            return self._failure(job, exc)
+
+    def run_batch(self, jobs: list[Job]) -> list[list]:
+        """One forward pass for requests whose inputs agree on everything but the first dimension."""
+        groups: dict[tuple, list[Job]] = collections.defaultdict(list)
+        for job in jobs:
+            groups[tuple((m["name"], m["datatype"], tuple(m["shape"][1:])) for m in job.metas)].append(job)
+        answers = []
+        for group in groups.values():
+            if len(group) == 1:
+                answers.append(self.run(group[0]))
+                continue
+            try:
+                per_job = [self._inputs(job) for job in group]
+                stacked = {name: torch.cat([inputs[name] for inputs in per_job]) for name in per_job[0]}
+                outputs = group[0].model.infer(stacked)
+                rows = [job.metas[0]["shape"][0] for job in group]
+                total = sum(rows)
+                if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
+                    raise ValueError("outputs do not have one row per input row; cannot split a batch")
+                start = 0
+                for job, n in zip(group, rows):
+                    answers.append(self._reply(job, {k: v[start : start + n] for k, v in outputs.items()}, len(group)))
+                    start += n
+            except Exception as exc:
+                log.info("batch of %d for %s failed (%s); running each request alone", len(group), group[0].model.name, exc)
+                answers.extend(self.run(job) for job in group)
+        return answers
+
+    @staticmethod
+    def _inputs(job: Job) -> dict:
+        device = job.model.device
+        arrays = decode_tensors(job.metas, job.tensors)
+        return {name: to_torch(a) if device == "cpu" else to_torch(a).to(device) for name, a in arrays.items()}
+
+    def _reply(self, job: Job, outputs: dict, batch_size: int) -> list:
+        if job.outputs is not None:
+            outputs = {name: outputs[name] for name in job.outputs}
+        metas, frames = encode_tensors(outputs)
         header = {
             "id": job.request_id,
-            "model": model.name,
-            "version": model.version,
+            "model": job.model.name,
+            "version": job.model.version,
             "agent": self.agent_id,
             "outputs": metas,
+            "batch_size": batch_size,
+            "queue_us": int((job.started_at - job.queued_at) * 1e6),  # waiting for a worker or a batch to fill
         }
         return [PREAMBLE[Command.REPLY], job.route, pack(header), *frames]
+
+    def _failure(self, job: Job, exc: Exception) -> list:
+        model = job.model
+        log.warning("model %s v%s failed: %s: %s", model.name, model.version, type(exc).__name__, exc)
+        text = f"model '{model.name}' version {model.version} failed: {type(exc).__name__}: {exc}"
+        header = error_header(job.request_id, ErrorCode.INFERENCE_FAILED, text, model.name)
+        return [PREAMBLE[Command.ERROR], job.route, pack(header)]
