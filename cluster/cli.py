@@ -369,6 +369,38 @@ def models(manager: str = ManagerAddress):
     Console().print(table)
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="Model to drive."),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", help="Requests in flight."),
+    duration: float = typer.Option(10.0, "--duration", "-d", help="Seconds to measure (after 1 s of warm-up)."),
+    batch: int = typer.Option(1, help="Rows per request (the first variable dimension)."),
+    http: Optional[str] = typer.Option(None, "--http", help="Drive the HTTP edge at this URL instead of the bus."),
+    broker: str = BrokerClients,
+):
+    """Load generator: throughput and p50/p95/p99 latency of MODEL through the bus client or the edge."""
+    import asyncio
+
+    from cluster import ClusterError, loadgen
+
+    try:
+        if http:
+            result = asyncio.run(loadgen.bench_http(http, model, concurrency, duration, batch))
+        else:
+            result = asyncio.run(loadgen.bench_bus(broker, model, concurrency, duration, batch))
+    except (ClusterError, OSError) as exc:
+        typer.echo(f"bench failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(2)
+    s = result.summary()
+    path = f"HTTP {http}" if http else f"bus {broker}"
+    typer.echo(
+        f"{model} via {path}, concurrency {concurrency}, {duration:g} s: {s['throughput']:.1f} req/s, "
+        f"p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, {s['requests']} ok, {s['errors']} errors"
+        + (f" {result.errors}" if result.errors else "")
+    )
+    raise typer.Exit(1 if s["errors"] and not s["requests"] else 0)
+
+
 def main() -> None:
     app()
 
