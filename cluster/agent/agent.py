@@ -28,7 +28,7 @@ import zmq
 from cluster import protocol
 from cluster.agent.loader import ModelLoader, load_version
 from cluster.agent.models import ModelTable
-from cluster.agent.runner import Job, WorkerPool
+from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.manager.deployments import DEPLOYMENTS_FILE, DesiredState, ModelDeployment
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, pack, require
@@ -82,6 +82,8 @@ class Agent:
         self._results_addr = f"inproc://agent-results-{id(self)}"
         self._loads_addr = f"inproc://agent-loads-{id(self)}"
         self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers)
+        self.inline = os.environ.get("CLUSTER_AGENT_INLINE", "1") != "0"  # see runner.INLINE_MAX_S
+        self._inline_until = 0.0
         self.loader = ModelLoader(self.ctx, self._loads_addr, self.share, device)
 
     # ---- models -------------------------------------------------------------------------------------------------
@@ -225,6 +227,7 @@ class Agent:
                 if drain_deadline is not None and (self.in_flight == 0 or time.monotonic() > drain_deadline):
                     break
                 ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
+                self._inline_until = time.monotonic() + INLINE_BUDGET_S
                 if self.results in ready:
                     self.forward_results()
                 if self.broker in ready:
@@ -370,8 +373,12 @@ class Agent:
         except (ProtocolError, InputError) as exc:
             self.answer_error(route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
             return
+        job = Job(route, request_id, model, metas, list(tensors), outputs)
+        if self.inline and self.in_flight == 0 and time.monotonic() < self._inline_until and self.pool.fast_enough_inline(model):
+            self.broker.send_multipart(self.pool.run_timed(job), copy=False)
+            return
         self.in_flight += 1
-        self.pool.submit(Job(route, request_id, model, metas, list(tensors), outputs))
+        self.pool.submit(job)
 
     def answer_error(self, route: bytes, request_id, code: ErrorCode, text: str, model: str | None) -> None:
         self.broker.send_multipart([PREAMBLE[Command.ERROR], route, pack(error_header(request_id, code, text, model))])
