@@ -37,6 +37,7 @@ import torch
 from cluster.codec import NUMPY_DTYPE
 from cluster.config import MAX_DIMS
 from cluster.protocol import DATATYPE_ITEMSIZE
+from cluster.share import MODEL_NAME_RE, sha256_file, version_number
 
 MODELS_DIR = "models"
 CONFIG_FILE = "config.json"
@@ -45,7 +46,6 @@ MODEL_FILES = {"model.pt": "torchscript", "model.pt2": "torch_export"}  # file n
 PLATFORMS = ("torchscript", "torch_export")
 CHUNK = 1024 * 1024
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a model name is a folder name on every host's share
 _CONFIG_KEYS = ("name", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "instances")
 _SPEC_KEYS = ("name", "datatype", "shape")
 
@@ -80,6 +80,16 @@ class InputError(ValueError):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shape_mismatch(expected: list[int], shape: list[int]) -> str | None:
+    """What is wrong with `shape` against a config shape (-1 = any), or None if it fits."""
+    if len(shape) != len(expected):
+        return f"expected {len(expected)} dimensions {expected}, got {len(shape)} {shape}"
+    for axis, (want, got) in enumerate(zip(expected, shape)):
+        if want != -1 and want != got:
+            return f"dimension {axis} must be {want}, got {got} (expected shape {expected}, got {shape})"
+    return None
 
 
 @dataclass
@@ -202,18 +212,9 @@ class ModelConfig:
                 raise InputError(f"missing input '{spec.name}' ({spec.datatype} {spec.shape}) for model '{self.name}'")
             if meta["datatype"] != spec.datatype:
                 raise InputError(f"input '{spec.name}': expected datatype {spec.datatype}, got {meta['datatype']}")
-            shape = list(meta["shape"])
-            if len(shape) != len(spec.shape):
-                raise InputError(
-                    f"input '{spec.name}': expected {len(spec.shape)} dimensions {spec.shape}, "
-                    f"got {len(shape)} {shape}"
-                )
-            for axis, (want, got) in enumerate(zip(spec.shape, shape)):
-                if want != -1 and want != got:
-                    raise InputError(
-                        f"input '{spec.name}': dimension {axis} must be {want}, got {got} "
-                        f"(expected shape {spec.shape}, got {shape})"
-                    )
+            problem = shape_mismatch(spec.shape, list(meta["shape"]))
+            if problem:
+                raise InputError(f"input '{spec.name}': {problem}")
 
     def warmup_inputs(self) -> dict[str, np.ndarray]:
         """Smallest inputs the config allows, so warm-up exercises the model without guessing real sizes."""
@@ -235,15 +236,6 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB models do not need to fit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: str | os.PathLike) -> None:
@@ -286,16 +278,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise RepositoryError(f"invalid model name {name!r} (letters, digits, '_', '.', '-'; at most 128)")
     return name
-
-
-def _version_number(entry: str) -> int | None:
-    """The version a folder name stands for; None for temp folders and anything not a canonical number."""
-    if entry.isdigit() and entry.isascii() and str(int(entry)) == entry:
-        return int(entry)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,18 +357,9 @@ class LoadedModel:
                 raise RepositoryError(
                     f"{self._where()}: warm-up output '{spec.name}' has datatype {datatype}, config says {spec.datatype}"
                 )
-            shape = list(tensor.shape)
-            if len(shape) != len(spec.shape):
-                raise RepositoryError(
-                    f"{self._where()}: warm-up output '{spec.name}' has shape {shape}, "
-                    f"config says {len(spec.shape)} dimensions {spec.shape}"
-                )
-            for axis, (want, got) in enumerate(zip(spec.shape, shape)):
-                if want != -1 and want != got:
-                    raise RepositoryError(
-                        f"{self._where()}: warm-up output '{spec.name}' has shape {shape}, "
-                        f"config says dimension {axis} is {want} ({spec.shape})"
-                    )
+            problem = shape_mismatch(spec.shape, list(tensor.shape))
+            if problem:
+                raise RepositoryError(f"{self._where()}: warm-up output '{spec.name}': {problem} (as config.json says)")
 
 
 def _describe(exc: BaseException, limit: int = 1000) -> str:
@@ -416,7 +392,7 @@ class ModelRepository:
         except FileNotFoundError:
             return []
         return sorted(
-            e for e in entries if _NAME_RE.fullmatch(e) and (self.models_dir / e / CONFIG_FILE).is_file()
+            e for e in entries if MODEL_NAME_RE.fullmatch(e) and (self.models_dir / e / CONFIG_FILE).is_file()
         )
 
     def versions(self, name: str) -> list[int]:
@@ -428,7 +404,7 @@ class ModelRepository:
             return []
         found = []
         for entry in entries:
-            number = _version_number(entry)
+            number = version_number(entry)
             if number is not None and any((folder / entry / f).is_file() for f in MODEL_FILES):
                 found.append(number)
         return sorted(found)
@@ -684,7 +660,7 @@ def publish_version(
         for _ in range(100):
             number = version
             if number is None:
-                existing = [n for n in map(_version_number, os.listdir(model_dir)) if n is not None]
+                existing = [n for n in map(version_number, os.listdir(model_dir)) if n is not None]
                 number = max(existing, default=0) + 1
             final = model_dir / str(number)
             if final.exists():

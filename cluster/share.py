@@ -31,7 +31,7 @@ MODELS_DIR = "models"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # as cluster.repository: no dot-folders, no '/'
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a folder name on every host: no dot-folders, no '/'
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1024 * 1024
 
@@ -42,7 +42,7 @@ class ShareError(Exception):
 
 def _check_name(name: str) -> str:
     """Model names end up in local paths and NFS URLs, so only plain folder names are allowed."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ShareError(f"invalid model name {name!r} (letters, digits, '_', '.', '-'; at most 128)")
     return name
 
@@ -53,7 +53,7 @@ def _check_version(version: int) -> str:
     return str(version)
 
 
-def _version_number(entry: str) -> int | None:
+def version_number(entry: str) -> int | None:
     """The version a folder name stands for; None for '.tmp-XXXX' folders and anything not a canonical number."""
     if entry.isascii() and entry.isdigit() and str(int(entry)) == entry:
         return int(entry)
@@ -157,11 +157,11 @@ class LocalShare(Share):
             raise ShareError(f"cannot list {folder}: {exc}") from None
 
     def list_models(self) -> list[str]:
-        return sorted(e for e in self._entries(self.local_root / MODELS_DIR) if _NAME_RE.fullmatch(e))
+        return sorted(e for e in self._entries(self.local_root / MODELS_DIR) if MODEL_NAME_RE.fullmatch(e))
 
     def list_versions(self, name: str) -> list[int]:
         entries = self._entries(self.local_root / MODELS_DIR / _check_name(name))
-        return sorted(v for v in map(_version_number, entries) if v is not None)
+        return sorted(v for v in map(version_number, entries) if v is not None)
 
     def read_text(self, relpath: str) -> str:
         path = self.local_root / _check_relpath(relpath)
@@ -224,11 +224,11 @@ class NfsShare(Share):
         return [f[5] for f in fields if len(f) == 6 and f[0].startswith("d")]
 
     def list_models(self) -> list[str]:
-        return sorted(e for e in self._list_dirs(MODELS_DIR) if _NAME_RE.fullmatch(e))
+        return sorted(e for e in self._list_dirs(MODELS_DIR) if MODEL_NAME_RE.fullmatch(e))
 
     def list_versions(self, name: str) -> list[int]:
         entries = self._list_dirs(f"{MODELS_DIR}/{_check_name(name)}")
-        return sorted(v for v in map(_version_number, entries) if v is not None)
+        return sorted(v for v in map(version_number, entries) if v is not None)
 
     def read_text(self, relpath: str) -> str:
         data = self._run(["nfs-cat", self._url(_check_relpath(relpath))], self.timeout)

@@ -361,8 +361,8 @@ def test_load_refuses_a_pickle(tmp_path):
     "module, outputs, message",
     [
         (None, [{"name": "y", "datatype": "INT64", "shape": [-1, -1]}], "output 'y' has datatype FP32, config says INT64"),
-        (Flatten(), [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}], "output 'y' has shape [1], config says 2 dimensions"),
-        (None, [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}], "config says dimension 1 is 3"),
+        (Flatten(), [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}], "output 'y': expected 2 dimensions [-1, -1], got 1 [1]"),
+        (None, [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}], "output 'y': dimension 1 must be 3"),
         (TwoOutputs(), [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}], "returned 2 output(s), config declares 1"),
         (DictOutputs(), [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}], "returned outputs ['double', 'y'], config declares ['y']"),
     ],
