@@ -11,6 +11,7 @@ What it sets and why:
 
 from __future__ import annotations
 
+import logging
 import random
 
 import zmq
@@ -58,3 +59,17 @@ def make_socket(
     else:
         sock.connect(connect)
     return sock
+
+
+def drain(sock: zmq.Socket, handle, limit: int = 256, log: logging.Logger | None = None) -> None:
+    """Hand up to `limit` waiting messages to `handle`, then return so the caller can serve its other sockets.
+    One bad message must never take a component down: whatever `handle` raises is logged and the message dropped."""
+    for _ in range(limit):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        try:
+            handle(frames)
+        except Exception:
+            (log or logging.getLogger("cluster")).exception("error handling a message; dropped")

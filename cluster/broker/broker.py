@@ -28,7 +28,7 @@ from cluster import protocol
 from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, pack, require
-from cluster.sockets import make_socket
+from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.broker")
 
@@ -131,11 +131,11 @@ class Broker:
             while not self._stop.is_set():
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
                 if self.agents_sock in ready:
-                    self._drain(self.agents_sock, self.process_agent)
+                    drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log)
                 if self.clients in ready:
-                    self._drain(self.clients, self.process_client)
+                    drain(self.clients, self.process_client, DRAIN_BATCH, log)
                 if self.events in ready:
-                    self._drain(self.events, self.process_event)
+                    drain(self.events, self.process_event, DRAIN_BATCH, log)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick
@@ -157,18 +157,6 @@ class Broker:
             sock.close(linger=0)
         if self._own_ctx:
             self.ctx.term()
-
-    @staticmethod
-    def _drain(sock: zmq.Socket, handle) -> None:
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                handle(frames)
-            except Exception:  # one bad message must never take the broker down
-                log.exception("error handling a message; dropped")
 
     # ---- clients ------------------------------------------------------------------------------------------------
 

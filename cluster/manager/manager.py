@@ -26,7 +26,7 @@ from cluster.manager.deployments import DesiredState, ModelDeployment, Rollout
 from cluster.manager.registry import Registry
 from cluster.repository import ModelRepository, RepositoryError
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, require
-from cluster.sockets import make_socket
+from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.manager")
 
@@ -88,9 +88,9 @@ class Manager:
             while not self._stop.is_set():
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
                 if self.heartbeats in ready:
-                    self._drain(self.heartbeats, self.process_heartbeat)
+                    drain(self.heartbeats, self.process_heartbeat, 1024, log)
                 if self.queries in ready:
-                    self._drain(self.queries, self.process_query)
+                    drain(self.queries, self.process_query, 1024, log)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick
@@ -115,18 +115,6 @@ class Manager:
             sock.close(linger=0)
         if self._own_ctx:
             self.ctx.term()
-
-    @staticmethod
-    def _drain(sock, handle) -> None:
-        for _ in range(1024):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                handle(frames)
-            except Exception:
-                log.exception("error handling a message; dropped")
 
     def process_heartbeat(self, frames: list[bytes]) -> None:
         try:
