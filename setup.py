@@ -30,5 +30,6 @@ setup(
             "tritonclient[http]>=2.40",
         ],
     },
+    data_files=[("share/torch-serving-cluster", ["frontend.html"])],  # the page the edge serves at /
     entry_points={"console_scripts": ["cluster=cluster.cli:main"]},
 )

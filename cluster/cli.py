@@ -144,6 +144,20 @@ def agent(
     component.run()
 
 
+@app.command()
+def edge(
+    host: str = typer.Option(config.EDGE_HOST, envvar="CLUSTER_EDGE_HOST", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(config.EDGE_PORT, envvar="CLUSTER_EDGE_PORT", help="HTTP port."),
+    broker: str = BrokerClients,
+    max_body_bytes: int = typer.Option(64 * 1024 * 1024, envvar="CLUSTER_EDGE_MAX_BODY", help="Largest request body."),
+    log_level: str = LogLevel,
+):
+    """Run the HTTP edge: Open Inference Protocol (KServe V2) REST, /metrics, /agents, and the page at /."""
+    from edge import run_edge
+
+    run_edge(host, port, broker, max_body_bytes=max_body_bytes, log_level=log_level)
+
+
 # ---- the whole cluster on one machine ------------------------------------------------------------------------
 
 
@@ -180,11 +194,12 @@ def _stop_all(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
 @app.command()
 def up(
     agents: int = typer.Option(2, "--agents", help="How many agents to start."),
+    edge_port: int = typer.Option(config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."),
     share: Optional[str] = typer.Option(None, envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."),
     heartbeat_interval: Optional[float] = Interval,
     log_level: str = LogLevel,
 ):
-    """Start the manager, the broker and N agents on this machine; Ctrl-C or SIGTERM stops them all."""
+    """Start the manager, the broker, N agents and the HTTP edge on this machine; Ctrl-C or SIGTERM stops them all."""
     from cluster.demo_models import write_demo_models
     from cluster.repository import ModelRepository
 
@@ -200,6 +215,9 @@ def up(
     addresses = config.Addresses()
     procs = [_spawn(["manager"], env), _spawn(["broker"], env)]
     procs += [_spawn(["agent"], env) for _ in range(agents)]
+    edge_url = f"http://{config.EDGE_HOST}:{edge_port}"
+    if edge_port:
+        procs.append(_spawn(["edge", "--port", str(edge_port)], env))
     stopping = []
 
     def request_stop(*_):
@@ -212,7 +230,8 @@ def up(
         f"  clients (Client / AsyncClient): {addresses.broker_clients}\n"
         f"  broker for agents:              {addresses.broker_agents}\n"
         f"  manager heartbeats / events / queries: {addresses.manager_heartbeats} {addresses.manager_events} {addresses.manager_queries}\n"
-        f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
+        + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_port else "")
+        + f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
     )
     try:
         while not stopping:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import zmq
 
 from cluster import Client, protocol
@@ -217,3 +218,62 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop_all()
+
+
+# ---- the HTTP edge ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EdgeProcess:
+    popen: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM by pid (uvicorn shuts down gracefully), SIGKILL if it does not go."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+def start_edge(broker: str, workdir: Path, *args: str, timeout: float = 30.0) -> EdgeProcess:
+    """`python -m edge` on a free 127.0.0.1 port, waited on until /v2/health/live answers."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"edge-{port}.log"
+    with open(log_path, "ab") as log_file:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "edge", "--host", "127.0.0.1", "--port", str(port), "--broker", broker, "--log-level", "warning", *args],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+    edge = EdgeProcess(popen, port, log_path)
+
+    def live():
+        if not edge.alive():
+            raise AssertionError(f"the edge exited with {popen.returncode}:\n{edge.log()}")
+        return httpx.get(edge.url + "/v2/health/live", timeout=1).status_code == 200
+
+    try:
+        wait_for(live, timeout, "the edge to listen")
+    except BaseException:
+        edge.stop()
+        raise
+    return edge

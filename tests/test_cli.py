@@ -7,15 +7,16 @@ import signal
 import subprocess
 import sys
 
+import httpx
 import psutil
 import pytest
 
-from tests.harness import LocalCluster, wait_for
+from tests.harness import LocalCluster, free_port, wait_for
 
 
-def _start_up(local: LocalCluster, share, log_path) -> subprocess.Popen:
+def _start_up(local: LocalCluster, share, log_path, edge_port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cluster", "up", "--agents", "2", "--share", str(share)],
+        [sys.executable, "-m", "cluster", "up", "--agents", "2", "--share", str(share), "--edge-port", str(edge_port)],
         env=local.env(),
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
@@ -37,18 +38,21 @@ def _gone(pids) -> bool:
 def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
     local = LocalCluster(share, tmp_path)
     log_path = tmp_path / "up.log"
-    up = _start_up(local, share, log_path)
+    edge_port = free_port()
+    up = _start_up(local, share, log_path, edge_port)
     try:
         local.wait_for_agents(2, model="digits")
         children = [p.pid for p in psutil.Process(up.pid).children(recursive=True)]
-        assert len(children) == 4, f"expected manager, broker and 2 agents, got {children}"
+        assert len(children) == 5, f"expected manager, broker, 2 agents and the edge, got {children}"
+        page = wait_for(lambda: httpx.get(f"http://127.0.0.1:{edge_port}/", timeout=2), 30, "the edge to serve the page")
+        assert page.status_code == 200 and "<canvas" in page.text
         out = subprocess.run(
             [sys.executable, "-m", "cluster", "status", "--timeout", "5"], env=local.env(), capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0, out.stderr
         assert "digits" in out.stdout and "echo" in out.stdout and "Agents (2)" in out.stdout, out.stdout
         text = log_path.read_text()
-        assert local.addresses.broker_clients in text, text
+        assert local.addresses.broker_clients in text and f"http://127.0.0.1:{edge_port}/" in text, text
         local.stop_all()  # closes the test's client
         os.kill(up.pid, how)
         up.wait(20)
@@ -74,7 +78,7 @@ def test_status_says_clearly_when_the_broker_is_down(tmp_path, share):
 
 
 def test_every_command_documents_its_options():
-    for command in ("manager", "broker", "agent", "up", "status"):
+    for command in ("manager", "broker", "agent", "edge", "up", "status", "deploy", "rollback", "undeploy", "models", "bench"):
         out = subprocess.run([sys.executable, "-m", "cluster", command, "--help"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert "CLUSTER_" in out.stdout or command in ("up", "status"), f"`{command} --help` names no environment variables"
+        assert "CLUSTER_" in out.stdout or command in ("up", "status", "rollback", "undeploy"), f"`{command} --help` names no environment variables"
