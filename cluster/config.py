@@ -66,6 +66,8 @@ def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timi
         raise ValueError("heartbeat interval must be at least 10 ms")
     if timings.liveness < 1:
         raise ValueError("liveness must be at least 1")
+    if timings.broker_queue_limit < 0 or timings.max_dispatch_attempts < 1 or timings.request_timeout <= 0:
+        raise ValueError("broker_queue_limit must be >= 0, max_dispatch_attempts >= 1, request_timeout > 0")
     return timings
 
 
