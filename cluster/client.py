@@ -46,6 +46,8 @@ class InferResult:
     agent: str  # id of the agent that served it
     outputs: dict[str, np.ndarray]  # read-only views over the received bytes
     id: Any = None
+    batch_size: int | None = None  # requests in the forward pass that served this one (dynamic batching)
+    queue_seconds: float | None = None  # how long it waited in the agent for a worker or a batch
 
     def as_numpy(self, name: str) -> np.ndarray:
         try:
@@ -126,7 +128,11 @@ class ClientCore:
             return call, header["result"]
         try:
             metas = protocol.validate_tensor_metas(header.get("outputs"), frames[2:], "outputs")
-            return call, InferResult(header.get("model"), header.get("version"), header.get("agent"), decode_tensors(metas, frames[2:]), call.request_id)
+            queue_us = header.get("queue_us")
+            return call, InferResult(
+                header.get("model"), header.get("version"), header.get("agent"), decode_tensors(metas, frames[2:]),
+                call.request_id, header.get("batch_size"), queue_us / 1e6 if isinstance(queue_us, (int, float)) else None,
+            )
         except ProtocolError as exc:
             return call, ClusterError(f"malformed answer from the cluster: {exc}", call.model)
 

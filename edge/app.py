@@ -466,6 +466,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
         result = await edge.client.infer(name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs)
         metrics.confirm_model(name)
+        metrics.observe_batching(name, result.batch_size, result.queue_seconds)
         served_by = {"agent": result.agent} if isinstance(result.agent, str) else None
         content, headers = oip.encode_infer_response(result.model or name, result.version, result.outputs, parsed, served_by)
         outcome = "success"

@@ -3,6 +3,8 @@
     edge_requests_total{model, outcome}    inference requests by outcome: success, bad_request, not_found,
                                            too_large, overloaded, unavailable, timeout, failed, error
     edge_request_seconds{model}            latency of inference requests (histogram), whatever the outcome
+    edge_batch_size{model}                 requests in the agent's forward pass that served each request (histogram)
+    edge_queue_wait_seconds{model}         time each request waited in the agent for a worker or a batch (histogram)
     edge_requests_in_flight                inference requests being served now
     edge_agents_alive                      live agents the broker reports (refreshed at each scrape)
     edge_broker_up                         1 if the broker answered the last scrape's query, else 0
@@ -32,6 +34,14 @@ class EdgeMetrics:
             "edge_request_seconds", "Latency of inference requests through the edge, by model.", ["model"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "edge_batch_size", "Requests in the agent's forward pass that served each request (dynamic batching).", ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "edge_queue_wait_seconds", "Time a request waited in the agent for a worker or for its batch to fill.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
         self.in_flight = Gauge("edge_requests_in_flight", "Inference requests being served now.", registry=self.registry)
         self.agents_alive = Gauge("edge_agents_alive", "Live agents the broker reports.", registry=self.registry)
         self.broker_up = Gauge("edge_broker_up", "1 if the broker answered the last query, else 0.", registry=self.registry)
@@ -49,6 +59,13 @@ class EdgeMetrics:
         label = self.label(model)
         self.requests.labels(model=label, outcome=outcome).inc()
         self.latency.labels(model=label).observe(seconds)
+
+    def observe_batching(self, model: str, batch_size: int | None, queue_seconds: float | None) -> None:
+        label = self.label(model)
+        if batch_size is not None:
+            self.batch_size.labels(model=label).observe(batch_size)
+        if queue_seconds is not None:
+            self.queue_wait.labels(model=label).observe(queue_seconds)
 
     def set_cluster(self, agents: int | None) -> None:
         """Record what the broker said at a scrape; None = it did not answer."""

@@ -478,6 +478,8 @@ def test_metrics_count_requests(http):
     assert _counter(after, "edge_requests_total", model="_other", outcome="not_found") >= 1
     assert _counter(after, "edge_request_seconds_count", model="echo") >= 4
     assert "edge_agents_alive 2.0" in after and "edge_broker_up 1.0" in after
+    assert _counter(after, "edge_batch_size_count", model="echo") == _counter(before, "edge_batch_size_count", model="echo") + 3
+    assert _counter(after, "edge_queue_wait_seconds_count", model="echo") >= 3
 
 
 def test_openapi_lists_every_route(http):
