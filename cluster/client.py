@@ -31,7 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 from cluster import protocol
 from cluster.codec import decode_tensors, encode_tensors
 from cluster.config import BROKER_CLIENT_ADDR, MAX_MESSAGE_BYTES, Timings, env_or, timings_from_env
-from cluster.errors import BadRequestError, ClusterError, InferenceTimeoutError, error_from_header
+from cluster.errors import BadRequestError, ClusterError, InferenceTimeoutError, NoAgentAvailableError, error_from_header
 from cluster.protocol import Command, ProtocolError
 
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
@@ -333,11 +333,20 @@ def _resolve(future, outcome) -> None:
 
 
 class AsyncClient:
-    """asyncio client: the same calls as Client, as coroutines. One reader task per socket; create it in a loop."""
+    """asyncio client: the same calls as Client, as coroutines. One reader task per socket; create it in a loop.
 
-    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+    fail_fast: while the connection to the broker is down (after a first second to connect), calls fail at once with
+    NoAgentAvailableError instead of waiting to be sent when it is back; what the HTTP edge wants (an immediate 503).
+    """
+
+    CONNECT_GRACE = 1.0  # seconds a fresh client may take to connect before fail_fast applies
+
+    def __init__(self, address: str | None = None, timeout: float | None = None, fail_fast: bool = False) -> None:
         self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
         self.core = ClientCore(timings_from_env().request_timeout if timeout is None else timeout)
+        self.fail_fast = fail_fast
+        self.connected = False  # the monitor's view: a handshake with the broker succeeded and has not dropped since
+        self._started_at = 0.0
         self._ctx: zmq.asyncio.Context | None = None
         self._sock = None
         self._tasks: list[asyncio.Task] = []
@@ -347,7 +356,8 @@ class AsyncClient:
             return
         self._ctx = zmq.asyncio.Context()
         self._sock = _make_dealer(self._ctx, self.address)
-        monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._started_at = time.monotonic()
+        monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._tasks = [
             asyncio.ensure_future(self._read()),
             asyncio.ensure_future(self._watch(monitor)),
@@ -356,6 +366,7 @@ class AsyncClient:
 
     async def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, timeout: float | None = None, outputs=None) -> InferResult:
         self._ensure_started()
+        self._check_connected(model)
         future = asyncio.get_running_loop().create_future()
         call = self.core.infer_call(model, inputs, version, timeout, outputs, future)
         return await self._send_and_wait(call)
@@ -393,8 +404,13 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def _check_connected(self, model: str | None = None) -> None:
+        if self.fail_fast and not self.connected and time.monotonic() - self._started_at > self.CONNECT_GRACE:
+            raise NoAgentAvailableError(f"the broker at {self.address} is not reachable", model)
+
     async def _query(self, what: str, timeout, **fields):
         self._ensure_started()
+        self._check_connected()
         future = asyncio.get_running_loop().create_future()
         call = self.core.query_call(what, timeout, future, **fields)
         return await self._send_and_wait(call)
@@ -417,7 +433,9 @@ class AsyncClient:
         handshakes = 0
         try:
             while True:
-                if _reconnected(await monitor.recv_multipart()):
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                self.connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                if self.connected:
                     handshakes += 1
                     if handshakes > 1:
                         for call in list(self.core.calls.values()):

@@ -570,7 +570,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with AsyncClient(broker_address, timeout=request_timeout) as client:
+        async with AsyncClient(broker_address, timeout=request_timeout, fail_fast=True) as client:
             edge.client = client
             try:
                 yield
