@@ -121,13 +121,9 @@ def agent(
     log_level: str = LogLevel,
 ):
     """Run an agent: loads the share's models and serves them to the broker."""
-    import torch
-
     from cluster.agent import Agent
 
     _setup_logging(log_level, "agent")
-    if threads > 0:
-        torch.set_num_threads(threads)
     timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
     component = Agent(
         share or config.default_share_dir(),
@@ -139,6 +135,7 @@ def agent(
         device=device,
         model_names=[m for m in models.split(",") if m] if models else None,
         cache_dir=cache,
+        torch_threads=threads if threads > 0 else None,
     )
     _stop_on_signals(component)
     component.run()

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 
+import torch
 import zmq
 
 from cluster import protocol
@@ -58,6 +59,7 @@ class Agent:
         model_names: list[str] | None = None,
         ctx: zmq.Context | None = None,
         cache_dir: str | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self.share = open_share(share, cache_dir)  # a folder, or nfs:// mirrored into cache_dir
         self.addresses = addresses or Addresses()
@@ -81,7 +83,9 @@ class Agent:
         self._stop = threading.Event()
         self._results_addr = f"inproc://agent-results-{id(self)}"
         self._loads_addr = f"inproc://agent-loads-{id(self)}"
-        self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # this thread (inline runs, start-up loads) ...
+        self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers, torch_threads)  # ... and workers
         self.inline = os.environ.get("CLUSTER_AGENT_INLINE", "1") != "0"  # see runner.INLINE_MAX_S
         self._inline_until = 0.0
         self.loader = ModelLoader(self.ctx, self._loads_addr, self.share, device)

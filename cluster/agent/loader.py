@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 
+import torch
 import zmq
 
 from cluster.repository import ModelRepository, RepositoryError
@@ -47,6 +48,7 @@ class ModelLoader:
         self.thread.join(timeout)
 
     def _work(self) -> None:
+        torch.set_num_threads(1)  # loading and warm-up must not take cores from the inference workers
         wake = self.ctx.socket(zmq.PUSH)
         wake.setsockopt(zmq.LINGER, 0)
         wake.connect(self.wake_addr)

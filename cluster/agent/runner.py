@@ -77,8 +77,9 @@ class BatchStats:
 class WorkerPool:
     """`count` threads taking work per model; answers go out on the inproc socket at `results_addr`."""
 
-    def __init__(self, ctx: zmq.Context, results_addr: str, agent_id: str, count: int = 1) -> None:
+    def __init__(self, ctx: zmq.Context, results_addr: str, agent_id: str, count: int = 1, torch_threads: int | None = None) -> None:
         self.ctx = ctx
+        self.torch_threads = torch_threads  # intra-op threads per worker; OpenMP sets this per thread, so each sets it
         self.results_addr = results_addr
         self.agent_id = agent_id
         self._cond = threading.Condition()
@@ -146,6 +147,8 @@ class WorkerPool:
             return batch
 
     def _work(self) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)  # torch.set_num_threads in the main thread does not reach here
         out = self.ctx.socket(zmq.PUSH)
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self.results_addr)
