@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import pytest
 
@@ -55,6 +54,7 @@ def draw_seven(page) -> None:
 def test_page_predicts_shows_agents_and_errors(browser, cluster, tmp_path):
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=15_000)  # a loaded 2-core machine (CI runs everything at once) can be slow to paint
     cluster.start_manager()
     cluster.start_broker()
     agents = cluster.start_agents(2)
@@ -107,10 +107,7 @@ def test_page_predicts_shows_agents_and_errors(browser, cluster, tmp_path):
 
         artifacts = REPO_ROOT / "test-artifacts"
         artifacts.mkdir(exist_ok=True)
-        page.screenshot(path=str(artifacts / "frontend.png"), full_page=True)
-        docs = REPO_ROOT / "docs"
-        docs.mkdir(exist_ok=True)
-        shutil.copyfile(artifacts / "frontend.png", docs / "frontend.png")
+        page.screenshot(path=str(artifacts / "frontend.png"), full_page=True)  # docs/frontend.png is a copy of one
 
         # kill one agent (SIGKILL, by pid): it disappears from the panel once the broker declares it dead
         cluster.kill(agents[0])
