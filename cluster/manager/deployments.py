@@ -106,6 +106,7 @@ class Rollout:
     phase: str = "staging"  # staging -> switching -> done
     outcomes: dict[str, str] = field(default_factory=dict)  # agent -> "ok" or the reason it failed
     started: float = field(default_factory=time.monotonic)
+    failed_at: float | None = None  # when the first agent reported a failure
 
     def observe(self, agent: str, beat: dict) -> None:
         """Update this agent's outcome from its heartbeat."""
@@ -134,7 +135,8 @@ class Rollout:
         return {a: r for a, r in self.outcomes.items() if r != "ok"}
 
     def report(self, now: float) -> dict:
-        agents = {a: self.outcomes.get(a, "no answer before the deadline") for a in sorted(self.expected)}
+        missing = "no answer before the deadline" if self.failed_at is None else "no outcome before the rollout was aborted"
+        agents = {a: self.outcomes.get(a, missing) for a in sorted(self.expected)}
         return {
             "model": self.model,
             "version": self.version,

@@ -33,6 +33,9 @@ log = logging.getLogger("cluster.manager")
 HEARTBEAT_FIELDS = {"agent": str, "models": list, "capacity": int}
 
 
+ABORT_GRACE = 10.0  # seconds a failing rollout waits for the remaining agents' outcomes before it is aborted
+
+
 class CommandError(Exception):
     """A deploy/rollback/undeploy that cannot be done; answered as ERROR with this code."""
 
@@ -247,7 +250,11 @@ class Manager:
             if deployment is None:  # undeployed meanwhile
                 rollout.phase = "done"
             elif rollout.phase == "staging":
-                if rollout.failures() or (now > rollout.deadline and not rollout.complete()):
+                if rollout.failures() and rollout.failed_at is None:
+                    rollout.failed_at = now
+                # On a failure, wait (briefly) for the other agents' outcomes too, so the report names every one.
+                gave_up = rollout.failed_at is not None and now > min(rollout.deadline, rollout.failed_at + ABORT_GRACE)
+                if (rollout.failures() and (rollout.complete() or gave_up)) or (now > rollout.deadline and not rollout.complete()):
                     deployment.staged = None
                     if deployment.version is None:
                         del self.desired.models[name]
