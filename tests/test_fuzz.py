@@ -4,7 +4,6 @@ stays flat, and a normal request right after gets the right answer."""
 
 from __future__ import annotations
 
-import time
 
 import msgpack
 import numpy as np
@@ -55,6 +54,13 @@ def drain(sock: zmq.Socket) -> int:
         sock.recv_multipart()
         count += 1
     return count
+
+
+def _received(sock: zmq.Socket) -> list[list[bytes]]:
+    messages = []
+    while sock.poll(0):
+        messages.append(sock.recv_multipart())
+    return messages
 
 
 def dealer(ctx, address: str, identity: bytes | None = None) -> zmq.Socket:
@@ -109,10 +115,34 @@ def test_random_and_malformed_frames_on_every_socket(cluster, tmp_path):
         "manager query socket": to_manager_queries,
         "agent socket": lambda f: (fake_broker.send_multipart([agent_identity, *f]), drain(fake_broker)),
     }
+    probes = iter(range(1_000_000))
+
+    def settle() -> None:
+        """Wait until every component has handled everything sent so far: each socket handles its messages in
+        order, so a probe answered on each socket means the fuzz messages before it were handled too."""
+        n = next(probes)
+        probe = dealer(ctx, cluster.addresses.broker_clients)
+        probe.send_multipart(protocol.message(Command.QUERY, {"id": n, "what": "stats"}))
+        assert probe.poll(10_000), "the broker's client socket did not answer a probe"
+        probe.close()
+        probe = dealer(ctx, cluster.addresses.broker_agents, f"probe-{n}".encode())
+        probe.send_multipart(protocol.message(Command.HEARTBEAT, {}))
+        assert probe.poll(10_000), "the broker's agent socket did not answer a probe"  # DISCONNECT: unknown agent
+        probe.close()
+        beat = {"agent": f"probe-{n}", "models": [], "capacity": 1}
+        wait_for(
+            lambda: beats_sock.send_multipart(protocol.message(Command.HEARTBEAT, beat))
+            or any(a["id"] == f"probe-{n}" for a in cluster.manager_query("agents")),
+            10, "the manager to handle a probe heartbeat",
+        )
+        route = n.to_bytes(8, "big")
+        fake_broker.send_multipart([agent_identity, PREAMBLE[Command.REQUEST], route, protocol.pack({"id": n})])
+        wait_for(lambda: any(f[2] == route for f in _received(fake_broker)), 10, "the fuzzed agent to answer a probe")
+
     # Warm up every path once, then take the memory baseline.
     for send in targets.values():
         fuzz(send, examples=200)
-    time.sleep(0.5)  # let the components finish the warm-up burst before measuring
+    settle()
     before = rss(procs)
     for name, send in targets.items():
         fuzz(send)
@@ -131,7 +161,7 @@ def test_random_and_malformed_frames_on_every_socket(cluster, tmp_path):
     big.send_multipart(protocol.message(Command.REQUEST, {"id": 1, "model": "digits", "inputs": []}, [b"\0" * (2 * 1024 * 1024)]))
 
     # Memory stayed flat, nothing crashed, nothing raised an unexpected exception.
-    time.sleep(0.5)
+    settle()
     after = rss(procs)
     for p in procs:
         assert p.alive(), f"{p.name} died:\n{p.log()[-3000:]}"
