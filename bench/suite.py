@@ -27,6 +27,7 @@ The script also runs the helper processes it needs (`--role ...`, not for direct
 
 # no `from __future__ import annotations`: FastAPI must see the real Request type in the helper servers' routes
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -465,11 +466,10 @@ class BareBus:
 # ---- 1 + 2: echo round trip and throughput --------------------------------------------------------------------------
 
 
-def bench_echo(suite: Suite) -> None:
-    from cluster import Client
-
-    s = suite.settings
-    with tempfile.TemporaryDirectory(prefix="suite-echo-") as tmp:
+@contextlib.contextmanager
+def echo_stacks(prefix: str):
+    """Our cluster (manager, broker, 2 agents serving echo) and the bare pyzmq bus, both up; stopped by pid after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         tmp = Path(tmp)
         make_echo_share(tmp / "share")
         procs = Procs(tmp / "logs")
@@ -482,33 +482,7 @@ def bench_echo(suite: Suite) -> None:
             bare = BareBus(procs)
             cluster.wait_for_agents(2, model="echo")
             bare.wait_ready()
-            x = np.ones((1, ECHO_FLOATS), np.float32)
-            payload = x.tobytes()
-            results = {"ours_p50": [], "ours_p99": [], "bare_p50": [], "bare_p99": [], "ours_tput": [], "bare_tput": []}
-            with Client(cluster.addresses.broker_clients, timeout=60) as client:
-                sequential(client, "echo", {"x": x}, 500)  # warm-up
-                for r in range(s.rounds):
-                    log(f"1/2 echo: round {r + 1}/{s.rounds}: sequential ({s.seq_requests} requests each)")
-                    lat = bare.sequential(payload, s.seq_requests)
-                    results["bare_p50"].append(percentile(lat, 50) * 1e6)
-                    results["bare_p99"].append(percentile(lat, 99) * 1e6)
-                    lat = sequential(client, "echo", {"x": x}, s.seq_requests)
-                    results["ours_p50"].append(percentile(lat, 50) * 1e6)
-                    results["ours_p99"].append(percentile(lat, 99) * 1e6)
-                    log(f"1/2 echo: round {r + 1}/{s.rounds}: {IN_FLIGHT} in flight for {s.seconds:g} s each")
-                    results["bare_tput"].append(bare.throughput(payload, IN_FLIGHT, s.seconds, s.warmup))
-                    results["ours_tput"].append(closed_loop(client, "echo", {"x": x}, IN_FLIGHT, s.seconds, s.warmup)["throughput"])
-            med = {k: float(np.median(v)) for k, v in results.items()}
-            rounds = f" (median of {s.rounds})" if s.rounds > 1 else ""
-            suite.add(
-                ratio_row(f"1. echo 64 FP32, sequential p50 (us){rounds}", med["ours_p50"], med["bare_p50"], 0,
-                          f"<= {TARGET_SEQ_P50_MAX_RATIO}x bare", lambda r: r <= TARGET_SEQ_P50_MAX_RATIO),
-                ratio_row(f"1. echo 64 FP32, sequential p99 (us){rounds}", med["ours_p99"], med["bare_p99"], 0, "-"),
-                ratio_row(f"2. echo 64 FP32, {IN_FLIGHT} in flight (req/s){rounds}", med["ours_tput"], med["bare_tput"], 0,
-                          f">= {TARGET_THROUGHPUT_MIN_RATIO}x bare", lambda r: r >= TARGET_THROUGHPUT_MIN_RATIO),
-            )
-            suite.note("1/2: baseline = bench_bus.py's bare pyzmq ROUTER-ROUTER broker + 2 DEALER workers (no protocol, "
-                       "no model); per-round figures: " + json.dumps({k: [round(x) for x in v] for k, v in results.items()}))
+            yield cluster, bare
         except BaseException:
             log(cluster.logs() + "\n" + procs.logs())
             raise
@@ -517,6 +491,40 @@ def bench_echo(suite: Suite) -> None:
                 bare.close()
             procs.stop_all()
             cluster.stop_all()
+
+
+def bench_echo(suite: Suite) -> None:
+    from cluster import Client
+
+    s = suite.settings
+    with echo_stacks("suite-bench_echo-") as (cluster, bare):
+        x = np.ones((1, ECHO_FLOATS), np.float32)
+        payload = x.tobytes()
+        results = {"ours_p50": [], "ours_p99": [], "bare_p50": [], "bare_p99": [], "ours_tput": [], "bare_tput": []}
+        with Client(cluster.addresses.broker_clients, timeout=60) as client:
+            sequential(client, "echo", {"x": x}, 500)  # warm-up
+            for r in range(s.rounds):
+                log(f"1/2 echo: round {r + 1}/{s.rounds}: sequential ({s.seq_requests} requests each)")
+                lat = bare.sequential(payload, s.seq_requests)
+                results["bare_p50"].append(percentile(lat, 50) * 1e6)
+                results["bare_p99"].append(percentile(lat, 99) * 1e6)
+                lat = sequential(client, "echo", {"x": x}, s.seq_requests)
+                results["ours_p50"].append(percentile(lat, 50) * 1e6)
+                results["ours_p99"].append(percentile(lat, 99) * 1e6)
+                log(f"1/2 echo: round {r + 1}/{s.rounds}: {IN_FLIGHT} in flight for {s.seconds:g} s each")
+                results["bare_tput"].append(bare.throughput(payload, IN_FLIGHT, s.seconds, s.warmup))
+                results["ours_tput"].append(closed_loop(client, "echo", {"x": x}, IN_FLIGHT, s.seconds, s.warmup)["throughput"])
+        med = {k: float(np.median(v)) for k, v in results.items()}
+        rounds = f" (median of {s.rounds})" if s.rounds > 1 else ""
+        suite.add(
+            ratio_row(f"1. echo 64 FP32, sequential p50 (us){rounds}", med["ours_p50"], med["bare_p50"], 0,
+                      f"<= {TARGET_SEQ_P50_MAX_RATIO}x bare", lambda r: r <= TARGET_SEQ_P50_MAX_RATIO),
+            ratio_row(f"1. echo 64 FP32, sequential p99 (us){rounds}", med["ours_p99"], med["bare_p99"], 0, "-"),
+            ratio_row(f"2. echo 64 FP32, {IN_FLIGHT} in flight (req/s){rounds}", med["ours_tput"], med["bare_tput"], 0,
+                      f">= {TARGET_THROUGHPUT_MIN_RATIO}x bare", lambda r: r >= TARGET_THROUGHPUT_MIN_RATIO),
+        )
+        suite.note("1/2: baseline = bench_bus.py's bare pyzmq ROUTER-ROUTER broker + 2 DEALER workers (no protocol, "
+                   "no model); per-round figures: " + json.dumps({k: [round(x) for x in v] for k, v in results.items()}))
 
 
 # ---- 5: 4 MiB tensors -----------------------------------------------------------------------------------------------
@@ -526,45 +534,25 @@ def bench_big(suite: Suite) -> None:
     from cluster import Client
 
     s = suite.settings
-    with tempfile.TemporaryDirectory(prefix="suite-big-") as tmp:
-        tmp = Path(tmp)
-        make_echo_share(tmp / "share")
-        procs = Procs(tmp / "logs")
-        cluster = local_cluster(tmp / "share", tmp / "logs")
-        bare = None
-        try:
-            cluster.start_manager()
-            cluster.start_broker()
-            cluster.start_agents(2, "--capacity", str(IN_FLIGHT))
-            bare = BareBus(procs)
-            cluster.wait_for_agents(2, model="echo")
-            bare.wait_ready()
-            x = np.random.default_rng(0).random((1, BIG_FLOATS), dtype=np.float32)
-            payload = x.tobytes()
-            mib = len(payload) / 2**20
-            ours, base = [], []
-            with Client(cluster.addresses.broker_clients, timeout=60) as client:
-                check = client.infer("echo", {"x": x})
-                if not np.array_equal(check.as_numpy("y"), x):
-                    raise RuntimeError("echo of the 4 MiB tensor came back different")
-                for r in range(s.rounds):
-                    log(f"5 big tensors: round {r + 1}/{s.rounds}: {BIG_IN_FLIGHT} in flight for {s.seconds:g} s each")
-                    base.append(bare.throughput(payload, BIG_IN_FLIGHT, s.seconds, s.warmup) * mib)
-                    ours.append(closed_loop(client, "echo", {"x": x}, BIG_IN_FLIGHT, s.seconds, s.warmup)["throughput"] * mib)
-            rounds = f" (median of {s.rounds})" if s.rounds > 1 else ""
-            suite.add(ratio_row(f"5. echo 4 MiB FP32, {BIG_IN_FLIGHT} in flight (MiB/s){rounds}", float(np.median(ours)),
-                                float(np.median(base)), 0, f">= {TARGET_BIG_TENSOR_MIN_RATIO}x bare",
-                                lambda r: r >= TARGET_BIG_TENSOR_MIN_RATIO))
-            suite.note(f"5: payload MiB/s = 4 MiB x answered requests per second; rounds ours {[round(v) for v in ours]}, "
-                       f"bare {[round(v) for v in base]}")
-        except BaseException:
-            log(cluster.logs() + "\n" + procs.logs())
-            raise
-        finally:
-            if bare is not None:
-                bare.close()
-            procs.stop_all()
-            cluster.stop_all()
+    with echo_stacks("suite-bench_big-") as (cluster, bare):
+        x = np.random.default_rng(0).random((1, BIG_FLOATS), dtype=np.float32)
+        payload = x.tobytes()
+        mib = len(payload) / 2**20
+        ours, base = [], []
+        with Client(cluster.addresses.broker_clients, timeout=60) as client:
+            check = client.infer("echo", {"x": x})
+            if not np.array_equal(check.as_numpy("y"), x):
+                raise RuntimeError("echo of the 4 MiB tensor came back different")
+            for r in range(s.rounds):
+                log(f"5 big tensors: round {r + 1}/{s.rounds}: {BIG_IN_FLIGHT} in flight for {s.seconds:g} s each")
+                base.append(bare.throughput(payload, BIG_IN_FLIGHT, s.seconds, s.warmup) * mib)
+                ours.append(closed_loop(client, "echo", {"x": x}, BIG_IN_FLIGHT, s.seconds, s.warmup)["throughput"] * mib)
+        rounds = f" (median of {s.rounds})" if s.rounds > 1 else ""
+        suite.add(ratio_row(f"5. echo 4 MiB FP32, {BIG_IN_FLIGHT} in flight (MiB/s){rounds}", float(np.median(ours)),
+                            float(np.median(base)), 0, f">= {TARGET_BIG_TENSOR_MIN_RATIO}x bare",
+                            lambda r: r >= TARGET_BIG_TENSOR_MIN_RATIO))
+        suite.note(f"5: payload MiB/s = 4 MiB x answered requests per second; rounds ours {[round(v) for v in ours]}, "
+                   f"bare {[round(v) for v in base]}")
 
 
 # ---- 3: HTTP --------------------------------------------------------------------------------------------------------
