@@ -216,9 +216,8 @@ class WorkerPool:
 
     @staticmethod
     def _inputs(job: Job) -> dict:
-        device = job.model.device
-        arrays = decode_tensors(job.metas, job.tensors)
-        return {name: to_torch(a) if device == "cpu" else to_torch(a).to(device) for name, a in arrays.items()}
+        """Tensors over the received frames; LoadedModel.infer moves them to the model's device."""
+        return {name: to_torch(a) for name, a in decode_tensors(job.metas, job.tensors).items()}
 
     def _reply(self, job: Job, outputs: dict, batch_size: int) -> list:
         if job.outputs is not None:
