@@ -786,9 +786,8 @@ def bench_batching(suite: Suite) -> None:
             suite.note(f"4 ({label} agents{', env ' + str(env) if env else ''}): p50 on {on['p50_ms']:.1f} ms, off {off['p50_ms']:.1f} ms; "
                        f"mean batch per agent {r['mean_batch']}")
         suite.note(f"4: batched model max_batch_size {IN_FLIGHT}, max_queue_delay_us 2000; both configs publish the same "
-                   "model.pt; the control run starts the same agents with OMP_NUM_THREADS=1, because `--threads 1` only "
-                   "reaches the agent's main thread (torch.set_num_threads) and the inference worker thread runs an OpenMP "
-                   "team of one thread per core")
+                   "model.pt; the control run starts the same agents with OMP_NUM_THREADS=1, to check that the agents' "
+                   "`--threads 1` reaches their inference threads (it did not before each worker thread set it; the runs agree now)")
 
 
 # ---- 6a: the manager with 1,000 agents ------------------------------------------------------------------------------
@@ -929,8 +928,8 @@ def bench_routing(suite: Suite) -> None:
             costs[kind] = time_forward(module, torch.ones(1, WORK_WIDTH), 20) * 1e3
             publish_version(tmp / f"share-{kind}", "work", path, config=_tensor_config("work", WORK_WIDTH), version=1)
         slow = f"{WORK_SLOW_ITERS // WORK_FAST_ITERS}x"
-        # One OpenMP thread in the agents (see bench 4's control): with the agents as shipped, 3 agents x 2 spinning
-        # OpenMP threads on 2 cores collapse (a smoke run finished 0 requests in 3 s), which is not what this compares.
+        # One OpenMP thread in the agents, as bench 4's control. (Before the agents set torch's thread count in their
+        # worker threads, 3 agents x 2 spinning OpenMP threads on 2 cores collapsed: 0 requests in 3 s.)
         for label, env in (("omp1", AGENT_OMP_FIX),):
             results = {}
             for policy in ("round-robin", "least-outstanding"):
