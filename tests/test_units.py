@@ -136,3 +136,21 @@ def test_every_error_code_has_its_exception():
         exc = errors.error_from_header({"code": code.value, "message": "m", "model": "x"})
         assert exc.code == code and exc.model == "x" and str(exc) == "m"
     assert isinstance(errors.error_from_header({"code": "TIMEOUT", "message": "t"}), TimeoutError)
+
+
+def test_bad_input_log_is_rate_limited(monkeypatch, caplog):
+    import logging
+
+    from cluster import logs
+
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    throttled = logs.BadInputLog(logging.getLogger("test.bad-input"), per_second=10)
+    with caplog.at_level(logging.WARNING, logger="test.bad-input"):
+        for i in range(25):
+            throttled.warning("bad message %d", i)
+        assert [r.getMessage() for r in caplog.records] == [f"bad message {i}" for i in range(10)]
+        now[0] += 1.0
+        throttled.warning("bad message %d", 25)
+    assert caplog.records[-2].getMessage() == "(15 more bad messages in the last second were not logged)"
+    assert caplog.records[-1].getMessage() == "bad message 25"

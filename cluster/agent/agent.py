@@ -31,6 +31,7 @@ from cluster.agent.loader import ModelLoader, load_version
 from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.logs import BadInputLog
 from cluster.manager.deployments import DEPLOYMENTS_FILE, DesiredState, ModelDeployment
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, pack, require
 from cluster.repository import InputError, RepositoryError
@@ -38,6 +39,7 @@ from cluster.share import ShareError, open_share
 from cluster.sockets import make_socket
 
 log = logging.getLogger("cluster.agent")
+bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
 _instance_ids = itertools.count()
 
@@ -305,7 +307,7 @@ class Agent:
                 if header.get("event") == "desired":
                     self.apply_desired(DesiredState.from_wire(header.get("state")))
             except (ProtocolError, ValueError) as exc:
-                log.warning("agent %s: bad event from the manager dropped: %s", self.agent_id, exc)
+                bad_input.warning("agent %s: bad event from the manager dropped: %s", self.agent_id, exc)
 
     def process_subscriptions(self) -> None:
         for _ in range(100):
@@ -336,7 +338,7 @@ class Agent:
             try:
                 cmd = protocol.parse_preamble(frames[0])
             except (ProtocolError, IndexError) as exc:
-                log.warning("agent %s: bad message from the broker dropped: %s", self.agent_id, exc)
+                bad_input.warning("agent %s: bad message from the broker dropped: %s", self.agent_id, exc)
                 continue
             if cmd == Command.REQUEST:
                 self.accept_request(frames)
@@ -344,12 +346,12 @@ class Agent:
                 log.info("agent %s: broker asked us to register again", self.agent_id)
                 self.register()
             elif cmd != Command.HEARTBEAT:
-                log.warning("agent %s: unexpected %s from the broker dropped", self.agent_id, cmd.name)
+                bad_input.warning("agent %s: unexpected %s from the broker dropped", self.agent_id, cmd.name)
 
     def accept_request(self, frames: list) -> None:
         """Validate a REQUEST and queue it for a worker; answer ERROR at once if it cannot be served."""
         if len(frames) < 3:
-            log.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
+            bad_input.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
             return
         route = frames[1].bytes
         request_id = name = None

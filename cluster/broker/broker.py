@@ -27,10 +27,12 @@ import zmq
 from cluster import protocol
 from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.logs import BadInputLog
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, pack, require
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.broker")
+bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
 MAX_REQUEST_TIMEOUT = 24 * 3600.0
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
@@ -179,7 +181,7 @@ class Broker:
             else:
                 raise ProtocolError(f"clients may not send {cmd.name}")
         except ProtocolError as exc:
-            log.warning("bad message from client %s: %s", client.hex(), exc)
+            bad_input.warning("bad message from client %s: %s", client.hex(), exc)
             self.send_client_error(client, request_id, ErrorCode.BAD_REQUEST, str(exc))
 
     def accept_request(self, client: bytes, request_id, header: dict, header_frame, tensors: list) -> None:
@@ -367,12 +369,12 @@ class Broker:
     def process_agent(self, frames: list) -> None:
         identity = frames[0].bytes
         if len(frames) < 3:
-            log.warning("short message from agent %r dropped", identity)
+            bad_input.warning("short message from agent %r dropped", identity)
             return
         try:
             cmd = protocol.parse_preamble(frames[1])
         except ProtocolError as exc:
-            log.warning("bad message from agent %r dropped: %s", identity, exc)
+            bad_input.warning("bad message from agent %r dropped: %s", identity, exc)
             return
         agent = self.agents.get(identity)
         if cmd == Command.READY:
@@ -448,7 +450,7 @@ class Broker:
             if capacity < 1:
                 raise ProtocolError("capacity must be at least 1")
         except ProtocolError as exc:
-            log.warning("bad READY from %r dropped: %s", identity, exc)
+            bad_input.warning("bad READY from %r dropped: %s", identity, exc)
             return
         old = self.agents.get(identity)
         if old is not None and (old.info.get("pid"), old.info.get("started")) == (header.get("pid"), header.get("started")):
@@ -575,7 +577,7 @@ class Broker:
             event = require(header, "event", str)
             agent_id = require(header, "agent", str, optional=True)
         except ProtocolError as exc:
-            log.warning("bad event from the manager dropped: %s", exc)
+            bad_input.warning("bad event from the manager dropped: %s", exc)
             return
         if event == "agent_dead" and agent_id is not None:
             agent = self.agents.get(agent_id.encode())

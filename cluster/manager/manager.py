@@ -22,6 +22,7 @@ import zmq
 
 from cluster import protocol
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.logs import BadInputLog
 from cluster.manager.deployments import DesiredState, ModelDeployment, Rollout
 from cluster.manager.registry import Registry
 from cluster.repository import ModelRepository, RepositoryError
@@ -29,6 +30,7 @@ from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.manager")
+bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
 HEARTBEAT_FIELDS = {"agent": str, "models": list, "capacity": int}
 
@@ -126,7 +128,7 @@ class Manager:
             protocol.parse_preamble(frames[0])
             beat = validate_beat(protocol.unpack_header(frames[1]))
         except ProtocolError as exc:
-            log.warning("bad heartbeat dropped: %s", exc)
+            bad_input.warning("bad heartbeat dropped: %s", exc)
             return
         for event in self.registry.observe(beat, time.monotonic()):
             log.info("agent %s joined (host %s, pid %s)", event["agent"], beat.get("host"), beat.get("pid"))
@@ -160,7 +162,7 @@ class Manager:
                 raise ProtocolError(f"unknown query {what!r}; ask for agents, models, deployments, deploy, rollback or undeploy")
             reply = message(Command.REPLY, {"id": request_id, "result": result})
         except ProtocolError as exc:
-            log.warning("bad query dropped with an error reply: %s", exc)
+            bad_input.warning("bad query dropped with an error reply: %s", exc)
             reply = message(Command.ERROR, error_header(request_id, ErrorCode.BAD_REQUEST, str(exc)))
         except CommandError as exc:
             reply = message(Command.ERROR, error_header(request_id, exc.code, str(exc), header.get("name")))
