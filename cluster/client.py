@@ -20,7 +20,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,6 +33,7 @@ from cluster.codec import decode_tensors, encode_tensors
 from cluster.config import BROKER_CLIENT_ADDR, MAX_MESSAGE_BYTES, Timings, env_or, timings_from_env
 from cluster.errors import BadRequestError, ClusterError, InferenceTimeoutError, NoAgentAvailableError, error_from_header
 from cluster.protocol import Command, ProtocolError
+from cluster.sockets import make_socket
 
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 
@@ -148,16 +149,12 @@ class ClientCore:
         self.calls.pop(call.request_id, None)
 
 
+# Clients reconnect fast (a restarted broker is one, not hundreds of agents) and may queue many requests.
+CLIENT_TIMINGS = Timings(reconnect_initial=0.1, reconnect_max=2.0)
+
+
 def _make_dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    sock.connect(address)
-    return sock
+    return make_socket(ctx, zmq.DEALER, connect=address, hwm=100_000, linger=0, timings=CLIENT_TIMINGS)
 
 
 def _reconnected(monitor_frames: list) -> bool:

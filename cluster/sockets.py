@@ -31,13 +31,14 @@ def make_socket(
     handover: bool = False,
     subscribe: bytes | None = None,
     timings: Timings | None = None,
+    linger: int = LINGER_MS,
 ) -> zmq.Socket:
     """A configured socket, bound or connected. Exactly one of bind/connect."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind or connect")
     timings = timings or Timings()
     sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.LINGER, linger)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)

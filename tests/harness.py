@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
-import zmq
 
-from cluster import Client, protocol
+from cluster import Client
 from cluster.config import Addresses
-from cluster.protocol import Command
+from cluster.manager.client import ManagerClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,18 +199,7 @@ class LocalCluster:
 
     def manager_query(self, what: str, timeout: float = 2.0):
         """Ask the manager directly (its ROUTER query socket)."""
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.addresses.manager_queries)
-        try:
-            sock.send_multipart(protocol.message(Command.QUERY, {"id": 1, "what": what}))
-            if not sock.poll(int(timeout * 1000)):
-                raise TimeoutError("manager did not answer")
-            frames = sock.recv_multipart()
-            return protocol.unpack_header(frames[1])["result"]
-        finally:
-            sock.close()
+        return ManagerClient(self.addresses.manager_queries).call(what, timeout=timeout)
 
     def __enter__(self) -> "LocalCluster":
         return self

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cluster.demo_models import DIGITS_CONFIG, digits_split, train_digits
 from cluster.manager.client import ManagerClient

@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,7 +27,7 @@ from hypothesis import strategies as st
 from cluster.codec import NUMPY_DTYPE
 from edge import oip
 from edge.oip import InvalidRequest, parse_infer_request, tensor_from_binary, tensor_from_json
-from tests.harness import REPO_ROOT, LocalCluster, free_port, start_edge, wait_for
+from tests.harness import LocalCluster, start_edge, wait_for
 from tests.models import publish_slow, slow_rounds_per_second
 
 SMALL_LIMIT = 1024 * 1024  # the edge under test refuses bodies over 1 MiB

@@ -32,7 +32,7 @@ from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
-from cluster.manager.deployments import DEPLOYMENTS_FILE, DesiredState, ModelDeployment
+from cluster.manager.deployments import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, pack, require
 from cluster.repository import InputError, RepositoryError
 from cluster.share import ShareError, open_share
@@ -100,13 +100,10 @@ class Agent:
         try:
             desired = DesiredState.from_wire(json.loads(self.share.read_text(DEPLOYMENTS_FILE)))
         except (ShareError, ValueError):
-            desired = DesiredState()
             try:
-                for name in self.share.list_models():
-                    versions = self.share.list_versions(name)
-                    if versions:
-                        desired.models[name] = ModelDeployment(max(versions))
+                desired = newest_versions(self.share)
             except ShareError as exc:
+                desired = DesiredState()
                 log.error("agent %s cannot read the share: %s", self.agent_id, exc)
         return self.filtered(desired)
 

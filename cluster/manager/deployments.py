@@ -93,6 +93,17 @@ class DesiredState:
         self.generation += 1
 
 
+def newest_versions(share) -> DesiredState:
+    """Each model's newest version: what a share with no deployments.json serves (the manager and agents agree).
+    `share` is a cluster.share.Share; its ShareError propagates."""
+    desired = DesiredState()
+    for name in share.list_models():
+        versions = share.list_versions(name)
+        if versions:
+            desired.models[name] = ModelDeployment(max(versions))
+    return desired
+
+
 @dataclass
 class Rollout:
     """One deploy/rollback in progress: which agents must report, and what each said."""

@@ -23,9 +23,10 @@ import zmq
 from cluster import protocol
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
-from cluster.manager.deployments import DesiredState, ModelDeployment, Rollout
+from cluster.manager.deployments import DesiredState, ModelDeployment, Rollout, newest_versions
 from cluster.manager.registry import Registry
-from cluster.repository import ModelRepository, RepositoryError
+from cluster.repository import ModelRepository
+from cluster.share import ShareError, open_share
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, require
 from cluster.sockets import drain, make_socket
 
@@ -182,12 +183,11 @@ class Manager:
             return DesiredState()
         desired = DesiredState.load(self.share)
         if desired is None:
-            desired = DesiredState()
-            repository = ModelRepository(self.share)
-            for name in repository.model_names():
-                latest = repository.latest_version(name)
-                if latest is not None:
-                    desired.models[name] = ModelDeployment(latest)
+            try:
+                desired = newest_versions(open_share(self.share))
+            except ShareError as exc:  # e.g. no models/ folder yet
+                log.warning("cannot list the models on the share (%s): nothing is deployed yet", exc)
+                desired = DesiredState()
             desired.changed()
             desired.save(self.share)
             log.info("no deployments on the share yet: serving the newest version of %s", ", ".join(desired.models) or "nothing")
