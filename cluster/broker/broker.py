@@ -327,7 +327,10 @@ class Broker:
 
     def enqueue(self, request: BrokerRequest, front: bool = False) -> None:
         queue = self.pending.setdefault(request.model, deque())
-        queue.appendleft(request) if front else queue.append(request)
+        if front:
+            queue.appendleft(request)  # a re-dispatched request keeps its place ahead of newer ones
+        else:
+            queue.append(request)
         self.pending_count += 1
 
     def dispatch_pending(self, models) -> None:
