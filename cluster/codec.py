@@ -12,23 +12,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cluster.protocol import ProtocolError, frame_bytes
+from cluster.protocol import DATATYPES, ProtocolError, frame_bytes
 
-NUMPY_DTYPE = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-DATATYPE_OF_NUMPY = {v: k for k, v in NUMPY_DTYPE.items()}
+DATATYPE_OF_NUMPY = {v: k for k, v in DATATYPES.items()}
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -66,7 +52,7 @@ def decode_tensors(metas: Sequence[dict], frames: Sequence) -> dict[str, np.ndar
     """name -> numpy view over each frame. Call protocol.validate_tensor_metas first."""
     out = {}
     for meta, frame in zip(metas, frames):
-        dtype = NUMPY_DTYPE.get(meta["datatype"])
+        dtype = DATATYPES.get(meta["datatype"])
         if dtype is None:
             raise ProtocolError(f"tensor '{meta['name']}': unsupported datatype {meta['datatype']!r}")
         out[meta["name"]] = np.frombuffer(frame_bytes(frame), dtype=dtype).reshape(meta["shape"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cluster.codec import NUMPY_DTYPE
+from cluster.protocol import DATATYPES
 
 
 @dataclass
@@ -45,7 +45,7 @@ def sample_inputs(metadata: dict, batch: int = 1, shapes: dict[str, list[int]] |
     inputs = {}
     for spec in metadata["inputs"]:
         shape = shapes.get(spec["name"]) or [batch if (i == 0 and d == -1) else (1 if d == -1 else d) for i, d in enumerate(spec["shape"])]
-        inputs[spec["name"]] = np.zeros(shape, dtype=NUMPY_DTYPE[spec["datatype"]])
+        inputs[spec["name"]] = np.zeros(shape, dtype=DATATYPES[spec["datatype"]])
     return inputs
 
 

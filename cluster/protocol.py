@@ -35,6 +35,7 @@ import math
 from typing import Any, Sequence
 
 import msgpack
+import numpy as np
 
 from cluster.config import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
 
@@ -69,21 +70,23 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "INTERNAL"
 
 
-# Open Inference Protocol datatypes the bus carries, with their item size. BYTES (strings) is not a raw tensor.
-DATATYPE_ITEMSIZE = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "UINT16": 2,
-    "UINT32": 4,
-    "UINT64": 8,
-    "INT8": 1,
-    "INT16": 2,
-    "INT32": 4,
-    "INT64": 8,
-    "FP16": 2,
-    "FP32": 4,
-    "FP64": 8,
+# The one datatype table: every Open Inference Protocol datatype the bus carries, with its numpy dtype (item size,
+# and the torch dtype of the same name, follow from it). BYTES (strings) is not a raw tensor, so it is not here.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
 }
+DATATYPE_ITEMSIZE = {name: dtype.itemsize for name, dtype in DATATYPES.items()}
 
 
 class ProtocolError(ValueError):

@@ -34,9 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cluster.codec import NUMPY_DTYPE
 from cluster.config import MAX_DIMS
-from cluster.protocol import DATATYPE_ITEMSIZE
+from cluster.protocol import DATATYPES
 from cluster.share import MODEL_NAME_RE, sha256_file, version_number
 
 MODELS_DIR = "models"
@@ -49,20 +48,8 @@ CHUNK = 1024 * 1024
 _CONFIG_KEYS = ("name", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "instances")
 _SPEC_KEYS = ("name", "datatype", "shape")
 
-DATATYPE_OF_TORCH = {
-    torch.bool: "BOOL",
-    torch.uint8: "UINT8",
-    torch.uint16: "UINT16",
-    torch.uint32: "UINT32",
-    torch.uint64: "UINT64",
-    torch.int8: "INT8",
-    torch.int16: "INT16",
-    torch.int32: "INT32",
-    torch.int64: "INT64",
-    torch.float16: "FP16",
-    torch.float32: "FP32",
-    torch.float64: "FP64",
-}
+# torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
+DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items()}
 
 
 class RepositoryError(Exception):
@@ -114,8 +101,8 @@ class TensorSpec:
         if not isinstance(name, str) or not name or len(name) > 256:
             raise RepositoryError(f"{where}.name must be a non-empty string of at most 256 characters, got {name!r}")
         where = f"{where} ('{name}')"
-        if datatype not in DATATYPE_ITEMSIZE:
-            raise RepositoryError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPE_ITEMSIZE)}")
+        if datatype not in DATATYPES:
+            raise RepositoryError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         if not isinstance(shape, list) or not all(_is_int(x) and x >= -1 for x in shape):
             raise RepositoryError(f"{where}: shape must be a list of ints >= -1 (-1 = variable), got {shape!r}")
         if len(shape) > MAX_DIMS:
@@ -219,7 +206,7 @@ class ModelConfig:
     def warmup_inputs(self) -> dict[str, np.ndarray]:
         """Smallest inputs the config allows, so warm-up exercises the model without guessing real sizes."""
         return {
-            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=NUMPY_DTYPE[s.datatype])
+            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DATATYPES[s.datatype])
             for s in self.inputs
         }
 

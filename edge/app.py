@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import AsyncClient
+from cluster.protocol import DATATYPES
 from cluster.errors import (
     BadRequestError,
     ClusterError,
@@ -78,7 +79,7 @@ def _server_version() -> str:
 # Bodies, as pydantic models so the OpenAPI document shows them
 # ---------------------------------------------------------------------------------------------------------------
 
-Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+Datatype = Literal[tuple(DATATYPES)]  # the one datatype table, as an OpenAPI enum
 Parameters = dict[str, str | int | float | bool]
 TensorData = list[Any]
 

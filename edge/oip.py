@@ -26,15 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from cluster.codec import NUMPY_DTYPE, datatype_of
+from cluster.codec import datatype_of
 from cluster.config import MAX_DIMS, MAX_TENSORS
-from cluster.protocol import DATATYPE_ITEMSIZE
+from cluster.protocol import DATATYPES
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIM = 2**40  # the bus refuses larger dimensions (protocol.validate_tensor_metas)
 MAX_NAME = 256
 MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # the broker's longest request deadline
-SUPPORTED_DATATYPES = tuple(DATATYPE_ITEMSIZE)  # BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64
+SUPPORTED_DATATYPES = tuple(DATATYPES)  # BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64
 
 _INT_TYPES = frozenset({int})
 _FLOAT_TYPES = frozenset({int, float})
@@ -71,11 +71,11 @@ def check_datatype(name: str, datatype: Any) -> np.dtype:
     """The numpy dtype (little-endian) for an OIP datatype name the bus carries; InvalidRequest otherwise."""
     if not isinstance(datatype, str):
         raise InvalidRequest(f"input '{name}': 'datatype' must be a string such as \"FP32\"")
-    if datatype not in DATATYPE_ITEMSIZE:
+    if datatype not in DATATYPES:
         if datatype in ("BYTES", "BF16"):
             raise InvalidRequest(f"input '{name}': datatype {datatype} is not supported by this cluster; use one of {', '.join(SUPPORTED_DATATYPES)}")
         raise InvalidRequest(f"input '{name}': unknown datatype {datatype[:40]!r}; use one of {', '.join(SUPPORTED_DATATYPES)}")
-    return NUMPY_DTYPE[datatype].newbyteorder("<")
+    return DATATYPES[datatype].newbyteorder("<")
 
 
 def check_shape(name: str, shape: Any) -> list[int]:

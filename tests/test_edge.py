@@ -24,14 +24,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.codec import NUMPY_DTYPE
+from cluster.protocol import DATATYPES
 from edge import oip
 from edge.oip import InvalidRequest, parse_infer_request, tensor_from_binary, tensor_from_json
 from tests.harness import LocalCluster, start_edge, wait_for
 from tests.models import publish_slow, slow_rounds_per_second
 
 SMALL_LIMIT = 1024 * 1024  # the edge under test refuses bodies over 1 MiB
-ALL_DATATYPES = list(NUMPY_DTYPE)
+ALL_DATATYPES = list(DATATYPES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,10 +120,10 @@ WRONG_JSON_TYPE = {"BOOL": 1, "UINT8": 1.5, "INT32": True, "INT64": "3", "FP32":
 @pytest.mark.parametrize("datatype", ALL_DATATYPES)
 def test_oip_every_datatype_from_json_nested_and_flat(datatype):
     nested = JSON_SAMPLES[datatype]
-    expected = np.array(nested, dtype=NUMPY_DTYPE[datatype])
+    expected = np.array(nested, dtype=DATATYPES[datatype])
     for data in (nested, [v for row in nested for v in row]):
         array = tensor_from_json("t", datatype, [2, 2], data)
-        assert array.dtype == NUMPY_DTYPE[datatype] and array.shape == (2, 2)
+        assert array.dtype == DATATYPES[datatype] and array.shape == (2, 2)
         np.testing.assert_array_equal(array, expected)
     # and back: JSON of an output gives the same numbers
     assert np.array(oip.tensor_to_json(expected), dtype=expected.dtype).reshape(2, 2).tolist() == expected.tolist()
@@ -131,7 +131,7 @@ def test_oip_every_datatype_from_json_nested_and_flat(datatype):
 
 @pytest.mark.parametrize("datatype", ALL_DATATYPES)
 def test_oip_every_datatype_from_binary(datatype):
-    expected = np.array(JSON_SAMPLES[datatype], dtype=NUMPY_DTYPE[datatype])
+    expected = np.array(JSON_SAMPLES[datatype], dtype=DATATYPES[datatype])
     raw = expected.astype(expected.dtype.newbyteorder("<")).tobytes()
     np.testing.assert_array_equal(tensor_from_binary("t", datatype, [2, 2], raw), expected)
     assert oip.tensor_to_binary(expected) == raw

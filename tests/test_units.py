@@ -10,7 +10,8 @@ import pytest
 from cluster import errors, protocol
 from cluster.agent.models import ModelTable
 from cluster.broker.routing import LeastOutstanding, RoundRobin, make_policy
-from cluster.manager.deployments import DesiredState, ModelDeployment, Rollout
+from cluster.desired import DesiredState, ModelDeployment
+from cluster.manager.deployments import Rollout
 from cluster.manager.registry import Registry
 from cluster.protocol import ErrorCode, ProtocolError
 

@@ -32,7 +32,7 @@ from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
-from cluster.manager.deployments import DEPLOYMENTS_FILE, DesiredState, newest_versions
+from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, pack, require
 from cluster.repository import InputError, RepositoryError
 from cluster.share import ShareError, open_share

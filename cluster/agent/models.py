@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.manager.deployments import DesiredState
+from cluster.desired import DesiredState
 
 
 class ModelTable:

@@ -23,7 +23,8 @@ import zmq
 from cluster import protocol
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
-from cluster.manager.deployments import DesiredState, ModelDeployment, Rollout, newest_versions
+from cluster.desired import DesiredState, ModelDeployment, newest_versions
+from cluster.manager.deployments import Rollout
 from cluster.manager.registry import Registry
 from cluster.repository import ModelRepository
 from cluster.share import ShareError, open_share
