@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -213,3 +214,109 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
                 f"tensor '{name}': shape {shape} of {datatype} needs {expected} bytes, frame has {len(frame_bytes(frame))}"
             )
     return metas
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The heartbeat: what an agent says about itself (READY and HEARTBEAT to the broker, HEARTBEAT on PUB to the manager)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _model_entries(value: Any, key: str, *more: str) -> list[dict]:
+    """A list of {name, version, ...} maps, checked: the part of a beat that routing and rollouts rely on."""
+    if not isinstance(value, list):
+        raise ProtocolError(f"header field '{key}' has the wrong type ({type(value).__name__})")
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"each of '{key}' must be a map")
+        require(entry, "name", str)
+        require(entry, "version", int)
+        for extra in more:
+            require(entry, extra, (str, bool), optional=True)
+    return value
+
+
+_NUMBER = (int, float)
+_INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the right type, else left at their default
+    "host": (str,), "pid": (int,), "device": (str,), "in_flight": (int,), "batching": (dict,), "draining": (bool,),
+    "uptime": _NUMBER, "started": _NUMBER, "serving_since": _NUMBER, "interval": _NUMBER, "serves_only": (list,),
+}
+
+
+@dataclass
+class Heartbeat:
+    """An agent's state, sent every heartbeat interval and on every change. The one definition of its fields: the
+    agent builds it, the broker routes by it, the manager's registry and rollouts read it, `cluster status` and
+    the edge's /agents show it. READY is a Heartbeat plus `metadata` (each model's inputs and outputs)."""
+
+    agent: str  # the agent's id (also its ROUTER identity at the broker)
+    capacity: int  # requests the broker may keep in flight here
+    models: list[dict]  # served: [{name, version, default}]; `default` marks what unversioned requests get
+    staged: list[dict] = field(default_factory=list)  # loaded and warm, not served yet: [{name, version}]
+    failed: list[dict] = field(default_factory=list)  # could not be loaded: [{name, version, error}]
+    host: str | None = None
+    pid: int | None = None
+    device: str | None = None
+    in_flight: int = 0  # requests the agent is working on
+    batching: dict = field(default_factory=dict)  # per model: batch size and queue wait statistics
+    draining: bool = False  # stopping: finishing what it has, taking nothing new
+    uptime: float = 0.0  # seconds since the agent started
+    started: float | None = None  # wall time the process started (with pid: tells a restart from a re-READY)
+    serving_since: float | None = None  # wall time it connected, models loaded
+    interval: float | None = None  # its heartbeat interval, seconds
+    serves_only: list[str] | None = None  # started with --models: only these take part in rollouts; None: all
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, header: Mapping) -> "Heartbeat":
+        """Parse a READY/HEARTBEAT header; ProtocolError naming the field if what routing or rollouts rely on is
+        malformed. Other fields are informational: a wrong type is dropped to its default, unknown keys ignored."""
+        agent = require(header, "agent", str)
+        capacity = require(header, "capacity", int)
+        models = _model_entries(require(header, "models", list), "models", "default")
+        beat = cls(agent, capacity, models)
+        beat.staged = _model_entries(header.get("staged") or [], "staged")
+        beat.failed = _model_entries(header.get("failed") or [], "failed", "error")
+        for name, kind in _INFORMATIONAL.items():
+            value = header.get(name)
+            if isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind):
+                setattr(beat, name, value)
+        return beat
+
+    def served_versions(self) -> dict[str, set[int]]:
+        """model -> the versions this agent serves."""
+        served: dict[str, set[int]] = {}
+        for entry in self.models:
+            served.setdefault(entry["name"], set()).add(entry["version"])
+        return served
+
+    def takes_part_in(self, model: str) -> bool:
+        """Whether this agent serves `model` when it is deployed (agents started with --models serve only those)."""
+        return self.serves_only is None or model in self.serves_only
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cluster views: the answers to QUERY {what: "agents"} and {what: "models"}, built the same way by the broker
+# (its live agents, what `cluster status` and the edge show) and the manager (its registry)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def agent_view(beat: Heartbeat, *, heartbeat_age: float, joined: float, **extra) -> dict:
+    """One entry of the `agents` answer: the agent's latest heartbeat, its id, seconds since it was last heard
+    from, the wall time it joined, and what the asker adds (the broker: `broker_in_flight`, its exact count)."""
+    view = beat.to_wire()
+    view.update(id=beat.agent, heartbeat_age=round(heartbeat_age, 3), joined=joined, **extra)
+    return view
+
+
+def models_view(served: Iterable[tuple[str, Mapping[str, Iterable[int]]]]) -> dict[str, dict]:
+    """The `models` answer from (agent id, model -> versions it serves) pairs: model -> {versions, agents}."""
+    models: dict[str, dict] = {}
+    for agent_id, versions_by_model in served:
+        for name, versions in versions_by_model.items():
+            model = models.setdefault(name, {"versions": set(), "agents": []})
+            model["versions"].update(versions)
+            if agent_id not in model["agents"]:
+                model["agents"].append(agent_id)
+    return {name: {"versions": sorted(m["versions"]), "agents": m["agents"]} for name, m in models.items()}

@@ -13,7 +13,7 @@ from cluster.broker.routing import LeastOutstanding, RoundRobin, make_policy
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.manager.deployments import Rollout
 from cluster.manager.registry import Registry
-from cluster.protocol import ErrorCode, ProtocolError
+from cluster.protocol import ErrorCode, Heartbeat, ProtocolError
 
 
 @dataclass(eq=False)
@@ -47,13 +47,41 @@ def test_least_outstanding_prefers_the_idlest_agent():
 
 def test_registry_joins_keeps_alive_and_expires():
     registry = Registry(expiry=3.0)
-    beat = {"agent": "a1", "models": [{"name": "m", "version": 1}], "capacity": 4}
+    beat = Heartbeat("a1", 4, [{"name": "m", "version": 1}])
     assert registry.observe(beat, now=0.0)[0]["event"] == "agent_joined"
     assert registry.observe(beat, now=2.5) == []
     assert registry.expire(now=5.0) == []
     dead = registry.expire(now=5.6)
     assert [e["agent"] for e in dead] == ["a1"] and dead[0]["event"] == "agent_dead"
     assert registry.describe_models() == {}
+
+
+def test_heartbeat_round_trip_and_checks():
+    beat = Heartbeat("a1", 4, [{"name": "m", "version": 1, "default": True}], staged=[{"name": "m", "version": 2}],
+                     host="h", pid=7, draining=True, serves_only=["m"])
+    assert Heartbeat.from_wire(protocol.unpack_header(protocol.pack(beat.to_wire()))) == beat
+    assert beat.served_versions() == {"m": {1}} and beat.takes_part_in("m") and not beat.takes_part_in("other")
+    # What routing and rollouts rely on must be well-formed; informational fields of the wrong type fall back.
+    for bad, message in (({"capacity": 1, "models": []}, "missing 'agent'"),
+                         ({"agent": "a", "capacity": "4", "models": []}, "'capacity' has the wrong type"),
+                         ({"agent": "a", "capacity": 1, "models": [{"name": "m"}]}, "missing 'version'"),
+                         ({"agent": "a", "capacity": 1, "models": [], "failed": [3]}, "each of 'failed' must be a map")):
+        with pytest.raises(ProtocolError, match=message):
+            Heartbeat.from_wire(bad)
+    lax = Heartbeat.from_wire({"agent": "a", "capacity": 1, "models": [], "pid": "x", "draining": 1, "uptime": 2})
+    assert (lax.pid, lax.draining, lax.uptime) == (None, False, 2)
+
+
+def test_agents_and_models_views():
+    a = Heartbeat("a", 4, [{"name": "m", "version": 2}, {"name": "n", "version": 1}])
+    b = Heartbeat("b", 4, [{"name": "m", "version": 1}])
+    view = protocol.agent_view(a, heartbeat_age=0.12345, joined=5.0, broker_in_flight=3)
+    assert (view["id"], view["heartbeat_age"], view["joined"], view["broker_in_flight"]) == ("a", 0.123, 5.0, 3)
+    assert view["models"] == a.models and view["capacity"] == 4
+    assert protocol.models_view([("a", a.served_versions()), ("b", b.served_versions())]) == {
+        "m": {"versions": [1, 2], "agents": ["a", "b"]},
+        "n": {"versions": [1], "agents": ["a"]},
+    }
 
 
 def test_desired_state_round_trip_and_validation(tmp_path):
@@ -97,9 +125,9 @@ def test_model_table_never_leaves_a_gap():
 
 def test_rollout_collects_outcomes():
     rollout = Rollout("m", 2, 1, {"a", "b"}, deadline=10.0)
-    rollout.observe("a", {"staged": [{"name": "m", "version": 2}]})
+    rollout.observe("a", Heartbeat("a", 4, [], staged=[{"name": "m", "version": 2}]))
     assert not rollout.complete()
-    rollout.observe("b", {"failed": [{"name": "m", "version": 2, "error": "sha256 mismatch"}]})
+    rollout.observe("b", Heartbeat("b", 4, [], failed=[{"name": "m", "version": 2, "error": "sha256 mismatch"}]))
     assert rollout.complete() and rollout.failures() == {"b": "sha256 mismatch"}
     rollout.agent_lost("b")
     assert rollout.complete() and not rollout.failures()

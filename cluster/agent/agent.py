@@ -33,7 +33,7 @@ from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, pack, require
+from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, pack, require
 from cluster.repository import InputError, RepositoryError
 from cluster.share import ShareError, open_share
 from cluster.sockets import make_socket
@@ -164,27 +164,27 @@ class Agent:
         batch = max((m.config.max_batch_size for m in self.table.loaded_models()), default=0)
         return max(self.capacity, 2 * batch) if batch > 1 else self.capacity
 
-    def status(self) -> dict:
-        """The heartbeat: what the manager's registry and `cluster status` show about this agent."""
-        status = {
-            "agent": self.agent_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "device": self.device,
-            "in_flight": self.in_flight,
-            "capacity": self.effective_capacity(),
-            "batching": self.pool.describe(),
-            "draining": self.draining,
-            "uptime": round(time.monotonic() - self._started_mono, 3),
-            "started": self.started,
-            "serving_since": self.serving_since,  # wall time the agent connected, models loaded
-            "interval": self.timings.heartbeat_interval,
-            "serves_only": self.model_names,  # None: every deployed model
-        }
-        status.update(self.table.describe())
-        if self.draining:
-            status["models"] = []
-        return status
+    def status(self) -> Heartbeat:
+        """The heartbeat: what the broker routes by and the manager's registry and `cluster status` show."""
+        served = self.table.describe()
+        return Heartbeat(
+            agent=self.agent_id,
+            capacity=self.effective_capacity(),
+            models=[] if self.draining else served["models"],
+            staged=served["staged"],
+            failed=served["failed"],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=self.device,
+            in_flight=self.in_flight,
+            batching=self.pool.describe(),
+            draining=self.draining,
+            uptime=round(time.monotonic() - self._started_mono, 3),
+            started=self.started,
+            serving_since=self.serving_since,  # wall time the agent connected, models loaded
+            interval=self.timings.heartbeat_interval,
+            serves_only=self.model_names,  # None: every deployed model
+        )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------
 
@@ -266,12 +266,12 @@ class Agent:
 
     def register(self) -> None:
         """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
-        ready = self.status()
+        ready = self.status().to_wire()
         ready["metadata"] = [dict(m.config.metadata(), version=m.version) for m in self.table.loaded_models()]
         self.broker.send_multipart(message(Command.READY, ready))
 
     def send_heartbeat(self) -> None:
-        beat = message(Command.HEARTBEAT, self.status())
+        beat = message(Command.HEARTBEAT, self.status().to_wire())
         try:
             self.beats.send_multipart(beat, zmq.NOBLOCK)
         except zmq.Again:

@@ -28,7 +28,9 @@ from cluster import protocol
 from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, pack, require
+from cluster.protocol import (
+    PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, agent_view, error_header, models_view, pack, require,
+)
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.broker")
@@ -65,7 +67,7 @@ class AgentEntry:
     identity: bytes
     capacity: int
     models: dict[str, set[int]]  # model name -> versions ready on this agent
-    info: dict  # the latest READY/HEARTBEAT header (host, pid, device, ...)
+    beat: Heartbeat  # the latest READY/HEARTBEAT (host, pid, device, ...)
     last_seen: float
     joined: float = field(default_factory=time.time)  # wall time of READY
     in_flight: dict[bytes, BrokerRequest] = field(default_factory=dict)
@@ -253,25 +255,16 @@ class Broker:
 
     def describe_agents(self) -> list[dict]:
         now = time.monotonic()
-        out = []
-        for agent in self.agents.values():
-            entry = dict(agent.info)
-            entry.update(
-                id=agent.agent_id,
-                capacity=agent.capacity,
-                broker_in_flight=agent.in_flight_count,
-                heartbeat_age=round(now - agent.last_seen, 3),
-                joined=agent.joined,
-            )
-            out.append(entry)
-        return out
+        return [
+            agent_view(a.beat, heartbeat_age=now - a.last_seen, joined=a.joined, capacity=a.capacity,
+                       broker_in_flight=a.in_flight_count)
+            for a in self.agents.values()
+        ]
 
     def describe_models(self) -> dict:
-        models: dict[str, dict] = {}
-        for name, agents in self.serving.items():
-            versions = sorted(set().union(*(a.models.get(name, set()) for a in agents)))
-            models[name] = {"versions": versions, "agents": [a.agent_id for a in agents]}
-        return models
+        """Model -> {versions, agents}: what this broker routes to (an agent that refused a version no longer
+        counts for it, even before its next heartbeat says so)."""
+        return models_view((a.agent_id, a.models) for a in self.agents.values())
 
     def describe_model(self, client: bytes, request_id, name: str, version: int | None) -> dict | None:
         """Metadata of one model (newest version unless one is named), with the versions live agents serve."""
@@ -392,7 +385,7 @@ class Broker:
         if cmd in (Command.REPLY, Command.ERROR):
             self.complete(agent, frames)
         elif cmd == Command.HEARTBEAT:
-            self.update_agent(agent, frames[2])
+            self.process_heartbeat(agent, frames[2])
         elif cmd == Command.DISCONNECT:
             self.remove_agent(agent, "it said goodbye")
         else:
@@ -447,45 +440,47 @@ class Broker:
     def register_agent(self, identity: bytes, header_frame) -> None:
         try:
             header = protocol.unpack_header(header_frame)
-            agent_id = require(header, "agent", str)
-            capacity = require(header, "capacity", int)
-            models = self._parse_models(header)
-            if capacity < 1:
+            beat = Heartbeat.from_wire(header)
+            if beat.capacity < 1:
                 raise ProtocolError("capacity must be at least 1")
         except ProtocolError as exc:
             bad_input.warning("bad READY from %r dropped: %s", identity, exc)
             return
+        self._remember_metadata(header)
         old = self.agents.get(identity)
-        if old is not None and (old.info.get("pid"), old.info.get("started")) == (header.get("pid"), header.get("started")):
-            self.update_agent(old, header_frame)  # the same process saying READY again (it thought we were gone)
+        if old is not None and (old.beat.pid, old.beat.started) == (beat.pid, beat.started):
+            self.update_agent(old, beat)  # the same process saying READY again (it thought we were gone)
             return
         if old is not None:
             self.remove_agent(old, "it registered again (restarted)")
-        self._remember_metadata(header)
-        agent = AgentEntry(agent_id, identity, capacity, models, header, time.monotonic())
+        models = beat.served_versions()
+        agent = AgentEntry(beat.agent, identity, beat.capacity, models, beat, time.monotonic())
         self.agents[identity] = agent
         self._index(agent)
-        log.info("agent %s ready: capacity %d, models %s", agent_id, capacity, self._models_text(models))
+        log.info("agent %s ready: capacity %d, models %s", beat.agent, beat.capacity, self._models_text(models))
         self.dispatch_pending(models)
 
     def _remember_metadata(self, header: dict) -> None:
         """READY carries each model's inputs and outputs; keep them for `model` queries (the edge's metadata)."""
-        for meta in header.pop("metadata", None) or []:
+        for meta in header.get("metadata", None) or []:
             if isinstance(meta, dict) and isinstance(meta.get("name"), str) and isinstance(meta.get("version"), int):
                 self.metadata[(meta["name"], meta["version"])] = meta
 
-    def update_agent(self, agent: AgentEntry, header_frame) -> None:
+    def process_heartbeat(self, agent: AgentEntry, header_frame) -> None:
         try:
             header = protocol.unpack_header(header_frame)
-            models = self._parse_models(header)
-            capacity = require(header, "capacity", int, optional=True)
+            beat = Heartbeat.from_wire(header)
         except ProtocolError as exc:
             log.warning("bad HEARTBEAT from agent %s ignored: %s", agent.agent_id, exc)
             return
         self._remember_metadata(header)
-        agent.info = header
-        if capacity is not None and capacity >= 1 and capacity != agent.capacity:
-            agent.capacity = capacity
+        self.update_agent(agent, beat)
+
+    def update_agent(self, agent: AgentEntry, beat: Heartbeat) -> None:
+        agent.beat = beat
+        if beat.capacity >= 1 and beat.capacity != agent.capacity:
+            agent.capacity = beat.capacity
+        models = beat.served_versions()
         if models != agent.models:
             self._unindex(agent)
             agent.models = models
@@ -554,16 +549,6 @@ class Broker:
                 agents.remove(agent)
                 if not agents:
                     del self.serving[model]
-
-    @staticmethod
-    def _parse_models(header: dict) -> dict[str, set[int]]:
-        models: dict[str, set[int]] = {}
-        entries = require(header, "models", list)
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise ProtocolError("each of 'models' must be a map")
-            models.setdefault(require(entry, "name", str), set()).add(require(entry, "version", int))
-        return models
 
     @staticmethod
     def _models_text(models: dict[str, set[int]]) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from cluster.protocol import Heartbeat
+
 
 @dataclass
 class Rollout:
@@ -29,16 +31,16 @@ class Rollout:
     started: float = field(default_factory=time.monotonic)
     failed_at: float | None = None  # when the first agent reported a failure
 
-    def observe(self, agent: str, beat: dict) -> None:
+    def observe(self, agent: str, beat: Heartbeat) -> None:
         """Update this agent's outcome from its heartbeat."""
         if agent not in self.expected:
             return
         if self.phase == "staging":
-            for entry in beat.get("failed", []):
-                if entry.get("name") == self.model and entry.get("version") == self.version:
+            for entry in beat.failed:
+                if entry["name"] == self.model and entry["version"] == self.version:
                     self.outcomes[agent] = str(entry.get("error", "failed"))
                     return
-            if _has(beat.get("staged", []), self.model, self.version) or _serves(beat, self.model, self.version):
+            if _has(beat.staged, self.model, self.version) or _serves(beat, self.model, self.version):
                 self.outcomes[agent] = "ok"
         elif self.phase == "switching" and _serves(beat, self.model, self.version, default_only=True):
             self.outcomes[agent] = "ok"
@@ -68,12 +70,11 @@ class Rollout:
         }
 
 
-def _has(entries: list, model: str, version: int) -> bool:
-    return any(isinstance(e, dict) and e.get("name") == model and e.get("version") == version for e in entries)
+def _has(entries: list[dict], model: str, version: int) -> bool:
+    return any(e["name"] == model and e["version"] == version for e in entries)
 
 
-def _serves(beat: dict, model: str, version: int, default_only: bool = False) -> bool:
+def _serves(beat: Heartbeat, model: str, version: int, default_only: bool = False) -> bool:
     return any(
-        isinstance(e, dict) and e.get("name") == model and e.get("version") == version and (e.get("default", True) or not default_only)
-        for e in beat.get("models", [])
+        e["name"] == model and e["version"] == version and (e.get("default", True) or not default_only) for e in beat.models
     )

@@ -28,14 +28,11 @@ from cluster.manager.deployments import Rollout
 from cluster.manager.registry import Registry
 from cluster.repository import ModelRepository
 from cluster.share import ShareError, open_share
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, message, require
+from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, require
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.manager")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
-
-HEARTBEAT_FIELDS = {"agent": str, "models": list, "capacity": int}
-
 
 ABORT_GRACE = 10.0  # seconds a failing rollout waits for the remaining agents' outcomes before it is aborted
 
@@ -46,18 +43,6 @@ class CommandError(Exception):
     def __init__(self, code: ErrorCode, text: str) -> None:
         super().__init__(text)
         self.code = code
-
-
-def validate_beat(header: dict) -> dict:
-    """The fields the registry relies on, checked; other fields travel along as they are."""
-    for key, kind in HEARTBEAT_FIELDS.items():
-        require(header, key, kind)
-    for entry in header["models"]:
-        if not isinstance(entry, dict):
-            raise ProtocolError("each of 'models' must be a map")
-        require(entry, "name", str)
-        require(entry, "version", int)
-    return header
 
 
 class Manager:
@@ -128,16 +113,16 @@ class Manager:
             if len(frames) != 2:
                 raise ProtocolError(f"heartbeat must have 2 frames, got {len(frames)}")
             protocol.parse_preamble(frames[0])
-            beat = validate_beat(protocol.unpack_header(frames[1]))
+            beat = Heartbeat.from_wire(protocol.unpack_header(frames[1]))
         except ProtocolError as exc:
             bad_input.warning("bad heartbeat dropped: %s", exc)
             return
         for event in self.registry.observe(beat, time.monotonic()):
-            log.info("agent %s joined (host %s, pid %s)", event["agent"], beat.get("host"), beat.get("pid"))
+            log.info("agent %s joined (host %s, pid %s)", event["agent"], beat.host, beat.pid)
             self.publish({"event": event["event"], "agent": event["agent"]})
             self.publish_desired()  # a newcomer (or a restarted agent) learns the desired state at once
         for rollout in self.rollouts.values():
-            rollout.observe(beat["agent"], beat)
+            rollout.observe(beat.agent, beat)
 
     def process_query(self, frames: list[bytes]) -> None:
         peer = frames[0]
@@ -237,7 +222,7 @@ class Manager:
         deployment = current or ModelDeployment(None)
         self.desired.models[name] = deployment
         deployment.staged = version
-        expected = {a for a, r in self.registry.agents.items() if r.beat.get("serves_only") is None or name in r.beat["serves_only"]}
+        expected = {a for a, r in self.registry.agents.items() if r.beat.takes_part_in(name)}
         rollout = Rollout(name, version, deployment.version, expected, time.monotonic() + timeout, requester)
         self.rollouts[name] = rollout
         log.info("%s %s v%d: staging on %d agents", what, name, version, len(rollout.expected))
@@ -290,7 +275,7 @@ class Manager:
         for name, d in self.desired.models.items():
             agents = {}
             for record in self.registry.agents.values():
-                versions = [e["version"] for e in record.beat.get("models", []) if e.get("name") == name]
+                versions = [e["version"] for e in record.beat.models if e["name"] == name]
                 if versions:
                     agents[record.agent_id] = versions
             out[name] = {"version": d.version, "staged": d.staged, "history": d.history, "agents": agents,

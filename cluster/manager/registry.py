@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from cluster.protocol import Heartbeat, agent_view, models_view
+
 
 @dataclass
 class AgentRecord:
     agent_id: str
-    beat: dict  # the latest heartbeat, as the agent sent it
+    beat: Heartbeat  # the latest heartbeat
     first_seen: float
     last_seen: float
     joined: float  # wall time of the first beat
@@ -25,9 +27,9 @@ class Registry:
         self.expiry = expiry
         self.agents: dict[str, AgentRecord] = {}
 
-    def observe(self, beat: dict, now: float) -> list[dict]:
+    def observe(self, beat: Heartbeat, now: float) -> list[dict]:
         """Record a heartbeat; returns [agent_joined event] the first time an agent is seen."""
-        agent_id = beat["agent"]
+        agent_id = beat.agent
         record = self.agents.get(agent_id)
         if record is None:
             self.agents[agent_id] = AgentRecord(agent_id, beat, now, now, time.time())
@@ -46,23 +48,7 @@ class Registry:
         ]
 
     def describe_agents(self, now: float) -> list[dict]:
-        out = []
-        for record in self.agents.values():
-            entry = dict(record.beat)
-            entry["id"] = record.agent_id
-            entry["heartbeat_age"] = round(now - record.last_seen, 3)
-            entry["joined"] = record.joined
-            out.append(entry)
-        return out
+        return [agent_view(r.beat, heartbeat_age=now - r.last_seen, joined=r.joined) for r in self.agents.values()]
 
     def describe_models(self) -> dict[str, dict]:
-        models: dict[str, dict] = {}
-        for record in self.agents.values():
-            for entry in record.beat.get("models", []):
-                model = models.setdefault(entry["name"], {"versions": [], "agents": []})
-                if entry["version"] not in model["versions"]:
-                    model["versions"].append(entry["version"])
-                    model["versions"].sort()
-                if record.agent_id not in model["agents"]:
-                    model["agents"].append(record.agent_id)
-        return models
+        return models_view((r.agent_id, r.beat.served_versions()) for r in self.agents.values())
