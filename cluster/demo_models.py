@@ -69,7 +69,9 @@ class DigitsNet(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),  # 8x8 -> 4x4
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.features((image / 16.0).unsqueeze(1)))

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cluster.repository import atomic_write
 
 DEPLOYMENTS_FILE = "deployments.json"
 
@@ -34,7 +35,9 @@ class DesiredState:
     def to_wire(self) -> dict:
         return {
             "generation": self.generation,
-            "models": {n: {"version": d.version, "staged": d.staged, "history": d.history} for n, d in self.models.items()},
+            "models": {
+                n: {"version": d.version, "staged": d.staged, "history": d.history} for n, d in self.models.items()
+            },
         }
 
     @classmethod
@@ -72,18 +75,7 @@ class DesiredState:
 
     def save(self, share_dir: str | os.PathLike) -> None:
         """Write atomically: a temp file on the share, fsync, rename over the old one, fsync the folder."""
-        path = Path(share_dir) / DEPLOYMENTS_FILE
-        tmp = path.with_name(f".{DEPLOYMENTS_FILE}.{secrets.token_hex(4)}")
-        with open(tmp, "w") as f:
-            json.dump(self.to_wire(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write(Path(share_dir) / DEPLOYMENTS_FILE, json.dumps(self.to_wire(), indent=2).encode())
 
     def changed(self) -> None:
         self.generation += 1

@@ -1,231 +1,126 @@
-"""The model repository on the share, in Triton's layout, and the only place model files are read or written.
+"""The model repository on the share: its layout and every rule about it, in one torch-free module.
 
-    <share>/models/<name>/config.json          what the model takes and returns (ModelConfig)
+    <share>/models/<name>/config.json          what the model takes and returns (cluster.model_config.ModelConfig)
     <share>/models/<name>/<N>/model.pt         TorchScript            (platform "torchscript")
     <share>/models/<name>/<N>/model.pt2        torch.export program   (platform "torch_export")
-    <share>/models/<name>/<N>/manifest.json    {"files": {"model.pt": "<sha256 hex>"}, "created": "<ISO time>"}
+    <share>/models/<name>/<N>/config.json      the config this version was published with
+    <share>/models/<name>/<N>/manifest.json    {"files": {"model.pt": "<sha256 hex>", ...}, "created": "<ISO time>"}
 
-Agents on many hosts read the share (often NFS) while an operator publishes to it, so a version folder must either
-be absent or complete: publish_version builds it under a dot-named temp folder, fsyncs, then renames it into place.
-The manifest guards against a half-copied or tampered file being loaded. Model files are only ever opened with
-torch.jit.load or torch.export.load, never with pickle, because the share is writable by more people than the agents'
-hosts trust.
+What a model and a version are, the same for every reader (ModelRepository here; LocalShare and NfsShare in
+cluster.share; hence the manager, `cluster deploy` and the agents):
+- a model is a folder under models/ whose name passes check_name (letters, digits, '_', '.', '-', not starting with
+  '.'); ModelRepository.model_names() lists only those that also have a config.json;
+- a version is a sub-folder of a model whose name is a canonical decimal number ("3", not "03" or "3a"). Nothing
+  more is checked when listing: publish_version builds a version under a dot-named temp folder (`.tmp-XXXX`), fsyncs
+  it and renames it into place, so a numbered folder is complete, and every load verifies the manifest anyway
+  (looking for a model file would cost a round-trip per version on NFS for nothing);
+- dot-named folders are publishes in progress, ignored everywhere.
 
-Shapes in a config include the batch dimension (e.g. [-1, 8, 8]); max_batch_size is a hint for the agent's batcher,
-not an implicit extra dimension as in Triton.
+Agents on many hosts read the share (often NFS) while an operator publishes to it, so a version folder is either
+absent or complete, and files are replaced atomically (atomic_write). The manifest guards against a half-copied or
+tampered file being loaded: ModelRepository.read_model hashes the very bytes it hands over. Those bytes are only ever
+opened with torch.jit.load or torch.export.load (cluster.agent.loaded_model), never with pickle, because the share is
+writable by more people than the agents' hosts trust.
+
+Errors: RepositoryError (defined with the model contract in cluster.model_config) when something on the share is
+missing, malformed or does not match its manifest; cluster.share.ShareError, a subclass, when the share itself cannot
+be reached or read. `except RepositoryError` catches both.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
-import io
 import json
 import os
 import re
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-import numpy as np
-import torch
-
-from cluster.config import MAX_DIMS
-from cluster.protocol import DATATYPES
-from cluster.share import MODEL_NAME_RE, sha256_file, version_number
+from cluster.model_config import ModelConfig, RepositoryError
 
 MODELS_DIR = "models"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = {"model.pt": "torchscript", "model.pt2": "torch_export"}  # file name -> platform
-PLATFORMS = ("torchscript", "torch_export")
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a folder name on every host: no dot-folders, no '/'
 CHUNK = 1024 * 1024
 
-_CONFIG_KEYS = ("name", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "instances")
-_SPEC_KEYS = ("name", "datatype", "shape")
-
-# torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
-DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items()}
-
-
-class RepositoryError(Exception):
-    """A model or version on the share cannot be read, verified or loaded; the message says what and where."""
-
-
-class InputError(ValueError):
-    """A request's inputs do not fit the model's config (the agent answers BAD_REQUEST with this message)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------------------------
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def shape_mismatch(expected: list[int], shape: list[int]) -> str | None:
-    """What is wrong with `shape` against a config shape (-1 = any), or None if it fits."""
-    if len(shape) != len(expected):
-        return f"expected {len(expected)} dimensions {expected}, got {len(shape)} {shape}"
-    for axis, (want, got) in enumerate(zip(expected, shape)):
-        if want != -1 and want != got:
-            return f"dimension {axis} must be {want}, got {got} (expected shape {expected}, got {shape})"
+def describe_error(exc: BaseException, limit: int = 1000) -> str:
+    """One exception as text short enough for a log line (TorchScript errors can run to pages)."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout: names, versions, paths
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_name(name: Any) -> str:
+    """Model names end up in local paths and NFS URLs, so only plain folder names are allowed."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
+        raise RepositoryError(f"invalid model name {name!r} (letters, digits, '_', '.', '-'; at most 128)")
+    return name
+
+
+def check_version(name: str, version: Any) -> int:
+    if not _is_int(version) or version < 0:
+        raise RepositoryError(f"model '{name}': invalid version {version!r}")
+    return version
+
+
+def version_number(entry: str) -> int | None:
+    """The version a folder name stands for; None for '.tmp-XXXX' folders and anything not a canonical number."""
+    if entry.isascii() and entry.isdigit() and str(int(entry)) == entry:
+        return int(entry)
     return None
 
 
-@dataclass
-class TensorSpec:
-    """One declared input or output; -1 in shape is a variable dimension."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-
-    @classmethod
-    def _from_dict(cls, d: Any, where: str) -> "TensorSpec":
-        if not isinstance(d, dict):
-            raise RepositoryError(f"{where} must be an object with name, datatype and shape")
-        unknown = sorted(set(d) - set(_SPEC_KEYS), key=str)
-        if unknown:
-            raise RepositoryError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))} (allowed: name, datatype, shape)")
-        for key in _SPEC_KEYS:
-            if key not in d:
-                raise RepositoryError(f"{where} is missing '{key}'")
-        name, datatype, shape = d["name"], d["datatype"], d["shape"]
-        if not isinstance(name, str) or not name or len(name) > 256:
-            raise RepositoryError(f"{where}.name must be a non-empty string of at most 256 characters, got {name!r}")
-        where = f"{where} ('{name}')"
-        if datatype not in DATATYPES:
-            raise RepositoryError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
-        if not isinstance(shape, list) or not all(_is_int(x) and x >= -1 for x in shape):
-            raise RepositoryError(f"{where}: shape must be a list of ints >= -1 (-1 = variable), got {shape!r}")
-        if len(shape) > MAX_DIMS:
-            raise RepositoryError(f"{where}: shape has {len(shape)} dimensions, the limit is {MAX_DIMS}")
-        return cls(name, datatype, list(shape))
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+def model_path(name: str) -> str:
+    """`models/<name>`, relative to the share's root (a local folder, or the tail of an NFS URL)."""
+    return f"{MODELS_DIR}/{check_name(name)}"
 
 
-@dataclass
-class ModelConfig:
-    """A model's config.json: the contract the agent checks every request against before touching the model."""
+def version_path(name: str, version: int) -> str:
+    """`models/<name>/<version>`, relative to the share's root."""
+    return f"{model_path(name)}/{check_version(name, version)}"
 
-    name: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    max_batch_size: int = 0  # largest batch the agent's batcher may build (0 = no batching)
-    max_queue_delay_us: int = 0  # how long the batcher may hold a request to fill a batch
-    instances: int = 1  # model instances an agent runs side by side
-    platform: str | None = None  # "torchscript" | "torch_export"; None = decided by the version's model file
 
-    @classmethod
-    def from_dict(cls, d: Any, name: str | None = None) -> "ModelConfig":
-        """Validate strictly, so a typo in config.json fails at load time rather than on the first request."""
-        label = name if name is not None else (d.get("name") if isinstance(d, dict) else None)
-        prefix = f"config of model '{label}'" if label else "model config"
-        if not isinstance(d, dict):
-            raise RepositoryError(f"{prefix} must be a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(_CONFIG_KEYS), key=str)
-        if unknown:
-            raise RepositoryError(
-                f"{prefix}: unknown key(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(_CONFIG_KEYS)})"
-            )
-        cfg_name = d.get("name")
-        if cfg_name is not None and (not isinstance(cfg_name, str) or not cfg_name):
-            raise RepositoryError(f"{prefix}: 'name' must be a non-empty string, got {cfg_name!r}")
-        if name is not None and cfg_name is not None and cfg_name != name:
-            raise RepositoryError(f"{prefix}: config.json names the model {cfg_name!r} but its folder is {name!r}")
-        final_name = name if name is not None else cfg_name
-        if final_name is None:
-            raise RepositoryError(f"{prefix}: no model name (neither in the config nor given)")
+def sub_folders(folder: str | os.PathLike) -> list[str]:
+    """Names of the folders in `folder` (OSError if it cannot be listed). scandir knows each entry's type from the
+    listing itself on most file systems, NFS included, so this costs no stat per entry."""
+    with os.scandir(folder) as entries:
+        return [e.name for e in entries if e.is_dir()]
 
-        specs = {}
-        for key in ("inputs", "outputs"):
-            value = d.get(key)
-            if not isinstance(value, list) or not value:
-                raise RepositoryError(f"{prefix}: '{key}' must be a non-empty list, got {value!r}")
-            items = [TensorSpec._from_dict(item, f"{prefix}: {key}[{i}]") for i, item in enumerate(value)]
-            seen = set()
-            for spec in items:
-                if spec.name in seen:
-                    raise RepositoryError(f"{prefix}: {key} name '{spec.name}' appears twice")
-                seen.add(spec.name)
-            specs[key] = items
 
-        ints = {}
-        for key, default, minimum in (("max_batch_size", 0, 0), ("max_queue_delay_us", 0, 0), ("instances", 1, 1)):
-            value = d.get(key, default)
-            if not _is_int(value) or value < minimum:
-                raise RepositoryError(f"{prefix}: '{key}' must be an int >= {minimum}, got {value!r}")
-            ints[key] = value
+def model_names_of(entries: Iterable[str]) -> list[str]:
+    """The model names among the folder names of models/, sorted."""
+    return sorted(e for e in entries if MODEL_NAME_RE.fullmatch(e))
 
-        platform = d.get("platform")
-        if platform is not None and platform not in PLATFORMS:
-            raise RepositoryError(f"{prefix}: platform {platform!r} is not one of {', '.join(PLATFORMS)}")
-        return cls(final_name, specs["inputs"], specs["outputs"], platform=platform, **ints)
 
-    def to_dict(self) -> dict:
-        d = {
-            "name": self.name,
-            "inputs": [s.to_dict() for s in self.inputs],
-            "outputs": [s.to_dict() for s in self.outputs],
-            "max_batch_size": self.max_batch_size,
-            "max_queue_delay_us": self.max_queue_delay_us,
-            "instances": self.instances,
-        }
-        if self.platform is not None:
-            d["platform"] = self.platform
-        return d
-
-    def check_inputs(self, metas: list[dict]) -> None:
-        """Refuse a request the model cannot take, with a message the client can act on, before running it."""
-        declared = {s.name: s for s in self.inputs}
-        given = {m["name"]: m for m in metas}
-        for name in given:
-            if name not in declared:
-                raise InputError(
-                    f"unknown input '{name}': model '{self.name}' takes {', '.join(repr(n) for n in declared)}"
-                )
-        for spec in self.inputs:
-            meta = given.get(spec.name)
-            if meta is None:
-                raise InputError(f"missing input '{spec.name}' ({spec.datatype} {spec.shape}) for model '{self.name}'")
-            if meta["datatype"] != spec.datatype:
-                raise InputError(f"input '{spec.name}': expected datatype {spec.datatype}, got {meta['datatype']}")
-            problem = shape_mismatch(spec.shape, list(meta["shape"]))
-            if problem:
-                raise InputError(f"input '{spec.name}': {problem}")
-
-    def warmup_inputs(self) -> dict[str, np.ndarray]:
-        """Smallest inputs the config allows, so warm-up exercises the model without guessing real sizes."""
-        return {
-            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DATATYPES[s.datatype])
-            for s in self.inputs
-        }
-
-    def metadata(self) -> dict:
-        """Open Inference Protocol model metadata (what GET /v2/models/<name> returns)."""
-        return {
-            "name": self.name,
-            "platform": self.platform or "",
-            "inputs": [s.to_dict() for s in self.inputs],
-            "outputs": [s.to_dict() for s in self.outputs],
-        }
+def versions_of(entries: Iterable[str]) -> list[int]:
+    """The versions among the folder names of a model's folder, sorted (the rule: see the module docstring)."""
+    return sorted(v for v in map(version_number, entries) if v is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Files
+# Atomic writes
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: str | os.PathLike) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename or new entry in `path` durable; some file systems (NFS, Windows) refuse a directory fsync."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -240,10 +135,13 @@ def _fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create `path` (must not exist) with 0666 & ~umask, unlike mkstemp's 0600 that other hosts' agents cannot read."""
+def write_new_file(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Create `path` (must not exist), write and fsync it. Its mode is 0666 & ~umask (not mkstemp's 0600, which other
+    hosts' agents could not read), or exactly `mode` when given."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -252,116 +150,110 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` so that readers see the old or the new content, never a partial file."""
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` so that readers see the old or the new content, never a partial file: a dot-named temp file
+    next to it, fsync, rename over the old one, fsync the folder."""
+    path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}"
     try:
-        _write_new_file(tmp, data)
+        write_new_file(tmp, data, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise RepositoryError(f"invalid model name {name!r} (letters, digits, '_', '.', '-'; at most 128)")
-    return name
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loaded model
+# Manifests and digests
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class LoadedModel:
-    """A verified, warmed-up model, and the one place where the config's tensor names meet the module's positions."""
-
-    def __init__(self, name: str, version: int, config: ModelConfig, module: Any, device: str = "cpu"):
-        self.name = name
-        self.version = version
-        self.config = config
-        self.module = module
-        self.device = device
-
-    def __repr__(self) -> str:
-        return f"LoadedModel({self.name!r}, version={self.version}, platform={self.config.platform!r}, device={self.device!r})"
-
-    def _where(self) -> str:
-        return f"model '{self.name}' version {self.version}"
-
-    def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the module on named inputs; outputs come back named, on CPU and C-contiguous, ready for the codec."""
-        args = []
-        for spec in self.config.inputs:
-            tensor = inputs.get(spec.name)
-            if tensor is None:
-                raise InputError(f"missing input '{spec.name}' for model '{self.name}'")
-            args.append(tensor if self.device == "cpu" else tensor.to(self.device))
-        extra = set(inputs) - {s.name for s in self.config.inputs}
-        if extra:
-            raise InputError(f"unknown input(s) {', '.join(map(repr, sorted(extra)))} for model '{self.name}'")
-
-        with torch.inference_mode():
-            result = self.module(*args)
-
-        names = [s.name for s in self.config.outputs]
-        if isinstance(result, torch.Tensor):
-            values = [result]
-        elif isinstance(result, (tuple, list)):
-            values = list(result)
-        elif isinstance(result, dict):
-            if set(result) != set(names):
-                raise RepositoryError(
-                    f"{self._where()} returned outputs {sorted(map(str, result))}, config declares {names}"
-                )
-            values = [result[n] for n in names]
-        else:
-            raise RepositoryError(f"{self._where()} returned {type(result).__name__}, expected tensor(s)")
-        if len(values) != len(names):
-            raise RepositoryError(f"{self._where()} returned {len(values)} output(s), config declares {len(names)} {names}")
-        outputs = {}
-        for name, value in zip(names, values):
-            if not isinstance(value, torch.Tensor):
-                raise RepositoryError(f"{self._where()}: output '{name}' is a {type(value).__name__}, not a tensor")
-            outputs[name] = value.to("cpu").contiguous()
-        return outputs
-
-    def warmup(self) -> None:
-        """Run once on zeros so a model that does not match its config is refused at load, not on a user request."""
-        inputs = {name: torch.from_numpy(array) for name, array in self.config.warmup_inputs().items()}
-        try:
-            outputs = self.infer(inputs)
-        except RepositoryError as exc:
-            raise RepositoryError(f"warm-up failed: {exc}") from exc
-        except Exception as exc:
-            raise RepositoryError(f"{self._where()}: warm-up failed: {_describe(exc)}") from exc
-        for spec in self.config.outputs:
-            tensor = outputs[spec.name]
-            datatype = DATATYPE_OF_TORCH.get(tensor.dtype, str(tensor.dtype))
-            if datatype != spec.datatype:
-                raise RepositoryError(
-                    f"{self._where()}: warm-up output '{spec.name}' has datatype {datatype}, config says {spec.datatype}"
-                )
-            problem = shape_mismatch(spec.shape, list(tensor.shape))
-            if problem:
-                raise RepositoryError(f"{self._where()}: warm-up output '{spec.name}': {problem} (as config.json says)")
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB models do not need to fit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def _describe(exc: BaseException, limit: int = 1000) -> str:
-    """One exception as text short enough for a log line (TorchScript errors can run to pages)."""
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= limit else text[:limit] + " ..."
+def parse_manifest(data: bytes, where: str) -> dict[str, str]:
+    """A manifest's file -> sha256 map, checked so that no entry can point outside its version folder (or at the
+    manifest itself). `where` names the manifest in messages."""
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RepositoryError(f"{where}: not valid JSON: {exc}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise RepositoryError(f"{where}: no 'files' map of file name -> sha256")
+    for fname, digest in files.items():
+        if not isinstance(fname, str) or fname in ("", ".", "..", MANIFEST_FILE) or "/" in fname or "\\" in fname:
+            raise RepositoryError(f"{where}: lists {fname!r}, which is not a plain file name")
+        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+            raise RepositoryError(f"{where}: no valid sha256 for '{fname}' ({digest!r})")
+    return files
+
+
+def read_manifest(folder: Path, where: str) -> dict[str, str]:
+    """The checked manifest of a version folder; a folder without one is refused, so nothing unverified is loaded."""
+    path = folder / MANIFEST_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RepositoryError(
+            f"{where}: no {MANIFEST_FILE} in {folder}; refusing to load an unverified model "
+            f"(publish it with publish_version, which writes the manifest)"
+        ) from None
+    except OSError as exc:
+        raise RepositoryError(f"{where}: cannot read {path}: {describe_error(exc)}") from None
+    return parse_manifest(data, f"{where}: {path}")
+
+
+def check_digest(path: Path, expected: str, where: str, data: bytes | None = None) -> None:
+    """Refuse a file whose sha256 is not the manifest's; with `data`, hash those bytes (read from `path`) instead."""
+    try:
+        actual = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    except FileNotFoundError:
+        raise RepositoryError(f"{where}: {path} is listed in {MANIFEST_FILE} but missing") from None
+    except OSError as exc:
+        raise RepositoryError(f"{where}: cannot read {path}: {describe_error(exc)}") from None
+    if actual != expected:
+        raise RepositoryError(
+            f"{where}: sha256 mismatch for {path}: manifest says {expected}, file has {actual} "
+            f"(corrupt, partly copied or modified after publishing)"
+        )
+
+
+def verify_folder(folder: Path, where: str) -> dict[str, str]:
+    """Check every file a version folder's manifest lists against its sha256; returns the manifest's map."""
+    files = read_manifest(folder, where)
+    for fname, digest in files.items():
+        check_digest(folder / fname, digest, where)
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Repository
+# Reading
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelBytes:
+    """A version's model file read into memory and checked against its manifest: load `data`, never re-read `path`,
+    so a file swapped on the share after the check cannot slip through."""
+
+    name: str
+    version: int
+    config: ModelConfig  # the config published with this version, its platform filled in
+    path: Path  # where the bytes were read from (for messages)
+    data: bytes
 
 
 class ModelRepository:
-    """Read side of the share: what models and versions exist, and loading one safely."""
+    """A share that is a folder on this host (a plain directory, a kernel NFS mount, an NfsShare's cache): what
+    models and versions it holds, their configs, and their model files, verified."""
 
     def __init__(self, share_dir: str | os.PathLike):
         self.share_dir = Path(share_dir)
@@ -371,30 +263,22 @@ class ModelRepository:
         return f"ModelRepository({str(self.share_dir)!r})"
 
     def model_dir(self, name: str) -> Path:
-        return self.models_dir / _check_name(name)
+        return self.share_dir / model_path(name)
 
     def model_names(self) -> list[str]:
+        """Models with a config.json (a folder without one is a first publish in progress, or not a model)."""
         try:
-            entries = os.listdir(self.models_dir)
+            entries = sub_folders(self.models_dir)
         except FileNotFoundError:
             return []
-        return sorted(
-            e for e in entries if MODEL_NAME_RE.fullmatch(e) and (self.models_dir / e / CONFIG_FILE).is_file()
-        )
+        return [name for name in model_names_of(entries) if (self.models_dir / name / CONFIG_FILE).is_file()]
 
     def versions(self, name: str) -> list[int]:
-        """Published versions only: a folder without a model file is not (or no longer) a usable version."""
-        folder = self.model_dir(name)
+        """The model's versions (the rule: see the module docstring); none for a model that does not exist."""
         try:
-            entries = os.listdir(folder)
+            return versions_of(sub_folders(self.model_dir(name)))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        found = []
-        for entry in entries:
-            number = version_number(entry)
-            if number is not None and any((folder / entry / f).is_file() for f in MODEL_FILES):
-                found.append(number)
-        return sorted(found)
 
     def latest_version(self, name: str) -> int | None:
         versions = self.versions(name)
@@ -416,7 +300,7 @@ class ModelRepository:
         except FileNotFoundError:
             raise RepositoryError(f"model '{name}': no {CONFIG_FILE} at {path}") from None
         except OSError as exc:
-            raise RepositoryError(f"model '{name}': cannot read {path}: {_describe(exc)}") from exc
+            raise RepositoryError(f"model '{name}': cannot read {path}: {describe_error(exc)}") from exc
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -434,8 +318,10 @@ class ModelRepository:
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise RepositoryError(f"model '{name}' version {version}: cannot read {path}: {_describe(exc)}") from None
-        self._check_digest(name, version, path, files[CONFIG_FILE], raw)
+            raise RepositoryError(
+                f"model '{name}' version {version}: cannot read {path}: {describe_error(exc)}"
+            ) from None
+        check_digest(path, files[CONFIG_FILE], f"model '{name}' version {version}", raw)
         try:
             return ModelConfig.from_dict(json.loads(raw), name=name)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -444,9 +330,7 @@ class ModelRepository:
             raise RepositoryError(f"{path}: {exc}") from None
 
     def _version_dir(self, name: str, version: int) -> Path:
-        if not _is_int(version) or version < 0:
-            raise RepositoryError(f"model '{name}': invalid version {version!r}")
-        return self.model_dir(name) / str(version)
+        return self.share_dir / version_path(name, version)
 
     def _model_file(self, name: str, version: int, platform: str | None) -> tuple[Path, str]:
         """(path, platform) of the version's model file; the config's platform picks one if both files exist."""
@@ -461,67 +345,37 @@ class ModelRepository:
                 )
             return matching[0]
         if not present:
-            raise RepositoryError(f"model '{name}' version {version}: no model file ({' or '.join(MODEL_FILES)}) in {folder}")
+            raise RepositoryError(
+                f"model '{name}' version {version}: no model file ({' or '.join(MODEL_FILES)}) in {folder}"
+            )
         if len(present) > 1:
             raise RepositoryError(
-                f"model '{name}' version {version}: both model.pt and model.pt2 in {folder}; set 'platform' in config.json"
+                f"model '{name}' version {version}: both model.pt and model.pt2 in {folder}; "
+                f"set 'platform' in config.json"
             )
         return present[0]
 
     def _manifest(self, name: str, version: int) -> dict[str, str]:
-        """The manifest's file -> sha256 map, after checking it cannot point outside the version folder."""
         folder = self._version_dir(name, version)
         where = f"model '{name}' version {version}"
         if not folder.is_dir():
             raise RepositoryError(f"{where}: no such version folder {folder}")
-        path = folder / MANIFEST_FILE
-        try:
-            manifest = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise RepositoryError(
-                f"{where}: no {MANIFEST_FILE} in {folder}; refusing to load an unverified model "
-                f"(publish it with publish_version, which writes the manifest)"
-            ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RepositoryError(f"{where}: cannot read {path}: {_describe(exc)}") from None
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not files:
-            raise RepositoryError(f"{where}: {path} has no 'files' map of file name -> sha256")
-        for fname, digest in files.items():
-            if not isinstance(fname, str) or fname in ("", ".", "..") or os.path.basename(fname) != fname or "\\" in fname:
-                raise RepositoryError(f"{where}: {path} lists {fname!r}, which is not a plain file name")
-            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise RepositoryError(f"{where}: {path} has no valid sha256 for '{fname}' ({digest!r})")
-        return files
+        return read_manifest(folder, where)
 
     def verify(self, name: str, version: int) -> dict[str, str]:
         """Check every file the manifest lists against its sha256; returns the manifest's file -> sha256 map."""
         files = self._manifest(name, version)
         folder = self._version_dir(name, version)
+        where = f"model '{name}' version {version}"
         if not any(f in files for f in MODEL_FILES if (folder / f).is_file()):
-            raise RepositoryError(f"model '{name}' version {version}: {MANIFEST_FILE} does not list the model file")
+            raise RepositoryError(f"{where}: {MANIFEST_FILE} does not list the model file")
         for fname, digest in files.items():
-            self._check_digest(name, version, folder / fname, digest, None)
+            check_digest(folder / fname, digest, where)
         return files
 
-    @staticmethod
-    def _check_digest(name: str, version: int, path: Path, expected: str, data: bytes | None) -> None:
-        where = f"model '{name}' version {version}"
-        try:
-            actual = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
-        except FileNotFoundError:
-            raise RepositoryError(f"{where}: {path} is listed in {MANIFEST_FILE} but missing") from None
-        except OSError as exc:
-            raise RepositoryError(f"{where}: cannot read {path}: {_describe(exc)}") from None
-        if actual != expected:
-            raise RepositoryError(
-                f"{where}: sha256 mismatch for {path}: manifest says {expected}, file has {actual} "
-                f"(corrupt, partly copied or modified after publishing)"
-            )
-
-    def load(self, name: str, version: int, device: str = "cpu") -> LoadedModel:
-        """Verify, load, warm up. The model file is hashed from the very bytes handed to torch, so a file swapped
-        between the check and the load cannot slip through."""
+    def read_model(self, name: str, version: int) -> ModelBytes:
+        """The version's model file and config, every file checked against the manifest. The model file is hashed
+        from the very bytes returned, so a file swapped between the check and the load cannot slip through."""
         where = f"model '{name}' version {version}"
         files = self._manifest(name, version)
         config = self._version_config(name, version, files)
@@ -530,37 +384,13 @@ class ModelRepository:
             raise RepositoryError(f"{where}: {MANIFEST_FILE} does not list {path.name}; refusing to load it unverified")
         for fname, digest in files.items():
             if fname != path.name:
-                self._check_digest(name, version, path.parent / fname, digest, None)
+                check_digest(path.parent / fname, digest, where)
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise RepositoryError(f"{where}: cannot read {path}: {_describe(exc)}") from None
-        self._check_digest(name, version, path, files[path.name], data)
-
-        config = dataclasses.replace(config, platform=platform)
-        try:
-            if platform == "torchscript":
-                module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-                if device != "cpu":
-                    module = module.to(device)
-                module.eval()
-            else:
-                program = torch.export.load(io.BytesIO(data))
-                if device != "cpu":
-                    from torch.export.passes import move_to_device_pass
-
-                    program = move_to_device_pass(program, device)
-                module = program.module()
-                try:
-                    module.eval()
-                except NotImplementedError:
-                    pass  # exported programs are traced in eval mode already; their modules refuse eval()
-        except Exception as exc:
-            raise RepositoryError(f"{where}: cannot load {path} ({platform}): {_describe(exc)}") from exc
-        del data
-        model = LoadedModel(name, version, config, module, device)
-        model.warmup()
-        return model
+            raise RepositoryError(f"{where}: cannot read {path}: {describe_error(exc)}") from None
+        check_digest(path, files[path.name], where, data)
+        return ModelBytes(name, version, replace(config, platform=platform), path, data)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,10 +408,10 @@ def publish_version(
 ) -> int:
     """Add a version so that agents scanning the share see it complete or not at all; returns its number.
 
-    The folder is built as <models>/<name>/.tmp-<random>/ (invisible to versions()), fsynced, and renamed into place;
-    rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
+    The folder is built as <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and
+    renamed into place; rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
     """
-    _check_name(name)
+    check_name(name)
     model_path = Path(model_path)
     suffix = model_path.suffix.lower()
     target_file = {".pt": "model.pt", ".pt2": "model.pt2"}.get(suffix)
@@ -592,8 +422,7 @@ def publish_version(
     if version is not None and (not _is_int(version) or version < 1):
         raise RepositoryError(f"cannot publish model '{name}': version must be an int >= 1, got {version!r}")
 
-    repo = ModelRepository(share_dir)
-    model_dir = repo.models_dir / name
+    model_dir = ModelRepository(share_dir).model_dir(name)
     config_path = model_dir / CONFIG_FILE
     config_bytes = None
     if config is not None:
@@ -601,7 +430,8 @@ def publish_version(
         expected_platform = MODEL_FILES[target_file]
         if parsed.platform is not None and parsed.platform != expected_platform:
             raise RepositoryError(
-                f"cannot publish model '{name}': config says platform '{parsed.platform}' but {model_path} is {expected_platform}"
+                f"cannot publish model '{name}': config says platform '{parsed.platform}' "
+                f"but {model_path} is {expected_platform}"
             )
         config_bytes = (json.dumps(parsed.to_dict(), indent=2) + "\n").encode()
     elif not config_path.is_file():
@@ -636,19 +466,18 @@ def publish_version(
         # Each version keeps the config it was published with, so a later version's config.json cannot change
         # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
         version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
-        _write_new_file(tmp / CONFIG_FILE, version_config)
+        write_new_file(tmp / CONFIG_FILE, version_config)
         manifest["files"][CONFIG_FILE] = hashlib.sha256(version_config).hexdigest()
-        _write_new_file(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
-        _fsync_dir(tmp)
+        write_new_file(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+        fsync_dir(tmp)
 
         if config_bytes is not None:
-            _atomic_write(config_path, config_bytes)
+            atomic_write(config_path, config_bytes)
 
         for _ in range(100):
             number = version
             if number is None:
-                existing = [n for n in map(version_number, os.listdir(model_dir)) if n is not None]
-                number = max(existing, default=0) + 1
+                number = max(versions_of(os.listdir(model_dir)), default=0) + 1
             final = model_dir / str(number)
             if final.exists():
                 if version is not None:
@@ -667,7 +496,7 @@ def publish_version(
             break
         else:
             raise RepositoryError(f"cannot publish model '{name}': could not claim a version number")
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
         return number
     finally:
         if tmp.exists():

@@ -10,54 +10,42 @@ share's layout, so `cluster.repository.ModelRepository(share.local_root)` works 
     share.refresh_model("mnist")                        # config.json into the cache
     folder = share.fetch_version("mnist", max(share.list_versions("mnist")))
 
-Layout and naming rules are those of `cluster.repository` (kept in step by hand, because importing it here would pull
-in torch for the sake of a regex): model names are folder names, versions are canonical decimal folder names, and
-anything starting with '.' is a publish in progress (`.tmp-XXXX`) to be ignored.
+Every rule about what the share holds (layout, model names, what a version is, manifests, digests, atomic writes)
+is cluster.repository's; this module only reaches the files. Errors: ShareError when the share cannot be reached or
+read; RepositoryError (ShareError's base class) when what it holds breaks a rule, e.g. a bad name or a file whose
+sha256 is not its manifest's. `except RepositoryError` catches both.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-MODELS_DIR = "models"
-CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-
-MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a folder name on every host: no dot-folders, no '/'
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1024 * 1024
-
-
-class ShareError(Exception):
-    """The share cannot be read, or what it holds does not match its manifest; the message says what and where."""
-
-
-def _check_name(name: str) -> str:
-    """Model names end up in local paths and NFS URLs, so only plain folder names are allowed."""
-    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise ShareError(f"invalid model name {name!r} (letters, digits, '_', '.', '-'; at most 128)")
-    return name
+from cluster.repository import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MODELS_DIR,
+    RepositoryError,
+    atomic_write,
+    check_digest,
+    model_names_of,
+    model_path,
+    parse_manifest,
+    sub_folders,
+    verify_folder,
+    version_path,
+    versions_of,
+)
 
 
-def _check_version(version: int) -> str:
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ShareError(f"invalid version {version!r}")
-    return str(version)
-
-
-def version_number(entry: str) -> int | None:
-    """The version a folder name stands for; None for '.tmp-XXXX' folders and anything not a canonical number."""
-    if entry.isascii() and entry.isdigit() and str(int(entry)) == entry:
-        return int(entry)
-    return None
+class ShareError(RepositoryError):
+    """The share cannot be reached or read (a folder that cannot be listed, an NFS tool that fails or hangs, an
+    address that is not a share); the message says what and where."""
 
 
 def _check_relpath(relpath: str) -> str:
@@ -68,66 +56,17 @@ def _check_relpath(relpath: str) -> str:
     return "/".join(parts)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB models do not need to fit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def parse_manifest(data: bytes, where: str) -> dict[str, str]:
-    """A manifest's file -> sha256 map, checked so that no entry can point outside its version folder."""
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShareError(f"{where}: not valid JSON: {exc}") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not files:
-        raise ShareError(f"{where}: no 'files' map of file name -> sha256")
-    for fname, digest in files.items():
-        if not isinstance(fname, str) or fname in ("", ".", "..", MANIFEST_FILE) or "/" in fname or "\\" in fname:
-            raise ShareError(f"{where}: lists {fname!r}, which is not a plain file name")
-        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
-            raise ShareError(f"{where}: no valid sha256 for '{fname}' ({digest!r})")
-    return files
-
-
-def _check_digest(path: Path, expected: str, where: str) -> None:
-    try:
-        actual = sha256_file(path)
-    except OSError as exc:
-        raise ShareError(f"{where}: listed in {MANIFEST_FILE} but cannot be read: {exc}") from None
-    if actual != expected:
-        raise ShareError(f"{where}: sha256 mismatch: manifest says {expected}, file has {actual}")
-
-
-def verify_version(folder: str | os.PathLike) -> dict[str, str]:
-    """Check every file the folder's manifest lists against its sha256 (ShareError naming the file if one differs).
-
-    NfsShare checks every download this way; LocalShare.fetch_version does not (the loader hashes the bytes it
-    loads anyway), but callers that want the check on a local share can call this themselves."""
-    folder = Path(folder)
-    try:
-        data = (folder / MANIFEST_FILE).read_bytes()
-    except OSError as exc:
-        raise ShareError(f"cannot read {folder / MANIFEST_FILE}: {exc}") from None
-    files = parse_manifest(data, str(folder / MANIFEST_FILE))
-    for fname, expected in files.items():
-        _check_digest(folder / fname, expected, str(folder / fname))
-    return files
-
-
 class Share:
     """A model share as the agent sees it: `local_root` holds `models/<name>/...` once the model has been fetched."""
 
     local_root: Path
 
     def list_models(self) -> list[str]:
+        """Folder names under models/ that are model names (cluster.repository.model_names_of), sorted."""
         raise NotImplementedError
 
     def list_versions(self, name: str) -> list[int]:
+        """The model's versions by the one rule (cluster.repository.versions_of: canonical decimal folder names)."""
         raise NotImplementedError
 
     def read_text(self, relpath: str) -> str:
@@ -152,16 +91,15 @@ class LocalShare(Share):
 
     def _entries(self, folder: Path) -> list[str]:
         try:
-            return [e.name for e in os.scandir(folder) if e.is_dir()]
+            return sub_folders(folder)
         except OSError as exc:
             raise ShareError(f"cannot list {folder}: {exc}") from None
 
     def list_models(self) -> list[str]:
-        return sorted(e for e in self._entries(self.local_root / MODELS_DIR) if MODEL_NAME_RE.fullmatch(e))
+        return model_names_of(self._entries(self.local_root / MODELS_DIR))
 
     def list_versions(self, name: str) -> list[int]:
-        entries = self._entries(self.local_root / MODELS_DIR / _check_name(name))
-        return sorted(v for v in map(version_number, entries) if v is not None)
+        return versions_of(self._entries(self.local_root / model_path(name)))
 
     def read_text(self, relpath: str) -> str:
         path = self.local_root / _check_relpath(relpath)
@@ -171,7 +109,7 @@ class LocalShare(Share):
             raise ShareError(f"cannot read {path}: {exc}") from None
 
     def fetch_version(self, name: str, version: int) -> Path:
-        folder = self.local_root / MODELS_DIR / _check_name(name) / _check_version(version)
+        folder = self.local_root / version_path(name, version)
         if not folder.is_dir():
             raise ShareError(f"model '{name}' has no version {version} at {folder}")
         return folder
@@ -224,11 +162,10 @@ class NfsShare(Share):
         return [f[5] for f in fields if len(f) == 6 and f[0].startswith("d")]
 
     def list_models(self) -> list[str]:
-        return sorted(e for e in self._list_dirs(MODELS_DIR) if MODEL_NAME_RE.fullmatch(e))
+        return model_names_of(self._list_dirs(MODELS_DIR))
 
     def list_versions(self, name: str) -> list[int]:
-        entries = self._list_dirs(f"{MODELS_DIR}/{_check_name(name)}")
-        return sorted(v for v in map(version_number, entries) if v is not None)
+        return versions_of(self._list_dirs(model_path(name)))
 
     def read_text(self, relpath: str) -> str:
         data = self._run(["nfs-cat", self._url(_check_relpath(relpath))], self.timeout)
@@ -239,32 +176,24 @@ class NfsShare(Share):
 
     def refresh_model(self, name: str) -> None:
         """Copy config.json into the cache, replacing the old one atomically (readers never see half a file)."""
-        relpath = f"{MODELS_DIR}/{_check_name(name)}/{CONFIG_FILE}"
+        relpath = f"{model_path(name)}/{CONFIG_FILE}"
         data = self._run(["nfs-cat", self._url(relpath)], self.timeout)
         target = self.local_root / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(target, data, mode=0o644)  # 0644 whatever the umask: agents running as other users read it
 
     def fetch_version(self, name: str, version: int) -> Path:
         """Download into a dot-named temp folder, verify every sha256, then rename into place.
 
         The cache therefore only ever holds complete, verified versions (published versions are immutable, so a
         verified copy is reused without asking the server). A cached copy that no longer verifies is replaced."""
-        relpath = f"{MODELS_DIR}/{_check_name(name)}/{_check_version(version)}"
+        relpath = version_path(name, version)
         dest = self.local_root / relpath
         if dest.is_dir():
             try:
-                verify_version(dest)
+                verify_folder(dest, f"cached copy of model '{name}' version {version}")
                 return dest
-            except ShareError:
+            except RepositoryError:
                 shutil.rmtree(dest, ignore_errors=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
@@ -277,7 +206,7 @@ class NfsShare(Share):
                 url = self._url(f"{relpath}/{fname}")
                 # nfs-cp refuses to overwrite a local file, and streams to disk where nfs-cat would go through memory
                 self._run(["nfs-cp", url, str(tmp / fname)], self.copy_timeout)
-                _check_digest(tmp / fname, expected, url)
+                check_digest(tmp / fname, expected, url)
                 os.chmod(tmp / fname, 0o644)  # nfs-cp creates 0640: agents running as other users could not read it
             tmp.chmod(0o755)  # mkdtemp's 0700 would hide the folder from agents running as other users
             try:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import zmq
 
+from cluster.agent.loaded_model import load_model
 from cluster.agent.runner import Job, WorkerPool
 from cluster.codec import encode_tensors
 from cluster.demo_models import digits_split
@@ -39,7 +40,7 @@ def test_batched_digits_match_the_model_run_directly(cluster, share):
     cluster.wait_for_agents(1, model="digits")
     _, _, x_test, _ = digits_split()
     repository = ModelRepository(share)
-    model = repository.load("digits", 1)
+    model = load_model(repository, "digits", 1)
     assert model.config.max_batch_size > 1, "the demo digits model should batch"
     direct = model.infer({"image": torch.from_numpy(x_test)})["probs"].numpy()
     client = cluster.client()
@@ -58,7 +59,7 @@ def test_one_bad_request_fails_only_itself(tmp_path):
     path = tmp_path / "picky.pt"
     torch.jit.script(Picky()).save(str(path))
     publish_version(tmp_path, "picky", path, {"name": "picky", **PICKY_CONFIG})
-    model = ModelRepository(tmp_path).load("picky", 1)
+    model = load_model(ModelRepository(tmp_path), "picky", 1)
     ctx = zmq.Context()
     results = ctx.socket(zmq.PULL)
     results.bind("inproc://test-results")

@@ -17,6 +17,7 @@ from cluster import (
     NoAgentAvailableError,
 )
 from cluster.demo_models import digits_split
+from cluster.agent.loaded_model import load_model
 from cluster.repository import ModelRepository
 from tests.harness import wait_for
 from tests.models import publish_slow, slow_rounds_per_second
@@ -209,7 +210,7 @@ def test_held_out_digits_match_the_model_run_directly(cluster, share):
     _, _, x_test, y_test = digits_split()
     assert len(x_test) == 360
     repository = ModelRepository(share)
-    model = repository.load("digits", repository.latest_version("digits"))
+    model = load_model(repository, "digits", repository.latest_version("digits"))
     direct = model.infer({"image": torch.from_numpy(x_test)})["probs"].numpy().argmax(1)
     client = cluster.client()
     futures = [client.submit("digits", {"image": x_test[i : i + 1]}) for i in range(360)]

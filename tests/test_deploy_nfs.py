@@ -13,6 +13,8 @@ from cluster.demo_models import train_digits
 from tests.harness import REPO_ROOT, wait_for
 from tests.nfs_server import ganesha_server, nfs_available
 
+pytestmark = [pytest.mark.nfs, pytest.mark.cluster]
+
 
 def test_agents_serve_models_from_an_nfs_share(cluster, share, tmp_path):
     ok, reason = nfs_available()
@@ -28,7 +30,9 @@ def test_agents_serve_models_from_an_nfs_share(cluster, share, tmp_path):
         assert client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)}).version == 1
         for i in range(2):
             cached = tmp_path / f"cache-{i}" / "models" / "digits" / "1"
-            assert (cached / "model.pt").is_file() and (cached / "manifest.json").is_file(), f"agent {i} did not use its NFS cache"
+            assert (cached / "model.pt").is_file() and (cached / "manifest.json").is_file(), (
+                f"agent {i} did not use its NFS cache"
+            )
 
         model = tmp_path / "digits-v2.pt"
         train_digits(seed=1).save(str(model))
@@ -37,7 +41,8 @@ def test_agents_serve_models_from_an_nfs_share(cluster, share, tmp_path):
             env=cluster.env(), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
         )
         assert out.returncode == 0, out.stdout + out.stderr
-        wait_for(lambda: client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)}).version == 2, 10, "v2 to answer")
+        image = {"image": np.zeros((1, 8, 8), np.float32)}
+        wait_for(lambda: client.infer("digits", image).version == 2, 10, "v2 to answer")
         for i in range(2):
             assert (tmp_path / f"cache-{i}" / "models" / "digits" / "2" / "model.pt").is_file()
         cluster.stop_all()  # agents stop before the NFS server does

@@ -1,7 +1,7 @@
 """The share as agents see it: a local folder, or a real NFS server (nfs-ganesha) read with the libnfs tools.
 
-The NFS tests serve a temp folder with nfs-ganesha on 127.0.0.1 (tests/nfs_server.py); they skip only where
-ganesha, rpcbind or libnfs-utils are not installed. One server per class: it needs ports 2049/20048/111, so the
+The NFS tests (marked `nfs`) serve a temp folder with nfs-ganesha on 127.0.0.1 (tests/nfs_server.py); they skip only
+where ganesha, rpcbind or libnfs-utils are not installed. One server per class: it needs ports 2049/20048/111, so the
 server of TestNfsShare must be gone before test_setup_script_userspace starts its own.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.repository import RepositoryError
 from cluster.share import LocalShare, NfsShare, ShareError, open_share
 from tests.nfs_server import ganesha_server, nfs_available, rpcbind_running
 
@@ -89,8 +90,9 @@ def test_local_share(tmp_path):
         assert json.loads(share.read_text("models/tiny/config.json"))["name"] == "tiny"
     with pytest.raises(ShareError, match="version 2"):
         share.fetch_version("tiny", 2)
-    with pytest.raises(ShareError, match="invalid model name"):
+    with pytest.raises(RepositoryError, match="invalid model name"):  # a rule of the repository, not an access error
         share.list_versions("../etc")
+    assert issubclass(ShareError, RepositoryError)  # so callers catch both with one except
     with pytest.raises(ShareError, match="invalid share path"):
         share.read_text("../outside")
 
@@ -107,7 +109,8 @@ def test_dead_server_times_out(tmp_path):
         port = silent.getsockname()[1]
         share = NfsShare(f"nfs://127.0.0.1/export?nfsport={port}&mountport={port}", tmp_path / "cache", timeout=0.5)
         started = time.monotonic()
-        with pytest.raises(ShareError, match=r"(?s)nfs-ls nfs://127\.0\.0\.1/export/models\?nfsport=.*version=3.*no answer within 0\.5 s"):
+        no_answer = r"(?s)nfs-ls nfs://127\.0\.0\.1/export/models\?nfsport=.*version=3.*no answer within 0\.5 s"
+        with pytest.raises(ShareError, match=no_answer):
             share.list_models()
         assert time.monotonic() - started < 5
 
@@ -132,6 +135,7 @@ def nfs_export(tmp_path_factory):
         yield url, export
 
 
+@pytest.mark.nfs
 @pytest.mark.usefixtures("nfs_export")
 class TestNfsShare:
     def test_list_and_fetch(self, nfs_export, tmp_path):
@@ -172,7 +176,7 @@ class TestNfsShare:
                 f.seek(100)
                 f.write(bytes([original[100] ^ 0xFF]))
             share = open_share(url, cache_dir=tmp_path / "fresh-cache")
-            with pytest.raises(ShareError, match=r"(?s)models/tiny/1/model\.pt.*sha256 mismatch"):
+            with pytest.raises(RepositoryError, match=r"(?s)models/tiny/1/model\.pt.*sha256 mismatch"):
                 share.fetch_version("tiny", 1)
             left = list((share.local_root / "models" / "tiny").iterdir())
             assert left == []  # neither the version nor its temp folder stays in the cache
@@ -183,10 +187,14 @@ class TestNfsShare:
         url, export = nfs_export
         share = open_share(url, cache_dir=tmp_path / "cache")
         # libnfs mounts the folder named in the URL, so a missing folder fails the MOUNT call ("Permission denied")
-        missing = r"(?s)nfs-cat nfs://127\.0\.0\.1/export/models/tiny/7/manifest\.json\?version=3: .*MNT3ERR_ACCES.*does not exist"
+        missing = (
+            r"(?s)nfs-cat nfs://127\.0\.0\.1/export/models/tiny/7/manifest\.json\?version=3: .*MNT3ERR_ACCES"
+            r".*does not exist"
+        )
         with pytest.raises(ShareError, match=missing):
             share.fetch_version("tiny", 7)
-        with pytest.raises(ShareError, match=r"(?s)nfs-ls nfs://127\.0\.0\.1/export/models/absent\?version=3: .*MNT3ERR_ACCES"):
+        absent = r"(?s)nfs-ls nfs://127\.0\.0\.1/export/models/absent\?version=3: .*MNT3ERR_ACCES"
+        with pytest.raises(ShareError, match=absent):
             share.list_versions("absent")
         with pytest.raises(ShareError, match="(?s)nfs-cat .*/models/absent/config.json.*MNT3ERR_ACCES"):
             share.refresh_model("absent")
@@ -220,6 +228,7 @@ def test_setup_script_refuses_without_kernel_server(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.nfs
 def test_setup_script_userspace(tmp_path):
     """--userspace for real: serves the folder, a second run starts nothing, --stop stops all and tidies /run."""
     require_nfs()

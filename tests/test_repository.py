@@ -1,4 +1,5 @@
-"""Model repository: config validation, input checks, atomic publishing, verification and safe loading.
+"""Model repository: config validation, input checks, the share's rules (names, versions, atomic writes), atomic
+publishing, verification and safe loading (cluster.model_config, cluster.repository, cluster.agent.loaded_model).
 
 Everything runs on tmp_path shares; digits is trained once per module (a few seconds on one core).
 """
@@ -6,6 +7,7 @@ Everything runs on tmp_path shares; digits is trained once per module (a few sec
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -16,24 +18,26 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.agent.loaded_model import LoadedModel, load_model
+from cluster.codec import datatype_of
 from cluster.demo_models import (
     DIGITS_CONFIG,
     ECHO_CONFIG,
+    TEST_SIZE,
     digits_split,
     make_echo,
     train_digits,
     write_demo_models,
 )
+from cluster.model_config import InputError, ModelConfig, TensorSpec
 from cluster.repository import (
-    InputError,
-    LoadedModel,
-    ModelConfig,
     ModelRepository,
     RepositoryError,
-    TensorSpec,
+    atomic_write,
     publish_version,
     sha256_file,
 )
+from cluster.share import LocalShare
 
 # torch 2.13 deprecates torch.jit, but TorchScript is one of the two formats the repository serves.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
@@ -106,7 +110,10 @@ def test_config_round_trip_and_metadata():
 
 def test_config_defaults_and_name_from_argument():
     cfg = ModelConfig.from_dict(
-        {"inputs": [{"name": "a", "datatype": "INT64", "shape": []}], "outputs": [{"name": "b", "datatype": "BOOL", "shape": [0, 3]}]},
+        {
+            "inputs": [{"name": "a", "datatype": "INT64", "shape": []}],
+            "outputs": [{"name": "b", "datatype": "BOOL", "shape": [0, 3]}],
+        },
         name="m",
     )
     assert (cfg.name, cfg.max_batch_size, cfg.max_queue_delay_us, cfg.instances, cfg.platform) == ("m", 0, 0, 1, None)
@@ -223,7 +230,7 @@ def test_check_inputs_two_inputs_missing_one():
 def test_publish_writes_complete_version(tmp_path):
     src = _echo_file(tmp_path)
     calls = []
-    n = publish_version(tmp_path, "echo", src, config=ECHO_CONFIG, progress=lambda done, total: calls.append((done, total)))
+    n = publish_version(tmp_path, "echo", src, config=ECHO_CONFIG, progress=lambda *step: calls.append(step))
     assert n == 1
     repo = ModelRepository(tmp_path)
     folder = repo.models_dir / "echo" / "1"
@@ -265,14 +272,46 @@ def test_publish_numbering_and_refusals(tmp_path):
     assert repo.versions("echo") == [1, 2, 5, 6]
     assert repo.latest_version("echo") == 6
     assert repo.latest_version("nothing") is None and repo.versions("nothing") == []
-    # a temp folder, a folder without a model file and a non-canonical number are not versions
-    for junk in (".tmp-abc", "7", "08", "x9"):
-        (repo.models_dir / "echo" / junk).mkdir()
-        (repo.models_dir / "echo" / junk / "manifest.json").write_text("{}")
-    (repo.models_dir / "echo" / ".tmp-abc" / "model.pt").write_bytes(b"partial")
-    assert repo.versions("echo") == [1, 2, 5, 6]
+    (repo.models_dir / "echo" / "7").mkdir()  # a numbered folder is a version, even an empty one (one rule)
     assert publish_version(tmp_path, "echo", src) == 8  # never reuses a number a folder already has
+    assert repo.versions("echo") == [1, 2, 5, 6, 7, 8]
     assert repo.model_names() == ["echo"]
+
+
+def test_one_version_rule_for_every_reader(tmp_path):
+    """A version is a folder named by a canonical decimal number, for ModelRepository and LocalShare alike (NfsShare
+    applies the same function to its listing): publishes in progress, other names and files are not versions."""
+    src = _echo_file(tmp_path)
+    publish_version(tmp_path, "echo", src, config=ECHO_CONFIG, version=3)
+    folder = tmp_path / "models" / "echo"
+    for junk in (".tmp-abc", "08", "x9", "+4", "٣"):  # a publish in progress, non-canonical numbers, a non-ASCII digit
+        (folder / junk).mkdir()
+        (folder / junk / "model.pt").write_bytes(b"partial")
+    (folder / "5").write_bytes(b"a file, not a folder")
+    (folder / "12").mkdir()  # complete or not, a numbered folder is a version; loading it verifies it
+    repo, share = ModelRepository(tmp_path), LocalShare(tmp_path)
+    assert repo.versions("echo") == share.list_versions("echo") == [3, 12]
+    assert repo.model_names() == share.list_models() == ["echo"]
+    with pytest.raises(RepositoryError, match="no manifest.json"):
+        repo.verify("echo", 12)
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "deployments.json"
+    atomic_write(path, b"old")
+    atomic_write(path, b"new content")
+    assert path.read_bytes() == b"new content" and os.listdir(tmp_path) == ["deployments.json"]
+    previous = os.umask(0o077)
+    try:
+        atomic_write(path, b"shared", mode=0o644)  # an exact mode, whatever the umask (the agents' NFS cache)
+        assert path.stat().st_mode & 0o777 == 0o644
+        atomic_write(path, b"private")
+        assert path.stat().st_mode & 0o777 == 0o600  # otherwise 0666 & ~umask, as open() would
+    finally:
+        os.umask(previous)
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "absent" / "x", b"...")
+    assert os.listdir(tmp_path) == ["deployments.json"] and path.read_bytes() == b"private"
 
 
 def test_publish_failure_leaves_nothing_behind(tmp_path):
@@ -313,7 +352,7 @@ def test_verify_refuses_tampered_file(tmp_path):
         repo.verify("echo", 1)
     assert "model 'echo' version 1" in str(info.value) and str(path) in str(info.value)
     with pytest.raises(RepositoryError, match="sha256 mismatch"):
-        repo.load("echo", 1)
+        load_model(repo, "echo", 1)
 
 
 def test_verify_refuses_missing_manifest_and_missing_file(tmp_path):
@@ -321,7 +360,7 @@ def test_verify_refuses_missing_manifest_and_missing_file(tmp_path):
     publish_version(tmp_path, "echo", _echo_file(tmp_path))
     repo = ModelRepository(tmp_path)
     (repo.models_dir / "echo" / "1" / "manifest.json").unlink()
-    for call in (repo.verify, repo.load):
+    for call in (repo.verify, functools.partial(load_model, repo)):
         with pytest.raises(RepositoryError, match="no manifest.json") as info:
             call("echo", 1)
         assert "unverified" in str(info.value)
@@ -346,7 +385,7 @@ def test_load_corrupt_model_is_an_error_not_a_crash(tmp_path):
     repo = ModelRepository(tmp_path)
     repo.verify("echo", 1)
     with pytest.raises(RepositoryError, match=r"model 'echo' version 1: cannot load .*model\.pt"):
-        repo.load("echo", 1)
+        load_model(repo, "echo", 1)
 
 
 def test_load_refuses_a_pickle(tmp_path):
@@ -354,24 +393,24 @@ def test_load_refuses_a_pickle(tmp_path):
     torch.save({"w": torch.zeros(2)}, src)  # a plain torch.save zip, not TorchScript
     publish_version(tmp_path, "echo", src, config=ECHO_CONFIG)
     with pytest.raises(RepositoryError, match="cannot load"):
-        ModelRepository(tmp_path).load("echo", 1)
+        load_model(ModelRepository(tmp_path), "echo", 1)
 
 
 @pytest.mark.parametrize(
     "module, outputs, message",
     [
-        (None, [{"name": "y", "datatype": "INT64", "shape": [-1, -1]}], "output 'y' has datatype FP32, config says INT64"),
-        (Flatten(), [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}], "output 'y': expected 2 dimensions [-1, -1], got 1 [1]"),
-        (None, [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}], "output 'y': dimension 1 must be 3"),
-        (TwoOutputs(), [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}], "returned 2 output(s), config declares 1"),
-        (DictOutputs(), [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}], "returned outputs ['double', 'y'], config declares ['y']"),
+        (None, [_spec(name="y", datatype="INT64", shape=[-1, -1])], "output 'y' has datatype FP32, config says INT64"),
+        (Flatten(), [_spec(name="y", shape=[-1, -1])], "output 'y': expected 2 dimensions [-1, -1], got 1 [1]"),
+        (None, [_spec(name="y", shape=[-1, 3])], "output 'y': dimension 1 must be 3"),
+        (TwoOutputs(), [_spec(name="y", shape=[-1, -1])], "returned 2 output(s), config declares 1"),
+        (DictOutputs(), [_spec(name="y", shape=[-1, -1])], "returned outputs ['double', 'y'], config declares ['y']"),
     ],
 )
 def test_outputs_disagreeing_with_config_fail_warmup(tmp_path, module, outputs, message):
     src = _echo_file(tmp_path) if module is None else _script_file(tmp_path, module)
     publish_version(tmp_path, "m", src, config=_config(name="m", outputs=outputs))
     with pytest.raises(RepositoryError) as info:
-        ModelRepository(tmp_path).load("m", 1)
+        load_model(ModelRepository(tmp_path), "m", 1)
     assert "model 'm' version 1" in str(info.value) and "warm-up" in str(info.value)
     assert message in str(info.value)
 
@@ -379,17 +418,17 @@ def test_outputs_disagreeing_with_config_fail_warmup(tmp_path, module, outputs, 
 def test_model_raising_in_warmup(tmp_path):
     cfg = {"inputs": [_spec(name="a"), _spec(name="b", shape=[3, 4])], "outputs": [_spec(name="c")]}
     publish_version(tmp_path, "sub", _script_file(tmp_path, TwoInputs()), config=cfg)  # [1,4] - [3,4] -> [3,4] fine
-    ModelRepository(tmp_path).load("sub", 1)
+    load_model(ModelRepository(tmp_path), "sub", 1)
     cfg["inputs"][1]["shape"] = [3, 5]  # [1,4] - [3,5] cannot broadcast
     publish_version(tmp_path, "sub", _script_file(tmp_path, TwoInputs()), config=cfg)
     with pytest.raises(RepositoryError, match="model 'sub' version 2: warm-up failed: RuntimeError"):
-        ModelRepository(tmp_path).load("sub", 2)
+        load_model(ModelRepository(tmp_path), "sub", 2)
 
 
 def test_infer_maps_outputs_and_passes_inputs_in_config_order(tmp_path):
     cfg = {"inputs": [_spec(name="a"), _spec(name="b")], "outputs": [_spec(name="c")]}
     publish_version(tmp_path, "sub", _script_file(tmp_path, TwoInputs()), config=cfg)
-    model = ModelRepository(tmp_path).load("sub", 1)
+    model = load_model(ModelRepository(tmp_path), "sub", 1)
     out = model.infer({"b": torch.ones(2, 4), "a": torch.full((2, 4), 5.0)})
     assert list(out) == ["c"] and torch.equal(out["c"], torch.full((2, 4), 4.0))
     with pytest.raises(InputError, match="missing input 'b'"):
@@ -397,7 +436,7 @@ def test_infer_maps_outputs_and_passes_inputs_in_config_order(tmp_path):
 
     cfg = {"inputs": [_spec()], "outputs": [_spec(name="y"), _spec(name="double")]}
     publish_version(tmp_path, "dict", _script_file(tmp_path, DictOutputs()), config=cfg)
-    model = ModelRepository(tmp_path).load("dict", 1)
+    model = load_model(ModelRepository(tmp_path), "dict", 1)
     out = model.infer({"x": torch.arange(8.0).reshape(2, 4)})
     assert list(out) == ["y", "double"]
     assert torch.equal(out["double"], torch.arange(8.0).reshape(2, 4) * 2)
@@ -406,7 +445,7 @@ def test_infer_maps_outputs_and_passes_inputs_in_config_order(tmp_path):
 def test_echo_round_trip(tmp_path):
     publish_version(tmp_path, "echo", _echo_file(tmp_path), config=ECHO_CONFIG)
     repo = ModelRepository(tmp_path)
-    model = repo.load("echo", 1, device="cpu")
+    model = load_model(repo, "echo", 1, device="cpu")
     assert isinstance(model, LoadedModel)
     assert (model.name, model.version, model.device, model.config.platform) == ("echo", 1, "cpu", "torchscript")
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 5), dtype=np.float32))
@@ -419,7 +458,8 @@ def test_echo_round_trip(tmp_path):
 
 def test_torch_export_program(tmp_path):
     batch = torch.export.Dim("batch")
-    program = torch.export.export(TwoInputs(), (torch.ones(2, 4), torch.ones(2, 4)), dynamic_shapes=({0: batch}, {0: batch}))
+    example = (torch.ones(2, 4), torch.ones(2, 4))
+    program = torch.export.export(TwoInputs(), example, dynamic_shapes=({0: batch}, {0: batch}))
     src = tmp_path / "sub.pt2"
     torch.export.save(program, str(src))
     cfg = {"inputs": [_spec(name="a"), _spec(name="b")], "outputs": [_spec(name="c")]}
@@ -427,7 +467,7 @@ def test_torch_export_program(tmp_path):
     repo = ModelRepository(tmp_path)
     assert sorted(os.listdir(repo.models_dir / "sub" / "1")) == ["config.json", "manifest.json", "model.pt2"]
     assert repo.read_config("sub").platform == "torch_export"
-    model = repo.load("sub", 1)
+    model = load_model(repo, "sub", 1)
     assert model.config.platform == "torch_export"
     out = model.infer({"a": torch.full((3, 4), 2.0), "b": torch.ones(3, 4)})
     assert torch.equal(out["c"], torch.ones(3, 4))
@@ -453,16 +493,21 @@ def digits_share(tmp_path_factory):
     return share
 
 
-def test_digits_split_shapes():
-    x_train, y_train, x_test, y_test = digits_split()
-    assert x_test.shape == (360, 8, 8) and y_test.shape == (360,)
-    assert x_train.shape == (1797 - 360, 8, 8) and x_train.dtype == np.float32
-    assert x_train.max() == 16.0 and x_train.min() == 0.0
+def test_digits_split_fits_the_demo_config_and_never_changes():
+    """What tests and benchmarks send the digits model: arrays its config accepts, and a held-out split that is the
+    same on every call (accuracy claims are compared on it) and holds out every class."""
+    split = digits_split()
+    x_train, y_train, x_test, y_test = split
+    config = ModelConfig.from_dict(DIGITS_CONFIG)
+    for x in (x_train, x_test):
+        config.check_inputs([{"name": "image", "datatype": datatype_of(x), "shape": list(x.shape)}])
+    assert len(x_test) == len(y_test) == TEST_SIZE and len(x_train) == len(y_train)
     assert sorted(np.unique(y_test)) == list(range(10))
+    assert all(np.array_equal(a, b) for a, b in zip(digits_split(), split))
 
 
 def test_digits_accuracy_through_repository(digits_share):
-    model = ModelRepository(digits_share).load("digits", 1)
+    model = load_model(ModelRepository(digits_share), "digits", 1)
     _, _, x_test, y_test = digits_split()
     model.config.check_inputs([{"name": "image", "datatype": "FP32", "shape": list(x_test.shape)}])
     probs = model.infer({"image": torch.from_numpy(x_test)})["probs"]
@@ -478,5 +523,5 @@ def test_write_demo_models_is_idempotent(digits_share):
     repo = ModelRepository(digits_share)
     assert repo.model_names() == ["digits", "echo"]
     assert repo.versions("echo") == [1] and repo.versions("digits") == [1]
-    out = repo.load("echo", 1).infer({"x": torch.ones(2, 3)})
+    out = load_model(repo, "echo", 1).infer({"x": torch.ones(2, 3)})
     assert torch.equal(out["y"], torch.ones(2, 3))

@@ -33,8 +33,9 @@ from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
+from cluster.model_config import InputError
 from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, pack, require
-from cluster.repository import InputError, RepositoryError
+from cluster.repository import RepositoryError
 from cluster.share import ShareError, open_share
 from cluster.sockets import make_socket
 

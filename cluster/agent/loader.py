@@ -14,17 +14,18 @@ import threading
 import torch
 import zmq
 
+from cluster.agent.loaded_model import LoadedModel, load_model
 from cluster.repository import ModelRepository, RepositoryError
-from cluster.share import Share, ShareError
+from cluster.share import Share
 
 log = logging.getLogger("cluster.agent")
 
 
-def load_version(share: Share, name: str, version: int, device: str):
-    """Fetch, verify, load and warm up one version; returns the LoadedModel, raises RepositoryError or ShareError."""
+def load_version(share: Share, name: str, version: int, device: str) -> LoadedModel:
+    """Fetch, verify, load and warm up one version; RepositoryError (or its ShareError) if that cannot be done."""
     share.refresh_model(name)
     share.fetch_version(name, version)
-    return ModelRepository(share.local_root).load(name, version, device=device)
+    return load_model(ModelRepository(share.local_root), name, version, device)
 
 
 class ModelLoader:
@@ -34,7 +35,8 @@ class ModelLoader:
         self.share = share
         self.device = device
         self.tasks: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
-        self.done: queue.SimpleQueue[tuple[str, int, object]] = queue.SimpleQueue()  # (name, version, model or error text)
+        # (name, version, the LoadedModel or the error text)
+        self.done: queue.SimpleQueue[tuple[str, int, object]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._work, name="model-loader", daemon=True)
 
     def start(self) -> None:
@@ -57,7 +59,7 @@ class ModelLoader:
                 name, version = task
                 try:
                     outcome = load_version(self.share, name, version, self.device)
-                except (RepositoryError, ShareError) as exc:
+                except RepositoryError as exc:  # ShareError included
                     outcome = str(exc)
                 except Exception as exc:  # anything else a broken model file can raise
                     outcome = f"{type(exc).__name__}: {exc}"

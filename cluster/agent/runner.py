@@ -41,7 +41,7 @@ INLINE_BUDGET_S = 0.005
 class Job:
     route: bytes  # the broker's key, echoed in the answer
     request_id: Any  # the client's id, echoed in the answer header
-    model: Any  # repository.LoadedModel
+    model: Any  # loaded_model.LoadedModel
     metas: list[dict]  # validated input metas
     tensors: list  # the input frames (zmq.Frame), in meta order
     outputs: list[str] | None  # which outputs the client wants; None = all

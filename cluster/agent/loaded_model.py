@@ -1,0 +1,137 @@
+"""Torch's side of the share: a verified version's bytes turned into a warmed-up module the agent can run.
+
+cluster.repository (torch-free) decides what a version is and checks its files against the manifest; this module
+takes the bytes it verified (ModelRepository.read_model: the very bytes that were hashed, never the file re-read)
+and hands them to torch.jit.load or torch.export.load, never to pickle. Then it moves the module to the device and
+runs one warm-up inference, so a model that disagrees with its config is refused at load, not on a user request.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+
+from cluster.model_config import InputError, ModelConfig, shape_mismatch
+from cluster.protocol import DATATYPES
+from cluster.repository import ModelBytes, ModelRepository, RepositoryError, describe_error
+
+# torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
+DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items()}
+
+
+class LoadedModel:
+    """A verified, warmed-up model, and the one place where the config's tensor names meet the module's positions."""
+
+    def __init__(self, name: str, version: int, config: ModelConfig, module: Any, device: str = "cpu"):
+        self.name = name
+        self.version = version
+        self.config = config
+        self.module = module
+        self.device = device
+
+    def __repr__(self) -> str:
+        platform, device = self.config.platform, self.device
+        return f"LoadedModel({self.name!r}, version={self.version}, platform={platform!r}, device={device!r})"
+
+    def _where(self) -> str:
+        return f"model '{self.name}' version {self.version}"
+
+    def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the module on named inputs; outputs come back named, on CPU and C-contiguous, ready for the codec."""
+        args = []
+        for spec in self.config.inputs:
+            tensor = inputs.get(spec.name)
+            if tensor is None:
+                raise InputError(f"missing input '{spec.name}' for model '{self.name}'")
+            args.append(tensor if self.device == "cpu" else tensor.to(self.device))
+        extra = set(inputs) - {s.name for s in self.config.inputs}
+        if extra:
+            raise InputError(f"unknown input(s) {', '.join(map(repr, sorted(extra)))} for model '{self.name}'")
+
+        with torch.inference_mode():
+            result = self.module(*args)
+
+        names = [s.name for s in self.config.outputs]
+        if isinstance(result, torch.Tensor):
+            values = [result]
+        elif isinstance(result, (tuple, list)):
+            values = list(result)
+        elif isinstance(result, dict):
+            if set(result) != set(names):
+                raise RepositoryError(
+                    f"{self._where()} returned outputs {sorted(map(str, result))}, config declares {names}"
+                )
+            values = [result[n] for n in names]
+        else:
+            raise RepositoryError(f"{self._where()} returned {type(result).__name__}, expected tensor(s)")
+        if len(values) != len(names):
+            raise RepositoryError(
+                f"{self._where()} returned {len(values)} output(s), config declares {len(names)} {names}"
+            )
+        outputs = {}
+        for name, value in zip(names, values):
+            if not isinstance(value, torch.Tensor):
+                raise RepositoryError(f"{self._where()}: output '{name}' is a {type(value).__name__}, not a tensor")
+            outputs[name] = value.to("cpu").contiguous()
+        return outputs
+
+    def warmup(self) -> None:
+        """Run once on zeros so a model that does not match its config is refused at load, not on a user request."""
+        inputs = {name: torch.from_numpy(array) for name, array in self.config.warmup_inputs().items()}
+        try:
+            outputs = self.infer(inputs)
+        except RepositoryError as exc:
+            raise RepositoryError(f"warm-up failed: {exc}") from exc
+        except Exception as exc:
+            raise RepositoryError(f"{self._where()}: warm-up failed: {describe_error(exc)}") from exc
+        for spec in self.config.outputs:
+            tensor = outputs[spec.name]
+            datatype = DATATYPE_OF_TORCH.get(tensor.dtype, str(tensor.dtype))
+            if datatype != spec.datatype:
+                raise RepositoryError(
+                    f"{self._where()}: warm-up output '{spec.name}' has datatype {datatype}, "
+                    f"config says {spec.datatype}"
+                )
+            problem = shape_mismatch(spec.shape, list(tensor.shape))
+            if problem:
+                raise RepositoryError(f"{self._where()}: warm-up output '{spec.name}': {problem} (as config.json says)")
+
+
+def load_model(repository: ModelRepository, name: str, version: int, device: str = "cpu") -> LoadedModel:
+    """Verify, load, warm up; RepositoryError says what is wrong with the version."""
+    verified = repository.read_model(name, version)
+    module = _module(verified, device)
+    config = verified.config
+    del verified  # the file's bytes: torch holds what it needs, the warm-up should not run beside a second copy
+    model = LoadedModel(name, version, config, module, device)
+    model.warmup()
+    return model
+
+
+def _module(verified: ModelBytes, device: str) -> Any:
+    platform = verified.config.platform
+    try:
+        if platform == "torchscript":
+            module = torch.jit.load(io.BytesIO(verified.data), map_location="cpu")
+            if device != "cpu":
+                module = module.to(device)
+            module.eval()
+            return module
+        program = torch.export.load(io.BytesIO(verified.data))
+        if device != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
+        module = program.module()
+        try:
+            module.eval()
+        except NotImplementedError:
+            pass  # exported programs are traced in eval mode already; their modules refuse eval()
+        return module
+    except Exception as exc:
+        raise RepositoryError(
+            f"model '{verified.name}' version {verified.version}: cannot load {verified.path} ({platform}): "
+            f"{describe_error(exc)}"
+        ) from exc

@@ -1,0 +1,191 @@
+"""A model's contract: what it takes and returns (its config.json), checked when it is published, when an agent
+loads it, and against every request before the model runs.
+
+Torch-free (numpy only), so the manager and `cluster deploy` can read configs without importing torch. Shapes
+include the batch dimension (e.g. [-1, 8, 8], -1 = any size); max_batch_size is a hint for the agent's batcher, not
+an implicit extra dimension as in Triton. Datatypes are the Open Inference Protocol names of cluster.protocol.DATATYPES.
+
+RepositoryError is defined here, the lowest of the share's modules, because a bad config is the first thing that can
+be wrong with a model on the share; everything else (cluster.repository, cluster.share, the agent's loader) raises
+it or a subclass, so callers catch one error. Import it from cluster.repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cluster.config import MAX_DIMS
+from cluster.protocol import DATATYPES
+
+PLATFORMS = ("torchscript", "torch_export")
+
+_CONFIG_KEYS = ("name", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "instances")
+_SPEC_KEYS = ("name", "datatype", "shape")
+
+
+class RepositoryError(Exception):
+    """A model or version on the share cannot be read, verified or loaded; the message says what and where."""
+
+
+class InputError(ValueError):
+    """A request's inputs do not fit the model's config (the agent answers BAD_REQUEST with this message)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shape_mismatch(expected: list[int], shape: list[int]) -> str | None:
+    """What is wrong with `shape` against a config shape (-1 = any), or None if it fits."""
+    if len(shape) != len(expected):
+        return f"expected {len(expected)} dimensions {expected}, got {len(shape)} {shape}"
+    for axis, (want, got) in enumerate(zip(expected, shape)):
+        if want != -1 and want != got:
+            return f"dimension {axis} must be {want}, got {got} (expected shape {expected}, got {shape})"
+    return None
+
+
+@dataclass
+class TensorSpec:
+    """One declared input or output; -1 in shape is a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @classmethod
+    def _from_dict(cls, d: Any, where: str) -> "TensorSpec":
+        if not isinstance(d, dict):
+            raise RepositoryError(f"{where} must be an object with name, datatype and shape")
+        unknown = sorted(set(d) - set(_SPEC_KEYS), key=str)
+        if unknown:
+            raise RepositoryError(
+                f"{where} has unknown key(s) {', '.join(map(repr, unknown))} (allowed: name, datatype, shape)"
+            )
+        for key in _SPEC_KEYS:
+            if key not in d:
+                raise RepositoryError(f"{where} is missing '{key}'")
+        name, datatype, shape = d["name"], d["datatype"], d["shape"]
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise RepositoryError(f"{where}.name must be a non-empty string of at most 256 characters, got {name!r}")
+        where = f"{where} ('{name}')"
+        if datatype not in DATATYPES:
+            raise RepositoryError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(x) and x >= -1 for x in shape):
+            raise RepositoryError(f"{where}: shape must be a list of ints >= -1 (-1 = variable), got {shape!r}")
+        if len(shape) > MAX_DIMS:
+            raise RepositoryError(f"{where}: shape has {len(shape)} dimensions, the limit is {MAX_DIMS}")
+        return cls(name, datatype, list(shape))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass
+class ModelConfig:
+    """A model's config.json: the contract the agent checks every request against before touching the model."""
+
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int = 0  # largest batch the agent's batcher may build (0 = no batching)
+    max_queue_delay_us: int = 0  # how long the batcher may hold a request to fill a batch
+    instances: int = 1  # model instances an agent runs side by side
+    platform: str | None = None  # "torchscript" | "torch_export"; None = decided by the version's model file
+
+    @classmethod
+    def from_dict(cls, d: Any, name: str | None = None) -> "ModelConfig":
+        """Validate strictly, so a typo in config.json fails at load time rather than on the first request."""
+        label = name if name is not None else (d.get("name") if isinstance(d, dict) else None)
+        prefix = f"config of model '{label}'" if label else "model config"
+        if not isinstance(d, dict):
+            raise RepositoryError(f"{prefix} must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_CONFIG_KEYS), key=str)
+        if unknown:
+            raise RepositoryError(
+                f"{prefix}: unknown key(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(_CONFIG_KEYS)})"
+            )
+        cfg_name = d.get("name")
+        if cfg_name is not None and (not isinstance(cfg_name, str) or not cfg_name):
+            raise RepositoryError(f"{prefix}: 'name' must be a non-empty string, got {cfg_name!r}")
+        if name is not None and cfg_name is not None and cfg_name != name:
+            raise RepositoryError(f"{prefix}: config.json names the model {cfg_name!r} but its folder is {name!r}")
+        final_name = name if name is not None else cfg_name
+        if final_name is None:
+            raise RepositoryError(f"{prefix}: no model name (neither in the config nor given)")
+
+        specs = {}
+        for key in ("inputs", "outputs"):
+            value = d.get(key)
+            if not isinstance(value, list) or not value:
+                raise RepositoryError(f"{prefix}: '{key}' must be a non-empty list, got {value!r}")
+            items = [TensorSpec._from_dict(item, f"{prefix}: {key}[{i}]") for i, item in enumerate(value)]
+            seen = set()
+            for spec in items:
+                if spec.name in seen:
+                    raise RepositoryError(f"{prefix}: {key} name '{spec.name}' appears twice")
+                seen.add(spec.name)
+            specs[key] = items
+
+        ints = {}
+        for key, default, minimum in (("max_batch_size", 0, 0), ("max_queue_delay_us", 0, 0), ("instances", 1, 1)):
+            value = d.get(key, default)
+            if not _is_int(value) or value < minimum:
+                raise RepositoryError(f"{prefix}: '{key}' must be an int >= {minimum}, got {value!r}")
+            ints[key] = value
+
+        platform = d.get("platform")
+        if platform is not None and platform not in PLATFORMS:
+            raise RepositoryError(f"{prefix}: platform {platform!r} is not one of {', '.join(PLATFORMS)}")
+        return cls(final_name, specs["inputs"], specs["outputs"], platform=platform, **ints)
+
+    def to_dict(self) -> dict:
+        d = {
+            "name": self.name,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "instances": self.instances,
+        }
+        if self.platform is not None:
+            d["platform"] = self.platform
+        return d
+
+    def check_inputs(self, metas: list[dict]) -> None:
+        """Refuse a request the model cannot take, with a message the client can act on, before running it."""
+        declared = {s.name: s for s in self.inputs}
+        given = {m["name"]: m for m in metas}
+        for name in given:
+            if name not in declared:
+                raise InputError(
+                    f"unknown input '{name}': model '{self.name}' takes {', '.join(repr(n) for n in declared)}"
+                )
+        for spec in self.inputs:
+            meta = given.get(spec.name)
+            if meta is None:
+                raise InputError(f"missing input '{spec.name}' ({spec.datatype} {spec.shape}) for model '{self.name}'")
+            if meta["datatype"] != spec.datatype:
+                raise InputError(f"input '{spec.name}': expected datatype {spec.datatype}, got {meta['datatype']}")
+            problem = shape_mismatch(spec.shape, list(meta["shape"]))
+            if problem:
+                raise InputError(f"input '{spec.name}': {problem}")
+
+    def warmup_inputs(self) -> dict[str, np.ndarray]:
+        """Smallest inputs the config allows, so warm-up exercises the model without guessing real sizes."""
+        return {
+            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DATATYPES[s.datatype])
+            for s in self.inputs
+        }
+
+    def metadata(self) -> dict:
+        """Open Inference Protocol model metadata (what GET /v2/models/<name> returns)."""
+        return {
+            "name": self.name,
+            "platform": self.platform or "",
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }
