@@ -2,7 +2,7 @@
 through the bus client or through the HTTP edge, then throughput and latency percentiles.
 
 Inputs are built from the model's metadata: zeros of each input's shape with every variable dimension set to
-`--batch` (first) or 1 (others), unless `--shape NAME=D,D,...` says otherwise.
+`--batch` (first) or 1 (others); a caller of `sample_inputs` may give whole shapes instead (`shapes={NAME: [D, ...]}`).
 """
 
 from __future__ import annotations

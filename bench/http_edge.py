@@ -1,0 +1,147 @@
+"""Benchmark 3: HTTP with wrk (32 connections, OIP JSON body for `echo`, 64 floats): the edge vs (a) a bare FastAPI
+app that answers the same JSON itself and (b) the seed's design, a FastAPI load balancer forwarding with one shared
+httpx.AsyncClient round-robin to 2 FastAPI inference servers running the echo TorchScript model. Every server runs
+under the same uvicorn settings (bench/sims.py's UVICORN_SETTINGS).
+
+(Not named http.py: a module of that name in bench/ would shadow the standard library's `http` whenever bench/ is on
+sys.path.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.lib import (
+    ECHO_FLOATS,
+    IN_FLIGHT,
+    WRK_CONNECTIONS,
+    WRK_THREADS,
+    Procs,
+    Row,
+    Suite,
+    fmt,
+    local_cluster,
+    log,
+    ratio_row,
+    run_wrk,
+    wait_http,
+    wrk_script,
+)
+from bench.models import make_echo_share
+from bench.sims import UVICORN_SETTINGS
+
+TARGET_EDGE_VS_BARE_MIN_RATIO = 0.6  # 3a: edge req/s >= 0.6x a bare FastAPI app's
+TARGET_EDGE_VS_HTTPX_MIN_RATIO = 10.0  # 3b: edge req/s >= 10x the httpx load balancer design's
+
+
+def edge_available() -> str | None:
+    """None if the edge can be started, else why not."""
+    try:
+        import edge.app as app
+
+        if not callable(getattr(app, "create_app", None)):
+            return "edge/app.py has no create_app(broker_address)"
+    except Exception as exc:
+        return f"edge not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_echo_answer(url: str, body: str, values: list[float]) -> None:
+    import httpx
+
+    response = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    response.raise_for_status()
+    output = response.json()["outputs"][0]
+    if output["shape"] != [1, len(values)] or not np.allclose(output["data"], values):
+        raise RuntimeError(f"{url} answered a wrong echo: {str(output)[:200]}")
+
+
+def run(suite: Suite) -> None:
+    s = suite.settings
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed")
+    edge_missing = edge_available()
+    values = [round(0.5 + i / 7, 4) for i in range(ECHO_FLOATS)]
+    body = json.dumps({"id": "bench", "inputs": [{"name": "x", "shape": [1, ECHO_FLOATS], "datatype": "FP32",
+                                                  "data": values}]})
+    with tempfile.TemporaryDirectory(prefix="suite-http-") as tmp:
+        tmp = Path(tmp)
+        model_file = make_echo_share(tmp / "share")
+        script = wrk_script(tmp / "post.lua", body)
+        procs = Procs(tmp / "logs")
+        cluster = local_cluster(tmp / "share", tmp / "logs")
+        try:
+            servers = {
+                "bare": procs.role("bare-app", "serve-bare"),
+                "infer-1": procs.role("infer-1", "serve-infer", str(model_file)),
+                "infer-2": procs.role("infer-2", "serve-infer", str(model_file)),
+            }
+            if edge_missing is None:
+                cluster.start_manager()
+                cluster.start_broker()
+                cluster.start_agents(2, "--capacity", str(IN_FLIGHT))
+            upstreams = ",".join(f"http://127.0.0.1:{servers[n].reported()['port']}" for n in ("infer-1", "infer-2"))
+            servers["lb"] = procs.role("httpx-lb", "serve-lb", upstreams)
+            if edge_missing is None:
+                cluster.wait_for_agents(2, model="echo")
+                servers["edge"] = procs.role("edge", "serve-edge", cluster.addresses.broker_clients)
+            base = {name: f"http://127.0.0.1:{child.reported()['port']}" for name, child in servers.items()}
+            targets = {"bare": "bare FastAPI app", "lb": "httpx LB + 2 FastAPI servers"}
+            if "edge" in servers:
+                targets["edge"] = "edge -> bus -> 2 agents"
+            for name in ("infer-1", "infer-2", *targets):
+                wait_http(f"{base[name]}/v2/health/live", servers[name].popen)
+            runs: dict[str, list[dict]] = {name: [] for name in targets}
+            for name in targets:
+                check_echo_answer(f"{base[name]}/v2/models/echo/infer", body, values)
+            for r in range(s.rounds):  # alternate the servers, so a noisy moment does not land on one of them only
+                for name, label in targets.items():
+                    url = f"{base[name]}/v2/models/echo/infer"
+                    log(f"3 http: round {r + 1}/{s.rounds}: {label}: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} "
+                        f"-d{s.wrk_seconds:g}s (after {s.wrk_warmup:g} s warm-up)")
+                    run_wrk(url, script, s.wrk_warmup)
+                    result = run_wrk(url, script, s.wrk_seconds)
+                    runs[name].append(result)
+                    if result["non2xx"] or result["errors"]:
+                        suite.note(f"3: {label}: {result['non2xx']} non-2xx answers, {result['errors']} socket errors")
+            results = {name: {k: float(np.median([x.get(k, float("nan")) for x in rs]))
+                              for k in ("rps", "p50_ms", "p99_ms")}
+                       for name, rs in runs.items()}
+            per_round = {name: [round(x["rps"]) for x in rs] for name, rs in runs.items()}
+            suite.note("3: req/s per round: " + json.dumps(per_round))
+            bare, lb = results["bare"], results["lb"]
+            rounds = s.rounds_suffix()
+            if "edge" in results:
+                edge = results["edge"]
+                suite.add(
+                    ratio_row(f"3a. HTTP OIP echo, wrk 32 conns: edge vs bare FastAPI (req/s){rounds}", edge["rps"],
+                              bare["rps"], 0, f">= {TARGET_EDGE_VS_BARE_MIN_RATIO}x bare",
+                              lambda r: r >= TARGET_EDGE_VS_BARE_MIN_RATIO),
+                    ratio_row(f"3b. HTTP OIP echo, wrk 32 conns: edge vs httpx LB design (req/s){rounds}", edge["rps"],
+                              lb["rps"], 0, f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx",
+                              lambda r: r >= TARGET_EDGE_VS_HTTPX_MIN_RATIO),
+                    Row("3. HTTP wrk p99 latency (ms): edge vs bare / httpx", fmt(edge.get("p99_ms"), 1),
+                        f"{fmt(bare.get('p99_ms'), 1)} / {fmt(lb.get('p99_ms'), 1)}"),
+                )
+            else:
+                suite.add(
+                    Row("3a. HTTP OIP echo, wrk 32 conns: edge vs bare FastAPI (req/s)", edge_missing, fmt(bare["rps"]),
+                        "n/a", f">= {TARGET_EDGE_VS_BARE_MIN_RATIO}x bare", "n/a"),
+                    Row("3b. HTTP OIP echo, wrk 32 conns: edge vs httpx LB design (req/s)", "edge not available",
+                        fmt(lb["rps"]), "n/a", f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx", "n/a"),
+                )
+            uvicorn = ", ".join(f"{k}={v}" for k, v in UVICORN_SETTINGS.items() if k != "host")
+            suite.note(f"3: all HTTP servers: uvicorn {uvicorn}; wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}; body "
+                       f"{len(body)} bytes; bare app parses and encodes with edge/oip.py and answers y = x; httpx "
+                       "design: one shared httpx.AsyncClient (64 keep-alive connections), round-robin over 2 uvicorn "
+                       "FastAPI servers running the echo TorchScript model on the JSON data")
+        except BaseException:
+            log(cluster.logs() + "\n" + procs.logs())
+            raise
+        finally:
+            procs.stop_all()
+            cluster.stop_all()

@@ -1,0 +1,402 @@
+"""What every benchmark shares: settings, the result table, starting bench's own helper processes, the two request
+loops through cluster.Client, wrk, and the machine description.
+
+Our cluster's processes come from the package (`cluster.local.LocalCluster`); the helper processes that are not
+cluster roles (bare brokers, bare FastAPI apps, simulators: bench/sims.py) are started by `Procs` here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from cluster.local import LocalCluster
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+
+# ---- set-up shared by several benchmarks --------------------------------------------------------------------------
+
+ECHO_FLOATS = 64
+IN_FLIGHT = 64
+AGENT_OMP_FIX = {"OMP_NUM_THREADS": "1"}  # control runs: one OpenMP thread in the agents' worker threads too
+WRK_CONNECTIONS = 32
+WRK_THREADS = 2
+
+
+@dataclass
+class Settings:
+    quick: bool
+    rounds: int  # alternating ours/baseline rounds where a benchmark repeats (median reported)
+    seq_requests: int
+    seconds: float  # closed-loop measurement window
+    warmup: float
+    wrk_seconds: float
+    wrk_warmup: float
+    batch_seconds: float
+    cpu_seconds: float
+    route_seconds: float
+
+    @classmethod
+    def make(cls, quick: bool) -> Settings:
+        if quick:
+            return cls(True, 1, 300, 1.5, 0.5, 3, 1, 3, 4, 3)
+        return cls(False, 3, 2000, 4, 1, 6, 1, 8, 10, 8)
+
+    def rounds_suffix(self) -> str:
+        """What a figure's name says when it is a median over rounds."""
+        return f" (median of {self.rounds})" if self.rounds > 1 else ""
+
+
+# ---- the table ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: str
+    baseline: str
+    ratio: str = "-"
+    target: str = "-"
+    holds: str = "-"
+
+
+@dataclass
+class Suite:
+    """What a run has measured so far: the rows of the table and the notes under it."""
+
+    settings: Settings
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, *rows: Row) -> None:
+        self.rows.extend(rows)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        log(f"note: {text}")
+
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[suite {time.monotonic() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def ratio_row(figure: str, ours: float, base: float, unit_digits: int, target: str, check=None,
+              base_text: str | None = None) -> Row:
+    ratio = ours / base if base else float("nan")
+    holds = "-" if check is None else ("yes" if math.isfinite(ratio) and check(ratio) else "no")
+    return Row(figure, fmt(ours, unit_digits), base_text or fmt(base, unit_digits),
+               f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a", target, holds)
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+HEADERS = ("figure", "ours", "baseline", "ratio", "target", "holds")
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    return (row.figure, row.ours, row.baseline, row.ratio, row.target, row.holds)
+
+
+def table_text(rows: list[Row]) -> str:
+    cells = [HEADERS] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADERS))]
+    lines = []
+    for n, c in enumerate(cells):
+        lines.append("  ".join(v.ljust(w) if i in (0, 4, 5) else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def table_markdown(rows: list[Row]) -> str:
+    def esc(v: str) -> str:
+        return v.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(HEADERS) + " |", "| --- | ---: | ---: | ---: | --- | --- |"]
+    lines += ["| " + " | ".join(esc(v) for v in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---- processes ------------------------------------------------------------------------------------------------------
+
+
+def local_cluster(share: Path, workdir: Path) -> LocalCluster:
+    """Our cluster's processes as every benchmark runs them: heartbeats once a second, warnings only in the logs."""
+    return LocalCluster(share, workdir, heartbeat_interval=1.0, extra_env={"CLUSTER_LOG_LEVEL": "WARNING"})
+
+
+def tail(path: Path, n: int = 600) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+@dataclass
+class Child:
+    """One helper process: `python -m bench.sims ROLE ...`, its log, and the file it reports its addresses in."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    report_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def reported(self, timeout: float = 60.0) -> dict:
+        """What the child bound (it binds port 0 and writes what it got, see sims.report); waits for it."""
+        deadline = time.monotonic() + timeout
+        while not self.report_path.exists():
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} (pid {self.pid}) exited with {self.popen.returncode} before "
+                                   f"reporting its address: {tail(self.log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} (pid {self.pid}) did not report its address within {timeout:g} s: "
+                                   f"{tail(self.log_path)}")
+            time.sleep(0.05)
+        return json.loads(self.report_path.read_text())
+
+
+class Procs:
+    """Helper processes started by a benchmark; stop_all() stops each by pid (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+
+    def role(self, name: str, role: str, *args: str, env: dict | None = None) -> Child:
+        """Start `python -m bench.sims ROLE ARGS` (from the repository root, so this checkout's code runs)."""
+        log_path = self.workdir / f"{name}.log"
+        report_path = self.workdir / f"{name}.addr"
+        report_path.unlink(missing_ok=True)
+        with open(log_path, "ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "bench.sims", role, *args], stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT, start_new_session=True,
+                env=dict(os.environ, PYTHONUNBUFFERED="1", BENCH_REPORT=str(report_path), **(env or {})),
+            )
+        child = Child(name, popen, log_path, report_path)
+        self.children.append(child)
+        return child
+
+    @staticmethod
+    def stop(popen: subprocess.Popen, timeout: float = 10.0) -> None:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGTERM)
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(popen.pid, signal.SIGKILL)
+                popen.wait(5)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            try:
+                self.stop(child.popen)
+            except Exception as exc:  # keep stopping the others
+                log(f"could not stop pid {child.pid}: {exc}")
+
+    def check_alive(self) -> None:
+        for c in self.children:
+            if c.popen.poll() is not None:
+                raise RuntimeError(f"{c.name} (pid {c.pid}) exited with {c.popen.returncode}: {tail(c.log_path)}")
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {c.name} (pid {c.pid}, exit {c.popen.returncode}) -----\n{tail(c.log_path, 3000)}"
+                         for c in self.children)
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+# ---- request loops through cluster.Client ------------------------------------------------------------------------
+
+
+def sequential(client, model: str, inputs: dict, n: int) -> list[float]:
+    latencies = []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.infer(model, inputs, timeout=60)
+        latencies.append(time.perf_counter() - t)
+    return latencies
+
+
+def closed_loop(client, model: str, inputs: dict, in_flight: int, seconds: float, warmup: float) -> dict:
+    """Keep `in_flight` requests outstanding through Client.submit for warmup + seconds; figures over the window.
+
+    Each completion is stamped in the client's I/O thread (done callback); the main thread only tops the window up."""
+    done = threading.Semaphore(0)
+    records: list[tuple[float, float, str]] = []  # (submitted, completed, agent)
+    errors: dict[str, int] = {}
+
+    def finished(future, t0: float) -> None:
+        t1 = time.perf_counter()
+        exc = future.exception()
+        if exc is None:
+            records.append((t0, t1, future.result().agent))
+        else:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        done.release()
+
+    def submit() -> None:
+        t0 = time.perf_counter()
+        client.submit(model, inputs, timeout=60).add_done_callback(lambda f, t0=t0: finished(f, t0))
+
+    for _ in range(in_flight):
+        submit()
+    start = time.perf_counter() + warmup
+    end = start + seconds
+    while time.perf_counter() < end:
+        if not done.acquire(timeout=60):
+            raise RuntimeError(f"{model}: no answer for 60 s")
+        submit()
+    for _ in range(in_flight):
+        if not done.acquire(timeout=60):
+            raise RuntimeError(f"{model}: in-flight requests not answered within 60 s")
+    window = [r for r in records if start <= r[1] <= end]
+    if not window:
+        raise RuntimeError(f"{model}: no request finished within the {seconds:g} s window ({len(records)} in all)")
+    latencies = [t1 - t0 for t0, t1, _ in window if t0 >= start]
+    agents: dict[str, int] = {}
+    for _, _, agent in window:
+        agents[agent] = agents.get(agent, 0) + 1
+    if errors:
+        raise RuntimeError(f"{model}: errors during the run: {errors}")
+    return {
+        "throughput": len(window) / seconds,
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "agents": agents,
+    }
+
+
+# ---- HTTP -----------------------------------------------------------------------------------------------------------
+
+
+def wait_http(url: str, popen: subprocess.Popen, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {popen.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[{body}]==]
+"""
+
+
+def wrk_script(path: Path, body: str) -> Path:
+    """A wrk Lua script that POSTs `body` as JSON."""
+    path.write_text(WRK_LUA.format(body=body))
+    return path
+
+
+def run_wrk(url: str, script: Path, seconds: float) -> dict:
+    """wrk -t WRK_THREADS -c WRK_CONNECTIONS for `seconds`: req/s, p50/p99 (ms), non-2xx answers, socket errors."""
+    out = subprocess.run(
+        ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not found:
+        raise RuntimeError(f"cannot read wrk's output: {out[-500:]}")
+    result = {"rps": float(found.group(1)), "non2xx": 0, "errors": 0}
+    if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
+        result["non2xx"] = int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        result["errors"] = sum(map(int, m.groups()))
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m:
+            value, unit = float(m.group(1)), m.group(2)
+            result[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    return result
+
+
+# ---- the machine ----------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    import psutil
+
+    info = {}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+        info["CPU"] = m.group(1).strip() if m else platform.processor() or platform.machine()
+    except OSError:
+        info["CPU"] = platform.processor() or platform.machine()
+    info["cores"] = f"{os.cpu_count()} logical ({len(os.sched_getaffinity(0))} usable by this process)"
+    info["memory"] = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
+    info["OS"] = f"{platform.system()} {platform.release()}"
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except Exception:
+        torch_version = "n/a"
+    info["Python"] = platform.python_version()
+    info["torch"] = torch_version
+    info["pyzmq / libzmq"] = f"{zmq.__version__} / {zmq.zmq_version()}"
+    versions = []
+    for pkg in ("fastapi", "uvicorn", "httpx", "msgpack", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions.append(f"{pkg} {version(pkg)}")
+        except Exception:
+            pass
+    info["other"] = ", ".join(versions)
+    try:
+        wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=5)
+        info["wrk"] = (wrk.stdout + wrk.stderr).strip().splitlines()[0]
+    except Exception:
+        info["wrk"] = "n/a"
+    info["load average at start"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return info
