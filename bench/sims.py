@@ -191,25 +191,13 @@ def role_serve_lb(upstreams: str) -> None:
 
 
 def _agent_status(agent_id: str, started: float, capacity: int, models: list[dict]) -> dict:
-    """A heartbeat header with the fields and sizes of cluster/agent/agent.py's Agent.status()."""
-    return {
-        "agent": agent_id,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "device": "cpu",
-        "in_flight": 0,
-        "capacity": capacity,
-        "batching": {},
-        "draining": False,
-        "uptime": round(time.monotonic() - started, 3),
-        "started": started,
-        "serving_since": started,
-        "interval": 1.0,
-        "serves_only": None,
-        "models": models,
-        "staged": [],
-        "failed": [],
-    }
+    """A heartbeat header as a real agent sends it (the protocol's one Heartbeat type)."""
+    from cluster.protocol import Heartbeat
+
+    return Heartbeat(
+        agent_id, capacity, models, host=socket.gethostname(), pid=os.getpid(), device="cpu",
+        uptime=round(time.monotonic() - started, 3), started=started, serving_since=started, interval=1.0,
+    ).to_wire()
 
 
 def role_bare_sub() -> None:
