@@ -146,13 +146,19 @@ def edge(
     host: str = typer.Option(config.EDGE_HOST, envvar="CLUSTER_EDGE_HOST", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(config.EDGE_PORT, envvar="CLUSTER_EDGE_PORT", help="HTTP port."),
     broker: str = BrokerClients,
-    max_body_bytes: int = typer.Option(64 * 1024 * 1024, envvar="CLUSTER_EDGE_MAX_BODY", help="Largest request body."),
+    max_body_bytes: Optional[int] = typer.Option(None, envvar="CLUSTER_EDGE_MAX_BODY", help="Largest request body in bytes, after decompression (default 64 MiB)."),
+    frontend: Optional[str] = typer.Option(None, "--frontend", help="The page served at / (default: the repository's frontend.html)."),
+    request_timeout: Optional[float] = typer.Option(None, envvar="CLUSTER_REQUEST_TIMEOUT", help="Default inference deadline in seconds (default 30)."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
     log_level: str = LogLevel,
 ):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST, /metrics, /agents, and the page at /."""
     from edge import run_edge
 
-    run_edge(host, port, broker, max_body_bytes=max_body_bytes, log_level=log_level)
+    run_edge(
+        host, port, broker, max_body_bytes=max_body_bytes, frontend_path=frontend, request_timeout=request_timeout,
+        log_level=log_level, access_log=access_log,
+    )
 
 
 # ---- the whole cluster on one machine ------------------------------------------------------------------------

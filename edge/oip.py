@@ -1,6 +1,8 @@
 """Open Inference Protocol (KServe V2) JSON <-> numpy, and Triton's binary tensor extension. Pure functions, no I/O.
 
-Request body (see /work/shared/reference/serving-anchors.md section 2.4, and section 2.10 for the binary extension):
+Request body (the Open Inference Protocol's inference request: kserve/open-inference-protocol,
+specification/protocol/inference_rest.md; the binary extension: triton-inference-server/server,
+docs/protocol/extension_binary_data.md):
 
     {"id": "42", "parameters": {...}, "inputs": [{"name", "shape", "datatype", "data" | parameters.binary_data_size}],
      "outputs": [{"name", "parameters": {"binary_data": bool}}]}

@@ -1,0 +1,99 @@
+"""How the edge answers when something goes wrong: `HTTPError`, the cluster's errors as HTTP statuses, and the app's
+exception handlers. Every error body is {"error": "<message>"}.
+
+    400  bad input (invalid JSON, data vs shape, wrong datatype, unknown input or output name)  BadRequestError too
+    404  unknown model or version                                          ModelNotFoundError, or a bad version path
+    413  body over the limit (Content-Length checked first, bytes counted while reading, after decompression too)
+    415  Content-Encoding other than gzip, deflate or identity
+    429  the broker's queue is full (with Retry-After: 1)                  OverloadedError
+    503  no live agent for the model, or the broker does not answer a query  NoAgentAvailableError, query timeouts
+    504  no answer to an inference request within its deadline            InferenceTimeoutError on infer
+    500  the model itself failed                                           InferenceFailedError
+    502  any other error reported by the cluster                          ClusterError
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.errors import (
+    BadRequestError,
+    ClusterError,
+    InferenceFailedError,
+    InferenceTimeoutError,
+    ModelNotFoundError,
+    NoAgentAvailableError,
+    OverloadedError,
+)
+
+log = logging.getLogger("edge")
+
+
+class HTTPError(Exception):
+    """An answer other than 200, raised anywhere in a route; the handler turns it into {"error": message}.
+    `outcome` is the label the metrics count it under (edge/metrics.py)."""
+
+    def __init__(self, status: int, message: str, outcome: str = "error", headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.outcome = outcome
+        self.headers = headers
+
+
+def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
+    body = json.dumps(data, separators=(",", ":"), default=str).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> Response:
+    return json_response({"error": message}, status, headers)
+
+
+def cluster_http_error(exc: ClusterError, *, infer: bool, broker: str) -> HTTPError:
+    """The HTTP status (and metrics outcome) for an error the bus reported. A timeout is the model's on an inference
+    request (504) but means the broker is not answering on a query (503)."""
+    text = str(exc)
+    if isinstance(exc, BadRequestError):
+        return HTTPError(400, text, "bad_request")
+    if isinstance(exc, ModelNotFoundError):
+        return HTTPError(404, text, "not_found")
+    if isinstance(exc, OverloadedError):
+        return HTTPError(429, text, "overloaded", {"Retry-After": "1"})
+    if isinstance(exc, NoAgentAvailableError):
+        return HTTPError(503, text, "unavailable")
+    if isinstance(exc, InferenceTimeoutError):
+        if infer:
+            return HTTPError(504, text, "timeout")
+        return HTTPError(503, f"the cluster's broker at {broker} is not answering ({text})", "unavailable")
+    if isinstance(exc, InferenceFailedError):
+        return HTTPError(500, text, "failed")
+    return HTTPError(502, f"the cluster reported an error: {text}", "error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app raises, FastAPI's and Starlette's own included, answers {"error": message}."""
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError) -> Response:
+        return error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(400, f"invalid request: {exc.errors()[:3]}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error in the edge: {type(exc).__name__}")

@@ -1,0 +1,303 @@
+"""The edge's routes: Open Inference Protocol health, metadata and inference, the cluster views, /metrics and the page.
+
+Each route turns one HTTP request into one call on the app's bus client (`EdgeState.client`) and the answer back into
+JSON; edge/oip.py does the tensor conversions, edge/body.py reads bodies, edge/errors.py maps errors to statuses.
+Health follows the OIP's status-code semantics with small JSON bodies (KServe style): live 200 {"live": true};
+ready 200 {"ready": true} / 503 {"ready": false, "error": ...}; model ready 200 / 503 {"name", "ready"}, 404 for a
+model the cluster does not know.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from cluster.errors import ClusterError, InferenceFailedError, OverloadedError
+from edge import oip
+from edge.body import read_body
+from edge.errors import HTTPError, cluster_http_error, error_response, json_response
+from edge.metrics import EdgeMetrics
+from edge.schemas import (
+    ERRORS,
+    AgentInfo,
+    InferenceResponse,
+    ModelListing,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    error_responses,
+)
+
+SERVER_NAME = "torch-serving-cluster"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def server_version() -> str:
+    try:
+        return version(SERVER_NAME)
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "0.1.0"
+
+
+class EdgeState:
+    """What the routes share (the app's `state.edge`): the bus client, the metrics, the limits and deadlines.
+
+    client: anything with AsyncClient's coroutines (infer, agents, models, model_metadata); set by the app's lifespan.
+    """
+
+    def __init__(self, broker: str, max_body_bytes: int, frontend_path: Path, request_timeout: float | None, query_timeout: float) -> None:
+        self.broker = broker
+        self.max_body_bytes = max_body_bytes
+        self.frontend_path = frontend_path
+        self.request_timeout = request_timeout
+        self.query_timeout = query_timeout
+        self.metrics = EdgeMetrics()
+        self.client: Any = None
+
+    async def query(self, call):
+        """Await a bus query, turning its errors into HTTP errors (a query that times out means no broker: 503)."""
+        try:
+            return await call
+        except ClusterError as exc:
+            raise cluster_http_error(exc, infer=False, broker=self.broker) from None
+
+
+def get_edge(request: Request) -> EdgeState:
+    return request.app.state.edge
+
+
+def parse_version(name: str, version: str | None) -> int | None:
+    """A version path segment as the bus's int; 404 for anything that cannot be a version."""
+    if version is None:
+        return None
+    if not (version.isascii() and version.isdigit()) or len(version) > 18:
+        raise HTTPError(404, f"model '{name}' has no version '{version[:40]}'", "not_found")
+    return int(version)
+
+
+router = APIRouter()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Open Inference Protocol: health and metadata
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@router.get("/v2/health/live", response_model=ServerLive, tags=["health"], summary="Server live")
+async def server_live() -> Response:
+    """200 while the edge can take requests."""
+    return json_response({"live": True})
+
+
+@router.get(
+    "/v2/health/ready", response_model=ServerReady, tags=["health"], summary="Server ready",
+    responses={503: {"model": ServerReady, "description": "The broker does not answer, or no agent is live."}},
+)
+async def server_ready(request: Request) -> Response:
+    """200 when the broker answers and at least one agent is live (and not draining); 503 otherwise."""
+    edge = get_edge(request)
+    try:
+        agents = await edge.client.agents(timeout=edge.query_timeout)
+    except ClusterError as exc:
+        return json_response({"ready": False, "error": cluster_http_error(exc, infer=False, broker=edge.broker).message}, 503)
+    if not any(not a.get("draining") for a in agents):
+        return json_response({"ready": False, "error": "no live agent is connected to the cluster"}, 503)
+    return json_response({"ready": True})
+
+
+@router.get("/v2", response_model=ServerMetadata, tags=["metadata"], summary="Server metadata")
+async def server_metadata() -> Response:
+    return json_response({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
+
+
+async def _model_metadata(edge: EdgeState, name: str, version: str | None) -> dict:
+    meta = await edge.query(edge.client.model_metadata(name, parse_version(name, version), timeout=edge.query_timeout))
+    edge.metrics.confirm_model(name)
+    return meta
+
+
+def _metadata_body(meta: dict) -> dict:
+    versions = meta.get("versions") or ([meta["version"]] if meta.get("version") is not None else [])
+    return {
+        "name": meta.get("name"),
+        "versions": [str(v) for v in versions],
+        "platform": meta.get("platform") or "",
+        "inputs": meta.get("inputs") or [],
+        "outputs": meta.get("outputs") or [],
+    }
+
+
+@router.get("/v2/models/{name}", response_model=ModelMetadata, tags=["metadata"], summary="Model metadata", responses=error_responses(404, 503))
+async def model_metadata(request: Request, name: str) -> Response:
+    return json_response(_metadata_body(await _model_metadata(get_edge(request), name, None)))
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}", response_model=ModelMetadata, tags=["metadata"],
+    summary="Model metadata (one version)", responses=error_responses(404, 503),
+)
+async def model_version_metadata(request: Request, name: str, version: str) -> Response:
+    return json_response(_metadata_body(await _model_metadata(get_edge(request), name, version)))
+
+
+async def _model_ready(edge: EdgeState, name: str, version: str | None) -> Response:
+    meta = await _model_metadata(edge, name, version)
+    ready = bool(meta.get("ready"))
+    return json_response({"name": name, "ready": ready}, 200 if ready else 503)
+
+
+_READY_RESPONSES = {503: {"model": ModelReady, "description": "Known to the cluster but no live agent serves it."}, 404: ERRORS[404]}
+
+
+@router.get("/v2/models/{name}/ready", response_model=ModelReady, tags=["health"], summary="Model ready", responses=_READY_RESPONSES)
+async def model_ready(request: Request, name: str) -> Response:
+    """200 when a live agent serves the model's newest version; 503 when none does; 404 for an unknown model."""
+    return await _model_ready(get_edge(request), name, None)
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready", response_model=ModelReady, tags=["health"],
+    summary="Model ready (one version)", responses=_READY_RESPONSES,
+)
+async def model_version_ready(request: Request, name: str, version: str) -> Response:
+    return await _model_ready(get_edge(request), name, version)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Open Inference Protocol: inference
+# ---------------------------------------------------------------------------------------------------------------
+
+_INFER_DOC = {
+    "tags": ["inference"],
+    "response_model": InferenceResponse,
+    "responses": {
+        200: {
+            "description": "The outputs. With binary outputs the body is the JSON followed by their bytes, and "
+            "`Inference-Header-Content-Length` gives the JSON length.",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(400, 404, 413, 415, 429, 500, 502, 503, 504),
+    },
+    "openapi_extra": {
+        "parameters": [
+            {
+                "name": "Inference-Header-Content-Length",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 0},
+                "description": "Binary tensor extension: length of the JSON part; binary input data follows it.",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "An InferenceRequest JSON followed by the raw bytes of inputs with binary_data_size.",
+                },
+            },
+        },
+    },
+}
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    edge = get_edge(request)
+    metrics = edge.metrics
+    started = time.perf_counter()
+    outcome = "error"
+    metrics.in_flight.inc()
+    try:
+        number = parse_version(name, version)
+        body = await read_body(request, edge.max_body_bytes)
+        parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
+        timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
+        result = await edge.client.infer(name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs)
+        metrics.confirm_model(name)
+        metrics.observe_batching(name, result.batch_size, result.queue_seconds)
+        served_by = {"agent": result.agent} if isinstance(result.agent, str) else None
+        content, headers = oip.encode_infer_response(result.model or name, result.version, result.outputs, parsed, served_by)
+        outcome = "success"
+        return Response(content, headers=headers)
+    except oip.InvalidRequest as exc:
+        outcome = "bad_request"
+        return error_response(400, str(exc))
+    except HTTPError as exc:
+        outcome = exc.outcome
+        return error_response(exc.status, exc.message, exc.headers)
+    except ClusterError as exc:
+        error = cluster_http_error(exc, infer=True, broker=edge.broker)
+        outcome = error.outcome
+        if isinstance(exc, (InferenceFailedError, OverloadedError)):  # the cluster has the model
+            metrics.confirm_model(name)
+        return error_response(error.status, error.message, error.headers)
+    finally:
+        metrics.in_flight.dec()
+        metrics.observe(name, outcome, time.perf_counter() - started)
+
+
+@router.post("/v2/models/{name}/infer", summary="Inference", **_INFER_DOC)
+async def infer(request: Request, name: str) -> Response:
+    """Run the model's newest version served by a live agent on the inputs."""
+    return await _infer(request, name, None)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)", **_INFER_DOC)
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cluster, the metrics, the page
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@router.get("/agents", response_model=list[AgentInfo], tags=["cluster"], summary="Live agents", responses=error_responses(503))
+async def agents(request: Request) -> Response:
+    """The live agents as the broker sees them: host, models, requests in flight, capacity, heartbeat age."""
+    edge = get_edge(request)
+    found = await edge.query(edge.client.agents(timeout=edge.query_timeout))
+    return json_response(sorted(found, key=lambda a: str(a.get("id"))))
+
+
+@router.get("/models", response_model=dict[str, ModelListing], tags=["cluster"], summary="Deployed models", responses=error_responses(503))
+async def models(request: Request) -> Response:
+    """Every model a live agent serves: name -> {versions, agents}. (The OIP has no list endpoint.)"""
+    edge = get_edge(request)
+    found = await edge.query(edge.client.models(timeout=edge.query_timeout))
+    for name in found:
+        edge.metrics.confirm_model(name)
+    return json_response(found)
+
+
+@router.get(
+    "/metrics", tags=["cluster"], summary="Prometheus metrics",
+    responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(request: Request) -> Response:
+    edge = get_edge(request)
+    try:
+        found = await edge.client.agents(timeout=min(1.0, edge.query_timeout))
+        edge.metrics.set_cluster(len(found))
+    except ClusterError:
+        edge.metrics.set_cluster(None)
+    return Response(edge.metrics.render(), media_type=edge.metrics.content_type)
+
+
+@router.get(
+    "/", tags=["page"], summary="The web page",
+    responses={200: {"description": "frontend.html", "content": {"text/html": {"schema": {"type": "string"}}}}, 404: ERRORS[404]},
+)
+async def page(request: Request) -> Response:
+    path = get_edge(request).frontend_path
+    if not path.is_file():
+        return error_response(404, f"the page {path.name} is not installed with this edge")
+    return FileResponse(path, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,158 @@
+"""The HTTP API's bodies as pydantic models, so the OpenAPI document (/openapi.json, /docs) shows them.
+
+The routes answer with JSON they build themselves (`errors.json_response`); these classes only document what each
+route returns, and `ERRORS` the error statuses a route can answer with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.protocol import DATATYPES
+
+Datatype = Literal[tuple(DATATYPES)]  # the one datatype table, as an OpenAPI enum
+Parameters = dict[str, str | int | float | bool]
+TensorData = list[Any]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What went wrong, in words a person can act on.")
+
+
+# ---- health and metadata (Open Inference Protocol) --------------------------------------------------------------
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+    error: str | None = Field(None, description="Why the server is not ready (only when it is not).")
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a variable-size dimension.")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+# ---- inference (Open Inference Protocol) ------------------------------------------------------------------------
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    parameters: Parameters | None = Field(
+        None, description="`binary_data_size`: this input's bytes follow the JSON (Triton's binary tensor extension)."
+    )
+    data: TensorData | None = Field(None, description="Row-major values, flat or nested; omitted when sent in binary.")
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: Parameters | None = Field(None, description="`binary_data`: true to get this output in binary.")
+
+
+class InferenceRequest(BaseModel):
+    """An Open Inference Protocol inference request. With the binary tensor extension the HTTP body is this JSON
+    followed by raw little-endian tensor bytes, and the `Inference-Header-Content-Length` header gives the JSON length."""
+
+    id: str | None = Field(None, description="Echoed in the response.")
+    parameters: Parameters | None = Field(
+        None,
+        description="`binary_data_output` (bool): all outputs in binary; `timeout` (int, microseconds): deadline; "
+        "`priority` accepted and ignored. Other parameters are accepted and ignored.",
+    )
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = Field(None, description="Outputs to return (all when omitted).")
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    parameters: Parameters | None = Field(None, description="`binary_data_size` when the output is sent in binary.")
+    data: TensorData | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = Field(None, description="`agent`: the id of the agent that served the request.")
+    outputs: list[ResponseOutput]
+
+
+# ---- the cluster views ------------------------------------------------------------------------------------------
+
+
+class AgentModel(BaseModel):
+    name: str
+    version: int
+
+
+class AgentInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    host: str | None = None
+    pid: int | None = None
+    device: str | None = None
+    models: list[AgentModel] = []
+    in_flight: int | None = Field(None, description="Requests the agent is working on (from its last heartbeat).")
+    broker_in_flight: int | None = Field(None, description="Requests the broker has handed to the agent (exact, now).")
+    capacity: int | None = None
+    heartbeat_age: float | None = Field(None, description="Seconds since the broker last heard from the agent.")
+    draining: bool | None = None
+    uptime: float | None = None
+
+
+class ModelListing(BaseModel):
+    versions: list[int]
+    agents: list[str]
+
+
+# ---- error statuses, as the routes declare them ------------------------------------------------------------------
+
+ERRORS = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Bad input: invalid JSON, data that does not fit the shape or datatype, unknown input or output.",
+        404: "Unknown model or version.",
+        413: "Body over the edge's limit.",
+        415: "Unsupported Content-Encoding.",
+        429: "The cluster is overloaded; retry after the Retry-After header's seconds.",
+        500: "The model failed.",
+        502: "The cluster reported an internal error.",
+        503: "No live agent serves the model, or the broker does not answer.",
+        504: "No answer within the request's deadline.",
+    }.items()
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """The `responses=` of a route that can answer with these error statuses."""
+    return {code: ERRORS[code] for code in codes}

@@ -1,0 +1,200 @@
+"""edge/oip.py on its own: every datatype the bus carries, from JSON and from binary, every refusal, and a fuzz of
+the request parser (it only ever raises InvalidRequest). Pure functions: no app, no cluster."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.protocol import DATATYPES
+from edge import oip
+from edge.oip import InvalidRequest, parse_infer_request, tensor_from_binary, tensor_from_json
+
+ALL_DATATYPES = list(DATATYPES)
+
+# ---------------------------------------------------------------------------------------------------------------
+# edge/oip.py on its own
+# ---------------------------------------------------------------------------------------------------------------
+
+JSON_SAMPLES = {
+    "BOOL": [[True, False], [False, True]],
+    "UINT8": [[0, 255], [1, 2]],
+    "UINT16": [[0, 65535], [3, 4]],
+    "UINT32": [[0, 2**32 - 1], [5, 6]],
+    "UINT64": [[0, 2**64 - 1], [7, 8]],
+    "INT8": [[-128, 127], [0, -1]],
+    "INT16": [[-(2**15), 2**15 - 1], [0, -1]],
+    "INT32": [[-(2**31), 2**31 - 1], [0, -1]],
+    "INT64": [[-(2**63), 2**63 - 1], [0, -1]],
+    "FP16": [[0.5, -2.0], [65504.0, 1]],
+    "FP32": [[0.1, -2.5], [3.4e38, 7]],
+    "FP64": [[0.1, -2.5], [1.7e308, 7]],
+}
+OUT_OF_RANGE = {
+    "UINT8": 256, "UINT16": -1, "UINT32": 2**32, "UINT64": 2**64, "INT8": -129, "INT16": 2**15,
+    "INT32": -(2**31) - 1, "INT64": 2**63, "FP16": 70000.0, "FP32": 1e39, "FP64": 10**400,
+}
+WRONG_JSON_TYPE = {"BOOL": 1, "UINT8": 1.5, "INT32": True, "INT64": "3", "FP32": True, "FP64": None, "FP16": "x"}
+
+
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_oip_every_datatype_from_json_nested_and_flat(datatype):
+    nested = JSON_SAMPLES[datatype]
+    expected = np.array(nested, dtype=DATATYPES[datatype])
+    for data in (nested, [v for row in nested for v in row]):
+        array = tensor_from_json("t", datatype, [2, 2], data)
+        assert array.dtype == DATATYPES[datatype] and array.shape == (2, 2)
+        np.testing.assert_array_equal(array, expected)
+    # and back: JSON of an output gives the same numbers
+    assert np.array(oip.tensor_to_json(expected), dtype=expected.dtype).reshape(2, 2).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_oip_every_datatype_from_binary(datatype):
+    expected = np.array(JSON_SAMPLES[datatype], dtype=DATATYPES[datatype])
+    raw = expected.astype(expected.dtype.newbyteorder("<")).tobytes()
+    np.testing.assert_array_equal(tensor_from_binary("t", datatype, [2, 2], raw), expected)
+    assert oip.tensor_to_binary(expected) == raw
+    with pytest.raises(InvalidRequest, match="input 't'.*needs"):
+        tensor_from_binary("t", datatype, [2, 2], raw[:-1])
+
+
+@pytest.mark.parametrize("datatype", sorted(OUT_OF_RANGE))
+def test_oip_rejects_out_of_range(datatype):
+    with pytest.raises(InvalidRequest, match=f"input 'v'.*out of range for {datatype}"):
+        tensor_from_json("v", datatype, [2], [1, OUT_OF_RANGE[datatype]])
+
+
+@pytest.mark.parametrize("datatype", sorted(WRONG_JSON_TYPE))
+def test_oip_rejects_wrong_json_types(datatype):
+    with pytest.raises(InvalidRequest, match=f"input 'w'.*{datatype} data must be"):
+        tensor_from_json("w", datatype, [2], [WRONG_JSON_TYPE[datatype]] * 2)
+
+
+@pytest.mark.parametrize(
+    "datatype, shape, data, words",
+    [
+        ("FP32", [2, 3], [1, 2, 3, 4, 5], "needs 6 elements, 'data' has 5"),
+        ("FP32", [2, 2], [[1, 2], [3]], "ragged"),
+        ("FP32", [3], [1, [2], 3], "data must be numbers"),
+        ("FP32", [2], [[1], 2], "mixes arrays and scalars"),
+        ("FP32", [2], 7, "must be an array"),
+        ("FP32", [-1, 2], [1, 2], "negative"),
+        ("FP32", [2.0], [1, 2], "integers only"),
+        ("FP32", "2", [1, 2], "array of integers"),
+        ("FP32", [1] * 17, [1], "dimensions"),
+        ("BYTES", [1], ["a"], "not supported"),
+        ("fp32", [1], [1], "unknown datatype"),
+        (32, [1], [1], "must be a string"),
+        ("BOOL", [2], [True, 2], "true/false"),
+    ],
+)
+def test_oip_rejects_malformed_tensors(datatype, shape, data, words):
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        tensor_from_json("bad", datatype, shape, data)
+
+
+def test_oip_binary_bool_must_be_0_or_1():
+    with pytest.raises(InvalidRequest, match="0 or 1"):
+        tensor_from_binary("b", "BOOL", [2], b"\x00\x02")
+
+
+def test_oip_request_with_binary_inputs_and_outputs():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([1, -2], dtype=np.int64)
+    header = json.dumps({
+        "id": "7",
+        "parameters": {"binary_data_output": True, "timeout": 1_500_000, "priority": 1, "anything": "goes"},
+        "inputs": [
+            {"name": "a", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
+            {"name": "j", "shape": [1], "datatype": "INT8", "data": [5]},
+            {"name": "b", "shape": [2], "datatype": "INT64", "parameters": {"binary_data_size": b.nbytes}},
+        ],
+        "outputs": [{"name": "o1"}, {"name": "o2", "parameters": {"binary_data": False}}],
+    }).encode()
+    request = parse_infer_request(header + a.tobytes() + b.tobytes(), str(len(header)))
+    np.testing.assert_array_equal(request.inputs["a"], a)
+    np.testing.assert_array_equal(request.inputs["b"], b)
+    assert request.inputs["j"].tolist() == [5] and request.inputs["j"].dtype == np.int8
+    assert request.id == "7" and request.timeout == 1.5 and request.outputs == ["o1", "o2"]
+    assert request.wants_binary("o1") and not request.wants_binary("o2")
+
+    outputs = {"o1": np.array([[1.5, 2.5]], dtype=np.float16), "o2": np.array([True, False])}
+    body, headers = oip.encode_infer_response("m", 3, outputs, request)
+    length = int(headers[oip.HEADER_LENGTH])
+    head = json.loads(body[:length])
+    assert head["model_name"] == "m" and head["model_version"] == "3" and head["id"] == "7"
+    o1, o2 = head["outputs"]
+    assert o1 == {"name": "o1", "datatype": "FP16", "shape": [1, 2], "parameters": {"binary_data_size": 4}}
+    assert o2 == {"name": "o2", "datatype": "BOOL", "shape": [2], "data": [True, False]}
+    assert np.frombuffer(body[length:], dtype=np.float16).tolist() == [1.5, 2.5]
+
+    # without binary outputs the response is plain JSON
+    body, headers = oip.encode_infer_response("m", 3, outputs, parse_infer_request(b'{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[1]}]}'))
+    assert oip.HEADER_LENGTH not in headers and json.loads(body)["outputs"][0]["data"] == [1.5, 2.5]
+
+
+@pytest.mark.parametrize(
+    "body, header, words",
+    [
+        (b"{", None, "invalid JSON"),
+        (b"\xff\xfe\x00", None, "invalid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, None, "invalid JSON"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [NaN]}]}', None, "NaN"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1e999]}]}', None, "out of range"),
+        (b"[]", None, "JSON object"),
+        (b'{"inputs": []}', None, "non-empty"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}', None, "'data' is missing"),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}', None, "'shape' is missing"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "twice"),
+        (b'{"id": 5, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "'id' must be a string"),
+        (b'{"parameters": [], "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "'parameters' must be an object"),
+        (b'{"parameters": {"timeout": -1}, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "timeout"),
+        (b'{"parameters": {"binary_data_output": "yes"}, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "true or false"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{"name": "y", "parameters": {"classification": 3}}]}', None, "classification"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{}]}', None, "outputs[0]"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}', None, "no Inference-Header-Content-Length"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abc', "json", "runs past the end"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abcde', "json", "bytes after"),
+        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abcd', "json", "needs 8 bytes"),
+        (b"{}", "-1", "non-negative integer"),
+        (b"{}", "3", "the body has only 2 bytes"),
+    ],
+)
+def test_oip_rejects_malformed_requests(body, header, words):
+    if header == "json":  # the length of the JSON part, binary data after it
+        header = str(body.index(b"}]}") + 3)
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        parse_infer_request(body, header)
+
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False), st.text(max_size=5)
+)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=30)
+
+
+# 250 examples (was 500): generating the nested JSON is the cost, about 15 ms of CPU each; parsing is 0.2 ms
+@settings(max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            {"inputs": st.lists(st.dictionaries(st.sampled_from(["name", "shape", "datatype", "data", "parameters"]), json_values), max_size=3)},
+            optional={"outputs": json_values, "parameters": json_values, "id": json_values},
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+    header=st.one_of(st.none(), st.integers(-5, 400).map(str), st.text(max_size=6)),
+)
+def test_oip_parser_fuzz_only_ever_raises_invalid_request(body, header):
+    try:
+        request = parse_infer_request(body, header)
+    except InvalidRequest:
+        return
+    assert request.inputs and all(isinstance(a, np.ndarray) for a in request.inputs.values())
