@@ -6,11 +6,13 @@ route returns, and `ERRORS` the error statuses a route can answer with.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from cluster.protocol import DATATYPES
+from cluster.protocol import DATATYPES, Heartbeat
 
 Datatype = Literal[tuple(DATATYPES)]  # the one datatype table, as an OpenAPI enum
 Parameters = dict[str, str | int | float | bool]
@@ -109,25 +111,26 @@ class InferenceResponse(BaseModel):
 # ---- the cluster views ------------------------------------------------------------------------------------------
 
 
-class AgentModel(BaseModel):
-    name: str
-    version: int
+def _agent_info_model() -> type[BaseModel]:
+    """The /agents entry: every field of the protocol's one Heartbeat definition (so a new heartbeat field shows up
+    here by itself), plus what the broker's view adds (see cluster.protocol.agent_view)."""
+    hints = typing.get_type_hints(Heartbeat)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(Heartbeat):
+        default = Field(default_factory=f.default_factory) if f.default_factory is not dataclasses.MISSING else f.default
+        fields[f.name] = (hints[f.name], ... if default is dataclasses.MISSING else default)
+    return create_model(
+        "AgentInfo",
+        __config__=ConfigDict(extra="allow"),
+        id=(str, Field(description="The agent's id (the same as `agent`).")),
+        heartbeat_age=(float, Field(description="Seconds since the broker last heard from the agent.")),
+        joined=(float, Field(description="Wall time the agent registered with the broker.")),
+        broker_in_flight=(int | None, Field(None, description="Requests the broker has handed to the agent (exact, now).")),
+        **fields,
+    )
 
 
-class AgentInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    host: str | None = None
-    pid: int | None = None
-    device: str | None = None
-    models: list[AgentModel] = []
-    in_flight: int | None = Field(None, description="Requests the agent is working on (from its last heartbeat).")
-    broker_in_flight: int | None = Field(None, description="Requests the broker has handed to the agent (exact, now).")
-    capacity: int | None = None
-    heartbeat_age: float | None = Field(None, description="Seconds since the broker last heard from the agent.")
-    draining: bool | None = None
-    uptime: float | None = None
+AgentInfo = _agent_info_model()
 
 
 class ModelListing(BaseModel):
