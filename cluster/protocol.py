@@ -20,7 +20,9 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
     broker  -> agent    REQUEST  route + the client's header + tensors (forwarded, never decoded)
                         HEARTBEAT {}   DISCONNECT {reason}   (DISCONNECT: "I do not know you, send READY again")
     agent   -> manager  HEARTBEAT (PUB) {agent, host, pid, device, models, in_flight, capacity, draining, uptime, ...}
-    manager -> broker   EVENT (PUB) {event: "agent_joined" | "agent_dead" | "snapshot", agent?, agents?}
+    manager -> broker   EVENT (PUB) {event: "agent_dead", agent, silent_for}   (a backup word: the broker owns liveness)
+    manager -> agent    EVENT (PUB) {event: "desired", state: {generation, models: {name: {version, staged, history}}}}
+                        (on every change, when an agent joins, and every heartbeat interval)
     anyone  -> manager  QUERY {id, what} -> REPLY {id, result}
 
 A tensor meta is {name, datatype, shape}: datatype is an Open Inference Protocol name (FP32, INT64, ...), shape a

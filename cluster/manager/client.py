@@ -29,7 +29,9 @@ class ManagerClient:
             header = {"id": request_id, "what": what, **{k: v for k, v in fields.items() if v is not None}}
             sock.send_multipart(protocol.message(Command.QUERY, header))
             if not sock.poll(int(timeout * 1000)):
-                raise InferenceTimeoutError(f"the manager at {self.address} did not answer '{what}' within {timeout:g} s (is it running?)")
+                raise InferenceTimeoutError(
+                    f"the manager at {self.address} did not answer '{what}' within {timeout:g} s (is it running?)"
+                )
             frames = sock.recv_multipart()
             try:
                 cmd = protocol.parse_preamble(frames[0])

@@ -1,4 +1,7 @@
-"""Rollouts of the desired deployments, without I/O (the manager drives them; agents converge on them).
+"""The manager's deployments without I/O: the commands (deploy / rollback / undeploy) and the rollouts they start.
+The manager (manager.py) feeds `Deployments` its events and carries out the `Actions` it returns: it saves
+`deployments.json`, publishes the desired state and answers the requesters. Nothing here touches a socket, so the
+whole rollout logic is tested in-process (tests/test_manager_logic.py), as pyzmq's zmq/auth/base.py is.
 
 The desired state itself (`DesiredState`) is shared with the agents and lives in `cluster.desired`.
 
@@ -10,10 +13,36 @@ A rollout is two-phase, so that either every agent switches or none does:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
-from cluster.protocol import Heartbeat
+from cluster.desired import DesiredState, ModelDeployment
+from cluster.manager.registry import Registry
+from cluster.protocol import ErrorCode, Heartbeat, require
+from cluster.repository import ModelRepository
+
+log = logging.getLogger("cluster.manager")
+
+ABORT_GRACE = 10.0  # seconds a failing rollout waits for the remaining agents' outcomes before it is aborted
+DEFAULT_ROLLOUT_TIMEOUT = 300.0  # seconds, when the command names no rollout_timeout
+HISTORY_LENGTH = 20  # earlier versions kept per model as rollback targets
+
+
+class CommandError(Exception):
+    """A deploy/rollback/undeploy that cannot be done; answered as ERROR with this code."""
+
+    def __init__(self, code: ErrorCode, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass
+class Actions:
+    """What the manager must do after an event: save and publish the desired state (first), then answer."""
+
+    desired_changed: bool = False  # save deployments.json and publish the desired state
+    answers: list[tuple[tuple, dict]] = field(default_factory=list)  # (requester, result): send REPLY {id, result}
 
 
 @dataclass
@@ -58,7 +87,9 @@ class Rollout:
         return {a: r for a, r in self.outcomes.items() if r != "ok"}
 
     def report(self, now: float) -> dict:
-        missing = "no answer before the deadline" if self.failed_at is None else "no outcome before the rollout was aborted"
+        missing = (
+            "no answer before the deadline" if self.failed_at is None else "no outcome before the rollout was aborted"
+        )
         agents = {a: self.outcomes.get(a, missing) for a in sorted(self.expected)}
         return {
             "model": self.model,
@@ -70,11 +101,163 @@ class Rollout:
         }
 
 
+class Deployments:
+    """The desired state and the rollouts that move it. Events in: `command` (from a requester), `observe` (a
+    heartbeat), `agent_lost` (the registry expired an agent), `tick` (the clock). Out: `Actions`.
+
+    `share` is the share's folder (None: a manager without a share, which refuses commands); its versions are read
+    with cluster.repository.ModelRepository. `registry` is the manager's registry: the live agents a rollout waits for.
+    """
+
+    def __init__(
+        self, share: str | None, desired: DesiredState, registry: Registry, abort_grace: float = ABORT_GRACE
+    ) -> None:
+        self.share = share
+        self.desired = desired
+        self.registry = registry
+        self.abort_grace = abort_grace
+        self.rollouts: dict[str, Rollout] = {}  # model -> the rollout in progress for it
+
+    def command(self, what: str, header: dict, requester: tuple, now: float) -> Actions:
+        """deploy / rollback / undeploy. The answer comes in the Actions now, or from `tick` at the end of the
+        rollout. CommandError (or ProtocolError for a malformed header) when it cannot be done."""
+        if self.share is None:
+            raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
+        name = require(header, "name", str)
+        if name in self.rollouts:
+            raise CommandError(
+                ErrorCode.OVERLOADED, f"a rollout of '{name}' is already in progress; try again when it is over"
+            )
+        current = self.desired.models.get(name)
+        if what == "undeploy":
+            if current is None:
+                raise CommandError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' is not deployed")
+            del self.desired.models[name]
+            self.desired.changed()
+            log.info("undeployed %s", name)
+            return Actions(desired_changed=True, answers=[(requester, {"model": name, "undeployed": True})])
+        versions = ModelRepository(self.share).versions(name)
+        if what == "deploy":
+            version = require(header, "version", int, optional=True) or (versions[-1] if versions else None)
+        else:  # rollback
+            version = require(header, "to", int, optional=True)
+            if version is None:
+                history = [v for v in (current.history if current else []) if v in versions]
+                if not history:
+                    raise CommandError(
+                        ErrorCode.MODEL_NOT_FOUND, f"model '{name}' has no earlier version to roll back to"
+                    )
+                version = history[-1]
+        if version is None or version not in versions:
+            raise CommandError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"model '{name}' has no version {version} in the share ({versions or 'none'})",
+            )
+        if current is not None and current.version == version:
+            already = {
+                "model": name,
+                "version": version,
+                "previous": version,
+                "ok": True,
+                "agents": {},
+                "seconds": 0.0,
+                "note": "already deployed",
+            }
+            return Actions(answers=[(requester, already)])
+        timeout = require(header, "rollout_timeout", (int, float), optional=True) or DEFAULT_ROLLOUT_TIMEOUT
+        deployment = current or ModelDeployment(None)
+        self.desired.models[name] = deployment
+        deployment.staged = version
+        self.desired.changed()
+        expected = {a for a, r in self.registry.agents.items() if r.beat.takes_part_in(name)}
+        rollout = Rollout(name, version, deployment.version, expected, now + timeout, requester, started=now)
+        self.rollouts[name] = rollout
+        log.info("%s %s v%d: staging on %d agents", what, name, version, len(rollout.expected))
+        self._observe_all(rollout)  # an agent may already have it
+        return Actions(desired_changed=True)
+
+    def observe(self, beat: Heartbeat) -> None:
+        """A heartbeat: what the agent says it staged, serves or failed to load moves the rollouts on."""
+        for rollout in self.rollouts.values():
+            rollout.observe(beat.agent, beat)
+
+    def agent_lost(self, agent: str) -> None:
+        """The registry expired the agent: no rollout waits for it any longer."""
+        for rollout in self.rollouts.values():
+            rollout.agent_lost(agent)
+
+    def tick(self, now: float) -> Actions:
+        """Move each rollout on: all staged -> switch; any failure or deadline -> abort; all switched -> answer."""
+        actions = Actions()
+        for name, rollout in list(self.rollouts.items()):
+            deployment = self.desired.models.get(name)
+            if deployment is None:  # undeployed meanwhile
+                rollout.phase = "done"
+            elif rollout.phase == "staging":
+                failed = rollout.failures()
+                if failed and rollout.failed_at is None:
+                    rollout.failed_at = now
+                # On a failure, wait (briefly) for the other agents' outcomes too, so the report names every one.
+                grace_over = failed and now > min(rollout.deadline, rollout.failed_at + self.abort_grace)
+                deadline_passed = now > rollout.deadline and not rollout.complete()
+                if (failed and rollout.complete()) or grace_over or deadline_passed:
+                    deployment.staged = None
+                    if deployment.version is None:
+                        del self.desired.models[name]
+                    rollout.phase = "done"
+                    self.desired.changed()
+                    actions.desired_changed = True
+                    log.warning("rollout of %s v%d aborted: %s", name, rollout.version, failed or "deadline passed")
+                elif rollout.complete():
+                    if deployment.version is not None:
+                        deployment.history = (deployment.history + [deployment.version])[-HISTORY_LENGTH:]
+                    deployment.version, deployment.staged = rollout.version, None
+                    rollout.phase = "switching"
+                    rollout.outcomes.clear()
+                    self._observe_all(rollout)
+                    self.desired.changed()
+                    actions.desired_changed = True
+                    log.info("rollout of %s v%d: staged everywhere, switching", name, rollout.version)
+            elif rollout.phase == "switching" and (rollout.complete() or now > rollout.deadline):
+                rollout.phase = "done"
+                log.info("rollout of %s v%d done in %.2f s", name, rollout.version, now - rollout.started)
+            if rollout.phase == "done":
+                del self.rollouts[name]
+                if rollout.requester is not None:
+                    actions.answers.append((rollout.requester, rollout.report(now)))
+        return actions
+
+    def describe(self) -> dict:
+        """Desired state per model, with which agents serve which version now (the `deployments` query)."""
+        out = {}
+        for name, d in self.desired.models.items():
+            agents = {}
+            for record in self.registry.agents.values():
+                versions = [e["version"] for e in record.beat.models if e["name"] == name]
+                if versions:
+                    agents[record.agent_id] = versions
+            out[name] = {
+                "version": d.version,
+                "staged": d.staged,
+                "history": d.history,
+                "agents": agents,
+                "rolling_out": name in self.rollouts,
+            }
+        for name in self.registry.describe_models():
+            out.setdefault(name, {"version": None, "staged": None, "history": [], "agents": {}, "rolling_out": False})
+        return out
+
+    def _observe_all(self, rollout: Rollout) -> None:
+        for agent_id, record in self.registry.agents.items():
+            rollout.observe(agent_id, record.beat)
+
+
 def _has(entries: list[dict], model: str, version: int) -> bool:
     return any(e["name"] == model and e["version"] == version for e in entries)
 
 
 def _serves(beat: Heartbeat, model: str, version: int, default_only: bool = False) -> bool:
     return any(
-        e["name"] == model and e["version"] == version and (e.get("default", True) or not default_only) for e in beat.models
+        e["name"] == model and e["version"] == version and (e.get("default", True) or not default_only)
+        for e in beat.models
     )

@@ -3,6 +3,10 @@
 Fed heartbeats and clock ticks, it returns the registry events to publish. Any beat from an agent keeps it alive;
 an agent silent for `expiry` seconds is dead. A missed beat (PUB/SUB drops them at the high-water mark and while
 a subscriber joins) costs nothing as long as a later one arrives in time.
+
+It is the manager's own view, for what the manager decides (which agents a rollout waits for, the deployments,
+agents and models answers). Liveness for routing is the broker's: it expires agents from their own DEALER traffic
+on its clock; the `agent_dead` events returned here are published to it as a backup word only.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ class Registry:
         self.agents: dict[str, AgentRecord] = {}
 
     def observe(self, beat: Heartbeat, now: float) -> list[dict]:
-        """Record a heartbeat; returns [agent_joined event] the first time an agent is seen."""
+        """Record a heartbeat; returns [agent_joined event] the first time an agent is seen (the manager logs it and
+        sends the newcomer the desired state; it is not published)."""
         agent_id = beat.agent
         record = self.agents.get(agent_id)
         if record is None:
@@ -43,9 +48,7 @@ class Registry:
         dead = [r for r in self.agents.values() if now - r.last_seen > self.expiry]
         for record in dead:
             del self.agents[record.agent_id]
-        return [
-            {"event": "agent_dead", "agent": r.agent_id, "silent_for": round(now - r.last_seen, 3)} for r in dead
-        ]
+        return [{"event": "agent_dead", "agent": r.agent_id, "silent_for": round(now - r.last_seen, 3)} for r in dead]
 
     def describe_agents(self, now: float) -> list[dict]:
         return [agent_view(r.beat, heartbeat_age=now - r.last_seen, joined=r.joined) for r in self.agents.values()]
