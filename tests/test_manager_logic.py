@@ -227,6 +227,13 @@ def test_a_version_not_on_the_share_is_model_not_found(tmp_path):
     assert d.rollouts == {} and d.desired.models["m"].staged is None
 
 
+def test_an_invalid_model_name_is_a_bad_request(tmp_path):
+    d = make(tmp_path)
+    for what in ("deploy", "rollback"):
+        error = refused(d, what, {"name": "../x"})
+        assert error.code == ErrorCode.BAD_REQUEST and "invalid model name" in str(error), (what, error)
+
+
 def test_a_second_rollout_of_the_same_model_is_overloaded_and_others_go_on(tmp_path):
     d = make(
         tmp_path, deployed={"m": ModelDeployment(1), "echo": ModelDeployment(1)}, on_share={"m": [1, 2], "echo": [1, 2]}

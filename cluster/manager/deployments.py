@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.manager.registry import Registry
 from cluster.protocol import ErrorCode, Heartbeat, require
-from cluster.repository import ModelRepository
+from cluster.repository import ModelRepository, RepositoryError
 
 log = logging.getLogger("cluster.manager")
 
@@ -136,7 +136,10 @@ class Deployments:
             self.desired.changed()
             log.info("undeployed %s", name)
             return Actions(desired_changed=True, answers=[(requester, {"model": name, "undeployed": True})])
-        versions = ModelRepository(self.share).versions(name)
+        try:
+            versions = ModelRepository(self.share).versions(name)
+        except RepositoryError as exc:  # an invalid model name: answered, never dropped
+            raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
         if what == "deploy":
             version = require(header, "version", int, optional=True) or (versions[-1] if versions else None)
         else:  # rollback
