@@ -6,11 +6,9 @@ command lists them.
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import logging
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,11 @@ ManagerQueries = typer.Option(config.MANAGER_QUERY_ADDR, envvar="CLUSTER_MANAGER
 Interval = typer.Option(None, "--heartbeat-interval", envvar="CLUSTER_HEARTBEAT_INTERVAL", help="Seconds between heartbeats (default 1).")
 Liveness = typer.Option(None, "--liveness", envvar="CLUSTER_LIVENESS", help="Missed heartbeats before a peer is dead (default 3).")
 LogLevel = typer.Option("INFO", "--log-level", envvar="CLUSTER_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
+ReadyFile = typer.Option(
+    None,
+    "--ready-file",
+    help="Once listening, write the addresses really bound and the pid here (JSON). Port 0 in an address: any port.",
+)
 
 
 def _setup_logging(level: str, role: str) -> None:
@@ -52,6 +55,18 @@ def _addresses(**kwargs) -> config.Addresses:
     return config.Addresses(**{k: v for k, v in kwargs.items() if v is not None})
 
 
+def _report_ready(ready_file: Optional[str], role: str, **sockets) -> None:
+    """Log where the role's sockets really listen (port 0 binds any port) and tell LocalCluster (--ready-file)."""
+    from cluster.local import write_ready_file
+    from cluster.sockets import bound_address
+
+    addresses = {key: bound_address(sock) for key, sock in sockets.items()}
+    listening = ", ".join(f"{key} {address}" for key, address in addresses.items())
+    logging.getLogger(f"cluster.{role}").info("%s listening: %s", role, listening)
+    if ready_file:
+        write_ready_file(ready_file, role, addresses)
+
+
 # ---- the roles ----------------------------------------------------------------------------------------------------
 
 
@@ -67,6 +82,7 @@ def manager(
     heartbeat_interval: Optional[float] = Interval,
     liveness: Optional[int] = Liveness,
     log_level: str = LogLevel,
+    ready_file: Optional[str] = ReadyFile,
 ):
     """Run the lifecycle manager: registry of live agents from their heartbeats."""
     from cluster.manager import Manager
@@ -79,6 +95,13 @@ def manager(
         share=share or config.default_share_dir(),
     )
     _stop_on_signals(component)
+    _report_ready(
+        ready_file,
+        "manager",
+        manager_heartbeats=component.heartbeats,
+        manager_events=component.events,
+        manager_queries=component.queries,
+    )
     component.run()
 
 
@@ -91,6 +114,7 @@ def broker(
     heartbeat_interval: Optional[float] = Interval,
     liveness: Optional[int] = Liveness,
     log_level: str = LogLevel,
+    ready_file: Optional[str] = ReadyFile,
 ):
     """Run the broker: routes client requests to live agents that have the model."""
     from cluster.broker import Broker
@@ -99,6 +123,7 @@ def broker(
     timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
     component = Broker(_addresses(broker_clients=clients, broker_agents=agents, manager_events=events), timings, policy)
     _stop_on_signals(component)
+    _report_ready(ready_file, "broker", broker_clients=component.clients, broker_agents=component.agents_sock)
     component.run()
 
 
@@ -151,47 +176,22 @@ def edge(
     request_timeout: Optional[float] = typer.Option(None, envvar="CLUSTER_REQUEST_TIMEOUT", help="Default inference deadline in seconds (default 30)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
     log_level: str = LogLevel,
+    ready_file: Optional[str] = ReadyFile,
 ):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST, /metrics, /agents, and the page at /."""
     from edge import run_edge
 
     run_edge(
         host, port, broker, max_body_bytes=max_body_bytes, frontend_path=frontend, request_timeout=request_timeout,
-        log_level=log_level, access_log=access_log,
+        log_level=log_level, access_log=access_log, ready_file=ready_file,
     )
 
 
 # ---- the whole cluster on one machine ------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In a child of `cluster up`: get SIGTERM if `cluster up` itself dies, so no process is orphaned (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _spawn(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cluster", *args],
-        env=env,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-    )
-
-
-def _stop_all(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
-    """SIGTERM everything (agents first, so they drain), wait, then SIGKILL what is left."""
-    for proc in reversed(procs):
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command()
@@ -201,9 +201,22 @@ def up(
     share: Optional[str] = typer.Option(None, envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."),
     heartbeat_interval: Optional[float] = Interval,
     log_level: str = LogLevel,
+    any_ports: bool = typer.Option(
+        False,
+        "--any-ports",
+        help="Let the OS pick every port (bus and edge), e.g. for a second cluster here; the banner says which.",
+    ),
+    ready_file: Optional[str] = typer.Option(
+        None,
+        "--ready-file",
+        help="Once the manager, the broker and the edge listen, write every address and the pid here (JSON).",
+    ),
 ):
     """Start the manager, the broker, N agents and the HTTP edge on this machine; Ctrl-C or SIGTERM stops them all."""
+    import tempfile
+
     from cluster.demo_models import write_demo_models
+    from cluster.local import LocalCluster, StartError, any_port, write_ready_file
     from cluster.repository import ModelRepository
 
     _setup_logging(log_level, "up")
@@ -212,41 +225,59 @@ def up(
     if not ModelRepository(share_dir).model_names():
         typer.echo(f"Writing the demo models (digits, echo) into {share_dir} ...")
         write_demo_models(share_dir)
-    env = dict(os.environ, CLUSTER_SHARE=str(share_dir), CLUSTER_LOG_LEVEL=log_level)
-    if heartbeat_interval is not None:
-        env["CLUSTER_HEARTBEAT_INTERVAL"] = str(heartbeat_interval)
     addresses = config.Addresses()
-    procs = [_spawn(["manager"], env), _spawn(["broker"], env)]
-    procs += [_spawn(["agent"], env) for _ in range(agents)]
-    edge_url = f"http://{config.EDGE_HOST}:{edge_port}"
-    if edge_port:
-        procs.append(_spawn(["edge", "--port", str(edge_port)], env))
-    stopping = []
-
-    def request_stop(*_):
-        stopping.append(True)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    typer.echo(
-        f"cluster up: share {share_dir}\n"
-        f"  clients (Client / AsyncClient): {addresses.broker_clients}\n"
-        f"  broker for agents:              {addresses.broker_agents}\n"
-        f"  manager heartbeats / events / queries: {addresses.manager_heartbeats} {addresses.manager_events} {addresses.manager_queries}\n"
-        + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_port else "")
-        + f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
-    )
-    try:
-        while not stopping:
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                typer.echo(f"a cluster process exited (pid {dead[0].pid}, status {dead[0].returncode}); stopping", err=True)
-                break
-            time.sleep(0.2)
-    finally:
-        _stop_all(procs)
-        typer.echo("cluster stopped")
-    raise typer.Exit(0 if stopping else 1)
+    if any_ports:
+        addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # like Ctrl-C (SIGINT): stop everything, wherever we are
+    stopped_by_signal = False
+    with tempfile.TemporaryDirectory(prefix="cluster-up-") as workdir:
+        local = LocalCluster(
+            str(share_dir),
+            workdir,
+            heartbeat_interval=heartbeat_interval,
+            liveness=None,
+            reconnect=None,
+            log_level=log_level,
+            addresses=addresses,
+            edge_host=config.env_or("EDGE_HOST", config.EDGE_HOST),
+            edge_port=0 if any_ports else edge_port,
+            inherit_output=True,
+            die_with_parent=True,  # no orphans, even when `cluster up` is killed with SIGKILL
+        )
+        try:
+            local.start_manager()
+            local.start_broker()
+            for i in range(agents):
+                local.start("agent", name=f"agent-{i + 1}")  # the agent's own default id (host-pid)
+            if edge_port:
+                local.start_edge()
+            a, edge_url = local.addresses, local.edge_url
+            typer.echo(
+                f"cluster up: share {share_dir}\n"
+                f"  clients (Client / AsyncClient): {a.broker_clients}\n"
+                f"  broker for agents:              {a.broker_agents}\n"
+                f"  manager heartbeats / events / queries: "
+                f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
+                + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
+                + f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
+            )
+            if ready_file:
+                reported = dict(dataclasses.asdict(a), **({"edge": edge_url} if edge_url else {}))
+                write_ready_file(ready_file, "up", reported)
+            while not (exited := local.exited()):
+                time.sleep(0.2)
+            gone = exited[0]
+            typer.echo(f"a cluster process exited (pid {gone.pid}, status {gone.returncode}); stopping", err=True)
+        except KeyboardInterrupt:
+            stopped_by_signal = True
+        except StartError as exc:
+            typer.echo(f"cluster up: {exc}; stopping", err=True)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stopping short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            local.stop_all()
+            typer.echo("cluster stopped")
+    raise typer.Exit(0 if stopped_by_signal else 1)
 
 
 @app.command()

@@ -62,6 +62,12 @@ def make_socket(
     return sock
 
 
+def bound_address(sock: zmq.Socket) -> str:
+    """The address a bound socket really listens on: binding tcp://127.0.0.1:0 (or :*) lets the OS pick the port,
+    and this says which one it picked (ZMQ_LAST_ENDPOINT)."""
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 def drain(sock: zmq.Socket, handle, limit: int = 256, log: logging.Logger | None = None) -> None:
     """Hand up to `limit` waiting messages to `handle`, then return so the caller can serve its other sockets.
     One bad message must never take a component down: whatever `handle` raises is logged and the message dropped."""

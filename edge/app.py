@@ -114,11 +114,13 @@ def run_edge(
     request_timeout: float | None = None,
     log_level: str = "info",
     access_log: bool = False,
+    ready_file: str | Path | None = None,
 ) -> None:
     """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking). broker: the broker's client address
     (default CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555); max_body_bytes: default DEFAULT_MAX_BODY (64 MiB);
-    the rest as in create_app."""
-    import uvicorn
+    port 0: any free port; ready_file: where to report the URL once it serves (cluster.local reads it); the rest as
+    in create_app."""
+    from cluster.local import serve_http
 
     app = create_app(
         broker,
@@ -126,4 +128,7 @@ def run_edge(
         frontend_path=frontend_path,
         request_timeout=request_timeout,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log, timeout_graceful_shutdown=5)
+    serve_http(
+        app, host, port, ready_file=ready_file, log_level=log_level.lower(), access_log=access_log,
+        timeout_graceful_shutdown=5,
+    )

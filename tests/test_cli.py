@@ -11,12 +11,16 @@ import httpx
 import psutil
 import pytest
 
-from tests.harness import LocalCluster, free_port, wait_for
+from cluster.config import Addresses
+from cluster.local import read_ready_file
+from tests.harness import LocalCluster, wait_for
 
 
-def _start_up(local: LocalCluster, share, log_path, edge_port: int) -> subprocess.Popen:
+def _start_up(local: LocalCluster, share, log_path, ready_path) -> subprocess.Popen:
+    """`cluster up` on ports the OS picks (--any-ports); it says which in `ready_path`."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cluster", "up", "--agents", "2", "--share", str(share), "--edge-port", str(edge_port)],
+        [sys.executable, "-m", "cluster", "up", "--agents", "2", "--share", str(share)]
+        + ["--any-ports", "--ready-file", str(ready_path)],
         env=local.env(),
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
@@ -36,11 +40,13 @@ def _gone(pids) -> bool:
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
-    local = LocalCluster(share, tmp_path)
-    log_path = tmp_path / "up.log"
-    edge_port = free_port()
-    up = _start_up(local, share, log_path, edge_port)
+    log_path, ready_path = tmp_path / "up.log", tmp_path / "up.ready.json"
+    up = _start_up(LocalCluster(share, tmp_path), share, log_path, ready_path)
     try:
+        ready = wait_for(lambda: read_ready_file(ready_path) or up.poll() is not None, 120, "cluster up to be ready")
+        assert up.poll() is None, log_path.read_text()
+        edge_port = int(ready["addresses"].pop("edge").rsplit(":", 1)[1])
+        local = LocalCluster(share, tmp_path, addresses=Addresses(**ready["addresses"]))
         local.wait_for_agents(2, model="digits")
         children = [p.pid for p in psutil.Process(up.pid).children(recursive=True)]
         assert len(children) == 5, f"expected manager, broker, 2 agents and the edge, got {children}"

@@ -1,0 +1,527 @@
+"""The whole cluster as processes on this machine: `cluster up`, the end-to-end tests and the benchmarks start and
+stop their processes here, and nowhere else.
+
+    with LocalCluster(share, workdir) as local:          # every port picked by the OS
+        local.start_manager(); local.start_broker(); local.start_agents(2); local.start_edge()
+        local.wait_for_agents(2)
+        with local.client() as client: ...
+
+Each role runs as `python -m cluster <role>` (the same `cluster` package as this process) with its own log file
+in `workdir`. Stopping is by pid: SIGTERM, then SIGKILL after a deadline; `stop_all` stops the edge first, then the
+agents (so they drain through a live broker), then the broker and the manager.
+
+Ports: nobody guesses a free port. The roles that bind (manager, broker, edge) are started with `--ready-file PATH`
+and addresses whose port may be 0; once every socket is bound, the role writes a ready file (below) with the
+addresses it really got. LocalCluster reads it before it returns, and hands those addresses to every role started
+after it. A role started again (after `kill` or `stop`) binds the addresses it got the first time, so its peers
+reconnect where they were. A role started before a role it connects to (an agent before the broker) would not know
+where to connect: LocalCluster then starts the missing role once, reads its ready file and stops it ("reserving" its
+addresses); the real start later binds the same ones. Between those two starts the port is free, as it is during
+any restart.
+
+The ready file: JSON written to a temporary file and renamed into place (a reader sees all of it or nothing):
+    {"role": "broker", "pid": 4242, "addresses": {"broker_clients": "tcp://127.0.0.1:41807", "broker_agents": ...}}
+Address keys are the field names of `config.Addresses`, plus "edge" (an http:// URL) for the edge.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import cluster
+from cluster.config import DEFAULT_HOST, Addresses
+
+log = logging.getLogger("cluster.local")
+
+PACKAGE_ROOT = Path(cluster.__file__).resolve().parent.parent  # children import the `cluster` found here
+READY_TIMEOUT = 60.0  # seconds a role may take to bind its sockets (the manager imports torch on a busy machine)
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+ROLES = ("manager", "broker", "agent", "edge")
+STOP_ORDER = ("edge", "agent", "broker", "manager")  # front to back, so that in-flight work can finish
+
+# What each binding role reports in its ready file, and which addresses each role needs before it starts.
+BINDS = {
+    "manager": ("manager_heartbeats", "manager_events", "manager_queries"),
+    "broker": ("broker_clients", "broker_agents"),
+    "edge": ("edge",),
+}
+NEEDS = {
+    "broker": ("manager_events",),
+    "agent": ("broker_agents", "manager_heartbeats"),
+    "edge": ("broker_clients",),
+}
+OWNER = {key: role for role, keys in BINDS.items() for key in keys}
+ADDRESS_FIELDS = tuple(f.name for f in fields(Addresses))
+
+
+class StartError(RuntimeError):
+    """A role process exited, or did not get ready in time, while LocalCluster started it."""
+
+    def __init__(self, message: str, proc: "Proc") -> None:
+        super().__init__(message)
+        self.proc = proc
+
+
+# ---- the ready file ---------------------------------------------------------------------------------------------
+
+
+def write_ready_file(path: str | Path, role: str, addresses: dict[str, str]) -> None:
+    """Say "ready, listening on these addresses": {"role", "pid", "addresses"} as JSON, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"role": role, "pid": os.getpid(), "addresses": addresses}))
+    os.replace(tmp, path)
+
+
+def read_ready_file(path: str | Path) -> dict | None:
+    """The ready file's content, or None while it is not there yet."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def is_any_port(address: str) -> bool:
+    """True for a TCP address that lets the OS pick the port (tcp://host:0 or tcp://host:*)."""
+    return address.startswith("tcp://") and address.rsplit(":", 1)[-1] in ("0", "*")
+
+
+def any_port(address: str) -> str:
+    """The same TCP address on port 0 (the OS picks); other transports unchanged."""
+    return address.rsplit(":", 1)[0] + ":0" if address.startswith("tcp://") else address
+
+
+def any_port_addresses(host: str = DEFAULT_HOST) -> Addresses:
+    """Every cluster address on `host`, port 0."""
+    return Addresses(*(f"tcp://{host}:0" for _ in ADDRESS_FIELDS))
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_http(
+    app, host: str, port: int, *, ready_file: str | Path | None = None, role: str = "edge", **uvicorn_options
+) -> None:
+    """uvicorn.run(app, host=host, port=port, ...), but on a socket bound here first, so that port 0 works: the OS
+    picks a free port, and once uvicorn serves, `ready_file` gets {role: "http://host:port"}. Blocks until
+    SIGINT/SIGTERM (uvicorn's own graceful shutdown)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, **uvicorn_options)  # sets up uvicorn's logging
+    try:
+        sock = socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=config.backlog
+        )
+    except OSError as exc:
+        logging.getLogger("uvicorn.error").error("cannot listen on %s: %s", http_url(host, port), exc)
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE
+    url = http_url(host, sock.getsockname()[1])
+
+    class ReportingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+                if ready_file is not None:
+                    write_ready_file(ready_file, role, {role: url})
+
+    ReportingServer(config).run(sockets=[sock])
+
+
+# ---- one process ------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Proc:
+    """One process LocalCluster started: what it runs, and how to stop it (by pid)."""
+
+    role: str
+    name: str
+    argv: tuple[str, ...]  # the whole command line
+    popen: subprocess.Popen
+    log_path: Path | None  # None: its output goes to this process's stdout/stderr
+    args: tuple[str, ...] = ()  # a role's own arguments (LocalCluster.restart starts it again with them) ...
+    env: dict[str, str] = field(default_factory=dict)  # ... and the environment given to this start only
+    addresses: dict[str, str] = field(default_factory=dict)  # from its ready file; empty for agents
+    retired: bool = False  # stopped, killed or restarted on purpose: exited() does not count it
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def url(self) -> str:
+        """An edge's http://host:port."""
+        return self.addresses["edge"]
+
+    @property
+    def port(self) -> int:
+        """An edge's TCP port."""
+        return int(self.url.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def terminate(self) -> None:
+        """SIGTERM by pid, without waiting."""
+        self.retired = True
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """kill -9 by pid, and reap it."""
+        self.retired = True
+        if self.alive():
+            self.popen.kill()
+        self.popen.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        """Wait up to `timeout` s for it to exit; SIGKILL it if it has not. Returns the exit status."""
+        try:
+            return self.popen.wait(max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not stop in time; SIGKILL", self.name, self.pid)
+            self.kill()
+            return self.popen.returncode
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM by pid, wait, SIGKILL if it does not go; returns the exit status."""
+        self.terminate()
+        return self.wait(timeout)
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the parent dies, so that no process is orphaned (Linux PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+# ---- the cluster ------------------------------------------------------------------------------------------------
+
+
+class LocalCluster:
+    """Start, restart and stop the cluster's role processes on this machine; remember where each one listens.
+
+    share: the model share (CLUSTER_SHARE of every process; None: not set). workdir: log and ready files.
+    heartbeat_interval, liveness, reconnect (initial, max seconds), log_level: given to every process through
+    CLUSTER_* variables (None: not set, the process's own default or environment decides); the defaults suit tests.
+    extra_env: more variables for every process (may change between starts). addresses: where to bind (default:
+    127.0.0.1, port 0). edge_host, edge_port: where the edge listens (port 0: any). inherit_output: the processes
+    write to this process's stdout/stderr instead of log files. die_with_parent: they get SIGTERM when this
+    process dies (Linux).
+    """
+
+    def __init__(
+        self,
+        share: str | Path | None,
+        workdir: str | Path,
+        heartbeat_interval: float | None = 0.3,
+        liveness: int | None = 3,
+        extra_env: dict | None = None,
+        *,
+        addresses: Addresses | None = None,
+        edge_host: str = DEFAULT_HOST,
+        edge_port: int = 0,
+        reconnect: tuple[float, float] | None = (0.1, 1.0),
+        log_level: str | None = "INFO",
+        inherit_output: bool = False,
+        die_with_parent: bool = False,
+    ) -> None:
+        self.share = share
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.extra_env = dict(extra_env or {})
+        self.requested = addresses or any_port_addresses()
+        self.edge_host = edge_host
+        self.edge_port = edge_port
+        self.reconnect = reconnect
+        self.log_level = log_level
+        self.inherit_output = inherit_output
+        self.die_with_parent = die_with_parent
+        self.bound: dict[str, str] = {}  # address key -> the address a role reported in its ready file
+        self.procs: list[Proc] = []  # every process started, in order (killed and stopped ones too)
+        self._clients: list = []
+
+    # ---- where things are -------------------------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> Addresses:
+        """The cluster's addresses: those the roles reported where known, else those asked for."""
+        return replace(self.requested, **{k: v for k, v in self.bound.items() if k in ADDRESS_FIELDS})
+
+    @property
+    def edge_url(self) -> str | None:
+        """The edge's http://host:port once an edge has reported it."""
+        return self.bound.get("edge")
+
+    def _known(self, key: str) -> bool:
+        return not is_any_port(getattr(self.addresses, key))
+
+    def env(self, **extra) -> dict:
+        """The environment of every process: os.environ plus the cluster's CLUSTER_* settings, then `extra`."""
+        a = self.addresses
+        env = dict(
+            os.environ,
+            CLUSTER_BROKER_CLIENTS=a.broker_clients,
+            CLUSTER_BROKER_AGENTS=a.broker_agents,
+            CLUSTER_MANAGER_HEARTBEATS=a.manager_heartbeats,
+            CLUSTER_MANAGER_EVENTS=a.manager_events,
+            CLUSTER_MANAGER_QUERIES=a.manager_queries,
+            PYTHONUNBUFFERED="1",
+        )
+        optional = {
+            "CLUSTER_SHARE": self.share,
+            "CLUSTER_HEARTBEAT_INTERVAL": self.heartbeat_interval,
+            "CLUSTER_LIVENESS": self.liveness,
+            "CLUSTER_RECONNECT_INITIAL": self.reconnect and self.reconnect[0],
+            "CLUSTER_RECONNECT_MAX": self.reconnect and self.reconnect[1],
+            "CLUSTER_LOG_LEVEL": self.log_level,
+        }
+        env.update({k: str(v) for k, v in optional.items() if v is not None})
+        env.update({k: str(v) for k, v in self.extra_env.items()})
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    # ---- starting -----------------------------------------------------------------------------------------------
+
+    def start(self, role: str, *args: str, name: str | None = None, timeout: float = READY_TIMEOUT, **env) -> Proc:
+        """Start `python -m cluster <role> *args` (env: more CLUSTER_* variables for this process); for a role that
+        binds, return once it has reported its addresses."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; the roles are {', '.join(ROLES)}")
+        for key in NEEDS.get(role, ()):
+            if not self._known(key):
+                self._reserve(OWNER[key], needed_by=role)
+        argv = [sys.executable, "-m", "cluster", role, *args]
+        if role == "edge":
+            argv += ["--host", self.edge_host, "--port", str(self._edge_port())]
+        name = name or f"{role}-{len(self.procs)}"
+        proc = self.spawn(name, argv, role=role, ready=role in BINDS, timeout=timeout, **env)
+        proc.args = tuple(args)
+        self.bound.update(proc.addresses)
+        return proc
+
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        role: str = "other",
+        ready: bool = False,
+        timeout: float = READY_TIMEOUT,
+        **env,
+    ) -> Proc:
+        """Start any command as one of this cluster's processes: the cluster's environment (plus `env`), its own log
+        file, stopped by stop_all (roles other than the cluster's last). ready=True: the command takes
+        `--ready-file PATH` (appended here) and spawn returns once it wrote it; its addresses are in proc.addresses."""
+        ready_path = None
+        if ready:
+            ready_path = self.workdir / f"{name}.ready.json"
+            ready_path.unlink(missing_ok=True)
+            argv = [*argv, "--ready-file", str(ready_path)]
+        proc_env = self.env(**env)
+        proc_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), proc_env.get("PYTHONPATH")) if p)
+        log_path = None if self.inherit_output else self.workdir / f"{name}.log"
+        output = None if log_path is None else open(log_path, "ab")
+        try:
+            popen = subprocess.Popen(
+                argv,
+                env=proc_env,
+                stdout=output,
+                stderr=None if output is None else subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent and sys.platform.startswith("linux") else None,
+            )
+        finally:
+            if output is not None:
+                output.close()
+        proc = Proc(role, name, tuple(argv), popen, log_path, env={k: str(v) for k, v in env.items()})
+        self.procs.append(proc)
+        if ready_path is not None:
+            proc.addresses = self._wait_ready(proc, ready_path, timeout)["addresses"]
+        return proc
+
+    def _edge_port(self) -> int:
+        return int(self.edge_url.rsplit(":", 1)[1]) if self.edge_url else self.edge_port
+
+    def _wait_ready(self, proc: Proc, path: Path, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = read_ready_file(path)
+            if ready is not None:
+                return ready
+            if not proc.alive():
+                why = f"exited with status {proc.returncode} before it was ready"
+                raise StartError(f"{proc.name} (pid {proc.pid}) {why}\n{self._tail(proc)}", proc)
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise StartError(
+                    f"{proc.name} (pid {proc.pid}) was not ready after {timeout} s\n{self._tail(proc)}", proc
+                )
+            time.sleep(0.02)
+
+    def _reserve(self, role: str, needed_by: str) -> None:
+        """Start `role` once to learn the addresses it binds, then stop it: a later start binds the same ones."""
+        log.info("starting the %s once to learn its addresses (the %s starts before it)", role, needed_by)
+        self.start(role, name=f"{role}-{len(self.procs)}-reserve").stop()
+
+    def start_manager(self, **env) -> Proc:
+        return self.start("manager", name=f"manager-{len(self.procs)}", **env)
+
+    def start_broker(self, *args: str, **env) -> Proc:
+        return self.start("broker", *args, name=f"broker-{len(self.procs)}", **env)
+
+    def start_agent(self, agent_id: str | None = None, *args: str, **env) -> Proc:
+        """An agent (id `agent_id`, default agent-N). Does not wait: wait_for_agents says when agents serve."""
+        agent_id = agent_id or f"agent-{len(self.procs)}"
+        return self.start("agent", "--id", agent_id, *args, name=agent_id, **env)
+
+    def start_agents(self, n: int, *args: str, **env) -> list[Proc]:
+        return [self.start_agent(None, *args, **env) for _ in range(n)]
+
+    def start_edge(self, *args: str, name: str | None = None, timeout: float = READY_TIMEOUT, **env) -> Proc:
+        """The HTTP edge on edge_host:edge_port (the port it got the first time, on a restart), connected to the
+        cluster's broker; returns once it serves (its `url` and `port` say where)."""
+        return self.start("edge", *args, name=name or f"edge-{len(self.procs)}", timeout=timeout, **env)
+
+    def restart(self, proc: Proc, timeout: float = STOP_TIMEOUT) -> Proc:
+        """Stop `proc` if it still runs, then start its role again, with the same name, arguments and addresses."""
+        if proc.role not in ROLES:
+            raise ValueError(f"{proc.name} is not a cluster role; spawn it again instead")
+        proc.stop(timeout)
+        return self.start(proc.role, *proc.args, name=proc.name, **proc.env)
+
+    # ---- stopping -----------------------------------------------------------------------------------------------
+
+    def kill(self, proc: Proc) -> None:
+        """kill -9, by pid."""
+        proc.kill()
+
+    def stop(self, proc: Proc, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM by pid, wait, SIGKILL if it does not go; returns the exit status."""
+        return proc.stop(timeout)
+
+    def stop_all(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Close our clients, then stop every process: the edge, then the agents (they drain through the broker),
+        then the broker and the manager; each group gets SIGTERM together and `timeout` s before SIGKILL."""
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        order = {role: i for i, role in enumerate(STOP_ORDER)}
+        for rank in sorted({order.get(p.role, len(order)) for p in self.procs}):
+            group = [p for p in self.procs if order.get(p.role, len(order)) == rank and p.alive()]
+            for proc in group:
+                proc.terminate()
+            deadline = time.monotonic() + timeout
+            for proc in group:
+                proc.wait(deadline - time.monotonic())
+
+    def exited(self) -> list[Proc]:
+        """Processes that exited although nobody stopped them."""
+        return [p for p in self.procs if not p.retired and not p.alive()]
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+    # ---- what happened ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tail(proc: Proc, n: int = 6000) -> str:
+        return proc.log()[-n:]
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"----- {p.name} (pid {p.pid}, exit {p.returncode}) -----\n{self._tail(p)}"
+            for p in self.procs
+            if p.log_path is not None
+        )
+
+    # ---- talking to it ------------------------------------------------------------------------------------------
+
+    def client(self, timeout: float | None = None):
+        """A bus Client of this cluster's broker, closed by stop_all."""
+        from cluster.client import Client
+
+        client = Client(self.addresses.broker_clients, timeout=timeout)
+        self._clients.append(client)
+        return client
+
+    def agent_ids(self, client) -> set[str]:
+        return {a["id"] for a in client.agents(timeout=2)}
+
+    def wait_for_agents(self, n: int, timeout: float = 60.0, model: str | None = None) -> list[dict]:
+        """Wait until the broker lists n live agents (serving `model`, if given); TimeoutError with the logs if not."""
+        client = self.client()
+
+        def enough():
+            agents = client.agents(timeout=2)
+            if model is not None:
+                agents = [a for a in agents if any(m["name"] == model for m in a.get("models", []))]
+            return agents if len(agents) >= n else None
+
+        return wait_until(
+            enough, timeout, f"{n} live agents" + (f" serving {model}" if model else ""), describe=self.logs
+        )
+
+    def manager_query(self, what: str, timeout: float = 2.0):
+        """Ask the manager directly (its ROUTER query socket)."""
+        from cluster.manager.client import ManagerClient
+
+        return ManagerClient(self.addresses.manager_queries).call(what, timeout=timeout)
+
+
+def wait_until(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+    describe: Callable[[], str] | None = None,
+):
+    """Poll `condition` until it returns something truthy, and return that; TimeoutError naming `what` at the
+    deadline (with the last error the condition raised, and `describe()`, e.g. the logs)."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # the condition may fail while things start up
+            last_error = exc
+        if time.monotonic() > deadline:
+            message = f"timed out after {timeout} s waiting for {what}" + (
+                f" (last error: {last_error!r})" if last_error else ""
+            )
+            raise TimeoutError(message + (f"\n{describe()}" if describe else ""))
+        time.sleep(interval)
