@@ -10,20 +10,24 @@ A message is a list of ZeroMQ frames:
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
     client  -> broker   REQUEST  {id, model, version?, timeout, inputs: [meta...], outputs?: [name...]} + tensors
-                        QUERY    {id, what: "agents" | "models"}
+                        QUERY    {id, what: "agents" | "models" | "model" | "stats", name?, version?}
     broker  -> client   REPLY    {id, model, version, agent, outputs: [meta...]} + tensors   (the agent's header, as is)
                         REPLY    {id, result: ...}                                            (answer to a QUERY)
                         ERROR    {id, code, message, model?}
-    agent   -> broker   READY    {agent, capacity, models: [{name, version}], ...heartbeat fields}
-                        HEARTBEAT {the same fields as the PUB heartbeat}
+    agent   -> broker   READY    Heartbeat + {metadata: [each model's inputs and outputs]}
+                        HEARTBEAT Heartbeat (every interval and on every change of what it serves)
                         REPLY / ERROR  route + header + tensors (answers a REQUEST)
     broker  -> agent    REQUEST  route + the client's header + tensors (forwarded, never decoded)
                         HEARTBEAT {}   DISCONNECT {reason}   (DISCONNECT: "I do not know you, send READY again")
-    agent   -> manager  HEARTBEAT (PUB) {agent, host, pid, device, models, in_flight, capacity, draining, uptime, ...}
+    agent   -> manager  HEARTBEAT (PUB) Heartbeat: {agent, capacity, models, staged, failed, host, pid, ...}
     manager -> broker   EVENT (PUB) {event: "agent_dead", agent, silent_for}   (a backup word: the broker owns liveness)
     manager -> agent    EVENT (PUB) {event: "desired", state: {generation, models: {name: {version, staged, history}}}}
                         (on every change, when an agent joins, and every heartbeat interval)
-    anyone  -> manager  QUERY {id, what} -> REPLY {id, result}
+    anyone  -> manager  QUERY {id, what: agents | models | deployments | deploy | rollback | undeploy, ...}
+                        -> REPLY {id, result} or ERROR (a deploy or rollback is answered when its rollout is over)
+
+`Heartbeat` (below) is the one definition of an agent's state on the wire; `agent_view` and `models_view` build the
+answers to the "agents" and "models" queries, the same way at the broker and at the manager.
 
 A tensor meta is {name, datatype, shape}: datatype is an Open Inference Protocol name (FP32, INT64, ...), shape a
 list of ints, and the tensor's frame holds exactly prod(shape) * itemsize bytes, C order. No pickle, no msgpack list
