@@ -1,4 +1,9 @@
-"""Shared fixtures: the demo share (digits and echo, trained once per session) and a real local cluster."""
+"""Shared fixtures: the demo share (digits and echo; digits trained once per session), digits model files for
+deployments (no further training), and a real local cluster.
+
+Markers (registered in pytest.ini): `cluster` starts real processes, `browser` drives Chromium, `nfs` needs the
+userspace NFS server. The fast subset is `python3 -m pytest -m "not cluster"`.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,31 @@ def demo_share(tmp_path_factory) -> Path:
     share = tmp_path_factory.mktemp("demo-share")
     write_demo_models(share)
     return share
+
+
+@pytest.fixture(scope="session")
+def digits_v1_file(demo_share, tmp_path_factory) -> Path:
+    """A copy of the demo share's digits version 1 model file (the session's one training), to publish elsewhere.
+    Read-only for tests: publish_version copies it."""
+    target = tmp_path_factory.mktemp("digits-files") / "digits-v1.pt"
+    shutil.copyfile(demo_share / "models" / "digits" / "1" / "model.pt", target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def digits_v2_file(digits_v1_file) -> Path:
+    """A second digits model, for deployments: version 1 with every weight nudged by a fixed 1% noise, so it has other
+    bytes (and sha256) and the same contract and accuracy, without training digits again. Read-only for tests."""
+    import torch
+
+    model = torch.jit.load(str(digits_v1_file))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std() * 0.01)
+    target = digits_v1_file.with_name("digits-v2.pt")
+    model.save(str(target))
+    return target
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ request in a batch fails only itself."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import zmq
 
@@ -33,6 +34,7 @@ PICKY_CONFIG = {
 }
 
 
+@pytest.mark.cluster
 def test_batched_digits_match_the_model_run_directly(cluster, share):
     cluster.start_manager()
     cluster.start_broker()

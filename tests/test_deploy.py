@@ -1,6 +1,9 @@
 """Deployments: `cluster deploy` publishes a version atomically and the manager rolls it out to every agent with no
 failed request; a broken version leaves every agent on the old one; late agents and a restarted manager follow the
-desired state kept on the share."""
+desired state kept on the share.
+
+Every test starts a manager, a broker and three agents. The model files deployed come from the session's
+`digits_v1_file` / `digits_v2_file` fixtures (tests/conftest.py), so digits is trained once per test run."""
 
 from __future__ import annotations
 
@@ -12,15 +15,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cluster.demo_models import DIGITS_CONFIG, digits_split, train_digits
+from cluster import ModelNotFoundError
+from cluster.demo_models import DIGITS_CONFIG, digits_split
 from cluster.manager.client import ManagerClient
 from cluster.repository import publish_version
 from tests.harness import REPO_ROOT, wait_for
+
+pytestmark = pytest.mark.cluster
 
 
 class Load:
@@ -71,12 +76,6 @@ class Load:
         wait_for(lambda: len(self.results) >= start + n, timeout, f"{n} more answers under load")
 
 
-def model_file(tmp_path: Path, seed: int) -> Path:
-    path = tmp_path / f"digits-seed{seed}.pt"
-    train_digits(seed=seed).save(str(path))
-    return path
-
-
 def run_cli(cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cluster", *args], env=cluster.env(), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
@@ -100,15 +99,16 @@ def three_agents(cluster):
     return cluster
 
 
-def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(three_agents, tmp_path):
+def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(
+    three_agents, tmp_path, digits_v1_file, digits_v2_file
+):
     cluster = three_agents
     client = cluster.client()
-    v2_file = model_file(tmp_path, seed=1)
     with Load(client) as load:
         load.wait_for_answers(300)
         before = [lat for _, lat, _, _ in load.results]
         started = time.monotonic()
-        out = run_cli(cluster, "deploy", str(v2_file), "--name", "digits")
+        out = run_cli(cluster, "deploy", str(digits_v2_file), "--name", "digits")
         rollout_seconds = time.monotonic() - started
         during = [lat for sent, lat, _, _ in load.results if sent >= started and sent <= started + rollout_seconds]
         assert out.returncode == 0, out.stdout + out.stderr
@@ -122,8 +122,7 @@ def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(three
         bad.write_bytes(os.urandom(4096))
         out_bad = run_cli(cluster, "deploy", str(bad), "--name", "digits")
         # Version 4, a good file whose bytes change after publishing: the sha256 check refuses it on every agent.
-        good = model_file(tmp_path, seed=2)
-        v4 = publish_version(cluster.share, "digits", good)
+        v4 = publish_version(cluster.share, "digits", digits_v1_file)  # a copy: the session's file stays intact
         published = cluster.share / "models" / "digits" / str(v4) / "model.pt"
         data = bytearray(published.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -150,10 +149,10 @@ def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(three
     assert result.version == 2
 
 
-def test_late_agent_and_restarted_manager_follow_the_desired_state(three_agents, tmp_path):
+def test_late_agent_and_restarted_manager_follow_the_desired_state(three_agents, digits_v2_file):
     cluster = three_agents
     client = cluster.client()
-    publish_version(cluster.share, "digits", model_file(tmp_path, seed=1))  # v2 on the share
+    publish_version(cluster.share, "digits", digits_v2_file)  # v2 on the share
     manager = ManagerClient(cluster.addresses.manager_queries)
     assert manager.call("deploy", timeout=60, name="digits", version=2)["ok"]
     out = run_cli(cluster, "rollback", "digits")  # back to v1, while v2 stays the newest on the share
@@ -171,20 +170,21 @@ def test_late_agent_and_restarted_manager_follow_the_desired_state(three_agents,
     late = cluster.start_agent("late-agent")
     first_sight = wait_for(lambda: next((a for a in client.agents() if a["id"] == "late-agent"), None), 60, "the late agent")
     assert [(m["name"], m["version"]) for m in first_sight["models"] if m["name"] == "digits"] == [("digits", 1)], first_sight
-    assert "late-agent" in [a for a in manager.call("deployments")["digits"]["agents"]] or wait_for(
-        lambda: "late-agent" in manager.call("deployments")["digits"]["agents"], 5, "the manager to list the late agent"
+    wait_for(
+        lambda: "late-agent" in manager.call("deployments")["digits"]["agents"], 5,
+        "the manager's deployments to list the late agent among digits' agents",
     )
     out = run_cli(cluster, "models")
     assert out.returncode == 0 and "late-agent" in out.stdout, out.stdout + out.stderr
     assert late.alive()
 
 
-def test_undeploy_and_deploy_a_new_model(three_agents, tmp_path):
+def test_undeploy_and_deploy_a_new_model(three_agents, tmp_path, digits_v2_file):
     cluster = three_agents
     client = cluster.client()
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**DIGITS_CONFIG, "name": "digits2"}))
-    out = run_cli(cluster, "deploy", str(model_file(tmp_path, seed=3)), "--name", "digits2", "--config", str(config))
+    out = run_cli(cluster, "deploy", str(digits_v2_file), "--name", "digits2", "--config", str(config))
     assert out.returncode == 0, out.stdout + out.stderr
     result = client.infer("digits2", {"image": np.zeros((1, 8, 8), np.float32)})
     assert result.model == "digits2" and result.version == 1
@@ -195,9 +195,10 @@ def test_undeploy_and_deploy_a_new_model(three_agents, tmp_path):
     assert out.returncode == 2
 
 
-def test_request_naming_a_version(three_agents, tmp_path):
+def test_request_naming_a_version(three_agents):
     cluster = three_agents
     client = cluster.client()
     assert client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)}, version=1).version == 1
-    with pytest.raises(Exception, match="version 7"):
+    # A version no agent serves, of a model that is served: MODEL_NOT_FOUND naming the model and the version.
+    with pytest.raises(ModelNotFoundError, match=r"model 'digits' version 7 is not served by any live agent"):
         client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)}, version=7)

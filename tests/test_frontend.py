@@ -21,7 +21,11 @@ CHROMIUM_ARGS = [
     "--no-first-run", "--disable-quic", "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.cluster,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
+]
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from cluster.demo_models import digits_split
 from cluster.protocol import PREAMBLE, Command
 from tests.harness import wait_for
 
+pytestmark = pytest.mark.cluster
+
 EXAMPLES = 1500  # per socket
 
 KEYS = st.sampled_from(

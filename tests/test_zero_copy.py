@@ -43,6 +43,7 @@ def test_no_copy_from_array_to_model_input_and_back(mib):
         ctx.term()
 
 
+@pytest.mark.cluster
 def test_echo_moves_64_mib_through_the_cluster(cluster):
     cluster.start_manager()
     cluster.start_broker()
