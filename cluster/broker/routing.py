@@ -8,7 +8,8 @@ reference to agents beyond the call, so the broker may add and drop agents freel
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class Candidate(Protocol):

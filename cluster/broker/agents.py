@@ -1,0 +1,191 @@
+"""The broker's table of live agents, without any I/O: who is connected, what each serves, and who can take a request.
+
+An agent is keyed by its ROUTER identity (its agent id, encoded). The table keeps an index model -> agents that
+serve it, in arrival order (a routing policy's candidates), remembers every model any agent ever served (so an
+unroutable request can be told NO_AGENT rather than MODEL_NOT_FOUND) and the inputs/outputs agents announced in READY
+(the `model` query). It never decides what to do with requests; the Dispatcher does, and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cluster.protocol import ErrorCode, Heartbeat, agent_view, models_view
+
+if TYPE_CHECKING:
+    from cluster.broker.dispatcher import BrokerRequest
+
+log = logging.getLogger("cluster.broker")
+
+
+@dataclass(eq=False)
+class AgentEntry:
+    """A live agent as the broker sees it."""
+
+    agent_id: str
+    identity: bytes
+    capacity: int
+    models: dict[str, set[int]]  # model name -> versions ready on this agent
+    beat: Heartbeat  # the latest READY/HEARTBEAT (host, pid, device, ...)
+    last_seen: float  # the broker's clock (monotonic), when any message from it last arrived
+    joined: float = field(default_factory=time.time)  # wall time of READY
+    in_flight: dict[bytes, BrokerRequest] = field(default_factory=dict)  # route -> request sent to it, unanswered
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self.in_flight)
+
+
+class UnknownModel(LookupError):
+    """No metadata for that model (or version); the message says which, as the client sees it."""
+
+
+def model_label(model: str, version: int | None) -> str:
+    """"model 'm'" or "model 'm' version 2", as error messages name a request's model."""
+    return f"model '{model}'" + (f" version {version}" if version is not None else "")
+
+
+class AgentTable:
+    def __init__(self, expiry: float) -> None:
+        self.expiry = expiry  # seconds of silence after which an agent counts as dead
+        self.agents: dict[bytes, AgentEntry] = {}  # identity -> agent
+        self.serving: dict[str, list[AgentEntry]] = {}  # model -> agents that have it, in arrival order
+        self.known_models: set[str] = set()  # every model any agent ever served: "no agent" vs "not found"
+        self.metadata: dict[tuple[str, int], dict] = {}  # (model, version) -> inputs/outputs, from agents' READY
+
+    def get(self, identity: bytes) -> AgentEntry | None:
+        return self.agents.get(identity)
+
+    def __len__(self) -> int:
+        return len(self.agents)
+
+    # ---- changes ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def same_process(agent: AgentEntry, beat: Heartbeat) -> bool:
+        """Whether `beat` comes from the process already registered (it said READY again because it thought the
+        broker was gone), rather than from a restarted agent with the same id."""
+        return (agent.beat.pid, agent.beat.started) == (beat.pid, beat.started)
+
+    def add(self, identity: bytes, beat: Heartbeat, now: float) -> AgentEntry:
+        """A new agent (the caller has removed any earlier one with this identity)."""
+        models = beat.served_versions()
+        agent = AgentEntry(beat.agent, identity, beat.capacity, models, beat, now)
+        self.agents[identity] = agent
+        self._index(agent)
+        log.info("agent %s ready: capacity %d, models %s", beat.agent, beat.capacity, _models_text(models))
+        return agent
+
+    def update(self, agent: AgentEntry, beat: Heartbeat) -> None:
+        """A newer state of a registered agent: its capacity and served versions follow the beat."""
+        agent.beat = beat
+        if beat.capacity >= 1 and beat.capacity != agent.capacity:
+            agent.capacity = beat.capacity
+        models = beat.served_versions()
+        if models != agent.models:
+            self._unindex(agent)
+            agent.models = models
+            self._index(agent)
+            log.info("agent %s now serves %s", agent.agent_id, _models_text(models))
+
+    def remove(self, agent: AgentEntry) -> list[BrokerRequest] | None:
+        """Drop the agent; returns the requests it had in flight (its slots are freed), None if it was not here
+        (removed already, or replaced by a restarted agent with the same identity)."""
+        if self.agents.get(agent.identity) is not agent:
+            return None
+        del self.agents[agent.identity]
+        self._unindex(agent)
+        orphans = list(agent.in_flight.values())
+        agent.in_flight.clear()
+        return orphans
+
+    def forget_versions(self, agent: AgentEntry, model: str, version: int | None) -> None:
+        """The agent said it no longer has `model` (that version, or any when None): it unloaded it (a rollout)
+        since its last beat. Stop routing it there until a beat says otherwise."""
+        versions = agent.models.get(model, set())
+        gone = versions if version is None else versions & {version}
+        if gone:
+            self._unindex(agent)
+            agent.models = {m: (vs - gone if m == model else vs) for m, vs in agent.models.items()}
+            agent.models = {m: vs for m, vs in agent.models.items() if vs}
+            self._index(agent)
+
+    def remember_metadata(self, metadata) -> None:
+        """READY carries each model's inputs and outputs; keep them for `model` queries (the edge's metadata)."""
+        for meta in metadata or []:
+            if isinstance(meta, dict) and isinstance(meta.get("name"), str) and isinstance(meta.get("version"), int):
+                self.metadata[(meta["name"], meta["version"])] = meta
+
+    def silent(self, now: float) -> list[AgentEntry]:
+        """Agents not heard from for longer than the expiry: dead, as far as routing is concerned."""
+        return [a for a in self.agents.values() if now - a.last_seen > self.expiry]
+
+    # ---- routing ----------------------------------------------------------------------------------------------
+
+    def candidates(self, model: str, version: int | None) -> list[AgentEntry]:
+        """Live agents that serve the model (that version, when one is named), in arrival order."""
+        agents = self.serving.get(model, ())
+        if version is None:
+            return agents
+        return [a for a in agents if version in a.models.get(model, ())]
+
+    def why_unroutable(self, model: str, version: int | None) -> tuple[ErrorCode, str]:
+        """The error for a request no live agent can take: NO_AGENT if the model was ever served, else
+        MODEL_NOT_FOUND (also when other versions of it are served now)."""
+        what = model_label(model, version)
+        if model in self.serving:
+            return ErrorCode.MODEL_NOT_FOUND, f"{what} is not served by any live agent (other versions are)"
+        if model in self.known_models:
+            return ErrorCode.NO_AGENT, f"no live agent serves {what} right now"
+        if not self.agents:
+            return ErrorCode.NO_AGENT, f"no live agent is connected, so {what} cannot be served"
+        return ErrorCode.MODEL_NOT_FOUND, f"{what} is not served by any agent"
+
+    # ---- views (answers to QUERY) -----------------------------------------------------------------------------
+
+    def describe_agents(self, now: float) -> list[dict]:
+        return [
+            agent_view(a.beat, heartbeat_age=now - a.last_seen, joined=a.joined, capacity=a.capacity,
+                       broker_in_flight=a.in_flight_count)
+            for a in self.agents.values()
+        ]
+
+    def describe_models(self) -> dict:
+        """Model -> {versions, agents}: what this broker routes to (an agent that refused a version no longer
+        counts for it, even before its next heartbeat says so)."""
+        return models_view((a.agent_id, a.models) for a in self.agents.values())
+
+    def describe_model(self, name: str, version: int | None) -> dict:
+        """Metadata of one model (newest version unless one is named), with the versions live agents serve.
+        UnknownModel if no agent ever announced it."""
+        served = self.describe_models().get(name)
+        known = sorted(v for (m, v) in self.metadata if m == name)
+        if version is None:
+            version = max(served["versions"]) if served else (known[-1] if known else None)
+        meta = self.metadata.get((name, version)) if version is not None else None
+        if meta is None:
+            raise UnknownModel(f"{model_label(name, version)} is not known to the cluster")
+        return dict(meta, versions=served["versions"] if served else [], ready=bool(served and version in served["versions"]))
+
+    # ---- the index --------------------------------------------------------------------------------------------
+
+    def _index(self, agent: AgentEntry) -> None:
+        for model in agent.models:
+            self.serving.setdefault(model, []).append(agent)
+            self.known_models.add(model)
+
+    def _unindex(self, agent: AgentEntry) -> None:
+        for model in agent.models:
+            agents = self.serving.get(model)
+            if agents and agent in agents:
+                agents.remove(agent)
+                if not agents:
+                    del self.serving[model]
+
+
+def _models_text(models: dict[str, Iterable[int]]) -> str:
+    return ", ".join(f"{m} v{','.join(map(str, sorted(v)))}" for m, v in sorted(models.items())) or "none"

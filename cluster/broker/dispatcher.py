@@ -1,0 +1,375 @@
+"""The broker's dispatcher, without any I/O: every request from its arrival to its answer, over the AgentTable.
+
+It takes events and returns what to send (a list of `Send`), never touching a socket (pyzmq's zmq/auth/base.py
+idea; `Broker` is the thin loop that owns the sockets). The events: a client's request (`client_request`), an
+agent's message (`agent_message`: READY, HEARTBEAT, REPLY, ERROR, DISCONNECT), the manager's word that an agent is
+dead (`agent_declared_dead`), a clock tick (`tick`), time to beat (`heartbeats`), and a send that failed
+(`send_failed`: the agent is gone). Every time is the caller's `now` (monotonic seconds), so tests run the clock.
+
+What it guarantees (the Majordomo broker's gaps, fixed):
+- every request in flight is tracked (agent, deadline); when its agent dies it goes to another agent with the model,
+  at most `max_dispatch_attempts` agents in all (then INFERENCE_FAILED; NO_AGENT if no other agent serves it);
+- "alive" and "has capacity" are separate: an agent never has more than its announced capacity in flight, however
+  often it beats; the rest wait, in order, in a per-model queue (past `broker_queue_limit` waiting: OVERLOADED) and
+  go out as replies free slots;
+- a request for a version goes only to agents that serve it; an agent that answers MODEL_NOT_FOUND (it unloaded the
+  version since its last beat) is forgotten for that version, and the request silently goes elsewhere;
+- a request no live agent can take fails at once (MODEL_NOT_FOUND or NO_AGENT), except in the warm-up window after
+  the broker (re)starts, while agents re-register: then it waits, within its deadline;
+- past its deadline a request fails with TIMEOUT, whether in flight or queued;
+- tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from cluster import protocol
+from cluster.broker.agents import AgentEntry, AgentTable
+from cluster.broker.routing import RoutingPolicy
+from cluster.config import Timings
+from cluster.logs import BadInputLog
+from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, pack
+
+log = logging.getLogger("cluster.broker")
+bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
+
+_ROUTE = struct.Struct(">Q")
+_REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
+_EMPTY_HEADER = pack({})
+_SEND_READY = pack({"reason": "unknown agent; send READY"})
+
+
+class Send(NamedTuple):
+    """One message for the broker to send: `frames` start with the peer's ROUTER identity; `to_agent` picks the
+    agents' socket, else the clients'."""
+
+    to_agent: bool
+    frames: list
+
+    @property
+    def peer(self) -> bytes:
+        return self.frames[0]
+
+    @property
+    def command(self) -> Command:
+        return protocol.parse_preamble(self.frames[1])
+
+
+def client_error(client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None) -> Send:
+    return Send(False, [client, PREAMBLE[Command.ERROR], pack(error_header(request_id, code, text, model))])
+
+
+@dataclass(eq=False)
+class BrokerRequest:
+    """One client request, from arrival until its reply (or error) has gone back to the client."""
+
+    route: bytes  # the broker's own key for it, sent to the agent and echoed back
+    client: bytes  # the client's ROUTER identity
+    request_id: Any  # the client's id, echoed in errors the broker makes up itself
+    model: str
+    version: int | None
+    header: Any  # the client's header frame, forwarded untouched
+    tensors: list  # the client's tensor frames, forwarded untouched
+    deadline: float
+    attempts: int = 0  # agents it was sent to
+    agent: AgentEntry | None = None  # where it is in flight now
+    queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
+    done: bool = False  # answered or failed; a queued request marked done is skipped
+
+
+class Dispatcher:
+    def __init__(self, timings: Timings, policy: RoutingPolicy, now: float) -> None:
+        self.timings = timings
+        self.policy = policy
+        self.agents = AgentTable(timings.expiry)
+        self.requests: dict[bytes, BrokerRequest] = {}  # route -> request, from arrival until answered
+        self.pending: dict[str, deque[BrokerRequest]] = {}  # model -> requests waiting for a free slot
+        self.pending_count = 0
+        self.started = now
+        self._routes = itertools.count(1)
+        self.stats = {"requests": 0, "redispatched": 0, "timeouts": 0, "agents_lost": 0}
+
+    def warming_up(self, now: float) -> bool:
+        """Just started (or restarted): agents are still re-registering, so "no agent has it" is not known yet.
+        Requests wait (within their deadline) instead of failing, so clients ride through a broker restart."""
+        return now - self.started < self.timings.expiry + self.timings.heartbeat_interval
+
+    def counts(self) -> dict:
+        """The `stats` answer."""
+        return dict(self.stats, agents=len(self.agents), in_flight=len(self.requests), queued=self.pending_count)
+
+    # ---- events -------------------------------------------------------------------------------------------------
+
+    def client_request(
+        self, client: bytes, request_id, model: str, version: int | None, timeout: float, header_frame, tensors: list,
+        now: float,
+    ) -> list[Send]:
+        """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served."""
+        out: list[Send] = []
+        if not self.agents.candidates(model, version) and not self.warming_up(now):
+            code, text = self.agents.why_unroutable(model, version)
+            out.append(client_error(client, request_id, code, text, model))
+            return out
+        self.stats["requests"] += 1
+        request = BrokerRequest(
+            _ROUTE.pack(next(self._routes)), client, request_id, model, version, header_frame, tensors, now + timeout
+        )
+        self.requests[request.route] = request
+        if not self._dispatch(request, out):
+            self._queue_or_refuse(request, out)
+        return out
+
+    def agent_message(self, cmd: Command, frames: list, now: float) -> list[Send]:
+        """A message from an agent, as received: [identity, preamble, header or route, ...], with the preamble read
+        as `cmd` and at least those three frames. Any message from a known agent counts as a sign of life."""
+        out: list[Send] = []
+        identity = _bytes(frames[0])
+        if cmd == Command.READY:
+            self._ready(identity, frames[2], now, out)
+            return out
+        agent = self.agents.get(identity)
+        if agent is None:
+            # An agent we do not know (we restarted, or declared it dead): ask it to introduce itself again.
+            if cmd != Command.DISCONNECT:
+                out.append(Send(True, [identity, PREAMBLE[Command.DISCONNECT], _SEND_READY]))
+            return out
+        agent.last_seen = now
+        if cmd == Command.REPLY or cmd == Command.ERROR:
+            self._answered(agent, cmd, frames, out)
+        elif cmd == Command.HEARTBEAT:
+            self._heartbeat(agent, frames[2], out)
+        elif cmd == Command.DISCONNECT:
+            self._remove(agent, "it said goodbye", out)
+        else:
+            log.warning("agent %s sent unexpected %s; dropped", agent.agent_id, cmd.name)
+        return out
+
+    def agent_declared_dead(self, agent_id: str) -> list[Send]:
+        """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness)."""
+        out: list[Send] = []
+        agent = self.agents.get(agent_id.encode())
+        if agent is not None:
+            self._remove(agent, "the manager declared it dead", out)
+        return out
+
+    def send_failed(self, unsent: list[list], error: Exception) -> list[Send]:
+        """Sending to an agent failed (ROUTER_MANDATORY: it is gone; or its queue is full): `unsent` holds the frames
+        of that message and of every later one to the same agent, which the caller held back. The agent is removed
+        (its requests that did leave are re-dispatched); requests in `unsent` never left, so they are taken back
+        without counting an attempt and go to another agent, or back where they waited, as if never sent."""
+        out: list[Send] = []
+        agent = self.agents.get(unsent[0][0])
+        if agent is None:
+            return out  # a DISCONNECT to an agent we do not know: gone already
+        what = "heartbeat send failed" if unsent[0][1] == _HEARTBEAT else "send failed"
+        taken_back = []
+        for frames in unsent:
+            request = agent.in_flight.pop(frames[2], None) if frames[1] == _REQUEST else None
+            if request is not None:
+                request.attempts -= 1
+                request.agent = None
+                taken_back.append(request)
+        self._remove(agent, f"{what} ({error})", out)
+        front = []
+        for request in taken_back:
+            if request.done or self._dispatch(request, out):
+                continue
+            if request.attempts or request.queued:
+                front.append(request)  # it had waited, or was being re-dispatched: it keeps its place at the head
+            else:
+                self._queue_or_refuse(request, out)  # it had just arrived
+        for request in reversed(front):
+            self._enqueue(request, front=True)
+        return out
+
+    def tick(self, now: float) -> list[Send]:
+        """The clock: expire silent agents, fail requests past their deadline, and (after warm-up) fail queued
+        requests that no live agent can take any more."""
+        out: list[Send] = []
+        for agent in self.agents.silent(now):
+            self._remove(agent, f"silent for {now - agent.last_seen:.1f} s", out)
+        self._expire_requests(now, out)
+        if self.pending_count and not self.warming_up(now):
+            self._fail_orphaned_queues(out)
+        return out
+
+    def heartbeats(self) -> list[Send]:
+        """The broker's beat to every agent, so agents know it is alive."""
+        return [Send(True, [a.identity, _HEARTBEAT, _EMPTY_HEADER]) for a in self.agents.agents.values()]
+
+    # ---- agents -------------------------------------------------------------------------------------------------
+
+    def _ready(self, identity: bytes, header_frame, now: float, out: list[Send]) -> None:
+        try:
+            header = protocol.unpack_header(header_frame)
+            beat = Heartbeat.from_wire(header)
+            if beat.capacity < 1:
+                raise ProtocolError("capacity must be at least 1")
+        except ProtocolError as exc:
+            bad_input.warning("bad READY from %r dropped: %s", identity, exc)
+            return
+        self.agents.remember_metadata(header.get("metadata"))
+        old = self.agents.get(identity)
+        if old is not None and self.agents.same_process(old, beat):
+            self.agents.update(old, beat)  # the same process saying READY again (it thought we were gone)
+            self._dispatch_pending(old.models, out)
+            return
+        if old is not None:
+            self._remove(old, "it registered again (restarted)", out)
+        agent = self.agents.add(identity, beat, now)
+        self._dispatch_pending(agent.models, out)
+
+    def _heartbeat(self, agent: AgentEntry, header_frame, out: list[Send]) -> None:
+        try:
+            header = protocol.unpack_header(header_frame)
+            beat = Heartbeat.from_wire(header)
+        except ProtocolError as exc:
+            log.warning("bad HEARTBEAT from agent %s ignored: %s", agent.agent_id, exc)
+            return
+        self.agents.remember_metadata(header.get("metadata"))
+        self.agents.update(agent, beat)
+        self._dispatch_pending(agent.models, out)
+
+    def _answered(self, agent: AgentEntry, cmd: Command, frames: list, out: list[Send]) -> None:
+        """An agent answered: forward the answer to the client, free the slot, feed the agent from the queue.
+        MODEL_NOT_FOUND for a live request means the agent dropped that version: try another agent instead."""
+        if len(frames) < 4:
+            log.warning("agent %s sent a reply without route and header; dropped", agent.agent_id)
+            return
+        route = _bytes(frames[2])
+        agent.in_flight.pop(route, None)
+        request = self.requests.get(route)
+        if request is not None and not request.done and cmd == Command.ERROR and _says_model_not_found(frames[3]):
+            self.agents.forget_versions(agent, request.model, request.version)
+            self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
+        else:
+            self.requests.pop(route, None)
+            if request is not None and not request.done:
+                request.done = True
+                if request.agent is not None and request.agent is not agent:
+                    request.agent.in_flight.pop(route, None)  # a late answer from an agent given up on: first wins
+                out.append(Send(False, [request.client, frames[1], *frames[3:]]))
+        self._dispatch_pending(agent.models, out)
+
+    def _remove(self, agent: AgentEntry, reason: str, out: list[Send]) -> None:
+        orphans = self.agents.remove(agent)
+        if orphans is None:
+            return
+        self.stats["agents_lost"] += 1
+        log.warning("agent %s removed: %s; re-dispatching %d requests", agent.agent_id, reason, len(orphans))
+        for request in orphans:
+            self._redispatch(request, f"agent {agent.agent_id}: {reason}", out)
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    def _dispatch(self, request: BrokerRequest, out: list[Send]) -> bool:
+        """Send the request to an agent the policy chooses; False if every candidate is at capacity."""
+        agent = self.policy.choose(request.model, self.agents.candidates(request.model, request.version))
+        if agent is None:
+            return False
+        request.agent = agent
+        request.attempts += 1
+        agent.in_flight[request.route] = request
+        out.append(Send(True, [agent.identity, _REQUEST, request.route, request.header, *request.tensors]))
+        return True
+
+    def _queue_or_refuse(self, request: BrokerRequest, out: list[Send]) -> None:
+        """A new request no agent has a free slot for: it waits, unless the queue is full (OVERLOADED)."""
+        if self.pending_count >= self.timings.broker_queue_limit:
+            request.done = True
+            self.requests.pop(request.route, None)
+            out.append(client_error(
+                request.client, request.request_id, ErrorCode.OVERLOADED,
+                f"model '{request.model}': {self.pending_count} requests already waiting; try again later", request.model,
+            ))
+        else:
+            self._enqueue(request)
+
+    def _enqueue(self, request: BrokerRequest, front: bool = False) -> None:
+        queue = self.pending.setdefault(request.model, deque())
+        if front:
+            queue.appendleft(request)  # a re-dispatched request keeps its place ahead of newer ones
+        else:
+            queue.append(request)
+        request.queued = True
+        self.pending_count += 1
+
+    def _dispatch_pending(self, models, out: list[Send]) -> None:
+        """Hand queued requests for these models to agents that have free slots now."""
+        for model in models:
+            queue = self.pending.get(model)
+            while queue:
+                request = queue[0]
+                if not request.done and not self._dispatch(request, out):
+                    break
+                queue.popleft()
+                self.pending_count -= 1
+
+    def _redispatch(self, request: BrokerRequest, reason: str, out: list[Send]) -> None:
+        """Its agent died (or dropped the model) with this request in flight: give it to another agent, within the
+        attempt budget."""
+        request.agent = None
+        if request.done:
+            return
+        self.stats["redispatched"] += 1
+        if request.attempts >= self.timings.max_dispatch_attempts:
+            self._finish_with_error(
+                request, ErrorCode.INFERENCE_FAILED,
+                f"model '{request.model}': gave up after {request.attempts} agents failed ({reason})", out,
+            )
+        elif not self.agents.candidates(request.model, request.version):
+            self._finish_with_error(
+                request, ErrorCode.NO_AGENT,
+                f"model '{request.model}': its agent failed ({reason}) and no other live agent serves it", out,
+            )
+        elif not self._dispatch(request, out):
+            self._enqueue(request, front=True)
+
+    def _finish_with_error(self, request: BrokerRequest, code: ErrorCode, text: str, out: list[Send]) -> None:
+        request.done = True
+        self.requests.pop(request.route, None)
+        out.append(client_error(request.client, request.request_id, code, text, request.model))
+
+    def _expire_requests(self, now: float, out: list[Send]) -> None:
+        for request in [r for r in self.requests.values() if r.deadline < now]:
+            self.stats["timeouts"] += 1
+            where = f" (on agent {request.agent.agent_id})" if request.agent else " (waiting for a free agent)"
+            self._finish_with_error(
+                request, ErrorCode.TIMEOUT, f"model '{request.model}': no answer within the request's deadline{where}", out
+            )
+            # The slot stays taken until the agent answers or dies: it is still working on it.
+
+    def _fail_orphaned_queues(self, out: list[Send]) -> None:
+        """After warm-up: requests queued for a model no live agent has fail now rather than at their deadline.
+        Also drops queued requests already answered (timed out), so the queue length counts live ones only."""
+        for model, queue in list(self.pending.items()):
+            for request in queue:
+                if not request.done and not self.agents.candidates(request.model, request.version):
+                    request.done = True
+                    self.requests.pop(request.route, None)
+                    code, text = self.agents.why_unroutable(request.model, request.version)
+                    out.append(client_error(request.client, request.request_id, code, text, request.model))
+            live = deque(r for r in queue if not r.done)
+            self.pending_count -= len(queue) - len(live)
+            if live:
+                self.pending[model] = live
+            else:
+                del self.pending[model]
+
+
+def _bytes(frame) -> bytes:
+    """A frame's bytes: bytes as they are (tests), a zmq.Frame (received with copy=False) copied out (it is small)."""
+    return frame if isinstance(frame, bytes) else frame.bytes
+
+
+def _says_model_not_found(header_frame) -> bool:
+    try:
+        return protocol.unpack_header(header_frame).get("code") == ErrorCode.MODEL_NOT_FOUND.value
+    except ProtocolError:
+        return False

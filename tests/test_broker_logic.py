@@ -1,0 +1,439 @@
+"""Unit tests of the broker's logic without sockets: the Dispatcher (dispatch, capacity, queues, deadlines,
+re-dispatch, version pinning, refusals, warm-up) over the AgentTable (register, heartbeat, remove, expire). Every
+event is fed by hand with an explicit clock, and every test checks exactly what the broker would send. The last test
+drives `Broker.deliver` over in-process sockets, for a send that fails."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+import zmq
+
+from cluster.broker import Broker, Dispatcher, Send
+from cluster.broker.agents import UnknownModel
+from cluster.broker.routing import RoundRobin
+from cluster.config import Addresses, Timings
+from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, error_header, pack, unpack_header
+
+TIMINGS = Timings(heartbeat_interval=1.0, liveness=3, max_dispatch_attempts=3, broker_queue_limit=100)
+T = 10.0  # a time past the warm-up window (expiry + interval = 4 s after the start at 0)
+HEADER = b"client-header"  # stands for the client's header frame: the dispatcher must pass it on untouched
+TENSOR = b"tensor-bytes"
+
+
+def dispatcher(**timings) -> Dispatcher:
+    t = Timings(**{**TIMINGS.__dict__, **timings})
+    return Dispatcher(t, RoundRobin(), now=0.0)
+
+
+def beat(agent: str, models=(("m", 1),), capacity: int = 2, pid: int = 100, **fields) -> Heartbeat:
+    return Heartbeat(agent, capacity, [{"name": n, "version": v} for n, v in models], pid=pid, started=1.0, **fields)
+
+
+def ready(d: Dispatcher, agent: str, now: float = T, **kw) -> list[Send]:
+    return d.agent_message(Command.READY, [agent.encode(), PREAMBLE[Command.READY], pack(beat(agent, **kw).to_wire())], now)
+
+
+def heartbeat(d: Dispatcher, agent: str, now: float, **kw) -> list[Send]:
+    frames = [agent.encode(), PREAMBLE[Command.HEARTBEAT], pack(beat(agent, **kw).to_wire())]
+    return d.agent_message(Command.HEARTBEAT, frames, now)
+
+
+def goodbye(agent: str) -> list:
+    return [agent.encode(), PREAMBLE[Command.DISCONNECT], pack({})]
+
+
+def request(d: Dispatcher, rid: int, model: str = "m", version: int | None = None, timeout: float = 30.0,
+            now: float = T, client: bytes = b"client") -> list[Send]:
+    return d.client_request(client, rid, model, version, timeout, HEADER, [TENSOR], now)
+
+
+def answer(d: Dispatcher, agent: str, route: bytes, now: float = T, code: ErrorCode | None = None,
+           rid: object = "from-agent") -> list[Send]:
+    """The agent's REPLY (or ERROR with `code`) to the request sent with `route`."""
+    if code is None:
+        cmd, header = Command.REPLY, pack({"id": rid})
+    else:
+        cmd, header = Command.ERROR, pack(error_header(rid, code, "agent says no"))
+    return d.agent_message(cmd, [agent.encode(), PREAMBLE[cmd], route, header, b"output"], now)
+
+
+def sent_to_agents(out: list[Send]) -> list[tuple[str, bytes]]:
+    """(agent, route) of each REQUEST in `out`."""
+    return [(s.peer.decode(), s.frames[2]) for s in out if s.to_agent and s.command == Command.REQUEST]
+
+
+def client_errors(out: list[Send]) -> list[tuple[object, str, str]]:
+    """(request id, code, message) of each ERROR to a client in `out`."""
+    errors = []
+    for s in out:
+        if not s.to_agent and s.command == Command.ERROR:
+            header = unpack_header(s.frames[2])
+            errors.append((header["id"], header["code"], header["message"]))
+    return errors
+
+
+def in_flight(d: Dispatcher) -> dict[str, int]:
+    return {a.agent_id: a.in_flight_count for a in d.agents.agents.values()}
+
+
+# ---- dispatch, capacity, queues --------------------------------------------------------------------------------
+
+
+def test_round_robin_within_capacity_and_frames_forwarded_untouched():
+    d = dispatcher()
+    assert ready(d, "a1") == [] and ready(d, "a2") == []
+    out = [s for rid in range(4) for s in request(d, rid)]
+    assert [agent for agent, _ in sent_to_agents(out)] == ["a1", "a2", "a1", "a2"]
+    assert in_flight(d) == {"a1": 2, "a2": 2}
+    first = out[0].frames
+    assert first[1] == PREAMBLE[Command.REQUEST] and len(first[2]) == 8
+    assert first[3] is HEADER and first[4] is TENSOR, "the client's frames must be forwarded as the same objects"
+    # Everyone full: the fifth waits, nothing is sent, no agent goes over its capacity.
+    assert request(d, 4) == []
+    assert in_flight(d) == {"a1": 2, "a2": 2} and d.pending_count == 1
+    assert d.counts() == {"requests": 5, "redispatched": 0, "timeouts": 0, "agents_lost": 0, "agents": 2,
+                          "in_flight": 5, "queued": 1}  # in_flight counts every request not answered yet
+
+
+def test_queue_drains_in_order_as_replies_free_slots():
+    d = dispatcher()
+    ready(d, "a1", capacity=1)
+    (_, route0), = sent_to_agents(request(d, 0))
+    assert request(d, 1) == [] and request(d, 2) == []
+    out = answer(d, "a1", route0)
+    reply = [s for s in out if not s.to_agent]
+    assert len(reply) == 1 and reply[0].frames[0] == b"client" and reply[0].frames[1] == PREAMBLE[Command.REPLY]
+    assert reply[0].frames[2:] == [pack({"id": "from-agent"}), b"output"], "the agent's answer minus the route"
+    (agent, route1), = sent_to_agents(out)
+    assert agent == "a1" and d.requests[route1].request_id == 1, "the oldest queued request goes first"
+    assert in_flight(d) == {"a1": 1} and d.pending_count == 1
+
+
+def test_full_queue_answers_overloaded():
+    d = dispatcher(broker_queue_limit=1)
+    ready(d, "a1", capacity=1)
+    request(d, 0)
+    assert request(d, 1) == []
+    assert client_errors(request(d, 2)) == [
+        (2, "OVERLOADED", "model 'm': 1 requests already waiting; try again later")
+    ]
+    assert d.pending_count == 1 and len(d.requests) == 2
+
+
+def test_deadline_fails_requests_in_flight_and_queued_with_timeout():
+    d = dispatcher()
+    ready(d, "a1", capacity=1)
+    heartbeat(d, "a1", T + 2.5, capacity=1)
+    (_, route0), = sent_to_agents(request(d, 0, timeout=3))
+    request(d, 1, timeout=3)
+    assert d.tick(T + 2.9) == []
+    errors = client_errors(d.tick(T + 3.1))
+    assert errors == [
+        (0, "TIMEOUT", "model 'm': no answer within the request's deadline (on agent a1)"),
+        (1, "TIMEOUT", "model 'm': no answer within the request's deadline (waiting for a free agent)"),
+    ]
+    assert d.stats["timeouts"] == 2 and d.requests == {}
+    # The agent is still working on the first one: its slot stays taken until it answers; the late answer is dropped.
+    assert in_flight(d) == {"a1": 1}
+    assert answer(d, "a1", route0, T + 3.2) == [] and in_flight(d) == {"a1": 0}
+
+
+# ---- agents dying: re-dispatch -----------------------------------------------------------------------------------
+
+
+def test_silent_agent_expires_and_its_requests_go_to_another_agent():
+    d = dispatcher()
+    ready(d, "a1", now=T)
+    ready(d, "a2", now=T)
+    (_, route), = sent_to_agents(request(d, 0))  # round robin: a1
+    heartbeat(d, "a2", T + 2.0)
+    assert d.tick(T + 3.0) == [], "silent for exactly the expiry is still alive"
+    out = d.tick(T + 3.5)
+    assert sent_to_agents(out) == [("a2", route)], "same route, so a late answer from a1 still matches"
+    assert set(in_flight(d)) == {"a2"} and d.stats["redispatched"] == 1 and d.stats["agents_lost"] == 1
+    assert d.requests[route].attempts == 2
+    assert [s.frames[1] for s in answer(d, "a2", route, T + 3.6)] == [PREAMBLE[Command.REPLY]]
+
+
+def test_gives_up_after_max_attempts():
+    d = dispatcher(max_dispatch_attempts=2)
+    for agent in ("a1", "a2", "a3"):
+        ready(d, agent)
+    (first, route), = sent_to_agents(request(d, 0))
+    (second, again), = sent_to_agents(d.agent_message(Command.DISCONNECT, goodbye(first), T))
+    assert second != first and again == route
+    out = d.agent_message(Command.DISCONNECT, goodbye(second), T)
+    assert client_errors(out) == [
+        (0, "INFERENCE_FAILED", f"model 'm': gave up after 2 agents failed (agent {second}: it said goodbye)")
+    ]
+    assert sent_to_agents(out) == [] and d.requests == {}
+
+
+def test_no_other_agent_with_the_model_answers_no_agent():
+    d = dispatcher()
+    ready(d, "a1")
+    ready(d, "a2", models=[("other", 1)])
+    request(d, 0)
+    out = d.agent_message(Command.DISCONNECT, goodbye("a1"), T)
+    assert client_errors(out) == [
+        (0, "NO_AGENT", "model 'm': its agent failed (agent a1: it said goodbye) and no other live agent serves it")
+    ]
+
+
+def test_redispatched_request_waits_at_the_head_of_the_queue():
+    d = dispatcher()
+    ready(d, "a1", capacity=1)
+    ready(d, "a2", capacity=1)
+    (_, r0), = sent_to_agents(request(d, 0))
+    (_, r1), = sent_to_agents(request(d, 1))
+    request(d, 2)  # queued
+    assert sent_to_agents(d.agent_declared_dead("a1")) == [], "a2 is full: the orphan waits"
+    (_, r2), = sent_to_agents(answer(d, "a2", r1))
+    assert r2 == r0, "the re-dispatched request goes before the one that was already waiting"
+
+
+# ---- versions, refusals, unroutable requests -----------------------------------------------------------------------
+
+
+def test_a_pinned_version_goes_only_to_agents_with_it():
+    d = dispatcher()
+    ready(d, "a1", models=[("m", 1)], capacity=10)
+    ready(d, "a2", models=[("m", 1), ("m", 2)], capacity=10)
+    assert {a for rid in range(4) for a, _ in sent_to_agents(request(d, rid, version=2))} == {"a2"}
+    assert {a for rid in range(4) for a, _ in sent_to_agents(request(d, 10 + rid))} == {"a1", "a2"}
+    assert client_errors(request(d, 99, version=3)) == [
+        (99, "MODEL_NOT_FOUND", "model 'm' version 3 is not served by any live agent (other versions are)")
+    ]
+
+
+def test_an_agent_that_dropped_the_version_is_forgotten_for_it_and_the_request_goes_elsewhere():
+    d = dispatcher()
+    ready(d, "a1", models=[("m", 1), ("m", 2)])
+    ready(d, "a2", models=[("m", 2)])
+    (agent, route), = sent_to_agents(request(d, 0, version=2))
+    assert agent == "a1"
+    out = answer(d, "a1", route, code=ErrorCode.MODEL_NOT_FOUND)
+    assert client_errors(out) == [], "the client never hears of the refusal"
+    assert sent_to_agents(out) == [("a2", route)]
+    assert d.agents.describe_models() == {"m": {"versions": [1, 2], "agents": ["a1", "a2"]}}
+    assert d.agents.get(b"a1").models == {"m": {1}}, "a1 keeps the version it did not refuse"
+    assert {a for rid in range(3) for a, _ in sent_to_agents(request(d, 1 + rid, version=2))} == {"a2"}
+    # Any other error from the agent goes to the client as it is.
+    (_, route), = sent_to_agents(request(d, 9, version=1))
+    out = answer(d, "a1", route, code=ErrorCode.BAD_REQUEST)
+    assert [unpack_header(s.frames[2])["code"] for s in out if not s.to_agent] == ["BAD_REQUEST"]
+
+
+def test_unroutable_requests_say_no_agent_or_model_not_found():
+    d = dispatcher()
+    assert client_errors(request(d, 0)) == [(0, "NO_AGENT", "no live agent is connected, so model 'm' cannot be served")]
+    ready(d, "a1", models=[("x", 1)])
+    assert client_errors(request(d, 1)) == [(1, "MODEL_NOT_FOUND", "model 'm' is not served by any agent")]
+    ready(d, "a2", models=[("m", 1)])
+    d.agent_declared_dead("a2")
+    assert client_errors(request(d, 2)) == [(2, "NO_AGENT", "no live agent serves model 'm' right now")]
+
+
+def test_during_warm_up_unroutable_requests_wait_for_agents_to_register():
+    d = dispatcher()
+    assert d.warming_up(3.9) and not d.warming_up(4.0)
+    assert request(d, 0, now=1.0) == [] and request(d, 1, model="nowhere", now=1.0) == []
+    assert d.tick(2.0) == [], "still warming up: nothing fails yet"
+    (agent, route), = sent_to_agents(ready(d, "a1", now=2.5))
+    assert agent == "a1" and d.requests[route].request_id == 0
+    heartbeat(d, "a1", 4.0)
+    assert client_errors(d.tick(4.5)) == [(1, "MODEL_NOT_FOUND", "model 'nowhere' is not served by any agent")]
+    assert d.pending_count == 0
+
+
+# ---- the agent table -------------------------------------------------------------------------------------------------
+
+
+def test_ready_again_from_the_same_process_keeps_its_requests_but_a_restart_does_not():
+    d = dispatcher()
+    ready(d, "a1", capacity=1)
+    ready(d, "a2", capacity=1)
+    (_, route), = sent_to_agents(request(d, 0))
+    assert ready(d, "a1", capacity=2) == []
+    entry = d.agents.get(b"a1")
+    assert entry.capacity == 2 and route in entry.in_flight and d.stats["agents_lost"] == 0
+    out = ready(d, "a1", pid=200, capacity=2)  # the agent restarted: its old requests are lost with the process
+    assert sent_to_agents(out) == [("a2", route)]
+    assert d.agents.get(b"a1") is not entry and d.agents.get(b"a1").in_flight == {}
+    assert d.stats["agents_lost"] == 1 and d.stats["redispatched"] == 1
+
+
+def test_heartbeats_update_what_an_agent_serves_and_feed_it_the_queue():
+    d = dispatcher()
+    ready(d, "a1", models=[("m", 1)], capacity=1)
+    request(d, 0)
+    assert request(d, 1) == [] and request(d, 2, model="n", now=T) != []  # n: not served, answered at once
+    (_, route), = sent_to_agents(heartbeat(d, "a1", T + 1, models=[("m", 1)], capacity=2))
+    assert d.requests[route].request_id == 1
+    heartbeat(d, "a1", T + 2, models=[("n", 1)], capacity=2)
+    assert d.agents.describe_models() == {"n": {"versions": [1], "agents": ["a1"]}}
+    assert client_errors(request(d, 3)) == [(3, "NO_AGENT", "no live agent serves model 'm' right now")]
+
+
+def test_unknown_agents_are_asked_to_register():
+    d = dispatcher()
+    out = d.agent_message(Command.HEARTBEAT, [b"ghost", PREAMBLE[Command.HEARTBEAT], pack({})], T)
+    assert [(s.to_agent, s.peer, s.command) for s in out] == [(True, b"ghost", Command.DISCONNECT)]
+    assert unpack_header(out[0].frames[2]) == {"reason": "unknown agent; send READY"}
+    assert d.agent_message(Command.DISCONNECT, [b"ghost", PREAMBLE[Command.DISCONNECT], pack({})], T) == []
+    assert ready(d, "bad", capacity=0) == [] and d.agents.get(b"bad") is None
+
+
+def test_manager_declaring_an_agent_dead_removes_it():
+    d = dispatcher()
+    ready(d, "a1")
+    ready(d, "a2")
+    (_, route), = sent_to_agents(request(d, 0))
+    assert d.agent_declared_dead("nobody") == []
+    assert sent_to_agents(d.agent_declared_dead("a1")) == [("a2", route)]
+    assert set(in_flight(d)) == {"a2"}
+    # Alive after all: its next message is answered with "send READY", and READY brings it back.
+    assert [s.command for s in heartbeat(d, "a1", T + 1)] == [Command.DISCONNECT]
+    ready(d, "a1", now=T + 1)
+    assert set(in_flight(d)) == {"a1", "a2"}
+
+
+def test_views_and_metadata():
+    d = dispatcher()
+    meta = {"name": "m", "version": 1, "inputs": [{"name": "x"}], "outputs": []}
+    frames = [b"a1", PREAMBLE[Command.READY], pack(dict(beat("a1").to_wire(), metadata=[meta, "junk"]))]
+    d.agent_message(Command.READY, frames, T)
+    request(d, 0)
+    (view,) = d.agents.describe_agents(T + 0.5)
+    assert (view["id"], view["heartbeat_age"], view["capacity"], view["broker_in_flight"]) == ("a1", 0.5, 2, 1)
+    assert d.agents.describe_model("m", None) == dict(meta, versions=[1], ready=True)
+    with pytest.raises(UnknownModel, match="model 'm' version 7 is not known to the cluster"):
+        d.agents.describe_model("m", 7)
+
+
+# ---- sends that fail ---------------------------------------------------------------------------------------------
+
+
+def test_a_failed_send_takes_the_request_back_and_removes_the_agent():
+    d = dispatcher()
+    ready(d, "a1")
+    ready(d, "a2")
+    out = request(d, 0)
+    (agent, route), = sent_to_agents(out)
+    assert agent == "a1"
+    retry = d.send_failed([out[0].frames], zmq.ZMQError(errno.EHOSTUNREACH))
+    assert sent_to_agents(retry) == [("a2", route)]
+    assert d.agents.get(b"a1") is None and d.stats["agents_lost"] == 1
+    assert d.requests[route].attempts == 1 and d.stats["redispatched"] == 0, "a send that never left is no attempt"
+
+
+def test_a_failed_send_with_nowhere_else_to_go_queues_the_request():
+    d = dispatcher()
+    ready(d, "a1")
+    out = request(d, 0)
+    assert d.send_failed([out[0].frames], zmq.ZMQError(errno.EHOSTUNREACH)) == []
+    assert d.pending_count == 1
+    assert client_errors(d.tick(T + 0.1)) == [(0, "NO_AGENT", "no live agent serves model 'm' right now")]
+
+
+def test_a_failed_heartbeat_removes_the_agent():
+    d = dispatcher()
+    ready(d, "a1")
+    request(d, 0)
+    beats = d.heartbeats()
+    assert [(s.peer, s.command) for s in beats] == [(b"a1", Command.HEARTBEAT)]
+    out = d.send_failed([beats[0].frames], zmq.ZMQError(errno.EHOSTUNREACH))
+    (_, code, message), = client_errors(out)
+    assert code == "NO_AGENT" and "(agent a1: heartbeat send failed (" in message
+    # A DISCONNECT to an unknown agent that cannot be sent needs nothing done.
+    assert d.send_failed([[b"ghost", PREAMBLE[Command.DISCONNECT], b""]], zmq.ZMQError(errno.EHOSTUNREACH)) == []
+
+
+def test_random_events_never_overfill_an_agent_and_answer_every_request_once():
+    rng = random.Random(8)
+    d = dispatcher(broker_queue_limit=5, max_dispatch_attempts=2)
+    agents = {"a1": 1, "a2": 2, "a3": 3}  # id -> capacity
+    answers: dict[int, int] = {}
+    now, next_id = T, 0
+
+    def count(out):
+        for s in out:
+            if not s.to_agent:
+                rid = unpack_header(s.frames[2])["id"]
+                answers[rid] = answers.get(rid, 0) + 1
+
+    for agent, capacity in agents.items():
+        ready(d, agent, capacity=capacity)
+    for _ in range(3000):
+        now += 0.01
+        live = [a.agent_id for a in d.agents.agents.values()]
+        for agent in live:
+            d.agents.get(agent.encode()).last_seen = now  # all alive unless a step below removes one
+        roll = rng.random()
+        if roll < 0.45:
+            count(request(d, next_id, timeout=rng.choice([0.05, 5.0]), now=now))
+            next_id += 1
+        elif roll < 0.85 and live:
+            entry = d.agents.get(rng.choice(live).encode())
+            if entry.in_flight:
+                route = rng.choice(list(entry.in_flight))
+                code = rng.choice([None, None, None, None, ErrorCode.MODEL_NOT_FOUND])
+                rid = d.requests[route].request_id if route in d.requests else "late"
+                count(answer(d, entry.agent_id, route, now, code, rid))
+        elif roll < 0.88 and live:
+            count(d.agent_declared_dead(rng.choice(live)))
+        elif roll < 0.95:
+            agent = rng.choice(list(agents))
+            if d.agents.get(agent.encode()) is not None and rng.random() < 0.7:
+                count(heartbeat(d, agent, now, capacity=agents[agent]))  # it serves m v1 again
+            else:
+                count(ready(d, agent, capacity=agents[agent], pid=rng.choice([1, 2]), now=now))
+        else:
+            count(d.tick(now))
+        for entry in d.agents.agents.values():
+            assert entry.in_flight_count <= entry.capacity, f"{entry.agent_id} holds more than its capacity"
+        assert d.pending_count == sum(len(q) for q in d.pending.values())
+    count(d.tick(now + 100))  # every agent silent and every deadline past: whatever is left fails now
+    assert d.requests == {}
+    assert "late" not in answers, "an answer to a request already failed reached its client"
+    assert set(answers) == set(range(next_id)), "some request never got an answer"
+    assert max(answers.values()) == 1, "some request was answered twice"
+
+
+def test_broker_deliver_hands_a_failed_send_back_to_the_dispatcher():
+    """Over real in-process sockets: a1 never connected, so sends to it fail (ROUTER_MANDATORY); its requests,
+    sent and still to be sent, end up at a2, and nothing is lost or sent twice."""
+    ctx = zmq.Context()
+    addresses = Addresses(broker_clients="inproc://clients", broker_agents="inproc://agents",
+                          manager_events="inproc://events")
+    broker = Broker(addresses, TIMINGS, "round-robin", ctx)
+    a2 = ctx.socket(zmq.DEALER)
+    a2.setsockopt(zmq.ROUTING_ID, b"a2")
+    a2.setsockopt(zmq.LINGER, 0)
+    a2.connect(addresses.broker_agents)
+    try:
+        d = broker.dispatcher
+        ready(d, "a1", capacity=2)
+        a2.send_multipart([PREAMBLE[Command.READY], pack(beat("a2", capacity=4).to_wire())])
+        assert broker.agents_sock.poll(5000), "a2's READY did not arrive"
+        broker.process_agent(broker.agents_sock.recv_multipart(copy=False))
+        assert set(in_flight(d)) == {"a1", "a2"}
+        now = d.started + 10
+        outbox = [s for rid in range(4) for s in request(d, rid, now=now)]  # a1, a2, a1, a2
+        broker.deliver(outbox)
+        routes = set()
+        for _ in range(4):
+            assert a2.poll(5000), f"a2 got only {len(routes)} of the 4 requests"
+            frames = a2.recv_multipart()
+            assert frames[0] == PREAMBLE[Command.REQUEST] and frames[2:] == [HEADER, TENSOR]
+            routes.add(frames[1])
+        assert len(routes) == 4 and not a2.poll(100), "a request was sent twice"
+        assert d.agents.get(b"a1") is None and in_flight(d) == {"a2": 4}
+        assert all(r.attempts == 1 for r in d.requests.values()) and d.stats["redispatched"] == 0
+    finally:
+        a2.close()
+        broker.close()
+        ctx.term()
