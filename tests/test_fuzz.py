@@ -78,6 +78,7 @@ def rss(procs) -> dict[str, int]:
     return {p.name: psutil.Process(p.pid).memory_info().rss for p in procs}
 
 
+@pytest.mark.timeout(600)  # 7,500+ messages through five sockets: about 3 minutes alone, more on a busy machine
 def test_random_and_malformed_frames_on_every_socket(cluster, tmp_path):
     cluster.extra_env["CLUSTER_MAX_MESSAGE_BYTES"] = str(1024 * 1024)
     ctx = zmq.Context()
