@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,13 +21,29 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="A model-serv
 
 # ---- options shared by the commands -----------------------------------------------------------------------------
 
-BrokerClients = typer.Option(config.BROKER_CLIENT_ADDR, envvar="CLUSTER_BROKER_CLIENTS", help="Broker address for clients.")
+BrokerClients = typer.Option(
+    config.BROKER_CLIENT_ADDR, envvar="CLUSTER_BROKER_CLIENTS", help="Broker address for clients."
+)
 BrokerAgents = typer.Option(config.BROKER_AGENT_ADDR, envvar="CLUSTER_BROKER_AGENTS", help="Broker address for agents.")
-ManagerHeartbeats = typer.Option(config.MANAGER_HEARTBEAT_ADDR, envvar="CLUSTER_MANAGER_HEARTBEATS", help="Manager heartbeat address (agents publish here).")
-ManagerEvents = typer.Option(config.MANAGER_EVENTS_ADDR, envvar="CLUSTER_MANAGER_EVENTS", help="Manager registry-event address (the broker subscribes).")
-ManagerQueries = typer.Option(config.MANAGER_QUERY_ADDR, envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address.")
-Interval = typer.Option(None, "--heartbeat-interval", envvar="CLUSTER_HEARTBEAT_INTERVAL", help="Seconds between heartbeats (default 1).")
-Liveness = typer.Option(None, "--liveness", envvar="CLUSTER_LIVENESS", help="Missed heartbeats before a peer is dead (default 3).")
+ManagerHeartbeats = typer.Option(
+    config.MANAGER_HEARTBEAT_ADDR,
+    envvar="CLUSTER_MANAGER_HEARTBEATS",
+    help="Manager heartbeat address (agents publish here).",
+)
+ManagerEvents = typer.Option(
+    config.MANAGER_EVENTS_ADDR,
+    envvar="CLUSTER_MANAGER_EVENTS",
+    help="Manager registry-event address (the broker subscribes).",
+)
+ManagerQueries = typer.Option(
+    config.MANAGER_QUERY_ADDR, envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address."
+)
+Interval = typer.Option(
+    None, "--heartbeat-interval", envvar="CLUSTER_HEARTBEAT_INTERVAL", help="Seconds between heartbeats (default 1)."
+)
+Liveness = typer.Option(
+    None, "--liveness", envvar="CLUSTER_LIVENESS", help="Missed heartbeats before a peer is dead (default 3)."
+)
 LogLevel = typer.Option("INFO", "--log-level", envvar="CLUSTER_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
 ReadyFile = typer.Option(
     None,
@@ -55,7 +70,7 @@ def _addresses(**kwargs) -> config.Addresses:
     return config.Addresses(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _report_ready(ready_file: Optional[str], role: str, **sockets) -> None:
+def _report_ready(ready_file: str | None, role: str, **sockets) -> None:
     """Log where the role's sockets really listen (port 0 binds any port) and tell LocalCluster (--ready-file)."""
     from cluster.local import write_ready_file
     from cluster.sockets import bound_address
@@ -70,19 +85,21 @@ def _report_ready(ready_file: Optional[str], role: str, **sockets) -> None:
 # ---- the roles ----------------------------------------------------------------------------------------------------
 
 
-Share = typer.Option(None, "--share", envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir).")
+Share = typer.Option(
+    None, "--share", envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."
+)
 
 
 @app.command()
 def manager(
-    share: Optional[str] = Share,
+    share: str | None = Share,
     heartbeats: str = ManagerHeartbeats,
     events: str = ManagerEvents,
     queries: str = ManagerQueries,
-    heartbeat_interval: Optional[float] = Interval,
-    liveness: Optional[int] = Liveness,
+    heartbeat_interval: float | None = Interval,
+    liveness: int | None = Liveness,
     log_level: str = LogLevel,
-    ready_file: Optional[str] = ReadyFile,
+    ready_file: str | None = ReadyFile,
 ):
     """Run the lifecycle manager: registry of live agents from their heartbeats."""
     from cluster.manager import Manager
@@ -110,11 +127,13 @@ def broker(
     clients: str = BrokerClients,
     agents: str = BrokerAgents,
     events: str = ManagerEvents,
-    policy: str = typer.Option("round-robin", envvar="CLUSTER_POLICY", help="Routing policy: round-robin or least-outstanding."),
-    heartbeat_interval: Optional[float] = Interval,
-    liveness: Optional[int] = Liveness,
+    policy: str = typer.Option(
+        "round-robin", envvar="CLUSTER_POLICY", help="Routing policy: round-robin or least-outstanding."
+    ),
+    heartbeat_interval: float | None = Interval,
+    liveness: int | None = Liveness,
     log_level: str = LogLevel,
-    ready_file: Optional[str] = ReadyFile,
+    ready_file: str | None = ReadyFile,
 ):
     """Run the broker: routes client requests to live agents that have the model."""
     from cluster.broker import Broker
@@ -130,19 +149,28 @@ def broker(
 @app.command()
 def agent(
     share: str = typer.Option(
-        None, envvar="CLUSTER_SHARE", help="Model repository: a folder (e.g. an NFS mount) or nfs://server/export (read with libnfs into a local cache)."
+        None,
+        envvar="CLUSTER_SHARE",
+        help="Model repository: a folder (e.g. an NFS mount) or nfs://server/export "
+        "(read with libnfs into a local cache).",
     ),
-    cache: Optional[str] = typer.Option(None, envvar="CLUSTER_SHARE_CACHE", help="Local cache for an nfs:// share (default under ~/.cache)."),
+    cache: str | None = typer.Option(
+        None, envvar="CLUSTER_SHARE_CACHE", help="Local cache for an nfs:// share (default under ~/.cache)."
+    ),
     broker: str = BrokerAgents,
     heartbeats: str = ManagerHeartbeats,
-    agent_id: Optional[str] = typer.Option(None, "--id", envvar="CLUSTER_AGENT_ID", help="Agent id (default host-pid)."),
+    agent_id: str | None = typer.Option(None, "--id", envvar="CLUSTER_AGENT_ID", help="Agent id (default host-pid)."),
     capacity: int = typer.Option(4, envvar="CLUSTER_CAPACITY", help="Requests this agent takes at once."),
     workers: int = typer.Option(1, envvar="CLUSTER_WORKERS", help="Inference threads."),
-    threads: int = typer.Option(1, envvar="CLUSTER_TORCH_THREADS", help="torch intra-op threads per agent (0: torch's default)."),
+    threads: int = typer.Option(
+        1, envvar="CLUSTER_TORCH_THREADS", help="torch intra-op threads per agent (0: torch's default)."
+    ),
     device: str = typer.Option("cpu", envvar="CLUSTER_DEVICE", help="cpu, cuda or cuda:N."),
-    models: Optional[str] = typer.Option(None, envvar="CLUSTER_MODELS", help="Comma-separated model names to serve (default: all in the share)."),
-    heartbeat_interval: Optional[float] = Interval,
-    liveness: Optional[int] = Liveness,
+    models: str | None = typer.Option(
+        None, envvar="CLUSTER_MODELS", help="Comma-separated model names to serve (default: all in the share)."
+    ),
+    heartbeat_interval: float | None = Interval,
+    liveness: int | None = Liveness,
     log_level: str = LogLevel,
 ):
     """Run an agent: loads the share's models and serves them to the broker."""
@@ -168,22 +196,39 @@ def agent(
 
 @app.command()
 def edge(
-    host: str = typer.Option(config.EDGE_HOST, envvar="CLUSTER_EDGE_HOST", help="Address to listen on (127.0.0.1: this machine only)."),
+    host: str = typer.Option(
+        config.EDGE_HOST, envvar="CLUSTER_EDGE_HOST", help="Address to listen on (127.0.0.1: this machine only)."
+    ),
     port: int = typer.Option(config.EDGE_PORT, envvar="CLUSTER_EDGE_PORT", help="HTTP port."),
     broker: str = BrokerClients,
-    max_body_bytes: Optional[int] = typer.Option(None, envvar="CLUSTER_EDGE_MAX_BODY", help="Largest request body in bytes, after decompression (default 64 MiB)."),
-    frontend: Optional[str] = typer.Option(None, "--frontend", help="The page served at / (default: the repository's frontend.html)."),
-    request_timeout: Optional[float] = typer.Option(None, envvar="CLUSTER_REQUEST_TIMEOUT", help="Default inference deadline in seconds (default 30)."),
+    max_body_bytes: int | None = typer.Option(
+        None,
+        envvar="CLUSTER_EDGE_MAX_BODY",
+        help="Largest request body in bytes, after decompression (default 64 MiB).",
+    ),
+    frontend: str | None = typer.Option(
+        None, "--frontend", help="The page served at / (default: the repository's frontend.html)."
+    ),
+    request_timeout: float | None = typer.Option(
+        None, envvar="CLUSTER_REQUEST_TIMEOUT", help="Default inference deadline in seconds (default 30)."
+    ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
     log_level: str = LogLevel,
-    ready_file: Optional[str] = ReadyFile,
+    ready_file: str | None = ReadyFile,
 ):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST, /metrics, /agents, and the page at /."""
     from edge import run_edge
 
     run_edge(
-        host, port, broker, max_body_bytes=max_body_bytes, frontend_path=frontend, request_timeout=request_timeout,
-        log_level=log_level, access_log=access_log, ready_file=ready_file,
+        host,
+        port,
+        broker,
+        max_body_bytes=max_body_bytes,
+        frontend_path=frontend,
+        request_timeout=request_timeout,
+        log_level=log_level,
+        access_log=access_log,
+        ready_file=ready_file,
     )
 
 
@@ -197,16 +242,20 @@ def _raise_interrupt(*_) -> None:
 @app.command()
 def up(
     agents: int = typer.Option(2, "--agents", help="How many agents to start."),
-    edge_port: int = typer.Option(config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."),
-    share: Optional[str] = typer.Option(None, envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."),
-    heartbeat_interval: Optional[float] = Interval,
+    edge_port: int = typer.Option(
+        config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."
+    ),
+    share: str | None = typer.Option(
+        None, envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."
+    ),
+    heartbeat_interval: float | None = Interval,
     log_level: str = LogLevel,
     any_ports: bool = typer.Option(
         False,
         "--any-ports",
         help="Let the OS pick every port (bus and edge), e.g. for a second cluster here; the banner says which.",
     ),
-    ready_file: Optional[str] = typer.Option(
+    ready_file: str | None = typer.Option(
         None,
         "--ready-file",
         help="Once the manager, the broker and the edge listen, write every address and the pid here (JSON).",
@@ -297,16 +346,22 @@ def status(
             models = client.models(timeout=timeout)
         except ClusterError as exc:
             typer.echo(f"cannot reach the broker at {broker}: {exc}", err=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
     console = Console()
     table = Table(title=f"Agents ({len(agents)})")
     for column in ("id", "host", "pid", "device", "models", "in flight", "capacity", "heartbeat age", "uptime"):
         table.add_column(column)
     for a in sorted(agents, key=lambda a: a["id"]):
         table.add_row(
-            a["id"], str(a.get("host")), str(a.get("pid")), str(a.get("device")),
+            a["id"],
+            str(a.get("host")),
+            str(a.get("pid")),
+            str(a.get("device")),
             ", ".join(f"{m['name']} v{m['version']}" for m in a.get("models", [])),
-            str(a.get("in_flight")), str(a.get("capacity")), f"{a.get('heartbeat_age', 0):.2f} s", f"{a.get('uptime', 0):.0f} s",
+            str(a.get("in_flight")),
+            str(a.get("capacity")),
+            f"{a.get('heartbeat_age', 0):.2f} s",
+            f"{a.get('uptime', 0):.0f} s",
         )
     console.print(table)
     table = Table(title=f"Models ({len(models)})")
@@ -319,14 +374,19 @@ def status(
 
 # ---- deployments -------------------------------------------------------------------------------------------------
 
-ManagerAddress = typer.Option(config.MANAGER_QUERY_ADDR, "--manager", envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address.")
+ManagerAddress = typer.Option(
+    config.MANAGER_QUERY_ADDR, "--manager", envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address."
+)
 
 
 def _print_rollout(report: dict, what: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{what} {report['model']} v{report['version']}" + (f" (was v{report['previous']})" if report.get("previous") else ""))
+    table = Table(
+        title=f"{what} {report['model']} v{report['version']}"
+        + (f" (was v{report['previous']})" if report.get("previous") else "")
+    )
     table.add_column("agent")
     table.add_column("outcome")
     for agent_id, outcome in report["agents"].items():
@@ -335,7 +395,10 @@ def _print_rollout(report: dict, what: str) -> None:
     if report.get("note"):
         typer.echo(report["note"])
     verdict = "done" if report["ok"] else "FAILED: every agent keeps serving the previous version"
-    typer.echo(f"{what} of {report['model']} v{report['version']} {verdict} in {report['seconds']:.2f} s on {len(report['agents'])} agents")
+    typer.echo(
+        f"{what} of {report['model']} v{report['version']} {verdict} in {report['seconds']:.2f} s "
+        f"on {len(report['agents'])} agents"
+    )
 
 
 def _manager_call(manager: str, what: str, wait: float, **fields):
@@ -346,15 +409,23 @@ def _manager_call(manager: str, what: str, wait: float, **fields):
         return ManagerClient(manager).call(what, timeout=wait, **fields)
     except ClusterError as exc:
         typer.echo(f"{what} failed: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @app.command()
 def deploy(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="The model file: .pt (TorchScript) or .pt2 (torch.export)."),
+    path: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="The model file: .pt (TorchScript) or .pt2 (torch.export)."
+    ),
     name: str = typer.Option(..., "--name", help="Model name."),
-    config_file: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="config.json (inputs, outputs, serving settings); required for a new model."),
-    share: Optional[str] = Share,
+    config_file: Path | None = typer.Option(
+        None,
+        "--config",
+        exists=True,
+        dir_okay=False,
+        help="config.json (inputs, outputs, serving settings); required for a new model.",
+    ),
+    share: str | None = Share,
     manager: str = ManagerAddress,
     timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
 ):
@@ -372,14 +443,22 @@ def deploy(
             model_config = json.loads(config_file.read_text())
         except ValueError as exc:
             typer.echo(f"{config_file} is not valid JSON: {exc}", err=True)
-            raise typer.Exit(2)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True) as progress:
+            raise typer.Exit(2) from None
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
+    ) as progress:
         task = progress.add_task(f"publishing {path.name}", total=path.stat().st_size)
         try:
-            version = publish_version(share_dir, name, path, model_config, progress=lambda done, total: progress.update(task, completed=done, total=total))
+            version = publish_version(
+                share_dir,
+                name,
+                path,
+                model_config,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
         except RepositoryError as exc:
             typer.echo(f"cannot publish: {exc}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
     typer.echo(f"published {name} version {version} to {share_dir}; rolling out ...")
     report = _manager_call(manager, "deploy", timeout + 30, name=name, version=version, rollout_timeout=timeout)
     _print_rollout(report, "deploy")
@@ -389,7 +468,7 @@ def deploy(
 @app.command()
 def rollback(
     name: str = typer.Argument(..., help="Model name."),
-    to: Optional[int] = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
+    to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
     manager: str = ManagerAddress,
     timeout: float = typer.Option(300.0, help="Seconds to wait for every agent."),
 ):
@@ -418,7 +497,9 @@ def models(manager: str = ManagerAddress):
         table.add_column(column)
     for name, d in sorted(deployments.items()):
         agents = ", ".join(f"{a} (v{','.join(map(str, vs))})" for a, vs in sorted(d["agents"].items())) or "none"
-        table.add_row(name, str(d["version"] or "-"), str(d["staged"] or "-"), ", ".join(map(str, d["history"])) or "-", agents)
+        table.add_row(
+            name, str(d["version"] or "-"), str(d["staged"] or "-"), ", ".join(map(str, d["history"])) or "-", agents
+        )
     Console().print(table)
 
 
@@ -428,7 +509,7 @@ def bench(
     concurrency: int = typer.Option(8, "--concurrency", "-c", help="Requests in flight."),
     duration: float = typer.Option(10.0, "--duration", "-d", help="Seconds to measure (after 1 s of warm-up)."),
     batch: int = typer.Option(1, help="Rows per request (the first variable dimension)."),
-    http: Optional[str] = typer.Option(None, "--http", help="Drive the HTTP edge at this URL instead of the bus."),
+    http: str | None = typer.Option(None, "--http", help="Drive the HTTP edge at this URL instead of the bus."),
     broker: str = BrokerClients,
 ):
     """Load generator: throughput and p50/p95/p99 latency of MODEL through the bus client or the edge."""
@@ -443,13 +524,13 @@ def bench(
             result = asyncio.run(loadgen.bench_bus(broker, model, concurrency, duration, batch))
     except (ClusterError, OSError) as exc:
         typer.echo(f"bench failed: {type(exc).__name__}: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     s = result.summary()
     path = f"HTTP {http}" if http else f"bus {broker}"
     typer.echo(
         f"{model} via {path}, concurrency {concurrency}, {duration:g} s: {s['throughput']:.1f} req/s, "
-        f"p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, {s['requests']} ok, {s['errors']} errors"
-        + (f" {result.errors}" if result.errors else "")
+        f"p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
+        f"{s['requests']} ok, {s['errors']} errors" + (f" {result.errors}" if result.errors else "")
     )
     raise typer.Exit(1 if s["errors"] and not s["requests"] else 0)
 

@@ -20,8 +20,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zmq
@@ -31,7 +32,13 @@ from zmq.utils.monitor import parse_monitor_message
 from cluster import protocol
 from cluster.codec import decode_tensors, encode_tensors
 from cluster.config import BROKER_CLIENT_ADDR, MAX_MESSAGE_BYTES, Timings, env_or, timings_from_env
-from cluster.errors import BadRequestError, ClusterError, InferenceTimeoutError, NoAgentAvailableError, error_from_header
+from cluster.errors import (
+    BadRequestError,
+    ClusterError,
+    InferenceTimeoutError,
+    NoAgentAvailableError,
+    error_from_header,
+)
 from cluster.protocol import Command, ProtocolError
 from cluster.sockets import make_socket
 
@@ -131,8 +138,13 @@ class ClientCore:
             metas = protocol.validate_tensor_metas(header.get("outputs"), frames[2:], "outputs")
             queue_us = header.get("queue_us")
             return call, InferResult(
-                header.get("model"), header.get("version"), header.get("agent"), decode_tensors(metas, frames[2:]),
-                call.request_id, header.get("batch_size"), queue_us / 1e6 if isinstance(queue_us, (int, float)) else None,
+                header.get("model"),
+                header.get("version"),
+                header.get("agent"),
+                decode_tensors(metas, frames[2:]),
+                call.request_id,
+                header.get("batch_size"),
+                queue_us / 1e6 if isinstance(queue_us, (int, float)) else None,
             )
         except ProtocolError as exc:
             return call, ClusterError(f"malformed answer from the cluster: {exc}", call.model)
@@ -142,7 +154,14 @@ class ClientCore:
         for call in [c for c in self.calls.values() if c.deadline < now]:
             del self.calls[call.request_id]
             what = f"model '{call.model}'" if call.model else "query"
-            out.append((call, InferenceTimeoutError(f"{what}: no answer from the broker within the deadline (is it running?)", call.model)))
+            out.append(
+                (
+                    call,
+                    InferenceTimeoutError(
+                        f"{what}: no answer from the broker within the deadline (is it running?)", call.model
+                    ),
+                )
+            )
         return out
 
     def cancel(self, call: Call) -> None:
@@ -183,12 +202,28 @@ class Client:
 
     # -- public API --
 
-    def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, timeout: float | None = None, outputs=None) -> InferResult:
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        outputs=None,
+    ) -> InferResult:
         """Run `model` on `inputs` (name -> numpy array or torch tensor) and wait for the answer."""
         future = self.submit(model, inputs, version=version, timeout=timeout, outputs=outputs)
         return self._wait(future)
 
-    def submit(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, timeout: float | None = None, outputs=None) -> concurrent.futures.Future:
+    def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        outputs=None,
+    ) -> concurrent.futures.Future:
         """Send without waiting: a Future that resolves to an InferResult or raises a ClusterError."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
@@ -223,7 +258,7 @@ class Client:
             self._wake_w.close()
             self._ctx.term()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -361,7 +396,15 @@ class AsyncClient:
             asyncio.ensure_future(self._expire()),
         ]
 
-    async def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None, timeout: float | None = None, outputs=None) -> InferResult:
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        outputs=None,
+    ) -> InferResult:
         self._ensure_started()
         self._check_connected(model)
         future = asyncio.get_running_loop().create_future()
@@ -394,7 +437,7 @@ class AsyncClient:
             self._ctx.term()
             self._sock = None
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         self._ensure_started()
         return self
 

@@ -8,7 +8,8 @@ over the received frame's buffer (read-only, which is why the agent marks its in
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

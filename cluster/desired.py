@@ -41,7 +41,7 @@ class DesiredState:
         }
 
     @classmethod
-    def from_wire(cls, data: dict) -> "DesiredState":
+    def from_wire(cls, data: dict) -> DesiredState:
         """Parse (and check) the wire/file form; ValueError on anything malformed."""
         if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
             raise ValueError("desired state must be a map with a 'models' map")
@@ -64,7 +64,7 @@ class DesiredState:
     # ---- persistence on the share -----------------------------------------------------------------------
 
     @classmethod
-    def load(cls, share_dir: str | os.PathLike) -> "DesiredState | None":
+    def load(cls, share_dir: str | os.PathLike) -> DesiredState | None:
         path = Path(share_dir) / DEPLOYMENTS_FILE
         try:
             return cls.from_wire(json.loads(path.read_text()))

@@ -44,7 +44,9 @@ def sample_inputs(metadata: dict, batch: int = 1, shapes: dict[str, list[int]] |
     shapes = shapes or {}
     inputs = {}
     for spec in metadata["inputs"]:
-        shape = shapes.get(spec["name"]) or [batch if (i == 0 and d == -1) else (1 if d == -1 else d) for i, d in enumerate(spec["shape"])]
+        shape = shapes.get(spec["name"]) or [
+            batch if (i == 0 and d == -1) else (1 if d == -1 else d) for i, d in enumerate(spec["shape"])
+        ]
         inputs[spec["name"]] = np.zeros(shape, dtype=DATATYPES[spec["datatype"]])
     return inputs
 
@@ -72,7 +74,9 @@ async def _drive(call, concurrency: int, duration: float, warmup: float) -> Load
     return result
 
 
-async def bench_bus(address: str, model: str, concurrency: int, duration: float, batch: int = 1, shapes=None, warmup: float = 1.0) -> LoadResult:
+async def bench_bus(
+    address: str, model: str, concurrency: int, duration: float, batch: int = 1, shapes=None, warmup: float = 1.0
+) -> LoadResult:
     from cluster import AsyncClient
 
     async with AsyncClient(address) as client:
@@ -80,7 +84,9 @@ async def bench_bus(address: str, model: str, concurrency: int, duration: float,
         return await _drive(lambda: client.infer(model, inputs), concurrency, duration, warmup)
 
 
-async def bench_http(url: str, model: str, concurrency: int, duration: float, batch: int = 1, shapes=None, warmup: float = 1.0) -> LoadResult:
+async def bench_http(
+    url: str, model: str, concurrency: int, duration: float, batch: int = 1, shapes=None, warmup: float = 1.0
+) -> LoadResult:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

@@ -57,7 +57,7 @@ class TensorSpec:
     shape: list[int]
 
     @classmethod
-    def _from_dict(cls, d: Any, where: str) -> "TensorSpec":
+    def _from_dict(cls, d: Any, where: str) -> TensorSpec:
         if not isinstance(d, dict):
             raise RepositoryError(f"{where} must be an object with name, datatype and shape")
         unknown = sorted(set(d) - set(_SPEC_KEYS), key=str)
@@ -97,7 +97,7 @@ class ModelConfig:
     platform: str | None = None  # "torchscript" | "torch_export"; None = decided by the version's model file
 
     @classmethod
-    def from_dict(cls, d: Any, name: str | None = None) -> "ModelConfig":
+    def from_dict(cls, d: Any, name: str | None = None) -> ModelConfig:
         """Validate strictly, so a typo in config.json fails at load time rather than on the first request."""
         label = name if name is not None else (d.get("name") if isinstance(d, dict) else None)
         prefix = f"config of model '{label}'" if label else "model config"
@@ -177,8 +177,7 @@ class ModelConfig:
     def warmup_inputs(self) -> dict[str, np.ndarray]:
         """Smallest inputs the config allows, so warm-up exercises the model without guessing real sizes."""
         return {
-            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DATATYPES[s.datatype])
-            for s in self.inputs
+            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DATATYPES[s.datatype]) for s in self.inputs
         }
 
     def metadata(self) -> dict:

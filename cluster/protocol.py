@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -104,6 +105,7 @@ class ProtocolError(ValueError):
 # Encoding
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def pack(header: dict) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
 
@@ -144,7 +146,7 @@ def parse_preamble(frame) -> Command:
             raise ProtocolError("not a bus message (bad protocol tag)")
         if raw[: len(TAG)] != TAG:
             raise ProtocolError(f"unsupported protocol version {raw[: len(TAG)]!r}, expected {TAG!r}")
-        raise ProtocolError(f"unknown command {raw[len(TAG):]!r}")
+        raise ProtocolError(f"unknown command {raw[len(TAG) :]!r}")
     return cmd
 
 
@@ -164,7 +166,12 @@ def unpack_header(frame) -> dict:
             max_map_len=100_000,
             max_ext_len=0,
         )
-    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:  # the types msgpack raises on garbage
+    except (
+        ValueError,
+        TypeError,
+        msgpack.UnpackException,
+        msgpack.ExtraData,
+    ) as exc:  # the types msgpack raises on garbage
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
@@ -217,7 +224,8 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
         expected = math.prod(shape) * DATATYPE_ITEMSIZE[datatype]
         if expected != len(frame_bytes(frame)):
             raise ProtocolError(
-                f"tensor '{name}': shape {shape} of {datatype} needs {expected} bytes, frame has {len(frame_bytes(frame))}"
+                f"tensor '{name}': shape {shape} of {datatype} needs {expected} bytes, "
+                f"frame has {len(frame_bytes(frame))}"
             )
     return metas
 
@@ -243,8 +251,17 @@ def _model_entries(value: Any, key: str, *more: str) -> list[dict]:
 
 _NUMBER = (int, float)
 _INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the right type, else left at their default
-    "host": (str,), "pid": (int,), "device": (str,), "in_flight": (int,), "batching": (dict,), "draining": (bool,),
-    "uptime": _NUMBER, "started": _NUMBER, "serving_since": _NUMBER, "interval": _NUMBER, "serves_only": (list,),
+    "host": (str,),
+    "pid": (int,),
+    "device": (str,),
+    "in_flight": (int,),
+    "batching": (dict,),
+    "draining": (bool,),
+    "uptime": _NUMBER,
+    "started": _NUMBER,
+    "serving_since": _NUMBER,
+    "interval": _NUMBER,
+    "serves_only": (list,),
 }
 
 
@@ -275,7 +292,7 @@ class Heartbeat:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, header: Mapping) -> "Heartbeat":
+    def from_wire(cls, header: Mapping) -> Heartbeat:
         """Parse a READY/HEARTBEAT header; ProtocolError naming the field if what routing or rollouts rely on is
         malformed. Other fields are informational: a wrong type is dropped to its default, unknown keys ignored."""
         agent = require(header, "agent", str)

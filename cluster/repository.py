@@ -36,10 +36,11 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from cluster.model_config import ModelConfig, RepositoryError
 
@@ -144,7 +145,7 @@ def write_new_file(path: str | os.PathLike, data: bytes, mode: int | None = None
             os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -1,4 +1,4 @@
-"""python -m edge [OPTIONS]: the same command as `cluster edge` (its options live in cluster/cli.py; --help lists them)."""
+"""python -m edge [OPTIONS]: the same command as `cluster edge` (options live in cluster/cli.py; --help lists them)."""
 
 from __future__ import annotations
 

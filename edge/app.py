@@ -26,7 +26,10 @@ from edge.schemas import InferenceRequest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The page: frontend.html at the repository root (a source checkout or editable install), else where setup.py's
 # data_files put it in an installed environment.
-FRONTEND_CANDIDATES = (REPO_ROOT / "frontend.html", Path(sys.prefix) / "share" / "torch-serving-cluster" / "frontend.html")
+FRONTEND_CANDIDATES = (
+    REPO_ROOT / "frontend.html",
+    Path(sys.prefix) / "share" / "torch-serving-cluster" / "frontend.html",
+)
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_QUERY_TIMEOUT = 2.0  # seconds health, metadata and the cluster views wait for the broker
 
@@ -129,6 +132,11 @@ def run_edge(
         request_timeout=request_timeout,
     )
     serve_http(
-        app, host, port, ready_file=ready_file, log_level=log_level.lower(), access_log=access_log,
+        app,
+        host,
+        port,
+        ready_file=ready_file,
+        log_level=log_level.lower(),
+        access_log=access_log,
         timeout_graceful_shutdown=5,
     )

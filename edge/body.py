@@ -17,7 +17,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most `limit` bytes once decompressed."""
     encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding not in ENCODINGS:
-        raise HTTPError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or no encoding", "bad_request")
+        raise HTTPError(
+            415,
+            f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or no encoding",
+            "bad_request",
+        )
     announced = request.headers.get("content-length", "").strip()
     if announced.isdigit() and int(announced) > limit:
         raise HTTPError(413, f"request body of {int(announced)} bytes is over the limit of {limit} bytes", "too_large")

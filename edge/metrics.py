@@ -28,23 +28,39 @@ class EdgeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "edge_requests", "Inference requests through the edge, by model and outcome.", ["model", "outcome"], registry=self.registry
+            "edge_requests",
+            "Inference requests through the edge, by model and outcome.",
+            ["model", "outcome"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "edge_request_seconds", "Latency of inference requests through the edge, by model.", ["model"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "edge_request_seconds",
+            "Latency of inference requests through the edge, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.batch_size = Histogram(
-            "edge_batch_size", "Requests in the agent's forward pass that served each request (dynamic batching).", ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+            "edge_batch_size",
+            "Requests in the agent's forward pass that served each request (dynamic batching).",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
         )
         self.queue_wait = Histogram(
-            "edge_queue_wait_seconds", "Time a request waited in the agent for a worker or for its batch to fill.", ["model"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "edge_queue_wait_seconds",
+            "Time a request waited in the agent for a worker or for its batch to fill.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.in_flight = Gauge("edge_requests_in_flight", "Inference requests being served now.", registry=self.registry)
+        self.in_flight = Gauge(
+            "edge_requests_in_flight", "Inference requests being served now.", registry=self.registry
+        )
         self.agents_alive = Gauge("edge_agents_alive", "Live agents the broker reports.", registry=self.registry)
-        self.broker_up = Gauge("edge_broker_up", "1 if the broker answered the last query, else 0.", registry=self.registry)
+        self.broker_up = Gauge(
+            "edge_broker_up", "1 if the broker answered the last query, else 0.", registry=self.registry
+        )
         self.known_models: set[str] = set()
 
     def confirm_model(self, model: str) -> None:

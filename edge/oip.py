@@ -41,7 +41,15 @@ SUPPORTED_DATATYPES = tuple(DATATYPES)  # BOOL, UINT8..UINT64, INT8..INT64, FP16
 _INT_TYPES = frozenset({int})
 _FLOAT_TYPES = frozenset({int, float})
 _BOOL_TYPES = frozenset({bool})
-_JSON_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object", type(None): "null"}
+_JSON_TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
 
 
 class InvalidRequest(ValueError):
@@ -75,8 +83,13 @@ def check_datatype(name: str, datatype: Any) -> np.dtype:
         raise InvalidRequest(f"input '{name}': 'datatype' must be a string such as \"FP32\"")
     if datatype not in DATATYPES:
         if datatype in ("BYTES", "BF16"):
-            raise InvalidRequest(f"input '{name}': datatype {datatype} is not supported by this cluster; use one of {', '.join(SUPPORTED_DATATYPES)}")
-        raise InvalidRequest(f"input '{name}': unknown datatype {datatype[:40]!r}; use one of {', '.join(SUPPORTED_DATATYPES)}")
+            raise InvalidRequest(
+                f"input '{name}': datatype {datatype} is not supported by this cluster; "
+                f"use one of {', '.join(SUPPORTED_DATATYPES)}"
+            )
+        raise InvalidRequest(
+            f"input '{name}': unknown datatype {datatype[:40]!r}; use one of {', '.join(SUPPORTED_DATATYPES)}"
+        )
     return DATATYPES[datatype].newbyteorder("<")
 
 
@@ -90,7 +103,9 @@ def check_shape(name: str, shape: Any) -> list[int]:
         if type(d) is not int:
             raise InvalidRequest(f"input '{name}': shape {_short(shape)} must hold integers only")
         if d < 0:
-            raise InvalidRequest(f"input '{name}': shape {_short(shape)} has a negative dimension; a request gives actual sizes")
+            raise InvalidRequest(
+                f"input '{name}': shape {_short(shape)} has a negative dimension; a request gives actual sizes"
+            )
         if d >= MAX_DIM:
             raise InvalidRequest(f"input '{name}': dimension {d} is too large")
     return shape
@@ -137,7 +152,9 @@ def tensor_from_json(name: str, datatype: Any, shape: Any, data: Any) -> np.ndar
         low, high = min(flat), max(flat)
         if low < info.min or high > info.max:
             bad = low if low < info.min else high
-            raise InvalidRequest(f"input '{name}': value {_short(bad)} is out of range for {datatype} [{info.min}, {info.max}]")
+            raise InvalidRequest(
+                f"input '{name}': value {_short(bad)} is out of range for {datatype} [{info.min}, {info.max}]"
+            )
         array = np.array(flat, dtype=dtype)
     elif allowed is _FLOAT_TYPES:
         try:
@@ -146,10 +163,14 @@ def tensor_from_json(name: str, datatype: Any, shape: Any, data: Any) -> np.ndar
             raise InvalidRequest(f"input '{name}': a value is out of range for {datatype}") from None
         finite = np.isfinite(wide)
         if not finite.all():  # JSON has no inf/nan; a literal like 1e999 parses to inf
-            raise InvalidRequest(f"input '{name}': a value is out of range for {datatype} (JSON numbers must be finite)")
+            raise InvalidRequest(
+                f"input '{name}': a value is out of range for {datatype} (JSON numbers must be finite)"
+            )
         limit = float(np.finfo(dtype).max)
         if wide.size and float(np.abs(wide).max()) > limit:
-            raise InvalidRequest(f"input '{name}': a value is out of range for {datatype} (largest magnitude {limit:g})")
+            raise InvalidRequest(
+                f"input '{name}': a value is out of range for {datatype} (largest magnitude {limit:g})"
+            )
         array = wide.astype(dtype)
     else:
         array = np.array(flat, dtype=dtype)
@@ -162,7 +183,9 @@ def tensor_from_binary(name: str, datatype: Any, shape: Any, raw: bytes | memory
     shape = check_shape(name, shape)
     needed = math.prod(shape) * dtype.itemsize
     if len(raw) != needed:
-        raise InvalidRequest(f"input '{name}': shape {shape} of {datatype} needs {needed} bytes, binary_data_size is {len(raw)}")
+        raise InvalidRequest(
+            f"input '{name}': shape {shape} of {datatype} needs {needed} bytes, binary_data_size is {len(raw)}"
+        )
     if datatype == "BOOL" and len(raw) and int(np.frombuffer(raw, dtype=np.uint8).max()) > 1:
         raise InvalidRequest(f"input '{name}': BOOL bytes must be 0 or 1")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
@@ -250,7 +273,9 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
     timeout = parameters.get("timeout")
     if timeout is not None:
         if type(timeout) is not int or not 0 < timeout <= MAX_TIMEOUT_US:
-            raise InvalidRequest(f"request: parameter 'timeout' must be an integer number of microseconds, 1 to {MAX_TIMEOUT_US}")
+            raise InvalidRequest(
+                f"request: parameter 'timeout' must be an integer number of microseconds, 1 to {MAX_TIMEOUT_US}"
+            )
         timeout = timeout / 1e6
     priority = parameters.get("priority")
     if priority is not None and (type(priority) is not int or priority < 0):
@@ -281,11 +306,16 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
             if type(size) is not int or size < 0:
                 raise InvalidRequest(f"input '{name}': binary_data_size must be a non-negative integer")
             if json_size is None:
-                raise InvalidRequest(f"input '{name}': binary_data_size is given but the request has no {HEADER_LENGTH} header")
+                raise InvalidRequest(
+                    f"input '{name}': binary_data_size is given but the request has no {HEADER_LENGTH} header"
+                )
             if "data" in entry:
                 raise InvalidRequest(f"input '{name}': give either 'data' or parameters.binary_data_size, not both")
             if offset + size > len(binary):
-                raise InvalidRequest(f"input '{name}': binary_data_size {size} runs past the end of the body ({len(binary) - offset} bytes left)")
+                raise InvalidRequest(
+                    f"input '{name}': binary_data_size {size} runs past the end of the body "
+                    f"({len(binary) - offset} bytes left)"
+                )
             inputs[name] = tensor_from_binary(name, entry["datatype"], entry["shape"], binary[offset : offset + size])
             offset += size
         else:
@@ -307,7 +337,12 @@ def _parse_outputs(value: Any) -> tuple[list[str] | None, dict[str, bool]]:
     names: list[str] = []
     binary: dict[str, bool] = {}
     for i, entry in enumerate(value):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"] or len(entry["name"]) > MAX_NAME:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or not entry["name"]
+            or len(entry["name"]) > MAX_NAME
+        ):
             raise InvalidRequest(f"outputs[{i}] must be an object with a non-empty string 'name'")
         name = entry["name"]
         if name in binary or name in names:

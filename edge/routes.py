@@ -52,7 +52,9 @@ class EdgeState:
     client: anything with AsyncClient's coroutines (infer, agents, models, model_metadata); set by the app's lifespan.
     """
 
-    def __init__(self, broker: str, max_body_bytes: int, frontend_path: Path, request_timeout: float | None, query_timeout: float) -> None:
+    def __init__(
+        self, broker: str, max_body_bytes: int, frontend_path: Path, request_timeout: float | None, query_timeout: float
+    ) -> None:
         self.broker = broker
         self.max_body_bytes = max_body_bytes
         self.frontend_path = frontend_path
@@ -97,7 +99,10 @@ async def server_live() -> Response:
 
 
 @router.get(
-    "/v2/health/ready", response_model=ServerReady, tags=["health"], summary="Server ready",
+    "/v2/health/ready",
+    response_model=ServerReady,
+    tags=["health"],
+    summary="Server ready",
     responses={503: {"model": ServerReady, "description": "The broker does not answer, or no agent is live."}},
 )
 async def server_ready(request: Request) -> Response:
@@ -106,7 +111,9 @@ async def server_ready(request: Request) -> Response:
     try:
         agents = await edge.client.agents(timeout=edge.query_timeout)
     except ClusterError as exc:
-        return json_response({"ready": False, "error": cluster_http_error(exc, infer=False, broker=edge.broker).message}, 503)
+        return json_response(
+            {"ready": False, "error": cluster_http_error(exc, infer=False, broker=edge.broker).message}, 503
+        )
     if not any(not a.get("draining") for a in agents):
         return json_response({"ready": False, "error": "no live agent is connected to the cluster"}, 503)
     return json_response({"ready": True})
@@ -134,14 +141,23 @@ def _metadata_body(meta: dict) -> dict:
     }
 
 
-@router.get("/v2/models/{name}", response_model=ModelMetadata, tags=["metadata"], summary="Model metadata", responses=error_responses(404, 503))
+@router.get(
+    "/v2/models/{name}",
+    response_model=ModelMetadata,
+    tags=["metadata"],
+    summary="Model metadata",
+    responses=error_responses(404, 503),
+)
 async def model_metadata(request: Request, name: str) -> Response:
     return json_response(_metadata_body(await _model_metadata(get_edge(request), name, None)))
 
 
 @router.get(
-    "/v2/models/{name}/versions/{version}", response_model=ModelMetadata, tags=["metadata"],
-    summary="Model metadata (one version)", responses=error_responses(404, 503),
+    "/v2/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    tags=["metadata"],
+    summary="Model metadata (one version)",
+    responses=error_responses(404, 503),
 )
 async def model_version_metadata(request: Request, name: str, version: str) -> Response:
     return json_response(_metadata_body(await _model_metadata(get_edge(request), name, version)))
@@ -153,18 +169,30 @@ async def _model_ready(edge: EdgeState, name: str, version: str | None) -> Respo
     return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
 
-_READY_RESPONSES = {503: {"model": ModelReady, "description": "Known to the cluster but no live agent serves it."}, 404: ERRORS[404]}
+_READY_RESPONSES = {
+    503: {"model": ModelReady, "description": "Known to the cluster but no live agent serves it."},
+    404: ERRORS[404],
+}
 
 
-@router.get("/v2/models/{name}/ready", response_model=ModelReady, tags=["health"], summary="Model ready", responses=_READY_RESPONSES)
+@router.get(
+    "/v2/models/{name}/ready",
+    response_model=ModelReady,
+    tags=["health"],
+    summary="Model ready",
+    responses=_READY_RESPONSES,
+)
 async def model_ready(request: Request, name: str) -> Response:
     """200 when a live agent serves the model's newest version; 503 when none does; 404 for an unknown model."""
     return await _model_ready(get_edge(request), name, None)
 
 
 @router.get(
-    "/v2/models/{name}/versions/{version}/ready", response_model=ModelReady, tags=["health"],
-    summary="Model ready (one version)", responses=_READY_RESPONSES,
+    "/v2/models/{name}/versions/{version}/ready",
+    response_model=ModelReady,
+    tags=["health"],
+    summary="Model ready (one version)",
+    responses=_READY_RESPONSES,
 )
 async def model_version_ready(request: Request, name: str, version: str) -> Response:
     return await _model_ready(get_edge(request), name, version)
@@ -201,7 +229,8 @@ _INFER_DOC = {
                 "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
                 "application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"},
-                    "description": "An InferenceRequest JSON followed by the raw bytes of inputs with binary_data_size.",
+                    "description": "An InferenceRequest JSON followed by the raw bytes of inputs with "
+                    "binary_data_size.",
                 },
             },
         },
@@ -224,7 +253,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         metrics.confirm_model(name)
         metrics.observe_batching(name, result.batch_size, result.queue_seconds)
         served_by = {"agent": result.agent} if isinstance(result.agent, str) else None
-        content, headers = oip.encode_infer_response(result.model or name, result.version, result.outputs, parsed, served_by)
+        content, headers = oip.encode_infer_response(
+            result.model or name, result.version, result.outputs, parsed, served_by
+        )
         outcome = "success"
         return Response(content, headers=headers)
     except oip.InvalidRequest as exc:
@@ -260,7 +291,9 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@router.get("/agents", response_model=list[AgentInfo], tags=["cluster"], summary="Live agents", responses=error_responses(503))
+@router.get(
+    "/agents", response_model=list[AgentInfo], tags=["cluster"], summary="Live agents", responses=error_responses(503)
+)
 async def agents(request: Request) -> Response:
     """The live agents as the broker sees them: host, models, requests in flight, capacity, heartbeat age."""
     edge = get_edge(request)
@@ -268,7 +301,13 @@ async def agents(request: Request) -> Response:
     return json_response(sorted(found, key=lambda a: str(a.get("id"))))
 
 
-@router.get("/models", response_model=dict[str, ModelListing], tags=["cluster"], summary="Deployed models", responses=error_responses(503))
+@router.get(
+    "/models",
+    response_model=dict[str, ModelListing],
+    tags=["cluster"],
+    summary="Deployed models",
+    responses=error_responses(503),
+)
 async def models(request: Request) -> Response:
     """Every model a live agent serves: name -> {versions, agents}. (The OIP has no list endpoint.)"""
     edge = get_edge(request)
@@ -279,8 +318,12 @@ async def models(request: Request) -> Response:
 
 
 @router.get(
-    "/metrics", tags=["cluster"], summary="Prometheus metrics",
-    responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    "/metrics",
+    tags=["cluster"],
+    summary="Prometheus metrics",
+    responses={
+        200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    },
 )
 async def metrics(request: Request) -> Response:
     edge = get_edge(request)
@@ -293,8 +336,13 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get(
-    "/", tags=["page"], summary="The web page",
-    responses={200: {"description": "frontend.html", "content": {"text/html": {"schema": {"type": "string"}}}}, 404: ERRORS[404]},
+    "/",
+    tags=["page"],
+    summary="The web page",
+    responses={
+        200: {"description": "frontend.html", "content": {"text/html": {"schema": {"type": "string"}}}},
+        404: ERRORS[404],
+    },
 )
 async def page(request: Request) -> Response:
     path = get_edge(request).frontend_path

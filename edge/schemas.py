@@ -80,7 +80,8 @@ class RequestOutput(BaseModel):
 
 class InferenceRequest(BaseModel):
     """An Open Inference Protocol inference request. With the binary tensor extension the HTTP body is this JSON
-    followed by raw little-endian tensor bytes, and the `Inference-Header-Content-Length` header gives the JSON length."""
+    followed by raw little-endian tensor bytes, and the `Inference-Header-Content-Length` header gives the JSON
+    length."""
 
     id: str | None = Field(None, description="Echoed in the response.")
     parameters: Parameters | None = Field(
@@ -117,7 +118,9 @@ def _agent_info_model() -> type[BaseModel]:
     hints = typing.get_type_hints(Heartbeat)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(Heartbeat):
-        default = Field(default_factory=f.default_factory) if f.default_factory is not dataclasses.MISSING else f.default
+        default = (
+            Field(default_factory=f.default_factory) if f.default_factory is not dataclasses.MISSING else f.default
+        )
         fields[f.name] = (hints[f.name], ... if default is dataclasses.MISSING else default)
     return create_model(
         "AgentInfo",
@@ -125,7 +128,10 @@ def _agent_info_model() -> type[BaseModel]:
         id=(str, Field(description="The agent's id (the same as `agent`).")),
         heartbeat_age=(float, Field(description="Seconds since the broker last heard from the agent.")),
         joined=(float, Field(description="Wall time the agent registered with the broker.")),
-        broker_in_flight=(int | None, Field(None, description="Requests the broker has handed to the agent (exact, now).")),
+        broker_in_flight=(
+            int | None,
+            Field(None, description="Requests the broker has handed to the agent (exact, now)."),
+        ),
         **fields,
     )
 

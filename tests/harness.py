@@ -10,8 +10,8 @@ edge as processes, every port picked by the OS), plus `wait_for`, a test's poll-
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cluster.config import Addresses
 from cluster.local import LocalCluster, Proc

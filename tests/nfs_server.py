@@ -25,8 +25,8 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 BIND = "127.0.0.1"
 NFS_PORT = 2049
@@ -49,9 +49,15 @@ def nfs_available() -> tuple[bool, str]:
     """(True, "") when ganesha, its VFS plugin, rpcbind and the libnfs tools are installed, else (False, why)."""
     missing = [tool for tool in ("ganesha.nfsd", "rpcbind", "nfs-cat", "nfs-ls", "nfs-cp") if not shutil.which(tool)]
     if missing:
-        return False, f"not installed: {', '.join(missing)} (apt-get install nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils)"
+        return (
+            False,
+            f"not installed: {', '.join(missing)} (apt-get install nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils)",
+        )
     if plugin_dir() is None:
-        return False, "ganesha's VFS plugin libfsalvfs.so not found under /usr/lib/*/ganesha (apt-get install nfs-ganesha-vfs)"
+        return (
+            False,
+            "ganesha's VFS plugin libfsalvfs.so not found under /usr/lib/*/ganesha (apt-get install nfs-ganesha-vfs)",
+        )
     return True, ""
 
 
@@ -153,17 +159,40 @@ def ganesha_server(export_dir: str | os.PathLike, workdir: str | os.PathLike, bi
             ours += [p for p in RPCBIND_LEFTOVERS if not os.path.lexists(p)]
             rpc_log = workdir / "rpcbind.log"
             with open(rpc_log, "wb") as out:
-                procs.append(subprocess.Popen(["rpcbind", "-f"], stdout=out, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True))
+                procs.append(
+                    subprocess.Popen(
+                        ["rpcbind", "-f"],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
             _wait_for(rpcbind_running, START_TIMEOUT, "rpcbind", procs[-1], rpc_log)
         ours += [p for p in GANESHA_LEFTOVERS if not os.path.lexists(p)]
         log = workdir / "ganesha.log"
         log.unlink(missing_ok=True)  # ganesha appends; the error check below must see this run's lines only
         with open(workdir / "ganesha.out", "wb") as out:
-            procs.append(subprocess.Popen(
-                ["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-p", str(workdir / "ganesha.pid"),
-                 "-N", "NIV_EVENT"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "ganesha.nfsd",
+                        "-F",
+                        "-f",
+                        str(conf),
+                        "-L",
+                        str(log),
+                        "-p",
+                        str(workdir / "ganesha.pid"),
+                        "-N",
+                        "NIV_EVENT",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
 
         token = uuid.uuid4().hex
         probe = export_dir / f".probe-{token}"

@@ -12,7 +12,7 @@ from cluster.agent.loaded_model import load_model
 from cluster.agent.runner import Job, WorkerPool
 from cluster.codec import encode_tensors
 from cluster.demo_models import digits_split
-from cluster.protocol import Command, PREAMBLE, unpack_header
+from cluster.protocol import PREAMBLE, Command, unpack_header
 from cluster.repository import ModelRepository, publish_version
 from tests.harness import wait_for
 
@@ -49,6 +49,7 @@ def test_batched_digits_match_the_model_run_directly(cluster, share):
     futures = [client.submit("digits", {"image": x_test[i : i + 1]}) for i in range(360)]
     batched = np.concatenate([f.result(timeout=60).as_numpy("probs") for f in futures])
     np.testing.assert_allclose(batched, direct, rtol=1e-5, atol=1e-6)
+
     def counted_all():
         stats = client.agents()[0]["batching"].get("digits", {})
         return stats if stats.get("requests", 0) >= 360 else None
@@ -66,7 +67,11 @@ def test_one_bad_request_fails_only_itself(tmp_path):
     results = ctx.socket(zmq.PULL)
     results.bind("inproc://test-results")
     pool = WorkerPool(ctx, "inproc://test-results", "test-agent")
-    inputs = [np.full((2, 3), 1, np.float32), np.full((1, 3), -1, np.float32), np.arange(9, dtype=np.float32).reshape(3, 3)]
+    inputs = [
+        np.full((2, 3), 1, np.float32),
+        np.full((1, 3), -1, np.float32),
+        np.arange(9, dtype=np.float32).reshape(3, 3),
+    ]
     for i, x in enumerate(inputs):  # queued before the worker starts: they are taken as one batch
         metas, frames = encode_tensors({"x": x})
         pool.submit(Job(bytes([i]) * 8, i, model, metas, [bytes(f) for f in frames], None))

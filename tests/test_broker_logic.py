@@ -33,7 +33,9 @@ def beat(agent: str, models=(("m", 1),), capacity: int = 2, pid: int = 100, **fi
 
 
 def ready(d: Dispatcher, agent: str, now: float = T, **kw) -> list[Send]:
-    return d.agent_message(Command.READY, [agent.encode(), PREAMBLE[Command.READY], pack(beat(agent, **kw).to_wire())], now)
+    return d.agent_message(
+        Command.READY, [agent.encode(), PREAMBLE[Command.READY], pack(beat(agent, **kw).to_wire())], now
+    )
 
 
 def heartbeat(d: Dispatcher, agent: str, now: float, **kw) -> list[Send]:
@@ -45,13 +47,21 @@ def goodbye(agent: str) -> list:
     return [agent.encode(), PREAMBLE[Command.DISCONNECT], pack({})]
 
 
-def request(d: Dispatcher, rid: int, model: str = "m", version: int | None = None, timeout: float = 30.0,
-            now: float = T, client: bytes = b"client") -> list[Send]:
+def request(
+    d: Dispatcher,
+    rid: int,
+    model: str = "m",
+    version: int | None = None,
+    timeout: float = 30.0,
+    now: float = T,
+    client: bytes = b"client",
+) -> list[Send]:
     return d.client_request(client, rid, model, version, timeout, HEADER, [TENSOR], now)
 
 
-def answer(d: Dispatcher, agent: str, route: bytes, now: float = T, code: ErrorCode | None = None,
-           rid: object = "from-agent") -> list[Send]:
+def answer(
+    d: Dispatcher, agent: str, route: bytes, now: float = T, code: ErrorCode | None = None, rid: object = "from-agent"
+) -> list[Send]:
     """The agent's REPLY (or ERROR with `code`) to the request sent with `route`."""
     if code is None:
         cmd, header = Command.REPLY, pack({"id": rid})
@@ -94,20 +104,27 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
     # Everyone full: the fifth waits, nothing is sent, no agent goes over its capacity.
     assert request(d, 4) == []
     assert in_flight(d) == {"a1": 2, "a2": 2} and d.pending_count == 1
-    assert d.counts() == {"requests": 5, "redispatched": 0, "timeouts": 0, "agents_lost": 0, "agents": 2,
-                          "in_flight": 5, "queued": 1}  # in_flight counts every request not answered yet
+    assert d.counts() == {
+        "requests": 5,
+        "redispatched": 0,
+        "timeouts": 0,
+        "agents_lost": 0,
+        "agents": 2,
+        "in_flight": 5,
+        "queued": 1,
+    }  # in_flight counts every request not answered yet
 
 
 def test_queue_drains_in_order_as_replies_free_slots():
     d = dispatcher()
     ready(d, "a1", capacity=1)
-    (_, route0), = sent_to_agents(request(d, 0))
+    ((_, route0),) = sent_to_agents(request(d, 0))
     assert request(d, 1) == [] and request(d, 2) == []
     out = answer(d, "a1", route0)
     reply = [s for s in out if not s.to_agent]
     assert len(reply) == 1 and reply[0].frames[0] == b"client" and reply[0].frames[1] == PREAMBLE[Command.REPLY]
     assert reply[0].frames[2:] == [pack({"id": "from-agent"}), b"output"], "the agent's answer minus the route"
-    (agent, route1), = sent_to_agents(out)
+    ((agent, route1),) = sent_to_agents(out)
     assert agent == "a1" and d.requests[route1].request_id == 1, "the oldest queued request goes first"
     assert in_flight(d) == {"a1": 1} and d.pending_count == 1
 
@@ -117,9 +134,7 @@ def test_full_queue_answers_overloaded():
     ready(d, "a1", capacity=1)
     request(d, 0)
     assert request(d, 1) == []
-    assert client_errors(request(d, 2)) == [
-        (2, "OVERLOADED", "model 'm': 1 requests already waiting; try again later")
-    ]
+    assert client_errors(request(d, 2)) == [(2, "OVERLOADED", "model 'm': 1 requests already waiting; try again later")]
     assert d.pending_count == 1 and len(d.requests) == 2
 
 
@@ -127,7 +142,7 @@ def test_deadline_fails_requests_in_flight_and_queued_with_timeout():
     d = dispatcher()
     ready(d, "a1", capacity=1)
     heartbeat(d, "a1", T + 2.5, capacity=1)
-    (_, route0), = sent_to_agents(request(d, 0, timeout=3))
+    ((_, route0),) = sent_to_agents(request(d, 0, timeout=3))
     request(d, 1, timeout=3)
     assert d.tick(T + 2.9) == []
     errors = client_errors(d.tick(T + 3.1))
@@ -148,7 +163,7 @@ def test_silent_agent_expires_and_its_requests_go_to_another_agent():
     d = dispatcher()
     ready(d, "a1", now=T)
     ready(d, "a2", now=T)
-    (_, route), = sent_to_agents(request(d, 0))  # round robin: a1
+    ((_, route),) = sent_to_agents(request(d, 0))  # round robin: a1
     heartbeat(d, "a2", T + 2.0)
     assert d.tick(T + 3.0) == [], "silent for exactly the expiry is still alive"
     out = d.tick(T + 3.5)
@@ -162,8 +177,8 @@ def test_gives_up_after_max_attempts():
     d = dispatcher(max_dispatch_attempts=2)
     for agent in ("a1", "a2", "a3"):
         ready(d, agent)
-    (first, route), = sent_to_agents(request(d, 0))
-    (second, again), = sent_to_agents(d.agent_message(Command.DISCONNECT, goodbye(first), T))
+    ((first, route),) = sent_to_agents(request(d, 0))
+    ((second, again),) = sent_to_agents(d.agent_message(Command.DISCONNECT, goodbye(first), T))
     assert second != first and again == route
     out = d.agent_message(Command.DISCONNECT, goodbye(second), T)
     assert client_errors(out) == [
@@ -187,11 +202,11 @@ def test_redispatched_request_waits_at_the_head_of_the_queue():
     d = dispatcher()
     ready(d, "a1", capacity=1)
     ready(d, "a2", capacity=1)
-    (_, r0), = sent_to_agents(request(d, 0))
-    (_, r1), = sent_to_agents(request(d, 1))
+    ((_, r0),) = sent_to_agents(request(d, 0))
+    ((_, r1),) = sent_to_agents(request(d, 1))
     request(d, 2)  # queued
     assert sent_to_agents(d.agent_declared_dead("a1")) == [], "a2 is full: the orphan waits"
-    (_, r2), = sent_to_agents(answer(d, "a2", r1))
+    ((_, r2),) = sent_to_agents(answer(d, "a2", r1))
     assert r2 == r0, "the re-dispatched request goes before the one that was already waiting"
 
 
@@ -213,7 +228,7 @@ def test_an_agent_that_dropped_the_version_is_forgotten_for_it_and_the_request_g
     d = dispatcher()
     ready(d, "a1", models=[("m", 1), ("m", 2)])
     ready(d, "a2", models=[("m", 2)])
-    (agent, route), = sent_to_agents(request(d, 0, version=2))
+    ((agent, route),) = sent_to_agents(request(d, 0, version=2))
     assert agent == "a1"
     out = answer(d, "a1", route, code=ErrorCode.MODEL_NOT_FOUND)
     assert client_errors(out) == [], "the client never hears of the refusal"
@@ -222,14 +237,16 @@ def test_an_agent_that_dropped_the_version_is_forgotten_for_it_and_the_request_g
     assert d.agents.get(b"a1").models == {"m": {1}}, "a1 keeps the version it did not refuse"
     assert {a for rid in range(3) for a, _ in sent_to_agents(request(d, 1 + rid, version=2))} == {"a2"}
     # Any other error from the agent goes to the client as it is.
-    (_, route), = sent_to_agents(request(d, 9, version=1))
+    ((_, route),) = sent_to_agents(request(d, 9, version=1))
     out = answer(d, "a1", route, code=ErrorCode.BAD_REQUEST)
     assert [unpack_header(s.frames[2])["code"] for s in out if not s.to_agent] == ["BAD_REQUEST"]
 
 
 def test_unroutable_requests_say_no_agent_or_model_not_found():
     d = dispatcher()
-    assert client_errors(request(d, 0)) == [(0, "NO_AGENT", "no live agent is connected, so model 'm' cannot be served")]
+    assert client_errors(request(d, 0)) == [
+        (0, "NO_AGENT", "no live agent is connected, so model 'm' cannot be served")
+    ]
     ready(d, "a1", models=[("x", 1)])
     assert client_errors(request(d, 1)) == [(1, "MODEL_NOT_FOUND", "model 'm' is not served by any agent")]
     ready(d, "a2", models=[("m", 1)])
@@ -242,7 +259,7 @@ def test_during_warm_up_unroutable_requests_wait_for_agents_to_register():
     assert d.warming_up(3.9) and not d.warming_up(4.0)
     assert request(d, 0, now=1.0) == [] and request(d, 1, model="nowhere", now=1.0) == []
     assert d.tick(2.0) == [], "still warming up: nothing fails yet"
-    (agent, route), = sent_to_agents(ready(d, "a1", now=2.5))
+    ((agent, route),) = sent_to_agents(ready(d, "a1", now=2.5))
     assert agent == "a1" and d.requests[route].request_id == 0
     heartbeat(d, "a1", 4.0)
     assert client_errors(d.tick(4.5)) == [(1, "MODEL_NOT_FOUND", "model 'nowhere' is not served by any agent")]
@@ -256,7 +273,7 @@ def test_ready_again_from_the_same_process_keeps_its_requests_but_a_restart_does
     d = dispatcher()
     ready(d, "a1", capacity=1)
     ready(d, "a2", capacity=1)
-    (_, route), = sent_to_agents(request(d, 0))
+    ((_, route),) = sent_to_agents(request(d, 0))
     assert ready(d, "a1", capacity=2) == []
     entry = d.agents.get(b"a1")
     assert entry.capacity == 2 and route in entry.in_flight and d.stats["agents_lost"] == 0
@@ -271,7 +288,7 @@ def test_heartbeats_update_what_an_agent_serves_and_feed_it_the_queue():
     ready(d, "a1", models=[("m", 1)], capacity=1)
     request(d, 0)
     assert request(d, 1) == [] and request(d, 2, model="n", now=T) != []  # n: not served, answered at once
-    (_, route), = sent_to_agents(heartbeat(d, "a1", T + 1, models=[("m", 1)], capacity=2))
+    ((_, route),) = sent_to_agents(heartbeat(d, "a1", T + 1, models=[("m", 1)], capacity=2))
     assert d.requests[route].request_id == 1
     heartbeat(d, "a1", T + 2, models=[("n", 1)], capacity=2)
     assert d.agents.describe_models() == {"n": {"versions": [1], "agents": ["a1"]}}
@@ -291,7 +308,7 @@ def test_manager_declaring_an_agent_dead_removes_it():
     d = dispatcher()
     ready(d, "a1")
     ready(d, "a2")
-    (_, route), = sent_to_agents(request(d, 0))
+    ((_, route),) = sent_to_agents(request(d, 0))
     assert d.agent_declared_dead("nobody") == []
     assert sent_to_agents(d.agent_declared_dead("a1")) == [("a2", route)]
     assert set(in_flight(d)) == {"a2"}
@@ -322,7 +339,7 @@ def test_a_failed_send_takes_the_request_back_and_removes_the_agent():
     ready(d, "a1")
     ready(d, "a2")
     out = request(d, 0)
-    (agent, route), = sent_to_agents(out)
+    ((agent, route),) = sent_to_agents(out)
     assert agent == "a1"
     retry = d.send_failed([out[0].frames], zmq.ZMQError(errno.EHOSTUNREACH))
     assert sent_to_agents(retry) == [("a2", route)]
@@ -346,7 +363,7 @@ def test_a_failed_heartbeat_removes_the_agent():
     beats = d.heartbeats()
     assert [(s.peer, s.command) for s in beats] == [(b"a1", Command.HEARTBEAT)]
     out = d.send_failed([beats[0].frames], zmq.ZMQError(errno.EHOSTUNREACH))
-    (_, code, message), = client_errors(out)
+    ((_, code, message),) = client_errors(out)
     assert code == "NO_AGENT" and "(agent a1: heartbeat send failed (" in message
     # A DISCONNECT to an unknown agent that cannot be sent needs nothing done.
     assert d.send_failed([[b"ghost", PREAMBLE[Command.DISCONNECT], b""]], zmq.ZMQError(errno.EHOSTUNREACH)) == []
@@ -407,8 +424,9 @@ def test_broker_deliver_hands_a_failed_send_back_to_the_dispatcher():
     """Over real in-process sockets: a1 never connected, so sends to it fail (ROUTER_MANDATORY); its requests,
     sent and still to be sent, end up at a2, and nothing is lost or sent twice."""
     ctx = zmq.Context()
-    addresses = Addresses(broker_clients="inproc://clients", broker_agents="inproc://agents",
-                          manager_events="inproc://events")
+    addresses = Addresses(
+        broker_clients="inproc://clients", broker_agents="inproc://agents", manager_events="inproc://events"
+    )
     broker = Broker(addresses, TIMINGS, "round-robin", ctx)
     a2 = ctx.socket(zmq.DEALER)
     a2.setsockopt(zmq.ROUTING_ID, b"a2")

@@ -21,8 +21,8 @@ from cluster import (
     ModelNotFoundError,
     NoAgentAvailableError,
 )
-from cluster.demo_models import digits_split
 from cluster.agent.loaded_model import load_model
+from cluster.demo_models import digits_split
 from cluster.repository import ModelRepository
 from tests.harness import wait_for
 from tests.models import publish_slow, slow_rounds_per_second
@@ -186,7 +186,8 @@ def test_any_start_order_and_restarts(cluster):
     late = cluster.start_agent("late-agent")
     wait_for(lambda: " up: " in late.log(), 60, "the late agent to load its models")
     record = wait_for(
-        lambda: next((a for a in cluster.manager_query("agents") if a["id"] == "late-agent"), None), 5,
+        lambda: next((a for a in cluster.manager_query("agents") if a["id"] == "late-agent"), None),
+        5,
         "late agent in the manager",
     )
     # One interval: the agent beats as soon as it serves (and again when the manager's subscription reaches it), and
@@ -205,7 +206,8 @@ def test_any_start_order_and_restarts(cluster):
     assert client.infer("echo", {"x": x}).agent
     cluster.start_manager()
     wait_for(
-        lambda: len(cluster.manager_query("agents")) == 3, 10,
+        lambda: len(cluster.manager_query("agents")) == 3,
+        10,
         "the restarted manager (start-up included) to know all 3 agents",
     )
 

@@ -55,10 +55,16 @@ def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
         local.wait_for_agents(2, model="digits")
         children = [p.pid for p in psutil.Process(up.pid).children(recursive=True)]
         assert len(children) == 5, f"expected manager, broker, 2 agents and the edge, got {children}"
-        page = wait_for(lambda: httpx.get(f"http://127.0.0.1:{edge_port}/", timeout=2), 30, "the edge to serve the page")
+        page = wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{edge_port}/", timeout=2), 30, "the edge to serve the page"
+        )
         assert page.status_code == 200 and "<canvas" in page.text
         out = subprocess.run(
-            [sys.executable, "-m", "cluster", "status", "--timeout", "5"], env=local.env(), capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "cluster", "status", "--timeout", "5"],
+            env=local.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 0, out.stderr
         assert "digits" in out.stdout and "echo" in out.stdout and "Agents (2)" in out.stdout, out.stdout
@@ -82,7 +88,11 @@ def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
 def test_status_says_clearly_when_the_broker_is_down(tmp_path):
     local = LocalCluster(tmp_path / "share", tmp_path)  # nothing is started: its addresses lead nowhere
     out = subprocess.run(
-        [sys.executable, "-m", "cluster", "status", "--timeout", "0.5"], env=local.env(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cluster", "status", "--timeout", "0.5"],
+        env=local.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 1
     assert "cannot reach the broker" in out.stderr

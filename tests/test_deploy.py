@@ -40,7 +40,7 @@ class Load:
         _, _, self.images, _ = digits_split()
         self.thread = threading.Thread(target=self._run)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self.thread.start()
         return self
 
@@ -78,7 +78,12 @@ class Load:
 
 def run_cli(cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster", *args], env=cluster.env(), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+        [sys.executable, "-m", "cluster", *args],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
     )
 
 
@@ -138,7 +143,9 @@ def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(
         f"{percentile(during, 99):.1f} ms ({len(during)} requests)"
     )
     assert not load.errors, f"{len(load.errors)} requests failed: {load.errors[:5]}"
-    assert versions_seen[:100] == [1] * 100 and versions_seen[-100:] == [2] * 100, "replies did not switch from v1 to v2"
+    assert versions_seen[:100] == [1] * 100 and versions_seen[-100:] == [2] * 100, (
+        "replies did not switch from v1 to v2"
+    )
     assert out_bad.returncode == 1, out_bad.stdout + out_bad.stderr
     assert "FAILED" in out_bad.stdout and all(f"agent-{i}" in out_bad.stdout for i in (2, 3, 4)), out_bad.stdout
     assert "cannot load" in out_bad.stdout, out_bad.stdout
@@ -168,10 +175,15 @@ def test_late_agent_and_restarted_manager_follow_the_desired_state(three_agents,
 
     # A new agent loads the desired version (v1, not the share's newest v2) before it takes any request.
     late = cluster.start_agent("late-agent")
-    first_sight = wait_for(lambda: next((a for a in client.agents() if a["id"] == "late-agent"), None), 60, "the late agent")
-    assert [(m["name"], m["version"]) for m in first_sight["models"] if m["name"] == "digits"] == [("digits", 1)], first_sight
+    first_sight = wait_for(
+        lambda: next((a for a in client.agents() if a["id"] == "late-agent"), None), 60, "the late agent"
+    )
+    assert [(m["name"], m["version"]) for m in first_sight["models"] if m["name"] == "digits"] == [("digits", 1)], (
+        first_sight
+    )
     wait_for(
-        lambda: "late-agent" in manager.call("deployments")["digits"]["agents"], 5,
+        lambda: "late-agent" in manager.call("deployments")["digits"]["agents"],
+        5,
         "the manager's deployments to list the late agent among digits' agents",
     )
     out = run_cli(cluster, "models")

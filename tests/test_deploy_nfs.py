@@ -38,7 +38,11 @@ def test_agents_serve_models_from_an_nfs_share(cluster, share, tmp_path):
         train_digits(seed=1).save(str(model))
         out = subprocess.run(
             [sys.executable, "-m", "cluster", "deploy", str(model), "--name", "digits"],
-            env=cluster.env(), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+            env=cluster.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
         )
         assert out.returncode == 0, out.stdout + out.stderr
         image = {"image": np.zeros((1, 8, 8), np.float32)}

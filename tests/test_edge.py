@@ -112,7 +112,9 @@ def test_tritonclient_infer_matches_bus_client(stack, digits_images, binary_in, 
         image = triton.InferInput("image", list(digits_images.shape), "FP32")
         image.set_data_from_numpy(digits_images, binary_data=binary_in)
         outputs = None if binary_out is None else [triton.InferRequestedOutput("probs", binary_data=binary_out)]
-        result = client.infer("digits", [image], outputs=outputs, request_id="req-1", model_version="1" if binary_in else "")
+        result = client.infer(
+            "digits", [image], outputs=outputs, request_id="req-1", model_version="1" if binary_in else ""
+        )
         probs = result.as_numpy("probs")
         assert probs.dtype == np.float32 and probs.shape == (16, 10)
         assert np.allclose(probs, expected, atol=1e-6)
@@ -134,7 +136,9 @@ def test_tritonclient_compression_timeout_and_errors(stack, digits_images):
         image.set_data_from_numpy(digits_images)
         plain = client.infer("digits", [image]).as_numpy("probs")
         for algorithm in ("gzip", "deflate"):
-            result = client.infer("digits", [image], request_compression_algorithm=algorithm, timeout=10_000_000, priority=1)
+            result = client.infer(
+                "digits", [image], request_compression_algorithm=algorithm, timeout=10_000_000, priority=1
+            )
             np.testing.assert_array_equal(result.as_numpy("probs"), plain)
         for model, version, status in (("no-such-model", "", "404"), ("digits", "9", "404"), ("echo", "", "400")):
             with pytest.raises(triton.InferenceServerException) as info:
@@ -164,10 +168,21 @@ def test_infer_json_nested_flat_id_and_outputs(http, stack, digits_images):
 
     # digits by hand gives the bus client's probabilities
     expected = cluster.client().infer("digits", {"image": digits_images}).outputs["probs"]
-    response = http.post("/v2/models/digits/infer", json={
-        "id": "d", "parameters": {"custom": "ignored", "priority": 2},
-        "inputs": [{"name": "image", "shape": list(digits_images.shape), "datatype": "FP32", "data": digits_images.tolist()}],
-    })
+    response = http.post(
+        "/v2/models/digits/infer",
+        json={
+            "id": "d",
+            "parameters": {"custom": "ignored", "priority": 2},
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": list(digits_images.shape),
+                    "datatype": "FP32",
+                    "data": digits_images.tolist(),
+                }
+            ],
+        },
+    )
     assert response.status_code == 200, response.text
     probs = np.array(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(16, 10)
     assert np.allclose(probs, expected, atol=1e-6)
@@ -175,11 +190,17 @@ def test_infer_json_nested_flat_id_and_outputs(http, stack, digits_images):
 
 def test_infer_binary_by_hand(http):
     values = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
-    header = json.dumps({
-        "inputs": [{"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}],
-        "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-    }).encode()
-    response = http.post("/v2/models/echo/infer", content=header + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(header))})
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    response = http.post(
+        "/v2/models/echo/infer", content=header + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(header))}
+    )
     assert response.status_code == 200, response.text
     length = int(response.headers[oip.HEADER_LENGTH])
     head = json.loads(response.content[:length])
@@ -194,7 +215,9 @@ def test_infer_binary_by_hand(http):
 
 def test_cluster_errors_reach_http_with_their_message(http):
     """400s the agent decides (input names, datatypes, outputs) and 404s the broker decides, as {"error"} bodies."""
-    assert_error(http.post("/v2/models/echo/infer", json=echo_body([[1, 2]], datatype="INT32")), 400, "'x'", "datatype", "INT32")
+    assert_error(
+        http.post("/v2/models/echo/infer", json=echo_body([[1, 2]], datatype="INT32")), 400, "'x'", "datatype", "INT32"
+    )
     wrong_name = {"inputs": [{"name": "z", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
     assert_error(http.post("/v2/models/echo/infer", json=wrong_name), 400, "'z'")
     assert_error(http.post("/v2/models/echo/infer", json=echo_body([[1, 2]], outputs=[{"name": "nope"}])), 400, "nope")
@@ -205,13 +228,17 @@ def test_cluster_errors_reach_http_with_their_message(http):
 
 def test_agents_models_and_health(http, stack):
     cluster, _ = stack
-    expiry = cluster.heartbeat_interval * cluster.liveness  # the broker drops an agent it has not heard from for this long
+    expiry = (
+        cluster.heartbeat_interval * cluster.liveness
+    )  # the broker drops an agent it has not heard from for this long
     agents = http.get("/agents").json()
     assert len(agents) == 2
     for agent in agents:
         assert agent["id"].startswith("agent-") and agent["host"] and agent["capacity"] >= 1
         assert {m["name"] for m in agent["models"]} == {"digits", "echo"}
-        assert agent["heartbeat_age"] < 2 * expiry, f"heartbeat_age {agent['heartbeat_age']} s, the cluster's expiry is {expiry} s"
+        assert agent["heartbeat_age"] < 2 * expiry, (
+            f"heartbeat_age {agent['heartbeat_age']} s, the cluster's expiry is {expiry} s"
+        )
         assert "in_flight" in agent
     models = http.get("/models").json()
     assert set(models) == {"digits", "echo"}
@@ -268,7 +295,9 @@ def test_no_live_agent_is_503_and_no_broker_is_503(cluster, tmp_path):
             before = time.monotonic()
             assert_error(http.post("/v2/models/echo/infer", json=echo_body([[1.0]])), 503, "not reachable")
             took = time.monotonic() - before
-            assert took < REQUEST_TIMEOUT / 4, f"the 503 took {took:.2f} s: it should come at once, not near the {REQUEST_TIMEOUT} s deadline"
+            assert took < REQUEST_TIMEOUT / 4, (
+                f"the 503 took {took:.2f} s: it should come at once, not near the {REQUEST_TIMEOUT} s deadline"
+            )
     finally:
         edge.stop()
 

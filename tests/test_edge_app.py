@@ -89,7 +89,9 @@ class FakeBus:
 
     def broker_down(self) -> None:
         for what in ("agents", "models", "model_metadata"):
-            self.raises[what] = InferenceTimeoutError("query: no answer from the broker within the deadline (is it running?)")
+            self.raises[what] = InferenceTimeoutError(
+                "query: no answer from the broker within the deadline (is it running?)"
+            )
         self.raises["infer"] = NoAgentAvailableError(f"the broker at {self.address} is not reachable")
 
     def _maybe_raise(self, what: str) -> None:
@@ -97,7 +99,9 @@ class FakeBus:
             raise self.raises[what]
 
     async def infer(self, model, inputs, *, version=None, timeout=None, outputs=None) -> InferResult:
-        self.calls.append({"model": model, "inputs": dict(inputs), "version": version, "timeout": timeout, "outputs": outputs})
+        self.calls.append(
+            {"model": model, "inputs": dict(inputs), "version": version, "timeout": timeout, "outputs": outputs}
+        )
         self._maybe_raise("infer")
         try:  # what ClientCore.infer_call and the agent do with the inputs
             metas, frames = encode_tensors(inputs)
@@ -112,7 +116,9 @@ class FakeBus:
         if version not in (None, 1):
             raise ModelNotFoundError(f"{what} is not served by any live agent (other versions are)", model)
         if timeout is not None and timeout < 0.001:  # a deadline of a few microseconds passes before any agent answers
-            raise InferenceTimeoutError(f"model '{model}': no answer within the request's deadline (waiting for a free agent)", model)
+            raise InferenceTimeoutError(
+                f"model '{model}': no answer within the request's deadline (waiting for a free agent)", model
+            )
         self._check_inputs(model, metas)
         known = [o["name"] for o in MODELS[model]["outputs"]]
         unknown = [o for o in outputs or [] if o not in known]
@@ -132,14 +138,20 @@ class FakeBus:
         declared = {spec["name"]: spec for spec in MODELS[model]["inputs"]}
         for meta in metas:
             if meta["name"] not in declared:
-                raise BadRequestError(f"unknown input '{meta['name']}': model '{model}' takes {', '.join(map(repr, declared))}", model)
+                raise BadRequestError(
+                    f"unknown input '{meta['name']}': model '{model}' takes {', '.join(map(repr, declared))}", model
+                )
         given_names = {meta["name"]: meta for meta in metas}
         for name, spec in declared.items():
             meta = given_names.get(name)
             if meta is None:
-                raise BadRequestError(f"missing input '{name}' ({spec['datatype']} {spec['shape']}) for model '{model}'", model)
+                raise BadRequestError(
+                    f"missing input '{name}' ({spec['datatype']} {spec['shape']}) for model '{model}'", model
+                )
             if meta["datatype"] != spec["datatype"]:
-                raise BadRequestError(f"input '{name}': expected datatype {spec['datatype']}, got {meta['datatype']}", model)
+                raise BadRequestError(
+                    f"input '{name}': expected datatype {spec['datatype']}, got {meta['datatype']}", model
+                )
             problem = _shape_problem(spec["shape"], meta["shape"])
             if problem:
                 raise BadRequestError(f"input '{name}': {problem}", model)
@@ -150,8 +162,26 @@ class FakeBus:
             return []
         models = [{"name": name, "version": 1} for name in MODELS]
         return [  # not sorted: the edge sorts them
-            {"id": "agent-b", "host": "h", "pid": 2, "device": "cpu", "models": models, "in_flight": 0, "capacity": 4, "heartbeat_age": 0.1},
-            {"id": "agent-a", "host": "h", "pid": 1, "device": "cpu", "models": models, "in_flight": 1, "capacity": 4, "heartbeat_age": 0.2},
+            {
+                "id": "agent-b",
+                "host": "h",
+                "pid": 2,
+                "device": "cpu",
+                "models": models,
+                "in_flight": 0,
+                "capacity": 4,
+                "heartbeat_age": 0.1,
+            },
+            {
+                "id": "agent-a",
+                "host": "h",
+                "pid": 1,
+                "device": "cpu",
+                "models": models,
+                "in_flight": 1,
+                "capacity": 4,
+                "heartbeat_age": 0.2,
+            },
         ]
 
     async def models(self, timeout=None) -> dict:
@@ -211,7 +241,9 @@ def test_infer_json_nested_flat_id_and_outputs(http, bus):
 
 
 def test_infer_deadline_is_the_requests_or_the_edges_default(http, bus):
-    assert infer_json(http, body=echo_body([[1.0]], parameters={"timeout": 1_500_000, "priority": 1})).status_code == 200
+    assert (
+        infer_json(http, body=echo_body([[1.0]], parameters={"timeout": 1_500_000, "priority": 1})).status_code == 200
+    )
     assert bus.calls[-1]["timeout"] == 1.5  # microseconds, as Triton's
     assert infer_json(http, body=echo_body([[1.0]])).status_code == 200
     assert bus.calls[-1]["timeout"] == 7.0  # create_app(request_timeout=7.0)
@@ -222,7 +254,18 @@ def test_infer_every_datatype_through_json_and_binary(http, bus):
     for datatype in ALL_DATATYPES:
         values = np.array([[1, 0], [0, 1]], dtype=DATATYPES[datatype])
         from_json = {"inputs": [{"name": "t", "shape": [2, 2], "datatype": datatype, "data": values.tolist()}]}
-        head = json.dumps({"inputs": [{"name": "t", "shape": [2, 2], "datatype": datatype, "parameters": {"binary_data_size": values.nbytes}}]}).encode()
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "t",
+                        "shape": [2, 2],
+                        "datatype": datatype,
+                        "parameters": {"binary_data_size": values.nbytes},
+                    }
+                ]
+            }
+        ).encode()
         infer_json(http, body=from_json)  # 400 from the fake agent (echo takes x): the tensor reached the bus first
         infer_json(http, content=head + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(head))})
         for call in bus.calls[-2:]:
@@ -232,10 +275,14 @@ def test_infer_every_datatype_through_json_and_binary(http, bus):
 
 def test_infer_binary_inputs_and_outputs(http):
     values = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
-    header = json.dumps({
-        "inputs": [{"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}],
-        "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     response = infer_json(http, content=header + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(header))})
     assert response.status_code == 200, response.text
     length = int(response.headers[oip.HEADER_LENGTH])
@@ -244,10 +291,14 @@ def test_infer_binary_inputs_and_outputs(http):
     np.testing.assert_array_equal(np.frombuffer(response.content[length:], dtype=np.float32).reshape(2, 5), values)
 
     # binary in, JSON out (binary_data false); and JSON in, all outputs binary (binary_data_output)
-    header = json.dumps({
-        "inputs": [{"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}],
-        "outputs": [{"name": "y", "parameters": {"binary_data": False}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
     response = infer_json(http, content=header + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(header))})
     assert oip.HEADER_LENGTH not in response.headers
     assert np.allclose(response.json()["outputs"][0]["data"], values.ravel())
@@ -256,11 +307,22 @@ def test_infer_binary_inputs_and_outputs(http):
     np.testing.assert_array_equal(np.frombuffer(response.content[length:], dtype=np.float32).reshape(2, 5), values)
 
     # the binary extension's header, wrong: a 400 that says what is wrong with it
-    assert_error(infer_json(http, content=header + values.tobytes(), headers={oip.HEADER_LENGTH: "x"}), 400, "non-negative integer")
-    assert_error(infer_json(http, content=header + values.tobytes()[:-1], headers={oip.HEADER_LENGTH: str(len(header))}), 400, "'x'", "runs past the end")
+    assert_error(
+        infer_json(http, content=header + values.tobytes(), headers={oip.HEADER_LENGTH: "x"}),
+        400,
+        "non-negative integer",
+    )
+    assert_error(
+        infer_json(http, content=header + values.tobytes()[:-1], headers={oip.HEADER_LENGTH: str(len(header))}),
+        400,
+        "'x'",
+        "runs past the end",
+    )
 
 
-@pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress), ("identity", bytes)])
+@pytest.mark.parametrize(
+    "encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress), ("identity", bytes)]
+)
 def test_compressed_bodies_are_accepted(http, encoding, compress):
     body = json.dumps(echo_body([[1.0, 2.0]])).encode()
     response = infer_json(http, content=compress(body), headers={"content-encoding": encoding})
@@ -274,7 +336,9 @@ def test_compressed_bodies_are_accepted(http, encoding, compress):
 
 
 def test_bad_input_is_400_naming_the_input(http):
-    assert_error(infer_json(http, content=b'{"inputs": [', headers={"content-type": "application/json"}), 400, "invalid JSON")
+    assert_error(
+        infer_json(http, content=b'{"inputs": [', headers={"content-type": "application/json"}), 400, "invalid JSON"
+    )
     assert_error(infer_json(http, body=echo_body([1, 2, 3], shape=[2, 2])), 400, "'x'", "4 elements")
     assert_error(infer_json(http, body=echo_body([[1, 2]], datatype="INT32")), 400, "'x'", "datatype", "INT32")
     assert_error(infer_json(http, body=echo_body([[1, 2]], datatype="STRING")), 400, "'x'", "unknown datatype")
@@ -285,7 +349,9 @@ def test_bad_input_is_400_naming_the_input(http):
     assert_error(infer_json(http, body=echo_body([[1, 2]], outputs=[{"name": "nope"}])), 400, "nope")
     assert_error(infer_json(http, content=b"garbage", headers={"content-encoding": "gzip"}), 400, "gzip")
     two_streams = gzip.compress(b"{}") * 2
-    assert_error(infer_json(http, content=two_streams, headers={"content-encoding": "gzip"}), 400, "single complete gzip stream")
+    assert_error(
+        infer_json(http, content=two_streams, headers={"content-encoding": "gzip"}), 400, "single complete gzip stream"
+    )
 
 
 def test_unsupported_encoding_is_415(http):
@@ -309,7 +375,9 @@ def test_unknown_model_or_version_is_404(http):
 def test_body_over_the_limit_is_413(http):
     big = json.dumps(echo_body([[0.5] * 100] * 150)).encode()
     assert LIMIT < len(big) < 2 * LIMIT
-    assert_error(infer_json(http, content=big, headers={"content-type": "application/json"}), 413, "limit", f"{len(big)} bytes")
+    assert_error(
+        infer_json(http, content=big, headers={"content-type": "application/json"}), 413, "limit", f"{len(big)} bytes"
+    )
 
     def chunks():  # no Content-Length: the edge counts while it reads
         for start in range(0, len(big), 4096):
@@ -319,7 +387,9 @@ def test_body_over_the_limit_is_413(http):
     for encoding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress)):
         bomb = compress(b" " * (LIMIT + 10))  # small on the wire, over the limit once inflated
         assert len(bomb) < LIMIT // 10
-        assert_error(infer_json(http, content=bomb, headers={"content-encoding": encoding}), 413, "decompressed", "limit")
+        assert_error(
+            infer_json(http, content=bomb, headers={"content-encoding": encoding}), 413, "decompressed", "limit"
+        )
     # just under the limit still works, plain and compressed
     ok = json.dumps(echo_body([[0.5] * 100] * 100)).encode()
     assert LIMIT // 2 < len(ok) <= LIMIT
@@ -332,13 +402,20 @@ ERROR_STATUSES = [  # exception raised by the bus client -> status, metrics outc
     (ModelNotFoundError("model 'echo' version 3 is not served by any agent"), 404, "not_found", False),
     (OverloadedError("model 'echo': 10000 requests already waiting; try again later"), 429, "overloaded", True),
     (NoAgentAvailableError("no live agent serves model 'echo' right now"), 503, "unavailable", False),
-    (InferenceTimeoutError("model 'echo': no answer within the request's deadline (on agent agent-a)"), 504, "timeout", False),
+    (
+        InferenceTimeoutError("model 'echo': no answer within the request's deadline (on agent agent-a)"),
+        504,
+        "timeout",
+        False,
+    ),
     (InferenceFailedError("model 'echo' failed: RuntimeError: boom"), 500, "failed", True),
     (ClusterError("malformed answer from the cluster: bad frame"), 502, "error", False),
 ]
 
 
-@pytest.mark.parametrize("error, status, outcome, confirmed", ERROR_STATUSES, ids=[type(e[0]).__name__ for e in ERROR_STATUSES])
+@pytest.mark.parametrize(
+    "error, status, outcome, confirmed", ERROR_STATUSES, ids=[type(e[0]).__name__ for e in ERROR_STATUSES]
+)
 def test_cluster_errors_on_infer_map_to_statuses(http, bus, error, status, outcome, confirmed):
     bus.raises["infer"] = error
     message = assert_error(infer_json(http, body=echo_body([[1.0]])), status, str(error))
@@ -353,8 +430,12 @@ def test_cluster_errors_on_infer_map_to_statuses(http, bus, error, status, outco
 
 def test_query_errors_map_to_statuses(http, bus):
     """On a query (metadata, health, the views) a timeout means the broker is not answering: 503, not 504."""
-    bus.raises["model_metadata"] = InferenceTimeoutError("query: no answer from the broker within the deadline (is it running?)")
-    assert_error(http.get("/v2/models/echo"), 503, f"the cluster's broker at {bus.address} is not answering", "no answer")
+    bus.raises["model_metadata"] = InferenceTimeoutError(
+        "query: no answer from the broker within the deadline (is it running?)"
+    )
+    assert_error(
+        http.get("/v2/models/echo"), 503, f"the cluster's broker at {bus.address} is not answering", "no answer"
+    )
     bus.raises["model_metadata"] = ClusterError("internal")
     assert_error(http.get("/v2/models/echo/ready"), 502, "the cluster reported an error: internal")
     bus.raises["models"] = NoAgentAvailableError(f"the broker at {bus.address} is not reachable")
@@ -367,7 +448,10 @@ def test_no_live_agent_is_503_and_no_broker_is_503(http, bus):
     assert http.get("/agents").json() == []
     assert_error(infer_json(http, body=echo_body([[1.0]])), 503, "no live agent")
     ready = http.get("/v2/health/ready")
-    assert ready.status_code == 503 and ready.json() == {"ready": False, "error": "no live agent is connected to the cluster"}
+    assert ready.status_code == 503 and ready.json() == {
+        "ready": False,
+        "error": "no live agent is connected to the cluster",
+    }
     model = http.get("/v2/models/echo/ready")
     assert model.status_code == 503 and model.json() == {"name": "echo", "ready": False}
     meta = http.get("/v2/models/echo")
@@ -411,16 +495,25 @@ def test_agents_models_and_health(http):
     agents = http.get("/agents").json()
     assert [a["id"] for a in agents] == ["agent-a", "agent-b"]  # sorted by id
     assert agents[0]["capacity"] == 4 and {m["name"] for m in agents[0]["models"]} == {"digits", "echo"}
-    assert http.get("/models").json() == {"echo": {"versions": [1], "agents": ["agent-a", "agent-b"]}, "digits": {"versions": [1], "agents": ["agent-a", "agent-b"]}}
+    assert http.get("/models").json() == {
+        "echo": {"versions": [1], "agents": ["agent-a", "agent-b"]},
+        "digits": {"versions": [1], "agents": ["agent-a", "agent-b"]},
+    }
     assert http.get("/v2/health/live").json() == {"live": True}
     assert http.get("/v2/health/ready").json() == {"ready": True}
     assert http.get("/v2/models/echo/ready").json() == {"name": "echo", "ready": True}
     assert http.get("/v2/models/echo/versions/1/ready").status_code == 200
     server = http.get("/v2").json()
-    assert server["name"] == "torch-serving-cluster" and server["version"] and server["extensions"] == ["binary_tensor_data"]
+    assert (
+        server["name"] == "torch-serving-cluster"
+        and server["version"]
+        and server["extensions"] == ["binary_tensor_data"]
+    )
     meta = http.get("/v2/models/digits").json()
     assert meta == {
-        "name": "digits", "versions": ["1"], "platform": "torchscript",
+        "name": "digits",
+        "versions": ["1"],
+        "platform": "torchscript",
         "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8]}],
         "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]}],
     }
@@ -454,11 +547,19 @@ def test_metrics_count_requests(http):
 def test_openapi_lists_every_route(http):
     doc = http.get("/openapi.json").json()
     expected = {
-        "/v2/health/live": "get", "/v2/health/ready": "get", "/v2": "get",
-        "/v2/models/{name}": "get", "/v2/models/{name}/versions/{version}": "get",
-        "/v2/models/{name}/ready": "get", "/v2/models/{name}/versions/{version}/ready": "get",
-        "/v2/models/{name}/infer": "post", "/v2/models/{name}/versions/{version}/infer": "post",
-        "/agents": "get", "/models": "get", "/metrics": "get", "/": "get",
+        "/v2/health/live": "get",
+        "/v2/health/ready": "get",
+        "/v2": "get",
+        "/v2/models/{name}": "get",
+        "/v2/models/{name}/versions/{version}": "get",
+        "/v2/models/{name}/ready": "get",
+        "/v2/models/{name}/versions/{version}/ready": "get",
+        "/v2/models/{name}/infer": "post",
+        "/v2/models/{name}/versions/{version}/infer": "post",
+        "/agents": "get",
+        "/models": "get",
+        "/metrics": "get",
+        "/": "get",
     }
     for path, method in expected.items():
         assert method in doc["paths"].get(path, {}), f"{method.upper()} {path} missing from the OpenAPI document"
@@ -498,7 +599,11 @@ def test_create_app_defaults_the_broker_to_the_clients(bus):
 
 datatypes = st.sampled_from(ALL_DATATYPES + ["BYTES", "BF16", "fp32", "", "FP32 "])
 numbers = st.one_of(
-    st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(), st.text(max_size=3)
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
 )
 shapes = st.lists(st.one_of(st.integers(0, 4), st.integers(-3, 2**41), st.just(1.5), st.just("2")), max_size=4)
 
@@ -511,13 +616,20 @@ def infer_inputs(draw):
         shape = [rows, cols]
         values = draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=rows * cols, max_size=rows * cols))
         data = [values[r * cols : (r + 1) * cols] for r in range(rows)] if draw(st.booleans()) else values
-        entry = {"name": draw(st.sampled_from(["x", "x", "image", "y"])), "shape": shape, "datatype": draw(st.sampled_from(["FP32", "FP32", "FP64", "INT32"])), "data": data}
+        entry = {
+            "name": draw(st.sampled_from(["x", "x", "image", "y"])),
+            "shape": shape,
+            "datatype": draw(st.sampled_from(["FP32", "FP32", "FP64", "INT32"])),
+            "data": data,
+        }
     else:
         entry = {
             "name": draw(st.one_of(st.sampled_from(["x", "image"]), st.text(max_size=4), st.integers())),
             "shape": draw(shapes),
             "datatype": draw(datatypes),
-            "data": draw(st.recursive(st.lists(numbers, max_size=6), lambda inner: st.lists(inner, max_size=3), max_leaves=20)),
+            "data": draw(
+                st.recursive(st.lists(numbers, max_size=6), lambda inner: st.lists(inner, max_size=3), max_leaves=20)
+            ),
         }
     if draw(st.integers(0, 5)) == 0:
         entry["parameters"] = draw(st.dictionaries(st.sampled_from(["binary_data_size", "x"]), numbers, max_size=2))
@@ -530,17 +642,25 @@ def infer_inputs(draw):
 def valid_echo_calls(draw):
     """A request echo must answer 200: JSON or binary input, any mix of binary outputs, id, outputs filter."""
     rows, cols = draw(st.integers(0, 4)), draw(st.integers(1, 4))
-    values = np.array(draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=rows * cols, max_size=rows * cols)), dtype=np.float32).reshape(rows, cols)
+    values = np.array(
+        draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=rows * cols, max_size=rows * cols)), dtype=np.float32
+    ).reshape(rows, cols)
     request: dict = {}
     if draw(st.booleans()):
         request["id"] = draw(st.text(max_size=8))
     if draw(st.booleans()):
         request["outputs"] = [{"name": "y", "parameters": {"binary_data": draw(st.booleans())}}]
     if draw(st.booleans()):
-        request["parameters"] = {"binary_data_output": draw(st.booleans()), "priority": draw(st.integers(0, 3)), "timeout": 10_000_000}
+        request["parameters"] = {
+            "binary_data_output": draw(st.booleans()),
+            "priority": draw(st.integers(0, 3)),
+            "timeout": 10_000_000,
+        }
     headers = {}
     if draw(st.booleans()):
-        request["inputs"] = [{"name": "x", "shape": [rows, cols], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}]
+        request["inputs"] = [
+            {"name": "x", "shape": [rows, cols], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}
+        ]
         head = json.dumps(request).encode()
         body = head + values.tobytes()
         headers[oip.HEADER_LENGTH] = str(len(head))
@@ -564,19 +684,45 @@ def random_calls(draw):
     if kind == 0:
         body = draw(st.binary(max_size=200))
     elif kind == 1:
-        body = json.dumps(draw(st.recursive(numbers, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=15))).encode()
+        body = json.dumps(
+            draw(
+                st.recursive(
+                    numbers,
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=15,
+                )
+            )
+        ).encode()
     else:
         request = {"inputs": draw(st.lists(infer_inputs(), min_size=1, max_size=2))}
         if draw(st.booleans()):
             request["id"] = draw(st.one_of(st.text(max_size=8), st.integers()))
         if draw(st.integers(0, 3)) == 0:
-            request["outputs"] = draw(st.lists(st.fixed_dictionaries({"name": st.sampled_from(["y", "probs", "z"])}, optional={"parameters": st.dictionaries(st.sampled_from(["binary_data", "classification"]), numbers, max_size=2)}), max_size=2))
+            request["outputs"] = draw(
+                st.lists(
+                    st.fixed_dictionaries(
+                        {"name": st.sampled_from(["y", "probs", "z"])},
+                        optional={
+                            "parameters": st.dictionaries(
+                                st.sampled_from(["binary_data", "classification"]), numbers, max_size=2
+                            )
+                        },
+                    ),
+                    max_size=2,
+                )
+            )
         if draw(st.integers(0, 3)) == 0:
-            request["parameters"] = draw(st.dictionaries(st.sampled_from(["binary_data_output", "timeout", "priority", "k"]), numbers, max_size=3))
+            request["parameters"] = draw(
+                st.dictionaries(
+                    st.sampled_from(["binary_data_output", "timeout", "priority", "k"]), numbers, max_size=3
+                )
+            )
         body = json.dumps(request).encode()
     if draw(st.integers(0, 3)) == 0:  # the binary extension, right or wrong
         tail = draw(st.binary(max_size=64))
-        headers[oip.HEADER_LENGTH] = draw(st.one_of(st.just(str(len(body))), st.integers(-2, len(body) + 70).map(str), st.text(max_size=5)))
+        headers[oip.HEADER_LENGTH] = draw(
+            st.one_of(st.just(str(len(body))), st.integers(-2, len(body) + 70).map(str), st.text(max_size=5))
+        )
         body += tail
     if draw(st.integers(0, 9)) == 0:
         headers["content-encoding"] = draw(st.sampled_from(["gzip", "deflate", "identity", "br", "x"]))
@@ -605,7 +751,9 @@ def test_fuzz_infer_never_500(http):
         response = http.post(path, content=body, headers=_header_safe(headers))
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         # 504 only for a request that set a deadline of a few microseconds (parameters.timeout)
-        assert response.status_code in (200, 400, 404, 413, 415, 504), f"{response.status_code} {response.text[:300]} for {body[:300]!r} {headers}"
+        assert response.status_code in (200, 400, 404, 413, 415, 504), (
+            f"{response.status_code} {response.text[:300]} for {body[:300]!r} {headers}"
+        )
         if response.status_code != 200:
             assert isinstance(response.json().get("error"), str)
         elif oip.HEADER_LENGTH in response.headers:

@@ -36,8 +36,17 @@ JSON_SAMPLES = {
     "FP64": [[0.1, -2.5], [1.7e308, 7]],
 }
 OUT_OF_RANGE = {
-    "UINT8": 256, "UINT16": -1, "UINT32": 2**32, "UINT64": 2**64, "INT8": -129, "INT16": 2**15,
-    "INT32": -(2**31) - 1, "INT64": 2**63, "FP16": 70000.0, "FP32": 1e39, "FP64": 10**400,
+    "UINT8": 256,
+    "UINT16": -1,
+    "UINT32": 2**32,
+    "UINT64": 2**64,
+    "INT8": -129,
+    "INT16": 2**15,
+    "INT32": -(2**31) - 1,
+    "INT64": 2**63,
+    "FP16": 70000.0,
+    "FP32": 1e39,
+    "FP64": 10**400,
 }
 WRONG_JSON_TYPE = {"BOOL": 1, "UINT8": 1.5, "INT32": True, "INT64": "3", "FP32": True, "FP64": None, "FP16": "x"}
 
@@ -107,16 +116,18 @@ def test_oip_binary_bool_must_be_0_or_1():
 def test_oip_request_with_binary_inputs_and_outputs():
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     b = np.array([1, -2], dtype=np.int64)
-    header = json.dumps({
-        "id": "7",
-        "parameters": {"binary_data_output": True, "timeout": 1_500_000, "priority": 1, "anything": "goes"},
-        "inputs": [
-            {"name": "a", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
-            {"name": "j", "shape": [1], "datatype": "INT8", "data": [5]},
-            {"name": "b", "shape": [2], "datatype": "INT64", "parameters": {"binary_data_size": b.nbytes}},
-        ],
-        "outputs": [{"name": "o1"}, {"name": "o2", "parameters": {"binary_data": False}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "id": "7",
+            "parameters": {"binary_data_output": True, "timeout": 1_500_000, "priority": 1, "anything": "goes"},
+            "inputs": [
+                {"name": "a", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
+                {"name": "j", "shape": [1], "datatype": "INT8", "data": [5]},
+                {"name": "b", "shape": [2], "datatype": "INT64", "parameters": {"binary_data_size": b.nbytes}},
+            ],
+            "outputs": [{"name": "o1"}, {"name": "o2", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
     request = parse_infer_request(header + a.tobytes() + b.tobytes(), str(len(header)))
     np.testing.assert_array_equal(request.inputs["a"], a)
     np.testing.assert_array_equal(request.inputs["b"], b)
@@ -135,7 +146,9 @@ def test_oip_request_with_binary_inputs_and_outputs():
     assert np.frombuffer(body[length:], dtype=np.float16).tolist() == [1.5, 2.5]
 
     # without binary outputs the response is plain JSON
-    body, headers = oip.encode_infer_response("m", 3, outputs, parse_infer_request(b'{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[1]}]}'))
+    body, headers = oip.encode_infer_response(
+        "m", 3, outputs, parse_infer_request(b'{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[1]}]}')
+    )
     assert oip.HEADER_LENGTH not in headers and json.loads(body)["outputs"][0]["data"] == [1.5, 2.5]
 
 
@@ -151,17 +164,66 @@ def test_oip_request_with_binary_inputs_and_outputs():
         (b'{"inputs": []}', None, "non-empty"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}', None, "'data' is missing"),
         (b'{"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}', None, "'shape' is missing"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}, {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "twice"),
-        (b'{"id": 5, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "'id' must be a string"),
-        (b'{"parameters": [], "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "'parameters' must be an object"),
-        (b'{"parameters": {"timeout": -1}, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "timeout"),
-        (b'{"parameters": {"binary_data_output": "yes"}, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "true or false"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{"name": "y", "parameters": {"classification": 3}}]}', None, "classification"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{}]}', None, "outputs[0]"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}', None, "no Inference-Header-Content-Length"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abc', "json", "runs past the end"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abcde', "json", "bytes after"),
-        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abcd', "json", "needs 8 bytes"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}, '
+            b'{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "twice",
+        ),
+        (
+            b'{"id": 5, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "'id' must be a string",
+        ),
+        (
+            b'{"parameters": [], "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "'parameters' must be an object",
+        ),
+        (
+            b'{"parameters": {"timeout": -1}, '
+            b'"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "timeout",
+        ),
+        (
+            b'{"parameters": {"binary_data_output": "yes"}, '
+            b'"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "true or false",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], '
+            b'"outputs": [{"name": "y", "parameters": {"classification": 3}}]}',
+            None,
+            "classification",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{}]}',
+            None,
+            "outputs[0]",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
+            None,
+            "no Inference-Header-Content-Length",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abc',
+            "json",
+            "runs past the end",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", '
+            b'"parameters": {"binary_data_size": 4}}]}abcde',
+            "json",
+            "bytes after",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}abcd',
+            "json",
+            "needs 8 bytes",
+        ),
         (b"{}", "-1", "non-negative integer"),
         (b"{}", "3", "the body has only 2 bytes"),
     ],
@@ -174,9 +236,17 @@ def test_oip_rejects_malformed_requests(body, header, words):
 
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False), st.text(max_size=5)
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
 )
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=30)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
 
 
 # 250 examples (was 500): generating the nested JSON is the cost, about 15 ms of CPU each; parsing is 0.2 ms
@@ -186,7 +256,12 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
         st.binary(max_size=300),
         json_values.map(lambda v: json.dumps(v).encode()),
         st.fixed_dictionaries(
-            {"inputs": st.lists(st.dictionaries(st.sampled_from(["name", "shape", "datatype", "data", "parameters"]), json_values), max_size=3)},
+            {
+                "inputs": st.lists(
+                    st.dictionaries(st.sampled_from(["name", "shape", "datatype", "data", "parameters"]), json_values),
+                    max_size=3,
+                )
+            },
             optional={"outputs": json_values, "parameters": json_values, "id": json_values},
         ).map(lambda v: json.dumps(v).encode()),
     ),

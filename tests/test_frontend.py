@@ -17,8 +17,13 @@ from tests.harness import REPO_ROOT, start_edge
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--no-first-run", "--disable-quic", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
 ]
 
 pytestmark = [
@@ -100,7 +105,9 @@ def test_page_predicts_shows_agents_and_errors(browser, cluster, tmp_path):
         page.click("#send")
         expect(page.locator("#response-status")).to_have_text(re.compile("200 OK"))
         assert json.loads(page.locator("#response").inner_text())["outputs"][0]["name"] == "y"
-        page.locator("#request-body").fill('{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1]}]}')
+        page.locator("#request-body").fill(
+            '{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1]}]}'
+        )
         page.click("#send")
         expect(page.locator("#response-status")).to_have_text("HTTP 400")
         expect(page.locator("#response")).to_contain_text("refused the input")

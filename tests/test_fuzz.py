@@ -4,7 +4,6 @@ stays flat, and a normal request right after gets the right answer."""
 
 from __future__ import annotations
 
-
 import msgpack
 import numpy as np
 import psutil
@@ -23,21 +22,50 @@ pytestmark = pytest.mark.cluster
 EXAMPLES = 1500  # per socket
 
 KEYS = st.sampled_from(
-    ["id", "model", "version", "timeout", "inputs", "outputs", "what", "agent", "capacity", "models", "name",
-     "datatype", "shape", "event", "code", "message", "metadata", "draining"]
+    [
+        "id",
+        "model",
+        "version",
+        "timeout",
+        "inputs",
+        "outputs",
+        "what",
+        "agent",
+        "capacity",
+        "models",
+        "name",
+        "datatype",
+        "shape",
+        "event",
+        "code",
+        "message",
+        "metadata",
+        "draining",
+    ]
 )
 SCALARS = (
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=True)
-    | st.text(max_size=20) | st.binary(max_size=20) | st.sampled_from(["FP32", "INT64", "digits", "echo", "agents", "models"])
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+    | st.sampled_from(["FP32", "INT64", "digits", "echo", "agents", "models"])
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4), max_leaves=12)
+VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4), max_leaves=12
+)
 HEADERS = st.dictionaries(KEYS, VALUES, max_size=8).map(lambda h: msgpack.packb(h, use_bin_type=True))
-PREAMBLES = st.sampled_from(list(PREAMBLE.values())) | st.binary(max_size=8) | st.sampled_from([b"MSB1\x09", b"MSB2\x02", b"MSB"])
+PREAMBLES = (
+    st.sampled_from(list(PREAMBLE.values()))
+    | st.binary(max_size=8)
+    | st.sampled_from([b"MSB1\x09", b"MSB2\x02", b"MSB"])
+)
 ROUTES = st.binary(min_size=8, max_size=8) | st.binary(max_size=12)
 RANDOM = st.lists(st.binary(max_size=64), min_size=1, max_size=6)
-STRUCTURED = st.tuples(PREAMBLES, st.lists(ROUTES, max_size=1), HEADERS, st.lists(st.binary(max_size=48), max_size=3)).map(
-    lambda t: [t[0], *t[1], t[2], *t[3]]
-)
+STRUCTURED = st.tuples(
+    PREAMBLES, st.lists(ROUTES, max_size=1), HEADERS, st.lists(st.binary(max_size=48), max_size=3)
+).map(lambda t: [t[0], *t[1], t[2], *t[3]])
 MESSAGES = RANDOM | STRUCTURED
 
 
@@ -89,7 +117,9 @@ def test_random_and_malformed_frames_on_every_socket(cluster, tmp_path):
     manager = cluster.start_manager()
     broker = cluster.start_broker()
     agent = cluster.start_agent("real-agent", "--models", "digits")
-    fuzzed_agent = cluster.start_agent("fuzzed-agent", "--models", "digits", CLUSTER_BROKER_AGENTS=f"tcp://127.0.0.1:{fake_port}")
+    fuzzed_agent = cluster.start_agent(
+        "fuzzed-agent", "--models", "digits", CLUSTER_BROKER_AGENTS=f"tcp://127.0.0.1:{fake_port}"
+    )
     procs = [manager, broker, agent, fuzzed_agent]
     cluster.wait_for_agents(1, model="digits")
     assert fake_broker.poll(60_000), "the fuzzed agent never sent READY"
@@ -134,9 +164,12 @@ def test_random_and_malformed_frames_on_every_socket(cluster, tmp_path):
         probe.close()
         beat = {"agent": f"probe-{n}", "models": [], "capacity": 1}
         wait_for(
-            lambda: beats_sock.send_multipart(protocol.message(Command.HEARTBEAT, beat))
-            or any(a["id"] == f"probe-{n}" for a in cluster.manager_query("agents")),
-            10, "the manager to handle a probe heartbeat",
+            lambda: (
+                beats_sock.send_multipart(protocol.message(Command.HEARTBEAT, beat))
+                or any(a["id"] == f"probe-{n}" for a in cluster.manager_query("agents"))
+            ),
+            10,
+            "the manager to handle a probe heartbeat",
         )
         route = n.to_bytes(8, "big")
         fake_broker.send_multipart([agent_identity, PREAMBLE[Command.REQUEST], route, protocol.pack({"id": n})])
@@ -147,21 +180,38 @@ def test_random_and_malformed_frames_on_every_socket(cluster, tmp_path):
         fuzz(send, examples=200)
     settle()
     before = rss(procs)
-    for name, send in targets.items():
+    for send in targets.values():
         fuzz(send)
     # Hand-written cases: truncated messages, unknown commands, bad versions.
-    for frames in ([], [b""], [PREAMBLE[Command.REQUEST]], [b"MSB1\xff", b"\x80"], [b"MSB9\x02", b"\x80"],
-                   [PREAMBLE[Command.REQUEST], b"\x81\xa2id"], [PREAMBLE[Command.REPLY], b"\x80"]):
+    for frames in (
+        [],
+        [b""],
+        [PREAMBLE[Command.REQUEST]],
+        [b"MSB1\xff", b"\x80"],
+        [b"MSB9\x02", b"\x80"],
+        [PREAMBLE[Command.REQUEST], b"\x81\xa2id"],
+        [PREAMBLE[Command.REPLY], b"\x80"],
+    ):
         for send in targets.values():
             if frames:
                 send(frames)
     # Every socket that can answer did answer bad input with an error.
-    wait_for(lambda: (answered.__setitem__("clients", answered["clients"] + drain(clients_sock)) or answered["clients"] > 100), 5, "error replies from the broker")
-    wait_for(lambda: (answered.__setitem__("queries", answered["queries"] + drain(queries_sock)) or answered["queries"] > 100), 5, "error replies from the manager")
+    wait_for(
+        lambda: answered.__setitem__("clients", answered["clients"] + drain(clients_sock)) or answered["clients"] > 100,
+        5,
+        "error replies from the broker",
+    )
+    wait_for(
+        lambda: answered.__setitem__("queries", answered["queries"] + drain(queries_sock)) or answered["queries"] > 100,
+        5,
+        "error replies from the manager",
+    )
 
     # Oversize: a frame over the (1 MiB here) limit gets its sender disconnected; nothing else is affected.
     big = dealer(ctx, cluster.addresses.broker_clients)
-    big.send_multipart(protocol.message(Command.REQUEST, {"id": 1, "model": "digits", "inputs": []}, [b"\0" * (2 * 1024 * 1024)]))
+    big.send_multipart(
+        protocol.message(Command.REQUEST, {"id": 1, "model": "digits", "inputs": []}, [b"\0" * (2 * 1024 * 1024)])
+    )
 
     # Memory stayed flat, nothing crashed, nothing raised an unexpected exception.
     settle()

@@ -27,8 +27,11 @@ from tests.nfs_server import ganesha_server, nfs_available, rpcbind_running
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "nfs" / "setup_nfs.sh"
 MODEL_BYTES = bytes(range(256)) * 40 + b"tail"  # 10 KB of known bytes; not a real model (nothing loads it here)
-CONFIG = {"name": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-          "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
+CONFIG = {
+    "name": "tiny",
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+}
 
 
 def publish(share: Path, name: str, version: int, data: bytes) -> Path:

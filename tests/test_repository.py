@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 from datetime import datetime
-from typing import Dict, Tuple
 
 import numpy as np
 import pytest
@@ -68,12 +67,12 @@ def _config(**changes) -> dict:
 
 
 class TwoOutputs(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, x + 1
 
 
 class DictOutputs(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"double": x * 2, "y": x}
 
 
@@ -242,9 +241,10 @@ def test_publish_writes_complete_version(tmp_path):
     assert (folder / "config.json").read_bytes() == (repo.models_dir / "echo" / "config.json").read_bytes()
     assert datetime.fromisoformat(manifest["created"]).tzinfo is not None
     assert sha256_file(folder / "model.pt") == digest
-    assert json.loads((repo.models_dir / "echo" / "config.json").read_text()) == ModelConfig.from_dict(
-        ECHO_CONFIG, name="echo"
-    ).to_dict()
+    assert (
+        json.loads((repo.models_dir / "echo" / "config.json").read_text())
+        == ModelConfig.from_dict(ECHO_CONFIG, name="echo").to_dict()
+    )
     size = os.path.getsize(src)
     assert calls[0] == (0, size) and calls[-1] == (size, size)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)

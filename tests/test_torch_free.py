@@ -19,7 +19,10 @@ BLOCK_TORCH = 'import sys\nsys.modules["torch"] = None  # any `import torch` now
 def run_without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code), *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -41,11 +44,14 @@ def test_deploy_publishes_without_torch(tmp_path):
     """`cluster deploy` with no manager running: the version is published, then the manager call fails as it
     should, not with an ImportError. The model file is any bytes: publishing copies and hashes, it never loads."""
     (tmp_path / "model.pt").write_bytes(b"not really TorchScript")
-    config = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
-              "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}]}
+    config = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     share = tmp_path / "share"
-    done = run_without_torch("""
+    done = run_without_torch(
+        """
         from typer.testing import CliRunner
         from cluster.cli import app
 
@@ -62,7 +68,9 @@ def test_deploy_publishes_without_torch(tmp_path):
         print(result.output)
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
-    """, str(tmp_path))
+    """,
+        str(tmp_path),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     exit_code, output = done.stdout.split("\n", 1)
     assert "published m version 1" in output, output

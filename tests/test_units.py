@@ -57,15 +57,25 @@ def test_registry_joins_keeps_alive_and_expires():
 
 
 def test_heartbeat_round_trip_and_checks():
-    beat = Heartbeat("a1", 4, [{"name": "m", "version": 1, "default": True}], staged=[{"name": "m", "version": 2}],
-                     host="h", pid=7, draining=True, serves_only=["m"])
+    beat = Heartbeat(
+        "a1",
+        4,
+        [{"name": "m", "version": 1, "default": True}],
+        staged=[{"name": "m", "version": 2}],
+        host="h",
+        pid=7,
+        draining=True,
+        serves_only=["m"],
+    )
     assert Heartbeat.from_wire(protocol.unpack_header(protocol.pack(beat.to_wire()))) == beat
     assert beat.served_versions() == {"m": {1}} and beat.takes_part_in("m") and not beat.takes_part_in("other")
     # What routing and rollouts rely on must be well-formed; informational fields of the wrong type fall back.
-    for bad, message in (({"capacity": 1, "models": []}, "missing 'agent'"),
-                         ({"agent": "a", "capacity": "4", "models": []}, "'capacity' has the wrong type"),
-                         ({"agent": "a", "capacity": 1, "models": [{"name": "m"}]}, "missing 'version'"),
-                         ({"agent": "a", "capacity": 1, "models": [], "failed": [3]}, "each of 'failed' must be a map")):
+    for bad, message in (
+        ({"capacity": 1, "models": []}, "missing 'agent'"),
+        ({"agent": "a", "capacity": "4", "models": []}, "'capacity' has the wrong type"),
+        ({"agent": "a", "capacity": 1, "models": [{"name": "m"}]}, "missing 'version'"),
+        ({"agent": "a", "capacity": 1, "models": [], "failed": [3]}, "each of 'failed' must be a map"),
+    ):
         with pytest.raises(ProtocolError, match=message):
             Heartbeat.from_wire(bad)
     lax = Heartbeat.from_wire({"agent": "a", "capacity": 1, "models": [], "pid": "x", "draining": 1, "uptime": 2})
@@ -88,7 +98,12 @@ def test_desired_state_round_trip_and_validation(tmp_path):
     state = DesiredState({"m": ModelDeployment(2, staged=3, history=[1])}, generation=4)
     state.save(tmp_path)
     assert DesiredState.load(tmp_path).to_wire() == state.to_wire()
-    for bad in ({}, {"models": {"m": {"version": "2"}}}, {"models": {"m": {"version": 0}}}, {"models": [], "generation": 1}):
+    for bad in (
+        {},
+        {"models": {"m": {"version": "2"}}},
+        {"models": {"m": {"version": 0}}},
+        {"models": [], "generation": 1},
+    ):
         with pytest.raises(ValueError):
             DesiredState.from_wire(bad)
 
@@ -152,7 +167,11 @@ def test_tensor_validation_names_the_problem(metas, frames, message):
 
 def test_preamble_and_header_checks():
     assert protocol.parse_preamble(protocol.PREAMBLE[protocol.Command.REPLY]) == protocol.Command.REPLY
-    for frame, message in ((b"MSB2\x02", "unsupported protocol version"), (b"MSB1\x7f", "unknown command"), (b"HTTP", "not a bus message")):
+    for frame, message in (
+        (b"MSB2\x02", "unsupported protocol version"),
+        (b"MSB1\x7f", "unknown command"),
+        (b"HTTP", "not a bus message"),
+    ):
         with pytest.raises(ProtocolError, match=message):
             protocol.parse_preamble(frame)
     for raw in (b"\xc1", b"\x92\x01\x02", b"\x81\x01\x02"):

@@ -31,10 +31,20 @@ from cluster.agent.loader import ModelLoader, load_version
 from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
-from cluster.logs import BadInputLog
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
+from cluster.logs import BadInputLog
 from cluster.model_config import InputError
-from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, pack, require
+from cluster.protocol import (
+    PREAMBLE,
+    Command,
+    ErrorCode,
+    Heartbeat,
+    ProtocolError,
+    error_header,
+    message,
+    pack,
+    require,
+)
 from cluster.repository import RepositoryError
 from cluster.share import ShareError, open_share
 from cluster.sockets import make_socket
@@ -199,16 +209,31 @@ class Agent:
         self.pool.start()
         self.loader.start()
         self.events = make_socket(
-            self.ctx, zmq.SUB, connect=self.addresses.manager_events, subscribe=PREAMBLE[Command.EVENT],
-            max_bytes=MAX_CONTROL_BYTES, timings=self.timings,
+            self.ctx,
+            zmq.SUB,
+            connect=self.addresses.manager_events,
+            subscribe=PREAMBLE[Command.EVENT],
+            max_bytes=MAX_CONTROL_BYTES,
+            timings=self.timings,
         )
         self.broker = make_socket(
-            self.ctx, zmq.DEALER, connect=self.addresses.broker_agents, identity=self.agent_id.encode(), timings=self.timings
+            self.ctx,
+            zmq.DEALER,
+            connect=self.addresses.broker_agents,
+            identity=self.agent_id.encode(),
+            timings=self.timings,
         )
         self.beats = make_socket(
-            self.ctx, zmq.XPUB, connect=self.addresses.manager_heartbeats, max_bytes=MAX_CONTROL_BYTES, hwm=100, timings=self.timings
+            self.ctx,
+            zmq.XPUB,
+            connect=self.addresses.manager_heartbeats,
+            max_bytes=MAX_CONTROL_BYTES,
+            hwm=100,
+            timings=self.timings,
         )
-        self.beats.setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, so a restarted manager gets a beat at once
+        self.beats.setsockopt(
+            zmq.XPUB_VERBOSE, 1
+        )  # hear every subscription, so a restarted manager gets a beat at once
         self.serving_since = time.time()
         poller = zmq.Poller()
         for sock in (self.broker, self.results, self.beats, self.loads, self.events):
@@ -221,7 +246,12 @@ class Agent:
         self._ready_backoff = self.timings.reconnect_initial
         self._next_ready = now + self.timings.expiry
         drain_deadline = None
-        log.info("agent %s up: broker %s, manager %s", self.agent_id, self.addresses.broker_agents, self.addresses.manager_heartbeats)
+        log.info(
+            "agent %s up: broker %s, manager %s",
+            self.agent_id,
+            self.addresses.broker_agents,
+            self.addresses.manager_heartbeats,
+        )
         try:
             while True:
                 if self._stop.is_set() and drain_deadline is None:
@@ -363,7 +393,9 @@ class Agent:
             model = self.table.lookup(name, version)
             if model is None or self.draining:
                 what = f"model '{name}'" + (f" version {version}" if version is not None else "")
-                self.answer_error(route, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not loaded on agent {self.agent_id}", name)
+                self.answer_error(
+                    route, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not loaded on agent {self.agent_id}", name
+                )
                 return
             tensors = frames[3:]
             metas = protocol.validate_tensor_metas(require(header, "inputs", list), tensors)
@@ -378,7 +410,12 @@ class Agent:
             self.answer_error(route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
             return
         job = Job(route, request_id, model, metas, list(tensors), outputs)
-        if self.inline and self.in_flight == 0 and time.monotonic() < self._inline_until and self.pool.fast_enough_inline(model):
+        if (
+            self.inline
+            and self.in_flight == 0
+            and time.monotonic() < self._inline_until
+            and self.pool.fast_enough_inline(model)
+        ):
             self.broker.send_multipart(self.pool.run_timed(job), copy=False)
             return
         self.in_flight += 1

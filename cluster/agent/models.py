@@ -36,7 +36,12 @@ class ModelTable:
         for name, d in desired.models.items():
             for version in (d.version, d.staged):
                 key = (name, version)
-                if version is not None and not self.has(name, version) and key not in loading and key not in self.failed:
+                if (
+                    version is not None
+                    and not self.has(name, version)
+                    and key not in loading
+                    and key not in self.failed
+                ):
                     wanted.append(key)
         return wanted
 
@@ -75,14 +80,20 @@ class ModelTable:
                 self.default.pop(name, None)
             if not staged:
                 self.staged.pop(name)
-        self.failed = {k: v for k, v in self.failed.items() if k[0] in desired.models and k[1] in (desired.models[k[0]].version, desired.models[k[0]].staged)}
+        self.failed = {
+            k: v
+            for k, v in self.failed.items()
+            if k[0] in desired.models and k[1] in (desired.models[k[0]].version, desired.models[k[0]].staged)
+        }
         return self.describe() != before
 
     def describe(self) -> dict:
         """The heartbeat fields: models (served), staged, failed."""
         return {
             "models": [
-                {"name": n, "version": v, "default": v == self.default.get(n)} for n, vs in self.serving.items() for v in sorted(vs)
+                {"name": n, "version": v, "default": v == self.default.get(n)}
+                for n, vs in self.serving.items()
+                for v in sorted(vs)
             ],
             "staged": [{"name": n, "version": v} for n, vs in self.staged.items() for v in sorted(vs)],
             "failed": [{"name": n, "version": v, "error": e} for (n, v), e in sorted(self.failed.items())],

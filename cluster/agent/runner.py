@@ -77,7 +77,9 @@ class BatchStats:
 class WorkerPool:
     """`count` threads taking work per model; answers go out on the inproc socket at `results_addr`."""
 
-    def __init__(self, ctx: zmq.Context, results_addr: str, agent_id: str, count: int = 1, torch_threads: int | None = None) -> None:
+    def __init__(
+        self, ctx: zmq.Context, results_addr: str, agent_id: str, count: int = 1, torch_threads: int | None = None
+    ) -> None:
         self.ctx = ctx
         self.torch_threads = torch_threads  # intra-op threads per worker; OpenMP sets this per thread, so each sets it
         self.results_addr = results_addr
@@ -89,7 +91,9 @@ class WorkerPool:
         self._stopping = False
         self.stats: dict[str, BatchStats] = collections.defaultdict(BatchStats)
         self._timings: dict[int, tuple[int, float]] = {}  # id(model) -> (runs, slowest recent run in seconds)
-        self.threads = [threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))]
+        self.threads = [
+            threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))
+        ]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -210,7 +214,9 @@ class WorkerPool:
                     answers.append(self._reply(job, {k: v[start : start + n] for k, v in outputs.items()}, len(group)))
                     start += n
             except Exception as exc:
-                log.info("batch of %d for %s failed (%s); running each request alone", len(group), group[0].model.name, exc)
+                log.info(
+                    "batch of %d for %s failed (%s); running each request alone", len(group), group[0].model.name, exc
+                )
                 answers.extend(self.run(job) for job in group)
         return answers
 

@@ -45,7 +45,7 @@ class UnknownModel(LookupError):
 
 
 def model_label(model: str, version: int | None) -> str:
-    """"model 'm'" or "model 'm' version 2", as error messages name a request's model."""
+    """ "model 'm'" or "model 'm' version 2", as error messages name a request's model."""
     return f"model '{model}'" + (f" version {version}" if version is not None else "")
 
 
@@ -149,8 +149,13 @@ class AgentTable:
 
     def describe_agents(self, now: float) -> list[dict]:
         return [
-            agent_view(a.beat, heartbeat_age=now - a.last_seen, joined=a.joined, capacity=a.capacity,
-                       broker_in_flight=a.in_flight_count)
+            agent_view(
+                a.beat,
+                heartbeat_age=now - a.last_seen,
+                joined=a.joined,
+                capacity=a.capacity,
+                broker_in_flight=a.in_flight_count,
+            )
             for a in self.agents.values()
         ]
 
@@ -169,7 +174,9 @@ class AgentTable:
         meta = self.metadata.get((name, version)) if version is not None else None
         if meta is None:
             raise UnknownModel(f"{model_label(name, version)} is not known to the cluster")
-        return dict(meta, versions=served["versions"] if served else [], ready=bool(served and version in served["versions"]))
+        return dict(
+            meta, versions=served["versions"] if served else [], ready=bool(served and version in served["versions"])
+        )
 
     # ---- the index --------------------------------------------------------------------------------------------
 

@@ -169,9 +169,11 @@ class Broker:
             timeout = self.timings.request_timeout
         if not 0 < timeout <= MAX_REQUEST_TIMEOUT:
             raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
-        self.deliver(self.dispatcher.client_request(
-            client, request_id, model, version, timeout, header_frame, tensors, time.monotonic()
-        ))
+        self.deliver(
+            self.dispatcher.client_request(
+                client, request_id, model, version, timeout, header_frame, tensors, time.monotonic()
+            )
+        )
 
     def answer_query(self, client: bytes, request_id, header: dict) -> None:
         what = require(header, "what", str)

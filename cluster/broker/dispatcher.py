@@ -107,7 +107,14 @@ class Dispatcher:
     # ---- events -------------------------------------------------------------------------------------------------
 
     def client_request(
-        self, client: bytes, request_id, model: str, version: int | None, timeout: float, header_frame, tensors: list,
+        self,
+        client: bytes,
+        request_id,
+        model: str,
+        version: int | None,
+        timeout: float,
+        header_frame,
+        tensors: list,
         now: float,
     ) -> list[Send]:
         """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served."""
@@ -284,10 +291,15 @@ class Dispatcher:
         if self.pending_count >= self.timings.broker_queue_limit:
             request.done = True
             self.requests.pop(request.route, None)
-            out.append(client_error(
-                request.client, request.request_id, ErrorCode.OVERLOADED,
-                f"model '{request.model}': {self.pending_count} requests already waiting; try again later", request.model,
-            ))
+            out.append(
+                client_error(
+                    request.client,
+                    request.request_id,
+                    ErrorCode.OVERLOADED,
+                    f"model '{request.model}': {self.pending_count} requests already waiting; try again later",
+                    request.model,
+                )
+            )
         else:
             self._enqueue(request)
 
@@ -320,13 +332,17 @@ class Dispatcher:
         self.stats["redispatched"] += 1
         if request.attempts >= self.timings.max_dispatch_attempts:
             self._finish_with_error(
-                request, ErrorCode.INFERENCE_FAILED,
-                f"model '{request.model}': gave up after {request.attempts} agents failed ({reason})", out,
+                request,
+                ErrorCode.INFERENCE_FAILED,
+                f"model '{request.model}': gave up after {request.attempts} agents failed ({reason})",
+                out,
             )
         elif not self.agents.candidates(request.model, request.version):
             self._finish_with_error(
-                request, ErrorCode.NO_AGENT,
-                f"model '{request.model}': its agent failed ({reason}) and no other live agent serves it", out,
+                request,
+                ErrorCode.NO_AGENT,
+                f"model '{request.model}': its agent failed ({reason}) and no other live agent serves it",
+                out,
             )
         elif not self._dispatch(request, out):
             self._enqueue(request, front=True)
@@ -341,7 +357,10 @@ class Dispatcher:
             self.stats["timeouts"] += 1
             where = f" (on agent {request.agent.agent_id})" if request.agent else " (waiting for a free agent)"
             self._finish_with_error(
-                request, ErrorCode.TIMEOUT, f"model '{request.model}': no answer within the request's deadline{where}", out
+                request,
+                ErrorCode.TIMEOUT,
+                f"model '{request.model}': no answer within the request's deadline{where}",
+                out,
             )
             # The slot stays taken until the agent answers or dies: it is still working on it.
 

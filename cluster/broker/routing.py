@@ -59,7 +59,9 @@ class LeastOutstanding(RoutingPolicy):
     def choose(self, model, candidates):
         best = None
         for agent in candidates:
-            if agent.in_flight_count < agent.capacity and (best is None or agent.in_flight_count < best.in_flight_count):
+            if agent.in_flight_count < agent.capacity and (
+                best is None or agent.in_flight_count < best.in_flight_count
+            ):
                 best = agent
         return best
 
