@@ -16,7 +16,6 @@ import zmq
 from bench.lib import (
     ECHO_FLOATS,
     IN_FLIGHT,
-    Procs,
     Suite,
     closed_loop,
     local_cluster,
@@ -24,21 +23,24 @@ from bench.lib import (
     percentile,
     ratio_row,
     sequential,
+    start_sim,
 )
 from bench.models import make_echo_share
+from cluster.local import LocalCluster
 
 TARGET_SEQ_P50_MAX_RATIO = 1.5  # 1: our sequential p50 <= 1.5x the bare broker's
 TARGET_THROUGHPUT_MIN_RATIO = 0.7  # 2: our throughput, 64 in flight >= 0.7x the bare broker's
 
 
 class BareBus:
-    """The bare pyzmq ROUTER-ROUTER echo broker and 2 workers (bench/sims.py), and a DEALER client to drive them."""
+    """The bare pyzmq ROUTER-ROUTER echo broker and 2 workers (bench/sims.py), started as `cluster`'s processes, and
+    a DEALER client to drive them."""
 
-    def __init__(self, procs: Procs) -> None:
-        addresses = procs.role("bare-broker", "bare-broker").reported()
+    def __init__(self, cluster: LocalCluster) -> None:
+        addresses = start_sim(cluster, "bare-broker", "bare-broker").addresses
         self.front = addresses["front"]
         for i in range(2):
-            procs.role(f"bare-worker-{i}", "bare-worker", addresses["back"])
+            start_sim(cluster, f"bare-worker-{i}", "bare-worker", addresses["back"])
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -105,24 +107,22 @@ def echo_stacks(prefix: str):
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         tmp = Path(tmp)
         make_echo_share(tmp / "share")
-        procs = Procs(tmp / "logs")
         cluster = local_cluster(tmp / "share", tmp / "logs")
         bare = None
         try:
             cluster.start_manager()
             cluster.start_broker()
             cluster.start_agents(2, "--capacity", str(IN_FLIGHT))
-            bare = BareBus(procs)
+            bare = BareBus(cluster)
             cluster.wait_for_agents(2, model="echo")
             bare.wait_ready()
             yield cluster, bare
         except BaseException:
-            log(cluster.logs() + "\n" + procs.logs())
+            log(cluster.logs())
             raise
         finally:
             if bare is not None:
                 bare.close()
-            procs.stop_all()
             cluster.stop_all()
 
 

@@ -1,7 +1,7 @@
 """Benchmark 3: HTTP with wrk (32 connections, OIP JSON body for `echo`, 64 floats): the edge vs (a) a bare FastAPI
 app that answers the same JSON itself and (b) the seed's design, a FastAPI load balancer forwarding with one shared
 httpx.AsyncClient round-robin to 2 FastAPI inference servers running the echo TorchScript model. Every server runs
-under the same uvicorn settings (bench/sims.py's UVICORN_SETTINGS).
+under the same uvicorn settings (bench/sims.py's UVICORN_SETTINGS), each on a port the OS picked.
 
 (Not named http.py: a module of that name in bench/ would shadow the standard library's `http` whenever bench/ is on
 sys.path.)"""
@@ -20,7 +20,6 @@ from bench.lib import (
     IN_FLIGHT,
     WRK_CONNECTIONS,
     WRK_THREADS,
-    Procs,
     Row,
     Suite,
     fmt,
@@ -28,7 +27,7 @@ from bench.lib import (
     log,
     ratio_row,
     run_wrk,
-    wait_http,
+    start_sim,
     wrk_script,
 )
 from bench.models import make_echo_share
@@ -72,29 +71,28 @@ def run(suite: Suite) -> None:
         tmp = Path(tmp)
         model_file = make_echo_share(tmp / "share")
         script = wrk_script(tmp / "post.lua", body)
-        procs = Procs(tmp / "logs")
         cluster = local_cluster(tmp / "share", tmp / "logs")
         try:
+            # each server returns from start_sim once it serves, with its URL in its ready file
             servers = {
-                "bare": procs.role("bare-app", "serve-bare"),
-                "infer-1": procs.role("infer-1", "serve-infer", str(model_file)),
-                "infer-2": procs.role("infer-2", "serve-infer", str(model_file)),
+                "bare": start_sim(cluster, "bare-app", "serve-bare"),
+                "infer-1": start_sim(cluster, "infer-1", "serve-infer", str(model_file)),
+                "infer-2": start_sim(cluster, "infer-2", "serve-infer", str(model_file)),
             }
             if edge_missing is None:
                 cluster.start_manager()
                 cluster.start_broker()
                 cluster.start_agents(2, "--capacity", str(IN_FLIGHT))
-            upstreams = ",".join(f"http://127.0.0.1:{servers[n].reported()['port']}" for n in ("infer-1", "infer-2"))
-            servers["lb"] = procs.role("httpx-lb", "serve-lb", upstreams)
+            upstreams = ",".join(servers[n].addresses["url"] for n in ("infer-1", "infer-2"))
+            servers["lb"] = start_sim(cluster, "httpx-lb", "serve-lb", upstreams)
             if edge_missing is None:
                 cluster.wait_for_agents(2, model="echo")
-                servers["edge"] = procs.role("edge", "serve-edge", cluster.addresses.broker_clients)
-            base = {name: f"http://127.0.0.1:{child.reported()['port']}" for name, child in servers.items()}
+                servers["edge"] = start_sim(cluster, "serve-edge", "serve-edge", cluster.addresses.broker_clients,
+                                            stop_as="edge")
+            base = {name: proc.addresses["url"] for name, proc in servers.items()}
             targets = {"bare": "bare FastAPI app", "lb": "httpx LB + 2 FastAPI servers"}
             if "edge" in servers:
                 targets["edge"] = "edge -> bus -> 2 agents"
-            for name in ("infer-1", "infer-2", *targets):
-                wait_http(f"{base[name]}/v2/health/live", servers[name].popen)
             runs: dict[str, list[dict]] = {name: [] for name in targets}
             for name in targets:
                 check_echo_answer(f"{base[name]}/v2/models/echo/infer", body, values)
@@ -134,14 +132,13 @@ def run(suite: Suite) -> None:
                     Row("3b. HTTP OIP echo, wrk 32 conns: edge vs httpx LB design (req/s)", "edge not available",
                         fmt(lb["rps"]), "n/a", f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx", "n/a"),
                 )
-            uvicorn = ", ".join(f"{k}={v}" for k, v in UVICORN_SETTINGS.items() if k != "host")
+            uvicorn = ", ".join(f"{k}={v}" for k, v in UVICORN_SETTINGS.items())
             suite.note(f"3: all HTTP servers: uvicorn {uvicorn}; wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}; body "
                        f"{len(body)} bytes; bare app parses and encodes with edge/oip.py and answers y = x; httpx "
                        "design: one shared httpx.AsyncClient (64 keep-alive connections), round-robin over 2 uvicorn "
                        "FastAPI servers running the echo TorchScript model on the JSON data")
         except BaseException:
-            log(cluster.logs() + "\n" + procs.logs())
+            log(cluster.logs())
             raise
         finally:
-            procs.stop_all()
             cluster.stop_all()

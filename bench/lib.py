@@ -1,19 +1,18 @@
-"""What every benchmark shares: settings, the result table, starting bench's own helper processes, the two request
-loops through cluster.Client, wrk, and the machine description.
+"""What every benchmark shares: settings, the result table, starting processes, the two request loops through
+cluster.Client, wrk, and the machine description.
 
-Our cluster's processes come from the package (`cluster.local.LocalCluster`); the helper processes that are not
-cluster roles (bare brokers, bare FastAPI apps, simulators: bench/sims.py) are started by `Procs` here.
+Every process a benchmark starts comes from the package's one harness, `cluster.local.LocalCluster`: the cluster's
+roles (`start_manager`, ...) and the helper processes that are not roles (bare brokers, bare FastAPI apps, simulators:
+bench/sims.py, through `start_sim`), each with its log file, stopped by pid by `stop_all`.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -24,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from cluster.local import LocalCluster
+from cluster.local import LocalCluster, Proc
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 
 # ---- set-up shared by several benchmarks --------------------------------------------------------------------------
 
@@ -152,88 +150,21 @@ def local_cluster(share: Path, workdir: Path) -> LocalCluster:
     return LocalCluster(share, workdir, heartbeat_interval=1.0, extra_env={"CLUSTER_LOG_LEVEL": "WARNING"})
 
 
-def tail(path: Path, n: int = 600) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
+def start_sim(cluster: LocalCluster, name: str, role: str, *args: str, stop_as: str = "baseline", **env) -> Proc:
+    """Start `python bench/sims.py ROLE ARGS` as one of `cluster`'s processes (log `name`.log in its workdir). A role
+    that listens (sims.LISTENING) binds port 0: this returns once it serves, with what it got in `proc.addresses`.
+    stop_as: the role it is stopped with by stop_all ("agent" for simulated agents: before the broker they talk to;
+    "edge": first; the default, after the cluster)."""
+    from bench.sims import LISTENING
+
+    argv = [sys.executable, str(BENCH_DIR / "sims.py"), role, *args]
+    return cluster.spawn(name, argv, role=stop_as, ready=role in LISTENING, **env)
 
 
-@dataclass
-class Child:
-    """One helper process: `python -m bench.sims ROLE ...`, its log, and the file it reports its addresses in."""
-
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    report_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def reported(self, timeout: float = 60.0) -> dict:
-        """What the child bound (it binds port 0 and writes what it got, see sims.report); waits for it."""
-        deadline = time.monotonic() + timeout
-        while not self.report_path.exists():
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} (pid {self.pid}) exited with {self.popen.returncode} before "
-                                   f"reporting its address: {tail(self.log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} (pid {self.pid}) did not report its address within {timeout:g} s: "
-                                   f"{tail(self.log_path)}")
-            time.sleep(0.05)
-        return json.loads(self.report_path.read_text())
-
-
-class Procs:
-    """Helper processes started by a benchmark; stop_all() stops each by pid (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.children: list[Child] = []
-
-    def role(self, name: str, role: str, *args: str, env: dict | None = None) -> Child:
-        """Start `python -m bench.sims ROLE ARGS` (from the repository root, so this checkout's code runs)."""
-        log_path = self.workdir / f"{name}.log"
-        report_path = self.workdir / f"{name}.addr"
-        report_path.unlink(missing_ok=True)
-        with open(log_path, "ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "bench.sims", role, *args], stdout=out, stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT, start_new_session=True,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", BENCH_REPORT=str(report_path), **(env or {})),
-            )
-        child = Child(name, popen, log_path, report_path)
-        self.children.append(child)
-        return child
-
-    @staticmethod
-    def stop(popen: subprocess.Popen, timeout: float = 10.0) -> None:
-        if popen.poll() is None:
-            popen.send_signal(signal.SIGTERM)
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(popen.pid, signal.SIGKILL)
-                popen.wait(5)
-
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            try:
-                self.stop(child.popen)
-            except Exception as exc:  # keep stopping the others
-                log(f"could not stop pid {child.pid}: {exc}")
-
-    def check_alive(self) -> None:
-        for c in self.children:
-            if c.popen.poll() is not None:
-                raise RuntimeError(f"{c.name} (pid {c.pid}) exited with {c.popen.returncode}: {tail(c.log_path)}")
-
-    def logs(self) -> str:
-        return "\n".join(f"----- {c.name} (pid {c.pid}, exit {c.popen.returncode}) -----\n{tail(c.log_path, 3000)}"
-                         for c in self.children)
+def check_running(cluster: LocalCluster) -> None:
+    """RuntimeError, with its log, if one of `cluster`'s processes exited without being stopped."""
+    for proc in cluster.exited():
+        raise RuntimeError(f"{proc.name} (pid {proc.pid}) exited with {proc.returncode}: {proc.log()[-600:]}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -305,22 +236,6 @@ def closed_loop(client, model: str, inputs: dict, in_flight: int, seconds: float
 
 
 # ---- HTTP -----------------------------------------------------------------------------------------------------------
-
-
-def wait_http(url: str, popen: subprocess.Popen, timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if popen.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {popen.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 WRK_LUA = """

@@ -13,10 +13,10 @@ import numpy as np
 from bench.lib import (
     ECHO_FLOATS,
     IN_FLIGHT,
-    Procs,
     Row,
     Settings,
     Suite,
+    check_running,
     closed_loop,
     cpu_seconds,
     fmt,
@@ -24,6 +24,7 @@ from bench.lib import (
     log,
     ratio_row,
     sequential,
+    start_sim,
 )
 from bench.sims import SIM_AGENT_CAPACITY
 
@@ -48,17 +49,16 @@ def run_manager(suite: Suite) -> None:
     with tempfile.TemporaryDirectory(prefix="suite-manager-") as tmp:
         tmp = Path(tmp)
         (tmp / "share" / "models").mkdir(parents=True)
-        procs = Procs(tmp / "logs")
         cluster = local_cluster(tmp / "share", tmp / "logs")
         try:
             manager = cluster.start_manager()
-            bare = procs.role("bare-sub", "bare-sub")
-            beats_to = f"{cluster.addresses.manager_heartbeats},{bare.reported()['address']}"
-            sim = procs.role("sim-beats", "sim-beats", beats_to, str(SIM_BEAT_AGENTS), "1.0")
+            bare = start_sim(cluster, "bare-sub", "bare-sub")
+            beats_to = f"{cluster.addresses.manager_heartbeats},{bare.addresses['address']}"
+            sim = start_sim(cluster, "sim-beats", "sim-beats", beats_to, str(SIM_BEAT_AGENTS), "1.0", stop_as="agent")
             log(f"6a manager: waiting for {SIM_BEAT_AGENTS} simulated agents in the registry")
             deadline = time.monotonic() + 60
             while True:
-                procs.check_alive()
+                check_running(cluster)
                 try:
                     n = _registered(cluster.addresses.manager_queries)
                 except Exception:
@@ -77,7 +77,7 @@ def run_manager(suite: Suite) -> None:
             wall = time.monotonic() - t
             pct = {k: (cpu_seconds(p) - before[k]) / wall * 100 for k, p in pids.items()}
             alive = _registered(cluster.addresses.manager_queries)
-            procs.check_alive()
+            check_running(cluster)
             suite.add(Row(f"6a. manager CPU, {SIM_BEAT_AGENTS} agents beating 1/s (% of a core)",
                           fmt(pct["manager"], 1), fmt(pct["bare"], 1),
                           f"{pct['manager'] / pct['bare']:.2f}x" if pct["bare"] > 0 else "n/a",
@@ -87,10 +87,9 @@ def run_manager(suite: Suite) -> None:
                        f"publisher, same time); the simulator used {pct['sim']:.1f}% of a core; {alive} agents alive "
                        "at the end")
         except BaseException:
-            log(cluster.logs() + "\n" + procs.logs())
+            log(cluster.logs())
             raise
         finally:
-            procs.stop_all()
             cluster.stop_all()
 
 
@@ -103,26 +102,24 @@ def broker_with_sim_agents(n_agents: int, s: Settings, tmp: Path) -> float:
 
     workdir = tmp / f"agents-{n_agents}-{time.monotonic_ns()}"
     (tmp / "share").mkdir(exist_ok=True)
-    procs = Procs(workdir)
     cluster = local_cluster(tmp / "share", workdir)
     try:
         cluster.start_broker()
         per_proc = [n_agents // 2 + (1 if i < n_agents % 2 else 0) for i in range(2)]
         for i, count in enumerate(per_proc):
-            procs.role(f"sim-agents-{i}", "sim-agents", cluster.addresses.broker_agents, f"sim{i}-", str(count),
-                       str(SIM_AGENT_CAPACITY))
+            start_sim(cluster, f"sim-agents-{i}", "sim-agents", cluster.addresses.broker_agents, f"sim{i}-", str(count),
+                      str(SIM_AGENT_CAPACITY), stop_as="agent")
         cluster.wait_for_agents(n_agents, model="echo")
         x = np.ones((1, ECHO_FLOATS), np.float32)
         with Client(cluster.addresses.broker_clients, timeout=60) as client:
             sequential(client, "echo", {"x": x}, 200)
             result = closed_loop(client, "echo", {"x": x}, IN_FLIGHT, s.seconds, s.warmup)
-        procs.check_alive()
+        check_running(cluster)
         return result["throughput"]
     except BaseException:
-        log(cluster.logs() + "\n" + procs.logs())
+        log(cluster.logs())
         raise
     finally:
-        procs.stop_all()
         cluster.stop_all()
 
 

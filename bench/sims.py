@@ -2,13 +2,15 @@
 a bare SUB socket, bare FastAPI apps, the seed design's httpx load balancer), the edge under the same uvicorn
 settings as those apps, and simulators (1,000 heartbeating agents, agents that answer at once without torch).
 
-    python -m bench.sims ROLE [ARGS...]     # started by bench.lib.Procs.role, from the repository root
+    python bench/sims.py ROLE [ARGS...] [--ready-file PATH]     # started by bench.lib.start_sim, not by hand
 
-A role that listens binds port 0 and reports what it got (`report`: JSON in the file named by $BENCH_REPORT), so no
-port is picked by bind-and-release. Not for direct use.
+They are started like the cluster's roles, by `cluster.local.LocalCluster.spawn`. A role that listens (LISTENING)
+binds port 0 and, once it serves, writes the addresses it got to its ready file (`cluster.local.write_ready_file`;
+uvicorn servers through `cluster.local.serve_http`), so no port is picked by bind-and-release.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real Request type in the servers' routes
+import argparse
 import json
 import os
 import signal
@@ -16,34 +18,36 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
-import numpy as np
-import zmq
+if __name__ == "__main__" and not __package__:
+    # `python bench/sims.py` puts bench/ first on sys.path: put the repository root there instead, so that
+    # `cluster` and `edge` come from this checkout whatever the working directory
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
+
+from cluster.local import serve_http, write_ready_file  # noqa: E402
 
 SIM_AGENT_CAPACITY = 4
+HTTP_HOST = "127.0.0.1"
 # one uvicorn configuration for every HTTP server in benchmark 3 (uvloop/httptools are not installed here, so these
 # are also what "auto" would pick; naming them keeps the comparison fair if they get installed)
-UVICORN_SETTINGS = dict(host="127.0.0.1", workers=1, loop="asyncio", http="h11", log_level="warning", access_log=False)
-
-
-def report(**values) -> None:
-    """Tell the parent what this process bound: JSON written whole, then renamed into $BENCH_REPORT."""
-    path = os.environ["BENCH_REPORT"]
-    with open(path + ".tmp", "w") as f:
-        json.dump(values, f)
-    os.replace(path + ".tmp", path)
+UVICORN_SETTINGS = dict(workers=1, loop="asyncio", http="h11", log_level="warning", access_log=False)
 
 
 # ---- the bare pyzmq bus (baseline of benchmarks 1, 2 and 5) -------------------------------------------------------
 
 
-def role_bare_broker() -> None:
+def role_bare_broker(*, ready_file: str) -> None:
     """A ROUTER-ROUTER echo broker: no protocol, no validation, frames forwarded round-robin to READY workers."""
     ctx = zmq.Context()
     clients, workers = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     clients.bind("tcp://127.0.0.1:*")
     workers.bind("tcp://127.0.0.1:*")
-    report(front=clients.getsockopt_string(zmq.LAST_ENDPOINT), back=workers.getsockopt_string(zmq.LAST_ENDPOINT))
+    write_ready_file(ready_file, "bare-broker", {"front": clients.getsockopt_string(zmq.LAST_ENDPOINT),
+                                                 "back": workers.getsockopt_string(zmq.LAST_ENDPOINT)})
     ready: list[bytes] = []
     turn = 0
     poller = zmq.Poller()
@@ -77,15 +81,10 @@ def role_bare_worker(back: str) -> None:
 # ---- HTTP servers (benchmark 3) ---------------------------------------------------------------------------------
 
 
-def _serve(app) -> None:
-    """uvicorn with UVICORN_SETTINGS on a socket bound to port 0 here, whose port is reported first."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((UVICORN_SETTINGS["host"], 0))
-    report(port=sock.getsockname()[1])
-    uvicorn.Server(uvicorn.Config(app, **UVICORN_SETTINGS)).run(sockets=[sock])
+def _serve(app, ready_file: str) -> None:
+    """uvicorn with UVICORN_SETTINGS on port 0 of HTTP_HOST; once it serves, the ready file says where:
+    {"url": "http://host:port"}."""
+    serve_http(app, HTTP_HOST, 0, ready_file=ready_file, role="url", **UVICORN_SETTINGS)
 
 
 def _live_route(app) -> None:
@@ -94,14 +93,14 @@ def _live_route(app) -> None:
         return {"live": True}
 
 
-def role_serve_edge(broker: str) -> None:
+def role_serve_edge(broker: str, *, ready_file: str) -> None:
     """Our edge (edge.app.create_app) under the same uvicorn settings as the baselines."""
     from edge.app import create_app
 
-    _serve(create_app(broker))
+    _serve(create_app(broker), ready_file)
 
 
-def role_serve_bare() -> None:
+def role_serve_bare(*, ready_file: str) -> None:
     """A bare FastAPI app answering the OIP echo request itself: the same JSON parsing and encoding as the edge
     (edge/oip.py), y = x, no bus."""
     from fastapi import FastAPI, Request, Response
@@ -130,10 +129,10 @@ def role_serve_bare() -> None:
                "outputs": [{"name": "y", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
         return Response(json.dumps(out), media_type="application/json")
 
-    _serve(app)
+    _serve(app, ready_file)
 
 
-def role_serve_infer(model_path: str) -> None:
+def role_serve_infer(model_path: str, *, ready_file: str) -> None:
     """One of the seed design's inference servers: FastAPI + the echo TorchScript model on the request's JSON data."""
     import torch
     from fastapi import FastAPI, Request, Response
@@ -154,10 +153,10 @@ def role_serve_infer(model_path: str) -> None:
                "outputs": [{"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y.reshape(-1).tolist()}]}
         return Response(json.dumps(out), media_type="application/json")
 
-    _serve(app)
+    _serve(app, ready_file)
 
 
-def role_serve_lb(upstreams: str) -> None:
+def role_serve_lb(upstreams: str, *, ready_file: str) -> None:
     """The seed's load balancer: FastAPI forwarding each request round-robin with one shared httpx.AsyncClient."""
     import itertools
     from contextlib import asynccontextmanager
@@ -184,7 +183,7 @@ def role_serve_lb(upstreams: str) -> None:
                                               headers={"Content-Type": "application/json"})
         return Response(upstream.content, status_code=upstream.status_code, media_type="application/json")
 
-    _serve(app)
+    _serve(app, ready_file)
 
 
 # ---- simulated agents (benchmark 6) -----------------------------------------------------------------------------
@@ -200,7 +199,7 @@ def _agent_status(agent_id: str, started: float, capacity: int, models: list[dic
     ).to_wire()
 
 
-def role_bare_sub() -> None:
+def role_bare_sub(*, ready_file: str) -> None:
     """The 6a baseline: receive every beat and msgpack-decode it into a dict, nothing else."""
     import msgpack
 
@@ -210,7 +209,7 @@ def role_bare_sub() -> None:
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.SUBSCRIBE, PREAMBLE[Command.HEARTBEAT])
     sock.bind("tcp://127.0.0.1:*")
-    report(address=sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    write_ready_file(ready_file, "bare-sub", {"address": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
     registry = {}
     while True:
         frames = sock.recv_multipart()
@@ -330,6 +329,20 @@ ROLES = {
     "sim-agents": role_sim_agents,
 }
 
+LISTENING = {"bare-broker", "serve-edge", "serve-bare", "serve-infer", "serve-lb", "bare-sub"}  # take --ready-file
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="A benchmark helper process (bench/sims.py).")
+    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("args", nargs="*", help="the role's own arguments")
+    parser.add_argument("--ready-file", help="where a listening role reports its addresses once it serves")
+    options = parser.parse_args(argv)
+    if (options.ready_file is not None) != (options.role in LISTENING):
+        parser.error(f"--ready-file is for the roles that listen ({', '.join(sorted(LISTENING))}), and they need it")
+    ready = {} if options.ready_file is None else {"ready_file": options.ready_file}
+    ROLES[options.role](*options.args, **ready)
+
 
 if __name__ == "__main__":
-    ROLES[sys.argv[1]](*sys.argv[2:])
+    main(sys.argv[1:])

@@ -2,7 +2,8 @@
 
     python bench/suite.py [--quick] [--only 1,http,...] [--out bench/RESULTS.md]   (or python -m bench.suite ...)
 
-Runs, each with its own processes (started here, stopped by pid in try/finally) on 127.0.0.1:
+Runs, each with its own processes on 127.0.0.1 (started by cluster.local.LocalCluster on ports the OS picked,
+stopped by pid in try/finally):
 
  1. sequential round trip to `echo` (64 float32) through cluster.Client, 2 agents: p50/p99, vs a bare pyzmq
     ROUTER-ROUTER echo broker + 2 workers (bench/sims.py) on the same path;
@@ -24,8 +25,8 @@ each benchmark's module. `--quick` shortens every run to a smoke check (about 2 
 10. `--only` takes keys or names: 1 or echo (figures 1 and 2), 3 or http, 4 or batching, 5 or big, 6a or manager,
 6b or broker, 7 or routing.
 
-Where things are: bench/lib.py (settings, table, helper processes, request loops, wrk), bench/models.py (the models),
-bench/sims.py (baselines and simulators run as child processes), one module per benchmark (echo, http_edge,
+Where things are: bench/lib.py (settings, table, starting processes, request loops, wrk), bench/models.py (the
+models), bench/sims.py (baselines and simulators run as child processes), one module per benchmark (echo, http_edge,
 batching, big, scale, routing).
 """
 
