@@ -82,36 +82,75 @@ def run(suite: Suite) -> None:
         batched = tensor_config("mlp_batched", MLP_WIDTH, IN_FLIGHT, 2000)
         publish_version(share, "mlp_batched", model_path, config=batched, version=1)
         publish_version(share, "mlp_single", model_path, config=tensor_config("mlp_single", MLP_WIDTH), version=1)
-        suite.add(Row(f"4. MLP {MLP_LAYERS}x{MLP_WIDTH}: one sample, 1 torch thread, in-process (ms)",
-                      fmt(one * 1e3, 2),
-                      f"batch of {IN_FLIGHT}: {batch * 1e3:.1f} ms ({batch * 1e3 / IN_FLIGHT:.2f}/sample)", "-",
-                      f">= {TARGET_MIN_SAMPLE_MS:g} ms", "yes" if one * 1e3 >= TARGET_MIN_SAMPLE_MS else "no"))
+        suite.add(
+            Row(
+                f"4. MLP {MLP_LAYERS}x{MLP_WIDTH}: one sample, 1 torch thread, in-process (ms)",
+                fmt(one * 1e3, 2),
+                f"batch of {IN_FLIGHT}: {batch * 1e3:.1f} ms ({batch * 1e3 / IN_FLIGHT:.2f}/sample)",
+                "-",
+                f">= {TARGET_MIN_SAMPLE_MS:g} ms",
+                "yes" if one * 1e3 >= TARGET_MIN_SAMPLE_MS else "no",
+            )
+        )
         runs = {}
         for label, env in (("default", {}), ("omp1", AGENT_OMP_FIX)):
             runs[label] = r = batching_run(share, tmp / f"logs-{label}", module, s, env)
             off, on = r["off"], r["on"]
             if label == "default":
                 suite.add(
-                    Row("4. mlp_single sequential through the cluster, p50 (ms) vs in-process", fmt(r["seq_p50_ms"], 2),
-                        fmt(one * 1e3, 2), f"{r['seq_p50_ms'] / (one * 1e3):.2f}x"),
-                    ratio_row(f"4. batching on vs off, {IN_FLIGHT} in flight (req/s)", on["throughput"],
-                              off["throughput"], 0, f">= {TARGET_BATCHING_MIN_SPEEDUP:g}x off",
-                              lambda v: v >= TARGET_BATCHING_MIN_SPEEDUP),
-                    ratio_row(f"4. batching on vs off, {IN_FLIGHT} in flight, p99 (ms)", on["p99_ms"], off["p99_ms"], 1,
-                              "<= 1.0x off (no worse)", lambda v: v <= TARGET_BATCHING_P99_MAX_RATIO),
+                    Row(
+                        "4. mlp_single sequential through the cluster, p50 (ms) vs in-process",
+                        fmt(r["seq_p50_ms"], 2),
+                        fmt(one * 1e3, 2),
+                        f"{r['seq_p50_ms'] / (one * 1e3):.2f}x",
+                    ),
+                    ratio_row(
+                        f"4. batching on vs off, {IN_FLIGHT} in flight (req/s)",
+                        on["throughput"],
+                        off["throughput"],
+                        0,
+                        f">= {TARGET_BATCHING_MIN_SPEEDUP:g}x off",
+                        lambda v: v >= TARGET_BATCHING_MIN_SPEEDUP,
+                    ),
+                    ratio_row(
+                        f"4. batching on vs off, {IN_FLIGHT} in flight, p99 (ms)",
+                        on["p99_ms"],
+                        off["p99_ms"],
+                        1,
+                        "<= 1.0x off (no worse)",
+                        lambda v: v <= TARGET_BATCHING_P99_MAX_RATIO,
+                    ),
                 )
             else:
                 suite.add(
-                    Row("4. control, agents OMP_NUM_THREADS=1: sequential p50 (ms) vs in-process",
-                        fmt(r["seq_p50_ms"], 2), fmt(one * 1e3, 2), f"{r['seq_p50_ms'] / (one * 1e3):.2f}x"),
-                    ratio_row("4. control, agents OMP_NUM_THREADS=1: batching on vs off (req/s)", on["throughput"],
-                              off["throughput"], 0, "- (control)"),
-                    ratio_row("4. control, agents OMP_NUM_THREADS=1: batching on vs off, p99 (ms)", on["p99_ms"],
-                              off["p99_ms"], 1, "- (control)"),
+                    Row(
+                        "4. control, agents OMP_NUM_THREADS=1: sequential p50 (ms) vs in-process",
+                        fmt(r["seq_p50_ms"], 2),
+                        fmt(one * 1e3, 2),
+                        f"{r['seq_p50_ms'] / (one * 1e3):.2f}x",
+                    ),
+                    ratio_row(
+                        "4. control, agents OMP_NUM_THREADS=1: batching on vs off (req/s)",
+                        on["throughput"],
+                        off["throughput"],
+                        0,
+                        "- (control)",
+                    ),
+                    ratio_row(
+                        "4. control, agents OMP_NUM_THREADS=1: batching on vs off, p99 (ms)",
+                        on["p99_ms"],
+                        off["p99_ms"],
+                        1,
+                        "- (control)",
+                    ),
                 )
-            suite.note(f"4 ({label} agents{', env ' + str(env) if env else ''}): p50 on {on['p50_ms']:.1f} ms, "
-                       f"off {off['p50_ms']:.1f} ms; mean batch per agent {r['mean_batch']}")
-        suite.note(f"4: batched model max_batch_size {IN_FLIGHT}, max_queue_delay_us 2000; both configs publish the "
-                   "same model.pt; the control run starts the same agents with OMP_NUM_THREADS=1, to check that the "
-                   "agents' `--threads 1` reaches their inference threads (it did not before each worker thread set "
-                   "it; the runs agree now)")
+            suite.note(
+                f"4 ({label} agents{', env ' + str(env) if env else ''}): p50 on {on['p50_ms']:.1f} ms, "
+                f"off {off['p50_ms']:.1f} ms; mean batch per agent {r['mean_batch']}"
+            )
+        suite.note(
+            f"4: batched model max_batch_size {IN_FLIGHT}, max_queue_delay_us 2000; both configs publish the "
+            "same model.pt; the control run starts the same agents with OMP_NUM_THREADS=1, to check that the "
+            "agents' `--threads 1` reaches their inference threads (it did not before each worker thread set "
+            "it; the runs agree now)"
+        )

@@ -151,12 +151,26 @@ def run(suite: Suite) -> None:
         med = {k: float(np.median(v)) for k, v in results.items()}
         rounds = s.rounds_suffix()
         suite.add(
-            ratio_row(f"1. echo 64 FP32, sequential p50 (us){rounds}", med["ours_p50"], med["bare_p50"], 0,
-                      f"<= {TARGET_SEQ_P50_MAX_RATIO}x bare", lambda r: r <= TARGET_SEQ_P50_MAX_RATIO),
+            ratio_row(
+                f"1. echo 64 FP32, sequential p50 (us){rounds}",
+                med["ours_p50"],
+                med["bare_p50"],
+                0,
+                f"<= {TARGET_SEQ_P50_MAX_RATIO}x bare",
+                lambda r: r <= TARGET_SEQ_P50_MAX_RATIO,
+            ),
             ratio_row(f"1. echo 64 FP32, sequential p99 (us){rounds}", med["ours_p99"], med["bare_p99"], 0, "-"),
-            ratio_row(f"2. echo 64 FP32, {IN_FLIGHT} in flight (req/s){rounds}", med["ours_tput"], med["bare_tput"], 0,
-                      f">= {TARGET_THROUGHPUT_MIN_RATIO}x bare", lambda r: r >= TARGET_THROUGHPUT_MIN_RATIO),
+            ratio_row(
+                f"2. echo 64 FP32, {IN_FLIGHT} in flight (req/s){rounds}",
+                med["ours_tput"],
+                med["bare_tput"],
+                0,
+                f">= {TARGET_THROUGHPUT_MIN_RATIO}x bare",
+                lambda r: r >= TARGET_THROUGHPUT_MIN_RATIO,
+            ),
         )
         per_round = {k: [round(x) for x in v] for k, v in results.items()}
-        suite.note("1/2: baseline = bench/sims.py's bare pyzmq ROUTER-ROUTER broker + 2 DEALER workers (no protocol, "
-                   "no model); per-round figures: " + json.dumps(per_round))
+        suite.note(
+            "1/2: baseline = bench/sims.py's bare pyzmq ROUTER-ROUTER broker + 2 DEALER workers (no protocol, "
+            "no model); per-round figures: " + json.dumps(per_round)
+        )

@@ -65,8 +65,9 @@ def run(suite: Suite) -> None:
         raise RuntimeError("wrk is not installed")
     edge_missing = edge_available()
     values = [round(0.5 + i / 7, 4) for i in range(ECHO_FLOATS)]
-    body = json.dumps({"id": "bench", "inputs": [{"name": "x", "shape": [1, ECHO_FLOATS], "datatype": "FP32",
-                                                  "data": values}]})
+    body = json.dumps(
+        {"id": "bench", "inputs": [{"name": "x", "shape": [1, ECHO_FLOATS], "datatype": "FP32", "data": values}]}
+    )
     with tempfile.TemporaryDirectory(prefix="suite-http-") as tmp:
         tmp = Path(tmp)
         model_file = make_echo_share(tmp / "share")
@@ -87,8 +88,9 @@ def run(suite: Suite) -> None:
             servers["lb"] = start_sim(cluster, "httpx-lb", "serve-lb", upstreams)
             if edge_missing is None:
                 cluster.wait_for_agents(2, model="echo")
-                servers["edge"] = start_sim(cluster, "serve-edge", "serve-edge", cluster.addresses.broker_clients,
-                                            stop_as="edge")
+                servers["edge"] = start_sim(
+                    cluster, "serve-edge", "serve-edge", cluster.addresses.broker_clients, stop_as="edge"
+                )
             base = {name: proc.addresses["url"] for name, proc in servers.items()}
             targets = {"bare": "bare FastAPI app", "lb": "httpx LB + 2 FastAPI servers"}
             if "edge" in servers:
@@ -99,16 +101,19 @@ def run(suite: Suite) -> None:
             for r in range(s.rounds):  # alternate the servers, so a noisy moment does not land on one of them only
                 for name, label in targets.items():
                     url = f"{base[name]}/v2/models/echo/infer"
-                    log(f"3 http: round {r + 1}/{s.rounds}: {label}: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} "
-                        f"-d{s.wrk_seconds:g}s (after {s.wrk_warmup:g} s warm-up)")
+                    log(
+                        f"3 http: round {r + 1}/{s.rounds}: {label}: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} "
+                        f"-d{s.wrk_seconds:g}s (after {s.wrk_warmup:g} s warm-up)"
+                    )
                     run_wrk(url, script, s.wrk_warmup)
                     result = run_wrk(url, script, s.wrk_seconds)
                     runs[name].append(result)
                     if result["non2xx"] or result["errors"]:
                         suite.note(f"3: {label}: {result['non2xx']} non-2xx answers, {result['errors']} socket errors")
-            results = {name: {k: float(np.median([x.get(k, float("nan")) for x in rs]))
-                              for k in ("rps", "p50_ms", "p99_ms")}
-                       for name, rs in runs.items()}
+            results = {
+                name: {k: float(np.median([x.get(k, float("nan")) for x in rs])) for k in ("rps", "p50_ms", "p99_ms")}
+                for name, rs in runs.items()
+            }
             per_round = {name: [round(x["rps"]) for x in rs] for name, rs in runs.items()}
             suite.note("3: req/s per round: " + json.dumps(per_round))
             bare, lb = results["bare"], results["lb"]
@@ -116,27 +121,54 @@ def run(suite: Suite) -> None:
             if "edge" in results:
                 edge = results["edge"]
                 suite.add(
-                    ratio_row(f"3a. HTTP OIP echo, wrk 32 conns: edge vs bare FastAPI (req/s){rounds}", edge["rps"],
-                              bare["rps"], 0, f">= {TARGET_EDGE_VS_BARE_MIN_RATIO}x bare",
-                              lambda r: r >= TARGET_EDGE_VS_BARE_MIN_RATIO),
-                    ratio_row(f"3b. HTTP OIP echo, wrk 32 conns: edge vs httpx LB design (req/s){rounds}", edge["rps"],
-                              lb["rps"], 0, f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx",
-                              lambda r: r >= TARGET_EDGE_VS_HTTPX_MIN_RATIO),
-                    Row("3. HTTP wrk p99 latency (ms): edge vs bare / httpx", fmt(edge.get("p99_ms"), 1),
-                        f"{fmt(bare.get('p99_ms'), 1)} / {fmt(lb.get('p99_ms'), 1)}"),
+                    ratio_row(
+                        f"3a. HTTP OIP echo, wrk 32 conns: edge vs bare FastAPI (req/s){rounds}",
+                        edge["rps"],
+                        bare["rps"],
+                        0,
+                        f">= {TARGET_EDGE_VS_BARE_MIN_RATIO}x bare",
+                        lambda r: r >= TARGET_EDGE_VS_BARE_MIN_RATIO,
+                    ),
+                    ratio_row(
+                        f"3b. HTTP OIP echo, wrk 32 conns: edge vs httpx LB design (req/s){rounds}",
+                        edge["rps"],
+                        lb["rps"],
+                        0,
+                        f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx",
+                        lambda r: r >= TARGET_EDGE_VS_HTTPX_MIN_RATIO,
+                    ),
+                    Row(
+                        "3. HTTP wrk p99 latency (ms): edge vs bare / httpx",
+                        fmt(edge.get("p99_ms"), 1),
+                        f"{fmt(bare.get('p99_ms'), 1)} / {fmt(lb.get('p99_ms'), 1)}",
+                    ),
                 )
             else:
                 suite.add(
-                    Row("3a. HTTP OIP echo, wrk 32 conns: edge vs bare FastAPI (req/s)", edge_missing, fmt(bare["rps"]),
-                        "n/a", f">= {TARGET_EDGE_VS_BARE_MIN_RATIO}x bare", "n/a"),
-                    Row("3b. HTTP OIP echo, wrk 32 conns: edge vs httpx LB design (req/s)", "edge not available",
-                        fmt(lb["rps"]), "n/a", f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx", "n/a"),
+                    Row(
+                        "3a. HTTP OIP echo, wrk 32 conns: edge vs bare FastAPI (req/s)",
+                        edge_missing,
+                        fmt(bare["rps"]),
+                        "n/a",
+                        f">= {TARGET_EDGE_VS_BARE_MIN_RATIO}x bare",
+                        "n/a",
+                    ),
+                    Row(
+                        "3b. HTTP OIP echo, wrk 32 conns: edge vs httpx LB design (req/s)",
+                        "edge not available",
+                        fmt(lb["rps"]),
+                        "n/a",
+                        f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx",
+                        "n/a",
+                    ),
                 )
             uvicorn = ", ".join(f"{k}={v}" for k, v in UVICORN_SETTINGS.items())
-            suite.note(f"3: all HTTP servers: uvicorn {uvicorn}; wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}; body "
-                       f"{len(body)} bytes; bare app parses and encodes with edge/oip.py and answers y = x; httpx "
-                       "design: one shared httpx.AsyncClient (64 keep-alive connections), round-robin over 2 uvicorn "
-                       "FastAPI servers running the echo TorchScript model on the JSON data")
+            suite.note(
+                f"3: all HTTP servers: uvicorn {uvicorn}; wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}; body "
+                f"{len(body)} bytes; bare app parses and encodes with edge/oip.py and answers y = x; httpx "
+                "design: one shared httpx.AsyncClient (64 keep-alive connections), round-robin over 2 uvicorn "
+                "FastAPI servers running the echo TorchScript model on the JSON data"
+            )
         except BaseException:
             log(cluster.logs())
             raise

@@ -103,12 +103,19 @@ def fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def ratio_row(figure: str, ours: float, base: float, unit_digits: int, target: str, check=None,
-              base_text: str | None = None) -> Row:
+def ratio_row(
+    figure: str, ours: float, base: float, unit_digits: int, target: str, check=None, base_text: str | None = None
+) -> Row:
     ratio = ours / base if base else float("nan")
     holds = "-" if check is None else ("yes" if math.isfinite(ratio) and check(ratio) else "no")
-    return Row(figure, fmt(ours, unit_digits), base_text or fmt(base, unit_digits),
-               f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a", target, holds)
+    return Row(
+        figure,
+        fmt(ours, unit_digits),
+        base_text or fmt(base, unit_digits),
+        f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a",
+        target,
+        holds,
+    )
 
 
 def percentile(values, q: float) -> float:
@@ -255,7 +262,10 @@ def run_wrk(url: str, script: Path, seconds: float) -> dict:
     """wrk -t WRK_THREADS -c WRK_CONNECTIONS for `seconds`: req/s, p50/p99 (ms), non-2xx answers, socket errors."""
     out = subprocess.run(
         ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True, timeout=seconds + 60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
     ).stdout
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not found:

@@ -61,23 +61,45 @@ def run(suite: Suite) -> None:
             results = {}
             for policy in ("round-robin", "least-outstanding"):
                 log(f"7 routing ({label} agents): {policy}, {ROUTE_IN_FLIGHT} in flight for {s.route_seconds:g} s")
-                results[policy] = routing_run(policy, tmp / "share-fast", tmp / "share-slow", s,
-                                              tmp / f"logs-{label}-{policy}", env)
+                results[policy] = routing_run(
+                    policy, tmp / "share-fast", tmp / "share-slow", s, tmp / f"logs-{label}-{policy}", env
+                )
             rr, lo = results["round-robin"], results["least-outstanding"]
             what = ", agents OMP_NUM_THREADS=1"
             suite.add(
-                ratio_row(f"7. routing, 1 of 3 agents {slow} slow{what}: p99 (ms), least-outstanding vs round-robin",
-                          lo["p99_ms"], rr["p99_ms"], 1, "- (report)"),
-                ratio_row(f"7. routing{what}: p50 (ms), least-outstanding vs round-robin", lo["p50_ms"], rr["p50_ms"],
-                          1, "- (report)"),
-                ratio_row(f"7. routing{what}: throughput (req/s), least-outstanding vs round-robin", lo["throughput"],
-                          rr["throughput"], 0, "- (report)"),
+                ratio_row(
+                    f"7. routing, 1 of 3 agents {slow} slow{what}: p99 (ms), least-outstanding vs round-robin",
+                    lo["p99_ms"],
+                    rr["p99_ms"],
+                    1,
+                    "- (report)",
+                ),
+                ratio_row(
+                    f"7. routing{what}: p50 (ms), least-outstanding vs round-robin",
+                    lo["p50_ms"],
+                    rr["p50_ms"],
+                    1,
+                    "- (report)",
+                ),
+                ratio_row(
+                    f"7. routing{what}: throughput (req/s), least-outstanding vs round-robin",
+                    lo["throughput"],
+                    rr["throughput"],
+                    0,
+                    "- (report)",
+                ),
             )
             cut = (1 - lo["p99_ms"] / rr["p99_ms"]) * 100 if rr["p99_ms"] else float("nan")
-            share = {p: {a: f"{100 * n / sum(r['agents'].values()):.0f}%" for a, n in sorted(r["agents"].items())}
-                     for p, r in results.items()}
-            suite.note(f"7 ({label} agents{', env ' + str(env) if env else ''}): least-outstanding cuts p99 by "
-                       f"{cut:.0f}%; requests per agent: {json.dumps(share)}")
-    suite.note(f"7: model `work` costs {costs['fast']:.2f} ms (fast share) / {costs['slow']:.2f} ms (the slow agent's "
-               f"share, same name and version) per call on one thread in-process; agents --capacity {ROUTE_CAPACITY}, "
-               f"{ROUTE_IN_FLIGHT} in flight, a fresh cluster per policy")
+            share = {
+                p: {a: f"{100 * n / sum(r['agents'].values()):.0f}%" for a, n in sorted(r["agents"].items())}
+                for p, r in results.items()
+            }
+            suite.note(
+                f"7 ({label} agents{', env ' + str(env) if env else ''}): least-outstanding cuts p99 by "
+                f"{cut:.0f}%; requests per agent: {json.dumps(share)}"
+            )
+    suite.note(
+        f"7: model `work` costs {costs['fast']:.2f} ms (fast share) / {costs['slow']:.2f} ms (the slow agent's "
+        f"share, same name and version) per call on one thread in-process; agents --capacity {ROUTE_CAPACITY}, "
+        f"{ROUTE_IN_FLIGHT} in flight, a fresh cluster per policy"
+    )

@@ -78,14 +78,21 @@ def run_manager(suite: Suite) -> None:
             pct = {k: (cpu_seconds(p) - before[k]) / wall * 100 for k, p in pids.items()}
             alive = _registered(cluster.addresses.manager_queries)
             check_running(cluster)
-            suite.add(Row(f"6a. manager CPU, {SIM_BEAT_AGENTS} agents beating 1/s (% of a core)",
-                          fmt(pct["manager"], 1), fmt(pct["bare"], 1),
-                          f"{pct['manager'] / pct['bare']:.2f}x" if pct["bare"] > 0 else "n/a",
-                          f"< {TARGET_MANAGER_MAX_CPU_PCT:g}%",
-                          "yes" if pct["manager"] < TARGET_MANAGER_MAX_CPU_PCT else "no"))
-            suite.note(f"6a: baseline = a bare pyzmq SUB that msgpack-decodes the same beats into a dict (same "
-                       f"publisher, same time); the simulator used {pct['sim']:.1f}% of a core; {alive} agents alive "
-                       "at the end")
+            suite.add(
+                Row(
+                    f"6a. manager CPU, {SIM_BEAT_AGENTS} agents beating 1/s (% of a core)",
+                    fmt(pct["manager"], 1),
+                    fmt(pct["bare"], 1),
+                    f"{pct['manager'] / pct['bare']:.2f}x" if pct["bare"] > 0 else "n/a",
+                    f"< {TARGET_MANAGER_MAX_CPU_PCT:g}%",
+                    "yes" if pct["manager"] < TARGET_MANAGER_MAX_CPU_PCT else "no",
+                )
+            )
+            suite.note(
+                f"6a: baseline = a bare pyzmq SUB that msgpack-decodes the same beats into a dict (same "
+                f"publisher, same time); the simulator used {pct['sim']:.1f}% of a core; {alive} agents alive "
+                "at the end"
+            )
         except BaseException:
             log(cluster.logs())
             raise
@@ -107,8 +114,16 @@ def broker_with_sim_agents(n_agents: int, s: Settings, tmp: Path) -> float:
         cluster.start_broker()
         per_proc = [n_agents // 2 + (1 if i < n_agents % 2 else 0) for i in range(2)]
         for i, count in enumerate(per_proc):
-            start_sim(cluster, f"sim-agents-{i}", "sim-agents", cluster.addresses.broker_agents, f"sim{i}-", str(count),
-                      str(SIM_AGENT_CAPACITY), stop_as="agent")
+            start_sim(
+                cluster,
+                f"sim-agents-{i}",
+                "sim-agents",
+                cluster.addresses.broker_agents,
+                f"sim{i}-",
+                str(count),
+                str(SIM_AGENT_CAPACITY),
+                stop_as="agent",
+            )
         cluster.wait_for_agents(n_agents, model="echo")
         x = np.ones((1, ECHO_FLOATS), np.float32)
         with Client(cluster.addresses.broker_clients, timeout=60) as client:
@@ -132,9 +147,18 @@ def run_broker(suite: Suite) -> None:
             few.append(broker_with_sim_agents(2, s, Path(tmp)))
             log(f"6b broker: round {r + 1}/{s.rounds}: {SIM_BROKER_AGENTS} simulated agents, {IN_FLIGHT} in flight")
             many.append(broker_with_sim_agents(SIM_BROKER_AGENTS, s, Path(tmp)))
-    suite.add(ratio_row(f"6b. broker, {SIM_BROKER_AGENTS} vs 2 simulated agents, {IN_FLIGHT} in flight (req/s)"
-                        f"{s.rounds_suffix()}", float(np.median(many)), float(np.median(few)), 0,
-                        f">= {TARGET_BROKER_SCALE_MIN_RATIO}x 2 agents", lambda r: r >= TARGET_BROKER_SCALE_MIN_RATIO))
-    suite.note(f"6b: simulated agents (capacity {SIM_AGENT_CAPACITY}, echo without torch) spread over 2 processes; a "
-               f"fresh broker per run; rounds {SIM_BROKER_AGENTS} agents {[round(v) for v in many]}, 2 agents "
-               f"{[round(v) for v in few]}")
+    suite.add(
+        ratio_row(
+            f"6b. broker, {SIM_BROKER_AGENTS} vs 2 simulated agents, {IN_FLIGHT} in flight (req/s){s.rounds_suffix()}",
+            float(np.median(many)),
+            float(np.median(few)),
+            0,
+            f">= {TARGET_BROKER_SCALE_MIN_RATIO}x 2 agents",
+            lambda r: r >= TARGET_BROKER_SCALE_MIN_RATIO,
+        )
+    )
+    suite.note(
+        f"6b: simulated agents (capacity {SIM_AGENT_CAPACITY}, echo without torch) spread over 2 processes; a "
+        f"fresh broker per run; rounds {SIM_BROKER_AGENTS} agents {[round(v) for v in many]}, 2 agents "
+        f"{[round(v) for v in few]}"
+    )

@@ -46,8 +46,11 @@ def role_bare_broker(*, ready_file: str) -> None:
     clients, workers = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     clients.bind("tcp://127.0.0.1:*")
     workers.bind("tcp://127.0.0.1:*")
-    write_ready_file(ready_file, "bare-broker", {"front": clients.getsockopt_string(zmq.LAST_ENDPOINT),
-                                                 "back": workers.getsockopt_string(zmq.LAST_ENDPOINT)})
+    write_ready_file(
+        ready_file,
+        "bare-broker",
+        {"front": clients.getsockopt_string(zmq.LAST_ENDPOINT), "back": workers.getsockopt_string(zmq.LAST_ENDPOINT)},
+    )
     ready: list[bytes] = []
     turn = 0
     poller = zmq.Poller()
@@ -125,8 +128,12 @@ def role_serve_bare(*, ready_file: str) -> None:
         request_json = json.loads(body)
         tensor = request_json["inputs"][0]
         x = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
-        out = {"model_name": name, "model_version": "1", "id": request_json.get("id"),
-               "outputs": [{"name": "y", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
+        out = {
+            "model_name": name,
+            "model_version": "1",
+            "id": request_json.get("id"),
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
+        }
         return Response(json.dumps(out), media_type="application/json")
 
     _serve(app, ready_file)
@@ -149,8 +156,12 @@ def role_serve_infer(model_path: str, *, ready_file: str) -> None:
         x = torch.tensor(tensor["data"], dtype=torch.float32).reshape(tensor["shape"])
         with torch.inference_mode():
             y = model(x)
-        out = {"model_name": name, "model_version": "1", "id": body.get("id"),
-               "outputs": [{"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y.reshape(-1).tolist()}]}
+        out = {
+            "model_name": name,
+            "model_version": "1",
+            "id": body.get("id"),
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y.reshape(-1).tolist()}],
+        }
         return Response(json.dumps(out), media_type="application/json")
 
     _serve(app, ready_file)
@@ -179,8 +190,11 @@ def role_serve_lb(upstreams: str, *, ready_file: str) -> None:
 
     @app.post("/v2/models/{name}/infer")
     async def infer(request: Request, name: str) -> Response:
-        upstream = await state["client"].post(f"{next(urls)}/v2/models/{name}/infer", content=await request.body(),
-                                              headers={"Content-Type": "application/json"})
+        upstream = await state["client"].post(
+            f"{next(urls)}/v2/models/{name}/infer",
+            content=await request.body(),
+            headers={"Content-Type": "application/json"},
+        )
         return Response(upstream.content, status_code=upstream.status_code, media_type="application/json")
 
     _serve(app, ready_file)
@@ -194,8 +208,16 @@ def _agent_status(agent_id: str, started: float, capacity: int, models: list[dic
     from cluster.protocol import Heartbeat
 
     return Heartbeat(
-        agent_id, capacity, models, host=socket.gethostname(), pid=os.getpid(), device="cpu",
-        uptime=round(time.monotonic() - started, 3), started=started, serving_since=started, interval=1.0,
+        agent_id,
+        capacity,
+        models,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        device="cpu",
+        uptime=round(time.monotonic() - started, 3),
+        started=started,
+        serving_since=started,
+        interval=1.0,
     ).to_wire()
 
 
@@ -259,9 +281,15 @@ def role_sim_agents(broker: str, prefix: str, count: str, capacity: str) -> None
     ctx = zmq.Context()
     started = time.time()
     models = [{"name": "echo", "version": 1, "default": True}]
-    metadata = [{"name": "echo", "platform": "torchscript", "version": 1,
-                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
-                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}]}]
+    metadata = [
+        {
+            "name": "echo",
+            "platform": "torchscript",
+            "version": 1,
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
+        }
+    ]
     socks = {}
     for i in range(count):
         agent_id = f"{prefix}{i:04d}"
@@ -297,8 +325,13 @@ def role_sim_agents(broker: str, prefix: str, count: str, capacity: str) -> None
                 if preamble == request_preamble:
                     header = protocol.unpack_header(frames[2])
                     outputs = [{"name": "y", "datatype": m["datatype"], "shape": m["shape"]} for m in header["inputs"]]
-                    reply = {"id": header["id"], "model": header["model"], "version": 1, "agent": agent_id,
-                             "outputs": outputs}
+                    reply = {
+                        "id": header["id"],
+                        "model": header["model"],
+                        "version": 1,
+                        "agent": agent_id,
+                        "outputs": outputs,
+                    }
                     sock.send_multipart([reply_preamble, frames[1], pack(reply), *frames[3:]], copy=False)
                 elif preamble == PREAMBLE[Command.DISCONNECT]:
                     ready(sock)

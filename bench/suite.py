@@ -72,7 +72,8 @@ def write_markdown(path: Path, suite: Suite, info: dict, elapsed: float, argv: l
         "",
         table_markdown(suite.rows),
         "",
-        f"Targets missed: {len(missed)}" + (" (" + "; ".join(r.figure for r in missed) + ")" if missed else "")
+        f"Targets missed: {len(missed)}"
+        + (" (" + "; ".join(r.figure for r in missed) + ")" if missed else "")
         + (f"; benchmarks failed: {len(failed)}" if failed else ""),
         "",
         "## Machine",
@@ -88,13 +89,20 @@ def write_markdown(path: Path, suite: Suite, info: dict, elapsed: float, argv: l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="shorten every run (smoke check, about 2 minutes)")
-    parser.add_argument("--only", default=None, help="comma-separated benchmarks to run, by key or name: "
-                        + ", ".join(f"{k}/{n}" for k, n, _, _ in BENCHMARKS))
-    parser.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"),
-                        help="Markdown report (default bench/RESULTS.md)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated benchmarks to run, by key or name: " + ", ".join(f"{k}/{n}" for k, n, _, _ in BENCHMARKS),
+    )
+    parser.add_argument(
+        "--out", default=str(BENCH_DIR / "RESULTS.md"), help="Markdown report (default bench/RESULTS.md)"
+    )
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
     if only and (unknown := only - {k for k, _, _, _ in BENCHMARKS} - {n for _, n, _, _ in BENCHMARKS}):
@@ -119,8 +127,10 @@ def main() -> None:
     elapsed = time.monotonic() - suite.started
     info["load average at end"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(table_text(suite.rows))
-    print(f"\n{'quick' if args.quick else 'full'} run: {elapsed:.0f} s; machine: {info['CPU']}, {info['cores']}, "
-          f"{info['memory']}")
+    print(
+        f"\n{'quick' if args.quick else 'full'} run: {elapsed:.0f} s; machine: {info['CPU']}, {info['cores']}, "
+        f"{info['memory']}"
+    )
     write_markdown(Path(args.out), suite, info, elapsed, sys.argv[1:])
     log(f"wrote {args.out}")
 

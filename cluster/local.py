@@ -35,9 +35,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import cluster
 from cluster.config import DEFAULT_HOST, Addresses
@@ -68,7 +68,7 @@ ADDRESS_FIELDS = tuple(f.name for f in fields(Addresses))
 class StartError(RuntimeError):
     """A role process exited, or did not get ready in time, while LocalCluster started it."""
 
-    def __init__(self, message: str, proc: "Proc") -> None:
+    def __init__(self, message: str, proc: Proc) -> None:
         super().__init__(message)
         self.proc = proc
 
@@ -448,7 +448,7 @@ class LocalCluster:
         """Processes that exited although nobody stopped them."""
         return [p for p in self.procs if not p.retired and not p.alive()]
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc) -> None:
