@@ -128,19 +128,22 @@ def make_echo() -> torch.jit.ScriptModule:
 DEMO_MODELS = (("digits", train_digits, DIGITS_CONFIG), ("echo", make_echo, ECHO_CONFIG))
 
 
-def write_demo_models(share_dir: str | os.PathLike) -> list[str]:
+def write_demo_models(share_dir: str | os.PathLike, digits_file: str | os.PathLike | None = None) -> list[str]:
     """Publish each demo model as version 1 unless the share already has a version of it (safe to call at every
-    start-up: digits is only trained when it is missing)."""
+    start-up: digits is only trained when it is missing). `digits_file`: a digits model trained before (train_digits
+    then torch.jit.save) to publish instead of training one again."""
     repo = ModelRepository(share_dir)
     written = []
     for name, build, config in DEMO_MODELS:
         if repo.versions(name):
             continue
-        module = build()
-        with tempfile.TemporaryDirectory(prefix=f"cluster-{name}-") as tmp:
-            path = os.path.join(tmp, "model.pt")
-            torch.jit.save(module, path)
-            publish_version(share_dir, name, path, config=config, version=1)
+        if name == "digits" and digits_file is not None:
+            publish_version(share_dir, name, digits_file, config=config, version=1)
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"cluster-{name}-") as tmp:
+                path = os.path.join(tmp, "model.pt")
+                torch.jit.save(build(), path)
+                publish_version(share_dir, name, path, config=config, version=1)
         written.append(name)
     return written
 

@@ -7,6 +7,7 @@ userspace NFS server. The fast subset is `python3 -m pytest -m "not cluster"`.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -23,12 +24,32 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def demo_share(tmp_path_factory) -> Path:
+def trained_digits_file(pytestconfig, tmp_path_factory) -> Path:
+    """The demo digits model as `cluster up` trains it (seed 0), trained at most once per test run, and kept in
+    pytest's cache between runs: training is seeded and single-threaded, so the same code on the same torch gives
+    the same model, and the cache key is the training code's hash and torch's version. Read-only for tests."""
+    import torch
+
+    from cluster import demo_models
+
+    key = hashlib.sha256(Path(demo_models.__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    cache = pytestconfig.cache
+    folder = cache.mkdir("trained-digits") if cache is not None else tmp_path_factory.mktemp("trained-digits")
+    path = folder / f"digits-{key}.pt"
+    if not path.is_file():
+        partial = folder / f".{path.name}.{id(path)}"
+        torch.jit.save(demo_models.train_digits(seed=0), str(partial))
+        partial.replace(path)  # whole or absent, should two runs race
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_share(tmp_path_factory, trained_digits_file) -> Path:
     """A share holding the two demo models, version 1. Read-only for tests: copy it to change it."""
     from cluster.demo_models import write_demo_models
 
     share = tmp_path_factory.mktemp("demo-share")
-    write_demo_models(share)
+    write_demo_models(share, digits_file=trained_digits_file)
     return share
 
 

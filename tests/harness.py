@@ -9,6 +9,7 @@ edge as processes, every port picked by the OS), plus `wait_for`, a test's poll-
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,16 @@ from pathlib import Path
 from cluster.config import Addresses
 from cluster.local import LocalCluster, Proc
 
-__all__ = ["REPO_ROOT", "LocalCluster", "Proc", "start_edge", "wait_for"]
+__all__ = ["REPO_ROOT", "LocalCluster", "Proc", "fuzz_examples", "start_edge", "wait_for"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def fuzz_examples(full: int) -> int:
+    """How many hypothesis examples an in-process fuzz test runs: `full` in CI (CI=true) or with CLUSTER_FUZZ=full,
+    a fifth of it otherwise, so the fast subset stays fast while you iterate (generating the examples is the cost)."""
+    thorough = os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("CLUSTER_FUZZ") == "full"
+    return full if thorough else max(1, full // 5)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02):

@@ -481,16 +481,18 @@ def test_torch_export_program(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_share(tmp_path_factory):
-    """A share with digits trained once for the whole module, published the way write_demo_models does it."""
+def digits_share(tmp_path_factory, trained_digits_file):
+    """A share with the demo digits model (trained once per test run), published the way write_demo_models does it."""
     share = tmp_path_factory.mktemp("share")
-    threads = torch.get_num_threads()
-    module = train_digits(seed=0)
-    assert torch.get_num_threads() == threads  # training must not leave the process-wide setting changed
-    path = share / "digits.pt"
-    torch.jit.save(module, str(path))
-    publish_version(share, "digits", path, config=DIGITS_CONFIG, version=1)
+    publish_version(share, "digits", trained_digits_file, config=DIGITS_CONFIG, version=1)
     return share
+
+
+def test_training_leaves_torch_threads_as_they_were():
+    threads = torch.get_num_threads()
+    module = train_digits(seed=0, epochs=1)
+    assert torch.get_num_threads() == threads, "training must not leave the process-wide setting changed"
+    assert module(torch.zeros(2, 8, 8)).shape == (2, 10)
 
 
 def test_digits_split_fits_the_demo_config_and_never_changes():
