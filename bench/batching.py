@@ -36,8 +36,7 @@ def batching_run(share: Path, workdir: Path, module, s: Settings, env: dict) -> 
 
     from cluster import Client
 
-    cluster = local_cluster(share, workdir)
-    try:
+    with local_cluster(share, workdir) as cluster:
         cluster.start_manager()
         cluster.start_broker()
         cluster.start_agents(2, "--capacity", str(IN_FLIGHT), **env)
@@ -59,11 +58,6 @@ def batching_run(share: Path, workdir: Path, module, s: Settings, env: dict) -> 
             stats = {a["id"]: (a.get("batching") or {}).get("mlp_batched", {}) for a in client.agents()}
         mean_batch = [v.get("mean_batch") for v in stats.values()]
         return {"seq_p50_ms": percentile(seq, 50) * 1e3, "off": off, "on": on, "mean_batch": mean_batch}
-    except BaseException:
-        log(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
 
 
 def run(suite: Suite) -> None:

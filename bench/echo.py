@@ -107,23 +107,17 @@ def echo_stacks(prefix: str):
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         tmp = Path(tmp)
         make_echo_share(tmp / "share")
-        cluster = local_cluster(tmp / "share", tmp / "logs")
-        bare = None
-        try:
+        with local_cluster(tmp / "share", tmp / "logs") as cluster:
             cluster.start_manager()
             cluster.start_broker()
             cluster.start_agents(2, "--capacity", str(IN_FLIGHT))
             bare = BareBus(cluster)
-            cluster.wait_for_agents(2, model="echo")
-            bare.wait_ready()
-            yield cluster, bare
-        except BaseException:
-            log(cluster.logs())
-            raise
-        finally:
-            if bare is not None:
+            try:
+                cluster.wait_for_agents(2, model="echo")
+                bare.wait_ready()
+                yield cluster, bare
+            finally:
                 bare.close()
-            cluster.stop_all()
 
 
 def run(suite: Suite) -> None:

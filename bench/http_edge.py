@@ -72,8 +72,7 @@ def run(suite: Suite) -> None:
         tmp = Path(tmp)
         model_file = make_echo_share(tmp / "share")
         script = wrk_script(tmp / "post.lua", body)
-        cluster = local_cluster(tmp / "share", tmp / "logs")
-        try:
+        with local_cluster(tmp / "share", tmp / "logs") as cluster:
             # each server returns from start_sim once it serves, with its URL in its ready file
             servers = {
                 "bare": start_sim(cluster, "bare-app", "serve-bare"),
@@ -169,8 +168,3 @@ def run(suite: Suite) -> None:
                 "design: one shared httpx.AsyncClient (64 keep-alive connections), round-robin over 2 uvicorn "
                 "FastAPI servers running the echo TorchScript model on the JSON data"
             )
-        except BaseException:
-            log(cluster.logs())
-            raise
-        finally:
-            cluster.stop_all()

@@ -8,6 +8,7 @@ bench/sims.py, through `start_sim`), each with its log file, stopped by pid by `
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,9 +154,18 @@ def table_markdown(rows: list[Row]) -> str:
 # ---- processes ------------------------------------------------------------------------------------------------------
 
 
-def local_cluster(share: Path, workdir: Path) -> LocalCluster:
-    """Our cluster's processes as every benchmark runs them: heartbeats once a second, warnings only in the logs."""
-    return LocalCluster(share, workdir, heartbeat_interval=1.0, extra_env={"CLUSTER_LOG_LEVEL": "WARNING"})
+@contextlib.contextmanager
+def local_cluster(share: Path, workdir: Path) -> Iterator[LocalCluster]:
+    """Our cluster's processes as every benchmark runs them (heartbeats once a second, warnings only in the logs),
+    each stopped by pid when the block ends; their logs are shown first if the benchmark failed."""
+    cluster = LocalCluster(share, workdir, heartbeat_interval=1.0, extra_env={"CLUSTER_LOG_LEVEL": "WARNING"})
+    try:
+        yield cluster
+    except BaseException:
+        log(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
 
 
 def start_sim(cluster: LocalCluster, name: str, role: str, *args: str, stop_as: str = "baseline", **env) -> Proc:

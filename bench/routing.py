@@ -21,8 +21,7 @@ WORK_SLOW_ITERS = 1000  # ~10 ms: the slow agent's copy of the same model name a
 def routing_run(policy: str, share_fast: Path, share_slow: Path, s: Settings, workdir: Path, env: dict) -> dict:
     from cluster import Client
 
-    cluster = local_cluster(share_fast, workdir)
-    try:
+    with local_cluster(share_fast, workdir) as cluster:
         cluster.start_manager()
         cluster.start_broker("--policy", policy)
         for name in ("fast-1", "fast-2"):
@@ -33,11 +32,6 @@ def routing_run(policy: str, share_fast: Path, share_slow: Path, s: Settings, wo
         with Client(cluster.addresses.broker_clients, timeout=60) as client:
             sequential(client, "work", {"x": x}, 30)
             return closed_loop(client, "work", {"x": x}, ROUTE_IN_FLIGHT, s.route_seconds, s.warmup)
-    except BaseException:
-        log(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
 
 
 def run(suite: Suite) -> None:

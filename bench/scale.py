@@ -49,8 +49,7 @@ def run_manager(suite: Suite) -> None:
     with tempfile.TemporaryDirectory(prefix="suite-manager-") as tmp:
         tmp = Path(tmp)
         (tmp / "share" / "models").mkdir(parents=True)
-        cluster = local_cluster(tmp / "share", tmp / "logs")
-        try:
+        with local_cluster(tmp / "share", tmp / "logs") as cluster:
             manager = cluster.start_manager()
             bare = start_sim(cluster, "bare-sub", "bare-sub")
             beats_to = f"{cluster.addresses.manager_heartbeats},{bare.addresses['address']}"
@@ -93,11 +92,6 @@ def run_manager(suite: Suite) -> None:
                 f"publisher, same time); the simulator used {pct['sim']:.1f}% of a core; {alive} agents alive "
                 "at the end"
             )
-        except BaseException:
-            log(cluster.logs())
-            raise
-        finally:
-            cluster.stop_all()
 
 
 # ---- 6b: the broker with 100 agents ---------------------------------------------------------------------------------
@@ -109,8 +103,7 @@ def broker_with_sim_agents(n_agents: int, s: Settings, tmp: Path) -> float:
 
     workdir = tmp / f"agents-{n_agents}-{time.monotonic_ns()}"
     (tmp / "share").mkdir(exist_ok=True)
-    cluster = local_cluster(tmp / "share", workdir)
-    try:
+    with local_cluster(tmp / "share", workdir) as cluster:
         cluster.start_broker()
         per_proc = [n_agents // 2 + (1 if i < n_agents % 2 else 0) for i in range(2)]
         for i, count in enumerate(per_proc):
@@ -131,11 +124,6 @@ def broker_with_sim_agents(n_agents: int, s: Settings, tmp: Path) -> float:
             result = closed_loop(client, "echo", {"x": x}, IN_FLIGHT, s.seconds, s.warmup)
         check_running(cluster)
         return result["throughput"]
-    except BaseException:
-        log(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
 
 
 def run_broker(suite: Suite) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.config import Addresses
-from cluster.local import LocalCluster, Proc
+from cluster.local import LocalCluster, Proc, wait_until
 
 __all__ = ["REPO_ROOT", "LocalCluster", "Proc", "fuzz_examples", "start_edge", "wait_for"]
 
@@ -30,20 +30,12 @@ def fuzz_examples(full: int) -> int:
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
-    """Poll `condition` until it returns something truthy; AssertionError naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # the condition may fail while things start up
-            last_error = exc
-        if time.monotonic() > deadline:
-            because = f" (last error: {last_error!r})" if last_error else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{because}")
-        time.sleep(interval)
+    """Poll `condition` until it returns something truthy (cluster.local.wait_until), failing the test with an
+    AssertionError naming `what` at the deadline."""
+    try:
+        return wait_until(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def start_edge(broker: str, workdir: Path, *args: str, timeout: float = 30.0) -> Proc:

@@ -31,6 +31,7 @@ from cluster.errors import (
     NoAgentAvailableError,
     OverloadedError,
 )
+from cluster.model_config import shape_mismatch
 from cluster.protocol import DATATYPES
 from edge import create_app, oip
 from tests.edge_http import assert_error, counter, echo_body
@@ -60,15 +61,6 @@ MODELS = {
         "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]}],
     },
 }
-
-
-def _shape_problem(expected: list[int], shape: list[int]) -> str | None:
-    if len(shape) != len(expected):
-        return f"expected {len(expected)} dimensions {expected}, got {len(shape)} {shape}"
-    for axis, (want, got) in enumerate(zip(expected, shape)):
-        if want != -1 and want != got:
-            return f"dimension {axis} must be {want}, got {got} (expected shape {expected}, got {shape})"
-    return None
 
 
 class FakeBus:
@@ -153,7 +145,7 @@ class FakeBus:
                 raise BadRequestError(
                     f"input '{name}': expected datatype {spec['datatype']}, got {meta['datatype']}", model
                 )
-            problem = _shape_problem(spec["shape"], meta["shape"])
+            problem = shape_mismatch(spec["shape"], meta["shape"])
             if problem:
                 raise BadRequestError(f"input '{name}': {problem}", model)
 
