@@ -9,7 +9,6 @@ and 504 at a request's deadline. Everything the edge decides by itself is tested
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 
@@ -17,9 +16,8 @@ import httpx
 import numpy as np
 import pytest
 
-from edge import oip
 from edge.app import DEFAULT_QUERY_TIMEOUT
-from tests.edge_http import assert_error, counter, echo_body
+from tests.edge_http import assert_binary_echo, assert_error, binary_echo_body, counter, echo_body
 from tests.harness import LocalCluster, start_edge, wait_for
 from tests.models import publish_slow, slow_rounds_per_second
 
@@ -190,22 +188,8 @@ def test_infer_json_nested_flat_id_and_outputs(http, stack, digits_images):
 
 def test_infer_binary_by_hand(http):
     values = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
-    header = json.dumps(
-        {
-            "inputs": [
-                {"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}
-            ],
-            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    response = http.post(
-        "/v2/models/echo/infer", content=header + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(header))}
-    )
-    assert response.status_code == 200, response.text
-    length = int(response.headers[oip.HEADER_LENGTH])
-    head = json.loads(response.content[:length])
-    assert head["outputs"][0]["parameters"] == {"binary_data_size": values.nbytes}
-    np.testing.assert_array_equal(np.frombuffer(response.content[length:], dtype=np.float32).reshape(2, 5), values)
+    body, headers = binary_echo_body(values)
+    assert_binary_echo(http.post("/v2/models/echo/infer", content=body, headers=headers), values)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from cluster.errors import (
 from cluster.model_config import shape_mismatch
 from cluster.protocol import DATATYPES
 from edge import create_app, oip
-from tests.edge_http import assert_error, counter, echo_body
+from tests.edge_http import assert_binary_echo, assert_error, binary_echo_body, counter, echo_body
 from tests.harness import fuzz_examples
 
 with warnings.catch_warnings():  # starlette would rather have httpx2; the httpx installed here works the same
@@ -268,31 +268,13 @@ def test_infer_every_datatype_through_json_and_binary(http, bus):
 
 def test_infer_binary_inputs_and_outputs(http):
     values = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
-    header = json.dumps(
-        {
-            "inputs": [
-                {"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}
-            ],
-            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    response = infer_json(http, content=header + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(header))})
-    assert response.status_code == 200, response.text
-    length = int(response.headers[oip.HEADER_LENGTH])
-    head = json.loads(response.content[:length])
-    assert head["outputs"][0]["parameters"] == {"binary_data_size": values.nbytes}
-    np.testing.assert_array_equal(np.frombuffer(response.content[length:], dtype=np.float32).reshape(2, 5), values)
+    body, headers = binary_echo_body(values)
+    assert_binary_echo(infer_json(http, content=body, headers=headers), values)
 
     # binary in, JSON out (binary_data false); and JSON in, all outputs binary (binary_data_output)
-    header = json.dumps(
-        {
-            "inputs": [
-                {"name": "x", "shape": [2, 5], "datatype": "FP32", "parameters": {"binary_data_size": values.nbytes}}
-            ],
-            "outputs": [{"name": "y", "parameters": {"binary_data": False}}],
-        }
-    ).encode()
-    response = infer_json(http, content=header + values.tobytes(), headers={oip.HEADER_LENGTH: str(len(header))})
+    body, headers = binary_echo_body(values, binary_output=False)
+    header = body[: int(headers[oip.HEADER_LENGTH])]
+    response = infer_json(http, content=body, headers=headers)
     assert oip.HEADER_LENGTH not in response.headers
     assert np.allclose(response.json()["outputs"][0]["data"], values.ravel())
     response = infer_json(http, body=echo_body(values.tolist(), parameters={"binary_data_output": True}))
