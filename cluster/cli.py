@@ -215,6 +215,42 @@ def edge(
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
     log_level: str = LogLevel,
     ready_file: str | None = ReadyFile,
+    token: list[str] = typer.Option(
+        [],
+        "--token",
+        envvar="CLUSTER_EDGE_TOKEN",
+        help="Bearer token every route but health and the page then needs (repeatable; several comma-separated).",
+    ),
+    token_file: list[str] = typer.Option(
+        [], "--token-file", envvar="CLUSTER_EDGE_TOKEN_FILE", help="File of tokens, one a line (repeatable)."
+    ),
+    admin_token: list[str] = typer.Option(
+        [],
+        "--admin-token",
+        envvar="CLUSTER_EDGE_ADMIN_TOKEN",
+        help="Token that may also change the cluster (repeatable); accepted wherever --token is.",
+    ),
+    admin_token_file: list[str] = typer.Option(
+        [], "--admin-token-file", envvar="CLUSTER_EDGE_ADMIN_TOKEN_FILE", help="File of admin tokens, one a line."
+    ),
+    allowed_host: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        envvar="CLUSTER_EDGE_ALLOWED_HOSTS",
+        help="Host name served besides localhost/127.0.0.1/[::1] (repeatable; '*': any, only behind a proxy).",
+    ),
+    cors_origin: list[str] = typer.Option(
+        [],
+        "--cors-origin",
+        envvar="CLUSTER_EDGE_CORS_ORIGINS",
+        help="Browser origin (https://host:port) whose pages may call the edge (repeatable; default: none).",
+    ),
+    ssl_certfile: str | None = typer.Option(
+        None, "--ssl-certfile", envvar="CLUSTER_EDGE_SSL_CERTFILE", help="TLS certificate (PEM): serve HTTPS."
+    ),
+    ssl_keyfile: str | None = typer.Option(
+        None, "--ssl-keyfile", envvar="CLUSTER_EDGE_SSL_KEYFILE", help="TLS private key (PEM) of --ssl-certfile."
+    ),
 ):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST, /metrics, /agents, and the page at /."""
     from edge import run_edge
@@ -229,6 +265,14 @@ def edge(
         log_level=log_level,
         access_log=access_log,
         ready_file=ready_file,
+        tokens=token,
+        token_files=token_file,
+        admin_tokens=admin_token,
+        admin_token_files=admin_token_file,
+        allowed_hosts=allowed_host,
+        cors_origins=cors_origin,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
 
 

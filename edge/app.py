@@ -3,25 +3,37 @@
 A thin app with no model logic: each HTTP request becomes one call on the bus client. Where things are:
 edge/routes.py the routes, edge/schemas.py the bodies the OpenAPI document shows, edge/errors.py the statuses of
 errors, edge/body.py the body limit and encodings, edge/oip.py OIP JSON and binary tensors <-> numpy,
-edge/metrics.py the Prometheus metrics. The command line is `cluster edge` (cluster/cli.py; `python -m edge` is
-the same command).
+edge/metrics.py the Prometheus metrics, edge/security.py tokens, allowed hosts and CORS. The command line is
+`cluster edge` (cluster/cli.py; `python -m edge` is the same command).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from cluster import AsyncClient
 from cluster.config import BROKER_CLIENT_ADDR, env_or
 from edge.errors import install_error_handlers
-from edge.routes import EdgeState, router, server_version
-from edge.schemas import InferenceRequest
+from edge.routes import EdgeState, public, router, server_version
+from edge.schemas import ERRORS, InferenceRequest
+from edge.security import (
+    CORS_EXPOSED,
+    CORS_HEADERS,
+    EdgeSecurity,
+    RequestGuard,
+    hosts_for_bind,
+    read_token_file,
+    split_tokens,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The page: frontend.html at the repository root (a source checkout or editable install), else where setup.py's
@@ -46,6 +58,10 @@ def create_app(
     frontend_path: str | Path | None = None,
     request_timeout: float | None = None,
     query_timeout: float = DEFAULT_QUERY_TIMEOUT,
+    tokens: Iterable[str] = (),
+    admin_tokens: Iterable[str] = (),
+    allowed_hosts: Iterable[str] = (),
+    cors_origins: Iterable[str] = (),
 ) -> FastAPI:
     """The edge for the broker at `broker_address` (its client address, e.g. tcp://127.0.0.1:5555; default
     CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555).
@@ -56,10 +72,16 @@ def create_app(
     decompression); frontend_path: the page served at / (default: the repository's frontend.html); request_timeout:
     default inference deadline in seconds (default: the client's, 30 s); query_timeout: how long health, metadata
     and cluster views wait for the broker.
+
+    tokens / admin_tokens: bearer tokens (none: every route is open); allowed_hosts: Host names served besides the
+    loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py).
     """
     broker = broker_address or getattr(client, "address", None) or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
     page = Path(frontend_path) if frontend_path else default_frontend()
-    edge = EdgeState(broker, max_body_bytes, page, request_timeout, query_timeout)
+    security = EdgeSecurity(
+        split_tokens(list(tokens)), split_tokens(list(admin_tokens)), tuple(allowed_hosts), tuple(cors_origins)
+    )
+    edge = EdgeState(broker, max_body_bytes, page, request_timeout, query_timeout, security)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,8 +105,19 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.edge = edge
+    app.include_router(public)
     app.include_router(router)
     install_error_handlers(app)
+    if security.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(security.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=CORS_HEADERS,
+            expose_headers=CORS_EXPOSED,
+            max_age=600,
+        )
+    app.add_middleware(RequestGuard, security=security)  # added last: the outermost, before CORS
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -100,11 +133,31 @@ def create_app(
             request_schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(request_schema.pop("$defs", {}))
             components["InferenceRequest"] = request_schema
+            _bearer_in_openapi(schema, security.auth)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
     return app
+
+
+def _bearer_in_openapi(schema: dict, auth: bool) -> None:
+    """With tokens, every operation that needs one (FastAPI marked it `security`, from edge.security.BEARER) also
+    lists its 401; without tokens, the scheme is left out altogether (the routes are open)."""
+    components = schema.setdefault("components", {})
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "security" not in operation:
+                continue
+            if not auth:
+                del operation["security"]
+                continue
+            operation.setdefault("responses", {})["401"] = {
+                "description": ERRORS[401]["description"],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+            }
+    if not auth:
+        components.pop("securitySchemes", None)
 
 
 def run_edge(
@@ -118,19 +171,46 @@ def run_edge(
     log_level: str = "info",
     access_log: bool = False,
     ready_file: str | Path | None = None,
+    tokens: Iterable[str] = (),
+    token_files: Iterable[str | Path] = (),
+    admin_tokens: Iterable[str] = (),
+    admin_token_files: Iterable[str | Path] = (),
+    allowed_hosts: Iterable[str] = (),
+    cors_origins: Iterable[str] = (),
+    ssl_certfile: str | Path | None = None,
+    ssl_keyfile: str | Path | None = None,
 ) -> None:
     """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking). broker: the broker's client address
     (default CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555); max_body_bytes: default DEFAULT_MAX_BODY (64 MiB);
-    port 0: any free port; ready_file: where to report the URL once it serves (cluster.local reads it); the rest as
-    in create_app."""
+    port 0: any free port; ready_file: where to report the URL once it serves (cluster.local reads it);
+    token_files / admin_token_files: more tokens, one a line; ssl_certfile + ssl_keyfile (PEM): serve HTTPS; a
+    non-loopback `host` is added to allowed_hosts (every address, 0.0.0.0: a warning instead); the rest as in
+    create_app."""
     from cluster.local import serve_http
 
-    app = create_app(
-        broker,
-        max_body_bytes=DEFAULT_MAX_BODY if max_body_bytes is None else max_body_bytes,
-        frontend_path=frontend_path,
-        request_timeout=request_timeout,
-    )
+    try:
+        if bool(ssl_certfile) != bool(ssl_keyfile):
+            raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        for path in (ssl_certfile, ssl_keyfile):
+            if path and not Path(path).is_file():
+                raise ValueError(f"no such file: {path}")
+        tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
+        app = create_app(
+            broker,
+            max_body_bytes=DEFAULT_MAX_BODY if max_body_bytes is None else max_body_bytes,
+            frontend_path=frontend_path,
+            request_timeout=request_timeout,
+            tokens=[*split_tokens(list(tokens)), *(t for f in token_files for t in read_token_file(f))],
+            admin_tokens=[
+                *split_tokens(list(admin_tokens)),
+                *(t for f in admin_token_files for t in read_token_file(f)),
+            ],
+            allowed_hosts=hosts_for_bind(host, allowed_hosts),
+            cors_origins=cors_origins,
+        )
+    except (ValueError, OSError) as exc:  # a bad option: say which, no traceback
+        logging.getLogger("edge").error("cannot start the edge: %s", exc)
+        sys.exit(2)
     serve_http(
         app,
         host,
@@ -139,4 +219,5 @@ def run_edge(
         log_level=log_level.lower(),
         access_log=access_log,
         timeout_graceful_shutdown=5,
+        **tls,
     )

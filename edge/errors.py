@@ -1,10 +1,13 @@
 """How the edge answers when something goes wrong: `HTTPError`, the cluster's errors as HTTP statuses, and the app's
 exception handlers. Every error body is {"error": "<message>"}.
 
-    400  bad input (invalid JSON, data vs shape, wrong datatype, unknown input or output name)  BadRequestError too
+    400  bad input (invalid JSON, data vs shape, wrong datatype, unknown input or output name)  BadRequestError too;
+         also a Host header that is not one of the edge's names (edge/security.py)
+    401  no token or an unknown one, when the edge has tokens (with WWW-Authenticate: Bearer)
+    403  a plain token on a route that needs an admin token; a POST from a browser page of another origin
     404  unknown model or version                                          ModelNotFoundError, or a bad version path
     413  body over the limit (Content-Length checked first, bytes counted while reading, after decompression too)
-    415  Content-Encoding other than gzip, deflate or identity
+    415  Content-Encoding other than gzip, deflate or identity; an infer body neither JSON nor octet-stream
     429  the broker's queue is full (with Retry-After: 1)                  OverloadedError
     503  no live agent for the model, or the broker does not answer a query  NoAgentAvailableError, query timeouts
     504  no answer to an inference request within its deadline            InferenceTimeoutError on infer

@@ -5,6 +5,9 @@ JSON; edge/oip.py does the tensor conversions, edge/body.py reads bodies, edge/e
 Health follows the OIP's status-code semantics with small JSON bodies (KServe style): live 200 {"live": true};
 ready 200 {"ready": true} / 503 {"ready": false, "error": ...}; model ready 200 / 503 {"name", "ready"}, 404 for a
 model the cluster does not know.
+
+Two routers: `public` (health live and ready, the page) answers everyone; `router` (everything else) needs a token
+when the edge has tokens (edge/security.py); a route that changes the cluster adds `dependencies=[ADMIN]`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from edge.schemas import (
     ServerReady,
     error_responses,
 )
+from edge.security import TOKEN, EdgeSecurity, check_infer_content_type
 
 SERVER_NAME = "torch-serving-cluster"
 EXTENSIONS = ["binary_tensor_data"]
@@ -50,16 +54,24 @@ class EdgeState:
     """What the routes share (the app's `state.edge`): the bus client, the metrics, the limits and deadlines.
 
     client: anything with AsyncClient's coroutines (infer, agents, models, model_metadata); set by the app's lifespan.
+    security: tokens, allowed hosts and CORS origins (edge/security.py).
     """
 
     def __init__(
-        self, broker: str, max_body_bytes: int, frontend_path: Path, request_timeout: float | None, query_timeout: float
+        self,
+        broker: str,
+        max_body_bytes: int,
+        frontend_path: Path,
+        request_timeout: float | None,
+        query_timeout: float,
+        security: EdgeSecurity | None = None,
     ) -> None:
         self.broker = broker
         self.max_body_bytes = max_body_bytes
         self.frontend_path = frontend_path
         self.request_timeout = request_timeout
         self.query_timeout = query_timeout
+        self.security = security or EdgeSecurity()
         self.metrics = EdgeMetrics()
         self.client: Any = None
 
@@ -84,7 +96,8 @@ def parse_version(name: str, version: str | None) -> int | None:
     return int(version)
 
 
-router = APIRouter()
+public = APIRouter()  # open to all, tokens or not
+router = APIRouter(dependencies=[TOKEN])  # a token, when the edge has tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,13 +105,13 @@ router = APIRouter()
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@router.get("/v2/health/live", response_model=ServerLive, tags=["health"], summary="Server live")
+@public.get("/v2/health/live", response_model=ServerLive, tags=["health"], summary="Server live")
 async def server_live() -> Response:
     """200 while the edge can take requests."""
     return json_response({"live": True})
 
 
-@router.get(
+@public.get(
     "/v2/health/ready",
     response_model=ServerReady,
     tags=["health"],
@@ -246,6 +259,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     metrics.in_flight.inc()
     try:
         number = parse_version(name, version)
+        check_infer_content_type(request)
         body = await read_body(request, edge.max_body_bytes)
         parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
         timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
@@ -335,7 +349,7 @@ async def metrics(request: Request) -> Response:
     return Response(edge.metrics.render(), media_type=edge.metrics.content_type)
 
 
-@router.get(
+@public.get(
     "/",
     tags=["page"],
     summary="The web page",

@@ -150,9 +150,11 @@ ERRORS = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "Bad input: invalid JSON, data that does not fit the shape or datatype, unknown input or output.",
+        401: "No token, or a token this edge does not know (only when the edge has tokens: cluster edge --token).",
+        403: "An admin token is needed (a route that changes the cluster), or a browser page of another origin.",
         404: "Unknown model or version.",
         413: "Body over the edge's limit.",
-        415: "Unsupported Content-Encoding.",
+        415: "Unsupported Content-Encoding, or a Content-Type other than JSON or application/octet-stream.",
         429: "The cluster is overloaded; retry after the Retry-After header's seconds.",
         500: "The model failed.",
         502: "The cluster reported an internal error.",

@@ -199,7 +199,7 @@ def bus() -> FakeBus:
 def http(bus):
     """The edge app on the fake bus, its lifespan run; errors answered as HTTP (not raised into the test)."""
     app = create_app(client=bus, max_body_bytes=LIMIT, request_timeout=7.0)
-    with TestClient(app, base_url="http://edge", raise_server_exceptions=False) as client:
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
         yield client
     assert app.state.edge.client is None, "the lifespan should let go of the bus client at shutdown"
 
@@ -559,7 +559,7 @@ def test_page_is_served(http):
 
 def test_missing_page_is_404(bus, tmp_path):
     app = create_app(client=bus, frontend_path=tmp_path / "nowhere.html")
-    with TestClient(app, raise_server_exceptions=False) as http:
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as http:
         assert_error(http.get("/"), 404, "nowhere.html is not installed")
 
 
