@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import ssl
 import warnings
 
 import numpy as np
@@ -21,6 +22,7 @@ from edge import create_app, security
 from edge.schemas import error_responses
 from edge.security import ADMIN, EdgeSecurity, hosts_for_bind, read_token_file, split_tokens
 from tests.edge_http import assert_binary_echo, assert_error, binary_echo_body, echo_body
+from tests.harness import start_edge
 from tests.test_edge_app import FakeBus
 
 with warnings.catch_warnings():
@@ -296,3 +298,101 @@ def make_certificate(folder) -> tuple[str, str]:
     )
     key_path.chmod(0o600)
     return str(cert_path), str(key_path)
+
+
+def test_cluster_edge_reads_tokens_hosts_origins_and_tls_from_options_and_environment(monkeypatch, tmp_path):
+    """`cluster edge`'s options reach run_edge (in-process: run_edge replaced by a recorder)."""
+    from typer.testing import CliRunner
+
+    import edge as edge_package
+    from cluster.cli import app
+
+    calls = []
+    monkeypatch.setattr(edge_package, "run_edge", lambda *args, **kwargs: calls.append((args, kwargs)))
+    env = {"CLUSTER_EDGE_TOKEN": "a,b c", "CLUSTER_EDGE_ADMIN_TOKEN": "root"}
+    argv = ["edge", "--token-file", "t.txt", "--allowed-host", "edge.example", "--cors-origin", "https://app.example"]
+    argv += ["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"]
+    out = CliRunner().invoke(app, argv, env=env)
+    assert out.exit_code == 0, out.output
+    (_, options) = calls[0]
+    assert split_tokens(options["tokens"]) == ("a", "b", "c") and list(options["admin_tokens"]) == ["root"]
+    assert list(options["token_files"]) == ["t.txt"] and list(options["allowed_hosts"]) == ["edge.example"]
+    assert list(options["cors_origins"]) == ["https://app.example"]
+    assert (options["ssl_certfile"], options["ssl_keyfile"]) == ("c.pem", "k.pem")
+
+
+@pytest.mark.cluster
+def test_tls_edge_with_tokens_serves_unmodified_tritonclient(cluster, tmp_path):
+    """A real `cluster edge` with --ssl-certfile/--ssl-keyfile (a certificate made here) and --token-file, in front
+    of a real cluster: health answers without a token, everything else needs it; tritonclient.http with ssl=True,
+    trusting the test's certificate (or verifying nothing), and headers={"Authorization": ...} runs inference."""
+    import gevent.ssl
+    import httpx
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    cert, key = make_certificate(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# edge tokens\n{TOKEN}\n")
+    cluster.start_manager()
+    cluster.start_broker()
+    cluster.start_agent("agent-tls")
+    cluster.wait_for_agents(1, model="echo")
+    edge = start_edge(
+        cluster.addresses.broker_clients,
+        tmp_path,
+        "--ssl-certfile",
+        cert,
+        "--ssl-keyfile",
+        key,
+        "--token-file",
+        str(tokens),
+        "--admin-token",
+        ADMIN_TOKEN,
+    )
+    url = f"https://127.0.0.1:{edge.port}"
+    try:
+        with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=cert), timeout=10) as https:
+            assert https.get("/v2/health/live").json() == {"live": True}
+            assert https.get("/v2/health/ready").json() == {"ready": True}
+            assert https.get("/").status_code == 200
+            response = https.get("/models")
+            assert_error(response, 401, "Bearer")
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "echo" in https.get("/models", headers=bearer(TOKEN)).json()
+            assert "echo" in https.get("/models", headers=bearer(ADMIN_TOKEN)).json()
+            response = https.post(INFER, json=echo_body([[1.5, 2.5]]), headers=bearer(TOKEN))
+            assert response.status_code == 200 and response.json()["outputs"][0]["data"] == [1.5, 2.5]
+        with pytest.raises(httpx.ConnectError):  # really TLS, with a certificate the system does not trust
+            httpx.get(url + "/v2/health/live", timeout=10)
+        with pytest.raises(httpx.RemoteProtocolError):  # and only TLS
+            httpx.get(f"http://127.0.0.1:{edge.port}/v2/health/live", timeout=10)
+
+        values = np.arange(12, dtype=np.float32).reshape(3, 4)
+        trusting = {"ssl_options": {"ca_certs": cert}}
+        # geventhttpclient's insecure=True skips the host name only: an unverified context skips the chain too
+        unverified = {"insecure": True, "ssl_context_factory": gevent.ssl._create_unverified_context}
+        for options in (trusting, unverified):
+            client = triton.InferenceServerClient(f"127.0.0.1:{edge.port}", ssl=True, **options)
+            try:
+                assert client.is_server_live() and client.is_server_ready()  # health: no token needed
+                with pytest.raises(InferenceServerException) as refused:
+                    client.get_model_metadata("echo")
+                assert refused.value.status() == "401"
+                for binary in (True, False):
+                    x = triton.InferInput("x", list(values.shape), "FP32")
+                    x.set_data_from_numpy(values, binary_data=binary)
+                    wanted = [triton.InferRequestedOutput("y", binary_data=binary)]
+                    result = client.infer("echo", [x], outputs=wanted, headers=bearer(TOKEN))
+                    np.testing.assert_array_equal(result.as_numpy("y"), values)
+                with pytest.raises(InferenceServerException) as refused:
+                    client.infer("echo", [x], headers=bearer("not-a-token"))
+                assert refused.value.status() == "401" and "not valid" in refused.value.message()
+                assert client.get_model_metadata("echo", headers=bearer(TOKEN))["name"] == "echo"
+            finally:
+                client.close()
+    except BaseException:
+        print(edge.log())
+        raise
+    finally:
+        edge.stop()
