@@ -20,7 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -84,8 +84,8 @@ class EdgeSecurity:
     cors_origins: browser origins (scheme://host[:port]) whose pages may call the edge.
     """
 
-    tokens: tuple[str, ...] = ()
-    admin_tokens: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = field(default=(), repr=False)  # repr: never in a log
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
 
@@ -93,8 +93,8 @@ class EdgeSecurity:
         for name in ("tokens", "admin_tokens", "allowed_hosts", "cors_origins"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for token in self.tokens + self.admin_tokens:
-            if not token or token != token.strip() or not token.isprintable():
-                raise ValueError("a token must be printable text without leading or trailing spaces")
+            if not token or token != token.strip() or not (token.isascii() and token.isprintable()):
+                raise ValueError("a token must be printable ASCII without leading or trailing spaces")
         object.__setattr__(self, "cors_origins", tuple(o.rstrip("/") for o in self.cors_origins))
         names = tuple(host_name(h) if not h.startswith("*") else h.lower() for h in self.allowed_hosts)
         object.__setattr__(self, "_hosts", LOOPBACK_HOSTS + names)

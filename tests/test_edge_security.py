@@ -144,8 +144,10 @@ def test_tokens_from_options_and_files(tmp_path):
     path.write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match="holds no token"):
         read_token_file(path)
-    with pytest.raises(ValueError, match="token"):
-        EdgeSecurity(tokens=[" padded"])
+    for bad in (" padded", "", "naïve", "tab\there"):
+        with pytest.raises(ValueError, match="token"):
+            EdgeSecurity(tokens=[bad])
+    assert "secret" not in repr(EdgeSecurity(tokens=["secret"], admin_tokens=["secret"]))
 
 
 def test_openapi_declares_the_bearer_scheme_on_the_routes_that_need_it(locked):
