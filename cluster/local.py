@@ -128,6 +128,8 @@ def serve_http(
         logging.getLogger("uvicorn.error").error("cannot listen on %s: %s", http_url(host, port), exc)
         sys.exit(3)  # uvicorn's STARTUP_FAILURE
     url = http_url(host, sock.getsockname()[1])
+    if uvicorn_options.get("ssl_certfile"):
+        url = "https" + url[len("http") :]  # a TLS edge reports the scheme its clients must use
 
     class ReportingServer(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -170,7 +172,7 @@ class Proc:
 
     @property
     def url(self) -> str:
-        """An edge's http://host:port."""
+        """An edge's http(s)://host:port."""
         return self.addresses["edge"]
 
     @property

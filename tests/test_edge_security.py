@@ -352,7 +352,8 @@ def test_tls_edge_with_tokens_serves_unmodified_tritonclient(cluster, tmp_path):
         "--admin-token",
         ADMIN_TOKEN,
     )
-    url = f"https://127.0.0.1:{edge.port}"
+    url = edge.url
+    assert url == f"https://127.0.0.1:{edge.port}", f"a TLS edge reports an https URL, got {url}"
     try:
         with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=cert), timeout=10) as https:
             assert https.get("/v2/health/live").json() == {"live": True}

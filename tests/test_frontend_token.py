@@ -25,6 +25,7 @@ TOKEN = "page-token-1"
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.cluster,  # multi-process: Chromium (the edge itself runs in this process, on the fake bus)
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed"),
 ]
 
