@@ -76,7 +76,7 @@ class _AllowListCallback:
         self.allow = allow
 
     def callback(self, domain: str, key: bytes) -> bool:
-        self.allow.refresh()
+        self.allow.refresh(force=True)  # handshakes are rare: a stat each, so a revoked key is refused at once
         role = self.allow.role_of(key.decode("ascii"))
         allowed = role in DOMAINS.get(domain, ())
         if not allowed:

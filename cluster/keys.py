@@ -171,9 +171,10 @@ def make_cluster_keys(
 class AllowList:
     """The allow-list of a key directory, as the broker and manager see it: public key (z85) -> role.
 
-    `role_of` is one dict lookup; `refresh(now)` (called from the role's clock tick, and by role_of's callers at
-    most every RELOAD_EVERY seconds) reloads members.json when it changed. A members.json that cannot be read keeps
-    the last good list (an operator's half-edited file must not lock everyone out or let everyone in)."""
+    `role_of` is one dict lookup; `refresh(now)` (called from the role's clock tick: it looks at most every
+    RELOAD_EVERY seconds; the ZAP thread forces a look at every handshake) reloads members.json when it changed.
+    A members.json that cannot be read keeps the last good list (an operator's half-edited file must not lock
+    everyone out or let everyone in)."""
 
     def __init__(self, directory: str | Path, reload_every: float = RELOAD_EVERY) -> None:
         self.directory = Path(directory)
@@ -192,10 +193,11 @@ class AllowList:
         self.names = {m["public"]: name for name, m in members.items() if isinstance(m, dict) and "public" in m}
         self._stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
-    def refresh(self, now: float | None = None) -> bool:
-        """Reload if members.json changed; looks at most every `reload_every` s. True if it reloaded."""
+    def refresh(self, now: float | None = None, force: bool = False) -> bool:
+        """Reload if members.json changed; looks at most every `reload_every` s (force: now; a stat). True if it
+        reloaded."""
         now = time.monotonic() if now is None else now
-        if now < self._next_check:
+        if now < self._next_check and not force:
             return False
         self._next_check = now + self.reload_every
         try:

@@ -20,7 +20,8 @@ What it guarantees (the Majordomo broker's gaps, fixed):
 - tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read;
 - with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
   bound to the key it registered with: READY for an identity registered with another key is refused (until that
-  agent expires), and any other message for it from another key is dropped.
+  agent expires), and any other message for it from another key is dropped; READY must name the agent id it
+  connected with (its routing identity).
 """
 
 from __future__ import annotations
@@ -240,6 +241,11 @@ class Dispatcher:
                 raise ProtocolError("capacity must be at least 1")
         except ProtocolError as exc:
             bad_input.warning("bad READY from %r dropped: %s", identity, exc)
+            return
+        if self.allow is not None and identity != beat.agent.encode():
+            refused.warning(
+                "READY from %r refused: it names agent %r (keys on: the two must match)", identity, beat.agent
+            )
             return
         old = self.agents.get(identity)
         if old is not None and old.key != key:
