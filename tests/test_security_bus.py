@@ -233,3 +233,66 @@ def test_tensor_bytes_on_the_wire(share, tmp_path, with_keys):
             assert MARKER not in wire, "the tensor's bytes crossed loopback in the clear with keys on"
         else:
             assert MARKER in wire, "the capture did not see the tensor in the clear (is it capturing?)"
+
+
+# ---- 6. the bus fuzz against a secured broker ----------------------------------------------------------------------
+
+FUZZ_EXAMPLES = 300  # per socket (tests/test_fuzz.py runs 1,500 on the unsecured bus)
+
+
+@pytest.mark.timeout(600)
+def test_fuzz_a_secured_broker_before_and_after_the_handshake(secure):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.test_fuzz import drain, fuzz
+
+    start(secure, agents=1)
+    a = secure.addresses
+    ports = {
+        name: int(getattr(a, name).rsplit(":", 1)[1])
+        for name in ("broker_clients", "broker_agents", "manager_heartbeats", "manager_queries")
+    }
+
+    # Before the handshake: raw TCP garbage, and a valid ZMTP 3.0 greeting start (signature, version 3.0, the
+    # mechanism name padded to 20 bytes: NULL or CURVE) followed by garbage.
+    def greeting(mechanism: bytes) -> bytes:
+        return b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + mechanism.ljust(20, b"\0")
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.sampled_from(sorted(ports)),
+        st.sampled_from([b"", greeting(b"NULL"), greeting(b"CURVE")]),
+        st.binary(max_size=300),
+    )
+    def raw(port_name, prefix, garbage):
+        with socket.create_connection(("127.0.0.1", ports[port_name]), timeout=2) as conn:
+            try:
+                conn.sendall(prefix + garbage)
+                conn.settimeout(0.05)
+                conn.recv(1024)
+            except OSError:
+                pass  # the peer closing on us is the expected answer
+
+    raw()
+
+    # After the handshake: allowed keys sending fuzz messages on the sockets their role reaches.
+    ctx = zmq.Context()
+    keys.add(secure.keys, "fuzz-agent", "agent")
+    clients = curve_dealer(ctx, a.broker_clients, secure.member_key("client"))
+    agents = curve_dealer(ctx, a.broker_agents, secure.keys / "fuzz-agent.key", b"fuzz-agent")
+    queries = curve_dealer(ctx, a.manager_queries, secure.member_key("client"))
+    fuzz(lambda f: (clients.send_multipart(f), drain(clients)), FUZZ_EXAMPLES)
+    fuzz(lambda f: (agents.send_multipart(f), drain(agents)), FUZZ_EXAMPLES)
+    fuzz(lambda f: (queries.send_multipart(f), drain(queries)), FUZZ_EXAMPLES)
+    for sock in (clients, agents, queries):
+        sock.close()
+    ctx.term()
+
+    client = secure.client()
+    assert client.infer("echo", ECHO).as_numpy("y").tolist() == [[0, 1, 2, 3]]
+    assert secure.manager_query("deployments") is not None
+    for proc in secure.procs:
+        if proc.role in ("manager", "broker") and not proc.retired:
+            assert proc.alive(), f"{proc.name} died:\n{proc.log()[-3000:]}"
+            assert "Traceback" not in proc.log(), f"{proc.name} hit an unexpected exception:\n{proc.log()[-3000:]}"
