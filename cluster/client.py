@@ -50,10 +50,13 @@ from cluster.sockets import make_socket
 
 HANDSHAKE_FAILED = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the broker refused this client's key",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake failed (a wrong server key in the key file?)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: the broker and this client disagree on security "
     "(one runs with keys, the other without)",
+    # Also what a connection closed mid-handshake reports (a broker restarting): conclusive only for a client with a
+    # key, after a few in a row (a wrong server key in the key file fails every handshake this way).
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake keeps failing (a wrong server key in the key file?)",
 }
+NO_DETAIL_LIMIT = 3  # consecutive NO_DETAIL failures after which a client with a key gives up
 HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILED)
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 
@@ -106,15 +109,20 @@ class ClientCore:
         self.address = address
         self.keyed = keyed  # this client presents a key
         self.refused: AuthenticationError | None = None  # the last handshake failed: calls fail at once
+        self._no_detail = 0  # NO_DETAIL handshake failures since the last success
 
     def on_handshake(self, event: int) -> list[tuple[Call, ClusterError]]:
         """A monitor event. A failed handshake fails every waiting call (and, until a handshake succeeds, every new
         one) with AuthenticationError; a successful one clears that."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.refused = None
+            self.refused, self._no_detail = None, 0
             return []
         if event not in HANDSHAKE_FAILED:
             return []
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._no_detail += 1
+            if not self.keyed or self._no_detail < NO_DETAIL_LIMIT:
+                return []
         why = HANDSHAKE_FAILED[event]
         if not self.keyed:
             why += "; it runs with keys: pass key= (a key file from `cluster keys add`)"

@@ -166,3 +166,33 @@ def test_members_file_is_plain_json(tmp_path):
     keys.init(tmp_path / "k")
     data = json.loads((tmp_path / "k" / keys.MEMBERS_FILE).read_text())
     assert set(data) == {"members"} and data["members"]["admin"]["role"] == "admin"
+
+
+def test_client_core_fails_calls_on_a_refused_handshake():
+    """AuthenticationError at once on a conclusive handshake failure; a handshake closed mid-way (NO_DETAIL, also
+    what a restarting broker causes) counts only for a client with a key, and only a few in a row."""
+    import concurrent.futures
+
+    import zmq
+
+    from cluster import AuthenticationError
+    from cluster.client import NO_DETAIL_LIMIT, ClientCore
+
+    core = ClientCore(5.0, "tcp://127.0.0.1:1", keyed=False)
+    call = core.query_call("agents", None, concurrent.futures.Future())
+    assert core.on_handshake(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) == [] and core.refused is None
+    [(failed, error)] = core.on_handshake(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    assert failed is call and isinstance(error, AuthenticationError) and "pass key=" in str(error)
+    assert core.calls == {}
+    core.on_handshake(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    assert core.refused is None
+
+    keyed = ClientCore(5.0, "tcp://127.0.0.1:1", keyed=True)
+    for _ in range(NO_DETAIL_LIMIT - 1):
+        keyed.on_handshake(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    assert keyed.refused is None
+    keyed.on_handshake(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    assert isinstance(keyed.refused, AuthenticationError)
+    keyed.on_handshake(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    keyed.on_handshake(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    assert "refused this client's key" in str(keyed.refused)

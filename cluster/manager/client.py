@@ -12,9 +12,9 @@ from cluster.config import MANAGER_QUERY_ADDR, env_or
 from cluster.errors import AuthenticationError, ClusterError, InferenceTimeoutError, error_from_header
 from cluster.protocol import Command, ProtocolError
 
-HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-)
+# The conclusive handshake failures: the key refused, or one side runs with keys and the other not. (NO_DETAIL is
+# also what a manager restarting mid-handshake causes: such a call times out instead.)
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class ManagerClient:
