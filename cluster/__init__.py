@@ -6,6 +6,7 @@ Programs use `Client` (blocking) or `AsyncClient` (asyncio); everything else run
 
 from cluster.client import AsyncClient, Client, InferResult
 from cluster.errors import (
+    AuthenticationError,
     BadRequestError,
     ClusterError,
     InferenceFailedError,
@@ -13,6 +14,7 @@ from cluster.errors import (
     ModelNotFoundError,
     NoAgentAvailableError,
     OverloadedError,
+    PermissionDeniedError,
 )
 
 __all__ = [
@@ -26,4 +28,6 @@ __all__ = [
     "BadRequestError",
     "InferenceFailedError",
     "OverloadedError",
+    "AuthenticationError",
+    "PermissionDeniedError",
 ]

@@ -45,6 +45,13 @@ Liveness = typer.Option(
     None, "--liveness", envvar="CLUSTER_LIVENESS", help="Missed heartbeats before a peer is dead (default 3)."
 )
 LogLevel = typer.Option("INFO", "--log-level", envvar="CLUSTER_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
+Key = typer.Option(
+    None,
+    "--key",
+    envvar="CLUSTER_KEY",
+    help="Key file (`cluster keys`): every bus socket uses CURVE with it. The broker and manager take DIR/server.key "
+    "and read DIR/members.json. Without it: the bus in the clear.",
+)
 ReadyFile = typer.Option(
     None,
     "--ready-file",
@@ -68,6 +75,18 @@ def _stop_on_signals(component) -> None:
 
 def _addresses(**kwargs) -> config.Addresses:
     return config.Addresses(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _security(key: str | None):
+    """The CURVE settings of a role started with --key (None: in the clear); a bad key file stops it with a message."""
+    from cluster.auth import BusSecurity
+    from cluster.keys import KeyDirError
+
+    try:
+        return BusSecurity.load(key)
+    except KeyDirError as exc:
+        typer.echo(f"--key: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _report_ready(ready_file: str | None, role: str, **sockets) -> None:
@@ -100,6 +119,7 @@ def manager(
     liveness: int | None = Liveness,
     log_level: str = LogLevel,
     ready_file: str | None = ReadyFile,
+    key: str | None = Key,
 ):
     """Run the lifecycle manager: registry of live agents from their heartbeats."""
     from cluster.manager import Manager
@@ -110,6 +130,7 @@ def manager(
         _addresses(manager_heartbeats=heartbeats, manager_events=events, manager_queries=queries),
         timings,
         share=share or config.default_share_dir(),
+        security=_security(key),
     )
     _stop_on_signals(component)
     _report_ready(
@@ -134,13 +155,19 @@ def broker(
     liveness: int | None = Liveness,
     log_level: str = LogLevel,
     ready_file: str | None = ReadyFile,
+    key: str | None = Key,
 ):
     """Run the broker: routes client requests to live agents that have the model."""
     from cluster.broker import Broker
 
     _setup_logging(log_level, "broker")
     timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
-    component = Broker(_addresses(broker_clients=clients, broker_agents=agents, manager_events=events), timings, policy)
+    component = Broker(
+        _addresses(broker_clients=clients, broker_agents=agents, manager_events=events),
+        timings,
+        policy,
+        security=_security(key),
+    )
     _stop_on_signals(component)
     _report_ready(ready_file, "broker", broker_clients=component.clients, broker_agents=component.agents_sock)
     component.run()
@@ -172,6 +199,7 @@ def agent(
     heartbeat_interval: float | None = Interval,
     liveness: int | None = Liveness,
     log_level: str = LogLevel,
+    key: str | None = Key,
 ):
     """Run an agent: loads the share's models and serves them to the broker."""
     from cluster.agent import Agent
@@ -189,6 +217,7 @@ def agent(
         model_names=[m for m in models.split(",") if m] if models else None,
         cache_dir=cache,
         torch_threads=threads if threads > 0 else None,
+        key=key,
     )
     _stop_on_signals(component)
     component.run()
@@ -251,6 +280,7 @@ def edge(
     ssl_keyfile: str | None = typer.Option(
         None, "--ssl-keyfile", envvar="CLUSTER_EDGE_SSL_KEYFILE", help="TLS private key (PEM) of --ssl-certfile."
     ),
+    key: str | None = Key,
 ):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST, /metrics, /agents, and the page at /."""
     from edge import run_edge
@@ -273,6 +303,7 @@ def edge(
         cors_origins=cors_origin,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        key=key,  # the edge's bus client presents this key
     )
 
 
@@ -377,6 +408,7 @@ def up(
 def status(
     broker: str = BrokerClients,
     timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
+    key: str | None = Key,
 ):
     """Print the live agents and the models they serve."""
     from rich.console import Console
@@ -384,7 +416,7 @@ def status(
 
     from cluster import Client, ClusterError
 
-    with Client(broker) as client:
+    with Client(broker, key=key) as client:
         try:
             agents = client.agents(timeout=timeout)
             models = client.models(timeout=timeout)
@@ -445,12 +477,12 @@ def _print_rollout(report: dict, what: str) -> None:
     )
 
 
-def _manager_call(manager: str, what: str, wait: float, **fields):
+def _manager_call(manager: str, what: str, wait: float, key: str | None = None, **fields):
     from cluster import ClusterError
     from cluster.manager.client import ManagerClient
 
     try:
-        return ManagerClient(manager).call(what, timeout=wait, **fields)
+        return ManagerClient(manager, key=key).call(what, timeout=wait, **fields)
     except ClusterError as exc:
         typer.echo(f"{what} failed: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -472,6 +504,7 @@ def deploy(
     share: str | None = Share,
     manager: str = ManagerAddress,
     timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
+    key: str | None = Key,
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome."""
     import json
@@ -504,7 +537,7 @@ def deploy(
             typer.echo(f"cannot publish: {exc}", err=True)
             raise typer.Exit(2) from None
     typer.echo(f"published {name} version {version} to {share_dir}; rolling out ...")
-    report = _manager_call(manager, "deploy", timeout + 30, name=name, version=version, rollout_timeout=timeout)
+    report = _manager_call(manager, "deploy", timeout + 30, key, name=name, version=version, rollout_timeout=timeout)
     _print_rollout(report, "deploy")
     raise typer.Exit(0 if report["ok"] else 1)
 
@@ -515,27 +548,28 @@ def rollback(
     to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
     manager: str = ManagerAddress,
     timeout: float = typer.Option(300.0, help="Seconds to wait for every agent."),
+    key: str | None = Key,
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
-    report = _manager_call(manager, "rollback", timeout + 30, name=name, to=to, rollout_timeout=timeout)
+    report = _manager_call(manager, "rollback", timeout + 30, key, name=name, to=to, rollout_timeout=timeout)
     _print_rollout(report, "rollback")
     raise typer.Exit(0 if report["ok"] else 1)
 
 
 @app.command()
-def undeploy(name: str = typer.Argument(..., help="Model name."), manager: str = ManagerAddress):
+def undeploy(name: str = typer.Argument(..., help="Model name."), manager: str = ManagerAddress, key: str | None = Key):
     """Stop serving a model everywhere (agents finish what is in flight, then unload it). The share keeps its files."""
-    _manager_call(manager, "undeploy", 10, name=name)
+    _manager_call(manager, "undeploy", 10, key, name=name)
     typer.echo(f"undeployed {name}")
 
 
 @app.command()
-def models(manager: str = ManagerAddress):
+def models(manager: str = ManagerAddress, key: str | None = Key):
     """What is deployed, at which version, on which agents."""
     from rich.console import Console
     from rich.table import Table
 
-    deployments = _manager_call(manager, "deployments", 5)
+    deployments = _manager_call(manager, "deployments", 5, key)
     table = Table(title="Deployments")
     for column in ("model", "version", "staged", "history", "agents (versions served)"):
         table.add_column(column)
@@ -555,6 +589,7 @@ def bench(
     batch: int = typer.Option(1, help="Rows per request (the first variable dimension)."),
     http: str | None = typer.Option(None, "--http", help="Drive the HTTP edge at this URL instead of the bus."),
     broker: str = BrokerClients,
+    key: str | None = Key,
 ):
     """Load generator: throughput and p50/p95/p99 latency of MODEL through the bus client or the edge."""
     import asyncio
@@ -565,7 +600,7 @@ def bench(
         if http:
             result = asyncio.run(loadgen.bench_http(http, model, concurrency, duration, batch))
         else:
-            result = asyncio.run(loadgen.bench_bus(broker, model, concurrency, duration, batch))
+            result = asyncio.run(loadgen.bench_bus(broker, model, concurrency, duration, batch, key=key))
     except (ClusterError, OSError) as exc:
         typer.echo(f"bench failed: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -577,6 +612,81 @@ def bench(
         f"{s['requests']} ok, {s['errors']} errors" + (f" {result.errors}" if result.errors else "")
     )
     raise typer.Exit(1 if s["errors"] and not s["requests"] else 0)
+
+
+# ---- keys ---------------------------------------------------------------------------------------------------------
+
+keys_app = typer.Typer(no_args_is_help=True, help="Key directories for CURVE on the bus: members, roles, revocation.")
+app.add_typer(keys_app, name="keys")
+KeyDir = typer.Option(None, "--dir", envvar="CLUSTER_KEY_DIR", help="The key directory (from `cluster keys init`).")
+
+
+@keys_app.callback()
+def keys_group(ctx: typer.Context, directory: Path | None = KeyDir):
+    """Key directories for CURVE on the bus: `init DIR`, then `add`, `revoke` and `list` members (--dir DIR)."""
+    ctx.obj = directory  # `cluster keys --dir DIR add ...` works too
+
+
+def _key_dir(ctx: typer.Context, directory: Path | None) -> Path:
+    directory = directory or ctx.obj
+    if directory is None:
+        typer.echo("keys: give the key directory with --dir DIR (or CLUSTER_KEY_DIR)", err=True)
+        raise typer.Exit(2)
+    return directory
+
+
+def _keys_call(fn, directory: Path, *args):
+    from cluster.keys import KeyDirError
+
+    try:
+        return fn(directory, *args)
+    except KeyDirError as exc:
+        typer.echo(f"keys: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@keys_app.command("init")
+def keys_init(directory: Path = typer.Argument(..., help="Where to create the key directory.")):
+    """Create a key directory: server.key (the broker and manager serve with it), admin.key, and the allow-list."""
+    from cluster import keys
+
+    admin = _keys_call(keys.init, directory)
+    typer.echo(f"key directory {directory}: server key {directory / 'server.key'}, admin key {directory / 'admin.key'}")
+    typer.echo(f"admin public key {admin.public}")
+
+
+@keys_app.command("add")
+def keys_add(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Member name; its key file is DIR/NAME.key."),
+    role: str = typer.Option(..., "--role", help="agent, client or admin."),
+    directory: Path = KeyDir,
+):
+    """Create a member's key file and allow its key for ROLE (takes effect within seconds, no restart)."""
+    from cluster import keys
+
+    directory = _key_dir(ctx, directory)
+    key = _keys_call(keys.add, directory, name, role)
+    typer.echo(f"added {name} ({role}): {directory / (name + '.key')}")
+    typer.echo(f"public key {key.public}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, name: str = typer.Argument(..., help="Member name."), directory: Path = KeyDir):
+    """Remove a member from the allow-list: its connections are refused within seconds."""
+    from cluster import keys
+
+    _keys_call(keys.revoke, _key_dir(ctx, directory), name)
+    typer.echo(f"revoked {name}")
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, directory: Path = KeyDir):
+    """Members of the key directory and their roles."""
+    from cluster import keys
+
+    for name, member in sorted(_keys_call(keys.list_members, _key_dir(ctx, directory)).items()):
+        typer.echo(f"{name:24} {member.get('role', '?'):8} {member.get('public', '')}")
 
 
 def main() -> None:

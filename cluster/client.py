@@ -9,6 +9,10 @@ Layout (pyzmq's zmq/auth idea): `ClientCore` is the sans-IO part (encode request
 deadlines); `Client` and `AsyncClient` are thin adapters that own the socket. Many requests share one socket and
 are told apart by request id. If the connection to the broker drops and comes back (a broker restart), every call
 still waiting is sent again: inference is idempotent, and the first answer wins.
+
+With keys (`key="path/NAME.key"`, a member's key file from `cluster keys add`), the socket connects with CURVE. A
+broker that refuses the key (or that runs with keys while this client has none) fails the handshake; the socket
+monitor reports it, and every call then fails at once with AuthenticationError rather than at its deadline.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from cluster import protocol
+from cluster.auth import BusSecurity
 from cluster.codec import decode_tensors, encode_tensors
 from cluster.config import BROKER_CLIENT_ADDR, MAX_MESSAGE_BYTES, Timings, env_or, timings_from_env
 from cluster.errors import (
+    AuthenticationError,
     BadRequestError,
     ClusterError,
     InferenceTimeoutError,
@@ -42,6 +48,16 @@ from cluster.errors import (
 from cluster.protocol import Command, ProtocolError
 from cluster.sockets import make_socket
 
+HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the broker refused this client's key",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: the broker and this client disagree on security "
+    "(one runs with keys, the other without)",
+    # Also what a connection closed mid-handshake reports (a broker restarting): conclusive only for a client with a
+    # key, after a few in a row (a wrong server key in the key file fails every handshake this way).
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake keeps failing (a wrong server key in the key file?)",
+}
+NO_DETAIL_LIMIT = 3  # consecutive NO_DETAIL failures after which a client with a key gives up
+HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILED)
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 
 
@@ -86,10 +102,34 @@ class Call:
 class ClientCore:
     """Everything a client does except I/O."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, address: str = "", keyed: bool = False) -> None:
         self.timeout = timeout
         self.calls: dict[int, Call] = {}
         self._ids = itertools.count(1)
+        self.address = address
+        self.keyed = keyed  # this client presents a key
+        self.refused: AuthenticationError | None = None  # the last handshake failed: calls fail at once
+        self._no_detail = 0  # NO_DETAIL handshake failures since the last success
+
+    def on_handshake(self, event: int) -> list[tuple[Call, ClusterError]]:
+        """A monitor event. A failed handshake fails every waiting call (and, until a handshake succeeds, every new
+        one) with AuthenticationError; a successful one clears that."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.refused, self._no_detail = None, 0
+            return []
+        if event not in HANDSHAKE_FAILED:
+            return []
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._no_detail += 1
+            if not self.keyed or self._no_detail < NO_DETAIL_LIMIT:
+                return []
+        why = HANDSHAKE_FAILED[event]
+        if not self.keyed:
+            why += "; it runs with keys: pass key= (a key file from `cluster keys add`)"
+        self.refused = AuthenticationError(f"{why} (broker {self.address})")
+        failed = [(call, self.refused) for call in self.calls.values()]
+        self.calls.clear()
+        return failed
 
     def infer_call(self, model: str, inputs: Mapping[str, Any], version, timeout, outputs, future) -> Call:
         if not isinstance(model, str) or not model:
@@ -172,22 +212,20 @@ class ClientCore:
 CLIENT_TIMINGS = Timings(reconnect_initial=0.1, reconnect_max=2.0)
 
 
-def _make_dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
-    return make_socket(ctx, zmq.DEALER, connect=address, hwm=100_000, linger=0, timings=CLIENT_TIMINGS)
-
-
-def _reconnected(monitor_frames: list) -> bool:
-    """True when a monitor event says the connection came back after a drop."""
-    event = parse_monitor_message(monitor_frames)["event"]
-    return event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+def _make_dealer(ctx: zmq.Context, address: str, security: BusSecurity | None) -> zmq.Socket:
+    curve = security.client() if security is not None else None
+    return make_socket(ctx, zmq.DEALER, connect=address, hwm=100_000, linger=0, timings=CLIENT_TIMINGS, curve=curve)
 
 
 class Client:
     """Blocking client, safe to share between threads. An I/O thread owns the socket; callers wait on futures."""
 
-    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, address: str | None = None, timeout: float | None = None, key: str | None = None) -> None:
         self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
-        self.core = ClientCore(timings_from_env().request_timeout if timeout is None else timeout)
+        self.security = BusSecurity.load(key)
+        self.core = ClientCore(
+            timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None
+        )
         self._lock = threading.Lock()  # guards core.calls between callers and the I/O thread
         self._outbox: queue.SimpleQueue[Call] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -299,8 +337,8 @@ class Client:
             pass  # already signalled, or closing
 
     def _io_loop(self) -> None:
-        sock = _make_dealer(self._ctx, self.address)
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        sock = _make_dealer(self._ctx, self.address, self.security)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -321,6 +359,11 @@ class Client:
                         call = self._outbox.get_nowait()
                     except queue.Empty:
                         break
+                    if self.core.refused is not None:
+                        with self._lock:
+                            self.core.cancel(call)
+                        _resolve(call.future, self.core.refused)
+                        continue
                     sock.send_multipart(call.frames(), copy=False)
                 if sock in ready:
                     for _ in range(1024):
@@ -333,7 +376,12 @@ class Client:
                         if call is not None:
                             _resolve(call.future, outcome)
                 if monitor in ready:
-                    if _reconnected(monitor.recv_multipart()):
+                    event = parse_monitor_message(monitor.recv_multipart())["event"]
+                    with self._lock:
+                        refused = self.core.on_handshake(event)
+                    for call, error in refused:
+                        _resolve(call.future, error)
+                    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the connection came (back) up
                         handshakes += 1
                         if handshakes > 1:  # a reconnection: whatever was in flight on the old broker is lost
                             with self._lock:
@@ -373,9 +421,18 @@ class AsyncClient:
 
     CONNECT_GRACE = 1.0  # seconds a fresh client may take to connect before fail_fast applies
 
-    def __init__(self, address: str | None = None, timeout: float | None = None, fail_fast: bool = False) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        timeout: float | None = None,
+        fail_fast: bool = False,
+        key: str | None = None,
+    ) -> None:
         self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
-        self.core = ClientCore(timings_from_env().request_timeout if timeout is None else timeout)
+        self.security = BusSecurity.load(key)
+        self.core = ClientCore(
+            timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None
+        )
         self.fail_fast = fail_fast
         self.connected = False  # the monitor's view: a handshake with the broker succeeded and has not dropped since
         self._started_at = 0.0
@@ -387,9 +444,9 @@ class AsyncClient:
         if self._sock is not None:
             return
         self._ctx = zmq.asyncio.Context()
-        self._sock = _make_dealer(self._ctx, self.address)
+        self._sock = _make_dealer(self._ctx, self.address, self.security)
         self._started_at = time.monotonic()
-        monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
         self._tasks = [
             asyncio.ensure_future(self._read()),
             asyncio.ensure_future(self._watch(monitor)),
@@ -445,6 +502,8 @@ class AsyncClient:
         await self.close()
 
     def _check_connected(self, model: str | None = None) -> None:
+        if self.core.refused is not None:
+            raise self.core.refused
         if self.fail_fast and not self.connected and time.monotonic() - self._started_at > self.CONNECT_GRACE:
             raise NoAgentAvailableError(f"the broker at {self.address} is not reachable", model)
 
@@ -475,6 +534,8 @@ class AsyncClient:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
                 self.connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                for call, error in self.core.on_handshake(event):
+                    _resolve(call.future, error)
                 if self.connected:
                     handshakes += 1
                     if handshakes > 1:

@@ -39,6 +39,19 @@ class OverloadedError(ClusterError):
     code = ErrorCode.OVERLOADED
 
 
+class AuthenticationError(ClusterError):
+    """The cluster refused our key: the CURVE handshake failed (no key, an unknown or revoked key, the wrong server
+    key), or the broker no longer allows the key of a connection it accepted earlier."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ClusterError, PermissionError):
+    """Our key is allowed, but its role may not do this (a client key asking to deploy)."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
 ERROR_BY_CODE = {cls.code.value: cls for cls in ClusterError.__subclasses__()}
 ERROR_BY_CODE[ErrorCode.INTERNAL.value] = ClusterError
 

@@ -75,11 +75,18 @@ async def _drive(call, concurrency: int, duration: float, warmup: float) -> Load
 
 
 async def bench_bus(
-    address: str, model: str, concurrency: int, duration: float, batch: int = 1, shapes=None, warmup: float = 1.0
+    address: str,
+    model: str,
+    concurrency: int,
+    duration: float,
+    batch: int = 1,
+    shapes=None,
+    warmup: float = 1.0,
+    key: str | None = None,
 ) -> LoadResult:
     from cluster import AsyncClient
 
-    async with AsyncClient(address) as client:
+    async with AsyncClient(address, key=key) as client:
         inputs = sample_inputs(await client.model_metadata(model), batch, shapes)
         return await _drive(lambda: client.infer(model, inputs), concurrency, duration, warmup)
 

@@ -22,6 +22,11 @@ any restart.
 The ready file: JSON written to a temporary file and renamed into place (a reader sees all of it or nothing):
     {"role": "broker", "pid": 4242, "addresses": {"broker_clients": "tcp://127.0.0.1:41807", "broker_agents": ...}}
 Address keys are the field names of `config.Addresses`, plus "edge" (an http:// URL) for the edge.
+
+Keys (`keys=DIR`): the bus runs with CURVE. DIR is made a key directory if it is not one (cluster.keys
+.make_cluster_keys: server, admin, client, edge); the manager and the broker get DIR/server.key, each agent a key of
+its own (DIR/<name>.key, role agent, created when it first starts), the edge DIR/edge.key, `client()` DIR/client.key
+and `manager_query` DIR/admin.key (all through CLUSTER_KEY, which a start's own env may override).
 """
 
 from __future__ import annotations
@@ -254,7 +259,13 @@ class LocalCluster:
         log_level: str | None = "INFO",
         inherit_output: bool = False,
         die_with_parent: bool = False,
+        keys: str | Path | None = None,
     ) -> None:
+        self.keys = None if keys is None else Path(keys)
+        if self.keys is not None and not (self.keys / "members.json").exists():
+            from cluster.keys import make_cluster_keys
+
+            make_cluster_keys(self.keys, agents=0)
         self.share = share
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -312,6 +323,23 @@ class LocalCluster:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
+    def role_key(self, role: str, name: str) -> Path:
+        """Keys on: the key file a role process presents (an agent's is created on its first start)."""
+        if role in ("manager", "broker"):
+            return self.keys / "server.key"
+        if role == "edge":
+            return self.keys / "edge.key"
+        path = self.keys / f"{name}.key"
+        if not path.exists():
+            from cluster.keys import add
+
+            add(self.keys, name, "agent")
+        return path
+
+    def member_key(self, name: str) -> str | None:
+        """Keys on: DIR/<name>.key (e.g. "client", "admin"); None with keys off."""
+        return None if self.keys is None else str(self.keys / f"{name}.key")
+
     # ---- starting -----------------------------------------------------------------------------------------------
 
     def start(self, role: str, *args: str, name: str | None = None, timeout: float = READY_TIMEOUT, **env) -> Proc:
@@ -326,6 +354,8 @@ class LocalCluster:
         if role == "edge":
             argv += ["--host", self.edge_host, "--port", str(self._edge_port())]
         name = name or f"{role}-{len(self.procs)}"
+        if self.keys is not None and "CLUSTER_KEY" not in env:
+            env["CLUSTER_KEY"] = str(self.role_key(role, name))
         proc = self.spawn(name, argv, role=role, ready=role in BINDS, timeout=timeout, **env)
         proc.args = tuple(args)
         self.bound.update(proc.addresses)
@@ -475,7 +505,7 @@ class LocalCluster:
         """A bus Client of this cluster's broker, closed by stop_all."""
         from cluster.client import Client
 
-        client = Client(self.addresses.broker_clients, timeout=timeout)
+        client = Client(self.addresses.broker_clients, timeout=timeout, key=self.member_key("client"))
         self._clients.append(client)
         return client
 
@@ -500,7 +530,7 @@ class LocalCluster:
         """Ask the manager directly (its ROUTER query socket)."""
         from cluster.manager.client import ManagerClient
 
-        return ManagerClient(self.addresses.manager_queries).call(what, timeout=timeout)
+        return ManagerClient(self.addresses.manager_queries, key=self.member_key("admin")).call(what, timeout=timeout)
 
 
 def wait_until(

@@ -75,6 +75,8 @@ class ErrorCode(str, enum.Enum):
     BAD_REQUEST = "BAD_REQUEST"  # malformed message, unknown input, wrong dtype or shape
     INFERENCE_FAILED = "INFERENCE_FAILED"  # the model raised
     OVERLOADED = "OVERLOADED"  # the broker's queue is full
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # with keys on: the sender's key is not (or no longer) allowed
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # with keys on: the key's role may not do this (e.g. a client deploying)
     INTERNAL = "INTERNAL"
 
 

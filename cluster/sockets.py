@@ -7,16 +7,49 @@ What it sets and why:
 - Explicit high-water marks (never 0 = unbounded) and a short LINGER, so closing never hangs.
 - TCP keepalive, and reconnect backoff from `reconnect_initial` doubling to `reconnect_max`, jittered so that a
   restarted broker is not stampeded by every agent at the same instant.
+- CURVE, when the process runs with a key (`curve=`): `CurveServer` on the sockets that serve (the broker's two
+  ROUTERs, the manager's three sockets), with a ZAP domain that says which roles may connect there (cluster/auth.py
+  answers the ZAP requests); `CurveClient` on every socket that connects. Without it, the socket runs in the clear.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import zmq
 
 from cluster.config import LINGER_MS, MAX_MESSAGE_BYTES, SOCKET_HWM, Timings
+
+
+@dataclass(frozen=True)
+class CurveServer:
+    """CURVE server options: our key pair (z85) and the ZAP domain the authenticator checks connecting keys against."""
+
+    public: str
+    secret: str
+    domain: str
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public.encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret.encode())
+        sock.setsockopt(zmq.ZAP_DOMAIN, self.domain.encode())
+
+
+@dataclass(frozen=True)
+class CurveClient:
+    """CURVE client options: our key pair and the public key of the server we connect to (z85)."""
+
+    public: str
+    secret: str
+    server_public: str
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public.encode())
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public.encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret.encode())
 
 
 def make_socket(
@@ -32,8 +65,11 @@ def make_socket(
     subscribe: bytes | None = None,
     timings: Timings | None = None,
     linger: int = LINGER_MS,
+    curve: CurveServer | CurveClient | None = None,
+    heartbeat: tuple[float, float] | None = None,
 ) -> zmq.Socket:
-    """A configured socket, bound or connected. Exactly one of bind/connect."""
+    """A configured socket, bound or connected. Exactly one of bind/connect. `heartbeat` (interval, timeout in
+    seconds): ZMTP pings, so a connection whose peer went silent is closed within `timeout`."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind or connect")
     timings = timings or Timings()
@@ -49,6 +85,11 @@ def make_socket(
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(initial_ms, int(timings.reconnect_max * 1000)))
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
+    if curve is not None:
+        curve.apply(sock)
+    if heartbeat is not None:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat[0] * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat[1] * 1000)))
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if handover:

@@ -62,6 +62,7 @@ def create_app(
     admin_tokens: Iterable[str] = (),
     allowed_hosts: Iterable[str] = (),
     cors_origins: Iterable[str] = (),
+    key: str | None = None,
 ) -> FastAPI:
     """The edge for the broker at `broker_address` (its client address, e.g. tcp://127.0.0.1:5555; default
     CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555).
@@ -74,7 +75,8 @@ def create_app(
     and cluster views wait for the broker.
 
     tokens / admin_tokens: bearer tokens (none: every route is open); allowed_hosts: Host names served besides the
-    loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py).
+    loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py); key: the
+    bus key file (`cluster keys add NAME --role client`) the edge's own AsyncClient presents (None: in the clear).
     """
     broker = broker_address or getattr(client, "address", None) or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
     page = Path(frontend_path) if frontend_path else default_frontend()
@@ -90,7 +92,7 @@ def create_app(
                 edge.client = client
                 yield
             else:
-                async with AsyncClient(broker, timeout=request_timeout, fail_fast=True) as own:
+                async with AsyncClient(broker, timeout=request_timeout, fail_fast=True, key=key) as own:
                     edge.client = own
                     yield
         finally:
@@ -179,6 +181,7 @@ def run_edge(
     cors_origins: Iterable[str] = (),
     ssl_certfile: str | Path | None = None,
     ssl_keyfile: str | Path | None = None,
+    key: str | None = None,
 ) -> None:
     """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking). broker: the broker's client address
     (default CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555); max_body_bytes: default DEFAULT_MAX_BODY (64 MiB);
@@ -200,6 +203,7 @@ def run_edge(
             max_body_bytes=DEFAULT_MAX_BODY if max_body_bytes is None else max_body_bytes,
             frontend_path=frontend_path,
             request_timeout=request_timeout,
+            key=key,
             tokens=[*split_tokens(list(tokens)), *(t for f in token_files for t in read_token_file(f))],
             admin_tokens=[
                 *split_tokens(list(admin_tokens)),

@@ -10,6 +10,9 @@ The agent trusts nothing it receives: a malformed request gets an ERROR answer (
 it cannot even be answered), never a crash. If the broker goes silent for `liveness` intervals, the agent sends
 READY again, backing off from `reconnect_initial` to `reconnect_max` with jitter, so a restarted broker gets every
 agent back without an agent restart.
+
+With a key (`key`, an agent member's key file): its three bus sockets connect with CURVE, presenting that key; the
+broker and the manager then accept its READY and heartbeats (role agent), and bind its id to that key.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from cluster import protocol
 from cluster.agent.loader import ModelLoader, load_version
 from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
+from cluster.auth import BusSecurity
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
@@ -73,7 +77,9 @@ class Agent:
         ctx: zmq.Context | None = None,
         cache_dir: str | None = None,
         torch_threads: int | None = None,
+        key: str | None = None,
     ) -> None:
+        self.security = BusSecurity.load(key)  # None: the bus in the clear
         self.share = open_share(share, cache_dir)  # a folder, or nfs:// mirrored into cache_dir
         self.addresses = addresses or Addresses()
         self.timings = timings or Timings()
@@ -208,6 +214,7 @@ class Agent:
         self.loads.bind(self._loads_addr)
         self.pool.start()
         self.loader.start()
+        curve = self.security.client() if self.security is not None else None
         self.events = make_socket(
             self.ctx,
             zmq.SUB,
@@ -215,6 +222,7 @@ class Agent:
             subscribe=PREAMBLE[Command.EVENT],
             max_bytes=MAX_CONTROL_BYTES,
             timings=self.timings,
+            curve=curve,
         )
         self.broker = make_socket(
             self.ctx,
@@ -222,6 +230,7 @@ class Agent:
             connect=self.addresses.broker_agents,
             identity=self.agent_id.encode(),
             timings=self.timings,
+            curve=curve,
         )
         self.beats = make_socket(
             self.ctx,
@@ -230,6 +239,7 @@ class Agent:
             max_bytes=MAX_CONTROL_BYTES,
             hwm=100,
             timings=self.timings,
+            curve=curve,
         )
         self.beats.setsockopt(
             zmq.XPUB_VERBOSE, 1

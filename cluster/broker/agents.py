@@ -34,6 +34,7 @@ class AgentEntry:
     last_seen: float  # the broker's clock (monotonic), when any message from it last arrived
     joined: float = field(default_factory=time.time)  # wall time of READY
     in_flight: dict[bytes, BrokerRequest] = field(default_factory=dict)  # route -> request sent to it, unanswered
+    key: str | None = None  # keys on: the public key it registered with (only that key may speak for it)
 
     @property
     def in_flight_count(self) -> int:
@@ -71,10 +72,11 @@ class AgentTable:
         broker was gone), rather than from a restarted agent with the same id."""
         return (agent.beat.pid, agent.beat.started) == (beat.pid, beat.started)
 
-    def add(self, identity: bytes, beat: Heartbeat, now: float) -> AgentEntry:
-        """A new agent (the caller has removed any earlier one with this identity)."""
+    def add(self, identity: bytes, beat: Heartbeat, now: float, key: str | None = None) -> AgentEntry:
+        """A new agent (the caller has removed any earlier one with this identity); `key`: the key it registered
+        with (keys on)."""
         models = beat.served_versions()
-        agent = AgentEntry(beat.agent, identity, beat.capacity, models, beat, now)
+        agent = AgentEntry(beat.agent, identity, beat.capacity, models, beat, now, key=key)
         self.agents[identity] = agent
         self._index(agent)
         log.info("agent %s ready: capacity %d, models %s", beat.agent, beat.capacity, _models_text(models))

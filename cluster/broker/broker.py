@@ -6,6 +6,13 @@ zmq/auth idea, as `ClientCore` and the manager's `Registry`): the logic is in pl
 this module is the thin part that owns the sockets: one thread, one poll loop (`run()`), parsing at the edge of the
 process, and the sends. Tensor frames are forwarded as received (zero-copy, copy=False), never decoded.
 
+With a key (`security`, cluster/auth.py): both ROUTERs serve CURVE (ZAP domains "clients" and "agents"), the SUB to
+the manager's events connects with the server key, every client message is checked against the allow-list (its
+key's role: client or admin; else an UNAUTHENTICATED or PERMISSION_DENIED answer), and agent messages are checked in
+the Dispatcher (role agent, and the key an agent registered with). The agents' ROUTER then does not hand a live
+identity over to a newcomer (libzmq ignores a second connection with an identity in use, so the real agent keeps its
+pipe); ZMTP heartbeats close a dead agent's connection within one expiry, so a restarted agent gets its id back.
+
 Liveness is the broker's, for routing (the Majordomo way). It hears every agent directly, on the agents' DEALER
 link: any message from a registered agent (READY, HEARTBEAT, REPLY, ERROR) proves it alive, on the broker's own
 clock, and an agent silent for `timings.expiry` seconds is removed, as is one that says DISCONNECT or that a send
@@ -25,6 +32,7 @@ import time
 import zmq
 
 from cluster import protocol
+from cluster.auth import BusSecurity, key_of, refusal
 from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.routing import RoutingPolicy, make_policy
@@ -47,15 +55,32 @@ class Broker:
         timings: Timings | None = None,
         policy: str | RoutingPolicy = "round-robin",
         ctx: zmq.Context | None = None,
+        security: BusSecurity | None = None,
     ) -> None:
         self.addresses = addresses or Addresses()
         self.timings = timings or Timings()
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
-        self.clients = make_socket(self.ctx, zmq.ROUTER, bind=self.addresses.broker_clients, timings=self.timings)
+        self.security = security
+        secured = security is not None
+        if secured:
+            security.start_authenticator(self.ctx)
+        self.clients = make_socket(
+            self.ctx,
+            zmq.ROUTER,
+            bind=self.addresses.broker_clients,
+            timings=self.timings,
+            curve=security.server("clients") if secured else None,
+        )
         self.agents_sock = make_socket(
-            self.ctx, zmq.ROUTER, bind=self.addresses.broker_agents, handover=True, timings=self.timings
+            self.ctx,
+            zmq.ROUTER,
+            bind=self.addresses.broker_agents,
+            handover=not secured,  # with keys, an identity is not handed over (see above)
+            timings=self.timings,
+            curve=security.server("agents") if secured else None,
+            heartbeat=(self.timings.heartbeat_interval, self.timings.expiry) if secured else None,
         )
         self.events = make_socket(
             self.ctx,
@@ -64,8 +89,10 @@ class Broker:
             subscribe=PREAMBLE[Command.EVENT],
             max_bytes=MAX_CONTROL_BYTES,
             timings=self.timings,
+            curve=security.client() if secured else None,
         )
-        self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic())
+        self.allow = security.allow if secured else None
+        self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
         self._stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
@@ -97,6 +124,8 @@ class Broker:
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick
+                    if self.allow is not None:
+                        self.allow.refresh(now)  # an add or revoke takes effect within about a second
                     self.deliver(self.dispatcher.tick(now))
                     if now >= next_beat:
                         next_beat = now + self.timings.heartbeat_interval
@@ -110,6 +139,8 @@ class Broker:
     def close(self) -> None:
         for sock in (self.clients, self.agents_sock, self.events):
             sock.close(linger=0)
+        if self.security is not None:
+            self.security.stop()
         if self._own_ctx:
             self.ctx.term()
 
@@ -151,6 +182,12 @@ class Broker:
             if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
                 request_id = None
                 raise ProtocolError("header field 'id' must be an int or a string")
+            if self.allow is not None:
+                refused = refusal(self.allow, key_of(frames[1]), "infer" if cmd == Command.REQUEST else "query")
+                if refused is not None:
+                    bad_input.warning("refused a %s from client %s: %s", cmd.name, client.hex(), refused[1])
+                    self.send_client_error(client, request_id, *refused)
+                    return
             if cmd == Command.REQUEST:
                 self.accept_request(client, request_id, header, frames[2], frames[3:])
             elif cmd == Command.QUERY:
@@ -206,7 +243,8 @@ class Broker:
         except ProtocolError as exc:
             bad_input.warning("bad message from agent %r dropped: %s", frames[0].bytes, exc)
             return
-        self.deliver(self.dispatcher.agent_message(cmd, frames, time.monotonic()))
+        key = key_of(frames[1]) if self.allow is not None else None
+        self.deliver(self.dispatcher.agent_message(cmd, frames, time.monotonic(), key))
 
     # ---- the manager's registry events --------------------------------------------------------------------------
 

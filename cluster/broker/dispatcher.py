@@ -17,7 +17,11 @@ What it guarantees (the Majordomo broker's gaps, fixed):
 - a request no live agent can take fails at once (MODEL_NOT_FOUND or NO_AGENT), except in the warm-up window after
   the broker (re)starts, while agents re-register: then it waits, within its deadline;
 - past its deadline a request fails with TIMEOUT, whether in flight or queued;
-- tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read.
+- tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read;
+- with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
+  bound to the key it registered with: READY for an identity registered with another key is refused (until that
+  agent expires), and any other message for it from another key is dropped; READY must name the agent id it
+  connected with (its routing identity).
 """
 
 from __future__ import annotations
@@ -30,14 +34,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from cluster import protocol
+from cluster.auth import refusal
 from cluster.broker.agents import AgentEntry, AgentTable
 from cluster.broker.routing import RoutingPolicy
 from cluster.config import Timings
+from cluster.keys import AllowList
 from cluster.logs import BadInputLog
 from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, pack
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
+refused = BadInputLog(log)  # messages refused for their key (keys on), rate-limited on their own
 
 _ROUTE = struct.Struct(">Q")
 _REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
@@ -84,8 +91,9 @@ class BrokerRequest:
 
 
 class Dispatcher:
-    def __init__(self, timings: Timings, policy: RoutingPolicy, now: float) -> None:
+    def __init__(self, timings: Timings, policy: RoutingPolicy, now: float, allow: AllowList | None = None) -> None:
         self.timings = timings
+        self.allow = allow  # keys on: the allow-list, and every agent message carries its sender's key
         self.policy = policy
         self.agents = AgentTable(timings.expiry)
         self.requests: dict[bytes, BrokerRequest] = {}  # route -> request, from arrival until answered
@@ -132,15 +140,28 @@ class Dispatcher:
             self._queue_or_refuse(request, out)
         return out
 
-    def agent_message(self, cmd: Command, frames: list, now: float) -> list[Send]:
+    def agent_message(self, cmd: Command, frames: list, now: float, key: str | None = None) -> list[Send]:
         """A message from an agent, as received: [identity, preamble, header or route, ...], with the preamble read
-        as `cmd` and at least those three frames. Any message from a known agent counts as a sign of life."""
+        as `cmd` and at least those three frames; `key`: its sender's public key (keys on). Any message from a known
+        agent counts as a sign of life."""
         out: list[Send] = []
         identity = _bytes(frames[0])
+        if self.allow is not None:
+            why = refusal(self.allow, key, "agent")
+            if why is not None:
+                refused.warning("%s from %r refused: %s", cmd.name, identity, why[1])
+                return out
         if cmd == Command.READY:
-            self._ready(identity, frames[2], now, out)
+            self._ready(identity, frames[2], now, out, key)
             return out
         agent = self.agents.get(identity)
+        if agent is not None and agent.key != key:
+            refused.warning(
+                "%s for agent %s refused: it comes from another key than the one it registered with",
+                cmd.name,
+                agent.agent_id,
+            )
+            return out
         if agent is None:
             # An agent we do not know (we restarted, or declared it dead): ask it to introduce itself again.
             if cmd != Command.DISCONNECT:
@@ -212,7 +233,7 @@ class Dispatcher:
 
     # ---- agents -------------------------------------------------------------------------------------------------
 
-    def _ready(self, identity: bytes, header_frame, now: float, out: list[Send]) -> None:
+    def _ready(self, identity: bytes, header_frame, now: float, out: list[Send], key: str | None = None) -> None:
         try:
             header = protocol.unpack_header(header_frame)
             beat = Heartbeat.from_wire(header)
@@ -221,15 +242,23 @@ class Dispatcher:
         except ProtocolError as exc:
             bad_input.warning("bad READY from %r dropped: %s", identity, exc)
             return
-        self.agents.remember_metadata(header.get("metadata"))
+        if self.allow is not None and identity != beat.agent.encode():
+            refused.warning(
+                "READY from %r refused: it names agent %r (keys on: the two must match)", identity, beat.agent
+            )
+            return
         old = self.agents.get(identity)
+        if old is not None and old.key != key:
+            refused.warning("READY for agent %s refused: it is registered with another key", old.agent_id)
+            return
+        self.agents.remember_metadata(header.get("metadata"))
         if old is not None and self.agents.same_process(old, beat):
             self.agents.update(old, beat)  # the same process saying READY again (it thought we were gone)
             self._dispatch_pending(old.models, out)
             return
         if old is not None:
             self._remove(old, "it registered again (restarted)", out)
-        agent = self.agents.add(identity, beat, now)
+        agent = self.agents.add(identity, beat, now, key)
         self._dispatch_pending(agent.models, out)
 
     def _heartbeat(self, agent: AgentEntry, header_frame, out: list[Send]) -> None:

@@ -7,14 +7,22 @@ import itertools
 import zmq
 
 from cluster import protocol
+from cluster.auth import BusSecurity
 from cluster.config import MANAGER_QUERY_ADDR, env_or
-from cluster.errors import ClusterError, InferenceTimeoutError, error_from_header
+from cluster.errors import AuthenticationError, ClusterError, InferenceTimeoutError, error_from_header
 from cluster.protocol import Command, ProtocolError
+
+# The conclusive handshake failures: the key refused, or one side runs with keys and the other not. (NO_DETAIL is
+# also what a manager restarting mid-handshake causes: such a call times out instead.)
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class ManagerClient:
-    def __init__(self, address: str | None = None) -> None:
+    """key: a member's key file (`cluster keys add`), when the cluster runs with keys; None: in the clear."""
+
+    def __init__(self, address: str | None = None, key: str | None = None) -> None:
         self.address = address or env_or("MANAGER_QUERIES", MANAGER_QUERY_ADDR)
+        self.security = BusSecurity.load(key)
         self._ids = itertools.count(1)
 
     def call(self, what: str, timeout: float = 5.0, **fields):
@@ -23,12 +31,24 @@ class ManagerClient:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.security is not None:
+            self.security.client().apply(sock)
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
         sock.connect(self.address)
         try:
             request_id = next(self._ids)
             header = {"id": request_id, "what": what, **{k: v for k, v in fields.items() if v is not None}}
             sock.send_multipart(protocol.message(Command.QUERY, header))
-            if not sock.poll(int(timeout * 1000)):
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            ready = dict(poller.poll(int(timeout * 1000)))
+            if monitor in ready and sock not in ready:
+                raise AuthenticationError(
+                    f"the manager at {self.address} refused our key"
+                    + ("" if self.security else " (it runs with keys: give --key or CLUSTER_KEY)")
+                )
+            if sock not in ready:
                 raise InferenceTimeoutError(
                     f"the manager at {self.address} did not answer '{what}' within {timeout:g} s (is it running?)"
                 )
@@ -42,4 +62,6 @@ class ManagerClient:
                 raise error_from_header(answer)
             return answer.get("result")
         finally:
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close()

@@ -14,6 +14,11 @@ clock, expiring an agent silent for `timings.expiry`). The manager's registry, f
 only what the manager decides (which agents a rollout waits for, the deployments view); its `agent_dead` event is a
 backup word to the broker, which drops the agent if it has not already.
 
+With a key (`security`, cluster/auth.py): the three sockets serve CURVE (ZAP domains "agents" for heartbeats,
+"events" for the PUB, "clients" for queries), and each message is checked against the allow-list: heartbeats only
+from agent keys, and each agent id only from the key it first beat with (the registry binds them); deploy, rollback
+and undeploy only from admin keys (others: PERMISSION_DENIED), the read-only queries from client or admin keys.
+
 A restarted manager starts with an empty registry and rebuilds it from the next round of beats; the desired state
 it reads back from the share.
 """
@@ -27,6 +32,7 @@ import time
 import zmq
 
 from cluster import protocol
+from cluster.auth import BusSecurity, key_of, refusal
 from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DesiredState, newest_versions
 from cluster.logs import BadInputLog
@@ -42,18 +48,40 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 
 class Manager:
     def __init__(
-        self, addresses: Addresses | None = None, timings: Timings | None = None, ctx=None, share: str | None = None
+        self,
+        addresses: Addresses | None = None,
+        timings: Timings | None = None,
+        ctx=None,
+        share: str | None = None,
+        security: BusSecurity | None = None,
     ) -> None:
         self.addresses = addresses or Addresses()
         self.timings = timings or Timings()
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
+        self.security = security
+        self.allow = security.allow if security is not None else None
+        if security is not None:
+            security.start_authenticator(self.ctx)
+
+        def curve(domain: str):
+            return security.server(domain) if security is not None else None
+
         control = dict(max_bytes=MAX_CONTROL_BYTES, timings=self.timings)
         self.heartbeats = make_socket(
-            self.ctx, zmq.SUB, bind=self.addresses.manager_heartbeats, subscribe=PREAMBLE[Command.HEARTBEAT], **control
+            self.ctx,
+            zmq.SUB,
+            bind=self.addresses.manager_heartbeats,
+            subscribe=PREAMBLE[Command.HEARTBEAT],
+            curve=curve("agents"),
+            **control,
         )
-        self.events = make_socket(self.ctx, zmq.PUB, bind=self.addresses.manager_events, **control)
-        self.queries = make_socket(self.ctx, zmq.ROUTER, bind=self.addresses.manager_queries, **control)
+        self.events = make_socket(
+            self.ctx, zmq.PUB, bind=self.addresses.manager_events, curve=curve("events"), **control
+        )
+        self.queries = make_socket(
+            self.ctx, zmq.ROUTER, bind=self.addresses.manager_queries, curve=curve("clients"), **control
+        )
         self.registry = Registry(self.timings.expiry)
         self.share = share
         self.deployments = Deployments(share, self.load_desired_state(), self.registry)
@@ -82,6 +110,8 @@ class Manager:
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick
+                    if self.allow is not None:
+                        self.allow.refresh(now)  # an add or revoke takes effect within about a second
                     for event in self.registry.expire(now):
                         log.warning("agent %s dead: silent for %.2f s", event["agent"], event["silent_for"])
                         self.publish(event)
@@ -99,6 +129,8 @@ class Manager:
     def close(self) -> None:
         for sock in (self.heartbeats, self.events, self.queries):
             sock.close(linger=0)
+        if self.security is not None:
+            self.security.stop()
         if self._own_ctx:
             self.ctx.term()
 
@@ -111,7 +143,16 @@ class Manager:
         except ProtocolError as exc:
             bad_input.warning("bad heartbeat dropped: %s", exc)
             return
-        for event in self.registry.observe(beat, time.monotonic()):
+        key = None
+        if self.allow is not None:
+            key = key_of(frames[0])
+            refused = refusal(self.allow, key, "agent")
+            if refused is None and not self.registry.may_beat(beat.agent, key):
+                refused = (ErrorCode.PERMISSION_DENIED, "the agent id is registered with another key")
+            if refused is not None:
+                bad_input.warning("heartbeat for agent %r refused: %s", beat.agent, refused[1])
+                return
+        for event in self.registry.observe(beat, time.monotonic(), key):
             log.info("agent %s joined (host %s, pid %s)", event["agent"], beat.host, beat.pid)
             self.publish_desired()  # a newcomer (or a restarted agent) learns the desired state at once
         self.deployments.observe(beat)
@@ -127,6 +168,13 @@ class Manager:
             header = protocol.unpack_header(frames[2])
             request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
             what = require(header, "what", str)
+            if self.allow is not None:
+                action = "deploy" if what in ("deploy", "rollback", "undeploy") else "query"
+                refused = refusal(self.allow, key_of(frames[1]), action, what)
+                if refused is not None:
+                    bad_input.warning("%s refused: %s", what, refused[1])
+                    self.answer(peer, message(Command.ERROR, error_header(request_id, *refused)))
+                    return
             if what == "agents":
                 result = self.registry.describe_agents(time.monotonic())
             elif what == "models":

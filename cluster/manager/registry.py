@@ -24,6 +24,7 @@ class AgentRecord:
     first_seen: float
     last_seen: float
     joined: float  # wall time of the first beat
+    key: str | None = None  # keys on: the public key of its first beat; only that key may beat for it
 
 
 class Registry:
@@ -31,13 +32,18 @@ class Registry:
         self.expiry = expiry
         self.agents: dict[str, AgentRecord] = {}
 
-    def observe(self, beat: Heartbeat, now: float) -> list[dict]:
-        """Record a heartbeat; returns [agent_joined event] the first time an agent is seen (the manager logs it and
-        sends the newcomer the desired state; it is not published)."""
+    def may_beat(self, agent_id: str, key: str | None) -> bool:
+        """Keys on: whether `key` may beat for `agent_id` (a new id, or the key the live agent first beat with)."""
+        record = self.agents.get(agent_id)
+        return record is None or record.key == key
+
+    def observe(self, beat: Heartbeat, now: float, key: str | None = None) -> list[dict]:
+        """Record a heartbeat (from `key`, keys on); returns [agent_joined event] the first time an agent is seen
+        (the manager logs it and sends the newcomer the desired state; it is not published)."""
         agent_id = beat.agent
         record = self.agents.get(agent_id)
         if record is None:
-            self.agents[agent_id] = AgentRecord(agent_id, beat, now, now, time.time())
+            self.agents[agent_id] = AgentRecord(agent_id, beat, now, now, time.time(), key)
             return [{"event": "agent_joined", "agent": agent_id, "info": beat}]
         record.beat = beat
         record.last_seen = now
