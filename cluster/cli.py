@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -335,6 +336,17 @@ def up(
         "--ready-file",
         help="Once the manager, the broker and the edge listen, write every address and the pid here (JSON).",
     ),
+    secure: bool = typer.Option(
+        False,
+        "--secure",
+        help="CURVE on the bus (every role with its own key) and a bearer token on the edge; prints the keys to use.",
+    ),
+    keys: Path | None = typer.Option(
+        None,
+        "--keys",
+        envvar="CLUSTER_KEY_DIR",
+        help="Key directory for --secure (made if missing; default: beside the share, SHARE-keys).",
+    ),
 ):
     """Start the manager, the broker, N agents and the HTTP edge on this machine; Ctrl-C or SIGTERM stops them all."""
     import tempfile
@@ -349,6 +361,9 @@ def up(
     if not ModelRepository(share_dir).model_names():
         typer.echo(f"Writing the demo models (digits, echo) into {share_dir} ...")
         write_demo_models(share_dir)
+    key_dir = token_file = None
+    if secure or keys is not None:
+        key_dir, token_file = _secure_state(keys or share_dir.with_name(share_dir.name + "-keys"))
     addresses = config.Addresses()
     if any_ports:
         addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
@@ -367,6 +382,7 @@ def up(
             edge_port=0 if any_ports else edge_port,
             inherit_output=True,
             die_with_parent=True,  # no orphans, even when `cluster up` is killed with SIGKILL
+            keys=key_dir,
         )
         try:
             local.start_manager()
@@ -374,7 +390,7 @@ def up(
             for i in range(agents):
                 local.start("agent", name=f"agent-{i + 1}")  # the agent's own default id (host-pid)
             if edge_port:
-                local.start_edge()
+                local.start_edge(*(["--token-file", str(token_file)] if token_file else []))
             a, edge_url = local.addresses, local.edge_url
             typer.echo(
                 f"cluster up: share {share_dir}\n"
@@ -384,6 +400,13 @@ def up(
                 f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
                 + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
                 + f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
+                + (
+                    f"\n  secure: keys in {key_dir} (CURVE on every bus socket); use --key {key_dir}/client.key "
+                    f"(inference, queries) or --key {key_dir}/admin.key (deploy, rollback, undeploy);\n"
+                    f"  the edge wants Authorization: Bearer {token_file.read_text().strip()}  (also in {token_file})"
+                    if key_dir
+                    else ""
+                )
             )
             if ready_file:
                 reported = dict(dataclasses.asdict(a), **({"edge": edge_url} if edge_url else {}))
@@ -402,6 +425,23 @@ def up(
             local.stop_all()
             typer.echo("cluster stopped")
     raise typer.Exit(0 if stopped_by_signal else 1)
+
+
+def _secure_state(key_dir: Path) -> tuple[Path, Path]:
+    """`cluster up --secure`: the key directory (server, admin, client and edge keys; agents' keys are added as they
+    start) and the edge's token file, made on first use and kept, so the keys and the token stay valid across runs."""
+    import secrets
+
+    from cluster.keys import make_cluster_keys
+
+    if not (key_dir / "members.json").exists():
+        make_cluster_keys(key_dir, agents=0)
+    token_file = key_dir / "edge.token"
+    if not token_file.exists():
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    return key_dir, token_file
 
 
 @app.command()

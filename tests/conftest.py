@@ -33,7 +33,7 @@ def trained_digits_file(pytestconfig, tmp_path_factory) -> Path:
     from cluster import demo_models
 
     key = hashlib.sha256(Path(demo_models.__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    cache = pytestconfig.cache
+    cache = getattr(pytestconfig, "cache", None)  # None under -p no:cacheprovider
     folder = cache.mkdir("trained-digits") if cache is not None else tmp_path_factory.mktemp("trained-digits")
     path = folder / f"digits-{key}.pt"
     if not path.is_file():

@@ -20,11 +20,11 @@ from cluster.local import read_ready_file
 from tests.harness import LocalCluster, wait_for
 
 
-def _start_up(local: LocalCluster, share, log_path, ready_path) -> subprocess.Popen:
+def _start_up(local: LocalCluster, share, log_path, ready_path, *more: str) -> subprocess.Popen:
     """`cluster up` on ports the OS picks (--any-ports); it says which in `ready_path`."""
     return subprocess.Popen(
         [sys.executable, "-m", "cluster", "up", "--agents", "2", "--share", str(share)]
-        + ["--any-ports", "--ready-file", str(ready_path)],
+        + ["--any-ports", "--ready-file", str(ready_path), *more],
         env=local.env(),
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
@@ -83,6 +83,40 @@ def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
         for proc in psutil.Process().children(recursive=True):
             if proc.pid != os.getpid() and "cluster" in " ".join(proc.cmdline()):
                 proc.kill()
+
+
+@pytest.mark.cluster
+def test_cluster_up_secure_keys_every_role_and_tokens_the_edge(share, tmp_path):
+    """`cluster up --secure`: CURVE on the bus (a client without a key is refused, one with the printed client key is
+    served), a bearer token on the edge (printed), and both kept in the key directory for the next run."""
+    from cluster import AuthenticationError, Client
+
+    keys = tmp_path / "keys"
+    log_path, ready_path = tmp_path / "up.log", tmp_path / "up.ready.json"
+    up = _start_up(LocalCluster(share, tmp_path), share, log_path, ready_path, "--secure", "--keys", str(keys))
+    try:
+        ready = wait_for(lambda: read_ready_file(ready_path) or up.poll() is not None, 120, "cluster up to be ready")
+        assert up.poll() is None, log_path.read_text()
+        edge = ready["addresses"].pop("edge")
+        token = (keys / "edge.token").read_text().strip()
+        banner = log_path.read_text()
+        assert f"{keys}/client.key" in banner and f"{keys}/admin.key" in banner and token in banner, banner
+        assert oct((keys / "edge.token").stat().st_mode & 0o777) == "0o600"
+        local = LocalCluster(share, tmp_path, addresses=Addresses(**ready["addresses"]), keys=keys)
+        local.wait_for_agents(2, model="digits")  # through local.client(): the client key
+        with Client(ready["addresses"]["broker_clients"], timeout=5) as stranger:
+            with pytest.raises(AuthenticationError):
+                stranger.agents(timeout=5)
+        assert httpx.get(f"{edge}/models", timeout=5).status_code == 401
+        response = httpx.get(f"{edge}/models", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert response.status_code == 200 and "digits" in response.json(), response.text
+        local.stop_all()
+        os.kill(up.pid, signal.SIGTERM)
+        assert up.wait(30) == 0, log_path.read_text()
+    finally:
+        if up.poll() is None:
+            os.kill(up.pid, signal.SIGKILL)
+            up.wait(10)
 
 
 def test_status_says_clearly_when_the_broker_is_down(tmp_path):
