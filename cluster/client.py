@@ -52,11 +52,12 @@ HANDSHAKE_FAILED = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the broker refused this client's key",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: the broker and this client disagree on security "
     "(one runs with keys, the other without)",
-    # Also what a connection closed mid-handshake reports (a broker restarting): conclusive only for a client with a
-    # key, after a few in a row (a wrong server key in the key file fails every handshake this way).
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake keeps failing (a wrong server key in the key file?)",
+    # Also what a connection closed mid-handshake reports (a broker restarting): conclusive only after a few in a
+    # row with no success between (a wrong server key fails every handshake this way, and so, at times, does a
+    # client without a key at a broker with keys).
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake with the broker keeps failing (a wrong or missing key?)",
 }
-NO_DETAIL_LIMIT = 3  # consecutive NO_DETAIL failures after which a client with a key gives up
+NO_DETAIL_LIMIT = 3  # consecutive NO_DETAIL failures after which a client gives up
 HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILED)
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 
@@ -121,7 +122,7 @@ class ClientCore:
             return []
         if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._no_detail += 1
-            if not self.keyed or self._no_detail < NO_DETAIL_LIMIT:
+            if self._no_detail < NO_DETAIL_LIMIT:
                 return []
         why = HANDSHAKE_FAILED[event]
         if not self.keyed:
@@ -212,9 +213,22 @@ class ClientCore:
 CLIENT_TIMINGS = Timings(reconnect_initial=0.1, reconnect_max=2.0)
 
 
-def _make_dealer(ctx: zmq.Context, address: str, security: BusSecurity | None) -> zmq.Socket:
+def _make_dealer(ctx: zmq.Context, address: str, security: BusSecurity | None, events: int) -> tuple:
+    """The client's DEALER and its monitor socket (attached before connecting: the first handshake's outcome counts,
+    a refused key most of all)."""
     curve = security.client() if security is not None else None
-    return make_socket(ctx, zmq.DEALER, connect=address, hwm=100_000, linger=0, timings=CLIENT_TIMINGS, curve=curve)
+    monitors = []
+    sock = make_socket(
+        ctx,
+        zmq.DEALER,
+        connect=address,
+        hwm=100_000,
+        linger=0,
+        timings=CLIENT_TIMINGS,
+        curve=curve,
+        before_connect=lambda s: monitors.append(s.get_monitor_socket(events)),
+    )
+    return sock, monitors[0]
 
 
 class Client:
@@ -336,9 +350,37 @@ class Client:
         except (BlockingIOError, OSError):
             pass  # already signalled, or closing
 
+    def _on_monitor(self, monitor) -> int | None:
+        """Handle one monitor event (a failed handshake fails the waiting calls); returns the event (None if there
+        was none: _send_one may have taken it already)."""
+        try:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+        except zmq.Again:
+            return None
+        with self._lock:
+            refused = self.core.on_handshake(event)
+        for call, error in refused:
+            _resolve(call.future, error)
+        return event
+
+    def _send_one(self, sock, monitor, call: Call) -> None:
+        """Send a call; fail it at once if the broker refused our key. A DEALER whose handshake failed has no peer to
+        queue for, so a blocking send could wait forever: while a send cannot go, watch the monitor (a refused
+        handshake fails the call) and whether the client is closing, and try again."""
+        frames = call.frames()
+        while self.core.refused is None and not self._closed.is_set():
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                if monitor.poll(100):
+                    self._on_monitor(monitor)
+        with self._lock:
+            self.core.cancel(call)
+        _resolve(call.future, self.core.refused or ClusterError("client closed", call.model))
+
     def _io_loop(self) -> None:
-        sock = _make_dealer(self._ctx, self.address, self.security)
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        sock, monitor = _make_dealer(self._ctx, self.address, self.security, HANDSHAKE_EVENTS)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -359,12 +401,7 @@ class Client:
                         call = self._outbox.get_nowait()
                     except queue.Empty:
                         break
-                    if self.core.refused is not None:
-                        with self._lock:
-                            self.core.cancel(call)
-                        _resolve(call.future, self.core.refused)
-                        continue
-                    sock.send_multipart(call.frames(), copy=False)
+                    self._send_one(sock, monitor, call)
                 if sock in ready:
                     for _ in range(1024):
                         try:
@@ -376,11 +413,7 @@ class Client:
                         if call is not None:
                             _resolve(call.future, outcome)
                 if monitor in ready:
-                    event = parse_monitor_message(monitor.recv_multipart())["event"]
-                    with self._lock:
-                        refused = self.core.on_handshake(event)
-                    for call, error in refused:
-                        _resolve(call.future, error)
+                    event = self._on_monitor(monitor)
                     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the connection came (back) up
                         handshakes += 1
                         if handshakes > 1:  # a reconnection: whatever was in flight on the old broker is lost
@@ -444,9 +477,10 @@ class AsyncClient:
         if self._sock is not None:
             return
         self._ctx = zmq.asyncio.Context()
-        self._sock = _make_dealer(self._ctx, self.address, self.security)
+        self._sock, monitor = _make_dealer(
+            self._ctx, self.address, self.security, HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+        )
         self._started_at = time.monotonic()
-        monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
         self._tasks = [
             asyncio.ensure_future(self._read()),
             asyncio.ensure_future(self._watch(monitor)),
@@ -516,7 +550,14 @@ class AsyncClient:
 
     async def _send_and_wait(self, call: Call):
         try:
-            await self._sock.send_multipart(call.frames(), copy=False)
+            try:
+                await self._sock.send_multipart(call.frames(), zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # No room, or no peer at all (a refused handshake): wait for room, or for the call to be failed.
+                send = asyncio.ensure_future(self._sock.send_multipart(call.frames(), copy=False))
+                await asyncio.wait({send, call.future}, return_when=asyncio.FIRST_COMPLETED)
+                if not send.done():
+                    send.cancel()
             return await call.future
         finally:
             self.core.cancel(call)  # cancelled by the caller: forget it (a late answer is then ignored)

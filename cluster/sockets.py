@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -67,9 +68,11 @@ def make_socket(
     linger: int = LINGER_MS,
     curve: CurveServer | CurveClient | None = None,
     heartbeat: tuple[float, float] | None = None,
+    before_connect: Callable[[zmq.Socket], object] | None = None,
 ) -> zmq.Socket:
     """A configured socket, bound or connected. Exactly one of bind/connect. `heartbeat` (interval, timeout in
-    seconds): ZMTP pings, so a connection whose peer went silent is closed within `timeout`."""
+    seconds): ZMTP pings, so a connection whose peer went silent is closed within `timeout`. `before_connect(sock)`
+    runs just before the bind or connect (e.g. to attach a socket monitor that must see the first handshake)."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind or connect")
     timings = timings or Timings()
@@ -96,6 +99,8 @@ def make_socket(
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, subscribe if subscribe is not None else b"")
+    if before_connect is not None:
+        before_connect(sock)
     if bind is not None:
         sock.bind(bind)
     else:
