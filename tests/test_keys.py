@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import stat
-import timeit
 
 import pytest
 
@@ -93,18 +92,6 @@ def test_refusals_name_the_role_and_what_it_needs(tmp_path):
     assert refusal(allow, key["agent-1"], "infer")[0] == ErrorCode.PERMISSION_DENIED
     assert refusal(allow, "x" * 40, "infer")[0] == ErrorCode.UNAUTHENTICATED
     assert refusal(allow, None, "query")[0] == ErrorCode.UNAUTHENTICATED
-
-
-def test_role_check_costs_well_under_a_microsecond(tmp_path):
-    """The per-message check is one dict lookup (printed: the figure the issue asks for)."""
-    directory = tmp_path / "keys"
-    keys.make_cluster_keys(directory, agents=1)
-    allow = keys.AllowList(directory)
-    client = keys.KeyFile.load(directory / "client.key").public
-    n = 200_000
-    per_check = min(timeit.repeat(lambda: refusal(allow, client, "infer"), number=n, repeat=3)) / n
-    print(f"role check: {per_check * 1e9:.0f} ns per message")
-    assert per_check < 5e-6, f"the role check takes {per_check * 1e6:.2f} us"
 
 
 # ---- the broker's Dispatcher with keys on ------------------------------------------------------------------------
