@@ -81,13 +81,18 @@ def role_check_cost(workdir: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2, help="clear/curve pairs, alternated (the machine is noisy)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-curve-") as tmp:
         tmp = Path(tmp)
         share = echo_share(tmp)
-        results = {mode: run_once(share, tmp / mode, mode == "curve", args.duration) for mode in ("clear", "curve")}
+        results = [
+            (mode, run_once(share, tmp / f"{mode}-{i}", mode == "curve", args.duration))
+            for i in range(args.rounds)
+            for mode in ("clear", "curve")
+        ]
         read_ns, check_ns = role_check_cost(tmp)
-    for mode, r in results.items():
+    for mode, r in results:
         print(
             f"{mode:5}: echo, 2 agents: {r['throughput']:.0f} req/s at concurrency 8 (p50 {r['p50_c8_ms']:.2f} ms), "
             f"sequential p50 {r['seq_p50_ms']:.3f} ms"
