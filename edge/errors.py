@@ -12,6 +12,8 @@ exception handlers. Every error body is {"error": "<message>"}.
     503  no live agent for the model, or the broker does not answer a query  NoAgentAvailableError, query timeouts
     504  no answer to an inference request within its deadline            InferenceTimeoutError on infer
     500  the model itself failed                                           InferenceFailedError
+    503  also: the broker refused the edge's own bus key (CURVE)            AuthenticationError
+    403  also: the edge's bus key lacks the role for it                     PermissionDeniedError
     502  any other error reported by the cluster                          ClusterError
 """
 
@@ -27,6 +29,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.errors import (
+    AuthenticationError,
     BadRequestError,
     ClusterError,
     InferenceFailedError,
@@ -34,6 +37,7 @@ from cluster.errors import (
     ModelNotFoundError,
     NoAgentAvailableError,
     OverloadedError,
+    PermissionDeniedError,
 )
 
 log = logging.getLogger("edge")
@@ -78,6 +82,10 @@ def cluster_http_error(exc: ClusterError, *, infer: bool, broker: str) -> HTTPEr
         return HTTPError(503, f"the cluster's broker at {broker} is not answering ({text})", "unavailable")
     if isinstance(exc, InferenceFailedError):
         return HTTPError(500, text, "failed")
+    if isinstance(exc, AuthenticationError):  # the broker refused the edge's own bus key: the operator's to fix
+        return HTTPError(503, f"the cluster's broker at {broker} refused the edge's key ({text})", "unavailable")
+    if isinstance(exc, PermissionDeniedError):
+        return HTTPError(403, text, "forbidden")
     return HTTPError(502, f"the cluster reported an error: {text}", "error")
 
 

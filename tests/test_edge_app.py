@@ -23,6 +23,7 @@ from cluster import protocol
 from cluster.client import InferResult
 from cluster.codec import decode_tensors, encode_tensors
 from cluster.errors import (
+    AuthenticationError,
     BadRequestError,
     ClusterError,
     InferenceFailedError,
@@ -30,6 +31,7 @@ from cluster.errors import (
     ModelNotFoundError,
     NoAgentAvailableError,
     OverloadedError,
+    PermissionDeniedError,
 )
 from cluster.model_config import shape_mismatch
 from cluster.protocol import DATATYPES
@@ -385,6 +387,8 @@ ERROR_STATUSES = [  # exception raised by the bus client -> status, metrics outc
     ),
     (InferenceFailedError("model 'echo' failed: RuntimeError: boom"), 500, "failed", True),
     (ClusterError("malformed answer from the cluster: bad frame"), 502, "error", False),
+    (AuthenticationError("the broker refused this client's key"), 503, "unavailable", False),
+    (PermissionDeniedError("a client key may not deploy"), 403, "forbidden", False),
 ]
 
 
