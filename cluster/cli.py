@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import sys
 import time
@@ -436,11 +435,11 @@ def _secure_state(key_dir: Path) -> tuple[Path, Path]:
 
     if not (key_dir / "members.json").exists():
         make_cluster_keys(key_dir, agents=0)
+    from cluster.repository import atomic_write
+
     token_file = key_dir / "edge.token"
     if not token_file.exists():
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
+        atomic_write(token_file, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
     return key_dir, token_file
 
 

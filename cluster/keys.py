@@ -24,6 +24,8 @@ from pathlib import Path
 
 import zmq
 
+from cluster.repository import atomic_write
+
 ROLES = ("agent", "client", "admin")  # what `cluster keys add --role` accepts
 SERVER_ROLE = "server"  # the broker and the manager themselves
 SERVER_NAME = "server"
@@ -47,7 +49,7 @@ class KeyFile:
     server_public: str
 
     def save(self, path: str | Path) -> None:
-        _write_atomic(Path(path), json.dumps(asdict(self), indent=1) + "\n", mode=0o600)
+        atomic_write(path, (json.dumps(asdict(self), indent=1) + "\n").encode(), mode=0o600)
 
     @classmethod
     def load(cls, path: str | Path) -> KeyFile:
@@ -66,18 +68,6 @@ class KeyFile:
     @property
     def is_server(self) -> bool:
         return self.role == SERVER_ROLE
-
-
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _keypair() -> tuple[str, str]:
@@ -99,7 +89,9 @@ def _read_members(directory: Path) -> dict[str, dict]:
 
 
 def _write_members(directory: Path, members: dict[str, dict]) -> None:
-    _write_atomic(directory / MEMBERS_FILE, json.dumps({"members": members}, indent=1, sort_keys=True) + "\n")
+    atomic_write(
+        directory / MEMBERS_FILE, (json.dumps({"members": members}, indent=1, sort_keys=True) + "\n").encode(), 0o644
+    )
 
 
 def init(directory: str | Path, admin: str = "admin") -> KeyFile:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import cluster
 from cluster.config import DEFAULT_HOST, Addresses
+from cluster.repository import atomic_write
 
 log = logging.getLogger("cluster.local")
 
@@ -83,10 +84,7 @@ class StartError(RuntimeError):
 
 def write_ready_file(path: str | Path, role: str, addresses: dict[str, str]) -> None:
     """Say "ready, listening on these addresses": {"role", "pid", "addresses"} as JSON, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"role": role, "pid": os.getpid(), "addresses": addresses}))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"role": role, "pid": os.getpid(), "addresses": addresses}).encode())
 
 
 def read_ready_file(path: str | Path) -> dict | None:
