@@ -153,6 +153,12 @@ def broker(
     ),
     heartbeat_interval: float | None = Interval,
     liveness: int | None = Liveness,
+    max_queue_wait: float | None = typer.Option(
+        None,
+        "--max-queue-wait",
+        help="Load shedding: refuse at once (OVERLOADED) a request expected to wait longer than this many seconds "
+        "in the queue (default 5; 0 = off; a model's config max_queue_wait_ms overrides it).",
+    ),
     log_level: str = LogLevel,
     ready_file: str | None = ReadyFile,
     key: str | None = Key,
@@ -161,7 +167,9 @@ def broker(
     from cluster.broker import Broker
 
     _setup_logging(log_level, "broker")
-    timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
+    timings = config.timings_from_env(
+        heartbeat_interval=heartbeat_interval, liveness=liveness, max_queue_wait=max_queue_wait
+    )
     component = Broker(
         _addresses(broker_clients=clients, broker_agents=agents, manager_events=events),
         timings,

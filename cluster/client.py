@@ -208,6 +208,13 @@ class ClientCore:
     def cancel(self, call: Call) -> None:
         self.calls.pop(call.request_id, None)
 
+    def cancel_message(self, call: Call) -> list | None:
+        """The caller gave up on `call`: forget it, and the CANCEL frames that tell the broker (None if the call was
+        not waiting any more, or is a query: nothing to cancel)."""
+        if self.calls.pop(call.request_id, None) is None or call.command != Command.REQUEST:
+            return None
+        return protocol.message(Command.CANCEL, {"id": call.request_id})
+
 
 # Clients reconnect fast (a restarted broker is one, not hundreds of agents) and may queue many requests.
 CLIENT_TIMINGS = Timings(reconnect_initial=0.1, reconnect_max=2.0)
@@ -241,7 +248,7 @@ class Client:
             timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None
         )
         self._lock = threading.Lock()  # guards core.calls between callers and the I/O thread
-        self._outbox: queue.SimpleQueue[Call] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Call | list] = queue.SimpleQueue()  # calls, and CANCEL frames
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -276,11 +283,14 @@ class Client:
         timeout: float | None = None,
         outputs=None,
     ) -> concurrent.futures.Future:
-        """Send without waiting: a Future that resolves to an InferResult or raises a ClusterError."""
+        """Send without waiting: a Future that resolves to an InferResult or raises a ClusterError.
+        `future.cancel()` tells the broker (CANCEL): the request leaves its queue, or its agent skips it if it has
+        not started it yet."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             call = self.core.infer_call(model, inputs, version, timeout, outputs, future)
         self._send(call)
+        future.add_done_callback(lambda done: self._cancelled(call) if done.cancelled() else None)
         return future
 
     def agents(self, timeout: float | None = None) -> list[dict]:
@@ -338,6 +348,14 @@ class Client:
             raise InferenceTimeoutError("no answer: the client's I/O thread is not running")
         return future.result()
 
+    def _cancelled(self, call: Call) -> None:
+        """A future cancelled by its caller: the I/O thread sends the CANCEL (it owns the socket)."""
+        with self._lock:
+            frames = self.core.cancel_message(call)
+        if frames is not None and not self._closed.is_set():
+            self._outbox.put(frames)
+            self._wake()
+
     def _send(self, call: Call) -> None:
         if self._closed.is_set():
             raise ClusterError("client is closed")
@@ -367,6 +385,12 @@ class Client:
         """Send a call; fail it at once if the broker refused our key. A DEALER whose handshake failed has no peer to
         queue for, so a blocking send could wait forever: while a send cannot go, watch the monitor (a refused
         handshake fails the call) and whether the client is closing, and try again."""
+        if isinstance(call, list):  # a CANCEL: best effort, nobody waits for it
+            try:
+                sock.send_multipart(call, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            return
         frames = call.frames()
         while self.core.refused is None and not self._closed.is_set():
             try:
@@ -559,6 +583,17 @@ class AsyncClient:
                 if not send.done():
                     send.cancel()
             return await call.future
+        except asyncio.CancelledError:
+            # The awaiting task was cancelled (a caller's timeout, a closed HTTP connection, a cancelled gRPC call):
+            # tell the broker, so the request leaves its queue or its agent skips it.
+            frames = self.core.cancel_message(call)
+            if frames is not None:
+                try:
+                    sent = self._sock.send_multipart(frames, zmq.NOBLOCK)
+                    sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+                except zmq.ZMQError:
+                    pass
+            raise
         finally:
             self.core.cancel(call)  # cancelled by the caller: forget it (a late answer is then ignored)
 

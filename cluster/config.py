@@ -42,6 +42,8 @@ class Timings:
     query_timeout: float = 5.0  # deadline of an agents()/models() query
     max_dispatch_attempts: int = 3  # how often the broker re-dispatches a request whose agent died
     broker_queue_limit: int = 10_000  # requests the broker holds waiting for a free agent, past that: OVERLOADED
+    max_queue_wait: float = 5.0  # load shedding: a request expected to wait longer in the broker's queue is refused
+    # at once (OVERLOADED with retry_after); a model's config `max_queue_wait_ms` overrides it; 0 = no bound
 
     @property
     def expiry(self) -> float:
@@ -66,6 +68,8 @@ def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timi
         raise ValueError("heartbeat interval must be at least 10 ms")
     if timings.liveness < 1:
         raise ValueError("liveness must be at least 1")
+    if timings.max_queue_wait < 0:
+        raise ValueError("max_queue_wait must be >= 0 (0: no bound)")
     if timings.broker_queue_limit < 0 or timings.max_dispatch_attempts < 1 or timings.request_timeout <= 0:
         raise ValueError("broker_queue_limit must be >= 0, max_dispatch_attempts >= 1, request_timeout > 0")
     return timings

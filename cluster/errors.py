@@ -36,7 +36,20 @@ class InferenceFailedError(ClusterError):
 
 
 class OverloadedError(ClusterError):
+    """The broker refused the request at once: its queue is full, or the wait would pass the model's bound.
+    `retry_after`: seconds after which trying again is likely to be accepted (None if the broker did not say)."""
+
     code = ErrorCode.OVERLOADED
+
+    def __init__(self, message: str, model: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, model)
+        self.retry_after = retry_after
+
+
+class RequestCancelledError(ClusterError):
+    """The request was cancelled (only the broker sees this code, from an agent; a client that cancels forgot it)."""
+
+    code = ErrorCode.CANCELLED
 
 
 class AuthenticationError(ClusterError):
@@ -60,4 +73,8 @@ def error_from_header(header: dict) -> ClusterError:
     """The exception an ERROR message stands for."""
     cls = ERROR_BY_CODE.get(header.get("code"), ClusterError)
     model = header.get("model") if isinstance(header.get("model"), str) else None
+    if cls is OverloadedError:
+        retry_after = header.get("retry_after")
+        ok = isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool) and retry_after >= 0
+        return cls(str(header.get("message", "unknown error")), model, float(retry_after) if ok else None)
     return cls(str(header.get("message", "unknown error")), model)

@@ -22,7 +22,16 @@ from cluster.protocol import DATATYPES
 
 PLATFORMS = ("torchscript", "torch_export")
 
-_CONFIG_KEYS = ("name", "platform", "inputs", "outputs", "max_batch_size", "max_queue_delay_us", "instances")
+_CONFIG_KEYS = (
+    "name",
+    "platform",
+    "inputs",
+    "outputs",
+    "max_batch_size",
+    "max_queue_delay_us",
+    "instances",
+    "max_queue_wait_ms",
+)
 _SPEC_KEYS = ("name", "datatype", "shape")
 
 
@@ -93,7 +102,8 @@ class ModelConfig:
     outputs: list[TensorSpec]
     max_batch_size: int = 0  # largest batch the agent's batcher may build (0 = no batching)
     max_queue_delay_us: int = 0  # how long the batcher may hold a request to fill a batch
-    instances: int = 1  # model instances an agent runs side by side
+    instances: int = 1  # copies of the model an agent loads, each run by its own inference thread
+    max_queue_wait_ms: int = 0  # load shedding: longest expected wait in the broker's queue (0 = the broker's default)
     platform: str | None = None  # "torchscript" | "torch_export"; None = decided by the version's model file
 
     @classmethod
@@ -131,7 +141,12 @@ class ModelConfig:
             specs[key] = items
 
         ints = {}
-        for key, default, minimum in (("max_batch_size", 0, 0), ("max_queue_delay_us", 0, 0), ("instances", 1, 1)):
+        for key, default, minimum in (
+            ("max_batch_size", 0, 0),
+            ("max_queue_delay_us", 0, 0),
+            ("instances", 1, 1),
+            ("max_queue_wait_ms", 0, 0),
+        ):
             value = d.get(key, default)
             if not _is_int(value) or value < minimum:
                 raise RepositoryError(f"{prefix}: '{key}' must be an int >= {minimum}, got {value!r}")
@@ -151,6 +166,8 @@ class ModelConfig:
             "max_queue_delay_us": self.max_queue_delay_us,
             "instances": self.instances,
         }
+        if self.max_queue_wait_ms:
+            d["max_queue_wait_ms"] = self.max_queue_wait_ms
         if self.platform is not None:
             d["platform"] = self.platform
         return d

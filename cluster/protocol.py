@@ -7,17 +7,22 @@ A message is a list of ZeroMQ frames:
     next      header    = msgpack map (string keys), at most MAX_HEADER_BYTES
     rest      tensors   = one raw frame per tensor, described in order by header["inputs"] or header["outputs"]
 
+A REQUEST's route frame (broker -> agent) is longer: the key + float64 seconds left to the request's deadline +
+float64 seconds it waited in the broker's queue (REQUEST_ROUTE), so an agent can drop work whose client gave up.
+
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
     client  -> broker   REQUEST  {id, model, version?, timeout, inputs: [meta...], outputs?: [name...]} + tensors
                         QUERY    {id, what: "agents" | "models" | "model" | "stats", name?, version?}
+                        CANCEL   {id}   (forget that request: out of the queue, or skipped by its agent; no answer)
     broker  -> client   REPLY    {id, model, version, agent, outputs: [meta...]} + tensors   (the agent's header, as is)
                         REPLY    {id, result: ...}                                            (answer to a QUERY)
                         ERROR    {id, code, message, model?}
     agent   -> broker   READY    Heartbeat + {metadata: [each model's inputs and outputs]}
                         HEARTBEAT Heartbeat (every interval and on every change of what it serves)
                         REPLY / ERROR  route + header + tensors (answers a REQUEST)
-    broker  -> agent    REQUEST  route + the client's header + tensors (forwarded, never decoded)
+    broker  -> agent    REQUEST  request route + the client's header + tensors (forwarded, never decoded)
+                        CANCEL   route + {}   (the client gave up: skip it if not started, answer ERROR CANCELLED)
                         HEARTBEAT {}   DISCONNECT {reason}   (DISCONNECT: "I do not know you, send READY again")
     agent   -> manager  HEARTBEAT (PUB) Heartbeat: {agent, capacity, models, staged, failed, host, pid, ...}
     manager -> broker   EVENT (PUB) {event: "agent_dead", agent, silent_for}   (a backup word: the broker owns liveness)
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import enum
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +55,25 @@ from cluster.config import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
 
 TAG = b"MSB1"  # Model-Serving Bus, protocol version 1
 ROUTE_BYTES = 8
+REQUEST_ROUTE = struct.Struct(">8sdd")  # broker -> agent REQUEST: key, seconds left, seconds waited at the broker
+
+
+def request_route(key: bytes, seconds_left: float, waited_s: float) -> bytes:
+    """The route frame of a REQUEST the broker forwards: the agent answers with `key` alone."""
+    return REQUEST_ROUTE.pack(key, seconds_left, waited_s)
+
+
+def parse_request_route(frame: bytes) -> tuple[bytes, float, float]:
+    """(key, seconds left, seconds waited) of a REQUEST's route; a bare key (8 bytes) means no deadline known.
+    ProtocolError for any other length or a time that is not a finite number."""
+    if len(frame) == ROUTE_BYTES:
+        return frame, math.inf, 0.0
+    if len(frame) != REQUEST_ROUTE.size:
+        raise ProtocolError("bad route frame")
+    key, left, waited = REQUEST_ROUTE.unpack(frame)
+    if not (math.isfinite(left) and math.isfinite(waited)):
+        raise ProtocolError("bad route frame: times must be finite")
+    return key, left, waited
 
 
 class Command(enum.IntEnum):
@@ -60,6 +85,7 @@ class Command(enum.IntEnum):
     DISCONNECT = 0x06
     QUERY = 0x07
     EVENT = 0x08
+    CANCEL = 0x09
 
 
 PREAMBLE = {cmd: TAG + bytes([cmd]) for cmd in Command}
@@ -74,7 +100,8 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "TIMEOUT"  # no answer within the request's deadline
     BAD_REQUEST = "BAD_REQUEST"  # malformed message, unknown input, wrong dtype or shape
     INFERENCE_FAILED = "INFERENCE_FAILED"  # the model raised
-    OVERLOADED = "OVERLOADED"  # the broker's queue is full
+    OVERLOADED = "OVERLOADED"  # the broker's queue is full, or the wait would pass the model's bound (retry_after)
+    CANCELLED = "CANCELLED"  # the client cancelled it (an agent's answer to the broker's CANCEL; never to a client)
     UNAUTHENTICATED = "UNAUTHENTICATED"  # with keys on: the sender's key is not (or no longer) allowed
     PERMISSION_DENIED = "PERMISSION_DENIED"  # with keys on: the key's role may not do this (e.g. a client deploying)
     INTERNAL = "INTERNAL"
@@ -122,10 +149,15 @@ def routed(cmd: Command, route: bytes, header: dict | bytes, tensors: Sequence =
     return [PREAMBLE[cmd], route, header if isinstance(header, bytes) else pack(header), *tensors]
 
 
-def error_header(request_id: Any, code: ErrorCode, text: str, model: str | None = None) -> dict:
+def error_header(
+    request_id: Any, code: ErrorCode, text: str, model: str | None = None, retry_after: float | None = None
+) -> dict:
+    """An ERROR's header; `retry_after` (seconds, with OVERLOADED): when the client may try again."""
     header = {"id": request_id, "code": code.value, "message": text}
     if model is not None:
         header["model"] = model
+    if retry_after is not None:
+        header["retry_after"] = retry_after
     return header
 
 
@@ -264,6 +296,7 @@ _INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the righ
     "serving_since": _NUMBER,
     "interval": _NUMBER,
     "serves_only": (list,),
+    "jobs": (dict,),
 }
 
 
@@ -289,6 +322,7 @@ class Heartbeat:
     serving_since: float | None = None  # wall time it connected, models loaded
     interval: float | None = None  # its heartbeat interval, seconds
     serves_only: list[str] | None = None  # started with --models: only these take part in rollouts; None: all
+    jobs: dict = field(default_factory=dict)  # per model: {executed, cancelled, expired, peak_concurrent}
 
     def to_wire(self) -> dict:
         return asdict(self)

@@ -8,7 +8,8 @@ exception handlers. Every error body is {"error": "<message>"}.
     404  unknown model or version                                          ModelNotFoundError, or a bad version path
     413  body over the limit (Content-Length checked first, bytes counted while reading, after decompression too)
     415  Content-Encoding other than gzip, deflate or identity; an infer body neither JSON nor octet-stream
-    429  the broker's queue is full (with Retry-After: 1)                  OverloadedError
+    429  the broker's queue is full, or the wait would pass the model's bound (Retry-After: the broker's retry_after,
+         rounded up to whole seconds; 1 if it gave none)                  OverloadedError
     503  no live agent for the model, or the broker does not answer a query  NoAgentAvailableError, query timeouts
     504  no answer to an inference request within its deadline            InferenceTimeoutError on infer
     500  the model itself failed                                           InferenceFailedError
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,7 +75,9 @@ def cluster_http_error(exc: ClusterError, *, infer: bool, broker: str) -> HTTPEr
     if isinstance(exc, ModelNotFoundError):
         return HTTPError(404, text, "not_found")
     if isinstance(exc, OverloadedError):
-        return HTTPError(429, text, "overloaded", {"Retry-After": "1"})
+        retry_after = getattr(exc, "retry_after", None)
+        seconds = max(1, math.ceil(retry_after)) if retry_after is not None else 1  # Retry-After takes whole seconds
+        return HTTPError(429, text, "overloaded", {"Retry-After": str(seconds)})
     if isinstance(exc, NoAgentAvailableError):
         return HTTPError(503, text, "unavailable")
     if isinstance(exc, InferenceTimeoutError):

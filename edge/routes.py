@@ -12,6 +12,7 @@ when the edge has tokens (edge/security.py); a route that changes the cluster ad
 
 from __future__ import annotations
 
+import asyncio
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -251,6 +252,32 @@ _INFER_DOC = {
 }
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away while its inference request waited on the bus."""
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work` (the bus call); if the HTTP client disconnects first, cancel it, which sends the broker a CANCEL
+    (AsyncClient does), so the request leaves the queue or its agent skips it, and raise ClientDisconnected."""
+    call = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not call.done():
+            call.cancel()
+    if call.done() and not call.cancelled():
+        return call.result()
+    raise ClientDisconnected()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the ASGI server says the client disconnected (the body is read already: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     edge = get_edge(request)
     metrics = edge.metrics
@@ -263,7 +290,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         body = await read_body(request, edge.max_body_bytes)
         parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
         timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
-        result = await edge.client.infer(name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs)
+        result = await _unless_disconnected(
+            request, edge.client.infer(name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs)
+        )
         metrics.confirm_model(name)
         metrics.observe_batching(name, result.batch_size, result.queue_seconds)
         served_by = {"agent": result.agent} if isinstance(result.agent, str) else None
@@ -275,6 +304,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     except oip.InvalidRequest as exc:
         outcome = "bad_request"
         return error_response(400, str(exc))
+    except ClientDisconnected:
+        outcome = "cancelled"
+        return error_response(499, "the client closed the connection; the request was cancelled")  # nobody reads it
     except HTTPError as exc:
         outcome = exc.outcome
         return error_response(exc.status, exc.message, exc.headers)

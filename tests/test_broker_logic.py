@@ -15,7 +15,17 @@ from cluster.broker import Broker, Dispatcher, Send
 from cluster.broker.agents import UnknownModel
 from cluster.broker.routing import RoundRobin
 from cluster.config import Addresses, Timings
-from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, error_header, pack, unpack_header
+from cluster.protocol import (
+    PREAMBLE,
+    REQUEST_ROUTE,
+    ROUTE_BYTES,
+    Command,
+    ErrorCode,
+    Heartbeat,
+    error_header,
+    pack,
+    unpack_header,
+)
 
 TIMINGS = Timings(heartbeat_interval=1.0, liveness=3, max_dispatch_attempts=3, broker_queue_limit=100)
 T = 10.0  # a time past the warm-up window (expiry + interval = 4 s after the start at 0)
@@ -71,8 +81,8 @@ def answer(
 
 
 def sent_to_agents(out: list[Send]) -> list[tuple[str, bytes]]:
-    """(agent, route) of each REQUEST in `out`."""
-    return [(s.peer.decode(), s.frames[2]) for s in out if s.to_agent and s.command == Command.REQUEST]
+    """(agent, route key) of each REQUEST in `out` (the key the agent answers with; the route frame adds times)."""
+    return [(s.peer.decode(), s.frames[2][:ROUTE_BYTES]) for s in out if s.to_agent and s.command == Command.REQUEST]
 
 
 def client_errors(out: list[Send]) -> list[tuple[object, str, str]]:
@@ -99,7 +109,7 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
     assert [agent for agent, _ in sent_to_agents(out)] == ["a1", "a2", "a1", "a2"]
     assert in_flight(d) == {"a1": 2, "a2": 2}
     first = out[0].frames
-    assert first[1] == PREAMBLE[Command.REQUEST] and len(first[2]) == 8
+    assert first[1] == PREAMBLE[Command.REQUEST] and len(first[2]) == REQUEST_ROUTE.size
     assert first[3] is HEADER and first[4] is TENSOR, "the client's frames must be forwarded as the same objects"
     # Everyone full: the fifth waits, nothing is sent, no agent goes over its capacity.
     assert request(d, 4) == []
@@ -109,6 +119,8 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
         "redispatched": 0,
         "timeouts": 0,
         "agents_lost": 0,
+        "cancelled": 0,
+        "shed": 0,
         "agents": 2,
         "in_flight": 5,
         "queued": 1,

@@ -166,6 +166,7 @@ class Agent:
             else:
                 log.info("agent %s loaded and warmed up %s v%d", self.agent_id, name, version)
                 self.table.add_loaded(name, version, outcome)
+                self.ensure_instance_threads()
             self.table.converge(self.desired)
             self.models_changed(True)
 
@@ -176,10 +177,19 @@ class Agent:
             self.send_heartbeat()
 
     def effective_capacity(self) -> int:
-        """Requests the broker may keep here at once: the configured capacity, or enough to fill two batches of the
-        largest batching model (one running, one filling), whichever is more."""
-        batch = max((m.config.max_batch_size for m in self.table.loaded_models()), default=0)
-        return max(self.capacity, 2 * batch) if batch > 1 else self.capacity
+        """Requests the broker may keep here at once: the configured capacity, or enough to keep every copy of the
+        most demanding model busy with two batches each (one running, one filling; a batch of one when it does not
+        batch), whichever is more."""
+        needs = [
+            2 * max(m.config.max_batch_size, 1) * m.config.instances
+            for m in self.table.loaded_models()
+            if m.config.max_batch_size > 1 or m.config.instances > 1
+        ]
+        return max([self.capacity, *needs])
+
+    def ensure_instance_threads(self) -> None:
+        """An inference thread for every copy of the model with the most `instances`."""
+        self.pool.ensure_threads(max((m.config.instances for m in self.table.loaded_models()), default=1))
 
     def status(self) -> Heartbeat:
         """The heartbeat: what the broker routes by and the manager's registry and `cluster status` show."""
@@ -201,6 +211,7 @@ class Agent:
             serving_since=self.serving_since,  # wall time the agent connected, models loaded
             interval=self.timings.heartbeat_interval,
             serves_only=self.model_names,  # None: every deployed model
+            jobs=self.pool.describe_jobs(),
         )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------
@@ -212,6 +223,7 @@ class Agent:
         self.results.bind(self._results_addr)
         self.loads = self.ctx.socket(zmq.PULL)
         self.loads.bind(self._loads_addr)
+        self.ensure_instance_threads()
         self.pool.start()
         self.loader.start()
         curve = self.security.client() if self.security is not None else None
@@ -308,7 +320,10 @@ class Agent:
     def register(self) -> None:
         """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
         ready = self.status().to_wire()
-        ready["metadata"] = [dict(m.config.metadata(), version=m.version) for m in self.table.loaded_models()]
+        ready["metadata"] = [
+            dict(m.config.metadata(), version=m.version, max_queue_wait_ms=m.config.max_queue_wait_ms)
+            for m in self.table.loaded_models()
+        ]
         self.broker.send_multipart(message(Command.READY, ready))
 
     def send_heartbeat(self) -> None:
@@ -380,6 +395,8 @@ class Agent:
                 continue
             if cmd == Command.REQUEST:
                 self.accept_request(frames)
+            elif cmd == Command.CANCEL:
+                self.cancel_request(frames)
             elif cmd == Command.DISCONNECT:
                 log.info("agent %s: broker asked us to register again", self.agent_id)
                 self.register()
@@ -391,11 +408,10 @@ class Agent:
         if len(frames) < 3:
             bad_input.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
             return
-        route = frames[1].bytes
+        route = frames[1].bytes[: protocol.ROUTE_BYTES]  # answers carry the broker's key alone
         request_id = name = None
         try:
-            if len(route) != protocol.ROUTE_BYTES:
-                raise ProtocolError("bad route frame")
+            route, seconds_left, broker_wait_s = protocol.parse_request_route(frames[1].bytes)
             header = protocol.unpack_header(frames[2])
             request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
             name = require(header, "model", str)
@@ -420,6 +436,10 @@ class Agent:
             self.answer_error(route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
             return
         job = Job(route, request_id, model, metas, list(tensors), outputs)
+        job.deadline, job.broker_wait_s = job.queued_at + seconds_left, broker_wait_s
+        if job.deadline < job.queued_at:  # expired on its way here
+            self.broker.send_multipart(self.pool.skip(job, "TIMEOUT"), copy=False)
+            return
         if (
             self.inline
             and self.in_flight == 0
@@ -430,6 +450,17 @@ class Agent:
             return
         self.in_flight += 1
         self.pool.submit(job)
+
+    def cancel_request(self, frames: list) -> None:
+        """The broker's CANCEL: the client gave up. A job not started yet is taken out of the queue and answered
+        ERROR CANCELLED (so the broker frees its slot); one that runs already finishes (its answer is dropped)."""
+        if len(frames) < 2 or len(frames[1].bytes) != protocol.ROUTE_BYTES:
+            bad_input.warning("agent %s: CANCEL without a valid route dropped", self.agent_id)
+            return
+        job = self.pool.cancel(frames[1].bytes)
+        if job is not None:
+            self.in_flight -= 1
+            self.broker.send_multipart(self.pool.skip(job, "CANCELED"), copy=False)
 
     def answer_error(self, route: bytes, request_id, code: ErrorCode, text: str, model: str | None) -> None:
         self.broker.send_multipart([PREAMBLE[Command.ERROR], route, pack(error_header(request_id, code, text, model))])

@@ -4,6 +4,9 @@ cluster.repository (torch-free) decides what a version is and checks its files a
 takes the bytes it verified (ModelRepository.read_model: the very bytes that were hashed, never the file re-read)
 and hands them to torch.jit.load or torch.export.load, never to pickle. Then it moves the module to the device and
 runs one warm-up inference, so a model that disagrees with its config is refused at load, not on a user request.
+
+With `instances: N` in the config, the same verified bytes are loaded N times: N separate modules (no shared state
+between them), so the agent's inference threads can run N requests of the model at once, one per copy.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYP
 class LoadedModel:
     """A verified, warmed-up model, and the one place where the config's tensor names meet the module's positions."""
 
-    def __init__(self, name: str, version: int, config: ModelConfig, module: Any, device: str = "cpu"):
+    def __init__(
+        self, name: str, version: int, config: ModelConfig, module: Any, device: str = "cpu", copies: list | None = None
+    ):
         self.name = name
         self.version = version
         self.config = config
         self.module = module
         self.device = device
+        self.instances = [module, *(copies or [])]  # instance i runs on instances[i] (config `instances`)
 
     def __repr__(self) -> str:
         platform, device = self.config.platform, self.device
@@ -38,8 +44,9 @@ class LoadedModel:
     def _where(self) -> str:
         return f"model '{self.name}' version {self.version}"
 
-    def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the module on named inputs; outputs come back named, on CPU and C-contiguous, ready for the codec."""
+    def infer(self, inputs: dict[str, torch.Tensor], instance: int = 0) -> dict[str, torch.Tensor]:
+        """Run the module (copy `instance`) on named inputs; outputs come back named, on CPU and C-contiguous, ready
+        for the codec."""
         args = []
         for spec in self.config.inputs:
             tensor = inputs.get(spec.name)
@@ -51,7 +58,7 @@ class LoadedModel:
             raise InputError(f"unknown input(s) {', '.join(map(repr, sorted(extra)))} for model '{self.name}'")
 
         with torch.inference_mode():
-            result = self.module(*args)
+            result = self.instances[instance % len(self.instances)](*args)
 
         names = [s.name for s in self.config.outputs]
         if isinstance(result, torch.Tensor):
@@ -77,11 +84,11 @@ class LoadedModel:
             outputs[name] = value.to("cpu").contiguous()
         return outputs
 
-    def warmup(self) -> None:
+    def warmup(self, instance: int = 0) -> None:
         """Run once on zeros so a model that does not match its config is refused at load, not on a user request."""
         inputs = {name: torch.from_numpy(array) for name, array in self.config.warmup_inputs().items()}
         try:
-            outputs = self.infer(inputs)
+            outputs = self.infer(inputs, instance)
         except RepositoryError as exc:
             raise RepositoryError(f"warm-up failed: {exc}") from exc
         except Exception as exc:
@@ -103,10 +110,12 @@ def load_model(repository: ModelRepository, name: str, version: int, device: str
     """Verify, load, warm up; RepositoryError says what is wrong with the version."""
     verified = repository.read_model(name, version)
     module = _module(verified, device)
+    copies = [_module(verified, device) for _ in range(verified.config.instances - 1)]
     config = verified.config
     del verified  # the file's bytes: torch holds what it needs, the warm-up should not run beside a second copy
-    model = LoadedModel(name, version, config, module, device)
-    model.warmup()
+    model = LoadedModel(name, version, config, module, device, copies)
+    for instance in range(len(model.instances)):
+        model.warmup(instance)
     return model
 
 

@@ -10,12 +10,20 @@ wait): a worker takes every queued request for the model (up to max_batch_size),
 dimension, runs one forward pass and splits the outputs back, each caller getting exactly its own rows. A lone
 request goes at once; only when requests are already queuing (a burst) does the worker wait up to the delay for the
 batch to fill. If a batched pass fails, each request is run alone, so one bad request fails only itself.
+
+Deadlines and cancellation: a Job carries its deadline (the broker says how long the request has left); a job whose
+deadline passed before a worker takes it is not run, and a job the broker cancels (its client gave up) is taken out
+of the queue if no worker has it yet. Both are answered ERROR by `skip` (TIMEOUT or CANCELLED), never run.
+
+Instances (config `instances: N`): the model is loaded N times; each batch a worker takes runs on a free copy, and
+the pool has at least N threads, so N requests of one model run at once (torch ops release the GIL).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +55,9 @@ class Job:
     outputs: list[str] | None  # which outputs the client wants; None = all
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0  # when its (batched) forward pass began
+    deadline: float = math.inf  # monotonic, this agent's clock: past it, the client has given up (not run then)
+    broker_wait_s: float = 0.0  # how long it waited in the broker's queue before it was sent here
+    instance: int = 0  # which copy of the model runs it (config `instances`)
 
 
 @dataclass
@@ -90,6 +101,11 @@ class WorkerPool:
         self._held: set[int] = set()  # models a worker is collecting a batch for
         self._stopping = False
         self.stats: dict[str, BatchStats] = collections.defaultdict(BatchStats)
+        # per model: jobs run, cancelled and expired (skipped, never run), most running at once (heartbeat `jobs`)
+        self.jobs: dict[str, dict[str, int]] = {}
+        self._counts_lock = threading.Lock()
+        self._running: dict[int, int] = {}  # id(model) -> batches of it running now
+        self._free_instances: dict[int, list[int]] = {}  # id(model) -> copies of it no worker is running
         self._timings: dict[int, tuple[int, float]] = {}  # id(model) -> (runs, slowest recent run in seconds)
         self.threads = [
             threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))
@@ -98,6 +114,57 @@ class WorkerPool:
     def start(self) -> None:
         for thread in self.threads:
             thread.start()
+
+    def ensure_threads(self, count: int) -> None:
+        """At least `count` inference threads (a model with `instances: N` needs N); started at once if the pool
+        runs. Never fewer: threads are not stopped while the agent serves."""
+        running = any(thread.is_alive() for thread in self.threads)
+        while len(self.threads) < count:
+            thread = threading.Thread(target=self._work, name=f"inference-{len(self.threads)}", daemon=True)
+            self.threads.append(thread)
+            if running:
+                thread.start()
+
+    def skip(self, job: Job, reason: str) -> list:
+        """The answer frames for a job that is not run: reason "TIMEOUT" (its deadline passed before it started) or
+        "CANCELED" (the broker said its client gave up). Counted per model (`jobs`: expired, cancelled)."""
+        if reason == "TIMEOUT":
+            code, counter = ErrorCode.TIMEOUT, "expired"
+            text = f"model '{job.model.name}': the request's deadline passed before agent {self.agent_id} began it"
+        else:
+            code, counter = ErrorCode.CANCELLED, "cancelled"
+            text = f"model '{job.model.name}': cancelled before agent {self.agent_id} began it"
+        self._count(job.model.name, counter)
+        header = error_header(job.request_id, code, text, job.model.name)
+        return [PREAMBLE[Command.ERROR], job.route, pack(header)]
+
+    def cancel(self, route: bytes) -> Job | None:
+        """Take the job with this route out of the queue, if no worker has taken it yet; None if none is queued
+        (it runs, or is answered already: then the cancel is ignored)."""
+        with self._cond:
+            for key, queue in self._queues.items():
+                for job in queue:
+                    if job.route == route:
+                        queue.remove(job)
+                        if not queue and key not in self._held:
+                            del self._queues[key]
+                            self._ready = collections.deque(m for m in self._ready if id(m) != key)
+                        return job
+        return None
+
+    def describe_jobs(self) -> dict:
+        with self._counts_lock:
+            return {name: dict(counts) for name, counts in self.jobs.items()}
+
+    def _count(self, model: str, counter: str, n: int = 1) -> None:
+        with self._counts_lock:
+            counts = self.jobs.setdefault(model, {"executed": 0, "cancelled": 0, "expired": 0, "peak_concurrent": 0})
+            counts[counter] += n
+
+    def _note_running(self, model: str, running: int) -> None:
+        with self._counts_lock:
+            counts = self.jobs.setdefault(model, {"executed": 0, "cancelled": 0, "expired": 0, "peak_concurrent": 0})
+            counts["peak_concurrent"] = max(counts["peak_concurrent"], running)
 
     def submit(self, job: Job) -> None:
         key = id(job.model)
@@ -148,7 +215,22 @@ class WorkerPool:
                 self._ready.append(model)  # the rest is for the next free worker
             else:
                 del self._queues[key]
+            free = self._free_instances.setdefault(key, list(range(len(getattr(model, "instances", [None])))))
+            instance = free.pop() if free else 0  # more workers than copies: they share copy 0, as before
+            for job in batch:
+                job.instance = instance
+            self._running[key] = self._running.get(key, 0) + 1
+            self._note_running(model.name, self._running[key])
             return batch
+
+    def _finished(self, model, instance: int) -> None:
+        """A batch of `model` is done: its copy is free again."""
+        key = id(model)
+        with self._cond:
+            self._running[key] -= 1
+            free = self._free_instances.get(key)
+            if free is not None and instance not in free and instance < len(getattr(model, "instances", [None])):
+                free.append(instance)
 
     def _work(self) -> None:
         if self.torch_threads:
@@ -157,13 +239,25 @@ class WorkerPool:
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self.results_addr)
         try:
-            while (batch := self._next_batch()) is not None:
+            while (taken := self._next_batch()) is not None:
                 started = time.monotonic()
-                for job in batch:
-                    job.started_at = started
-                self.stats[batch[0].model.name].add(len(batch), [started - job.queued_at for job in batch])
-                for frames in self.run_batch(batch) if len(batch) > 1 else [self.run_timed(batch[0])]:
-                    out.send_multipart(frames, copy=False)
+                batch = []
+                for job in taken:
+                    if job.deadline < started:
+                        out.send_multipart(self.skip(job, "TIMEOUT"), copy=False)
+                    else:
+                        job.started_at = started
+                        batch.append(job)
+                try:
+                    if not batch:
+                        continue
+                    self.stats[batch[0].model.name].add(len(batch), [started - job.queued_at for job in batch])
+                    if len(batch) > 1:
+                        self._count(batch[0].model.name, "executed", len(batch))
+                    for frames in self.run_batch(batch) if len(batch) > 1 else [self.run_timed(batch[0])]:
+                        out.send_multipart(frames, copy=False)
+                finally:
+                    self._finished(taken[0].model, taken[0].instance)
         finally:
             out.close()
 
@@ -177,6 +271,7 @@ class WorkerPool:
     def run_timed(self, job: Job) -> list:
         """run(), noting how long the model took: only models known to be fast may run in the I/O thread."""
         job.started_at = start = time.monotonic()
+        self._count(job.model.name, "executed")
         frames = self.run(job)
         elapsed = time.monotonic() - start
         runs, slowest = self._timings.get(id(job.model), (0, elapsed))
@@ -186,7 +281,7 @@ class WorkerPool:
     def run(self, job: Job) -> list:
         """The answer frames for one job: REPLY with the outputs, or ERROR saying why the model failed."""
         try:
-            outputs = job.model.infer(self._inputs(job))
+            outputs = job.model.infer(self._inputs(job), job.instance)
             return self._reply(job, outputs, 1)
         except Exception as exc:  # the model's own failure: tell the client, keep serving
             return self._failure(job, exc)
@@ -204,7 +299,7 @@ class WorkerPool:
             try:
                 per_job = [self._inputs(job) for job in group]
                 stacked = {name: torch.cat([inputs[name] for inputs in per_job]) for name in per_job[0]}
-                outputs = group[0].model.infer(stacked)
+                outputs = group[0].model.infer(stacked, group[0].instance)
                 rows = [job.metas[0]["shape"][0] for job in group]
                 total = sum(rows)
                 if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):

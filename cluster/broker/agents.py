@@ -57,6 +57,7 @@ class AgentTable:
         self.serving: dict[str, list[AgentEntry]] = {}  # model -> agents that have it, in arrival order
         self.known_models: set[str] = set()  # every model any agent ever served: "no agent" vs "not found"
         self.metadata: dict[tuple[str, int], dict] = {}  # (model, version) -> inputs/outputs, from agents' READY
+        self.max_queue_wait_ms: dict[str, int] = {}  # model -> its config's queueing bound (load shedding), from READY
 
     def get(self, identity: bytes) -> AgentEntry | None:
         return self.agents.get(identity)
@@ -117,9 +118,14 @@ class AgentTable:
             self._index(agent)
 
     def remember_metadata(self, metadata) -> None:
-        """READY carries each model's inputs and outputs; keep them for `model` queries (the edge's metadata)."""
+        """READY carries each model's inputs and outputs; keep them for `model` queries (the edge's metadata), and
+        its `max_queue_wait_ms` (the latest announced wins: versions of one model share one queue)."""
         for meta in metadata or []:
             if isinstance(meta, dict) and isinstance(meta.get("name"), str) and isinstance(meta.get("version"), int):
+                meta = dict(meta)
+                bound = meta.pop("max_queue_wait_ms", None)  # the broker's own business, not the model's metadata
+                if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 0:
+                    self.max_queue_wait_ms[meta["name"]] = bound
                 self.metadata[(meta["name"], meta["version"])] = meta
 
     def silent(self, now: float) -> list[AgentEntry]:

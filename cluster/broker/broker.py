@@ -183,7 +183,7 @@ class Broker:
                 request_id = None
                 raise ProtocolError("header field 'id' must be an int or a string")
             if self.allow is not None:
-                refused = refusal(self.allow, key_of(frames[1]), "infer" if cmd == Command.REQUEST else "query")
+                refused = refusal(self.allow, key_of(frames[1]), "query" if cmd == Command.QUERY else "infer")
                 if refused is not None:
                     bad_input.warning("refused a %s from client %s: %s", cmd.name, client.hex(), refused[1])
                     self.send_client_error(client, request_id, *refused)
@@ -192,6 +192,8 @@ class Broker:
                 self.accept_request(client, request_id, header, frames[2], frames[3:])
             elif cmd == Command.QUERY:
                 self.answer_query(client, request_id, header)
+            elif cmd == Command.CANCEL:
+                self.deliver(self.dispatcher.client_cancel(client, request_id, time.monotonic()))
             else:
                 raise ProtocolError(f"clients may not send {cmd.name}")
         except ProtocolError as exc:

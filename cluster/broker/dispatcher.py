@@ -16,7 +16,13 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   version since its last beat) is forgotten for that version, and the request silently goes elsewhere;
 - a request no live agent can take fails at once (MODEL_NOT_FOUND or NO_AGENT), except in the warm-up window after
   the broker (re)starts, while agents re-register: then it waits, within its deadline;
-- past its deadline a request fails with TIMEOUT, whether in flight or queued;
+- past its deadline a request fails with TIMEOUT, whether in flight or queued; the agent is told how long a request
+  has left (and how long it waited here) in the REQUEST's route frame, so it drops work that expired before it began;
+- a client's CANCEL (found by client identity and id) takes its request out of the queue, or, in flight, is passed
+  to its agent (which skips it if not started); whatever the agent answers then is dropped, the slot freed;
+- load shedding: a request that would wait in the queue longer than its model's bound (`max_queue_wait_ms` in the
+  model's config, else `timings.max_queue_wait`), estimated from the queue's length and the model's measured
+  service rate (ServiceRate), is refused at once with OVERLOADED and a `retry_after`; never before a rate is known;
 - tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read;
 - with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
   bound to the key it registered with: READY for an identity registered with another key is refused (until that
@@ -48,6 +54,9 @@ refused = BadInputLog(log)  # messages refused for their key (keys on), rate-lim
 
 _ROUTE = struct.Struct(">Q")
 _REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
+_CANCEL = PREAMBLE[Command.CANCEL]
+RATE_WINDOW_S = 1.0  # a model's service rate is measured over windows this long ...
+RATE_WEIGHT = 0.3  # ... and each saturated window's rate weighs this much in the moving average (EWMA)
 _EMPTY_HEADER = pack({})
 _SEND_READY = pack({"reason": "unknown agent; send READY"})
 
@@ -68,8 +77,34 @@ class Send(NamedTuple):
         return protocol.parse_preamble(self.frames[1])
 
 
-def client_error(client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None) -> Send:
-    return Send(False, [client, PREAMBLE[Command.ERROR], pack(error_header(request_id, code, text, model))])
+def client_error(
+    client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None, retry_after: float | None = None
+) -> Send:
+    header = error_header(request_id, code, text, model, retry_after)
+    return Send(False, [client, PREAMBLE[Command.ERROR], pack(header)])
+
+
+class ServiceRate:
+    """Completions per second of one model, as an EWMA over RATE_WINDOW_S windows. Only windows that ended with
+    requests queued count: a model that is not saturated completes what arrives, which says nothing of how fast it
+    could go (and would make the estimate refuse too early). `per_second` is None until one such window."""
+
+    def __init__(self, now: float) -> None:
+        self.window_start = now
+        self.completed = 0
+        self.per_second: float | None = None
+
+    def completion(self, now: float, saturated: bool) -> None:
+        self.completed += 1
+        elapsed = now - self.window_start
+        if elapsed < RATE_WINDOW_S:
+            return
+        if saturated:
+            rate = self.completed / elapsed
+            self.per_second = (
+                rate if self.per_second is None else (1 - RATE_WEIGHT) * self.per_second + RATE_WEIGHT * rate
+            )
+        self.window_start, self.completed = now, 0
 
 
 @dataclass(eq=False)
@@ -84,6 +119,7 @@ class BrokerRequest:
     header: Any  # the client's header frame, forwarded untouched
     tensors: list  # the client's tensor frames, forwarded untouched
     deadline: float
+    arrived: float = 0.0  # the broker's clock when it came in (what it waited is told to the agent)
     attempts: int = 0  # agents it was sent to
     agent: AgentEntry | None = None  # where it is in flight now
     queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
@@ -101,7 +137,10 @@ class Dispatcher:
         self.pending_count = 0
         self.started = now
         self._routes = itertools.count(1)
-        self.stats = {"requests": 0, "redispatched": 0, "timeouts": 0, "agents_lost": 0}
+        self.stats = {"requests": 0, "redispatched": 0, "timeouts": 0, "agents_lost": 0, "cancelled": 0, "shed": 0}
+        self.by_client: dict[tuple[bytes, Any], bytes] = {}  # (client identity, its id) -> route, for CANCEL
+        self.rates: dict[str, ServiceRate] = {}  # model -> its measured service rate (load shedding)
+        self.now = now  # the latest event's clock: what a request forwarded now has left, and has waited
 
     def warming_up(self, now: float) -> bool:
         """Just started (or restarted): agents are still re-registering, so "no agent has it" is not known yet.
@@ -127,6 +166,7 @@ class Dispatcher:
     ) -> list[Send]:
         """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served."""
         out: list[Send] = []
+        self.now = now
         if not self.agents.candidates(model, version) and not self.warming_up(now):
             code, text = self.agents.why_unroutable(model, version)
             out.append(client_error(client, request_id, code, text, model))
@@ -135,7 +175,9 @@ class Dispatcher:
         request = BrokerRequest(
             _ROUTE.pack(next(self._routes)), client, request_id, model, version, header_frame, tensors, now + timeout
         )
+        request.arrived = now
         self.requests[request.route] = request
+        self.by_client[(client, request_id)] = request.route
         if not self._dispatch(request, out):
             self._queue_or_refuse(request, out)
         return out
@@ -145,6 +187,7 @@ class Dispatcher:
         as `cmd` and at least those three frames; `key`: its sender's public key (keys on). Any message from a known
         agent counts as a sign of life."""
         out: list[Send] = []
+        self.now = now
         identity = _bytes(frames[0])
         if self.allow is not None:
             why = refusal(self.allow, key, "agent")
@@ -178,6 +221,30 @@ class Dispatcher:
             log.warning("agent %s sent unexpected %s; dropped", agent.agent_id, cmd.name)
         return out
 
+    def client_cancel(self, client: bytes, request_id, now: float) -> list[Send]:
+        """A client's CANCEL: it gave up on that request and wants no answer. Queued: it leaves the queue. In flight:
+        its agent is told (it skips the request if it has not started it); the slot stays taken until the agent
+        answers, and that answer is dropped. Unknown (answered already, or never seen): nothing to do."""
+        out: list[Send] = []
+        self.now = now
+        route = self.by_client.get((client, request_id))
+        request = self.requests.get(route) if route is not None else None
+        if request is None or request.done:
+            return out
+        self.stats["cancelled"] += 1
+        request.done = True
+        self._forget(request)
+        if request.agent is not None:
+            out.append(Send(True, [request.agent.identity, _CANCEL, request.route, _EMPTY_HEADER]))
+        else:
+            queue = self.pending.get(request.model)
+            if queue is not None and request in queue:
+                queue.remove(request)
+                self.pending_count -= 1
+                if not queue:
+                    del self.pending[request.model]
+        return out
+
     def agent_declared_dead(self, agent_id: str) -> list[Send]:
         """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness)."""
         out: list[Send] = []
@@ -198,7 +265,8 @@ class Dispatcher:
         what = "heartbeat send failed" if unsent[0][1] == _HEARTBEAT else "send failed"
         taken_back = []
         for frames in unsent:
-            request = agent.in_flight.pop(frames[2], None) if frames[1] == _REQUEST else None
+            key = frames[2][: protocol.ROUTE_BYTES]  # a REQUEST's route: the key, then its times
+            request = agent.in_flight.pop(key, None) if frames[1] == _REQUEST else None
             if request is not None:
                 request.attempts -= 1
                 request.agent = None
@@ -220,6 +288,7 @@ class Dispatcher:
         """The clock: expire silent agents, fail requests past their deadline, and (after warm-up) fail queued
         requests that no live agent can take any more."""
         out: list[Send] = []
+        self.now = now
         for agent in self.agents.silent(now):
             self._remove(agent, f"silent for {now - agent.last_seen:.1f} s", out)
         self._expire_requests(now, out)
@@ -285,7 +354,10 @@ class Dispatcher:
             self.agents.forget_versions(agent, request.model, request.version)
             self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
         else:
-            self.requests.pop(route, None)
+            if request is not None:
+                self._forget(request)
+                rate = self.rates.setdefault(request.model, ServiceRate(self.now))
+                rate.completion(self.now, bool(self.pending.get(request.model)))
             if request is not None and not request.done:
                 request.done = True
                 if request.agent is not None and request.agent is not agent:
@@ -312,14 +384,30 @@ class Dispatcher:
         request.agent = agent
         request.attempts += 1
         agent.in_flight[request.route] = request
-        out.append(Send(True, [agent.identity, _REQUEST, request.route, request.header, *request.tensors]))
+        route = protocol.request_route(request.route, request.deadline - self.now, self.now - request.arrived)
+        out.append(Send(True, [agent.identity, _REQUEST, route, request.header, *request.tensors]))
         return True
 
     def _queue_or_refuse(self, request: BrokerRequest, out: list[Send]) -> None:
-        """A new request no agent has a free slot for: it waits, unless the queue is full (OVERLOADED)."""
+        """A new request no agent has a free slot for: it waits, unless the queue is full or the wait would pass
+        the model's bound (OVERLOADED, with a retry_after when the wait is what is too long)."""
+        wait, bound = self.expected_wait(request.model), self.queue_wait_bound(request.model)
+        if wait is not None and bound > 0 and wait > bound:
+            self.stats["shed"] += 1
+            request.done = True
+            self._forget(request)
+            retry_after = round(max(0.1, wait - bound), 3)
+            text = (
+                f"model '{request.model}': about {wait:.1f} s of queue ahead, over its {bound:g} s bound; "
+                f"try again in {retry_after:g} s"
+            )
+            out.append(
+                client_error(request.client, request.request_id, ErrorCode.OVERLOADED, text, request.model, retry_after)
+            )
+            return
         if self.pending_count >= self.timings.broker_queue_limit:
             request.done = True
-            self.requests.pop(request.route, None)
+            self._forget(request)
             out.append(
                 client_error(
                     request.client,
@@ -331,6 +419,20 @@ class Dispatcher:
             )
         else:
             self._enqueue(request)
+
+    def queue_wait_bound(self, model: str) -> float:
+        """Seconds a request of `model` may expect to wait in the queue (0: no bound): its config's
+        max_queue_wait_ms, announced by its agents, else the broker's default."""
+        configured = self.agents.max_queue_wait_ms.get(model, 0)
+        return configured / 1000 if configured > 0 else self.timings.max_queue_wait
+
+    def expected_wait(self, model: str) -> float | None:
+        """How long a request queued for `model` now would wait: its place in the queue over the model's measured
+        service rate. None while no rate is known (then nothing is refused for its wait)."""
+        rate = self.rates.get(model)
+        if rate is None or not rate.per_second:
+            return None
+        return (len(self.pending.get(model, ())) + 1) / rate.per_second
 
     def _enqueue(self, request: BrokerRequest, front: bool = False) -> None:
         queue = self.pending.setdefault(request.model, deque())
@@ -376,9 +478,15 @@ class Dispatcher:
         elif not self._dispatch(request, out):
             self._enqueue(request, front=True)
 
+    def _forget(self, request: BrokerRequest) -> None:
+        """The request is over for the broker (answered, failed or cancelled): out of both indexes."""
+        self.requests.pop(request.route, None)
+        if self.by_client.get((request.client, request.request_id)) == request.route:
+            del self.by_client[(request.client, request.request_id)]
+
     def _finish_with_error(self, request: BrokerRequest, code: ErrorCode, text: str, out: list[Send]) -> None:
         request.done = True
-        self.requests.pop(request.route, None)
+        self._forget(request)
         out.append(client_error(request.client, request.request_id, code, text, request.model))
 
     def _expire_requests(self, now: float, out: list[Send]) -> None:
@@ -400,7 +508,7 @@ class Dispatcher:
             for request in queue:
                 if not request.done and not self.agents.candidates(request.model, request.version):
                     request.done = True
-                    self.requests.pop(request.route, None)
+                    self._forget(request)
                     code, text = self.agents.why_unroutable(request.model, request.version)
                     out.append(client_error(request.client, request.request_id, code, text, request.model))
             live = deque(r for r in queue if not r.done)
