@@ -1,10 +1,10 @@
 """The broker's dispatcher, without any I/O: every request from its arrival to its answer, over the AgentTable.
 
 It takes events and returns what to send (a list of `Send`), never touching a socket (pyzmq's zmq/auth/base.py
-idea; `Broker` is the thin loop that owns the sockets). The events: a client's request (`client_request`), an
-agent's message (`agent_message`: READY, HEARTBEAT, REPLY, ERROR, DISCONNECT), the manager's word that an agent is
-dead (`agent_declared_dead`), a clock tick (`tick`), time to beat (`heartbeats`), and a send that failed
-(`send_failed`: the agent is gone). Every time is the caller's `now` (monotonic seconds), so tests run the clock.
+idea; `Broker` is the thin loop that owns the sockets). The events: a client's request (`client_request`) or
+cancel (`client_cancel`), an agent's message (`agent_message`: READY, HEARTBEAT, REPLY, ERROR, DISCONNECT), the
+manager's word that an agent is dead (`agent_declared_dead`), a clock tick (`tick`), time to beat (`heartbeats`),
+and a send that failed (`send_failed`: the agent is gone). Every time is the caller's `now` (monotonic seconds), so tests run the clock.
 
 What it guarantees (the Majordomo broker's gaps, fixed):
 - every request in flight is tracked (agent, deadline); when its agent dies it goes to another agent with the model,
