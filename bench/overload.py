@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import tempfile
 import threading
 import time
@@ -85,6 +86,8 @@ class RssWatch:
 async def flood(send, clients: int, duration: float) -> dict:
     """`clients` loops of send() for `duration` s. send returns ("ok" | "refused" | "error", retry_after)."""
     accepted, refused, errors = [], [], []
+    accepted_after_first_refusal = []  # sent once the broker had measured a rate and refused something
+    first_refusal = [math.inf]
     stop_at = time.monotonic() + duration
 
     async def one_client(i: int) -> None:
@@ -95,7 +98,10 @@ async def flood(send, clients: int, duration: float) -> dict:
             took = time.perf_counter() - start
             if outcome == "ok":
                 accepted.append(took)
+                if start > first_refusal[0]:
+                    accepted_after_first_refusal.append(took)
             elif outcome == "refused":
+                first_refusal[0] = min(first_refusal[0], start + took)
                 refused.append(took)
                 await asyncio.sleep(min(retry_after or 1.0, max(0.0, stop_at - time.monotonic())))
             else:
@@ -103,7 +109,7 @@ async def flood(send, clients: int, duration: float) -> dict:
                 await asyncio.sleep(0.1)
 
     await asyncio.gather(*(one_client(i) for i in range(clients)))
-    return {"accepted": accepted, "refused": refused, "errors": errors}
+    return {"accepted": accepted, "refused": refused, "errors": errors, "steady": accepted_after_first_refusal}
 
 
 def report(path: str, result: dict, bound: float, rss: dict) -> list[str]:
@@ -114,6 +120,9 @@ def report(path: str, result: dict, bound: float, rss: dict) -> list[str]:
         f"  time to refuse: p50 {percentile(refused, 50) * 1000:.1f} ms, p99 {percentile(refused, 99) * 1000:.1f} ms",
         f"  accepted: p50 {percentile(accepted, 50):.2f} s, p99 {percentile(accepted, 99):.2f} s "
         f"(queue bound {bound:g} s, plus the forward pass)",
+        f"  accepted once shedding began ({len(result['steady'])}): p50 {percentile(result['steady'], 50):.2f} s, "
+        f"p99 {percentile(result['steady'], 99):.2f} s (before the broker has measured the model's rate nothing is "
+        "refused: the first burst queues whole)",
         "  RSS MiB before / peak during / after: "
         + ", ".join(
             f"{name} {b:.0f} / {rss['peak'][name]:.0f} / {rss['after'][name]:.0f}" for name, b in rss["before"].items()

@@ -321,3 +321,11 @@ def test_edge_429_carries_the_brokers_retry_after_in_whole_seconds():
     error = cluster_http_error(OverloadedError("busy", "m", retry_after=2.2), infer=True, broker="b")
     assert (error.status, error.headers) == (429, {"Retry-After": "3"})
     assert cluster_http_error(OverloadedError("busy", "m"), infer=True, broker="b").headers == {"Retry-After": "1"}
+
+
+def test_the_first_rate_estimate_comes_after_a_few_saturated_completions_not_a_whole_window():
+    """A flood that arrives faster than a window must not queue whole before the broker can refuse anything."""
+    d = dispatcher(max_queue_wait=2.0, broker_queue_limit=1000)
+    ready(d, "a1", capacity=1)
+    saturate(d, seconds=1, per_second=20)  # 20 completions in 1 s; the first estimate after 8 (0.35 s)
+    assert d.rates["m"].per_second == pytest.approx(20, rel=0.2), d.rates["m"].per_second

@@ -4,7 +4,8 @@ It takes events and returns what to send (a list of `Send`), never touching a so
 idea; `Broker` is the thin loop that owns the sockets). The events: a client's request (`client_request`) or
 cancel (`client_cancel`), an agent's message (`agent_message`: READY, HEARTBEAT, REPLY, ERROR, DISCONNECT), the
 manager's word that an agent is dead (`agent_declared_dead`), a clock tick (`tick`), time to beat (`heartbeats`),
-and a send that failed (`send_failed`: the agent is gone). Every time is the caller's `now` (monotonic seconds), so tests run the clock.
+and a send that failed (`send_failed`: the agent is gone). Every time is the caller's `now` (monotonic seconds), so
+tests run the clock.
 
 What it guarantees (the Majordomo broker's gaps, fixed):
 - every request in flight is tracked (agent, deadline); when its agent dies it goes to another agent with the model,
@@ -57,6 +58,7 @@ _REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR
 _CANCEL = PREAMBLE[Command.CANCEL]
 RATE_WINDOW_S = 1.0  # a model's service rate is measured over windows this long ...
 RATE_WEIGHT = 0.3  # ... and each saturated window's rate weighs this much in the moving average (EWMA)
+FIRST_RATE_COMPLETIONS = 8  # the first estimate comes sooner: after this many completions with a queue waiting
 _EMPTY_HEADER = pack({})
 _SEND_READY = pack({"reason": "unknown agent; send READY"})
 
@@ -87,7 +89,9 @@ def client_error(
 class ServiceRate:
     """Completions per second of one model, as an EWMA over RATE_WINDOW_S windows. Only windows that ended with
     requests queued count: a model that is not saturated completes what arrives, which says nothing of how fast it
-    could go (and would make the estimate refuse too early). `per_second` is None until one such window."""
+    could go (and would make the estimate refuse too early). `per_second` is None until the first estimate, which
+    comes after FIRST_RATE_COMPLETIONS saturated completions rather than a whole window: a flood that arrives faster
+    than a window would otherwise queue whole before anything could be refused."""
 
     def __init__(self, now: float) -> None:
         self.window_start = now
@@ -97,7 +101,8 @@ class ServiceRate:
     def completion(self, now: float, saturated: bool) -> None:
         self.completed += 1
         elapsed = now - self.window_start
-        if elapsed < RATE_WINDOW_S:
+        first = self.per_second is None and self.completed >= FIRST_RATE_COMPLETIONS and elapsed > 0
+        if elapsed < RATE_WINDOW_S and not first:
             return
         if saturated:
             rate = self.completed / elapsed
