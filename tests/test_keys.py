@@ -125,7 +125,7 @@ def test_dispatcher_takes_agents_only_from_agent_keys_and_binds_them(keyed):
     d.agent_message(Command.READY, [b"a1", PREAMBLE[Command.READY], _beat("a1")], t, key["agent-2"])
     assert d.agents.get(b"a1").key == key["agent-1"]
     out = d.client_request(b"c", 1, "m", None, 30.0, b"h", [b"t"], t)
-    route = out[0].frames[2]
+    route = out[0].frames[2][:8]  # the key the agent answers with (the route frame adds the times)
     reply = [b"a1", PREAMBLE[Command.REPLY], route, pack({"id": 1}), b"forged"]
     assert d.agent_message(Command.REPLY, reply, t, key["agent-2"]) == []
     assert route in d.requests, "a reply from another key must not answer the request"
