@@ -18,6 +18,8 @@ setup(
         "uvicorn>=0.27",
         "prometheus_client>=0.19",
         "pydantic>=2",
+        # the edge's OIP gRPC: grpcio plus KServe's generated service_pb2 / service_pb2_grpc, which tritonclient ships
+        "tritonclient[grpc]>=2.40",
     ],
     extras_require={
         "test": [
