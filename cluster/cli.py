@@ -289,8 +289,17 @@ def edge(
         None, "--ssl-keyfile", envvar="CLUSTER_EDGE_SSL_KEYFILE", help="TLS private key (PEM) of --ssl-certfile."
     ),
     key: str | None = Key,
+    grpc_port: int = typer.Option(
+        config.EDGE_GRPC_PORT,
+        "--grpc-port",
+        envvar="CLUSTER_EDGE_GRPC_PORT",
+        help="Port of the Open Inference Protocol over gRPC (0: no gRPC; -1: any free port, see the ready file).",
+    ),
+    grpc_host: str | None = typer.Option(
+        None, "--grpc-host", envvar="CLUSTER_EDGE_GRPC_HOST", help="Address gRPC listens on (default: --host)."
+    ),
 ):
-    """Run the HTTP edge: Open Inference Protocol (KServe V2) REST, /metrics, /agents, and the page at /."""
+    """Run the HTTP edge: Open Inference Protocol (KServe V2) REST and gRPC, /metrics, /agents, and the page at /."""
     from edge import run_edge
 
     run_edge(
@@ -312,6 +321,8 @@ def edge(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         key=key,  # the edge's bus client presents this key
+        grpc_port=grpc_port,
+        grpc_host=grpc_host,
     )
 
 
@@ -327,6 +338,9 @@ def up(
     agents: int = typer.Option(2, "--agents", help="How many agents to start."),
     edge_port: int = typer.Option(
         config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."
+    ),
+    grpc_port: int = typer.Option(
+        config.EDGE_GRPC_PORT, "--grpc-port", envvar="CLUSTER_EDGE_GRPC_PORT", help="gRPC port of the edge (0: none)."
     ),
     share: str | None = typer.Option(
         None, envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."
@@ -387,6 +401,7 @@ def up(
             addresses=addresses,
             edge_host=config.env_or("EDGE_HOST", config.EDGE_HOST),
             edge_port=0 if any_ports else edge_port,
+            edge_grpc_port=None if not grpc_port else 0 if any_ports else grpc_port,
             inherit_output=True,
             die_with_parent=True,  # no orphans, even when `cluster up` is killed with SIGKILL
             keys=key_dir,
@@ -398,7 +413,7 @@ def up(
                 local.start("agent", name=f"agent-{i + 1}")  # the agent's own default id (host-pid)
             if edge_port:
                 local.start_edge(*(["--token-file", str(token_file)] if token_file else []))
-            a, edge_url = local.addresses, local.edge_url
+            a, edge_url, grpc_address = local.addresses, local.edge_url, local.grpc_address
             typer.echo(
                 f"cluster up: share {share_dir}\n"
                 f"  clients (Client / AsyncClient): {a.broker_clients}\n"
@@ -406,6 +421,7 @@ def up(
                 f"  manager heartbeats / events / queries: "
                 f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
                 + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
+                + (f"  gRPC edge (Open Inference Protocol): {grpc_address}\n" if grpc_address else "")
                 + f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
                 + (
                     f"\n  secure: keys in {key_dir} (CURVE on every bus socket); use --key {key_dir}/client.key "
@@ -417,6 +433,8 @@ def up(
             )
             if ready_file:
                 reported = dict(dataclasses.asdict(a), **({"edge": edge_url} if edge_url else {}))
+                if grpc_address:
+                    reported["grpc"] = grpc_address
                 write_ready_file(ready_file, "up", reported)
             while not (exited := local.exited()):
                 time.sleep(0.2)

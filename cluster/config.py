@@ -18,6 +18,7 @@ MANAGER_EVENTS_ADDR = f"tcp://{DEFAULT_HOST}:5558"  # manager PUBlishes registry
 MANAGER_QUERY_ADDR = f"tcp://{DEFAULT_HOST}:5559"  # manager answers agents/models queries here (ROUTER)
 EDGE_HOST = DEFAULT_HOST
 EDGE_PORT = 8000
+EDGE_GRPC_PORT = 8001  # the edge's OIP gRPC (Triton's and KServe's usual port)
 
 # --- limits -------------------------------------------------------------------------------------------------------
 # data sockets: the largest frame a peer may send (ZMQ_MAXMSGSIZE; larger: the peer is disconnected)

@@ -115,11 +115,19 @@ def http_url(host: str, port: int) -> str:
 
 
 def serve_http(
-    app, host: str, port: int, *, ready_file: str | Path | None = None, role: str = "edge", **uvicorn_options
+    app,
+    host: str,
+    port: int,
+    *,
+    ready_file: str | Path | None = None,
+    role: str = "edge",
+    extra_addresses=None,
+    **uvicorn_options,
 ) -> None:
     """uvicorn.run(app, host=host, port=port, ...), but on a socket bound here first, so that port 0 works: the OS
     picks a free port, and once uvicorn serves, `ready_file` gets {role: "http://host:port"}. Blocks until
-    SIGINT/SIGTERM (uvicorn's own graceful shutdown)."""
+    SIGINT/SIGTERM (uvicorn's own graceful shutdown). extra_addresses: called once serving, more addresses for the
+    ready file (the edge's gRPC, which its lifespan started)."""
     import uvicorn
 
     config = uvicorn.Config(app, **uvicorn_options)  # sets up uvicorn's logging
@@ -140,7 +148,7 @@ def serve_http(
             if self.started:
                 logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
                 if ready_file is not None:
-                    write_ready_file(ready_file, role, {role: url})
+                    write_ready_file(ready_file, role, {role: url, **(extra_addresses() if extra_addresses else {})})
 
     ReportingServer(config).run(sockets=[sock])
 
@@ -253,6 +261,7 @@ class LocalCluster:
         addresses: Addresses | None = None,
         edge_host: str = DEFAULT_HOST,
         edge_port: int = 0,
+        edge_grpc_port: int | None = None,
         reconnect: tuple[float, float] | None = (0.1, 1.0),
         log_level: str | None = "INFO",
         inherit_output: bool = False,
@@ -273,6 +282,7 @@ class LocalCluster:
         self.requested = addresses or any_port_addresses()
         self.edge_host = edge_host
         self.edge_port = edge_port
+        self.edge_grpc_port = edge_grpc_port
         self.reconnect = reconnect
         self.log_level = log_level
         self.inherit_output = inherit_output
@@ -292,6 +302,11 @@ class LocalCluster:
     def edge_url(self) -> str | None:
         """The edge's http://host:port once an edge has reported it."""
         return self.bound.get("edge")
+
+    @property
+    def grpc_address(self) -> str | None:
+        """The edge's gRPC host:port (for tritonclient.grpc) once an edge with gRPC has reported it."""
+        return self.bound.get("grpc")
 
     def _known(self, key: str) -> bool:
         return not is_any_port(getattr(self.addresses, key))
@@ -350,7 +365,7 @@ class LocalCluster:
                 self._reserve(OWNER[key], needed_by=role)
         argv = [sys.executable, "-m", "cluster", role, *args]
         if role == "edge":
-            argv += ["--host", self.edge_host, "--port", str(self._edge_port())]
+            argv += ["--host", self.edge_host, "--port", str(self._edge_port()), "--grpc-port", self._grpc_port()]
         name = name or f"{role}-{len(self.procs)}"
         if self.keys is not None and "CLUSTER_KEY" not in env:
             env["CLUSTER_KEY"] = str(self.role_key(role, name))
@@ -398,6 +413,15 @@ class LocalCluster:
         if ready_path is not None:
             proc.addresses = self._wait_ready(proc, ready_path, timeout)["addresses"]
         return proc
+
+    def _grpc_port(self) -> str:
+        """The edge's --grpc-port: the port it got the first time on a restart; 0 (off) without edge_grpc_port;
+        -1 (any free port) for edge_grpc_port 0."""
+        if self.edge_grpc_port is None:
+            return "0"
+        if self.grpc_address:
+            return self.grpc_address.rsplit(":", 1)[1]
+        return str(self.edge_grpc_port or -1)
 
     def _edge_port(self) -> int:
         return int(self.edge_url.rsplit(":", 1)[1]) if self.edge_url else self.edge_port

@@ -21,8 +21,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from cluster import AsyncClient
-from cluster.config import BROKER_CLIENT_ADDR, env_or
+from cluster.config import BROKER_CLIENT_ADDR, EDGE_GRPC_PORT, env_or
 from edge.errors import install_error_handlers
+from edge.grpc_service import grpc_address as format_grpc_address
+from edge.grpc_service import serving as grpc_serving
 from edge.routes import EdgeState, public, router, server_version
 from edge.schemas import ERRORS, InferenceRequest
 from edge.security import (
@@ -63,6 +65,7 @@ def create_app(
     allowed_hosts: Iterable[str] = (),
     cors_origins: Iterable[str] = (),
     key: str | None = None,
+    grpc_address: str | None = None,
 ) -> FastAPI:
     """The edge for the broker at `broker_address` (its client address, e.g. tcp://127.0.0.1:5555; default
     CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555).
@@ -77,6 +80,7 @@ def create_app(
     tokens / admin_tokens: bearer tokens (none: every route is open); allowed_hosts: Host names served besides the
     loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py); key: the
     bus key file (`cluster keys add NAME --role client`) the edge's own AsyncClient presents (None: in the clear).
+    grpc_address: host:port (port 0: any) where the app's lifespan also serves the OIP over gRPC (None: no gRPC).
     """
     broker = broker_address or getattr(client, "address", None) or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
     page = Path(frontend_path) if frontend_path else default_frontend()
@@ -90,11 +94,13 @@ def create_app(
         try:
             if client is not None:
                 edge.client = client
-                yield
+                async with grpc_serving(edge, grpc_address):
+                    yield
             else:
                 async with AsyncClient(broker, timeout=request_timeout, fail_fast=True, key=key) as own:
                     edge.client = own
-                    yield
+                    async with grpc_serving(edge, grpc_address):
+                        yield
         finally:
             edge.client = None
 
@@ -182,13 +188,16 @@ def run_edge(
     ssl_certfile: str | Path | None = None,
     ssl_keyfile: str | Path | None = None,
     key: str | None = None,
+    grpc_port: int = EDGE_GRPC_PORT,
+    grpc_host: str | None = None,
 ) -> None:
     """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking). broker: the broker's client address
     (default CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555); max_body_bytes: default DEFAULT_MAX_BODY (64 MiB);
     port 0: any free port; ready_file: where to report the URL once it serves (cluster.local reads it);
     token_files / admin_token_files: more tokens, one a line; ssl_certfile + ssl_keyfile (PEM): serve HTTPS; a
     non-loopback `host` is added to allowed_hosts (every address, 0.0.0.0: a warning instead); the rest as in
-    create_app."""
+    create_app; grpc_port: where the OIP gRPC service also listens, on grpc_host (default: `host`), in the same event
+    loop (0: no gRPC; -1: any free port), reported in the ready file as "grpc": "host:port"."""
     from cluster.local import serve_http
 
     try:
@@ -211,7 +220,10 @@ def run_edge(
             ],
             allowed_hosts=hosts_for_bind(host, allowed_hosts),
             cors_origins=cors_origins,
+            grpc_address=None if grpc_port == 0 else format_grpc_address(grpc_host or host, max(grpc_port, 0)),
         )
+        if grpc_port < -1 or grpc_port > 65535:
+            raise ValueError(f"--grpc-port {grpc_port} is not a port (0: no gRPC, -1: any free port)")
     except (ValueError, OSError) as exc:  # a bad option: say which, no traceback
         logging.getLogger("edge").error("cannot start the edge: %s", exc)
         sys.exit(2)
@@ -223,5 +235,6 @@ def run_edge(
         log_level=log_level.lower(),
         access_log=access_log,
         timeout_graceful_shutdown=5,
+        extra_addresses=lambda: {"grpc": app.state.edge.grpc_address} if app.state.edge.grpc_address else {},
         **tls,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -337,3 +338,26 @@ def create_server(edge: EdgeState, address: str) -> tuple[grpc.aio.Server, int]:
     if not port:
         raise OSError(f"the edge cannot listen for gRPC on {address}")
     return server, port
+
+
+def grpc_address(host: str, port: int) -> str:
+    """host:port as gRPC clients take it ([::1]:8001 for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@asynccontextmanager
+async def serving(edge: EdgeState, address: str | None, grace: float = 5.0):
+    """Serve gRPC on `address` (None: not at all) in the running loop while the block runs: the app's lifespan,
+    so it starts with uvicorn and stops with it (SIGTERM included). Sets `edge.grpc_address` to what it bound."""
+    if address is None:
+        yield
+        return
+    server, port = create_server(edge, address)
+    await server.start()
+    edge.grpc_address = grpc_address(address.rsplit(":", 1)[0].strip("[]"), port)
+    log.info("gRPC (Open Inference Protocol) on %s", edge.grpc_address)
+    try:
+        yield
+    finally:
+        await server.stop(grace)  # calls still running get `grace` seconds, then are cancelled
+        edge.grpc_address = None

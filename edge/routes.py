@@ -75,6 +75,7 @@ class EdgeState:
         self.security = security or EdgeSecurity()
         self.metrics = EdgeMetrics()
         self.client: Any = None
+        self.grpc_address: str | None = None  # host:port once the gRPC service listens (edge/grpc_service.py)
 
     async def query(self, call):
         """Await a bus query, turning its errors into HTTP errors (a query that times out means no broker: 503)."""

@@ -51,8 +51,13 @@ def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
         ready = wait_for(lambda: read_ready_file(ready_path) or up.poll() is not None, 120, "cluster up to be ready")
         assert up.poll() is None, log_path.read_text()
         edge_port = int(ready["addresses"].pop("edge").rsplit(":", 1)[1])
+        grpc_address = ready["addresses"].pop("grpc")
         local = LocalCluster(share, tmp_path, addresses=Addresses(**ready["addresses"]))
         local.wait_for_agents(2, model="digits")
+        import tritonclient.grpc as triton_grpc
+
+        with triton_grpc.InferenceServerClient(grpc_address) as grpc_client:
+            assert grpc_client.is_model_ready("digits"), f"gRPC at {grpc_address}: digits not ready"
         children = [p.pid for p in psutil.Process(up.pid).children(recursive=True)]
         assert len(children) == 5, f"expected manager, broker, 2 agents and the edge, got {children}"
         page = wait_for(
@@ -70,6 +75,7 @@ def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
         assert "digits" in out.stdout and "echo" in out.stdout and "Agents (2)" in out.stdout, out.stdout
         text = log_path.read_text()
         assert local.addresses.broker_clients in text and f"http://127.0.0.1:{edge_port}/" in text, text
+        assert f"gRPC edge (Open Inference Protocol): {grpc_address}" in text, text
         local.stop_all()  # closes the test's client
         os.kill(up.pid, how)
         up.wait(20)
@@ -98,6 +104,7 @@ def test_cluster_up_secure_keys_every_role_and_tokens_the_edge(share, tmp_path):
         ready = wait_for(lambda: read_ready_file(ready_path) or up.poll() is not None, 120, "cluster up to be ready")
         assert up.poll() is None, log_path.read_text()
         edge = ready["addresses"].pop("edge")
+        ready["addresses"].pop("grpc")
         token = (keys / "edge.token").read_text().strip()
         banner = log_path.read_text()
         assert f"{keys}/client.key" in banner and f"{keys}/admin.key" in banner and token in banner, banner
