@@ -26,25 +26,10 @@ import torch
 
 from bench.lib import local_cluster, log, percentile
 from cluster.client import AsyncClient
+from cluster.demo_models import SLOW_CONFIG as CONFIG
+from cluster.demo_models import Slow
 from cluster.errors import ClusterError, OverloadedError
 from cluster.repository import publish_version
-
-CONFIG = {
-    "name": "slow",
-    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}, {"name": "n", "datatype": "INT64", "shape": [1]}],
-    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
-}
-
-
-class Slow(torch.nn.Module):
-    """Echoes x after n rounds of a small matmul (as tests/models.py Slow): the caller picks the forward's length."""
-
-    def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        w = torch.full((64, 64), 0.001)
-        y = torch.ones(1, 64)
-        for _ in range(int(n[0].item())):
-            y = torch.tanh(y @ w)
-        return x + y[0, 0] * 0.0
 
 
 def rounds_for(seconds: float) -> int:

@@ -22,6 +22,25 @@ from torch import nn
 
 from cluster.repository import ModelRepository, publish_version
 
+SLOW_CONFIG = {
+    "name": "slow",
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}, {"name": "n", "datatype": "INT64", "shape": [1]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
+}
+
+
+class Slow(torch.nn.Module):
+    """Echoes x after n rounds of a small matmul: a forward pass whose length the caller picks (n). Not a demo model:
+    the tests and bench/overload.py use it for slow models."""
+
+    def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        w = torch.full((64, 64), 0.001)
+        y = torch.ones(1, 64)
+        for _ in range(int(n[0].item())):
+            y = torch.tanh(y @ w)
+        return x + y[0, 0] * 0.0
+
+
 DIGITS_CONFIG = {
     "name": "digits",
     "platform": "torchscript",

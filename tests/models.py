@@ -7,24 +7,8 @@ from pathlib import Path
 
 import torch
 
+from cluster.demo_models import SLOW_CONFIG, Slow  # noqa: F401  (re-exported for the tests)
 from cluster.repository import publish_version
-
-SLOW_CONFIG = {
-    "name": "slow",
-    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}, {"name": "n", "datatype": "INT64", "shape": [1]}],
-    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
-}
-
-
-class Slow(torch.nn.Module):
-    """Echoes x after n rounds of a small matmul: a forward pass whose length the caller picks (n)."""
-
-    def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        w = torch.full((64, 64), 0.001)
-        y = torch.ones(1, 64)
-        for _ in range(int(n[0].item())):
-            y = torch.tanh(y @ w)
-        return x + y[0, 0] * 0.0
 
 
 def publish_slow(share: Path) -> int:
