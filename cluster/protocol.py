@@ -297,6 +297,7 @@ _INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the righ
     "interval": _NUMBER,
     "serves_only": (list,),
     "jobs": (dict,),
+    "stats": (dict,),
 }
 
 
@@ -323,6 +324,7 @@ class Heartbeat:
     interval: float | None = None  # its heartbeat interval, seconds
     serves_only: list[str] | None = None  # started with --models: only these take part in rollouts; None: all
     jobs: dict = field(default_factory=dict)  # per model: {executed, cancelled, expired, peak_concurrent}
+    stats: dict = field(default_factory=dict)  # {model: {version: Triton's model_stats entry + "failures"}}
 
     def to_wire(self) -> dict:
         return asdict(self)

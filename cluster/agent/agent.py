@@ -212,6 +212,7 @@ class Agent:
             interval=self.timings.heartbeat_interval,
             serves_only=self.model_names,  # None: every deployed model
             jobs=self.pool.describe_jobs(),
+            stats=self.pool.describe_stats(),
         )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import zmq
 
+from cluster.agent.stats import ModelStats
 from cluster.codec import decode_tensors, encode_tensors, to_torch
 from cluster.protocol import PREAMBLE, Command, ErrorCode, error_header, pack
 
@@ -104,6 +105,7 @@ class WorkerPool:
         # per model: jobs run, cancelled and expired (skipped, never run), most running at once (heartbeat `jobs`)
         self.jobs: dict[str, dict[str, int]] = {}
         self._counts_lock = threading.Lock()
+        self.model_stats: dict[tuple[str, str], ModelStats] = {}  # (model, version) -> Triton's counters
         self._running: dict[int, int] = {}  # id(model) -> batches of it running now
         self._free_instances: dict[int, list[int]] = {}  # id(model) -> copies of it no worker is running
         self._timings: dict[int, tuple[int, float]] = {}  # id(model) -> (runs, slowest recent run in seconds)
@@ -135,6 +137,7 @@ class WorkerPool:
             code, counter = ErrorCode.CANCELLED, "cancelled"
             text = f"model '{job.model.name}': cancelled before agent {self.agent_id} began it"
         self._count(job.model.name, counter)
+        self.stats_of(job.model).record_failure(reason)
         header = error_header(job.request_id, code, text, job.model.name)
         return [PREAMBLE[Command.ERROR], job.route, pack(header)]
 
@@ -151,6 +154,31 @@ class WorkerPool:
                             self._ready = collections.deque(m for m in self._ready if id(m) != key)
                         return job
         return None
+
+    def stats_of(self, model) -> ModelStats:
+        """The Triton counters of this model's version (made on first use)."""
+        key = (model.name, str(model.version))
+        with self._counts_lock:
+            found = self.model_stats.get(key)
+            if found is None:
+                found = self.model_stats[key] = ModelStats(model.name, model.version)
+            return found
+
+    def describe_stats(self) -> dict:
+        """Heartbeat `stats`: {model: {version: Triton's entry plus "failures" by reason}}."""
+        with self._counts_lock:
+            every = list(self.model_stats.values())
+        described: dict = {}
+        for stats in every:
+            described.setdefault(stats.name, {})[stats.version] = stats.describe()
+        return described
+
+    def _record(self, job: Job, batch_size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """One answered job's share of its pass, in Triton's terms; queue = agent queue + broker queue."""
+        shape = job.metas[0]["shape"] if job.metas else []
+        samples = shape[0] if job.model.config.max_batch_size > 0 and shape else 1
+        queue_s = max(0.0, job.started_at - job.queued_at) + job.broker_wait_s
+        self.stats_of(job.model).record_success(samples, queue_s, input_s, infer_s, output_s)
 
     def describe_jobs(self) -> dict:
         with self._counts_lock:
@@ -281,10 +309,19 @@ class WorkerPool:
     def run(self, job: Job) -> list:
         """The answer frames for one job: REPLY with the outputs, or ERROR saying why the model failed."""
         try:
-            outputs = job.model.infer(self._inputs(job), job.instance)
-            return self._reply(job, outputs, 1)
+            began = time.monotonic()
+            inputs = self._inputs(job)
+            built = time.monotonic()
+            outputs = job.model.infer(inputs, job.instance)
+            inferred = time.monotonic()
+            frames = self._reply(job, outputs, 1)
         except Exception as exc:  # the model's own failure: tell the client, keep serving
+            self.stats_of(job.model).record_failure("BACKEND")
             return self._failure(job, exc)
+        encoded = time.monotonic()
+        self.stats_of(job.model).record_execution(1, built - began, inferred - built, encoded - inferred)
+        self._record(job, 1, built - began, inferred - built, encoded - inferred)
+        return frames
 
     def run_batch(self, jobs: list[Job]) -> list[list]:
         """One forward pass for requests whose inputs agree on everything but the first dimension."""
@@ -297,17 +334,27 @@ class WorkerPool:
                 answers.append(self.run(group[0]))
                 continue
             try:
+                began = time.monotonic()
                 per_job = [self._inputs(job) for job in group]
                 stacked = {name: torch.cat([inputs[name] for inputs in per_job]) for name in per_job[0]}
+                built = time.monotonic()
                 outputs = group[0].model.infer(stacked, group[0].instance)
+                inferred = time.monotonic()
                 rows = [job.metas[0]["shape"][0] for job in group]
                 total = sum(rows)
                 if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
                     raise ValueError("outputs do not have one row per input row; cannot split a batch")
                 start = 0
+                replies = []
                 for job, n in zip(group, rows):
-                    answers.append(self._reply(job, {k: v[start : start + n] for k, v in outputs.items()}, len(group)))
+                    replies.append(self._reply(job, {k: v[start : start + n] for k, v in outputs.items()}, len(group)))
                     start += n
+                encoded = time.monotonic()
+                times = (built - began, inferred - built, encoded - inferred)
+                self.stats_of(group[0].model).record_execution(len(group), *times)
+                for job in group:
+                    self._record(job, len(group), *times)
+                answers.extend(replies)
             except Exception as exc:
                 log.info(
                     "batch of %d for %s failed (%s); running each request alone", len(group), group[0].model.name, exc

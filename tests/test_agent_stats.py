@@ -1,0 +1,81 @@
+"""The agent's Triton statistics counters, in-process."""
+
+import numpy as np
+import torch
+import zmq
+
+from cluster.agent.loaded_model import load_model
+from cluster.agent.runner import Job, WorkerPool
+from cluster.agent.stats import ModelStats, merge
+from cluster.codec import encode_tensors
+from cluster.repository import ModelRepository, publish_version
+from tests.test_batching import PICKY_CONFIG, Picky
+
+
+def test_counts_and_ns_follow_triton():
+    stats = ModelStats("echo", 1)
+    stats.record_execution(2, 0.001, 0.002, 0.003)
+    for _ in range(2):
+        stats.record_success(1, 0.0005, 0.001, 0.002, 0.003)
+    stats.record_failure("BACKEND")
+    entry = stats.to_triton()
+    assert entry["version"] == "1" and entry["inference_count"] == 2 and entry["execution_count"] == 1
+    assert entry["inference_stats"]["success"]["count"] == 2
+    assert entry["inference_stats"]["compute_infer"] == {"count": 2, "ns": 4_000_000}
+    assert entry["inference_stats"]["fail"]["count"] == 1
+    assert entry["batch_stats"] == [
+        {
+            "batch_size": 2,
+            "compute_input": {"count": 1, "ns": 1_000_000},
+            "compute_infer": {"count": 1, "ns": 2_000_000},
+            "compute_output": {"count": 1, "ns": 3_000_000},
+        }
+    ]
+
+
+def test_merge_sums_agents():
+    a, b = ModelStats("echo", 1), ModelStats("echo", 1)
+    a.record_execution(1, 0, 0.001, 0)
+    a.record_success(1, 0, 0, 0.001, 0)
+    b.record_execution(1, 0, 0.002, 0)
+    b.record_success(1, 0, 0, 0.002, 0)
+    b.record_execution(4, 0, 0.001, 0)
+    total = merge([a.to_triton(), b.to_triton()])
+    assert total["inference_count"] == 2 and total["execution_count"] == 3
+    assert total["inference_stats"]["compute_infer"] == {"count": 2, "ns": 3_000_000}
+    assert [x["batch_size"] for x in total["batch_stats"]] == [1, 4]
+    assert total["batch_stats"][0]["compute_infer"] == {"count": 2, "ns": 3_000_000}
+
+
+def test_worker_pool_counts_successes_failures_rows_and_queue(tmp_path):
+    """Three requests taken as one batch, one of them bad (the batch falls back to one pass each), plus one past its
+    deadline: Triton's counts follow (rows, passes, BACKEND and TIMEOUT failures, the broker's wait in queue)."""
+    path = tmp_path / "picky.pt"
+    torch.jit.script(Picky()).save(str(path))
+    publish_version(tmp_path, "picky", path, {"name": "picky", **PICKY_CONFIG})
+    model = load_model(ModelRepository(tmp_path), "picky", 1)
+    ctx = zmq.Context()
+    results = ctx.socket(zmq.PULL)
+    results.bind("inproc://test-stats-results")
+    pool = WorkerPool(ctx, "inproc://test-stats-results", "test-agent")
+    inputs = [np.ones((2, 3), np.float32), -np.ones((1, 3), np.float32), np.ones((3, 3), np.float32)]
+    for i, x in enumerate(inputs):
+        metas, frames = encode_tensors({"x": x})
+        pool.submit(Job(bytes([i]) * 8, i, model, metas, [bytes(f) for f in frames], None, broker_wait_s=0.5))
+    metas, frames = encode_tensors({"x": inputs[0]})
+    pool.submit(Job(b"\x09" * 8, 9, model, metas, [bytes(f) for f in frames], None, deadline=0.0))
+    pool.start()
+    try:
+        for _ in range(4):
+            assert results.poll(10_000), "no answer from the worker"
+            results.recv_multipart()
+    finally:
+        pool.stop()
+        results.close()
+        ctx.term()
+    entry = pool.describe_stats()["picky"]["1"]
+    assert entry["inference_count"] == 5 and entry["execution_count"] == 2, entry
+    assert entry["inference_stats"]["success"]["count"] == 2, entry
+    assert entry["inference_stats"]["fail"]["count"] == 2 and entry["failures"] == {"BACKEND": 1, "TIMEOUT": 1}
+    assert entry["inference_stats"]["queue"]["ns"] >= 2 * 500_000_000, entry  # the broker's wait is in it
+    assert entry["last_inference"] > 0 and [b["batch_size"] for b in entry["batch_stats"]] == [1], entry
