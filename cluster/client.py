@@ -311,6 +311,12 @@ class Client:
         """The broker's counters: requests, redispatched, timeouts, agents_lost, and agents, in_flight, queued now."""
         return self._query("stats", timeout)
 
+    def statistics(self, name: str | None = None, version: str | None = None, timeout: float | None = None) -> dict:
+        """Triton's per-model statistics as each live agent last reported them (heartbeat), plus the broker's
+        counters: {"agents": {agent id: {model: {version: entry}}}, "broker": {..., "queue_depth": {model: n}}}.
+        An agent that left is not in it (its counts leave the sums). ModelNotFoundError for an unknown model."""
+        return self._query("statistics", timeout, name=name, version=version)
+
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
@@ -537,6 +543,12 @@ class AsyncClient:
 
     async def stats(self, timeout: float | None = None) -> dict:
         return await self._query("stats", timeout)
+
+    async def statistics(
+        self, name: str | None = None, version: str | None = None, timeout: float | None = None
+    ) -> dict:
+        """See Client.statistics."""
+        return await self._query("statistics", timeout, name=name, version=version)
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -36,6 +36,7 @@ from edge.security import (
     read_token_file,
     split_tokens,
 )
+from edge.statistics import router as statistics_router
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The page: frontend.html at the repository root (a source checkout or editable install), else where setup.py's
@@ -114,6 +115,7 @@ def create_app(
     )
     app.state.edge = edge
     app.include_router(public)
+    app.include_router(statistics_router)  # before `router`: /v2/models/stats is not model "stats"
     app.include_router(router)
     install_error_handlers(app)
     if security.cors_origins:

@@ -41,7 +41,7 @@ from edge.schemas import (
 from edge.security import TOKEN, EdgeSecurity, check_infer_content_type
 
 SERVER_NAME = "torch-serving-cluster"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "statistics"]
 
 
 def server_version() -> str:
@@ -379,7 +379,11 @@ async def metrics(request: Request) -> Response:
         edge.metrics.set_cluster(len(found))
     except ClusterError:
         edge.metrics.set_cluster(None)
-    return Response(edge.metrics.render(), media_type=edge.metrics.content_type)
+    try:  # the cluster's counters in Triton's names (edge/metrics.py), from one `statistics` query
+        cluster = await edge.client.statistics(timeout=min(1.0, edge.query_timeout))
+    except ClusterError:
+        cluster = None
+    return Response(edge.metrics.render(cluster), media_type=edge.metrics.content_type)
 
 
 @public.get(

@@ -89,6 +89,24 @@ class FakeBus:
             )
         self.raises["infer"] = NoAgentAvailableError(f"the broker at {self.address} is not reachable")
 
+    async def statistics(self, name=None, version=None, timeout=None) -> dict:
+        """The broker's `statistics` answer: one live agent that counted two echo requests."""
+        self._maybe_raise("statistics")
+        if name is not None and name not in MODELS:
+            raise ModelNotFoundError(f"model '{name}' is not known to the cluster", name)
+        entry = {
+            "name": "echo",
+            "version": "1",
+            "last_inference": 5,
+            "inference_count": 2,
+            "execution_count": 2,
+            "inference_stats": {"success": {"count": 2, "ns": 4000}, "queue": {"count": 2, "ns": 1000}},
+            "batch_stats": [],
+            "failures": {"BACKEND": 1},
+        }
+        agents = {"agent-a": {"echo": {"1": entry}} if name in (None, "echo") else {}}
+        return {"agents": agents, "broker": {"agents": 1, "queue_depth": {"echo": 0}, "redispatched": 0}}
+
     def _maybe_raise(self, what: str) -> None:
         if what in self.raises:
             raise self.raises[what]
@@ -486,7 +504,7 @@ def test_agents_models_and_health(http):
     assert (
         server["name"] == "torch-serving-cluster"
         and server["version"]
-        and server["extensions"] == ["binary_tensor_data"]
+        and server["extensions"] == ["binary_tensor_data", "statistics"]
     )
     meta = http.get("/v2/models/digits").json()
     assert meta == {
@@ -746,3 +764,21 @@ def test_fuzz_infer_never_500(http):
     assert http.get("/v2/health/ready").status_code == 200
     assert infer_json(http, body=echo_body([[1.0, 2.0]])).json()["outputs"][0]["data"] == [1.0, 2.0]
     assert "edge_requests_in_flight 0.0" in http.get("/metrics").text
+
+
+def test_statistics_in_tritons_shape_and_404_for_unknown_models(http):
+    stats = http.get("/v2/models/stats").json()["model_stats"]
+    assert [(s["name"], s["version"], s["inference_count"]) for s in stats] == [("echo", "1", 2)], stats
+    assert "failures" not in stats[0] and stats[0]["inference_stats"]["success"] == {"count": 2, "ns": 4000}
+    assert http.get("/v2/models/echo/stats").json()["model_stats"][0]["execution_count"] == 2
+    assert http.get("/v2/models/echo/versions/1/stats").status_code == 200
+    assert http.get("/v2/models/nope/stats").status_code == 404
+    assert "statistics" in http.get("/v2").json()["extensions"]
+
+
+def test_metrics_carry_tritons_names_per_agent(http):
+    text = http.get("/metrics").text
+    assert 'nv_inference_request_success{agent="agent-a",model="echo",version="1"} 2.0' in text, text
+    assert 'nv_inference_request_failure{agent="agent-a",model="echo",reason="BACKEND",version="1"} 1.0' in text
+    assert "# TYPE nv_inference_count counter" in text and "cluster_agents_alive 1.0" in text, text
+    assert "edge_requests_in_flight" in text

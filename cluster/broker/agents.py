@@ -172,6 +172,23 @@ class AgentTable:
         counts for it, even before its next heartbeat says so)."""
         return models_view((a.agent_id, a.models) for a in self.agents.values())
 
+    def describe_statistics(self, name: str | None = None, version: str | None = None) -> dict:
+        """Agent id -> {model: {version: Triton's model_stats entry + "failures"}}, from each live agent's latest
+        heartbeat (`stats`), limited to one model (and version) if named. Only live agents appear: an agent that
+        left takes its counts with it, so sums over this drop when an agent goes. UnknownModel for a model no agent
+        ever served."""
+        if name is not None and name not in self.known_models:
+            raise UnknownModel(f"{model_label(name, None)} is not known to the cluster")
+        described = {}
+        for agent in self.agents.values():
+            models = agent.beat.stats if isinstance(agent.beat.stats, dict) else {}
+            if name is not None:
+                models = {name: models[name]} if isinstance(models.get(name), dict) else {}
+            if version is not None:
+                models = {m: {version: v[version]} for m, v in models.items() if version in v}
+            described[agent.agent_id] = models
+        return described
+
     def describe_model(self, name: str, version: int | None) -> dict:
         """Metadata of one model (newest version unless one is named), with the versions live agents serve.
         UnknownModel if no agent ever announced it."""

@@ -230,8 +230,18 @@ class Broker:
                 return
         elif what == "stats":
             result = self.dispatcher.counts()
+        elif what == "statistics":
+            name = require(header, "name", str, optional=True)
+            version = require(header, "version", (str, int), optional=True)
+            try:
+                per_agent = table.describe_statistics(name, None if version is None else str(version))
+            except UnknownModel as exc:
+                self.send_client_error(client, request_id, ErrorCode.MODEL_NOT_FOUND, str(exc), name)
+                return
+            queue_depth = {model: len(queue) for model, queue in self.dispatcher.pending.items()}
+            result = {"agents": per_agent, "broker": dict(self.dispatcher.counts(), queue_depth=queue_depth)}
         else:
-            raise ProtocolError(f"unknown query {what!r}; ask for 'agents', 'models', 'model' or 'stats'")
+            raise ProtocolError(f"unknown query {what!r}; ask for 'agents', 'models', 'model', 'stats' or 'statistics'")
         self.deliver([Send(False, [client, PREAMBLE[Command.REPLY], pack({"id": request_id, "result": result})])])
 
     # ---- agents -------------------------------------------------------------------------------------------------
