@@ -298,6 +298,18 @@ def edge(
     grpc_host: str | None = typer.Option(
         None, "--grpc-host", envvar="CLUSTER_EDGE_GRPC_HOST", help="Address gRPC listens on (default: --host)."
     ),
+    manager: str = typer.Option(
+        config.MANAGER_QUERY_ADDR,
+        "--manager",
+        envvar="CLUSTER_MANAGER_QUERIES",
+        help="The manager's query address: the repository extension (load, unload, index) and rollout metrics.",
+    ),
+    manager_key: str | None = typer.Option(
+        None,
+        "--manager-key",
+        envvar="CLUSTER_EDGE_MANAGER_KEY",
+        help="Key file the edge presents to the manager (default: --key); repository loads need an admin key.",
+    ),
 ):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST and gRPC, /metrics, /agents, and the page at /."""
     from edge import run_edge
@@ -323,6 +335,8 @@ def edge(
         key=key,  # the edge's bus client presents this key
         grpc_port=grpc_port,
         grpc_host=grpc_host,
+        manager_address=manager,
+        manager_key=manager_key,
     )
 
 
@@ -542,12 +556,12 @@ def _print_rollout(report: dict, what: str) -> None:
     )
 
 
-def _manager_call(manager: str, what: str, wait: float, key: str | None = None, **fields):
+def _manager_call(manager: str, what: str, wait: float, key: str | None = None, data: bytes | None = None, **fields):
     from cluster import ClusterError
     from cluster.manager.client import ManagerClient
 
     try:
-        return ManagerClient(manager, key=key).call(what, timeout=wait, **fields)
+        return ManagerClient(manager, key=key).call(what, timeout=wait, data=data, **fields)
     except ClusterError as exc:
         typer.echo(f"{what} failed: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -564,9 +578,15 @@ def deploy(
         "--config",
         exists=True,
         dir_okay=False,
-        help="config.json (inputs, outputs, serving settings); required for a new model.",
+        help="config.json (inputs, outputs, serving settings; ours or Triton's JSON form); required for a new model.",
     ),
-    share: str | None = Share,
+    share: str | None = typer.Option(
+        None,
+        "--share",
+        envvar="CLUSTER_SHARE",
+        help="The share's folder, to publish into it directly; without it the file goes to the manager over the bus "
+        "and the manager publishes it on its share.",
+    ),
     manager: str = ManagerAddress,
     timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
     key: str | None = Key,
@@ -576,16 +596,47 @@ def deploy(
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from cluster.repository import RepositoryError, publish_version
+    from cluster.model_config import RepositoryError, from_triton, is_triton_config
+    from cluster.repository import MODEL_FILES, publish_version
 
-    share_dir = Path(share or config.default_share_dir())
     model_config = None
     if config_file is not None:
         try:
             model_config = json.loads(config_file.read_text())
-        except ValueError as exc:
-            typer.echo(f"{config_file} is not valid JSON: {exc}", err=True)
+            if is_triton_config(model_config):
+                model_config = from_triton(model_config, name)
+        except (ValueError, RepositoryError) as exc:
+            typer.echo(f"{config_file} is not a model config: {exc}", err=True)
             raise typer.Exit(2) from None
+    if share is None:  # no share here: the manager publishes on its own
+        file_name = {".pt": "model.pt", ".pt2": "model.pt2"}.get(path.suffix.lower())
+        size = path.stat().st_size
+        if file_name not in MODEL_FILES:
+            typer.echo(f"cannot publish {path}: expected a .pt (TorchScript) or .pt2 (torch.export) file", err=True)
+            raise typer.Exit(2)
+        if size > config.MAX_UPLOAD_BYTES:
+            typer.echo(
+                f"cannot send {path} ({size} bytes) over the bus: the limit is {config.MAX_UPLOAD_BYTES} bytes "
+                "(CLUSTER_MAX_UPLOAD_BYTES, on the manager too); or give --share to publish into the share directly",
+                err=True,
+            )
+            raise typer.Exit(2)
+        typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
+        report = _manager_call(
+            manager,
+            "publish",
+            timeout + 120,
+            key,
+            data=path.read_bytes(),
+            name=name,
+            file=file_name,
+            config=model_config,
+            rollout_timeout=timeout,
+        )
+        typer.echo(f"the manager published {name} version {report['version']}; rolled out:")
+        _print_rollout(report, "deploy")
+        raise typer.Exit(0 if report["ok"] else 1)
+    share_dir = Path(share)
     with Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
     ) as progress:

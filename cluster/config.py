@@ -23,7 +23,10 @@ EDGE_GRPC_PORT = 8001  # the edge's OIP gRPC (Triton's and KServe's usual port)
 # --- limits -------------------------------------------------------------------------------------------------------
 # data sockets: the largest frame a peer may send (ZMQ_MAXMSGSIZE; larger: the peer is disconnected)
 MAX_MESSAGE_BYTES = int(os.environ.get("CLUSTER_MAX_MESSAGE_BYTES", 256 * 1024 * 1024))
-MAX_CONTROL_BYTES = 1024 * 1024  # heartbeat, event and query sockets
+MAX_CONTROL_BYTES = 1024 * 1024  # heartbeat and event sockets
+# the manager's query socket: a model file sent to be published (`cluster deploy` without --share, a Triton load with
+# files) travels in one message, so this is also the largest model that can be deployed that way
+MAX_UPLOAD_BYTES = int(os.environ.get("CLUSTER_MAX_UPLOAD_BYTES", 256 * 1024 * 1024))
 MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
 MAX_TENSORS = 64  # tensors in one request or reply
 MAX_DIMS = 16  # dimensions of one tensor

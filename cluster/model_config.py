@@ -205,3 +205,82 @@ class ModelConfig:
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
         }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton's model configuration (its JSON form), as a Triton user's `load_model(..., config=...)` sends it
+# ---------------------------------------------------------------------------------------------------------------
+
+TRITON_PLATFORMS = {"pytorch_libtorch": "torchscript"}  # Triton's platform name -> ours
+_TRITON_KEYS = {"name", "platform", "backend", "max_batch_size", "input", "output", "dynamic_batching"}
+# the last two are Triton's own business, with no meaning here: accepted, not used
+_TRITON_KEYS |= {"instance_group", "default_model_filename", "version_policy"}
+
+
+def is_triton_config(d: Any) -> bool:
+    """Triton's model config says `input` / `output` where ours says `inputs` / `outputs`."""
+    return isinstance(d, dict) and ("input" in d or "output" in d) and "inputs" not in d and "outputs" not in d
+
+
+def _triton_int(value: Any, where: str) -> int:
+    """Triton's JSON writes 64-bit integers as strings ("dims": ["-1", "8"]): accept both, nothing else."""
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    if _is_int(value):
+        return value
+    raise RepositoryError(f"{where}: expected an integer, got {value!r}")
+
+
+def from_triton(d: dict, name: str | None = None) -> dict:
+    """Our config.json (a dict, checked afterwards by ModelConfig.from_dict) from Triton's model config JSON.
+
+    Triton's `max_batch_size` > 0 means every tensor has a leading batch dimension that `dims` leaves out: it comes
+    back as -1. Dynamic batching is on when `dynamic_batching` is present (our `max_batch_size` > 1), with its
+    `max_queue_delay_microseconds`; `instance_group` counts add up to `instances`. A key we cannot honour is refused
+    rather than ignored, as in our own format."""
+    where = f"Triton config of model '{name or d.get('name')}'"
+    unknown = sorted(set(d) - _TRITON_KEYS, key=str)
+    if unknown:
+        raise RepositoryError(f"{where}: unsupported key(s) {', '.join(map(repr, unknown))}")
+    platform = d.get("platform")
+    if platform is None and d.get("backend") == "pytorch":
+        platform = "pytorch_libtorch"
+    if platform is not None and platform not in TRITON_PLATFORMS and platform not in PLATFORMS:
+        raise RepositoryError(f"{where}: platform {platform!r} cannot be served here (pytorch_libtorch or torchscript)")
+    batch = _triton_int(d.get("max_batch_size", 0), f"{where}: max_batch_size")
+    lead = [-1] if batch > 0 else []
+
+    def specs(key: str) -> list[dict]:
+        items = d.get(key)
+        if not isinstance(items, list):
+            raise RepositoryError(f"{where}: '{key}' must be a list")
+        out = []
+        for i, item in enumerate(items):
+            at = f"{where}: {key}[{i}]"
+            if not isinstance(item, dict) or not isinstance(item.get("dims"), list):
+                raise RepositoryError(f"{at}: needs 'name', 'data_type' and 'dims'")
+            datatype = item.get("data_type")
+            if not isinstance(datatype, str) or not datatype.startswith("TYPE_"):
+                raise RepositoryError(f"{at}: data_type {datatype!r} is not a Triton TYPE_*")
+            dims = [_triton_int(v, f"{at}: dims") for v in item["dims"]]
+            out.append({"name": item.get("name"), "datatype": datatype[5:], "shape": lead + dims})
+        return out
+
+    ours: dict[str, Any] = {"inputs": specs("input"), "outputs": specs("output")}
+    if name is not None or d.get("name") is not None:
+        ours["name"] = name if name is not None else d["name"]
+    if platform is not None:
+        ours["platform"] = TRITON_PLATFORMS.get(platform, platform)
+    dynamic = d.get("dynamic_batching")
+    if dynamic is not None and batch > 1:
+        if not isinstance(dynamic, dict):
+            raise RepositoryError(f"{where}: dynamic_batching must be an object")
+        ours["max_batch_size"] = batch
+        delay = dynamic.get("max_queue_delay_microseconds", 0)
+        ours["max_queue_delay_us"] = _triton_int(delay, f"{where}: max_queue_delay_microseconds")
+    groups = d.get("instance_group")
+    if groups is not None:
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise RepositoryError(f"{where}: instance_group must be a list of objects")
+        ours["instances"] = sum(_triton_int(g.get("count", 1), f"{where}: instance_group count") for g in groups)
+    return ours

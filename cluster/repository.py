@@ -36,7 +36,8 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -399,6 +400,11 @@ class ModelRepository:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def config_file_bytes(config: ModelConfig) -> bytes:
+    """A config as publish_version writes it (so that equal configs have equal bytes, and equal sha256 sums)."""
+    return (json.dumps(config.to_dict(), indent=2) + "\n").encode()
+
+
 def publish_version(
     share_dir: str | os.PathLike,
     name: str,
@@ -406,11 +412,15 @@ def publish_version(
     config: dict | None = None,
     version: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    data: bytes | None = None,
 ) -> int:
     """Add a version so that agents scanning the share see it complete or not at all; returns its number.
 
-    The folder is built as <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and
-    renamed into place; rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
+    The model file is `model_path` (a .pt or .pt2 file), or, with `data`, those bytes under `model_path`'s name (the
+    manager publishing what a client sent over the bus, e.g. a Triton load with files). The folder is built as
+    <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and renamed into place;
+    rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
     """
     check_name(name)
     model_path = Path(model_path)
@@ -418,7 +428,7 @@ def publish_version(
     target_file = {".pt": "model.pt", ".pt2": "model.pt2"}.get(suffix)
     if target_file is None:
         raise RepositoryError(f"cannot publish {model_path}: expected a .pt (TorchScript) or .pt2 (torch.export) file")
-    if not model_path.is_file():
+    if data is None and not model_path.is_file():
         raise RepositoryError(f"cannot publish {model_path}: no such file")
     if version is not None and (not _is_int(version) or version < 1):
         raise RepositoryError(f"cannot publish model '{name}': version must be an int >= 1, got {version!r}")
@@ -434,7 +444,7 @@ def publish_version(
                 f"cannot publish model '{name}': config says platform '{parsed.platform}' "
                 f"but {model_path} is {expected_platform}"
             )
-        config_bytes = (json.dumps(parsed.to_dict(), indent=2) + "\n").encode()
+        config_bytes = config_file_bytes(parsed)
     elif not config_path.is_file():
         raise RepositoryError(f"cannot publish model '{name}': {config_path} does not exist and no config was given")
 
@@ -442,15 +452,15 @@ def publish_version(
     tmp = model_dir / f".tmp-{secrets.token_hex(8)}"
     os.mkdir(tmp, 0o777)  # not mkdtemp: its 0700 would hide the version from agents running as other users
     try:
-        total = model_path.stat().st_size
+        total = len(data) if data is not None else model_path.stat().st_size
         h = hashlib.sha256()
         done = 0
         if progress is not None:
             progress(0, total)
         fd = os.open(tmp / target_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            with open(model_path, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
-                while chunk := src.read(CHUNK):
+            with _chunks(model_path, data) as chunks, os.fdopen(fd, "wb", closefd=False) as dst:
+                for chunk in chunks:
                     dst.write(chunk)
                     h.update(chunk)
                     done += len(chunk)
@@ -502,3 +512,49 @@ def publish_version(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _chunks(path: Path, data: bytes | None) -> Iterator[Iterable[bytes | memoryview]]:
+    """The model file's content in CHUNK-sized pieces: from `data` when given, else read from `path`."""
+    if data is not None:
+        view = memoryview(data)
+        yield (view[i : i + CHUNK] for i in range(0, len(view), CHUNK))
+        return
+    with open(path, "rb") as src:
+        yield iter(lambda: src.read(CHUNK), b"")
+
+
+def publish_upload(
+    share_dir: str | os.PathLike,
+    name: str,
+    file_name: str,
+    data: bytes,
+    config: dict | None = None,
+    version: int | None = None,
+) -> tuple[int, bool]:
+    """Publish a model file that arrived as bytes (the manager, for a client without the share); returns
+    (version, published). Versions never change once published, so: asked for a version that exists with these very
+    bytes (and this config, when one is given), that version is reused (published False: loading the same files
+    twice is a no-op); one that exists with other content gets the next free number instead; a version not yet on
+    the share is published under the number asked for."""
+    check_name(name)
+    if file_name not in MODEL_FILES:
+        raise RepositoryError(
+            f"cannot publish model '{name}': the model file must be named {' or '.join(MODEL_FILES)}, got {file_name!r}"
+        )
+    repo = ModelRepository(share_dir)
+    if version is not None and version in repo.versions(name):
+        try:
+            files = repo.verify(name, version)
+        except RepositoryError:
+            files = {}
+        same_model = files.get(file_name) == hashlib.sha256(data).hexdigest()
+        same_config = config is None or (
+            files.get(CONFIG_FILE)
+            == hashlib.sha256(config_file_bytes(ModelConfig.from_dict(config, name=name))).hexdigest()
+        )
+        if same_model and same_config:
+            return version, False
+        version = None  # taken by other content: the next number
+    return publish_version(share_dir, name, file_name, config, version, data=data), True

@@ -22,9 +22,11 @@ from fastapi.openapi.utils import get_openapi
 
 from cluster import AsyncClient
 from cluster.config import BROKER_CLIENT_ADDR, EDGE_GRPC_PORT, env_or
+from cluster.manager.client import AsyncManagerClient
 from edge.errors import install_error_handlers
 from edge.grpc_service import grpc_address as format_grpc_address
 from edge.grpc_service import serving as grpc_serving
+from edge.repository import router as repository_router
 from edge.routes import EdgeState, public, router, server_version
 from edge.schemas import ERRORS, InferenceRequest
 from edge.security import (
@@ -67,6 +69,9 @@ def create_app(
     cors_origins: Iterable[str] = (),
     key: str | None = None,
     grpc_address: str | None = None,
+    manager_address: str | None = None,
+    manager: Any = None,
+    manager_key: str | None = None,
 ) -> FastAPI:
     """The edge for the broker at `broker_address` (its client address, e.g. tcp://127.0.0.1:5555; default
     CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555).
@@ -82,13 +87,20 @@ def create_app(
     loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py); key: the
     bus key file (`cluster keys add NAME --role client`) the edge's own AsyncClient presents (None: in the clear).
     grpc_address: host:port (port 0: any) where the app's lifespan also serves the OIP over gRPC (None: no gRPC).
+
+    manager_address: the lifecycle manager's query address, for the repository extension (load, unload, index) and
+    the rollout metrics (default CLUSTER_MANAGER_QUERIES, else tcp://127.0.0.1:5559); manager_key: the key the edge
+    presents to it (default `key`; loads and unloads need an admin key when the cluster runs with keys); manager:
+    an object with AsyncManagerClient's `call` and `address` to use instead (a fake in tests).
     """
     broker = broker_address or getattr(client, "address", None) or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
     page = Path(frontend_path) if frontend_path else default_frontend()
     security = EdgeSecurity(
         split_tokens(list(tokens)), split_tokens(list(admin_tokens)), tuple(allowed_hosts), tuple(cors_origins)
     )
-    edge = EdgeState(broker, max_body_bytes, page, request_timeout, query_timeout, security)
+    if manager is None:
+        manager = AsyncManagerClient(manager_address, key=manager_key if manager_key is not None else key)
+    edge = EdgeState(broker, max_body_bytes, page, request_timeout, query_timeout, security, manager)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -116,6 +128,7 @@ def create_app(
     app.state.edge = edge
     app.include_router(public)
     app.include_router(statistics_router)  # before `router`: /v2/models/stats is not model "stats"
+    app.include_router(repository_router)
     app.include_router(router)
     install_error_handlers(app)
     if security.cors_origins:
@@ -192,6 +205,8 @@ def run_edge(
     key: str | None = None,
     grpc_port: int = EDGE_GRPC_PORT,
     grpc_host: str | None = None,
+    manager_address: str | None = None,
+    manager_key: str | None = None,
 ) -> None:
     """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking). broker: the broker's client address
     (default CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555); max_body_bytes: default DEFAULT_MAX_BODY (64 MiB);
@@ -199,7 +214,8 @@ def run_edge(
     token_files / admin_token_files: more tokens, one a line; ssl_certfile + ssl_keyfile (PEM): serve HTTPS; a
     non-loopback `host` is added to allowed_hosts (every address, 0.0.0.0: a warning instead); the rest as in
     create_app; grpc_port: where the OIP gRPC service also listens, on grpc_host (default: `host`), in the same event
-    loop (0: no gRPC; -1: any free port), reported in the ready file as "grpc": "host:port"."""
+    loop (0: no gRPC; -1: any free port), reported in the ready file as "grpc": "host:port"; manager_address and
+    manager_key as in create_app."""
     from cluster.local import serve_http
 
     try:
@@ -215,6 +231,8 @@ def run_edge(
             frontend_path=frontend_path,
             request_timeout=request_timeout,
             key=key,
+            manager_address=manager_address,
+            manager_key=manager_key,
             tokens=[*split_tokens(list(tokens)), *(t for f in token_files for t in read_token_file(f))],
             admin_tokens=[
                 *split_tokens(list(admin_tokens)),

@@ -66,9 +66,10 @@ def error_response(status: int, message: str, headers: dict | None = None) -> Re
     return json_response({"error": message}, status, headers)
 
 
-def cluster_http_error(exc: ClusterError, *, infer: bool, broker: str) -> HTTPError:
+def cluster_http_error(exc: ClusterError, *, infer: bool, broker: str, role: str = "broker") -> HTTPError:
     """The HTTP status (and metrics outcome) for an error the bus reported. A timeout is the model's on an inference
-    request (504) but means the broker is not answering on a query (503)."""
+    request (504) but means the broker (or `role`, the manager, at the address `broker`) is not answering on a query
+    (503)."""
     text = str(exc)
     if isinstance(exc, BadRequestError):
         return HTTPError(400, text, "bad_request")
@@ -83,11 +84,11 @@ def cluster_http_error(exc: ClusterError, *, infer: bool, broker: str) -> HTTPEr
     if isinstance(exc, InferenceTimeoutError):
         if infer:
             return HTTPError(504, text, "timeout")
-        return HTTPError(503, f"the cluster's broker at {broker} is not answering ({text})", "unavailable")
+        return HTTPError(503, f"the cluster's {role} at {broker} is not answering ({text})", "unavailable")
     if isinstance(exc, InferenceFailedError):
         return HTTPError(500, text, "failed")
     if isinstance(exc, AuthenticationError):  # the broker refused the edge's own bus key: the operator's to fix
-        return HTTPError(503, f"the cluster's broker at {broker} refused the edge's key ({text})", "unavailable")
+        return HTTPError(503, f"the cluster's {role} at {broker} refused the edge's key ({text})", "unavailable")
     if isinstance(exc, PermissionDeniedError):
         return HTTPError(403, text, "forbidden")
     return HTTPError(502, f"the cluster reported an error: {text}", "error")

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from cluster.errors import ClusterError
-from edge import oip
+from edge import oip, repository, statistics
 from edge.errors import HTTPError, cluster_http_error
 from edge.routes import EXTENSIONS, SERVER_NAME, EdgeState, _metadata_body, parse_version, server_version
 
@@ -266,16 +266,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # ---- repository and statistics (edge/repository.py, edge/statistics.py) ----------------------------------
 
-    async def _optional(self, context, module: str):
-        try:
-            return __import__(f"edge.{module}", fromlist=["_"])
-        except ImportError:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"this edge has no {module} extension")
-
     async def RepositoryIndex(self, request, context):
         async def work():
             self._authorize(context)
-            repository = await self._optional(context, "repository")
             entries = await self._query(repository.repository_index(self.edge, ready_only=request.ready))
             response = service_pb2.RepositoryIndexResponse()
             for entry in entries:
@@ -292,7 +285,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         async def work():
             self._authorize(context, admin=True)
-            repository = await self._optional(context, "repository")
             config = None
             files: dict[str, bytes] = {}
             for key, param in request.parameters.items():
@@ -308,7 +300,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context):
         async def work():
             self._authorize(context, admin=True)
-            repository = await self._optional(context, "repository")
             await self._query(repository.unload_model(self.edge, request.model_name))
             return service_pb2.RepositoryModelUnloadResponse()
 
@@ -317,7 +308,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         async def work():
             self._authorize(context)
-            statistics = await self._optional(context, "statistics")
             stats = await self._query(
                 statistics.model_statistics(self.edge, request.name or None, request.version or None)
             )

@@ -22,7 +22,7 @@ heartbeats; an agent that leaves takes its counts with it, so these may drop), i
     nv_inference_compute_input_duration_us       cumulative time building input tensors
     nv_inference_compute_infer_duration_us       cumulative forward-pass time
     nv_inference_compute_output_duration_us      cumulative time encoding outputs
-and the cluster's own, from the broker:
+and the cluster's own, from the broker (and the manager, for the rollouts):
     cluster_agents_alive                         live agents
     cluster_broker_queue_depth{model}            requests waiting in the broker now
     cluster_broker_in_flight                     requests sent to agents, unanswered
@@ -32,7 +32,8 @@ and the cluster's own, from the broker:
     cluster_timeouts_total                       requests that passed their deadline in the broker
     cluster_cancelled_total                      requests their clients cancelled
     cluster_agents_lost_total                    agents that went silent or away
-(Rollout counters from the manager are not exported yet.)
+    cluster_rollouts_total{outcome}              rollouts finished (ok, failed), from the manager's `rollouts` query
+    cluster_rollouts_in_progress                 rollouts staging or switching now
 
 The `model` label only takes names the cluster has confirmed (a bus answer other than "not found"); any other
 name is counted as "_other", so random paths cannot blow up the label set.
@@ -114,12 +115,13 @@ class EdgeMetrics:
         self.broker_up.set(0 if agents is None else 1)
         self.agents_alive.set(agents or 0)
 
-    def render(self, cluster: dict | None = None) -> bytes:
-        """The edge's own metrics, plus the cluster's from a `statistics` answer (None: the broker did not answer)."""
+    def render(self, cluster: dict | None = None, rollouts: dict | None = None) -> bytes:
+        """The edge's own metrics, plus the cluster's from a `statistics` answer (None: the broker did not answer)
+        and the manager's `rollouts` answer (None: the manager did not answer)."""
         own = generate_latest(self.registry)
-        if cluster is None:
+        families = (cluster_metric_families(cluster) if cluster is not None else []) + rollout_families(rollouts)
+        if not families:
             return own
-        families = cluster_metric_families(cluster)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(families))
         text = generate_latest(registry).decode()
@@ -128,6 +130,19 @@ class EdgeMetrics:
                 for line in ("# HELP", "# TYPE"):
                     text = text.replace(f"{line} {family.name}_total ", f"{line} {family.name} ")
         return own + text.encode()
+
+
+def rollout_families(answer: dict | None) -> list:
+    """The manager's rollouts (deploy, rollback, repository load), finished by outcome and in progress."""
+    if answer is None:
+        return []
+    done = CounterMetricFamily("cluster_rollouts", "Rollouts finished since the manager started.", labels=["outcome"])
+    for outcome in ("ok", "failed"):
+        done.add_metric([outcome], answer.get(outcome, 0))
+    running = GaugeMetricFamily(
+        "cluster_rollouts_in_progress", "Rollouts staging or switching now.", value=answer.get("in_progress", 0)
+    )
+    return [done, running]
 
 
 class _Families:

@@ -41,7 +41,7 @@ from edge.schemas import (
 from edge.security import TOKEN, EdgeSecurity, check_infer_content_type
 
 SERVER_NAME = "torch-serving-cluster"
-EXTENSIONS = ["binary_tensor_data", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository"]
 
 
 def server_version() -> str:
@@ -55,6 +55,8 @@ class EdgeState:
     """What the routes share (the app's `state.edge`): the bus client, the metrics, the limits and deadlines.
 
     client: anything with AsyncClient's coroutines (infer, agents, models, model_metadata); set by the app's lifespan.
+    manager: the lifecycle manager's client (cluster.manager.client.AsyncManagerClient: `call` and `address`), for
+    the repository extension (edge/repository.py) and the rollout metrics.
     security: tokens, allowed hosts and CORS origins (edge/security.py).
     """
 
@@ -66,8 +68,10 @@ class EdgeState:
         request_timeout: float | None,
         query_timeout: float,
         security: EdgeSecurity | None = None,
+        manager: Any = None,
     ) -> None:
         self.broker = broker
+        self.manager = manager
         self.max_body_bytes = max_body_bytes
         self.frontend_path = frontend_path
         self.request_timeout = request_timeout
@@ -379,11 +383,17 @@ async def metrics(request: Request) -> Response:
         edge.metrics.set_cluster(len(found))
     except ClusterError:
         edge.metrics.set_cluster(None)
-    try:  # the cluster's counters in Triton's names (edge/metrics.py), from one `statistics` query
-        cluster = await edge.client.statistics(timeout=min(1.0, edge.query_timeout))
-    except ClusterError:
-        cluster = None
-    return Response(edge.metrics.render(cluster), media_type=edge.metrics.content_type)
+    # the cluster's counters in Triton's names (edge/metrics.py), from one `statistics` query to the broker, and the
+    # rollouts from one to the manager, side by side; either may be missing (that role is not answering)
+    timeout = min(1.0, edge.query_timeout)
+    cluster, rollouts = await asyncio.gather(
+        edge.client.statistics(timeout=timeout),
+        edge.manager.call("rollouts", timeout) if edge.manager is not None else asyncio.sleep(0),
+        return_exceptions=True,
+    )
+    cluster = None if isinstance(cluster, BaseException) else cluster
+    rollouts = rollouts if isinstance(rollouts, dict) else None
+    return Response(edge.metrics.render(cluster, rollouts), media_type=edge.metrics.content_type)
 
 
 @public.get(

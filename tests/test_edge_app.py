@@ -210,6 +210,58 @@ class FakeBus:
         return dict(MODELS[name], name=name, version=1, versions=served, ready=bool(served))
 
 
+class FakeManager:
+    """Stands in for `cluster.manager.client.AsyncManagerClient`: answers `call` as a manager whose share holds
+    `echo` (deployed at version 1, served by agent-a) and `spare` (on the share, not deployed) would. `calls` records
+    every call with its fields (and the file's size); `fail_rollout` makes the next publish or deploy a failed
+    rollout; `raises[what]` makes that call raise."""
+
+    address = "tcp://127.0.0.1:19"  # never connected
+
+    def __init__(self) -> None:
+        self.deployments = {
+            "echo": {"version": 1, "staged": None, "history": [], "agents": {"agent-a": [1]}, "rolling_out": False},
+            "spare": {"version": None, "staged": None, "history": [], "agents": {}, "rolling_out": False},
+        }
+        self.calls: list[tuple] = []
+        self.raises: dict[str, Exception] = {}
+        self.fail_rollout = False
+        self.rollouts = {"ok": 0, "failed": 0}
+
+    async def call(self, what: str, timeout: float = 5.0, data: bytes | None = None, **fields):
+        self.calls.append((what, None if data is None else len(data), fields))
+        if what in self.raises:
+            raise self.raises[what]
+        name = fields.get("name")
+        if what == "deployments":
+            return {n: dict(d) for n, d in self.deployments.items()}
+        if what == "rollouts":
+            return {**self.rollouts, "in_progress": 0}
+        if what == "undeploy":
+            if (self.deployments.get(name) or {}).get("version") is None:
+                raise ModelNotFoundError(f"model '{name}' is not deployed", name)
+            self.deployments[name].update(version=None, agents={})
+            return {"model": name, "undeployed": True}
+        if what == "deploy" and name not in self.deployments:
+            raise ModelNotFoundError(f"model '{name}' has no version None in the share (none)", name)
+        if what in ("deploy", "publish"):
+            version = fields.get("version") or 1
+            ok = not self.fail_rollout
+            self.fail_rollout = False
+            self.rollouts["ok" if ok else "failed"] += 1
+            if ok:
+                self.deployments[name] = {
+                    "version": version,
+                    "staged": None,
+                    "history": [],
+                    "agents": {"agent-a": [version]},
+                    "rolling_out": False,
+                }
+            why = "ok" if ok else "cannot load: RuntimeError: bad file"
+            return {"model": name, "version": version, "previous": None, "ok": ok, "agents": {"agent-a": why}}
+        raise AssertionError(f"the edge asked the manager for {what!r}")
+
+
 @pytest.fixture
 def bus() -> FakeBus:
     return FakeBus()
@@ -218,7 +270,7 @@ def bus() -> FakeBus:
 @pytest.fixture
 def http(bus):
     """The edge app on the fake bus, its lifespan run; errors answered as HTTP (not raised into the test)."""
-    app = create_app(client=bus, max_body_bytes=LIMIT, request_timeout=7.0)
+    app = create_app(client=bus, manager=FakeManager(), max_body_bytes=LIMIT, request_timeout=7.0)
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
         yield client
     assert app.state.edge.client is None, "the lifespan should let go of the bus client at shutdown"
@@ -504,7 +556,7 @@ def test_agents_models_and_health(http):
     assert (
         server["name"] == "torch-serving-cluster"
         and server["version"]
-        and server["extensions"] == ["binary_tensor_data", "statistics"]
+        and server["extensions"] == ["binary_tensor_data", "statistics", "model_repository"]
     )
     meta = http.get("/v2/models/digits").json()
     assert meta == {

@@ -23,7 +23,7 @@ from edge.schemas import error_responses
 from edge.security import ADMIN, EdgeSecurity, hosts_for_bind, read_token_file, split_tokens
 from tests.edge_http import assert_binary_echo, assert_error, binary_echo_body, echo_body
 from tests.harness import start_edge
-from tests.test_edge_app import FakeBus
+from tests.test_edge_app import FakeBus, FakeManager
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
@@ -44,7 +44,7 @@ def bearer(token: str) -> dict:
 def edge_client(base_url: str = EDGE, admin_route: bool = False, **options) -> TestClient:
     """A TestClient on create_app(FakeBus, **options); admin_route: plus a test-only POST /test/admin that needs an
     admin token (as the repository load/unload routes will)."""
-    app = create_app(client=FakeBus(), **options)
+    app = create_app(client=FakeBus(), manager=FakeManager(), **options)
     if admin_route:
         extra = APIRouter()
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from edge import create_app
-from tests.test_edge_app import FakeBus
+from tests.test_edge_app import FakeBus, FakeManager
 from tests.test_frontend import CHROMIUM, browser, draw_seven  # noqa: F401 (browser: the fixture)
 
 TOKEN = "page-token-1"
@@ -35,7 +35,7 @@ def locked_edge():
     """http://127.0.0.1:PORT of an edge with --token TOKEN on the fake bus, served by uvicorn in a thread."""
     import uvicorn
 
-    app = create_app(client=FakeBus(), tokens=[TOKEN])
+    app = create_app(client=FakeBus(), manager=FakeManager(), tokens=[TOKEN])
     sock = socket.create_server(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

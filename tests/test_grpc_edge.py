@@ -6,8 +6,6 @@ tests/test_grpc.py runs unmodified tritonclient.grpc against a real cluster."""
 from __future__ import annotations
 
 import asyncio
-import sys
-import types
 from pathlib import Path
 
 import grpc
@@ -16,6 +14,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from cluster.errors import InferenceFailedError, InferenceTimeoutError, NoAgentAvailableError, OverloadedError
+from edge import repository, statistics
 from edge.grpc_service import create_server
 from edge.routes import EdgeState
 from edge.security import EdgeSecurity
@@ -249,8 +248,8 @@ def test_a_cancelled_call_cancels_the_bus_await():
 
 
 def test_repository_and_statistics_delegate_to_the_extension_modules(monkeypatch):
-    """The handlers call edge/repository.py and edge/statistics.py (written on other branches) as the brief's contract
-    says; stand-ins here record the calls. Without the modules the RPCs answer UNIMPLEMENTED."""
+    """The handlers call edge/repository.py and edge/statistics.py, the same functions the REST routes use (tested
+    in tests/test_edge_repository.py); stand-ins here record the calls and what the RPCs make of their answers."""
     seen = []
 
     async def repository_index(edge, ready_only=False):
@@ -266,15 +265,6 @@ def test_repository_and_statistics_delegate_to_the_extension_modules(monkeypatch
     async def model_statistics(edge, name, version):
         seen.append(("stats", name, version))
         return {"model_stats": [{"name": "echo", "version": "1", "inference_count": 3, "extra": 1}]}
-
-    repository = types.ModuleType("edge.repository")
-    repository.repository_index, repository.load_model, repository.unload_model = (
-        repository_index,
-        load_model,
-        unload_model,
-    )
-    statistics = types.ModuleType("edge.statistics")
-    statistics.model_statistics = model_statistics
 
     async def scenario(stub, bus):
         admin = (("authorization", "Bearer boss"),)
@@ -296,21 +286,8 @@ def test_repository_and_statistics_delegate_to_the_extension_modules(monkeypatch
             ("stats", "echo", None),
         ]
 
-    monkeypatch.setitem(sys.modules, "edge.repository", repository)
-    monkeypatch.setitem(sys.modules, "edge.statistics", statistics)
+    monkeypatch.setattr(repository, "repository_index", repository_index)
+    monkeypatch.setattr(repository, "load_model", load_model)
+    monkeypatch.setattr(repository, "unload_model", unload_model)
+    monkeypatch.setattr(statistics, "model_statistics", model_statistics)
     run(scenario, tokens=("user",), admin_tokens=("boss",))
-
-
-def test_repository_and_statistics_are_unimplemented_without_their_modules(monkeypatch):
-    monkeypatch.setitem(sys.modules, "edge.repository", None)  # an import of it raises ImportError
-    monkeypatch.setitem(sys.modules, "edge.statistics", None)
-
-    async def scenario(stub, bus):
-        for call in (
-            stub.RepositoryIndex(service_pb2.RepositoryIndexRequest()),
-            stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="echo")),
-        ):
-            code, details = await code_of(call)
-            assert code == grpc.StatusCode.UNIMPLEMENTED, (code, details)
-
-    run(scenario)

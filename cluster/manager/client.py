@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import zmq
@@ -25,9 +26,10 @@ class ManagerClient:
         self.security = BusSecurity.load(key)
         self._ids = itertools.count(1)
 
-    def call(self, what: str, timeout: float = 5.0, **fields):
-        """Send QUERY {what, **fields}; the result, or the ClusterError the manager answered. One socket per call:
-        these are rare, slow operations, and a fresh socket cannot receive a stale answer."""
+    def call(self, what: str, timeout: float = 5.0, data: bytes | None = None, **fields):
+        """Send QUERY {what, **fields} (+ `data`, a model file for 'publish'); the result, or the ClusterError the
+        manager answered. One socket per call: these are rare, slow operations, and a fresh socket cannot receive a
+        stale answer."""
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -38,7 +40,8 @@ class ManagerClient:
         try:
             request_id = next(self._ids)
             header = {"id": request_id, "what": what, **{k: v for k, v in fields.items() if v is not None}}
-            sock.send_multipart(protocol.message(Command.QUERY, header))
+            frames = protocol.message(Command.QUERY, header)
+            sock.send_multipart(frames if data is None else [*frames, data], copy=data is None)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
@@ -65,3 +68,15 @@ class ManagerClient:
             sock.disable_monitor()
             monitor.close(0)
             sock.close()
+
+
+class AsyncManagerClient:
+    """ManagerClient for asyncio (the edge's repository routes): each call runs the blocking one in a worker thread.
+    Calls are rare and each waits on a socket of its own, so a thread each is the simple, honest adapter."""
+
+    def __init__(self, address: str | None = None, key: str | None = None) -> None:
+        self._client = ManagerClient(address, key)
+        self.address = self._client.address
+
+    async def call(self, what: str, timeout: float = 5.0, data: bytes | None = None, **fields):
+        return await asyncio.to_thread(self._client.call, what, timeout, data, **fields)

@@ -117,6 +117,7 @@ class Deployments:
         self.registry = registry
         self.abort_grace = abort_grace
         self.rollouts: dict[str, Rollout] = {}  # model -> the rollout in progress for it
+        self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
 
     def command(self, what: str, header: dict, requester: tuple, now: float) -> Actions:
         """deploy / rollback / undeploy. The answer comes in the Actions now, or from `tick` at the end of the
@@ -226,8 +227,10 @@ class Deployments:
                 log.info("rollout of %s v%d done in %.2f s", name, rollout.version, now - rollout.started)
             if rollout.phase == "done":
                 del self.rollouts[name]
+                report = rollout.report(now)
+                self.finished["ok" if report["ok"] else "failed"] += 1
                 if rollout.requester is not None:
-                    actions.answers.append((rollout.requester, rollout.report(now)))
+                    actions.answers.append((rollout.requester, report))
         return actions
 
     def describe(self) -> dict:
@@ -246,9 +249,22 @@ class Deployments:
                 "agents": agents,
                 "rolling_out": name in self.rollouts,
             }
-        for name in self.registry.describe_models():
+        for name in [*self.registry.describe_models(), *self._share_models()]:
             out.setdefault(name, {"version": None, "staged": None, "history": [], "agents": {}, "rolling_out": False})
         return out
+
+    def rollout_counts(self) -> dict:
+        """Rollouts finished since the manager started, by outcome, and those in progress (the `rollouts` query)."""
+        return {**self.finished, "in_progress": len(self.rollouts)}
+
+    def _share_models(self) -> list[str]:
+        """The models on the share, deployed or not (an unreadable share lists none: the rest of the view stands)."""
+        if self.share is None:
+            return []
+        try:
+            return ModelRepository(self.share).model_names()
+        except (OSError, RepositoryError):
+            return []
 
     def _observe_all(self, rollout: Rollout) -> None:
         for agent_id, record in self.registry.agents.items():

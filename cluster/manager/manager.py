@@ -6,8 +6,12 @@ Sockets (all bound by the manager, so agents and the broker can start before or 
 - SUB  heartbeats: agents' PUB sockets connect here and publish a HEARTBEAT every interval;
 - PUB  events, two kinds: "agent_dead" {agent, silent_for} when the registry expires an agent (the broker reads it),
   and "desired" {state} on every change, when an agent joins, and every heartbeat interval (the agents read it);
-- ROUTER queries: QUERY {what: agents | models | deployments} answered with REPLY {result}, and the commands
-  QUERY {what: deploy | rollback | undeploy, name, ...}, answered when the rollout is over.
+- ROUTER queries: QUERY {what: agents | models | deployments | rollouts} answered with REPLY {result}, and the
+  commands QUERY {what: deploy | rollback | undeploy, name, ...}, answered when the rollout is over. QUERY
+  {what: publish, name, file, config?, version?} + one frame with the model file's bytes publishes a version on the
+  share for a client that has no share (`cluster deploy` without --share, a Triton repository load with files),
+  then deploys it: the write runs in a thread of its own (a large file on NFS must not stall heartbeats), and the
+  answer is the rollout's report.
 
 Liveness has one owner: the broker, for routing (the Majordomo way: from each agent's own DEALER traffic, on its own
 clock, expiring an agent silent for `timings.expiry`). The manager's registry, fed by the PUB heartbeats, decides
@@ -28,22 +32,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
 
 from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
-from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import MAX_CONTROL_BYTES, MAX_UPLOAD_BYTES, Addresses, Timings
 from cluster.desired import DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.manager.deployments import Actions, CommandError, Deployments
 from cluster.manager.registry import Registry
+from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, require
+from cluster.repository import MODEL_FILES, publish_upload
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.manager")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
+
+COMMANDS = ("deploy", "rollback", "undeploy", "publish")  # the queries that change the cluster: admin keys only
 
 
 class Manager:
@@ -80,12 +89,19 @@ class Manager:
             self.ctx, zmq.PUB, bind=self.addresses.manager_events, curve=curve("events"), **control
         )
         self.queries = make_socket(
-            self.ctx, zmq.ROUTER, bind=self.addresses.manager_queries, curve=curve("clients"), **control
+            self.ctx,
+            zmq.ROUTER,
+            bind=self.addresses.manager_queries,
+            curve=curve("clients"),
+            max_bytes=MAX_UPLOAD_BYTES,  # a model file to publish travels on it
+            timings=self.timings,
         )
         self.registry = Registry(self.timings.expiry)
         self.share = share
         self.deployments = Deployments(share, self.load_desired_state(), self.registry)
         self._stop = threading.Event()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one publish at a time, off the loop
+        self.publishing: dict[str, tuple[Future, tuple, dict]] = {}  # model -> (the write, requester, header)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -116,6 +132,7 @@ class Manager:
                         log.warning("agent %s dead: silent for %.2f s", event["agent"], event["silent_for"])
                         self.publish(event)
                         self.deployments.agent_lost(event["agent"])
+                    self.finish_publishing(now)
                     self.carry_out(self.deployments.tick(now))
                     if now >= next_desired:  # also every interval: a missed PUB message costs one interval
                         next_desired = now + self.timings.heartbeat_interval
@@ -127,6 +144,7 @@ class Manager:
         self._stop.set()
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True, cancel_futures=True)  # a half-written version is never renamed into place
         for sock in (self.heartbeats, self.events, self.queries):
             sock.close(linger=0)
         if self.security is not None:
@@ -161,15 +179,17 @@ class Manager:
         peer = frames[0]
         request_id = None
         try:
-            if len(frames) != 3:
-                raise ProtocolError(f"query must be preamble + header, got {len(frames) - 1} frames")
+            if len(frames) not in (3, 4):
+                raise ProtocolError(f"query must be preamble + header (+ a file), got {len(frames) - 1} frames")
             if protocol.parse_preamble(frames[1]) != Command.QUERY:
                 raise ProtocolError("the manager answers QUERY only")
             header = protocol.unpack_header(frames[2])
             request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
             what = require(header, "what", str)
+            if (len(frames) == 4) != (what == "publish"):
+                raise ProtocolError("'publish' carries one frame with the model file; other queries carry none")
             if self.allow is not None:
-                action = "deploy" if what in ("deploy", "rollback", "undeploy") else "query"
+                action = "deploy" if what in COMMANDS else "query"
                 refused = refusal(self.allow, key_of(frames[1]), action, what)
                 if refused is not None:
                     bad_input.warning("%s refused: %s", what, refused[1])
@@ -181,12 +201,18 @@ class Manager:
                 result = self.registry.describe_models()
             elif what == "deployments":
                 result = self.deployments.describe()
+            elif what == "rollouts":
+                result = self.deployments.rollout_counts()
             elif what in ("deploy", "rollback", "undeploy"):
                 self.carry_out(self.deployments.command(what, header, (peer, request_id), time.monotonic()))
                 return  # answered now, or when the rollout is over
+            elif what == "publish":
+                self.start_publishing(header, protocol.frame_bytes(frames[3]), (peer, request_id))
+                return  # answered when the version is written and rolled out
             else:
                 raise ProtocolError(
-                    f"unknown query {what!r}; ask for agents, models, deployments, deploy, rollback or undeploy"
+                    f"unknown query {what!r}; ask for agents, models, deployments, rollouts, deploy, rollback, "
+                    "undeploy or publish"
                 )
             reply = message(Command.REPLY, {"id": request_id, "result": result})
         except ProtocolError as exc:
@@ -195,6 +221,55 @@ class Manager:
         except CommandError as exc:
             reply = message(Command.ERROR, error_header(request_id, exc.code, str(exc), header.get("name")))
         self.answer(peer, reply)
+
+    # ---- publishing a model sent over the bus -------------------------------------------------------------------
+
+    def start_publishing(self, header: dict, data: bytes | memoryview, requester: tuple) -> None:
+        """Check a publish, then write the version in the writer thread; `finish_publishing` deploys it. The config
+        may be ours or Triton's (a tritonclient `load_model(config=...)`). CommandError / ProtocolError if refused."""
+        if self.share is None:
+            raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
+        name = require(header, "name", str)
+        file_name = require(header, "file", str)
+        version = require(header, "version", int, optional=True)
+        config = require(header, "config", dict, optional=True)
+        if file_name not in MODEL_FILES:
+            raise CommandError(ErrorCode.BAD_REQUEST, f"the model file must be {' or '.join(MODEL_FILES)}")
+        if name in self.publishing or name in self.deployments.rollouts:
+            raise CommandError(
+                ErrorCode.OVERLOADED, f"a deploy of '{name}' is already in progress; try again when it is over"
+            )
+        try:
+            if config is not None and is_triton_config(config):
+                config = from_triton(config, name)
+            if config is not None:
+                ModelConfig.from_dict(config, name=name)  # refused now, before anything is written
+        except RepositoryError as exc:
+            raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        log.info("publishing %s (%s, %d bytes) sent over the bus", name, file_name, len(data))
+        write = self._writer.submit(publish_upload, self.share, name, file_name, data, config, version)
+        self.publishing[name] = (write, requester, header)
+
+    def finish_publishing(self, now: float) -> None:
+        """Each finished write: its version is deployed (answered when that rollout is over), or its error answered."""
+        for name, (write, requester, header) in list(self.publishing.items()):
+            if not write.done():
+                continue
+            del self.publishing[name]
+            request_id = requester[1]
+            try:
+                version, published = write.result()
+                log.info("%s %s v%d; deploying it", "published" if published else "already have", name, version)
+                deploy = {"name": name, "version": version, "rollout_timeout": header.get("rollout_timeout")}
+                self.carry_out(self.deployments.command("deploy", deploy, requester, now))
+            except (RepositoryError, CommandError) as exc:
+                code, text = (exc.code if isinstance(exc, CommandError) else ErrorCode.BAD_REQUEST), str(exc)
+            except Exception as exc:  # the share failing under us (disk full, NFS gone): say so, keep running
+                log.exception("publishing %s failed", name)
+                code, text = ErrorCode.INTERNAL, f"could not publish '{name}' on the share: {exc}"
+            else:
+                continue
+            self.answer(requester[0], message(Command.ERROR, error_header(request_id, code, text, name)))
 
     def answer(self, peer: bytes, reply: list) -> None:
         try:

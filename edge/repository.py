@@ -1,0 +1,228 @@
+"""Triton's model repository extension: the repository index, load and unload, through the lifecycle manager.
+
+A load is the cluster's deploy: the manager's two-phase rollout to every live agent, answered when it is over (so a
+load that returns has every agent serving the model, and one that fails changed nothing). A load may carry the model
+itself, as Triton's does: `parameters.config` (the model config as a JSON string, ours or Triton's) and
+`file:<version>/model.pt` (or `model.pt2`) with the file's bytes (base64 in REST, bytes in gRPC); the manager then
+publishes it atomically on its share, so a machine without the share can deploy. Versions never change once
+published: loading the same files twice is a no-op, and other bytes under a version that exists become the next
+version. A load without files deploys the share's newest version. Unload is undeploy (agents finish what is in
+flight); unloading a model that is not loaded succeeds, as in Triton.
+
+`repository_index`, `load_model` and `unload_model` are transport-neutral (edge/grpc_service.py calls them too);
+`router` serves `POST /v2/repository/index` and `POST /v2/repository/models/{m}/load|unload`. Load and unload change
+the cluster: an admin token when the edge has tokens, and the manager may also refuse the edge's bus key (403).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from cluster.errors import ClusterError, ModelNotFoundError
+from cluster.repository import MODEL_FILES
+from edge.body import read_body
+from edge.errors import HTTPError, cluster_http_error, json_response
+from edge.routes import EdgeState, get_edge
+from edge.schemas import error_responses
+from edge.security import ADMIN, TOKEN
+
+ROLLOUT_TIMEOUT = 300.0  # seconds a load waits for every agent to stage and switch (the manager's default)
+UNLOAD_TIMEOUT = 10.0
+
+
+async def _manager(edge: EdgeState, what: str, timeout: float, data: bytes | None = None, **fields) -> Any:
+    """One call on the manager's query socket; its errors as HTTP errors naming the manager."""
+    try:
+        return await edge.manager.call(what, timeout, data, **fields)
+    except ClusterError as exc:
+        raise cluster_http_error(exc, infer=False, broker=edge.manager.address, role="manager") from None
+
+
+def index_entries(deployments: dict, ready_only: bool) -> list[dict]:
+    """Triton's index entries ({name, version, state, reason}) from the manager's `deployments` view: READY when a
+    live agent serves the deployed version, LOADING while a rollout stages one, UNAVAILABLE otherwise (with why)."""
+    entries = []
+    for name, d in sorted(deployments.items()):
+        version, staged = d.get("version"), d.get("staged")
+        serving = [a for a, versions in (d.get("agents") or {}).items() if version is not None and version in versions]
+        if version is not None and serving:
+            entry = {"name": name, "version": str(version), "state": "READY", "reason": ""}
+        elif staged is not None or d.get("rolling_out"):
+            shown = staged if staged is not None else version
+            entry = {"name": name, "version": "" if shown is None else str(shown), "state": "LOADING", "reason": ""}
+        elif version is not None:
+            entry = {"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": "no live agent serves it"}
+        else:
+            entry = {"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}
+        if entry["state"] == "READY" or not ready_only:
+            entries.append(entry)
+    return entries
+
+
+async def repository_index(edge: EdgeState, ready_only: bool = False) -> list[dict]:
+    """Every model on the manager's share or served by an agent, with its state (`ready_only`: the READY ones)."""
+    return index_entries(await _manager(edge, "deployments", edge.query_timeout), ready_only)
+
+
+def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
+    """(version, file name, bytes) of a load's one `file:<version>/<model file>` entry."""
+    if len(files) != 1:
+        raise HTTPError(
+            400,
+            f"a load carries exactly one model file (file:<version>/model.pt or .pt2), got {len(files)}: "
+            f"{', '.join(sorted(files))[:200]}",
+            "bad_request",
+        )
+    ((path, data),) = files.items()
+    version, _, file_name = path.removeprefix("file:").partition("/")
+    if not (version.isascii() and version.isdigit()) or int(version) < 1 or len(version) > 18:
+        raise HTTPError(400, f"'{path[:80]}': expected file:<version>/<file> with a version >= 1", "bad_request")
+    if file_name not in MODEL_FILES:
+        raise HTTPError(
+            400,
+            f"'{path[:80]}': the model file must be {' or '.join(MODEL_FILES)} (TorchScript or torch.export)",
+            "bad_request",
+        )
+    return int(version), file_name, data
+
+
+async def load_model(edge: EdgeState, name: str, config: str | None, files: dict[str, bytes]) -> dict:
+    """Deploy `name` to every live agent (publishing the files first, if any); the rollout's report. 400 when the
+    rollout failed (every agent keeps what it served), naming each agent's reason."""
+    parsed = None
+    if config is not None:
+        try:
+            parsed = json.loads(config)
+        except ValueError as exc:
+            raise HTTPError(400, f"parameter 'config' is not valid JSON: {exc}", "bad_request") from None
+        if not isinstance(parsed, dict):
+            raise HTTPError(400, "parameter 'config' must be a JSON object", "bad_request")
+    wait = ROLLOUT_TIMEOUT + 60
+    if files:
+        version, file_name, data = _model_file(files)
+        fields = dict(name=name, file=file_name, version=version, config=parsed, rollout_timeout=ROLLOUT_TIMEOUT)
+        report = await _manager(edge, "publish", wait, data, **fields)
+    elif parsed is not None:
+        raise HTTPError(
+            400,
+            "a config alone cannot change a published version: send the model file with it (file:<version>/model.pt)",
+            "bad_request",
+        )
+    else:
+        report = await _manager(edge, "deploy", wait, name=name, rollout_timeout=ROLLOUT_TIMEOUT)
+    if not report.get("ok"):
+        reasons = "; ".join(f"{agent}: {why}" for agent, why in sorted(report.get("agents", {}).items()) if why != "ok")
+        raise HTTPError(
+            400,
+            f"failed to load '{name}' version {report.get('version')}; every agent keeps what it served ({reasons})",
+            "bad_request",
+        )
+    edge.metrics.confirm_model(name)
+    return report
+
+
+async def unload_model(edge: EdgeState, name: str) -> None:
+    """Undeploy `name` everywhere; a model that is known but not deployed is already unloaded (no error)."""
+    try:
+        await edge.manager.call("undeploy", UNLOAD_TIMEOUT, name=name)
+    except ModelNotFoundError:
+        known = await _manager(edge, "deployments", edge.query_timeout)
+        if name not in known:
+            text = f"unknown model '{name}': not on the share and served by no agent"
+            raise HTTPError(404, text, "not_found") from None
+    except ClusterError as exc:
+        raise cluster_http_error(exc, infer=False, broker=edge.manager.address, role="manager") from None
+
+
+# ---- REST -----------------------------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request, edge: EdgeState) -> dict:
+    """The body as a JSON object; an empty body is `{}` (tritonclient sends none for the index)."""
+    body = await read_body(request, edge.max_body_bytes)
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise HTTPError(400, f"the body is not valid JSON: {exc}", "bad_request") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, "the body must be a JSON object", "bad_request")
+    return value
+
+
+def _load_parameters(body: dict) -> tuple[str | None, dict[str, bytes]]:
+    """(config, files) of a REST load body: {"parameters": {"config": "<json>", "file:1/model.pt": "<base64>"}}."""
+    parameters = body.get("parameters")
+    parameters = {} if parameters is None else parameters
+    if not isinstance(parameters, dict):
+        raise HTTPError(400, "'parameters' must be a JSON object", "bad_request")
+    config = parameters.get("config")
+    if config is not None and not isinstance(config, str):
+        raise HTTPError(400, "parameter 'config' must be a string holding the config's JSON", "bad_request")
+    files = {}
+    for key, value in parameters.items():
+        if not key.startswith("file:"):
+            continue
+        if not isinstance(value, str):
+            raise HTTPError(400, f"parameter '{key[:80]}' must be the file's bytes in base64", "bad_request")
+        try:
+            files[key] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPError(400, f"parameter '{key[:80]}' is not valid base64", "bad_request") from None
+    return config, files
+
+
+router = APIRouter(dependencies=[TOKEN])
+
+
+@router.post(
+    "/v2/repository/index",
+    tags=["repository"],
+    summary="Repository index",
+    responses=error_responses(400, 503),
+)
+async def index(request: Request) -> Response:
+    """Every model the cluster knows, with its state: body `{"ready": true}` for the READY ones only."""
+    edge = get_edge(request)
+    ready = (await _json_body(request, edge)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise HTTPError(400, "'ready' must be true or false", "bad_request")
+    return json_response(await repository_index(edge, ready))
+
+
+@router.post(
+    "/v2/repository/models/{name}/load",
+    tags=["repository"],
+    summary="Load (deploy) a model on every agent",
+    dependencies=[ADMIN],
+    responses=error_responses(400, 403, 404, 413, 503),
+)
+async def load(request: Request, name: str) -> Response:
+    """Roll the model out to every live agent and answer when every one serves it; with `parameters.config` and
+    `parameters["file:<version>/model.pt"]` (base64), publish those files on the share first."""
+    edge = get_edge(request)
+    config, files = _load_parameters(await _json_body(request, edge))
+    await load_model(edge, name, config, files)
+    return Response(status_code=200)
+
+
+@router.post(
+    "/v2/repository/models/{name}/unload",
+    tags=["repository"],
+    summary="Unload (undeploy) a model everywhere",
+    dependencies=[ADMIN],
+    responses=error_responses(400, 403, 404, 503),
+)
+async def unload(request: Request, name: str) -> Response:
+    """Agents finish what they have in flight, then unload it; the share keeps its files."""
+    edge = get_edge(request)
+    await _json_body(request, edge)  # `unload_dependents` has no meaning here (no ensembles)
+    await unload_model(edge, name)
+    return Response(status_code=200)
