@@ -92,6 +92,7 @@ class Agent:
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.table = ModelTable()  # what this agent serves, has staged, and failed to load
+        self._metadata_sent: set[tuple[str, int]] = set()  # (model, version) whose metadata the broker has
         self.desired = DesiredState()  # what the manager (or, at start, the share) says to serve
         self.loading: set[tuple[str, int]] = set()
         self.in_flight = 0
@@ -321,20 +322,30 @@ class Agent:
     def register(self) -> None:
         """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
         ready = self.status().to_wire()
-        ready["metadata"] = [
-            dict(m.config.metadata(), version=m.version, max_queue_wait_ms=m.config.max_queue_wait_ms)
-            for m in self.table.loaded_models()
-        ]
+        ready["metadata"] = self._metadata(self.table.loaded_models())
+        self._metadata_sent = {(m.name, m.version) for m in self.table.loaded_models()}
         self.broker.send_multipart(message(Command.READY, ready))
 
+    def _metadata(self, models) -> list[dict]:
+        """Each model's inputs and outputs, for the broker's `model` queries (the edge's metadata and readiness)."""
+        return [
+            dict(m.config.metadata(), version=m.version, max_queue_wait_ms=m.config.max_queue_wait_ms) for m in models
+        ]
+
     def send_heartbeat(self) -> None:
-        beat = message(Command.HEARTBEAT, self.status().to_wire())
+        status = self.status().to_wire()
+        beat = message(Command.HEARTBEAT, status)
         try:
             self.beats.send_multipart(beat, zmq.NOBLOCK)
         except zmq.Again:
             pass  # PUB semantics: a missed beat is tolerated by the manager
+        # A model loaded since READY (a deploy of a new model or version): its metadata rides on the broker's beat.
+        new = [m for m in self.table.loaded_models() if (m.name, m.version) not in self._metadata_sent]
+        if new:
+            beat = message(Command.HEARTBEAT, dict(status, metadata=self._metadata(new)))
         try:
             self.broker.send_multipart(beat, zmq.NOBLOCK)
+            self._metadata_sent.update((m.name, m.version) for m in new)
         except zmq.Again:
             pass  # broker unreachable and our queue to it is full: check_broker re-registers later
 

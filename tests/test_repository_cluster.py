@@ -1,0 +1,163 @@
+"""Triton's model repository and statistics extensions on real processes (manager, broker, two agents, the edge with
+REST and gRPC), driven by unmodified tritonclient.http and tritonclient.grpc as a Triton user would: a model loaded
+with its files from a machine without the share reaches every agent and answers; unload; the index; statistics over
+gRPC that count requests from the bus, REST and gRPC together; the rollout counter in /metrics; and `cluster deploy`
+without --share, which sends the file to the manager. The routes' own decisions are tested in-process in
+tests/test_edge_repository.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from cluster.repository import ModelRepository
+from tests.harness import LocalCluster, wait_for
+
+pytestmark = pytest.mark.cluster
+
+TRITON_ECHO_CONFIG = {  # Triton's own JSON form of a config: the cluster translates it
+    "name": "mirror",
+    "platform": "pytorch_libtorch",
+    "max_batch_size": 0,
+    "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, -1]}],
+    "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1, -1]}],
+}
+
+
+@pytest.fixture(scope="module")
+def stack(demo_share, tmp_path_factory):
+    import shutil
+
+    workdir = tmp_path_factory.mktemp("repository-stack")
+    share = workdir / "share"
+    shutil.copytree(demo_share, share)
+    cluster = LocalCluster(share, workdir / "logs", edge_grpc_port=0)
+    try:
+        cluster.start_manager()
+        cluster.start_broker()
+        cluster.start_agents(2)
+        cluster.wait_for_agents(2, model="echo")
+        cluster.start_edge("--log-level", "warning")
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
+
+
+def serving(cluster, model: str) -> dict[str, list[int]]:
+    """agent id -> versions of `model` it serves, from the broker."""
+    with cluster.client() as client:
+        return {a["id"]: sorted(m["version"] for m in a["models"] if m["name"] == model) for a in client.agents()}
+
+
+def echo_bytes(cluster) -> bytes:
+    """The demo echo model's TorchScript file: a Triton user's model.pt, read from outside the cluster's share."""
+    return ModelRepository(cluster.share).read_model("echo", 1).data
+
+
+def test_tritonclient_loads_a_new_model_with_its_files_unloads_it_and_lists_the_index(stack):
+    http = triton_http.InferenceServerClient(stack.edge_url.split("://", 1)[1])
+    index = {m["name"]: m for m in http.get_model_repository_index()}
+    assert index["echo"]["state"] == "READY" and index["digits"]["state"] == "READY", index
+    assert "mirror" not in index
+
+    http.load_model("mirror", config=json.dumps(TRITON_ECHO_CONFIG), files={"file:1/model.pt": echo_bytes(stack)})
+    # load_model returns when the rollout is over (the manager has heard every agent serve it); the broker hears
+    # the same heartbeats, so it knows within moments
+    wait_for(lambda: serving(stack, "mirror") == {a: [1] for a in serving(stack, "echo")}, 3, "both agents on mirror")
+    wait_for(lambda: http.is_model_ready("mirror"), 3, "mirror to be ready at the edge")
+    x = triton_http.InferInput("x", [2, 3], "FP32")
+    x.set_data_from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3), binary_data=True)
+    result = http.infer("mirror", [x])
+    np.testing.assert_array_equal(result.as_numpy("y"), np.arange(6, dtype=np.float32).reshape(2, 3))
+    published = stack.share / "models" / "mirror" / "1" / "config.json"
+    assert json.loads(published.read_text())["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, -1]}
+
+    # The same files again: nothing new is published (version 1 stays the only one).
+    http.load_model("mirror", config=json.dumps(TRITON_ECHO_CONFIG), files={"file:1/model.pt": echo_bytes(stack)})
+    assert ModelRepository(stack.share).versions("mirror") == [1]
+
+    # A corrupt file: the rollout fails on every agent, the error says so, and version 1 keeps serving.
+    with pytest.raises(InferenceServerException, match="failed to load 'mirror' version 2"):
+        http.load_model("mirror", files={"file:2/model.pt": b"not a TorchScript archive"})
+    assert serving(stack, "mirror") == {a: [1] for a in serving(stack, "echo")}
+    assert http.infer("mirror", [x]).as_numpy("y").shape == (2, 3)
+
+    http.unload_model("mirror")
+    wait_for(lambda: not any(serving(stack, "mirror").values()), 10, "every agent to unload mirror")
+    entry = next(m for m in http.get_model_repository_index() if m["name"] == "mirror")
+    assert entry["state"] == "UNAVAILABLE" and entry["reason"] == "unloaded", entry
+    assert [m["name"] for m in http.get_model_repository_index()] == sorted(
+        m["name"] for m in http.get_model_repository_index()
+    )
+    metrics = httpx.get(f"{stack.edge_url}/metrics", timeout=30).text
+    ok = re.search(r'^cluster_rollouts_total\{outcome="ok"\} (\S+)$', metrics, re.M)
+    failed = re.search(r'^cluster_rollouts_total\{outcome="failed"\} (\S+)$', metrics, re.M)
+    assert ok and float(ok.group(1)) >= 1 and failed and float(failed.group(1)) >= 1, metrics[-1500:]
+
+
+def test_tritonclient_grpc_loads_and_statistics_count_every_door(stack):
+    grpc = triton_grpc.InferenceServerClient(stack.grpc_address)
+    config = {**TRITON_ECHO_CONFIG, "name": "twin"}
+    grpc.load_model("twin", config=json.dumps(config), files={"file:1/model.pt": echo_bytes(stack)})
+    wait_for(lambda: grpc.is_model_ready("twin"), 3, "twin to be ready at the edge")
+    assert any(m.name == "twin" and m.state == "READY" for m in grpc.get_model_repository_index().models)
+
+    bus, rest, rpc = 4, 3, 5
+    with stack.client() as client:
+        for _ in range(bus):
+            client.infer("twin", {"x": np.ones((1, 2), np.float32)})
+    body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
+    for _ in range(rest):
+        answer = httpx.post(f"{stack.edge_url}/v2/models/twin/infer", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+    x = triton_grpc.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), np.float32))
+    for _ in range(rpc):
+        assert grpc.infer("twin", [x]).as_numpy("y").shape == (1, 2)
+
+    expected = bus + rest + rpc
+
+    def counted():
+        stats = grpc.get_inference_statistics("twin", as_json=True)["model_stats"]
+        success = int(stats[0]["inference_stats"]["success"].get("count", 0)) if stats else 0
+        return stats if success >= expected else None
+
+    stats = wait_for(counted, 15, f"{expected} successes in gRPC ModelStatistics for twin")[0]
+    assert int(stats["inference_stats"]["success"]["count"]) == expected, stats
+    assert int(stats["execution_count"]) == expected, stats
+    grpc.unload_model("twin")
+    wait_for(lambda: not any(serving(stack, "twin").values()), 10, "every agent to unload twin")
+
+
+def test_cluster_deploy_without_a_share_sends_the_file_to_the_manager(stack, tmp_path):
+    model = tmp_path / "shipped.pt"
+    model.write_bytes(echo_bytes(stack))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TRITON_ECHO_CONFIG, "name": "shipped"}))
+    env = stack.env()
+    env.pop("CLUSTER_SHARE")  # the operator's machine has no share
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster", "deploy", str(model), "--name", "shipped", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "the manager published shipped version 1" in out.stdout and "done" in out.stdout, out.stdout
+    assert ModelRepository(stack.share).versions("shipped") == [1]  # on the manager's share
+    with stack.client() as client:
+        assert client.infer("shipped", {"x": np.ones((1, 2), np.float32)}).model == "shipped"
