@@ -575,8 +575,9 @@ class LocalCluster:
                 except StartError as exc:
                     current[name] = exc.proc
                     supervisor.started(name, exc.proc.started_at)
-                    why = str(exc).splitlines()[0].split(") ", 1)[-1]  # "exited with status 1 before it was ready"
-                    if (fatal := exited(exc.proc, note=f"failed to start again ({why})")) is not None:
+                    late = "was not ready after" in str(exc)  # and _wait_ready killed it
+                    note = f"was not ready {READY_TIMEOUT:g} s after a restart" if late else "failed to start again"
+                    if (fatal := exited(exc.proc, note=note)) is not None:
                         return fatal
                     continue
                 say(logging.INFO, f"{name} restarted: pid {current[name].pid} (was {old.pid})")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -87,14 +89,14 @@ def _new_pid(ready_path, role: str, old: int):
     return pid if pid != old and psutil.pid_exists(pid) else None
 
 
-@pytest.mark.cluster
-def test_cluster_up_restarts_what_dies_and_keeps_serving(share, tmp_path):
+def _start_up(share, tmp_path, *args: str, **env) -> tuple[subprocess.Popen, object, Callable[[], str]]:
+    """`cluster up --any-ports` with `args`, the test's quick timings (heartbeats every 0.3 s, reconnects from 0.1 s)
+    and `env`: (the process, its ready file's path, a function that returns its output's end for failure messages)."""
     log_path, ready_path = tmp_path / "up.log", tmp_path / "up.ready.json"
-    env = LocalCluster(share, tmp_path).env()  # heartbeats every 0.3 s, reconnects from 0.1 s: quick recovery
     up = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "up", "--agents", "2", "--share", str(share), "--grpc-port", "0"]
+        [sys.executable, "-m", "cluster", "up", "--share", str(share), "--grpc-port", "0", *args]
         + ["--any-ports", "--ready-file", str(ready_path)],
-        env=env,
+        env=LocalCluster(share, tmp_path).env(**env),
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -103,6 +105,18 @@ def test_cluster_up_restarts_what_dies_and_keeps_serving(share, tmp_path):
     def log() -> str:
         return f"\n----- cluster up's output -----\n{log_path.read_text(errors='replace')[-12000:]}"
 
+    return up, ready_path, log
+
+
+def _stop(up: subprocess.Popen) -> None:
+    if up.poll() is None:
+        os.kill(up.pid, signal.SIGKILL)  # its children get SIGTERM (they die with their parent)
+        up.wait(10)
+
+
+@pytest.mark.cluster
+def test_cluster_up_restarts_what_dies_and_keeps_serving(share, tmp_path):
+    up, ready_path, log = _start_up(share, tmp_path, "--agents", "2")
     try:
         ready = wait_for(lambda: read_ready_file(ready_path) or up.poll() is not None, 120, "cluster up to be ready")
         assert up.poll() is None, log()
@@ -125,8 +139,9 @@ def test_cluster_up_restarts_what_dies_and_keeps_serving(share, tmp_path):
             os.kill(victim["pid"], signal.SIGKILL)
 
             def new_agent():
-                now = [a for a in client.agents(timeout=2) if a["pid"] not in old_pids]
-                return now[0] if now and len(client.agents(timeout=2)) == 2 else None
+                now = client.agents(timeout=2)
+                fresh = [a for a in now if a["pid"] not in old_pids]
+                return fresh[0] if fresh and len(now) == 2 else None
 
             fresh = wait_for(new_agent, 20, f"a new agent after kill -9 of {victim['id']}" + log())
             wait_for(lambda: load.served_since(killed, 5, agent=fresh["id"]), 15, f"{fresh['id']} to serve" + log())
@@ -149,6 +164,9 @@ def test_cluster_up_restarts_what_dies_and_keeps_serving(share, tmp_path):
                     f"{load.failures(killed)[-3:]})" + log(),
                 )
                 assert new in {p.pid for p in psutil.Process(up.pid).children()}
+                if role == "manager":  # the manager is not on the requests' path
+                    failed = load.failures(killed)
+                    assert not failed, f"requests failed while the manager was down: {failed[:5]}" + log()
                 print(
                     f"{role} back {back - killed:.1f} s after kill -9, serving {time.monotonic() - killed:.1f} s "
                     f"after; {len(load.failures(killed))} requests failed meanwhile"
@@ -165,18 +183,54 @@ def test_cluster_up_restarts_what_dies_and_keeps_serving(share, tmp_path):
         assert response.status_code == 200 and response.json()["outputs"][0]["data"] == [1, 2, 3], response.text
 
         assert up.poll() is None, "cluster up exited" + log()
-        text = log_path.read_text(errors="replace")
+        text = log()
         for role in ("agent", "broker", "manager", "edge"):
             assert f"the {role}) exited: killed by SIGKILL" in text, f"the {role}'s death was not reported" + log()
-        assert text.count("restarting it in 0.5 s") == 4, log()
+        assert text.count("restarting it in 0.5 s") == 4, text
         local.stop_all()
         os.kill(up.pid, signal.SIGTERM)
         assert up.wait(30) == 0, log()
     finally:
-        if up.poll() is None:
-            os.kill(up.pid, signal.SIGKILL)
-            up.wait(10)
+        _stop(up)
 
 
 def _pid_of_name(ready_path, pid: int) -> int | None:
     return next((c["pid"] for c in _children(ready_path).values() if c["pid"] == pid), None)
+
+
+@pytest.mark.cluster
+def test_cluster_up_gives_up_on_a_crash_looping_broker_and_stops_everything(share, tmp_path):
+    """The broker dies and cannot start again (its port is taken): after 2 quick restarts cluster up reports the crash
+    loop, says the cluster cannot serve without its broker, stops every process and exits with status 1."""
+    policy = {"CLUSTER_RESTART_BACKOFF_INITIAL": 0.5, "CLUSTER_RESTART_BACKOFF_MAX": 0.5}
+    up, ready_path, log = _start_up(share, tmp_path, "--agents", "0", CLUSTER_RESTART_CRASH_RESTARTS=2, **policy)
+    squatter = None
+    try:
+        ready = wait_for(lambda: read_ready_file(ready_path) or up.poll() is not None, 120, "cluster up to be ready")
+        assert up.poll() is None, log()
+        children = [c["pid"] for c in ready["children"].values()]
+        broker = _pid_of(ready_path, "broker")
+        host, port = ready["addresses"]["broker_agents"].removeprefix("tcp://").rsplit(":", 1)
+        os.kill(broker, signal.SIGKILL)
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        wait_for(lambda: squatter.bind((host, int(port))) or True, 2, f"the dead broker's port {port} to be free")
+        squatter.listen()
+        assert up.wait(60) == 1, log()
+        text = log()
+        assert f"broker-1 (pid {broker}, the broker) exited: killed by SIGKILL" in text, text
+        assert text.count("failed to start again: exit status 1") == 2, text  # both restarts
+        assert "CRASH LOOP: broker-1" in text and "GIVING UP on broker-1" in text, text
+        assert "the cluster cannot serve without its broker" in text and "stopping everything" in text, text
+        wait_for(lambda: not any(psutil.pid_exists(p) and _alive(p) for p in children), 15, "every child to exit")
+    finally:
+        if squatter is not None:
+            squatter.close()
+        _stop(up)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
