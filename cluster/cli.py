@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -383,12 +382,15 @@ def up(
         help="Key directory for --secure (made if missing; default: beside the share, SHARE-keys).",
     ),
 ):
-    """Start the manager, the broker, N agents and the HTTP edge on this machine; Ctrl-C or SIGTERM stops them all."""
+    """Start the manager, the broker, N agents and the HTTP edge on this machine, and keep them running: a process
+    that fails is restarted with backoff (CLUSTER_RESTART_*); a crash loop of the manager, the broker or the edge stops
+    everything (exit status 1). Ctrl-C or SIGTERM stops them all (exit status 0)."""
     import tempfile
 
     from cluster.demo_models import write_demo_models
     from cluster.local import LocalCluster, StartError, any_port, write_ready_file
     from cluster.repository import ModelRepository
+    from cluster.supervisor import Supervisor
 
     _setup_logging(log_level, "up")
     share_dir = Path(share or config.default_share_dir())
@@ -399,6 +401,7 @@ def up(
     key_dir = token_file = None
     if secure or keys is not None:
         key_dir, token_file = _secure_state(keys or share_dir.with_name(share_dir.name + "-keys"))
+    policy = config.restart_policy_from_env()
     addresses = config.Addresses()
     if any_ports:
         addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
@@ -436,7 +439,8 @@ def up(
                 f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
                 + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
                 + (f"  gRPC edge (Open Inference Protocol): {grpc_address}\n" if grpc_address else "")
-                + f"  {agents} agents; `cluster status` shows them. Ctrl-C stops everything."
+                + f"  {agents} agents; `cluster status` shows them. A process that fails is restarted; Ctrl-C stops"
+                " everything."
                 + (
                     f"\n  secure: keys in {key_dir} (CURVE on every bus socket); use --key {key_dir}/client.key "
                     f"(inference, queries) or --key {key_dir}/admin.key (deploy, rollback, undeploy);\n"
@@ -445,15 +449,18 @@ def up(
                     else ""
                 )
             )
-            if ready_file:
-                reported = dict(dataclasses.asdict(a), **({"edge": edge_url} if edge_url else {}))
-                if grpc_address:
-                    reported["grpc"] = grpc_address
-                write_ready_file(ready_file, "up", reported)
-            while not (exited := local.exited()):
-                time.sleep(0.2)
-            gone = exited[0]
-            typer.echo(f"a cluster process exited (pid {gone.pid}, status {gone.returncode}); stopping", err=True)
+            reported = dict(dataclasses.asdict(a), **({"edge": edge_url} if edge_url else {}))
+            if grpc_address:
+                reported["grpc"] = grpc_address
+
+            def report(running) -> None:  # the ready file names each process and its pid, rewritten on restarts
+                if ready_file:
+                    children = {name: {"role": p.role, "pid": p.pid} for name, p in running.items()}
+                    write_ready_file(ready_file, "up", reported, children=children)
+
+            report(local.running())
+            gone = local.supervise(Supervisor(policy), say=logging.getLogger("cluster.up").log, on_restart=report)
+            logging.getLogger("cluster.up").error("no %s any more; stopping everything (exit status 1)", gone.role)
         except KeyboardInterrupt:
             stopped_by_signal = True
         except StartError as exc:

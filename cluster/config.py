@@ -79,6 +79,35 @@ def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timi
     return timings
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How `cluster up` restarts a role process that died (cluster/supervisor.py), as systemd's Restart=on-failure:
+    a process that exits with a failure (non-zero status, or killed by a signal other than SIGTERM, SIGINT, SIGHUP,
+    SIGPIPE) is restarted after a backoff; a clean exit is not. All in seconds."""
+
+    backoff_initial: float = 0.5  # delay before the first restart; doubles with each failure in a row ...
+    backoff_max: float = 10.0  # ... up to this
+    backoff_reset: float = 10.0  # a process that stayed up this long before it died starts again at backoff_initial
+    crash_window: float = 60.0  # a process restarted crash_restarts times within this window is in a crash loop:
+    crash_restarts: int = 5  # its next failure is reported and it is not restarted again
+
+
+def restart_policy_from_env(environ: dict[str, str] | None = None) -> RestartPolicy:
+    """RestartPolicy from CLUSTER_RESTART_<FIELD> variables (e.g. CLUSTER_RESTART_BACKOFF_MAX=5)."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(RestartPolicy):
+        raw = environ.get(f"{_ENV_PREFIX}RESTART_{f.name.upper()}")
+        if raw is not None:
+            values[f.name] = type(f.default)(float(raw))
+    policy = replace(RestartPolicy(), **values)
+    if not 0 < policy.backoff_initial <= policy.backoff_max or policy.backoff_reset < 0:
+        raise ValueError("restart backoff: need 0 < backoff_initial <= backoff_max and backoff_reset >= 0")
+    if policy.crash_window <= 0 or policy.crash_restarts < 1:
+        raise ValueError("crash loop: need crash_window > 0 and crash_restarts >= 1")
+    return policy
+
+
 def env_or(name: str, default: str) -> str:
     """An address or path from CLUSTER_<NAME>, else the default."""
     return os.environ.get(_ENV_PREFIX + name, default)

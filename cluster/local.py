@@ -43,10 +43,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cluster
 from cluster.config import DEFAULT_HOST, Addresses
 from cluster.repository import atomic_write
+
+if TYPE_CHECKING:
+    from cluster.supervisor import Supervisor
 
 log = logging.getLogger("cluster.local")
 
@@ -55,6 +59,7 @@ READY_TIMEOUT = 60.0  # seconds a role may take to bind its sockets (the manager
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 ROLES = ("manager", "broker", "agent", "edge")
 STOP_ORDER = ("edge", "agent", "broker", "manager")  # front to back, so that in-flight work can finish
+NO_STAND_IN = ("manager", "broker", "edge")  # roles the cluster has one of: without it, it cannot serve
 
 # What each binding role reports in its ready file, and which addresses each role needs before it starts.
 BINDS = {
@@ -82,9 +87,10 @@ class StartError(RuntimeError):
 # ---- the ready file ---------------------------------------------------------------------------------------------
 
 
-def write_ready_file(path: str | Path, role: str, addresses: dict[str, str]) -> None:
-    """Say "ready, listening on these addresses": {"role", "pid", "addresses"} as JSON, written atomically."""
-    atomic_write(path, json.dumps({"role": role, "pid": os.getpid(), "addresses": addresses}).encode())
+def write_ready_file(path: str | Path, role: str, addresses: dict[str, str], **more) -> None:
+    """Say "ready, listening on these addresses": {"role", "pid", "addresses"} (and `more`) as JSON, written
+    atomically."""
+    atomic_write(path, json.dumps({"role": role, "pid": os.getpid(), "addresses": addresses, **more}).encode())
 
 
 def read_ready_file(path: str | Path) -> dict | None:
@@ -169,6 +175,7 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)  # ... and the environment given to this start only
     addresses: dict[str, str] = field(default_factory=dict)  # from its ready file; empty for agents
     retired: bool = False  # stopped, killed or restarted on purpose: exited() does not count it
+    started_at: float = field(default_factory=time.monotonic)  # when it was started (time.monotonic())
 
     @property
     def pid(self) -> int:
@@ -501,6 +508,82 @@ class LocalCluster:
     def exited(self) -> list[Proc]:
         """Processes that exited although nobody stopped them."""
         return [p for p in self.procs if not p.retired and not p.alive()]
+
+    def running(self) -> dict[str, Proc]:
+        """The cluster's role processes that nobody stopped, by name (the latest start of each name)."""
+        return {p.name: p for p in self.procs if p.role in ROLES and not p.retired}
+
+    # ---- supervising ----------------------------------------------------------------------------------------------
+
+    def supervise(
+        self,
+        supervisor: Supervisor | None = None,
+        *,
+        no_stand_in: tuple[str, ...] = NO_STAND_IN,
+        say: Callable[[int, str], None] = log.log,
+        on_restart: Callable[[dict[str, Proc]], None] | None = None,
+        poll: float = 0.1,
+    ) -> Proc:
+        """Keep the role processes running, as systemd's Restart=on-failure (cluster/supervisor.py decides): a process
+        that fails is reported with its exit status or signal and started again after a backoff, with the same name,
+        arguments and addresses (so its peers reconnect where they were); the others keep serving. Runs until a role
+        with no stand-in (`no_stand_in`: the manager, the broker, the edge) is given up on (a crash loop) or exits
+        cleanly without being asked: returns that process. An agent given up on, or that exits cleanly, is left
+        down. `say(level, line)` reports each exit and restart (logging levels: ERROR for a crash loop, WARNING
+        for an exit, INFO for a restart); `on_restart(running)` is called after each restart. Restarting a
+        role that binds waits (up to READY_TIMEOUT) for its ready file; meanwhile other exits wait their turn."""
+        from cluster.supervisor import CLEAN, RESTART, Supervisor
+
+        supervisor = supervisor or Supervisor()
+        current = self.running()
+        for name, proc in current.items():
+            supervisor.started(name, proc.started_at)
+
+        def exited(proc: Proc, note: str = "exited") -> Proc | None:
+            """Feed one exit to the supervisor and report what it decided; the process if it ends supervision."""
+            proc.retired = True  # handled: exited() no longer lists it
+            d = supervisor.exited(proc.name, time.monotonic(), proc.returncode)
+            what = f"{proc.name} (pid {proc.pid}, the {proc.role}) {note}: {d.how} after {d.uptime:.1f} s up"
+            alone = proc.role in no_stand_in
+            window = f"{supervisor.policy.crash_window:g} s"
+            if d.action == RESTART:
+                say(logging.WARNING, f"{what}; restarting it in {d.delay:g} s (restart {d.restarts} within {window})")
+            elif d.action == CLEAN:
+                say(
+                    logging.WARNING,
+                    f"{what}, a clean exit that cluster up did not ask for; "
+                    + (f"the cluster has no other {proc.role}" if alone else "not restarting it (only failures are)"),
+                )
+            else:
+                say(
+                    logging.ERROR,
+                    f"CRASH LOOP: {what}, after {d.restarts} restarts within {window}; GIVING UP on {proc.name}; "
+                    + (f"the cluster cannot serve without its {proc.role}" if alone else "the others keep serving"),
+                )
+            return proc if alone and d.action != RESTART else None
+
+        while True:
+            for proc in self.exited():
+                if current.get(proc.name) is proc and (fatal := exited(proc)) is not None:
+                    return fatal
+                proc.retired = True
+            for name in supervisor.due(time.monotonic()):
+                old = current[name]
+                try:
+                    current[name] = self.restart(old)
+                    supervisor.started(name, current[name].started_at)
+                except StartError as exc:
+                    current[name] = exc.proc
+                    supervisor.started(name, exc.proc.started_at)
+                    late = "was not ready after" in str(exc)  # and _wait_ready killed it
+                    note = f"was not ready {READY_TIMEOUT:g} s after a restart" if late else "failed to start again"
+                    if (fatal := exited(exc.proc, note=note)) is not None:
+                        return fatal
+                    continue
+                say(logging.INFO, f"{name} restarted: pid {current[name].pid} (was {old.pid})")
+                if on_restart is not None:
+                    on_restart(dict(current))
+            time.sleep(poll)
 
     def __enter__(self) -> LocalCluster:
         return self
