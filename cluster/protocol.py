@@ -28,8 +28,9 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
     manager -> broker   EVENT (PUB) {event: "agent_dead", agent, silent_for}   (a backup word: the broker owns liveness)
     manager -> agent    EVENT (PUB) {event: "desired", state: {generation, models: {name: {version, staged, history}}}}
                         (on every change, when an agent joins, and every heartbeat interval)
-    anyone  -> manager  QUERY {id, what: agents | models | deployments | deploy | rollback | undeploy, ...}
-                        -> REPLY {id, result} or ERROR (a deploy or rollback is answered when its rollout is over)
+    anyone  -> manager  QUERY {id, what: agents | models | deployments | rollouts | deploy | rollback | undeploy, ...}
+                        QUERY {id, what: publish, name, file, config?, version?} + the model file's bytes (one frame)
+                        -> REPLY {id, result} or ERROR (deploy, rollback, publish: answered when the rollout is over)
 
 `Heartbeat` (below) is the one definition of an agent's state on the wire; `agent_view` and `models_view` build the
 answers to the "agents" and "models" queries, the same way at the broker and at the manager.

@@ -174,6 +174,9 @@ def test_client_key_cannot_deploy_admin_key_can(secure):
             as_client.call(what, name="digits", **fields)
         message = str(denied.value)
         assert f"{what} needs an admin key" in message and "'client'" in message, message
+    with pytest.raises(PermissionDeniedError, match="publish needs an admin key"):  # a model file sent to publish
+        as_client.call("publish", data=b"torchscript", name="sneaky", file="model.pt", config=None)
+    assert "sneaky" not in as_client.call("deployments") and not (secure.share / "models" / "sneaky").exists()
     as_admin = ManagerClient(queries, key=secure.member_key("admin"))
     report = as_admin.call("deploy", timeout=60, name="digits", version=1)
     assert report["ok"], report
