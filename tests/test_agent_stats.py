@@ -1,6 +1,7 @@
 """The agent's Triton statistics counters, in-process."""
 
 import numpy as np
+import pytest
 import torch
 import zmq
 
@@ -79,3 +80,31 @@ def test_worker_pool_counts_successes_failures_rows_and_queue(tmp_path):
     assert entry["inference_stats"]["fail"]["count"] == 2 and entry["failures"] == {"BACKEND": 1, "TIMEOUT": 1}
     assert entry["inference_stats"]["queue"]["ns"] >= 2 * 500_000_000, entry  # the broker's wait is in it
     assert entry["last_inference"] > 0 and [b["batch_size"] for b in entry["batch_stats"]] == [1], entry
+
+
+def test_broker_statistics_view_from_heartbeats_and_metadata_announced_after_ready():
+    """The broker's `statistics` answer is each live agent's latest `stats`, limited to a model (and version) when
+    one is named; an unknown model is refused. A model an agent loads after its READY reaches the broker's `model`
+    view from the metadata riding on its next heartbeat."""
+    from cluster.broker import Dispatcher
+    from cluster.broker.agents import UnknownModel
+    from cluster.broker.routing import RoundRobin
+    from cluster.config import Timings
+    from cluster.protocol import PREAMBLE, Command, Heartbeat, pack
+
+    d = Dispatcher(Timings(), RoundRobin(), now=0.0)
+    echo = ModelStats("echo", 1)
+    echo.record_success(1, 0.0, 0.0, 0.001, 0.0)
+    meta = {"name": "late", "version": 1, "platform": "torchscript", "inputs": [], "outputs": []}
+    for agent, models, extra in (("a", [("echo", 1)], {}), ("b", [("echo", 1), ("late", 1)], {"metadata": [meta]})):
+        entries = [{"name": n, "version": v} for n, v in models]
+        stats = {"echo": {"1": echo.to_triton()}}
+        wire = Heartbeat(agent, 2, entries, pid=1, started=1.0, stats=stats).to_wire()
+        d.agent_message(Command.READY, [agent.encode(), PREAMBLE[Command.READY], pack(wire)], 10.0)
+        d.agent_message(Command.HEARTBEAT, [agent.encode(), PREAMBLE[Command.HEARTBEAT], pack(wire | extra)], 10.5)
+    view = d.agents.describe_statistics("echo", "1")
+    assert set(view) == {"a", "b"} and view["a"]["echo"]["1"]["inference_stats"]["success"]["count"] == 1
+    assert d.agents.describe_statistics("echo", "7") == {"a": {}, "b": {}}
+    with pytest.raises(UnknownModel, match="nowhere"):
+        d.agents.describe_statistics("nowhere")
+    assert d.agents.describe_model("late", None)["platform"] == "torchscript"
