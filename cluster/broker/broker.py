@@ -13,6 +13,12 @@ the Dispatcher (role agent, and the key an agent registered with). The agents' R
 identity over to a newcomer (libzmq ignores a second connection with an identity in use, so the real agent keeps its
 pipe); ZMTP heartbeats close a dead agent's connection within one expiry, so a restarted agent gets its id back.
 
+Agent identities are per process ("<agent id>/<random instance>", protocol.agent_identity), so ROUTER_HANDOVER (keys
+off) only ever hands a connection back to the process that owned it, reconnecting after a network blip while the
+broker still holds its old, half-dead link. Two processes started with the same --id hold two connections; the
+Dispatcher accepts the first and answers the second's READY with ERROR AGENT_ID_IN_USE (it logs it and exits), so
+a mistaken duplicate can neither take the first one's traffic nor orphan it.
+
 Liveness is the broker's, for routing (the Majordomo way). It hears every agent directly, on the agents' DEALER
 link: any message from a registered agent (READY, HEARTBEAT, REPLY, ERROR) proves it alive, on the broker's own
 clock, and an agent silent for `timings.expiry` seconds is removed, as is one that says DISCONNECT or that a send
@@ -268,8 +274,9 @@ class Broker:
             header = protocol.unpack_header(frames[1])
             event = require(header, "event", str)
             agent_id = require(header, "agent", str, optional=True)
+            instance = require(header, "instance", str, optional=True)
         except ProtocolError as exc:
             bad_input.warning("bad event from the manager dropped: %s", exc)
             return
         if event == "agent_dead" and agent_id is not None:
-            self.deliver(self.dispatcher.agent_declared_dead(agent_id))
+            self.deliver(self.dispatcher.agent_declared_dead(agent_id, instance))

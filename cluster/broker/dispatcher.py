@@ -28,7 +28,11 @@ What it guarantees (the Majordomo broker's gaps, fixed):
 - with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
   bound to the key it registered with: READY for an identity registered with another key is refused (until that
   agent expires), and any other message for it from another key is dropped; READY must name the agent id it
-  connected with (its routing identity).
+  connected with (its routing identity);
+- one live agent per agent id: a READY naming an id that another live process holds (another connection, another
+  instance token or another key) is refused with ERROR AGENT_ID_IN_USE to the newcomer and an error in the log;
+  the live agent keeps serving and keeps its requests (it is probed, so a dead predecessor goes at once). The same
+  process registering again (same instance) is not a duplicate.
 """
 
 from __future__ import annotations
@@ -47,7 +51,16 @@ from cluster.broker.routing import RoutingPolicy
 from cluster.config import Timings
 from cluster.keys import AllowList
 from cluster.logs import BadInputLog
-from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, pack
+from cluster.protocol import (
+    PREAMBLE,
+    Command,
+    ErrorCode,
+    Heartbeat,
+    ProtocolError,
+    agent_identity,
+    error_header,
+    pack,
+)
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
@@ -146,6 +159,7 @@ class Dispatcher:
         self.by_client: dict[tuple[bytes, Any], bytes] = {}  # (client identity, its id) -> route, for CANCEL
         self.rates: dict[str, ServiceRate] = {}  # model -> its measured service rate (load shedding)
         self.now = now  # the latest event's clock: what a request forwarded now has left, and has waited
+        self.reserved: dict[str, tuple[str | None, float]] = {}  # agent id -> (instance, until): see _refuse_duplicate
 
     def warming_up(self, now: float) -> bool:
         """Just started (or restarted): agents are still re-registering, so "no agent has it" is not known yet.
@@ -250,10 +264,13 @@ class Dispatcher:
                     del self.pending[request.model]
         return out
 
-    def agent_declared_dead(self, agent_id: str) -> list[Send]:
-        """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness)."""
+    def agent_declared_dead(self, agent_id: str, instance: str | None = None) -> list[Send]:
+        """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness). When it names
+        the instance that died, a live agent of another instance with that id (a restart) is not touched."""
         out: list[Send] = []
-        agent = self.agents.get(agent_id.encode())
+        agent = self.agents.get_by_id(agent_id)
+        if agent is not None and instance is not None and agent.beat.instance not in (None, instance):
+            return out
         if agent is not None:
             self._remove(agent, "the manager declared it dead", out)
         return out
@@ -316,15 +333,33 @@ class Dispatcher:
         except ProtocolError as exc:
             bad_input.warning("bad READY from %r dropped: %s", identity, exc)
             return
-        if self.allow is not None and identity != beat.agent.encode():
+        if self.allow is not None and identity != agent_identity(beat.agent, beat.instance):
             refused.warning(
                 "READY from %r refused: it names agent %r (keys on: the two must match)", identity, beat.agent
             )
             return
-        old = self.agents.get(identity)
+        old = self.agents.get(identity)  # this connection's entry
+        live = self.agents.get_by_id(beat.agent)  # the live agent holding this id, whatever its connection
         if old is not None and old.key != key:
             refused.warning("READY for agent %s refused: it is registered with another key", old.agent_id)
             return
+        conflict = None
+        if live is not None and (live.key != key or not self.agents.same_process(live, beat)):
+            if live is not old:
+                conflict = "in use by another live agent"  # a second process started with the same --id
+            elif beat.instance is not None and live.beat.instance is not None:
+                # Another process presented this process's own routing identity, and ROUTER_HANDOVER gave it the
+                # connection: the first one's link is gone. Drop the first (its requests go elsewhere; it
+                # reconnects and registers again, see the agent's check_broker) and refuse the newcomer.
+                conflict = "taken over by another process presenting the live agent's identity"
+        if conflict is None and live is None:
+            reserved = self.reserved.get(beat.agent)
+            if reserved is not None and reserved[1] > now and reserved[0] != beat.instance:
+                conflict = "held for the agent whose connection was taken over, while it reconnects"
+        if conflict is not None:
+            self._refuse_duplicate(identity, beat, live, conflict, now, out)
+            return
+        self.reserved.pop(beat.agent, None)
         self.agents.remember_metadata(header.get("metadata"))
         if old is not None and self.agents.same_process(old, beat):
             self.agents.update(old, beat)  # the same process saying READY again (it thought we were gone)
@@ -332,8 +367,38 @@ class Dispatcher:
             return
         if old is not None:
             self._remove(old, "it registered again (restarted)", out)
+        if live is not None and live is not old:
+            self._remove(live, "the same process registered again on a new connection", out)
         agent = self.agents.add(identity, beat, now, key)
         self._dispatch_pending(agent.models, out)
+
+    def _refuse_duplicate(
+        self, identity: bytes, beat: Heartbeat, live: AgentEntry | None, why: str, now: float, out: list[Send]
+    ) -> None:
+        """READY for an agent id another live process holds: refused, with an ERROR AGENT_ID_IN_USE the newcomer
+        logs (it tries again for a grace period, then exits: a restarted agent whose predecessor died gets in once
+        the predecessor is gone). The live agent keeps its id, its requests and its credit. It is probed with a
+        HEARTBEAT: if its connection is gone (a crashed predecessor), the send fails and it is removed at once,
+        rather than at its expiry."""
+        who = f"host {beat.host}, pid {beat.pid}, instance {beat.instance}"
+        if live is not None and live.identity == identity:
+            self.reserved[beat.agent] = (live.beat.instance, now + 3 * self.timings.expiry)
+            self._remove(live, "its connection was taken over by another process presenting its identity", out)
+            holder = f"an agent whose connection this one took over ({why})"
+        elif live is not None:
+            out.append(Send(True, [live.identity, _HEARTBEAT, _EMPTY_HEADER]))
+            holder = (
+                f"a live agent (host {live.beat.host}, pid {live.beat.pid}, instance {live.beat.instance}, "
+                f"heard {now - live.last_seen:.1f} s ago)"
+            )
+        else:
+            holder = f"an agent ({why})"
+        text = (
+            f"agent id '{beat.agent}' is already in use by {holder}; refusing this agent ({who}). "
+            "Give every agent its own --id."
+        )
+        refused.error("READY from %r refused: %s", identity, text)
+        out.append(Send(True, [identity, _ERROR, pack(error_header(None, ErrorCode.AGENT_ID_IN_USE, text))]))
 
     def _heartbeat(self, agent: AgentEntry, header_frame, out: list[Send]) -> None:
         try:
