@@ -64,6 +64,7 @@ def make_socket(
     identity: bytes | None = None,
     max_bytes: int = MAX_MESSAGE_BYTES,
     hwm: int = SOCKET_HWM,
+    sndhwm: int | None = None,
     handover: bool = False,
     subscribe: bytes | None = None,
     timings: Timings | None = None,
@@ -74,13 +75,14 @@ def make_socket(
 ) -> zmq.Socket:
     """A configured socket, bound or connected. Exactly one of bind/connect. `heartbeat` (interval, timeout in
     seconds): ZMTP pings, so a connection whose peer went silent is closed within `timeout`. `before_connect(sock)`
-    runs just before the bind or connect (e.g. to attach a socket monitor that must see the first handshake)."""
+    runs just before the bind or connect (e.g. to attach a socket monitor that must see the first handshake).
+    `sndhwm`: a send high-water mark other than `hwm` (the broker's clients ROUTER: a few replies per client)."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind or connect")
     timings = timings or Timings()
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger)
-    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.SNDHWM, hwm if sndhwm is None else sndhwm)  # per peer pipe, in messages
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)

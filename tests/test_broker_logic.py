@@ -123,6 +123,8 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
         "agents_lost": 0,
         "cancelled": 0,
         "shed": 0,
+        "client_refused": 0,
+        "client_replies_dropped": 0,
         "agents": 2,
         "in_flight": 5,
         "queued": 1,
@@ -589,3 +591,60 @@ def test_broker_deliver_hands_a_failed_send_back_to_the_dispatcher():
         a2.close()
         broker.close()
         ctx.term()
+
+
+# ---- clients that do not read their replies (issue 11, point 3) ------------------------------------------------------
+
+
+def test_a_client_gets_overloaded_past_its_requests_in_flight_and_when_congested():
+    d = dispatcher(client_max_in_flight=2)
+    ready(d, "a1", capacity=1)
+    assert len(sent_to_agents(request(d, 0))) == 1 and request(d, 1) == []  # one at the agent, one queued
+    ((rid, code, text),) = client_errors(request(d, 2))
+    assert (rid, code) == (2, "OVERLOADED") and "this client has 2 requests in flight" in text
+    assert sent_to_agents(request(d, 0, client=b"other")) == [] and d.pending_count == 2  # others are not bound
+    route = next(iter(d.agents.get(b"a1").in_flight))
+    answer(d, "a1", route)  # request 0 answered: client is back under its bound
+    assert client_errors(request(d, 3)) == [] and d.client_load == {b"client": 2, b"other": 1}
+    out = d.client_request(b"slow", 5, "m", None, 30.0, HEADER, [TENSOR], T, congested=True)
+    ((_, code, text),) = client_errors(out)
+    assert code == "OVERLOADED" and "not reading its replies" in text
+    assert d.stats["client_refused"] == 2
+
+
+def test_dropping_a_client_cancels_its_queued_and_running_requests():
+    d = dispatcher()
+    ready(d, "a1", capacity=1)
+    ((_, route),) = sent_to_agents(request(d, 0))
+    request(d, 1)
+    request(d, 2, client=b"other")
+    out = d.drop_client(b"client", T)
+    assert [(s.peer, s.command, s.frames[2]) for s in out] == [(b"a1", Command.CANCEL, route)]
+    assert d.pending_count == 1 and d.client_load == {b"other": 1} and d.stats["cancelled"] == 2
+
+
+def test_client_outbox_holds_within_the_budget_and_sends_in_order_as_the_pipe_drains():
+    from cluster.broker.outbox import ClientOutbox
+
+    box = ClientOutbox(budget=100)
+    assert not box.congested(b"c")
+    assert box.hold(b"c", [b"c", b"x" * 40]) and box.hold(b"c", [b"c", b"y" * 40])
+    assert not box.hold(b"c", [b"c", b"z" * 40]) and b"c" in box.over_budget  # 123 > 100: dropped
+    assert box.congested(b"c") and box.held_bytes[b"c"] == 82
+    sent, room = [], [1]
+
+    def send(frames):
+        if not room[0]:
+            raise zmq.Again()
+        room[0] -= 1
+        sent.append(frames[1][:1])
+
+    assert box.flush(send) == ([], []) and sent == [b"x"] and box.held_bytes[b"c"] == 41
+    room[0] = 5
+    assert box.flush(send) == ([b"c"], []) and sent == [b"x", b"y"] and not box.congested(b"c")
+    box.hold(b"gone", [b"gone", b"q"])
+
+    def unreachable(frames):
+        raise zmq.ZMQError(errno.EHOSTUNREACH)
+
+    assert box.flush(unreachable) == ([], [b"gone"]) and box.held == {} and box.total_bytes == 0

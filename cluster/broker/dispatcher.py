@@ -155,7 +155,17 @@ class Dispatcher:
         self.pending_count = 0
         self.started = now
         self._routes = itertools.count(1)
-        self.stats = {"requests": 0, "redispatched": 0, "timeouts": 0, "agents_lost": 0, "cancelled": 0, "shed": 0}
+        self.stats = {
+            "requests": 0,
+            "redispatched": 0,
+            "timeouts": 0,
+            "agents_lost": 0,
+            "cancelled": 0,
+            "shed": 0,
+            "client_refused": 0,  # OVERLOADED for the client's own bounds: requests in flight, replies not read
+            "client_replies_dropped": 0,  # clients found past their reply budget (broker.py: their requests cancelled)
+        }
+        self.client_load: dict[bytes, int] = {}  # client -> its requests here (queued or at an agent)
         self.by_client: dict[tuple[bytes, Any], bytes] = {}  # (client identity, its id) -> route, for CANCEL
         self.rates: dict[str, ServiceRate] = {}  # model -> its measured service rate (load shedding)
         self.now = now  # the latest event's clock: what a request forwarded now has left, and has waited
@@ -182,10 +192,24 @@ class Dispatcher:
         header_frame,
         tensors: list,
         now: float,
+        congested: bool = False,
     ) -> list[Send]:
-        """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served."""
+        """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served.
+        `congested`: the client is not reading its replies (the broker holds some for it): OVERLOADED, as is a
+        request past the client's bound on requests here (`client_max_in_flight`)."""
         out: list[Send] = []
         self.now = now
+        load = self.client_load.get(client, 0)
+        if congested or load >= self.timings.client_max_in_flight:
+            self.stats["client_refused"] += 1
+            text = (
+                "this client is not reading its replies (the broker holds replies it has not taken); read them, "
+                "then try again"
+                if congested
+                else f"this client has {load} requests in flight, the most one client may have; try again later"
+            )
+            out.append(client_error(client, request_id, ErrorCode.OVERLOADED, text, model, retry_after=1.0))
+            return out
         if not self.agents.candidates(model, version) and not self.warming_up(now):
             code, text = self.agents.why_unroutable(model, version)
             out.append(client_error(client, request_id, code, text, model))
@@ -196,6 +220,7 @@ class Dispatcher:
         )
         request.arrived = now
         self.requests[request.route] = request
+        self.client_load[client] = load + 1
         self.by_client[(client, request_id)] = request.route
         if not self._dispatch(request, out):
             self._queue_or_refuse(request, out)
@@ -262,6 +287,14 @@ class Dispatcher:
                 self.pending_count -= 1
                 if not queue:
                     del self.pending[request.model]
+        return out
+
+    def drop_client(self, client: bytes, now: float) -> list[Send]:
+        """The client is gone, or does not read its replies past its budget: cancel every request it has here (out
+        of the queue; at an agent, a CANCEL), as if it had cancelled each itself."""
+        out: list[Send] = []
+        for owner, request_id in [k for k in self.by_client if k[0] == client]:
+            out.extend(self.client_cancel(owner, request_id, now))
         return out
 
     def agent_declared_dead(self, agent_id: str, instance: str | None = None) -> list[Send]:
@@ -550,7 +583,12 @@ class Dispatcher:
 
     def _forget(self, request: BrokerRequest) -> None:
         """The request is over for the broker (answered, failed or cancelled): out of both indexes."""
-        self.requests.pop(request.route, None)
+        if self.requests.pop(request.route, None) is not None:
+            load = self.client_load.get(request.client, 0) - 1
+            if load > 0:
+                self.client_load[request.client] = load
+            else:
+                self.client_load.pop(request.client, None)
         if self.by_client.get((request.client, request.request_id)) == request.route:
             del self.by_client[(request.client, request.request_id)]
 
