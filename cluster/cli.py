@@ -228,6 +228,8 @@ def agent(
     )
     _stop_on_signals(component)
     component.run()
+    if component.exit_code:
+        raise typer.Exit(component.exit_code)
 
 
 @app.command()

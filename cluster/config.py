@@ -32,6 +32,9 @@ MAX_TENSORS = 64  # tensors in one request or reply
 MAX_DIMS = 16  # dimensions of one tensor
 SOCKET_HWM = 10_000  # ZeroMQ high-water mark per socket (messages); queues are bounded in the app too
 LINGER_MS = 200  # how long a closing socket may flush
+# The broker's pipe to each client holds at most this many replies (ZeroMQ SNDHWM, per peer): past it a send gives
+# EAGAIN and the broker holds replies itself, within the client's byte budget (Timings.client_reply_budget).
+CLIENT_SNDHWM = 64
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class Timings:
     broker_queue_limit: int = 10_000  # requests the broker holds waiting for a free agent, past that: OVERLOADED
     max_queue_wait: float = 5.0  # load shedding: a request expected to wait longer in the broker's queue is refused
     # at once (OVERLOADED with retry_after); a model's config `max_queue_wait_ms` overrides it; 0 = no bound
+    client_max_in_flight: int = 4096  # requests one client may have at the broker (queued or at agents): OVERLOADED
+    client_reply_budget: int = 32 * 1024 * 1024  # bytes of replies the broker holds for a client that does not read
+    # them (its pipe is full, CLIENT_SNDHWM); while it holds any, the client's new requests get OVERLOADED; past it,
+    # its replies are dropped and its requests cancelled
 
     @property
     def expiry(self) -> float:
@@ -74,6 +81,8 @@ def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timi
         raise ValueError("liveness must be at least 1")
     if timings.max_queue_wait < 0:
         raise ValueError("max_queue_wait must be >= 0 (0: no bound)")
+    if timings.client_max_in_flight < 1 or timings.client_reply_budget < 0:
+        raise ValueError("client_max_in_flight must be >= 1, client_reply_budget >= 0")
     if timings.broker_queue_limit < 0 or timings.max_dispatch_attempts < 1 or timings.request_timeout <= 0:
         raise ValueError("broker_queue_limit must be >= 0, max_dispatch_attempts >= 1, request_timeout > 0")
     return timings

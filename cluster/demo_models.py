@@ -41,6 +41,21 @@ class Slow(torch.nn.Module):
         return x + y[0, 0] * 0.0
 
 
+BIG_CONFIG = {
+    "name": "big",
+    "inputs": [{"name": "n", "datatype": "INT64", "shape": [1]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, -1]}],
+}
+
+
+class Big(torch.nn.Module):
+    """Answers n FP32 ones (4n bytes) whatever it is asked: a model with big replies for a small request. Not a demo
+    model: the tests and bench/slow_reader.py use it for clients that do not read their replies."""
+
+    def forward(self, n: torch.Tensor) -> torch.Tensor:
+        return torch.ones(1, int(n[0].item()))
+
+
 DIGITS_CONFIG = {
     "name": "digits",
     "platform": "torchscript",

@@ -65,6 +65,13 @@ class PermissionDeniedError(ClusterError, PermissionError):
     code = ErrorCode.PERMISSION_DENIED
 
 
+class AgentIdInUseError(ClusterError):
+    """The broker refused an agent's READY: another live agent process already has that agent id (only agents see
+    this code)."""
+
+    code = ErrorCode.AGENT_ID_IN_USE
+
+
 ERROR_BY_CODE = {cls.code.value: cls for cls in ClusterError.__subclasses__()}
 ERROR_BY_CODE[ErrorCode.INTERNAL.value] = ClusterError
 

@@ -17,6 +17,12 @@ class BadInputLog:
         self._suppressed = 0
 
     def warning(self, msg: str, *args) -> None:
+        self._emit(logging.WARNING, msg, args)
+
+    def error(self, msg: str, *args) -> None:
+        self._emit(logging.ERROR, msg, args)
+
+    def _emit(self, level: int, msg: str, args: tuple) -> None:
         now = time.monotonic()
         if now - self._window >= 1.0:
             if self._suppressed:
@@ -24,6 +30,6 @@ class BadInputLog:
             self._window, self._count, self._suppressed = now, 0, 0
         if self._count < self.per_second:
             self._count += 1
-            self.log.warning(msg, *args)
+            self.log.log(level, msg, *args)
         else:
             self._suppressed += 1

@@ -24,8 +24,11 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
     broker  -> agent    REQUEST  request route + the client's header + tensors (forwarded, never decoded)
                         CANCEL   route + {}   (the client gave up: skip it if not started, answer ERROR CANCELLED)
                         HEARTBEAT {}   DISCONNECT {reason}   (DISCONNECT: "I do not know you, send READY again")
+                        ERROR    {id: None, code: AGENT_ID_IN_USE, message}   (READY refused: another live process
+                                 has that agent id; the agent stops after a grace period if it stays refused)
     agent   -> manager  HEARTBEAT (PUB) Heartbeat: {agent, capacity, models, staged, failed, host, pid, ...}
-    manager -> broker   EVENT (PUB) {event: "agent_dead", agent, silent_for}   (a backup word: the broker owns liveness)
+    manager -> broker   EVENT (PUB) {event: "agent_dead", agent, instance, silent_for}   (a backup word: the broker
+                        owns liveness; it drops the agent only if `instance` is its live one's)
     manager -> agent    EVENT (PUB) {event: "desired", state: {generation, models: {name: {version, staged, history}}}}
                         (on every change, when an agent joins, and every heartbeat interval)
     anyone  -> manager  QUERY {id, what: agents | models | deployments | rollouts | deploy | rollback | undeploy, ...}
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import enum
 import math
+import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -77,6 +81,23 @@ def parse_request_route(frame: bytes) -> tuple[bytes, float, float]:
     return key, left, waited
 
 
+AGENT_INSTANCE_CHARS = 16  # hex characters of an agent's instance token
+MAX_AGENT_ID_BYTES = 255 - 1 - AGENT_INSTANCE_CHARS  # so that "<id>/<instance>" fits a ZeroMQ routing id
+
+
+def agent_instance() -> str:
+    """A fresh random instance token for an agent process (64 bits, hex)."""
+    return secrets.token_hex(AGENT_INSTANCE_CHARS // 2)
+
+
+def agent_identity(agent_id: str, instance: str | None) -> bytes:
+    """An agent's ROUTER identity at the broker: "<agent id>/<instance>", one per process (None: the bare id, as
+    agents without an instance token, and tests, connect). Two processes started with the same --id therefore hold
+    two connections the broker can tell apart and answer each; only the same process reconnecting presents the same
+    identity again (and takes its own connection over, ROUTER_HANDOVER)."""
+    return agent_id.encode() if instance is None else f"{agent_id}/{instance}".encode()
+
+
 class Command(enum.IntEnum):
     READY = 0x01
     REQUEST = 0x02
@@ -105,6 +126,7 @@ class ErrorCode(str, enum.Enum):
     CANCELLED = "CANCELLED"  # the client cancelled it (an agent's answer to the broker's CANCEL; never to a client)
     UNAUTHENTICATED = "UNAUTHENTICATED"  # with keys on: the sender's key is not (or no longer) allowed
     PERMISSION_DENIED = "PERMISSION_DENIED"  # with keys on: the key's role may not do this (e.g. a client deploying)
+    AGENT_ID_IN_USE = "AGENT_ID_IN_USE"  # broker -> agent: another live agent (another process) has this agent id
     INTERNAL = "INTERNAL"
 
 
@@ -294,6 +316,7 @@ _INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the righ
     "draining": (bool,),
     "uptime": _NUMBER,
     "started": _NUMBER,
+    "instance": (str,),
     "serving_since": _NUMBER,
     "interval": _NUMBER,
     "serves_only": (list,),
@@ -321,6 +344,7 @@ class Heartbeat:
     draining: bool = False  # stopping: finishing what it has, taking nothing new
     uptime: float = 0.0  # seconds since the agent started
     started: float | None = None  # wall time the process started (with pid: tells a restart from a re-READY)
+    instance: str | None = None  # random per agent process (agent_instance()): tells two processes with one id apart
     serving_since: float | None = None  # wall time it connected, models loaded
     interval: float | None = None  # its heartbeat interval, seconds
     serves_only: list[str] | None = None  # started with --models: only these take part in rollouts; None: all

@@ -3,6 +3,8 @@
 What it sets and why:
 - ROUTER_MANDATORY on ROUTERs: a ROUTER otherwise drops messages to unknown or departed peers without a word.
 - ROUTER_HANDOVER where peers reconnect with a fixed identity (agents): otherwise the new connection is refused.
+  Agents' identities are per process (protocol.agent_identity), so a handover only gives a reconnecting agent its
+  own connection back; a second process with the same agent id has another identity and is refused by the broker.
 - MAXMSGSIZE: a peer that sends a larger frame is disconnected before we spend memory on it.
 - Explicit high-water marks (never 0 = unbounded) and a short LINGER, so closing never hangs.
 - TCP keepalive, and reconnect backoff from `reconnect_initial` doubling to `reconnect_max`, jittered so that a
@@ -62,6 +64,7 @@ def make_socket(
     identity: bytes | None = None,
     max_bytes: int = MAX_MESSAGE_BYTES,
     hwm: int = SOCKET_HWM,
+    sndhwm: int | None = None,
     handover: bool = False,
     subscribe: bytes | None = None,
     timings: Timings | None = None,
@@ -72,13 +75,14 @@ def make_socket(
 ) -> zmq.Socket:
     """A configured socket, bound or connected. Exactly one of bind/connect. `heartbeat` (interval, timeout in
     seconds): ZMTP pings, so a connection whose peer went silent is closed within `timeout`. `before_connect(sock)`
-    runs just before the bind or connect (e.g. to attach a socket monitor that must see the first handshake)."""
+    runs just before the bind or connect (e.g. to attach a socket monitor that must see the first handshake).
+    `sndhwm`: a send high-water mark other than `hwm` (the broker's clients ROUTER: a few replies per client)."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind or connect")
     timings = timings or Timings()
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger)
-    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.SNDHWM, hwm if sndhwm is None else sndhwm)  # per peer pipe, in messages
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.demo_models import SLOW_CONFIG, Slow  # noqa: F401  (re-exported for the tests)
+from cluster.demo_models import BIG_CONFIG, SLOW_CONFIG, Big, Slow  # noqa: F401  (re-exported for the tests)
 from cluster.repository import publish_version
 
 
@@ -16,6 +16,15 @@ def publish_slow(share: Path) -> int:
     torch.jit.script(Slow()).save(str(path))
     try:
         return publish_version(share, "slow", path, SLOW_CONFIG)
+    finally:
+        path.unlink()
+
+
+def publish_big(share: Path) -> int:
+    path = Path(share) / "big.pt"
+    torch.jit.script(Big()).save(str(path))
+    try:
+        return publish_version(share, "big", path, BIG_CONFIG)
     finally:
         path.unlink()
 

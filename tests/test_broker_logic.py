@@ -15,6 +15,7 @@ from cluster.broker import Broker, Dispatcher, Send
 from cluster.broker.agents import UnknownModel
 from cluster.broker.routing import RoundRobin
 from cluster.config import Addresses, Timings
+from cluster.manager.registry import Registry
 from cluster.protocol import (
     PREAMBLE,
     REQUEST_ROUTE,
@@ -22,6 +23,7 @@ from cluster.protocol import (
     Command,
     ErrorCode,
     Heartbeat,
+    agent_identity,
     error_header,
     pack,
     unpack_header,
@@ -121,6 +123,8 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
         "agents_lost": 0,
         "cancelled": 0,
         "shed": 0,
+        "client_refused": 0,
+        "client_replies_dropped": 0,
         "agents": 2,
         "in_flight": 5,
         "queued": 1,
@@ -316,6 +320,126 @@ def test_unknown_agents_are_asked_to_register():
     assert ready(d, "bad", capacity=0) == [] and d.agents.get(b"bad") is None
 
 
+# ---- one live agent per id (issue 11, point 4) -------------------------------------------------------------------
+
+
+def ready_as(d: Dispatcher, agent: str, instance: str, now: float = T, pid: int = 100, **kw) -> list[Send]:
+    """READY from the process `instance` of agent `agent`, on its own connection ("<agent>/<instance>")."""
+    identity = agent_identity(agent, instance)
+    header = pack(beat(agent, pid=pid, instance=instance, host="h", **kw).to_wire())
+    return d.agent_message(Command.READY, [identity, PREAMBLE[Command.READY], header], now)
+
+
+def refusals(out: list[Send]) -> list[tuple[bytes, str, str]]:
+    """(peer, code, message) of each ERROR to an agent in `out`."""
+    return [
+        (s.peer, unpack_header(s.frames[2])["code"], unpack_header(s.frames[2])["message"])
+        for s in out
+        if s.to_agent and s.command == Command.ERROR
+    ]
+
+
+def test_a_second_process_with_a_live_agents_id_is_refused_and_the_first_keeps_serving():
+    d = dispatcher()
+    assert ready_as(d, "a1", "first", capacity=1) == []
+    first = d.agents.get_by_id("a1")
+    ((_, route),) = sent_to_agents(request(d, 0))
+    out = ready_as(d, "a1", "second", pid=200, capacity=4)
+    ((peer, code, text),) = refusals(out)
+    assert peer == b"a1/second" and code == "AGENT_ID_IN_USE"
+    assert "agent id 'a1' is already in use by a live agent (host h, pid 100, instance first" in text
+    assert "refusing this agent (host h, pid 200, instance second)" in text and "--id" in text
+    # The live one is probed (a HEARTBEAT: if its connection were gone the send would fail and drop it) ...
+    assert [(s.peer, s.command) for s in out if s.command != Command.ERROR] == [(b"a1/first", Command.HEARTBEAT)]
+    # ... and keeps its id, its request, its capacity; the newcomer is not routed anything.
+    assert d.agents.get_by_id("a1") is first and len(d.agents) == 1 and d.agents.get(b"a1/second") is None
+    assert first.capacity == 1 and route in first.in_flight and d.stats["agents_lost"] == 0
+    # Its answers keep being credited to it, and the newcomer's beats are answered "send READY" (refused again).
+    assert [s.frames[0] for s in answer(d, "a1/first", route)] == [b"client"]
+    assert [s.command for s in heartbeat(d, "a1/second", T + 1)] == [Command.DISCONNECT]
+    assert [agent for agent, _ in sent_to_agents(request(d, 1))] == ["a1/first"]
+
+
+def test_a_refused_id_is_free_again_once_the_live_agent_leaves_or_expires():
+    d = dispatcher()
+    ready_as(d, "a1", "first")
+    assert refusals(ready_as(d, "a1", "second"))
+    d.agent_message(Command.DISCONNECT, [b"a1/first", PREAMBLE[Command.DISCONNECT], pack({})], T)
+    assert ready_as(d, "a1", "second") == [] and d.agents.get_by_id("a1").identity == b"a1/second"
+    # Expiry: a crashed predecessor (no DISCONNECT) holds its id until it is silent for one expiry.
+    ready_as(d, "a2", "old", now=T)
+    assert refusals(ready_as(d, "a2", "new", now=T + 2.0))
+    d.agent_message(Command.HEARTBEAT, [b"a1/second", PREAMBLE[Command.HEARTBEAT], pack(beat("a1").to_wire())], T + 3.5)
+    d.tick(T + 3.5)  # a2/old silent for 3.5 s > expiry 3 s
+    assert d.agents.get_by_id("a2") is None
+    assert ready_as(d, "a2", "new", now=T + 3.6) == [] and d.agents.get_by_id("a2").identity == b"a2/new"
+
+
+def test_a_failed_probe_of_the_live_agent_lets_the_restarted_one_in_at_its_next_ready():
+    """kill -9 and start again: the old connection is gone, so the probe fails (EHOSTUNREACH) and the old agent
+    is removed at once (its requests re-dispatched); the newcomer's next READY (one interval later) gets in."""
+    d = dispatcher()
+    ready_as(d, "a1", "old", capacity=1)
+    ready(d, "a2", capacity=1)
+    ((agent, route),) = sent_to_agents(request(d, 0))
+    assert agent == "a1/old"
+    out = ready_as(d, "a1", "new")
+    probe = [s.frames for s in out if s.command == Command.HEARTBEAT]
+    assert probe == [[b"a1/old", PREAMBLE[Command.HEARTBEAT], pack({})]]
+    assert sent_to_agents(d.send_failed(probe, OSError(errno.EHOSTUNREACH, "Host unreachable"))) == [("a2", route)]
+    assert ready_as(d, "a1", "new", now=T + 1) == [] and d.agents.get_by_id("a1").identity == b"a1/new"
+
+
+def test_the_same_process_registering_again_is_not_a_duplicate():
+    d = dispatcher()
+    ready_as(d, "a1", "one", capacity=1)
+    ((_, route),) = sent_to_agents(request(d, 0))
+    entry = d.agents.get_by_id("a1")
+    assert ready_as(d, "a1", "one", capacity=3, now=T + 1) == []  # it thought the broker was gone
+    assert d.agents.get_by_id("a1") is entry and entry.capacity == 3 and route in entry.in_flight
+
+
+def test_a_take_over_of_a_live_identity_drops_neither_silently():
+    """Another process presenting a live agent's own identity (ROUTER_HANDOVER gives it the connection): the
+    newcomer is refused on that connection, the first agent's requests go elsewhere (its link is gone), and the id
+    is held for the first one's instance while it reconnects: a newcomer cannot take it meanwhile."""
+    d = dispatcher()
+    ready_as(d, "a1", "first", capacity=1)
+    ready(d, "a2", capacity=1)
+    ((agent, route),) = sent_to_agents(request(d, 0))
+    assert agent == "a1/first"
+    header = pack(beat("a1", pid=666, instance="thief", host="h").to_wire())
+    out = d.agent_message(Command.READY, [b"a1/first", PREAMBLE[Command.READY], header], T)
+    ((peer, code, text),) = refusals(out)
+    assert peer == b"a1/first" and code == "AGENT_ID_IN_USE" and "took over" in text
+    assert sent_to_agents(out) == [("a2", route)] and d.agents.get_by_id("a1") is None
+    assert refusals(ready_as(d, "a1", "thief", now=T + 1))
+    assert refusals(ready_as(d, "a1", "third", now=T + 1))
+    assert ready_as(d, "a1", "first", now=T + 2) == [] and d.agents.get_by_id("a1").identity == b"a1/first"
+
+
+def test_an_agent_dead_word_for_another_instance_leaves_the_live_one():
+    d = dispatcher()
+    ready_as(d, "a1", "new")
+    assert d.agent_declared_dead("a1", "old") == [] and d.agents.get_by_id("a1") is not None
+    d.agent_declared_dead("a1", "new")
+    assert d.agents.get_by_id("a1") is None
+
+
+def test_manager_registry_keeps_the_live_instance_of_an_id():
+    registry = Registry(expiry=3.0)
+    first = Heartbeat("a1", 4, [{"name": "m", "version": 1}], pid=1, instance="first")
+    second = Heartbeat("a1", 4, [{"name": "n", "version": 1}], pid=2, instance="second")
+    assert registry.observe(first, now=0.0)[0]["event"] == "agent_joined"
+    assert registry.observe(second, now=1.0) == []
+    assert registry.agents["a1"].beat is first and registry.describe_models() == {
+        "m": {"versions": [1], "agents": ["a1"]}
+    }
+    registry.observe(first, now=2.0)
+    assert registry.expire(now=5.5)[0] == {"event": "agent_dead", "agent": "a1", "instance": "first", "silent_for": 3.5}
+    assert registry.observe(second, now=5.6)[0]["event"] == "agent_joined"  # a restart: in after one expiry
+
+
 def test_manager_declaring_an_agent_dead_removes_it():
     d = dispatcher()
     ready(d, "a1")
@@ -467,3 +591,60 @@ def test_broker_deliver_hands_a_failed_send_back_to_the_dispatcher():
         a2.close()
         broker.close()
         ctx.term()
+
+
+# ---- clients that do not read their replies (issue 11, point 3) ------------------------------------------------------
+
+
+def test_a_client_gets_overloaded_past_its_requests_in_flight_and_when_congested():
+    d = dispatcher(client_max_in_flight=2)
+    ready(d, "a1", capacity=1)
+    assert len(sent_to_agents(request(d, 0))) == 1 and request(d, 1) == []  # one at the agent, one queued
+    ((rid, code, text),) = client_errors(request(d, 2))
+    assert (rid, code) == (2, "OVERLOADED") and "this client has 2 requests in flight" in text
+    assert sent_to_agents(request(d, 0, client=b"other")) == [] and d.pending_count == 2  # others are not bound
+    route = next(iter(d.agents.get(b"a1").in_flight))
+    answer(d, "a1", route)  # request 0 answered: client is back under its bound
+    assert client_errors(request(d, 3)) == [] and d.client_load == {b"client": 2, b"other": 1}
+    out = d.client_request(b"slow", 5, "m", None, 30.0, HEADER, [TENSOR], T, congested=True)
+    ((_, code, text),) = client_errors(out)
+    assert code == "OVERLOADED" and "not reading its replies" in text
+    assert d.stats["client_refused"] == 2
+
+
+def test_dropping_a_client_cancels_its_queued_and_running_requests():
+    d = dispatcher()
+    ready(d, "a1", capacity=1)
+    ((_, route),) = sent_to_agents(request(d, 0))
+    request(d, 1)
+    request(d, 2, client=b"other")
+    out = d.drop_client(b"client", T)
+    assert [(s.peer, s.command, s.frames[2]) for s in out] == [(b"a1", Command.CANCEL, route)]
+    assert d.pending_count == 1 and d.client_load == {b"other": 1} and d.stats["cancelled"] == 2
+
+
+def test_client_outbox_holds_within_the_budget_and_sends_in_order_as_the_pipe_drains():
+    from cluster.broker.outbox import ClientOutbox
+
+    box = ClientOutbox(budget=100)
+    assert not box.congested(b"c")
+    assert box.hold(b"c", [b"c", b"x" * 40]) and box.hold(b"c", [b"c", b"y" * 40])
+    assert not box.hold(b"c", [b"c", b"z" * 40]) and b"c" in box.over_budget  # 123 > 100: dropped
+    assert box.congested(b"c") and box.held_bytes[b"c"] == 82
+    sent, room = [], [1]
+
+    def send(frames):
+        if not room[0]:
+            raise zmq.Again()
+        room[0] -= 1
+        sent.append(frames[1][:1])
+
+    assert box.flush(send) == ([], []) and sent == [b"x"] and box.held_bytes[b"c"] == 41
+    room[0] = 5
+    assert box.flush(send) == ([b"c"], []) and sent == [b"x", b"y"] and not box.congested(b"c")
+    box.hold(b"gone", [b"gone", b"q"])
+
+    def unreachable(frames):
+        raise zmq.ZMQError(errno.EHOSTUNREACH)
+
+    assert box.flush(unreachable) == ([], [b"gone"]) and box.held == {} and box.total_bytes == 0

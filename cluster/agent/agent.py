@@ -13,6 +13,14 @@ agent back without an agent restart.
 
 With a key (`key`, an agent member's key file): its three bus sockets connect with CURVE, presenting that key; the
 broker and the manager then accept its READY and heartbeats (role agent), and bind its id to that key.
+
+One agent id, one live process: each agent draws a random instance token at start and connects to the broker as
+"<id>/<instance>" (protocol.agent_identity). If another live process already holds the id, the broker answers READY
+with ERROR AGENT_ID_IN_USE: the agent logs it as an error, stops beating to the manager, and tries again each
+interval for `duplicate_grace` seconds (a restarted agent whose predecessor crashed gets in once the broker has
+dropped the predecessor); still refused then, it stops with `exit_code` EXIT_AGENT_ID_IN_USE (`cluster agent` exits
+with it). An agent whose broker stays silent for two expiries also opens a fresh connection, so a link the broker no
+longer reads (taken over, half-open) cannot keep it out for good.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ log = logging.getLogger("cluster.agent")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
 _instance_ids = itertools.count()
+EXIT_AGENT_ID_IN_USE = 3  # `cluster agent`'s exit status when the broker keeps refusing its id (another has it)
 
 
 def default_agent_id() -> str:
@@ -84,8 +93,13 @@ class Agent:
         self.addresses = addresses or Addresses()
         self.timings = timings or Timings()
         self.agent_id = agent_id or default_agent_id()
-        if not 0 < len(self.agent_id.encode()) <= 255:
-            raise ValueError("agent id must be 1 to 255 bytes")
+        if not 0 < len(self.agent_id.encode()) <= protocol.MAX_AGENT_ID_BYTES:
+            raise ValueError(f"agent id must be 1 to {protocol.MAX_AGENT_ID_BYTES} bytes")
+        self.instance = protocol.agent_instance()  # this process's token: tells it from another with the same id
+        self.identity = protocol.agent_identity(self.agent_id, self.instance)
+        self.exit_code = 0
+        self._refused_since: float | None = None  # the broker refuses our id (AGENT_ID_IN_USE) since then
+        self.duplicate_grace = self.timings.expiry + 2 * self.timings.heartbeat_interval
         self.capacity = capacity
         self.device = device
         self.model_names = model_names
@@ -209,6 +223,7 @@ class Agent:
             draining=self.draining,
             uptime=round(time.monotonic() - self._started_mono, 3),
             started=self.started,
+            instance=self.instance,
             serving_since=self.serving_since,  # wall time the agent connected, models loaded
             interval=self.timings.heartbeat_interval,
             serves_only=self.model_names,  # None: every deployed model
@@ -238,14 +253,8 @@ class Agent:
             timings=self.timings,
             curve=curve,
         )
-        self.broker = make_socket(
-            self.ctx,
-            zmq.DEALER,
-            connect=self.addresses.broker_agents,
-            identity=self.agent_id.encode(),
-            timings=self.timings,
-            curve=curve,
-        )
+        self._curve = curve
+        self.broker = self.connect_broker()
         self.beats = make_socket(
             self.ctx,
             zmq.XPUB,
@@ -259,7 +268,7 @@ class Agent:
             zmq.XPUB_VERBOSE, 1
         )  # hear every subscription, so a restarted manager gets a beat at once
         self.serving_since = time.time()
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         for sock in (self.broker, self.results, self.beats, self.loads, self.events):
             poller.register(sock, zmq.POLLIN)
         interval = self.timings.heartbeat_interval
@@ -278,6 +287,8 @@ class Agent:
         )
         try:
             while True:
+                if self.exit_code:
+                    break  # refused by the broker: nothing was ever routed here
                 if self._stop.is_set() and drain_deadline is None:
                     drain_deadline = time.monotonic() + drain_timeout
                     self.draining = True
@@ -319,6 +330,24 @@ class Agent:
         if self._own_ctx:
             self.ctx.term()
 
+    def connect_broker(self) -> zmq.Socket:
+        return make_socket(
+            self.ctx,
+            zmq.DEALER,
+            connect=self.addresses.broker_agents,
+            identity=self.identity,
+            timings=self.timings,
+            curve=self._curve,
+        )
+
+    def reconnect_broker(self) -> None:
+        """A fresh connection to the broker (same identity): the old one may be a link the broker no longer reads
+        (handed over, or half-open after a network blip), where READY would wait forever."""
+        self._poller.unregister(self.broker)
+        self.broker.close(linger=0)
+        self.broker = self.connect_broker()
+        self._poller.register(self.broker, zmq.POLLIN)
+
     def register(self) -> None:
         """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
         ready = self.status().to_wire()
@@ -336,7 +365,8 @@ class Agent:
         status = self.status().to_wire()
         beat = message(Command.HEARTBEAT, status)
         try:
-            self.beats.send_multipart(beat, zmq.NOBLOCK)
+            if self._refused_since is None:  # refused (another process has our id): the manager keeps the live one
+                self.beats.send_multipart(beat, zmq.NOBLOCK)
         except zmq.Again:
             pass  # PUB semantics: a missed beat is tolerated by the manager
         # A model loaded since READY (a deploy of a new model or version): its metadata rides on the broker's beat.
@@ -353,7 +383,10 @@ class Agent:
         """The broker has been silent too long: send READY again, backing off (with jitter) while it stays silent."""
         if now - self._broker_heard <= self.timings.expiry or now < self._next_ready:
             return
-        log.warning("agent %s: broker silent for %.1f s; registering again", self.agent_id, now - self._broker_heard)
+        silent = now - self._broker_heard
+        log.warning("agent %s: broker silent for %.1f s; registering again", self.agent_id, silent)
+        if silent > 2 * self.timings.expiry:
+            self.reconnect_broker()
         self.register()
         self._next_ready = now + self._ready_backoff * random.uniform(0.8, 1.2)
         self._ready_backoff = min(self._ready_backoff * 2, self.timings.reconnect_max)
@@ -405,6 +438,8 @@ class Agent:
             except (ProtocolError, IndexError) as exc:
                 bad_input.warning("agent %s: bad message from the broker dropped: %s", self.agent_id, exc)
                 continue
+            if cmd in (Command.REQUEST, Command.HEARTBEAT):
+                self._refused_since = None  # the broker routes to us and beats us: we are registered
             if cmd == Command.REQUEST:
                 self.accept_request(frames)
             elif cmd == Command.CANCEL:
@@ -412,8 +447,42 @@ class Agent:
             elif cmd == Command.DISCONNECT:
                 log.info("agent %s: broker asked us to register again", self.agent_id)
                 self.register()
+            elif cmd == Command.ERROR:
+                self.broker_error(frames)
             elif cmd != Command.HEARTBEAT:
                 bad_input.warning("agent %s: unexpected %s from the broker dropped", self.agent_id, cmd.name)
+
+    def broker_error(self, frames: list) -> None:
+        """The broker's ERROR to us (not about a request): AGENT_ID_IN_USE refuses our READY, another live process
+        has our id. Logged as an error each time; past the grace period, the agent stops with a non-zero status."""
+        try:
+            header = protocol.unpack_header(frames[1]) if len(frames) == 2 else {}
+        except ProtocolError:
+            header = {}
+        if header.get("code") != ErrorCode.AGENT_ID_IN_USE.value:
+            bad_input.warning("agent %s: unexpected ERROR from the broker dropped", self.agent_id)
+            return
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+        text = str(header.get("message"))[:1000]
+        if now - self._refused_since >= self.duplicate_grace:
+            log.error(
+                "agent %s: the broker refused this agent for %.1f s: %s; exiting (status %d)",
+                self.agent_id,
+                now - self._refused_since,
+                text,
+                EXIT_AGENT_ID_IN_USE,
+            )
+            self.exit_code = EXIT_AGENT_ID_IN_USE
+            self._stop.set()
+        else:
+            log.error(
+                "agent %s: the broker refused this agent (AGENT_ID_IN_USE): %s; trying again for %.1f s more",
+                self.agent_id,
+                text,
+                self.duplicate_grace - (now - self._refused_since),
+            )
 
     def accept_request(self, frames: list) -> None:
         """Validate a REQUEST and queue it for a worker; answer ERROR at once if it cannot be served."""

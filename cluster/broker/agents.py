@@ -1,9 +1,11 @@
 """The broker's table of live agents, without any I/O: who is connected, what each serves, and who can take a request.
 
-An agent is keyed by its ROUTER identity (its agent id, encoded). The table keeps an index model -> agents that
-serve it, in arrival order (a routing policy's candidates), remembers every model any agent ever served (so an
-unroutable request can be told NO_AGENT rather than MODEL_NOT_FOUND) and the inputs/outputs agents announced in READY
-(the `model` query). It never decides what to do with requests; the Dispatcher does, and calls it.
+An agent is keyed by its ROUTER identity ("<agent id>/<instance>", one per agent process: protocol.agent_identity),
+and indexed by its agent id too, which at most one live agent holds (the Dispatcher refuses a second). The table
+keeps an index model -> agents that serve it, in arrival order (a routing policy's candidates), remembers every
+model any agent ever served (so an unroutable request can be told NO_AGENT rather than MODEL_NOT_FOUND) and the
+inputs/outputs agents announced in READY (the `model` query). It never decides what to do with requests; the
+Dispatcher does, and calls it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class AgentTable:
     def __init__(self, expiry: float) -> None:
         self.expiry = expiry  # seconds of silence after which an agent counts as dead
         self.agents: dict[bytes, AgentEntry] = {}  # identity -> agent
+        self.by_id: dict[str, AgentEntry] = {}  # agent id -> the live agent that holds it
         self.serving: dict[str, list[AgentEntry]] = {}  # model -> agents that have it, in arrival order
         self.known_models: set[str] = set()  # every model any agent ever served: "no agent" vs "not found"
         self.metadata: dict[tuple[str, int], dict] = {}  # (model, version) -> inputs/outputs, from agents' READY
@@ -61,6 +64,9 @@ class AgentTable:
 
     def get(self, identity: bytes) -> AgentEntry | None:
         return self.agents.get(identity)
+
+    def get_by_id(self, agent_id: str) -> AgentEntry | None:
+        return self.by_id.get(agent_id)
 
     def __len__(self) -> int:
         return len(self.agents)
@@ -70,8 +76,11 @@ class AgentTable:
     @staticmethod
     def same_process(agent: AgentEntry, beat: Heartbeat) -> bool:
         """Whether `beat` comes from the process already registered (it said READY again because it thought the
-        broker was gone), rather than from a restarted agent with the same id."""
-        return (agent.beat.pid, agent.beat.started) == (beat.pid, beat.started)
+        broker was gone), rather than from a restarted agent, or another process, with the same id: the instance
+        token each agent process draws at random, where both carry one; else pid and start time."""
+        if agent.beat.instance is not None and beat.instance is not None:
+            return agent.beat.instance == beat.instance
+        return (agent.beat.pid, agent.beat.started, agent.beat.instance) == (beat.pid, beat.started, beat.instance)
 
     def add(self, identity: bytes, beat: Heartbeat, now: float, key: str | None = None) -> AgentEntry:
         """A new agent (the caller has removed any earlier one with this identity); `key`: the key it registered
@@ -79,6 +88,7 @@ class AgentTable:
         models = beat.served_versions()
         agent = AgentEntry(beat.agent, identity, beat.capacity, models, beat, now, key=key)
         self.agents[identity] = agent
+        self.by_id[beat.agent] = agent
         self._index(agent)
         log.info("agent %s ready: capacity %d, models %s", beat.agent, beat.capacity, _models_text(models))
         return agent
@@ -101,6 +111,8 @@ class AgentTable:
         if self.agents.get(agent.identity) is not agent:
             return None
         del self.agents[agent.identity]
+        if self.by_id.get(agent.agent_id) is agent:
+            del self.by_id[agent.agent_id]
         self._unindex(agent)
         orphans = list(agent.in_flight.values())
         agent.in_flight.clear()

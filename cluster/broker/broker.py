@@ -13,6 +13,12 @@ the Dispatcher (role agent, and the key an agent registered with). The agents' R
 identity over to a newcomer (libzmq ignores a second connection with an identity in use, so the real agent keeps its
 pipe); ZMTP heartbeats close a dead agent's connection within one expiry, so a restarted agent gets its id back.
 
+Agent identities are per process ("<agent id>/<random instance>", protocol.agent_identity), so ROUTER_HANDOVER (keys
+off) only ever hands a connection back to the process that owned it, reconnecting after a network blip while the
+broker still holds its old, half-dead link. Two processes started with the same --id hold two connections; the
+Dispatcher accepts the first and answers the second's READY with ERROR AGENT_ID_IN_USE (it logs it and exits), so
+a mistaken duplicate can neither take the first one's traffic nor orphan it.
+
 Liveness is the broker's, for routing (the Majordomo way). It hears every agent directly, on the agents' DEALER
 link: any message from a registered agent (READY, HEARTBEAT, REPLY, ERROR) proves it alive, on the broker's own
 clock, and an agent silent for `timings.expiry` seconds is removed, as is one that says DISCONNECT or that a send
@@ -25,6 +31,8 @@ decides liveness for the control plane only (rollouts, `cluster models`), never 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import threading
 import time
@@ -35,8 +43,9 @@ from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
 from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
+from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import RoutingPolicy, make_policy
-from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, pack, require
 from cluster.sockets import drain, make_socket
@@ -46,6 +55,21 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 
 MAX_REQUEST_TIMEOUT = 24 * 3600.0
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
+TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0), or None elsewhere: freed heap memory goes back to the OS. Needed here because
+    replies freed in bulk (a client's pipe, when it leaves) stay in glibc's arenas otherwise, and RSS stays high."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+malloc_trim = _malloc_trim()
 
 
 class Broker:
@@ -70,6 +94,7 @@ class Broker:
             self.ctx,
             zmq.ROUTER,
             bind=self.addresses.broker_clients,
+            sndhwm=CLIENT_SNDHWM,  # a few replies per client in ZeroMQ's pipe; beyond, the outbox's byte budget
             timings=self.timings,
             curve=security.server("clients") if secured else None,
         )
@@ -93,6 +118,8 @@ class Broker:
         )
         self.allow = security.allow if secured else None
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
+        self.outbox = ClientOutbox(self.timings.client_reply_budget)
+        self._trims: list[float] = []  # when to call malloc_trim next
         self._stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
@@ -121,12 +148,18 @@ class Broker:
                     drain(self.clients, self.process_client, DRAIN_BATCH, log)
                 if self.events in ready:
                     drain(self.events, self.process_event, DRAIN_BATCH, log)
+                if self.outbox.held:
+                    self.flush_outbox()
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick
                     if self.allow is not None:
                         self.allow.refresh(now)  # an add or revoke takes effect within about a second
                     self.deliver(self.dispatcher.tick(now))
+                    if self._trims and now >= self._trims[0]:
+                        self._trims.pop(0)
+                        if malloc_trim is not None:
+                            malloc_trim(0)
                     if now >= next_beat:
                         next_beat = now + self.timings.heartbeat_interval
                         self.deliver(self.dispatcher.heartbeats())
@@ -145,25 +178,71 @@ class Broker:
             self.ctx.term()
 
     def deliver(self, outbox: list[Send]) -> None:
-        """Send what the dispatcher asked for, in order. A client that is gone (EHOSTUNREACH) or not reading (EAGAIN)
-        loses its answer. An agent that a send fails to reach is gone: what was still to go to it is held back and
-        handed to the dispatcher, whose answer (where those requests go instead) is sent too."""
+        """Send what the dispatcher asked for, in order. A client's reply goes through `send_to_client` (its pipe,
+        else the outbox within its byte budget; a client that is gone loses it). An agent that a send fails to reach
+        is gone: what was still to go to it is held back and handed to the dispatcher, whose answer (where those
+        requests go instead) is sent too."""
         i = 0
         while i < len(outbox):
             to_agent, frames = outbox[i]
             i += 1
+            if not to_agent:
+                self.send_to_client(frames)
+                continue
             try:
-                (self.agents_sock if to_agent else self.clients).send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self.agents_sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
-                if not to_agent:
-                    log.debug("reply to client %s dropped: %s", frames[0].hex(), exc)
-                    continue
                 peer = frames[0]
                 rest = outbox[i:]
                 del outbox[i:]
                 outbox.extend(s for s in rest if not (s.to_agent and s.frames[0] == peer))
                 unsent = [frames] + [s.frames for s in rest if s.to_agent and s.frames[0] == peer]
                 outbox.extend(self.dispatcher.send_failed(unsent, exc))
+
+    def send_to_client(self, frames: list) -> None:
+        """A reply (or error) for a client: into its ZeroMQ pipe if it has room and nothing is held for it, else
+        held in the outbox (in order) within its byte budget. Past the budget the reply is dropped, and the first
+        time, the client's requests are cancelled (it does not read). A client that is gone loses it."""
+        client = frames[0]
+        if not self.outbox.congested(client):
+            try:
+                self.clients.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass  # its pipe is full (CLIENT_SNDHWM replies it has not read): hold it
+            except zmq.ZMQError as exc:
+                log.debug("reply to client %s dropped: %s", client.hex(), exc)
+                if exc.errno == errno.EHOSTUNREACH:
+                    self.client_gone(client)
+                return
+        was_over = client in self.outbox.over_budget
+        if self.outbox.hold(client, frames) or was_over:
+            return
+        held = self.outbox.held_bytes.get(client, 0)
+        bad_input.warning(
+            "client %s does not read its replies (%.1f MiB held for it, its budget): dropping its replies and "
+            "cancelling its requests",
+            client.hex(),
+            held / 2**20,
+        )
+        self.dispatcher.stats["client_replies_dropped"] += 1
+        self.deliver(self.dispatcher.drop_client(client, time.monotonic()))
+
+    def flush_outbox(self) -> None:
+        """Send held replies as clients' pipes take them; forget clients found gone."""
+        _, gone = self.outbox.flush(lambda frames: self.clients.send_multipart(frames, zmq.NOBLOCK, copy=False))
+        for client in gone:
+            self.client_gone(client)
+
+    def client_gone(self, client: bytes) -> None:
+        """A send found the client gone (EHOSTUNREACH): forget what was held for it, cancel what it still has here,
+        and give the memory back to the OS soon (libzmq frees its pipe as the connection closes)."""
+        held = self.outbox.held_bytes.get(client, 0)
+        self.outbox.forget(client)
+        self.deliver(self.dispatcher.drop_client(client, time.monotonic()))
+        if held or not self._trims:
+            now = time.monotonic()
+            self._trims = [now + delay for delay in TRIM_AFTER_S]
 
     def send_client_error(self, client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None):
         self.deliver([client_error(client, request_id, code, text, model)])
@@ -210,7 +289,15 @@ class Broker:
             raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
         self.deliver(
             self.dispatcher.client_request(
-                client, request_id, model, version, timeout, header_frame, tensors, time.monotonic()
+                client,
+                request_id,
+                model,
+                version,
+                timeout,
+                header_frame,
+                tensors,
+                time.monotonic(),
+                congested=self.outbox.congested(client),
             )
         )
 
@@ -268,8 +355,9 @@ class Broker:
             header = protocol.unpack_header(frames[1])
             event = require(header, "event", str)
             agent_id = require(header, "agent", str, optional=True)
+            instance = require(header, "instance", str, optional=True)
         except ProtocolError as exc:
             bad_input.warning("bad event from the manager dropped: %s", exc)
             return
         if event == "agent_dead" and agent_id is not None:
-            self.deliver(self.dispatcher.agent_declared_dead(agent_id))
+            self.deliver(self.dispatcher.agent_declared_dead(agent_id, instance))

@@ -28,7 +28,11 @@ What it guarantees (the Majordomo broker's gaps, fixed):
 - with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
   bound to the key it registered with: READY for an identity registered with another key is refused (until that
   agent expires), and any other message for it from another key is dropped; READY must name the agent id it
-  connected with (its routing identity).
+  connected with (its routing identity);
+- one live agent per agent id: a READY naming an id that another live process holds (another connection, another
+  instance token or another key) is refused with ERROR AGENT_ID_IN_USE to the newcomer and an error in the log;
+  the live agent keeps serving and keeps its requests (it is probed, so a dead predecessor goes at once). The same
+  process registering again (same instance) is not a duplicate.
 """
 
 from __future__ import annotations
@@ -47,7 +51,16 @@ from cluster.broker.routing import RoutingPolicy
 from cluster.config import Timings
 from cluster.keys import AllowList
 from cluster.logs import BadInputLog
-from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, pack
+from cluster.protocol import (
+    PREAMBLE,
+    Command,
+    ErrorCode,
+    Heartbeat,
+    ProtocolError,
+    agent_identity,
+    error_header,
+    pack,
+)
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
@@ -142,10 +155,21 @@ class Dispatcher:
         self.pending_count = 0
         self.started = now
         self._routes = itertools.count(1)
-        self.stats = {"requests": 0, "redispatched": 0, "timeouts": 0, "agents_lost": 0, "cancelled": 0, "shed": 0}
+        self.stats = {
+            "requests": 0,
+            "redispatched": 0,
+            "timeouts": 0,
+            "agents_lost": 0,
+            "cancelled": 0,
+            "shed": 0,
+            "client_refused": 0,  # OVERLOADED for the client's own bounds: requests in flight, replies not read
+            "client_replies_dropped": 0,  # clients found past their reply budget (broker.py: their requests cancelled)
+        }
+        self.client_load: dict[bytes, int] = {}  # client -> its requests here (queued or at an agent)
         self.by_client: dict[tuple[bytes, Any], bytes] = {}  # (client identity, its id) -> route, for CANCEL
         self.rates: dict[str, ServiceRate] = {}  # model -> its measured service rate (load shedding)
         self.now = now  # the latest event's clock: what a request forwarded now has left, and has waited
+        self.reserved: dict[str, tuple[str | None, float]] = {}  # agent id -> (instance, until): see _refuse_duplicate
 
     def warming_up(self, now: float) -> bool:
         """Just started (or restarted): agents are still re-registering, so "no agent has it" is not known yet.
@@ -168,10 +192,24 @@ class Dispatcher:
         header_frame,
         tensors: list,
         now: float,
+        congested: bool = False,
     ) -> list[Send]:
-        """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served."""
+        """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served.
+        `congested`: the client is not reading its replies (the broker holds some for it): OVERLOADED, as is a
+        request past the client's bound on requests here (`client_max_in_flight`)."""
         out: list[Send] = []
         self.now = now
+        load = self.client_load.get(client, 0)
+        if congested or load >= self.timings.client_max_in_flight:
+            self.stats["client_refused"] += 1
+            text = (
+                "this client is not reading its replies (the broker holds replies it has not taken); read them, "
+                "then try again"
+                if congested
+                else f"this client has {load} requests in flight, the most one client may have; try again later"
+            )
+            out.append(client_error(client, request_id, ErrorCode.OVERLOADED, text, model, retry_after=1.0))
+            return out
         if not self.agents.candidates(model, version) and not self.warming_up(now):
             code, text = self.agents.why_unroutable(model, version)
             out.append(client_error(client, request_id, code, text, model))
@@ -182,6 +220,7 @@ class Dispatcher:
         )
         request.arrived = now
         self.requests[request.route] = request
+        self.client_load[client] = load + 1
         self.by_client[(client, request_id)] = request.route
         if not self._dispatch(request, out):
             self._queue_or_refuse(request, out)
@@ -250,10 +289,21 @@ class Dispatcher:
                     del self.pending[request.model]
         return out
 
-    def agent_declared_dead(self, agent_id: str) -> list[Send]:
-        """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness)."""
+    def drop_client(self, client: bytes, now: float) -> list[Send]:
+        """The client is gone, or does not read its replies past its budget: cancel every request it has here (out
+        of the queue; at an agent, a CANCEL), as if it had cancelled each itself."""
         out: list[Send] = []
-        agent = self.agents.get(agent_id.encode())
+        for owner, request_id in [k for k in self.by_client if k[0] == client]:
+            out.extend(self.client_cancel(owner, request_id, now))
+        return out
+
+    def agent_declared_dead(self, agent_id: str, instance: str | None = None) -> list[Send]:
+        """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness). When it names
+        the instance that died, a live agent of another instance with that id (a restart) is not touched."""
+        out: list[Send] = []
+        agent = self.agents.get_by_id(agent_id)
+        if agent is not None and instance is not None and agent.beat.instance not in (None, instance):
+            return out
         if agent is not None:
             self._remove(agent, "the manager declared it dead", out)
         return out
@@ -316,15 +366,33 @@ class Dispatcher:
         except ProtocolError as exc:
             bad_input.warning("bad READY from %r dropped: %s", identity, exc)
             return
-        if self.allow is not None and identity != beat.agent.encode():
+        if self.allow is not None and identity != agent_identity(beat.agent, beat.instance):
             refused.warning(
                 "READY from %r refused: it names agent %r (keys on: the two must match)", identity, beat.agent
             )
             return
-        old = self.agents.get(identity)
+        old = self.agents.get(identity)  # this connection's entry
+        live = self.agents.get_by_id(beat.agent)  # the live agent holding this id, whatever its connection
         if old is not None and old.key != key:
             refused.warning("READY for agent %s refused: it is registered with another key", old.agent_id)
             return
+        conflict = None
+        if live is not None and (live.key != key or not self.agents.same_process(live, beat)):
+            if live is not old:
+                conflict = "in use by another live agent"  # a second process started with the same --id
+            elif beat.instance is not None and live.beat.instance is not None:
+                # Another process presented this process's own routing identity, and ROUTER_HANDOVER gave it the
+                # connection: the first one's link is gone. Drop the first (its requests go elsewhere; it
+                # reconnects and registers again, see the agent's check_broker) and refuse the newcomer.
+                conflict = "taken over by another process presenting the live agent's identity"
+        if conflict is None and live is None:
+            reserved = self.reserved.get(beat.agent)
+            if reserved is not None and reserved[1] > now and reserved[0] != beat.instance:
+                conflict = "held for the agent whose connection was taken over, while it reconnects"
+        if conflict is not None:
+            self._refuse_duplicate(identity, beat, live, conflict, now, out)
+            return
+        self.reserved.pop(beat.agent, None)
         self.agents.remember_metadata(header.get("metadata"))
         if old is not None and self.agents.same_process(old, beat):
             self.agents.update(old, beat)  # the same process saying READY again (it thought we were gone)
@@ -332,8 +400,38 @@ class Dispatcher:
             return
         if old is not None:
             self._remove(old, "it registered again (restarted)", out)
+        if live is not None and live is not old:
+            self._remove(live, "the same process registered again on a new connection", out)
         agent = self.agents.add(identity, beat, now, key)
         self._dispatch_pending(agent.models, out)
+
+    def _refuse_duplicate(
+        self, identity: bytes, beat: Heartbeat, live: AgentEntry | None, why: str, now: float, out: list[Send]
+    ) -> None:
+        """READY for an agent id another live process holds: refused, with an ERROR AGENT_ID_IN_USE the newcomer
+        logs (it tries again for a grace period, then exits: a restarted agent whose predecessor died gets in once
+        the predecessor is gone). The live agent keeps its id, its requests and its credit. It is probed with a
+        HEARTBEAT: if its connection is gone (a crashed predecessor), the send fails and it is removed at once,
+        rather than at its expiry."""
+        who = f"host {beat.host}, pid {beat.pid}, instance {beat.instance}"
+        if live is not None and live.identity == identity:
+            self.reserved[beat.agent] = (live.beat.instance, now + 3 * self.timings.expiry)
+            self._remove(live, "its connection was taken over by another process presenting its identity", out)
+            holder = f"an agent whose connection this one took over ({why})"
+        elif live is not None:
+            out.append(Send(True, [live.identity, _HEARTBEAT, _EMPTY_HEADER]))
+            holder = (
+                f"a live agent (host {live.beat.host}, pid {live.beat.pid}, instance {live.beat.instance}, "
+                f"heard {now - live.last_seen:.1f} s ago)"
+            )
+        else:
+            holder = f"an agent ({why})"
+        text = (
+            f"agent id '{beat.agent}' is already in use by {holder}; refusing this agent ({who}). "
+            "Give every agent its own --id."
+        )
+        refused.error("READY from %r refused: %s", identity, text)
+        out.append(Send(True, [identity, _ERROR, pack(error_header(None, ErrorCode.AGENT_ID_IN_USE, text))]))
 
     def _heartbeat(self, agent: AgentEntry, header_frame, out: list[Send]) -> None:
         try:
@@ -485,7 +583,12 @@ class Dispatcher:
 
     def _forget(self, request: BrokerRequest) -> None:
         """The request is over for the broker (answered, failed or cancelled): out of both indexes."""
-        self.requests.pop(request.route, None)
+        if self.requests.pop(request.route, None) is not None:
+            load = self.client_load.get(request.client, 0) - 1
+            if load > 0:
+                self.client_load[request.client] = load
+            else:
+                self.client_load.pop(request.client, None)
         if self.by_client.get((request.client, request.request_id)) == request.route:
             del self.by_client[(request.client, request.request_id)]
 

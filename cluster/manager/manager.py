@@ -4,7 +4,8 @@ commands and rollouts decide is in deployments.py (`Deployments`), the registry 
 
 Sockets (all bound by the manager, so agents and the broker can start before or after it):
 - SUB  heartbeats: agents' PUB sockets connect here and publish a HEARTBEAT every interval;
-- PUB  events, two kinds: "agent_dead" {agent, silent_for} when the registry expires an agent (the broker reads it),
+- PUB  events, two kinds: "agent_dead" {agent, instance, silent_for} when the registry expires an agent (the broker
+  reads it),
   and "desired" {state} on every change, when an agent joins, and every heartbeat interval (the agents read it);
 - ROUTER queries: QUERY {what: agents | models | deployments | rollouts} answered with REPLY {result}, and the
   commands QUERY {what: deploy | rollback | undeploy, name, ...}, answered when the rollout is over. QUERY

@@ -11,10 +11,15 @@ on its clock; the `agent_dead` events returned here are published to it as a bac
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
+from cluster.logs import BadInputLog
 from cluster.protocol import Heartbeat, agent_view, models_view
+
+log = logging.getLogger("cluster.manager")
+duplicates = BadInputLog(log, per_second=2)
 
 
 @dataclass
@@ -42,6 +47,28 @@ class Registry:
         (the manager logs it and sends the newcomer the desired state; it is not published)."""
         agent_id = beat.agent
         record = self.agents.get(agent_id)
+        if (
+            record is not None
+            and record.beat.instance is not None
+            and beat.instance is not None
+            and record.beat.instance != beat.instance
+            and now - record.last_seen <= self.expiry
+        ):
+            # Another process beats with a live agent's id (started with the same --id): the broker refuses it
+            # and it exits; the first keeps its record. A restarted agent's beats count once its predecessor
+            # expires (one expiry at most).
+            duplicates.error(
+                "heartbeat for agent %s ignored: it comes from another process (host %s, pid %s, instance %s) than "
+                "the live one (host %s, pid %s, instance %s)",
+                agent_id,
+                beat.host,
+                beat.pid,
+                beat.instance,
+                record.beat.host,
+                record.beat.pid,
+                record.beat.instance,
+            )
+            return []
         if record is None:
             self.agents[agent_id] = AgentRecord(agent_id, beat, now, now, time.time(), key)
             return [{"event": "agent_joined", "agent": agent_id, "info": beat}]
@@ -54,7 +81,15 @@ class Registry:
         dead = [r for r in self.agents.values() if now - r.last_seen > self.expiry]
         for record in dead:
             del self.agents[record.agent_id]
-        return [{"event": "agent_dead", "agent": r.agent_id, "silent_for": round(now - r.last_seen, 3)} for r in dead]
+        return [
+            {
+                "event": "agent_dead",
+                "agent": r.agent_id,
+                "instance": r.beat.instance,
+                "silent_for": round(now - r.last_seen, 3),
+            }
+            for r in dead
+        ]
 
     def describe_agents(self, now: float) -> list[dict]:
         return [agent_view(r.beat, heartbeat_age=now - r.last_seen, joined=r.joined) for r in self.agents.values()]
