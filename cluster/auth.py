@@ -6,7 +6,9 @@ one ZAP authenticator thread (pyzmq's ThreadAuthenticator with a credentials cal
 decides at the handshake whether a key may connect to that socket at all:
 
     ZAP domain  sockets                                                   roles that may connect
-    clients     broker's client ROUTER, manager's query ROUTER             client, admin
+    clients     broker's client ROUTER, manager's query ROUTER             client, admin, server (the broker
+                                                                          reports to the manager which agents it
+                                                                          routes to)
     agents      broker's agent ROUTER, manager's heartbeat SUB             agent
     events      manager's event PUB (the broker and the agents subscribe)  agent, server
 
@@ -31,7 +33,7 @@ log = logging.getLogger("cluster.auth")
 
 CLIENT_ROLES = frozenset({"client", "admin"})
 DOMAINS: dict[str, frozenset[str]] = {
-    "clients": CLIENT_ROLES,
+    "clients": CLIENT_ROLES | {SERVER_ROLE},
     "agents": frozenset({"agent"}),
     "events": frozenset({"agent", SERVER_ROLE}),
 }
@@ -40,7 +42,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "infer": CLIENT_ROLES,  # REQUEST to the broker
     "query": CLIENT_ROLES,  # QUERY to the broker; agents / models / deployments at the manager
     "agent": frozenset({"agent"}),  # READY, HEARTBEAT, REPLY, ERROR, DISCONNECT to the broker; manager heartbeats
-    "deploy": frozenset({"admin"}),  # deploy, rollback, undeploy at the manager
+    "deploy": frozenset({"admin"}),  # deploy, rollback, undeploy, publish at the manager
+    "report": frozenset({SERVER_ROLE}),  # the broker telling the manager which agents it routes to
 }
 
 

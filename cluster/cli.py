@@ -147,6 +147,12 @@ def broker(
     clients: str = BrokerClients,
     agents: str = BrokerAgents,
     events: str = ManagerEvents,
+    manager_queries: str = typer.Option(
+        config.MANAGER_QUERY_ADDR,
+        "--manager-queries",
+        envvar="CLUSTER_MANAGER_QUERIES",
+        help="The manager's query address: the broker tells it which agents it routes to (for rollouts).",
+    ),
     policy: str = typer.Option(
         "round-robin", envvar="CLUSTER_POLICY", help="Routing policy: round-robin or least-outstanding."
     ),
@@ -170,7 +176,9 @@ def broker(
         heartbeat_interval=heartbeat_interval, liveness=liveness, max_queue_wait=max_queue_wait
     )
     component = Broker(
-        _addresses(broker_clients=clients, broker_agents=agents, manager_events=events),
+        _addresses(
+            broker_clients=clients, broker_agents=agents, manager_events=events, manager_queries=manager_queries
+        ),
         timings,
         policy,
         security=_security(key),
@@ -556,6 +564,8 @@ def _print_rollout(report: dict, what: str) -> None:
     for agent_id, outcome in report["agents"].items():
         table.add_row(agent_id, "[green]ok[/green]" if outcome == "ok" else f"[red]failed: {outcome}[/red]")
     Console().print(table)
+    for agent_id, why in (report.get("left_out") or {}).items():
+        typer.echo(f"not waited for: {agent_id} ({why})")
     if report.get("note"):
         typer.echo(report["note"])
     verdict = "done" if report["ok"] else "FAILED: every agent keeps serving the previous version"

@@ -214,3 +214,46 @@ def test_request_naming_a_version(three_agents):
     # A version no agent serves, of a model that is served: MODEL_NOT_FOUND naming the model and the version.
     with pytest.raises(ModelNotFoundError, match=r"model 'digits' version 7 is not served by any live agent"):
         client.infer("digits", {"image": np.zeros((1, 8, 8), np.float32)}, version=7)
+
+
+def test_a_heartbeat_from_nowhere_does_not_hold_a_rollout_up(cluster, digits_v2_file):
+    """Fake heartbeats put a 'ghost' agent in the manager's registry that the broker never saw: a rollout waits only
+    for the agents the broker routes to, finishes, and says it did not wait for the ghost."""
+    import zmq
+
+    from cluster.protocol import Command, Heartbeat, message
+
+    cluster.start_manager()
+    cluster.start_broker()
+    cluster.start_agents(2)
+    cluster.wait_for_agents(2, model="digits")
+    ghost = Heartbeat("ghost", 2, [{"name": "digits", "version": 1, "default": True}], pid=1, started=1.0)
+    stop = threading.Event()
+
+    def haunt():
+        ctx = zmq.Context.instance()
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(cluster.addresses.manager_heartbeats)
+        try:
+            while not stop.wait(0.2):
+                pub.send_multipart(message(Command.HEARTBEAT, ghost.to_wire()))
+        finally:
+            pub.close()
+
+    haunting = threading.Thread(target=haunt, daemon=True)
+    haunting.start()
+    try:
+        wait_for(lambda: any(a["id"] == "ghost" for a in cluster.manager_query("agents")), 10, "the ghost to be heard")
+        version = publish_version(cluster.share, "digits", digits_v2_file)
+        started = time.monotonic()
+        report = ManagerClient(cluster.addresses.manager_queries).call(
+            "deploy", timeout=60, name="digits", version=version, rollout_timeout=40
+        )
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        haunting.join(5)
+    assert report["ok"] and len(report["agents"]) == 2 and "ghost" not in report["agents"], report
+    assert report["left_out"] == {"ghost": "not connected to the broker"}, report
+    assert took < 30, f"the rollout took {took:.1f} s: it waited for the ghost"

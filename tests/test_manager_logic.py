@@ -92,6 +92,7 @@ def test_deploy_stages_on_every_agent_switches_when_all_staged_and_answers(tmp_p
                 "previous": 1,
                 "ok": True,
                 "agents": {"a": "ok", "b": "ok", "c": "ok"},
+                "left_out": {},
                 "seconds": 4.0,
             },
         )
@@ -144,7 +145,51 @@ def test_the_deadline_passing_aborts(tmp_path):
     actions = d.tick(5.1)
     assert actions.desired_changed and (d.desired.models["m"].version, d.desired.models["m"].staged) == (1, None)
     [(_, report)] = actions.answers
-    assert report["agents"] == {"a": "ok", "b": "ok", "c": "no answer before the deadline"} and not report["ok"]
+    assert report["agents"] == {"a": "ok", "b": "ok", "c": "not staged within 5 s"} and not report["ok"]
+
+
+def test_a_rollout_waits_only_for_agents_the_broker_routes_to(tmp_path):
+    """A heartbeat from nowhere (an agent id the broker never saw) must not hold a rollout up until its timeout."""
+    d = make(tmp_path, agents=("a", "b", "c", "ghost"))
+    d.broker_view = {"a", "b", "c"}
+    d.command("deploy", {"name": "m"}, REQUESTER, now=0.0)
+    assert d.rollouts["m"].expected == {"a", "b", "c"}
+    report = roll_out(d, "m", 2)
+    assert report["ok"] and sorted(report["agents"]) == ["a", "b", "c"]
+    assert report["left_out"] == {"ghost": "not connected to the broker"}
+
+    d = make(tmp_path / "again", agents=("a", "b", "c", "ghost"))  # the broker not answering: all agents heard
+    d.command("deploy", {"name": "m"}, REQUESTER, now=0.0)
+    assert d.rollouts["m"].expected == {"a", "b", "c", "ghost"}
+
+
+def test_each_agent_has_its_own_staging_deadline_and_joiners_are_waited_for(tmp_path):
+    d = make(tmp_path, agents=("a", "b"))
+    d.broker_view = {"a", "b"}
+    d.command("deploy", {"name": "m", "rollout_timeout": 5}, REQUESTER, now=0.0)
+    heartbeats(d, beat("late"), now=4.0)  # a new agent starts serving mid-rollout: it must stage v2 too
+    d.broker_view = {"a", "b", "late"}
+    assert d.tick(4.0).answers == [] and d.rollouts["m"].expected == {"a", "b", "late"}
+    heartbeats(d, beat("a", staged=[("m", 2)]), beat("b", staged=[("m", 2)]), now=4.5)
+    assert d.tick(5.5).answers == [] and d.rollouts["m"].phase == "staging", "switched without the joiner"
+    assert d.tick(9.0).answers == [], "the joiner's own deadline (4 + 5 s) has not passed"
+    actions = d.tick(9.1)
+    [(_, report)] = actions.answers
+    assert report["agents"] == {"a": "ok", "b": "ok", "late": "not staged within 5 s"} and not report["ok"]
+    assert (d.desired.models["m"].version, d.desired.models["m"].staged) == (1, None)
+
+
+def test_an_agent_leaving_the_broker_mid_rollout_is_not_waited_for(tmp_path):
+    d = make(tmp_path)
+    d.broker_view = {"a", "b", "c"}
+    d.command("deploy", {"name": "m"}, REQUESTER, now=0.0)
+    heartbeats(d, beat("a", staged=[("m", 2)]), beat("b", staged=[("m", 2)]), now=1.0)
+    d.broker_view = {"a", "b"}  # c still beats to the manager, but the broker dropped it (a cut link, say)
+    assert d.tick(1.0).desired_changed and d.rollouts["m"].phase == "switching"
+    heartbeats(d, beat("a", serves=[("m", 2)]), beat("b", serves=[("m", 2)]), now=2.0)
+    [(_, report)] = d.tick(2.0).answers
+    assert report["ok"] and report["agents"] == {"a": "ok", "b": "ok"}
+    assert report["left_out"] == {"c": "not connected to the broker"}
 
 
 def test_an_agent_dying_mid_rollout_no_longer_counts(tmp_path):

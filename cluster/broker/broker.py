@@ -47,7 +47,7 @@ from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, pack, require
+from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, message, pack, require
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.broker")
@@ -116,6 +116,17 @@ class Broker:
             timings=self.timings,
             curve=security.client() if secured else None,
         )
+        # Every heartbeat interval, which agents we route to goes to the manager's query socket (QUERY
+        # {what: broker_view}, no answer), so that its rollouts wait only for agents that serve.
+        self.manager = make_socket(
+            self.ctx,
+            zmq.DEALER,
+            connect=self.addresses.manager_queries,
+            hwm=4,  # the manager down: a few reports wait, the rest are dropped (a fresh one follows)
+            max_bytes=MAX_CONTROL_BYTES,
+            timings=self.timings,
+            curve=security.client() if secured else None,
+        )
         self.allow = security.allow if secured else None
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
         self.outbox = ClientOutbox(self.timings.client_reply_budget)
@@ -163,6 +174,7 @@ class Broker:
                     if now >= next_beat:
                         next_beat = now + self.timings.heartbeat_interval
                         self.deliver(self.dispatcher.heartbeats())
+                        self.report_to_manager()
         finally:
             self.close()
 
@@ -170,12 +182,20 @@ class Broker:
         self._stop.set()
 
     def close(self) -> None:
-        for sock in (self.clients, self.agents_sock, self.events):
+        for sock in (self.clients, self.agents_sock, self.events, self.manager):
             sock.close(linger=0)
         if self.security is not None:
             self.security.stop()
         if self._own_ctx:
             self.ctx.term()
+
+    def report_to_manager(self) -> None:
+        """The ids of the agents we route to (not draining), for the manager's rollouts."""
+        agents = sorted(a.agent_id for a in self.dispatcher.agents.agents.values() if not a.beat.draining)
+        try:
+            self.manager.send_multipart(message(Command.QUERY, {"what": "broker_view", "agents": agents}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the manager is down: its rollouts wait for every agent it hears until we reach it again
 
     def deliver(self, outbox: list[Send]) -> None:
         """Send what the dispatcher asked for, in order. A client's reply goes through `send_to_client` (its pipe,

@@ -52,13 +52,30 @@ class Rollout:
     model: str
     version: int
     previous: int | None
-    expected: set[str]  # live agents when it started
-    deadline: float
+    expected: set[str]  # the agents it waits for: serving (connected to the broker) when it started, or since
+    deadline: float  # the switch must be over by then (and staging, for agents that joined at the start)
     requester: tuple | None = None  # (peer identity, request id) to answer when done
     phase: str = "staging"  # staging -> switching -> done
     outcomes: dict[str, str] = field(default_factory=dict)  # agent -> "ok" or the reason it failed
     started: float = field(default_factory=time.monotonic)
     failed_at: float | None = None  # when the first agent reported a failure
+    timeout: float = DEFAULT_ROLLOUT_TIMEOUT  # seconds each agent has to stage, from when it joined the rollout
+    staging_deadlines: dict[str, float] = field(default_factory=dict)  # agent -> when its staging time is up
+    left_out: dict[str, str] = field(default_factory=dict)  # agents the manager hears but did not wait for: why
+
+    def join(self, agent: str, now: float) -> None:
+        """Wait for this agent too, with its own staging deadline (one that starts serving mid-rollout: it must
+        stage the new version too, so that every agent switches or none does)."""
+        self.expected.add(agent)
+        self.staging_deadlines[agent] = now + self.timeout
+        self.deadline = max(self.deadline, self.staging_deadlines[agent])
+        self.left_out.pop(agent, None)
+
+    def overdue(self, now: float) -> None:
+        """Staging: an agent past its own deadline without an outcome has failed (the rollout then aborts)."""
+        for agent in self.expected - set(self.outcomes):
+            if now > self.staging_deadlines.get(agent, self.deadline):
+                self.outcomes[agent] = f"not staged within {self.timeout:g} s"
 
     def observe(self, agent: str, beat: Heartbeat) -> None:
         """Update this agent's outcome from its heartbeat."""
@@ -74,11 +91,14 @@ class Rollout:
         elif self.phase == "switching" and _serves(beat, self.model, self.version, default_only=True):
             self.outcomes[agent] = "ok"
 
-    def agent_lost(self, agent: str) -> None:
-        """An agent died mid-rollout: it no longer counts (it loads the desired state when it comes back)."""
+    def agent_lost(self, agent: str, why: str = "lost during the rollout") -> None:
+        """An agent died (or left the broker) mid-rollout: it no longer counts (it loads the desired state when it
+        comes back)."""
         if agent in self.expected:
             self.expected.discard(agent)
             self.outcomes.pop(agent, None)
+            self.staging_deadlines.pop(agent, None)
+            self.left_out[agent] = why
 
     def complete(self) -> bool:
         return self.expected.issubset(self.outcomes)
@@ -96,7 +116,8 @@ class Rollout:
             "version": self.version,
             "previous": self.previous,
             "ok": all(r == "ok" for r in agents.values()),
-            "agents": agents,
+            "agents": agents,  # the agents it waited for, each with its outcome
+            "left_out": dict(sorted(self.left_out.items())),  # agents it did not wait for, and why
             "seconds": round(now - self.started, 3),
         }
 
@@ -117,6 +138,10 @@ class Deployments:
         self.registry = registry
         self.abort_grace = abort_grace
         self.rollouts: dict[str, Rollout] = {}  # model -> the rollout in progress for it
+        # The agents the broker routes to (not draining), from the manager's regular `agents` query to it; None when
+        # the broker has not answered lately. A rollout waits only for agents that serve: one the manager hears
+        # but the broker does not know (a heartbeat from nowhere, an agent cut off from the broker) is left out.
+        self.broker_view: set[str] | None = None
         self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
 
     def command(self, what: str, header: dict, requester: tuple, now: float) -> Actions:
@@ -173,12 +198,31 @@ class Deployments:
         self.desired.models[name] = deployment
         deployment.staged = version
         self.desired.changed()
-        expected = {a for a, r in self.registry.agents.items() if r.beat.takes_part_in(name)}
-        rollout = Rollout(name, version, deployment.version, expected, now + timeout, requester, started=now)
+        rollout = Rollout(name, version, deployment.version, set(), now + timeout, requester, started=now)
+        rollout.timeout = timeout
+        serving, left_out = self._participants(name)
+        for agent in serving:
+            rollout.join(agent, now)
+        rollout.left_out.update(left_out)
         self.rollouts[name] = rollout
-        log.info("%s %s v%d: staging on %d agents", what, name, version, len(rollout.expected))
+        log.info(
+            "%s %s v%d: staging on %d agents (%s)%s",
+            what,
+            name,
+            version,
+            len(rollout.expected),
+            ", ".join(sorted(rollout.expected)) or "none",
+            "".join(f"; not waiting for {a}: {why}" for a, why in sorted(left_out.items())),
+        )
         self._observe_all(rollout)  # an agent may already have it
         return Actions(desired_changed=True)
+
+    def _participants(self, name: str) -> tuple[set[str], dict[str, str]]:
+        """(the agents a rollout of `name` waits for, {agent the manager hears but leaves out: why})."""
+        heard = {a for a, r in self.registry.agents.items() if r.beat.takes_part_in(name)}
+        if self.broker_view is None:  # the broker is not answering: every agent the manager hears, as before
+            return heard, {}
+        return heard & self.broker_view, {a: "not connected to the broker" for a in heard - self.broker_view}
 
     def observe(self, beat: Heartbeat) -> None:
         """A heartbeat: what the agent says it staged, serves or failed to load moves the rollouts on."""
@@ -198,6 +242,8 @@ class Deployments:
             if deployment is None:  # undeployed meanwhile
                 rollout.phase = "done"
             elif rollout.phase == "staging":
+                self._follow_the_broker(rollout, now)
+                rollout.overdue(now)
                 failed = rollout.failures()
                 if failed and rollout.failed_at is None:
                     rollout.failed_at = now
@@ -265,6 +311,21 @@ class Deployments:
             return ModelRepository(self.share).model_names()
         except (OSError, RepositoryError):
             return []
+
+    def _follow_the_broker(self, rollout: Rollout, now: float) -> None:
+        """While staging: an agent that starts serving joins (with its own deadline); one the broker no longer
+        routes to is not waited for any more."""
+        serving, left_out = self._participants(rollout.model)
+        for agent in serving - rollout.expected:
+            log.info("rollout of %s v%d: %s joined; waiting for it too", rollout.model, rollout.version, agent)
+            rollout.join(agent, now)
+            if agent in self.registry.agents:
+                rollout.observe(agent, self.registry.agents[agent].beat)
+        for agent in rollout.expected & set(left_out):
+            log.warning(
+                "rollout of %s v%d: %s %s; not waiting for it", rollout.model, rollout.version, agent, left_out[agent]
+            )
+            rollout.agent_lost(agent, left_out[agent])
 
     def _observe_all(self, rollout: Rollout) -> None:
         for agent_id, record in self.registry.agents.items():

@@ -12,7 +12,9 @@ Sockets (all bound by the manager, so agents and the broker can start before or 
   {what: publish, name, file, config?, version?} + one frame with the model file's bytes publishes a version on the
   share for a client that has no share (`cluster deploy` without --share, a Triton repository load with files),
   then deploys it: the write runs in a thread of its own (a large file on NFS must not stall heartbeats), and the
-  answer is the rollout's report.
+  answer is the rollout's report. The broker sends QUERY {what: broker_view, agents: [id...]} (no answer) every
+  heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
+  (Deployments.broker_view), not for a heartbeat from nowhere; with keys, only from the server key.
 
 Liveness has one owner: the broker, for routing (the Majordomo way: from each agent's own DEALER traffic, on its own
 clock, expiring an agent silent for `timings.expiry`). The manager's registry, fed by the PUB heartbeats, decides
@@ -97,6 +99,7 @@ class Manager:
             max_bytes=MAX_UPLOAD_BYTES,  # a model file to publish travels on it
             timings=self.timings,
         )
+        self._broker_reported = float("-inf")  # when the broker last said which agents it routes to
         self.registry = Registry(self.timings.expiry)
         self.share = share
         self.deployments = Deployments(share, self.load_desired_state(), self.registry)
@@ -134,6 +137,8 @@ class Manager:
                         self.publish(event)
                         self.deployments.agent_lost(event["agent"])
                     self.finish_publishing(now)
+                    if now - self._broker_reported > self.timings.expiry:
+                        self.deployments.broker_view = None  # no word lately: rollouts wait for all agents heard
                     self.carry_out(self.deployments.tick(now))
                     if now >= next_desired:  # also every interval: a missed PUB message costs one interval
                         next_desired = now + self.timings.heartbeat_interval
@@ -189,6 +194,9 @@ class Manager:
             what = require(header, "what", str)
             if (len(frames) == 4) != (what == "publish"):
                 raise ProtocolError("'publish' carries one frame with the model file; other queries carry none")
+            if what == "broker_view":
+                self.take_broker_view(header, key_of(frames[1]) if self.allow is not None else None)
+                return  # a report: no answer
             if self.allow is not None:
                 action = "deploy" if what in COMMANDS else "query"
                 refused = refusal(self.allow, key_of(frames[1]), action, what)
@@ -222,6 +230,15 @@ class Manager:
         except CommandError as exc:
             reply = message(Command.ERROR, error_header(request_id, exc.code, str(exc), header.get("name")))
         self.answer(peer, reply)
+
+    def take_broker_view(self, header: dict, key: str | None) -> None:
+        """The broker's report of the agents it routes to (with keys on: only from the server key)."""
+        if self.allow is not None and (refused := refusal(self.allow, key, "report", "broker_view")) is not None:
+            bad_input.warning("broker_view refused: %s", refused[1])
+            return
+        agents = require(header, "agents", list)
+        self.deployments.broker_view = {a for a in agents if isinstance(a, str)}
+        self._broker_reported = time.monotonic()
 
     # ---- publishing a model sent over the bus -------------------------------------------------------------------
 
