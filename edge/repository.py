@@ -95,14 +95,7 @@ def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
 async def load_model(edge: EdgeState, name: str, config: str | None, files: dict[str, bytes]) -> dict:
     """Deploy `name` to every live agent (publishing the files first, if any); the rollout's report. 400 when the
     rollout failed (every agent keeps what it served), naming each agent's reason."""
-    parsed = None
-    if config is not None:
-        try:
-            parsed = json.loads(config)
-        except ValueError as exc:
-            raise HTTPError(400, f"parameter 'config' is not valid JSON: {exc}", "bad_request") from None
-        if not isinstance(parsed, dict):
-            raise HTTPError(400, "parameter 'config' must be a JSON object", "bad_request")
+    parsed = None if config is None else _json_object(config, "parameter 'config'")
     wait = ROLLOUT_TIMEOUT + 60
     if files:
         version, file_name, data = _model_file(files)
@@ -146,14 +139,17 @@ async def unload_model(edge: EdgeState, name: str) -> None:
 async def _json_body(request: Request, edge: EdgeState) -> dict:
     """The body as a JSON object; an empty body is `{}` (tritonclient sends none for the index)."""
     body = await read_body(request, edge.max_body_bytes)
-    if not body.strip():
-        return {}
+    return _json_object(body, "the body") if body.strip() else {}
+
+
+def _json_object(text: str | bytes, what: str) -> dict:
+    """`text` parsed as a JSON object; 400 naming `what` otherwise."""
     try:
-        value = json.loads(body)
+        value = json.loads(text)
     except ValueError as exc:
-        raise HTTPError(400, f"the body is not valid JSON: {exc}", "bad_request") from None
+        raise HTTPError(400, f"{what} is not valid JSON: {exc}", "bad_request") from None
     if not isinstance(value, dict):
-        raise HTTPError(400, "the body must be a JSON object", "bad_request")
+        raise HTTPError(400, f"{what} must be a JSON object", "bad_request")
     return value
 
 

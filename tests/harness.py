@@ -10,14 +10,16 @@ edge as processes, every port picked by the OS), plus `wait_for`, a test's poll-
 from __future__ import annotations
 
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.config import Addresses
 from cluster.local import LocalCluster, Proc, wait_until
 
-__all__ = ["REPO_ROOT", "LocalCluster", "Proc", "fuzz_examples", "start_edge", "wait_for"]
+__all__ = ["REPO_ROOT", "LocalCluster", "Proc", "edge_stack", "fuzz_examples", "start_edge", "wait_for"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,3 +47,25 @@ def start_edge(broker: str, workdir: Path, *args: str, timeout: float = 30.0) ->
     edges = LocalCluster(None, workdir, addresses=Addresses(broker_clients=broker))
     name = f"edge-{time.monotonic_ns()}"  # tests may start several in one folder
     return edges.start_edge("--log-level", "warning", *args, name=name, timeout=timeout)
+
+
+@contextmanager
+def edge_stack(demo_share: Path, workdir: Path, model: str = "echo") -> Iterator[LocalCluster]:
+    """A copy of the demo share and a whole cluster on it: manager, broker, two agents serving `model`, and the edge
+    with REST and gRPC (ports the OS picks); the logs are printed if the block fails; everything is stopped after."""
+    share = workdir / "share"
+    shutil.copytree(demo_share, share)
+    cluster = LocalCluster(share, workdir / "logs", edge_grpc_port=0)
+    try:
+        cluster.start_manager()
+        cluster.start_broker()
+        cluster.start_agents(2)
+        cluster.wait_for_agents(2, model=model)
+        cluster.start_edge("--log-level", "warning")
+        assert cluster.grpc_address, "the edge did not report a gRPC address in its ready file"
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()

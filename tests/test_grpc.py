@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import shutil
 
 import numpy as np
 import pytest
@@ -19,25 +18,10 @@ triton = pytest.importorskip("tritonclient.grpc")
 
 @pytest.fixture(scope="module")
 def stack(demo_share, tmp_path_factory):
-    from tests.harness import LocalCluster
+    from tests.harness import edge_stack
 
-    workdir = tmp_path_factory.mktemp("grpc-stack")
-    share = workdir / "share"
-    shutil.copytree(demo_share, share)
-    cluster = LocalCluster(share, workdir / "logs", edge_grpc_port=0)
-    try:
-        cluster.start_manager()
-        cluster.start_broker()
-        cluster.start_agents(2)
-        cluster.wait_for_agents(2, model="digits")
-        cluster.start_edge("--log-level", "warning")
-        assert cluster.grpc_address, "the edge did not report a gRPC address in its ready file"
+    with edge_stack(demo_share, tmp_path_factory.mktemp("grpc-stack"), model="digits") as cluster:
         yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from cluster.repository import ModelRepository
-from tests.harness import LocalCluster, wait_for
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -35,24 +35,10 @@ TRITON_ECHO_CONFIG = {  # Triton's own JSON form of a config: the cluster transl
 
 @pytest.fixture(scope="module")
 def stack(demo_share, tmp_path_factory):
-    import shutil
+    from tests.harness import edge_stack
 
-    workdir = tmp_path_factory.mktemp("repository-stack")
-    share = workdir / "share"
-    shutil.copytree(demo_share, share)
-    cluster = LocalCluster(share, workdir / "logs", edge_grpc_port=0)
-    try:
-        cluster.start_manager()
-        cluster.start_broker()
-        cluster.start_agents(2)
-        cluster.wait_for_agents(2, model="echo")
-        cluster.start_edge("--log-level", "warning")
+    with edge_stack(demo_share, tmp_path_factory.mktemp("repository-stack"), model="echo") as cluster:
         yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
 
 
 def serving(cluster, model: str) -> dict[str, list[int]]:
