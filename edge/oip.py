@@ -313,13 +313,17 @@ def tensor_to_json(array: np.ndarray) -> list:
 
 
 def _json_ready(array: np.ndarray) -> np.ndarray:
-    """An output as orjson writes it: flat, C-contiguous, native byte order, FP16 widened to FP32 (exact)."""
+    """An output as orjson writes it: flat, C-contiguous, native byte order."""
     array = np.ascontiguousarray(array).reshape(-1)
-    if array.dtype == np.float16:
-        array = array.astype(np.float32)
-    elif not array.dtype.isnative:
+    if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     return array
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    """FP16 and FP32 as float64 (exact), so their JSON numbers are the ones .tolist() gave: each value's shortest
+    float64 text, e.g. 0.1428571492433548 for float32(1/7), read back as the same double by any client."""
+    return array.astype(np.float64) if array.dtype.kind == "f" and array.dtype.itemsize < 8 else array
 
 
 def _json_array_parts(array: np.ndarray) -> list[bytes]:
@@ -328,7 +332,7 @@ def _json_array_parts(array: np.ndarray) -> list[bytes]:
     for start in range(0, array.size, CHUNK_ELEMENTS):
         if start:
             parts.append(b",")
-        parts.append(orjson.dumps(array[start : start + CHUNK_ELEMENTS], option=_NUMPY)[1:-1])
+        parts.append(orjson.dumps(_widened(array[start : start + CHUNK_ELEMENTS]), option=_NUMPY)[1:-1])
     parts.append(b"]")
     return parts
 
@@ -573,7 +577,7 @@ def encode_infer_response(
                 large[f'"{marker}"'.encode()] = flat
                 entry["data"] = marker
             else:
-                entry["data"] = flat
+                entry["data"] = _widened(flat)
         entries.append(entry)
     response["outputs"] = entries
     head = orjson.dumps(response, option=_NUMPY)
