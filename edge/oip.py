@@ -50,7 +50,8 @@ SPAN_MIN = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 CHUNK_ELEMENTS = 256 * 1024
 MAX_BRACKETS_SCANNED = 4096  # past this many '[' the search for number arrays gives up (the plain parse follows)
-_NOT_NUMBER = re.compile(rb"[^0-9eE.+\-,\x20\t\n\r]")  # a byte that cannot be in a JSON array of numbers
+_NUMBER_BYTES = b"0123456789eE.+-,\x20\t\n\r"  # the bytes of a JSON array of numbers, between its brackets
+_NOT_NUMBER = re.compile(rb"[^0-9eE.+\-,\x20\t\n\r]")  # a byte that cannot be in one
 _EXPONENT_OR_POINT = re.compile(rb"[.eE]")
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
@@ -234,7 +235,9 @@ def tensor_from_json_span(name: str, datatype: Any, shape: Any, text: bytes, sta
         values = _load_numbers(piece, exact_ints=allowed is _INT_TYPES)
         if filled + len(values) > count:  # cannot happen with one value per comma; kept as a guard
             raise InvalidRequest(f"input '{name}': shape {shape} needs {count} elements, 'data' has more")
-        array[filled : filled + len(values)] = _convert(name, datatype, dtype, values)
+        # numbers only (the span holds nothing else): for FP types no need to look at every value's type
+        kinds = _FLOAT_TYPES if allowed is _FLOAT_TYPES else None
+        array[filled : filled + len(values)] = _convert(name, datatype, dtype, values, kinds)
         filled += len(values)
     if filled != count:
         raise InvalidRequest(f"input '{name}': shape {shape} needs {count} elements, 'data' has {filled}")
@@ -280,11 +283,15 @@ def number_spans(text: bytes, end: int) -> list[tuple[int, int]]:
             break
         stop = start + 1
         while True:  # the first byte that is not part of a number list, a window at a time (short GIL holds)
-            match = _NOT_NUMBER.search(text, stop, min(stop + CHUNK_BYTES, end))
-            if match is not None:
-                stop = match.start()
-                break
-            stop = min(stop + CHUNK_BYTES, end)
+            window = min(stop + CHUNK_BYTES, end)
+            if window - stop >= SPAN_MIN and not text[stop:window].translate(None, _NUMBER_BYTES):
+                stop = window  # all number bytes (translate is ten times faster than the search)
+            else:
+                match = _NOT_NUMBER.search(text, stop, window)
+                if match is not None:
+                    stop = match.start()
+                    break
+                stop = window
             if stop >= end:
                 break
         if stop < end and text[stop] == ord("]") and stop - start > SPAN_MIN:
@@ -326,13 +333,13 @@ def _widened(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float64) if array.dtype.kind == "f" and array.dtype.itemsize < 8 else array
 
 
-def _json_array_parts(array: np.ndarray) -> list[bytes]:
+def _json_array_parts(array: np.ndarray) -> list:
     """The JSON text of a flat array, CHUNK_ELEMENTS numbers a piece (the GIL is let go between pieces)."""
     parts = [b"["]
     for start in range(0, array.size, CHUNK_ELEMENTS):
         if start:
             parts.append(b",")
-        parts.append(orjson.dumps(_widened(array[start : start + CHUNK_ELEMENTS]), option=_NUMPY)[1:-1])
+        parts.append(memoryview(orjson.dumps(_widened(array[start : start + CHUNK_ELEMENTS]), option=_NUMPY))[1:-1])
     parts.append(b"]")
     return parts
 
@@ -582,7 +589,7 @@ def encode_infer_response(
     response["outputs"] = entries
     head = orjson.dumps(response, option=_NUMPY)
     if large:  # each marker string replaced by its array's JSON, written a chunk at a time
-        parts: list[bytes] = []
+        parts: list = []
         position = 0
         for marker, flat in large.items():
             at = head.index(marker, position)
