@@ -252,6 +252,13 @@ def edge(
         envvar="CLUSTER_EDGE_MAX_BODY",
         help="Largest request body in bytes, after decompression (default 64 MiB).",
     ),
+    max_json_body: int | None = typer.Option(
+        None,
+        "--max-json-body",
+        envvar="CLUSTER_EDGE_MAX_JSON_BODY",
+        help="Largest JSON in bytes: a body without the binary extension, or the JSON part of one with it "
+        "(default 32 MiB; never above --max-body-bytes).",
+    ),
     frontend: str | None = typer.Option(
         None, "--frontend", help="The page served at / (default: the repository's frontend.html)."
     ),
@@ -328,6 +335,7 @@ def edge(
         port,
         broker,
         max_body_bytes=max_body_bytes,
+        max_json_bytes=max_json_body,
         frontend_path=frontend,
         request_timeout=request_timeout,
         log_level=log_level,

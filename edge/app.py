@@ -48,6 +48,7 @@ FRONTEND_CANDIDATES = (
     Path(sys.prefix) / "share" / "torch-serving-cluster" / "frontend.html",
 )
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_MAX_JSON_BODY = 32 * 1024 * 1024  # JSON costs several times its size to decode: a lower limit
 DEFAULT_QUERY_TIMEOUT = 2.0  # seconds health, metadata and the cluster views wait for the broker
 
 
@@ -60,6 +61,7 @@ def create_app(
     *,
     client: Any = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    max_json_bytes: int | None = None,
     frontend_path: str | Path | None = None,
     request_timeout: float | None = None,
     query_timeout: float = DEFAULT_QUERY_TIMEOUT,
@@ -79,9 +81,10 @@ def create_app(
     client: the bus client to use instead of the AsyncClient the app otherwise opens at startup and closes at
     shutdown: any object with AsyncClient's coroutines (infer, agents, models, model_metadata), e.g. a fake in
     tests. The caller owns it (the app does not close it). max_body_bytes: largest request body (after
-    decompression); frontend_path: the page served at / (default: the repository's frontend.html); request_timeout:
-    default inference deadline in seconds (default: the client's, 30 s); query_timeout: how long health, metadata
-    and cluster views wait for the broker.
+    decompression); max_json_bytes: largest JSON, a body without the binary extension or the JSON part of one with
+    it (default: DEFAULT_MAX_JSON_BODY, 32 MiB; never above max_body_bytes); frontend_path: the page served at /
+    (default: the repository's frontend.html); request_timeout: default inference deadline in seconds (default: the
+    client's, 30 s); query_timeout: how long health, metadata and cluster views wait for the broker.
 
     tokens / admin_tokens: bearer tokens (none: every route is open); allowed_hosts: Host names served besides the
     loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py); key: the
@@ -100,7 +103,17 @@ def create_app(
     )
     if manager is None:
         manager = AsyncManagerClient(manager_address, key=manager_key if manager_key is not None else key)
-    edge = EdgeState(broker, max_body_bytes, page, request_timeout, query_timeout, security, manager)
+    json_limit = DEFAULT_MAX_JSON_BODY if max_json_bytes is None else max_json_bytes
+    edge = EdgeState(
+        broker,
+        max_body_bytes,
+        page,
+        request_timeout,
+        query_timeout,
+        security,
+        manager=manager,
+        max_json_bytes=json_limit,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -189,6 +202,7 @@ def run_edge(
     broker: str | None = None,
     *,
     max_body_bytes: int | None = None,
+    max_json_bytes: int | None = None,
     frontend_path: str | Path | None = None,
     request_timeout: float | None = None,
     log_level: str = "info",
@@ -210,6 +224,7 @@ def run_edge(
 ) -> None:
     """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking). broker: the broker's client address
     (default CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555); max_body_bytes: default DEFAULT_MAX_BODY (64 MiB);
+    max_json_bytes: default DEFAULT_MAX_JSON_BODY (32 MiB, at most max_body_bytes);
     port 0: any free port; ready_file: where to report the URL once it serves (cluster.local reads it);
     token_files / admin_token_files: more tokens, one a line; ssl_certfile + ssl_keyfile (PEM): serve HTTPS; a
     non-loopback `host` is added to allowed_hosts (every address, 0.0.0.0: a warning instead); the rest as in
@@ -228,6 +243,7 @@ def run_edge(
         app = create_app(
             broker,
             max_body_bytes=DEFAULT_MAX_BODY if max_body_bytes is None else max_body_bytes,
+            max_json_bytes=max_json_bytes,
             frontend_path=frontend_path,
             request_timeout=request_timeout,
             key=key,

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 import numpy as np
+import orjson
 
 from cluster.codec import datatype_of
 from cluster.config import MAX_DIMS, MAX_TENSORS
@@ -37,6 +40,20 @@ MAX_DIM = 2**40  # the bus refuses larger dimensions (protocol.validate_tensor_m
 MAX_NAME = 256
 MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # the broker's longest request deadline
 SUPPORTED_DATATYPES = tuple(DATATYPES)  # BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64
+
+# Large JSON (issue 11): a request's `data` array of plain numbers at least SPAN_MIN bytes long is cut out of the
+# JSON before it is parsed, then read CHUNK_BYTES at a time with orjson straight into the tensor, so no Python list
+# of the whole data ever exists and the GIL is let go between chunks; the rest of the JSON (small) is parsed with the
+# standard library, as before. Outputs with more than CHUNK_ELEMENTS elements are written to JSON with orjson in
+# chunks of that many elements (no .tolist()).
+SPAN_MIN = 64 * 1024
+CHUNK_BYTES = 1024 * 1024
+CHUNK_ELEMENTS = 256 * 1024
+MAX_BRACKETS_SCANNED = 4096  # past this many '[' the search for number arrays gives up (the plain parse follows)
+_NUMBER_BYTES = b"0123456789eE.+-,\x20\t\n\r"  # the bytes of a JSON array of numbers, between its brackets
+_NOT_NUMBER = re.compile(rb"[^0-9eE.+\-,\x20\t\n\r]")  # a byte that cannot be in one
+_EXPONENT_OR_POINT = re.compile(rb"[.eE]")
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 _INT_TYPES = frozenset({int})
 _FLOAT_TYPES = frozenset({int, float})
@@ -136,45 +153,151 @@ def tensor_from_json(name: str, datatype: Any, shape: Any, data: Any) -> np.ndar
         raise InvalidRequest(f"input '{name}': shape {shape} needs {count} elements, 'data' has {len(flat)}")
     if not flat:
         return np.zeros(shape, dtype=dtype)
-    kinds = set(map(type, flat))
+    kinds = _check_kinds(name, datatype, set(map(type, flat)))
+    if count <= CHUNK_ELEMENTS:
+        return _convert(name, datatype, dtype, flat, kinds).reshape(shape)
+    # large: converted a chunk at a time (one float64 chunk at a time, not a float64 copy of it all)
+    array = np.empty(count, dtype=dtype)
+    if kinds is _INT_TYPES:
+        _check_int_range(name, datatype, dtype, min(flat), max(flat))
+    for start in range(0, count, CHUNK_ELEMENTS):
+        array[start : start + CHUNK_ELEMENTS] = _convert(name, datatype, dtype, flat[start : start + CHUNK_ELEMENTS])
+    return array.reshape(shape)
+
+
+def _allowed_kinds(datatype: str) -> frozenset:
     if datatype == "BOOL":
-        allowed = _BOOL_TYPES
-    elif datatype.startswith(("INT", "UINT")):
-        allowed = _INT_TYPES
-    else:
-        allowed = _FLOAT_TYPES
+        return _BOOL_TYPES
+    if datatype.startswith(("INT", "UINT")):
+        return _INT_TYPES
+    return _FLOAT_TYPES
+
+
+def _check_kinds(name: str, datatype: str, kinds: set) -> frozenset:
+    """The JSON types allowed for `datatype`; InvalidRequest when `kinds` (the Python types met) has others."""
+    allowed = _allowed_kinds(datatype)
     if not kinds <= allowed:
         wrong = sorted(_json_type_name(k) for k in kinds - allowed)
         want = {_BOOL_TYPES: "true/false", _INT_TYPES: "integers", _FLOAT_TYPES: "numbers"}[allowed]
         raise InvalidRequest(f"input '{name}': {datatype} data must be {want}, got {' and '.join(wrong)}")
+    return allowed
+
+
+def _check_int_range(name: str, datatype: str, dtype: np.dtype, low: int, high: int) -> None:
+    info = np.iinfo(dtype)
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise InvalidRequest(
+            f"input '{name}': value {_short(bad)} is out of range for {datatype} [{info.min}, {info.max}]"
+        )
+
+
+def _convert(name: str, datatype: str, dtype: np.dtype, flat: list, kinds: frozenset | None = None) -> np.ndarray:
+    """A flat, non-empty list of JSON scalars as a 1-D array of `dtype`, every value checked."""
+    allowed = kinds or _check_kinds(name, datatype, set(map(type, flat)))
     if allowed is _INT_TYPES:
-        info = np.iinfo(dtype)
-        low, high = min(flat), max(flat)
-        if low < info.min or high > info.max:
-            bad = low if low < info.min else high
-            raise InvalidRequest(
-                f"input '{name}': value {_short(bad)} is out of range for {datatype} [{info.min}, {info.max}]"
-            )
-        array = np.array(flat, dtype=dtype)
-    elif allowed is _FLOAT_TYPES:
+        _check_int_range(name, datatype, dtype, min(flat), max(flat))
+        return np.array(flat, dtype=dtype)
+    if allowed is _FLOAT_TYPES:
         try:
             wide = np.array(flat, dtype=np.float64)
         except OverflowError:  # an integer literal too large for a double
             raise InvalidRequest(f"input '{name}': a value is out of range for {datatype}") from None
-        finite = np.isfinite(wide)
-        if not finite.all():  # JSON has no inf/nan; a literal like 1e999 parses to inf
-            raise InvalidRequest(
-                f"input '{name}': a value is out of range for {datatype} (JSON numbers must be finite)"
-            )
-        limit = float(np.finfo(dtype).max)
-        if wide.size and float(np.abs(wide).max()) > limit:
-            raise InvalidRequest(
-                f"input '{name}': a value is out of range for {datatype} (largest magnitude {limit:g})"
-            )
-        array = wide.astype(dtype)
-    else:
-        array = np.array(flat, dtype=dtype)
+        return _narrow(name, datatype, dtype, wide)
+    return np.array(flat, dtype=dtype)
+
+
+def _narrow(name: str, datatype: str, dtype: np.dtype, wide: np.ndarray) -> np.ndarray:
+    """float64 values as `dtype`, refusing non-finite values and values too large for it."""
+    if not np.isfinite(wide).all():  # JSON has no inf/nan; a literal like 1e999 parses to inf
+        raise InvalidRequest(f"input '{name}': a value is out of range for {datatype} (JSON numbers must be finite)")
+    limit = float(np.finfo(dtype).max)
+    if wide.size and float(np.abs(wide).max()) > limit:
+        raise InvalidRequest(f"input '{name}': a value is out of range for {datatype} (largest magnitude {limit:g})")
+    return wide.astype(dtype)
+
+
+def tensor_from_json_span(name: str, datatype: Any, shape: Any, text: bytes, start: int, end: int) -> np.ndarray:
+    """Like tensor_from_json, for `data` given as the bytes text[start:end] of a JSON array holding numbers only
+    (found by number_spans): read CHUNK_BYTES at a time with orjson straight into the array."""
+    dtype = check_datatype(name, datatype)
+    shape = check_shape(name, shape)
+    count = math.prod(shape)
+    have = text.count(b",", start, end) + 1  # the element count, if the array is valid JSON
+    if have != count:
+        for piece in _pieces(text, start + 1, end - 1):  # invalid JSON is said first, as the plain parse does
+            _load_numbers(piece, exact_ints=False)
+        raise InvalidRequest(f"input '{name}': shape {shape} needs {count} elements, 'data' has {have}")
+    allowed = _allowed_kinds(datatype)
+    array = np.empty(count, dtype=dtype)
+    filled = 0
+    for piece in _pieces(text, start + 1, end - 1):
+        values = _load_numbers(piece, exact_ints=allowed is _INT_TYPES)
+        if filled + len(values) > count:  # cannot happen with one value per comma; kept as a guard
+            raise InvalidRequest(f"input '{name}': shape {shape} needs {count} elements, 'data' has more")
+        # numbers only (the span holds nothing else): for FP types no need to look at every value's type
+        kinds = _FLOAT_TYPES if allowed is _FLOAT_TYPES else None
+        array[filled : filled + len(values)] = _convert(name, datatype, dtype, values, kinds)
+        filled += len(values)
+    if filled != count:
+        raise InvalidRequest(f"input '{name}': shape {shape} needs {count} elements, 'data' has {filled}")
     return array.reshape(shape)
+
+
+def _pieces(text: bytes, start: int, end: int):
+    """text[start:end] (the inside of a JSON array of numbers) in pieces of about CHUNK_BYTES, cut at commas."""
+    while True:
+        stop = text.find(b",", min(start + CHUNK_BYTES, end), end)
+        if stop < 0:
+            stop = end
+        yield text[start:stop]
+        if stop >= end:
+            return
+        start = stop + 1
+
+
+def _load_numbers(piece: bytes, exact_ints: bool) -> list:
+    """The comma-separated JSON numbers in `piece`, with orjson; where orjson refuses them or turns an integer too
+    large for 64 bits into a float, the standard library reads them again, for the same answer as a plain parse."""
+    text = b"[" + piece + b"]"
+    try:
+        values = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        values = parse_json(text)  # raises the standard library's message, or takes 1e999 as inf (refused later)
+    else:
+        if exact_ints and float in set(map(type, values)) and not _EXPONENT_OR_POINT.search(piece):
+            values = parse_json(text)  # integers past 64 bits: exact, to be refused as out of range
+    if not values:
+        raise InvalidRequest("invalid JSON: an array has an empty element")
+    return values
+
+
+def number_spans(text: bytes, end: int) -> list[tuple[int, int]]:
+    """(start, end) of every JSON array in text[:end] holding only numbers (no nesting) at least SPAN_MIN bytes long.
+    A span may lie inside a JSON string: parse_infer_request checks where each one ends up."""
+    spans: list[tuple[int, int]] = []
+    position = 0
+    for _ in range(MAX_BRACKETS_SCANNED):
+        start = text.find(b"[", position, end)
+        if start < 0:
+            break
+        stop = start + 1
+        while True:  # the first byte that is not part of a number list, a window at a time (short GIL holds)
+            window = min(stop + CHUNK_BYTES, end)
+            if window - stop >= SPAN_MIN and not text[stop:window].translate(None, _NUMBER_BYTES):
+                stop = window  # all number bytes (translate is ten times faster than the search)
+            else:
+                match = _NOT_NUMBER.search(text, stop, window)
+                if match is not None:
+                    stop = match.start()
+                    break
+                stop = window
+            if stop >= end:
+                break
+        if stop < end and text[stop] == ord("]") and stop - start > SPAN_MIN:
+            spans.append((start, stop + 1))
+        position = stop
+    return spans
 
 
 def tensor_from_binary(name: str, datatype: Any, shape: Any, raw: bytes | memoryview) -> np.ndarray:
@@ -194,6 +317,31 @@ def tensor_from_binary(name: str, datatype: Any, shape: Any, raw: bytes | memory
 def tensor_to_json(array: np.ndarray) -> list:
     """Flat row-major JSON data for an output (FP16 as numbers, BOOL as true/false)."""
     return np.ascontiguousarray(array).ravel().tolist()
+
+
+def _json_ready(array: np.ndarray) -> np.ndarray:
+    """An output as orjson writes it: flat, C-contiguous, native byte order."""
+    array = np.ascontiguousarray(array).reshape(-1)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    """FP16 and FP32 as float64 (exact), so their JSON numbers are the ones .tolist() gave: each value's shortest
+    float64 text, e.g. 0.1428571492433548 for float32(1/7), read back as the same double by any client."""
+    return array.astype(np.float64) if array.dtype.kind == "f" and array.dtype.itemsize < 8 else array
+
+
+def _json_array_parts(array: np.ndarray) -> list:
+    """The JSON text of a flat array, CHUNK_ELEMENTS numbers a piece (the GIL is let go between pieces)."""
+    parts = [b"["]
+    for start in range(0, array.size, CHUNK_ELEMENTS):
+        if start:
+            parts.append(b",")
+        parts.append(memoryview(orjson.dumps(_widened(array[start : start + CHUNK_ELEMENTS]), option=_NUMPY))[1:-1])
+    parts.append(b"]")
+    return parts
 
 
 def tensor_to_binary(array: np.ndarray) -> bytes:
@@ -258,10 +406,17 @@ def _check_bool(parameters: dict, key: str, where: str) -> bool | None:
 
 def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
     """Parse and validate an inference request body (JSON, or JSON + binary tensors when header_length is given)."""
+    if not isinstance(body, bytes):
+        body = bytes(body)
     json_size = parse_header_length(header_length, len(body))
     view = memoryview(body)
-    head = view if json_size is None else view[:json_size]
-    request = parse_json(bytes(head))
+    end = len(body) if json_size is None else json_size
+    spans = number_spans(body, end) if end > SPAN_MIN else []
+    markers: dict[str, tuple[int, int]] = {}
+    if spans:  # the large number arrays are left out of the parse (their marker in their place), read later
+        request, markers = _parse_without_spans(body, end, spans)
+    else:
+        request = parse_json(body if json_size is None else body[:json_size])
     if not isinstance(request, dict):
         raise InvalidRequest("the request body must be a JSON object with an 'inputs' array")
 
@@ -321,12 +476,46 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
         else:
             if "data" not in entry:
                 raise InvalidRequest(f"input '{name}': 'data' is missing")
-            inputs[name] = tensor_from_json(name, entry["datatype"], entry["shape"], entry["data"])
+            data = entry["data"]
+            span = markers.get(data) if type(data) is str else None
+            if span is not None:
+                inputs[name] = tensor_from_json_span(name, entry["datatype"], entry["shape"], body, *span)
+            else:
+                inputs[name] = tensor_from_json(name, entry["datatype"], entry["shape"], data)
+            entry["data"] = data = None  # the list (if any) goes now, not with the request
     if offset != len(binary):
         raise InvalidRequest(f"the body has {len(binary) - offset} bytes after the inputs' binary data")
 
     outputs, binary_outputs = _parse_outputs(request.get("outputs"))
     return InferRequest(inputs, request_id, parameters, outputs, binary_outputs, binary_default, timeout)
+
+
+def _parse_without_spans(body: bytes, end: int, spans: list[tuple[int, int]]) -> tuple[Any, dict]:
+    """Parse body[:end] with every span replaced by a marker string (a random nonce: no client can send it), and
+    return (the request, {marker: span}). When a marker is not found as exactly an input's `data` (a span was inside a
+    string or an object key, or in a parameter), the whole JSON is parsed as it is instead, so the answer is always
+    the one a plain parse gives."""
+    nonce = os.urandom(12).hex()
+    parts, position, markers = [], 0, {}
+    for k, (start, stop) in enumerate(spans):
+        marker = f"\x00{nonce}#{k}"
+        markers[marker] = (start, stop)
+        parts += [body[position:start], b'"\\u0000%s#%d"' % (nonce.encode(), k)]
+        position = stop
+    parts.append(body[position:end])
+    try:
+        request = parse_json(b"".join(parts))
+    except InvalidRequest:
+        request = None
+    inputs = request.get("inputs") if isinstance(request, dict) else None
+    found = {
+        entry["data"]
+        for entry in (inputs if isinstance(inputs, list) else ())
+        if isinstance(entry, dict) and type(entry.get("data")) is str and entry["data"] in markers
+    }
+    if len(found) != len(markers):
+        return parse_json(body[:end]), {}
+    return request, markers
 
 
 def _parse_outputs(value: Any) -> tuple[list[str] | None, dict[str, bool]]:
@@ -376,6 +565,8 @@ def encode_infer_response(
         response["parameters"] = parameters
     entries = []
     chunks: list[bytes] = []
+    large: dict[bytes, np.ndarray] = {}  # marker -> an output too large to write in one go
+    nonce = os.urandom(12).hex()
     names = request.outputs if request.outputs is not None else list(outputs)
     for name in names:
         array = outputs.get(name)
@@ -387,10 +578,27 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = tensor_to_json(array)
+            flat = _json_ready(array)
+            if flat.size > CHUNK_ELEMENTS:
+                marker = f"{nonce}#{len(large)}"
+                large[f'"{marker}"'.encode()] = flat
+                entry["data"] = marker
+            else:
+                entry["data"] = _widened(flat)
         entries.append(entry)
     response["outputs"] = entries
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = orjson.dumps(response, option=_NUMPY)
+    if large:  # each marker string replaced by its array's JSON, written a chunk at a time
+        parts: list = []
+        position = 0
+        for marker, flat in large.items():
+            at = head.index(marker, position)
+            parts.append(head[position:at])
+            parts += _json_array_parts(flat)
+            position = at + len(marker)
+        parts.append(head[position:])
+        head = b"".join(parts)
+        del parts
     if not chunks:
         return head, {"Content-Type": "application/json"}
     return head + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, Response
 
 from cluster.errors import ClusterError, InferenceFailedError, OverloadedError
 from edge import oip
-from edge.body import read_body
+from edge.body import OFF_LOOP_BYTES, give_memory_back, mib, off_loop, read_body
 from edge.errors import HTTPError, cluster_http_error, error_response, json_response
 from edge.metrics import EdgeMetrics
 from edge.schemas import (
@@ -53,6 +53,8 @@ def server_version() -> str:
 
 class EdgeState:
     """What the routes share (the app's `state.edge`): the bus client, the metrics, the limits and deadlines.
+    max_body_bytes: the largest body; max_json_bytes: the largest JSON (a whole body without the binary extension,
+    or the JSON part of one with it), at most max_body_bytes (default: the same).
 
     client: anything with AsyncClient's coroutines (infer, agents, models, model_metadata); set by the app's lifespan.
     manager: the lifecycle manager's client (cluster.manager.client.AsyncManagerClient: `call` and `address`), for
@@ -69,10 +71,14 @@ class EdgeState:
         query_timeout: float,
         security: EdgeSecurity | None = None,
         manager: Any = None,
+        max_json_bytes: int | None = None,
     ) -> None:
         self.broker = broker
         self.manager = manager
         self.max_body_bytes = max_body_bytes
+        # a body without the binary extension is all JSON: its own, lower limit (never above max_body_bytes)
+        self.max_json_bytes = min(max_body_bytes, max_json_bytes if max_json_bytes is not None else max_body_bytes)
+        self.json_advice = f"send tensors with the binary extension (up to {mib(max_body_bytes)})"
         self.frontend_path = frontend_path
         self.request_timeout = request_timeout
         self.query_timeout = query_timeout
@@ -288,12 +294,16 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     metrics = edge.metrics
     started = time.perf_counter()
     outcome = "error"
+    large = False
     metrics.in_flight.inc()
     try:
         number = parse_version(name, version)
         check_infer_content_type(request)
-        body = await read_body(request, edge.max_body_bytes)
-        parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
+        header = request.headers.get(oip.HEADER_LENGTH)
+        body = await _read_infer_body(request, edge, header)
+        large = len(body) >= OFF_LOOP_BYTES
+        parsed = await off_loop(len(body), oip.parse_infer_request, body, header)  # large: not on the event loop
+        del body
         timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
         result = await _unless_disconnected(
             request, edge.client.infer(name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs)
@@ -301,8 +311,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         metrics.confirm_model(name)
         metrics.observe_batching(name, result.batch_size, result.queue_seconds)
         served_by = {"agent": result.agent} if isinstance(result.agent, str) else None
-        content, headers = oip.encode_infer_response(
-            result.model or name, result.version, result.outputs, parsed, served_by
+        size = sum(a.nbytes for a in result.outputs.values())
+        large = large or size >= OFF_LOOP_BYTES
+        content, headers = await off_loop(
+            size, oip.encode_infer_response, result.model or name, result.version, result.outputs, parsed, served_by
         )
         outcome = "success"
         return Response(content, headers=headers)
@@ -324,6 +336,25 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     finally:
         metrics.in_flight.dec()
         metrics.observe(name, outcome, time.perf_counter() - started)
+        if large:
+            give_memory_back()
+
+
+async def _read_infer_body(request: Request, edge: EdgeState, header: str | None) -> bytes:
+    """An inference body: all JSON (the JSON limit), or with the binary extension (the body limit, and the JSON
+    limit for its JSON part)."""
+    if header is None:
+        return await read_body(request, edge.max_json_bytes, edge.json_advice)
+    body = await read_body(request, edge.max_body_bytes)
+    value = header.strip()
+    if value.isascii() and value.isdigit() and len(value) < 20 and int(value) > edge.max_json_bytes:
+        raise HTTPError(
+            413,
+            f"the JSON part of {int(value)} bytes is over the {mib(edge.max_json_bytes)} limit for JSON; "
+            f"{edge.json_advice}",
+            "too_large",
+        )
+    return body
 
 
 @router.post("/v2/models/{name}/infer", summary="Inference", **_INFER_DOC)

@@ -569,6 +569,63 @@ def test_agents_models_and_health(http):
     assert http.get("/v2/models/digits/versions/1").json() == meta
 
 
+def test_json_has_its_own_lower_limit(bus):
+    """A body without the binary extension is all JSON: the JSON limit, and a 413 that says to send binary; the binary
+    extension takes bodies up to the body limit, with the JSON limit for its JSON part."""
+    app = create_app(client=bus, max_body_bytes=4 * LIMIT, max_json_bytes=LIMIT)
+    assert create_app(client=bus, max_body_bytes=LIMIT, max_json_bytes=4 * LIMIT).state.edge.max_json_bytes == LIMIT
+    values = np.arange(2 * LIMIT // 4, dtype=np.float32).reshape(1, -1)  # 2 x the JSON limit in binary
+    as_json = json.dumps(echo_body(values.tolist())).encode()
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as http:
+        message = assert_error(
+            infer_json(http, content=as_json, headers={"content-type": "application/json"}),
+            413,
+            f"JSON body of {len(as_json)} bytes",
+            "65536 bytes limit for JSON",
+            "binary extension (up to 262144 bytes)",
+        )
+        assert "limit" in message
+        zeros = gzip.compress(json.dumps(echo_body(np.zeros_like(values).tolist())).encode())
+        assert len(zeros) < LIMIT
+        assert_error(
+            infer_json(http, content=zeros, headers={"content-encoding": "gzip"}), 413, "decompressed", "limit for JSON"
+        )
+        body, headers = binary_echo_body(values)
+        assert_binary_echo(infer_json(http, content=body, headers=headers), values)
+        padded = json.dumps(echo_body([[1.0]], id="x" * LIMIT)).encode()  # a JSON part over the JSON limit
+        assert_error(
+            infer_json(http, content=padded, headers={oip.HEADER_LENGTH: str(len(padded))}),
+            413,
+            f"JSON part of {len(padded)} bytes",
+            "limit for JSON",
+        )
+
+
+def test_large_json_is_decoded_and_encoded_off_the_event_loop(http, bus, monkeypatch):
+    """Bodies and responses over edge.body.OFF_LOOP_BYTES go through the worker thread: same answers, same 400s."""
+    import threading
+
+    from edge import body as edge_body
+
+    monkeypatch.setattr(edge_body, "OFF_LOOP_BYTES", 0)
+    threads = []
+    real = oip.parse_infer_request
+
+    def parse(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(oip, "parse_infer_request", parse)
+    values = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    response = infer_json(http, body=echo_body(values.tolist(), id="off"))
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == values.ravel().tolist()
+    assert threads and threads[-1].startswith("edge-json")
+    assert_error(infer_json(http, body=echo_body([[1.0, 2.0]], shape=[3])), 400, "needs 3 elements")
+    assert_error(infer_json(http, body=echo_body([["a"]])), 400, "FP32 data must be numbers")
+    assert_error(infer_json(http, content=b'{"inputs": [', headers={"content-type": "application/json"}), 400, "JSON")
+
+
 def test_metrics_count_requests(http):
     before = http.get("/metrics").text
     for _ in range(3):

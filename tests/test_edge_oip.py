@@ -275,3 +275,205 @@ def test_oip_parser_fuzz_only_ever_raises_invalid_request(body, header):
     except InvalidRequest:
         return
     assert request.inputs and all(isinstance(a, np.ndarray) for a in request.inputs.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Large JSON (issue 11): number arrays read in chunks, outputs written in chunks; same answers as the plain parse
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """The large-JSON paths at toy sizes: a number array of 16+ bytes is cut out and read 40 bytes at a time,
+    outputs over 7 elements are written 7 at a time."""
+    monkeypatch.setattr(oip, "SPAN_MIN", 16)
+    monkeypatch.setattr(oip, "CHUNK_BYTES", 40)
+    monkeypatch.setattr(oip, "CHUNK_ELEMENTS", 7)
+
+
+def _plain(body: bytes, monkeypatch) -> object:
+    """What the plain parse (no number spans) answers: the request, or the InvalidRequest's message."""
+    with monkeypatch.context() as m:
+        m.setattr(oip, "SPAN_MIN", 10**12)
+        try:
+            return parse_infer_request(body)
+        except InvalidRequest as exc:
+            return str(exc)
+
+
+def _both(body: bytes, monkeypatch):
+    try:
+        chunked = parse_infer_request(body)
+    except InvalidRequest as exc:
+        chunked = str(exc)
+    return chunked, _plain(body, monkeypatch)
+
+
+@pytest.mark.parametrize("datatype", [d for d in ALL_DATATYPES if d != "BOOL"])
+def test_oip_number_spans_give_what_the_plain_parse_gives(datatype, small_chunks, monkeypatch):
+    rng = np.random.default_rng(1)
+    dtype = DATATYPES[datatype]
+    if datatype.startswith("FP"):
+        values = (rng.standard_normal(101) * 100).astype(dtype)
+        data = json.dumps([float(v) for v in values])
+    else:
+        info = np.iinfo(dtype)
+        values = np.concatenate([np.array([info.min, info.max], dtype), rng.integers(0, 100, 99).astype(dtype)])
+        data = json.dumps([int(v) for v in values])
+    body = (
+        b'{"id": "s", "inputs": [{"name": "a", "shape": [1, 101], "datatype": "%s", "data": %s},'
+        b' {"name": "b", "shape": [2], "datatype": "INT8", "data": [1, 2]}]}' % (datatype.encode(), data.encode())
+    )
+    assert oip.number_spans(body, len(body))  # the toy threshold does cut the array out
+    chunked, plain = _both(body, monkeypatch)
+    assert not isinstance(chunked, str), chunked
+    assert chunked.id == "s" and list(chunked.inputs) == ["a", "b"]
+    for name in ("a", "b"):
+        assert chunked.inputs[name].dtype == plain.inputs[name].dtype
+        np.testing.assert_array_equal(chunked.inputs[name], plain.inputs[name])
+    np.testing.assert_array_equal(chunked.inputs["a"].ravel(), values)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ("[" + ", ".join(["1"] * 30) + ",]", "invalid JSON"),  # trailing comma
+        ("[" + ", ".join(["1"] * 15) + ",," + ", ".join(["1"] * 14) + "]", "invalid JSON"),  # empty element
+        ("[" + ", ".join(["1"] * 29) + ", 1e999]", "must be integers"),
+        ("[" + ", ".join(["1"] * 29) + ", 1e999]", "FP32 (JSON numbers must be finite)"),
+        ("[" + ", ".join(["1"] * 29) + ", 1e39]", "out of range for FP32"),
+        ("[" + ", ".join(["1"] * 29) + ", 1.2.3]", "invalid JSON"),
+        ("[" + ", ".join(["1"] * 29) + ", --1]", "invalid JSON"),
+        ("[" + ", ".join(["1"] * 29) + ", 01]", "invalid JSON"),
+        ("[" + ", ".join(["1"] * 31) + "]", "needs 30 elements, 'data' has 31"),
+        ("[" + ", ".join(["1"] * 29) + ", 1.5]", "data must be integers"),
+        ("[" + ", ".join(["1"] * 29) + ", 123456789012345678901234567890]", "out of range for INT64"),
+        ("[" + ", ".join(["1"] * 29) + ", 9223372036854775808]", "out of range for INT64"),
+        ("[" + ", ".join(["1"] * 29) + ", 1e3]", "data must be integers"),
+    ],
+)
+def test_oip_number_spans_refuse_what_the_plain_parse_refuses(data, words, small_chunks, monkeypatch):
+    datatype = b"FP32" if "FP32" in words else b"INT64"
+    body = b'{"inputs": [{"name": "i", "shape": [30], "datatype": "%s", "data": %s}]}' % (datatype, data.encode())
+    chunked, plain = _both(body, monkeypatch)
+    assert isinstance(chunked, str) and words in chunked, chunked
+    assert isinstance(plain, str), plain  # the plain parse refuses it too (with the standard library's words)
+    if "invalid JSON" not in words:
+        assert chunked == plain
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        # a number list inside a string, in a parameter, as a key: the plain parse decides
+        (
+            b'{"id": "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", '
+            b'"data": [1]}]}',
+            None,
+        ),
+        (
+            b'{"parameters": {"p": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}, "inputs": [{"name": "x", "shape": [1], '
+            b'"datatype": "FP32", "data": [1]}]}',
+            "must be a string, number or boolean",
+        ),
+        (b'{[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]: 1, "inputs": []}', "invalid JSON"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [10], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}, '
+            b'{"name": "x", "shape": [10], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}]}',
+            "twice",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [10], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}],'
+            b' "inputs": [{"name": "y", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            None,
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [10], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],'
+            b' "data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]}]}',
+            None,
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [10], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}]',
+            "invalid JSON",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2, 5], "datatype": "FP32", "data": [[1, 2, 3, 4, 5.00], '
+            b"[6, 7, 8, 9, 10.0]]}]}",
+            None,
+        ),
+    ],
+)
+def test_oip_number_spans_elsewhere_fall_back_to_the_plain_parse(body, words, small_chunks, monkeypatch):
+    assert oip.number_spans(body, len(body))
+    chunked, plain = _both(body, monkeypatch)
+    if words is None:
+        assert not isinstance(chunked, str), chunked
+        assert chunked.id == plain.id and list(chunked.inputs) == list(plain.inputs)
+        for name in chunked.inputs:
+            np.testing.assert_array_equal(chunked.inputs[name], plain.inputs[name])
+    else:
+        assert chunked == plain and words in chunked
+
+
+@pytest.mark.parametrize("datatype", ALL_DATATYPES)
+def test_oip_large_outputs_are_written_in_chunks(datatype, small_chunks):
+    rng = np.random.default_rng(2)
+    dtype = DATATYPES[datatype]
+    if datatype == "BOOL":
+        big = rng.integers(0, 2, (3, 11)).astype(bool)
+    elif datatype.startswith("FP"):
+        big = rng.standard_normal((3, 11)).astype(dtype)
+    else:
+        big = rng.integers(0, 100, (3, 11)).astype(dtype)
+    outputs = {"big": big, "t": np.arange(6, dtype=np.float32)[::2], "small": np.array([1, 2], dtype=">i4")}
+    request = parse_infer_request(
+        b'{"id": "o", "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}'
+    )
+    body, headers = oip.encode_infer_response("m", 1, outputs, request, {"agent": "a-1"})
+    assert headers == {"Content-Type": "application/json"}
+    response = json.loads(body)
+    assert response["id"] == "o" and response["parameters"] == {"agent": "a-1"}
+    by_name = {o["name"]: o for o in response["outputs"]}
+    assert by_name["big"]["shape"] == [3, 11] and by_name["big"]["datatype"] == datatype
+    np.testing.assert_array_equal(np.array(by_name["big"]["data"], dtype=dtype).reshape(3, 11), big)
+    assert by_name["t"]["data"] == [0.0, 2.0, 4.0] and by_name["small"]["data"] == [1, 2]
+
+
+number_text = st.lists(
+    st.one_of(
+        st.integers(-(2**70), 2**70).map(str),
+        st.floats(allow_nan=False, allow_infinity=False, width=32).map(repr),
+        st.sampled_from(["", " ", "-", "1e999", "1.", ".5", "01", "1e", "+1", "1E+2", "-0", "\t2\n"]),
+    ),
+    min_size=1,
+    max_size=40,
+).map(", ".join)
+
+
+@settings(max_examples=fuzz_examples(300), deadline=None, database=None)
+@given(data=number_text, count=st.integers(0, 45), datatype=st.sampled_from(["FP32", "FP64", "INT64", "UINT8"]))
+def test_oip_number_spans_fuzz_same_as_the_plain_parse(data, count, datatype):
+    body = b'{"inputs": [{"name": "f", "shape": [%d], "datatype": "%s", "data": [%s]}]}' % (
+        count,
+        datatype.encode(),
+        data.encode(),
+    )
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(oip, "SPAN_MIN", 8)
+        m.setattr(oip, "CHUNK_BYTES", 16)
+        try:
+            chunked = parse_infer_request(body).inputs["f"]
+        except InvalidRequest as exc:
+            chunked = str(exc)
+        m.setattr(oip, "SPAN_MIN", 10**12)
+        try:
+            plain = parse_infer_request(body).inputs["f"]
+        except InvalidRequest as exc:
+            plain = str(exc)
+    if isinstance(plain, str):  # refused both ways (the words of a JSON syntax error may differ)
+        assert isinstance(chunked, str), (body, plain)
+        if not plain.startswith("invalid JSON"):
+            assert chunked == plain, body
+    else:
+        assert not isinstance(chunked, str), (body, chunked)
+        np.testing.assert_array_equal(chunked, plain)
