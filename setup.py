@@ -18,7 +18,7 @@ setup(
         "uvicorn>=0.27",
         "prometheus_client>=0.19",
         "pydantic>=2",
-        "orjson>=3.8",  # the edge's large JSON bodies: number arrays read in chunks, numpy outputs written directly
+        "orjson>=3.10",  # the edge's large JSON bodies: number arrays read in chunks, numpy outputs written directly
         # the edge's OIP gRPC: grpcio plus KServe's generated service_pb2 / service_pb2_grpc, which tritonclient ships
         "tritonclient[grpc]>=2.40",
     ],
