@@ -17,6 +17,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.27",
         "prometheus_client>=0.19",
+        "httpx>=0.27",  # `cluster bench --http`: the load generator's HTTP client
         "pydantic>=2",
         "orjson>=3.10",  # the edge's large JSON bodies: number arrays read in chunks, numpy outputs written directly
         # the edge's OIP gRPC: grpcio plus KServe's generated service_pb2 / service_pb2_grpc, which tritonclient ships
@@ -28,7 +29,6 @@ setup(
             "pytest-timeout>=2",
             "hypothesis>=6",
             "psutil>=5",
-            "httpx>=0.27",
             "playwright>=1.40",
             "tritonclient[http]>=2.40",
         ],

@@ -516,7 +516,6 @@ def status(
 ):
     """Print the live agents and the models they serve."""
     from rich.console import Console
-    from rich.table import Table
 
     from cluster import Client, ClusterError
 
@@ -528,28 +527,33 @@ def status(
             typer.echo(f"cannot reach the broker at {broker}: {exc}", err=True)
             raise typer.Exit(1) from None
     console = Console()
-    table = Table(title=f"Agents ({len(agents)})")
-    for column in ("id", "host", "pid", "device", "models", "in flight", "capacity", "heartbeat age", "uptime"):
-        table.add_column(column)
+    table = _table(f"Agents ({len(agents)})", "id", "host:pid", "device", "models", "load", "beat", "up")
     for a in sorted(agents, key=lambda a: a["id"]):
         table.add_row(
             a["id"],
-            str(a.get("host")),
-            str(a.get("pid")),
+            f"{a.get('host')}:{a.get('pid')}",
             str(a.get("device")),
             ", ".join(f"{m['name']} v{m['version']}" for m in a.get("models", [])),
-            str(a.get("in_flight")),
-            str(a.get("capacity")),
-            f"{a.get('heartbeat_age', 0):.2f} s",
+            f"{a.get('in_flight')}/{a.get('capacity')}",
+            f"{a.get('heartbeat_age', 0):.1f} s",
             f"{a.get('uptime', 0):.0f} s",
         )
     console.print(table)
-    table = Table(title=f"Models ({len(models)})")
-    for column in ("model", "versions", "agents"):
-        table.add_column(column)
+    table = _table(f"Models ({len(models)})", "model", "versions", "agents")
     for name, info in sorted(models.items()):
         table.add_row(name, ", ".join(map(str, info["versions"])), ", ".join(info["agents"]))
     console.print(table)
+
+
+def _table(title: str, *columns: str):
+    """A rich table whose cells wrap (fold) rather than being cut with an ellipsis: an agent id must be readable
+    whole, at 80 columns too."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
 
 
 # ---- deployments -------------------------------------------------------------------------------------------------
@@ -561,14 +565,13 @@ ManagerAddress = typer.Option(
 
 def _print_rollout(report: dict, what: str) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(
-        title=f"{what} {report['model']} v{report['version']}"
-        + (f" (was v{report['previous']})" if report.get("previous") else "")
+    table = _table(
+        f"{what} {report['model']} v{report['version']}"
+        + (f" (was v{report['previous']})" if report.get("previous") else ""),
+        "agent",
+        "outcome",
     )
-    table.add_column("agent")
-    table.add_column("outcome")
     for agent_id, outcome in report["agents"].items():
         table.add_row(agent_id, "[green]ok[/green]" if outcome == "ok" else f"[red]failed: {outcome}[/red]")
     Console().print(table)
@@ -576,11 +579,18 @@ def _print_rollout(report: dict, what: str) -> None:
         typer.echo(f"not waited for: {agent_id} ({why})")
     if report.get("note"):
         typer.echo(report["note"])
-    verdict = "done" if report["ok"] else "FAILED: every agent keeps serving the previous version"
-    typer.echo(
-        f"{what} of {report['model']} v{report['version']} {verdict} in {report['seconds']:.2f} s "
-        f"on {len(report['agents'])} agents"
+    head = f"{what} of {report['model']} v{report['version']}"
+    agents = f"{len(report['agents'])} agent{'s' if len(report['agents']) != 1 else ''}"
+    if report["ok"]:
+        typer.echo(f"{head} done in {report['seconds']:.2f} s on {agents}")
+        return
+    kept = (
+        f"every agent keeps serving v{report['previous']}"
+        if report.get("previous") is not None
+        else f"{report['model']} stays undeployed (it had no earlier version)"
     )
+    removed = f"; v{report['version']} was taken off the share" if report.get("removed") else ""
+    typer.echo(f"{head} FAILED after {report['seconds']:.2f} s on {agents}: {kept}{removed}")
 
 
 def _manager_call(manager: str, what: str, wait: float, key: str | None = None, data: bytes | None = None, **fields):
@@ -624,7 +634,7 @@ def deploy(
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from cluster.model_config import RepositoryError, from_triton, is_triton_config
-    from cluster.repository import MODEL_FILES, publish_version
+    from cluster.repository import MODEL_FILES, ModelRepository, publish_version
 
     model_config = None
     if config_file is not None:
@@ -664,6 +674,7 @@ def deploy(
         _print_rollout(report, "deploy")
         raise typer.Exit(0 if report["ok"] else 1)
     share_dir = Path(share)
+    new_model = not ModelRepository(share_dir).versions(name)
     with Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
     ) as progress:
@@ -680,7 +691,16 @@ def deploy(
             typer.echo(f"cannot publish: {exc}", err=True)
             raise typer.Exit(2) from None
     typer.echo(f"published {name} version {version} to {share_dir}; rolling out ...")
-    report = _manager_call(manager, "deploy", timeout + 30, key, name=name, version=version, rollout_timeout=timeout)
+    report = _manager_call(
+        manager,
+        "deploy",
+        timeout + 30,
+        key,
+        name=name,
+        version=version,
+        rollout_timeout=timeout,
+        discard_on_failure="model" if new_model else "version",  # a rejected version does not stay on the share
+    )
     _print_rollout(report, "deploy")
     raise typer.Exit(0 if report["ok"] else 1)
 

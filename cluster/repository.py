@@ -558,3 +558,19 @@ def publish_upload(
             return version, False
         version = None  # taken by other content: the next number
     return publish_version(share_dir, name, file_name, config, version, data=data), True
+
+
+def remove_version(share_dir: str | os.PathLike, name: str, version: int, *, whole_model: bool = False) -> None:
+    """Take a version off the share (one that a failed rollout rejected, just after it was published): renamed to a
+    dot-folder first, so that no reader ever sees half of it, then deleted. `whole_model`: the model's folder goes
+    too (a brand-new model whose first version was rejected leaves nothing behind)."""
+    check_name(name)
+    model_dir = ModelRepository(share_dir).model_dir(name)
+    doomed = model_dir if whole_model else model_dir / str(check_version(name, version))
+    parking = (model_dir.parent if whole_model else model_dir) / f".rejected-{secrets.token_hex(8)}"
+    try:
+        os.rename(doomed, parking)
+    except FileNotFoundError:
+        return
+    fsync_dir(parking.parent)
+    shutil.rmtree(parking, ignore_errors=True)

@@ -122,11 +122,12 @@ def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(
         load.wait_for_answers(300)
         versions_seen = [v for _, _, v, _ in load.results]
 
-        # Version 3 with bad bytes: every agent fails to load it and keeps serving v2.
+        # Version 3 with bad bytes: every agent fails to load it and keeps serving v2; v3 is taken off the share.
         bad = tmp_path / "bad.pt"
         bad.write_bytes(os.urandom(4096))
         out_bad = run_cli(cluster, "deploy", str(bad), "--name", "digits")
-        # Version 4, a good file whose bytes change after publishing: the sha256 check refuses it on every agent.
+        rejected_left = (cluster.share / "models" / "digits" / "3").exists()
+        # Then a good file whose bytes change after publishing (so v3 again): the sha256 check refuses it everywhere.
         v4 = publish_version(cluster.share, "digits", digits_v1_file)  # a copy: the session's file stays intact
         published = cluster.share / "models" / "digits" / str(v4) / "model.pt"
         data = bytearray(published.read_bytes())
@@ -149,6 +150,8 @@ def test_rollout_under_load_drops_nothing_then_bad_versions_change_nothing(
     assert out_bad.returncode == 1, out_bad.stdout + out_bad.stderr
     assert "FAILED" in out_bad.stdout and all(f"agent-{i}" in out_bad.stdout for i in (2, 3, 4)), out_bad.stdout
     assert "cannot load" in out_bad.stdout, out_bad.stdout
+    assert "every agent keeps serving v2; v3 was taken off the share" in out_bad.stdout, out_bad.stdout
+    assert not rejected_left, "the rejected version stayed on the share"
     assert not refused["ok"] and len(refused["agents"]) == 3, refused
     assert all("sha256 mismatch" in reason for reason in refused["agents"].values()), refused
     assert all(v == [2] for v in served_versions(client).values()), served_versions(client)
@@ -205,6 +208,14 @@ def test_undeploy_and_deploy_a_new_model(three_agents, tmp_path, digits_v2_file)
     wait_for(lambda: "echo" not in client.models(), 10, "echo to be unloaded everywhere")
     out = run_cli(cluster, "deploy", str(tmp_path / "missing.pt"), "--name", "x")
     assert out.returncode == 2
+    # A brand-new model whose first version no agent can load: no "previous version" to keep, nothing left behind.
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(os.urandom(4096))
+    config.write_text(json.dumps({**DIGITS_CONFIG, "name": "doomed"}))
+    out = run_cli(cluster, "deploy", str(bad), "--name", "doomed", "--config", str(config))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "doomed stays undeployed (it had no earlier version); v1 was taken off the share" in out.stdout, out.stdout
+    assert not (cluster.share / "models" / "doomed").exists()
 
 
 def test_request_naming_a_version(three_agents):

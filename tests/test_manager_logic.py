@@ -94,6 +94,7 @@ def test_deploy_stages_on_every_agent_switches_when_all_staged_and_answers(tmp_p
                 "agents": {"a": "ok", "b": "ok", "c": "ok"},
                 "left_out": {},
                 "seconds": 4.0,
+                "removed": False,
             },
         )
     ]
@@ -347,3 +348,20 @@ def test_deployments_view_shows_desired_served_and_rolling_out(tmp_path):
         "m": {"version": 1, "staged": 2, "history": [], "agents": {"a": [1], "b": [1]}, "rolling_out": True},
         "echo": {"version": None, "staged": None, "history": [], "agents": {}, "rolling_out": False},
     }
+
+
+def test_a_version_published_for_a_failed_rollout_is_discarded(tmp_path):
+    d = make(tmp_path)
+    d.command("deploy", {"name": "m", "version": 2, "discard_on_failure": "version"}, REQUESTER, now=0.0)
+    heartbeats(d, beat("a", failed=[("m", 2, "corrupt")]), beat("b", staged=[("m", 2)]), beat("c", staged=[("m", 2)]))
+    actions = d.tick(1.0)
+    assert actions.discard == [("m", 2, False)] and actions.answers[0][1]["removed"] is True
+    d = make(tmp_path / "new", on_share={"m": [1], "fresh": [1]})
+    d.command("deploy", {"name": "fresh", "discard_on_failure": "model"}, REQUESTER, now=0.0)
+    heartbeats(d, *(beat(a, failed=[("fresh", 1, "bad")]) for a in ("a", "b", "c")))
+    assert d.tick(1.0).discard == [("fresh", 1, True)]
+    d = make(tmp_path / "ok")
+    d.command("deploy", {"name": "m", "version": 2, "discard_on_failure": "version"}, REQUESTER, now=0.0)
+    report = roll_out(d, "m", 2)
+    assert report["ok"] and report["removed"] is False  # a good version stays
+    assert refused(make(tmp_path / "bad"), "deploy", {"name": "m", "discard_on_failure": "all"}).code == "BAD_REQUEST"

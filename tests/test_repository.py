@@ -527,3 +527,18 @@ def test_write_demo_models_is_idempotent(digits_share):
     assert repo.versions("echo") == [1] and repo.versions("digits") == [1]
     out = load_model(repo, "echo", 1).infer({"x": torch.ones(2, 3)})
     assert torch.equal(out["y"], torch.ones(2, 3))
+
+
+def test_remove_version_takes_a_rejected_version_or_a_new_model_off_the_share(tmp_path, digits_v1_file):
+    from cluster.repository import remove_version
+
+    share = tmp_path / "share"
+    config = {**DIGITS_CONFIG, "name": "m"}
+    for _ in range(2):
+        publish_version(share, "m", digits_v1_file, config)
+    remove_version(share, "m", 2)
+    repo = ModelRepository(share)
+    assert repo.versions("m") == [1] and not [p for p in (share / "models" / "m").iterdir() if p.name.startswith(".")]
+    remove_version(share, "m", 2)  # already gone: nothing to do
+    remove_version(share, "m", 1, whole_model=True)
+    assert repo.model_names() == [] and not list((share / "models").iterdir())

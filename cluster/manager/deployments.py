@@ -43,6 +43,8 @@ class Actions:
 
     desired_changed: bool = False  # save deployments.json and publish the desired state
     answers: list[tuple[tuple, dict]] = field(default_factory=list)  # (requester, result): send REPLY {id, result}
+    discard: list[tuple[str, int, bool]] = field(default_factory=list)  # (model, version, whole model): take off
+    # the share (a version the manager published for this rollout, which the rollout rejected)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Rollout:
     timeout: float = DEFAULT_ROLLOUT_TIMEOUT  # seconds each agent has to stage, from when it joined the rollout
     staging_deadlines: dict[str, float] = field(default_factory=dict)  # agent -> when its staging time is up
     left_out: dict[str, str] = field(default_factory=dict)  # agents the manager hears but did not wait for: why
+    discard: str | None = None  # if it fails, take off the share: "version" (published for it) or "model" (new)
 
     def join(self, agent: str, now: float) -> None:
         """Wait for this agent too, with its own staging deadline (one that starts serving mid-rollout: it must
@@ -119,6 +122,7 @@ class Rollout:
             "agents": agents,  # the agents it waited for, each with its outcome
             "left_out": dict(sorted(self.left_out.items())),  # agents it did not wait for, and why
             "seconds": round(now - self.started, 3),
+            "removed": self.discard is not None and not all(r == "ok" for r in agents.values()),  # off the share
         }
 
 
@@ -150,6 +154,9 @@ class Deployments:
         if self.share is None:
             raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
         name = require(header, "name", str)
+        discard = header.get("discard_on_failure") if what == "deploy" else None
+        if discard not in (None, "version", "model"):
+            raise CommandError(ErrorCode.BAD_REQUEST, "discard_on_failure must be 'version' or 'model'")
         if name in self.rollouts:
             raise CommandError(
                 ErrorCode.OVERLOADED, f"a rollout of '{name}' is already in progress; try again when it is over"
@@ -200,6 +207,7 @@ class Deployments:
         self.desired.changed()
         rollout = Rollout(name, version, deployment.version, set(), now + timeout, requester, started=now)
         rollout.timeout = timeout
+        rollout.discard = discard
         serving, left_out = self._participants(name)
         for agent in serving:
             rollout.join(agent, now)
@@ -258,6 +266,8 @@ class Deployments:
                     self.desired.changed()
                     actions.desired_changed = True
                     log.warning("rollout of %s v%d aborted: %s", name, rollout.version, failed or "deadline passed")
+                    if rollout.discard is not None:
+                        actions.discard.append((name, rollout.version, rollout.discard == "model"))
                 elif rollout.complete():
                     if deployment.version is not None:
                         deployment.history = (deployment.history + [deployment.version])[-HISTORY_LENGTH:]

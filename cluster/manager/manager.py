@@ -48,7 +48,7 @@ from cluster.manager.deployments import Actions, CommandError, Deployments
 from cluster.manager.registry import Registry
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, require
-from cluster.repository import MODEL_FILES, publish_upload
+from cluster.repository import MODEL_FILES, ModelRepository, publish_upload, remove_version
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, make_socket
 
@@ -105,7 +105,8 @@ class Manager:
         self.deployments = Deployments(share, self.load_desired_state(), self.registry)
         self._stop = threading.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one publish at a time, off the loop
-        self.publishing: dict[str, tuple[Future, tuple, dict]] = {}  # model -> (the write, requester, header)
+        # model -> (the write, requester, header, whether the model is new on the share)
+        self.publishing: dict[str, tuple[Future, tuple, dict, bool]] = {}
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -265,12 +266,13 @@ class Manager:
         except RepositoryError as exc:
             raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
         log.info("publishing %s (%s, %d bytes) sent over the bus", name, file_name, len(data))
+        new_model = not ModelRepository(self.share).versions(name)
         write = self._writer.submit(publish_upload, self.share, name, file_name, data, config, version)
-        self.publishing[name] = (write, requester, header)
+        self.publishing[name] = (write, requester, header, new_model)
 
     def finish_publishing(self, now: float) -> None:
         """Each finished write: its version is deployed (answered when that rollout is over), or its error answered."""
-        for name, (write, requester, header) in list(self.publishing.items()):
+        for name, (write, requester, header, new_model) in list(self.publishing.items()):
             if not write.done():
                 continue
             del self.publishing[name]
@@ -279,6 +281,8 @@ class Manager:
                 version, published = write.result()
                 log.info("%s %s v%d; deploying it", "published" if published else "already have", name, version)
                 deploy = {"name": name, "version": version, "rollout_timeout": header.get("rollout_timeout")}
+                if published:  # rejected by the rollout: off the share again (the whole model, if it is new)
+                    deploy["discard_on_failure"] = "model" if new_model else "version"
                 self.carry_out(self.deployments.command("deploy", deploy, requester, now))
             except (RepositoryError, CommandError) as exc:
                 code, text = (exc.code if isinstance(exc, CommandError) else ErrorCode.BAD_REQUEST), str(exc)
@@ -321,6 +325,12 @@ class Manager:
         if actions.desired_changed:
             self.deployments.desired.save(self.share)
             self.publish_desired()
+        for name, version, whole_model in actions.discard:  # before the answer, which says it is done (a rename)
+            log.info("taking %s v%d off the share: its rollout rejected it", name, version)
+            try:
+                remove_version(self.share, name, version, whole_model=whole_model)
+            except OSError as exc:
+                log.warning("could not take %s v%d off the share: %s", name, version, exc)
         for (peer, request_id), result in actions.answers:
             self.answer(peer, message(Command.REPLY, {"id": request_id, "result": result}))
 
