@@ -546,13 +546,13 @@ def status(
 
 
 def _table(title: str, *columns: str):
-    """A rich table whose cells wrap (fold) rather than being cut with an ellipsis: an agent id must be readable
-    whole, at 80 columns too."""
+    """A rich table that never cuts a cell with an ellipsis: the first column (an agent id, a model name) stays on
+    one line, whole, at 80 columns too; the others wrap."""
     from rich.table import Table
 
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for i, column in enumerate(columns):
+        table.add_column(column, no_wrap=i == 0, overflow="fold")
     return table
 
 
@@ -730,12 +730,9 @@ def undeploy(name: str = typer.Argument(..., help="Model name."), manager: str =
 def models(manager: str = ManagerAddress, key: str | None = Key):
     """What is deployed, at which version, on which agents."""
     from rich.console import Console
-    from rich.table import Table
 
     deployments = _manager_call(manager, "deployments", 5, key)
-    table = Table(title="Deployments")
-    for column in ("model", "version", "staged", "history", "agents (versions served)"):
-        table.add_column(column)
+    table = _table("Deployments", "model", "version", "staged", "history", "agents (versions served)")
     for name, d in sorted(deployments.items()):
         agents = ", ".join(f"{a} (v{','.join(map(str, vs))})" for a, vs in sorted(d["agents"].items())) or "none"
         table.add_row(

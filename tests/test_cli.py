@@ -166,3 +166,19 @@ def test_every_command_documents_its_options():
         if not any(envvar.startswith("CLUSTER_") for envvar in envvars):
             problems.append("no option reads a CLUSTER_* environment variable")
         assert not problems, f"`cluster {name} --help`: {'; '.join(problems)}\n{out.output}"
+
+
+def test_tables_keep_agent_ids_whole_at_80_columns():
+    """`cluster status`, `models` and `deploy` print through one table helper: the first column is never cut."""
+    from rich.console import Console
+
+    from cluster.cli import _table
+
+    table = _table("Agents (1)", "id", "host:pid", "device", "models", "load", "beat", "up")
+    long_id = "vm-5012345678-abcdef-ghijkl"
+    table.add_row(long_id, "vm-5012345678:123456", "cpu", "digits v1, echo v1, mirror v3", "0/16", "0.3 s", "12 s")
+    console = Console(width=80, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert long_id in text and "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80, text
