@@ -15,6 +15,7 @@ setup(
         "rich>=13",
         "scikit-learn>=1.3",  # the digits demo model's data set
         "fastapi>=0.110",
+        "fastapi-offline>=1.7",  # /docs and /redoc with Swagger UI and ReDoc served by the edge, not from a CDN
         "uvicorn>=0.27",
         "prometheus_client>=0.19",
         "httpx>=0.27",  # `cluster bench --http`: the load generator's HTTP client

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from cluster import AsyncClient
 from cluster.config import BROKER_CLIENT_ADDR, EDGE_GRPC_PORT, env_or
@@ -49,6 +50,7 @@ FRONTEND_CANDIDATES = (
 )
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_MAX_JSON_BODY = 32 * 1024 * 1024  # JSON costs several times its size to decode: a lower limit
+DOCS_ASSETS = "/docs-assets"  # where /docs and /redoc find Swagger UI's and ReDoc's files
 DEFAULT_QUERY_TIMEOUT = 2.0  # seconds health, metadata and the cluster views wait for the broker
 
 
@@ -130,7 +132,10 @@ def create_app(
         finally:
             edge.client = None
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc with their scripts served by the edge itself (fastapi-offline), not a CDN: the
+    # edge is often where there is no internet
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="torch-serving-cluster edge",
         version=server_version(),
         description="Open Inference Protocol (KServe V2) REST in front of the cluster's bus, with Triton's binary "

@@ -89,7 +89,7 @@ class InferenceRequest(BaseModel):
         description="`binary_data_output` (bool): all outputs in binary; `timeout` (int, microseconds): deadline; "
         "`priority` accepted and ignored. Other parameters are accepted and ignored.",
     )
-    inputs: list[RequestInput]
+    inputs: list[RequestInput] = Field(..., min_length=1, description="At least one input.")
     outputs: list[RequestOutput] | None = Field(None, description="Outputs to return (all when omitted).")
 
 

@@ -674,6 +674,12 @@ def test_openapi_lists_every_route(http):
     schemas = doc["components"]["schemas"]
     request = schemas[ref.rsplit("/", 1)[1]]
     assert {"inputs", "outputs", "id", "parameters"} <= set(request["properties"])
+    # What the document allows, the edge takes: no empty `inputs` (the edge answers 400), and the binary extension's
+    # header only described with octet-stream bodies, not offered as a parameter of JSON ones
+    assert request["properties"]["inputs"]["minItems"] == 1 and "inputs" in request["required"]
+    assert not [p for p in infer.get("parameters", []) if p["name"].lower() == "inference-header-content-length"]
+    octet = infer["requestBody"]["content"]["application/octet-stream"]["description"]
+    assert "Inference-Header-Content-Length" in octet
     for target in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(doc)):
         assert target in schemas, f"dangling $ref {target}"
     assert {"400", "404", "413", "429", "503"} <= set(infer["responses"])
@@ -891,3 +897,15 @@ def test_metrics_carry_tritons_names_per_agent(http):
     assert 'nv_inference_request_failure{agent="agent-a",model="echo",reason="BACKEND",version="1"} 1.0' in text
     assert "# TYPE nv_inference_count counter" in text and "cluster_agents_alive 1.0" in text, text
     assert "edge_requests_in_flight" in text
+
+
+def test_docs_pages_load_nothing_from_the_internet(http):
+    """/docs and /redoc work offline: every script, style and icon they load is served by the edge itself."""
+    for page in ("/docs", "/redoc"):
+        html = http.get(page)
+        assert html.status_code == 200, (page, html.status_code)
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*["']([^"']+)["']""", html.text)
+        assert len(urls) >= 2 and not re.findall(r"https?://", html.text), html.text[:800]
+        for url in urls:
+            assert url.startswith("/"), f"{page} loads {url} from elsewhere"
+            assert http.get(url).status_code == 200, f"{page}: {url} is not served"
