@@ -1,1 +1,1 @@
-"""The benchmark suite (`python bench/suite.py`): a small library (lib, models, sims) and one module per benchmark."""
+"""The benchmark suite (`python3 bench/suite.py`): a small library (lib, models, sims) and one module per benchmark."""

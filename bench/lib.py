@@ -169,7 +169,7 @@ def local_cluster(share: Path, workdir: Path) -> Iterator[LocalCluster]:
 
 
 def start_sim(cluster: LocalCluster, name: str, role: str, *args: str, stop_as: str = "baseline", **env) -> Proc:
-    """Start `python bench/sims.py ROLE ARGS` as one of `cluster`'s processes (log `name`.log in its workdir). A role
+    """Start `python3 bench/sims.py ROLE ARGS` as one of `cluster`'s processes (log `name`.log in its workdir). A role
     that listens (sims.LISTENING) binds port 0: this returns once it serves, with what it got in `proc.addresses`.
     stop_as: the role it is stopped with by stop_all ("agent" for simulated agents: before the broker they talk to;
     "edge": first; the default, after the cluster)."""

@@ -2,7 +2,7 @@
 a bare SUB socket, bare FastAPI apps, the seed design's httpx load balancer), the edge under the same uvicorn
 settings as those apps, and simulators (1,000 heartbeating agents, agents that answer at once without torch).
 
-    python bench/sims.py ROLE [ARGS...] [--ready-file PATH]     # started by bench.lib.start_sim, not by hand
+    python3 bench/sims.py ROLE [ARGS...] [--ready-file PATH]     # started by bench.lib.start_sim, not by hand
 
 They are started like the cluster's roles, by `cluster.local.LocalCluster.spawn`. A role that listens (LISTENING)
 binds port 0 and, once it serves, writes the addresses it got to its ready file (`cluster.local.write_ready_file`;
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
-    # `python bench/sims.py` puts bench/ first on sys.path: put the repository root there instead, so that
+    # `python3 bench/sims.py` puts bench/ first on sys.path: put the repository root there instead, so that
     # `cluster` and `edge` come from this checkout whatever the working directory
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 

@@ -1,6 +1,6 @@
 """The whole benchmark suite in one command: every figure next to a baseline measured in the same run.
 
-    python bench/suite.py [--quick] [--only 1,http,...] [--out bench/RESULTS.md]   (or python -m bench.suite ...)
+    python3 bench/suite.py [--quick] [--only 1,http,...] [--out bench/RESULTS.md]   (or python3 -m bench.suite ...)
 
 Runs, each with its own processes on 127.0.0.1 (started by cluster.local.LocalCluster on ports the OS picked,
 stopped by pid in try/finally):
@@ -20,7 +20,8 @@ stopped by pid in try/finally):
  7. routing: 3 agents, one 10x slower for the same request (its own share), round-robin vs least-outstanding.
 
 Prints one table (figure, ours, baseline, ratio, target, holds) to stdout, progress to stderr, and writes the same
-table as Markdown, with the machine it ran on, to bench/RESULTS.md. Targets are the TARGET_* constants at the top of
+table as Markdown, with the machine it ran on, to bench/out/RESULTS.md (not tracked; `--out bench/RESULTS.md` to
+update the committed record). Targets are the TARGET_* constants at the top of
 each benchmark's module. `--quick` shortens every run to a smoke check (about 2 minutes); the full run takes about
 10. `--only` takes keys or names: 1 or echo (figures 1 and 2), 3 or http, 4 or batching, 5 or big, 6a or manager,
 6b or broker, 7 or routing.
@@ -40,8 +41,8 @@ import traceback
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
-    # `python bench/suite.py` puts bench/ first on sys.path: put the repository root there instead, as
-    # `python -m bench.suite` does, so that `bench.*`, `cluster` and `edge` come from this checkout
+    # `python3 bench/suite.py` puts bench/ first on sys.path: put the repository root there instead, as
+    # `python3 -m bench.suite` does, so that `bench.*`, `cluster` and `edge` come from this checkout
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench import batching, big, echo, http_edge, routing, scale  # noqa: E402
@@ -65,7 +66,7 @@ def write_markdown(path: Path, suite: Suite, info: dict, elapsed: float, argv: l
     text = [
         "# Benchmark results",
         "",
-        f"`python bench/suite.py{' ' + ' '.join(argv) if argv else ''}` "
+        f"`python3 bench/suite.py{' ' + ' '.join(argv) if argv else ''}` "
         f"({'quick smoke run' if suite.settings.quick else 'full run'}), {elapsed / 60:.1f} minutes. Every figure is "
         "next to a baseline measured in the same run on the same machine (2 shared cores: absolute numbers are noisy, "
         "ratios less so). Targets are the TARGET_* constants in each benchmark's module (`bench/*.py`).",
@@ -101,7 +102,10 @@ def main() -> None:
         help="comma-separated benchmarks to run, by key or name: " + ", ".join(f"{k}/{n}" for k, n, _, _ in BENCHMARKS),
     )
     parser.add_argument(
-        "--out", default=str(BENCH_DIR / "RESULTS.md"), help="Markdown report (default bench/RESULTS.md)"
+        "--out",
+        default=str(BENCH_DIR / "out" / "RESULTS.md"),
+        help="Markdown report (default bench/out/RESULTS.md, not tracked; --out bench/RESULTS.md updates the "
+        "committed record)",
     )
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
@@ -131,6 +135,7 @@ def main() -> None:
         f"\n{'quick' if args.quick else 'full'} run: {elapsed:.0f} s; machine: {info['CPU']}, {info['cores']}, "
         f"{info['memory']}"
     )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_markdown(Path(args.out), suite, info, elapsed, sys.argv[1:])
     log(f"wrote {args.out}")
 

@@ -374,7 +374,12 @@ def up(
         config.EDGE_GRPC_PORT, "--grpc-port", envvar="CLUSTER_EDGE_GRPC_PORT", help="gRPC port of the edge (0: none)."
     ),
     share: str | None = typer.Option(
-        None, envvar="CLUSTER_SHARE", help="Model repository folder (default under the user's data dir)."
+        None,
+        envvar="CLUSTER_SHARE",
+        help="Model repository folder (default under the user's data dir); it must exist, unless --create-share.",
+    ),
+    create_share: bool = typer.Option(
+        False, "--create-share", help="Make the --share folder if it does not exist (with the demo models)."
     ),
     heartbeat_interval: float | None = Interval,
     log_level: str = LogLevel,
@@ -405,24 +410,32 @@ def up(
     everything (exit status 1). Ctrl-C or SIGTERM stops them all (exit status 0)."""
     import tempfile
 
-    from cluster.demo_models import write_demo_models
-    from cluster.local import LocalCluster, StartError, any_port, write_ready_file
-    from cluster.repository import ModelRepository
+    from cluster.local import LocalCluster, StartError, any_port, ports_in_use, write_ready_file
     from cluster.supervisor import Supervisor
 
     _setup_logging(log_level, "up")
-    share_dir = Path(share or config.default_share_dir())
-    share_dir.mkdir(parents=True, exist_ok=True)
-    if not ModelRepository(share_dir).model_names():
-        typer.echo(f"Writing the demo models (digits, echo) into {share_dir} ...")
-        write_demo_models(share_dir)
+    addresses = config.Addresses()
+    if any_ports:
+        addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
+    else:  # before anything starts: a port in use (another `cluster up`?) is said in one line, not a traceback
+        wanted = {f"the {k.replace('_', ' ')} address": v for k, v in dataclasses.asdict(addresses).items()}
+        host = config.env_or("EDGE_HOST", config.EDGE_HOST)
+        for what, port in (("the HTTP edge", edge_port), ("the gRPC edge", grpc_port if edge_port else 0)):
+            if port:
+                wanted[what] = f"tcp://{host}:{port}"
+        taken = ports_in_use(wanted)
+        if taken:
+            for line in taken:
+                typer.echo(f"cluster up: {line}", err=True)
+            typer.echo(
+                "cluster up: is a cluster already running here? Stop it, or start this one with --any-ports.", err=True
+            )
+            raise typer.Exit(1)
+    share_dir = _up_share(share, create_share)
     key_dir = token_file = None
     if secure or keys is not None:
         key_dir, token_file = _secure_state(keys or share_dir.with_name(share_dir.name + "-keys"))
     policy = config.restart_policy_from_env()
-    addresses = config.Addresses()
-    if any_ports:
-        addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
     signal.signal(signal.SIGTERM, _raise_interrupt)  # like Ctrl-C (SIGINT): stop everything, wherever we are
     stopped_by_signal = False
     with tempfile.TemporaryDirectory(prefix="cluster-up-") as workdir:
@@ -489,6 +502,34 @@ def up(
             local.stop_all()
             typer.echo("cluster stopped")
     raise typer.Exit(0 if stopped_by_signal else 1)
+
+
+def _up_share(share: str | None, create: bool) -> Path:
+    """`cluster up`'s share: the default one is made on first use; one given with --share must exist (a typo must
+    not quietly start a fresh, empty cluster), unless --create-share. The demo models go into a share without
+    models. An unusable path is said in one line (exit status 2)."""
+    from cluster.demo_models import write_demo_models
+    from cluster.repository import ModelRepository
+
+    share_dir = Path(share or config.default_share_dir())
+    if share is not None and not share_dir.exists() and not create:
+        typer.echo(
+            f"cluster up: the share {share_dir} does not exist; check the path, or add --create-share to make a "
+            "new share there (with the demo models)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        if share_dir.exists() and not share_dir.is_dir():
+            raise NotADirectoryError(f"{share_dir} is not a folder")
+        share_dir.mkdir(parents=True, exist_ok=True)
+        if not ModelRepository(share_dir).model_names():
+            typer.echo(f"Writing the demo models (digits, echo) into {share_dir} ...")
+            write_demo_models(share_dir)
+    except OSError as exc:
+        typer.echo(f"cluster up: cannot use {share_dir} as the share: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return share_dir
 
 
 def _secure_state(key_dir: Path) -> tuple[Path, Path]:

@@ -480,6 +480,9 @@ class AsyncClient:
 
     fail_fast: while the connection to the broker is down (after a first second to connect), calls fail at once with
     NoAgentAvailableError instead of waiting to be sent when it is back; what the HTTP edge wants (an immediate 503).
+
+    The cluster's timeout, InferenceTimeoutError, is a TimeoutError, and so (Python 3.11+) an asyncio.TimeoutError:
+    around `asyncio.wait_for(client.infer(...))`, catch InferenceTimeoutError first to tell the two apart.
     """
 
     CONNECT_GRACE = 1.0  # seconds a fresh client may take to connect before fail_fast applies

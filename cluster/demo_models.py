@@ -5,7 +5,7 @@ real model to serve without downloading weights. echo: returns its input, for te
 Both are built deterministically (fixed seed, one thread), so rebuilding gives the same model (byte-identical
 TorchScript on the same machine) and accuracy numbers are reproducible.
 
-    python -m cluster.demo_models SHARE_DIR
+    python3 -m cluster.demo_models SHARE_DIR
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def write_demo_models(share_dir: str | os.PathLike, digits_file: str | os.PathLi
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m cluster.demo_models SHARE_DIR", file=sys.stderr)
+        print("usage: python3 -m cluster.demo_models SHARE_DIR", file=sys.stderr)
         return 2
     share = argv[0]
     started = time.perf_counter()

@@ -24,6 +24,12 @@ class NoAgentAvailableError(ClusterError):
 
 
 class InferenceTimeoutError(ClusterError, TimeoutError):
+    """No answer within the request's deadline (the cluster's own timeout: the message and `model` name the model).
+
+    Also a TimeoutError, so `except TimeoutError` catches it; on Python 3.11+ TimeoutError *is* asyncio.TimeoutError,
+    so code that wraps a call in asyncio.wait_for and catches asyncio.TimeoutError catches this one too. To tell the
+    two apart, catch InferenceTimeoutError first."""
+
     code = ErrorCode.TIMEOUT
 
 

@@ -4,7 +4,7 @@ A thin app with no model logic: each HTTP request becomes one call on the bus cl
 edge/routes.py the routes, edge/schemas.py the bodies the OpenAPI document shows, edge/errors.py the statuses of
 errors, edge/body.py the body limit and encodings, edge/oip.py OIP JSON and binary tensors <-> numpy,
 edge/metrics.py the Prometheus metrics, edge/security.py tokens, allowed hosts and CORS. The command line is
-`cluster edge` (cluster/cli.py; `python -m edge` is the same command).
+`cluster edge` (cluster/cli.py; `python3 -m edge` is the same command).
 """
 
 from __future__ import annotations

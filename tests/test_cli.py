@@ -182,3 +182,44 @@ def test_tables_keep_agent_ids_whole_at_80_columns():
     text = console.export_text()
     assert long_id in text and "…" not in text, text
     assert max(len(line) for line in text.splitlines()) <= 80, text
+
+
+def _up_once(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`cluster up` that must refuse at once (nothing started)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", "up", "--edge-port", "0", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cluster_up_names_a_port_in_use_and_its_holder_before_starting_anything(tmp_path, share):
+    import socket
+
+    local = LocalCluster(share, tmp_path)  # its addresses: every port 0 (the OS picks), except the one taken below
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = local.env(CLUSTER_BROKER_CLIENTS=f"tcp://127.0.0.1:{port}")
+        out = _up_once(env, "--share", str(share))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"tcp://127.0.0.1:{port} (the broker clients address) is already in use, by pid {os.getpid()}" in out.stderr
+    assert "--any-ports" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "cluster up: share" not in out.stdout, "the banner was printed for a cluster that did not start"
+
+
+def test_cluster_up_refuses_a_share_that_does_not_exist_unless_told_to_create_it(tmp_path):
+    local = LocalCluster(tmp_path / "unused", tmp_path)
+    env = local.env()
+    env.pop("CLUSTER_SHARE", None)
+    typo = tmp_path / "typo" / "path"
+    out = _up_once(env, "--any-ports", "--share", str(typo))
+    assert out.returncode == 2 and "does not exist" in out.stderr and "--create-share" in out.stderr, out.stderr
+    assert not typo.exists(), "the mistyped share was created"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    out = _up_once(env, "--any-ports", "--share", str(a_file))
+    assert out.returncode == 2 and "cannot use" in out.stderr and "Traceback" not in out.stderr, out.stderr
