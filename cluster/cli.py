@@ -164,6 +164,13 @@ def broker(
         help="Load shedding: refuse at once (OVERLOADED) a request expected to wait longer than this many seconds "
         "in the queue (default 5; 0 = off; a model's config max_queue_wait_ms overrides it).",
     ),
+    hedge_after: float | None = typer.Option(
+        None,
+        "--hedge-after",
+        metavar="MS",
+        help="Hedging: a request at one agent for longer than MS milliseconds is also sent to another agent; the "
+        "first answer wins, the other copy is cancelled (default: off; CLUSTER_HEDGE_AFTER in seconds).",
+    ),
     log_level: str = LogLevel,
     ready_file: str | None = ReadyFile,
     key: str | None = Key,
@@ -173,7 +180,10 @@ def broker(
 
     _setup_logging(log_level, "broker")
     timings = config.timings_from_env(
-        heartbeat_interval=heartbeat_interval, liveness=liveness, max_queue_wait=max_queue_wait
+        heartbeat_interval=heartbeat_interval,
+        liveness=liveness,
+        max_queue_wait=max_queue_wait,
+        hedge_after=None if hedge_after is None else hedge_after / 1000,
     )
     component = Broker(
         _addresses(

@@ -55,6 +55,15 @@ class Timings:
     client_reply_budget: int = 32 * 1024 * 1024  # bytes of replies the broker holds for a client that does not read
     # them (its pipe is full, CLIENT_SNDHWM); while it holds any, the client's new requests get OVERLOADED; past it,
     # its replies are dropped and its requests cancelled
+    # A stalled agent (holds requests, makes no progress; frozen, or its inference stuck) stops getting new requests
+    # long before it is declared dead: an agent whose oldest request here is older than max(stall_factor x that
+    # model's recent p99 service time, stall_floor), and which answered nothing for that long, is skipped by routing
+    # (it stays alive and keeps its requests) until it answers again. Not judged before a model's p99 is known.
+    stall_factor: float = 4.0  # a healthy agent's oldest request is rarely older than ~2 x p99 (one batch running,
+    # one filling); 4 x leaves room for jitter without waiting long
+    stall_floor: float = 0.1  # never "stalled" sooner: scheduler and GC pauses on a loaded host reach tens of ms
+    hedge_after: float = 0.0  # hedging: a request at one agent longer than this is also sent to another eligible
+    # agent, the first answer wins (the other copy is cancelled); 0 = off (`cluster broker --hedge-after MS`)
 
     @property
     def expiry(self) -> float:
@@ -83,6 +92,8 @@ def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timi
         raise ValueError("max_queue_wait must be >= 0 (0: no bound)")
     if timings.client_max_in_flight < 1 or timings.client_reply_budget < 0:
         raise ValueError("client_max_in_flight must be >= 1, client_reply_budget >= 0")
+    if timings.stall_factor < 1 or timings.stall_floor <= 0 or timings.hedge_after < 0:
+        raise ValueError("stall_factor must be >= 1, stall_floor > 0, hedge_after >= 0 (0: off)")
     if timings.broker_queue_limit < 0 or timings.max_dispatch_attempts < 1 or timings.request_timeout <= 0:
         raise ValueError("broker_queue_limit must be >= 0, max_dispatch_attempts >= 1, request_timeout > 0")
     return timings

@@ -332,7 +332,7 @@ class Heartbeat:
     the edge's /agents show it. READY is a Heartbeat plus `metadata` (each model's inputs and outputs)."""
 
     agent: str  # the agent's id (also its ROUTER identity at the broker)
-    capacity: int  # requests the broker may keep in flight here
+    capacity: int  # requests the broker may keep in flight here, all models together
     models: list[dict]  # served: [{name, version, default}]; `default` marks what unversioned requests get
     staged: list[dict] = field(default_factory=list)  # loaded and warm, not served yet: [{name, version}]
     failed: list[dict] = field(default_factory=list)  # could not be loaded: [{name, version, error}]
@@ -350,6 +350,9 @@ class Heartbeat:
     serves_only: list[str] | None = None  # started with --models: only these take part in rollouts; None: all
     jobs: dict = field(default_factory=dict)  # per model: {executed, cancelled, expired, peak_concurrent}
     stats: dict = field(default_factory=dict)  # {model: {version: Triton's model_stats entry + "failures"}}
+    # requests of each model the broker may keep in flight here ({model: n}, each also within `capacity`); a model
+    # not named (or an agent that sends none, from before this field) gets `capacity`
+    model_capacity: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -362,6 +365,13 @@ class Heartbeat:
         capacity = require(header, "capacity", int)
         models = _model_entries(require(header, "models", list), "models", "default")
         beat = cls(agent, capacity, models)
+        model_capacity = header.get("model_capacity") or {}
+        if not isinstance(model_capacity, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in model_capacity.items()
+        ):
+            raise ProtocolError("'model_capacity' must map model names to integers >= 1")
+        beat.model_capacity = model_capacity
         beat.staged = _model_entries(header.get("staged") or [], "staged")
         beat.failed = _model_entries(header.get("failed") or [], "failed", "error")
         for name, kind in _INFORMATIONAL.items():

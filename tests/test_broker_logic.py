@@ -23,6 +23,7 @@ from cluster.protocol import (
     Command,
     ErrorCode,
     Heartbeat,
+    ProtocolError,
     agent_identity,
     error_header,
     pack,
@@ -125,6 +126,9 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
         "shed": 0,
         "client_refused": 0,
         "client_replies_dropped": 0,
+        "stalls": 0,
+        "hedged": 0,
+        "hedge_wins": 0,
         "agents": 2,
         "in_flight": 5,
         "queued": 1,
@@ -505,9 +509,10 @@ def test_a_failed_heartbeat_removes_the_agent():
     assert d.send_failed([[b"ghost", PREAMBLE[Command.DISCONNECT], b""]], zmq.ZMQError(errno.EHOSTUNREACH)) == []
 
 
-def test_random_events_never_overfill_an_agent_and_answer_every_request_once():
+@pytest.mark.parametrize("hedge_after", [0.0, 0.03])
+def test_random_events_never_overfill_an_agent_and_answer_every_request_once(hedge_after):
     rng = random.Random(8)
-    d = dispatcher(broker_queue_limit=5, max_dispatch_attempts=2)
+    d = dispatcher(broker_queue_limit=5, max_dispatch_attempts=2, hedge_after=hedge_after)
     agents = {"a1": 1, "a2": 2, "a3": 3}  # id -> capacity
     answers: dict[int, int] = {}
     now, next_id = T, 0
@@ -548,6 +553,7 @@ def test_random_events_never_overfill_an_agent_and_answer_every_request_once():
             count(d.tick(now))
         for entry in d.agents.agents.values():
             assert entry.in_flight_count <= entry.capacity, f"{entry.agent_id} holds more than its capacity"
+            assert sum(entry.model_in_flight.values()) == entry.in_flight_count
         assert d.pending_count == sum(len(q) for q in d.pending.values())
     count(d.tick(now + 100))  # every agent silent and every deadline past: whatever is left fails now
     assert d.requests == {}
@@ -648,3 +654,171 @@ def test_client_outbox_holds_within_the_budget_and_sends_in_order_as_the_pipe_dr
         raise zmq.ZMQError(errno.EHOSTUNREACH)
 
     assert box.flush(unreachable) == ([], [b"gone"]) and box.held == {} and box.total_bytes == 0
+
+
+# ---- capacity per model, stalled agents, hedging (issue 11.5) ------------------------------------------------------
+
+
+def test_capacity_per_model_and_in_all_and_an_agent_without_it_gets_one_capacity():
+    d = dispatcher()
+    ready(d, "a1", models=[("m", 1), ("b", 1)], capacity=5, model_capacity={"m": 2, "b": 4})
+    out = [s for rid in range(3) for s in request(d, rid)]
+    assert len(sent_to_agents(out)) == 2 and d.pending_count == 1, "a third 'm' waits: 2 is m's capacity here"
+    out = [s for rid in range(10, 15) for s in request(d, rid, model="b")]
+    assert len(sent_to_agents(out)) == 3, "b has slots of its own, within the agent's 5 in all"
+    entry = d.agents.get(b"a1")
+    assert entry.in_flight_count == 5 and entry.model_in_flight == {"m": 2, "b": 3}
+    assert [a["stalled"] for a in d.agents.describe_agents(T)] == [False]
+    # Answers free the model's own slots; the waiting 'm' goes first (it was queued before the 'b's).
+    route = next(r for r, q in entry.in_flight.items() if q.model == "m")
+    assert [q.request_id for q in (d.requests[r] for _, r in sent_to_agents(answer(d, "a1", route)))] == [2]
+    # An agent from before model_capacity: `capacity` for every model (and in all), as before.
+    d = dispatcher()
+    ready(d, "old", models=[("m", 1), ("b", 1)], capacity=3)
+    out = [s for rid in range(2) for s in request(d, rid)] + [
+        s for rid in range(5, 7) for s in request(d, rid, model="b")
+    ]
+    assert len(sent_to_agents(out)) == 3 and d.agents.get(b"old").model_capacity == {}
+    # A heartbeat changes it; a malformed one is refused.
+    heartbeat(d, "old", T + 1, models=[("m", 1), ("b", 1)], capacity=3, model_capacity={"m": 1})
+    assert d.agents.get(b"old").model_capacity == {"m": 1}
+    with pytest.raises(ProtocolError, match="model_capacity"):
+        Heartbeat.from_wire({"agent": "a", "capacity": 2, "models": [], "model_capacity": {"m": 0}})
+
+
+def warm_service_times(d: Dispatcher, now: float, n: int = 20, seconds: float = 0.01) -> float:
+    """n requests answered `seconds` after they were sent (the model's p99 becomes `seconds`); returns the clock."""
+    for rid in range(1000, 1000 + n):
+        ((agent, route),) = sent_to_agents(request(d, rid, now=now))
+        answer(d, agent, route, now + seconds)
+        now += 2 * seconds
+    return now
+
+
+def test_a_stalled_agent_gets_no_new_requests_until_it_answers_and_keeps_what_it_has():
+    d = dispatcher()
+    ready(d, "a1", capacity=8)
+    ready(d, "a2", capacity=8)
+    assert d.stall_threshold("m") is None, "nothing known of the model yet: no agent is judged"
+    now = warm_service_times(d, T)
+    assert d.stall_threshold("m") == pytest.approx(0.1), "max(4 x 10 ms, the 100 ms floor)"
+    ((frozen, route),) = sent_to_agents(request(d, 1, now=now))
+    other = "a2" if frozen == "a1" else "a1"
+    ((_, route2),) = sent_to_agents(request(d, 2, now=now + 0.05))
+    answer(d, other, route2, now + 0.06)  # the other agent keeps answering
+    assert [a for a, _ in sent_to_agents(request(d, 3, now=now + 0.06))] == [frozen], "60 ms: not stalled yet"
+    assert d.tick(now + 0.09) == [] and d.stats["stalls"] == 0
+    # 200 ms without an answer, holding a request older than the threshold: stalled. Everything goes elsewhere.
+    out = [s for rid in range(4, 8) for s in request(d, rid, now=now + 0.2)]
+    assert [a for a, _ in sent_to_agents(out)] == [other] * 4
+    assert d.stats["stalls"] == 1 and d.agents.get(frozen.encode()).stalled_since == now + 0.2
+    assert {a["id"]: a["stalled"] for a in d.agents.describe_agents(now + 0.2)} == {frozen: True, other: False}
+    # It stays alive with its requests: nothing is re-dispatched (no hedging), the tick sends nothing.
+    assert d.tick(now + 0.5) == [] and d.agents.get(frozen.encode()).in_flight_count == 2
+    # It answers (late: not a service time): eligible again at once.
+    out = answer(d, frozen, route, now + 1.0)
+    assert [s.frames[1] for s in out if not s.to_agent] == [PREAMBLE[Command.REPLY]]
+    assert d.service["m"].samples[-1] < 0.1, "the 1 s answer of a stalled agent is left out of the p99"
+    assert d.agents.get(frozen.encode()).stalled_since is None
+    assert [a for a, _ in sent_to_agents(request(d, 8, now=now + 1.0))] == [frozen], "(the other, unanswering, is now)"
+
+
+def test_an_agent_that_keeps_answering_is_not_stalled_however_old_its_oldest_request():
+    d = dispatcher()
+    ready(d, "a1", capacity=4)
+    now = warm_service_times(d, T)
+    routes = [r for rid in range(4) for _, r in sent_to_agents(request(d, rid, now=now))]
+    for i, route in enumerate(routes[1:]):  # it answers every 80 ms (under the 100 ms threshold), not the oldest
+        t = now + 0.08 * (i + 1)
+        answer(d, "a1", route, t)
+        assert len(sent_to_agents(request(d, 10 + i, now=t))) == 1, "still fed"
+        assert not d.stalled(d.agents.get(b"a1"), t + 0.01)
+    assert d.stats["stalls"] == 0
+
+
+def test_hedging_sends_a_stuck_request_to_a_second_agent_and_the_first_answer_wins():
+    d = dispatcher(hedge_after=0.2)
+    ready(d, "a1", capacity=4)
+    ready(d, "a2", capacity=4)
+    ((first, route),) = sent_to_agents(request(d, 0))
+    second = "a2" if first == "a1" else "a1"
+    assert d.tick(T + 0.1) == []
+    out = d.tick(T + 0.25)
+    assert sent_to_agents(out) == [(second, route)], "the same route key: either answer matches"
+    assert d.stats["hedged"] == 1 and d.requests[route].attempts == 2
+    assert d.tick(T + 0.5) == [], "hedged once"
+    out = answer(d, second, route, T + 0.6)
+    assert [s.frames[1] for s in out if not s.to_agent] == [PREAMBLE[Command.REPLY]]
+    assert [(s.peer, s.frames[1], s.frames[2]) for s in out if s.to_agent] == [
+        (first.encode(), PREAMBLE[Command.CANCEL], route)
+    ]
+    assert d.stats["hedge_wins"] == 1 and d.requests == {}
+    assert in_flight(d) == {first: 1, second: 0}, "the first copy's slot stays taken until its agent answers"
+    assert answer(d, first, route, T + 0.9) == [] and in_flight(d) == {first: 0, second: 0}, "late answer dropped"
+    # The first copy answering first cancels the hedge instead.
+    ((first, route),) = sent_to_agents(request(d, 1, now=T + 1))
+    ((second, _),) = sent_to_agents(d.tick(T + 1.3))
+    out = answer(d, first, route, T + 1.4)
+    assert [(s.peer.decode(), s.frames[1]) for s in out if s.to_agent] == [(second, PREAMBLE[Command.CANCEL])]
+    assert d.stats["hedge_wins"] == 1 and len([s for s in out if not s.to_agent]) == 1
+
+
+def test_hedging_off_by_default_and_within_the_attempt_budget_and_free_slots():
+    d = dispatcher()
+    ready(d, "a1")
+    ready(d, "a2")
+    request(d, 0)
+    assert d.tick(T + 2.0) == [] and d.stats["hedged"] == 0, "off by default"
+    d = dispatcher(hedge_after=0.2, max_dispatch_attempts=1)
+    ready(d, "a1")
+    ready(d, "a2")
+    request(d, 0)
+    assert d.tick(T + 1.0) == [], "one attempt allowed: no second copy"
+    d = dispatcher(hedge_after=0.2)
+    ready(d, "a1", capacity=1)
+    ready(d, "a2", capacity=1)
+    ((_, r1),) = sent_to_agents(request(d, 0))
+    ((a2, r2),) = sent_to_agents(request(d, 1))
+    assert d.tick(T + 0.3) == [], "no agent has a free slot: nothing hedged (yet)"
+    answer(d, a2, r2, T + 0.35)
+    assert sent_to_agents(d.tick(T + 0.4)) == [(a2, r1)], "a slot freed: the stuck one is hedged now"
+
+
+def test_a_hedged_request_survives_either_agent_dying_and_a_cancel_reaches_both():
+    d = dispatcher(hedge_after=0.2)
+    for agent in ("a1", "a2", "a3", "a4"):
+        ready(d, agent, capacity=4)
+    ((first, route),) = sent_to_agents(request(d, 0))
+    ((second, _),) = sent_to_agents(d.tick(T + 0.3))
+    # The first agent dies: its copy is dropped, nothing re-dispatched, the hedge carries on and answers.
+    out = d.agent_message(Command.DISCONNECT, goodbye(first), T + 0.4)
+    assert sent_to_agents(out) == [] and d.stats["redispatched"] == 0
+    assert d.requests[route].agent.agent_id == second and d.requests[route].hedge is None
+    out = answer(d, second, route, T + 0.5)
+    assert [s.frames[1] for s in out if not s.to_agent] == [PREAMBLE[Command.REPLY]] and d.requests == {}
+    # The hedge's agent dies instead: the first copy carries on.
+    ((first, route),) = sent_to_agents(request(d, 1, now=T + 1))
+    ((second, _),) = sent_to_agents(d.tick(T + 1.3))
+    assert sent_to_agents(d.agent_message(Command.DISCONNECT, goodbye(second), T + 1.4)) == []
+    assert d.requests[route].agent.agent_id == first and d.requests[route].hedge is None
+    assert [s.frames[1] for s in answer(d, first, route, T + 1.5) if not s.to_agent] == [PREAMBLE[Command.REPLY]]
+    # A cancel reaches both copies.
+    ((first, route),) = sent_to_agents(request(d, 2, now=T + 2))
+    ((second, _),) = sent_to_agents(d.tick(T + 2.3))
+    out = d.client_cancel(b"client", 2, T + 2.4)
+    assert sorted(s.peer.decode() for s in out if s.frames[1] == PREAMBLE[Command.CANCEL]) == sorted([first, second])
+    assert d.stats["cancelled"] == 1 and d.requests == {}
+
+
+def test_a_hedge_copy_that_fails_to_send_leaves_the_first_copy_alone():
+    d = dispatcher(hedge_after=0.2)
+    ready(d, "a1", capacity=4)
+    ready(d, "a2", capacity=4)
+    ((first, route),) = sent_to_agents(request(d, 0))
+    out = d.tick(T + 0.3)
+    ((second, _),) = sent_to_agents(out)
+    retry = d.send_failed([out[0].frames], zmq.ZMQError(errno.EHOSTUNREACH))
+    assert sent_to_agents(retry) == [] and d.pending_count == 0
+    request_ = d.requests[route]
+    assert request_.agent.agent_id == first and request_.hedge is None and request_.attempts == 1
+    assert d.agents.get(second.encode()) is None

@@ -22,6 +22,9 @@ class FakeAgent:
     in_flight_count: int = 0
     capacity: int = 2
 
+    def has_room(self, model: str) -> bool:
+        return self.in_flight_count < self.capacity
+
 
 def test_round_robin_takes_turns_and_skips_full_agents():
     agents = [FakeAgent("a"), FakeAgent("b"), FakeAgent("c")]

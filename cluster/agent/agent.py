@@ -202,6 +202,17 @@ class Agent:
         ]
         return max([self.capacity, *needs])
 
+    def model_capacity(self) -> dict[str, int]:
+        """Requests of each model the broker may keep here at once (within `effective_capacity` in all): two batches
+        for every copy of that model (a batch of one when it does not batch), or the configured capacity if more.
+        Sized per model, so a model that does not batch is not given the slots a batching one needs: the broker
+        then cannot pile up dozens of one model's requests on an agent that may stop making progress."""
+        sizes: dict[str, int] = {}
+        for m in self.table.loaded_models():
+            need = max(self.capacity, 2 * max(m.config.max_batch_size, 1) * m.config.instances)
+            sizes[m.name] = max(sizes.get(m.name, 0), need)
+        return sizes
+
     def ensure_instance_threads(self) -> None:
         """An inference thread for every copy of the model with the most `instances`."""
         self.pool.ensure_threads(max((m.config.instances for m in self.table.loaded_models()), default=1))
@@ -229,6 +240,7 @@ class Agent:
             serves_only=self.model_names,  # None: every deployed model
             jobs=self.pool.describe_jobs(),
             stats=self.pool.describe_stats(),
+            model_capacity=self.model_capacity(),
         )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------

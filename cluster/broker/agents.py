@@ -35,12 +35,39 @@ class AgentEntry:
     beat: Heartbeat  # the latest READY/HEARTBEAT (host, pid, device, ...)
     last_seen: float  # the broker's clock (monotonic), when any message from it last arrived
     joined: float = field(default_factory=time.time)  # wall time of READY
-    in_flight: dict[bytes, BrokerRequest] = field(default_factory=dict)  # route -> request sent to it, unanswered
+    # route -> request sent to it, unanswered, oldest first (a dict keeps insertion order: the first is the oldest)
+    in_flight: dict[bytes, BrokerRequest] = field(default_factory=dict)
     key: str | None = None  # keys on: the public key it registered with (only that key may speak for it)
+    model_capacity: dict[str, int] = field(default_factory=dict)  # per model, from its beat; absent: `capacity`
+    model_in_flight: dict[str, int] = field(default_factory=dict)  # model -> how many of `in_flight` are of it
+    last_answer: float = 0.0  # the broker's clock when it last answered a request (or joined)
+    stalled_since: float | None = None  # when the broker found it stalled (see Dispatcher.stalled); None: it is not
+    stall_ended: float = 0.0  # when it last answered after a stall (what it answers late is no service time)
 
     @property
     def in_flight_count(self) -> int:
         return len(self.in_flight)
+
+    def has_room(self, model: str) -> bool:
+        """Whether it may take one more request of `model`: under its capacity for that model and in all."""
+        return len(self.in_flight) < self.capacity and self.model_in_flight.get(model, 0) < self.model_capacity.get(
+            model, self.capacity
+        )
+
+    def add_request(self, request: BrokerRequest) -> None:
+        self.in_flight[request.route] = request
+        self.model_in_flight[request.model] = self.model_in_flight.get(request.model, 0) + 1
+
+    def pop_request(self, route: bytes) -> BrokerRequest | None:
+        """Its slot for `route` is free (answered, or taken back); the request, None if it did not hold it."""
+        request = self.in_flight.pop(route, None)
+        if request is not None:
+            left = self.model_in_flight.get(request.model, 0) - 1
+            if left > 0:
+                self.model_in_flight[request.model] = left
+            else:
+                self.model_in_flight.pop(request.model, None)
+        return request
 
 
 class UnknownModel(LookupError):
@@ -86,7 +113,8 @@ class AgentTable:
         """A new agent (the caller has removed any earlier one with this identity); `key`: the key it registered
         with (keys on)."""
         models = beat.served_versions()
-        agent = AgentEntry(beat.agent, identity, beat.capacity, models, beat, now, key=key)
+        agent = AgentEntry(beat.agent, identity, beat.capacity, models, beat, now, key=key, last_answer=now)
+        agent.model_capacity = dict(beat.model_capacity)
         self.agents[identity] = agent
         self.by_id[beat.agent] = agent
         self._index(agent)
@@ -98,6 +126,8 @@ class AgentTable:
         agent.beat = beat
         if beat.capacity >= 1 and beat.capacity != agent.capacity:
             agent.capacity = beat.capacity
+        if beat.model_capacity != agent.model_capacity:
+            agent.model_capacity = dict(beat.model_capacity)
         models = beat.served_versions()
         if models != agent.models:
             self._unindex(agent)
@@ -116,6 +146,7 @@ class AgentTable:
         self._unindex(agent)
         orphans = list(agent.in_flight.values())
         agent.in_flight.clear()
+        agent.model_in_flight.clear()
         return orphans
 
     def forget_versions(self, agent: AgentEntry, model: str, version: int | None) -> None:
@@ -175,6 +206,7 @@ class AgentTable:
                 joined=a.joined,
                 capacity=a.capacity,
                 broker_in_flight=a.in_flight_count,
+                stalled=a.stalled_since is not None,
             )
             for a in self.agents.values()
         ]

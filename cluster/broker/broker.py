@@ -142,13 +142,16 @@ class Broker:
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
         tick = min(0.1, self.timings.heartbeat_interval / 2)
+        if self.timings.hedge_after > 0:
+            tick = min(tick, max(0.01, self.timings.hedge_after / 2))  # a stuck request is hedged soon after its time
         next_tick = time.monotonic()
         next_beat = next_tick
         log.info(
-            "broker serving clients on %s, agents on %s, policy %s",
+            "broker serving clients on %s, agents on %s, policy %s, hedging %s",
             self.addresses.broker_clients,
             self.addresses.broker_agents,
             self.policy.name,
+            f"after {self.timings.hedge_after * 1e3:g} ms" if self.timings.hedge_after > 0 else "off",
         )
         try:
             while not self._stop.is_set():

@@ -24,6 +24,15 @@ What it guarantees (the Majordomo broker's gaps, fixed):
 - load shedding: a request that would wait in the queue longer than its model's bound (`max_queue_wait_ms` in the
   model's config, else `timings.max_queue_wait`), estimated from the queue's length and the model's measured
   service rate (ServiceRate), is refused at once with OVERLOADED and a `retry_after`; never before a rate is known;
+- capacity per model: an agent that announces `model_capacity` holds at most that many requests of each model (and
+  at most `capacity` in all); one that does not gets `capacity` for every model;
+- a stalled agent (see `stalled`: its oldest request here is older than max(stall_factor x the model's recent p99
+  service time, stall_floor) and it answered nothing for that long) gets no new requests until it answers again;
+  it stays alive and keeps what it has (re-dispatched only when it is declared dead);
+- hedging (`timings.hedge_after` > 0): a request at one agent longer than that is also sent to one other eligible
+  agent (same route key; each copy counts as an attempt); the first answer goes to the client, the other copy is
+  cancelled (CANCEL) and its answer dropped; its slot stays taken until that agent answers. When the agent of one
+  copy dies, the other copy carries on (nothing is re-dispatched);
 - tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read;
 - with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
   bound to the key it registered with: READY for an identity registered with another key is refused (until that
@@ -72,6 +81,9 @@ _CANCEL = PREAMBLE[Command.CANCEL]
 RATE_WINDOW_S = 1.0  # a model's service rate is measured over windows this long ...
 RATE_WEIGHT = 0.3  # ... and each saturated window's rate weighs this much in the moving average (EWMA)
 FIRST_RATE_COMPLETIONS = 8  # the first estimate comes sooner: after this many completions with a queue waiting
+SERVICE_WINDOW = 256  # a model's recent service times (sent -> answered, per copy) kept for its p99 ...
+SERVICE_MIN_SAMPLES = 20  # ... known from this many answers on (before that, no agent is judged stalled for it) ...
+SERVICE_P99_EVERY = 16  # ... and computed again every this many answers
 _EMPTY_HEADER = pack({})
 _SEND_READY = pack({"reason": "unknown agent; send READY"})
 
@@ -125,6 +137,25 @@ class ServiceRate:
         self.window_start, self.completed = now, 0
 
 
+class ServiceTimes:
+    """A model's recent service times as the broker sees them (a request sent to an agent -> its answer, agent
+    queueing included): a window of the last SERVICE_WINDOW, and its p99, recomputed every SERVICE_P99_EVERY
+    answers (a sort of 256 floats: microseconds). `p99` is None until SERVICE_MIN_SAMPLES answers."""
+
+    def __init__(self) -> None:
+        self.samples: deque[float] = deque(maxlen=SERVICE_WINDOW)
+        self.p99: float | None = None
+        self._since = 0
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+        self._since += 1
+        n = len(self.samples)
+        if n >= SERVICE_MIN_SAMPLES and (self.p99 is None or self._since >= SERVICE_P99_EVERY):
+            self.p99 = sorted(self.samples)[min(n - 1, int(0.99 * n))]
+            self._since = 0
+
+
 @dataclass(eq=False)
 class BrokerRequest:
     """One client request, from arrival until its reply (or error) has gone back to the client."""
@@ -138,8 +169,11 @@ class BrokerRequest:
     tensors: list  # the client's tensor frames, forwarded untouched
     deadline: float
     arrived: float = 0.0  # the broker's clock when it came in (what it waited is told to the agent)
-    attempts: int = 0  # agents it was sent to
+    attempts: int = 0  # agents it was sent to (a hedge copy counts)
     agent: AgentEntry | None = None  # where it is in flight now
+    sent_at: float = 0.0  # when it was sent to `agent`
+    hedge: AgentEntry | None = None  # hedging: where its second copy is in flight, if it has one
+    hedged_at: float = 0.0  # when that copy was sent
     queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
     done: bool = False  # answered or failed; a queued request marked done is skipped
 
@@ -164,10 +198,14 @@ class Dispatcher:
             "shed": 0,
             "client_refused": 0,  # OVERLOADED for the client's own bounds: requests in flight, replies not read
             "client_replies_dropped": 0,  # clients found past their reply budget (broker.py: their requests cancelled)
+            "stalls": 0,  # agents found stalled (skipped by routing until they answer again)
+            "hedged": 0,  # second copies sent (hedging)
+            "hedge_wins": 0,  # of those, answered before the first copy
         }
         self.client_load: dict[bytes, int] = {}  # client -> its requests here (queued or at an agent)
         self.by_client: dict[tuple[bytes, Any], bytes] = {}  # (client identity, its id) -> route, for CANCEL
         self.rates: dict[str, ServiceRate] = {}  # model -> its measured service rate (load shedding)
+        self.service: dict[str, ServiceTimes] = {}  # model -> its recent service times (stall detection)
         self.now = now  # the latest event's clock: what a request forwarded now has left, and has waited
         self.reserved: dict[str, tuple[str | None, float]] = {}  # agent id -> (instance, until): see _refuse_duplicate
 
@@ -279,7 +317,7 @@ class Dispatcher:
         request.done = True
         self._forget(request)
         if request.agent is not None:
-            out.append(Send(True, [request.agent.identity, _CANCEL, request.route, _EMPTY_HEADER]))
+            self._cancel_copies(request, None, out)
         else:
             queue = self.pending.get(request.model)
             if queue is not None and request in queue:
@@ -321,9 +359,11 @@ class Dispatcher:
         taken_back = []
         for frames in unsent:
             key = frames[2][: protocol.ROUTE_BYTES]  # a REQUEST's route: the key, then its times
-            request = agent.in_flight.pop(key, None) if frames[1] == _REQUEST else None
+            request = agent.pop_request(key) if frames[1] == _REQUEST else None
             if request is not None:
                 request.attempts -= 1
+                if self._drop_copy(request, agent):
+                    continue  # a hedge: its other copy did leave, and carries on
                 request.agent = None
                 taken_back.append(request)
         self._remove(agent, f"{what} ({error})", out)
@@ -346,6 +386,10 @@ class Dispatcher:
         self.now = now
         for agent in self.agents.silent(now):
             self._remove(agent, f"silent for {now - agent.last_seen:.1f} s", out)
+        for agent in self.agents.agents.values():
+            self.stalled(agent, now)  # routing asks at each dispatch; this makes it known (stats, log) between
+        if self.timings.hedge_after > 0:
+            self._hedge(now, out)
         self._expire_requests(now, out)
         if self.pending_count and not self.warming_up(now):
             self._fail_orphaned_queues(out)
@@ -451,11 +495,19 @@ class Dispatcher:
             log.warning("agent %s sent a reply without route and header; dropped", agent.agent_id)
             return
         route = _bytes(frames[2])
-        agent.in_flight.pop(route, None)
+        now = self.now
+        agent.pop_request(route)
+        agent.last_answer = now
+        was_stalled = agent.stalled_since is not None
+        if was_stalled:
+            log.warning("agent %s answers again after %.2f s stalled", agent.agent_id, now - agent.stalled_since)
+            agent.stalled_since = None
+            agent.stall_ended = now
         request = self.requests.get(route)
         if request is not None and not request.done and cmd == Command.ERROR and _says_model_not_found(frames[3]):
             self.agents.forget_versions(agent, request.model, request.version)
-            self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
+            if not self._drop_copy(request, agent):  # a hedge: its other copy carries on
+                self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
         else:
             if request is not None:
                 self._forget(request)
@@ -463,8 +515,15 @@ class Dispatcher:
                 rate.completion(self.now, bool(self.pending.get(request.model)))
             if request is not None and not request.done:
                 request.done = True
-                if request.agent is not None and request.agent is not agent:
-                    request.agent.in_flight.pop(route, None)  # a late answer from an agent given up on: first wins
+                sent = _sent_to(request, agent)
+                # What a stalled agent answers late says nothing of the model's service time: left out of the p99.
+                if sent is not None and not was_stalled and sent >= agent.stall_ended:
+                    self.service.setdefault(request.model, ServiceTimes()).add(now - sent)
+                if request.hedge is agent:
+                    self.stats["hedge_wins"] += 1
+                # First answer wins: any other copy (a hedge, or the copy given to another agent when this one was
+                # given up on) is cancelled; its slot stays taken until that agent answers, and that answer is dropped.
+                self._cancel_copies(request, agent, out)
                 out.append(Send(False, [request.client, frames[1], *frames[3:]]))
         self._dispatch_pending(agent.models, out)
 
@@ -475,21 +534,118 @@ class Dispatcher:
         self.stats["agents_lost"] += 1
         log.warning("agent %s removed: %s; re-dispatching %d requests", agent.agent_id, reason, len(orphans))
         for request in orphans:
+            if not request.done and self._drop_copy(request, agent):
+                continue  # hedged: its other copy, at another agent, carries on
             self._redispatch(request, f"agent {agent.agent_id}: {reason}", out)
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
     def _dispatch(self, request: BrokerRequest, out: list[Send]) -> bool:
         """Send the request to an agent the policy chooses; False if every candidate is at capacity."""
-        agent = self.policy.choose(request.model, self.agents.candidates(request.model, request.version))
+        agent = self._choose(request, None)
         if agent is None:
             return False
         request.agent = agent
+        request.sent_at = self.now
         request.attempts += 1
-        agent.in_flight[request.route] = request
+        self._send_copy(request, agent, out)
+        return True
+
+    def _choose(self, request: BrokerRequest, exclude: AgentEntry | None) -> AgentEntry | None:
+        """The agent the policy chooses for the request among those that serve it, skipping stalled ones (and
+        `exclude`); None if none has a free slot."""
+        candidates = self.agents.candidates(request.model, request.version)
+        while True:
+            agent = self.policy.choose(request.model, candidates)
+            if agent is None or (agent is not exclude and not self.stalled(agent, self.now)):
+                return agent
+            candidates = [c for c in candidates if c is not agent]  # rare: a stalled agent with free slots
+
+    def _send_copy(self, request: BrokerRequest, agent: AgentEntry, out: list[Send]) -> None:
+        agent.add_request(request)
         route = protocol.request_route(request.route, request.deadline - self.now, self.now - request.arrived)
         out.append(Send(True, [agent.identity, _REQUEST, route, request.header, *request.tensors]))
+
+    def stalled(self, agent: AgentEntry, now: float) -> bool:
+        """Whether the agent holds requests and makes no progress: its oldest request here is older than its
+        model's stall threshold and it has answered nothing for that long. Stays so (`stalled_since`) until it
+        answers. O(1): an agent that answered within `stall_floor` is never stalled, and only the oldest request
+        (the first in `in_flight`) is looked at."""
+        if agent.stalled_since is not None:
+            return True
+        if not agent.in_flight or now - agent.last_answer <= self.timings.stall_floor:
+            return False
+        oldest = next(iter(agent.in_flight.values()))
+        threshold = self.stall_threshold(oldest.model)
+        sent = _sent_to(oldest, agent)
+        if threshold is None or sent is None or now - sent <= threshold or now - agent.last_answer <= threshold:
+            return False
+        agent.stalled_since = now
+        self.stats["stalls"] += 1
+        log.warning(
+            "agent %s stalled: %d requests here, the oldest %.0f ms old, no answer for %.0f ms (threshold %.0f ms); "
+            "no new requests until it answers",
+            agent.agent_id,
+            agent.in_flight_count,
+            (now - sent) * 1e3,
+            (now - agent.last_answer) * 1e3,
+            threshold * 1e3,
+        )
         return True
+
+    def stall_threshold(self, model: str) -> float | None:
+        """max(stall_factor x the model's recent p99 service time, stall_floor); None while the p99 is unknown."""
+        times = self.service.get(model)
+        if times is None or times.p99 is None:
+            return None
+        return max(self.timings.stall_factor * times.p99, self.timings.stall_floor)
+
+    def _hedge(self, now: float, out: list[Send]) -> None:
+        """Hedging: every request at one agent for longer than `hedge_after`, not hedged yet and within its attempt
+        budget, also goes to another agent the policy chooses (not stalled, with a free slot), if there is one."""
+        after = self.timings.hedge_after
+        due = []
+        for agent in self.agents.agents.values():
+            for request in agent.in_flight.values():  # oldest first: stop at the first young one
+                sent = _sent_to(request, agent)
+                if sent is not None and now - sent < after:
+                    break
+                if (
+                    not request.done
+                    and request.agent is agent
+                    and request.hedge is None
+                    and request.attempts < self.timings.max_dispatch_attempts
+                ):
+                    due.append(request)
+        for request in due:
+            target = self._choose(request, request.agent)
+            if target is None:
+                continue  # every other agent is busy: next tick
+            request.hedge, request.hedged_at = target, now
+            request.attempts += 1
+            self.stats["hedged"] += 1
+            self._send_copy(request, target, out)
+
+    def _drop_copy(self, request: BrokerRequest, agent: AgentEntry) -> bool:
+        """The request's copy at `agent` is gone (its agent died, dropped the model, or the send failed): True if
+        the request has another copy in flight (a hedge), which then is the only one; False if it had no other."""
+        if request.hedge is None:
+            return False
+        if request.hedge is agent:
+            request.hedge = None
+            return True
+        if request.agent is agent:
+            request.agent, request.sent_at = request.hedge, request.hedged_at
+            request.hedge = None
+            return True
+        return False
+
+    def _cancel_copies(self, request: BrokerRequest, answered_by: AgentEntry | None, out: list[Send]) -> None:
+        """CANCEL to every agent other than `answered_by` that still holds a copy of the request (it skips it if
+        not started); their slots stay taken until they answer."""
+        for holder in (request.agent, request.hedge):
+            if holder is not None and holder is not answered_by and request.route in holder.in_flight:
+                out.append(Send(True, [holder.identity, _CANCEL, request.route, _EMPTY_HEADER]))
 
     def _queue_or_refuse(self, request: BrokerRequest, out: list[Send]) -> None:
         """A new request no agent has a free slot for: it waits, unless the queue is full or the wait would pass
@@ -560,7 +716,7 @@ class Dispatcher:
     def _redispatch(self, request: BrokerRequest, reason: str, out: list[Send]) -> None:
         """Its agent died (or dropped the model) with this request in flight: give it to another agent, within the
         attempt budget."""
-        request.agent = None
+        request.agent = request.hedge = None
         if request.done:
             return
         self.stats["redispatched"] += 1
@@ -625,6 +781,15 @@ class Dispatcher:
                 self.pending[model] = live
             else:
                 del self.pending[model]
+
+
+def _sent_to(request: BrokerRequest, agent: AgentEntry) -> float | None:
+    """When the copy of `request` that `agent` holds was sent to it (None: it holds none the request knows of)."""
+    if request.agent is agent:
+        return request.sent_at
+    if request.hedge is agent:
+        return request.hedged_at
+    return None
 
 
 def _bytes(frame) -> bytes:

@@ -1,9 +1,10 @@
 """Routing policies: which agent gets the next request for a model (Ray Serve's request-router idea).
 
 A policy is a small class with one method, `choose(model, candidates)`. `candidates` are the live agents that have
-the model (and version) ready, in a stable order; the policy returns one with a free slot, or None when every one
-is at capacity (the broker then queues the request until a slot frees up). Policies never block and keep no
-reference to agents beyond the call, so the broker may add and drop agents freely between calls.
+the model (and version) ready, in a stable order; the policy returns one with a free slot for that model
+(`has_room(model)`: under its capacity for the model and in all), or None when every one is at capacity (the broker
+then queues the request until a slot frees up). Policies never block and keep no reference to agents beyond the
+call, so the broker may add and drop agents freely between calls.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class Candidate(Protocol):
 
     in_flight_count: int
     capacity: int
+
+    def has_room(self, model: str) -> bool: ...
 
 
 class RoutingPolicy:
@@ -45,7 +48,7 @@ class RoundRobin(RoutingPolicy):
         start = self._cursor.get(model, 0) % n
         for step in range(n):
             agent = candidates[(start + step) % n]
-            if agent.in_flight_count < agent.capacity:
+            if agent.has_room(model):
                 self._cursor[model] = start + step + 1
                 return agent
         return None
@@ -59,9 +62,7 @@ class LeastOutstanding(RoutingPolicy):
     def choose(self, model, candidates):
         best = None
         for agent in candidates:
-            if agent.in_flight_count < agent.capacity and (
-                best is None or agent.in_flight_count < best.in_flight_count
-            ):
+            if agent.has_room(model) and (best is None or agent.in_flight_count < best.in_flight_count):
                 best = agent
         return best
 

@@ -1,0 +1,67 @@
+"""A frozen agent under load, end to end (issue 11 point 5): real manager, broker and 3 agents serving `echo` (and
+`echo-batched`, which batches up to 32, so agents announce capacity 64 in all, as the demo share's digits makes
+them); 16 closed-loop callers on `echo`; one agent gets SIGSTOP for 2.5 s (under the 3 s expiry, so it is never
+declared dead meanwhile), then SIGCONT. Completions are counted in 50 ms bins (bench/frozen.py, which also prints
+the figures).
+
+Before capacity per model, stall detection and hedging, the longest stretch with no completion at all was 2.2-2.75 s
+(the frozen agent took up to 64 requests, so every caller ended up waiting on it). Measured here since: 0.10 s with
+the defaults, 0.10 s with --capacity 64 and hedging. The bound asserted, 0.5 s (the issue's target), leaves about
+5x margin for a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.frozen import publish_echo_share, run_freeze
+from tests.harness import LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+ZERO_BOUND_S = 0.5
+
+
+@pytest.fixture
+def echo_cluster(request, tmp_path):
+    share = tmp_path / "share"
+    publish_echo_share(share)
+    # Heartbeats as in production (1 s, dead after 3 s): the freeze must be ridden out before the agent is dead.
+    local = LocalCluster(share, tmp_path / "logs", heartbeat_interval=1.0)
+    yield local
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    local.stop_all()
+    if failed:
+        print(local.logs())
+
+
+def test_a_frozen_agent_does_not_stop_the_cluster_with_capacity_per_model(echo_cluster):
+    """Defaults: `echo` does not batch, so each agent takes at most 4 of its requests (its own capacity, not the
+    64 the batching model needs); the frozen agent holds 4 callers, the other 12 go on."""
+    figures = run_freeze(echo_cluster, clients=16, before=1.5, freeze=2.5, after=1.5)
+    print(figures)
+    assert figures["errors"] == {}, "no request may fail"
+    assert set(figures["capacity"].values()) == {64}, "agents announce the batching model's capacity in all"
+    assert figures["longest_zero_s"] < ZERO_BOUND_S, figures
+    assert figures["during_per_s"] > 0.3 * figures["before_per_s"], figures
+
+
+def test_a_frozen_agent_with_large_capacity_is_hedged_around(echo_cluster):
+    """--capacity 64: every model may hold 64 requests per agent, so all 16 callers end up at the frozen agent
+    (stall detection alone cannot help callers already waiting there); with --hedge-after 100 their requests also
+    go to another agent, and the frozen agent, found stalled, gets no new ones."""
+    figures = run_freeze(
+        echo_cluster,
+        clients=16,
+        before=1.5,
+        freeze=2.5,
+        after=1.5,
+        broker_args=("--hedge-after", "100"),
+        agent_args=("--capacity", "64"),
+    )
+    print(figures)
+    stats = figures["broker_stats"]
+    assert figures["errors"] == {}, "no request may fail"
+    assert figures["longest_zero_s"] < ZERO_BOUND_S, figures
+    assert stats["hedged"] >= 1 and stats["stalls"] >= 1, stats
+    assert figures["during_per_s"] > 0.3 * figures["before_per_s"], figures
