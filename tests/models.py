@@ -26,3 +26,18 @@ def _publish_scripted(share: Path, name: str, module: torch.nn.Module, config: d
         return publish_version(share, name, path, config)
     finally:
         path.unlink()
+
+
+def slow_rounds_per_second() -> float:
+    """How many rounds of Slow one CPU thread does per second here (the agents run torch with one thread)."""
+    model = torch.jit.script(Slow())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.zeros(1, 1)
+        model(x, torch.tensor([1000]))
+        start = time.perf_counter()
+        model(x, torch.tensor([200_000]))
+        return 200_000 / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
