@@ -7,9 +7,10 @@ command lists them.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
+import os
 import signal
-import sys
 from pathlib import Path
 
 import typer
@@ -44,6 +45,19 @@ Liveness = typer.Option(
     None, "--liveness", envvar="CLUSTER_LIVENESS", help="Missed heartbeats before a peer is dead (default 3)."
 )
 LogLevel = typer.Option("INFO", "--log-level", envvar="CLUSTER_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
+
+
+class LogFormatName(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+LogFormat = typer.Option(
+    LogFormatName.text,
+    "--log-format",
+    envvar="CLUSTER_LOG_FORMAT",
+    help="text, or json: one JSON object a line (time, level, component, agent, message, request_id).",
+)
 Key = typer.Option(
     None,
     "--key",
@@ -58,12 +72,13 @@ ReadyFile = typer.Option(
 )
 
 
-def _setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, role: str, fmt: str = "text") -> None:
+    """Every logger of this process to stderr, as text or JSON lines (cluster/logs.py)."""
+    import logging.config
+
+    from cluster.logs import logging_config
+
+    logging.config.dictConfig(logging_config(role, level, fmt))
 
 
 def _stop_on_signals(component) -> None:
@@ -117,13 +132,14 @@ def manager(
     heartbeat_interval: float | None = Interval,
     liveness: int | None = Liveness,
     log_level: str = LogLevel,
+    log_format: LogFormatName = LogFormat,
     ready_file: str | None = ReadyFile,
     key: str | None = Key,
 ):
     """Run the lifecycle manager: registry of live agents from their heartbeats."""
     from cluster.manager import Manager
 
-    _setup_logging(log_level, "manager")
+    _setup_logging(log_level, "manager", log_format.value)
     timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
     component = Manager(
         _addresses(manager_heartbeats=heartbeats, manager_events=events, manager_queries=queries),
@@ -172,13 +188,14 @@ def broker(
         "first answer wins, the other copy is cancelled (default: off; CLUSTER_HEDGE_AFTER in seconds).",
     ),
     log_level: str = LogLevel,
+    log_format: LogFormatName = LogFormat,
     ready_file: str | None = ReadyFile,
     key: str | None = Key,
 ):
     """Run the broker: routes client requests to live agents that have the model."""
     from cluster.broker import Broker
 
-    _setup_logging(log_level, "broker")
+    _setup_logging(log_level, "broker", log_format.value)
     timings = config.timings_from_env(
         heartbeat_interval=heartbeat_interval,
         liveness=liveness,
@@ -224,12 +241,13 @@ def agent(
     heartbeat_interval: float | None = Interval,
     liveness: int | None = Liveness,
     log_level: str = LogLevel,
+    log_format: LogFormatName = LogFormat,
     key: str | None = Key,
 ):
     """Run an agent: loads the share's models and serves them to the broker."""
     from cluster.agent import Agent
 
-    _setup_logging(log_level, "agent")
+    _setup_logging(log_level, "agent", log_format.value)
     timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
     component = Agent(
         share or config.default_share_dir(),
@@ -244,6 +262,9 @@ def agent(
         torch_threads=threads if threads > 0 else None,
         key=key,
     )
+    from cluster.logs import CONTEXT
+
+    CONTEXT["agent"] = component.agent_id  # in every JSON line of this process
     _stop_on_signals(component)
     component.run()
     if component.exit_code:
@@ -277,6 +298,7 @@ def edge(
     ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
     log_level: str = LogLevel,
+    log_format: LogFormatName = LogFormat,
     ready_file: str | None = ReadyFile,
     token: list[str] = typer.Option(
         [],
@@ -349,6 +371,7 @@ def edge(
         frontend_path=frontend,
         request_timeout=request_timeout,
         log_level=log_level,
+        log_format=log_format.value,
         access_log=access_log,
         ready_file=ready_file,
         tokens=token,
@@ -393,6 +416,7 @@ def up(
     ),
     heartbeat_interval: float | None = Interval,
     log_level: str = LogLevel,
+    log_format: LogFormatName = LogFormat,
     any_ports: bool = typer.Option(
         False,
         "--any-ports",
@@ -423,7 +447,8 @@ def up(
     from cluster.local import LocalCluster, StartError, any_port, ports_in_use, write_ready_file
     from cluster.supervisor import Supervisor
 
-    _setup_logging(log_level, "up")
+    _setup_logging(log_level, "up", log_format.value)
+    os.environ["CLUSTER_LOG_FORMAT"] = log_format.value  # every process it starts logs the same way
     addresses = config.Addresses()
     if any_ports:
         addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})

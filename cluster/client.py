@@ -45,7 +45,7 @@ from cluster.errors import (
     NoAgentAvailableError,
     error_from_header,
 )
-from cluster.protocol import Command, ProtocolError
+from cluster.protocol import MAX_REQUEST_ID, Command, ProtocolError
 from cluster.sockets import make_socket
 
 HANDSHAKE_FAILED = {
@@ -132,7 +132,9 @@ class ClientCore:
         self.calls.clear()
         return failed
 
-    def infer_call(self, model: str, inputs: Mapping[str, Any], version, timeout, outputs, future) -> Call:
+    def infer_call(
+        self, model: str, inputs: Mapping[str, Any], version, timeout, outputs, future, request_id: str | None = None
+    ) -> Call:
         if not isinstance(model, str) or not model:
             raise BadRequestError("model must be a non-empty string")
         if not isinstance(inputs, Mapping) or not inputs:
@@ -150,6 +152,8 @@ class ClientCore:
             header["version"] = int(version)
         if outputs is not None:
             header["outputs"] = list(outputs)
+        if request_id is not None:  # the caller's name for it, in the broker's and the agent's logs
+            header["request_id"] = str(request_id)[:MAX_REQUEST_ID]
         call = Call(header["id"], header, tensors, time.monotonic() + timeout + DEADLINE_GRACE, future, model)
         self.calls[call.request_id] = call
         return call
@@ -269,9 +273,11 @@ class Client:
         version: int | None = None,
         timeout: float | None = None,
         outputs=None,
+        request_id: str | None = None,
     ) -> InferResult:
-        """Run `model` on `inputs` (name -> numpy array or torch tensor) and wait for the answer."""
-        future = self.submit(model, inputs, version=version, timeout=timeout, outputs=outputs)
+        """Run `model` on `inputs` (name -> numpy array or torch tensor) and wait for the answer. `request_id`: a
+        name for the request that the broker's and the agent's logs carry (to follow it across processes)."""
+        future = self.submit(model, inputs, version=version, timeout=timeout, outputs=outputs, request_id=request_id)
         return self._wait(future)
 
     def submit(
@@ -282,13 +288,14 @@ class Client:
         version: int | None = None,
         timeout: float | None = None,
         outputs=None,
+        request_id: str | None = None,
     ) -> concurrent.futures.Future:
         """Send without waiting: a Future that resolves to an InferResult or raises a ClusterError.
         `future.cancel()` tells the broker (CANCEL): the request leaves its queue, or its agent skips it if it has
         not started it yet."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            call = self.core.infer_call(model, inputs, version, timeout, outputs, future)
+            call = self.core.infer_call(model, inputs, version, timeout, outputs, future, request_id)
         self._send(call)
         future.add_done_callback(lambda done: self._cancelled(call) if done.cancelled() else None)
         return future
@@ -528,11 +535,12 @@ class AsyncClient:
         version: int | None = None,
         timeout: float | None = None,
         outputs=None,
+        request_id: str | None = None,
     ) -> InferResult:
         self._ensure_started()
         self._check_connected(model)
         future = asyncio.get_running_loop().create_future()
-        call = self.core.infer_call(model, inputs, version, timeout, outputs, future)
+        call = self.core.infer_call(model, inputs, version, timeout, outputs, future, request_id)
         return await self._send_and_wait(call)
 
     async def agents(self, timeout: float | None = None) -> list[dict]:

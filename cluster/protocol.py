@@ -12,7 +12,8 @@ float64 seconds it waited in the broker's queue (REQUEST_ROUTE), so an agent can
 
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
-    client  -> broker   REQUEST  {id, model, version?, timeout, inputs: [meta...], outputs?: [name...]} + tensors
+    client  -> broker   REQUEST  {id, model, version?, timeout, inputs: [meta...], outputs?: [name...], request_id?}
+                                 + tensors   (request_id: the caller's name for it, e.g. the OIP id, in the logs)
                         QUERY    {id, what: "agents" | "models" | "model" | "stats", name?, version?}
                         CANCEL   {id}   (forget that request: out of the queue, or skipped by its agent; no answer)
     broker  -> client   REPLY    {id, model, version, agent, outputs: [meta...]} + tensors   (the agent's header, as is)
@@ -233,6 +234,15 @@ def unpack_header(frame) -> dict:
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
     return header
+
+
+MAX_REQUEST_ID = 128  # characters of a REQUEST's request_id kept (it is only ever logged)
+
+
+def request_id_of(header: Mapping) -> str | None:
+    """A REQUEST's request_id for the logs: a string, cut to MAX_REQUEST_ID; None when absent or not a string."""
+    value = header.get("request_id")
+    return value[:MAX_REQUEST_ID] if isinstance(value, str) else None
 
 
 def require(header: dict, key: str, kind: type | tuple, *, optional: bool = False) -> Any:

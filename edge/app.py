@@ -23,6 +23,7 @@ from fastapi_offline import FastAPIOffline
 
 from cluster import AsyncClient
 from cluster.config import BROKER_CLIENT_ADDR, EDGE_GRPC_PORT, env_or
+from cluster.logs import logging_config
 from cluster.manager.client import AsyncManagerClient
 from edge.errors import install_error_handlers
 from edge.grpc_service import grpc_address as format_grpc_address
@@ -211,6 +212,7 @@ def run_edge(
     frontend_path: str | Path | None = None,
     request_timeout: float | None = None,
     log_level: str = "info",
+    log_format: str = "text",
     access_log: bool = False,
     ready_file: str | Path | None = None,
     tokens: Iterable[str] = (),
@@ -274,6 +276,7 @@ def run_edge(
         port,
         ready_file=ready_file,
         log_level=log_level.lower(),
+        log_config=logging_config("edge", log_level, log_format),  # ours and uvicorn's loggers, text or JSON
         access_log=access_log,
         timeout_graceful_shutdown=5,
         extra_addresses=lambda: {"grpc": app.state.edge.grpc_address} if app.state.edge.grpc_address else {},

@@ -22,7 +22,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from cluster.errors import ClusterError
 from edge import oip, repository, statistics
 from edge.errors import HTTPError, cluster_http_error
-from edge.routes import EXTENSIONS, SERVER_NAME, EdgeState, _metadata_body, parse_version, server_version
+from edge.routes import (
+    EXTENSIONS,
+    SERVER_NAME,
+    EdgeState,
+    _metadata_body,
+    new_request_id,
+    parse_version,
+    server_version,
+)
 
 log = logging.getLogger("edge")
 
@@ -241,6 +249,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 version=number,
                 timeout=timeout if timeout is not None else edge.request_timeout,
                 outputs=outputs,
+                request_id=request.id or new_request_id(),
             )
         except ClusterError as exc:
             raise http_to_rpc(cluster_http_error(exc, infer=True, broker=edge.broker)) from None

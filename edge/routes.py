@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,11 @@ class EdgeState:
             return await call
         except ClusterError as exc:
             raise cluster_http_error(exc, infer=False, broker=self.broker) from None
+
+
+def new_request_id() -> str:
+    """An id for a request that came without one (the OIP `id` is optional), so that its log lines can be found."""
+    return f"edge-{uuid.uuid4().hex[:16]}"
 
 
 def get_edge(request: Request) -> EdgeState:
@@ -300,9 +306,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         parsed = await off_loop(len(body), oip.parse_infer_request, body, header)  # large: not on the event loop
         del body
         timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
-        result = await _unless_disconnected(
-            request, edge.client.infer(name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs)
+        call = edge.client.infer(
+            name,
+            parsed.inputs,
+            version=number,
+            timeout=timeout,
+            outputs=parsed.outputs,
+            request_id=parsed.id or new_request_id(),  # followed through the broker's and the agent's logs
         )
+        result = await _unless_disconnected(request, call)
         metrics.confirm_model(name)
         metrics.observe_batching(name, result.batch_size, result.queue_seconds)
         served_by = {"agent": result.agent} if isinstance(result.agent, str) else None

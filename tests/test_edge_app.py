@@ -111,9 +111,16 @@ class FakeBus:
         if what in self.raises:
             raise self.raises[what]
 
-    async def infer(self, model, inputs, *, version=None, timeout=None, outputs=None) -> InferResult:
+    async def infer(self, model, inputs, *, version=None, timeout=None, outputs=None, request_id=None) -> InferResult:
         self.calls.append(
-            {"model": model, "inputs": dict(inputs), "version": version, "timeout": timeout, "outputs": outputs}
+            {
+                "model": model,
+                "inputs": dict(inputs),
+                "version": version,
+                "timeout": timeout,
+                "outputs": outputs,
+                "request_id": request_id,
+            }
         )
         self._maybe_raise("infer")
         try:  # what ClientCore.infer_call and the agent do with the inputs
@@ -909,3 +916,11 @@ def test_docs_pages_load_nothing_from_the_internet(http):
         for url in urls:
             assert url.startswith("/"), f"{page} loads {url} from elsewhere"
             assert http.get(url).status_code == 200, f"{page}: {url} is not served"
+
+
+def test_the_request_id_goes_on_the_bus_to_follow_a_request_in_the_logs(http, bus):
+    """The OIP `id` (or one the edge makes up when there is none) travels with the request as its request_id."""
+    assert infer_json(http, body=echo_body([[1.0, 2.0, 3.0]], id="trace-me-1")).status_code == 200
+    assert bus.calls[-1]["request_id"] == "trace-me-1"
+    assert infer_json(http, body=echo_body([[1.0, 2.0, 3.0]])).status_code == 200
+    assert re.fullmatch(r"edge-[0-9a-f]{16}", bus.calls[-1]["request_id"]), bus.calls[-1]["request_id"]
