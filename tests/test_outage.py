@@ -12,10 +12,12 @@ Manager: down 20 s, then every agent in its registry within BACK_BOUND_S.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from bench.outage import broker_outage, manager_outage, production_cluster, write_echo_share
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -71,3 +73,23 @@ def test_manager_down_20_s_agents_back_promptly(outage_cluster):
         f"every agent was in the restarted manager's registry {took} s after it listened; bound {BACK_BOUND_S} s\n"
         f"{cluster.logs()}"
     )
+
+
+def test_keys_on_a_restarted_broker_asks_the_manager_and_gets_its_agent_back(tmp_path):
+    """With CURVE: the broker's start-up QUERY {what: agents} is answered (the server key may ask it), and the agent
+    registers within the bound once the handshake with the new broker succeeds."""
+    with production_cluster(write_echo_share(tmp_path / "share"), tmp_path / "logs", keys=tmp_path / "keys") as cluster:
+        cluster.start_manager()
+        broker = cluster.start_broker()
+        cluster.start_agents(1)
+        cluster.wait_for_agents(1, timeout=60, model="echo")
+        cluster.kill(broker)
+        time.sleep(3.0)  # the outage itself
+        broker = cluster.restart(broker)
+        back = time.monotonic()
+        client = cluster.client()
+        wait_for(lambda: len(client.agents(timeout=1)) == 1, 10, f"the agent back in the broker\n{cluster.logs()}")
+        took = time.monotonic() - back
+        assert took <= BACK_BOUND_S, f"the agent registered {took:.2f} s after the broker listened\n{cluster.logs()}"
+        wait_for(lambda: "the manager hears" in broker.log(), 5, f"the manager's answer\n{cluster.logs()}")
+        assert "did not say which agents" not in broker.log(), cluster.logs()

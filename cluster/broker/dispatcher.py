@@ -190,23 +190,24 @@ class Dispatcher:
         self.now = now
         if now >= self.started + self.timings.rejoin_window or not isinstance(views, list):
             return out
+        heard = 0
         for view in views:
             try:
                 beat = Heartbeat.from_wire(view)
             except (ProtocolError, TypeError, AttributeError):
                 continue
+            heard += 1
             if beat.draining or not beat.models or self.agents.get_by_id(beat.agent) is not None:
                 continue
             self.expected[beat.agent] = (beat.instance, beat.served_versions())
+        held = ""
         if self.expected:
-            log.info(
-                "the manager knows %d agents not registered here yet (%s): holding requests for %s until they are "
-                "(at most %.1f s from the start)",
-                len(self.expected),
-                ", ".join(sorted(self.expected)),
-                ", ".join(sorted({m for _, models in self.expected.values() for m in models})),
-                self.timings.rejoin_window,
+            held = (
+                f" ({', '.join(sorted(self.expected))}): holding requests for "
+                f"{', '.join(sorted({m for _, models in self.expected.values() for m in models}))} until they are "
+                f"(at most {self.timings.rejoin_window:g} s from the start)"
             )
+        log.info("the manager hears %d agents, %d not registered here yet%s", heard, len(self.expected), held)
         return out
 
     def holding(self, model: str, version: int | None, now: float) -> bool:
