@@ -43,8 +43,17 @@ class Timings:
 
     heartbeat_interval: float = 1.0  # agents beat this often (to the manager and the broker)
     liveness: int = 3  # a peer silent for liveness * interval is dead
-    reconnect_initial: float = 1.0  # first reconnect delay; doubles ...
-    reconnect_max: float = 32.0  # ... up to this, with jitter
+    reconnect_initial: float = 1.0  # an agent whose broker is connected but silent sends READY again after this;
+    reconnect_max: float = 32.0  # ... doubling up to this, with jitter (a broker that is down: see link_retry_max)
+    # How often a connecting socket (agents -> broker and manager, broker -> manager, clients -> broker) tries again
+    # to reach a peer that is down: from a quarter of this (or reconnect_initial, if less) doubling up to this, plus
+    # ZeroMQ's jitter (up to the first interval). Short, so that a restarted broker or manager has every agent back
+    # within about this long whatever the outage lasted (a refused TCP connect costs nothing, and the jitter spreads
+    # the agents); an agent sends READY the moment its connection is up (agent.py).
+    link_retry_max: float = 1.0
+    # A restarted broker asks the manager which agents are alive and holds requests for their models (within each
+    # request's deadline) until they have registered again or are declared dead, at most this long after it started.
+    rejoin_window: float = 10.0
     request_timeout: float = 30.0  # default deadline of an inference request
     query_timeout: float = 5.0  # deadline of an agents()/models() query
     max_dispatch_attempts: int = 3  # how often the broker re-dispatches a request whose agent died
@@ -86,6 +95,8 @@ def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timi
     timings = replace(Timings(), **values)
     if timings.heartbeat_interval < 0.01:
         raise ValueError("heartbeat interval must be at least 10 ms")
+    if timings.link_retry_max < 0.01 or timings.rejoin_window < 0:
+        raise ValueError("link_retry_max must be at least 10 ms, rejoin_window >= 0")
     if timings.liveness < 1:
         raise ValueError("liveness must be at least 1")
     if timings.max_queue_wait < 0:

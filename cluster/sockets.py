@@ -7,8 +7,9 @@ What it sets and why:
   own connection back; a second process with the same agent id has another identity and is refused by the broker.
 - MAXMSGSIZE: a peer that sends a larger frame is disconnected before we spend memory on it.
 - Explicit high-water marks (never 0 = unbounded) and a short LINGER, so closing never hangs.
-- TCP keepalive, and reconnect backoff from `reconnect_initial` doubling to `reconnect_max`, jittered so that a
-  restarted broker is not stampeded by every agent at the same instant.
+- TCP keepalive, and reconnect attempts from a quarter of `link_retry_max` doubling to `link_retry_max` (1 s),
+  jittered (ours and ZeroMQ's), so that a restarted broker or manager gets every peer back within about a second,
+  whatever the outage lasted, without every agent arriving at the same instant.
 - CURVE, when the process runs with a key (`curve=`): `CurveServer` on the sockets that serve (the broker's two
   ROUTERs, the manager's three sockets), with a ZAP domain that says which roles may connect there (cluster/auth.py
   answers the ZAP requests); `CurveClient` on every socket that connects. Without it, the socket runs in the clear.
@@ -87,9 +88,13 @@ def make_socket(
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
-    initial_ms = int(timings.reconnect_initial * 1000)
+    # Retrying a peer that is down (connecting sockets): short and capped (Timings.link_retry_max), not the 32 s of
+    # the agents' READY backoff: with ZeroMQ's own doubling up to 32 s, agents came back 5-15 s after a 10-20 s
+    # outage of the broker or the manager, later the longer the outage.
+    max_ms = max(10, int(timings.link_retry_max * 1000))
+    initial_ms = max(10, min(int(timings.reconnect_initial * 1000), max_ms // 4))
     sock.setsockopt(zmq.RECONNECT_IVL, max(10, int(initial_ms * random.uniform(0.8, 1.2))))
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(initial_ms, int(timings.reconnect_max * 1000)))
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(initial_ms, max_ms))
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if curve is not None:

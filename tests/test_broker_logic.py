@@ -286,6 +286,104 @@ def test_during_warm_up_unroutable_requests_wait_for_agents_to_register():
     assert d.pending_count == 0
 
 
+# ---- after a restart: holding requests for the agents the manager knows (expect_agents) ----------------------------
+
+
+def manager_knows(d: Dispatcher, *beats: Heartbeat, now: float = 0.5) -> None:
+    """Feed `d` the manager's answer to QUERY {what: agents}, as its Registry makes it from these agents' beats."""
+    registry = Registry(expiry=3.0)
+    for b in beats:
+        registry.observe(b, now)
+    assert d.expect_agents(registry.describe_agents(now), now) == []
+
+
+def test_requests_for_an_expected_agent_wait_past_the_warm_up_until_it_registers():
+    d = dispatcher()
+    manager_knows(d, beat("a1", instance="i1"), beat("a2", models=[("n", 1)], instance="i2"))
+    assert set(d.expected) == {"a1", "a2"}
+    assert request(d, 0, now=5.0) == [], "after the warm-up, m waits: a1 serves it and is expected back"
+    assert d.holding("m", None, 5.0) and d.holding("m", 1, 5.0) and not d.holding("m", 2, 5.0)
+    assert d.tick(6.0) == [] and d.pending_count == 1
+    # Nobody expected serves 'other', nor version 2 of m: those fail at once, as they would without a manager.
+    assert client_errors(request(d, 1, model="other", now=6.0))[0][1] in ("NO_AGENT", "MODEL_NOT_FOUND")
+    assert [e[1] for e in client_errors(request(d, 2, version=2, now=6.0))] == ["NO_AGENT"]
+    ((agent, route),) = sent_to_agents(ready(d, "a1", now=6.5, instance="i1"))
+    assert agent == "a1" and d.requests[route].request_id == 0 and set(d.expected) == {"a2"}
+    assert client_errors(d.tick(7.0)) == [] and d.pending_count == 0
+
+
+def test_held_requests_fail_once_the_expected_agent_is_declared_dead():
+    d = dispatcher()
+    manager_knows(d, beat("a1", instance="i1"))
+    assert request(d, 0, now=5.0) == []
+    d.agent_declared_dead("a1", "i0")  # another instance (an earlier process) died: a1 is still expected
+    assert d.tick(5.5) == [] and set(d.expected) == {"a1"}
+    d.agent_declared_dead("a1", "i1")
+    assert client_errors(d.tick(5.6)) == [(0, "NO_AGENT", "no live agent is connected, so model 'm' cannot be served")]
+    assert [e[1] for e in client_errors(request(d, 1, now=5.7))] == ["NO_AGENT"], "no longer held"
+
+
+def test_held_requests_keep_their_deadline_and_the_rejoin_window_ends():
+    d = dispatcher(rejoin_window=8.0)
+    manager_knows(d, beat("a1"))
+    assert request(d, 0, timeout=2.0, now=5.0) == [] and request(d, 1, timeout=30.0, now=5.0) == []
+    assert [e[:2] for e in client_errors(d.tick(7.1))] == [(0, "TIMEOUT")], "held within its own deadline"
+    assert d.tick(7.9) == []
+    assert [e[:2] for e in client_errors(d.tick(8.0))] == [(1, "NO_AGENT")], "the rejoin window is over"
+    assert d.expected == {} and d.pending_count == 0
+
+
+def test_expect_agents_skips_registered_draining_and_late_answers():
+    d = dispatcher()
+    ready(d, "a1", now=0.2)
+    manager_knows(d, beat("a1"), beat("a2", draining=True), beat("a3", models=()), now=0.5)
+    assert d.expected == {}, "registered already, draining, or serving nothing: nothing to wait for"
+    assert d.expect_agents([{"agent": 5}, "junk", {"id": "x"}], 0.6) == [] and d.expected == {}
+    late = dispatcher(rejoin_window=3.0)
+    manager_knows(late, beat("a1"), now=3.0)
+    assert late.expected == {}, "an answer after the rejoin window changes nothing"
+
+
+def test_a_request_whose_agent_dies_waits_for_an_expected_agent_that_serves_it():
+    d = dispatcher()
+    manager_knows(d, beat("a2"))
+    ready(d, "a1", now=1.0)
+    ((_, route),) = sent_to_agents(request(d, 0, now=5.0))
+    out = d.agent_message(Command.DISCONNECT, goodbye("a1"), 5.5)
+    assert client_errors(out) == [] and d.pending_count == 1, "a2 is expected back: the request waits for it"
+    ((agent, new_route),) = sent_to_agents(ready(d, "a2", now=6.0))
+    assert agent == "a2" and d.requests[new_route].request_id == 0
+
+
+def test_broker_asks_the_manager_which_agents_to_expect_at_start():
+    """Over in-process sockets, the real Manager answering the real Broker's start-up QUERY {what: agents}."""
+    from cluster.manager.manager import Manager
+
+    ctx = zmq.Context()
+    addresses = Addresses(
+        broker_clients="inproc://r-clients",
+        broker_agents="inproc://r-agents",
+        manager_events="inproc://r-events",
+        manager_heartbeats="inproc://r-beats",
+        manager_queries="inproc://r-queries",
+    )
+    manager = Manager(addresses, TIMINGS, ctx)
+    broker = Broker(addresses, TIMINGS, "round-robin", ctx)
+    try:
+        manager.registry.observe(beat("a1", instance="i1"), manager.registry.expiry)
+        broker.ask_manager_for_agents()
+        assert manager.queries.poll(5000), "the broker's QUERY did not reach the manager"
+        manager.process_query(manager.queries.recv_multipart(copy=False))
+        assert broker.manager.poll(5000), "the manager did not answer the broker"
+        broker.process_manager_answer(broker.manager.recv_multipart(copy=False))
+        assert set(broker.dispatcher.expected) == {"a1"}
+        assert broker.dispatcher.holding("m", None, broker.dispatcher.started + 5)
+    finally:
+        broker.close()
+        manager.close()
+        ctx.term()
+
+
 # ---- the agent table -------------------------------------------------------------------------------------------------
 
 

@@ -7,9 +7,13 @@ Threads:
 - inference workers (runner.WorkerPool) run the models.
 
 The agent trusts nothing it receives: a malformed request gets an ERROR answer (or is dropped, with a log line, when
-it cannot even be answered), never a crash. If the broker goes silent for `liveness` intervals, the agent sends
-READY again, backing off from `reconnect_initial` to `reconnect_max` with jitter, so a restarted broker gets every
-agent back without an agent restart.
+it cannot even be answered), never a crash. A socket monitor on the broker DEALER says when the connection is up:
+READY goes the moment a connection (a first one, or one after the broker restarted) completes its handshake, so a
+restarted broker has every agent back within about `link_retry_max` (how often the socket tries a broker that is
+down) of listening, whatever the outage lasted. While the connection is down the agent sends the broker nothing but
+answers (no heartbeats: they would pile up and each make the new broker ask for READY again). If a connected broker
+goes silent for `liveness` intervals, the agent sends READY again, backing off from `reconnect_initial` to
+`reconnect_max` with jitter.
 
 With a key (`key`, an agent member's key file): its three bus sockets connect with CURVE, presenting that key; the
 broker and the manager then accept its READY and heartbeats (role agent), and bind its id to that key.
@@ -36,6 +40,7 @@ import time
 
 import torch
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from cluster import protocol
 from cluster.agent.loader import ModelLoader, load_version
@@ -65,6 +70,9 @@ log = logging.getLogger("cluster.agent")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
 _instance_ids = itertools.count()
+# What the broker DEALER's monitor reports: a handshake that succeeded (with CURVE too: the connection is usable; it
+# is the only event that means so) and a connection that dropped.
+BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 EXIT_AGENT_ID_IN_USE = 3  # `cluster agent`'s exit status when the broker keeps refusing its id (another has it)
 
 
@@ -281,10 +289,9 @@ class Agent:
         )  # hear every subscription, so a restarted manager gets a beat at once
         self.serving_since = time.time()
         self._poller = poller = zmq.Poller()
-        for sock in (self.broker, self.results, self.beats, self.loads, self.events):
+        for sock in (self.broker, self.broker_monitor, self.results, self.beats, self.loads, self.events):
             poller.register(sock, zmq.POLLIN)
         interval = self.timings.heartbeat_interval
-        self.register()
         now = time.monotonic()
         next_beat = now
         self._broker_heard = now
@@ -311,6 +318,8 @@ class Agent:
                 self._inline_until = time.monotonic() + INLINE_BUDGET_S
                 if self.results in ready:
                     self.forward_results()
+                if self.broker_monitor in ready:
+                    self.process_broker_link()
                 if self.broker in ready:
                     self.process_broker()
                 if self.beats in ready:
@@ -337,28 +346,77 @@ class Agent:
             pass
         self.pool.stop()
         self.loader.stop()
+        self.close_broker_monitor()
         for sock in (self.broker, self.beats, self.results, self.loads, self.events):
             sock.close(linger=100)
         if self._own_ctx:
             self.ctx.term()
 
     def connect_broker(self) -> zmq.Socket:
-        return make_socket(
+        """The DEALER to the broker, with its monitor (`broker_monitor`, attached before connecting so that the first
+        handshake is seen too): READY goes when the handshake succeeds (process_broker_link)."""
+        monitors = []
+        sock = make_socket(
             self.ctx,
             zmq.DEALER,
             connect=self.addresses.broker_agents,
             identity=self.identity,
             timings=self.timings,
             curve=self._curve,
+            before_connect=lambda s: monitors.append(s.get_monitor_socket(BROKER_LINK_EVENTS)),
         )
+        self.broker_monitor = monitors[0]
+        self.broker_connected = False  # the monitor's view: a handshake succeeded and the link has not dropped since
+        self._broker_down_since: float | None = None
+        return sock
+
+    def close_broker_monitor(self) -> None:
+        try:
+            self.broker.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.broker_monitor.close(linger=0)
 
     def reconnect_broker(self) -> None:
         """A fresh connection to the broker (same identity): the old one may be a link the broker no longer reads
         (handed over, or half-open after a network blip), where READY would wait forever."""
         self._poller.unregister(self.broker)
+        self._poller.unregister(self.broker_monitor)
+        self.close_broker_monitor()
         self.broker.close(linger=0)
         self.broker = self.connect_broker()
         self._poller.register(self.broker, zmq.POLLIN)
+        self._poller.register(self.broker_monitor, zmq.POLLIN)
+
+    def process_broker_link(self) -> None:
+        """The broker DEALER's monitor: on a handshake that succeeded (the first connection, or one after the broker
+        restarted or the network came back), READY at once; on a drop, note it (no beats to the broker until the
+        link is back, and no READY backoff: the socket itself tries again every `link_retry_max` at most)."""
+        for _ in range(100):
+            try:
+                event = parse_monitor_message(self.broker_monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            except zmq.Again:
+                return
+            except (zmq.ZMQError, ValueError, IndexError):
+                continue
+            now = time.monotonic()
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._broker_down_since is not None:
+                    log.info(
+                        "agent %s: connected to the broker again after %.1f s; registering",
+                        self.agent_id,
+                        now - self._broker_down_since,
+                    )
+                self.broker_connected, self._broker_down_since = True, None
+                self._broker_heard = now  # give it an expiry to answer before check_broker says READY again
+                self._ready_backoff = self.timings.reconnect_initial
+                self._next_ready = now + self.timings.expiry
+                self.register()
+            elif event == zmq.EVENT_DISCONNECTED and self.broker_connected:
+                log.warning(
+                    "agent %s: lost the connection to the broker; registering again when it is back", self.agent_id
+                )
+                self.broker_connected, self._broker_down_since = False, now
 
     def register(self) -> None:
         """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
@@ -383,6 +441,8 @@ class Agent:
             pass  # PUB semantics: a missed beat is tolerated by the manager
         # A model loaded since READY (a deploy of a new model or version): its metadata rides on the broker's beat.
         new = [m for m in self.table.loaded_models() if (m.name, m.version) not in self._metadata_sent]
+        if not self.broker_connected:
+            return  # queued, it would reach the next broker as a beat from an unknown agent (READY goes on connect)
         if new:
             beat = message(Command.HEARTBEAT, dict(status, metadata=self._metadata(new)))
         try:
@@ -392,7 +452,10 @@ class Agent:
             pass  # broker unreachable and our queue to it is full: check_broker re-registers later
 
     def check_broker(self, now: float) -> None:
-        """The broker has been silent too long: send READY again, backing off (with jitter) while it stays silent."""
+        """A connected broker has been silent too long: send READY again, backing off (with jitter) while it stays
+        silent. A broker that is down is not asked: READY goes when the connection is back (process_broker_link)."""
+        if not self.broker_connected:
+            return
         if now - self._broker_heard <= self.timings.expiry or now < self._next_ready:
             return
         silent = now - self._broker_heard

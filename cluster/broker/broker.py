@@ -55,6 +55,7 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 
 MAX_REQUEST_TIMEOUT = 24 * 3600.0
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
+AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
 TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
 
 
@@ -117,7 +118,9 @@ class Broker:
             curve=security.client() if secured else None,
         )
         # Every heartbeat interval, which agents we route to goes to the manager's query socket (QUERY
-        # {what: broker_view}, no answer), so that its rollouts wait only for agents that serve.
+        # {what: broker_view}, no answer), so that its rollouts wait only for agents that serve. At start, the same
+        # socket asks the manager which agents are alive (QUERY {what: agents}): requests for their models are held
+        # until they have registered here (Dispatcher.expect_agents).
         self.manager = make_socket(
             self.ctx,
             zmq.DEALER,
@@ -141,6 +144,8 @@ class Broker:
         poller.register(self.agents_sock, zmq.POLLIN)
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
+        poller.register(self.manager, zmq.POLLIN)
+        self.ask_manager_for_agents()
         tick = min(0.1, self.timings.heartbeat_interval / 2)
         if self.timings.hedge_after > 0:
             tick = min(tick, max(0.01, self.timings.hedge_after / 2))  # a stuck request is hedged soon after its time
@@ -162,6 +167,8 @@ class Broker:
                     drain(self.clients, self.process_client, DRAIN_BATCH, log)
                 if self.events in ready:
                     drain(self.events, self.process_event, DRAIN_BATCH, log)
+                if self.manager in ready:
+                    drain(self.manager, self.process_manager_answer, DRAIN_BATCH, log)
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
@@ -191,6 +198,31 @@ class Broker:
             self.security.stop()
         if self._own_ctx:
             self.ctx.term()
+
+    def ask_manager_for_agents(self) -> None:
+        """At start: which agents does the manager hear? (It answers with its registry; a manager that is down
+        answers when it is back, and an answer after the rejoin window changes nothing.)"""
+        try:
+            self.manager.send_multipart(message(Command.QUERY, {"what": "agents", "id": AGENTS_QUERY_ID}), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("could not ask the manager which agents are alive; requests wait only in the warm-up window")
+
+    def process_manager_answer(self, frames: list) -> None:
+        """The manager's answer to `ask_manager_for_agents` (the reports get none)."""
+        try:
+            if len(frames) != 2:
+                raise ProtocolError("an answer from the manager must be preamble + header")
+            cmd = protocol.parse_preamble(frames[0])
+            header = protocol.unpack_header(frames[1])
+        except ProtocolError as exc:
+            bad_input.warning("bad answer from the manager dropped: %s", exc)
+            return
+        if header.get("id") != AGENTS_QUERY_ID:
+            return
+        if cmd != Command.REPLY:
+            log.warning("the manager did not say which agents are alive: %s", header.get("message"))
+            return
+        self.deliver(self.dispatcher.expect_agents(header.get("result"), time.monotonic()))
 
     def report_to_manager(self) -> None:
         """The ids of the agents we route to (not draining), for the manager's rollouts."""

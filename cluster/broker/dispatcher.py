@@ -15,8 +15,11 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   go out as replies free slots;
 - a request for a version goes only to agents that serve it; an agent that answers MODEL_NOT_FOUND (it unloaded the
   version since its last beat) is forgotten for that version, and the request silently goes elsewhere;
-- a request no live agent can take fails at once (MODEL_NOT_FOUND or NO_AGENT), except in the warm-up window after
-  the broker (re)starts, while agents re-register: then it waits, within its deadline;
+- a request no live agent can take fails at once (MODEL_NOT_FOUND or NO_AGENT), except while agents re-register
+  after the broker (re)starts: then it waits, within its deadline. That is the warm-up window (one expiry and one
+  interval from the start, for any model), and after it, for the models of the agents the manager says are alive
+  (`expect_agents`, its answer at start-up), until each of them has registered again or is declared dead, at most
+  `timings.rejoin_window` from the start; requests for a model none of them serves fail as before;
 - past its deadline a request fails with TIMEOUT, whether in flight or queued; the agent is told how long a request
   has left (and how long it waited here) in the REQUEST's route frame, so it drops work that expired before it began;
 - a client's CANCEL (found by client identity and id) takes its request out of the queue, or, in flight, is passed
@@ -208,11 +211,63 @@ class Dispatcher:
         self.service: dict[str, ServiceTimes] = {}  # model -> its recent service times (stall detection)
         self.now = now  # the latest event's clock: what a request forwarded now has left, and has waited
         self.reserved: dict[str, tuple[str | None, float]] = {}  # agent id -> (instance, until): see _refuse_duplicate
+        # agent id -> (instance, model -> versions): alive at the manager, not registered here again yet (expect_agents)
+        self.expected: dict[str, tuple[str | None, dict[str, set[int]]]] = {}
 
     def warming_up(self, now: float) -> bool:
         """Just started (or restarted): agents are still re-registering, so "no agent has it" is not known yet.
         Requests wait (within their deadline) instead of failing, so clients ride through a broker restart."""
         return now - self.started < self.timings.expiry + self.timings.heartbeat_interval
+
+    def expect_agents(self, views: list, now: float) -> list[Send]:
+        """The manager's answer to QUERY {what: agents}, asked at start-up: the agents it hears (their heartbeats),
+        which will register here again. Until each has (or is declared dead, or `rejoin_window` from the start has
+        passed), requests for what it serves wait rather than fail. Agents already registered, draining, or entries
+        that do not parse are left out. An answer after the rejoin window changes nothing."""
+        out: list[Send] = []
+        self.now = now
+        if now >= self.started + self.timings.rejoin_window or not isinstance(views, list):
+            return out
+        heard = 0
+        for view in views:
+            try:
+                beat = Heartbeat.from_wire(view)
+            except (ProtocolError, TypeError, AttributeError):
+                continue
+            heard += 1
+            if beat.draining or not beat.models or self.agents.get_by_id(beat.agent) is not None:
+                continue
+            self.expected[beat.agent] = (beat.instance, beat.served_versions())
+        held = ""
+        if self.expected:
+            held = (
+                f" ({', '.join(sorted(self.expected))}): holding requests for "
+                f"{', '.join(sorted({m for _, models in self.expected.values() for m in models}))} until they are "
+                f"(at most {self.timings.rejoin_window:g} s from the start)"
+            )
+        log.info("the manager hears %d agents, %d not registered here yet%s", heard, len(self.expected), held)
+        return out
+
+    def holding(self, model: str, version: int | None, now: float) -> bool:
+        """Whether a request for `model` (`version`) that no live agent can take now waits rather than fails: in the
+        warm-up window, or while an agent the manager said is alive and serves it has not registered again."""
+        if self.warming_up(now):
+            return True
+        if not self.expected or now >= self.started + self.timings.rejoin_window:
+            return False
+        return any(
+            model in models and (version is None or version in models[model]) for _, models in self.expected.values()
+        )
+
+    def _end_rejoin_window(self, now: float) -> None:
+        if self.expected and now >= self.started + self.timings.rejoin_window:
+            log.warning(
+                "agents the manager said were alive did not register within %.1f s of the start: %s; requests for "
+                "their models are no longer held",
+                self.timings.rejoin_window,
+                ", ".join(sorted(self.expected)),
+            )
+            self.expected.clear()
 
     def counts(self) -> dict:
         """The `stats` answer."""
@@ -248,7 +303,7 @@ class Dispatcher:
             )
             out.append(client_error(client, request_id, ErrorCode.OVERLOADED, text, model, retry_after=1.0))
             return out
-        if not self.agents.candidates(model, version) and not self.warming_up(now):
+        if not self.agents.candidates(model, version) and not self.holding(model, version, now):
             code, text = self.agents.why_unroutable(model, version)
             out.append(client_error(client, request_id, code, text, model))
             return out
@@ -339,6 +394,9 @@ class Dispatcher:
         """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness). When it names
         the instance that died, a live agent of another instance with that id (a restart) is not touched."""
         out: list[Send] = []
+        expected = self.expected.get(agent_id)
+        if expected is not None and (instance is None or expected[0] in (None, instance)):
+            del self.expected[agent_id]  # it will not register again: its models' requests are held no longer
         agent = self.agents.get_by_id(agent_id)
         if agent is not None and instance is not None and agent.beat.instance not in (None, instance):
             return out
@@ -381,7 +439,7 @@ class Dispatcher:
 
     def tick(self, now: float) -> list[Send]:
         """The clock: expire silent agents, fail requests past their deadline, and (after warm-up) fail queued
-        requests that no live agent can take any more."""
+        requests that no live agent can take any more, and none that is expected back will."""
         out: list[Send] = []
         self.now = now
         for agent in self.agents.silent(now):
@@ -391,8 +449,9 @@ class Dispatcher:
         if self.timings.hedge_after > 0:
             self._hedge(now, out)
         self._expire_requests(now, out)
+        self._end_rejoin_window(now)
         if self.pending_count and not self.warming_up(now):
-            self._fail_orphaned_queues(out)
+            self._fail_orphaned_queues(now, out)
         return out
 
     def heartbeats(self) -> list[Send]:
@@ -437,6 +496,7 @@ class Dispatcher:
             self._refuse_duplicate(identity, beat, live, conflict, now, out)
             return
         self.reserved.pop(beat.agent, None)
+        self.expected.pop(beat.agent, None)  # back: held requests for its models go to it now
         self.agents.remember_metadata(header.get("metadata"))
         if old is not None and self.agents.same_process(old, beat):
             self.agents.update(old, beat)  # the same process saying READY again (it thought we were gone)
@@ -728,6 +788,9 @@ class Dispatcher:
                 out,
             )
         elif not self.agents.candidates(request.model, request.version):
+            if self.holding(request.model, request.version, self.now):
+                self._enqueue(request, front=True)  # an agent that serves it is expected back
+                return
             self._finish_with_error(
                 request,
                 ErrorCode.NO_AGENT,
@@ -765,12 +828,17 @@ class Dispatcher:
             )
             # The slot stays taken until the agent answers or dies: it is still working on it.
 
-    def _fail_orphaned_queues(self, out: list[Send]) -> None:
-        """After warm-up: requests queued for a model no live agent has fail now rather than at their deadline.
-        Also drops queued requests already answered (timed out), so the queue length counts live ones only."""
+    def _fail_orphaned_queues(self, now: float, out: list[Send]) -> None:
+        """After warm-up: requests queued for a model no live agent has, and none expected back serves, fail now
+        rather than at their deadline. Also drops queued requests already answered (timed out), so the queue length
+        counts live ones only."""
         for model, queue in list(self.pending.items()):
             for request in queue:
-                if not request.done and not self.agents.candidates(request.model, request.version):
+                if (
+                    not request.done
+                    and not self.agents.candidates(request.model, request.version)
+                    and not self.holding(request.model, request.version, now)
+                ):
                     request.done = True
                     self._forget(request)
                     code, text = self.agents.why_unroutable(request.model, request.version)

@@ -14,7 +14,8 @@ Sockets (all bound by the manager, so agents and the broker can start before or 
   then deploys it: the write runs in a thread of its own (a large file on NFS must not stall heartbeats), and the
   answer is the rollout's report. The broker sends QUERY {what: broker_view, agents: [id...]} (no answer) every
   heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
-  (Deployments.broker_view), not for a heartbeat from nowhere; with keys, only from the server key.
+  (Deployments.broker_view), not for a heartbeat from nowhere; with keys, only from the server key. A starting broker
+  asks QUERY {what: agents} (the server key may), to hold requests for those agents' models until they re-register.
 
 Liveness has one owner: the broker, for routing (the Majordomo way: from each agent's own DEALER traffic, on its own
 clock, expiring an agent silent for `timings.expiry`). The manager's registry, fed by the PUB heartbeats, decides
@@ -201,6 +202,12 @@ class Manager:
             if self.allow is not None:
                 action = "deploy" if what in COMMANDS else "query"
                 refused = refusal(self.allow, key_of(frames[1]), action, what)
+                if (
+                    refused is not None
+                    and what == "agents"
+                    and refusal(self.allow, key_of(frames[1]), "report") is None
+                ):
+                    refused = None  # the broker, starting, asks which agents to wait for
                 if refused is not None:
                     bad_input.warning("%s refused: %s", what, refused[1])
                     self.answer(peer, message(Command.ERROR, error_header(request_id, *refused)))
