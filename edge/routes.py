@@ -13,6 +13,7 @@ when the edge has tokens (edge/security.py); a route that changes the cluster ad
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
@@ -41,6 +42,7 @@ from edge.schemas import (
 )
 from edge.security import TOKEN, EdgeSecurity, check_infer_content_type
 
+log = logging.getLogger("edge")
 SERVER_NAME = "torch-serving-cluster"
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository"]
 
@@ -296,6 +298,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     started = time.perf_counter()
     outcome = "error"
     large = False
+    trace = None
     metrics.in_flight.inc()
     try:
         number = parse_version(name, version)
@@ -306,13 +309,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         parsed = await off_loop(len(body), oip.parse_infer_request, body, header)  # large: not on the event loop
         del body
         timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
+        trace = parsed.id or new_request_id()  # followed through the broker's and the agent's logs
         call = edge.client.infer(
-            name,
-            parsed.inputs,
-            version=number,
-            timeout=timeout,
-            outputs=parsed.outputs,
-            request_id=parsed.id or new_request_id(),  # followed through the broker's and the agent's logs
+            name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs, request_id=trace
         )
         result = await _unless_disconnected(request, call)
         metrics.confirm_model(name)
@@ -342,7 +341,17 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         return error_response(error.status, error.message, error.headers)
     finally:
         metrics.in_flight.dec()
-        metrics.observe(name, outcome, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.observe(name, outcome, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s for %s: %s in %.2f ms",
+                trace or "-",
+                name,
+                outcome,
+                seconds * 1e3,
+                extra={"request_id": trace, "model": name},
+            )
         if large:
             give_memory_back()
 

@@ -591,7 +591,7 @@ class Agent:
         except (ProtocolError, InputError) as exc:
             self.answer_error(route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
             return
-        job = Job(route, request_id, model, metas, list(tensors), outputs)
+        job = Job(route, request_id, model, metas, list(tensors), outputs, trace=protocol.request_id_of(header))
         job.deadline, job.broker_wait_s = job.queued_at + seconds_left, broker_wait_s
         if job.deadline < job.queued_at:  # expired on its way here
             self.broker.send_multipart(self.pool.skip(job, "TIMEOUT"), copy=False)

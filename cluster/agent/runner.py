@@ -59,6 +59,10 @@ class Job:
     deadline: float = math.inf  # monotonic, this agent's clock: past it, the client has given up (not run then)
     broker_wait_s: float = 0.0  # how long it waited in the broker's queue before it was sent here
     instance: int = 0  # which copy of the model runs it (config `instances`)
+    trace: str | None = None  # the caller's request_id (the OIP id, say): in every log line about it
+
+    def log_extra(self) -> dict:
+        return {"request_id": self.trace, "model": self.model.name}
 
 
 @dataclass
@@ -136,6 +140,7 @@ class WorkerPool:
         else:
             code, counter = ErrorCode.CANCELLED, "cancelled"
             text = f"model '{job.model.name}': cancelled before agent {self.agent_id} began it"
+        log.debug("request %s for %s not run: %s", job.trace or "-", job.model.name, reason, extra=job.log_extra())
         self._count(job.model.name, counter)
         self.stats_of(job.model).record_failure(reason)
         header = error_header(job.request_id, code, text, job.model.name)
@@ -368,6 +373,15 @@ class WorkerPool:
         return {name: to_torch(a) for name, a in decode_tensors(job.metas, job.tensors).items()}
 
     def _reply(self, job: Job, outputs: dict, batch_size: int) -> list:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s for %s answered: %.2f ms queued here, batch of %d",
+                job.trace or "-",
+                job.model.name,
+                (job.started_at - job.queued_at) * 1e3,
+                batch_size,
+                extra=job.log_extra(),
+            )
         if job.outputs is not None:
             outputs = {name: outputs[name] for name in job.outputs}
         metas, frames = encode_tensors(outputs)
@@ -384,7 +398,15 @@ class WorkerPool:
 
     def _failure(self, job: Job, exc: Exception) -> list:
         model = job.model
-        log.warning("model %s v%s failed: %s: %s", model.name, model.version, type(exc).__name__, exc)
+        log.warning(
+            "model %s v%s failed on request %s: %s: %s",
+            model.name,
+            model.version,
+            job.trace or "-",
+            type(exc).__name__,
+            exc,
+            extra=job.log_extra(),
+        )
         text = f"model '{model.name}' version {model.version} failed: {type(exc).__name__}: {exc}"
         header = error_header(job.request_id, ErrorCode.INFERENCE_FAILED, text, model.name)
         return [PREAMBLE[Command.ERROR], job.route, pack(header)]

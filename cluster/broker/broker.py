@@ -47,7 +47,7 @@ from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.logs import BadInputLog
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, message, pack, require
+from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, message, pack, request_id_of, require
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.broker")
@@ -353,6 +353,7 @@ class Broker:
                 tensors,
                 time.monotonic(),
                 congested=self.outbox.congested(client),
+                trace=request_id_of(header),
             )
         )
 

@@ -179,6 +179,11 @@ class BrokerRequest:
     hedged_at: float = 0.0  # when that copy was sent
     queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
     done: bool = False  # answered or failed; a queued request marked done is skipped
+    trace: str | None = None  # the caller's request_id (the OIP id, say): in every log line about it
+
+    def log_extra(self) -> dict:
+        """`extra=` for a log line about this request: its request_id (JSON logs carry it as a field)."""
+        return {"request_id": self.trace, "model": self.model}
 
 
 class Dispatcher:
@@ -286,10 +291,11 @@ class Dispatcher:
         tensors: list,
         now: float,
         congested: bool = False,
+        trace: str | None = None,
     ) -> list[Send]:
         """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served.
         `congested`: the client is not reading its replies (the broker holds some for it): OVERLOADED, as is a
-        request past the client's bound on requests here (`client_max_in_flight`)."""
+        request past the client's bound on requests here (`client_max_in_flight`). `trace`: its request_id."""
         out: list[Send] = []
         self.now = now
         load = self.client_load.get(client, 0)
@@ -312,6 +318,7 @@ class Dispatcher:
             _ROUTE.pack(next(self._routes)), client, request_id, model, version, header_frame, tensors, now + timeout
         )
         request.arrived = now
+        request.trace = trace
         self.requests[request.route] = request
         self.client_load[client] = load + 1
         self.by_client[(client, request_id)] = request.route
@@ -622,6 +629,15 @@ class Dispatcher:
             candidates = [c for c in candidates if c is not agent]  # rare: a stalled agent with free slots
 
     def _send_copy(self, request: BrokerRequest, agent: AgentEntry, out: list[Send]) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s for %s -> agent %s (attempt %d)",
+                request.trace or request.route.hex(),
+                request.model,
+                agent.agent_id,
+                request.attempts,
+                extra=request.log_extra(),
+            )
         agent.add_request(request)
         route = protocol.request_route(request.route, request.deadline - self.now, self.now - request.arrived)
         out.append(Send(True, [agent.identity, _REQUEST, route, request.header, *request.tensors]))
@@ -780,6 +796,13 @@ class Dispatcher:
         if request.done:
             return
         self.stats["redispatched"] += 1
+        log.info(
+            "request %s for %s re-dispatched: %s",
+            request.trace or "-",
+            request.model,
+            reason,
+            extra=request.log_extra(),
+        )
         if request.attempts >= self.timings.max_dispatch_attempts:
             self._finish_with_error(
                 request,
@@ -812,6 +835,9 @@ class Dispatcher:
             del self.by_client[(request.client, request.request_id)]
 
     def _finish_with_error(self, request: BrokerRequest, code: ErrorCode, text: str, out: list[Send]) -> None:
+        log.debug(
+            "request %s failed at the broker: %s %s", request.trace or "-", code.value, text, extra=request.log_extra()
+        )
         request.done = True
         self._forget(request)
         out.append(client_error(request.client, request.request_id, code, text, request.model))
