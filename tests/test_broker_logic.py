@@ -920,3 +920,20 @@ def test_a_hedge_copy_that_fails_to_send_leaves_the_first_copy_alone():
     request_ = d.requests[route]
     assert request_.agent.agent_id == first and request_.hedge is None and request_.attempts == 1
     assert d.agents.get(second.encode()) is None
+
+
+def test_an_undeployed_model_is_not_found_where_a_model_whose_agents_died_has_no_agent():
+    """The manager's desired state tells the two apart: undeploy is on purpose (MODEL_NOT_FOUND, 404 at the edge),
+    losing every agent is an outage (NO_AGENT, 503); the model's metadata says the same (UnknownModel, 404)."""
+    d = dispatcher()
+    ready(d, "a", models=(("m", 1), ("gone", 1)), now=0.0)
+    d.agent_message(Command.DISCONNECT, goodbye("a"), T)
+    assert d.agents.why_unroutable("gone", None)[0] == ErrorCode.NO_AGENT  # desired state not known yet: as before
+    d.agents.deployed = {"m"}  # the manager's desired state: m deployed, gone undeployed
+    code, text = d.agents.why_unroutable("gone", None)
+    assert code == ErrorCode.MODEL_NOT_FOUND and "not deployed" in text, text
+    assert d.agents.why_unroutable("m", None)[0] == ErrorCode.NO_AGENT
+    [sent] = request(d, 1, model="gone")
+    assert unpack_header(sent.frames[2])["code"] == ErrorCode.MODEL_NOT_FOUND.value
+    with pytest.raises(UnknownModel, match="not deployed"):
+        d.agents.describe_model("gone", None)

@@ -206,6 +206,11 @@ def test_undeploy_and_deploy_a_new_model(three_agents, tmp_path, digits_v2_file)
     out = run_cli(cluster, "undeploy", "echo")
     assert out.returncode == 0, out.stdout + out.stderr
     wait_for(lambda: "echo" not in client.models(), 10, "echo to be unloaded everywhere")
+    # Undeployed on purpose: "not found" for requests and metadata alike (404 at the edge), not "no agent" (503).
+    with pytest.raises(ModelNotFoundError, match="not deployed"):
+        client.infer("echo", {"x": np.ones((1, 2), np.float32)})
+    with pytest.raises(ModelNotFoundError, match="not deployed"):
+        client.model_metadata("echo")
     out = run_cli(cluster, "deploy", str(tmp_path / "missing.pt"), "--name", "x")
     assert out.returncode == 2
     # A brand-new model whose first version no agent can load: no "previous version" to keep, nothing left behind.

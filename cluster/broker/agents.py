@@ -88,6 +88,10 @@ class AgentTable:
         self.known_models: set[str] = set()  # every model any agent ever served: "no agent" vs "not found"
         self.metadata: dict[tuple[str, int], dict] = {}  # (model, version) -> inputs/outputs, from agents' READY
         self.max_queue_wait_ms: dict[str, int] = {}  # model -> its config's queueing bound (load shedding), from READY
+        # The models the manager wants served (deployed or staging), from its `desired` events; None until one came.
+        # A model it no longer wants (undeployed) is "not found" (404 at the edge), where one whose agents are all
+        # gone is "no agent" (503): the first is on purpose, the second is an outage.
+        self.deployed: set[str] | None = None
 
     def get(self, identity: bytes) -> AgentEntry | None:
         return self.agents.get(identity)
@@ -190,11 +194,17 @@ class AgentTable:
         what = model_label(model, version)
         if model in self.serving:
             return ErrorCode.MODEL_NOT_FOUND, f"{what} is not served by any live agent (other versions are)"
+        if model in self.known_models and self.undeployed(model):
+            return ErrorCode.MODEL_NOT_FOUND, f"{what} is not deployed (it was undeployed)"
         if model in self.known_models:
             return ErrorCode.NO_AGENT, f"no live agent serves {what} right now"
         if not self.agents:
             return ErrorCode.NO_AGENT, f"no live agent is connected, so {what} cannot be served"
         return ErrorCode.MODEL_NOT_FOUND, f"{what} is not served by any agent"
+
+    def undeployed(self, model: str) -> bool:
+        """The manager's desired state is known and does not want `model` served."""
+        return self.deployed is not None and model not in self.deployed
 
     # ---- views (answers to QUERY) -----------------------------------------------------------------------------
 
@@ -237,6 +247,8 @@ class AgentTable:
         """Metadata of one model (newest version unless one is named), with the versions live agents serve.
         UnknownModel if no agent ever announced it."""
         served = self.describe_models().get(name)
+        if not served and self.undeployed(name):
+            raise UnknownModel(f"{model_label(name, version)} is not deployed (it was undeployed)")
         known = sorted(v for (m, v) in self.metadata if m == name)
         if version is None:
             version = max(served["versions"]) if served else (known[-1] if known else None)

@@ -46,6 +46,7 @@ from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
 from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, message, pack, request_id_of, require
 from cluster.sockets import drain, make_socket
@@ -417,3 +418,8 @@ class Broker:
             return
         if event == "agent_dead" and agent_id is not None:
             self.deliver(self.dispatcher.agent_declared_dead(agent_id, instance))
+        elif event == "desired":  # which models the manager wants served: an undeployed one is "not found"
+            try:
+                self.dispatcher.agents.deployed = set(DesiredState.from_wire(header.get("state")).models)
+            except ValueError as exc:
+                bad_input.warning("bad desired state from the manager dropped: %s", exc)
