@@ -147,3 +147,18 @@ def test_cluster_deploy_without_a_share_sends_the_file_to_the_manager(stack, tmp
     assert ModelRepository(stack.share).versions("shipped") == [1]  # on the manager's share
     with stack.client() as client:
         assert client.infer("shipped", {"x": np.ones((1, 2), np.float32)}).model == "shipped"
+
+
+def test_cluster_bench_drives_the_bus_and_the_edge(stack):
+    """`cluster bench` right after the README's install, through the bus and over HTTP (httpx is installed with the
+    package, not only with the tests)."""
+    for extra in ([], ["--http", stack.edge_url]):
+        out = subprocess.run(
+            [sys.executable, "-m", "cluster", "bench", "echo", "--duration", "1", "--concurrency", "2", *extra],
+            env=stack.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert re.search(r"echo via (bus|HTTP) .*req/s, p50 .* 0 errors", out.stdout), out.stdout
