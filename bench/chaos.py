@@ -12,18 +12,24 @@ what the clients saw: requests answered, errors by type, p50/p99 latency, and th
     python3 -m bench.chaos manager     [--down 20]      kill -9 the manager, start it again after 20 s
     python3 -m bench.chaos drain                        SIGTERM one agent under load: its exit time
     python3 -m bench.chaos soak        [--seconds 180]  bus and HTTP load together: errors and every process's RSS
+    python3 -m bench.chaos link-cut    [--down 10]      an agent in a network namespace of its own (root, iproute2)
+                                                        has its link cut: when it is declared gone, when it is back
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,7 @@ import psutil
 
 from bench.lib import local_cluster, log, percentile
 from cluster.demo_models import write_demo_models
+from cluster.local import wait_until
 
 BIN = 0.05  # seconds: the width of the throughput bins the longest stall is measured in
 
@@ -179,6 +186,59 @@ def soak(cluster, args) -> None:
         log(f"  {name}: RSS {before[name] / 2**20:.0f} MiB -> {after.get(name, 0) / 2**20:.0f} MiB")
 
 
+class CutLink:
+    """A network namespace of our own with a veth pair to this host (10.213.0.1 here, 10.213.0.2 inside), so that an
+    agent can run behind a link this script cuts (`ip link set ... down`). Needs root and iproute2; removed on exit."""
+
+    HOST, INSIDE = "10.213.0.1", "10.213.0.2"
+
+    def __init__(self) -> None:
+        tag = str(os.getpid() % 100000)
+        self.ns, self.outer, self.inner = f"chaos{tag}", f"chh{tag}", f"chn{tag}"
+
+    def __enter__(self) -> CutLink:
+        self._ip("netns", "add", self.ns)
+        self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        self._ip("link", "set", self.inner, "netns", self.ns)
+        self._ip("addr", "add", f"{self.HOST}/30", "dev", self.outer)
+        self._ip("link", "set", self.outer, "up")
+        for args in (("addr", "add", f"{self.INSIDE}/30", "dev", self.inner), ("link", "set", self.inner, "up")):
+            self._ip("netns", "exec", self.ns, "ip", *args)
+        self._ip("netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+    def set(self, up: bool) -> None:
+        self._ip("link", "set", self.outer, "up" if up else "down")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def link_cut(cluster, args) -> None:
+    """Started by main() with the cut link in place: an agent in the namespace, its link cut for `--down` s."""
+    link = cluster.cut_link
+    with cluster.client() as client:
+        wait_until(lambda: any(a["id"] == "cut-agent" for a in client.agents()), 60, "the agent behind the link")
+        time.sleep(2)
+        cut = time.monotonic()
+        link.set(False)
+        log(f"link to cut-agent cut for {args.down:g} s")
+        gone = wait_until(lambda: all(a["id"] != "cut-agent" for a in client.agents()), 30, "the agent declared gone")
+        log(f"cut-agent declared gone {time.monotonic() - cut:.2f} s after the cut")
+        time.sleep(max(0.0, cut + args.down - time.monotonic()))
+        link.set(True)
+        back = time.monotonic()
+        wait_until(lambda: any(a["id"] == "cut-agent" for a in client.agents()), 60, "the agent back")
+        log(f"cut-agent serving again {time.monotonic() - back:.2f} s after the link came back")
+        assert gone
+        time.sleep(3)
+
+
 SCENARIOS = {
     "kill-agents": kill_agents,
     "freeze": freeze,
@@ -186,6 +246,7 @@ SCENARIOS = {
     "manager": restart_role("manager"),
     "drain": drain,
     "soak": soak,
+    "link-cut": link_cut,
 }
 
 
@@ -199,23 +260,35 @@ def main() -> None:
     parser.add_argument("--down", type=float, default=None, help="freeze / broker / manager: seconds down")
     args = parser.parse_args()
     if args.down is None:
-        args.down = {"freeze": 10.0, "manager": 20.0}.get(args.scenario, 2.0)
+        args.down = {"freeze": 10.0, "manager": 20.0, "link-cut": 10.0}.get(args.scenario, 2.0)
     if args.scenario == "soak" and args.seconds == 60.0:
         args.seconds = 180.0
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp, contextlib.ExitStack() as stack:
         share = Path(tmp) / "share"
         write_demo_models(share)
-        with local_cluster(share, Path(tmp) / "logs") as cluster:
-            cluster.start_manager()
-            cluster.start_broker()
-            cluster.start_agents(args.agents)
-            cluster.wait_for_agents(args.agents, model="echo")
-            with cluster.client() as client, Load(client, args.in_flight) as load:
-                time.sleep(1)  # warm
-                since = time.monotonic()
-                SCENARIOS[args.scenario](cluster, args)
-                until = time.monotonic()
-            show(f"{args.scenario}, {args.in_flight} in flight over {until - since:.1f} s", load.report(since, until))
+        link = stack.enter_context(CutLink()) if args.scenario == "link-cut" else None  # removed after the cluster
+        cluster = stack.enter_context(local_cluster(share, Path(tmp) / "logs"))
+        cluster.cut_link = link
+        if link is not None:  # agents reach the broker and manager over the veth's host address
+            cluster.requested = replace(
+                cluster.requested,
+                broker_agents=f"tcp://{link.HOST}:0",
+                manager_heartbeats=f"tcp://{link.HOST}:0",
+                manager_events=f"tcp://{link.HOST}:0",
+            )
+        cluster.start_manager()
+        cluster.start_broker()
+        cluster.start_agents(args.agents)
+        cluster.wait_for_agents(args.agents, model="echo")
+        if link is not None:
+            argv = ["ip", "netns", "exec", link.ns, sys.executable, "-m", "cluster", "agent", "--id", "cut-agent"]
+            cluster.spawn("cut-agent", argv, role="agent")
+        with cluster.client() as client, Load(client, args.in_flight) as load:
+            time.sleep(1)  # warm
+            since = time.monotonic()
+            SCENARIOS[args.scenario](cluster, args)
+            until = time.monotonic()
+        show(f"{args.scenario}, {args.in_flight} in flight over {until - since:.1f} s", load.report(since, until))
 
 
 if __name__ == "__main__":
