@@ -26,7 +26,7 @@ from fastapi.responses import Response
 
 from cluster.errors import ClusterError, ModelNotFoundError
 from cluster.repository import MODEL_FILES
-from edge.body import read_body
+from edge.body import off_loop, read_body
 from edge.errors import HTTPError, cluster_http_error, json_response
 from edge.routes import EdgeState, get_edge
 from edge.schemas import error_responses
@@ -137,9 +137,10 @@ async def unload_model(edge: EdgeState, name: str) -> None:
 
 
 async def _json_body(request: Request, edge: EdgeState) -> dict:
-    """The body as a JSON object; an empty body is `{}` (tritonclient sends none for the index)."""
+    """The body as a JSON object; an empty body is `{}` (tritonclient sends none for the index). A large one (a model
+    file in base64) is parsed in the edge's worker thread, not on the event loop."""
     body = await read_body(request, edge.max_body_bytes)
-    return _json_object(body, "the body") if body.strip() else {}
+    return await off_loop(len(body), _json_object, body, "the body") if body.strip() else {}
 
 
 def _json_object(text: str | bytes, what: str) -> dict:
@@ -204,7 +205,11 @@ async def load(request: Request, name: str) -> Response:
     """Roll the model out to every live agent and answer when every one serves it; with `parameters.config` and
     `parameters["file:<version>/model.pt"]` (base64), publish those files on the share first."""
     edge = get_edge(request)
-    config, files = _load_parameters(await _json_body(request, edge))
+    body = await _json_body(request, edge)
+    parameters = body.get("parameters")
+    size = sum(len(v) for v in parameters.values() if isinstance(v, str)) if isinstance(parameters, dict) else 0
+    config, files = await off_loop(size, _load_parameters, body)  # base64 of a model file: off the event loop
+    del body
     await load_model(edge, name, config, files)
     return Response(status_code=200)
 

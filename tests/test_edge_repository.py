@@ -130,6 +130,7 @@ def test_rest_load_without_files_deploys_the_shares_newest_version(manager):
         ({"parameters": {"config": {"inputs": []}}}, "string holding the config"),
         (load_body(ECHO_CONFIG), "a config alone cannot change a published version"),
         ({"parameters": []}, "'parameters' must be a JSON object"),
+        ({"parameters": ["file:1/model.pt"]}, "'parameters' must be a JSON object"),
     ],
 )
 def test_rest_load_refuses_what_it_cannot_deploy(manager, body, says):
