@@ -646,6 +646,7 @@ def health_check(
     edge_url: str = f"http://127.0.0.1:{config.EDGE_PORT}",
     timeout: float = 3.0,
     key: str | None = None,
+    ok_if_broker_down: bool = False,
 ) -> tuple[bool, str]:
     """`cluster health ROLE`: (serving?, one line saying why). One query with a short deadline:
 
@@ -653,6 +654,8 @@ def health_check(
       CLUSTER_KEY works as the probe's key);
     - broker: a `stats` query to its client socket answered (with keys: a client or admin key);
     - agent: the broker's `agents` answer lists an agent with this id (with keys: a client or admin key);
+      ok_if_broker_down: a broker that does not answer says nothing about the agent (serving: True), for a liveness
+      probe that must not restart every agent while the broker is away;
     - edge: GET /v2/health/ready answers 200 (what an HTTP probe asks; for places without one).
     """
     from cluster import ClusterError
@@ -677,7 +680,13 @@ def health_check(
                     )
                 if not agent_id:
                     return False, "agent: no agent id to look for (give --id or CLUSTER_AGENT_ID)"
-                agents = client.agents(timeout=timeout)
+                try:
+                    agents = client.agents(timeout=timeout)
+                except ClusterError as exc:
+                    if not ok_if_broker_down:
+                        raise
+                    why = " ".join(str(exc).split())
+                    return True, f"agent {agent_id}: cannot tell, the broker {address} does not answer ({why})"
             mine = next((a for a in agents if a.get("id") == agent_id), None)
             if mine is None:
                 return False, f"agent {agent_id}: not registered at the broker {address} ({len(agents)} others are)"
@@ -725,6 +734,12 @@ def health(
         f"http://127.0.0.1:{config.EDGE_PORT}", "--url", envvar="CLUSTER_HEALTH_EDGE_URL", help="The edge (edge)."
     ),
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for the answer."),
+    ok_if_broker_down: bool = typer.Option(
+        False,
+        "--ok-if-broker-down",
+        help="agent: exit 0 when the broker does not answer (it cannot tell), 1 only when the broker answers without "
+        "this agent: a liveness probe that does not restart every agent while the broker is away.",
+    ),
     key: str | None = typer.Option(
         None,
         "--key",
@@ -737,7 +752,14 @@ def health(
     supervisor). The manager and the broker must answer a query within --timeout; an agent must be registered at the
     broker under its id; the edge must answer /v2/health/ready."""
     ok, line = health_check(
-        role.value, broker=broker, manager=manager, agent_id=agent_id, edge_url=edge_url, timeout=timeout, key=key
+        role.value,
+        broker=broker,
+        manager=manager,
+        agent_id=agent_id,
+        edge_url=edge_url,
+        timeout=timeout,
+        key=key,
+        ok_if_broker_down=ok_if_broker_down,
     )
     typer.echo(line, err=not ok)
     raise typer.Exit(0 if ok else 1)

@@ -44,6 +44,8 @@ def test_nothing_running_fails_with_one_line(tmp_path):
         code, out = health(*args)
         assert code == 1, out
         assert one_line(out).startswith(f"{args[0]} tcp://127.0.0.1:1: not serving"), out
+    code, out = health("agent", "--broker", dead, "--id", "x", "--ok-if-broker-down")  # liveness: cannot tell
+    assert code == 0 and "cannot tell" in one_line(out), out
     code, out = health("agent", "--broker", dead)  # no id: said, not guessed
     assert code == 1 and "--id" in one_line(out)
     code, out = health("edge", "--url", "http://127.0.0.1:1")
@@ -73,6 +75,8 @@ def test_health_of_every_role_then_each_down(demo_share, tmp_path):
             assert one_line(out).startswith(starts), out
         code, out = health("agent", "--broker", a.broker_clients, "--id", "pod-b")
         assert code == 1 and "agent pod-b: not registered" in one_line(out), out
+        code, out = health("agent", "--broker", a.broker_clients, "--id", "pod-b", "--ok-if-broker-down")
+        assert code == 1 and "agent pod-b: not registered" in one_line(out), out  # the broker answered: it can tell
         code, out = health("agent", "--broker", a.broker_clients.replace("127.0.0.1", "0.0.0.0"), "--id", "pod-a")
         assert code == 0, out  # a bind address (0.0.0.0) in the pod's environment means this machine
 
