@@ -52,6 +52,7 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT   # the budget's timeout: still remove the container (EXIT)
 
 mkdir -p "$STATE" || fail "cannot make $STATE"
 
@@ -108,7 +109,7 @@ fi
 say "podman build ${build_args[*]}"
 build_start=$(date +%s)
 [ -n "${CONTAINER_CHECK_NO_CACHE:-}" ] && build_args+=(--no-cache)
-podman build --network host "${build_args[@]}" -t "$IMAGE" -f Containerfile . >"$STATE/build.log" 2>&1 \
+podman build --network host --force-rm "${build_args[@]}" -t "$IMAGE" -f Containerfile . >"$STATE/build.log" 2>&1 \
   || fail "podman build (see $STATE/build.log): $(grep -v '^ *$' "$STATE/build.log" | tail -1)"
 BUILD_SECONDS=$(( $(date +%s) - build_start ))
 say "image built in ${BUILD_SECONDS} s: $(podman image inspect "$IMAGE" --format '{{.Size}}' 2>/dev/null | awk '{printf "%.0f MB", $1/1e6}')"
