@@ -32,6 +32,7 @@ setup(
             "psutil>=5",
             "playwright>=1.40",
             "tritonclient[http]>=2.40",
+            "kubernetes-validate>=1.28",  # tests/test_kubernetes.py: the Kubernetes API schemas, offline
         ],
     },
     data_files=[("share/torch-serving-cluster", ["frontend.html"])],  # the page the edge serves at /
