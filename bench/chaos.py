@@ -255,14 +255,14 @@ def main() -> None:
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--agents", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=60.0, help="kill-agents and soak: how long")
+    parser.add_argument("--seconds", type=float, default=None, help="kill-agents (60) and soak (180): how long")
     parser.add_argument("--every", type=float, default=5.0, help="kill-agents: seconds between kills")
     parser.add_argument("--down", type=float, default=None, help="freeze / broker / manager: seconds down")
     args = parser.parse_args()
     if args.down is None:
         args.down = {"freeze": 10.0, "manager": 20.0, "link-cut": 10.0}.get(args.scenario, 2.0)
-    if args.scenario == "soak" and args.seconds == 60.0:
-        args.seconds = 180.0
+    if args.seconds is None:
+        args.seconds = 180.0 if args.scenario == "soak" else 60.0
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp, contextlib.ExitStack() as stack:
         share = Path(tmp) / "share"
         write_demo_models(share)
