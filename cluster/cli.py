@@ -964,34 +964,71 @@ def models(manager: str = ManagerAddress, key: str | None = Key):
 @app.command()
 def bench(
     model: str = typer.Argument(..., help="Model to drive."),
-    concurrency: int = typer.Option(8, "--concurrency", "-c", help="Requests in flight."),
-    duration: float = typer.Option(10.0, "--duration", "-d", help="Seconds to measure (after 1 s of warm-up)."),
+    concurrency: str = typer.Option(
+        "8", "--concurrency", "-c", help="Closed loop: requests in flight; a list sweeps them (1,2,4,8,16,32,64)."
+    ),
+    rate: str | None = typer.Option(
+        None, "--rate", help="Open loop instead: requests per second, whatever the answers do; a list sweeps them."
+    ),
+    duration: float = typer.Option(10.0, "--duration", "-d", help="Seconds to measure each level (after a warm-up)."),
+    warmup: float = typer.Option(1.0, "--warmup", help="Seconds of load before each level is measured."),
     batch: int = typer.Option(1, help="Rows per request (the first variable dimension)."),
     http: str | None = typer.Option(None, "--http", help="Drive the HTTP edge at this URL instead of the bus."),
+    grpc: str | None = typer.Option(None, "--grpc", help="Drive the edge's gRPC service at HOST:PORT instead."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON list of the levels on stdout, for machines."),
     broker: str = BrokerClients,
     key: str | None = Key,
 ):
-    """Load generator: throughput and p50/p95/p99 latency of MODEL through the bus client or the edge."""
+    """Load generator, in the manner of Triton's perf_analyzer: for each level, throughput, p50/p90/p99 latency, and
+    where the time went (queueing vs compute, from the agents' statistics), through the bus, HTTP or gRPC."""
     import asyncio
+    import json
 
     from cluster import ClusterError, loadgen
 
     try:
-        if http:
-            result = asyncio.run(loadgen.bench_http(http, model, concurrency, duration, batch))
+        if rate is not None:
+            levels = [loadgen.Level(rate=float(r)) for r in rate.split(",") if r.strip()]
         else:
-            result = asyncio.run(loadgen.bench_bus(broker, model, concurrency, duration, batch, key=key))
-    except (ClusterError, OSError) as exc:
+            levels = [loadgen.Level(concurrency=int(c)) for c in concurrency.split(",") if c.strip()]
+        if not levels or any((lv.rate or lv.concurrency or 0) <= 0 for lv in levels):
+            raise ValueError("levels must be positive")
+    except ValueError:
+        typer.echo("bench: --concurrency and --rate take positive numbers, comma-separated (e.g. 1,2,4)", err=True)
+        raise typer.Exit(2) from None
+    if http and grpc:
+        typer.echo("bench: give --http or --grpc, not both", err=True)
+        raise typer.Exit(2)
+    most = max(lv.concurrency or 1 for lv in levels)
+    if http:
+        door, path = loadgen.HttpDoor(http, model, batch, concurrency=max(most, 64 if rate else most)), f"HTTP {http}"
+    elif grpc:
+        door, path = loadgen.GrpcDoor(grpc, model, batch), f"gRPC {grpc}"
+    else:
+        door, path = loadgen.BusDoor(broker, model, batch, key=key), f"bus {broker}"
+
+    async def run() -> list[dict]:
+        async with door:
+            return await loadgen.sweep(door, levels, duration, warmup)
+
+    try:
+        rows = asyncio.run(run())
+    except Exception as exc:  # the door's errors: ClusterError, httpx, gRPC, OSError
+        if not isinstance(exc, (ClusterError, OSError)) and type(exc).__module__.split(".")[0] not in (
+            "httpx",
+            "tritonclient",
+            "grpc",
+        ):
+            raise
         typer.echo(f"bench failed: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(2) from None
-    s = result.summary()
-    path = f"HTTP {http}" if http else f"bus {broker}"
-    typer.echo(
-        f"{model} via {path}, concurrency {concurrency}, {duration:g} s: {s['throughput']:.1f} req/s, "
-        f"p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
-        f"{s['requests']} ok, {s['errors']} errors" + (f" {result.errors}" if result.errors else "")
-    )
-    raise typer.Exit(1 if s["errors"] and not s["requests"] else 0)
+    if as_json:
+        typer.echo(json.dumps([dict(row, model=model, via=path) for row in rows]))
+    else:
+        typer.echo(f"{model} via {path}, {duration:g} s a level (after {warmup:g} s of warm-up), batch {batch}:")
+        for row in rows:
+            typer.echo("  " + loadgen.format_row(row))
+    raise typer.Exit(1 if all(row["errors"] and not row["requests"] for row in rows) else 0)
 
 
 # ---- keys ---------------------------------------------------------------------------------------------------------

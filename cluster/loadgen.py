@@ -1,5 +1,11 @@
-"""`cluster bench`: a load generator for users (what Triton's perf_analyzer is): N concurrent callers for S seconds,
-through the bus client or through the HTTP edge, then throughput and latency percentiles.
+"""`cluster bench`: a load generator for users (what Triton's perf_analyzer is), through the bus client, the HTTP
+edge or its gRPC service. A sweep of levels, each measured for S seconds after a warm-up:
+- closed loop, `concurrency` callers each sending the next request when the last one is answered;
+- open loop, a fixed arrival `rate` (requests per second) whatever the answers do, so that latency under load is not
+  hidden by callers that slow down with the server (latency counts from when the request was due).
+Each level reports throughput, p50/p90/p95/p99, errors, and where the time went: queueing (the broker's queue and the
+agent's) and compute, per request, from the statistics the agents keep (Triton's statistics extension), read before
+and after the level.
 
 Inputs are built from the model's metadata: zeros of each input's shape with every variable dimension set to
 `--batch` (first) or 1 (others); a caller of `sample_inputs` may give whole shapes instead (`shapes={NAME: [D, ...]}`).
@@ -35,8 +41,39 @@ class LoadResult:
             "errors": sum(self.errors.values()),
             "throughput": round(self.throughput, 1),
             "p50_ms": round(self.percentile(50), 3),
+            "p90_ms": round(self.percentile(90), 3),
             "p95_ms": round(self.percentile(95), 3),
             "p99_ms": round(self.percentile(99), 3),
+        }
+
+
+@dataclass
+class Split:
+    """Where a level's time went, per successful request, from the agents' counters (Triton's statistics)."""
+
+    count: int = 0  # successes counted by the agents over the level (warm-up included)
+    queue_ns: int = 0  # broker queue + agent queue
+    compute_ns: int = 0  # inputs + forward pass + outputs
+
+    @classmethod
+    def of(cls, model_stats: list[dict]) -> Split:
+        split = cls()
+        for entry in model_stats:
+            stats = entry.get("inference_stats") or {}
+            split.count += int(stats.get("success", {}).get("count", 0))
+            split.queue_ns += int(stats.get("queue", {}).get("ns", 0))
+            split.compute_ns += sum(
+                int(stats.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output")
+            )
+        return split
+
+    def since(self, before: Split) -> dict:
+        n = self.count - before.count
+        if n <= 0:
+            return {"queue_ms": None, "compute_ms": None}
+        return {
+            "queue_ms": round((self.queue_ns - before.queue_ns) / n / 1e6, 3),
+            "compute_ms": round((self.compute_ns - before.compute_ns) / n / 1e6, 3),
         }
 
 
@@ -74,42 +111,204 @@ async def _drive(call, concurrency: int, duration: float, warmup: float) -> Load
     return result
 
 
-async def bench_bus(
-    address: str,
-    model: str,
-    concurrency: int,
-    duration: float,
-    batch: int = 1,
-    shapes=None,
-    warmup: float = 1.0,
-    key: str | None = None,
-) -> LoadResult:
-    from cluster import AsyncClient
+async def _drive_rate(call, rate: float, duration: float, warmup: float, max_outstanding: int = 10_000) -> LoadResult:
+    """Open loop: a request due every 1/rate s, sent whether or not earlier ones were answered; its latency counts
+    from when it was due (a late send is the server's delay too). Past `max_outstanding` unanswered, a due request
+    is counted as an error ("Backlog") rather than sent, so the generator cannot run away with memory."""
+    result = LoadResult()
+    start = time.monotonic()
+    measuring_from, stop_at = start + warmup, start + warmup + duration
+    pending: set[asyncio.Task] = set()
 
-    async with AsyncClient(address, key=key) as client:
-        inputs = sample_inputs(await client.model_metadata(model), batch, shapes)
-        return await _drive(lambda: client.infer(model, inputs), concurrency, duration, warmup)
+    async def one(due: float) -> None:
+        try:
+            await call()
+            if due >= measuring_from:
+                result.latencies.append(time.monotonic() - due)
+        except Exception as exc:
+            if due >= measuring_from:
+                result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
+
+    i = 0
+    while (due := start + i / rate) < stop_at:
+        i += 1
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(pending) >= max_outstanding:
+            if due >= measuring_from:
+                result.errors["Backlog"] = result.errors.get("Backlog", 0) + 1
+            continue
+        task = asyncio.ensure_future(one(due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(pending, timeout=120)
+    result.seconds = duration
+    return result
 
 
-async def bench_http(
-    url: str, model: str, concurrency: int, duration: float, batch: int = 1, shapes=None, warmup: float = 1.0
-) -> LoadResult:
-    import httpx
+@dataclass
+class Level:
+    """One level of a sweep: closed loop at `concurrency`, or open loop at `rate` requests per second."""
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), limits=limits, timeout=60) as http:
-        meta = (await http.get(f"/v2/models/{model}")).raise_for_status().json()
-        inputs = sample_inputs(meta, batch, shapes)
-        body = {
+    concurrency: int | None = None
+    rate: float | None = None
+
+    def label(self) -> str:
+        return f"concurrency {self.concurrency}" if self.rate is None else f"rate {self.rate:g}/s"
+
+    async def drive(self, call, duration: float, warmup: float) -> LoadResult:
+        if self.rate is not None:
+            return await _drive_rate(call, self.rate, duration, warmup)
+        return await _drive(call, self.concurrency, duration, warmup)
+
+
+async def sweep(door, levels: list[Level], duration: float, warmup: float = 1.0, settle: float = 5.0) -> list[dict]:
+    """Run each level through `door` (a BusDoor, HttpDoor or GrpcDoor, opened); one summary dict per level. The
+    queue/compute split waits (up to `settle` s) for the agents' heartbeats to count the level's requests."""
+    rows = []
+    for level in levels:
+        before = Split.of(await door.statistics())
+        result = await level.drive(door.call, duration, warmup)
+        done = len(result.latencies)
+        deadline = time.monotonic() + settle
+        while True:
+            after = Split.of(await door.statistics())
+            if after.count - before.count >= done or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        rows.append(
+            {
+                "level": level.label(),
+                "concurrency": level.concurrency,
+                "rate": level.rate,
+                "seconds": duration,
+                **result.summary(),
+                **after.since(before),
+                "error_types": dict(result.errors),
+            }
+        )
+    return rows
+
+
+def format_row(row: dict) -> str:
+    split = (
+        f", queue {row['queue_ms']:.3f} ms, compute {row['compute_ms']:.3f} ms"
+        if row.get("queue_ms") is not None
+        else ", queue/compute: not counted yet"
+    )
+    errors = f", {row['errors']} errors {row['error_types']}" if row["errors"] else ", 0 errors"
+    return (
+        f"{row['level']}: {row['throughput']:.1f} req/s, p50 {row['p50_ms']:.2f} ms, p90 {row['p90_ms']:.2f} ms, "
+        f"p99 {row['p99_ms']:.2f} ms{split}{errors}"
+    )
+
+
+class BusDoor:
+    """The bus (AsyncClient): `call` one inference, `statistics` the model's Triton entries."""
+
+    def __init__(self, address: str, model: str, batch: int = 1, shapes=None, key: str | None = None) -> None:
+        self.address, self.model, self.batch, self.shapes, self.key = address, model, batch, shapes, key
+
+    async def __aenter__(self) -> BusDoor:
+        from cluster import AsyncClient
+
+        self.client = await AsyncClient(self.address, key=self.key).__aenter__()
+        self.inputs = sample_inputs(await self.client.model_metadata(self.model), self.batch, self.shapes)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.__aexit__(*exc)
+
+    async def call(self) -> None:
+        await self.client.infer(self.model, self.inputs)
+
+    async def statistics(self) -> list[dict]:
+        from cluster.agent.stats import merge
+
+        answer = await self.client.statistics(self.model)
+        entries = [e for models in answer.get("agents", {}).values() for e in models.get(self.model, {}).values()]
+        return [merge(entries)] if entries else []
+
+
+class HttpDoor:
+    """The HTTP edge (OIP JSON)."""
+
+    def __init__(self, url: str, model: str, batch: int = 1, shapes=None, concurrency: int = 8) -> None:
+        self.url, self.model, self.batch, self.shapes, self.concurrency = (
+            url.rstrip("/"),
+            model,
+            batch,
+            shapes,
+            concurrency,
+        )
+
+    async def __aenter__(self) -> HttpDoor:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self.http = await httpx.AsyncClient(base_url=self.url, limits=limits, timeout=60).__aenter__()
+        meta = (await self.http.get(f"/v2/models/{self.model}")).raise_for_status().json()
+        inputs = sample_inputs(meta, self.batch, self.shapes)
+        self.body = {
             "inputs": [
                 {"name": n, "shape": list(a.shape), "datatype": s["datatype"], "data": a.reshape(-1).tolist()}
                 for (n, a), s in zip(inputs.items(), meta["inputs"])
             ]
         }
+        return self
 
-        async def call():
-            response = await http.post(f"/v2/models/{model}/infer", json=body)
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}")
+    async def __aexit__(self, *exc) -> None:
+        await self.http.__aexit__(*exc)
 
-        return await _drive(call, concurrency, duration, warmup)
+    async def call(self) -> None:
+        response = await self.http.post(f"/v2/models/{self.model}/infer", json=self.body)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}")
+
+    async def statistics(self) -> list[dict]:
+        response = await self.http.get(f"/v2/models/{self.model}/stats")
+        return response.raise_for_status().json().get("model_stats", [])
+
+
+class GrpcDoor:
+    """The edge's OIP gRPC service (tritonclient.grpc.aio, raw input contents)."""
+
+    def __init__(self, address: str, model: str, batch: int = 1, shapes=None) -> None:
+        self.address, self.model, self.batch, self.shapes = address, model, batch, shapes
+
+    async def __aenter__(self) -> GrpcDoor:
+        import tritonclient.grpc.aio as triton
+
+        self.client = triton.InferenceServerClient(self.address)
+        meta = await self.client.get_model_metadata(self.model, as_json=True)
+        specs = [
+            {"name": i["name"], "datatype": i["datatype"], "shape": [int(d) for d in i["shape"]]}
+            for i in meta["inputs"]
+        ]
+        arrays = sample_inputs({"inputs": specs}, self.batch, self.shapes)
+        self.tensors = []
+        for spec in specs:
+            tensor = triton.InferInput(spec["name"], list(arrays[spec["name"]].shape), spec["datatype"])
+            tensor.set_data_from_numpy(arrays[spec["name"]])
+            self.tensors.append(tensor)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+
+    async def call(self) -> None:
+        await self.client.infer(self.model, self.tensors)
+
+    async def statistics(self) -> list[dict]:
+        answer = await self.client.get_inference_statistics(self.model, as_json=True)
+        return answer.get("model_stats", [])
+
+
+async def bench_bus(
+    address: str, model: str, concurrency: int, duration: float, batch: int = 1, warmup: float = 1.0, key=None
+) -> LoadResult:
+    """One closed-loop level through the bus, without the statistics split (bench/curve.py's quick figure)."""
+    async with BusDoor(address, model, batch, key=key) as door:
+        return await _drive(door.call, concurrency, duration, warmup)

@@ -149,16 +149,35 @@ def test_cluster_deploy_without_a_share_sends_the_file_to_the_manager(stack, tmp
         assert client.infer("shipped", {"x": np.ones((1, 2), np.float32)}).model == "shipped"
 
 
-def test_cluster_bench_drives_the_bus_and_the_edge(stack):
-    """`cluster bench` right after the README's install, through the bus and over HTTP (httpx is installed with the
-    package, not only with the tests)."""
-    for extra in ([], ["--http", stack.edge_url]):
+def test_cluster_bench_sweeps_levels_through_every_door(stack):
+    """`cluster bench` right after the README's install (httpx comes with the package): a closed-loop sweep and an
+    open-loop rate through the bus, HTTP and gRPC, each level with its percentiles and the queue/compute split from
+    the agents' statistics; `--json` for machines."""
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
         out = subprocess.run(
-            [sys.executable, "-m", "cluster", "bench", "echo", "--duration", "1", "--concurrency", "2", *extra],
+            [sys.executable, "-m", "cluster", "bench", "echo", "--duration", "1", "--warmup", "0.3", *args],
             env=stack.env(),
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=180,
         )
         assert out.returncode == 0, out.stdout + out.stderr
-        assert re.search(r"echo via (bus|HTTP) .*req/s, p50 .* 0 errors", out.stdout), out.stdout
+        return out
+
+    for door in ([], ["--http", stack.edge_url], ["--grpc", stack.grpc_address]):
+        rows = json.loads(bench("--concurrency", "1,4", "--json", *door).stdout)
+        assert [row["level"] for row in rows] == ["concurrency 1", "concurrency 4"], rows
+        for row in rows:
+            assert row["requests"] > 0 and row["errors"] == 0 and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"], row
+            assert row["queue_ms"] is not None and row["compute_ms"] is not None and row["compute_ms"] > 0, row
+    text = bench("--rate", "40").stdout
+    assert re.search(r"rate 40/s: [\d.]+ req/s, p50 .* ms, queue [\d.]+ ms, compute [\d.]+ ms, 0 errors", text), text
+    refused = subprocess.run(
+        [sys.executable, "-m", "cluster", "bench", "echo", "--concurrency", "0,x"],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "positive numbers" in refused.stderr, refused.stderr
