@@ -88,6 +88,18 @@ def sample_inputs(metadata: dict, batch: int = 1, shapes: dict[str, list[int]] |
     return inputs
 
 
+async def _timed(call, since: float, measuring_from: float, result: LoadResult) -> None:
+    """Await one call; its latency counts from `since` (when it was sent, or due), its error by type, both only
+    once the warm-up is over."""
+    try:
+        await call()
+        if since >= measuring_from:
+            result.latencies.append(time.monotonic() - since)
+    except Exception as exc:
+        if since >= measuring_from:
+            result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
+
+
 async def _drive(call, concurrency: int, duration: float, warmup: float) -> LoadResult:
     result = LoadResult()
     measuring_from = time.monotonic() + warmup
@@ -98,13 +110,7 @@ async def _drive(call, concurrency: int, duration: float, warmup: float) -> Load
             start = time.monotonic()
             if start >= stop_at:
                 return
-            try:
-                await call()
-                if start >= measuring_from:
-                    result.latencies.append(time.monotonic() - start)
-            except Exception as exc:
-                if start >= measuring_from:
-                    result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
+            await _timed(call, start, measuring_from, result)
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     result.seconds = duration
@@ -120,15 +126,6 @@ async def _drive_rate(call, rate: float, duration: float, warmup: float, max_out
     measuring_from, stop_at = start + warmup, start + warmup + duration
     pending: set[asyncio.Task] = set()
 
-    async def one(due: float) -> None:
-        try:
-            await call()
-            if due >= measuring_from:
-                result.latencies.append(time.monotonic() - due)
-        except Exception as exc:
-            if due >= measuring_from:
-                result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
-
     i = 0
     while (due := start + i / rate) < stop_at:
         i += 1
@@ -139,7 +136,7 @@ async def _drive_rate(call, rate: float, duration: float, warmup: float, max_out
             if due >= measuring_from:
                 result.errors["Backlog"] = result.errors.get("Backlog", 0) + 1
             continue
-        task = asyncio.ensure_future(one(due))
+        task = asyncio.ensure_future(_timed(call, due, measuring_from, result))
         pending.add(task)
         task.add_done_callback(pending.discard)
     if pending:
