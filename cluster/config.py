@@ -62,8 +62,9 @@ class Timings:
     # at once (OVERLOADED with retry_after); a model's config `max_queue_wait_ms` overrides it; 0 = no bound
     client_max_in_flight: int = 4096  # requests one client may have at the broker (queued or at agents): OVERLOADED
     client_reply_budget: int = 32 * 1024 * 1024  # bytes of replies the broker holds for a client that does not read
-    # them (its pipe is full, CLIENT_SNDHWM); while it holds any, the client's new requests get OVERLOADED; past it,
-    # its replies are dropped and its requests cancelled
+    # them (its pipe is full, CLIENT_SNDHWM); past it, its replies are dropped and its requests cancelled
+    client_read_grace: float = 1.0  # a client whose pipe took none of its held replies for this long is not reading:
+    # its new requests get OVERLOADED until it reads (a full pipe alone is often a reading client behind a burst)
     # A stalled agent (holds requests, makes no progress; frozen, or its inference stuck) stops getting new requests
     # long before it is declared dead: an agent whose oldest request here is older than max(stall_factor x that
     # model's recent p99 service time, stall_floor), and which answered nothing for that long, is skipped by routing

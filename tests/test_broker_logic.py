@@ -730,10 +730,10 @@ def test_dropping_a_client_cancels_its_queued_and_running_requests():
 def test_client_outbox_holds_within_the_budget_and_sends_in_order_as_the_pipe_drains():
     from cluster.broker.outbox import ClientOutbox
 
-    box = ClientOutbox(budget=100)
+    box = ClientOutbox(budget=100, grace=1.0)
     assert not box.congested(b"c")
-    assert box.hold(b"c", [b"c", b"x" * 40]) and box.hold(b"c", [b"c", b"y" * 40])
-    assert not box.hold(b"c", [b"c", b"z" * 40]) and b"c" in box.over_budget  # 123 > 100: dropped
+    assert box.hold(b"c", [b"c", b"x" * 40], T) and box.hold(b"c", [b"c", b"y" * 40], T)
+    assert not box.hold(b"c", [b"c", b"z" * 40], T) and b"c" in box.over_budget  # 123 > 100: dropped
     assert box.congested(b"c") and box.held_bytes[b"c"] == 82
     sent, room = [], [1]
 
@@ -743,15 +743,52 @@ def test_client_outbox_holds_within_the_budget_and_sends_in_order_as_the_pipe_dr
         room[0] -= 1
         sent.append(frames[1][:1])
 
-    assert box.flush(send) == ([], []) and sent == [b"x"] and box.held_bytes[b"c"] == 41
+    assert box.flush(send, T) == ([], []) and sent == [b"x"] and box.held_bytes[b"c"] == 41
     room[0] = 5
-    assert box.flush(send) == ([b"c"], []) and sent == [b"x", b"y"] and not box.congested(b"c")
-    box.hold(b"gone", [b"gone", b"q"])
+    assert box.flush(send, T) == ([b"c"], []) and sent == [b"x", b"y"] and not box.congested(b"c")
+    box.hold(b"gone", [b"gone", b"q"], T)
 
     def unreachable(frames):
         raise zmq.ZMQError(errno.EHOSTUNREACH)
 
-    assert box.flush(unreachable) == ([], [b"gone"]) and box.held == {} and box.total_bytes == 0
+    assert box.flush(unreachable, T) == ([], [b"gone"]) and box.held == {} and box.total_bytes == 0
+
+
+def test_a_full_pipe_is_not_a_stall_until_the_client_takes_nothing_for_the_grace_period():
+    """A reading client behind a burst fills its pipe for a moment: its requests are still served. Only a client whose
+    pipe took nothing of what is held for `grace` seconds (or one past its budget) is refused."""
+    from cluster.broker.outbox import ClientOutbox
+
+    box = ClientOutbox(budget=1000, grace=1.0)
+    full = [True]
+
+    def send(frames):
+        if full[0]:
+            raise zmq.Again()
+
+    assert not box.stalled(b"c", T)  # nothing held
+    box.hold(b"c", [b"c", b"x"], T)
+    assert box.congested(b"c") and not box.stalled(b"c", T + 0.9)  # held, but not for the grace period yet
+    assert box.stalled(b"c", T + 1.0)  # its pipe took nothing for 1 s: not reading
+    box.hold(b"c", [b"c", b"y"], T + 1.0)
+    full[0] = False
+    box.flush(send, T + 1.5)  # the pipe takes both now
+    assert not box.congested(b"c") and not box.stalled(b"c", T + 10)
+    # Progress resets the clock: a client that takes a reply now and then is reading, however slowly.
+    box.hold(b"d", [b"d", b"1"], T)
+    box.hold(b"d", [b"d", b"2"], T)
+    room = [1]
+
+    def one_at_a_time(frames):
+        if not room[0]:
+            raise zmq.Again()
+        room[0] -= 1
+
+    box.flush(one_at_a_time, T + 0.8)
+    assert box.congested(b"d") and not box.stalled(b"d", T + 1.5) and box.stalled(b"d", T + 1.8)
+    # Past its budget it is stalled at once.
+    box.hold(b"e", [b"e", b"z" * 2000], T)
+    assert b"e" in box.over_budget and box.stalled(b"e", T)
 
 
 # ---- capacity per model, stalled agents, hedging (issue 11.5) ------------------------------------------------------

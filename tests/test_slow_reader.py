@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from bench.slow_reader import greedy_dealer, send_requests
+from cluster import protocol
 from tests.harness import wait_for
 from tests.models import publish_big
 
@@ -81,3 +82,37 @@ def test_a_client_that_reads_nothing_costs_the_broker_a_bounded_memory_it_gets_b
         f"the broker's RSS to come back within 25 MiB of {before / MiB:.0f} MiB (peak {peak[0] / MiB:.0f} MiB)",
     )
     assert client.infer("echo", x).as_numpy("y").tolist() == x["x"].tolist()
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_pauses_reading_is_served_until_it_stalls_past_the_grace_period(cluster, share):
+    """A client that stops reading for a moment (a GC pause, a burst of replies on a loaded host) fills its pipe, and
+    the broker holds its replies: its new requests are still served, not refused. (Refusal waits for the pipe to take
+    nothing for the grace period, 30 s here so that a slow machine cannot pass it; test_broker_logic covers that.)"""
+    publish_big(share)
+    cluster.start_manager()
+    cluster.start_broker(CLUSTER_CLIENT_READ_GRACE="30")
+    cluster.start_agents(1, "--capacity", "8", "--models", "big")
+    cluster.wait_for_agents(1, model="big")
+    client = cluster.client()
+    ctx = zmq.Context()
+    paused = greedy_dealer(ctx, cluster.addresses.broker_clients)
+    try:
+        # 120 replies of 256 KiB: more than its pipe (CLIENT_SNDHWM) and the socket buffers take.
+        send_requests(paused, 120, 65536)
+        wait_for(
+            lambda: (s := client.stats())["client_replies_held"] > 0 and s["in_flight"] == 0,
+            60,
+            f"the broker to answer all 120 and hold some replies for the paused client: {client.stats()}",
+        )
+        send_requests(paused, 10, 65536)  # sent while it still reads nothing
+        codes = []
+        while len(codes) < 130:
+            assert paused.poll(30_000), f"only {len(codes)} of 130 replies came: {client.stats()}"
+            frames = paused.recv_multipart()
+            header = protocol.unpack_header(frames[1])
+            codes.append(header.get("code", "OK"))
+        assert codes == ["OK"] * 130, f"replies other than results: {sorted(set(codes))}"
+        assert client.stats()["client_replies_held"] == 0
+    finally:
+        ctx.destroy(linger=0)

@@ -133,7 +133,7 @@ class Broker:
         )
         self.allow = security.allow if secured else None
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
-        self.outbox = ClientOutbox(self.timings.client_reply_budget)
+        self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
         self._trims: list[float] = []  # when to call malloc_trim next
         self._stop = threading.Event()
 
@@ -272,7 +272,7 @@ class Broker:
                     self.client_gone(client)
                 return
         was_over = client in self.outbox.over_budget
-        if self.outbox.hold(client, frames) or was_over:
+        if self.outbox.hold(client, frames, time.monotonic()) or was_over:
             return
         held = self.outbox.held_bytes.get(client, 0)
         bad_input.warning(
@@ -286,7 +286,9 @@ class Broker:
 
     def flush_outbox(self) -> None:
         """Send held replies as clients' pipes take them; forget clients found gone."""
-        _, gone = self.outbox.flush(lambda frames: self.clients.send_multipart(frames, zmq.NOBLOCK, copy=False))
+        _, gone = self.outbox.flush(
+            lambda frames: self.clients.send_multipart(frames, zmq.NOBLOCK, copy=False), time.monotonic()
+        )
         for client in gone:
             self.client_gone(client)
 
@@ -343,6 +345,7 @@ class Broker:
             timeout = self.timings.request_timeout
         if not 0 < timeout <= MAX_REQUEST_TIMEOUT:
             raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
+        now = time.monotonic()
         self.deliver(
             self.dispatcher.client_request(
                 client,
@@ -352,8 +355,8 @@ class Broker:
                 timeout,
                 header_frame,
                 tensors,
-                time.monotonic(),
-                congested=self.outbox.congested(client),
+                now,
+                congested=self.outbox.stalled(client, now),
                 trace=request_id_of(header),
             )
         )
@@ -373,7 +376,7 @@ class Broker:
                 self.send_client_error(client, request_id, ErrorCode.MODEL_NOT_FOUND, str(exc), name)
                 return
         elif what == "stats":
-            result = self.dispatcher.counts()
+            result = dict(self.dispatcher.counts(), client_replies_held=sum(map(len, self.outbox.held.values())))
         elif what == "statistics":
             name = require(header, "name", str, optional=True)
             version = require(header, "version", (str, int), optional=True)

@@ -1,11 +1,13 @@
 """Replies for clients that do not read them, without any I/O: a byte budget per client (issue 11, point 3).
 
 ZeroMQ queues what the broker sends a client in that client's pipe, up to the clients ROUTER's SNDHWM messages
-(config.CLIENT_SNDHWM); a client that stops reading fills it, and then a send gives EAGAIN (ROUTER_MANDATORY). From
-then on the broker holds that client's replies here, in order, up to `budget` bytes, and sends them as its pipe
-drains (`flush`, every turn of the loop). A client with replies held here is congested: its new requests are refused
-(OVERLOADED). A reply that would pass the budget is dropped, and the broker cancels the client's other requests: it
-is not reading, and each would only cost an agent's work and more memory. A client found gone (EHOSTUNREACH) is
+(config.CLIENT_SNDHWM); a client that stops reading fills it, and then a send gives EAGAIN (ROUTER_MANDATORY). From then
+on the broker holds that client's replies here, in order, up to `budget` bytes, and sends them as its pipe drains
+(`flush`, every turn of the loop). A full pipe alone does not mean a client is not reading: on a loaded host the client
+(or the broker's own ZeroMQ I/O thread) can fall behind a burst of replies for a moment. A client is `stalled` when its
+pipe has taken none of its held replies for `grace` seconds (or it passed its budget): only then are its new requests
+refused (OVERLOADED). A reply that would pass the budget is dropped, and the broker cancels the client's other requests:
+it is not reading, and each would only cost an agent's work and more memory. A client found gone (EHOSTUNREACH) is
 forgotten, with everything held for it. So the broker's memory for one client is at most CLIENT_SNDHWM replies in the
 pipe plus `budget` bytes here, whatever the client does.
 """
@@ -24,21 +26,31 @@ def frames_size(frames: list) -> int:
 
 
 class ClientOutbox:
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, grace: float = 1.0) -> None:
         self.budget = budget
+        self.grace = grace
         self.held: dict[bytes, deque[list]] = {}  # client -> replies waiting for room in its pipe, in order
         self.held_bytes: dict[bytes, int] = {}
+        self.progress_at: dict[bytes, float] = {}  # client -> when it was first held, or its pipe last took a reply
         self.over_budget: set[bytes] = set()  # congested clients that had a reply dropped (their requests cancelled)
 
     def congested(self, client: bytes) -> bool:
+        """Replies are held for it: a new one must queue behind them (order is kept)."""
         return client in self.held
+
+    def stalled(self, client: bytes, now: float) -> bool:
+        """It is not reading: its pipe took none of its held replies for `grace` s, or it passed its budget."""
+        if client not in self.held:
+            return False
+        return client in self.over_budget or now - self.progress_at.get(client, now) >= self.grace
 
     @property
     def total_bytes(self) -> int:
         return sum(self.held_bytes.values())
 
-    def hold(self, client: bytes, frames: list) -> bool:
+    def hold(self, client: bytes, frames: list, now: float) -> bool:
         """Keep a reply its pipe had no room for; False (dropped) if it would pass the client's budget."""
+        self.progress_at.setdefault(client, now)
         size = frames_size(frames)
         if self.held_bytes.get(client, 0) + size > self.budget:
             self.over_budget.add(client)
@@ -49,7 +61,7 @@ class ClientOutbox:
         self.held_bytes[client] = self.held_bytes.get(client, 0) + size
         return True
 
-    def flush(self, send: Callable[[list], None]) -> tuple[list[bytes], list[bytes]]:
+    def flush(self, send: Callable[[list], None], now: float) -> tuple[list[bytes], list[bytes]]:
         """Send what each congested client's pipe takes now (`send` raises zmq.Again when it is full, another
         ZMQError when the client is gone). Returns (clients whose backlog is all sent, clients found gone)."""
         cleared, gone = [], []
@@ -58,6 +70,7 @@ class ClientOutbox:
                 while queue:
                     send(queue[0])
                     self.held_bytes[client] -= frames_size(queue.popleft())
+                    self.progress_at[client] = now
             except zmq.Again:
                 continue
             except zmq.ZMQError:
@@ -71,4 +84,5 @@ class ClientOutbox:
     def forget(self, client: bytes) -> None:
         self.held.pop(client, None)
         self.held_bytes.pop(client, None)
+        self.progress_at.pop(client, None)
         self.over_budget.discard(client)
