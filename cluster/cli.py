@@ -610,7 +610,7 @@ def status(
             f"{a.get('host')}:{a.get('pid')}",
             str(a.get("device")),
             ", ".join(f"{m['name']} v{m['version']}" for m in a.get("models", [])),
-            f"{a.get('in_flight')}/{a.get('capacity')}",
+            f"{a.get('in_flight')}/{a.get('capacity')}" + (" stalled" if a.get("stalled") else ""),
             f"{a.get('heartbeat_age', 0):.1f} s",
             f"{a.get('uptime', 0):.0f} s",
         )

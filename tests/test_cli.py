@@ -223,3 +223,42 @@ def test_cluster_up_refuses_a_share_that_does_not_exist_unless_told_to_create_it
     a_file.write_text("not a folder")
     out = _up_once(env, "--any-ports", "--share", str(a_file))
     assert out.returncode == 2 and "cannot use" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.cluster
+def test_status_marks_a_stalled_agent(cluster):
+    """An agent that holds requests and answers none (frozen here with SIGSTOP) shows as `stalled` in its load column,
+    as the broker routes around it; the other agent does not."""
+    import numpy as np
+
+    cluster.extra_env["CLUSTER_LIVENESS"] = "100"  # frozen for the test's length, never declared dead meanwhile
+    cluster.start_manager()
+    cluster.start_broker()
+    frozen = cluster.start_agent("agent-a", "--models", "echo")
+    cluster.start_agent("agent-b", "--models", "echo")
+    cluster.wait_for_agents(2, model="echo")
+    client = cluster.client()
+    x = {"x": np.ones((1, 4), np.float32)}
+    for _ in range(60):  # the broker judges stalls once it has seen 20 answers of the model
+        client.infer("echo", x)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        futures = [client.submit("echo", x, timeout=60) for _ in range(8)]  # round-robin: some go to agent-a
+        wait_for(
+            lambda: any(a["id"] == "agent-a" and a.get("stalled") for a in client.agents()),
+            30,
+            f"the broker to find agent-a stalled: {client.agents()}",
+        )
+        result = CliRunner().invoke(
+            app, ["status", "--broker", cluster.addresses.broker_clients], env={"COLUMNS": "200"}
+        )
+        assert result.exit_code == 0, result.output
+        rows = {}
+        for line in result.stdout.splitlines():  # the agents table's rows: the id in the first cell
+            cells = [c.strip() for c in line.replace("┃", "│").split("│")]
+            if len(cells) > 2 and cells[1] in ("agent-a", "agent-b"):
+                rows[cells[1]] = line
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert "stalled" in rows["agent-a"] and "stalled" not in rows["agent-b"], result.stdout
+    assert all(f.result(timeout=60).as_numpy("y").tolist() == x["x"].tolist() for f in futures)
