@@ -5,7 +5,8 @@
 (a) `cluster agent` started as a fresh process (manager and broker already up) until a client's first request to
     the model is answered (the client retries every 10 ms while no agent serves it), next to a bare
     `python -c "import torch; m = torch.jit.load(F); m(x)"` process, start to exit, and a bare
-    `python -c "import torch"`, the floor both pay. From the agent's log: when its imports were done (a line our
+    `python -c "import torch"`, the floor both pay; and an agent serving both models, until both answered (it
+    loads them at once, config.LOAD_THREADS). From the agent's log: when its imports were done (a line our
     `cluster agent` writes), when its models were loaded, when it was up (connected, READY sent).
 (b) `cluster deploy F --name M --share S` (a fresh CLI process: it publishes the file, then asks the manager for the
     two-phase rollout and waits for it) until every one of 2 agents serves the new version as its default (the
@@ -126,22 +127,25 @@ def log_times(text: str, t0: float) -> dict[str, float]:
     return found
 
 
-def first_request(cluster, client, model: str, spec: dict, agent_id: str, root: Path | None) -> dict[str, float]:
-    """Start a fresh agent serving only `model`; seconds until the client's first request to it is answered
-    ("answered") and the agent's own milestones (log_times)."""
+def first_request(cluster, client, models: dict[str, dict], agent_id: str, root: Path | None) -> dict[str, float]:
+    """Start a fresh agent serving only `models`; seconds until the client's first request to each of them has been
+    answered ("answered") and the agent's own milestones (log_times)."""
     from cluster import ModelNotFoundError, NoAgentAvailableError
 
-    inputs = {spec["input"]: np.zeros(spec["shape"], np.float32)}
+    waiting = {name: {spec["input"]: np.zeros(spec["shape"], np.float32)} for name, spec in models.items()}
     wall = time.time()
     t = time.perf_counter()
     with processes_from(root):
-        proc = cluster.start_agent(agent_id, CLUSTER_MODELS=model, CLUSTER_LOG_LEVEL="INFO", CLUSTER_LOG_FORMAT="text")
+        proc = cluster.start_agent(
+            agent_id, CLUSTER_MODELS=",".join(models), CLUSTER_LOG_LEVEL="INFO", CLUSTER_LOG_FORMAT="text"
+        )
     try:
-        while True:
+        while waiting:
+            name, inputs = next(iter(waiting.items()))
             try:
-                client.infer(model, inputs, timeout=FIRST_REQUEST_TIMEOUT)
+                client.infer(name, inputs, timeout=FIRST_REQUEST_TIMEOUT)
+                del waiting[name]
                 answered = time.perf_counter() - t
-                break
             except (ModelNotFoundError, NoAgentAvailableError):
                 if not proc.alive():
                     raise RuntimeError(f"{agent_id} exited with {proc.returncode}: {proc.log()[-600:]}") from None
@@ -251,21 +255,25 @@ def run(suite: Suite, rounds: int | None = None, compare: Path | None = None) ->
         cluster.start_manager()
         cluster.start_broker()
         client = cluster.client(timeout=10)
-        # (a) a fresh agent process to its first answer
-        for model, spec in models.items():
+        # (a) a fresh agent process to its first answer (to each model, for the agent serving both)
+        cases = {name: {name: spec} for name, spec in models.items()}
+        cases["digits+big100"] = models
+        for case, served in cases.items():
             ours: dict[str, list] = {label: [] for label in variants}
             bare, import_torch = [], []
-            code = f"import torch; m = torch.jit.load({str(spec['file'])!r}); m(torch.zeros({spec['shape']!r}))"
+            code = "import torch\n" + "".join(
+                f"torch.jit.load({str(spec['file'])!r})(torch.zeros({spec['shape']!r}))\n" for spec in served.values()
+            )
             for r in range(rounds):
-                log(f"8a cold start {model}: round {r + 1}/{rounds}")
+                log(f"8a cold start {case}: round {r + 1}/{rounds}")
                 for n, (label, root) in enumerate(variants.items()):
-                    ours[label].append(first_request(cluster, client, model, spec, f"cold-{model}-{r}-{n}", root))
+                    ours[label].append(first_request(cluster, client, served, f"cold-{r}-{n}-{len(served)}", root))
                 bare.append(bare_process(code))
                 import_torch.append(bare_process("import torch"))
             for label, results in ours.items():
                 suite.add(
                     ratio_row(
-                        f"8a. `cluster agent` start to first answer, {model}{label} (s, median of {rounds})",
+                        f"8a. `cluster agent` start to first answer, {case}{label} (s, median of {rounds})",
                         med(results, "answered"),
                         float(np.median(bare)),
                         2,
@@ -273,20 +281,19 @@ def run(suite: Suite, rounds: int | None = None, compare: Path | None = None) ->
                     )
                 )
                 suite.note(
-                    f"8a {model}{label}: first answer {listed(results, 'answered')} s after the agent's start; its log "
-                    "says: "
-                    f"imports done {listed(results, 'imported')}, model loaded {listed(results, 'loaded')}, "
+                    f"8a {case}{label}: first answer {listed(results, 'answered')} s after the agent's start; its log "
+                    f"says: imports done {listed(results, 'imported')}, models loaded {listed(results, 'loaded')}, "
                     f"up {listed(results, 'up')} s"
                 )
             suite.add(
                 Row(
-                    f"8a. bare `python -c 'import torch'` (s, median of {rounds}, during {model})",
+                    f"8a. bare `python -c 'import torch'` (s, median of {rounds}, during {case})",
                     fmt(np.median(import_torch), 2),
                     "-",
                 )
             )
             suite.note(
-                f"8a {model} baselines: python import torch + jit.load + forward {[round(v, 2) for v in bare]} s; "
+                f"8a {case} baselines: python import torch + jit.load + forward {[round(v, 2) for v in bare]} s; "
                 f"python import torch {[round(v, 2) for v in import_torch]} s"
             )
         # (b) a deploy rolled out to 2 agents, a cluster per variant (its own share)
