@@ -2,9 +2,15 @@
 
 Programs use `Client` (blocking) or `AsyncClient` (asyncio); everything else runs as processes started by the
 `cluster` command (manager, broker, agents, edge).
+
+The client classes are imported on first use (PEP 562), not with the package: every role and CLI command imports
+`cluster`, and most of them never make a client (the client pulls in numpy and asyncio, ~0.1 s per process start).
 """
 
-from cluster.client import AsyncClient, Client, InferResult
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from cluster.errors import (
     AuthenticationError,
     BadRequestError,
@@ -16,6 +22,9 @@ from cluster.errors import (
     OverloadedError,
     PermissionDeniedError,
 )
+
+if TYPE_CHECKING:
+    from cluster.client import AsyncClient, Client, InferResult
 
 __all__ = [
     "Client",
@@ -31,3 +40,13 @@ __all__ = [
     "AuthenticationError",
     "PermissionDeniedError",
 ]
+
+_CLIENT_NAMES = ("Client", "AsyncClient", "InferResult")
+
+
+def __getattr__(name: str):
+    if name in _CLIENT_NAMES:
+        from cluster import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

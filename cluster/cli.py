@@ -6,11 +6,13 @@ command lists them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import typer
@@ -245,9 +247,13 @@ def agent(
     key: str | None = Key,
 ):
     """Run an agent: loads the share's models and serves them to the broker."""
-    from cluster.agent import Agent
+    import time
+
+    started = time.perf_counter()
+    from cluster.agent import Agent  # torch: most of an agent's start-up (bench/cold_start.py)
 
     _setup_logging(log_level, "agent", log_format.value)
+    logging.getLogger("cluster.agent").info("agent modules (torch) imported in %.2f s", time.perf_counter() - started)
     timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
     component = Agent(
         share or config.default_share_dir(),
@@ -824,6 +830,21 @@ def _manager_call(manager: str, what: str, wait: float, key: str | None = None, 
         raise typer.Exit(2) from None
 
 
+@contextlib.contextmanager
+def _publish_progress(path: Path):
+    """publish_version's progress callback: a bar on a terminal; None elsewhere (scripts, CI), where the transient bar
+    would show nothing and importing rich would still cost a fresh process ~0.2 s."""
+    if not sys.stdout.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(f"publishing {path.name}", total=path.stat().st_size)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
 @app.command()
 def deploy(
     path: Path = typer.Argument(
@@ -850,8 +871,6 @@ def deploy(
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome."""
     import json
-
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from cluster.model_config import RepositoryError, from_triton, is_triton_config
     from cluster.repository import MODEL_FILES, ModelRepository, publish_version
@@ -895,18 +914,9 @@ def deploy(
         raise typer.Exit(0 if report["ok"] else 1)
     share_dir = Path(share)
     new_model = not ModelRepository(share_dir).versions(name)
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
-    ) as progress:
-        task = progress.add_task(f"publishing {path.name}", total=path.stat().st_size)
+    with _publish_progress(path) as progress:
         try:
-            version = publish_version(
-                share_dir,
-                name,
-                path,
-                model_config,
-                progress=lambda done, total: progress.update(task, completed=done, total=total),
-            )
+            version = publish_version(share_dir, name, path, model_config, progress=progress)
         except RepositoryError as exc:
             typer.echo(f"cannot publish: {exc}", err=True)
             raise typer.Exit(2) from None

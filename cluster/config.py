@@ -30,6 +30,9 @@ MAX_UPLOAD_BYTES = int(os.environ.get("CLUSTER_MAX_UPLOAD_BYTES", 256 * 1024 * 1
 MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
 MAX_TENSORS = 64  # tensors in one request or reply
 MAX_DIMS = 16  # dimensions of one tensor
+MODEL_COPY_CHUNK = 64 * 1024 * 1024  # bytes per sendfile() when an agent copies a model file into a sealed memfd
+LOAD_THREADS = 2  # model versions an agent loads at once (at start and in rollouts): copying and hashing release the
+# GIL, so a second model need not wait for the first (2 x 100 MB + digits: 0.46 -> 0.34 s)
 SOCKET_HWM = 10_000  # ZeroMQ high-water mark per socket (messages); queues are bounded in the app too
 LINGER_MS = 200  # how long a closing socket may flush
 # The broker's pipe to each client holds at most this many replies (ZeroMQ SNDHWM, per peer): past it a send gives

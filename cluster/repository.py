@@ -250,7 +250,7 @@ class ModelBytes:
     version: int
     config: ModelConfig  # the config published with this version, its platform filled in
     path: Path  # where the bytes were read from (for messages)
-    data: bytes
+    data: Any  # bytes, or the buffer read_model's reader returned
 
 
 class ModelRepository:
@@ -375,9 +375,10 @@ class ModelRepository:
             check_digest(folder / fname, digest, where)
         return files
 
-    def read_model(self, name: str, version: int) -> ModelBytes:
+    def read_model(self, name: str, version: int, reader: Callable[[Path], Any] | None = None) -> ModelBytes:
         """The version's model file and config, every file checked against the manifest. The model file is hashed
-        from the very bytes returned, so a file swapped between the check and the load cannot slip through."""
+        from the very bytes returned, so a file swapped between the check and the load cannot slip through.
+        `reader(path)` (default Path.read_bytes) may return any buffer that cannot change once returned."""
         where = f"model '{name}' version {version}"
         files = self._manifest(name, version)
         config = self._version_config(name, version, files)
@@ -388,7 +389,7 @@ class ModelRepository:
             if fname != path.name:
                 check_digest(path.parent / fname, digest, where)
         try:
-            data = path.read_bytes()
+            data = path.read_bytes() if reader is None else reader(path)
         except OSError as exc:
             raise RepositoryError(f"{where}: cannot read {path}: {describe_error(exc)}") from None
         check_digest(path, files[path.name], where, data)

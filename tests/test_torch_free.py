@@ -1,4 +1,6 @@
-"""The manager and `cluster deploy` only list folders and copy files on the share: they must not need torch.
+"""The manager and `cluster deploy` only list folders and copy files on the share: they must not need torch. Nor
+do the broker and the edge, which never run a model: importing torch costs a process seconds and ~300 MB
+(bench/cold_start.py).
 
 Each check runs in a fresh interpreter with torch blocked (sys.modules["torch"] = None makes any `import torch`
 raise ImportError), so a torch import creeping back into the share's modules fails here, naming the import.
@@ -10,7 +12,12 @@ import json
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from pathlib import Path
+
+import pytest
+
+from cluster.local import LocalCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BLOCK_TORCH = 'import sys\nsys.modules["torch"] = None  # any `import torch` now raises ImportError\n'
@@ -29,7 +36,8 @@ def run_without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
 def test_manager_and_share_modules_import_without_torch():
     done = run_without_torch("""
         import cluster.desired, cluster.manager, cluster.manager.client, cluster.model_config, cluster.repository
-        import cluster.share
+        import cluster.share, cluster.broker, cluster.client, cluster.agent, cluster.agent.stats, edge
+        from cluster import Client, AsyncClient
         from cluster.cli import app
         try:
             import cluster.agent.loaded_model
@@ -78,3 +86,21 @@ def test_deploy_publishes_without_torch(tmp_path):
     assert exit_code == "2", output
     version = share / "models" / "m" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["config.json", "manifest.json", "model.pt"]
+
+
+@pytest.mark.cluster
+def test_manager_broker_and_edge_processes_run_without_torch(tmp_path):
+    """The real role processes, started as `cluster ROLE` with torch blocked, get to listening (every import their
+    commands make at start done) and the edge answers."""
+    run_cli = "from cluster.cli import main\nsys.argv[0] = 'cluster'\nmain()\n"
+    (tmp_path / "share").mkdir()
+    with LocalCluster(tmp_path / "share", tmp_path / "logs") as local:
+        for role in ("manager", "broker", "edge"):
+            argv = [sys.executable, "-c", BLOCK_TORCH + run_cli, role]
+            if role == "edge":
+                argv += ["--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1"]
+            proc = local.spawn(role, argv, role=role, ready=True)
+            local.bound.update(proc.addresses)
+        with urllib.request.urlopen(local.edge_url + "/v2/health/live", timeout=30) as answer:
+            assert answer.status == 200
+        assert not local.exited(), local.logs()

@@ -43,7 +43,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from cluster import protocol
-from cluster.agent.loader import ModelLoader, load_version
+from cluster.agent.loader import ModelLoader, load_versions
 from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.auth import BusSecurity
@@ -62,7 +62,6 @@ from cluster.protocol import (
     pack,
     require,
 )
-from cluster.repository import RepositoryError
 from cluster.share import ShareError, open_share
 from cluster.sockets import make_socket
 
@@ -154,15 +153,17 @@ class Agent:
         return DesiredState({n: d for n, d in desired.models.items() if n in self.model_names}, desired.generation)
 
     def load_models(self) -> None:
-        """At start, before announcing anything: load (fetch, verify, warm up) every desired version."""
+        """At start, before announcing anything: load (fetch, verify, warm up) every desired version, LOAD_THREADS at
+        once."""
         self.desired = self.initial_desired_state()
-        for name, version in self.table.plan(self.desired, self.loading):
-            try:
-                self.table.add_loaded(name, version, load_version(self.share, name, version, self.device))
+        wanted = self.table.plan(self.desired, self.loading)
+        for name, version, outcome in load_versions(self.share, wanted, self.device):
+            if isinstance(outcome, str):
+                self.table.add_failed(name, version, outcome)
+                log.error("agent %s could not load %s v%d: %s", self.agent_id, name, version, outcome)
+            else:
+                self.table.add_loaded(name, version, outcome)
                 log.info("agent %s loaded %s v%d", self.agent_id, name, version)
-            except (RepositoryError, ShareError) as exc:
-                self.table.add_failed(name, version, str(exc))
-                log.error("agent %s could not load %s v%d: %s", self.agent_id, name, version, exc)
         self.table.converge(self.desired)
 
     def apply_desired(self, desired: DesiredState) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import zmq
@@ -79,4 +78,6 @@ class AsyncManagerClient:
         self.address = self._client.address
 
     async def call(self, what: str, timeout: float = 5.0, data: bytes | None = None, **fields):
+        import asyncio  # here, not at the top: `cluster deploy` and the other commands use only ManagerClient
+
         return await asyncio.to_thread(self._client.call, what, timeout, data, **fields)

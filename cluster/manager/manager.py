@@ -127,6 +127,8 @@ class Manager:
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
                 if self.heartbeats in ready:
                     drain(self.heartbeats, self.process_heartbeat, 1024, log)
+                    if self.deployments.rollouts:  # a beat that staged or switched moves its rollout on now, not at
+                        self.carry_out(self.deployments.tick(time.monotonic()))  # the next tick (up to 0.1 s later)
                 if self.queries in ready:
                     drain(self.queries, self.process_query, 1024, log)
                 now = time.monotonic()
