@@ -195,6 +195,11 @@ def frame_bytes(frame) -> bytes | memoryview:
     return getattr(frame, "buffer", frame)
 
 
+def as_bytes(frame) -> bytes:
+    """A small frame's bytes: bytes as they are (received copied, or tests), a zmq.Frame copied out."""
+    return frame if isinstance(frame, bytes) else frame.bytes
+
+
 def parse_preamble(frame) -> Command:
     """The command of a message whose first frame is `frame`; ProtocolError if the tag or command is wrong."""
     raw = frame if isinstance(frame, bytes) else bytes(frame_bytes(frame))

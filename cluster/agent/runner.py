@@ -35,6 +35,7 @@ import zmq
 from cluster.agent.stats import ModelStats
 from cluster.codec import decode_tensors, encode_tensors, to_torch
 from cluster.protocol import PREAMBLE, Command, ErrorCode, error_header, pack
+from cluster.sockets import send_frames
 
 log = logging.getLogger("cluster.agent")
 
@@ -277,7 +278,7 @@ class WorkerPool:
                 batch = []
                 for job in taken:
                     if job.deadline < started:
-                        out.send_multipart(self.skip(job, "TIMEOUT"), copy=False)
+                        send_frames(out, self.skip(job, "TIMEOUT"), 0)
                     else:
                         job.started_at = started
                         batch.append(job)
@@ -288,7 +289,7 @@ class WorkerPool:
                     if len(batch) > 1:
                         self._count(batch[0].model.name, "executed", len(batch))
                     for frames in self.run_batch(batch) if len(batch) > 1 else [self.run_timed(batch[0])]:
-                        out.send_multipart(frames, copy=False)
+                        send_frames(out, frames, 0)
                 finally:
                     self._finished(taken[0].model, taken[0].instance)
         finally:

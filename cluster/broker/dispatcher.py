@@ -70,6 +70,7 @@ from cluster.protocol import (
     Heartbeat,
     ProtocolError,
     agent_identity,
+    as_bytes,
     error_header,
     pack,
 )
@@ -332,7 +333,7 @@ class Dispatcher:
         agent counts as a sign of life."""
         out: list[Send] = []
         self.now = now
-        identity = _bytes(frames[0])
+        identity = as_bytes(frames[0])
         if self.allow is not None:
             why = refusal(self.allow, key, "agent")
             if why is not None:
@@ -561,7 +562,7 @@ class Dispatcher:
         if len(frames) < 4:
             log.warning("agent %s sent a reply without route and header; dropped", agent.agent_id)
             return
-        route = _bytes(frames[2])
+        route = as_bytes(frames[2])
         now = self.now
         agent.pop_request(route)
         agent.last_answer = now
@@ -884,11 +885,6 @@ def _sent_to(request: BrokerRequest, agent: AgentEntry) -> float | None:
     if request.hedge is agent:
         return request.hedged_at
     return None
-
-
-def _bytes(frame) -> bytes:
-    """A frame's bytes: bytes as they are (tests), a zmq.Frame (received with copy=False) copied out (it is small)."""
-    return frame if isinstance(frame, bytes) else frame.bytes
 
 
 def _says_model_not_found(header_frame) -> bool:
