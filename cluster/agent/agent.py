@@ -57,11 +57,10 @@ from cluster.protocol import (
     ErrorCode,
     Heartbeat,
     ProtocolError,
-    as_bytes,
     error_header,
     message,
-    pack,
     require,
+    routed,
 )
 from cluster.repository import RepositoryError
 from cluster.share import ShareError, open_share
@@ -508,7 +507,7 @@ class Agent:
             if n and not has_message(self.results):
                 return
             try:
-                frames = recv_frames(self.results, 3)
+                frames = recv_frames(self.results, 2)
             except zmq.Again:
                 return
             self.in_flight -= 1
@@ -519,22 +518,22 @@ class Agent:
             if n and not has_message(self.broker):
                 return
             try:
-                frames = recv_frames(self.broker, 3)
+                frames = recv_frames(self.broker, 2)
             except zmq.Again:
                 return
             self._broker_heard = time.monotonic()
             self._ready_backoff = self.timings.reconnect_initial
             try:
-                cmd = protocol.parse_preamble(frames[0])
-            except (ProtocolError, IndexError) as exc:
+                cmd, route = protocol.parse_routed(frames[0])
+            except ProtocolError as exc:
                 bad_input.warning("agent %s: bad message from the broker dropped: %s", self.agent_id, exc)
                 continue
             if cmd in (Command.REQUEST, Command.HEARTBEAT):
                 self._refused_since = None  # the broker routes to us and beats us: we are registered
             if cmd == Command.REQUEST:
-                self.accept_request(frames)
+                self.accept_request(frames, route)
             elif cmd == Command.CANCEL:
-                self.cancel_request(frames)
+                self.cancel_request(route)
             elif cmd == Command.DISCONNECT:
                 log.info("agent %s: broker asked us to register again", self.agent_id)
                 self.register()
@@ -575,17 +574,17 @@ class Agent:
                 self.duplicate_grace - (now - self._refused_since),
             )
 
-    def accept_request(self, frames: list) -> None:
-        """Validate a REQUEST and queue it for a worker; answer ERROR at once if it cannot be served."""
-        if len(frames) < 3:
+    def accept_request(self, frames: list, route_frame: bytes) -> None:
+        """Validate a REQUEST ([preamble + route, header, *tensors]) and run it inline or queue it for a worker;
+        answer ERROR at once if it cannot be served."""
+        if len(frames) < 2 or len(route_frame) < protocol.ROUTE_BYTES:
             bad_input.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
             return
-        route_frame = as_bytes(frames[1])
         route = route_frame[: protocol.ROUTE_BYTES]  # answers carry the broker's key alone
         request_id = name = None
         try:
             route, seconds_left, broker_wait_s = protocol.parse_request_route(route_frame)
-            header = protocol.unpack_header(frames[2])
+            header = protocol.unpack_header(frames[1])
             request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
             name = require(header, "model", str)
             version = require(header, "version", int, optional=True)
@@ -596,7 +595,7 @@ class Agent:
                     route, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not loaded on agent {self.agent_id}", name
                 )
                 return
-            tensors = frames[3:]
+            tensors = frames[2:]
             metas = protocol.validate_tensor_metas(require(header, "inputs", list), tensors)
             model.config.check_inputs(metas)
             outputs = require(header, "outputs", list, optional=True)
@@ -621,10 +620,9 @@ class Agent:
         self.in_flight += 1
         self.pool.submit(job)
 
-    def cancel_request(self, frames: list) -> None:
+    def cancel_request(self, route: bytes) -> None:
         """The broker's CANCEL: the client gave up. A job not started yet is taken out of the queue and answered
         ERROR CANCELLED (so the broker frees its slot); one that runs already finishes (its answer is dropped)."""
-        route = as_bytes(frames[1]) if len(frames) >= 2 else b""
         if len(route) != protocol.ROUTE_BYTES:
             bad_input.warning("agent %s: CANCEL without a valid route dropped", self.agent_id)
             return
@@ -634,4 +632,4 @@ class Agent:
             send_frames(self.broker, self.pool.skip(job, "CANCELED"), 0)
 
     def answer_error(self, route: bytes, request_id, code: ErrorCode, text: str, model: str | None) -> None:
-        send_frames(self.broker, [PREAMBLE[Command.ERROR], route, pack(error_header(request_id, code, text, model))], 0)
+        send_frames(self.broker, routed(Command.ERROR, route, error_header(request_id, code, text, model)), 0)

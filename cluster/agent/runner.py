@@ -34,7 +34,7 @@ import zmq
 
 from cluster.agent.stats import ModelStats
 from cluster.codec import decode_tensors, encode_tensors, to_torch
-from cluster.protocol import PREAMBLE, Command, ErrorCode, error_header, pack
+from cluster.protocol import Command, ErrorCode, error_header, routed
 from cluster.sockets import send_frames
 
 log = logging.getLogger("cluster.agent")
@@ -146,7 +146,7 @@ class WorkerPool:
         self._count(job.model.name, counter)
         self.stats_of(job.model).record_failure(reason)
         header = error_header(job.request_id, code, text, job.model.name)
-        return [PREAMBLE[Command.ERROR], job.route, pack(header)]
+        return routed(Command.ERROR, job.route, header)
 
     def cancel(self, route: bytes) -> Job | None:
         """Take the job with this route out of the queue, if no worker has taken it yet; None if none is queued
@@ -396,7 +396,7 @@ class WorkerPool:
             "batch_size": batch_size,
             "queue_us": int((job.started_at - job.queued_at) * 1e6),  # waiting for a worker or a batch to fill
         }
-        return [PREAMBLE[Command.REPLY], job.route, pack(header), *frames]
+        return routed(Command.REPLY, job.route, header, frames)
 
     def _failure(self, job: Job, exc: Exception) -> list:
         model = job.model
@@ -411,4 +411,4 @@ class WorkerPool:
         )
         text = f"model '{model.name}' version {model.version} failed: {type(exc).__name__}: {exc}"
         header = error_header(job.request_id, ErrorCode.INFERENCE_FAILED, text, model.name)
-        return [PREAMBLE[Command.ERROR], job.route, pack(header)]
+        return routed(Command.ERROR, job.route, header)

@@ -406,12 +406,12 @@ class Broker:
             bad_input.warning("short message from agent %r dropped", as_bytes(frames[0]))
             return
         try:
-            cmd = protocol.parse_preamble(frames[1])
+            cmd, route = protocol.parse_routed(frames[1])
         except ProtocolError as exc:
             bad_input.warning("bad message from agent %r dropped: %s", as_bytes(frames[0]), exc)
             return
         key = key_of(frames[1]) if self.allow is not None else None
-        self.deliver(self.dispatcher.agent_message(cmd, frames, time.monotonic(), key))
+        self.deliver(self.dispatcher.agent_message(cmd, frames, time.monotonic(), key, route))
 
     # ---- the manager's registry events --------------------------------------------------------------------------
 
