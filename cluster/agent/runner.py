@@ -46,6 +46,10 @@ log = logging.getLogger("cluster.agent")
 # CLUSTER_AGENT_INLINE=0 turns it off.
 INLINE_MAX_S = 0.0005
 INLINE_BUDGET_S = 0.005
+# "Took" is the thread's CPU time (a run preempted on a busy host is not a slow model), with a wall-time guard: a run
+# whose wall time passed INLINE_BUDGET_S (a model that waits, not computes) sends the model to the workers until its
+# decaying slowest wall time is back under it. Slowest CPU time decays by 0.9 a run, slowest wall time by this.
+INLINE_WALL_DECAY = 0.8
 
 
 @dataclass
@@ -114,7 +118,8 @@ class WorkerPool:
         self.model_stats: dict[tuple[str, str], ModelStats] = {}  # (model, version) -> Triton's counters
         self._running: dict[int, int] = {}  # id(model) -> batches of it running now
         self._free_instances: dict[int, list[int]] = {}  # id(model) -> copies of it no worker is running
-        self._timings: dict[int, tuple[int, float]] = {}  # id(model) -> (runs, slowest recent run in seconds)
+        # id(model) -> (runs, slowest recent run's CPU seconds, slowest recent run's wall seconds)
+        self._timings: dict[int, tuple[int, float, float]] = {}
         self.threads = [
             threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))
         ]
@@ -299,18 +304,22 @@ class WorkerPool:
     # ---- running ---------------------------------------------------------------------------------------------
 
     def fast_enough_inline(self, model) -> bool:
-        """True for an unbatched model whose recent runs all took under INLINE_MAX_S (after a few runs to learn it)."""
-        runs, slowest = self._timings.get(id(model), (0, 1.0))
-        return model.config.max_batch_size <= 1 and runs >= 10 and slowest < INLINE_MAX_S
+        """True for an unbatched model whose recent runs all took under INLINE_MAX_S of CPU time and under
+        INLINE_BUDGET_S of wall time (after a few runs to learn it)."""
+        runs, cpu, wall = self._timings.get(id(model), (0, 1.0, 1.0))
+        return model.config.max_batch_size <= 1 and runs >= 10 and cpu < INLINE_MAX_S and wall < INLINE_BUDGET_S
 
     def run_timed(self, job: Job) -> list:
         """run(), noting how long the model took: only models known to be fast may run in the I/O thread."""
         job.started_at = start = time.monotonic()
+        cpu_start = time.thread_time()
         self._count(job.model.name, "executed")
         frames = self.run(job)
-        elapsed = time.monotonic() - start
-        runs, slowest = self._timings.get(id(job.model), (0, elapsed))
-        self._timings[id(job.model)] = (runs + 1, max(elapsed, 0.9 * slowest))  # slowest recent run, decaying
+        cpu = time.thread_time() - cpu_start
+        wall = time.monotonic() - start
+        runs, slow_cpu, slow_wall = self._timings.get(id(job.model), (0, cpu, wall))
+        # slowest recent runs, decaying
+        self._timings[id(job.model)] = (runs + 1, max(cpu, 0.9 * slow_cpu), max(wall, INLINE_WALL_DECAY * slow_wall))
         return frames
 
     def run(self, job: Job) -> list:
