@@ -322,8 +322,8 @@ def role_sim_agents(broker: str, prefix: str, count: str, capacity: str) -> None
                 except zmq.Again:
                     break
                 preamble = frames[0].bytes
-                if preamble == request_preamble:
-                    header = protocol.unpack_header(frames[2])
+                if preamble[: protocol.PREAMBLE_BYTES] == request_preamble:
+                    header = protocol.unpack_header(frames[1])
                     outputs = [{"name": "y", "datatype": m["datatype"], "shape": m["shape"]} for m in header["inputs"]]
                     reply = {
                         "id": header["id"],
@@ -332,7 +332,8 @@ def role_sim_agents(broker: str, prefix: str, count: str, capacity: str) -> None
                         "agent": agent_id,
                         "outputs": outputs,
                     }
-                    sock.send_multipart([reply_preamble, frames[1], pack(reply), *frames[3:]], copy=False)
+                    key = preamble[protocol.PREAMBLE_BYTES : protocol.PREAMBLE_BYTES + protocol.ROUTE_BYTES]
+                    sock.send_multipart([reply_preamble + key, pack(reply), *frames[2:]], copy=False)
                 elif preamble == PREAMBLE[Command.DISCONNECT]:
                     ready(sock)
         now = time.monotonic()

@@ -38,6 +38,10 @@ LINGER_MS = 200  # how long a closing socket may flush
 # The broker's pipe to each client holds at most this many replies (ZeroMQ SNDHWM, per peer): past it a send gives
 # EAGAIN and the broker holds replies itself, within the client's byte budget (Timings.client_reply_budget).
 CLIENT_SNDHWM = 64
+# An agent's loop waits on its two hot sockets (the broker's requests, the workers' answers) and looks at the others
+# (the broker link's monitor, manager subscriptions and events, finished loads) this often: zmq_poll costs two
+# syscalls per socket per wait, and those rarely have anything (a READY on reconnect waits at most this long).
+AGENT_COLD_POLL_S = 0.02
 
 
 @dataclass(frozen=True)

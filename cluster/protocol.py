@@ -2,13 +2,15 @@
 
 A message is a list of ZeroMQ frames:
 
-    frame 0   preamble  = TAG (b"MSB1": protocol name and version) + one command byte
-    frame 1   route     = 8-byte request key the broker attaches (only broker <-> agent REQUEST/REPLY/ERROR)
-    next      header    = msgpack map (string keys), at most MAX_HEADER_BYTES
+    frame 0   preamble  = TAG (b"MSB1": protocol name and version) + one command byte [+ route]
+    frame 1   header    = msgpack map (string keys), at most MAX_HEADER_BYTES
     rest      tensors   = one raw frame per tensor, described in order by header["inputs"] or header["outputs"]
 
-A REQUEST's route frame (broker -> agent) is longer: the key + float64 seconds left to the request's deadline +
-float64 seconds it waited in the broker's queue (REQUEST_ROUTE), so an agent can drop work whose client gave up.
+The route is the 8-byte request key the broker attaches to broker <-> agent REQUEST, REPLY, ERROR and CANCEL: it
+rides at the end of the preamble frame (one frame less per message than a frame of its own; `routed`,
+`parse_routed`). A REQUEST's route (broker -> agent) is longer: the key + float64 seconds left to the request's
+deadline + float64 seconds it waited in the broker's queue (REQUEST_ROUTE), so an agent can drop work whose client
+gave up. Every other message (and every client <-> broker one) has the bare 5-byte preamble.
 
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
@@ -21,9 +23,9 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
                         ERROR    {id, code, message, model?}
     agent   -> broker   READY    Heartbeat + {metadata: [each model's inputs and outputs]}
                         HEARTBEAT Heartbeat (every interval and on every change of what it serves)
-                        REPLY / ERROR  route + header + tensors (answers a REQUEST)
-    broker  -> agent    REQUEST  request route + the client's header + tensors (forwarded, never decoded)
-                        CANCEL   route + {}   (the client gave up: skip it if not started, answer ERROR CANCELLED)
+                        REPLY / ERROR  preamble+key, header, tensors (answers a REQUEST)
+    broker  -> agent    REQUEST  preamble+request route, the client's header, tensors (forwarded, never decoded)
+                        CANCEL   preamble+key, {}   (the client gave up: skip it if not started, answer CANCELLED)
                         HEARTBEAT {}   DISCONNECT {reason}   (DISCONNECT: "I do not know you, send READY again")
                         ERROR    {id: None, code: AGENT_ID_IN_USE, message}   (READY refused: another live process
                                  has that agent id; the agent stops after a grace period if it stays refused)
@@ -65,7 +67,7 @@ REQUEST_ROUTE = struct.Struct(">8sdd")  # broker -> agent REQUEST: key, seconds 
 
 
 def request_route(key: bytes, seconds_left: float, waited_s: float) -> bytes:
-    """The route frame of a REQUEST the broker forwards: the agent answers with `key` alone."""
+    """The route of a REQUEST the broker forwards (after its preamble): the agent answers with `key` alone."""
     return REQUEST_ROUTE.pack(key, seconds_left, waited_s)
 
 
@@ -75,10 +77,10 @@ def parse_request_route(frame: bytes) -> tuple[bytes, float, float]:
     if len(frame) == ROUTE_BYTES:
         return frame, math.inf, 0.0
     if len(frame) != REQUEST_ROUTE.size:
-        raise ProtocolError("bad route frame")
+        raise ProtocolError("bad route")
     key, left, waited = REQUEST_ROUTE.unpack(frame)
     if not (math.isfinite(left) and math.isfinite(waited)):
-        raise ProtocolError("bad route frame: times must be finite")
+        raise ProtocolError("bad route: times must be finite")
     return key, left, waited
 
 
@@ -164,13 +166,13 @@ def pack(header: dict) -> bytes:
 
 
 def message(cmd: Command, header: dict, tensors: Sequence = ()) -> list:
-    """Frames for a message without a route frame: [preamble, header, *tensors]."""
+    """Frames for a message without a route: [preamble, header, *tensors]."""
     return [PREAMBLE[cmd], pack(header), *tensors]
 
 
 def routed(cmd: Command, route: bytes, header: dict | bytes, tensors: Sequence = ()) -> list:
-    """Frames for broker <-> agent REQUEST/REPLY/ERROR: [preamble, route, header, *tensors]."""
-    return [PREAMBLE[cmd], route, header if isinstance(header, bytes) else pack(header), *tensors]
+    """Frames for broker <-> agent REQUEST/REPLY/ERROR/CANCEL: [preamble + route, header, *tensors]."""
+    return [PREAMBLE[cmd] + route, header if isinstance(header, bytes) else pack(header), *tensors]
 
 
 def error_header(
@@ -195,6 +197,11 @@ def frame_bytes(frame) -> bytes | memoryview:
     return getattr(frame, "buffer", frame)
 
 
+def as_bytes(frame) -> bytes:
+    """A small frame's bytes: bytes as they are (received copied, or tests), a zmq.Frame copied out."""
+    return frame if isinstance(frame, bytes) else frame.bytes
+
+
 def parse_preamble(frame) -> Command:
     """The command of a message whose first frame is `frame`; ProtocolError if the tag or command is wrong."""
     raw = frame if isinstance(frame, bytes) else bytes(frame_bytes(frame))
@@ -206,6 +213,22 @@ def parse_preamble(frame) -> Command:
             raise ProtocolError(f"unsupported protocol version {raw[: len(TAG)]!r}, expected {TAG!r}")
         raise ProtocolError(f"unknown command {raw[len(TAG) :]!r}")
     return cmd
+
+
+PREAMBLE_BYTES = len(TAG) + 1
+ROUTED = frozenset({Command.REQUEST, Command.REPLY, Command.ERROR, Command.CANCEL})  # may carry a route
+
+
+def parse_routed(frame) -> tuple[Command, bytes]:
+    """(command, route) of a broker <-> agent message whose first frame is `frame`: the route is what follows the
+    5-byte preamble (b"" when none). ProtocolError if the tag or command is wrong, or a command that never carries a
+    route has bytes after it. The route's length is the receiver's to check (REQUEST_ROUTE, ROUTE_BYTES)."""
+    raw = as_bytes(frame)
+    cmd = parse_preamble(raw[:PREAMBLE_BYTES])
+    route = raw[PREAMBLE_BYTES:]
+    if route and cmd not in ROUTED:
+        raise ProtocolError(f"{cmd.name} carries no route")
+    return cmd, route
 
 
 def unpack_header(frame) -> dict:

@@ -123,15 +123,52 @@ def bound_address(sock: zmq.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def drain(sock: zmq.Socket, handle, limit: int = 256, log: logging.Logger | None = None) -> None:
-    """Hand up to `limit` waiting messages to `handle`, then return so the caller can serve its other sockets.
-    One bad message must never take a component down: whatever `handle` raises is logged and the message dropped."""
-    for _ in range(limit):
+# The hot path's sends and receives, without pyzmq's per-call Python layer (send_multipart's type checks and enum
+# flag arithmetic, the sugar Socket.send wrapper, getsockopt's enum lookup): measured at ~12 us instead of ~25 us
+# for a 3-frame message sent and received on this machine. The backend's own send/recv do the same ZeroMQ calls.
+_raw_send, _raw_recv, _raw_get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
+NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE, _EVENTS, _POLLIN = int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def send_frames(sock: zmq.Socket, frames: list, flags: int = NOBLOCK) -> None:
+    """send_multipart(frames, flags, copy=False) for the hot path: frames under the socket's copy_threshold are
+    copied (cheaper than a zmq.Frame), larger ones (tensors) and received zmq.Frames go zero-copy."""
+    more = flags | _SNDMORE
+    last = len(frames) - 1
+    for i in range(last):
+        _raw_send(sock, frames[i], more, copy=False)
+    _raw_send(sock, frames[last], flags, copy=False)
+
+
+def recv_frames(sock: zmq.Socket, copied: int = 0, flags: int = NOBLOCK) -> list:
+    """recv_multipart(flags): the first `copied` frames as bytes (identity, preamble, header: small, and bytes cost
+    less than a zmq.Frame), the rest as zmq.Frame (tensors: zero-copy, however big). zmq.Again if none waits."""
+    parts = [_raw_recv(sock, flags, copy=copied > 0)]
+    while _raw_get(sock, _RCVMORE):
+        parts.append(_raw_recv(sock, flags, copy=len(parts) < copied))
+    return parts
+
+
+def has_message(sock: zmq.Socket) -> bool:
+    """A message waits on the socket (ZMQ_EVENTS): cheaper than a recv that fails with zmq.Again."""
+    return bool(_raw_get(sock, _EVENTS) & _POLLIN)
+
+
+def drain(sock: zmq.Socket, handle, limit: int = 256, log: logging.Logger | None = None, copied: int = 0) -> int:
+    """Hand up to `limit` waiting messages to `handle`, then return so the caller can serve its other sockets;
+    returns how many. `copied`: see recv_frames. One bad message must never take a component down: whatever
+    `handle` raises is logged and the message dropped."""
+    for n in range(limit):
+        if n and not has_message(sock):
+            return n
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = recv_frames(sock, copied)
         except zmq.Again:
-            return
+            return n
         try:
             handle(frames)
         except Exception:
             (log or logging.getLogger("cluster")).exception("error handling a message; dropped")
+    return limit

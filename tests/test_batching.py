@@ -81,7 +81,7 @@ def test_one_bad_request_fails_only_itself(tmp_path):
         for _ in inputs:
             assert results.poll(10_000), "no answer from the worker"
             frames = results.recv_multipart()
-            answers[frames[1][0]] = (frames[0], unpack_header(frames[2]), frames[3:])
+            answers[frames[0][5]] = (frames[0][:5], unpack_header(frames[1]), frames[2:])  # preamble + route
     finally:
         pool.stop()
         results.close()

@@ -18,6 +18,7 @@ from cluster.config import Addresses, Timings
 from cluster.manager.registry import Registry
 from cluster.protocol import (
     PREAMBLE,
+    PREAMBLE_BYTES,
     REQUEST_ROUTE,
     ROUTE_BYTES,
     Command,
@@ -80,12 +81,17 @@ def answer(
         cmd, header = Command.REPLY, pack({"id": rid})
     else:
         cmd, header = Command.ERROR, pack(error_header(rid, code, "agent says no"))
-    return d.agent_message(cmd, [agent.encode(), PREAMBLE[cmd], route, header, b"output"], now)
+    return d.agent_message(cmd, [agent.encode(), PREAMBLE[cmd] + route, header, b"output"], now)
 
 
 def sent_to_agents(out: list[Send]) -> list[tuple[str, bytes]]:
-    """(agent, route key) of each REQUEST in `out` (the key the agent answers with; the route frame adds times)."""
-    return [(s.peer.decode(), s.frames[2][:ROUTE_BYTES]) for s in out if s.to_agent and s.command == Command.REQUEST]
+    """(agent, route key) of each REQUEST in `out` (the key the agent answers with; the route adds times)."""
+    return [(s.peer.decode(), route_key(s)) for s in out if s.to_agent and s.command == Command.REQUEST]
+
+
+def route_key(send: Send) -> bytes:
+    """The route key a message to an agent carries after its preamble."""
+    return send.frames[1][PREAMBLE_BYTES : PREAMBLE_BYTES + ROUTE_BYTES]
 
 
 def client_errors(out: list[Send]) -> list[tuple[object, str, str]]:
@@ -112,8 +118,9 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
     assert [agent for agent, _ in sent_to_agents(out)] == ["a1", "a2", "a1", "a2"]
     assert in_flight(d) == {"a1": 2, "a2": 2}
     first = out[0].frames
-    assert first[1] == PREAMBLE[Command.REQUEST] and len(first[2]) == REQUEST_ROUTE.size
-    assert first[3] is HEADER and first[4] is TENSOR, "the client's frames must be forwarded as the same objects"
+    assert first[1][:PREAMBLE_BYTES] == PREAMBLE[Command.REQUEST], "the route rides in the preamble frame"
+    assert len(first[1]) == PREAMBLE_BYTES + REQUEST_ROUTE.size
+    assert first[2] is HEADER and first[3] is TENSOR, "the client's frames must be forwarded as the same objects"
     # Everyone full: the fifth waits, nothing is sent, no agent goes over its capacity.
     assert request(d, 4) == []
     assert in_flight(d) == {"a1": 2, "a2": 2} and d.pending_count == 1
@@ -686,8 +693,8 @@ def test_broker_deliver_hands_a_failed_send_back_to_the_dispatcher():
         for _ in range(4):
             assert a2.poll(5000), f"a2 got only {len(routes)} of the 4 requests"
             frames = a2.recv_multipart()
-            assert frames[0] == PREAMBLE[Command.REQUEST] and frames[2:] == [HEADER, TENSOR]
-            routes.add(frames[1])
+            assert frames[0][:PREAMBLE_BYTES] == PREAMBLE[Command.REQUEST] and frames[1:] == [HEADER, TENSOR]
+            routes.add(frames[0])
         assert len(routes) == 4 and not a2.poll(100), "a request was sent twice"
         assert d.agents.get(b"a1") is None and in_flight(d) == {"a2": 4}
         assert all(r.attempts == 1 for r in d.requests.values()) and d.stats["redispatched"] == 0
@@ -723,7 +730,7 @@ def test_dropping_a_client_cancels_its_queued_and_running_requests():
     request(d, 1)
     request(d, 2, client=b"other")
     out = d.drop_client(b"client", T)
-    assert [(s.peer, s.command, s.frames[2]) for s in out] == [(b"a1", Command.CANCEL, route)]
+    assert [(s.peer, s.command, route_key(s)) for s in out] == [(b"a1", Command.CANCEL, route)]
     assert d.pending_count == 1 and d.client_load == {b"other": 1} and d.stats["cancelled"] == 2
 
 
@@ -884,9 +891,7 @@ def test_hedging_sends_a_stuck_request_to_a_second_agent_and_the_first_answer_wi
     assert d.tick(T + 0.5) == [], "hedged once"
     out = answer(d, second, route, T + 0.6)
     assert [s.frames[1] for s in out if not s.to_agent] == [PREAMBLE[Command.REPLY]]
-    assert [(s.peer, s.frames[1], s.frames[2]) for s in out if s.to_agent] == [
-        (first.encode(), PREAMBLE[Command.CANCEL], route)
-    ]
+    assert [(s.peer, s.frames[1]) for s in out if s.to_agent] == [(first.encode(), PREAMBLE[Command.CANCEL] + route)]
     assert d.stats["hedge_wins"] == 1 and d.requests == {}
     assert in_flight(d) == {first: 1, second: 0}, "the first copy's slot stays taken until its agent answers"
     assert answer(d, first, route, T + 0.9) == [] and in_flight(d) == {first: 0, second: 0}, "late answer dropped"
@@ -894,7 +899,7 @@ def test_hedging_sends_a_stuck_request_to_a_second_agent_and_the_first_answer_wi
     ((first, route),) = sent_to_agents(request(d, 1, now=T + 1))
     ((second, _),) = sent_to_agents(d.tick(T + 1.3))
     out = answer(d, first, route, T + 1.4)
-    assert [(s.peer.decode(), s.frames[1]) for s in out if s.to_agent] == [(second, PREAMBLE[Command.CANCEL])]
+    assert [(s.peer.decode(), s.command) for s in out if s.to_agent] == [(second, Command.CANCEL)]
     assert d.stats["hedge_wins"] == 1 and len([s for s in out if not s.to_agent]) == 1
 
 
@@ -941,7 +946,7 @@ def test_a_hedged_request_survives_either_agent_dying_and_a_cancel_reaches_both(
     ((first, route),) = sent_to_agents(request(d, 2, now=T + 2))
     ((second, _),) = sent_to_agents(d.tick(T + 2.3))
     out = d.client_cancel(b"client", 2, T + 2.4)
-    assert sorted(s.peer.decode() for s in out if s.frames[1] == PREAMBLE[Command.CANCEL]) == sorted([first, second])
+    assert sorted(s.peer.decode() for s in out if s.command == Command.CANCEL) == sorted([first, second])
     assert d.stats["cancelled"] == 1 and d.requests == {}
 
 

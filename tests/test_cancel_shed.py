@@ -22,10 +22,19 @@ from cluster.agent.loaded_model import load_model
 from cluster.agent.runner import Job, WorkerPool
 from cluster.codec import encode_tensors
 from cluster.errors import OverloadedError, error_from_header
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, pack, parse_request_route, unpack_header
+from cluster.protocol import (
+    PREAMBLE,
+    PREAMBLE_BYTES,
+    Command,
+    ErrorCode,
+    ProtocolError,
+    pack,
+    parse_request_route,
+    unpack_header,
+)
 from cluster.repository import ModelRepository, publish_version
 from tests.models import SLOW_CONFIG, Slow, slow_rounds_per_second
-from tests.test_broker_logic import T, answer, client_errors, dispatcher, ready, request, sent_to_agents
+from tests.test_broker_logic import T, answer, client_errors, dispatcher, ready, request, route_key, sent_to_agents
 
 
 def cancel(d, rid, now=T, client=b"client"):
@@ -33,7 +42,7 @@ def cancel(d, rid, now=T, client=b"client"):
 
 
 def cancels_to_agents(out) -> list[tuple[str, bytes]]:
-    return [(s.peer.decode(), s.frames[2]) for s in out if s.to_agent and s.command == Command.CANCEL]
+    return [(s.peer.decode(), route_key(s)) for s in out if s.to_agent and s.command == Command.CANCEL]
 
 
 # ---- the broker: CANCEL ----------------------------------------------------------------------------------------
@@ -92,7 +101,7 @@ def test_route_frame_tells_the_agent_the_time_left_and_the_time_waited():
     request(d, 1, timeout=10.0, now=T + 1)
     out = answer(d, "a1", route0, now=T + 3)
     (sent,) = [s for s in out if s.to_agent]
-    key, left, waited = parse_request_route(sent.frames[2])
+    key, left, waited = parse_request_route(sent.frames[1][PREAMBLE_BYTES:])
     assert key == sent_to_agents(out)[0][1] and left == pytest.approx(8.0) and waited == pytest.approx(2.0)
     assert parse_request_route(key) == (key, math.inf, 0.0), "a bare key: no deadline known"
     with pytest.raises(ProtocolError):
@@ -209,7 +218,7 @@ def answers(results, count: int) -> dict[int, tuple[bytes, dict]]:
     for _ in range(count):
         assert results.poll(60_000), f"only {len(got)} of {count} answers from the workers"
         frames = results.recv_multipart()
-        got[frames[1][0]] = (frames[0], unpack_header(frames[2]))
+        got[frames[0][PREAMBLE_BYTES]] = (frames[0][:PREAMBLE_BYTES], unpack_header(frames[1]))  # preamble + route
     return got
 
 
@@ -236,8 +245,8 @@ def test_a_queued_job_is_taken_back_by_cancel_and_skipped(slow_model, pool_and_r
     job = pool.cancel(bytes([1]) * 8)
     assert job is not None and job.request_id == 1
     assert pool.cancel(bytes([1]) * 8) is None, "a job is cancelled once"
-    preamble, _, header = pool.skip(job, "CANCELED")
-    assert preamble == PREAMBLE[Command.ERROR] and unpack_header(header)["code"] == "CANCELLED"
+    preamble, header = pool.skip(job, "CANCELED")
+    assert preamble == PREAMBLE[Command.ERROR] + bytes([1]) * 8 and unpack_header(header)["code"] == "CANCELLED"
     pool.start()
     got = answers(results, 2)
     assert sorted(got) == [0, 2] and not results.poll(200), "the cancelled job must not run"

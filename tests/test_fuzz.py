@@ -184,8 +184,8 @@ def fuzz_every_socket(cluster, ctx: zmq.Context) -> None:
 
         def agent_answered() -> bool:
             # Sent again each try: one sent while the agent was reconnecting went nowhere.
-            fake_broker.send_multipart([agent_identity, PREAMBLE[Command.REQUEST], route, protocol.pack({"id": n})])
-            return fake_broker.poll(500) and any(len(f) > 2 and f[2] == route for f in _received(fake_broker))
+            fake_broker.send_multipart([agent_identity, PREAMBLE[Command.REQUEST] + route, protocol.pack({"id": n})])
+            return fake_broker.poll(500) and any(len(f) > 2 and f[1][5:] == route for f in _received(fake_broker))
 
         wait_for(agent_answered, 10, "the fuzzed agent to answer a probe")
 
@@ -205,6 +205,9 @@ def fuzz_every_socket(cluster, ctx: zmq.Context) -> None:
         [b"MSB9\x02", b"\x80"],
         [PREAMBLE[Command.REQUEST], b"\x81\xa2id"],
         [PREAMBLE[Command.REPLY], b"\x80"],
+        [PREAMBLE[Command.REQUEST] + b"\0" * 7, b"\x80"],  # a route too short
+        [PREAMBLE[Command.REPLY] + b"\0" * 8, b"\x80", b"t"],  # a reply nobody asked for
+        [PREAMBLE[Command.HEARTBEAT] + b"\0" * 8, b"\x80"],  # a route where none belongs
     ):
         for send in targets.values():
             if frames:

@@ -125,15 +125,15 @@ def test_dispatcher_takes_agents_only_from_agent_keys_and_binds_them(keyed):
     d.agent_message(Command.READY, [b"a1", PREAMBLE[Command.READY], _beat("a1")], t, key["agent-2"])
     assert d.agents.get(b"a1").key == key["agent-1"]
     out = d.client_request(b"c", 1, "m", None, 30.0, b"h", [b"t"], t)
-    route = out[0].frames[2][:8]  # the key the agent answers with (the route frame adds the times)
-    reply = [b"a1", PREAMBLE[Command.REPLY], route, pack({"id": 1}), b"forged"]
+    route = out[0].frames[1][5:13]  # the key the agent answers with (after the preamble; the times follow)
+    reply = [b"a1", PREAMBLE[Command.REPLY] + route, pack({"id": 1}), b"forged"]
     assert d.agent_message(Command.REPLY, reply, t, key["agent-2"]) == []
     assert route in d.requests, "a reply from another key must not answer the request"
     assert d.agent_message(Command.DISCONNECT, [b"a1", PREAMBLE[Command.DISCONNECT], pack({})], t, key["agent-2"]) == []
     assert d.agents.get(b"a1") is not None
     # The real key: answered.
     answered = d.agent_message(
-        Command.REPLY, [b"a1", PREAMBLE[Command.REPLY], route, pack({"id": 1}), b"y"], t, key["agent-1"]
+        Command.REPLY, [b"a1", PREAMBLE[Command.REPLY] + route, pack({"id": 1}), b"y"], t, key["agent-1"]
     )
     assert [s.peer for s in answered] == [b"c"]
 

@@ -126,7 +126,12 @@ def test_rogue_agents_are_never_routed_a_request(secure):
     }
     for name, sock in rogues.items():
         for _ in range(2):  # twice: libzmq reads the first frame of a refused duplicate's next message as its id
-            sock.send_multipart(ready_message(name.replace(" ", "-") if name != "stolen id" else secure.procs[-1].name))
+            try:  # NOBLOCK: a DEALER whose handshake the broker refused already has no pipe, and a send would hang
+                sock.send_multipart(
+                    ready_message(name.replace(" ", "-") if name != "stolen id" else secure.procs[-1].name), zmq.NOBLOCK
+                )
+            except zmq.Again:
+                pass
     client = secure.client()
     served = {client.infer("echo", ECHO).agent for _ in range(60)}
     assert served == {secure.procs[-1].name}, served
@@ -134,7 +139,7 @@ def test_rogue_agents_are_never_routed_a_request(secure):
         got = []
         while sock.poll(0):
             got.append(sock.recv_multipart())
-        assert not any(f[0] == PREAMBLE[Command.REQUEST] for f in got), f"rogue with {name} was sent a request"
+        assert not any(f[0][:5] == PREAMBLE[Command.REQUEST] for f in got), f"rogue with {name} was sent a request"
     agents = {a["id"] for a in client.agents()}
     assert agents == {secure.procs[-1].name}, agents
     for sock in rogues.values():

@@ -182,6 +182,24 @@ def test_preamble_and_header_checks():
             protocol.unpack_header(raw)
 
 
+def test_the_route_rides_in_the_preamble_frame_of_broker_agent_messages():
+    Command = protocol.Command
+    key = b"k" * protocol.ROUTE_BYTES
+    frames = protocol.routed(Command.REPLY, key, {"id": 1}, [b"t"])
+    assert len(frames) == 3 and frames[0] == protocol.PREAMBLE[Command.REPLY] + key
+    assert protocol.parse_routed(frames[0]) == (Command.REPLY, key)
+    assert protocol.parse_routed(protocol.PREAMBLE[Command.HEARTBEAT]) == (Command.HEARTBEAT, b"")
+    for frame, message in (
+        (protocol.PREAMBLE[Command.READY] + key, "carries no route"),
+        (b"MSB2\x02" + key, "unsupported protocol version"),
+        (b"MSB1\x7f" + key, "unknown command"),
+        (b"HTTP/1.1", "not a bus message"),
+        (b"", "not a bus message"),
+    ):
+        with pytest.raises(ProtocolError, match=message):
+            protocol.parse_routed(frame)
+
+
 def test_every_error_code_has_its_exception():
     for code in ErrorCode:
         exc = errors.error_from_header({"code": code.value, "message": "m", "model": "x"})

@@ -47,7 +47,7 @@ from cluster.agent.loader import ModelLoader, load_versions
 from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.auth import BusSecurity
-from cluster.config import MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import AGENT_COLD_POLL_S, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.model_config import InputError
@@ -59,11 +59,11 @@ from cluster.protocol import (
     ProtocolError,
     error_header,
     message,
-    pack,
     require,
+    routed,
 )
 from cluster.share import ShareError, open_share
-from cluster.sockets import make_socket
+from cluster.sockets import has_message, make_socket, recv_frames, send_frames
 
 log = logging.getLogger("cluster.agent")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
@@ -72,6 +72,7 @@ _instance_ids = itertools.count()
 # What the broker DEALER's monitor reports: a handshake that succeeded (with CURVE too: the connection is usable; it
 # is the only event that means so) and a connection that dropped.
 BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+DRAIN_BATCH = 256  # messages read from one socket per loop pass before the others are served
 EXIT_AGENT_ID_IN_USE = 3  # `cluster agent`'s exit status when the broker keeps refusing its id (another has it)
 
 
@@ -289,11 +290,17 @@ class Agent:
             zmq.XPUB_VERBOSE, 1
         )  # hear every subscription, so a restarted manager gets a beat at once
         self.serving_since = time.time()
+        # The hot sockets (requests in, answers from the workers) are what the loop waits on; the others are looked
+        # at every AGENT_COLD_POLL_S: every socket in a zmq_poll costs a mailbox check (a poll and a getpid syscall
+        # in libzmq) before and after each wait, and those four rarely have anything.
         self._poller = poller = zmq.Poller()
-        for sock in (self.broker, self.broker_monitor, self.results, self.beats, self.loads, self.events):
+        for sock in (self.broker, self.results):
             poller.register(sock, zmq.POLLIN)
+        self._cold = cold = zmq.Poller()
+        for sock in (self.broker_monitor, self.beats, self.loads, self.events):
+            cold.register(sock, zmq.POLLIN)
+        next_cold = now = time.monotonic()
         interval = self.timings.heartbeat_interval
-        now = time.monotonic()
         next_beat = now
         self._broker_heard = now
         self._ready_backoff = self.timings.reconnect_initial
@@ -315,21 +322,25 @@ class Agent:
                     self.send_heartbeat()  # the broker stops routing here at once
                 if drain_deadline is not None and (self.in_flight == 0 or time.monotonic() > drain_deadline):
                     break
-                ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1))
+                wake = min(next_beat, next_cold)
+                ready = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1))
                 self._inline_until = time.monotonic() + INLINE_BUDGET_S
                 if self.results in ready:
                     self.forward_results()
-                if self.broker_monitor in ready:
-                    self.process_broker_link()
                 if self.broker in ready:
                     self.process_broker()
-                if self.beats in ready:
-                    self.process_subscriptions()
-                if self.loads in ready:
-                    self.finish_loads()
-                if self.events in ready:
-                    self.process_events()
                 now = time.monotonic()
+                if now >= next_cold:
+                    next_cold = now + AGENT_COLD_POLL_S
+                    cold_ready = dict(cold.poll(0))
+                    if self.broker_monitor in cold_ready:
+                        self.process_broker_link()
+                    if self.beats in cold_ready:
+                        self.process_subscriptions()
+                    if self.loads in cold_ready:
+                        self.finish_loads()
+                    if self.events in cold_ready:
+                        self.process_events()
                 if now >= next_beat:
                     next_beat = now + interval
                     self.send_heartbeat()
@@ -382,12 +393,12 @@ class Agent:
         """A fresh connection to the broker (same identity): the old one may be a link the broker no longer reads
         (handed over, or half-open after a network blip), where READY would wait forever."""
         self._poller.unregister(self.broker)
-        self._poller.unregister(self.broker_monitor)
+        self._cold.unregister(self.broker_monitor)
         self.close_broker_monitor()
         self.broker.close(linger=0)
         self.broker = self.connect_broker()
         self._poller.register(self.broker, zmq.POLLIN)
-        self._poller.register(self.broker_monitor, zmq.POLLIN)
+        self._cold.register(self.broker_monitor, zmq.POLLIN)
 
     def process_broker_link(self) -> None:
         """The broker DEALER's monitor: on a handshake that succeeded (the first connection, or one after the broker
@@ -493,33 +504,37 @@ class Agent:
                 self.send_heartbeat()
 
     def forward_results(self) -> None:
-        for _ in range(256):
+        for n in range(DRAIN_BATCH):
+            if n and not has_message(self.results):
+                return
             try:
-                frames = self.results.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.results, 2)
             except zmq.Again:
                 return
             self.in_flight -= 1
-            self.broker.send_multipart(frames, copy=False)
+            send_frames(self.broker, frames, 0)
 
     def process_broker(self) -> None:
-        for _ in range(256):
+        for n in range(DRAIN_BATCH):
+            if n and not has_message(self.broker):
+                return
             try:
-                frames = self.broker.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.broker, 2)
             except zmq.Again:
                 return
             self._broker_heard = time.monotonic()
             self._ready_backoff = self.timings.reconnect_initial
             try:
-                cmd = protocol.parse_preamble(frames[0])
-            except (ProtocolError, IndexError) as exc:
+                cmd, route = protocol.parse_routed(frames[0])
+            except ProtocolError as exc:
                 bad_input.warning("agent %s: bad message from the broker dropped: %s", self.agent_id, exc)
                 continue
             if cmd in (Command.REQUEST, Command.HEARTBEAT):
                 self._refused_since = None  # the broker routes to us and beats us: we are registered
             if cmd == Command.REQUEST:
-                self.accept_request(frames)
+                self.accept_request(frames, route)
             elif cmd == Command.CANCEL:
-                self.cancel_request(frames)
+                self.cancel_request(route)
             elif cmd == Command.DISCONNECT:
                 log.info("agent %s: broker asked us to register again", self.agent_id)
                 self.register()
@@ -560,16 +575,17 @@ class Agent:
                 self.duplicate_grace - (now - self._refused_since),
             )
 
-    def accept_request(self, frames: list) -> None:
-        """Validate a REQUEST and queue it for a worker; answer ERROR at once if it cannot be served."""
-        if len(frames) < 3:
+    def accept_request(self, frames: list, route_frame: bytes) -> None:
+        """Validate a REQUEST ([preamble + route, header, *tensors]) and run it inline or queue it for a worker;
+        answer ERROR at once if it cannot be served."""
+        if len(frames) < 2 or len(route_frame) < protocol.ROUTE_BYTES:
             bad_input.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
             return
-        route = frames[1].bytes[: protocol.ROUTE_BYTES]  # answers carry the broker's key alone
+        route = route_frame[: protocol.ROUTE_BYTES]  # answers carry the broker's key alone
         request_id = name = None
         try:
-            route, seconds_left, broker_wait_s = protocol.parse_request_route(frames[1].bytes)
-            header = protocol.unpack_header(frames[2])
+            route, seconds_left, broker_wait_s = protocol.parse_request_route(route_frame)
+            header = protocol.unpack_header(frames[1])
             request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
             name = require(header, "model", str)
             version = require(header, "version", int, optional=True)
@@ -580,7 +596,7 @@ class Agent:
                     route, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not loaded on agent {self.agent_id}", name
                 )
                 return
-            tensors = frames[3:]
+            tensors = frames[2:]
             metas = protocol.validate_tensor_metas(require(header, "inputs", list), tensors)
             model.config.check_inputs(metas)
             outputs = require(header, "outputs", list, optional=True)
@@ -595,29 +611,26 @@ class Agent:
         job = Job(route, request_id, model, metas, list(tensors), outputs, trace=protocol.request_id_of(header))
         job.deadline, job.broker_wait_s = job.queued_at + seconds_left, broker_wait_s
         if job.deadline < job.queued_at:  # expired on its way here
-            self.broker.send_multipart(self.pool.skip(job, "TIMEOUT"), copy=False)
+            send_frames(self.broker, self.pool.skip(job, "TIMEOUT"), 0)
             return
-        if (
-            self.inline
-            and self.in_flight == 0
-            and time.monotonic() < self._inline_until
-            and self.pool.fast_enough_inline(model)
-        ):
-            self.broker.send_multipart(self.pool.run_timed(job), copy=False)
+        # A measured-fast model runs here under load too (jobs queued for the workers keep their place there), for at
+        # most INLINE_BUDGET_S per loop pass, so heartbeats stay on time; past the budget, requests go to the workers.
+        if self.inline and time.monotonic() < self._inline_until and self.pool.fast_enough_inline(model):
+            send_frames(self.broker, self.pool.run_timed(job), 0)
             return
         self.in_flight += 1
         self.pool.submit(job)
 
-    def cancel_request(self, frames: list) -> None:
+    def cancel_request(self, route: bytes) -> None:
         """The broker's CANCEL: the client gave up. A job not started yet is taken out of the queue and answered
         ERROR CANCELLED (so the broker frees its slot); one that runs already finishes (its answer is dropped)."""
-        if len(frames) < 2 or len(frames[1].bytes) != protocol.ROUTE_BYTES:
+        if len(route) != protocol.ROUTE_BYTES:
             bad_input.warning("agent %s: CANCEL without a valid route dropped", self.agent_id)
             return
-        job = self.pool.cancel(frames[1].bytes)
+        job = self.pool.cancel(route)
         if job is not None:
             self.in_flight -= 1
-            self.broker.send_multipart(self.pool.skip(job, "CANCELED"), copy=False)
+            send_frames(self.broker, self.pool.skip(job, "CANCELED"), 0)
 
     def answer_error(self, route: bytes, request_id, code: ErrorCode, text: str, model: str | None) -> None:
-        self.broker.send_multipart([PREAMBLE[Command.ERROR], route, pack(error_header(request_id, code, text, model))])
+        send_frames(self.broker, routed(Command.ERROR, route, error_header(request_id, code, text, model)), 0)

@@ -48,8 +48,18 @@ from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, message, pack, request_id_of, require
-from cluster.sockets import drain, make_socket
+from cluster.protocol import (
+    PREAMBLE,
+    Command,
+    ErrorCode,
+    ProtocolError,
+    as_bytes,
+    message,
+    pack,
+    request_id_of,
+    require,
+)
+from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
@@ -141,11 +151,13 @@ class Broker:
 
     def run(self) -> None:
         """Serve until stop() is called."""
+        # Only the two hot sockets are polled: every socket in a zmq_poll costs a mailbox check (a poll and a getpid
+        # syscall in libzmq) before and after each wait. The manager's events and answers are read each tick.
         poller = zmq.Poller()
         poller.register(self.agents_sock, zmq.POLLIN)
         poller.register(self.clients, zmq.POLLIN)
-        poller.register(self.events, zmq.POLLIN)
-        poller.register(self.manager, zmq.POLLIN)
+        # With keys on, the preamble frame stays a zmq.Frame: its User-Id property is the sender's key (auth.key_of).
+        copied = 1 if self.allow is not None else 3
         self.ask_manager_for_agents()
         tick = min(0.1, self.timings.heartbeat_interval / 2)
         if self.timings.hedge_after > 0:
@@ -163,18 +175,16 @@ class Broker:
             while not self._stop.is_set():
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
                 if self.agents_sock in ready:
-                    drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log)
+                    drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log, copied)
                 if self.clients in ready:
-                    drain(self.clients, self.process_client, DRAIN_BATCH, log)
-                if self.events in ready:
-                    drain(self.events, self.process_event, DRAIN_BATCH, log)
-                if self.manager in ready:
-                    drain(self.manager, self.process_manager_answer, DRAIN_BATCH, log)
+                    drain(self.clients, self.process_client, DRAIN_BATCH, log, copied)
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + tick
+                    drain(self.events, self.process_event, DRAIN_BATCH, log)
+                    drain(self.manager, self.process_manager_answer, DRAIN_BATCH, log)
                     if self.allow is not None:
                         self.allow.refresh(now)  # an add or revoke takes effect within about a second
                     self.deliver(self.dispatcher.tick(now))
@@ -246,7 +256,7 @@ class Broker:
                 self.send_to_client(frames)
                 continue
             try:
-                self.agents_sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(self.agents_sock, frames)
             except zmq.ZMQError as exc:
                 peer = frames[0]
                 rest = outbox[i:]
@@ -262,7 +272,7 @@ class Broker:
         client = frames[0]
         if not self.outbox.congested(client):
             try:
-                self.clients.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(self.clients, frames)
                 return
             except zmq.Again:
                 pass  # its pipe is full (CLIENT_SNDHWM replies it has not read): hold it
@@ -286,9 +296,7 @@ class Broker:
 
     def flush_outbox(self) -> None:
         """Send held replies as clients' pipes take them; forget clients found gone."""
-        _, gone = self.outbox.flush(
-            lambda frames: self.clients.send_multipart(frames, zmq.NOBLOCK, copy=False), time.monotonic()
-        )
+        _, gone = self.outbox.flush(lambda frames: send_frames(self.clients, frames), time.monotonic())
         for client in gone:
             self.client_gone(client)
 
@@ -308,7 +316,7 @@ class Broker:
     # ---- clients ------------------------------------------------------------------------------------------------
 
     def process_client(self, frames: list) -> None:
-        client = frames[0].bytes
+        client = as_bytes(frames[0])
         request_id = None
         try:
             if len(frames) < 3:
@@ -395,15 +403,15 @@ class Broker:
 
     def process_agent(self, frames: list) -> None:
         if len(frames) < 3:
-            bad_input.warning("short message from agent %r dropped", frames[0].bytes)
+            bad_input.warning("short message from agent %r dropped", as_bytes(frames[0]))
             return
         try:
-            cmd = protocol.parse_preamble(frames[1])
+            cmd, route = protocol.parse_routed(frames[1])
         except ProtocolError as exc:
-            bad_input.warning("bad message from agent %r dropped: %s", frames[0].bytes, exc)
+            bad_input.warning("bad message from agent %r dropped: %s", as_bytes(frames[0]), exc)
             return
         key = key_of(frames[1]) if self.allow is not None else None
-        self.deliver(self.dispatcher.agent_message(cmd, frames, time.monotonic(), key))
+        self.deliver(self.dispatcher.agent_message(cmd, frames, time.monotonic(), key, route))
 
     # ---- the manager's registry events --------------------------------------------------------------------------
 

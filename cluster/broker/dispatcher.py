@@ -70,6 +70,7 @@ from cluster.protocol import (
     Heartbeat,
     ProtocolError,
     agent_identity,
+    as_bytes,
     error_header,
     pack,
 )
@@ -104,7 +105,7 @@ class Send(NamedTuple):
 
     @property
     def command(self) -> Command:
-        return protocol.parse_preamble(self.frames[1])
+        return protocol.parse_routed(self.frames[1])[0]
 
 
 def client_error(
@@ -326,13 +327,16 @@ class Dispatcher:
             self._queue_or_refuse(request, out)
         return out
 
-    def agent_message(self, cmd: Command, frames: list, now: float, key: str | None = None) -> list[Send]:
-        """A message from an agent, as received: [identity, preamble, header or route, ...], with the preamble read
-        as `cmd` and at least those three frames; `key`: its sender's public key (keys on). Any message from a known
-        agent counts as a sign of life."""
+    def agent_message(
+        self, cmd: Command, frames: list, now: float, key: str | None = None, route: bytes | None = None
+    ) -> list[Send]:
+        """A message from an agent, as received: [identity, preamble (+ route), header, ...], with the preamble read
+        as `cmd` and at least those three frames; `key`: its sender's public key (keys on); `route`: what follows the
+        preamble (protocol.parse_routed; taken from frames[1] when not given). Any message from a known agent counts
+        as a sign of life."""
         out: list[Send] = []
         self.now = now
-        identity = _bytes(frames[0])
+        identity = as_bytes(frames[0])
         if self.allow is not None:
             why = refusal(self.allow, key, "agent")
             if why is not None:
@@ -356,7 +360,9 @@ class Dispatcher:
             return out
         agent.last_seen = now
         if cmd == Command.REPLY or cmd == Command.ERROR:
-            self._answered(agent, cmd, frames, out)
+            if route is None:
+                route = as_bytes(frames[1])[protocol.PREAMBLE_BYTES :]
+            self._answered(agent, cmd, frames, route, out)
         elif cmd == Command.HEARTBEAT:
             self._heartbeat(agent, frames[2], out)
         elif cmd == Command.DISCONNECT:
@@ -423,8 +429,9 @@ class Dispatcher:
         what = "heartbeat send failed" if unsent[0][1] == _HEARTBEAT else "send failed"
         taken_back = []
         for frames in unsent:
-            key = frames[2][: protocol.ROUTE_BYTES]  # a REQUEST's route: the key, then its times
-            request = agent.pop_request(key) if frames[1] == _REQUEST else None
+            preamble = as_bytes(frames[1])  # a REQUEST's: the preamble, the key, then its times
+            key = preamble[protocol.PREAMBLE_BYTES : protocol.PREAMBLE_BYTES + protocol.ROUTE_BYTES]
+            request = agent.pop_request(key) if preamble[: protocol.PREAMBLE_BYTES] == _REQUEST else None
             if request is not None:
                 request.attempts -= 1
                 if self._drop_copy(request, agent):
@@ -555,13 +562,12 @@ class Dispatcher:
         self.agents.update(agent, beat)
         self._dispatch_pending(agent.models, out)
 
-    def _answered(self, agent: AgentEntry, cmd: Command, frames: list, out: list[Send]) -> None:
+    def _answered(self, agent: AgentEntry, cmd: Command, frames: list, route: bytes, out: list[Send]) -> None:
         """An agent answered: forward the answer to the client, free the slot, feed the agent from the queue.
         MODEL_NOT_FOUND for a live request means the agent dropped that version: try another agent instead."""
-        if len(frames) < 4:
-            log.warning("agent %s sent a reply without route and header; dropped", agent.agent_id)
+        if len(frames) < 3 or len(route) != protocol.ROUTE_BYTES:
+            bad_input.warning("agent %s sent a reply without route and header; dropped", agent.agent_id)
             return
-        route = _bytes(frames[2])
         now = self.now
         agent.pop_request(route)
         agent.last_answer = now
@@ -571,7 +577,7 @@ class Dispatcher:
             agent.stalled_since = None
             agent.stall_ended = now
         request = self.requests.get(route)
-        if request is not None and not request.done and cmd == Command.ERROR and _says_model_not_found(frames[3]):
+        if request is not None and not request.done and cmd == Command.ERROR and _says_model_not_found(frames[2]):
             self.agents.forget_versions(agent, request.model, request.version)
             if not self._drop_copy(request, agent):  # a hedge: its other copy carries on
                 self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
@@ -591,7 +597,7 @@ class Dispatcher:
                 # First answer wins: any other copy (a hedge, or the copy given to another agent when this one was
                 # given up on) is cancelled; its slot stays taken until that agent answers, and that answer is dropped.
                 self._cancel_copies(request, agent, out)
-                out.append(Send(False, [request.client, frames[1], *frames[3:]]))
+                out.append(Send(False, [request.client, PREAMBLE[cmd], *frames[2:]]))
         self._dispatch_pending(agent.models, out)
 
     def _remove(self, agent: AgentEntry, reason: str, out: list[Send]) -> None:
@@ -640,7 +646,7 @@ class Dispatcher:
             )
         agent.add_request(request)
         route = protocol.request_route(request.route, request.deadline - self.now, self.now - request.arrived)
-        out.append(Send(True, [agent.identity, _REQUEST, route, request.header, *request.tensors]))
+        out.append(Send(True, [agent.identity, _REQUEST + route, request.header, *request.tensors]))
 
     def stalled(self, agent: AgentEntry, now: float) -> bool:
         """Whether the agent holds requests and makes no progress: its oldest request here is older than its
@@ -721,7 +727,7 @@ class Dispatcher:
         not started); their slots stay taken until they answer."""
         for holder in (request.agent, request.hedge):
             if holder is not None and holder is not answered_by and request.route in holder.in_flight:
-                out.append(Send(True, [holder.identity, _CANCEL, request.route, _EMPTY_HEADER]))
+                out.append(Send(True, [holder.identity, _CANCEL + request.route, _EMPTY_HEADER]))
 
     def _queue_or_refuse(self, request: BrokerRequest, out: list[Send]) -> None:
         """A new request no agent has a free slot for: it waits, unless the queue is full or the wait would pass
@@ -884,11 +890,6 @@ def _sent_to(request: BrokerRequest, agent: AgentEntry) -> float | None:
     if request.hedge is agent:
         return request.hedged_at
     return None
-
-
-def _bytes(frame) -> bytes:
-    """A frame's bytes: bytes as they are (tests), a zmq.Frame (received with copy=False) copied out (it is small)."""
-    return frame if isinstance(frame, bytes) else frame.bytes
 
 
 def _says_model_not_found(header_frame) -> bool:
