@@ -28,8 +28,8 @@ from bench.lib import (
 from bench.models import make_echo_share
 from cluster.local import LocalCluster
 
-TARGET_SEQ_P50_MAX_RATIO = 1.5  # 1: our sequential p50 <= 1.5x the bare broker's
-TARGET_THROUGHPUT_MIN_RATIO = 0.7  # 2: our throughput, 64 in flight >= 0.7x the bare broker's
+TARGET_SEQ_P50_MAX_RATIO = 2.0  # 1: our sequential p50 <= 2.0x the bare broker's (issue 13)
+TARGET_THROUGHPUT_MIN_RATIO = 0.45  # 2: our throughput, 64 in flight >= 0.45x the bare broker's (issue 13)
 
 
 class BareBus:

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import queue
+import select
 import socket
 import threading
 import time
@@ -60,6 +61,9 @@ HANDSHAKE_FAILED = {
 NO_DETAIL_LIMIT = 3  # consecutive NO_DETAIL failures after which a client gives up
 HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILED)
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
+CLIENT_DRAIN_LIMIT = 1024  # answers one holder of the socket lock receives before letting others use the socket
+CLIENT_WAKE_INTERVAL = 0.1  # seconds between the I/O thread's (and the reading caller's) looks at deadlines
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: the enums cost more than the getsockopt
 
 
 @dataclass
@@ -243,7 +247,20 @@ def _make_dealer(ctx: zmq.Context, address: str, security: BusSecurity | None, e
 
 
 class Client:
-    """Blocking client, safe to share between threads. An I/O thread owns the socket; callers wait on futures."""
+    """Blocking client, safe to share between threads, over one DEALER socket.
+
+    The calling thread does its own I/O (a thread switch per call costs more than the bus): every use of the socket
+    is serialized by `_sock_lock`, a caller sends its request itself, and an infer() or query caller that finds
+    nobody reading becomes the reader (leader/follower): it waits on the socket's FD, drains every ready answer,
+    resolves everybody's futures, and steps down once its own is answered. The I/O thread reads only while calls
+    wait and no caller reads; it also re-sends on a reconnection, fails calls on a refused handshake or past their
+    deadline, sends CANCELs and closes the socket.
+
+    ZMQ_FD is edge-triggered: any use of the socket may consume the signal of an answer that has arrived. So every
+    use is followed, still under the lock, by a look at ZMQ_EVENTS: the reader (or, with no reader, whoever holds
+    the lock) drains; anyone else pokes the reader. After ZMQ_EVENTS shows nothing to read, the next answer
+    signals the FD again.
+    """
 
     def __init__(self, address: str | None = None, timeout: float | None = None, key: str | None = None) -> None:
         self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
@@ -251,17 +268,21 @@ class Client:
         self.core = ClientCore(
             timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None
         )
-        self._lock = threading.Lock()  # guards core.calls between callers and the I/O thread
-        self._outbox: queue.SimpleQueue[Call | list] = queue.SimpleQueue()  # calls, and CANCEL frames
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._lock = threading.Lock()  # guards core.calls; taken after _sock_lock, never before it
+        self._sock_lock = threading.Lock()  # serializes every use of the DEALER socket (and _reader, _io_reads)
+        self._reader: int | None = None  # thread id of the caller reading the socket, if any
+        self._io_reads = False  # the I/O thread's poll includes the socket's FD
+        self._uses = 0  # sends on the socket so far (the reader skips a last drain when nobody else used it)
+        self._drained_at = 0  # _uses when a drain last found the socket empty (its FD armed)
+        self._outbox: queue.SimpleQueue[Call | list] = queue.SimpleQueue()  # calls that could not go now; CANCELs
+        self._wake_r, self._wake_w = _pipe()  # wakes the I/O thread
+        self._lead_r, self._lead_w = _pipe()  # wakes the reading caller
         self._closed = threading.Event()
         self._ctx = zmq.Context()
+        self._sock, self._monitor = _make_dealer(self._ctx, self.address, self.security, HANDSHAKE_EVENTS)
+        self._fd = self._sock.getsockopt(zmq.FD)
         self._thread = threading.Thread(target=self._io_loop, name="cluster-client-io", daemon=True)
-        self._started = threading.Event()
         self._thread.start()
-        self._started.wait(5)
 
     # -- public API --
 
@@ -277,7 +298,11 @@ class Client:
     ) -> InferResult:
         """Run `model` on `inputs` (name -> numpy array or torch tensor) and wait for the answer. `request_id`: a
         name for the request that the broker's and the agent's logs carry (to follow it across processes)."""
-        future = self.submit(model, inputs, version=version, timeout=timeout, outputs=outputs, request_id=request_id)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            call = self.core.infer_call(model, inputs, version, timeout, outputs, future, request_id)
+        if self._send(call, lead=True):
+            self._lead(call)
         return self._wait(future)
 
     def submit(
@@ -292,7 +317,8 @@ class Client:
     ) -> concurrent.futures.Future:
         """Send without waiting: a Future that resolves to an InferResult or raises a ClusterError.
         `future.cancel()` tells the broker (CANCEL): the request leaves its queue, or its agent skips it if it has
-        not started it yet."""
+        not started it yet. Done callbacks run in whichever thread read the answer: the I/O thread, or any thread
+        calling this client (keep them short)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             call = self.core.infer_call(model, inputs, version, timeout, outputs, future, request_id)
@@ -327,10 +353,11 @@ class Client:
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
-            self._wake()
+            _poke(self._wake_w)
+            _poke(self._lead_w)
             self._thread.join(5)
-            self._wake_r.close()
-            self._wake_w.close()
+            for pipe in (self._wake_r, self._wake_w, self._lead_r, self._lead_w):
+                pipe.close()
             self._ctx.term()
 
     def __enter__(self) -> Client:
@@ -351,10 +378,13 @@ class Client:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             call = self.core.query_call(what, timeout, future, **fields)
-        self._send(call)
+        if self._send(call, lead=True):
+            self._lead(call)
         return self._wait(future)
 
     def _wait(self, future: concurrent.futures.Future):
+        if future.done():  # the usual case for a caller that read its own answer
+            return future.result()
         # The I/O thread fails every call at its deadline; this outer bound only guards against a dead I/O thread.
         done, _ = concurrent.futures.wait([future], timeout=24 * 3600)
         if not done:
@@ -362,24 +392,142 @@ class Client:
         return future.result()
 
     def _cancelled(self, call: Call) -> None:
-        """A future cancelled by its caller: the I/O thread sends the CANCEL (it owns the socket)."""
+        """A future cancelled by its caller: the I/O thread sends the CANCEL (not the cancelling thread, which may
+        be inside a done callback)."""
         with self._lock:
             frames = self.core.cancel_message(call)
         if frames is not None and not self._closed.is_set():
             self._outbox.put(frames)
-            self._wake()
+            _poke(self._wake_w)
 
-    def _send(self, call: Call) -> None:
+    def _send(self, call: Call, lead: bool = False) -> bool:
+        """Send `call` from this thread. With lead=True, become the reader if nobody reads: True if so. A call that
+        cannot go at once (no room, no connection yet, a refused key) goes to the I/O thread, which waits for room
+        or fails it; so does a submit() that finds the socket busy (queueing on the lock behind the I/O thread's
+        drain cost more throughput than the hand-over)."""
         if self._closed.is_set():
+            with self._lock:
+                self.core.cancel(call)
             raise ClusterError("client is closed")
-        self._outbox.put(call)
-        self._wake()
-
-    def _wake(self) -> None:
+        refused = self.core.refused
+        if refused is not None:
+            with self._lock:
+                self.core.cancel(call)
+            _resolve(call.future, refused)
+            return False
+        frames = call.frames()
+        if not lead and not self._sock_lock.acquire(blocking=False):
+            # Busy (most often the I/O thread draining answers): hand it over rather than queue on the lock.
+            self._outbox.put(call)
+            _poke(self._wake_w)
+            return False
+        if lead:
+            self._sock_lock.acquire()
+        sent = leading = wake = poke = False
+        done: list = []
         try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already signalled, or closing
+            if self._sock is None:  # closed under us
+                with self._lock:
+                    self.core.cancel(call)
+                raise ClusterError("client is closed")
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                sent = True
+            except zmq.Again:
+                pass
+            self._uses += 1
+            if self._reader is None:
+                if sent and lead:
+                    self._reader = threading.get_ident()
+                    leading = True
+                done = self._drain_locked()
+                wake = not leading and not self._io_reads  # the I/O thread must read (or send) for this call
+            else:
+                poke = self._readable_locked()
+        finally:
+            self._sock_lock.release()
+        _resolve_all(done)
+        if not sent:
+            self._outbox.put(call)
+            wake = True
+        if wake:
+            _poke(self._wake_w)
+        if poke:
+            _poke(self._lead_w)
+        return leading
+
+    def _lead(self, call: Call) -> None:
+        """Read the socket in this thread until `call` is answered (or past its deadline), then step down: the I/O
+        thread reads for whoever still waits."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._lead_r, select.POLLIN)
+        future = call.future
+        try:
+            while not future.done() and not self._closed.is_set():
+                remaining = call.deadline - time.monotonic()
+                if remaining <= 0:
+                    with self._lock:
+                        expired = self.core.expired(time.monotonic())
+                    _resolve_all((c.future, error) for c, error in expired)
+                    break
+                signalled = False
+                for fd, _ in poller.poll(min(CLIENT_WAKE_INTERVAL, remaining) * 1000 + 1):
+                    if fd == self._fd:
+                        signalled = True
+                    else:
+                        _clear(self._lead_r)
+                with self._sock_lock:
+                    done = self._drain_locked(signalled)
+                _resolve_all(done)
+        finally:
+            with self._sock_lock:
+                self._reader = None
+                # Anyone who used the socket since our last drain may have taken the FD's signal for an answer
+                # (they poked us, but we are leaving): drain, so that the FD signals the next reader again.
+                done = self._drain_locked() if self._uses != self._drained_at else []
+                with self._lock:
+                    waiting = bool(self.core.calls)
+                wake = waiting and not self._io_reads
+            _resolve_all(done)
+            if wake:
+                _poke(self._wake_w)
+
+    def _readable_locked(self) -> bool:
+        """An answer waits (the caller holds _sock_lock): also processes the socket's commands, which re-arms its FD."""
+        return self._sock is not None and bool(self._sock.getsockopt(_EVENTS) & _POLLIN)
+
+    def _drain_locked(self, signalled: bool = False) -> list:
+        """Receive every answer waiting (the caller holds _sock_lock), up to CLIENT_DRAIN_LIMIT: (future, outcome)
+        pairs to resolve once the lock is released. Ends on ZMQ_EVENTS showing nothing more, which re-arms the FD;
+        at the limit, the reader is poked instead. `signalled`: the FD said so, so try a receive first."""
+        out = []
+        sock = self._sock
+        if sock is None:
+            return out
+        for _ in range(CLIENT_DRAIN_LIMIT):
+            if not signalled and not sock.getsockopt(_EVENTS) & _POLLIN:
+                self._drained_at = self._uses
+                return out
+            signalled = False
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._drained_at = self._uses
+                return out
+            with self._lock:
+                call, outcome = self.core.on_message(frames)
+            if call is not None:
+                out.append((call.future, outcome))
+        # More may wait, and the FD will not say so: whoever reads must look again without waiting for it.
+        _poke(self._lead_w if self._reader is not None else self._wake_w)
+        return out
+
+    def _after_use_locked(self) -> tuple[list, bool]:
+        """After the I/O thread used the socket (holding _sock_lock): what to resolve; whether to poke the reader."""
+        if self._reader is None:
+            return self._drain_locked(), False
+        return [], self._readable_locked()
 
     def _on_monitor(self, monitor) -> int | None:
         """Handle one monitor event (a failed handshake fails the waiting calls); returns the event (None if there
@@ -390,87 +538,156 @@ class Client:
             return None
         with self._lock:
             refused = self.core.on_handshake(event)
-        for call, error in refused:
-            _resolve(call.future, error)
+        self._fail(refused)
         return event
 
-    def _send_one(self, sock, monitor, call: Call) -> None:
-        """Send a call; fail it at once if the broker refused our key. A DEALER whose handshake failed has no peer to
-        queue for, so a blocking send could wait forever: while a send cannot go, watch the monitor (a refused
-        handshake fails the call) and whether the client is closing, and try again."""
-        if isinstance(call, list):  # a CANCEL: best effort, nobody waits for it
+    def _fail(self, failed: list) -> None:
+        """Resolve calls the I/O thread gave up on; the reading caller may be one of them: wake it."""
+        if failed:
+            _resolve_all((call.future, error) for call, error in failed)
+            _poke(self._lead_w)
+
+    def _use(self, use) -> bool:
+        """Run `use(sock)` under the socket lock, then drain or poke the reader; False if the socket is closed."""
+        with self._sock_lock:
+            if self._sock is None:
+                return False
             try:
-                sock.send_multipart(call, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+                use(self._sock)
+            finally:
+                self._uses += 1
+                done, poke = self._after_use_locked()
+        _resolve_all(done)
+        if poke:
+            _poke(self._lead_w)
+        return True
+
+    def _send_one(self, monitor, call: Call | list) -> None:
+        """Send a call the caller could not; fail it at once if the broker refused our key. A DEALER whose handshake
+        failed has no peer to queue for: while a send cannot go, watch the monitor (a refused handshake fails the
+        call) and whether the client is closing, and try again. The socket lock is not held while waiting."""
+        if isinstance(call, list):  # a CANCEL: best effort, nobody waits for it
+
+            def cancel(sock) -> None:
+                try:
+                    sock.send_multipart(call, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+            self._use(cancel)
             return
         frames = call.frames()
-        while self.core.refused is None and not self._closed.is_set():
+        sent = []
+
+        def send(sock) -> None:
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                return
+                sent.append(True)
             except zmq.Again:
-                if monitor.poll(100):
-                    self._on_monitor(monitor)
+                pass
+
+        while self.core.refused is None and not self._closed.is_set() and not call.future.done():
+            if not self._use(send):
+                break
+            if sent:
+                return
+            if monitor.poll(100):
+                self._on_monitor(monitor)
         with self._lock:
             self.core.cancel(call)
-        _resolve(call.future, self.core.refused or ClusterError("client closed", call.model))
+        self._fail([(call, self.core.refused or ClusterError("client closed", call.model))])
+
+    def _resend(self, monitor) -> None:
+        """A reconnection: whatever was in flight on the old broker is lost; send every waiting call again."""
+        with self._lock:
+            waiting = list(self.core.calls.values())
+        later = []
+
+        def send(sock) -> None:
+            for call in waiting:
+                try:
+                    sock.send_multipart(call.frames(), zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    later.append(call)
+
+        self._use(send)
+        for call in later:
+            self._send_one(monitor, call)
 
     def _io_loop(self) -> None:
-        sock, monitor = _make_dealer(self._ctx, self.address, self.security, HANDSHAKE_EVENTS)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        monitor = self._monitor
+        pollers = (zmq.Poller(), zmq.Poller())  # without and with the socket's FD
+        for poller in pollers:
+            poller.register(monitor, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+        pollers[1].register(self._fd, zmq.POLLIN)
         handshakes = 0
-        self._started.set()
+        signalled = False  # the last poll saw the socket's FD
+        next_expiry = time.monotonic() + CLIENT_WAKE_INTERVAL
         try:
             while not self._closed.is_set():
-                ready = dict(poller.poll(100))
+                with self._sock_lock:
+                    with self._lock:
+                        waiting = bool(self.core.calls)
+                    reading = self._io_reads = waiting and self._reader is None
+                    done = self._drain_locked(signalled) if reading else []
+                _resolve_all(done)
+                wait_ms = max(0, int((next_expiry - time.monotonic()) * 1000) + 1)
+                ready = dict(pollers[reading].poll(wait_ms))
+                signalled = self._fd in ready
                 if self._wake_r.fileno() in ready:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                while True:
-                    try:
-                        call = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._send_one(sock, monitor, call)
-                if sock in ready:
-                    for _ in range(1024):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        with self._lock:
-                            call, outcome = self.core.on_message(frames)
-                        if call is not None:
-                            _resolve(call.future, outcome)
+                    _clear(self._wake_r)
+                while not self._outbox.empty():  # the only consumer: not empty means get() will not block
+                    self._send_one(monitor, self._outbox.get())
                 if monitor in ready:
                     event = self._on_monitor(monitor)
                     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the connection came (back) up
                         handshakes += 1
-                        if handshakes > 1:  # a reconnection: whatever was in flight on the old broker is lost
-                            with self._lock:
-                                waiting = list(self.core.calls.values())
-                            for call in waiting:
-                                sock.send_multipart(call.frames(), copy=False)
-                with self._lock:
-                    expired = self.core.expired(time.monotonic())
-                for call, error in expired:
-                    _resolve(call.future, error)
+                        if handshakes > 1:
+                            self._resend(monitor)
+                now = time.monotonic()
+                if now >= next_expiry:  # every CLIENT_WAKE_INTERVAL, however busy
+                    next_expiry = now + CLIENT_WAKE_INTERVAL
+                    with self._lock:
+                        expired = self.core.expired(now)
+                    self._fail(expired)
         finally:
-            with self._lock:
-                waiting = list(self.core.calls.values())
-                self.core.calls.clear()
-            for call in waiting:
-                _resolve(call.future, ClusterError("client closed", call.model))
-            sock.disable_monitor()
-            monitor.close(0)
-            sock.close(0)
+            with self._sock_lock:
+                with self._lock:
+                    waiting = list(self.core.calls.values())
+                    self.core.calls.clear()
+                sock, self._sock = self._sock, None
+                sock.disable_monitor()
+                monitor.close(0)
+                sock.close(0)
+            self._fail([(call, ClusterError("client closed", call.model)) for call in waiting])
+
+
+def _pipe() -> tuple[socket.socket, socket.socket]:
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+    return r, w
+
+
+def _poke(pipe: socket.socket) -> None:
+    try:
+        pipe.send(b"\0")
+    except (BlockingIOError, OSError):
+        pass  # already signalled, or closing
+
+
+def _clear(pipe: socket.socket) -> None:
+    try:
+        while pipe.recv(4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _resolve_all(done) -> None:
+    for future, outcome in done:
+        _resolve(future, outcome)
 
 
 def _resolve(future, outcome) -> None:
