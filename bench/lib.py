@@ -207,7 +207,8 @@ def sequential(client, model: str, inputs: dict, n: int) -> list[float]:
 def closed_loop(client, model: str, inputs: dict, in_flight: int, seconds: float, warmup: float) -> dict:
     """Keep `in_flight` requests outstanding through Client.submit for warmup + seconds; figures over the window.
 
-    Each completion is stamped in the client's I/O thread (done callback); the main thread only tops the window up."""
+    Each completion is stamped by its done callback, in whichever thread read the reply (the client's I/O thread or a
+    caller reading for everybody); the main thread only tops the window up."""
     done = threading.Semaphore(0)
     records: list[tuple[float, float, str]] = []  # (submitted, completed, agent)
     errors: dict[str, int] = {}
