@@ -29,7 +29,7 @@ from edge.errors import install_error_handlers
 from edge.grpc_service import grpc_address as format_grpc_address
 from edge.grpc_service import serving as grpc_serving
 from edge.repository import router as repository_router
-from edge.routes import EdgeState, public, router, server_version
+from edge.routes import EdgeState, InferPath, public, router, server_version
 from edge.schemas import ERRORS, InferenceRequest
 from edge.security import (
     CORS_EXPOSED,
@@ -150,6 +150,7 @@ def create_app(
     app.include_router(repository_router)
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(InferPath, edge=edge)  # added first: the innermost, inside RequestGuard and CORS
     if security.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -275,6 +276,8 @@ def run_edge(
         host,
         port,
         ready_file=ready_file,
+        loop="auto",  # uvloop and httptools (setup.py installs them), else asyncio and h11
+        http="auto",
         log_level=log_level.lower(),
         log_config=logging_config("edge", log_level, log_format),  # ours and uvicorn's loggers, text or JSON
         access_log=access_log,
