@@ -79,15 +79,14 @@ async def read_asgi_body(headers, receive, limit: int, json_advice: str | None =
             f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or no encoding",
             "bad_request",
         )
-    what, over = _what(json_advice), _over(limit, json_advice)
     announced = headers.get("content-length", "").strip()
     if announced.isdigit() and int(announced) > limit:
-        raise HTTPError(413, f"{what} of {int(announced)} bytes is {over}", "too_large")
+        raise _too_large(limit, json_advice, int(announced))
     message = await receive()
     if message["type"] == "http.request" and not message.get("more_body", False):
         body = message.get("body", b"")  # the usual case: the whole body in one message
         if len(body) > limit:
-            raise HTTPError(413, f"{what} is {over}", "too_large")
+            raise _too_large(limit, json_advice)
     else:
         chunks, size = [], 0
         while True:
@@ -96,7 +95,7 @@ async def read_asgi_body(headers, receive, limit: int, json_advice: str | None =
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise HTTPError(413, f"{what} is {over}", "too_large")
+                raise _too_large(limit, json_advice)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -104,12 +103,14 @@ async def read_asgi_body(headers, receive, limit: int, json_advice: str | None =
         body = b"".join(chunks)
         del chunks
     if encoding in ("gzip", "deflate"):
-        body = decompress(body, encoding, limit, over)
+        body = decompress(body, encoding, limit, _over(limit, json_advice))
     return body
 
 
-def _what(json_advice: str | None) -> str:
-    return "JSON body" if json_advice is not None else "request body"
+def _too_large(limit: int, json_advice: str | None, announced: int | None = None) -> HTTPError:
+    what = "JSON body" if json_advice is not None else "request body"
+    size = f" of {announced} bytes" if announced is not None else ""
+    return HTTPError(413, f"{what}{size} is {_over(limit, json_advice)}", "too_large")
 
 
 def _over(limit: int, json_advice: str | None) -> str:

@@ -411,16 +411,17 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
 
 
-# The infer path as raw ASGI, in front of FastAPI's routing: the routes above stay for the OpenAPI document (and serve
-# when InferPath cannot, under a root path); InferPath answers the POSTs without FastAPI's route matching, dependency
-# solving and Request/Response objects, which took more of the edge's CPU than the bus call (profiled: bench notes).
+# The infer path as raw ASGI, in front of FastAPI: the routes above stay for the OpenAPI document (and serve when
+# InferPath cannot, under a root path); InferPath answers the POSTs without FastAPI's middleware, route matching,
+# dependency solving and Request/Response objects, which took more of the edge's CPU than the bus call (py-spy).
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)/(?:versions/(?P<version>[^/]+)/)?infer$")  # as Starlette's
 
 
 class InferPath:
-    """ASGI middleware, innermost of the app's own (inside RequestGuard and CORS, so Host, Origin and CORS answers
-    are theirs): serves POST /v2/models/{name}/infer and /v2/models/{name}/versions/{version}/infer, with the same
-    token check as the routes (TOKEN) and the same answers (answer_infer). Everything else goes on to the app."""
+    """ASGI middleware between the edge's RequestGuard and CORS (outside it: Host, Origin and CORS answers are theirs)
+    and FastAPI's own stack (edge.app.EdgeApp puts it there): serves POST /v2/models/{name}/infer and
+    /v2/models/{name}/versions/{version}/infer, with the routes' token check (TOKEN) and answers (answer_infer), and
+    an unexpected error as the app's handler answers it (500, the error's type only). Everything else goes on."""
 
     def __init__(self, app: ASGIApp, edge: EdgeState) -> None:
         self.app = app
@@ -430,18 +431,22 @@ class InferPath:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             match = INFER_PATH.match(scope["path"])
             if match is not None:
-                headers = _header_dict(scope["headers"])
-                security = self.edge.security
-                try:
-                    if security.auth:
-                        security.check(headers.get("authorization"), admin=False)
-                except HTTPError as exc:
-                    answer = exc.status, error_content(exc.message), {**JSON_HEADERS, **(exc.headers or {})}
-                else:
-                    answer = await answer_infer(self.edge, headers, receive, match["name"], match["version"])
-                await _send_answer(send, *answer)
+                await _send_answer(send, *await self._answer(scope, receive, match["name"], match["version"]))
                 return
         await self.app(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, name: str, version: str | None) -> tuple[int, bytes, dict]:
+        headers = _header_dict(scope["headers"])
+        security = self.edge.security
+        try:
+            if security.auth:
+                security.check(headers.get("authorization"), admin=False)
+            return await answer_infer(self.edge, headers, receive, name, version)
+        except HTTPError as exc:
+            return exc.status, error_content(exc.message), {**JSON_HEADERS, **(exc.headers or {})}
+        except Exception as exc:
+            log.exception("unexpected error serving POST %s", scope["path"])
+            return 500, error_content(f"internal error in the edge: {type(exc).__name__}"), JSON_HEADERS
 
 
 def _header_dict(raw: list) -> dict[str, str]:
