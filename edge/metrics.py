@@ -84,6 +84,8 @@ class EdgeMetrics:
         self.in_flight = Gauge(
             "edge_requests_in_flight", "Inference requests being served now.", registry=self.registry
         )
+        self.requests_in_flight = 0  # counted by the event loop, read at a scrape (no gauge lock per request)
+        self.in_flight.set_function(lambda: self.requests_in_flight)
         self.agents_alive = Gauge("edge_agents_alive", "Live agents the broker reports.", registry=self.registry)
         self.broker_up = Gauge(
             "edge_broker_up", "1 if the broker answered the last query, else 0.", registry=self.registry

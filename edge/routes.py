@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster.config import EDGE_DISCONNECT_WATCH_AFTER
 from cluster.errors import ClusterError, InferenceFailedError, OverloadedError
 from edge import oip
 from edge.body import OFF_LOOP_BYTES, ClientDisconnected, give_memory_back, mib, off_loop, read_asgi_body
@@ -274,11 +275,14 @@ async def _unless_disconnected(request: Request, work):
     return await unless_disconnected(request.receive, work)
 
 
-async def unless_disconnected(receive, work):
-    """_unless_disconnected for a raw ASGI `receive`. One watcher task, which cancels this task when the client goes
-    (cheaper than racing the call in a task of its own with asyncio.wait: this runs for every request)."""
+async def unless_disconnected(receive, work, watch_after: float = EDGE_DISCONNECT_WATCH_AFTER):
+    """_unless_disconnected for a raw ASGI `receive`. From `watch_after` seconds on (a request answered sooner costs no
+    watching: EDGE_DISCONNECT_WATCH_AFTER), one watcher task, which cancels this task when the client goes: cheaper
+    than racing the call in a task of its own with asyncio.wait, which every request paid."""
     task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
     gone = False
+    watcher = None
 
     async def watch() -> None:
         nonlocal gone
@@ -286,7 +290,11 @@ async def unless_disconnected(receive, work):
         gone = True
         task.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(watch_after, start_watching)
     try:
         return await work
     except asyncio.CancelledError:
@@ -295,7 +303,9 @@ async def unless_disconnected(receive, work):
         task.uncancel()
         raise ClientDisconnected() from None
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def _disconnect(receive) -> None:
@@ -316,7 +326,7 @@ async def answer_infer(edge: EdgeState, headers, receive, name: str, version: st
     outcome = "error"
     large = False
     trace = None
-    metrics.in_flight.inc()
+    metrics.requests_in_flight += 1
     try:
         number = parse_version(name, version)
         check_infer_content_type(headers)
@@ -358,7 +368,7 @@ async def answer_infer(edge: EdgeState, headers, receive, name: str, version: st
             metrics.confirm_model(name)
         return error.status, error_content(error.message), {**JSON_HEADERS, **(error.headers or {})}
     finally:
-        metrics.in_flight.dec()
+        metrics.requests_in_flight -= 1
         seconds = time.perf_counter() - started
         metrics.observe(name, outcome, seconds)
         if log.isEnabledFor(logging.DEBUG):
