@@ -149,9 +149,9 @@ def create_app(
                 async with AsyncClient(broker, timeout=request_timeout, fail_fast=True, key=key) as own:
                     edge.client = own
                     async with grpc_serving(edge, grpc_address):
-                        # the objects of the start (the imports, torch's among them, and the app: ~200k) are left
-                        # out of every later garbage collection: a full collection of them took ~100 ms, a stall
-                        # that showed in the edge's p99 latency
+                        # the objects of the start (the imports and the app: ~200k while torch was imported) are
+                        # left out of every later garbage collection: a full collection of them took ~100 ms, a
+                        # stall that showed in the edge's p99 latency
                         gc.freeze()
                         yield
         finally:
