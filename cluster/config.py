@@ -19,6 +19,9 @@ MANAGER_QUERY_ADDR = f"tcp://{DEFAULT_HOST}:5559"  # manager answers agents/mode
 EDGE_HOST = DEFAULT_HOST
 EDGE_PORT = 8000
 EDGE_GRPC_PORT = 8001  # the edge's OIP gRPC (Triton's and KServe's usual port)
+# The edge watches for an HTTP client's disconnect (to cancel its request on the bus) from this long after the request
+# went on the bus: most are answered sooner, and a watcher for every request cost a tenth of the edge's CPU (py-spy)
+EDGE_DISCONNECT_WATCH_AFTER = 0.05  # seconds
 
 # --- limits -------------------------------------------------------------------------------------------------------
 # data sockets: the largest frame a peer may send (ZMQ_MAXMSGSIZE; larger: the peer is disconnected)

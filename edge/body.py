@@ -58,36 +58,65 @@ def mib(size: int) -> str:
 ENCODINGS = ("", "identity", "gzip", "deflate")
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was ready (while its body was read, or while its request waited
+    on the bus)."""
+
+
 async def read_body(request: Request, limit: int, json_advice: str | None = None) -> bytes:
     """The request body, at most `limit` bytes once decompressed. json_advice: the body is JSON, and this limit is
     the one for JSON: the 413 says so, and adds this advice."""
-    encoding = request.headers.get("content-encoding", "").strip().lower()
+    return await read_asgi_body(request.headers, request.receive, limit, json_advice)
+
+
+async def read_asgi_body(headers, receive, limit: int, json_advice: str | None = None) -> bytes:
+    """read_body for a raw ASGI request: `headers` any mapping of lower-case names (Starlette's Headers, a dict),
+    `receive` the ASGI receive callable. ClientDisconnected if the client goes away before the body's end."""
+    encoding = headers.get("content-encoding", "").strip().lower()
     if encoding not in ENCODINGS:
         raise HTTPError(
             415,
             f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or no encoding",
             "bad_request",
         )
-    what = "JSON body" if json_advice is not None else "request body"
-    over = (
-        f"over the {mib(limit)} limit for JSON; {json_advice}"
-        if json_advice is not None
-        else (f"over the limit of {limit} bytes")
-    )
-    announced = request.headers.get("content-length", "").strip()
+    announced = headers.get("content-length", "").strip()
     if announced.isdigit() and int(announced) > limit:
-        raise HTTPError(413, f"{what} of {int(announced)} bytes is {over}", "too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"{what} is {over}", "too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    del chunks
+        raise _too_large(limit, json_advice, int(announced))
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body = message.get("body", b"")  # the usual case: the whole body in one message
+        if len(body) > limit:
+            raise _too_large(limit, json_advice)
+    else:
+        chunks, size = [], 0
+        while True:
+            if message["type"] != "http.request":  # http.disconnect
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, json_advice)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        body = b"".join(chunks)
+        del chunks
     if encoding in ("gzip", "deflate"):
-        body = decompress(body, encoding, limit, over)
+        body = decompress(body, encoding, limit, _over(limit, json_advice))
     return body
+
+
+def _too_large(limit: int, json_advice: str | None, announced: int | None = None) -> HTTPError:
+    what = "JSON body" if json_advice is not None else "request body"
+    size = f" of {announced} bytes" if announced is not None else ""
+    return HTTPError(413, f"{what}{size} is {_over(limit, json_advice)}", "too_large")
+
+
+def _over(limit: int, json_advice: str | None) -> str:
+    if json_advice is not None:
+        return f"over the {mib(limit)} limit for JSON; {json_advice}"
+    return f"over the limit of {limit} bytes"
 
 
 def decompress(body: bytes, encoding: str, limit: int, over: str | None = None) -> bytes:

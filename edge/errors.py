@@ -66,6 +66,11 @@ def error_response(status: int, message: str, headers: dict | None = None) -> Re
     return json_response({"error": message}, status, headers)
 
 
+def error_content(message: str) -> bytes:
+    """The body of error_response, for the infer path that sends its answer without a Response."""
+    return json.dumps({"error": message}, separators=(",", ":"), default=str).encode()
+
+
 def cluster_http_error(exc: ClusterError, *, infer: bool, broker: str, role: str = "broker") -> HTTPError:
     """The HTTP status (and metrics outcome) for an error the bus reported. A timeout is the model's on an inference
     request (504) but means the broker (or `role`, the manager, at the address `broker`) is not answering on a query

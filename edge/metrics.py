@@ -84,11 +84,16 @@ class EdgeMetrics:
         self.in_flight = Gauge(
             "edge_requests_in_flight", "Inference requests being served now.", registry=self.registry
         )
+        self.requests_in_flight = 0  # counted by the event loop, read at a scrape (no gauge lock per request)
+        self.in_flight.set_function(lambda: self.requests_in_flight)
         self.agents_alive = Gauge("edge_agents_alive", "Live agents the broker reports.", registry=self.registry)
         self.broker_up = Gauge(
             "edge_broker_up", "1 if the broker answered the last query, else 0.", registry=self.registry
         )
         self.known_models: set[str] = set()
+        # the labelled children, looked up once per label (prometheus_client's labels() costs more than inc())
+        self._outcome_children: dict[tuple[str, str], tuple] = {}
+        self._batching_children: dict[tuple, object] = {}
 
     def confirm_model(self, model: str) -> None:
         """The cluster knows this model: count it under its own name from now on."""
@@ -99,16 +104,26 @@ class EdgeMetrics:
         return model if model in self.known_models else OTHER_MODEL
 
     def observe(self, model: str, outcome: str, seconds: float) -> None:
-        label = self.label(model)
-        self.requests.labels(model=label, outcome=outcome).inc()
-        self.latency.labels(model=label).observe(seconds)
+        key = (self.label(model), outcome)
+        children = self._outcome_children.get(key)
+        if children is None:
+            children = (self.requests.labels(model=key[0], outcome=outcome), self.latency.labels(model=key[0]))
+            self._outcome_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batching(self, model: str, batch_size: int | None, queue_seconds: float | None) -> None:
         label = self.label(model)
         if batch_size is not None:
-            self.batch_size.labels(model=label).observe(batch_size)
+            self._child(self.batch_size, label).observe(batch_size)
         if queue_seconds is not None:
-            self.queue_wait.labels(model=label).observe(queue_seconds)
+            self._child(self.queue_wait, label).observe(queue_seconds)
+
+    def _child(self, histogram: Histogram, label: str):
+        child = self._batching_children.get((histogram, label))
+        if child is None:
+            child = self._batching_children[(histogram, label)] = histogram.labels(model=label)
+        return child
 
     def set_cluster(self, agents: int | None) -> None:
         """Record what the broker said at a scrape; None = it did not answer."""

@@ -53,6 +53,11 @@ MAX_BRACKETS_SCANNED = 4096  # past this many '[' the search for number arrays g
 _NUMBER_BYTES = b"0123456789eE.+-,\x20\t\n\r"  # the bytes of a JSON array of numbers, between its brackets
 _NOT_NUMBER = re.compile(rb"[^0-9eE.+\-,\x20\t\n\r]")  # a byte that cannot be in one
 _EXPONENT_OR_POINT = re.compile(rb"[.eE]")
+LONG_DIGITS = 19  # an integer of fewer digits fits 64 bits (signed or not), so orjson reads it exactly
+# digits as "0", every other byte as " ": a run of LONG_DIGITS digits is then a substring search (a regex for it
+# costs more than orjson's whole parse)
+_DIGITS_AS_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_RUN = b"0" * LONG_DIGITS
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 _INT_TYPES = frozenset({int})
@@ -209,12 +214,16 @@ def _convert(name: str, datatype: str, dtype: np.dtype, flat: list, kinds: froze
 
 def _narrow(name: str, datatype: str, dtype: np.dtype, wide: np.ndarray) -> np.ndarray:
     """float64 values as `dtype`, refusing non-finite values and values too large for it."""
-    if not np.isfinite(wide).all():  # JSON has no inf/nan; a literal like 1e999 parses to inf
+    peak = float(np.abs(wide).max()) if wide.size else 0.0  # inf or nan if any value is (max keeps a nan)
+    if not math.isfinite(peak):  # JSON has no inf/nan; a literal like 1e999 parses to inf
         raise InvalidRequest(f"input '{name}': a value is out of range for {datatype} (JSON numbers must be finite)")
-    limit = float(np.finfo(dtype).max)
-    if wide.size and float(np.abs(wide).max()) > limit:
+    limit = _FLOAT_MAX[dtype.itemsize]
+    if peak > limit:
         raise InvalidRequest(f"input '{name}': a value is out of range for {datatype} (largest magnitude {limit:g})")
     return wide.astype(dtype)
+
+
+_FLOAT_MAX = {size: float(np.finfo(f"f{size}").max) for size in (2, 4, 8)}  # by item size: FP16, FP32, FP64
 
 
 def tensor_from_json_span(name: str, datatype: Any, shape: Any, text: bytes, start: int, end: int) -> np.ndarray:
@@ -373,6 +382,19 @@ def parse_json(text: bytes | str) -> Any:
         raise InvalidRequest(f"invalid JSON: {str(exc)[:200]}") from None
 
 
+def parse_json_fast(text: bytes) -> Any:
+    """parse_json's answer, read by orjson (several times faster) wherever orjson gives the same one: it reads an
+    integer past 64 bits as a float (the standard library exactly, for the range check to refuse it), so text with
+    LONG_DIGITS in a row goes to parse_json, and so does everything orjson refuses (1e999, lone surrogates, a BOM,
+    UTF-16), for the standard library's answer or message."""
+    if _LONG_RUN not in text.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return parse_json(text)
+
+
 def parse_header_length(value: str | None, body_size: int) -> int | None:
     """The JSON part's length from `Inference-Header-Content-Length`; None when the header is absent."""
     if value is None:
@@ -416,7 +438,7 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
     if spans:  # the large number arrays are left out of the parse (their marker in their place), read later
         request, markers = _parse_without_spans(body, end, spans)
     else:
-        request = parse_json(body if json_size is None else body[:json_size])
+        request = parse_json_fast(body if json_size is None else body[:json_size])
     if not isinstance(request, dict):
         raise InvalidRequest("the request body must be a JSON object with an 'inputs' array")
 
@@ -566,7 +588,7 @@ def encode_infer_response(
     entries = []
     chunks: list[bytes] = []
     large: dict[bytes, np.ndarray] = {}  # marker -> an output too large to write in one go
-    nonce = os.urandom(12).hex()
+    nonce = None
     names = request.outputs if request.outputs is not None else list(outputs)
     for name in names:
         array = outputs.get(name)
@@ -580,6 +602,7 @@ def encode_infer_response(
         else:
             flat = _json_ready(array)
             if flat.size > CHUNK_ELEMENTS:
+                nonce = nonce or os.urandom(12).hex()  # a random marker, which no model name or id can hold
                 marker = f"{nonce}#{len(large)}"
                 large[f'"{marker}"'.encode()] = flat
                 entry["data"] = marker

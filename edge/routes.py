@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
-import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster.config import EDGE_DISCONNECT_WATCH_AFTER
 from cluster.errors import ClusterError, InferenceFailedError, OverloadedError
 from edge import oip
-from edge.body import OFF_LOOP_BYTES, give_memory_back, mib, off_loop, read_body
-from edge.errors import HTTPError, cluster_http_error, error_response, json_response
+from edge.body import OFF_LOOP_BYTES, ClientDisconnected, give_memory_back, mib, off_loop, read_asgi_body
+from edge.errors import HTTPError, cluster_http_error, error_content, error_response, json_response
 from edge.metrics import EdgeMetrics
 from edge.schemas import (
     ERRORS,
@@ -100,7 +103,7 @@ class EdgeState:
 
 def new_request_id() -> str:
     """An id for a request that came without one (the OIP `id` is optional), so that its log lines can be found."""
-    return f"edge-{uuid.uuid4().hex[:16]}"
+    return f"edge-{os.urandom(8).hex()}"
 
 
 def get_edge(request: Request) -> EdgeState:
@@ -266,45 +269,69 @@ _INFER_DOC = {
 }
 
 
-class ClientDisconnected(Exception):
-    """The HTTP client went away while its inference request waited on the bus."""
-
-
 async def _unless_disconnected(request: Request, work):
     """Await `work` (the bus call); if the HTTP client disconnects first, cancel it, which sends the broker a CANCEL
     (AsyncClient does), so the request leaves the queue or its agent skips it, and raise ClientDisconnected."""
-    call = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnect(request))
+    return await unless_disconnected(request.receive, work)
+
+
+async def unless_disconnected(receive, work, watch_after: float = EDGE_DISCONNECT_WATCH_AFTER):
+    """_unless_disconnected for a raw ASGI `receive`. From `watch_after` seconds on (a request answered sooner costs no
+    watching: EDGE_DISCONNECT_WATCH_AFTER), one watcher task, which cancels this task when the client goes: cheaper
+    than racing the call in a task of its own with asyncio.wait, which every request paid."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    gone = False
+    watcher = None
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnect(receive)
+        gone = True
+        task.cancel()
+
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(watch_after, start_watching)
     try:
-        await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:  # cancelled from outside (the server shutting down): not ours to swallow
+            raise
+        task.uncancel()
+        raise ClientDisconnected() from None
     finally:
-        gone.cancel()
-        if not call.done():
-            call.cancel()
-    if call.done() and not call.cancelled():
-        return call.result()
-    raise ClientDisconnected()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
-async def _disconnect(request: Request) -> None:
+async def _disconnect(receive) -> None:
     """Returns when the ASGI server says the client disconnected (the body is read already: nothing else comes)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def _infer(request: Request, name: str, version: str | None) -> Response:
-    edge = get_edge(request)
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+async def answer_infer(edge: EdgeState, headers, receive, name: str, version: str | None) -> tuple[int, bytes, dict]:
+    """(status, body, headers) of an inference request: the body read with `receive` (ASGI), checked, parsed, sent
+    on the bus (cancelled if the client goes), the answer encoded; every outcome counted in the metrics. headers: the
+    request's, lower-case names (a dict or Starlette's Headers). The token, if any, is checked before this."""
     metrics = edge.metrics
     started = time.perf_counter()
     outcome = "error"
     large = False
     trace = None
-    metrics.in_flight.inc()
+    metrics.requests_in_flight += 1
     try:
         number = parse_version(name, version)
-        check_infer_content_type(request)
-        header = request.headers.get(oip.HEADER_LENGTH)
-        body = await _read_infer_body(request, edge, header)
+        check_infer_content_type(headers)
+        header = headers.get(_HEADER_LENGTH_KEY)
+        body = await _read_infer_body(headers, receive, edge, header)
         large = len(body) >= OFF_LOOP_BYTES
         parsed = await off_loop(len(body), oip.parse_infer_request, body, header)  # large: not on the event loop
         del body
@@ -313,34 +340,35 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         call = edge.client.infer(
             name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs, request_id=trace
         )
-        result = await _unless_disconnected(request, call)
+        result = await unless_disconnected(receive, call)
         metrics.confirm_model(name)
         metrics.observe_batching(name, result.batch_size, result.queue_seconds)
         served_by = {"agent": result.agent} if isinstance(result.agent, str) else None
         size = sum(a.nbytes for a in result.outputs.values())
         large = large or size >= OFF_LOOP_BYTES
-        content, headers = await off_loop(
+        content, response_headers = await off_loop(
             size, oip.encode_infer_response, result.model or name, result.version, result.outputs, parsed, served_by
         )
         outcome = "success"
-        return Response(content, headers=headers)
+        return 200, content, response_headers
     except oip.InvalidRequest as exc:
         outcome = "bad_request"
-        return error_response(400, str(exc))
+        return 400, error_content(str(exc)), JSON_HEADERS
     except ClientDisconnected:
         outcome = "cancelled"
-        return error_response(499, "the client closed the connection; the request was cancelled")  # nobody reads it
+        # nobody reads it
+        return 499, error_content("the client closed the connection; the request was cancelled"), JSON_HEADERS
     except HTTPError as exc:
         outcome = exc.outcome
-        return error_response(exc.status, exc.message, exc.headers)
+        return exc.status, error_content(exc.message), {**JSON_HEADERS, **(exc.headers or {})}
     except ClusterError as exc:
         error = cluster_http_error(exc, infer=True, broker=edge.broker)
         outcome = error.outcome
         if isinstance(exc, (InferenceFailedError, OverloadedError)):  # the cluster has the model
             metrics.confirm_model(name)
-        return error_response(error.status, error.message, error.headers)
+        return error.status, error_content(error.message), {**JSON_HEADERS, **(error.headers or {})}
     finally:
-        metrics.in_flight.dec()
+        metrics.requests_in_flight -= 1
         seconds = time.perf_counter() - started
         metrics.observe(name, outcome, seconds)
         if log.isEnabledFor(logging.DEBUG):
@@ -356,12 +384,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             give_memory_back()
 
 
-async def _read_infer_body(request: Request, edge: EdgeState, header: str | None) -> bytes:
+_HEADER_LENGTH_KEY = oip.HEADER_LENGTH.lower()
+
+
+async def _read_infer_body(headers, receive, edge: EdgeState, header: str | None) -> bytes:
     """An inference body: all JSON (the JSON limit), or with the binary extension (the body limit, and the JSON
     limit for its JSON part)."""
     if header is None:
-        return await read_body(request, edge.max_json_bytes, edge.json_advice)
-    body = await read_body(request, edge.max_body_bytes)
+        return await read_asgi_body(headers, receive, edge.max_json_bytes, edge.json_advice)
+    body = await read_asgi_body(headers, receive, edge.max_body_bytes)
     value = header.strip()
     if value.isascii() and value.isdigit() and len(value) < 20 and int(value) > edge.max_json_bytes:
         raise HTTPError(
@@ -373,6 +404,12 @@ async def _read_infer_body(request: Request, edge: EdgeState, header: str | None
     return body
 
 
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    """The infer routes as FastAPI serves them: only when InferPath did not (an app mounted under a root path)."""
+    status, content, headers = await answer_infer(get_edge(request), request.headers, request.receive, name, version)
+    return Response(content, status_code=status, headers=headers)
+
+
 @router.post("/v2/models/{name}/infer", summary="Inference", **_INFER_DOC)
 async def infer(request: Request, name: str) -> Response:
     """Run the model's newest version served by a live agent on the inputs."""
@@ -382,6 +419,61 @@ async def infer(request: Request, name: str) -> Response:
 @router.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)", **_INFER_DOC)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
+
+
+# The infer path as raw ASGI, in front of FastAPI: the routes above stay for the OpenAPI document (and serve when
+# InferPath cannot, under a root path); InferPath answers the POSTs without FastAPI's middleware, route matching,
+# dependency solving and Request/Response objects, which took more of the edge's CPU than the bus call (py-spy).
+INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)/(?:versions/(?P<version>[^/]+)/)?infer$")  # as Starlette's
+
+
+class InferPath:
+    """ASGI middleware between the edge's RequestGuard and CORS (outside it: Host, Origin and CORS answers are theirs)
+    and FastAPI's own stack (edge.app.EdgeApp puts it there): serves POST /v2/models/{name}/infer and
+    /v2/models/{name}/versions/{version}/infer, with the routes' token check (TOKEN) and answers (answer_infer), and
+    an unexpected error as the app's handler answers it (500, the error's type only). Everything else goes on."""
+
+    def __init__(self, app: ASGIApp, edge: EdgeState) -> None:
+        self.app = app
+        self.edge = edge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            match = INFER_PATH.match(scope["path"])
+            if match is not None:
+                await _send_answer(send, *await self._answer(scope, receive, match["name"], match["version"]))
+                return
+        await self.app(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, name: str, version: str | None) -> tuple[int, bytes, dict]:
+        headers = _header_dict(scope["headers"])
+        security = self.edge.security
+        try:
+            if security.auth:
+                security.check(headers.get("authorization"), admin=False)
+            return await answer_infer(self.edge, headers, receive, name, version)
+        except HTTPError as exc:
+            return exc.status, error_content(exc.message), {**JSON_HEADERS, **(exc.headers or {})}
+        except Exception as exc:
+            log.exception("unexpected error serving POST %s", scope["path"])
+            return 500, error_content(f"internal error in the edge: {type(exc).__name__}"), JSON_HEADERS
+
+
+def _header_dict(raw: list) -> dict[str, str]:
+    """The request's headers by lower-case name (the first of repeated ones, as Starlette's Headers.get gives)."""
+    headers: dict[str, str] = {}
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        if name not in headers:
+            headers[name] = value.decode("latin-1")
+    return headers
+
+
+async def _send_answer(send: Send, status: int, content: bytes, headers: dict) -> None:
+    raw = [(b"content-length", str(len(content)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": content})
 
 
 # ---------------------------------------------------------------------------------------------------------------

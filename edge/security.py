@@ -186,10 +186,11 @@ TOKEN = Depends(require_token)
 ADMIN = Depends(require_admin)
 
 
-def check_infer_content_type(request: Request) -> None:
+def check_infer_content_type(headers) -> None:
     """415 unless an inference body is JSON (any charset) or the binary extension's application/octet-stream. No
-    Content-Type is accepted: tritonclient.http sends none, and a browser's cross-origin POST is refused by Origin."""
-    value = request.headers.get("content-type")
+    Content-Type is accepted: tritonclient.http sends none, and a browser's cross-origin POST is refused by Origin.
+    headers: the request's (Starlette's Headers, or a dict of lower-case names)."""
+    value = headers.get("content-type")
     if value is None:
         return
     media = value.split(";", 1)[0].strip().lower()

@@ -924,3 +924,38 @@ def test_the_request_id_goes_on_the_bus_to_follow_a_request_in_the_logs(http, bu
     assert bus.calls[-1]["request_id"] == "trace-me-1"
     assert infer_json(http, body=echo_body([[1.0, 2.0, 3.0]])).status_code == 200
     assert re.fullmatch(r"edge-[0-9a-f]{16}", bus.calls[-1]["request_id"]), bus.calls[-1]["request_id"]
+
+
+def test_infer_under_a_root_path_goes_through_fastapis_routes_with_the_same_answers(bus):
+    """edge.routes.InferPath answers the plain infer paths in front of FastAPI; under a root path (a proxy's prefix)
+    it lets FastAPI's routes serve them: the answers, the errors and the metrics must not tell the two apart."""
+    app = create_app(client=bus, manager=FakeManager(), max_body_bytes=LIMIT, request_timeout=7.0)
+    url = "http://127.0.0.1:8000"
+    with (
+        TestClient(app, base_url=url, raise_server_exceptions=False) as front,
+        TestClient(app, base_url=url, root_path="/edge", raise_server_exceptions=False) as routed,
+    ):
+        for http in (front, routed):
+            answer = infer_json(http, body=echo_body([[1.0, 2.0]], id="same"))
+            assert answer.status_code == 200 and answer.headers["content-type"] == "application/json", answer.text
+            assert answer.json()["outputs"][0]["data"] == [1.0, 2.0] and answer.json()["id"] == "same"
+            assert bus.calls[-1]["request_id"] == "same" and bus.calls[-1]["timeout"] == 7.0
+            assert_error(infer_json(http, body=echo_body([[1.0]], datatype="INT32")), 400, "INT32")
+            assert_error(infer_json(http, version="x", body=echo_body([[1.0]])), 404, "no version")
+            assert_error(infer_json(http, content=b"x" * (LIMIT + 1)), 413, "limit")
+            bus.raises["infer"] = OverloadedError("the queue is full", "echo", retry_after=1.5)
+            shed = infer_json(http, body=echo_body([[1.0]]))
+            del bus.raises["infer"]
+            assert_error(shed, 429, "queue is full")
+            assert shed.headers["retry-after"] == "2"
+        metrics = front.get("/metrics").text
+        assert counter(metrics, "edge_requests_total", model="echo", outcome="success") == 2
+        assert counter(metrics, "edge_requests_total", model="echo", outcome="overloaded") == 2
+
+
+def test_an_unexpected_error_on_infer_is_500_without_details(http, bus):
+    """The infer path answers in front of FastAPI's handlers: it must answer an unexpected error as they do."""
+    bus.raises["infer"] = RuntimeError("a bug, with a secret in its message")
+    message = assert_error(infer_json(http, body=echo_body([[1.0]])), 500, "internal error in the edge", "RuntimeError")
+    assert "secret" not in message
+    assert counter(http.get("/metrics").text, "edge_requests_total", model="_other", outcome="error") == 1

@@ -477,3 +477,46 @@ def test_oip_number_spans_fuzz_same_as_the_plain_parse(data, count, datatype):
     else:
         assert not isinstance(chunked, str), (body, chunked)
         np.testing.assert_array_equal(chunked, plain)
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+_JSON_BYTES = list(b'{}[],:"\\ .-+eE0123456789truefalsnul\x00\x1f') + [0xC3, 0xA9, 0xFF, 0xED, 0xA0, 0xEF, 0xBB, 0xBF]
+
+
+def _parsed(parse, text: bytes):
+    try:
+        return "ok", parse(text)
+    except InvalidRequest:
+        return "invalid", None
+
+
+@settings(max_examples=fuzz_examples(2000), suppress_health_check=list(HealthCheck), deadline=None)
+@given(_JSON_VALUES, st.integers(0, 10**6), st.sampled_from(_JSON_BYTES), st.sampled_from(["keep", "swap", "drop"]))
+def test_the_fast_json_read_answers_as_the_standard_library(value, where, byte, edit):
+    """oip.parse_json_fast (orjson where it agrees) must give parse_json's answer, or refuse what it refuses: on
+    valid JSON (integers past 64 bits, which orjson reads as floats, included) and with one byte swapped or dropped."""
+    text = json.dumps(value).encode()
+    at = where % len(text)
+    if edit == "swap":
+        text = text[:at] + bytes([byte]) + text[at + 1 :]
+    elif edit == "drop":
+        text = text[:at] + text[at + 1 :]
+    fast, slow = _parsed(oip.parse_json_fast, text), _parsed(oip.parse_json, text)
+    assert fast[0] == slow[0], text
+    assert json.dumps(fast[1]) == json.dumps(slow[1]), text  # same values, same types (1 vs 1.0)
+
+
+def test_the_fast_json_read_keeps_integers_past_64_bits_exact():
+    big = 2**64 + 1
+    assert oip.parse_json_fast(b"[%d, -%d]" % (big, big)) == [big, -big]
+    request = {"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [big]}]}
+    with pytest.raises(InvalidRequest, match="out of range for INT64"):
+        parse_infer_request(json.dumps(request).encode())
