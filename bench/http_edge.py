@@ -37,7 +37,8 @@ from bench.models import make_echo_share
 from bench.sims import UVICORN_SETTINGS
 
 TARGET_EDGE_VS_BARE_MIN_RATIO = 0.5  # 3a: edge req/s >= 0.5x a bare FastAPI app's (uvloop + httptools; issue 13)
-TARGET_EDGE_VS_HTTPX_MIN_RATIO = 10.0  # 3b: edge req/s >= 10x the httpx load balancer design's
+# 3b, the edge vs the FastAPI + httpx design, is reported, not a target: with every server on uvloop + httptools it
+# follows from 3a (issue 13)
 
 
 KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us", "behind_cpu_us")  # what a server's rounds are summed up by (median)
@@ -149,8 +150,7 @@ def run(suite: Suite) -> None:
                         edge["rps"],
                         lb["rps"],
                         0,
-                        f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx",
-                        lambda r: r >= TARGET_EDGE_VS_HTTPX_MIN_RATIO,
+                        "- (report; follows from 3a)",
                     ),
                     Row(
                         "3. HTTP wrk p99 latency (ms): edge vs bare / httpx",
@@ -186,7 +186,7 @@ def run(suite: Suite) -> None:
                         "edge not available",
                         fmt(lb["rps"]),
                         "n/a",
-                        f">= {TARGET_EDGE_VS_HTTPX_MIN_RATIO:g}x httpx",
+                        "- (report; follows from 3a)",
                         "n/a",
                     ),
                 )

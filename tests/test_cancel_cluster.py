@@ -49,6 +49,8 @@ def test_fifty_cancelled_requests_are_never_run(cluster):
     blocker = client.submit("slow", slow_inputs(int(per_second * 4)), timeout=120)
     long_rounds = int(per_second * 0.2)
     futures = [client.submit("slow", slow_inputs(long_rounds), timeout=120) for _ in range(25)]
+    # All 26 at the broker before any is cancelled (the client never sends a request cancelled before it went out).
+    wait_for(lambda: client.stats()["requests"] >= 26, 30, "the broker to receive the blocker and the 25 requests")
     assert all(f.cancel() for f in futures), "a request was answered while the blocker held the only worker"
 
     async def cancel_async_tasks():
