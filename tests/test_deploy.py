@@ -261,6 +261,16 @@ def test_a_heartbeat_from_nowhere_does_not_hold_a_rollout_up(cluster, digits_v2_
     haunting.start()
     try:
         wait_for(lambda: any(a["id"] == "ghost" for a in cluster.manager_query("agents")), 10, "the ghost to be heard")
+        # The broker reports the agents it routes to once a heartbeat interval: wait for a report that lists both
+        # agents and came long enough after the ghost joined to judge it (a newcomer is waited for, not left out).
+        wait_for(
+            lambda: (
+                {a["id"]: a.get("at_broker") for a in cluster.manager_query("agents")}
+                == {"agent-2": True, "agent-3": True, "ghost": False}
+            ),
+            10,
+            "the manager to see both agents at the broker, and the ghost not",
+        )
         version = publish_version(cluster.share, "digits", digits_v2_file)
         started = time.monotonic()
         report = ManagerClient(cluster.addresses.manager_queries).call(

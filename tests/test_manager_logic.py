@@ -164,6 +164,23 @@ def test_a_rollout_waits_only_for_agents_the_broker_routes_to(tmp_path):
     assert d.rollouts["m"].expected == {"a", "b", "c", "ghost"}
 
 
+def test_an_agent_that_joined_just_before_the_brokers_report_is_waited_for(tmp_path):
+    """The broker reports the agents it routes to once a heartbeat interval: an agent that registered with both just
+    before a report may not be in it yet. A deploy then waits for it rather than leaving it out (and finishing at
+    once without it); a report a whole interval after it joined that still lacks it leaves it out."""
+    d = make(tmp_path, agents=("a", "b", "new"))
+    d.broker_view, d.report_interval = {"a", "b"}, 1.0
+    joined = d.registry.agents["new"].joined
+    d.broker_view_at = joined + 0.5
+    assert (d.at_broker("a"), d.at_broker("new")) == (True, None)
+    d.command("deploy", {"name": "m"}, REQUESTER, now=0.0)
+    assert d.rollouts["m"].expected == {"a", "b", "new"}
+    d.broker_view_at = joined + 1.5
+    assert d.at_broker("new") is False
+    d.tick(1.0)
+    assert d.rollouts["m"].expected == {"a", "b"}
+
+
 def test_each_agent_has_its_own_staging_deadline_and_joiners_are_waited_for(tmp_path):
     d = make(tmp_path, agents=("a", "b"))
     d.broker_view = {"a", "b"}

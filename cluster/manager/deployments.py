@@ -14,6 +14,7 @@ A rollout is two-phase, so that either every agent switches or none does:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -146,6 +147,11 @@ class Deployments:
         # the broker has not answered lately. A rollout waits only for agents that serve: one the manager hears
         # but the broker does not know (a heartbeat from nowhere, an agent cut off from the broker) is left out.
         self.broker_view: set[str] | None = None
+        # Wall time of that report, and how often the broker sends one: an agent that joined less than a report
+        # interval before the last report may not be in it yet (it registered with both just now), so it is waited
+        # for, not left out. The defaults judge every agent by the view as it is (the unit tests set the view alone).
+        self.broker_view_at = math.inf
+        self.report_interval = 0.0
         self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
 
     def command(self, what: str, header: dict, requester: tuple, now: float) -> Actions:
@@ -228,9 +234,20 @@ class Deployments:
     def _participants(self, name: str) -> tuple[set[str], dict[str, str]]:
         """(the agents a rollout of `name` waits for, {agent the manager hears but leaves out: why})."""
         heard = {a for a, r in self.registry.agents.items() if r.beat.takes_part_in(name)}
-        if self.broker_view is None:  # the broker is not answering: every agent the manager hears, as before
-            return heard, {}
-        return heard & self.broker_view, {a: "not connected to the broker" for a in heard - self.broker_view}
+        left_out = {a for a in heard if self.at_broker(a) is False}
+        return heard - left_out, {a: "not connected to the broker" for a in left_out}
+
+    def at_broker(self, agent: str) -> bool | None:
+        """Whether the broker routes to `agent` by its last report; None when there is no report lately, or the
+        agent joined too shortly before it to be in it (both mean: wait for the agent)."""
+        if self.broker_view is None:
+            return None  # the broker is not answering: every agent the manager hears takes part, as before
+        if agent in self.broker_view:
+            return True
+        record = self.registry.agents.get(agent)
+        if record is not None and record.joined > self.broker_view_at - self.report_interval:
+            return None
+        return False
 
     def observe(self, beat: Heartbeat) -> None:
         """A heartbeat: what the agent says it staged, serves or failed to load moves the rollouts on."""

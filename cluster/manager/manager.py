@@ -104,6 +104,7 @@ class Manager:
         self.registry = Registry(self.timings.expiry)
         self.share = share
         self.deployments = Deployments(share, self.load_desired_state(), self.registry)
+        self.deployments.report_interval = self.timings.heartbeat_interval  # the broker reports once a beat
         self._stop = threading.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one publish at a time, off the loop
         # model -> (the write, requester, header, whether the model is new on the share)
@@ -215,7 +216,10 @@ class Manager:
                     self.answer(peer, message(Command.ERROR, error_header(request_id, *refused)))
                     return
             if what == "agents":
-                result = self.registry.describe_agents(time.monotonic())
+                # at_broker: in the broker's last report of the agents it routes to (True), judged not (False: a
+                # rollout leaves it out), or not known yet (None: the rollout waits for it)
+                agents = self.registry.describe_agents(time.monotonic())
+                result = [dict(a, at_broker=self.deployments.at_broker(a["id"])) for a in agents]
             elif what == "models":
                 result = self.registry.describe_models()
             elif what == "deployments":
@@ -248,6 +252,7 @@ class Manager:
             return
         agents = require(header, "agents", list)
         self.deployments.broker_view = {a for a in agents if isinstance(a, str)}
+        self.deployments.broker_view_at = time.time()  # wall time, as the registry's `joined`
         self._broker_reported = time.monotonic()
 
     # ---- publishing a model sent over the bus -------------------------------------------------------------------
