@@ -81,10 +81,15 @@ def test_keys_on_a_restarted_broker_asks_the_manager_and_gets_its_agent_back(tmp
     with production_cluster(write_echo_share(tmp_path / "share"), tmp_path / "logs", keys=tmp_path / "keys") as cluster:
         cluster.start_manager()
         broker = cluster.start_broker()
-        cluster.start_agents(1)
+        (agent,) = cluster.start_agents(1)
         cluster.wait_for_agents(1, timeout=60, model="echo")
         cluster.kill(broker)
-        time.sleep(3.0)  # the outage itself
+        # The outage lasts until the agent has seen its broker go (it must then register with the new one).
+        wait_for(
+            lambda: "lost the connection to the broker" in agent.log(),
+            10,
+            f"the agent to see the outage\n{cluster.logs()}",
+        )
         broker = cluster.restart(broker)
         back = time.monotonic()
         client = cluster.client()
