@@ -410,6 +410,10 @@ class Broker:
         except ProtocolError as exc:
             bad_input.warning("bad message from agent %r dropped: %s", as_bytes(frames[0]), exc)
             return
+        if cmd in (Command.HEARTBEAT, Command.READY):
+            # An agent's news may follow from the manager's (it unloaded a model because the manager undeployed it):
+            # read the manager's first, so that a model dropped on purpose is "not deployed", never "no agent".
+            drain(self.events, self.process_event, DRAIN_BATCH, log)
         key = key_of(frames[1]) if self.allow is not None else None
         self.deliver(self.dispatcher.agent_message(cmd, frames, time.monotonic(), key, route))
 
