@@ -13,11 +13,11 @@ import os
 import re
 import socket
 import threading
-import time
 
 import pytest
 
 from edge import create_app
+from tests.harness import wait_for
 from tests.test_edge_app import FakeBus, FakeManager
 from tests.test_frontend import CHROMIUM, browser, draw_seven  # noqa: F401 (browser: the fixture)
 
@@ -40,10 +40,8 @@ def locked_edge():
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start within 15 s"
-        time.sleep(0.02)
+    wait_for(lambda: server.started or not thread.is_alive(), 15, "uvicorn to start")
+    assert server.started, "uvicorn's thread ended before it started serving"
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
