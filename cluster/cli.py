@@ -406,6 +406,13 @@ def _raise_interrupt(*_) -> None:
 @app.command()
 def up(
     agents: int = typer.Option(2, "--agents", help="How many agents to start."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        envvar="CLUSTER_TORCH_THREADS",
+        help="torch intra-op threads per agent (default: the machine's cores / --agents, at least 1; 0: torch's "
+        "default).",
+    ),
     edge_port: int = typer.Option(
         config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."
     ),
@@ -477,7 +484,15 @@ def up(
     if secure or keys is not None:
         key_dir, token_file = _secure_state(keys or share_dir.with_name(share_dir.name + "-keys"))
     policy = config.restart_policy_from_env()
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # like Ctrl-C (SIGINT): stop everything, wherever we are
+    if threads is None:
+        threads = config.up_torch_threads(agents)
+    if threads < 0:
+        typer.echo("cluster up: --threads takes 0 (torch's default) or more", err=True)
+        raise typer.Exit(2)
+    # SIGTERM like Ctrl-C: stop everything, wherever we are. SIGINT explicitly too: started with `&` from a script,
+    # a process inherits SIGINT ignored, and Python then installs no handler of its own
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     stopped_by_signal = False
     with tempfile.TemporaryDirectory(prefix="cluster-up-") as workdir:
         local = LocalCluster(
@@ -499,9 +514,10 @@ def up(
             local.start_manager()
             local.start_broker()
             for i in range(agents):
-                local.start("agent", name=f"agent-{i + 1}")  # the agent's own default id (host-pid)
+                # the agent's own default id (host-pid)
+                local.start("agent", "--threads", str(threads), name=f"agent-{i + 1}")
             if edge_port:
-                local.start_edge(*(["--token-file", str(token_file)] if token_file else []))
+                local.start_edge(*_secure_edge_args(key_dir))
             a, edge_url, grpc_address = local.addresses, local.edge_url, local.grpc_address
             typer.echo(
                 f"cluster up: share {share_dir}\n"
@@ -511,12 +527,14 @@ def up(
                 f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
                 + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
                 + (f"  gRPC edge (Open Inference Protocol): {grpc_address}\n" if grpc_address else "")
-                + f"  {agents} agents; `cluster status` shows them. A process that fails is restarted; Ctrl-C stops"
-                " everything."
+                + f"  {agents} agents, {threads or 'torch default'} torch threads each; `cluster status` shows them. "
+                "A process that fails is restarted; Ctrl-C stops everything."
                 + (
                     f"\n  secure: keys in {key_dir} (CURVE on every bus socket); use --key {key_dir}/client.key "
                     f"(inference, queries) or --key {key_dir}/admin.key (deploy, rollback, undeploy);\n"
-                    f"  the edge wants Authorization: Bearer {token_file.read_text().strip()}  (also in {token_file})"
+                    f"  the edge wants Authorization: Bearer {token_file.read_text().strip()}"
+                    f"  (also in {token_file});\n"
+                    f"  its repository routes (load, unload) want the admin token in {key_dir / EDGE_ADMIN_TOKEN}"
                     if key_dir
                     else ""
                 )
@@ -573,21 +591,43 @@ def _up_share(share: str | None, create: bool) -> Path:
     return share_dir
 
 
+EDGE_TOKEN = "edge.token"  # `cluster up --secure`: the edge's bearer token (inference, views), in the key directory
+EDGE_ADMIN_TOKEN = "edge.admin-token"  # ... its admin token (also the repository routes: load, unload)
+EDGE_MANAGER_KEY = "edge-manager"  # ... the admin key it presents to the manager for those loads and unloads
+
+
 def _secure_state(key_dir: Path) -> tuple[Path, Path]:
     """`cluster up --secure`: the key directory (server, admin, client and edge keys; agents' keys are added as they
-    start) and the edge's token file, made on first use and kept, so the keys and the token stay valid across runs."""
+    start), the edge's admin key for the manager, and the edge's token files, made on first use and kept, so the keys
+    and the tokens stay valid across runs (a directory from an earlier version gets what it lacks)."""
     import secrets
 
-    from cluster.keys import make_cluster_keys
+    from cluster.keys import add, list_members, make_cluster_keys
+    from cluster.repository import atomic_write
 
     if not (key_dir / "members.json").exists():
         make_cluster_keys(key_dir, agents=0)
-    from cluster.repository import atomic_write
+    if EDGE_MANAGER_KEY not in list_members(key_dir):
+        add(key_dir, EDGE_MANAGER_KEY, "admin")
+    for name in (EDGE_TOKEN, EDGE_ADMIN_TOKEN):
+        if not (key_dir / name).exists():
+            atomic_write(key_dir / name, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
+    return key_dir, key_dir / EDGE_TOKEN
 
-    token_file = key_dir / "edge.token"
-    if not token_file.exists():
-        atomic_write(token_file, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
-    return key_dir, token_file
+
+def _secure_edge_args(key_dir: Path | None) -> list[str]:
+    """The edge's options under `cluster up --secure`: its tokens, and the admin key it presents to the manager for
+    the repository routes (its bus key for the broker stays a client key: it serves inference, not deploys)."""
+    if key_dir is None:
+        return []
+    return [
+        "--token-file",
+        str(key_dir / EDGE_TOKEN),
+        "--admin-token-file",
+        str(key_dir / EDGE_ADMIN_TOKEN),
+        "--manager-key",
+        str(key_dir / f"{EDGE_MANAGER_KEY}.key"),
+    ]
 
 
 @app.command()

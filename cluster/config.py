@@ -155,6 +155,22 @@ def restart_policy_from_env(environ: dict[str, str] | None = None) -> RestartPol
     return policy
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def up_torch_threads(agents: int, cores: int | None = None) -> int:
+    """torch intra-op threads per agent for `cluster up` with `agents` agents on `cores` cores (default: this
+    machine's): the cores shared out, at least 1, so one request at a time uses the machine without the agents
+    oversubscribing it."""
+    cores = usable_cores() if cores is None else cores
+    return max(1, cores // max(1, agents))
+
+
 def env_or(name: str, default: str) -> str:
     """An address or path from CLUSTER_<NAME>, else the default."""
     return os.environ.get(_ENV_PREFIX + name, default)
