@@ -177,3 +177,18 @@ def test_up_gives_every_agent_its_threads(share, monkeypatch, args, threads):
     agents = [s for s in _FakeLocal.started if s[0] == "agent"]
     assert agents and all(s[1:] == ("--threads", threads) for s in agents), _FakeLocal.started
     assert f"{threads} torch threads each" in out.output, out.output
+
+
+def test_the_kubernetes_edge_gets_what_its_repository_routes_need():
+    """deploy/kubernetes/edge.yaml: admin tokens and an admin key for the manager, as `cluster up --secure` gives."""
+    import yaml
+
+    from tests.harness import REPO_ROOT
+
+    text = (REPO_ROOT / "deploy" / "kubernetes" / "edge.yaml").read_text()
+    deployment = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args, env = container["args"], {e["name"]: e["value"] for e in container["env"]}
+    assert args[args.index("--admin-token-file") + 1].startswith("/etc/cluster/keys/"), args
+    assert env.get("CLUSTER_EDGE_MANAGER_KEY", "").startswith("/etc/cluster/keys/"), env
+    assert "admin" in text and "load" in text, "the manifest should say what the edge may do"
