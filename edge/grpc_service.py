@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -325,15 +326,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._run(context, work())
 
 
-def create_server(edge: EdgeState, address: str) -> tuple[grpc.aio.Server, int]:
+def create_server(edge: EdgeState, address: str, tls: tuple[str, str] | None = None) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server for the edge on `address` (host:port, port 0 = any), not started; and the port bound.
-    Messages are limited to the edge's max body, as REST bodies are."""
+    Messages are limited to the edge's max body, as REST bodies are. tls: (certificate, private key) PEM files: serve
+    TLS with them (the HTTP edge's own, so that a token is never sent in the clear on either port)."""
     limit = int(edge.max_body_bytes)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", max(limit, 64 << 20))]
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(edge), server)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        certfile, keyfile = tls
+        credentials = grpc.ssl_server_credentials([(Path(keyfile).read_bytes(), Path(certfile).read_bytes())])
+        port = server.add_secure_port(address, credentials)
     if not port:
         raise OSError(f"the edge cannot listen for gRPC on {address}")
     return server, port
@@ -345,16 +352,17 @@ def grpc_address(host: str, port: int) -> str:
 
 
 @asynccontextmanager
-async def serving(edge: EdgeState, address: str | None, grace: float = 5.0):
+async def serving(edge: EdgeState, address: str | None, grace: float = 5.0, tls: tuple[str, str] | None = None):
     """Serve gRPC on `address` (None: not at all) in the running loop while the block runs: the app's lifespan,
-    so it starts with uvicorn and stops with it (SIGTERM included). Sets `edge.grpc_address` to what it bound."""
+    so it starts with uvicorn and stops with it (SIGTERM included). Sets `edge.grpc_address` to what it bound.
+    tls: (certificate, key) PEM files, as create_server."""
     if address is None:
         yield
         return
-    server, port = create_server(edge, address)
+    server, port = create_server(edge, address, tls)
     await server.start()
     edge.grpc_address = grpc_address(address.rsplit(":", 1)[0].strip("[]"), port)
-    log.info("gRPC (Open Inference Protocol) on %s", edge.grpc_address)
+    log.info("gRPC (Open Inference Protocol) on %s%s", edge.grpc_address, " with TLS" if tls else "")
     try:
         yield
     finally:
