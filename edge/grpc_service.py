@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from cluster.errors import ClusterError
 from edge import oip, repository, statistics
@@ -32,6 +32,7 @@ from edge.routes import (
     parse_version,
     server_version,
 )
+from edge.triton_config import triton_model_config
 
 log = logging.getLogger("edge")
 
@@ -202,9 +203,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=any(not a.get("draining") for a in agents))
 
     async def ModelReady(self, request, context):
+        """ready=false for a model that is not served, known or not (as Triton answers, and as HTTP's 404 and 503
+        read to tritonclient.http's is_model_ready), never NOT_FOUND."""
+
         async def work():
             self._authorize(context)
-            meta = await self._metadata(request.name, request.version)
+            try:
+                meta = await self._metadata(request.name, request.version)
+            except RPCError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return service_pb2.ModelReadyResponse(ready=False)
             return service_pb2.ModelReadyResponse(ready=bool(meta.get("ready")))
 
         return await self._run(context, work())
@@ -231,6 +240,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         shape=[int(d) for d in tensor.get("shape", [])],
                     )
             return response
+
+        return await self._run(context, work())
+
+    async def ModelConfig(self, request, context):
+        """Triton's model configuration extension: the config as Triton's ModelConfig (edge/triton_config.py)."""
+
+        async def work():
+            self._authorize(context)
+            config = triton_model_config(await self._metadata(request.name, request.version))
+            return service_pb2.ModelConfigResponse(
+                config=json_format.ParseDict(config, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+            )
 
         return await self._run(context, work())
 
@@ -324,6 +345,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
         return await self._run(context, work())
+
+
+def _unimplemented(rpc: str):
+    async def handler(self, request, context):
+        # UNIMPLEMENTED with a clear message and no ERROR traceback in the edge's log (the generated base class
+        # raises NotImplementedError, which grpc logs as a servicer failure)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc} is not supported by this server ({SERVER_NAME})")
+
+    handler.__name__ = rpc
+    return handler
+
+
+for _rpc in dir(service_pb2_grpc.GRPCInferenceServiceServicer):
+    if not _rpc.startswith("_") and _rpc not in InferenceServicer.__dict__:
+        setattr(InferenceServicer, _rpc, _unimplemented(_rpc))
 
 
 def create_server(edge: EdgeState, address: str, tls: tuple[str, str] | None = None) -> tuple[grpc.aio.Server, int]:
