@@ -37,6 +37,7 @@ setup(
             "playwright>=1.40",
             "tritonclient[http]>=2.40",
             "kubernetes-validate>=1.28",  # tests/test_kubernetes.py: the Kubernetes API schemas, offline
+            "cryptography>=42",  # tests/test_edge_security.py and the gRPC TLS tests: a CA and certificates
         ],
     },
     data_files=[("share/torch-serving-cluster", ["frontend.html"])],  # the page the edge serves at /

@@ -406,6 +406,13 @@ def _raise_interrupt(*_) -> None:
 @app.command()
 def up(
     agents: int = typer.Option(2, "--agents", help="How many agents to start."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        envvar="CLUSTER_TORCH_THREADS",
+        help="torch intra-op threads per agent (default: the machine's cores / --agents, at least 1; 0: torch's "
+        "default).",
+    ),
     edge_port: int = typer.Option(
         config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."
     ),
@@ -477,7 +484,15 @@ def up(
     if secure or keys is not None:
         key_dir, token_file = _secure_state(keys or share_dir.with_name(share_dir.name + "-keys"))
     policy = config.restart_policy_from_env()
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # like Ctrl-C (SIGINT): stop everything, wherever we are
+    if threads is None:
+        threads = config.up_torch_threads(agents)
+    if threads < 0:
+        typer.echo("cluster up: --threads takes 0 (torch's default) or more", err=True)
+        raise typer.Exit(2)
+    # SIGTERM like Ctrl-C: stop everything, wherever we are. SIGINT explicitly too: started with `&` from a script,
+    # a process inherits SIGINT ignored, and Python then installs no handler of its own
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     stopped_by_signal = False
     with tempfile.TemporaryDirectory(prefix="cluster-up-") as workdir:
         local = LocalCluster(
@@ -499,9 +514,10 @@ def up(
             local.start_manager()
             local.start_broker()
             for i in range(agents):
-                local.start("agent", name=f"agent-{i + 1}")  # the agent's own default id (host-pid)
+                # the agent's own default id (host-pid)
+                local.start("agent", "--threads", str(threads), name=f"agent-{i + 1}")
             if edge_port:
-                local.start_edge(*(["--token-file", str(token_file)] if token_file else []))
+                local.start_edge(*_secure_edge_args(key_dir))
             a, edge_url, grpc_address = local.addresses, local.edge_url, local.grpc_address
             typer.echo(
                 f"cluster up: share {share_dir}\n"
@@ -511,12 +527,14 @@ def up(
                 f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
                 + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
                 + (f"  gRPC edge (Open Inference Protocol): {grpc_address}\n" if grpc_address else "")
-                + f"  {agents} agents; `cluster status` shows them. A process that fails is restarted; Ctrl-C stops"
-                " everything."
+                + f"  {agents} agents, {threads or 'torch default'} torch threads each; `cluster status` shows them. "
+                "A process that fails is restarted; Ctrl-C stops everything."
                 + (
                     f"\n  secure: keys in {key_dir} (CURVE on every bus socket); use --key {key_dir}/client.key "
                     f"(inference, queries) or --key {key_dir}/admin.key (deploy, rollback, undeploy);\n"
-                    f"  the edge wants Authorization: Bearer {token_file.read_text().strip()}  (also in {token_file})"
+                    f"  the edge wants Authorization: Bearer {token_file.read_text().strip()}"
+                    f"  (also in {token_file});\n"
+                    f"  its repository routes (load, unload) want the admin token in {key_dir / EDGE_ADMIN_TOKEN}"
                     if key_dir
                     else ""
                 )
@@ -573,21 +591,43 @@ def _up_share(share: str | None, create: bool) -> Path:
     return share_dir
 
 
+EDGE_TOKEN = "edge.token"  # `cluster up --secure`: the edge's bearer token (inference, views), in the key directory
+EDGE_ADMIN_TOKEN = "edge.admin-token"  # ... its admin token (also the repository routes: load, unload)
+EDGE_MANAGER_KEY = "edge-manager"  # ... the admin key it presents to the manager for those loads and unloads
+
+
 def _secure_state(key_dir: Path) -> tuple[Path, Path]:
     """`cluster up --secure`: the key directory (server, admin, client and edge keys; agents' keys are added as they
-    start) and the edge's token file, made on first use and kept, so the keys and the token stay valid across runs."""
+    start), the edge's admin key for the manager, and the edge's token files, made on first use and kept, so the keys
+    and the tokens stay valid across runs (a directory from an earlier version gets what it lacks)."""
     import secrets
 
-    from cluster.keys import make_cluster_keys
+    from cluster.keys import add, list_members, make_cluster_keys
+    from cluster.repository import atomic_write
 
     if not (key_dir / "members.json").exists():
         make_cluster_keys(key_dir, agents=0)
-    from cluster.repository import atomic_write
+    if EDGE_MANAGER_KEY not in list_members(key_dir):
+        add(key_dir, EDGE_MANAGER_KEY, "admin")
+    for name in (EDGE_TOKEN, EDGE_ADMIN_TOKEN):
+        if not (key_dir / name).exists():
+            atomic_write(key_dir / name, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
+    return key_dir, key_dir / EDGE_TOKEN
 
-    token_file = key_dir / "edge.token"
-    if not token_file.exists():
-        atomic_write(token_file, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
-    return key_dir, token_file
+
+def _secure_edge_args(key_dir: Path | None) -> list[str]:
+    """The edge's options under `cluster up --secure`: its tokens, and the admin key it presents to the manager for
+    the repository routes (its bus key for the broker stays a client key: it serves inference, not deploys)."""
+    if key_dir is None:
+        return []
+    return [
+        "--token-file",
+        str(key_dir / EDGE_TOKEN),
+        "--admin-token-file",
+        str(key_dir / EDGE_ADMIN_TOKEN),
+        "--manager-key",
+        str(key_dir / f"{EDGE_MANAGER_KEY}.key"),
+    ]
 
 
 @app.command()
@@ -985,12 +1025,32 @@ def bench(
     batch: int = typer.Option(1, help="Rows per request (the first variable dimension)."),
     http: str | None = typer.Option(None, "--http", help="Drive the HTTP edge at this URL instead of the bus."),
     grpc: str | None = typer.Option(None, "--grpc", help="Drive the edge's gRPC service at HOST:PORT instead."),
+    http_json: bool = typer.Option(
+        False,
+        "--http-json",
+        help="With --http: post OIP JSON instead of Triton's binary tensor extension (what tensor clients send).",
+    ),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="CLUSTER_BENCH_TOKEN",
+        help="The edge's bearer token, for --http and --grpc (prefer --token-file or the variable: `ps` shows this).",
+    ),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="File holding the edge's bearer token (the first line that is not a # comment)."
+    ),
+    ca_file: str | None = typer.Option(
+        None,
+        "--ca-file",
+        help="CA certificate (PEM) of a TLS edge: HTTPS for --http (default: the system's CAs), TLS for --grpc.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON list of the levels on stdout, for machines."),
     broker: str = BrokerClients,
     key: str | None = Key,
 ):
     """Load generator, in the manner of Triton's perf_analyzer: for each level, throughput, p50/p90/p99 latency, and
-    where the time went (queueing vs compute, from the agents' statistics), through the bus, HTTP or gRPC."""
+    where the time went (queueing vs compute, from the agents' statistics), through the bus, HTTP or gRPC. Each level
+    is printed when it is measured; Ctrl-C stops the sweep and prints the levels measured (exit status 130)."""
     import asyncio
     import json
 
@@ -1009,20 +1069,58 @@ def bench(
     if http and grpc:
         typer.echo("bench: give --http or --grpc, not both", err=True)
         raise typer.Exit(2)
+    if token_file is not None:
+        from edge.security import read_token_file
+
+        try:
+            token = next(iter(read_token_file(token_file)), None)
+        except (OSError, ValueError) as exc:
+            typer.echo(f"bench: cannot read the token file {token_file}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if not token:
+            typer.echo(f"bench: the token file {token_file} holds no token", err=True)
+            raise typer.Exit(2)
+    if (token or ca_file or http_json) and not (http or grpc):
+        typer.echo("bench: --token, --token-file, --ca-file and --http-json are for --http or --grpc", err=True)
+        raise typer.Exit(2)
     most = max(lv.concurrency or 1 for lv in levels)
     if http:
-        door, path = loadgen.HttpDoor(http, model, batch, concurrency=max(most, 64 if rate else most)), f"HTTP {http}"
+        door = loadgen.HttpDoor(
+            http,
+            model,
+            batch,
+            concurrency=max(most, 64 if rate else most),
+            token=token,
+            binary=not http_json,
+            ca_file=ca_file,
+        )
+        path = f"HTTP {http} ({'JSON' if http_json else 'binary tensors'})"
     elif grpc:
-        door, path = loadgen.GrpcDoor(grpc, model, batch), f"gRPC {grpc}"
+        door, path = loadgen.GrpcDoor(grpc, model, batch, token=token, ca_file=ca_file), f"gRPC {grpc}"
     else:
         door, path = loadgen.BusDoor(broker, model, batch, key=key), f"bus {broker}"
 
-    async def run() -> list[dict]:
+    rows: list[dict] = []
+
+    def say(row: dict) -> None:
+        if not as_json:
+            typer.echo("  " + loadgen.format_row(row))
+
+    async def run() -> None:
         async with door:
-            return await loadgen.sweep(door, levels, duration, warmup)
+            if not as_json:
+                typer.echo(
+                    f"{model} via {path}, {duration:g} s a level (after {warmup:g} s of warm-up), batch {batch}:"
+                )
+            await loadgen.sweep(door, levels, duration, warmup, rows=rows, on_row=say)
 
     try:
-        rows = asyncio.run(run())
+        asyncio.run(run())
+    except KeyboardInterrupt:  # Ctrl-C: what was measured is still worth having
+        if as_json:
+            typer.echo(json.dumps([dict(row, model=model, via=path) for row in rows]))
+        typer.echo(f"bench: interrupted; {len(rows)} of {len(levels)} levels measured", err=True)
+        raise typer.Exit(130) from None
     except Exception as exc:  # the door's errors: ClusterError, httpx, gRPC, OSError
         if not isinstance(exc, (ClusterError, OSError)) and type(exc).__module__.split(".")[0] not in (
             "httpx",
@@ -1034,10 +1132,6 @@ def bench(
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps([dict(row, model=model, via=path) for row in rows]))
-    else:
-        typer.echo(f"{model} via {path}, {duration:g} s a level (after {warmup:g} s of warm-up), batch {batch}:")
-        for row in rows:
-            typer.echo("  " + loadgen.format_row(row))
     raise typer.Exit(1 if all(row["errors"] and not row["requests"] for row in rows) else 0)
 
 

@@ -130,6 +130,9 @@ class RestartPolicy:
     backoff_initial: float = 0.5  # delay before the first restart; doubles with each failure in a row ...
     backoff_max: float = 10.0  # ... up to this
     backoff_reset: float = 10.0  # a process that stayed up this long before it died starts again at backoff_initial
+    # each backoff_decay seconds a process stayed up takes one doubling back: a process that served between kills
+    # restarts fast, one that dies within seconds of its start still backs off (and trips the crash-loop rule)
+    backoff_decay: float = 2.0
     crash_window: float = 60.0  # a process restarted crash_restarts times within this window is in a crash loop:
     crash_restarts: int = 5  # its next failure is reported and it is not restarted again
 
@@ -143,11 +146,29 @@ def restart_policy_from_env(environ: dict[str, str] | None = None) -> RestartPol
         if raw is not None:
             values[f.name] = type(f.default)(float(raw))
     policy = replace(RestartPolicy(), **values)
-    if not 0 < policy.backoff_initial <= policy.backoff_max or policy.backoff_reset < 0:
-        raise ValueError("restart backoff: need 0 < backoff_initial <= backoff_max and backoff_reset >= 0")
+    if not 0 < policy.backoff_initial <= policy.backoff_max or policy.backoff_reset < 0 or policy.backoff_decay < 0:
+        raise ValueError(
+            "restart backoff: need 0 < backoff_initial <= backoff_max, backoff_reset >= 0 and backoff_decay >= 0"
+        )
     if policy.crash_window <= 0 or policy.crash_restarts < 1:
         raise ValueError("crash loop: need crash_window > 0 and crash_restarts >= 1")
     return policy
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def up_torch_threads(agents: int, cores: int | None = None) -> int:
+    """torch intra-op threads per agent for `cluster up` with `agents` agents on `cores` cores (default: this
+    machine's): the cores shared out, at least 1, so one request at a time uses the machine without the agents
+    oversubscribing it."""
+    cores = usable_cores() if cores is None else cores
+    return max(1, cores // max(1, agents))
 
 
 def env_or(name: str, default: str) -> str:

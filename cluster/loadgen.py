@@ -14,6 +14,7 @@ Inputs are built from the model's metadata: zeros of each input's shape with eve
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -161,10 +162,20 @@ class Level:
         return await _drive(call, self.concurrency, duration, warmup)
 
 
-async def sweep(door, levels: list[Level], duration: float, warmup: float = 1.0, settle: float = 5.0) -> list[dict]:
+async def sweep(
+    door,
+    levels: list[Level],
+    duration: float,
+    warmup: float = 1.0,
+    settle: float = 5.0,
+    rows: list[dict] | None = None,
+    on_row=None,
+) -> list[dict]:
     """Run each level through `door` (a BusDoor, HttpDoor or GrpcDoor, opened); one summary dict per level. The
-    queue/compute split waits (up to `settle` s) for the agents' heartbeats to count the level's requests."""
-    rows = []
+    queue/compute split waits (up to `settle` s) for the agents' heartbeats to count the level's requests.
+    rows: the list each level's row is appended to as soon as it is measured (so that a caller interrupted by Ctrl-C
+    still has the levels done); on_row(row): called then too (e.g. to print it)."""
+    rows = [] if rows is None else rows
     for level in levels:
         before = Split.of(await door.statistics())
         result = await level.drive(door.call, duration, warmup)
@@ -186,6 +197,8 @@ async def sweep(door, levels: list[Level], duration: float, warmup: float = 1.0,
                 "error_types": dict(result.errors),
             }
         )
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -229,38 +242,89 @@ class BusDoor:
         return [merge(entries)] if entries else []
 
 
-class HttpDoor:
-    """The HTTP edge (OIP JSON)."""
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def __init__(self, url: str, model: str, batch: int = 1, shapes=None, concurrency: int = 8) -> None:
-        self.url, self.model, self.batch, self.shapes, self.concurrency = (
-            url.rstrip("/"),
-            model,
-            batch,
-            shapes,
+
+class HttpDoor:
+    """The HTTP edge: Triton's binary tensor extension (what a tensor client such as tritonclient sends; outputs
+    asked for as binary too), or OIP JSON with binary=False. token: the edge's bearer token; ca_file: the CA that
+    signed an https edge's certificate (default: the system's); transport: an httpx transport (tests)."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        batch: int = 1,
+        shapes=None,
+        concurrency: int = 8,
+        *,
+        token: str | None = None,
+        binary: bool = True,
+        ca_file: str | None = None,
+        transport=None,
+    ) -> None:
+        self.url, self.model, self.batch, self.shapes = url.rstrip("/"), model, batch, shapes
+        self.concurrency, self.token, self.binary, self.ca_file, self.transport = (
             concurrency,
+            token,
+            binary,
+            ca_file,
+            transport,
         )
 
     async def __aenter__(self) -> HttpDoor:
+        import ssl
+
         import httpx
 
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self.http = await httpx.AsyncClient(base_url=self.url, limits=limits, timeout=60).__aenter__()
+        verify = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        self.http = await httpx.AsyncClient(
+            base_url=self.url,
+            limits=limits,
+            timeout=60,
+            headers=bearer(self.token),
+            verify=verify,
+            transport=self.transport,
+        ).__aenter__()
         meta = (await self.http.get(f"/v2/models/{self.model}")).raise_for_status().json()
         inputs = sample_inputs(meta, self.batch, self.shapes)
-        self.body = {
-            "inputs": [
-                {"name": n, "shape": list(a.shape), "datatype": s["datatype"], "data": a.reshape(-1).tolist()}
-                for (n, a), s in zip(inputs.items(), meta["inputs"])
-            ]
-        }
+        specs = list(zip(inputs.items(), meta["inputs"]))
+        if self.binary:
+            header = {
+                "inputs": [
+                    {
+                        "name": n,
+                        "shape": list(a.shape),
+                        "datatype": s["datatype"],
+                        "parameters": {"binary_data_size": a.nbytes},
+                    }
+                    for (n, a), s in specs
+                ],
+                "outputs": [{"name": o["name"], "parameters": {"binary_data": True}} for o in meta.get("outputs", [])],
+            }
+            head = json.dumps(header).encode()
+            self.content = head + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
+            self.headers = {
+                "Inference-Header-Content-Length": str(len(head)),
+                "Content-Type": "application/octet-stream",
+            }
+        else:
+            body = {
+                "inputs": [
+                    {"name": n, "shape": list(a.shape), "datatype": s["datatype"], "data": a.reshape(-1).tolist()}
+                    for (n, a), s in specs
+                ]
+            }
+            self.content, self.headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.http.__aexit__(*exc)
 
     async def call(self) -> None:
-        response = await self.http.post(f"/v2/models/{self.model}/infer", json=self.body)
+        response = await self.http.post(f"/v2/models/{self.model}/infer", content=self.content, headers=self.headers)
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}")
 
@@ -270,16 +334,22 @@ class HttpDoor:
 
 
 class GrpcDoor:
-    """The edge's OIP gRPC service (tritonclient.grpc.aio, raw input contents)."""
+    """The edge's OIP gRPC service (tritonclient.grpc.aio, raw input contents). token: the edge's bearer token (as
+    `authorization` metadata); ca_file: TLS, trusting this CA (an edge with --ssl-certfile serves gRPC over TLS)."""
 
-    def __init__(self, address: str, model: str, batch: int = 1, shapes=None) -> None:
+    def __init__(
+        self, address: str, model: str, batch: int = 1, shapes=None, *, token: str | None = None, ca_file=None
+    ) -> None:
         self.address, self.model, self.batch, self.shapes = address, model, batch, shapes
+        self.headers = {"authorization": f"Bearer {token}"} if token else None
+        self.ca_file = ca_file
 
     async def __aenter__(self) -> GrpcDoor:
         import tritonclient.grpc.aio as triton
 
-        self.client = triton.InferenceServerClient(self.address)
-        meta = await self.client.get_model_metadata(self.model, as_json=True)
+        tls = {"ssl": True, "root_certificates": self.ca_file} if self.ca_file else {}
+        self.client = triton.InferenceServerClient(self.address, **tls)
+        meta = await self.client.get_model_metadata(self.model, headers=self.headers, as_json=True)
         specs = [
             {"name": i["name"], "datatype": i["datatype"], "shape": [int(d) for d in i["shape"]]}
             for i in meta["inputs"]
@@ -296,10 +366,10 @@ class GrpcDoor:
         await self.client.close()
 
     async def call(self) -> None:
-        await self.client.infer(self.model, self.tensors)
+        await self.client.infer(self.model, self.tensors, headers=self.headers)
 
     async def statistics(self) -> list[dict]:
-        answer = await self.client.get_inference_statistics(self.model, as_json=True)
+        answer = await self.client.get_inference_statistics(self.model, headers=self.headers, as_json=True)
         return answer.get("model_stats", [])
 
 

@@ -7,8 +7,9 @@ processes or clocks (LocalCluster.supervise feeds it and does what it decides).
     supervisor.due(now + 0.5)                           # ["broker-1"]: restart it now (then call started again)
 
 - A failure (non-zero exit status, or death by a signal other than SIGTERM, SIGINT, SIGHUP, SIGPIPE) is restarted
-  after a backoff: `backoff_initial`, doubling with each failure in a row, up to `backoff_max`. A process that had
-  stayed up `backoff_reset` seconds before it failed starts the doubling again.
+  after a backoff: `backoff_initial`, doubling with each failure in a row, up to `backoff_max`. Each `backoff_decay`
+  seconds a process stayed up before it failed takes one doubling back, and `backoff_reset` seconds start the doubling
+  again: a process that served between kills restarts fast, one that dies within seconds of its start backs off.
 - A process restarted `crash_restarts` times within `crash_window` seconds is in a crash loop: its next failure is
   given up on (GIVE_UP), and it is not restarted again.
 - A clean exit (status 0, or SIGTERM, SIGINT, SIGHUP, SIGPIPE: someone asked it to stop) is not restarted (CLEAN).
@@ -93,6 +94,8 @@ class Supervisor:
         policy = self.policy
         if uptime >= policy.backoff_reset:
             child.failures = 0
+        elif policy.backoff_decay > 0:
+            child.failures = max(0, child.failures - int(uptime // policy.backoff_decay))
         child.restarts = [t for t in child.restarts if now - t < policy.crash_window]
         if len(child.restarts) >= policy.crash_restarts:
             child.due, child.given_up = None, True

@@ -94,6 +94,7 @@ def create_app(
     cors_origins: Iterable[str] = (),
     key: str | None = None,
     grpc_address: str | None = None,
+    grpc_tls: tuple[str, str] | None = None,
     manager_address: str | None = None,
     manager: Any = None,
     manager_key: str | None = None,
@@ -112,7 +113,8 @@ def create_app(
     tokens / admin_tokens: bearer tokens (none: every route is open); allowed_hosts: Host names served besides the
     loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py); key: the
     bus key file (`cluster keys add NAME --role client`) the edge's own AsyncClient presents (None: in the clear).
-    grpc_address: host:port (port 0: any) where the app's lifespan also serves the OIP over gRPC (None: no gRPC).
+    grpc_address: host:port (port 0: any) where the app's lifespan also serves the OIP over gRPC (None: no gRPC);
+    grpc_tls: (certificate, key) PEM files gRPC serves TLS with (run_edge gives the HTTPS edge's own).
 
     manager_address: the lifecycle manager's query address, for the repository extension (load, unload, index) and
     the rollout metrics (default CLUSTER_MANAGER_QUERIES, else tcp://127.0.0.1:5559); manager_key: the key the edge
@@ -143,12 +145,12 @@ def create_app(
         try:
             if client is not None:
                 edge.client = client
-                async with grpc_serving(edge, grpc_address):
+                async with grpc_serving(edge, grpc_address, tls=grpc_tls):
                     yield
             else:
                 async with AsyncClient(broker, timeout=request_timeout, fail_fast=True, key=key) as own:
                     edge.client = own
-                    async with grpc_serving(edge, grpc_address):
+                    async with grpc_serving(edge, grpc_address, tls=grpc_tls):
                         # the objects of the start (the imports and the app: ~200k while torch was imported) are
                         # left out of every later garbage collection: a full collection of them took ~100 ms, a
                         # stall that showed in the edge's p99 latency
@@ -293,6 +295,8 @@ def run_edge(
             allowed_hosts=hosts_for_bind(host, allowed_hosts),
             cors_origins=cors_origins,
             grpc_address=None if grpc_port == 0 else format_grpc_address(grpc_host or host, max(grpc_port, 0)),
+            # with TLS, gRPC serves the same certificate: tokens and model loads never travel in the clear
+            grpc_tls=(str(ssl_certfile), str(ssl_keyfile)) if ssl_certfile else None,
         )
         if grpc_port < -1 or grpc_port > 65535:
             raise ValueError(f"--grpc-port {grpc_port} is not a port (0: no gRPC, -1: any free port)")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from cluster.errors import ClusterError
 from edge import oip, repository, statistics
@@ -31,6 +32,7 @@ from edge.routes import (
     parse_version,
     server_version,
 )
+from edge.triton_config import triton_model_config
 
 log = logging.getLogger("edge")
 
@@ -201,9 +203,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=any(not a.get("draining") for a in agents))
 
     async def ModelReady(self, request, context):
+        """ready=false for a model that is not served, known or not (as Triton answers, and as HTTP's 404 and 503
+        read to tritonclient.http's is_model_ready), never NOT_FOUND."""
+
         async def work():
             self._authorize(context)
-            meta = await self._metadata(request.name, request.version)
+            try:
+                meta = await self._metadata(request.name, request.version)
+            except RPCError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return service_pb2.ModelReadyResponse(ready=False)
             return service_pb2.ModelReadyResponse(ready=bool(meta.get("ready")))
 
         return await self._run(context, work())
@@ -230,6 +240,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         shape=[int(d) for d in tensor.get("shape", [])],
                     )
             return response
+
+        return await self._run(context, work())
+
+    async def ModelConfig(self, request, context):
+        """Triton's model configuration extension: the config as Triton's ModelConfig (edge/triton_config.py)."""
+
+        async def work():
+            self._authorize(context)
+            config = triton_model_config(await self._metadata(request.name, request.version))
+            return service_pb2.ModelConfigResponse(
+                config=json_format.ParseDict(config, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+            )
 
         return await self._run(context, work())
 
@@ -325,15 +347,36 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._run(context, work())
 
 
-def create_server(edge: EdgeState, address: str) -> tuple[grpc.aio.Server, int]:
+def _unimplemented(rpc: str):
+    async def handler(self, request, context):
+        # UNIMPLEMENTED with a clear message and no ERROR traceback in the edge's log (the generated base class
+        # raises NotImplementedError, which grpc logs as a servicer failure)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc} is not supported by this server ({SERVER_NAME})")
+
+    handler.__name__ = rpc
+    return handler
+
+
+for _rpc in dir(service_pb2_grpc.GRPCInferenceServiceServicer):
+    if not _rpc.startswith("_") and _rpc not in InferenceServicer.__dict__:
+        setattr(InferenceServicer, _rpc, _unimplemented(_rpc))
+
+
+def create_server(edge: EdgeState, address: str, tls: tuple[str, str] | None = None) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server for the edge on `address` (host:port, port 0 = any), not started; and the port bound.
-    Messages are limited to the edge's max body, as REST bodies are."""
+    Messages are limited to the edge's max body, as REST bodies are. tls: (certificate, private key) PEM files: serve
+    TLS with them (the HTTP edge's own, so that a token is never sent in the clear on either port)."""
     limit = int(edge.max_body_bytes)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", max(limit, 64 << 20))]
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(edge), server)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        certfile, keyfile = tls
+        credentials = grpc.ssl_server_credentials([(Path(keyfile).read_bytes(), Path(certfile).read_bytes())])
+        port = server.add_secure_port(address, credentials)
     if not port:
         raise OSError(f"the edge cannot listen for gRPC on {address}")
     return server, port
@@ -345,16 +388,17 @@ def grpc_address(host: str, port: int) -> str:
 
 
 @asynccontextmanager
-async def serving(edge: EdgeState, address: str | None, grace: float = 5.0):
+async def serving(edge: EdgeState, address: str | None, grace: float = 5.0, tls: tuple[str, str] | None = None):
     """Serve gRPC on `address` (None: not at all) in the running loop while the block runs: the app's lifespan,
-    so it starts with uvicorn and stops with it (SIGTERM included). Sets `edge.grpc_address` to what it bound."""
+    so it starts with uvicorn and stops with it (SIGTERM included). Sets `edge.grpc_address` to what it bound.
+    tls: (certificate, key) PEM files, as create_server."""
     if address is None:
         yield
         return
-    server, port = create_server(edge, address)
+    server, port = create_server(edge, address, tls)
     await server.start()
     edge.grpc_address = grpc_address(address.rsplit(":", 1)[0].strip("[]"), port)
-    log.info("gRPC (Open Inference Protocol) on %s", edge.grpc_address)
+    log.info("gRPC (Open Inference Protocol) on %s%s", edge.grpc_address, " with TLS" if tls else "")
     try:
         yield
     finally:

@@ -44,10 +44,11 @@ from edge.schemas import (
     error_responses,
 )
 from edge.security import TOKEN, EdgeSecurity, check_infer_content_type
+from edge.triton_config import triton_model_config
 
 log = logging.getLogger("edge")
 SERVER_NAME = "torch-serving-cluster"
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration"]
 
 
 def server_version() -> str:
@@ -197,6 +198,27 @@ async def model_metadata(request: Request, name: str) -> Response:
 )
 async def model_version_metadata(request: Request, name: str, version: str) -> Response:
     return json_response(_metadata_body(await _model_metadata(get_edge(request), name, version)))
+
+
+@router.get(
+    "/v2/models/{name}/config",
+    tags=["metadata"],
+    summary="Model configuration (Triton's extension)",
+    responses=error_responses(404, 503),
+)
+async def model_config(request: Request, name: str) -> Response:
+    """The model's config as Triton's model config JSON (tritonclient's `get_model_config`)."""
+    return json_response(triton_model_config(await _model_metadata(get_edge(request), name, None)))
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/config",
+    tags=["metadata"],
+    summary="Model configuration (one version)",
+    responses=error_responses(404, 503),
+)
+async def model_version_config(request: Request, name: str, version: str) -> Response:
+    return json_response(triton_model_config(await _model_metadata(get_edge(request), name, version)))
 
 
 async def _model_ready(edge: EdgeState, name: str, version: str | None) -> Response:

@@ -563,7 +563,7 @@ def test_agents_models_and_health(http):
     assert (
         server["name"] == "torch-serving-cluster"
         and server["version"]
-        and server["extensions"] == ["binary_tensor_data", "statistics", "model_repository"]
+        and server["extensions"] == ["binary_tensor_data", "statistics", "model_repository", "model_configuration"]
     )
     meta = http.get("/v2/models/digits").json()
     assert meta == {

@@ -50,12 +50,36 @@ def test_a_failure_is_restarted_with_a_backoff_that_doubles_up_to_the_maximum():
 
 def test_the_backoff_starts_again_after_the_process_stayed_up_long_enough():
     clock = Clock()
-    sup = Supervisor(RestartPolicy(backoff_reset=10.0, crash_restarts=100))  # no crash loop here
+    # no crash loop here, and no decay: only the reset
+    sup = Supervisor(RestartPolicy(backoff_reset=10.0, backoff_decay=0.0, crash_restarts=100))
     sup.started("broker-1", clock())
     assert [_crash_and_restart(sup, clock, "broker-1", 1.0).delay for _ in range(3)] == [0.5, 1.0, 2.0]
     assert _crash_and_restart(sup, clock, "broker-1", uptime=9.9).delay == 4.0, "9.9 s is not long enough"
     assert _crash_and_restart(sup, clock, "broker-1", uptime=10.0).delay == 0.5, "10 s up resets the backoff"
     assert _crash_and_restart(sup, clock, "broker-1", uptime=1.0).delay == 1.0
+
+
+def test_a_process_that_served_between_kills_restarts_fast():
+    """Issue 18: the broker killed every 8-10 s (up about 8 s each time) waited 8.6 s to restart at the 5th kill,
+    because only 10 s up reset the backoff. Each 2 s up now takes one doubling back (default policy)."""
+    clock = Clock()
+    sup = Supervisor(RestartPolicy(crash_restarts=100))
+    sup.started("broker-1", clock())
+    delays = [_crash_and_restart(sup, clock, "broker-1", uptime=8.0).delay for _ in range(8)]
+    assert delays == [0.5] * 8, f"a process up 8 s between kills should restart at once each time: {delays}"
+    # up 3 s between kills: one doubling taken back each time, so the delay stays low
+    sup.started("broker-2", clock())
+    delays = [_crash_and_restart(sup, clock, "broker-2", uptime=3.0).delay for _ in range(6)]
+    assert max(delays) <= 1.0, delays
+
+
+def test_a_process_that_dies_within_seconds_of_its_start_still_backs_off_and_is_given_up_on():
+    clock = Clock()
+    sup = Supervisor(RestartPolicy())  # the defaults: decay 2 s, crash loop 5 restarts in 60 s
+    sup.started("manager-0", clock())
+    decisions = [_crash_and_restart(sup, clock, "manager-0", uptime=1.5, status=1) for _ in range(6)]
+    assert [d.delay for d in decisions[:5]] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert decisions[-1].action == GIVE_UP
 
 
 def test_a_crash_loop_is_given_up_on_after_five_restarts_within_the_window():

@@ -438,9 +438,16 @@ class Agent:
         self.broker.send_multipart(message(Command.READY, ready))
 
     def _metadata(self, models) -> list[dict]:
-        """Each model's inputs and outputs, for the broker's `model` queries (the edge's metadata and readiness)."""
+        """Each model's inputs and outputs, for the broker's `model` queries (the edge's metadata and readiness), and
+        its whole config (the edge's model configuration extension)."""
         return [
-            dict(m.config.metadata(), version=m.version, max_queue_wait_ms=m.config.max_queue_wait_ms) for m in models
+            dict(
+                m.config.metadata(),
+                version=m.version,
+                max_queue_wait_ms=m.config.max_queue_wait_ms,
+                config=m.config.to_dict(),
+            )
+            for m in models
         ]
 
     def send_heartbeat(self) -> None:
