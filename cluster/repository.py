@@ -20,7 +20,8 @@ Agents on many hosts read the share (often NFS) while an operator publishes to i
 absent or complete, and files are replaced atomically (atomic_write). The manifest guards against a half-copied or
 tampered file being loaded: ModelRepository.read_model hashes the very bytes it hands over. Those bytes are only ever
 opened with torch.jit.load or torch.export.load (cluster.agent.loaded_model), never with pickle, because the share is
-writable by more people than the agents' hosts trust.
+writable by more people than the agents' hosts trust; and since torch.export.load itself unpickles entries of an
+archive, cluster.model_check refuses any archive that holds one, at publish and again in read_model.
 
 Errors: RepositoryError (defined with the model contract in cluster.model_config) when something on the share is
 missing, malformed or does not match its manifest; cluster.share.ShareError, a subclass, when the share itself cannot
@@ -43,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cluster.model_check import check_model_file
 from cluster.model_config import ModelConfig, RepositoryError
 
 MODELS_DIR = "models"
@@ -393,6 +395,7 @@ class ModelRepository:
         except OSError as exc:
             raise RepositoryError(f"{where}: cannot read {path}: {describe_error(exc)}") from None
         check_digest(path, files[path.name], where, data)
+        check_model_file(path.name, data, f"{where}: {path}")  # again here: the share may be written by others
         return ModelBytes(name, version, replace(config, platform=platform), path, data)
 
 
@@ -448,6 +451,12 @@ def publish_version(
         config_bytes = config_file_bytes(parsed)
     elif not config_path.is_file():
         raise RepositoryError(f"cannot publish model '{name}': {config_path} does not exist and no config was given")
+    where = f"cannot publish model '{name}': {model_path}"
+    if data is not None:
+        check_model_file(target_file, data, where)
+    else:
+        with open(model_path, "rb") as model_file:
+            check_model_file(target_file, model_file, where)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".tmp-{secrets.token_hex(8)}"

@@ -391,8 +391,16 @@ def test_load_corrupt_model_is_an_error_not_a_crash(tmp_path):
 def test_load_refuses_a_pickle(tmp_path):
     src = tmp_path / "state.pt"
     torch.save({"w": torch.zeros(2)}, src)  # a plain torch.save zip, not TorchScript
-    publish_version(tmp_path, "echo", src, config=ECHO_CONFIG)
-    with pytest.raises(RepositoryError, match="cannot load"):
+    with pytest.raises(RepositoryError, match="is a torch.save file .*, not TorchScript or torch.export; save"):
+        publish_version(tmp_path, "echo", src, config=ECHO_CONFIG)
+    # The same file put on the share by hand, with a manifest that matches it: the agent says what it is, too.
+    publish_version(tmp_path, "echo", _echo_file(tmp_path), config=ECHO_CONFIG)
+    folder = ModelRepository(tmp_path).models_dir / "echo" / "1"
+    (folder / "model.pt").write_bytes(src.read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.pt"] = sha256_file(src)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RepositoryError, match="model 'echo' version 1: .* is a torch.save file"):
         load_model(ModelRepository(tmp_path), "echo", 1)
 
 

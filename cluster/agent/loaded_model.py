@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import mmap
+import operator
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,21 @@ from cluster.repository import ModelBytes, ModelRepository, RepositoryError, des
 
 # torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
 DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items()}
+# What an exported program may call besides operators: the symbolic-shape helpers torch.export itself emits.
+_HELPERS = {
+    *(getattr(operator, op) for op in "getitem eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv".split()),
+    operator.and_,
+    operator.or_,
+    operator.lshift,
+    operator.rshift,
+    operator.not_,
+    operator.abs,
+    math.trunc,
+    math.floor,
+    math.ceil,
+    math.sqrt,
+    *(getattr(torch, f) for f in "sym_not sym_int sym_float sym_ite sym_max sym_min sym_sqrt sym_sum".split()),
+}
 
 
 class LoadedModel:
@@ -188,6 +206,48 @@ def _source(verified: ModelBytes):
     return io.BytesIO(verified.data)
 
 
+def _load_program(verified: ModelBytes) -> Any:
+    """torch.export.load of bytes cluster.model_check admitted (no pickled payloads, operators only), from a file
+    object: torch logs "Unable to load package" for a path not ending in .pt2, such as /proc/self/fd/N."""
+    source = _source(verified)
+    with open(source, "rb") if isinstance(source, str) else source as stream:
+        _sample_inputs_are_tensors(stream, verified)
+        stream.seek(0)
+        program = torch.export.load(stream)
+    _only_operators(program, verified)
+    return program
+
+
+def _sample_inputs_are_tensors(stream: Any, verified: ModelBytes) -> None:
+    """torch loads the sample inputs with weights_only=True, and if that fails, again with weights_only=False: load
+    them here with weights_only=True first, so that a file which fails it is refused and torch's fallback (which
+    would run the pickle) is never reached."""
+    with zipfile.ZipFile(stream) as archive:
+        entries = [n for n in archive.namelist() if n.endswith("/data/sample_inputs/model.pt")]
+        for entry in entries:
+            try:
+                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
+            except Exception as exc:
+                raise RepositoryError(
+                    f"model '{verified.name}' version {verified.version}: {verified.path}: its sample inputs are not "
+                    f"plain tensors ({describe_error(exc, 300)}); refused"
+                ) from None
+
+
+def _only_operators(program: Any, verified: ModelBytes) -> None:
+    """Every call in the program (and its sub-graphs) is a registered operator or a symbolic-shape helper, checked
+    on what torch resolved, before anything runs (model_check checked the names)."""
+    allowed = (torch._ops.OpOverload, torch._ops.HigherOrderOperator)
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if graph is not None else ():
+            if node.op == "call_function" and not isinstance(node.target, allowed) and node.target not in _HELPERS:
+                raise RepositoryError(
+                    f"model '{verified.name}' version {verified.version}: {verified.path}: the program calls "
+                    f"{node.target!r}, which is not an operator; refused"
+                )
+
+
 def _module(verified: ModelBytes, device: str) -> Any:
     platform = verified.config.platform
     try:
@@ -197,12 +257,12 @@ def _module(verified: ModelBytes, device: str) -> Any:
                 module = module.to(device)
             module.eval()
             return module
-        program = torch.export.load(_source(verified))
+        program = _load_program(verified)
         if device != "cpu":
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, device)
-        module = program.module()
+        module = program.module(check_guards=False)  # guards_code is Python source from the file: never run it
         try:
             module.eval()
         except NotImplementedError:
