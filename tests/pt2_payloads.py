@@ -4,6 +4,7 @@ marker file; a test passes only if the marker never appears."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -107,3 +108,35 @@ def extra_entry(good: Path, out: Path, name: str, data: bytes = b"\x7fELF") -> P
     root, entries = _entries(good)
     entries[name] = data
     return _write(out, root, entries)
+
+
+def drop_on_share(share: Path, name: str, version: int, model: Path, config: dict) -> None:
+    """A version written straight onto the share with a correct manifest, as anyone with write access could: no
+    publish check ran, so only the agent's own check stands between the file and torch."""
+    folder = share / "models" / name / str(version)
+    folder.mkdir(parents=True)
+    files = {"model.pt2": model.read_bytes(), "config.json": json.dumps(config).encode()}
+    for fname, data in files.items():
+        (folder / fname).write_bytes(data)
+    (share / "models" / name / "config.json").write_bytes(files["config.json"])
+    manifest = {"files": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def non_operator(program):
+    program["graph_module"]["graph"]["nodes"][-1]["target"] = "torch.os.system"
+
+
+def sympy_python(marker):
+    def change(program):
+        sizes = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"]
+        sizes[0]["as_expr"]["expr_str"] = f"__import__('pathlib').Path('{marker}').write_text('ran') and Symbol('s0')"
+
+    return change
+
+
+def guards(marker):
+    def change(program):
+        program["guards_code"] = [f"__import__('pathlib').Path('{marker}').write_text('ran') or True"]
+
+    return change

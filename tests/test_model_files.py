@@ -7,8 +7,6 @@ tests/test_repository_cluster.py::test_a_pt2_with_a_payload_is_refused_at_every_
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -16,7 +14,6 @@ import pytest
 import torch
 
 from cluster.agent.loaded_model import load_model
-from cluster.model_check import check_model_file
 from cluster.repository import ModelRepository, RepositoryError, publish_upload, publish_version
 from tests import pt2_payloads
 
@@ -28,49 +25,17 @@ def good_pt2(tmp_path_factory) -> Path:
     return pt2_payloads.exported_program(tmp_path_factory.mktemp("pt2") / "good.pt2")
 
 
-def drop_on_share(share: Path, name: str, version: int, model: Path, config: dict) -> None:
-    """A version written straight onto the share with a correct manifest, as anyone with write access could: no
-    publish check ran, so only the agent's own check stands between the file and torch."""
-    folder = share / "models" / name / str(version)
-    folder.mkdir(parents=True)
-    files = {"model.pt2": model.read_bytes(), "config.json": json.dumps(config).encode()}
-    for fname, data in files.items():
-        (folder / fname).write_bytes(data)
-    (share / "models" / name / "config.json").write_bytes(files["config.json"])
-    manifest = {"files": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
-def _non_operator(program):
-    program["graph_module"]["graph"]["nodes"][-1]["target"] = "torch.os.system"
-
-
-def _sympy_python(marker):
-    def change(program):
-        sizes = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"]
-        sizes[0]["as_expr"]["expr_str"] = f"__import__('pathlib').Path('{marker}').write_text('ran') and Symbol('s0')"
-
-    return change
-
-
-def _guards(marker):
-    def change(program):
-        program["guards_code"] = [f"__import__('pathlib').Path('{marker}').write_text('ran') or True"]
-
-    return change
-
-
 BAD_FILES = {
     # name: (make(good, out, marker), what the refusal says)
     "pickled weight": (pt2_payloads.pickled_weight, "is stored as a pickle"),
     "pickled sample inputs": (pt2_payloads.pickled_sample_inputs, r"is a pickle naming (__builtin__|builtins)\.exec"),
     "opaque constant": (pt2_payloads.opaque_constant, "a Python object constant"),
     "non-operator call": (
-        lambda good, out, marker: pt2_payloads.rewritten_program(good, out, _non_operator),
+        lambda good, out, marker: pt2_payloads.rewritten_program(good, out, pt2_payloads.non_operator),
         "calls 'torch.os.system', which is not an operator",
     ),
     "python in sympy": (
-        lambda good, out, marker: pt2_payloads.rewritten_program(good, out, _sympy_python(marker)),
+        lambda good, out, marker: pt2_payloads.rewritten_program(good, out, pt2_payloads.sympy_python(marker)),
         "symbolic shape expression .* uses '__import__'|unexpected",
     ),
     "native library": (
@@ -81,6 +46,8 @@ BAD_FILES = {
 
 
 def test_a_real_exported_program_passes_and_loads_without_torch_complaining(tmp_path, good_pt2, caplog):
+    from cluster.model_check import check_model_file
+
     check_model_file("model.pt2", good_pt2.read_bytes(), "good")
     publish_version(tmp_path, "small", good_pt2, config=pt2_payloads.CONFIG)
     with caplog.at_level(logging.WARNING):
@@ -100,7 +67,7 @@ def test_a_pt2_that_would_run_code_is_refused_at_publish_and_at_load(tmp_path, g
     with pytest.raises(RepositoryError, match=says):
         publish_upload(share, "evil", "model.pt2", bad.read_bytes(), pt2_payloads.CONFIG)
     assert not (share / "models" / "evil").exists() or not ModelRepository(share).versions("evil")
-    drop_on_share(share, "dropped", 1, bad, pt2_payloads.CONFIG)
+    pt2_payloads.drop_on_share(share, "dropped", 1, bad, pt2_payloads.CONFIG)
     with pytest.raises(RepositoryError, match=f"model 'dropped' version 1: .*({says})"):
         load_model(ModelRepository(share), "dropped", 1)
     assert not marker.exists(), f"the payload of the {kind} ran"
@@ -110,7 +77,7 @@ def test_guards_code_in_a_program_is_never_run(tmp_path, good_pt2):
     """guards_code is Python source that ExportedProgram.module() compiles into the module it builds: the agent
     builds the module without it, so a program carrying it loads and serves, and the code never runs."""
     marker = tmp_path / "payload-ran"
-    bad = pt2_payloads.rewritten_program(good_pt2, tmp_path / "guards.pt2", _guards(marker))
+    bad = pt2_payloads.rewritten_program(good_pt2, tmp_path / "guards.pt2", pt2_payloads.guards(marker))
     publish_version(tmp_path, "guarded", bad, config=pt2_payloads.CONFIG)
     model = load_model(ModelRepository(tmp_path), "guarded", 1)  # warms up: runs the module once
     assert model.infer({"x": torch.ones(3, 4)})["y"].shape == (3, 2)
@@ -124,7 +91,7 @@ def test_sample_inputs_are_loaded_weights_only_before_torch_sees_them(tmp_path, 
 
     marker = tmp_path / "payload-ran"
     bad = pt2_payloads.pickled_sample_inputs(good_pt2, tmp_path / "bad.pt2", marker)
-    drop_on_share(tmp_path, "dropped", 1, bad, pt2_payloads.CONFIG)
+    pt2_payloads.drop_on_share(tmp_path, "dropped", 1, bad, pt2_payloads.CONFIG)
     monkeypatch.setattr(cluster.repository, "check_model_file", lambda *args: None)
     with pytest.raises(RepositoryError, match="sample inputs are not plain tensors"):
         load_model(ModelRepository(tmp_path), "dropped", 1)
