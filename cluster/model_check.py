@@ -170,13 +170,27 @@ def _refuse(where: str, text: str) -> RepositoryError:
 def _zip(stream: IO[bytes], where: str, what: str) -> zipfile.ZipFile:
     try:
         stream.seek(0)
-        head = stream.read(2)
-        stream.seek(0)
         return zipfile.ZipFile(stream)
     except zipfile.BadZipFile:
-        if head[:1] == b"\x80":  # a pickle protocol opcode: torch.save's old (non-zip) format, or pickle.dump
+        if _is_pickle(stream):  # torch.save's old (non-zip) format, or pickle.dump
             raise _refuse(where, f"is a pickle (torch.save or pickle.dump), not {what}; {MAKE_TORCHSCRIPT}") from None
         raise _refuse(where, f"is not {what} (not a zip archive); {MAKE_TORCHSCRIPT}") from None
+
+
+def _is_pickle(stream: IO[bytes]) -> bool:
+    """Whether the file starts with a whole pickle (read, never run: pickletools only lists its opcodes), so random
+    bytes that happen to start with a PROTO opcode are not called a pickle."""
+    stream.seek(0)
+    if stream.read(1) != b"\x80" or stream.read(1) not in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return False
+    stream.seek(0)
+    try:
+        for count, (opcode, _, _) in enumerate(pickletools.genops(stream)):
+            if opcode.name == "STOP":
+                return count > 1
+    except Exception:
+        return False
+    return False
 
 
 def _entries(archive: zipfile.ZipFile, where: str) -> tuple[str, list[str]]:

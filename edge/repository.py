@@ -113,7 +113,11 @@ async def load_model(edge: EdgeState, name: str, config: str | None, files: dict
     else:
         report = await _manager(edge, "deploy", wait, name=name, rollout_timeout=ROLLOUT_TIMEOUT)
     if not report.get("ok"):
-        reasons = "; ".join(f"{agent}: {why}" for agent, why in sorted(report.get("agents", {}).items()) if why != "ok")
+        failed: dict[str, list[str]] = {}  # the same reason from every agent is said once, naming them all
+        for agent, why in sorted(report.get("agents", {}).items()):
+            if why != "ok":
+                failed.setdefault(why, []).append(agent)
+        reasons = "; ".join(f"{', '.join(agents)}: {why}" for why, agents in failed.items())
         raise HTTPError(
             400,
             f"failed to load '{name}' version {report.get('version')}; every agent keeps what it served ({reasons})",

@@ -7,6 +7,7 @@ tests/test_repository_cluster.py::test_a_pt2_with_a_payload_is_refused_at_every_
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -45,15 +46,24 @@ BAD_FILES = {
 }
 
 
-def test_a_real_exported_program_passes_and_loads_without_torch_complaining(tmp_path, good_pt2, caplog):
+def test_a_real_exported_program_passes_and_loads_without_torch_complaining(tmp_path, good_pt2):
+    """Issue 18 point 9: torch logged "Unable to load package ... /proc/self/fd/N" on every .pt2 load, as the sealed
+    copy's path does not end in .pt2 (torch's loggers write through torch's own handler: listen to the one logger)."""
     from cluster.model_check import check_model_file
 
     check_model_file("model.pt2", good_pt2.read_bytes(), "good")
     publish_version(tmp_path, "small", good_pt2, config=pt2_payloads.CONFIG)
-    with caplog.at_level(logging.WARNING):
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    torch_logger = logging.getLogger("torch.export.pt2_archive._package")
+    torch_logger.addHandler(handler)
+    try:
         model = load_model(ModelRepository(tmp_path), "small", 1)
+    finally:
+        torch_logger.removeHandler(handler)
     assert model.infer({"x": torch.ones(3, 4)})["y"].shape == (3, 2)
-    assert not [r for r in caplog.records if "Unable to load package" in r.getMessage()], caplog.text
+    assert not [m for m in heard if "Unable to load package" in m], heard
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
@@ -113,3 +123,90 @@ def test_a_torch_save_file_is_told_apart_from_torchscript(tmp_path, good_pt2):
     misnamed.write_bytes(good_pt2.read_bytes())
     with pytest.raises(RepositoryError, match="is a torch.export program, not TorchScript: publish it as a .pt2"):
         publish_version(tmp_path, "m", misnamed, config=pt2_payloads.CONFIG)
+
+
+class Flatten(torch.nn.Module):
+    """Takes batches of [3, 8, 8] images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.linear(torch.flatten(x, 1))
+
+
+def test_a_warmup_failure_says_the_error_line_the_shapes_and_the_batch_dimension(tmp_path):
+    """Issue 18 point 9: a Triton user's config (shape [3, 8, 8], max_batch_size 8) for a model that takes batches:
+    TorchScript's error runs to a page of traceback with the error on its last line; the message keeps that line,
+    says the warm-up inputs' shapes and that our shapes include the batch dimension."""
+    model = tmp_path / "flatten.pt"
+    torch.jit.save(torch.jit.script(Flatten().eval()), str(model))
+    config = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 8, 8]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 10]}],
+        "max_batch_size": 8,
+    }
+    publish_version(tmp_path, "triton-habit", model, config=config)
+    with pytest.raises(RepositoryError) as info:
+        load_model(ModelRepository(tmp_path), "triton-habit", 1)
+    text = str(info.value)
+    assert "mat1 and mat2 shapes cannot be multiplied (3x64 and 192x10)" in text, text
+    assert "warm-up failed on zeros shaped as config.json says ('x' FP32 [3, 8, 8])" in text, text
+    assert "include the batch dimension" in text and "'x' has shape [-1, 3, 8, 8]" in text, text
+    assert "Traceback of TorchScript" not in text and len(text) < 1000, text
+
+
+TRITON_PBTXT = """
+name: "resnet"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 1000 ] } ]
+instance_group [ { count: 2 kind: KIND_CPU } ]
+dynamic_batching { max_queue_delay_microseconds: 100 }
+"""
+
+
+def test_a_tritons_config_pbtxt_is_read(tmp_path):
+    """Issue 18 point 9: Triton's config.pbtxt (protobuf text) is read with the ModelConfig message tritonclient
+    ships (a dependency) and becomes ours: the batch dimension Triton's dims leave out comes back as -1."""
+    from cluster.model_config import ModelConfig, read_config_file
+
+    path = tmp_path / "config.pbtxt"
+    path.write_text(TRITON_PBTXT)
+    config = read_config_file(path, "resnet")
+    assert config == {
+        "name": "resnet",
+        "platform": "torchscript",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1000]}],
+        "max_batch_size": 8,
+        "max_queue_delay_us": 100,
+        "instances": 2,
+    }, config
+    ModelConfig.from_dict(config, name="resnet")
+    path.write_text('name: "resnet"\ninput [ { nmae: "x" } ]\n')  # a typo
+    with pytest.raises(RepositoryError, match=r"config.pbtxt is neither JSON nor Triton's config.pbtxt .*nmae"):
+        read_config_file(path, "resnet")
+    (tmp_path / "config.json").write_text(json.dumps(pt2_payloads.CONFIG))
+    assert read_config_file(tmp_path / "config.json") == pt2_payloads.CONFIG
+    (tmp_path / "broken.json").write_text("{nope")
+    with pytest.raises(RepositoryError, match="broken.json is not valid JSON"):
+        read_config_file(tmp_path / "broken.json")
+
+
+def test_cluster_deploy_takes_a_config_pbtxt(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    (tmp_path / "config.pbtxt").write_text(TRITON_PBTXT)
+    (tmp_path / "model.pt").write_bytes(b"unused: the config is read first")
+    args = ["deploy", str(tmp_path / "model.pt"), "--name", "resnet", "--config", str(tmp_path / "config.pbtxt")]
+    manager = ["--manager", f"ipc://{tmp_path}/no-manager", "--timeout=-29.5", "--share", str(tmp_path / "share")]
+    result = CliRunner().invoke(app, args + manager)
+    assert "is not a model config" not in result.output and "Expecting value" not in result.output, result.output
+    (tmp_path / "config.pbtxt").write_text("input [ { nmae: 1 } ]")
+    result = CliRunner().invoke(app, args + manager)
+    assert result.exit_code == 2 and "is neither JSON nor Triton's config.pbtxt" in result.output, result.output

@@ -122,7 +122,11 @@ class LoadedModel:
         except RepositoryError as exc:
             raise RepositoryError(f"warm-up failed: {exc}") from exc
         except Exception as exc:
-            raise RepositoryError(f"{self._where()}: warm-up failed: {describe_error(exc)}") from exc
+            shapes = ", ".join(f"'{s.name}' {s.datatype} {list(inputs[s.name].shape)}" for s in self.config.inputs)
+            raise RepositoryError(
+                f"{self._where()}: warm-up failed on zeros shaped as config.json says ({shapes}): "
+                f"{model_error(exc)}{_batch_hint(self.config)}"
+            ) from exc
         for spec in self.config.outputs:
             tensor = outputs[spec.name]
             datatype = DATATYPE_OF_TORCH.get(tensor.dtype, str(tensor.dtype))
@@ -134,6 +138,30 @@ class LoadedModel:
             problem = shape_mismatch(spec.shape, list(tensor.shape))
             if problem:
                 raise RepositoryError(f"{self._where()}: warm-up output '{spec.name}': {problem} (as config.json says)")
+
+
+def model_error(exc: BaseException) -> str:
+    """An exception from a model as one line: for TorchScript, its error line, the last after a page of traceback
+    (which a cut to length used to lose)."""
+    text = str(exc).strip()
+    if "Traceback of TorchScript" not in text:
+        return describe_error(exc)
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    return last if len(last) <= 1000 else last[:1000] + " ..."
+
+
+def _batch_hint(config: ModelConfig) -> str:
+    """A model that fails on its warm-up inputs often expects a batch dimension the config's shapes leave out
+    (Triton's dims do, when max_batch_size > 0; ours include it)."""
+    unbatched = [s for s in config.inputs if not s.shape or s.shape[0] != -1]
+    if not unbatched:
+        return ""
+    spec = unbatched[0]
+    return (
+        f". Shapes in config.json include the batch dimension: if the model takes batches of {spec.shape}, "
+        f"'{spec.name}' has shape {[-1, *spec.shape]} (Triton's dims leave it out when max_batch_size > 0; "
+        f"ours do not)"
+    )
 
 
 def load_model(repository: ModelRepository, name: str, version: int, device: str = "cpu") -> LoadedModel:
@@ -268,8 +296,10 @@ def _module(verified: ModelBytes, device: str) -> Any:
         except NotImplementedError:
             pass  # exported programs are traced in eval mode already; their modules refuse eval()
         return module
+    except RepositoryError:
+        raise
     except Exception as exc:
         raise RepositoryError(
             f"model '{verified.name}' version {verified.version}: cannot load {verified.path} ({platform}): "
-            f"{describe_error(exc)}"
+            f"{model_error(exc)}"
         ) from exc
