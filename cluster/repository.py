@@ -544,12 +544,17 @@ def publish_version(
 
 
 def remove_stale_publishes(model_dir: Path, older_than: float = STALE_PUBLISH_SECONDS) -> list[str]:
-    """Remove the `.tmp-*` folders in a model's folder that nothing touched for `older_than` seconds (a publisher
-    killed mid-way; a live one touches its folder as it writes files); returns their names."""
+    """Remove the `.tmp-*` (and `.rejected-*`) folders in a model's folder that nothing touched for `older_than`
+    seconds: a publisher (or remove_version) killed mid-way; a live one touches its folder as it writes files.
+    Returns their names."""
     removed = []
     now = time.time()
     try:
-        entries = [e for e in os.scandir(model_dir) if e.name.startswith(".tmp-") and e.is_dir(follow_symlinks=False)]
+        entries = [
+            e
+            for e in os.scandir(model_dir)
+            if e.name.startswith((".tmp-", ".rejected-")) and e.is_dir(follow_symlinks=False)
+        ]
     except OSError:
         return removed
     for entry in entries:

@@ -359,11 +359,12 @@ def test_failed_publishes_and_killed_publishers_leave_no_folders(tmp_path, monke
 
     model_dir = tmp_path / "models" / "echo"
     killed, working = model_dir / ".tmp-killed", model_dir / ".tmp-working"
-    for folder in (killed, working):
+    half_removed = model_dir / ".rejected-killed"  # remove_version killed between its rename and its rmtree
+    for folder in (killed, working, half_removed):
         folder.mkdir()
         (folder / "model.pt").write_bytes(b"half a file")
     hours_ago = time.time() - 2 * 3600
-    for path in (killed / "model.pt", killed):
+    for path in (killed / "model.pt", killed, half_removed / "model.pt", half_removed):
         os.utime(path, (hours_ago, hours_ago))
     assert publish_version(tmp_path, "echo", src) == 2
     assert sorted(os.listdir(model_dir)) == [".tmp-working", "1", "2", "config.json"]
