@@ -7,16 +7,17 @@ archive (torch/export/pt2_archive/_package.py, torch/_export/serde/serialize.py)
 - `custom_obj_*` (TorchScript's unpickler) and `opaque_obj_*` (pickle.loads) constants;
 - `data/sample_inputs/<m>.pt` (torch.load(weights_only=True), and weights_only=False if that fails), the legacy
   `data/weights/<m>.pt` / `data/constants/<m>.pt` and the pre-2.8 `serialized_*.pt` layout (the same);
-- the program's JSON: a node's `target` is resolved by getattr from `torch`/`_operator`/`math` and called when the
-  module runs (`torch.os.system` resolves), and every `expr_str` goes to sympy.sympify (which evals); its
-  `guards_code` is Python that ExportedProgram.module() compiles into the module, so the agent calls
-  module(check_guards=False) (the config's shapes are checked on every request anyway);
+- the program's JSON: a node's `target` (and an `as_operator` argument) is resolved by getattr from `torch`,
+  `_operator` or `math` and called when the module runs (`torch.os.system` resolves); every `expr_str` goes to
+  sympy.sympify (which evals); `guards_code` is Python that ExportedProgram.module() compiles into the module, so
+  the agent calls module(check_guards=False) (the config's shapes are checked on every request anyway);
 - `data/aotinductor/` is a compiled shared library (code by definition).
 So an archive is admitted only if every entry is one of the known data entries, every payload is raw tensor bytes,
 the sample inputs' pickle names no global outside the tensor-rebuilding allow-list (the agent also loads them with
-weights_only=True itself first, so torch's fallback is never reached), every node target is an operator
-(`torch.ops.<ns>.<op>[.<overload>]`) or one of the symbolic-shape helpers, every sympy expression is built from an
-allow-list of names. Anything else is refused with the entry named.
+weights_only=True itself first, so torch's fallback is never reached), every call and operator argument is an
+operator (`torch.ops.<ns>.<op>[.<overload>]`) or one of the symbolic-shape helpers, and every sympy expression is
+built from an allow-list of names. Anything else is refused with the entry named. The agent checks the calls again
+on what torch resolved, before anything runs.
 
 A TorchScript file (model.pt) is code by design (see the README's trust model); it is loaded by TorchScript's own
 C++ unpickler, which resolves TorchScript types only. Here it is checked only to tell a `torch.save` file (a state
@@ -303,10 +304,10 @@ def _check_program(program: Any, where: str) -> None:
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):
-            if "target" in value and "inputs" in value and "outputs" in value:
-                _check_target(value["target"], where)
             for key, item in value.items():
-                if key == "expr_str":
+                if key in ("target", "as_operator"):  # a node's call, an operator passed to one (resolved alike)
+                    _check_target(item, where)
+                elif key == "expr_str":
                     _check_sympy(item, where)
                 else:
                     walk(item)

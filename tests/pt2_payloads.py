@@ -127,6 +127,12 @@ def non_operator(program):
     program["graph_module"]["graph"]["nodes"][-1]["target"] = "torch.os.system"
 
 
+def operator_argument(program):
+    """An operator argument (resolved like a target, and called by the operator it is passed to)."""
+    node = program["graph_module"]["graph"]["nodes"][-1]
+    node["inputs"].append({"name": "op", "arg": {"as_operator": "torch.os.system"}, "kind": 1})
+
+
 def sympy_python(marker):
     def change(program):
         sizes = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"]

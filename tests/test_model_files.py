@@ -35,6 +35,10 @@ BAD_FILES = {
         lambda good, out, marker: pt2_payloads.rewritten_program(good, out, pt2_payloads.non_operator),
         "calls 'torch.os.system', which is not an operator",
     ),
+    "non-operator argument": (
+        lambda good, out, marker: pt2_payloads.rewritten_program(good, out, pt2_payloads.operator_argument),
+        "calls 'torch.os.system', which is not an operator",
+    ),
     "python in sympy": (
         lambda good, out, marker: pt2_payloads.rewritten_program(good, out, pt2_payloads.sympy_python(marker)),
         "symbolic shape expression .* uses '__import__'|unexpected",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from cluster.config import MODEL_COPY_CHUNK
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
@@ -266,14 +267,24 @@ def _only_operators(program: Any, verified: ModelBytes) -> None:
     """Every call in the program (and its sub-graphs) is a registered operator or a symbolic-shape helper, checked
     on what torch resolved, before anything runs (model_check checked the names)."""
     allowed = (torch._ops.OpOverload, torch._ops.HigherOrderOperator)
+
+    def refuse(what: Any) -> RepositoryError:
+        return RepositoryError(
+            f"model '{verified.name}' version {verified.version}: {verified.path}: the program calls {what!r}, "
+            "which is not an operator; refused"
+        )
+
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         for node in graph.nodes if graph is not None else ():
-            if node.op == "call_function" and not isinstance(node.target, allowed) and node.target not in _HELPERS:
-                raise RepositoryError(
-                    f"model '{verified.name}' version {verified.version}: {verified.path}: the program calls "
-                    f"{node.target!r}, which is not an operator; refused"
-                )
+            if node.op != "call_function":
+                continue
+            if not isinstance(node.target, allowed) and node.target not in _HELPERS:
+                raise refuse(node.target)
+            for arg in pytree.tree_leaves((node.args, node.kwargs)):  # operators passed to a call
+                if callable(arg) and not isinstance(arg, (torch.fx.Node, torch.nn.Module, *allowed)):
+                    if arg not in _HELPERS and not isinstance(arg, torch._ops.OpOverloadPacket):
+                        raise refuse(arg)
 
 
 def _module(verified: ModelBytes, device: str) -> Any:
