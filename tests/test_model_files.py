@@ -214,3 +214,35 @@ def test_cluster_deploy_takes_a_config_pbtxt(tmp_path):
     (tmp_path / "config.pbtxt").write_text("input [ { nmae: 1 } ]")
     result = CliRunner().invoke(app, args + manager)
     assert result.exit_code == 2 and "is neither JSON nor Triton's config.pbtxt" in result.output, result.output
+
+
+SAME_FAILURE = {
+    "model": "resnet",
+    "version": 2,
+    "previous": 1,
+    "ok": False,
+    "seconds": 1.5,
+    "agents": {"agent-1": "warm-up failed: X", "agent-2": "warm-up failed: X", "agent-3": "sha256 mismatch"},
+}
+
+
+def test_a_failure_every_agent_shares_is_said_once(capsys):
+    """Issue 18 point 9: a model that cannot load fails the same way on every agent: `cluster deploy` prints the
+    reason once (each other agent: 'the same as ...'), and the edge's 400 names the agents with one reason each."""
+    from cluster.cli import _print_rollout
+    from tests.test_edge_app import FakeManager
+    from tests.test_edge_repository import edge_client, load_body
+
+    _print_rollout(SAME_FAILURE, "deploy")
+    out = capsys.readouterr().out
+    assert out.count("warm-up failed: X") == 1 and "the same as agent-1" in out and "sha256 mismatch" in out, out
+
+    manager = FakeManager()
+
+    async def report(what, timeout=5.0, data=None, **fields):
+        return SAME_FAILURE
+
+    manager.call = report
+    with edge_client(manager) as http:
+        error = http.post("/v2/repository/models/resnet/load", json=load_body(**{"file:2/model.pt": b"x"})).json()
+    assert "agent-1, agent-2: warm-up failed: X; agent-3: sha256 mismatch" in error["error"], error
