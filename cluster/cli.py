@@ -831,6 +831,7 @@ ManagerAddress = typer.Option(
 
 def _print_rollout(report: dict, what: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     table = _table(
         f"{what} {report['model']} v{report['version']}"
@@ -838,8 +839,15 @@ def _print_rollout(report: dict, what: str) -> None:
         "agent",
         "outcome",
     )
+    first_with: dict[str, str] = {}  # a reason every agent gives (a model that cannot load) is printed once
     for agent_id, outcome in report["agents"].items():
-        table.add_row(agent_id, "[green]ok[/green]" if outcome == "ok" else f"[red]failed: {outcome}[/red]")
+        if outcome == "ok":
+            table.add_row(agent_id, "[green]ok[/green]")
+        elif outcome in first_with:
+            table.add_row(agent_id, f"[red]failed: the same as {first_with[outcome]}[/red]")
+        else:
+            first_with[outcome] = agent_id
+            table.add_row(agent_id, f"[red]failed: {escape(outcome)}[/red]")
     Console().print(table)
     for agent_id, why in (report.get("left_out") or {}).items():
         typer.echo(f"not waited for: {agent_id} ({why})")
@@ -896,7 +904,8 @@ def deploy(
         "--config",
         exists=True,
         dir_okay=False,
-        help="config.json (inputs, outputs, serving settings; ours or Triton's JSON form); required for a new model.",
+        help="config.json (inputs, outputs, serving settings; ours or Triton's, as JSON or config.pbtxt); "
+        "required for a new model.",
     ),
     share: str | None = typer.Option(
         None,
@@ -910,18 +919,15 @@ def deploy(
     key: str | None = Key,
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome."""
-    import json
 
-    from cluster.model_config import RepositoryError, from_triton, is_triton_config
+    from cluster.model_config import RepositoryError, read_config_file
     from cluster.repository import MODEL_FILES, ModelRepository, publish_version
 
     model_config = None
     if config_file is not None:
         try:
-            model_config = json.loads(config_file.read_text())
-            if is_triton_config(model_config):
-                model_config = from_triton(model_config, name)
-        except (ValueError, RepositoryError) as exc:
+            model_config = read_config_file(config_file, name)  # ours or Triton's, JSON or config.pbtxt
+        except RepositoryError as exc:
             typer.echo(f"{config_file} is not a model config: {exc}", err=True)
             raise typer.Exit(2) from None
     if share is None:  # no share here: the manager publishes on its own

@@ -33,6 +33,12 @@ MAX_UPLOAD_BYTES = int(os.environ.get("CLUSTER_MAX_UPLOAD_BYTES", 256 * 1024 * 1
 MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
 MAX_TENSORS = 64  # tensors in one request or reply
 MAX_DIMS = 16  # dimensions of one tensor
+# A model version is a number from 1 (0 only for folders published by hand) to MAX_VERSION: an int32 like a Triton
+# client's, so every language and every JSON reader holds it exactly
+MAX_VERSION = 2**31 - 1
+# A publish's temporary folder (`<share>/models/<name>/.tmp-*`) untouched this long was left by a publisher that was
+# killed (kill -9, power loss); the next publish of that model removes it
+STALE_PUBLISH_SECONDS = float(os.environ.get("CLUSTER_STALE_PUBLISH_SECONDS", 3600))
 MODEL_COPY_CHUNK = 64 * 1024 * 1024  # bytes per sendfile() when an agent copies a model file into a sealed memfd
 LOAD_THREADS = 2  # model versions an agent loads at once (at start and in rollouts): copying and hashing release the
 # GIL, so a second model need not wait for the first (2 x 100 MB + digits: 0.46 -> 0.34 s)

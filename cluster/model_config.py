@@ -12,6 +12,7 @@ it or a subclass, so callers catch one error. Import it from cluster.repository.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,3 +285,46 @@ def from_triton(d: dict, name: str | None = None) -> dict:
             raise RepositoryError(f"{where}: instance_group must be a list of objects")
         ours["instances"] = sum(_triton_int(g.get("count", 1), f"{where}: instance_group count") for g in groups)
     return ours
+
+
+def read_config_file(path: Any, name: str | None = None) -> dict:
+    """Our config.json (a dict, checked afterwards by ModelConfig.from_dict) from a file holding ours or Triton's,
+    as JSON or as Triton's config.pbtxt (protobuf text). The protobuf text is read with the ModelConfig message
+    tritonclient ships (a dependency of the edge, so always installed) and protobuf's text_format, so a Triton
+    user's config.pbtxt works as it is. RepositoryError says what is wrong and where."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"cannot read {path}: {exc}") from None
+    if path.suffix.lower() in (".pbtxt", ".prototxt") or (text.lstrip()[:1] not in ("{", "[") and text.strip()):
+        config = _from_pbtxt(text, path)
+    else:
+        try:
+            config = json.loads(text)
+        except ValueError as exc:
+            raise RepositoryError(f"{path} is not valid JSON: {exc}") from None
+    if is_triton_config(config):
+        return from_triton(config, name)
+    if not isinstance(config, dict):
+        raise RepositoryError(f"{path}: a config is a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _from_pbtxt(text: str, path: Any) -> dict:
+    """Triton's config.pbtxt as the JSON form of its ModelConfig (what tritonclient's get_model_config returns)."""
+    try:
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:  # pragma: no cover - tritonclient[grpc] is a dependency
+        raise RepositoryError(
+            f"{path} is protobuf text (Triton's config.pbtxt), which needs tritonclient[grpc] to read ({exc}); "
+            "or write the config as config.json"
+        ) from None
+    try:
+        message = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise RepositoryError(f"{path} is neither JSON nor Triton's config.pbtxt (protobuf text): {exc}") from None
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)

@@ -20,7 +20,8 @@ Agents on many hosts read the share (often NFS) while an operator publishes to i
 absent or complete, and files are replaced atomically (atomic_write). The manifest guards against a half-copied or
 tampered file being loaded: ModelRepository.read_model hashes the very bytes it hands over. Those bytes are only ever
 opened with torch.jit.load or torch.export.load (cluster.agent.loaded_model), never with pickle, because the share is
-writable by more people than the agents' hosts trust.
+writable by more people than the agents' hosts trust; and since torch.export.load itself unpickles entries of an
+archive, cluster.model_check refuses any archive that holds one, at publish and again in read_model.
 
 Errors: RepositoryError (defined with the model contract in cluster.model_config) when something on the share is
 missing, malformed or does not match its manifest; cluster.share.ShareError, a subclass, when the share itself cannot
@@ -36,6 +37,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -43,6 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cluster.config import MAX_VERSION, STALE_PUBLISH_SECONDS
+from cluster.model_check import check_model_file
 from cluster.model_config import ModelConfig, RepositoryError
 
 MODELS_DIR = "models"
@@ -78,15 +82,17 @@ def check_name(name: Any) -> str:
 
 
 def check_version(name: str, version: Any) -> int:
-    if not _is_int(version) or version < 0:
-        raise RepositoryError(f"model '{name}': invalid version {version!r}")
+    if not _is_int(version) or not 0 <= version <= MAX_VERSION:
+        raise RepositoryError(f"model '{name}': invalid version {version!r} (a number from 0 to {MAX_VERSION})")
     return version
 
 
 def version_number(entry: str) -> int | None:
-    """The version a folder name stands for; None for '.tmp-XXXX' folders and anything not a canonical number."""
-    if entry.isascii() and entry.isdigit() and str(int(entry)) == entry:
-        return int(entry)
+    """The version a folder name stands for; None for '.tmp-XXXX' folders, anything not a canonical number, and
+    numbers past MAX_VERSION."""
+    if entry.isascii() and entry.isdigit() and len(entry) <= len(str(MAX_VERSION)) and str(int(entry)) == entry:
+        number = int(entry)
+        return number if number <= MAX_VERSION else None
     return None
 
 
@@ -393,6 +399,7 @@ class ModelRepository:
         except OSError as exc:
             raise RepositoryError(f"{where}: cannot read {path}: {describe_error(exc)}") from None
         check_digest(path, files[path.name], where, data)
+        check_model_file(path.name, data, f"{where}: {path}")  # again here: the share may be written by others
         return ModelBytes(name, version, replace(config, platform=platform), path, data)
 
 
@@ -431,8 +438,10 @@ def publish_version(
         raise RepositoryError(f"cannot publish {model_path}: expected a .pt (TorchScript) or .pt2 (torch.export) file")
     if data is None and not model_path.is_file():
         raise RepositoryError(f"cannot publish {model_path}: no such file")
-    if version is not None and (not _is_int(version) or version < 1):
-        raise RepositoryError(f"cannot publish model '{name}': version must be an int >= 1, got {version!r}")
+    if version is not None and (not _is_int(version) or not 1 <= version <= MAX_VERSION):
+        raise RepositoryError(
+            f"cannot publish model '{name}': version must be a number from 1 to {MAX_VERSION}, got {version!r}"
+        )
 
     model_dir = ModelRepository(share_dir).model_dir(name)
     config_path = model_dir / CONFIG_FILE
@@ -448,11 +457,21 @@ def publish_version(
         config_bytes = config_file_bytes(parsed)
     elif not config_path.is_file():
         raise RepositoryError(f"cannot publish model '{name}': {config_path} does not exist and no config was given")
+    where = f"cannot publish model '{name}': {model_path}"
+    if data is not None:
+        check_model_file(target_file, data, where)
+    else:
+        with open(model_path, "rb") as model_file:
+            check_model_file(target_file, model_file, where)
 
+    new_model_dir = not model_dir.is_dir()
     model_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_publishes(model_dir)
     tmp = model_dir / f".tmp-{secrets.token_hex(8)}"
-    os.mkdir(tmp, 0o777)  # not mkdtemp: its 0700 would hide the version from agents running as other users
+    wrote_config = False
+    published = False
     try:
+        os.mkdir(tmp, 0o777)  # not mkdtemp: its 0700 would hide the version from agents running as other users
         total = len(data) if data is not None else model_path.stat().st_size
         h = hashlib.sha256()
         done = 0
@@ -484,6 +503,7 @@ def publish_version(
         fsync_dir(tmp)
 
         if config_bytes is not None:
+            wrote_config = not config_path.exists()
             atomic_write(config_path, config_bytes)
 
         for _ in range(100):
@@ -508,11 +528,44 @@ def publish_version(
             break
         else:
             raise RepositoryError(f"cannot publish model '{name}': could not claim a version number")
+        published = True
         fsync_dir(model_dir)
         return number
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not published and new_model_dir:  # a failed first publish leaves no empty model behind
+            if wrote_config:
+                config_path.unlink(missing_ok=True)
+            try:
+                model_dir.rmdir()  # only if empty: another publisher of the same new model may be at work in it
+            except OSError:
+                pass
+
+
+def remove_stale_publishes(model_dir: Path, older_than: float = STALE_PUBLISH_SECONDS) -> list[str]:
+    """Remove the `.tmp-*` (and `.rejected-*`) folders in a model's folder that nothing touched for `older_than`
+    seconds: a publisher (or remove_version) killed mid-way; a live one touches its folder as it writes files.
+    Returns their names."""
+    removed = []
+    now = time.time()
+    try:
+        entries = [
+            e
+            for e in os.scandir(model_dir)
+            if e.name.startswith((".tmp-", ".rejected-")) and e.is_dir(follow_symlinks=False)
+        ]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            touched = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in os.scandir(entry.path)])
+        except OSError:
+            continue  # gone already, or being removed by another publisher
+        if now - touched > older_than:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from cluster.config import MAX_VERSION
 from cluster.errors import ClusterError, ModelNotFoundError
 from cluster.repository import MODEL_FILES
 from edge.body import off_loop, read_body
@@ -81,8 +82,10 @@ def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
         )
     ((path, data),) = files.items()
     version, _, file_name = path.removeprefix("file:").partition("/")
-    if not (version.isascii() and version.isdigit()) or int(version) < 1 or len(version) > 18:
-        raise HTTPError(400, f"'{path[:80]}': expected file:<version>/<file> with a version >= 1", "bad_request")
+    if not (version.isascii() and version.isdigit() and len(version) <= 10 and 1 <= int(version) <= MAX_VERSION):
+        raise HTTPError(
+            400, f"'{path[:80]}': expected file:<version>/<file> with a version from 1 to {MAX_VERSION}", "bad_request"
+        )
     if file_name not in MODEL_FILES:
         raise HTTPError(
             400,
@@ -110,7 +113,11 @@ async def load_model(edge: EdgeState, name: str, config: str | None, files: dict
     else:
         report = await _manager(edge, "deploy", wait, name=name, rollout_timeout=ROLLOUT_TIMEOUT)
     if not report.get("ok"):
-        reasons = "; ".join(f"{agent}: {why}" for agent, why in sorted(report.get("agents", {}).items()) if why != "ok")
+        failed: dict[str, list[str]] = {}  # the same reason from every agent is said once, naming them all
+        for agent, why in sorted(report.get("agents", {}).items()):
+            if why != "ok":
+                failed.setdefault(why, []).append(agent)
+        reasons = "; ".join(f"{', '.join(agents)}: {why}" for why, agents in failed.items())
         raise HTTPError(
             400,
             f"failed to load '{name}' version {report.get('version')}; every agent keeps what it served ({reasons})",

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from datetime import datetime
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from cluster.agent.loaded_model import LoadedModel, load_model
 from cluster.codec import datatype_of
+from cluster.config import MAX_VERSION
 from cluster.demo_models import (
     DIGITS_CONFIG,
     ECHO_CONFIG,
@@ -33,6 +35,7 @@ from cluster.repository import (
     ModelRepository,
     RepositoryError,
     atomic_write,
+    publish_upload,
     publish_version,
     sha256_file,
 )
@@ -324,8 +327,63 @@ def test_publish_failure_leaves_nothing_behind(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         publish_version(tmp_path, "echo", src, config=ECHO_CONFIG, progress=boom)
     repo = ModelRepository(tmp_path)
-    assert os.listdir(repo.models_dir / "echo") == []
+    assert not (repo.models_dir / "echo").exists(), "a failed first publish left an empty model folder"
     assert repo.versions("echo") == []
+
+
+def test_failed_publishes_and_killed_publishers_leave_no_folders(tmp_path, monkeypatch):
+    """Issue 18 point 8: a publish that fails (the share full) leaves neither its .tmp-* folder nor, for a new model,
+    the model's folder or config.json; an existing model keeps what it had; a .tmp-* folder left by a publisher that
+    was killed is removed by the next publish once it is stale, and one in progress is not."""
+    import cluster.repository
+
+    src = _echo_file(tmp_path)
+    real_write = cluster.repository.write_new_file
+
+    def disk_full(path, data, mode=None):
+        if str(path).endswith("manifest.json"):
+            raise OSError(28, "No space left on device")
+        real_write(path, data, mode)
+
+    monkeypatch.setattr(cluster.repository, "write_new_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        publish_version(tmp_path, "fresh", src, config=_config(name="fresh"))
+    assert os.listdir(tmp_path / "models") == [], os.listdir(tmp_path / "models")
+    monkeypatch.setattr(cluster.repository, "write_new_file", real_write)
+    publish_version(tmp_path, "echo", src, config=ECHO_CONFIG)
+    monkeypatch.setattr(cluster.repository, "write_new_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        publish_version(tmp_path, "echo", src)
+    assert sorted(os.listdir(tmp_path / "models" / "echo")) == ["1", "config.json"]
+    monkeypatch.setattr(cluster.repository, "write_new_file", real_write)
+
+    model_dir = tmp_path / "models" / "echo"
+    killed, working = model_dir / ".tmp-killed", model_dir / ".tmp-working"
+    half_removed = model_dir / ".rejected-killed"  # remove_version killed between its rename and its rmtree
+    for folder in (killed, working, half_removed):
+        folder.mkdir()
+        (folder / "model.pt").write_bytes(b"half a file")
+    hours_ago = time.time() - 2 * 3600
+    for path in (killed / "model.pt", killed, half_removed / "model.pt", half_removed):
+        os.utime(path, (hours_ago, hours_ago))
+    assert publish_version(tmp_path, "echo", src) == 2
+    assert sorted(os.listdir(model_dir)) == [".tmp-working", "1", "2", "config.json"]
+
+
+def test_version_numbers_are_bounded(tmp_path):
+    """Issue 18 point 8: a version is a number up to MAX_VERSION (2**31 - 1), everywhere."""
+    src = _echo_file(tmp_path)
+    for version in (999999999999999999, MAX_VERSION + 1, 0, -1):
+        with pytest.raises(RepositoryError, match=f"version must be a number from 1 to {MAX_VERSION}"):
+            publish_version(tmp_path, "echo", src, config=ECHO_CONFIG, version=version)
+        with pytest.raises(RepositoryError, match=f"version must be a number from 1 to {MAX_VERSION}"):
+            publish_upload(tmp_path, "echo", "model.pt", b"x", ECHO_CONFIG, version)
+    assert not (tmp_path / "models" / "echo").exists()
+    assert publish_version(tmp_path, "echo", src, config=ECHO_CONFIG, version=MAX_VERSION) == MAX_VERSION
+    (tmp_path / "models" / "echo" / "999999999999999999").mkdir()  # put there by hand: not a version
+    assert ModelRepository(tmp_path).versions("echo") == [MAX_VERSION]
+    with pytest.raises(RepositoryError, match="invalid version 999999999999999999"):
+        ModelRepository(tmp_path).verify("echo", 999999999999999999)
 
 
 def test_model_names_sorted(tmp_path):
@@ -391,8 +449,16 @@ def test_load_corrupt_model_is_an_error_not_a_crash(tmp_path):
 def test_load_refuses_a_pickle(tmp_path):
     src = tmp_path / "state.pt"
     torch.save({"w": torch.zeros(2)}, src)  # a plain torch.save zip, not TorchScript
-    publish_version(tmp_path, "echo", src, config=ECHO_CONFIG)
-    with pytest.raises(RepositoryError, match="cannot load"):
+    with pytest.raises(RepositoryError, match="is a torch.save file .*, not TorchScript or torch.export; save"):
+        publish_version(tmp_path, "echo", src, config=ECHO_CONFIG)
+    # The same file put on the share by hand, with a manifest that matches it: the agent says what it is, too.
+    publish_version(tmp_path, "echo", _echo_file(tmp_path), config=ECHO_CONFIG)
+    folder = ModelRepository(tmp_path).models_dir / "echo" / "1"
+    (folder / "model.pt").write_bytes(src.read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.pt"] = sha256_file(src)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RepositoryError, match="model 'echo' version 1: .* is a torch.save file"):
         load_model(ModelRepository(tmp_path), "echo", 1)
 
 
@@ -421,7 +487,7 @@ def test_model_raising_in_warmup(tmp_path):
     load_model(ModelRepository(tmp_path), "sub", 1)
     cfg["inputs"][1]["shape"] = [3, 5]  # [1,4] - [3,5] cannot broadcast
     publish_version(tmp_path, "sub", _script_file(tmp_path, TwoInputs()), config=cfg)
-    with pytest.raises(RepositoryError, match="model 'sub' version 2: warm-up failed: RuntimeError"):
+    with pytest.raises(RepositoryError, match=r"model 'sub' version 2: warm-up failed on zeros .*\): RuntimeError"):
         load_model(ModelRepository(tmp_path), "sub", 2)
 
 

@@ -19,6 +19,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
+from cluster.manager.client import ManagerClient
 from cluster.repository import ModelRepository
 from tests.harness import wait_for
 
@@ -181,3 +182,51 @@ def test_cluster_bench_sweeps_levels_through_every_door(stack):
         timeout=60,
     )
     assert refused.returncode == 2 and "positive numbers" in refused.stderr, refused.stderr
+
+
+def test_a_pt2_with_a_payload_is_refused_at_every_door(stack, tmp_path):
+    """Issue 18 point 1: a real exported program whose weight is a pickle with a payload (and one whose shape
+    expression holds Python for sympy to eval), handed to the cluster through every door a publisher has: the REST
+    and gRPC repository load routes, `cluster deploy` over the bus and with --share, and a file put on the share by
+    hand and deployed. Each is refused with a message saying why, nothing is left on the share, and the payload never
+    runs, in any process."""
+    from tests import pt2_payloads
+
+    marker = tmp_path / "payload-ran"
+    good = pt2_payloads.exported_program(tmp_path / "good.pt2")
+    evil = pt2_payloads.pickled_weight(good, tmp_path / "evil.pt2", marker)
+    says = "is stored as a pickle, which would run code when loaded"
+    config = json.dumps(pt2_payloads.CONFIG)
+
+    http = triton_http.InferenceServerClient(stack.edge_url.split("://", 1)[1])
+    with pytest.raises(InferenceServerException, match=says):
+        http.load_model("evil-rest", config=config, files={"file:1/model.pt2": evil.read_bytes()})
+    grpc = triton_grpc.InferenceServerClient(stack.grpc_address)
+    with pytest.raises(InferenceServerException, match=says):
+        grpc.load_model("evil-grpc", config=config, files={"file:1/model.pt2": evil.read_bytes()})
+
+    (tmp_path / "config.json").write_text(config)
+    env = stack.env()
+    share = env.pop("CLUSTER_SHARE")
+    for name, extra, run_env in (("evil-bus", [], env), ("evil-share", ["--share", share], env)):
+        out = subprocess.run(
+            [sys.executable, "-m", "cluster", "deploy", str(evil), "--name", name, "--config", "config.json", *extra],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 2 and says in out.stderr, (name, out.stdout, out.stderr)
+    for name in ("evil-rest", "evil-grpc", "evil-bus", "evil-share"):
+        assert not ModelRepository(stack.share).versions(name), f"{name} was published"
+
+    # On the share by hand, with a manifest that matches: the agents check the bytes they load themselves.
+    sympy_evil = pt2_payloads.rewritten_program(good, tmp_path / "sympy.pt2", pt2_payloads.sympy_python(marker))
+    manager = ManagerClient(stack.addresses.manager_queries)
+    for name, bad, why in (("dropped", evil, says), ("dropped-sympy", sympy_evil, "symbolic shape expression")):
+        pt2_payloads.drop_on_share(stack.share, name, 1, bad, pt2_payloads.CONFIG)
+        report = manager.call("deploy", timeout=90, name=name, version=1, rollout_timeout=60)
+        assert not report["ok"] and len(report["agents"]) == 2, report
+        assert all(why in reason for reason in report["agents"].values()), report
+    assert not marker.exists(), f"the payload ran: {marker.read_text()}"

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import mmap
+import operator
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from cluster.config import MODEL_COPY_CHUNK
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
@@ -34,6 +38,21 @@ from cluster.repository import ModelBytes, ModelRepository, RepositoryError, des
 
 # torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
 DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items()}
+# What an exported program may call besides operators: the symbolic-shape helpers torch.export itself emits.
+_HELPERS = {
+    *(getattr(operator, op) for op in "getitem eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv".split()),
+    operator.and_,
+    operator.or_,
+    operator.lshift,
+    operator.rshift,
+    operator.not_,
+    operator.abs,
+    math.trunc,
+    math.floor,
+    math.ceil,
+    math.sqrt,
+    *(getattr(torch, f) for f in "sym_not sym_int sym_float sym_ite sym_max sym_min sym_sqrt sym_sum".split()),
+}
 
 
 class LoadedModel:
@@ -104,7 +123,11 @@ class LoadedModel:
         except RepositoryError as exc:
             raise RepositoryError(f"warm-up failed: {exc}") from exc
         except Exception as exc:
-            raise RepositoryError(f"{self._where()}: warm-up failed: {describe_error(exc)}") from exc
+            shapes = ", ".join(f"'{s.name}' {s.datatype} {list(inputs[s.name].shape)}" for s in self.config.inputs)
+            raise RepositoryError(
+                f"{self._where()}: warm-up failed on zeros shaped as config.json says ({shapes}): "
+                f"{model_error(exc)}{_batch_hint(self.config)}"
+            ) from exc
         for spec in self.config.outputs:
             tensor = outputs[spec.name]
             datatype = DATATYPE_OF_TORCH.get(tensor.dtype, str(tensor.dtype))
@@ -116,6 +139,30 @@ class LoadedModel:
             problem = shape_mismatch(spec.shape, list(tensor.shape))
             if problem:
                 raise RepositoryError(f"{self._where()}: warm-up output '{spec.name}': {problem} (as config.json says)")
+
+
+def model_error(exc: BaseException) -> str:
+    """An exception from a model as one line: for TorchScript, its error line, the last after a page of traceback
+    (which a cut to length used to lose)."""
+    text = str(exc).strip()
+    if "Traceback of TorchScript" not in text:
+        return describe_error(exc)
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    return last if len(last) <= 1000 else last[:1000] + " ..."
+
+
+def _batch_hint(config: ModelConfig) -> str:
+    """A model that fails on its warm-up inputs often expects a batch dimension the config's shapes leave out
+    (Triton's dims do, when max_batch_size > 0; ours include it)."""
+    unbatched = [s for s in config.inputs if not s.shape or s.shape[0] != -1]
+    if not unbatched:
+        return ""
+    spec = unbatched[0]
+    return (
+        f". Shapes in config.json include the batch dimension: if the model takes batches of {spec.shape}, "
+        f"'{spec.name}' has shape {[-1, *spec.shape]} (Triton's dims leave it out when max_batch_size > 0; "
+        f"ours do not)"
+    )
 
 
 def load_model(repository: ModelRepository, name: str, version: int, device: str = "cpu") -> LoadedModel:
@@ -188,6 +235,58 @@ def _source(verified: ModelBytes):
     return io.BytesIO(verified.data)
 
 
+def _load_program(verified: ModelBytes) -> Any:
+    """torch.export.load of bytes cluster.model_check admitted (no pickled payloads, operators only), from a file
+    object: torch logs "Unable to load package" for a path not ending in .pt2, such as /proc/self/fd/N."""
+    source = _source(verified)
+    with open(source, "rb") if isinstance(source, str) else source as stream:
+        _sample_inputs_are_tensors(stream, verified)
+        stream.seek(0)
+        program = torch.export.load(stream)
+    _only_operators(program, verified)
+    return program
+
+
+def _sample_inputs_are_tensors(stream: Any, verified: ModelBytes) -> None:
+    """torch loads the sample inputs with weights_only=True, and if that fails, again with weights_only=False: load
+    them here with weights_only=True first, so that a file which fails it is refused and torch's fallback (which
+    would run the pickle) is never reached."""
+    with zipfile.ZipFile(stream) as archive:
+        entries = [n for n in archive.namelist() if n.endswith("/data/sample_inputs/model.pt")]
+        for entry in entries:
+            try:
+                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
+            except Exception as exc:
+                raise RepositoryError(
+                    f"model '{verified.name}' version {verified.version}: {verified.path}: its sample inputs are not "
+                    f"plain tensors ({describe_error(exc, 300)}); refused"
+                ) from None
+
+
+def _only_operators(program: Any, verified: ModelBytes) -> None:
+    """Every call in the program (and its sub-graphs) is a registered operator or a symbolic-shape helper, checked
+    on what torch resolved, before anything runs (model_check checked the names)."""
+    allowed = (torch._ops.OpOverload, torch._ops.HigherOrderOperator)
+
+    def refuse(what: Any) -> RepositoryError:
+        return RepositoryError(
+            f"model '{verified.name}' version {verified.version}: {verified.path}: the program calls {what!r}, "
+            "which is not an operator; refused"
+        )
+
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if graph is not None else ():
+            if node.op != "call_function":
+                continue
+            if not isinstance(node.target, allowed) and node.target not in _HELPERS:
+                raise refuse(node.target)
+            for arg in pytree.tree_leaves((node.args, node.kwargs)):  # operators passed to a call
+                if callable(arg) and not isinstance(arg, (torch.fx.Node, torch.nn.Module, *allowed)):
+                    if arg not in _HELPERS and not isinstance(arg, torch._ops.OpOverloadPacket):
+                        raise refuse(arg)
+
+
 def _module(verified: ModelBytes, device: str) -> Any:
     platform = verified.config.platform
     try:
@@ -197,19 +296,21 @@ def _module(verified: ModelBytes, device: str) -> Any:
                 module = module.to(device)
             module.eval()
             return module
-        program = torch.export.load(_source(verified))
+        program = _load_program(verified)
         if device != "cpu":
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, device)
-        module = program.module()
+        module = program.module(check_guards=False)  # guards_code is Python source from the file: never run it
         try:
             module.eval()
         except NotImplementedError:
             pass  # exported programs are traced in eval mode already; their modules refuse eval()
         return module
+    except RepositoryError:
+        raise
     except Exception as exc:
         raise RepositoryError(
             f"model '{verified.name}' version {verified.version}: cannot load {verified.path} ({platform}): "
-            f"{describe_error(exc)}"
+            f"{model_error(exc)}"
         ) from exc
