@@ -830,6 +830,26 @@ def _manager_call(manager: str, what: str, wait: float, key: str | None = None, 
         raise typer.Exit(2) from None
 
 
+def _deploy_check(manager: str, key: str | None, what: str, **fields) -> None:
+    """Before a deploy sends or publishes anything: the manager answers `what` within seconds, or the deploy ends
+    here (a wrong --manager, a manager that is down, a key it refuses, a config or name it refuses)."""
+    from cluster import ClusterError, InferenceTimeoutError
+    from cluster.manager.client import ManagerClient
+
+    try:
+        ManagerClient(manager, key=key).call(what, timeout=config.DEPLOY_CHECK_TIMEOUT_S, **fields)
+    except InferenceTimeoutError:
+        typer.echo(
+            f"cannot deploy: no answer from the manager at {manager} within {config.DEPLOY_CHECK_TIMEOUT_S:g} s; "
+            "is it running, and is that its query address (--manager, CLUSTER_MANAGER_QUERIES)?",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    except ClusterError as exc:
+        typer.echo(f"cannot deploy: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @contextlib.contextmanager
 def _publish_progress(path: Path):
     """publish_version's progress callback: a bar on a terminal; None elsewhere (scripts, CI), where the transient bar
@@ -869,18 +889,28 @@ def deploy(
     timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
     key: str | None = Key,
 ):
-    """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome."""
+    """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
+    The name and config are checked here, and the manager asked whether it is there (and takes them), within
+    seconds, before any model file is sent or published."""
     import json
 
-    from cluster.model_config import RepositoryError, from_triton, is_triton_config
-    from cluster.repository import MODEL_FILES, ModelRepository, publish_version
+    from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
+    from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_version
 
     model_config = None
+    try:
+        check_name(name)
+    except RepositoryError as exc:
+        typer.echo(f"cannot deploy: {exc}", err=True)
+        raise typer.Exit(2) from None
     if config_file is not None:
         try:
             model_config = json.loads(config_file.read_text())
+            if not isinstance(model_config, dict):
+                raise ValueError("expected a JSON object")
             if is_triton_config(model_config):
                 model_config = from_triton(model_config, name)
+            ModelConfig.from_dict(model_config, name=name)  # names, shapes, datatypes: refused before any upload
         except (ValueError, RepositoryError) as exc:
             typer.echo(f"{config_file} is not a model config: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -897,6 +927,7 @@ def deploy(
                 err=True,
             )
             raise typer.Exit(2)
+        _deploy_check(manager, key, "publish_check", name=name, file=file_name, config=model_config)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         report = _manager_call(
             manager,
@@ -912,6 +943,7 @@ def deploy(
         typer.echo(f"the manager published {name} version {report['version']}; rolled out:")
         _print_rollout(report, "deploy")
         raise typer.Exit(0 if report["ok"] else 1)
+    _deploy_check(manager, key, "rollouts")  # it must be there to roll out what is published next
     share_dir = Path(share)
     new_model = not ModelRepository(share_dir).versions(name)
     with _publish_progress(path) as progress:
