@@ -13,6 +13,8 @@ import time
 
 import httpx
 import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
 from cluster import ClusterError
 from cluster.demo_models import digits_split
@@ -73,6 +75,7 @@ def test_a_deploy_whose_state_cannot_be_saved_is_refused_in_seconds_undone_and_t
 
 
 def test_a_load_of_an_invalid_name_is_a_400_at_once_and_deploy_asks_the_manager_before_sending(cluster, tmp_path):
+    cluster.edge_grpc_port = 0  # with the gRPC edge too (any free port)
     cluster.start_manager()
     cluster.start_broker()
     cluster.start_edge("--log-level", "warning")
@@ -86,6 +89,15 @@ def test_a_load_of_an_invalid_name_is_a_400_at_once_and_deploy_asks_the_manager_
     took = time.monotonic() - start
     assert response.status_code == 400 and "invalid model name '.hidden'" in response.json()["error"], response.text
     assert took < 10, f"took {took:.1f} s"
+    with triton_grpc.InferenceServerClient(cluster.grpc_address) as grpc_client:
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            grpc_client.load_model(
+                ".hidden", config=json.dumps(config), files={"file:1/model.pt": b"a"}, client_timeout=60
+            )
+        took = time.monotonic() - start
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
+    assert "invalid model name '.hidden'" in info.value.message() and took < 10, (info.value, took)
 
     model = tmp_path / "fresh.pt"
     model.write_bytes(b"x" * 1024)
