@@ -830,9 +830,10 @@ def _manager_call(manager: str, what: str, wait: float, key: str | None = None, 
         raise typer.Exit(2) from None
 
 
-def _deploy_check(manager: str, key: str | None, what: str, **fields) -> None:
-    """Before a deploy sends or publishes anything: the manager answers `what` within seconds, or the deploy ends
-    here (a wrong --manager, a manager that is down, a key it refuses, a config or name it refuses)."""
+def _deploy_check(manager: str, key: str | None, what: str, doing: str = "deploy", **fields) -> None:
+    """Before a deploy sends or publishes anything (or a rollback waits for its rollout): the manager answers `what`
+    within seconds, or the command ends here (a wrong --manager, a manager that is down, a key it refuses, a config
+    or name it refuses)."""
     from cluster import ClusterError, InferenceTimeoutError
     from cluster.manager.client import ManagerClient
 
@@ -840,13 +841,13 @@ def _deploy_check(manager: str, key: str | None, what: str, **fields) -> None:
         ManagerClient(manager, key=key).call(what, timeout=config.DEPLOY_CHECK_TIMEOUT_S, **fields)
     except InferenceTimeoutError:
         typer.echo(
-            f"cannot deploy: no answer from the manager at {manager} within {config.DEPLOY_CHECK_TIMEOUT_S:g} s; "
+            f"cannot {doing}: no answer from the manager at {manager} within {config.DEPLOY_CHECK_TIMEOUT_S:g} s; "
             "is it running, and is that its query address (--manager, CLUSTER_MANAGER_QUERIES)?",
             err=True,
         )
         raise typer.Exit(2) from None
     except ClusterError as exc:
-        typer.echo(f"cannot deploy: {exc}", err=True)
+        typer.echo(f"cannot {doing}: {exc}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -976,6 +977,7 @@ def rollback(
     key: str | None = Key,
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
+    _deploy_check(manager, key, "rollouts", "roll back")  # there at all: in seconds, not after --timeout + 30 s
     report = _manager_call(manager, "rollback", timeout + 30, key, name=name, to=to, rollout_timeout=timeout)
     _print_rollout(report, "rollback")
     raise typer.Exit(0 if report["ok"] else 1)

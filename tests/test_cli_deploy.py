@@ -60,6 +60,20 @@ def test_deploy_with_no_manager_says_so_within_seconds_and_sends_nothing(files, 
     assert "sending" not in out.stdout and list(share.iterdir()) == [], "nothing sent or published"
 
 
+def test_rollback_with_no_manager_says_so_within_seconds():
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster", "rollback", "m", "--manager", nothing_listening()],
+        capture_output=True,
+        text=True,
+        timeout=60,  # the old rollback waited out --timeout + 30 s
+        cwd=REPO_ROOT,
+    )
+    took = time.monotonic() - start
+    assert out.returncode == 2 and "cannot roll back: no answer from the manager" in out.stderr, out.stderr
+    assert took < DEPLOY_CHECK_TIMEOUT_S + 15, f"took {took:.1f} s"
+
+
 class Recorder:
     """Stands in for ManagerClient.call: records (what, bytes sent, fields); publish_check answers `check`."""
 
