@@ -12,7 +12,8 @@ Sockets (all bound by the manager, so agents and the broker can start before or 
   {what: publish, name, file, config?, version?} + one frame with the model file's bytes publishes a version on the
   share for a client that has no share (`cluster deploy` without --share, a Triton repository load with files),
   then deploys it: the write runs in a thread of its own (a large file on NFS must not stall heartbeats), and the
-  answer is the rollout's report. The broker sends QUERY {what: broker_view, agents: [id...]} (no answer) every
+  answer is the rollout's report; QUERY {what: publish_check, ...} judges a publish without its file (`cluster
+  deploy` asks it first, so a refusal costs no upload). The broker sends QUERY {what: broker_view, agents: [id...]} (no answer) every
   heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
   (Deployments.broker_view), not for a heartbeat from nowhere; with keys, only from the server key. A starting broker
   asks QUERY {what: agents} (the server key may), to hold requests for those agents' models until they re-register.
@@ -28,7 +29,9 @@ from agent keys, and each agent id only from the key it first beat with (the reg
 and undeploy only from admin keys (others: PERMISSION_DENIED), the read-only queries from client or admin keys.
 
 A restarted manager starts with an empty registry and rebuilds it from the next round of beats; the desired state
-it reads back from the share.
+it reads back from the share (a rollout in progress is not resumed). Every query is answered, an error included: a
+desired state the share refuses to save (full, folder gone) is undone (Deployments.revert), the requester gets the
+path and the cause, and the save is tried again every STATE_SAVE_RETRY_S; the manager never dies of it.
 """
 
 from __future__ import annotations
