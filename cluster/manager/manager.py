@@ -13,8 +13,8 @@ Sockets (all bound by the manager, so agents and the broker can start before or 
   share for a client that has no share (`cluster deploy` without --share, a Triton repository load with files),
   then deploys it: the write runs in a thread of its own (a large file on NFS must not stall heartbeats), and the
   answer is the rollout's report; QUERY {what: publish_check, ...} judges a publish without its file (`cluster
-  deploy` asks it first, so a refusal costs no upload). The broker sends QUERY {what: broker_view, agents: [id...]} (no answer) every
-  heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
+  deploy` asks it first, so a refusal costs no upload). The broker sends QUERY {what: broker_view, agents: [id...]}
+  (no answer) every heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
   (Deployments.broker_view), not for a heartbeat from nowhere; with keys, only from the server key. A starting broker
   asks QUERY {what: agents} (the server key may), to hold requests for those agents' models until they re-register.
 
