@@ -67,6 +67,12 @@ def test_a_deploy_whose_state_cannot_be_saved_is_refused_in_seconds_undone_and_t
         assert beat["staged"] == [] and beat["failed"] == [], beat
         assert [m["version"] for m in beat["models"] if m["name"] == "digits"] == [1], beat
 
+    with pytest.raises(ClusterError) as info:  # a file sent to publish (cluster deploy without --share): published
+        data = digits_v2_file.read_bytes()  # as v3, then the deploy is refused and v3 taken off the share again
+        manager.call("publish", timeout=30, data=data, name="digits", file="model.pt", rollout_timeout=20)
+    assert f"could not save the desired state to {state}" in str(info.value), info.value
+    assert not (cluster.share / "models" / "digits" / "3").exists() and manager_proc.alive()
+
     state.rmdir()  # the share takes writes again: the same deploy now goes through (nothing was left half-done)
     report = manager.call("deploy", timeout=60, name="digits", version=2, rollout_timeout=40)
     assert report["ok"] and set(report["agents"]) == agents, report
