@@ -878,6 +878,27 @@ def _manager_call(manager: str, what: str, wait: float, key: str | None = None, 
         raise typer.Exit(2) from None
 
 
+def _deploy_check(manager: str, key: str | None, what: str, doing: str = "deploy", **fields) -> None:
+    """Before a deploy sends or publishes anything (or a rollback waits for its rollout): the manager answers `what`
+    within seconds, or the command ends here (a wrong --manager, a manager that is down, a key it refuses, a config
+    or name it refuses)."""
+    from cluster import ClusterError, InferenceTimeoutError
+    from cluster.manager.client import ManagerClient
+
+    try:
+        ManagerClient(manager, key=key).call(what, timeout=config.DEPLOY_CHECK_TIMEOUT_S, **fields)
+    except InferenceTimeoutError:
+        typer.echo(
+            f"cannot {doing}: no answer from the manager at {manager} within {config.DEPLOY_CHECK_TIMEOUT_S:g} s; "
+            "is it running, and is that its query address (--manager, CLUSTER_MANAGER_QUERIES)?",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    except ClusterError as exc:
+        typer.echo(f"cannot {doing}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @contextlib.contextmanager
 def _publish_progress(path: Path):
     """publish_version's progress callback: a bar on a terminal; None elsewhere (scripts, CI), where the transient bar
@@ -918,16 +939,24 @@ def deploy(
     timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
     key: str | None = Key,
 ):
-    """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome."""
+    """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
+    The name and config are checked here, and the manager asked whether it is there (and takes them), within
+    seconds, before any model file is sent or published."""
 
-    from cluster.model_config import RepositoryError, read_config_file
-    from cluster.repository import MODEL_FILES, ModelRepository, publish_version
+    from cluster.model_config import ModelConfig, RepositoryError, read_config_file
+    from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_version
 
     model_config = None
+    try:
+        check_name(name)
+    except RepositoryError as exc:
+        typer.echo(f"cannot deploy: {exc}", err=True)
+        raise typer.Exit(2) from None
     if config_file is not None:
         try:
             model_config = read_config_file(config_file, name)  # ours or Triton's, JSON or config.pbtxt
-        except RepositoryError as exc:
+            ModelConfig.from_dict(model_config, name=name)  # names, shapes, datatypes: refused before any upload
+        except (ValueError, RepositoryError) as exc:
             typer.echo(f"{config_file} is not a model config: {exc}", err=True)
             raise typer.Exit(2) from None
     if share is None:  # no share here: the manager publishes on its own
@@ -943,6 +972,7 @@ def deploy(
                 err=True,
             )
             raise typer.Exit(2)
+        _deploy_check(manager, key, "publish_check", name=name, file=file_name, config=model_config)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         report = _manager_call(
             manager,
@@ -958,6 +988,7 @@ def deploy(
         typer.echo(f"the manager published {name} version {report['version']}; rolled out:")
         _print_rollout(report, "deploy")
         raise typer.Exit(0 if report["ok"] else 1)
+    _deploy_check(manager, key, "rollouts")  # it must be there to roll out what is published next
     share_dir = Path(share)
     new_model = not ModelRepository(share_dir).versions(name)
     with _publish_progress(path) as progress:
@@ -990,6 +1021,7 @@ def rollback(
     key: str | None = Key,
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
+    _deploy_check(manager, key, "rollouts", "roll back")  # there at all: in seconds, not after --timeout + 30 s
     report = _manager_call(manager, "rollback", timeout + 30, key, name=name, to=to, rollout_timeout=timeout)
     _print_rollout(report, "rollback")
     raise typer.Exit(0 if report["ok"] else 1)

@@ -51,6 +51,12 @@ CLIENT_SNDHWM = 64
 # (the broker link's monitor, manager subscriptions and events, finished loads) this often: zmq_poll costs two
 # syscalls per socket per wait, and those rarely have anything (a READY on reconnect waits at most this long).
 AGENT_COLD_POLL_S = 0.02
+# The manager could not save its desired state (share full, folder gone): it undid the change and tries the save again
+# this often while what it serves differs from the file (it keeps answering meanwhile).
+STATE_SAVE_RETRY_S = 2.0
+# `cluster deploy` asks the manager first (is it there, does it take this model and config) with this deadline, before
+# it sends a model file or publishes one, so a wrong --manager or a typo costs seconds, not the rollout timeout.
+DEPLOY_CHECK_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)

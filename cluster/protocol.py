@@ -36,7 +36,10 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
                         (on every change, when an agent joins, and every heartbeat interval)
     anyone  -> manager  QUERY {id, what: agents | models | deployments | rollouts | deploy | rollback | undeploy, ...}
                         QUERY {id, what: publish, name, file, config?, version?} + the model file's bytes (one frame)
-                        -> REPLY {id, result} or ERROR (deploy, rollback, publish: answered when the rollout is over)
+                        QUERY {id, what: publish_check, name, file, config?}: a publish judged without its file
+                        (REPLY {ok: true} or the ERROR the publish would get), asked before the file is sent
+                        -> REPLY {id, result} or ERROR (deploy, rollback, publish: answered when the rollout is over;
+                        a state the manager cannot save: ERROR INTERNAL naming the file and the cause, undone)
 
 `Heartbeat` (below) is the one definition of an agent's state on the wire; `agent_view` and `models_view` build the
 answers to the "agents" and "models" queries, the same way at the broker and at the manager.

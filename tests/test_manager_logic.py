@@ -382,3 +382,54 @@ def test_a_version_published_for_a_failed_rollout_is_discarded(tmp_path):
     report = roll_out(d, "m", 2)
     assert report["ok"] and report["removed"] is False  # a good version stays
     assert refused(make(tmp_path / "bad"), "deploy", {"name": "m", "discard_on_failure": "all"}).code == "BAD_REQUEST"
+
+
+# ---- a desired state that could not be saved (issue 18 point 4): undone, never half-done -----------------------
+
+WHY = "could not save the desired state to /share/deployments.json: No space left on device"
+
+
+def agreed(d: Deployments) -> DesiredState:
+    """A copy of the desired state as saved (what the manager keeps as its last saved state)."""
+    return DesiredState.from_wire(d.desired.to_wire())
+
+
+def test_a_deploy_whose_staging_cannot_be_saved_is_undone_and_answered_with_the_error(tmp_path):
+    d = make(tmp_path)
+    saved = agreed(d)
+    d.command("deploy", {"name": "m", "version": 2, "discard_on_failure": "version"}, REQUESTER, now=0.0)
+    actions, reverted = d.revert(saved, WHY)
+    assert reverted == {"m"} and d.rollouts == {} and d.desired.models["m"] == ModelDeployment(1)
+    assert actions.desired_changed and actions.discard == [("m", 2, False)]
+    [(requester, code, text, model)] = actions.errors
+    assert requester == REQUESTER and code == ErrorCode.INTERNAL and model == "m"
+    assert text == f"rollout of 'm' v2 undone: {WHY}; every agent keeps serving v1"
+    assert d.rollout_counts() == {"ok": 0, "failed": 1, "in_progress": 0}
+    d.command("deploy", {"name": "m", "version": 2}, REQUESTER, now=1.0)  # nothing left in progress
+    assert d.rollouts["m"].version == 2
+
+
+def test_a_switch_that_cannot_be_saved_unstages_everywhere_and_a_new_model_leaves_the_state(tmp_path):
+    d = make(tmp_path, on_share={"m": [1, 2], "fresh": [1]})
+    d.command("deploy", {"name": "m", "version": 2}, REQUESTER, now=0.0)
+    d.command("deploy", {"name": "fresh"}, (b"other", 8), now=0.0)
+    saved = agreed(d)  # the staging was saved: the file says staged 2 and fresh staged 1
+    heartbeats(d, *(beat(a, staged=[("m", 2), ("fresh", 1)]) for a in ("a", "b", "c")), now=1.0)
+    assert d.tick(1.0).desired_changed and d.desired.models["m"].version == 2  # switching: this save fails
+    actions, reverted = d.revert(saved, WHY)
+    assert reverted == {"m", "fresh"} and d.rollouts == {}
+    assert d.desired.models == {"m": ModelDeployment(1)}, "nothing staged: agents drop what they staged"
+    assert sorted((r, t.rsplit("; ", 1)[1]) for r, _, t, _ in actions.errors) == [
+        ((b"other", 8), "'fresh' stays undeployed"),
+        (REQUESTER, "every agent keeps serving v1"),
+    ]
+
+
+def test_a_failed_save_leaves_the_other_models_and_their_rollouts_alone(tmp_path):
+    d = make(tmp_path, deployed={"m": ModelDeployment(1), "n": ModelDeployment(1)}, on_share={"m": [1, 2], "n": [1]})
+    d.command("deploy", {"name": "m", "version": 2}, REQUESTER, now=0.0)
+    saved = agreed(d)
+    d.command("undeploy", {"name": "n"}, (b"other", 8), now=0.0)
+    actions, reverted = d.revert(saved, WHY)
+    assert reverted == {"n"} and actions.errors == [] and d.desired.models["n"] == ModelDeployment(1)
+    assert d.rollouts["m"].version == 2 and d.desired.models["m"].staged == 2

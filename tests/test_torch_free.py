@@ -49,8 +49,9 @@ def test_manager_and_share_modules_import_without_torch():
 
 
 def test_deploy_publishes_without_torch(tmp_path):
-    """`cluster deploy` with no manager running: the version is published, then the manager call fails as it
-    should, not with an ImportError. The model file is any bytes: publishing copies and hashes, it never loads."""
+    """`cluster deploy` with no manager running (but for the check before publishing, answered here): the version is
+    published, then the manager call fails as it should, not with an ImportError. The model file is any bytes:
+    publishing copies and hashes, it never loads."""
     (tmp_path / "model.pt").write_bytes(b"not really TorchScript")
     config = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
@@ -62,7 +63,14 @@ def test_deploy_publishes_without_torch(tmp_path):
         """
         from typer.testing import CliRunner
         from cluster.cli import app
+        from cluster.manager.client import ManagerClient
 
+        real_call = ManagerClient.call
+
+        def call(self, what, timeout=5.0, data=None, **fields):  # deploy asks `rollouts` before it publishes
+            return {"in_progress": 0} if what == "rollouts" else real_call(self, what, timeout, data, **fields)
+
+        ManagerClient.call = call
         runner = CliRunner()
         usage = runner.invoke(app, ["deploy", "--help"])
         assert usage.exit_code == 0 and "--name" in usage.output, usage.output

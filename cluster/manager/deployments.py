@@ -46,6 +46,8 @@ class Actions:
     answers: list[tuple[tuple, dict]] = field(default_factory=list)  # (requester, result): send REPLY {id, result}
     discard: list[tuple[str, int, bool]] = field(default_factory=list)  # (model, version, whole model): take off
     # the share (a version the manager published for this rollout, which the rollout rejected)
+    errors: list[tuple[tuple, ErrorCode, str, str]] = field(default_factory=list)  # (requester, code, text, model):
+    # send ERROR (a rollout undone because its state could not be saved)
 
 
 @dataclass
@@ -305,6 +307,43 @@ class Deployments:
                 if rollout.requester is not None:
                     actions.answers.append((rollout.requester, report))
         return actions
+
+    def revert(self, agreed: DesiredState, why: str) -> tuple[Actions, set[str]]:
+        """The desired state could not be saved (`why`: the path and the cause). Each model whose entry differs from
+        `agreed` (the last state saved) goes back to it with nothing staged, so agents drop what they staged and no
+        version is served or staged that the file does not name; its rollout ends with ERROR `why`. Returns the Actions
+        (errors, versions to take off the share) and the models reverted (their other answers become errors)."""
+        actions = Actions()
+        reverted = set()
+        for name in sorted(set(self.desired.models) | set(agreed.models)):
+            before = agreed.models.get(name)
+            if self.desired.models.get(name) == before:
+                continue  # unchanged since saved (a rollout whose staging was saved goes on)
+            target = None
+            if before is not None and before.version is not None:
+                target = ModelDeployment(before.version, None, list(before.history))
+            if self.desired.models.get(name) == target:
+                continue  # already that: an aborted rollout (the file still names its staged version)
+            reverted.add(name)
+            if target is None:
+                self.desired.models.pop(name, None)
+            else:
+                self.desired.models[name] = target
+            rollout = self.rollouts.pop(name, None)
+            if rollout is None:
+                continue
+            self.finished["failed"] += 1
+            kept = f"every agent keeps serving v{target.version}" if target else f"'{name}' stays undeployed"
+            log.error("rollout of %s v%d undone: %s", name, rollout.version, why)
+            if rollout.requester is not None:
+                text = f"rollout of '{name}' v{rollout.version} undone: {why}; {kept}"
+                actions.errors.append((rollout.requester, ErrorCode.INTERNAL, text, name))
+            if rollout.discard is not None:
+                actions.discard.append((name, rollout.version, rollout.discard == "model"))
+        if reverted:
+            self.desired.changed()
+            actions.desired_changed = True
+        return actions, reverted
 
     def describe(self) -> dict:
         """Desired state per model, with which agents serve which version now (the `deployments` query)."""

@@ -12,8 +12,9 @@ Sockets (all bound by the manager, so agents and the broker can start before or 
   {what: publish, name, file, config?, version?} + one frame with the model file's bytes publishes a version on the
   share for a client that has no share (`cluster deploy` without --share, a Triton repository load with files),
   then deploys it: the write runs in a thread of its own (a large file on NFS must not stall heartbeats), and the
-  answer is the rollout's report. The broker sends QUERY {what: broker_view, agents: [id...]} (no answer) every
-  heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
+  answer is the rollout's report; QUERY {what: publish_check, ...} judges a publish without its file (`cluster
+  deploy` asks it first, so a refusal costs no upload). The broker sends QUERY {what: broker_view, agents: [id...]}
+  (no answer) every heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
   (Deployments.broker_view), not for a heartbeat from nowhere; with keys, only from the server key. A starting broker
   asks QUERY {what: agents} (the server key may), to hold requests for those agents' models until they re-register.
 
@@ -28,7 +29,9 @@ from agent keys, and each agent id only from the key it first beat with (the reg
 and undeploy only from admin keys (others: PERMISSION_DENIED), the read-only queries from client or admin keys.
 
 A restarted manager starts with an empty registry and rebuilds it from the next round of beats; the desired state
-it reads back from the share.
+it reads back from the share (a rollout in progress is not resumed). Every query is answered, an error included: a
+desired state the share refuses to save (full, folder gone) is undone (Deployments.revert), the requester gets the
+path and the cause, and the save is tried again every STATE_SAVE_RETRY_S; the manager never dies of it.
 """
 
 from __future__ import annotations
@@ -37,26 +40,29 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import zmq
 
 from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
-from cluster.config import MAX_CONTROL_BYTES, MAX_UPLOAD_BYTES, Addresses, Timings
-from cluster.desired import DesiredState, newest_versions
+from cluster.config import MAX_CONTROL_BYTES, MAX_UPLOAD_BYTES, STATE_SAVE_RETRY_S, Addresses, Timings
+from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.manager.deployments import Actions, CommandError, Deployments
 from cluster.manager.registry import Registry
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, require
-from cluster.repository import MODEL_FILES, ModelRepository, publish_upload, remove_version
+from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_upload, remove_version
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, make_socket
 
 log = logging.getLogger("cluster.manager")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
-COMMANDS = ("deploy", "rollback", "undeploy", "publish")  # the queries that change the cluster: admin keys only
+# the queries that change the cluster: admin keys only (publish_check: a publish's header checked before its file is
+# sent, so that a refusal costs no upload)
+COMMANDS = ("deploy", "rollback", "undeploy", "publish", "publish_check")
 
 
 class Manager:
@@ -103,7 +109,12 @@ class Manager:
         self._broker_reported = float("-inf")  # when the broker last said which agents it routes to
         self.registry = Registry(self.timings.expiry)
         self.share = share
+        self._unsaved = False  # the desired state differs from the share's deployments.json (a save failed)
+        self._next_save = 0.0  # when to try that save again
         self.deployments = Deployments(share, self.load_desired_state(), self.registry)
+        self._agreed = self._copy_of_desired()  # the last desired state saved (what a failed save goes back to)
+        if self._unsaved:
+            self.save_desired()  # a share that refuses it does not stop the manager: tried again each tick
         self.deployments.report_interval = self.timings.heartbeat_interval  # the broker reports once a beat
         self._stop = threading.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one publish at a time, off the loop
@@ -142,6 +153,8 @@ class Manager:
                         self.publish(event)
                         self.deployments.agent_lost(event["agent"])
                     self.finish_publishing(now)
+                    if self._unsaved and now >= self._next_save:
+                        self.save_desired(now)
                     if now - self._broker_reported > self.timings.expiry:
                         self.deployments.broker_view = None  # no word lately: rollouts wait for all agents heard
                     self.carry_out(self.deployments.tick(now))
@@ -188,7 +201,7 @@ class Manager:
 
     def process_query(self, frames: list[bytes]) -> None:
         peer = frames[0]
-        request_id = None
+        request_id = header = None
         try:
             if len(frames) not in (3, 4):
                 raise ProtocolError(f"query must be preamble + header (+ a file), got {len(frames) - 1} frames")
@@ -232,10 +245,13 @@ class Manager:
             elif what == "publish":
                 self.start_publishing(header, protocol.frame_bytes(frames[3]), (peer, request_id))
                 return  # answered when the version is written and rolled out
+            elif what == "publish_check":
+                self.check_publish(header)
+                result = {"ok": True}
             else:
                 raise ProtocolError(
                     f"unknown query {what!r}; ask for agents, models, deployments, rollouts, deploy, rollback, "
-                    "undeploy or publish"
+                    "undeploy, publish or publish_check"
                 )
             reply = message(Command.REPLY, {"id": request_id, "result": result})
         except ProtocolError as exc:
@@ -243,6 +259,11 @@ class Manager:
             reply = message(Command.ERROR, error_header(request_id, ErrorCode.BAD_REQUEST, str(exc)))
         except CommandError as exc:
             reply = message(Command.ERROR, error_header(request_id, exc.code, str(exc), header.get("name")))
+        except RepositoryError as exc:  # e.g. an invalid model name: answered, never dropped (the asker would wait)
+            reply = message(Command.ERROR, error_header(request_id, ErrorCode.BAD_REQUEST, str(exc)))
+        except Exception as exc:  # the share failing under us, or a bug: answered, and the manager keeps serving
+            log.exception("query %r failed", header.get("what") if isinstance(header, dict) else None)
+            reply = message(Command.ERROR, error_header(request_id, ErrorCode.INTERNAL, f"the manager failed: {exc}"))
         self.answer(peer, reply)
 
     def take_broker_view(self, header: dict, key: str | None) -> None:
@@ -257,9 +278,10 @@ class Manager:
 
     # ---- publishing a model sent over the bus -------------------------------------------------------------------
 
-    def start_publishing(self, header: dict, data: bytes | memoryview, requester: tuple) -> None:
-        """Check a publish, then write the version in the writer thread; `finish_publishing` deploys it. The config
-        may be ours or Triton's (a tritonclient `load_model(config=...)`). CommandError / ProtocolError if refused."""
+    def check_publish(self, header: dict) -> tuple[str, str, int | None, dict | None, bool]:
+        """Everything about a publish that can be judged without its file: (name, file, version, config, whether the
+        model is new). The config may be ours or Triton's (a tritonclient `load_model(config=...)`). CommandError /
+        ProtocolError if refused. `cluster deploy` asks this (publish_check) before it sends the file."""
         if self.share is None:
             raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
         name = require(header, "name", str)
@@ -268,19 +290,30 @@ class Manager:
         config = require(header, "config", dict, optional=True)
         if file_name not in MODEL_FILES:
             raise CommandError(ErrorCode.BAD_REQUEST, f"the model file must be {' or '.join(MODEL_FILES)}")
-        if name in self.publishing or name in self.deployments.rollouts:
-            raise CommandError(
-                ErrorCode.OVERLOADED, f"a deploy of '{name}' is already in progress; try again when it is over"
-            )
         try:
+            check_name(name)
             if config is not None and is_triton_config(config):
                 config = from_triton(config, name)
             if config is not None:
                 ModelConfig.from_dict(config, name=name)  # refused now, before anything is written
+            new_model = not ModelRepository(self.share).versions(name)
         except RepositoryError as exc:
             raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if config is None and new_model:
+            raise CommandError(
+                ErrorCode.BAD_REQUEST, f"'{name}' is a new model: give its config (inputs, outputs) with the file"
+            )
+        if name in self.publishing or name in self.deployments.rollouts:
+            raise CommandError(
+                ErrorCode.OVERLOADED, f"a deploy of '{name}' is already in progress; try again when it is over"
+            )
+        return name, file_name, version, config, new_model
+
+    def start_publishing(self, header: dict, data: bytes | memoryview, requester: tuple) -> None:
+        """Check a publish, then write the version in the writer thread; `finish_publishing` deploys it.
+        CommandError / ProtocolError if refused."""
+        name, file_name, version, config, new_model = self.check_publish(header)
         log.info("publishing %s (%s, %d bytes) sent over the bus", name, file_name, len(data))
-        new_model = not ModelRepository(self.share).versions(name)
         write = self._writer.submit(publish_upload, self.share, name, file_name, data, config, version)
         self.publishing[name] = (write, requester, header, new_model)
 
@@ -320,6 +353,15 @@ class Manager:
         if self.share is None:
             return DesiredState()
         desired = DesiredState.load(self.share)
+        if desired is not None and any(d.staged is not None for d in desired.models.values()):
+            # a rollout was in progress when the last manager stopped: it ended with it (agents drop the version)
+            for name, d in desired.models.items():
+                if d.staged is not None:
+                    log.warning("the rollout of %s v%d ended with the last manager: not resumed", name, d.staged)
+                    d.staged = None
+            desired.models = {n: d for n, d in desired.models.items() if d.version is not None}
+            desired.changed()
+            self._unsaved = True
         if desired is None:
             try:
                 desired = newest_versions(open_share(self.share))
@@ -327,18 +369,47 @@ class Manager:
                 log.warning("cannot list the models on the share (%s): nothing is deployed yet", exc)
                 desired = DesiredState()
             desired.changed()
-            desired.save(self.share)
+            self._unsaved = True
             log.info(
                 "no deployments on the share yet: serving the newest version of %s",
                 ", ".join(desired.models) or "nothing",
             )
         return desired
 
-    def carry_out(self, actions: Actions) -> None:
-        """Do what the deployments asked for: save and publish a changed desired state, then answer requesters."""
-        if actions.desired_changed:
+    def _copy_of_desired(self) -> DesiredState:
+        return DesiredState.from_wire(self.deployments.desired.to_wire())
+
+    def save_desired(self, now: float | None = None) -> str | None:
+        """Save the desired state on the share. None when saved; else what failed (the path and the cause), logged,
+        and the save is tried again every STATE_SAVE_RETRY_S while the state differs from the file."""
+        path = Path(self.share) / DEPLOYMENTS_FILE
+        try:
             self.deployments.desired.save(self.share)
-            self.publish_desired()
+        except OSError as exc:
+            self._next_save = (time.monotonic() if now is None else now) + STATE_SAVE_RETRY_S
+            failure = f"could not save the desired state to {path}: {exc.strerror or exc}"
+            log.error("%s", failure)
+            return failure
+        if self._unsaved:
+            log.info("saved the desired state to %s", path)
+        self._agreed = self._copy_of_desired()
+        self._unsaved = False
+        return None
+
+    def carry_out(self, actions: Actions) -> None:
+        """Do what the deployments asked for: save and publish a changed desired state, then answer requesters.
+        A state that cannot be saved is undone (Deployments.revert), so that the agents, the file and the answers
+        agree: its rollout is answered with the error, and the manager keeps serving."""
+        reverted: set[str] = set()
+        failure = None
+        if actions.desired_changed:
+            failure = self.save_desired()
+            if failure is not None:
+                undo, reverted = self.deployments.revert(self._agreed, failure)
+                actions.discard.extend(undo.discard)
+                actions.errors.extend(undo.errors)
+                self._unsaved = self.deployments.desired.to_wire()["models"] != self._agreed.to_wire()["models"]
+            self.publish_desired()  # undone: agents drop what they staged
         for name, version, whole_model in actions.discard:  # before the answer, which says it is done (a rename)
             log.info("taking %s v%d off the share: its rollout rejected it", name, version)
             try:
@@ -346,7 +417,14 @@ class Manager:
             except OSError as exc:
                 log.warning("could not take %s v%d off the share: %s", name, version, exc)
         for (peer, request_id), result in actions.answers:
-            self.answer(peer, message(Command.REPLY, {"id": request_id, "result": result}))
+            name = result.get("model")
+            if name in reverted:  # e.g. an undeploy: not done after all
+                text = f"'{name}' is unchanged: {failure}"
+                self.answer(peer, message(Command.ERROR, error_header(request_id, ErrorCode.INTERNAL, text, name)))
+            else:
+                self.answer(peer, message(Command.REPLY, {"id": request_id, "result": result}))
+        for (peer, request_id), code, text, name in actions.errors:
+            self.answer(peer, message(Command.ERROR, error_header(request_id, code, text, name)))
 
     def publish_desired(self) -> None:
         if self.share is not None:
