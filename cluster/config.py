@@ -45,6 +45,10 @@ CLIENT_SNDHWM = 64
 # (the broker link's monitor, manager subscriptions and events, finished loads) this often: zmq_poll costs two
 # syscalls per socket per wait, and those rarely have anything (a READY on reconnect waits at most this long).
 AGENT_COLD_POLL_S = 0.02
+# A pass of a role's loop (broker, agent, manager) that took longer than this (or half a heartbeat interval, if less)
+# means the process did not run for the excess (SIGSTOP, a VM stall, a GC pause): its peers' silence during it is not
+# counted against them (cluster/clock.py, RunClock). Normal passes take a tick (0.1 s at most) plus the work.
+OWN_PAUSE_BOUND = 0.5
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,12 @@ class Timings:
     def expiry(self) -> float:
         """Seconds of silence after which a peer is declared dead."""
         return self.heartbeat_interval * self.liveness
+
+    @property
+    def pause_bound(self) -> float:
+        """A loop pass longer than this is a stall of the process itself (RunClock): OWN_PAUSE_BOUND, or half a
+        heartbeat interval if less, so that a stall always counts well before a peer would expire."""
+        return min(OWN_PAUSE_BOUND, self.heartbeat_interval / 2)
 
 
 _ENV_PREFIX = "CLUSTER_"

@@ -45,6 +45,7 @@ from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import RoutingPolicy, make_policy
+from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
@@ -145,6 +146,7 @@ class Broker:
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
         self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
         self._trims: list[float] = []  # when to call malloc_trim next
+        self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
         self._stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ class Broker:
             tick = min(tick, max(0.01, self.timings.hedge_after / 2))  # a stuck request is hedged soon after its time
         next_tick = time.monotonic()
         next_beat = next_tick
+        self.clock = RunClock(self.timings.pause_bound, next_tick, "broker", log)
         log.info(
             "broker serving clients on %s, agents on %s, policy %s, hedging %s",
             self.addresses.broker_clients,
@@ -181,6 +184,11 @@ class Broker:
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
+                # Looked at with the `now` the tick judges by: a stall anywhere in this pass (we did not run) is
+                # known before anyone is judged silent; what agents sent meanwhile is unread, not missing.
+                lost = self.clock.look(now)
+                if lost:
+                    self.dispatcher.paused(lost, now)
                 if now >= next_tick:
                     next_tick = now + tick
                     drain(self.events, self.process_event, DRAIN_BATCH, log)

@@ -60,6 +60,7 @@ from cluster import protocol
 from cluster.auth import refusal
 from cluster.broker.agents import AgentEntry, AgentTable
 from cluster.broker.routing import RoutingPolicy
+from cluster.clock import pardon
 from cluster.config import Timings
 from cluster.keys import AllowList
 from cluster.logs import BadInputLog
@@ -467,6 +468,14 @@ class Dispatcher:
         if self.pending_count and not self.warming_up(now):
             self._fail_orphaned_queues(now, out)
         return out
+
+    def paused(self, lost: float, now: float) -> None:
+        """The broker did not run for `lost` seconds (its RunClock says so: SIGSTOP, a VM stall): what agents sent
+        meanwhile is still unread, so that time does not count as their silence (nor as no progress, for stall
+        detection). Deadlines are the clients' and stay as they are."""
+        for agent in self.agents.agents.values():
+            agent.last_seen = pardon(agent.last_seen, lost, now)
+            agent.last_answer = pardon(agent.last_answer, lost, now)
 
     def heartbeats(self) -> list[Send]:
         """The broker's beat to every agent, so agents know it is alive."""

@@ -42,6 +42,7 @@ import zmq
 
 from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
+from cluster.clock import RunClock, pardon
 from cluster.config import MAX_CONTROL_BYTES, MAX_UPLOAD_BYTES, Addresses, Timings
 from cluster.desired import DesiredState, newest_versions
 from cluster.logs import BadInputLog
@@ -101,6 +102,7 @@ class Manager:
             timings=self.timings,
         )
         self._broker_reported = float("-inf")  # when the broker last said which agents it routes to
+        self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "manager", log)  # our own stalls
         self.registry = Registry(self.timings.expiry)
         self.share = share
         self.deployments = Deployments(share, self.load_desired_state(), self.registry)
@@ -117,6 +119,7 @@ class Manager:
         tick = min(0.1, self.timings.heartbeat_interval / 4)
         next_tick = time.monotonic()
         next_desired = next_tick
+        self.clock = RunClock(self.timings.pause_bound, next_tick, "manager", log)
         log.info(
             "manager: heartbeats on %s, events on %s, queries on %s",
             self.addresses.manager_heartbeats,
@@ -133,6 +136,12 @@ class Manager:
                 if self.queries in ready:
                     drain(self.queries, self.process_query, 1024, log)
                 now = time.monotonic()
+                # Looked at with the `now` the tick judges by: a stall anywhere in this pass (we did not run) is
+                # known before any agent is judged silent; beats sent meanwhile are unread, not missing.
+                lost = self.clock.look(now)
+                if lost:
+                    self.registry.paused(lost, now)
+                    self._broker_reported = pardon(self._broker_reported, lost, now)
                 if now >= next_tick:
                     next_tick = now + tick
                     if self.allow is not None:
