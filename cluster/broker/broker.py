@@ -241,6 +241,8 @@ class Broker:
         if cmd != Command.REPLY:
             log.warning("the manager did not say which agents are alive: %s", header.get("message"))
             return
+        if header.get("desired") is not None and self.dispatcher.agents.deployed is None:
+            self.desired_state(header["desired"])  # a `desired` event read already is newer: it stays
         self.deliver(self.dispatcher.expect_agents(header.get("result"), time.monotonic()))
 
     def report_to_manager(self) -> None:
@@ -442,7 +444,12 @@ class Broker:
         if event == "agent_dead" and agent_id is not None:
             self.deliver(self.dispatcher.agent_declared_dead(agent_id, instance))
         elif event == "desired":  # which models the manager wants served: an undeployed one is "not found"
-            try:
-                self.dispatcher.agents.deployed = set(DesiredState.from_wire(header.get("state")).models)
-            except ValueError as exc:
-                bad_input.warning("bad desired state from the manager dropped: %s", exc)
+            self.desired_state(header.get("state"))
+
+    def desired_state(self, state) -> None:
+        """The manager's desired state (an event, or its answer at start-up): the models it wants served. A model
+        it does not list is "not found", and is not held while agents re-register."""
+        try:
+            self.dispatcher.agents.deployed = set(DesiredState.from_wire(state).models)
+        except ValueError as exc:
+            bad_input.warning("bad desired state from the manager dropped: %s", exc)

@@ -19,7 +19,10 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   after the broker (re)starts: then it waits, within its deadline. That is the warm-up window (one expiry and one
   interval from the start, for any model), and after it, for the models of the agents the manager says are alive
   (`expect_agents`, its answer at start-up), until each of them has registered again or is declared dead, at most
-  `timings.rejoin_window` from the start; requests for a model none of them serves fail as before;
+  `timings.rejoin_window` from the start; requests for a model none of them serves fail as before. A model the
+  manager's desired state does not list is never held, warm-up or not: it fails at once with MODEL_NOT_FOUND (the
+  broker learns that state from the manager's answer at start-up, and from its `desired` events); only until it
+  knows it is an unknown model held, in the warm-up window at most;
 - past its deadline a request fails with TIMEOUT, whether in flight or queued; the agent is told how long a request
   has left (and how long it waited here) in the REQUEST's route frame, so it drops work that expired before it began;
 - a client's CANCEL (found by client identity and id) takes its request out of the queue, or, in flight, is passed
@@ -257,9 +260,12 @@ class Dispatcher:
 
     def holding(self, model: str, version: int | None, now: float) -> bool:
         """Whether a request for `model` (`version`) that no live agent can take now waits rather than fails: in the
-        warm-up window, or while an agent the manager said is alive and serves it has not registered again."""
+        warm-up window, or while an agent the manager said is alive and serves it has not registered again; never
+        for a model the manager's desired state (once known) does not list: that fails at once, as it does later."""
+        if self.agents.undeployed(model):
+            return False  # the manager does not want it served: no agent coming back will serve it
         if self.warming_up(now):
-            return True
+            return True  # (the manager's desired state not heard yet, in the warm-up window only: bounded)
         if not self.expected or now >= self.started + self.timings.rejoin_window:
             return False
         return any(
@@ -465,8 +471,8 @@ class Dispatcher:
             self._hedge(now, out)
         self._expire_requests(now, out)
         self._end_rejoin_window(now)
-        if self.pending_count and not self.warming_up(now):
-            self._fail_orphaned_queues(now, out)
+        if self.pending_count and (not self.warming_up(now) or self.agents.deployed is not None):
+            self._fail_orphaned_queues(now, out)  # in the warm-up: those held before the desired state came
         return out
 
     def paused(self, lost: float, now: float) -> None:

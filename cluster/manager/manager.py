@@ -246,7 +246,10 @@ class Manager:
                     f"unknown query {what!r}; ask for agents, models, deployments, rollouts, deploy, rollback, "
                     "undeploy or publish"
                 )
-            reply = message(Command.REPLY, {"id": request_id, "result": result})
+            answer = {"id": request_id, "result": result}
+            if what == "agents":  # a starting broker asks: with the desired state it fails unknown models at once
+                answer["desired"] = self.deployments.desired.to_wire()
+            reply = message(Command.REPLY, answer)
         except ProtocolError as exc:
             bad_input.warning("bad query dropped with an error reply: %s", exc)
             reply = message(Command.ERROR, error_header(request_id, ErrorCode.BAD_REQUEST, str(exc)))
