@@ -49,6 +49,11 @@ AGENT_COLD_POLL_S = 0.02
 # means the process did not run for the excess (SIGSTOP, a VM stall, a GC pause): its peers' silence during it is not
 # counted against them (cluster/clock.py, RunClock). Normal passes take a tick (0.1 s at most) plus the work.
 OWN_PAUSE_BOUND = 0.5
+# A request refused for its expected wait (load shedding) is told to come back once the queue ahead of it now has been
+# served (its length over the model's measured rate), within these bounds (seconds): told "just over the bound's
+# excess" (0.1 s, 89% of refusals in a 10x flood), every refused client came straight back to be refused again.
+RETRY_AFTER_MIN = 0.1
+RETRY_AFTER_MAX = 30.0
 
 
 @dataclass(frozen=True)

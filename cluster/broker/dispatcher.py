@@ -64,7 +64,7 @@ from cluster.auth import refusal
 from cluster.broker.agents import AgentEntry, AgentTable
 from cluster.broker.routing import RoutingPolicy
 from cluster.clock import pardon
-from cluster.config import Timings
+from cluster.config import RETRY_AFTER_MAX, RETRY_AFTER_MIN, Timings
 from cluster.keys import AllowList
 from cluster.logs import BadInputLog
 from cluster.protocol import (
@@ -752,7 +752,7 @@ class Dispatcher:
             self.stats["shed"] += 1
             request.done = True
             self._forget(request)
-            retry_after = round(max(0.1, wait - bound), 3)
+            retry_after = self.retry_after(wait)
             text = (
                 f"model '{request.model}': about {wait:.1f} s of queue ahead, over its {bound:g} s bound; "
                 f"try again in {retry_after:g} s"
@@ -771,10 +771,19 @@ class Dispatcher:
                     ErrorCode.OVERLOADED,
                     f"model '{request.model}': {self.pending_count} requests already waiting; try again later",
                     request.model,
+                    None if wait is None else self.retry_after(wait),
                 )
             )
         else:
             self._enqueue(request)
+
+    @staticmethod
+    def retry_after(wait: float) -> float:
+        """When a refused client may come back (`retry_after`, seconds): once the queue ahead of it now has been
+        served (`wait`: expected_wait, its length over the model's measured rate), within RETRY_AFTER_MIN and
+        RETRY_AFTER_MAX. Not merely once the queue is back under its bound (a few ms away at the margin): every
+        refused client would come back at once, to be refused again."""
+        return round(min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, wait)), 3)
 
     def queue_wait_bound(self, model: str) -> float:
         """Seconds a request of `model` may expect to wait in the queue (0: no bound): its config's
