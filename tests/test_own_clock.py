@@ -10,7 +10,17 @@ import pytest
 from cluster.clock import RunClock, pardon
 from cluster.config import Timings
 from cluster.manager.registry import Registry
-from tests.test_broker_logic import T, answer, beat, client_errors, dispatcher, ready, request, sent_to_agents
+from tests.test_broker_logic import (
+    T,
+    answer,
+    beat,
+    client_errors,
+    dispatcher,
+    ready,
+    request,
+    sent_to_agents,
+    warm_service_times,
+)
 
 
 def test_run_clock_counts_only_the_excess_of_a_long_pass():
@@ -59,6 +69,8 @@ def test_a_paused_broker_does_not_expire_agents_for_the_time_it_did_not_run():
     d.paused(4.5, resumed)
     assert client_errors(d.tick(resumed)) == [] and len(d.agents) == 2, "nobody expired on resuming"
     assert d.stats["agents_lost"] == 0 and not d.stalled(d.agents.get_by_id(agent), resumed)
+    assert not d.stalled(d.agents.get_by_id(agent), resumed + 0.05), "its answers wait unread: no stall yet"
+    assert d.stats["stalls"] == 0
     assert d.requests[route].agent.agent_id == agent, "its request stays at its agent"
     # What they sent while the broker was stopped is read next: a1's answer arrives and the client gets it.
     assert [s.to_agent for s in answer(d, agent, route, now=resumed + 0.01)] == [False]
@@ -84,3 +96,21 @@ def test_a_paused_manager_declares_no_agent_dead():
     registry.paused(4.5, now=6.0)
     assert registry.expire(now=6.0) == [], "a1 beat 0.5 s before the pause: not silent"
     assert [e["agent"] for e in registry.expire(now=8.6)] == ["a1"], "silence after the resume still counts"
+
+
+def test_after_a_pause_an_agent_is_not_judged_stalled_before_its_waiting_answers_are_read():
+    """Stall thresholds (here the 100 ms floor) are far finer than the RunClock's bound: on resuming, an agent holding
+    a request sent before the pause is judged on what happens from now on, not on the pause."""
+    d = dispatcher()
+    ready(d, "a1", now=T)
+    now = warm_service_times(d, T)
+    assert d.stall_threshold("m") == pytest.approx(0.1)
+    ((agent, route),) = sent_to_agents(request(d, 0, now=now))
+    resumed = now + 5.0
+    d.paused(4.5, resumed)
+    d.tick(resumed)
+    assert not d.stalled(d.agents.get_by_id(agent), resumed + 0.05) and d.stats["stalls"] == 0
+    assert [s.to_agent for s in answer(d, agent, route, now=resumed + 0.06)] == [False], "its answer, read now"
+    # Without news for longer than the threshold after the resume, it is judged as before.
+    request(d, 1, now=resumed + 0.06)
+    assert d.stalled(d.agents.get_by_id(agent), resumed + 0.3)

@@ -177,6 +177,7 @@ class Broker:
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
+                self.look_at_clock(time.monotonic())  # a pause in the poll: known before any message is handled
                 if self.agents_sock in ready:
                     drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log, copied)
                 if self.clients in ready:
@@ -184,11 +185,7 @@ class Broker:
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
-                # Looked at with the `now` the tick judges by: a stall anywhere in this pass (we did not run) is
-                # known before anyone is judged silent; what agents sent meanwhile is unread, not missing.
-                lost = self.clock.look(now)
-                if lost:
-                    self.dispatcher.paused(lost, now)
+                self.look_at_clock(now)  # with the `now` the tick judges by: a pause anywhere in this pass is known
                 if now >= next_tick:
                     next_tick = now + tick
                     drain(self.events, self.process_event, DRAIN_BATCH, log)
@@ -206,6 +203,13 @@ class Broker:
                         self.report_to_manager()
         finally:
             self.close()
+
+    def look_at_clock(self, now: float) -> None:
+        """Our own stalls (RunClock): time we did not run is no agent's silence; what they sent meanwhile is
+        unread, not missing (Dispatcher.paused)."""
+        lost = self.clock.look(now)
+        if lost:
+            self.dispatcher.paused(lost, now)
 
     def stop(self) -> None:
         self._stop.set()

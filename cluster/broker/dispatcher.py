@@ -477,11 +477,12 @@ class Dispatcher:
 
     def paused(self, lost: float, now: float) -> None:
         """The broker did not run for `lost` seconds (its RunClock says so: SIGSTOP, a VM stall): what agents sent
-        meanwhile is still unread, so that time does not count as their silence (nor as no progress, for stall
-        detection). Deadlines are the clients' and stay as they are."""
+        meanwhile is still unread, so that time does not count as their silence. Nor as no progress: an agent is
+        judged stalled only from now on (stall thresholds are far finer than the RunClock's bound), so the answers
+        waiting unread count first. Deadlines are the clients' and stay as they are."""
         for agent in self.agents.agents.values():
             agent.last_seen = pardon(agent.last_seen, lost, now)
-            agent.last_answer = pardon(agent.last_answer, lost, now)
+            agent.last_answer = max(agent.last_answer, now)
 
     def heartbeats(self) -> list[Send]:
         """The broker's beat to every agent, so agents know it is alive."""
