@@ -7,6 +7,12 @@ clients stop sending new requests but wait for what they have queued), how long 
 under `--fast-ms`, with the probe's latency before the flood as the reference.
 
     PYTHONPATH=. python3 bench/flood_recovery.py [--clients 200] [--duration 8] [--service-ms 11] [--bound 5]
+
+Measured (2-core machine shared with other test runs; --clients 2000 --duration 8 --service-ms 11 --bound 5):
+before issue 18, 94% of 31,029 refusals carried retry_after 0.1 s; since, none does (p50 5.0 s, the queue's time to
+be served) and there were 3,561 refusals. The first fast answer after the flood came 3.6 s / 3.9 s after its end,
+in both cases as the admitted backlog finished (3.5 s / 3.8 s): what waits after a flood is the work admitted under
+the queue bound (at most `max_queue_wait`, FIFO), not a stuck estimate or expired requests (those are skipped).
 """
 
 from __future__ import annotations
