@@ -57,6 +57,15 @@ STATE_SAVE_RETRY_S = 2.0
 # `cluster deploy` asks the manager first (is it there, does it take this model and config) with this deadline, before
 # it sends a model file or publishes one, so a wrong --manager or a typo costs seconds, not the rollout timeout.
 DEPLOY_CHECK_TIMEOUT_S = 5.0
+# A pass of a role's loop (broker, agent, manager) that took longer than this (or half a heartbeat interval, if less)
+# means the process did not run for the excess (SIGSTOP, a VM stall, a GC pause): its peers' silence during it is not
+# counted against them (cluster/clock.py, RunClock). Normal passes take a tick (0.1 s at most) plus the work.
+OWN_PAUSE_BOUND = 0.5
+# A request refused for its expected wait (load shedding) is told to come back once the queue ahead of it now has been
+# served (its length over the model's measured rate), within these bounds (seconds): told "just over the bound's
+# excess" (0.1 s, 89% of refusals in a 10x flood), every refused client came straight back to be refused again.
+RETRY_AFTER_MIN = 0.1
+RETRY_AFTER_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,12 @@ class Timings:
     def expiry(self) -> float:
         """Seconds of silence after which a peer is declared dead."""
         return self.heartbeat_interval * self.liveness
+
+    @property
+    def pause_bound(self) -> float:
+        """A loop pass longer than this is a stall of the process itself (RunClock): OWN_PAUSE_BOUND, or half a
+        heartbeat interval if less, so that a stall always counts well before a peer would expire."""
+        return min(OWN_PAUSE_BOUND, self.heartbeat_interval / 2)
 
 
 _ENV_PREFIX = "CLUSTER_"

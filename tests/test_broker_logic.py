@@ -364,6 +364,7 @@ def test_a_request_whose_agent_dies_waits_for_an_expected_agent_that_serves_it()
 
 def test_broker_asks_the_manager_which_agents_to_expect_at_start():
     """Over in-process sockets, the real Manager answering the real Broker's start-up QUERY {what: agents}."""
+    from cluster.desired import DesiredState
     from cluster.manager.manager import Manager
 
     ctx = zmq.Context()
@@ -378,6 +379,7 @@ def test_broker_asks_the_manager_which_agents_to_expect_at_start():
     broker = Broker(addresses, TIMINGS, "round-robin", ctx)
     try:
         manager.registry.observe(beat("a1", instance="i1"), manager.registry.expiry)
+        manager.deployments.desired = DesiredState.from_wire({"models": {"m": {"version": 1}}})  # m is deployed
         broker.ask_manager_for_agents()
         assert manager.queries.poll(5000), "the broker's QUERY did not reach the manager"
         manager.process_query(manager.queries.recv_multipart(copy=False))

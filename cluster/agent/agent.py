@@ -47,6 +47,7 @@ from cluster.agent.loader import ModelLoader, load_versions
 from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.auth import BusSecurity
+from cluster.clock import RunClock, pardon
 from cluster.config import AGENT_COLD_POLL_S, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
@@ -303,6 +304,7 @@ class Agent:
         interval = self.timings.heartbeat_interval
         next_beat = now
         self._broker_heard = now
+        self.clock = RunClock(self.timings.pause_bound, now, f"agent {self.agent_id}", log)  # our own stalls
         self._ready_backoff = self.timings.reconnect_initial
         self._next_ready = now + self.timings.expiry
         drain_deadline = None
@@ -330,6 +332,11 @@ class Agent:
                 if self.broker in ready:
                     self.process_broker()
                 now = time.monotonic()
+                # Looked at with the `now` check_broker judges by: a stall anywhere in this pass (we did not run)
+                # is known first; what the broker sent meanwhile is unread, not missing.
+                lost = self.clock.look(now)
+                if lost:
+                    self._broker_heard = pardon(self._broker_heard, lost, now)
                 if now >= next_cold:
                     next_cold = now + AGENT_COLD_POLL_S
                     cold_ready = dict(cold.poll(0))

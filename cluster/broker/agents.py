@@ -198,6 +198,8 @@ class AgentTable:
             return ErrorCode.MODEL_NOT_FOUND, f"{what} is not deployed (it was undeployed)"
         if model in self.known_models:
             return ErrorCode.NO_AGENT, f"no live agent serves {what} right now"
+        if self.undeployed(model):  # never served here, and the manager does not want it: unknown, not an outage
+            return ErrorCode.MODEL_NOT_FOUND, f"{what} is not deployed"
         if not self.agents:
             return ErrorCode.NO_AGENT, f"no live agent is connected, so {what} cannot be served"
         return ErrorCode.MODEL_NOT_FOUND, f"{what} is not served by any agent"

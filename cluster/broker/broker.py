@@ -45,6 +45,7 @@ from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import RoutingPolicy, make_policy
+from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
@@ -145,6 +146,7 @@ class Broker:
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
         self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
         self._trims: list[float] = []  # when to call malloc_trim next
+        self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
         self._stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ class Broker:
             tick = min(tick, max(0.01, self.timings.hedge_after / 2))  # a stuck request is hedged soon after its time
         next_tick = time.monotonic()
         next_beat = next_tick
+        self.clock = RunClock(self.timings.pause_bound, next_tick, "broker", log)
         log.info(
             "broker serving clients on %s, agents on %s, policy %s, hedging %s",
             self.addresses.broker_clients,
@@ -174,6 +177,7 @@ class Broker:
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
+                self.look_at_clock(time.monotonic())  # a pause in the poll: known before any message is handled
                 if self.agents_sock in ready:
                     drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log, copied)
                 if self.clients in ready:
@@ -181,6 +185,7 @@ class Broker:
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
+                self.look_at_clock(now)  # with the `now` the tick judges by: a pause anywhere in this pass is known
                 if now >= next_tick:
                     next_tick = now + tick
                     drain(self.events, self.process_event, DRAIN_BATCH, log)
@@ -198,6 +203,13 @@ class Broker:
                         self.report_to_manager()
         finally:
             self.close()
+
+    def look_at_clock(self, now: float) -> None:
+        """Our own stalls (RunClock): time we did not run is no agent's silence; what they sent meanwhile is
+        unread, not missing (Dispatcher.paused)."""
+        lost = self.clock.look(now)
+        if lost:
+            self.dispatcher.paused(lost, now)
 
     def stop(self) -> None:
         self._stop.set()
@@ -233,6 +245,8 @@ class Broker:
         if cmd != Command.REPLY:
             log.warning("the manager did not say which agents are alive: %s", header.get("message"))
             return
+        if header.get("desired") is not None and self.dispatcher.agents.deployed is None:
+            self.desired_state(header["desired"])  # a `desired` event read already is newer: it stays
         self.deliver(self.dispatcher.expect_agents(header.get("result"), time.monotonic()))
 
     def report_to_manager(self) -> None:
@@ -434,7 +448,12 @@ class Broker:
         if event == "agent_dead" and agent_id is not None:
             self.deliver(self.dispatcher.agent_declared_dead(agent_id, instance))
         elif event == "desired":  # which models the manager wants served: an undeployed one is "not found"
-            try:
-                self.dispatcher.agents.deployed = set(DesiredState.from_wire(header.get("state")).models)
-            except ValueError as exc:
-                bad_input.warning("bad desired state from the manager dropped: %s", exc)
+            self.desired_state(header.get("state"))
+
+    def desired_state(self, state) -> None:
+        """The manager's desired state (an event, or its answer at start-up): the models it wants served. A model
+        it does not list is "not found", and is not held while agents re-register."""
+        try:
+            self.dispatcher.agents.deployed = set(DesiredState.from_wire(state).models)
+        except ValueError as exc:
+            bad_input.warning("bad desired state from the manager dropped: %s", exc)

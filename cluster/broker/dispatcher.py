@@ -19,7 +19,10 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   after the broker (re)starts: then it waits, within its deadline. That is the warm-up window (one expiry and one
   interval from the start, for any model), and after it, for the models of the agents the manager says are alive
   (`expect_agents`, its answer at start-up), until each of them has registered again or is declared dead, at most
-  `timings.rejoin_window` from the start; requests for a model none of them serves fail as before;
+  `timings.rejoin_window` from the start; requests for a model none of them serves fail as before. A model the
+  manager's desired state does not list is never held, warm-up or not: it fails at once with MODEL_NOT_FOUND (the
+  broker learns that state from the manager's answer at start-up, and from its `desired` events); only until it
+  knows it is an unknown model held, in the warm-up window at most;
 - past its deadline a request fails with TIMEOUT, whether in flight or queued; the agent is told how long a request
   has left (and how long it waited here) in the REQUEST's route frame, so it drops work that expired before it began;
 - a client's CANCEL (found by client identity and id) takes its request out of the queue, or, in flight, is passed
@@ -60,7 +63,8 @@ from cluster import protocol
 from cluster.auth import refusal
 from cluster.broker.agents import AgentEntry, AgentTable
 from cluster.broker.routing import RoutingPolicy
-from cluster.config import Timings
+from cluster.clock import pardon
+from cluster.config import RETRY_AFTER_MAX, RETRY_AFTER_MIN, Timings
 from cluster.keys import AllowList
 from cluster.logs import BadInputLog
 from cluster.protocol import (
@@ -256,9 +260,12 @@ class Dispatcher:
 
     def holding(self, model: str, version: int | None, now: float) -> bool:
         """Whether a request for `model` (`version`) that no live agent can take now waits rather than fails: in the
-        warm-up window, or while an agent the manager said is alive and serves it has not registered again."""
+        warm-up window, or while an agent the manager said is alive and serves it has not registered again; never
+        for a model the manager's desired state (once known) does not list: that fails at once, as it does later."""
+        if self.agents.undeployed(model):
+            return False  # the manager does not want it served: no agent coming back will serve it
         if self.warming_up(now):
-            return True
+            return True  # (the manager's desired state not heard yet, in the warm-up window only: bounded)
         if not self.expected or now >= self.started + self.timings.rejoin_window:
             return False
         return any(
@@ -464,9 +471,18 @@ class Dispatcher:
             self._hedge(now, out)
         self._expire_requests(now, out)
         self._end_rejoin_window(now)
-        if self.pending_count and not self.warming_up(now):
-            self._fail_orphaned_queues(now, out)
+        if self.pending_count and (not self.warming_up(now) or self.agents.deployed is not None):
+            self._fail_orphaned_queues(now, out)  # in the warm-up: those held before the desired state came
         return out
+
+    def paused(self, lost: float, now: float) -> None:
+        """The broker did not run for `lost` seconds (its RunClock says so: SIGSTOP, a VM stall): what agents sent
+        meanwhile is still unread, so that time does not count as their silence. Nor as no progress: an agent is
+        judged stalled only from now on (stall thresholds are far finer than the RunClock's bound), so the answers
+        waiting unread count first. Deadlines are the clients' and stay as they are."""
+        for agent in self.agents.agents.values():
+            agent.last_seen = pardon(agent.last_seen, lost, now)
+            agent.last_answer = max(agent.last_answer, now)
 
     def heartbeats(self) -> list[Send]:
         """The broker's beat to every agent, so agents know it is alive."""
@@ -737,7 +753,7 @@ class Dispatcher:
             self.stats["shed"] += 1
             request.done = True
             self._forget(request)
-            retry_after = round(max(0.1, wait - bound), 3)
+            retry_after = self.retry_after(wait)
             text = (
                 f"model '{request.model}': about {wait:.1f} s of queue ahead, over its {bound:g} s bound; "
                 f"try again in {retry_after:g} s"
@@ -756,10 +772,19 @@ class Dispatcher:
                     ErrorCode.OVERLOADED,
                     f"model '{request.model}': {self.pending_count} requests already waiting; try again later",
                     request.model,
+                    None if wait is None else self.retry_after(wait),
                 )
             )
         else:
             self._enqueue(request)
+
+    @staticmethod
+    def retry_after(wait: float) -> float:
+        """When a refused client may come back (`retry_after`, seconds): once the queue ahead of it now has been
+        served (`wait`: expected_wait, its length over the model's measured rate), within RETRY_AFTER_MIN and
+        RETRY_AFTER_MAX. Not merely once the queue is back under its bound (a few ms away at the margin): every
+        refused client would come back at once, to be refused again."""
+        return round(min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, wait)), 3)
 
     def queue_wait_bound(self, model: str) -> float:
         """Seconds a request of `model` may expect to wait in the queue (0: no bound): its config's

@@ -46,6 +46,7 @@ import zmq
 
 from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
+from cluster.clock import RunClock, pardon
 from cluster.config import MAX_CONTROL_BYTES, MAX_UPLOAD_BYTES, STATE_SAVE_RETRY_S, Addresses, Timings
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
@@ -107,6 +108,7 @@ class Manager:
             timings=self.timings,
         )
         self._broker_reported = float("-inf")  # when the broker last said which agents it routes to
+        self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "manager", log)  # our own stalls
         self.registry = Registry(self.timings.expiry)
         self.share = share
         self._unsaved = False  # the desired state differs from the share's deployments.json (a save failed)
@@ -128,6 +130,7 @@ class Manager:
         tick = min(0.1, self.timings.heartbeat_interval / 4)
         next_tick = time.monotonic()
         next_desired = next_tick
+        self.clock = RunClock(self.timings.pause_bound, next_tick, "manager", log)
         log.info(
             "manager: heartbeats on %s, events on %s, queries on %s",
             self.addresses.manager_heartbeats,
@@ -144,6 +147,12 @@ class Manager:
                 if self.queries in ready:
                     drain(self.queries, self.process_query, 1024, log)
                 now = time.monotonic()
+                # Looked at with the `now` the tick judges by: a stall anywhere in this pass (we did not run) is
+                # known before any agent is judged silent; beats sent meanwhile are unread, not missing.
+                lost = self.clock.look(now)
+                if lost:
+                    self.registry.paused(lost, now)
+                    self._broker_reported = pardon(self._broker_reported, lost, now)
                 if now >= next_tick:
                     next_tick = now + tick
                     if self.allow is not None:
@@ -253,7 +262,10 @@ class Manager:
                     f"unknown query {what!r}; ask for agents, models, deployments, rollouts, deploy, rollback, "
                     "undeploy, publish or publish_check"
                 )
-            reply = message(Command.REPLY, {"id": request_id, "result": result})
+            answer = {"id": request_id, "result": result}
+            if what == "agents":  # a starting broker asks: with the desired state it fails unknown models at once
+                answer["desired"] = self.deployments.desired.to_wire()
+            reply = message(Command.REPLY, answer)
         except ProtocolError as exc:
             bad_input.warning("bad query dropped with an error reply: %s", exc)
             reply = message(Command.ERROR, error_header(request_id, ErrorCode.BAD_REQUEST, str(exc)))

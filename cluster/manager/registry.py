@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from cluster.clock import pardon
 from cluster.logs import BadInputLog
 from cluster.protocol import Heartbeat, agent_view, models_view
 
@@ -75,6 +76,12 @@ class Registry:
         record.beat = beat
         record.last_seen = now
         return []
+
+    def paused(self, lost: float, now: float) -> None:
+        """The manager did not run for `lost` seconds (RunClock): beats sent meanwhile are still unread, so that
+        time is no agent's silence."""
+        for record in self.agents.values():
+            record.last_seen = pardon(record.last_seen, lost, now)
 
     def expire(self, now: float) -> list[dict]:
         """Drop agents silent for longer than the expiry; returns an agent_dead event for each."""
