@@ -45,6 +45,8 @@ CLIENT_SNDHWM = 64
 # (the broker link's monitor, manager subscriptions and events, finished loads) this often: zmq_poll costs two
 # syscalls per socket per wait, and those rarely have anything (a READY on reconnect waits at most this long).
 AGENT_COLD_POLL_S = 0.02
+# An agent whose key the broker refuses (revoked) says so in its log at most this often (it is refused at every beat).
+AGENT_REFUSED_LOG_S = 30.0
 
 
 @dataclass(frozen=True)
