@@ -109,6 +109,31 @@ def test_hedge_copies_may_both_answer_only_the_first_reaches_the_client():
     assert all(a.in_flight == {} for a in d.agents.agents.values()), "both slots are free after both answered"
 
 
+def test_keys_on_another_agents_valid_key_answers_nothing_and_a_revoked_agent_is_dropped_and_told(tmp_path):
+    directory = tmp_path / "keys"
+    keys.make_cluster_keys(directory, agents=2)
+    key = {n: m["public"] for n, m in keys.list_members(directory).items()}
+    allow = keys.AllowList(directory)
+    d = Dispatcher(Timings(heartbeat_interval=1.0, liveness=3), RoundRobin(), now=0.0, allow=allow)
+    for agent, member in (("a1", "agent-1"), ("a2", "agent-2")):
+        beat = pack(Heartbeat(agent, 1, [{"name": "m", "version": 1}], pid=1, started=1.0).to_wire())
+        assert d.agent_message(Command.READY, [agent.encode(), PREAMBLE[Command.READY], beat], T, key[member]) == []
+    ((holder, route),) = routes_sent(d.client_request(b"victim", 1, "m", None, 30.0, b"h", [b"t"], T))
+    other, other_key = ("a2", key["agent-2"]) if holder == "a1" else ("a1", key["agent-1"])
+    forged = [other.encode(), PREAMBLE[Command.REPLY] + route, pack({"id": 1}), b"forged"]
+    assert d.agent_message(Command.REPLY, forged, T, other_key) == [], "a valid agent key answered another's request"
+    assert d.requests[route].done is False
+    # The holder's key is revoked: its next beat is answered with why, it is dropped, its request goes elsewhere.
+    keys.revoke(directory, "agent-1" if holder == "a1" else "agent-2")
+    allow.refresh(force=True)
+    holder_key = key["agent-1" if holder == "a1" else "agent-2"]
+    beat = pack(Heartbeat(holder, 1, [{"name": "m", "version": 1}], pid=1, started=1.0).to_wire())
+    out = d.agent_message(Command.HEARTBEAT, [holder.encode(), PREAMBLE[Command.HEARTBEAT], beat], T + 0.1, holder_key)
+    told = [unpack_header(s.frames[2]) for s in out if s.to_agent and s.command == Command.ERROR]
+    assert [t["code"] for t in told] == ["UNAUTHENTICATED"] and "revoked" in told[0]["message"], told
+    assert routes_sent(out) == [(other, route)] and d.agents.get(holder.encode()) is None
+
+
 # ---- real processes ------------------------------------------------------------------------------------------------
 
 SLOW_META = [{"name": "x", "datatype": "FP32", "shape": [1, 1]}, {"name": "n", "datatype": "INT64", "shape": [1]}]
