@@ -603,7 +603,7 @@ class Agent:
             if cmd in (Command.REQUEST, Command.HEARTBEAT):
                 self._refused_since = None  # the broker routes to us and beats us: we are registered
             if cmd == Command.REQUEST:
-                if len(route) == protocol.REQUEST_ROUTE.size and route[: protocol.INCARNATION_BYTES] != (
+                if len(route) >= protocol.ROUTE_BYTES and route[: protocol.INCARNATION_BYTES] != (
                     self._broker_incarnation
                 ):
                     self.broker_is(route[: protocol.INCARNATION_BYTES])

@@ -167,11 +167,12 @@ class Broker:
         next_tick = time.monotonic()
         next_beat = next_tick
         log.info(
-            "broker serving clients on %s, agents on %s, policy %s, hedging %s",
+            "broker serving clients on %s, agents on %s, policy %s, hedging %s, incarnation %s",
             self.addresses.broker_clients,
             self.addresses.broker_agents,
             self.policy.name,
             f"after {self.timings.hedge_after * 1e3:g} ms" if self.timings.hedge_after > 0 else "off",
+            self.dispatcher.incarnation.hex(),
         )
         try:
             while not self._stop.is_set():
