@@ -66,6 +66,8 @@ OWN_PAUSE_BOUND = 0.5
 # excess" (0.1 s, 89% of refusals in a 10x flood), every refused client came straight back to be refused again.
 RETRY_AFTER_MIN = 0.1
 RETRY_AFTER_MAX = 30.0
+# An agent whose key the broker refuses (revoked) says so in its log at most this often (it is refused at every beat).
+AGENT_REFUSED_LOG_S = 30.0
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,12 @@ A message is a list of ZeroMQ frames:
     frame 1   header    = msgpack map (string keys), at most MAX_HEADER_BYTES
     rest      tensors   = one raw frame per tensor, described in order by header["inputs"] or header["outputs"]
 
-The route is the 8-byte request key the broker attaches to broker <-> agent REQUEST, REPLY, ERROR and CANCEL: it
-rides at the end of the preamble frame (one frame less per message than a frame of its own; `routed`,
-`parse_routed`). A REQUEST's route (broker -> agent) is longer: the key + float64 seconds left to the request's
-deadline + float64 seconds it waited in the broker's queue (REQUEST_ROUTE), so an agent can drop work whose client
-gave up. Every other message (and every client <-> broker one) has the bare 5-byte preamble.
+The route is the 16-byte request key (the broker's random incarnation + a counter: never reused by a restarted
+broker) the broker attaches to broker <-> agent REQUEST, REPLY, ERROR and CANCEL: it rides at the end of the
+preamble frame (one frame less per message than a frame of its own; `routed`, `parse_routed`). A REQUEST's route
+(broker -> agent) is longer: the key + float64 seconds left to the request's deadline + float64 seconds it waited
+in the broker's queue (REQUEST_ROUTE), so an agent can drop work whose client gave up. Every other message (and
+every client <-> broker one) has the bare 5-byte preamble.
 
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
@@ -26,9 +27,12 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
                         REPLY / ERROR  preamble+key, header, tensors (answers a REQUEST)
     broker  -> agent    REQUEST  preamble+request route, the client's header, tensors (forwarded, never decoded)
                         CANCEL   preamble+key, {}   (the client gave up: skip it if not started, answer CANCELLED)
-                        HEARTBEAT {}   DISCONNECT {reason}   (DISCONNECT: "I do not know you, send READY again")
+                        HEARTBEAT {broker}   (its incarnation, hex: an agent answers only requests of that broker)
+                        DISCONNECT {reason}   ("I do not know you, send READY again")
                         ERROR    {id: None, code: AGENT_ID_IN_USE, message}   (READY refused: another live process
                                  has that agent id; the agent stops after a grace period if it stays refused)
+                        ERROR    {id: None, code: UNAUTHENTICATED | PERMISSION_DENIED, message}   (keys on: its key
+                                 is not, or no longer, allowed to be an agent: revoked; the agent logs it)
     agent   -> manager  HEARTBEAT (PUB) Heartbeat: {agent, capacity, models, staged, failed, host, pid, ...}
     manager -> broker   EVENT (PUB) {event: "agent_dead", agent, instance, silent_for}   (a backup word: the broker
                         owns liveness; it drops the agent only if `instance` is its live one's)
@@ -65,8 +69,17 @@ import numpy as np
 from cluster.config import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
 
 TAG = b"MSB1"  # Model-Serving Bus, protocol version 1
-ROUTE_BYTES = 8
-REQUEST_ROUTE = struct.Struct(">8sdd")  # broker -> agent REQUEST: key, seconds left, seconds waited at the broker
+# A route key: the broker's random incarnation (drawn at its start) + its request counter, so that a key names one
+# request of one broker process and is never reused after a restart (an answer that arrives late, on the new broker's
+# link, then matches nothing there instead of another client's request).
+INCARNATION_BYTES = 8
+ROUTE_BYTES = INCARNATION_BYTES + 8
+REQUEST_ROUTE = struct.Struct(">16sdd")  # broker -> agent REQUEST: key, seconds left, seconds waited at the broker
+
+
+def broker_incarnation() -> bytes:
+    """A fresh random incarnation for a broker process: the first INCARNATION_BYTES of every route it makes."""
+    return secrets.token_bytes(INCARNATION_BYTES)
 
 
 def request_route(key: bytes, seconds_left: float, waited_s: float) -> bytes:
@@ -75,7 +88,7 @@ def request_route(key: bytes, seconds_left: float, waited_s: float) -> bytes:
 
 
 def parse_request_route(frame: bytes) -> tuple[bytes, float, float]:
-    """(key, seconds left, seconds waited) of a REQUEST's route; a bare key (8 bytes) means no deadline known.
+    """(key, seconds left, seconds waited) of a REQUEST's route; a bare key (ROUTE_BYTES) means no deadline known.
     ProtocolError for any other length or a time that is not a finite number."""
     if len(frame) == ROUTE_BYTES:
         return frame, math.inf, 0.0
@@ -96,12 +109,22 @@ def agent_instance() -> str:
     return secrets.token_hex(AGENT_INSTANCE_CHARS // 2)
 
 
-def agent_identity(agent_id: str, instance: str | None) -> bytes:
-    """An agent's ROUTER identity at the broker: "<agent id>/<instance>", one per process (None: the bare id, as
-    agents without an instance token, and tests, connect). Two processes started with the same --id therefore hold
-    two connections the broker can tell apart and answer each; only the same process reconnecting presents the same
-    identity again (and takes its own connection over, ROUTER_HANDOVER)."""
-    return agent_id.encode() if instance is None else f"{agent_id}/{instance}".encode()
+def agent_identity(agent_id: str, token: str | None) -> bytes:
+    """An agent's ROUTER identity at the broker: "<agent id>/<token>", one per process (None: the bare id, as
+    agents without a token, and tests, connect). Two processes started with the same --id therefore hold two
+    connections the broker can tell apart and answer each; only the same process reconnecting presents the same
+    identity again (and takes its own connection over, ROUTER_HANDOVER). The agent's token is a secret of its own
+    (agent_instance()), never its public `instance`: what `agents()` shows must not be enough to build a live
+    agent's identity and, keys off, be handed its connection."""
+    return agent_id.encode() if token is None else f"{agent_id}/{token}".encode()
+
+
+def identity_names(identity: bytes, agent_id: str) -> bool:
+    """Whether a ROUTER identity is `agent_id`'s: the bare id, or "<agent id>/<token>" (agent_identity)."""
+    name = agent_id.encode()
+    return identity == name or (
+        len(identity) == len(name) + 1 + AGENT_INSTANCE_CHARS and identity[: len(name) + 1] == name + b"/"
+    )
 
 
 class Command(enum.IntEnum):

@@ -3,8 +3,9 @@
 What it sets and why:
 - ROUTER_MANDATORY on ROUTERs: a ROUTER otherwise drops messages to unknown or departed peers without a word.
 - ROUTER_HANDOVER where peers reconnect with a fixed identity (agents): otherwise the new connection is refused.
-  Agents' identities are per process (protocol.agent_identity), so a handover only gives a reconnecting agent its
-  own connection back; a second process with the same agent id has another identity and is refused by the broker.
+  Agents' identities are per process and hold a secret token (protocol.agent_identity), so a handover only gives a
+  reconnecting agent its own connection back; a second process with the same agent id (or one that copied its public
+  id and instance) has another identity and is refused by the broker.
 - MAXMSGSIZE: a peer that sends a larger frame is disconnected before we spend memory on it.
 - Explicit high-water marks (never 0 = unbounded) and a short LINGER, so closing never hangs.
 - TCP keepalive, and reconnect attempts from a quarter of `link_retry_max` doubling to `link_retry_max` (1 s),

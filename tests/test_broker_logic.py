@@ -496,7 +496,7 @@ def test_a_failed_probe_of_the_live_agent_lets_the_restarted_one_in_at_its_next_
     assert agent == "a1/old"
     out = ready_as(d, "a1", "new")
     probe = [s.frames for s in out if s.command == Command.HEARTBEAT]
-    assert probe == [[b"a1/old", PREAMBLE[Command.HEARTBEAT], pack({})]]
+    assert probe == [[b"a1/old", PREAMBLE[Command.HEARTBEAT], d.heartbeat_header]]
     assert sent_to_agents(d.send_failed(probe, OSError(errno.EHOSTUNREACH, "Host unreachable"))) == [("a2", route)]
     assert ready_as(d, "a1", "new", now=T + 1) == [] and d.agents.get_by_id("a1").identity == b"a1/new"
 

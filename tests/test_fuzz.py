@@ -180,7 +180,7 @@ def fuzz_every_socket(cluster, ctx: zmq.Context) -> None:
             10,
             "the manager to handle a probe heartbeat",
         )
-        route = n.to_bytes(8, "big")
+        route = n.to_bytes(protocol.ROUTE_BYTES, "big")
 
         def agent_answered() -> bool:
             # Sent again each try: one sent while the agent was reconnecting went nowhere.

@@ -14,7 +14,7 @@ from cluster.broker import Dispatcher
 from cluster.broker.routing import RoundRobin
 from cluster.config import Timings
 from cluster.manager.registry import Registry
-from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, pack
+from cluster.protocol import PREAMBLE, ROUTE_BYTES, Command, ErrorCode, Heartbeat, pack, unpack_header
 
 
 def test_init_add_revoke_list(tmp_path):
@@ -113,9 +113,10 @@ def test_dispatcher_takes_agents_only_from_agent_keys_and_binds_them(keyed):
     allow, key = keyed
     d = Dispatcher(Timings(), RoundRobin(), now=0.0, allow=allow)
     t = 10.0
-    # A client key (or none) saying READY is refused: no agent, no answer.
-    assert d.agent_message(Command.READY, [b"a1", PREAMBLE[Command.READY], _beat("a1")], t, key["client"]) == []
-    assert d.agent_message(Command.READY, [b"a1", PREAMBLE[Command.READY], _beat("a1")], t, None) == []
+    # A client key (or none, as a revoked one) saying READY is refused: no agent, and it is told why.
+    for sender, code in ((key["client"], "PERMISSION_DENIED"), (None, "UNAUTHENTICATED")):
+        (told,) = d.agent_message(Command.READY, [b"a1", PREAMBLE[Command.READY], _beat("a1")], t, sender)
+        assert (told.peer, told.command, unpack_header(told.frames[2])["code"]) == (b"a1", Command.ERROR, code)
     # READY must name the identity it came with.
     assert d.agent_message(Command.READY, [b"a1", PREAMBLE[Command.READY], _beat("a2")], t, key["agent-1"]) == []
     assert len(d.agents) == 0
@@ -125,7 +126,7 @@ def test_dispatcher_takes_agents_only_from_agent_keys_and_binds_them(keyed):
     d.agent_message(Command.READY, [b"a1", PREAMBLE[Command.READY], _beat("a1")], t, key["agent-2"])
     assert d.agents.get(b"a1").key == key["agent-1"]
     out = d.client_request(b"c", 1, "m", None, 30.0, b"h", [b"t"], t)
-    route = out[0].frames[1][5:13]  # the key the agent answers with (after the preamble; the times follow)
+    route = out[0].frames[1][5 : 5 + ROUTE_BYTES]  # the key the agent answers with (after the preamble; times follow)
     reply = [b"a1", PREAMBLE[Command.REPLY] + route, pack({"id": 1}), b"forged"]
     assert d.agent_message(Command.REPLY, reply, t, key["agent-2"]) == []
     assert route in d.requests, "a reply from another key must not answer the request"

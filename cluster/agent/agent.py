@@ -18,13 +18,22 @@ goes silent for `liveness` intervals, the agent sends READY again, backing off f
 With a key (`key`, an agent member's key file): its three bus sockets connect with CURVE, presenting that key; the
 broker and the manager then accept its READY and heartbeats (role agent), and bind its id to that key.
 
-One agent id, one live process: each agent draws a random instance token at start and connects to the broker as
-"<id>/<instance>" (protocol.agent_identity). If another live process already holds the id, the broker answers READY
-with ERROR AGENT_ID_IN_USE: the agent logs it as an error, stops beating to the manager, and tries again each
-interval for `duplicate_grace` seconds (a restarted agent whose predecessor crashed gets in once the broker has
-dropped the predecessor); still refused then, it stops with `exit_code` EXIT_AGENT_ID_IN_USE (`cluster agent` exits
-with it). An agent whose broker stays silent for two expiries also opens a fresh connection, so a link the broker no
-longer reads (taken over, half-open) cannot keep it out for good.
+One agent id, one live process: each agent draws a random instance token at start (public: its heartbeats carry it)
+and connects to the broker as "<id>/<token>" (protocol.agent_identity) with a second, secret token, so that a
+process that copies what `agents()` shows cannot present its identity and be handed its connection. If another live
+process already holds the id, the broker answers READY with ERROR AGENT_ID_IN_USE: the agent logs it as an error,
+stops beating to the manager, and tries again each interval for `duplicate_grace` seconds (a restarted agent whose
+predecessor crashed gets in once the broker has dropped the predecessor); still refused then, it stops with
+`exit_code` EXIT_AGENT_ID_IN_USE (`cluster agent` exits with it). An agent whose broker stays silent for two
+expiries also opens a fresh connection, so a link the broker no longer reads (taken over, half-open) cannot keep it
+out for good.
+
+An answer goes only to the broker that asked: a route starts with its broker's random incarnation, and the broker
+says its incarnation in its heartbeats. When the link drops (the broker restarted, or the network), answers that
+finish meanwhile are held until the broker on the new link is known (its first heartbeat or request), then sent if
+it is the same broker, dropped (with a log line) if not: they would otherwise reach the new broker, answering
+requests it never gave. With keys on, a key the broker refuses (revoked, or not on the allow-list) is logged as such:
+the broker's ERROR UNAUTHENTICATED on a live link, or the CURVE handshake refused on a new one.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.auth import BusSecurity
 from cluster.clock import RunClock, pardon
-from cluster.config import AGENT_COLD_POLL_S, MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import AGENT_COLD_POLL_S, AGENT_REFUSED_LOG_S, MAX_CONTROL_BYTES, Addresses, Timings
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.model_config import InputError
@@ -68,11 +77,14 @@ from cluster.sockets import has_message, make_socket, recv_frames, send_frames
 
 log = logging.getLogger("cluster.agent")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
+stale = BadInputLog(log)  # answers dropped because the broker they were for is gone
 
 _instance_ids = itertools.count()
 # What the broker DEALER's monitor reports: a handshake that succeeded (with CURVE too: the connection is usable; it
 # is the only event that means so) and a connection that dropped.
-BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+REFUSED_KEY_CODES = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
+_INCARNATION = slice(protocol.PREAMBLE_BYTES, protocol.PREAMBLE_BYTES + protocol.INCARNATION_BYTES)  # of an answer
 DRAIN_BATCH = 256  # messages read from one socket per loop pass before the others are served
 EXIT_AGENT_ID_IN_USE = 3  # `cluster agent`'s exit status when the broker keeps refusing its id (another has it)
 
@@ -105,7 +117,11 @@ class Agent:
         if not 0 < len(self.agent_id.encode()) <= protocol.MAX_AGENT_ID_BYTES:
             raise ValueError(f"agent id must be 1 to {protocol.MAX_AGENT_ID_BYTES} bytes")
         self.instance = protocol.agent_instance()  # this process's token: tells it from another with the same id
-        self.identity = protocol.agent_identity(self.agent_id, self.instance)
+        self.identity = protocol.agent_identity(self.agent_id, protocol.agent_instance())  # secret: never published
+        self._broker_incarnation: bytes | None = None  # the broker on the current link (None: not known yet)
+        self._broker_beat = b""  # the header of its latest heartbeat (parsed again only when it changes)
+        self._held: list[list] = []  # answers finished after the link dropped, until the broker on it is known
+        self._key_refused_logged = -AGENT_REFUSED_LOG_S
         self.exit_code = 0
         self._refused_since: float | None = None  # the broker refuses our id (AGENT_ID_IN_USE) since then
         self.duplicate_grace = self.timings.expiry + 2 * self.timings.heartbeat_interval
@@ -399,6 +415,7 @@ class Agent:
     def reconnect_broker(self) -> None:
         """A fresh connection to the broker (same identity): the old one may be a link the broker no longer reads
         (handed over, or half-open after a network blip), where READY would wait forever."""
+        self._link_gone()
         self._poller.unregister(self.broker)
         self._cold.unregister(self.broker_monitor)
         self.close_broker_monitor()
@@ -431,11 +448,56 @@ class Agent:
                 self._ready_backoff = self.timings.reconnect_initial
                 self._next_ready = now + self.timings.expiry
                 self.register()
-            elif event == zmq.EVENT_DISCONNECTED and self.broker_connected:
-                log.warning(
-                    "agent %s: lost the connection to the broker; registering again when it is back", self.agent_id
-                )
-                self.broker_connected, self._broker_down_since = False, now
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._link_gone()
+                if self.broker_connected:
+                    log.warning(
+                        "agent %s: lost the connection to the broker; registering again when it is back", self.agent_id
+                    )
+                    self.broker_connected, self._broker_down_since = False, now
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.key_refused("at the handshake", "its key was revoked, or is not on the cluster's allow-list")
+
+    def _link_gone(self) -> None:
+        """The link to the broker dropped: the broker at the other end of the next one is not known until it
+        speaks, and answers finished meanwhile wait for it (forward_results)."""
+        self._broker_incarnation = None
+        self._broker_beat = b""
+
+    def broker_is(self, incarnation: bytes) -> None:
+        """The broker on the link is `incarnation` (from its heartbeat or a request's route): answers held since
+        the link dropped go to it if they are its own, and are dropped if they were another broker's."""
+        if incarnation == self._broker_incarnation:
+            return
+        self._broker_incarnation = incarnation
+        held, self._held = self._held, []
+        for frames in held:
+            if frames[0][_INCARNATION] == incarnation:
+                send_frames(self.broker, frames, 0)
+            else:
+                self.drop_stale(frames)
+
+    def drop_stale(self, frames: list) -> None:
+        stale.warning(
+            "agent %s: dropped the answer to request %s: the broker that sent it is no longer connected to this agent "
+            "(it restarted); answers go only to the broker that asked",
+            self.agent_id,
+            frames[0][protocol.PREAMBLE_BYTES :].hex(),
+        )
+
+    def key_refused(self, how: str, why: str) -> None:
+        """The broker refuses our key (keys on): an error in the log, at most every AGENT_REFUSED_LOG_S."""
+        now = time.monotonic()
+        if now - self._key_refused_logged < AGENT_REFUSED_LOG_S:
+            return
+        self._key_refused_logged = now
+        log.error(
+            "agent %s: the broker refuses this agent's key %s: %s. It gets no requests until an admin allows the key "
+            "again (cluster keys add ... --role agent, and give it the new key file); still trying",
+            self.agent_id,
+            how,
+            why,
+        )
 
     def register(self) -> None:
         """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
@@ -518,6 +580,10 @@ class Agent:
                 self.send_heartbeat()
 
     def forward_results(self) -> None:
+        """The workers' answers, to the broker that sent their requests: one that finished after the link dropped
+        waits until the broker on the new link is known (broker_is), one for another broker is dropped."""
+        if has_message(self.broker_monitor):
+            self.process_broker_link()  # a link that just dropped: its answers must not go out on the next one
         for n in range(DRAIN_BATCH):
             if n and not has_message(self.results):
                 return
@@ -526,7 +592,12 @@ class Agent:
             except zmq.Again:
                 return
             self.in_flight -= 1
-            send_frames(self.broker, frames, 0)
+            if frames[0][_INCARNATION] == self._broker_incarnation:
+                send_frames(self.broker, frames, 0)
+            elif self._broker_incarnation is None:
+                self._held.append(frames)
+            else:
+                self.drop_stale(frames)
 
     def process_broker(self) -> None:
         for n in range(DRAIN_BATCH):
@@ -546,7 +617,14 @@ class Agent:
             if cmd in (Command.REQUEST, Command.HEARTBEAT):
                 self._refused_since = None  # the broker routes to us and beats us: we are registered
             if cmd == Command.REQUEST:
+                if len(route) >= protocol.ROUTE_BYTES and route[: protocol.INCARNATION_BYTES] != (
+                    self._broker_incarnation
+                ):
+                    self.broker_is(route[: protocol.INCARNATION_BYTES])
                 self.accept_request(frames, route)
+            elif cmd == Command.HEARTBEAT:
+                if len(frames) > 1 and frames[1] != self._broker_beat:
+                    self.broker_beat(frames[1])
             elif cmd == Command.CANCEL:
                 self.cancel_request(route)
             elif cmd == Command.DISCONNECT:
@@ -554,8 +632,18 @@ class Agent:
                 self.register()
             elif cmd == Command.ERROR:
                 self.broker_error(frames)
-            elif cmd != Command.HEARTBEAT:
+            else:
                 bad_input.warning("agent %s: unexpected %s from the broker dropped", self.agent_id, cmd.name)
+
+    def broker_beat(self, header_frame: bytes) -> None:
+        """A broker heartbeat with a header other than the last one: it names the broker's incarnation."""
+        self._broker_beat = header_frame
+        try:
+            incarnation = bytes.fromhex(protocol.unpack_header(header_frame).get("broker") or "")
+        except (ProtocolError, TypeError, ValueError):
+            incarnation = b""
+        if len(incarnation) == protocol.INCARNATION_BYTES:
+            self.broker_is(incarnation)
 
     def broker_error(self, frames: list) -> None:
         """The broker's ERROR to us (not about a request): AGENT_ID_IN_USE refuses our READY, another live process
@@ -564,6 +652,9 @@ class Agent:
             header = protocol.unpack_header(frames[1]) if len(frames) == 2 else {}
         except ProtocolError:
             header = {}
+        if header.get("code") in REFUSED_KEY_CODES:
+            self.key_refused(f"({header.get('code')})", str(header.get("message"))[:1000])
+            return
         if header.get("code") != ErrorCode.AGENT_ID_IN_USE.value:
             bad_input.warning("agent %s: unexpected ERROR from the broker dropped", self.agent_id)
             return

@@ -13,11 +13,12 @@ the Dispatcher (role agent, and the key an agent registered with). The agents' R
 identity over to a newcomer (libzmq ignores a second connection with an identity in use, so the real agent keeps its
 pipe); ZMTP heartbeats close a dead agent's connection within one expiry, so a restarted agent gets its id back.
 
-Agent identities are per process ("<agent id>/<random instance>", protocol.agent_identity), so ROUTER_HANDOVER (keys
-off) only ever hands a connection back to the process that owned it, reconnecting after a network blip while the
-broker still holds its old, half-dead link. Two processes started with the same --id hold two connections; the
-Dispatcher accepts the first and answers the second's READY with ERROR AGENT_ID_IN_USE (it logs it and exits), so
-a mistaken duplicate can neither take the first one's traffic nor orphan it.
+Agent identities are per process ("<agent id>/<secret random token>", protocol.agent_identity; the token is not the
+public instance `agents()` shows), so ROUTER_HANDOVER (keys off) only ever hands a connection back to the process
+that owned it, reconnecting after a network blip while the broker still holds its old, half-dead link. Two processes
+started with the same --id hold two connections; the Dispatcher accepts the first and answers the second's READY
+with ERROR AGENT_ID_IN_USE (it logs it and exits), so a mistaken duplicate, or a copy of a live agent's id and
+instance, can neither take the first one's traffic nor orphan it.
 
 Liveness is the broker's, for routing (the Majordomo way). It hears every agent directly, on the agents' DEALER
 link: any message from a registered agent (READY, HEARTBEAT, REPLY, ERROR) proves it alive, on the broker's own
@@ -25,7 +26,8 @@ clock, and an agent silent for `timings.expiry` seconds is removed, as is one th
 fails to reach (ROUTER_MANDATORY: EHOSTUNREACH). The manager's `agent_dead` event (from the heartbeats agents PUBlish
 to it, on its clock) is a backup word: the broker drops the agent it names too. That word can only drop an agent
 sooner, never keep one; an agent dropped while still alive is told DISCONNECT on its next message and registers
-again with READY, and its requests in flight were re-dispatched (the first answer wins). The manager's registry
+again with READY, and its requests in flight were re-dispatched (what it answers for them late is dropped: an answer
+is accepted only from an agent that holds its route, see the Dispatcher). The manager's registry
 decides liveness for the control plane only (rollouts, `cluster models`), never for routing.
 """
 
@@ -168,11 +170,12 @@ class Broker:
         next_beat = next_tick
         self.clock = RunClock(self.timings.pause_bound, next_tick, "broker", log)
         log.info(
-            "broker serving clients on %s, agents on %s, policy %s, hedging %s",
+            "broker serving clients on %s, agents on %s, policy %s, hedging %s, incarnation %s",
             self.addresses.broker_clients,
             self.addresses.broker_agents,
             self.policy.name,
             f"after {self.timings.hedge_after * 1e3:g} ms" if self.timings.hedge_after > 0 else "off",
+            self.dispatcher.incarnation.hex(),
         )
         try:
             while not self._stop.is_set():

@@ -40,21 +40,26 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   cancelled (CANCEL) and its answer dropped; its slot stays taken until that agent answers. When the agent of one
   copy dies, the other copy carries on (nothing is re-dispatched);
 - tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read;
+- an answer reaches only the client that asked: a route is this broker's random incarnation + a counter, so it
+  names one request of one broker process (never reused after a restart), and an answer is accepted only from an
+  agent that holds that route (the agent it was sent to, or its hedge copy's); anything else is dropped, with a
+  rate-limited log line (a late answer from before a restart, a forged or guessed route);
 - with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
   bound to the key it registered with: READY for an identity registered with another key is refused (until that
   agent expires), and any other message for it from another key is dropped; READY must name the agent id it
-  connected with (its routing identity);
+  connected with (its routing identity), and an agent whose key is refused (revoked) is told so (ERROR
+  UNAUTHENTICATED or PERMISSION_DENIED, to its READY and HEARTBEAT) and dropped at once;
 - one live agent per agent id: a READY naming an id that another live process holds (another connection, another
   instance token or another key) is refused with ERROR AGENT_ID_IN_USE to the newcomer and an error in the log;
   the live agent keeps serving and keeps its requests (it is probed, so a dead predecessor goes at once). The same
-  process registering again (same instance) is not a duplicate.
+  process registering again (same instance, on its own connection) is not a duplicate; a READY on another
+  connection is, whatever instance it claims (an instance is public: `agents()` shows it).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -73,17 +78,17 @@ from cluster.protocol import (
     ErrorCode,
     Heartbeat,
     ProtocolError,
-    agent_identity,
     as_bytes,
     error_header,
+    identity_names,
     pack,
 )
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 refused = BadInputLog(log)  # messages refused for their key (keys on), rate-limited on their own
+foreign = BadInputLog(log)  # answers from an agent that does not hold their route, rate-limited on their own
 
-_ROUTE = struct.Struct(">Q")
 _REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
 _CANCEL = PREAMBLE[Command.CANCEL]
 RATE_WINDOW_S = 1.0  # a model's service rate is measured over windows this long ...
@@ -201,7 +206,11 @@ class Dispatcher:
         self.pending: dict[str, deque[BrokerRequest]] = {}  # model -> requests waiting for a free slot
         self.pending_count = 0
         self.started = now
+        # Routes: this broker's random incarnation + a counter (protocol.ROUTE_BYTES); agents learn the incarnation
+        # from its heartbeats, and answer only requests of the broker they are connected to.
+        self.incarnation = protocol.broker_incarnation()
         self._routes = itertools.count(1)
+        self.heartbeat_header = pack({"broker": self.incarnation.hex()})
         self.stats = {
             "requests": 0,
             "redispatched": 0,
@@ -322,9 +331,8 @@ class Dispatcher:
             out.append(client_error(client, request_id, code, text, model))
             return out
         self.stats["requests"] += 1
-        request = BrokerRequest(
-            _ROUTE.pack(next(self._routes)), client, request_id, model, version, header_frame, tensors, now + timeout
-        )
+        route = self.incarnation + next(self._routes).to_bytes(8, "big")
+        request = BrokerRequest(route, client, request_id, model, version, header_frame, tensors, now + timeout)
         request.arrived = now
         request.trace = trace
         self.requests[request.route] = request
@@ -348,6 +356,7 @@ class Dispatcher:
             why = refusal(self.allow, key, "agent")
             if why is not None:
                 refused.warning("%s from %r refused: %s", cmd.name, identity, why[1])
+                self._refuse_key(identity, cmd, why, out)
                 return out
         if cmd == Command.READY:
             self._ready(identity, frames[2], now, out, key)
@@ -486,7 +495,7 @@ class Dispatcher:
 
     def heartbeats(self) -> list[Send]:
         """The broker's beat to every agent, so agents know it is alive."""
-        return [Send(True, [a.identity, _HEARTBEAT, _EMPTY_HEADER]) for a in self.agents.agents.values()]
+        return [Send(True, [a.identity, _HEARTBEAT, self.heartbeat_header]) for a in self.agents.agents.values()]
 
     # ---- agents -------------------------------------------------------------------------------------------------
 
@@ -499,7 +508,7 @@ class Dispatcher:
         except ProtocolError as exc:
             bad_input.warning("bad READY from %r dropped: %s", identity, exc)
             return
-        if self.allow is not None and identity != agent_identity(beat.agent, beat.instance):
+        if self.allow is not None and not identity_names(identity, beat.agent):
             refused.warning(
                 "READY from %r refused: it names agent %r (keys on: the two must match)", identity, beat.agent
             )
@@ -510,10 +519,13 @@ class Dispatcher:
             refused.warning("READY for agent %s refused: it is registered with another key", old.agent_id)
             return
         conflict = None
-        if live is not None and (live.key != key or not self.agents.same_process(live, beat)):
-            if live is not old:
-                conflict = "in use by another live agent"  # a second process started with the same --id
-            elif beat.instance is not None and live.beat.instance is not None:
+        if live is not None and live is not old:
+            # A second process started with the same --id, or one that copied the live agent's id and instance
+            # (both public): the same process always comes back on its own identity (connection), so another
+            # connection is never the live agent, whatever it claims.
+            conflict = "in use by another live agent"
+        elif live is not None and (live.key != key or not self.agents.same_process(live, beat)):
+            if beat.instance is not None and live.beat.instance is not None:
                 # Another process presented this process's own routing identity, and ROUTER_HANDOVER gave it the
                 # connection: the first one's link is gone. Drop the first (its requests go elsewhere; it
                 # reconnects and registers again, see the agent's check_broker) and refuse the newcomer.
@@ -534,8 +546,6 @@ class Dispatcher:
             return
         if old is not None:
             self._remove(old, "it registered again (restarted)", out)
-        if live is not None and live is not old:
-            self._remove(live, "the same process registered again on a new connection", out)
         agent = self.agents.add(identity, beat, now, key)
         self._dispatch_pending(agent.models, out)
 
@@ -553,7 +563,7 @@ class Dispatcher:
             self._remove(live, "its connection was taken over by another process presenting its identity", out)
             holder = f"an agent whose connection this one took over ({why})"
         elif live is not None:
-            out.append(Send(True, [live.identity, _HEARTBEAT, _EMPTY_HEADER]))
+            out.append(Send(True, [live.identity, _HEARTBEAT, self.heartbeat_header]))
             holder = (
                 f"a live agent (host {live.beat.host}, pid {live.beat.pid}, instance {live.beat.instance}, "
                 f"heard {now - live.last_seen:.1f} s ago)"
@@ -566,6 +576,16 @@ class Dispatcher:
         )
         refused.error("READY from %r refused: %s", identity, text)
         out.append(Send(True, [identity, _ERROR, pack(error_header(None, ErrorCode.AGENT_ID_IN_USE, text))]))
+
+    def _refuse_key(self, identity: bytes, cmd: Command, why: tuple[ErrorCode, str], out: list[Send]) -> None:
+        """Keys on: a message from a key that may not be an agent (revoked since its handshake, or another role's).
+        An agent registered with it is dropped at once (its requests go elsewhere), and READY and HEARTBEAT are
+        answered with the reason, so the agent can say why it is refused (at most one a beat)."""
+        agent = self.agents.get(identity)
+        if agent is not None:
+            self._remove(agent, f"its key is refused ({why[1]})", out)
+        if cmd in (Command.READY, Command.HEARTBEAT):
+            out.append(Send(True, [identity, _ERROR, pack(error_header(None, why[0], why[1]))]))
 
     def _heartbeat(self, agent: AgentEntry, header_frame, out: list[Send]) -> None:
         try:
@@ -585,7 +605,17 @@ class Dispatcher:
             bad_input.warning("agent %s sent a reply without route and header; dropped", agent.agent_id)
             return
         now = self.now
-        agent.pop_request(route)
+        if agent.pop_request(route) is None:
+            # Not a request this agent holds: a late answer from before a broker restart (another incarnation's
+            # route), one given up on (re-dispatched after the agent was dropped), or a forged or guessed route.
+            # Never forwarded: it could be another client's request's answer.
+            foreign.warning(
+                "%s from agent %s for a request it does not hold (route %s) dropped",
+                cmd.name,
+                agent.agent_id,
+                route.hex(),
+            )
+            return
         agent.last_answer = now
         was_stalled = agent.stalled_since is not None
         if was_stalled:
