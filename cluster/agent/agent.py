@@ -224,8 +224,9 @@ class Agent:
         return sizes
 
     def ensure_instance_threads(self) -> None:
-        """An inference thread for every copy of the model with the most `instances`."""
-        self.pool.ensure_threads(max((m.config.instances for m in self.table.loaded_models()), default=1))
+        """An inference thread for every execution slot of every model loaded (its `instances`, WorkerPool.slots): a
+        slow model then queues only behind itself, never in front of another model."""
+        self.pool.ensure_threads(sum(self.pool.slots(m) for m in self.table.loaded_models()) or 1)
 
     def status(self) -> Heartbeat:
         """The heartbeat: what the broker routes by and the manager's registry and `cluster status` show."""
