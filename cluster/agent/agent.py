@@ -24,7 +24,15 @@ with ERROR AGENT_ID_IN_USE: the agent logs it as an error, stops beating to the 
 interval for `duplicate_grace` seconds (a restarted agent whose predecessor crashed gets in once the broker has
 dropped the predecessor); still refused then, it stops with `exit_code` EXIT_AGENT_ID_IN_USE (`cluster agent` exits
 with it). An agent whose broker stays silent for two expiries also opens a fresh connection, so a link the broker no
-longer reads (taken over, half-open) cannot keep it out for good.
+longer reads (taken over, half-open) cannot keep it out for good. An agent not connected to any broker (down, or a
+wrong address) says so in its log, backing off from one expiry to AGENT_LINK_WARN_MAX_S.
+
+Recovery by restart: a model call that never returns (past max(hang_factor x its request's deadline, hang_min)), or
+resident memory past `max_memory`, makes the agent stop taking work, say why (heartbeat `drain_reason`, an error in
+its log), finish its other requests within the drain timeout and exit with EXIT_HUNG or EXIT_MEMORY: its supervisor
+(`cluster up`, Kubernetes) restarts it, and the broker re-dispatches what it still held. Stopping never waits on an
+inference thread past the drain timeout (they are daemons; `cluster agent` ends with os._exit if one is stuck, and a
+watchdog thread ends a process whose I/O loop itself is stuck).
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ import json
 import logging
 import os
 import random
+import resource
 import socket
+import sys
 import threading
 import time
 
@@ -47,7 +57,14 @@ from cluster.agent.loader import ModelLoader, load_versions
 from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.auth import BusSecurity
-from cluster.config import AGENT_COLD_POLL_S, MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import (
+    AGENT_COLD_POLL_S,
+    AGENT_DRAIN_TIMEOUT_S,
+    AGENT_LINK_WARN_MAX_S,
+    MAX_CONTROL_BYTES,
+    Addresses,
+    Timings,
+)
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.model_config import InputError
@@ -74,6 +91,18 @@ _instance_ids = itertools.count()
 BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 DRAIN_BATCH = 256  # messages read from one socket per loop pass before the others are served
 EXIT_AGENT_ID_IN_USE = 3  # `cluster agent`'s exit status when the broker keeps refusing its id (another has it)
+EXIT_HUNG = 4  # ... when a model call never returned (past the hang bound): restart me
+EXIT_MEMORY = 5  # ... when its resident memory passed --max-memory: restart me
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (RSS) now; the peak where /proc is missing (not Linux)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def default_agent_id() -> str:
@@ -95,6 +124,7 @@ class Agent:
         cache_dir: str | None = None,
         torch_threads: int | None = None,
         key: str | None = None,
+        max_memory_mib: float = 0,
     ) -> None:
         self.security = BusSecurity.load(key)  # None: the bus in the clear
         self.share = open_share(share, cache_dir)  # a folder, or nfs:// mirrored into cache_dir
@@ -106,6 +136,12 @@ class Agent:
         self.instance = protocol.agent_instance()  # this process's token: tells it from another with the same id
         self.identity = protocol.agent_identity(self.agent_id, self.instance)
         self.exit_code = 0
+        self.max_memory = int(max_memory_mib * 1024 * 1024) or None  # bytes; None: no limit
+        self.rss = resident_bytes()
+        self.drain_reason: str | None = None  # why it drains to exit on its own (hung call, memory); None: it is not
+        self._restart_code = 0  # the exit status it drains towards (EXIT_HUNG, EXIT_MEMORY)
+        self.threads_stuck = False  # close() left inference threads running (a hung call): exit with os._exit
+        self._loop_turned: float | None = None  # the I/O loop's last pass (the watchdog's view; None: not running)
         self._refused_since: float | None = None  # the broker refuses our id (AGENT_ID_IN_USE) since then
         self.duplicate_grace = self.timings.expiry + 2 * self.timings.heartbeat_interval
         self.capacity = capacity
@@ -128,6 +164,7 @@ class Agent:
         if torch_threads:
             torch.set_num_threads(torch_threads)  # this thread (inline runs, start-up loads) ...
         self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers, torch_threads)  # ... and workers
+        self.pool.hang_bound = (self.timings.hang_factor, self.timings.hang_min)
         self.inline = os.environ.get("CLUSTER_AGENT_INLINE", "1") != "0"  # see runner.INLINE_MAX_S
         self._inline_until = 0.0
         self.loader = ModelLoader(self.ctx, self._loads_addr, self.share, device)
@@ -252,11 +289,14 @@ class Agent:
             jobs=self.pool.describe_jobs(),
             stats=self.pool.describe_stats(),
             model_capacity=self.model_capacity(),
+            rss=self.rss,
+            max_memory=self.max_memory,
+            drain_reason=self.drain_reason,
         )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------
 
-    def run(self, drain_timeout: float = 10.0) -> None:
+    def run(self, drain_timeout: float = AGENT_DRAIN_TIMEOUT_S) -> None:
         """Load models, connect, serve until stop(); then drain what is in flight and say goodbye."""
         self.load_models()
         self.results = self.ctx.socket(zmq.PULL)
@@ -307,6 +347,8 @@ class Agent:
         self._ready_backoff = self.timings.reconnect_initial
         self._next_ready = now + self.timings.expiry
         drain_deadline = None
+        self.drain_timeout = drain_timeout
+        self._loop_turned = now
         log.info(
             "agent %s up: broker %s, manager %s",
             self.agent_id,
@@ -321,8 +363,11 @@ class Agent:
                     drain_deadline = time.monotonic() + drain_timeout
                     self.draining = True
                     self.send_heartbeat()  # the broker stops routing here at once
-                if drain_deadline is not None and (self.in_flight == 0 or time.monotonic() > drain_deadline):
-                    break
+                if drain_deadline is not None and (
+                    self.in_flight <= self.pool.stuck_jobs(time.monotonic()) or time.monotonic() > drain_deadline
+                ):
+                    break  # what is left never ends (a hung call): the broker re-dispatches it when we are gone
+                self._loop_turned = time.monotonic()
                 wake = min(next_beat, next_cold)
                 ready = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1))
                 self._inline_until = time.monotonic() + INLINE_BUDGET_S
@@ -344,9 +389,12 @@ class Agent:
                         self.process_events()
                 if now >= next_beat:
                     next_beat = now + interval
+                    self.check_health(now)
                     self.send_heartbeat()
                     self.check_broker(now)
+                    self.warn_unconnected(now)
         finally:
+            self.exit_code = self.exit_code or self._restart_code
             self.close()
 
     def stop(self) -> None:
@@ -357,13 +405,101 @@ class Agent:
             self.broker.send_multipart(message(Command.DISCONNECT, {"reason": "agent stopping"}), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        self.pool.stop()
+        self.threads_stuck = not self.pool.stop(timeout=2.0)  # a hung call's thread never ends: not waited on
         self.loader.stop()
         self.close_broker_monitor()
         for sock in (self.broker, self.beats, self.results, self.loads, self.events):
             sock.close(linger=100)
-        if self._own_ctx:
-            self.ctx.term()
+        if self.threads_stuck:
+            log.error(
+                "agent %s: inference threads still running at exit (a model call that never returned)", self.agent_id
+            )
+        elif self._own_ctx:
+            self.ctx.term()  # (with a thread stuck holding its socket, term would wait for it forever)
+
+    def check_health(self, now: float) -> None:
+        """Each beat: note the resident memory; a model call past its hang bound, or memory past `max_memory`, makes
+        the agent drain and exit for its supervisor to restart it (restart())."""
+        self.rss = resident_bytes()
+        hung = self.pool.hung(now)
+        if hung is not None:
+            name, running = hung
+            self.restart(
+                EXIT_HUNG,
+                f"a call of model '{name}' has run for {running:.1f} s and never returned (bound: "
+                f"{self.timings.hang_factor:g} x its request's deadline, at least {self.timings.hang_min:g} s)",
+            )
+        elif self.max_memory is not None and self.rss > self.max_memory:
+            self.restart(
+                EXIT_MEMORY,
+                f"resident memory {self.rss / 2**20:.0f} MiB is past its limit of {self.max_memory / 2**20:.0f} MiB "
+                "(--max-memory)",
+            )
+
+    def restart(self, code: int, reason: str) -> None:
+        """Stop taking work, say why (heartbeat `drain_reason`, log), finish what can be finished within the drain
+        timeout and exit with `code`: a thread cannot be cancelled, nor memory a model leaked given back, so a fresh
+        process is the recovery."""
+        if self._restart_code:
+            return
+        self._restart_code, self.drain_reason = code, reason
+        log.error(
+            "agent %s: %s; draining and exiting (status %d) for its supervisor to restart it",
+            self.agent_id,
+            reason,
+            code,
+        )
+        self._stop.set()
+
+    def start_watchdog(self) -> None:
+        """For a process (`cluster agent`): a thread that ends it with os._exit when stopping takes longer than the
+        drain timeout and a margin, or when the I/O loop itself stopped turning for the hang bound (a model run inline
+        that never returned): then nothing else would."""
+
+        def watch() -> None:
+            stop_seen = None
+            while True:
+                time.sleep(0.5)
+                now = time.monotonic()
+                if self._stop.is_set() and stop_seen is None:
+                    stop_seen = now
+                drain = getattr(self, "drain_timeout", AGENT_DRAIN_TIMEOUT_S)
+                turned = self._loop_turned
+                stuck_loop = (
+                    turned is not None
+                    and self.timings.hang_factor > 0
+                    and now - turned > max(self.timings.hang_min, 2 * self.timings.expiry)
+                )
+                late_stop = stop_seen is not None and now - stop_seen > drain + 5.0
+                if stuck_loop or late_stop:
+                    why = "stopping took too long" if late_stop else "its I/O loop is stuck (a model run inline hung)"
+                    log.error("agent %s: %s; exiting now", self.agent_id, why)
+                    logging.shutdown()
+                    os._exit(self.exit_code or self._restart_code or EXIT_HUNG)
+
+        threading.Thread(target=watch, name="agent-watchdog", daemon=True).start()
+
+    def warn_unconnected(self, now: float) -> None:
+        """While no broker connection is up (the broker is down, or the address is wrong), warn in the log, backing
+        off from one expiry to AGENT_LINK_WARN_MAX_S: an agent that says nothing looks fine when it serves no one."""
+        if self.broker_connected:
+            self._link_warn_backoff = self.timings.expiry
+            self._next_link_warn = None
+            return
+        since = self._broker_down_since if self._broker_down_since is not None else self._link_since
+        if self._next_link_warn is None:
+            self._next_link_warn = since + self._link_warn_backoff
+        if now < self._next_link_warn:
+            return
+        log.warning(
+            "agent %s: not connected to the broker at %s for %.0f s (is it running, and is the address right?); "
+            "still trying",
+            self.agent_id,
+            self.addresses.broker_agents,
+            now - since,
+        )
+        self._link_warn_backoff = min(2 * self._link_warn_backoff, AGENT_LINK_WARN_MAX_S)
+        self._next_link_warn = now + self._link_warn_backoff
 
     def connect_broker(self) -> zmq.Socket:
         """The DEALER to the broker, with its monitor (`broker_monitor`, attached before connecting so that the first
@@ -381,6 +517,10 @@ class Agent:
         self.broker_monitor = monitors[0]
         self.broker_connected = False  # the monitor's view: a handshake succeeded and the link has not dropped since
         self._broker_down_since: float | None = None
+        self._link_since = time.monotonic()  # warn_unconnected counts from here
+        if not hasattr(self, "_link_warn_backoff"):
+            self._link_warn_backoff = self.timings.expiry
+            self._next_link_warn: float | None = None
         return sock
 
     def close_broker_monitor(self) -> None:

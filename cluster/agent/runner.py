@@ -127,8 +127,8 @@ class WorkerPool:
         # id(model) -> (runs, slowest recent run's CPU seconds, slowest recent run's wall seconds)
         self._timings: dict[int, tuple[int, float, float]] = {}
         self.min_slots = max(1, count)  # every model may run this many batches at once (or its instances, if more)
-        # thread ident -> (model name, started, hung_at): the batches running now (monotonic times)
-        self._active: dict[int, tuple[str, float, float]] = {}
+        # thread ident -> (model name, started, hung_at, id(model), jobs): the batches running now (monotonic times)
+        self._active: dict[int, tuple[str, float, float, int, int]] = {}
         self.hang_bound = (0.0, 0.0)  # (factor, floor): a batch runs past max(factor x its deadline, floor) is hung
         self.threads = [
             threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))
@@ -244,15 +244,19 @@ class WorkerPool:
     def hung(self, now: float) -> tuple[str, float] | None:
         """(model, seconds it has run) of a batch running past its hang bound; None if none is."""
         with self._cond:
-            for name, started, hung_at in self._active.values():
+            for name, started, hung_at, _key, _jobs in self._active.values():
                 if now > hung_at:
                     return name, now - started
         return None
 
-    def hung_jobs(self, now: float) -> int:
-        """Requests in batches running past their hang bound (they will never be answered)."""
+    def stuck_jobs(self, now: float) -> int:
+        """Requests that will not be answered: those in batches running past their hang bound, and those queued for
+        a model that has such a batch (a drain does not wait for them; the broker re-dispatches them)."""
         with self._cond:
-            return sum(1 for _name, _started, hung_at in self._active.values() if now > hung_at)
+            hung = [(key, jobs) for _n, _s, hung_at, key, jobs in self._active.values() if now > hung_at]
+            return sum(jobs for _key, jobs in hung) + sum(
+                len(self._queues.get(key, ())) for key in {k for k, _ in hung}
+            )
 
     def describe(self) -> dict:
         return {name: stats.describe() for name, stats in self.stats.items() if stats.batches}
@@ -321,7 +325,13 @@ class WorkerPool:
         budget = max(job.deadline - job.queued_at for job in batch)
         hung_at = started + max(factor * budget, floor) if factor > 0 and math.isfinite(budget) else math.inf
         with self._cond:
-            self._active[threading.get_ident()] = (batch[0].model.name, started, hung_at)
+            self._active[threading.get_ident()] = (
+                batch[0].model.name,
+                started,
+                hung_at,
+                id(batch[0].model),
+                len(batch),
+            )
 
     def _work(self) -> None:
         if self.torch_threads:

@@ -1,0 +1,123 @@
+"""An agent recovers by restart from what a thread cannot undo, on real processes (issue 18 points 6 and 9): a model
+call that never returns, memory past its limit, a SIGTERM while a call hangs, a broker that is not there.
+
+The hung call is the `slow` test model (n rounds of a small matmul) asked for 10^12 rounds: a forward pass that does
+not end within the test (it burns one core until the agent exits, as the issue's stuck call did).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from cluster import ClusterError
+from cluster.agent.agent import EXIT_HUNG, EXIT_MEMORY
+from cluster.supervisor import RESTART, Supervisor
+from tests.harness import wait_for
+from tests.models import publish_slow, slow_rounds_per_second
+
+pytestmark = pytest.mark.cluster
+
+FOREVER = np.array([10**12])  # rounds of `slow`: a call that never returns here
+X = np.zeros((1, 1), np.float32)
+
+
+def exit_status(proc, timeout: float, what: str) -> int:
+    wait_for(lambda: not proc.alive(), timeout, what)
+    return proc.returncode
+
+
+def test_a_hung_model_call_makes_its_agent_exit_for_a_restart_and_its_requests_go_elsewhere(cluster):
+    """A call past max(hang_factor x its deadline, hang_min) (2 x 1 s here): the agent keeps serving echo meanwhile
+    (slots per model), then says why, drains and exits with EXIT_HUNG; the slow requests queued behind the hung call
+    are re-dispatched by the broker to the other agent and answered."""
+    publish_slow(cluster.share)
+    cluster.start_manager()
+    cluster.start_broker()
+    hang = {"CLUSTER_HANG_FACTOR": "2", "CLUSTER_HANG_MIN": "1"}
+    stuck = cluster.start_agent("stuck", "--models", "slow,echo", **hang)
+    cluster.wait_for_agents(1, model="slow")
+    client = cluster.client()
+    hung = client.submit("slow", {"x": X, "n": FOREVER}, timeout=1.0)
+    wait_for(lambda: client.agents(timeout=2)[0]["in_flight"] >= 1, 10, "the hung call to reach the agent")
+    started = time.monotonic()
+    # Echo is served by the same agent while the slow model's only slot hangs.
+    assert client.infer("echo", {"x": X}, timeout=5).agent == "stuck"
+    cluster.start_agent("spare", "--models", "slow,echo", **hang)
+    cluster.wait_for_agents(2, model="slow")
+    rounds = max(1000, int(slow_rounds_per_second() * 0.05))
+    queued = [client.submit("slow", {"x": X, "n": np.array([rounds])}, timeout=30) for _ in range(4)]
+    with pytest.raises(ClusterError):
+        hung.result(timeout=10)
+    # The bound is 2 s after the call started; a beat (0.3 s) to notice, then the drain and a 2 s join of the threads.
+    status = exit_status(stuck, 20, "the agent with a hung call to exit")
+    took = time.monotonic() - started
+    assert status == EXIT_HUNG, f"exit status {status}, expected EXIT_HUNG ({EXIT_HUNG})\n{stuck.log()[-3000:]}"
+    assert took < 15, f"the agent took {took:.1f} s to exit after its call hung (bound 2 s)"
+    log = stuck.log()
+    assert "call of model 'slow' has run for" in log and "never returned" in log, log[-3000:]
+    assert "draining and exiting (status 4)" in log, log[-3000:]
+    answers = [f.result(timeout=30) for f in queued]
+    assert {a.agent for a in answers} <= {"stuck", "spare"} and all(a.model == "slow" for a in answers)
+    assert any(a.agent == "spare" for a in answers)
+    assert "spare" in {a["id"] for a in client.agents(timeout=2)}
+    # `cluster up` restarts a process that exits with a failure status, such as this one.
+    supervisor = Supervisor()
+    supervisor.started("stuck", 0.0)
+    assert supervisor.exited("stuck", 30.0, status).action == RESTART
+
+
+def test_sigterm_ends_an_agent_within_its_drain_timeout_even_with_a_hung_call(cluster):
+    """Before: SIGTERM with a call that never returns did not stop the agent in 30 s (its worker thread was joined
+    and the ZeroMQ context waited for the thread's socket). Hang detection off, drain timeout 1 s."""
+    publish_slow(cluster.share)
+    cluster.start_manager()
+    cluster.start_broker()
+    agent = cluster.start_agent(
+        "stuck", "--models", "slow", CLUSTER_DRAIN_TIMEOUT="1", CLUSTER_HANG_FACTOR="0", CLUSTER_HANG_MIN="0"
+    )
+    cluster.wait_for_agents(1, model="slow")
+    client = cluster.client()
+    client.submit("slow", {"x": X, "n": FOREVER}, timeout=60)
+    wait_for(lambda: client.agents(timeout=2)[0]["in_flight"] >= 1, 10, "the hung call to reach the agent")
+    started = time.monotonic()
+    agent.terminate()
+    # 1 s drain + at most 2 s waiting for the inference threads + closing the sockets; 8 s leaves room for load.
+    exit_status(agent, 25, "the agent to end after SIGTERM (drain timeout 1 s)")
+    took = time.monotonic() - started
+    assert took < 8, f"the agent took {took:.1f} s to end after SIGTERM with a 1 s drain timeout"
+    assert "inference threads still running at exit" in agent.log()
+
+
+def test_past_max_memory_an_agent_drains_and_exits_saying_why_and_its_memory_is_shown(cluster):
+    """Every agent's resident memory is in its heartbeat (and so in `agents()`, `/agents`, `cluster status`); an
+    agent started with --max-memory below what it uses drains and exits with EXIT_MEMORY, saying why."""
+    cluster.start_manager()
+    cluster.start_broker()
+    cluster.start_agent("plain", "--models", "echo")
+    (plain,) = cluster.wait_for_agents(1, model="echo")
+    assert isinstance(plain["rss"], int) and 20 * 2**20 < plain["rss"] < 8 * 2**30, plain.get("rss")
+    assert plain["max_memory"] is None and plain["drain_reason"] is None
+    small = cluster.start_agent("small", "--models", "echo", "--max-memory", "20")
+    status = exit_status(small, 60, "the agent past --max-memory to exit")
+    log = small.log()
+    assert status == EXIT_MEMORY, f"exit status {status}, expected EXIT_MEMORY ({EXIT_MEMORY})\n{log[-3000:]}"
+    assert "past its limit of 20 MiB (--max-memory)" in log and "draining and exiting (status 5)" in log, log[-3000:]
+
+
+def test_an_agent_with_no_broker_warns_with_backoff(cluster):
+    """Before: "up", then nothing, forever. Now a warning naming the address within about one expiry, again later."""
+    cluster.start_manager()
+    broker = cluster.start_broker()
+    cluster.stop(broker)  # its address is known, and nothing listens there
+    agent = cluster.start_agent("lonely", "--models", "echo")
+    address = cluster.addresses.broker_agents
+    expiry = cluster.heartbeat_interval * cluster.liveness
+    warning = f"not connected to the broker at {address}"
+    wait_for(lambda: warning in agent.log(), 60, "the agent to warn that no broker is connected")
+    first = time.monotonic()
+    wait_for(lambda: agent.log().count(warning) >= 2, 10 * expiry + 5, "a second warning, after the backoff")
+    assert time.monotonic() - first >= 1.5 * expiry * 0.9, "the second warning comes after a longer wait"
+    assert agent.alive()
