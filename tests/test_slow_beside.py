@@ -18,7 +18,9 @@ pytestmark = pytest.mark.cluster
 def beside_cluster(request, tmp_path):
     share = tmp_path / "share"
     publish_share(share)
-    local = LocalCluster(share, tmp_path / "logs", heartbeat_interval=1.0)
+    # A stall floor of 0.5 s (default 0.1): a scheduler pause of 100+ ms on a loaded 2-core machine is not what this
+    # test is about; echo waiting behind a 3 s call is judged stalled either way.
+    local = LocalCluster(share, tmp_path / "logs", heartbeat_interval=1.0, extra_env={"CLUSTER_STALL_FLOOR": "0.5"})
     yield local
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
     local.stop_all()
