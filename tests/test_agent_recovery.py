@@ -121,3 +121,22 @@ def test_an_agent_with_no_broker_warns_with_backoff(cluster):
     wait_for(lambda: agent.log().count(warning) >= 2, 10 * expiry + 5, "a second warning, after the backoff")
     assert time.monotonic() - first >= 1.5 * expiry * 0.9, "the second warning comes after a longer wait"
     assert agent.alive()
+
+
+def test_a_call_that_hangs_in_the_io_thread_ends_the_agent_too(cluster):
+    """A model measured fast runs inline in the agent's I/O thread; if one of its calls never returns, nothing in
+    that thread can act: the watchdog thread sees the loop stop turning for the hang bound (hang_min 1 s here) and
+    ends the process with EXIT_HUNG (the broker, hearing no beats, re-dispatches what it held)."""
+    publish_slow(cluster.share)
+    cluster.start_manager()
+    cluster.start_broker()
+    agent = cluster.start_agent("inline", "--models", "slow", CLUSTER_HANG_FACTOR="2", CLUSTER_HANG_MIN="1")
+    cluster.wait_for_agents(1, model="slow")
+    client = cluster.client()
+    for _ in range(50):  # one round: well under the inline bound (0.5 ms), so it is measured fast
+        client.infer("slow", {"x": X, "n": np.array([1])}, timeout=5)
+    client.submit("slow", {"x": X, "n": FOREVER}, timeout=1.0)
+    status = exit_status(agent, 30, "the agent whose I/O thread hangs to exit")
+    log = agent.log()
+    assert status == EXIT_HUNG, f"exit status {status}, expected EXIT_HUNG ({EXIT_HUNG})\n{log[-3000:]}"
+    assert "I/O loop is stuck" in log or "never returned" in log, log[-3000:]

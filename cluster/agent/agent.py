@@ -406,7 +406,8 @@ class Agent:
         except zmq.ZMQError:
             pass
         self.threads_stuck = not self.pool.stop(timeout=2.0)  # a hung call's thread never ends: not waited on
-        self.loader.stop()
+        self.loader.stop(timeout=2.0)  # (a warm-up that never returns, likewise)
+        self.threads_stuck |= any(thread.is_alive() for thread in self.loader.threads)
         self.close_broker_monitor()
         for sock in (self.broker, self.beats, self.results, self.loads, self.events):
             sock.close(linger=100)
@@ -458,13 +459,18 @@ class Agent:
 
         def watch() -> None:
             stop_seen = None
+            woke = resumed = time.monotonic()
             while True:
                 time.sleep(0.5)
                 now = time.monotonic()
+                if now - woke > 2.0:  # the process was paused (SIGSTOP, a VM stall): that time is no one's fault
+                    resumed = now
+                    stop_seen = None if stop_seen is None else stop_seen + (now - woke)
+                woke = now
                 if self._stop.is_set() and stop_seen is None:
                     stop_seen = now
                 drain = getattr(self, "drain_timeout", AGENT_DRAIN_TIMEOUT_S)
-                turned = self._loop_turned
+                turned = None if self._loop_turned is None else max(self._loop_turned, resumed)
                 stuck_loop = (
                     turned is not None
                     and self.timings.hang_factor > 0
