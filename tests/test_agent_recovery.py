@@ -37,18 +37,24 @@ def test_a_hung_model_call_makes_its_agent_exit_for_a_restart_and_its_requests_g
     cluster.start_manager()
     cluster.start_broker()
     hang = {"CLUSTER_HANG_FACTOR": "2", "CLUSTER_HANG_MIN": "1"}
-    stuck = cluster.start_agent("stuck", "--models", "slow,echo", **hang)
-    cluster.wait_for_agents(1, model="slow")
-    client = cluster.client()
-    hung = client.submit("slow", {"x": X, "n": FOREVER}, timeout=1.0)
-    wait_for(lambda: client.agents(timeout=2)[0]["in_flight"] >= 1, 10, "the hung call to reach the agent")
-    started = time.monotonic()
-    # Echo is served by the same agent while the slow model's only slot hangs.
-    assert client.infer("echo", {"x": X}, timeout=5).agent == "stuck"
-    cluster.start_agent("spare", "--models", "slow,echo", **hang)
+    procs = {name: cluster.start_agent(name, "--models", "slow,echo", **hang) for name in ("a1", "a2")}
     cluster.wait_for_agents(2, model="slow")
+    client = cluster.client()
     rounds = max(1000, int(slow_rounds_per_second() * 0.05))
+    hung = client.submit("slow", {"x": X, "n": FOREVER}, timeout=1.0)
+    started = time.monotonic()
+
+    def holder():
+        busy = [a["id"] for a in client.agents(timeout=2) if a["in_flight"] >= 1]
+        return busy[0] if len(busy) == 1 else None
+
+    name = wait_for(holder, 10, "the hung call to reach an agent")
+    stuck, spare = procs[name], next(n for n in procs if n != name)
+    # More slow requests: those the round robin gives the stuck agent queue behind its hung call.
     queued = [client.submit("slow", {"x": X, "n": np.array([rounds])}, timeout=30) for _ in range(4)]
+    # Echo is served by the stuck agent too while the slow model's only slot hangs.
+    served = {client.infer("echo", {"x": X}, timeout=5).agent for _ in range(4)}
+    assert name in served, served
     with pytest.raises(ClusterError):
         hung.result(timeout=10)
     # The bound is 2 s after the call started; a beat (0.3 s) to notice, then the drain and a 2 s join of the threads.
@@ -60,13 +66,13 @@ def test_a_hung_model_call_makes_its_agent_exit_for_a_restart_and_its_requests_g
     assert "call of model 'slow' has run for" in log and "never returned" in log, log[-3000:]
     assert "draining and exiting (status 4)" in log, log[-3000:]
     answers = [f.result(timeout=30) for f in queued]
-    assert {a.agent for a in answers} <= {"stuck", "spare"} and all(a.model == "slow" for a in answers)
-    assert any(a.agent == "spare" for a in answers)
-    assert "spare" in {a["id"] for a in client.agents(timeout=2)}
+    assert all(a.model == "slow" for a in answers) and any(a.agent == spare for a in answers)
+    assert {a["id"] for a in client.agents(timeout=2)} == {spare}
+    assert client.stats(timeout=5)["redispatched"] >= 1, "what the stuck agent held went to the spare"
     # `cluster up` restarts a process that exits with a failure status, such as this one.
     supervisor = Supervisor()
-    supervisor.started("stuck", 0.0)
-    assert supervisor.exited("stuck", 30.0, status).action == RESTART
+    supervisor.started(name, 0.0)
+    assert supervisor.exited(name, 30.0, status).action == RESTART
 
 
 def test_sigterm_ends_an_agent_within_its_drain_timeout_even_with_a_hung_call(cluster):
