@@ -671,11 +671,14 @@ class Dispatcher:
             return True
         if not agent.model_in_flight.get(model):
             return False
+        last = agent.model_last_answer.get(model)
+        if last is not None and now - last <= self.timings.stall_floor:
+            return False  # the common case under load, before looking for its oldest request
         oldest = next((r for r in agent.in_flight.values() if r.model == model), None)
         sent = _sent_to(oldest, agent) if oldest is not None else None
         if sent is None:
             return False
-        last = agent.model_last_answer.get(model, sent)  # never answered it: since its oldest request went there
+        last = sent if last is None else last  # never answered it: since its oldest request went there
         if now - last <= self.timings.stall_floor:
             return False
         threshold = self.stall_threshold(model)
