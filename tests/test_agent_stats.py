@@ -114,9 +114,8 @@ class _FakeModel:
     """A model for WorkerPool tests: echoes x; with a gate, each call waits for it (a slow or hung call)."""
 
     def __init__(self, name: str, gate=None) -> None:
-        from types import SimpleNamespace
-
         import threading
+        from types import SimpleNamespace
 
         self.name, self.version, self.gate, self.entered = name, 1, gate, threading.Event()
         self.config = SimpleNamespace(max_batch_size=0, instances=1, max_queue_delay_us=0)
