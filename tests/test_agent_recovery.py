@@ -11,9 +11,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from cluster import ClusterError
 from cluster.agent.agent import EXIT_HUNG, EXIT_MEMORY
+from cluster.repository import publish_version
 from cluster.supervisor import RESTART, Supervisor
 from tests.harness import wait_for
 from tests.models import publish_slow, slow_rounds_per_second
@@ -22,6 +24,30 @@ pytestmark = pytest.mark.cluster
 
 FOREVER = np.array([10**12])  # rounds of `slow`: a call that never returns here
 X = np.zeros((1, 1), np.float32)
+
+
+class Leak(torch.nn.Module):
+    """Echoes x and keeps 1 MiB more each call: a model that leaks, as the issue's did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = torch.jit.Attribute([], list[torch.Tensor])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept.append(torch.ones(262144) + x.sum())  # a new tensor each call (a constant would be shared)
+        return x
+
+
+def publish_leak(share) -> None:
+    path = share / "leak.pt"
+    torch.jit.script(Leak()).save(str(path))
+    config = {
+        "name": "leak",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
+    }
+    publish_version(share, "leak", path, config)
+    path.unlink()
 
 
 def exit_status(proc, timeout: float, what: str) -> int:
@@ -60,6 +86,7 @@ def test_a_hung_model_call_makes_its_agent_exit_for_a_restart_and_its_requests_g
     # The bound is 2 s after the call started; a beat (0.3 s) to notice, then the drain and a 2 s join of the threads.
     status = exit_status(stuck, 20, "the agent with a hung call to exit")
     took = time.monotonic() - started
+    print(f"the agent with a hung call exited {took:.1f} s after the call was sent (bound 2 s), status {status}")
     assert status == EXIT_HUNG, f"exit status {status}, expected EXIT_HUNG ({EXIT_HUNG})\n{stuck.log()[-3000:]}"
     assert took < 15, f"the agent took {took:.1f} s to exit after its call hung (bound 2 s)"
     log = stuck.log()
@@ -93,24 +120,42 @@ def test_sigterm_ends_an_agent_within_its_drain_timeout_even_with_a_hung_call(cl
     # 1 s drain + at most 2 s waiting for the inference threads + closing the sockets; 8 s leaves room for load.
     exit_status(agent, 25, "the agent to end after SIGTERM (drain timeout 1 s)")
     took = time.monotonic() - started
+    print(f"SIGTERM with a hung call: the agent ended {took:.1f} s later (drain timeout 1 s)")
     assert took < 8, f"the agent took {took:.1f} s to end after SIGTERM with a 1 s drain timeout"
     assert "inference threads still running at exit" in agent.log()
 
 
-def test_past_max_memory_an_agent_drains_and_exits_saying_why_and_its_memory_is_shown(cluster):
-    """Every agent's resident memory is in its heartbeat (and so in `agents()`, `/agents`, `cluster status`); an
-    agent started with --max-memory below what it uses drains and exits with EXIT_MEMORY, saying why."""
+def test_an_agent_whose_model_leaks_past_max_memory_drains_and_exits_saying_why(cluster):
+    """Every agent's resident memory is in its heartbeat (and so in `agents()`, `/agents`, `cluster status`). A model
+    that leaks 1 MiB a call, on an agent started with --max-memory 64 MiB above what such an agent uses: it serves,
+    grows, and past the limit drains and exits with EXIT_MEMORY, saying why. (Before: 242 -> 846 MiB in 600
+    requests with nothing noticing.)"""
+    publish_leak(cluster.share)
     cluster.start_manager()
     cluster.start_broker()
-    cluster.start_agent("plain", "--models", "echo")
-    (plain,) = cluster.wait_for_agents(1, model="echo")
-    assert isinstance(plain["rss"], int) and 20 * 2**20 < plain["rss"] < 8 * 2**30, plain.get("rss")
-    assert plain["max_memory"] is None and plain["drain_reason"] is None
-    small = cluster.start_agent("small", "--models", "echo", "--max-memory", "20")
-    status = exit_status(small, 60, "the agent past --max-memory to exit")
-    log = small.log()
+    plain = cluster.start_agent("plain", "--models", "leak")
+    (view,) = cluster.wait_for_agents(1, model="leak")
+    assert isinstance(view["rss"], int) and 20 * 2**20 < view["rss"] < 8 * 2**30, view.get("rss")
+    assert view["max_memory"] is None and view["drain_reason"] is None
+    limit = view["rss"] // 2**20 + 64
+    cluster.stop(plain)
+    capped = cluster.start_agent("capped", "--models", "leak", "--max-memory", str(limit))
+    (view,) = cluster.wait_for_agents(1, model="leak")
+    assert view["id"] == "capped" and view["max_memory"] == limit * 2**20, view
+    client = cluster.client()
+    served = 0
+    while capped.alive() and served < 1000:  # 1 MiB a call: ~64 calls to the limit, a beat (0.3 s) to notice
+        try:
+            client.infer("leak", {"x": X}, timeout=5)
+            served += 1
+        except ClusterError:
+            break  # it drains: no agent serves leak any more
+    status = exit_status(capped, 30, "the leaking agent to exit")
+    log = capped.log()
+    print(f"the leaking agent served {served} requests, then exited with status {status}")
     assert status == EXIT_MEMORY, f"exit status {status}, expected EXIT_MEMORY ({EXIT_MEMORY})\n{log[-3000:]}"
-    assert "past its limit of 20 MiB (--max-memory)" in log and "draining and exiting (status 5)" in log, log[-3000:]
+    assert f"past its limit of {limit} MiB (--max-memory)" in log and "draining and exiting (status 5)" in log, log
+    assert served >= 16, f"it exited after {served} requests: its limit was {limit} MiB, 64 above a fresh agent's"
 
 
 def test_an_agent_with_no_broker_warns_with_backoff(cluster):
