@@ -245,6 +245,29 @@ def agent(
     log_level: str = LogLevel,
     log_format: LogFormatName = LogFormat,
     key: str | None = Key,
+    max_memory: float = typer.Option(
+        config.AGENT_MAX_MEMORY_MIB,
+        "--max-memory",
+        envvar="CLUSTER_MAX_MEMORY",
+        help="Resident memory limit in MiB (0: none): past it the agent drains and exits with status 5, to be "
+        "restarted by its supervisor.",
+    ),
+    hang_factor: float | None = typer.Option(
+        None,
+        "--hang-factor",
+        envvar="CLUSTER_HANG_FACTOR",
+        help="A model call running longer than this many times its request's deadline (and --hang-min) never "
+        "returns: the agent drains and exits with status 4, to be restarted (0: never; default 2).",
+    ),
+    hang_min: float | None = typer.Option(
+        None, "--hang-min", envvar="CLUSTER_HANG_MIN", help="Seconds: no call counts as hung sooner (default 10)."
+    ),
+    drain_timeout: float = typer.Option(
+        config.AGENT_DRAIN_TIMEOUT_S,
+        "--drain-timeout",
+        envvar="CLUSTER_DRAIN_TIMEOUT",
+        help="Seconds a stopping agent finishes its requests before it exits, whatever its models do.",
+    ),
 ):
     """Run an agent: loads the share's models and serves them to the broker."""
     import time
@@ -254,7 +277,16 @@ def agent(
 
     _setup_logging(log_level, "agent", log_format.value)
     logging.getLogger("cluster.agent").info("agent modules (torch) imported in %.2f s", time.perf_counter() - started)
-    timings = config.timings_from_env(heartbeat_interval=heartbeat_interval, liveness=liveness)
+    if max_memory < 0 or drain_timeout < 0:
+        typer.echo("--max-memory and --drain-timeout must be >= 0", err=True)
+        raise typer.Exit(2)
+    try:
+        timings = config.timings_from_env(
+            heartbeat_interval=heartbeat_interval, liveness=liveness, hang_factor=hang_factor, hang_min=hang_min
+        )
+    except ValueError as exc:
+        typer.echo(f"agent: {exc}", err=True)
+        raise typer.Exit(2) from None
     component = Agent(
         share or config.default_share_dir(),
         _addresses(broker_agents=broker, manager_heartbeats=heartbeats),
@@ -267,12 +299,17 @@ def agent(
         cache_dir=cache,
         torch_threads=threads if threads > 0 else None,
         key=key,
+        max_memory_mib=max_memory,
     )
     from cluster.logs import CONTEXT
 
     CONTEXT["agent"] = component.agent_id  # in every JSON line of this process
     _stop_on_signals(component)
-    component.run()
+    component.start_watchdog()  # stopping never waits on a hung model call past the drain timeout
+    component.run(drain_timeout=drain_timeout)
+    if component.threads_stuck:  # a thread in a call that never returns: do not wait for it at interpreter exit
+        logging.shutdown()
+        os._exit(component.exit_code)
     if component.exit_code:
         raise typer.Exit(component.exit_code)
 
@@ -649,7 +686,7 @@ def status(
             typer.echo(f"cannot reach the broker at {broker}: {exc}", err=True)
             raise typer.Exit(1) from None
     console = Console()
-    table = _table(f"Agents ({len(agents)})", "id", "host:pid", "device", "models", "load", "beat", "up")
+    table = _table(f"Agents ({len(agents)})", "id", "host:pid", "device", "models", "load", "memory", "beat", "up")
     for a in sorted(agents, key=lambda a: a["id"]):
         table.add_row(
             a["id"],
@@ -657,6 +694,7 @@ def status(
             str(a.get("device")),
             ", ".join(f"{m['name']} v{m['version']}" for m in a.get("models", [])),
             f"{a.get('in_flight')}/{a.get('capacity')}" + (" stalled" if a.get("stalled") else ""),
+            _memory(a),
             f"{a.get('heartbeat_age', 0):.1f} s",
             f"{a.get('uptime', 0):.0f} s",
         )
@@ -665,6 +703,17 @@ def status(
     for name, info in sorted(models.items()):
         table.add_row(name, ", ".join(map(str, info["versions"])), ", ".join(info["agents"]))
     console.print(table)
+
+
+def _memory(agent: dict) -> str:
+    """An agent's resident memory (and limit) for `cluster status`; why it drains, when it drains on its own."""
+    rss, limit = agent.get("rss"), agent.get("max_memory")
+    text = "-" if not isinstance(rss, int) else f"{rss / 2**20:.0f} MiB"
+    if isinstance(limit, int):
+        text += f" / {limit / 2**20:.0f}"
+    if agent.get("drain_reason"):
+        text += f" (restarting: {agent['drain_reason']})"
+    return text
 
 
 class HealthRole(str, enum.Enum):

@@ -68,6 +68,14 @@ RETRY_AFTER_MIN = 0.1
 RETRY_AFTER_MAX = 30.0
 # An agent whose key the broker refuses (revoked) says so in its log at most this often (it is refused at every beat).
 AGENT_REFUSED_LOG_S = 30.0
+# An agent stopping (SIGTERM, or to be restarted) finishes its requests for at most this long, then exits, whatever
+# its inference threads do (a hung model call never blocks the exit: `cluster agent --drain-timeout`).
+AGENT_DRAIN_TIMEOUT_S = 10.0
+# Optional limit on an agent's resident memory (MiB; 0 = none): past it the agent drains and exits with EXIT_MEMORY
+# for its supervisor to restart it (a model that leaks). `cluster agent --max-memory`, CLUSTER_MAX_MEMORY.
+AGENT_MAX_MEMORY_MIB = 0
+# An agent not connected to its broker warns in its log after this long, then again at doubling intervals up to the max
+AGENT_LINK_WARN_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,11 @@ class Timings:
     stall_floor: float = 0.1  # never "stalled" sooner: scheduler and GC pauses on a loaded host reach tens of ms
     hedge_after: float = 0.0  # hedging: a request at one agent longer than this is also sent to another eligible
     # agent, the first answer wins (the other copy is cancelled); 0 = off (`cluster broker --hedge-after MS`)
+    # A model call that never returns (a Python thread cannot be cancelled): past max(hang_factor x its request's
+    # deadline, hang_min) seconds running, the agent stops taking work, says why (heartbeat `drain_reason`, log) and
+    # exits with EXIT_HUNG for its supervisor to restart it (`cluster agent --hang-factor/--hang-min`); 0 = never.
+    hang_factor: float = 2.0
+    hang_min: float = 10.0  # a short deadline never makes a legitimately slow call "hung" sooner than this
 
     @property
     def expiry(self) -> float:
@@ -145,6 +158,8 @@ def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timi
         raise ValueError("client_max_in_flight must be >= 1, client_reply_budget >= 0")
     if timings.stall_factor < 1 or timings.stall_floor <= 0 or timings.hedge_after < 0:
         raise ValueError("stall_factor must be >= 1, stall_floor > 0, hedge_after >= 0 (0: off)")
+    if timings.hang_factor < 0 or timings.hang_min < 0:
+        raise ValueError("hang_factor must be >= 0 (0: off), hang_min >= 0")
     if timings.broker_queue_limit < 0 or timings.max_dispatch_attempts < 1 or timings.request_timeout <= 0:
         raise ValueError("broker_queue_limit must be >= 0, max_dispatch_attempts >= 1, request_timeout > 0")
     return timings

@@ -381,6 +381,9 @@ _INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the righ
     "serves_only": (list,),
     "jobs": (dict,),
     "stats": (dict,),
+    "rss": (int,),
+    "max_memory": (int,),
+    "drain_reason": (str,),
 }
 
 
@@ -412,6 +415,9 @@ class Heartbeat:
     # requests of each model the broker may keep in flight here ({model: n}, each also within `capacity`); a model
     # not named (or an agent that sends none, from before this field) gets `capacity`
     model_capacity: dict = field(default_factory=dict)
+    rss: int | None = None  # resident memory of the agent process, bytes
+    max_memory: int | None = None  # its limit (--max-memory), bytes: past it, it drains and exits to be restarted
+    drain_reason: str | None = None  # why it is draining when it is not asked to (a hung model call, memory)
 
     def to_wire(self) -> dict:
         return asdict(self)

@@ -108,3 +108,64 @@ def test_broker_statistics_view_from_heartbeats_and_metadata_announced_after_rea
     with pytest.raises(UnknownModel, match="nowhere"):
         d.agents.describe_statistics("nowhere")
     assert d.agents.describe_model("late", None)["platform"] == "torchscript"
+
+
+class _FakeModel:
+    """A model for WorkerPool tests: echoes x; with a gate, each call waits for it (a slow or hung call)."""
+
+    def __init__(self, name: str, gate=None) -> None:
+        import threading
+        from types import SimpleNamespace
+
+        self.name, self.version, self.gate, self.entered = name, 1, gate, threading.Event()
+        self.config = SimpleNamespace(max_batch_size=0, instances=1, max_queue_delay_us=0)
+
+    def infer(self, inputs: dict, instance: int = 0) -> dict:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        return {"y": inputs["x"]}
+
+
+def test_each_model_has_its_own_execution_slots_and_a_call_past_its_bound_is_hung():
+    """Issue 18.6/18.7: two calls of a model that blocks do not take the thread another model needs (a model runs
+    at most its slots at once; the pool has a thread per slot of every model), and a call past max(factor x its
+    deadline, floor) is reported hung, with what queues behind it."""
+    import threading
+    import time
+
+    gate = threading.Event()
+    blocked, fast = _FakeModel("blocked", gate), _FakeModel("fast")
+    ctx = zmq.Context()
+    results = ctx.socket(zmq.PULL)
+    results.bind("inproc://test-slots-results")
+    pool = WorkerPool(ctx, "inproc://test-slots-results", "test-agent")
+    pool.hang_bound = (2.0, 0.05)
+    pool.ensure_threads(pool.slots(blocked) + pool.slots(fast))  # what the agent does for its loaded models
+    metas, frames = encode_tensors({"x": np.ones((1, 2), np.float32)})
+
+    def job(rid: int, model) -> Job:
+        j = Job(bytes([rid]) * 8, rid, model, metas, [bytes(f) for f in frames], None)
+        j.deadline = j.queued_at + 0.01
+        return j
+
+    pool.start()
+    try:
+        pool.submit(job(1, blocked))
+        pool.submit(job(2, blocked))  # waits for the blocked model's one slot, not for a thread of its own
+        assert blocked.entered.wait(10), "the blocked model's first call did not start"
+        pool.submit(job(3, fast))
+        assert results.poll(10_000), "the fast model waited behind the blocked one"
+        answer = results.recv_multipart()
+        assert b"fast" in answer[1], answer
+        assert pool.hung(time.monotonic() + 1.0)[0] == "blocked" and pool.stuck_jobs(time.monotonic() + 1.0) == 2
+        gate.set()
+        for _ in range(2):
+            assert results.poll(10_000), "the blocked model's calls did not finish once released"
+            results.recv_multipart()
+        assert pool.hung(time.monotonic() + 1.0) is None
+    finally:
+        gate.set()
+        assert pool.stop(), "the pool's threads did not stop"
+        results.close()
+        ctx.term()

@@ -880,6 +880,42 @@ def test_an_agent_that_keeps_answering_is_not_stalled_however_old_its_oldest_req
     assert d.stats["stalls"] == 0
 
 
+def test_stalls_are_judged_per_model_so_a_hung_model_does_not_take_its_agent_off_other_models():
+    """Issue 18.6/18.7: an agent whose call of one model never returns is stalled for that model only; it keeps
+    getting (and answering) the other models' requests, and a model it answers is never judged by another's age."""
+    d = dispatcher()
+    two = [("slow", 1), ("echo", 1)]
+    ready(d, "a1", capacity=8, models=two)
+    ready(d, "a2", capacity=8, models=two)
+    now = T
+    for rid in range(40):  # both models' p99 known: echo 10 ms (threshold: the 100 ms floor), slow 100 ms (400 ms)
+        model, took = ("echo", 0.01) if rid % 2 else ("slow", 0.1)
+        ((agent, route),) = sent_to_agents(request(d, 1000 + rid, model=model, now=now))
+        answer(d, agent, route, now + took)
+        now += 0.2
+    assert d.stall_threshold("slow") == pytest.approx(0.4) and d.stall_threshold("echo") == pytest.approx(0.1)
+    # A slow request that never returns: the round robin's next pick gets it.
+    ((hung, _),) = sent_to_agents(request(d, 1, model="slow", now=now))
+    other = "a2" if hung == "a1" else "a1"
+    # 1 s on, the hung agent answered nothing at all (echo was idle): not stalled for echo, which it may take ...
+    assert d.tick(now + 1.0) == [] and d.stats["stalls"] == 1
+    out = [s for rid in range(2, 6) for s in request(d, rid, model="echo", now=now + 1.0)]
+    assert sorted(a for a, _ in sent_to_agents(out)) == sorted([hung, other] * 2), "echo still goes to both"
+    entry = d.agents.get(hung.encode())
+    assert entry.stalled_models.keys() == {"slow"}, "stalled for the hung model, and only for it"
+    # ... and answers it: echo answers do not end its stall for slow, and slow requests keep going elsewhere.
+    for agent, route in sent_to_agents(out):
+        answer(d, agent, route, now + 1.01)
+    out = [s for rid in range(6, 10) for s in request(d, rid, model="slow", now=now + 1.1)]
+    assert [a for a, _ in sent_to_agents(out)] == [other] * 4, "the hung agent gets no slow requests"
+    out = [s for rid in range(10, 14) for s in request(d, rid, model="echo", now=now + 1.1)]
+    assert hung in [a for a, _ in sent_to_agents(out)], "but still gets echo"
+    assert d.stalled(entry, now + 1.2, "slow") and not d.stalled(entry, now + 1.2, "echo")
+    views = {a["id"]: a for a in d.agents.describe_agents(now + 1.2)}
+    assert views[hung]["stalled"] and views[hung]["stalled_models"] == ["slow"]
+    assert views[other]["stalled_models"] == []
+
+
 def test_hedging_sends_a_stuck_request_to_a_second_agent_and_the_first_answer_wins():
     d = dispatcher(hedge_after=0.2)
     ready(d, "a1", capacity=4)

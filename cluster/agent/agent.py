@@ -26,7 +26,8 @@ stops beating to the manager, and tries again each interval for `duplicate_grace
 predecessor crashed gets in once the broker has dropped the predecessor); still refused then, it stops with
 `exit_code` EXIT_AGENT_ID_IN_USE (`cluster agent` exits with it). An agent whose broker stays silent for two
 expiries also opens a fresh connection, so a link the broker no longer reads (taken over, half-open) cannot keep it
-out for good.
+out for good. An agent not connected to any broker (down, or a wrong address) says so in its log, backing off from
+one expiry to AGENT_LINK_WARN_MAX_S.
 
 An answer goes only to the broker that asked: a route starts with its broker's random incarnation, and the broker
 says its incarnation in its heartbeats. When the link drops (the broker restarted, or the network), answers that
@@ -34,6 +35,13 @@ finish meanwhile are held until the broker on the new link is known (its first h
 it is the same broker, dropped (with a log line) if not: they would otherwise reach the new broker, answering
 requests it never gave. With keys on, a key the broker refuses (revoked, or not on the allow-list) is logged as such:
 the broker's ERROR UNAUTHENTICATED on a live link, or the CURVE handshake refused on a new one.
+
+Recovery by restart: a model call that never returns (past max(hang_factor x its request's deadline, hang_min)), or
+resident memory past `max_memory`, makes the agent stop taking work, say why (heartbeat `drain_reason`, an error in
+its log), finish its other requests within the drain timeout and exit with EXIT_HUNG or EXIT_MEMORY: its supervisor
+(`cluster up`, Kubernetes) restarts it, and the broker re-dispatches what it still held. Stopping never waits on an
+inference thread past the drain timeout (they are daemons; `cluster agent` ends with os._exit if one is stuck, and a
+watchdog thread ends a process whose I/O loop itself is stuck).
 """
 
 from __future__ import annotations
@@ -43,7 +51,9 @@ import json
 import logging
 import os
 import random
+import resource
 import socket
+import sys
 import threading
 import time
 
@@ -57,7 +67,15 @@ from cluster.agent.models import ModelTable
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.auth import BusSecurity
 from cluster.clock import RunClock, pardon
-from cluster.config import AGENT_COLD_POLL_S, AGENT_REFUSED_LOG_S, MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import (
+    AGENT_COLD_POLL_S,
+    AGENT_DRAIN_TIMEOUT_S,
+    AGENT_LINK_WARN_MAX_S,
+    AGENT_REFUSED_LOG_S,
+    MAX_CONTROL_BYTES,
+    Addresses,
+    Timings,
+)
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.model_config import InputError
@@ -87,6 +105,18 @@ REFUSED_KEY_CODES = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMIS
 _INCARNATION = slice(protocol.PREAMBLE_BYTES, protocol.PREAMBLE_BYTES + protocol.INCARNATION_BYTES)  # of an answer
 DRAIN_BATCH = 256  # messages read from one socket per loop pass before the others are served
 EXIT_AGENT_ID_IN_USE = 3  # `cluster agent`'s exit status when the broker keeps refusing its id (another has it)
+EXIT_HUNG = 4  # ... when a model call never returned (past the hang bound): restart me
+EXIT_MEMORY = 5  # ... when its resident memory passed --max-memory: restart me
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (RSS) now; the peak where /proc is missing (not Linux)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def default_agent_id() -> str:
@@ -108,6 +138,7 @@ class Agent:
         cache_dir: str | None = None,
         torch_threads: int | None = None,
         key: str | None = None,
+        max_memory_mib: float = 0,
     ) -> None:
         self.security = BusSecurity.load(key)  # None: the bus in the clear
         self.share = open_share(share, cache_dir)  # a folder, or nfs:// mirrored into cache_dir
@@ -123,6 +154,12 @@ class Agent:
         self._held: list[list] = []  # answers finished after the link dropped, until the broker on it is known
         self._key_refused_logged = -AGENT_REFUSED_LOG_S
         self.exit_code = 0
+        self.max_memory = int(max_memory_mib * 1024 * 1024) or None  # bytes; None: no limit
+        self.rss = resident_bytes()
+        self.drain_reason: str | None = None  # why it drains to exit on its own (hung call, memory); None: it is not
+        self._restart_code = 0  # the exit status it drains towards (EXIT_HUNG, EXIT_MEMORY)
+        self.threads_stuck = False  # close() left inference threads running (a hung call): exit with os._exit
+        self._loop_turned: float | None = None  # the I/O loop's last pass (the watchdog's view; None: not running)
         self._refused_since: float | None = None  # the broker refuses our id (AGENT_ID_IN_USE) since then
         self.duplicate_grace = self.timings.expiry + 2 * self.timings.heartbeat_interval
         self.capacity = capacity
@@ -145,6 +182,7 @@ class Agent:
         if torch_threads:
             torch.set_num_threads(torch_threads)  # this thread (inline runs, start-up loads) ...
         self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers, torch_threads)  # ... and workers
+        self.pool.hang_bound = (self.timings.hang_factor, self.timings.hang_min)
         self.inline = os.environ.get("CLUSTER_AGENT_INLINE", "1") != "0"  # see runner.INLINE_MAX_S
         self._inline_until = 0.0
         self.loader = ModelLoader(self.ctx, self._loads_addr, self.share, device)
@@ -241,8 +279,9 @@ class Agent:
         return sizes
 
     def ensure_instance_threads(self) -> None:
-        """An inference thread for every copy of the model with the most `instances`."""
-        self.pool.ensure_threads(max((m.config.instances for m in self.table.loaded_models()), default=1))
+        """An inference thread for every execution slot of every model loaded (its `instances`, WorkerPool.slots): a
+        slow model then queues only behind itself, never in front of another model."""
+        self.pool.ensure_threads(sum(self.pool.slots(m) for m in self.table.loaded_models()) or 1)
 
     def status(self) -> Heartbeat:
         """The heartbeat: what the broker routes by and the manager's registry and `cluster status` show."""
@@ -268,11 +307,14 @@ class Agent:
             jobs=self.pool.describe_jobs(),
             stats=self.pool.describe_stats(),
             model_capacity=self.model_capacity(),
+            rss=self.rss,
+            max_memory=self.max_memory,
+            drain_reason=self.drain_reason,
         )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------
 
-    def run(self, drain_timeout: float = 10.0) -> None:
+    def run(self, drain_timeout: float = AGENT_DRAIN_TIMEOUT_S) -> None:
         """Load models, connect, serve until stop(); then drain what is in flight and say goodbye."""
         self.load_models()
         self.results = self.ctx.socket(zmq.PULL)
@@ -324,6 +366,8 @@ class Agent:
         self._ready_backoff = self.timings.reconnect_initial
         self._next_ready = now + self.timings.expiry
         drain_deadline = None
+        self.drain_timeout = drain_timeout
+        self._loop_turned = now
         log.info(
             "agent %s up: broker %s, manager %s",
             self.agent_id,
@@ -338,8 +382,11 @@ class Agent:
                     drain_deadline = time.monotonic() + drain_timeout
                     self.draining = True
                     self.send_heartbeat()  # the broker stops routing here at once
-                if drain_deadline is not None and (self.in_flight == 0 or time.monotonic() > drain_deadline):
-                    break
+                if drain_deadline is not None and (
+                    self.in_flight <= self.pool.stuck_jobs(time.monotonic()) or time.monotonic() > drain_deadline
+                ):
+                    break  # what is left never ends (a hung call): the broker re-dispatches it when we are gone
+                self._loop_turned = time.monotonic()
                 wake = min(next_beat, next_cold)
                 ready = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000)) + 1))
                 self._inline_until = time.monotonic() + INLINE_BUDGET_S
@@ -366,9 +413,12 @@ class Agent:
                         self.process_events()
                 if now >= next_beat:
                     next_beat = now + interval
+                    self.check_health(now)
                     self.send_heartbeat()
                     self.check_broker(now)
+                    self.warn_unconnected(now)
         finally:
+            self.exit_code = self.exit_code or self._restart_code
             self.close()
 
     def stop(self) -> None:
@@ -379,13 +429,107 @@ class Agent:
             self.broker.send_multipart(message(Command.DISCONNECT, {"reason": "agent stopping"}), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        self.pool.stop()
-        self.loader.stop()
+        self.threads_stuck = not self.pool.stop(timeout=2.0)  # a hung call's thread never ends: not waited on
+        self.loader.stop(timeout=2.0)  # (a warm-up that never returns, likewise)
+        self.threads_stuck |= any(thread.is_alive() for thread in self.loader.threads)
         self.close_broker_monitor()
         for sock in (self.broker, self.beats, self.results, self.loads, self.events):
             sock.close(linger=100)
-        if self._own_ctx:
-            self.ctx.term()
+        if self.threads_stuck:
+            log.error(
+                "agent %s: inference threads still running at exit (a model call that never returned)", self.agent_id
+            )
+        elif self._own_ctx:
+            self.ctx.term()  # (with a thread stuck holding its socket, term would wait for it forever)
+
+    def check_health(self, now: float) -> None:
+        """Each beat: note the resident memory; a model call past its hang bound, or memory past `max_memory`, makes
+        the agent drain and exit for its supervisor to restart it (restart())."""
+        self.rss = resident_bytes()
+        hung = self.pool.hung(now)
+        if hung is not None:
+            name, running = hung
+            self.restart(
+                EXIT_HUNG,
+                f"a call of model '{name}' has run for {running:.1f} s and never returned (bound: "
+                f"{self.timings.hang_factor:g} x its request's deadline, at least {self.timings.hang_min:g} s)",
+            )
+        elif self.max_memory is not None and self.rss > self.max_memory:
+            self.restart(
+                EXIT_MEMORY,
+                f"resident memory {self.rss / 2**20:.0f} MiB is past its limit of {self.max_memory / 2**20:.0f} MiB "
+                "(--max-memory)",
+            )
+
+    def restart(self, code: int, reason: str) -> None:
+        """Stop taking work, say why (heartbeat `drain_reason`, log), finish what can be finished within the drain
+        timeout and exit with `code`: a thread cannot be cancelled, nor memory a model leaked given back, so a fresh
+        process is the recovery."""
+        if self._restart_code:
+            return
+        self._restart_code, self.drain_reason = code, reason
+        log.error(
+            "agent %s: %s; draining and exiting (status %d) for its supervisor to restart it",
+            self.agent_id,
+            reason,
+            code,
+        )
+        self._stop.set()
+
+    def start_watchdog(self) -> None:
+        """For a process (`cluster agent`): a thread that ends it with os._exit when stopping takes longer than the
+        drain timeout and a margin, or when the I/O loop itself stopped turning for the hang bound (a model run inline
+        that never returned): then nothing else would."""
+
+        def watch() -> None:
+            stop_seen = None
+            woke = resumed = time.monotonic()
+            while True:
+                time.sleep(0.5)
+                now = time.monotonic()
+                if now - woke > 2.0:  # the process was paused (SIGSTOP, a VM stall): that time is no one's fault
+                    resumed = now
+                    stop_seen = None if stop_seen is None else stop_seen + (now - woke)
+                woke = now
+                if self._stop.is_set() and stop_seen is None:
+                    stop_seen = now
+                drain = getattr(self, "drain_timeout", AGENT_DRAIN_TIMEOUT_S)
+                turned = None if self._loop_turned is None else max(self._loop_turned, resumed)
+                stuck_loop = (
+                    turned is not None
+                    and self.timings.hang_factor > 0
+                    and now - turned > max(self.timings.hang_min, 2 * self.timings.expiry)
+                )
+                late_stop = stop_seen is not None and now - stop_seen > drain + 5.0
+                if stuck_loop or late_stop:
+                    why = "stopping took too long" if late_stop else "its I/O loop is stuck (a model run inline hung)"
+                    log.error("agent %s: %s; exiting now", self.agent_id, why)
+                    logging.shutdown()
+                    os._exit(self.exit_code or self._restart_code or EXIT_HUNG)
+
+        threading.Thread(target=watch, name="agent-watchdog", daemon=True).start()
+
+    def warn_unconnected(self, now: float) -> None:
+        """While no broker connection is up (the broker is down, or the address is wrong), warn in the log, backing
+        off from one expiry to AGENT_LINK_WARN_MAX_S: an agent that says nothing looks fine when it serves no one."""
+        if self.broker_connected:
+            self._link_warn_backoff = self.timings.expiry
+            self._next_link_warn = None
+            return
+        since = self._broker_down_since if self._broker_down_since is not None else self._link_since
+        if self._next_link_warn is None:
+            self._next_link_warn = since + self._link_warn_backoff
+        if now < self._next_link_warn:
+            return
+        log.warning(
+            "agent %s: not connected to the broker at %s for %.0f s (is it running, and is the address right?); "
+            "still trying",
+            self.agent_id,
+            self.addresses.broker_agents,
+            now - since,
+        )
+        self._link_warn_backoff = min(2 * self._link_warn_backoff, AGENT_LINK_WARN_MAX_S)
+        self._next_link_warn = now + self._link_warn_backoff
 
     def connect_broker(self) -> zmq.Socket:
         """The DEALER to the broker, with its monitor (`broker_monitor`, attached before connecting so that the first
@@ -403,6 +547,10 @@ class Agent:
         self.broker_monitor = monitors[0]
         self.broker_connected = False  # the monitor's view: a handshake succeeded and the link has not dropped since
         self._broker_down_since: float | None = None
+        self._link_since = time.monotonic()  # warn_unconnected counts from here
+        if not hasattr(self, "_link_warn_backoff"):
+            self._link_warn_backoff = self.timings.expiry
+            self._next_link_warn: float | None = None
         return sock
 
     def close_broker_monitor(self) -> None:

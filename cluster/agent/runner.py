@@ -15,8 +15,14 @@ Deadlines and cancellation: a Job carries its deadline (the broker says how long
 deadline passed before a worker takes it is not run, and a job the broker cancels (its client gave up) is taken out
 of the queue if no worker has it yet. Both are answered ERROR by `skip` (TIMEOUT or CANCELLED), never run.
 
-Instances (config `instances: N`): the model is loaded N times; each batch a worker takes runs on a free copy, and
-the pool has at least N threads, so N requests of one model run at once (torch ops release the GIL).
+Instances (config `instances: N`): the model is loaded N times; each batch a worker takes runs on a free copy.
+Execution slots are per model: a model runs at most `slots` batches at once (its instances, or the pool's `count`
+if more), and the pool has a thread for every slot of every model (`ensure_threads`), so a slow (or hung) model
+queues only behind itself and never holds the threads another model needs.
+
+Hung calls: a Python thread cannot be cancelled, so `hung` says which running batch has run past its bound (a
+multiple of its request's deadline, at least a floor; Timings.hang_factor, hang_min), for the agent to drain and
+exit (its supervisor restarts it); the threads are daemons, so a hung one never blocks the process's exit.
 """
 
 from __future__ import annotations
@@ -120,6 +126,10 @@ class WorkerPool:
         self._free_instances: dict[int, list[int]] = {}  # id(model) -> copies of it no worker is running
         # id(model) -> (runs, slowest recent run's CPU seconds, slowest recent run's wall seconds)
         self._timings: dict[int, tuple[int, float, float]] = {}
+        self.min_slots = max(1, count)  # every model may run this many batches at once (or its instances, if more)
+        # thread ident -> (model name, started, hung_at, id(model), jobs): the batches running now (monotonic times)
+        self._active: dict[int, tuple[str, float, float, int, int]] = {}
+        self.hang_bound = (0.0, 0.0)  # (factor, floor): a batch runs past max(factor x its deadline, floor) is hung
         self.threads = [
             threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(max(1, count))
         ]
@@ -128,9 +138,13 @@ class WorkerPool:
         for thread in self.threads:
             thread.start()
 
+    def slots(self, model) -> int:
+        """Batches of `model` that may run at once: its copies (config `instances`), or the pool's count if more."""
+        return max(self.min_slots, model.config.instances)
+
     def ensure_threads(self, count: int) -> None:
-        """At least `count` inference threads (a model with `instances: N` needs N); started at once if the pool
-        runs. Never fewer: threads are not stopped while the agent serves."""
+        """At least `count` inference threads (one per execution slot of every model loaded); started at once if the
+        pool runs. Never fewer: threads are not stopped while the agent serves."""
         running = any(thread.is_alive() for thread in self.threads)
         while len(self.threads) < count:
             thread = threading.Thread(target=self._work, name=f"inference-{len(self.threads)}", daemon=True)
@@ -215,25 +229,54 @@ class WorkerPool:
             queue.append(job)
             self._cond.notify()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the threads, waiting at most `timeout` in all; False if some are still running (a hung model call:
+        they are daemons, so the process may exit without them)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout
         for thread in self.threads:
-            thread.join(timeout)
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self.threads)
+
+    def hung(self, now: float) -> tuple[str, float] | None:
+        """(model, seconds it has run) of a batch running past its hang bound; None if none is."""
+        with self._cond:
+            for name, started, hung_at, _key, _jobs in self._active.values():
+                if now > hung_at:
+                    return name, now - started
+        return None
+
+    def stuck_jobs(self, now: float) -> int:
+        """Requests that will not be answered: those in batches running past their hang bound, and those queued for
+        a model that has such a batch (a drain does not wait for them; the broker re-dispatches them)."""
+        with self._cond:
+            hung = [(key, jobs) for _n, _s, hung_at, key, jobs in self._active.values() if now > hung_at]
+            return sum(jobs for _key, jobs in hung) + sum(
+                len(self._queues.get(key, ())) for key in {k for k, _ in hung}
+            )
 
     def describe(self) -> dict:
         return {name: stats.describe() for name, stats in self.stats.items() if stats.batches}
 
     # ---- taking work ------------------------------------------------------------------------------------------
 
+    def _take_ready(self):
+        """The first model with queued jobs and a free execution slot, taken out of `_ready`; None if none."""
+        for i, model in enumerate(self._ready):
+            if self._running.get(id(model), 0) < self.slots(model):
+                del self._ready[i]
+                return model
+        return None
+
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
-            while not self._ready and not self._stopping:
+            while not self._stopping and (model := self._take_ready()) is None:
                 self._cond.wait()
             if self._stopping:
                 return None
-            model = self._ready.popleft()
             key = id(model)
             queue = self._queues[key]
             limit = model.config.max_batch_size if model.config.max_batch_size > 1 else 1
@@ -268,9 +311,27 @@ class WorkerPool:
         key = id(model)
         with self._cond:
             self._running[key] -= 1
+            self._active.pop(threading.get_ident(), None)
+            if self._ready:
+                self._cond.notify()  # a model that was at its slots may run again
             free = self._free_instances.get(key)
             if free is not None and instance not in free and instance < len(getattr(model, "instances", [None])):
                 free.append(instance)
+
+    def _started(self, batch: list[Job], started: float) -> None:
+        """Note a running batch and when it counts as hung: past max(factor x its longest request deadline, floor)
+        (never, with factor 0)."""
+        factor, floor = self.hang_bound
+        budget = max(job.deadline - job.queued_at for job in batch)
+        hung_at = started + max(factor * budget, floor) if factor > 0 and math.isfinite(budget) else math.inf
+        with self._cond:
+            self._active[threading.get_ident()] = (
+                batch[0].model.name,
+                started,
+                hung_at,
+                id(batch[0].model),
+                len(batch),
+            )
 
     def _work(self) -> None:
         if self.torch_threads:
@@ -291,6 +352,7 @@ class WorkerPool:
                 try:
                     if not batch:
                         continue
+                    self._started(batch, started)
                     self.stats[batch[0].model.name].add(len(batch), [started - job.queued_at for job in batch])
                     if len(batch) > 1:
                         self._count(batch[0].model.name, "executed", len(batch))

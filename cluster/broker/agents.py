@@ -43,6 +43,12 @@ class AgentEntry:
     last_answer: float = 0.0  # the broker's clock when it last answered a request (or joined)
     stalled_since: float | None = None  # when the broker found it stalled (see Dispatcher.stalled); None: it is not
     stall_ended: float = 0.0  # when it last answered after a stall (what it answers late is no service time)
+    # Stalls are judged per model (an agent busy with a slow model is not stalled for its others): model -> since
+    # when it is stalled for that model (`stalled_since` is the earliest, None when no model is), when it last
+    # answered a request of each model, and when each model's stall last ended.
+    stalled_models: dict[str, float] = field(default_factory=dict)
+    model_last_answer: dict[str, float] = field(default_factory=dict)
+    model_stall_ended: dict[str, float] = field(default_factory=dict)
 
     @property
     def in_flight_count(self) -> int:
@@ -219,6 +225,7 @@ class AgentTable:
                 capacity=a.capacity,
                 broker_in_flight=a.in_flight_count,
                 stalled=a.stalled_since is not None,
+                stalled_models=sorted(a.stalled_models),
             )
             for a in self.agents.values()
         ]

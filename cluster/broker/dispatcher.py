@@ -32,9 +32,10 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   service rate (ServiceRate), is refused at once with OVERLOADED and a `retry_after`; never before a rate is known;
 - capacity per model: an agent that announces `model_capacity` holds at most that many requests of each model (and
   at most `capacity` in all); one that does not gets `capacity` for every model;
-- a stalled agent (see `stalled`: its oldest request here is older than max(stall_factor x the model's recent p99
-  service time, stall_floor) and it answered nothing for that long) gets no new requests until it answers again;
-  it stays alive and keeps what it has (re-dispatched only when it is declared dead);
+- a stalled agent (see `stalled`, judged per model: its oldest request of a model here is older than max(stall_factor
+  x that model's recent p99 service time, stall_floor) and it answered none of that model for that long) gets no
+  new requests of that model until it answers one again (an agent busy with a slow or hung model still gets the
+  others); it stays alive and keeps what it has (re-dispatched only when it is declared dead);
 - hedging (`timings.hedge_after` > 0): a request at one agent longer than that is also sent to one other eligible
   agent (same route key; each copy counts as an attempt); the first answer goes to the client, the other copy is
   cancelled (CANCEL) and its answer dropped; its slot stays taken until that agent answers. When the agent of one
@@ -492,6 +493,8 @@ class Dispatcher:
         for agent in self.agents.agents.values():
             agent.last_seen = pardon(agent.last_seen, lost, now)
             agent.last_answer = max(agent.last_answer, now)
+            for model in agent.model_in_flight:  # stalls are judged per model (from its last answer, or its oldest)
+                agent.model_last_answer[model] = max(agent.model_last_answer.get(model, now), now)
 
     def heartbeats(self) -> list[Send]:
         """The broker's beat to every agent, so agents know it is alive."""
@@ -605,7 +608,8 @@ class Dispatcher:
             bad_input.warning("agent %s sent a reply without route and header; dropped", agent.agent_id)
             return
         now = self.now
-        if agent.pop_request(route) is None:
+        held = agent.pop_request(route)
+        if held is None:
             # Not a request this agent holds: a late answer from before a broker restart (another incarnation's
             # route), one given up on (re-dispatched after the agent was dropped), or a forged or guessed route.
             # Never forwarded: it could be another client's request's answer.
@@ -617,11 +621,13 @@ class Dispatcher:
             )
             return
         agent.last_answer = now
-        was_stalled = agent.stalled_since is not None
+        agent.model_last_answer[held.model] = now
+        since = agent.stalled_models.pop(held.model, None)
+        was_stalled = since is not None
         if was_stalled:
-            log.warning("agent %s answers again after %.2f s stalled", agent.agent_id, now - agent.stalled_since)
-            agent.stalled_since = None
-            agent.stall_ended = now
+            log.warning("agent %s answers model %s again after %.2f s stalled", agent.agent_id, held.model, now - since)
+            agent.model_stall_ended[held.model] = agent.stall_ended = now
+            agent.stalled_since = min(agent.stalled_models.values(), default=None)
         request = self.requests.get(route)
         if request is not None and not request.done and cmd == Command.ERROR and _says_model_not_found(frames[2]):
             self.agents.forget_versions(agent, request.model, request.version)
@@ -636,7 +642,7 @@ class Dispatcher:
                 request.done = True
                 sent = _sent_to(request, agent)
                 # What a stalled agent answers late says nothing of the model's service time: left out of the p99.
-                if sent is not None and not was_stalled and sent >= agent.stall_ended:
+                if sent is not None and not was_stalled and sent >= agent.model_stall_ended.get(request.model, 0.0):
                     self.service.setdefault(request.model, ServiceTimes()).add(now - sent)
                 if request.hedge is agent:
                     self.stats["hedge_wins"] += 1
@@ -676,7 +682,7 @@ class Dispatcher:
         candidates = self.agents.candidates(request.model, request.version)
         while True:
             agent = self.policy.choose(request.model, candidates)
-            if agent is None or (agent is not exclude and not self.stalled(agent, self.now)):
+            if agent is None or (agent is not exclude and not self.stalled(agent, self.now, request.model)):
                 return agent
             candidates = [c for c in candidates if c is not agent]  # rare: a stalled agent with free slots
 
@@ -694,29 +700,47 @@ class Dispatcher:
         route = protocol.request_route(request.route, request.deadline - self.now, self.now - request.arrived)
         out.append(Send(True, [agent.identity, _REQUEST + route, request.header, *request.tensors]))
 
-    def stalled(self, agent: AgentEntry, now: float) -> bool:
-        """Whether the agent holds requests and makes no progress: its oldest request here is older than its
-        model's stall threshold and it has answered nothing for that long. Stays so (`stalled_since`) until it
-        answers. O(1): an agent that answered within `stall_floor` is never stalled, and only the oldest request
-        (the first in `in_flight`) is looked at."""
-        if agent.stalled_since is not None:
+    def stalled(self, agent: AgentEntry, now: float, model: str | None = None) -> bool:
+        """Whether the agent holds requests of `model` and makes no progress with them: its oldest request of that
+        model here is older than the model's stall threshold and it has answered none of that model for that long.
+        Judged per model, so an agent busy with a slow (or hung) model still gets the others. Stays so
+        (`stalled_models`) until it answers one of that model. model None: judge every model it holds, True if it
+        is stalled for any. Cheap: an agent that answered the model within `stall_floor` is never stalled for it."""
+        if model is not None:
+            return self._stalled_for(agent, model, now)
+        judged = [self._stalled_for(agent, m, now) for m in list(agent.model_in_flight)]
+        return any(judged) or bool(agent.stalled_models)
+
+    def _stalled_for(self, agent: AgentEntry, model: str, now: float) -> bool:
+        if model in agent.stalled_models:
             return True
-        if not agent.in_flight or now - agent.last_answer <= self.timings.stall_floor:
+        if not agent.model_in_flight.get(model):
             return False
-        oldest = next(iter(agent.in_flight.values()))
-        threshold = self.stall_threshold(oldest.model)
-        sent = _sent_to(oldest, agent)
-        if threshold is None or sent is None or now - sent <= threshold or now - agent.last_answer <= threshold:
+        last = agent.model_last_answer.get(model)
+        if last is not None and now - last <= self.timings.stall_floor:
+            return False  # the common case under load, before looking for its oldest request
+        oldest = next((r for r in agent.in_flight.values() if r.model == model), None)
+        sent = _sent_to(oldest, agent) if oldest is not None else None
+        if sent is None:
             return False
-        agent.stalled_since = now
+        last = sent if last is None else last  # never answered it: since its oldest request went there
+        if now - last <= self.timings.stall_floor:
+            return False
+        threshold = self.stall_threshold(model)
+        if threshold is None or now - sent <= threshold or now - last <= threshold:
+            return False
+        agent.stalled_models[model] = now
+        if agent.stalled_since is None:
+            agent.stalled_since = now
         self.stats["stalls"] += 1
         log.warning(
-            "agent %s stalled: %d requests here, the oldest %.0f ms old, no answer for %.0f ms (threshold %.0f ms); "
-            "no new requests until it answers",
+            "agent %s stalled for model %s: %d of its requests here, the oldest %.0f ms old, none answered for "
+            "%.0f ms (threshold %.0f ms); no new requests of it until it answers",
             agent.agent_id,
-            agent.in_flight_count,
+            model,
+            agent.model_in_flight.get(model, 0),
             (now - sent) * 1e3,
-            (now - agent.last_answer) * 1e3,
+            (now - last) * 1e3,
             threshold * 1e3,
         )
         return True
