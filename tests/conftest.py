@@ -95,3 +95,19 @@ def cluster(request, share, tmp_path):
     local.stop_all()
     if failed:
         print(local.logs())
+
+
+@pytest.fixture
+def echo_cluster(request, tmp_path):
+    """A LocalCluster on a share holding only `echo`, with production heartbeats (1 s, dead after 3 s), so a freeze or
+    a pause must be ridden out before anyone is judged dead; stopped after the test, logs shown on failure."""
+    from bench.frozen import publish_echo_share
+
+    share = tmp_path / "share"
+    publish_echo_share(share)
+    local = LocalCluster(share, tmp_path / "logs", heartbeat_interval=1.0)
+    yield local
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    local.stop_all()
+    if failed:
+        print(local.logs())

@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster.config import Addresses
 from cluster.local import LocalCluster, Proc, wait_until
 
-__all__ = ["REPO_ROOT", "LocalCluster", "Proc", "edge_stack", "fuzz_examples", "start_edge", "wait_for"]
+__all__ = ["REPO_ROOT", "LocalCluster", "Proc", "all_gone", "edge_stack", "fuzz_examples", "start_edge", "wait_for"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,19 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
         return wait_until(condition, timeout, what, interval)
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
+
+
+def all_gone(pids) -> bool:
+    """Whether every process in `pids` has exited (a zombie not yet reaped counts as gone)."""
+    import psutil
+
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
 
 
 def start_edge(broker: str, workdir: Path, *args: str, timeout: float = 30.0) -> Proc:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from cluster.config import Addresses
 from cluster.local import read_ready_file
-from tests.harness import LocalCluster, wait_for
+from tests.harness import LocalCluster, all_gone, wait_for
 
 
 def _start_up(local: LocalCluster, share, log_path, ready_path, *more: str) -> subprocess.Popen:
@@ -30,16 +30,6 @@ def _start_up(local: LocalCluster, share, log_path, ready_path, *more: str) -> s
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def _gone(pids) -> bool:
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
 
 
 @pytest.mark.cluster
@@ -81,7 +71,7 @@ def test_cluster_up_serves_and_stops_everything(share, tmp_path, how):
         up.wait(20)
         if how != signal.SIGKILL:
             assert up.returncode == 0, log_path.read_text()
-        wait_for(lambda: _gone(children), 15, "every process `cluster up` started to exit")
+        wait_for(lambda: all_gone(children), 15, "every process `cluster up` started to exit")
     finally:
         if up.poll() is None:
             os.kill(up.pid, signal.SIGKILL)

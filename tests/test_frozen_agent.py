@@ -16,23 +16,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.frozen import publish_echo_share, run_freeze
-from tests.harness import LocalCluster
+from bench.frozen import run_freeze
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def echo_cluster(request, tmp_path):
-    share = tmp_path / "share"
-    publish_echo_share(share)
-    # Heartbeats as in production (1 s, dead after 3 s): the freeze must be ridden out before the agent is dead.
-    local = LocalCluster(share, tmp_path / "logs", heartbeat_interval=1.0)
-    yield local
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    local.stop_all()
-    if failed:
-        print(local.logs())
 
 
 def test_a_frozen_agent_does_not_stop_the_cluster_with_capacity_per_model(echo_cluster):

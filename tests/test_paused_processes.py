@@ -13,24 +13,12 @@ from __future__ import annotations
 
 import pytest
 
-from bench.frozen import closed_loop_with_freeze, publish_echo_share
+from bench.frozen import closed_loop_with_freeze
 from tests.harness import LocalCluster, wait_for
 
 pytestmark = pytest.mark.cluster
 
 PAUSE_S = 5.0  # over the 3 s expiry
-
-
-@pytest.fixture
-def echo_cluster(request, tmp_path):
-    share = tmp_path / "share"
-    publish_echo_share(share)
-    local = LocalCluster(share, tmp_path / "logs", heartbeat_interval=1.0)
-    yield local
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    local.stop_all()
-    if failed:
-        print(local.logs())
 
 
 def start(cluster: LocalCluster):

@@ -352,3 +352,16 @@ def test_a_revoked_agent_is_told_why_it_is_refused(share, tmp_path):
         raise
     finally:
         cluster.stop_all()
+
+
+def test_an_error_from_the_broker_with_a_code_of_any_type_is_dropped_not_a_crash(tmp_path):
+    """The agent reads an ERROR's code from the wire: a map or a list there (the fuzz test's find: `code in
+    frozenset` raised TypeError and the agent exited) is an unexpected ERROR, dropped; the agent runs on."""
+    from cluster.agent.agent import Agent
+
+    (tmp_path / "models").mkdir()
+    agent = Agent(str(tmp_path), agent_id="a1")
+    for code in ({"x": 1}, [1, 2], 7, None, b"UNAUTHENTICATED"):
+        agent.broker_error([PREAMBLE[Command.ERROR], protocol.pack({"code": code, "message": "m"})])
+    agent.broker_error([PREAMBLE[Command.ERROR], b"\x93\x01\x02\x03"])  # not a map at all
+    assert agent.exit_code == 0 and not agent._stop.is_set()

@@ -18,7 +18,7 @@ from cluster import config
 from cluster.cli import app
 from cluster.config import Addresses
 from cluster.local import read_ready_file
-from tests.harness import LocalCluster, wait_for
+from tests.harness import LocalCluster, all_gone, wait_for
 
 
 def _start_up(share, tmp_path, *more: str, ignore_sigint: bool = False) -> tuple[subprocess.Popen, object, object]:
@@ -44,16 +44,6 @@ def _kill(up: subprocess.Popen) -> None:
         up.wait(10)
 
 
-def _gone(pids) -> bool:
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
-
-
 @pytest.mark.cluster
 def test_sigint_stops_a_cluster_up_started_with_sigint_ignored(share, tmp_path):
     up, log_path, ready_path = _start_up(share, tmp_path, "--agents", "1", "--edge-port", "0", ignore_sigint=True)
@@ -69,7 +59,7 @@ def test_sigint_stops_a_cluster_up_started_with_sigint_ignored(share, tmp_path):
             raise AssertionError(f"SIGINT did not stop `cluster up` in 30 s:\n{log_path.read_text()}") from None
         assert status == 0, log_path.read_text()
         assert "cluster stopped" in log_path.read_text()
-        wait_for(lambda: _gone(children), 15, "every process `cluster up` started to exit")
+        wait_for(lambda: all_gone(children), 15, "every process `cluster up` started to exit")
     finally:
         _kill(up)
 

@@ -800,10 +800,12 @@ class Agent:
             header = protocol.unpack_header(frames[1]) if len(frames) == 2 else {}
         except ProtocolError:
             header = {}
-        if header.get("code") in REFUSED_KEY_CODES:
-            self.key_refused(f"({header.get('code')})", str(header.get("message"))[:1000])
+        code = header.get("code")
+        code = code if isinstance(code, str) else None  # from the wire: anything (a map is not even hashable)
+        if code in REFUSED_KEY_CODES:
+            self.key_refused(f"({code})", str(header.get("message"))[:1000])
             return
-        if header.get("code") != ErrorCode.AGENT_ID_IN_USE.value:
+        if code != ErrorCode.AGENT_ID_IN_USE.value:
             bad_input.warning("agent %s: unexpected ERROR from the broker dropped", self.agent_id)
             return
         now = time.monotonic()
