@@ -123,3 +123,15 @@ def test_an_unknown_model_fails_fast_after_a_broker_restart(tmp_path, demo_share
         raise
     finally:
         cluster.stop_all()
+
+
+def test_metadata_of_a_model_never_served_says_not_deployed_and_not_that_it_was_undeployed():
+    from cluster.broker.agents import UnknownModel
+
+    d = dispatcher()
+    d.agents.deployed = {"m"}
+    with pytest.raises(UnknownModel, match=r"^model 'nowhere' is not deployed$"):
+        d.agents.describe_model("nowhere", None)
+    d.agents.known_models.add("gone")  # served once, then undeployed
+    with pytest.raises(UnknownModel, match=r"is not deployed \(it was undeployed\)"):
+        d.agents.describe_model("gone", None)

@@ -257,7 +257,8 @@ class AgentTable:
         UnknownModel if no agent ever announced it."""
         served = self.describe_models().get(name)
         if not served and self.undeployed(name):
-            raise UnknownModel(f"{model_label(name, version)} is not deployed (it was undeployed)")
+            was = " (it was undeployed)" if name in self.known_models else ""  # never served here: just not deployed
+            raise UnknownModel(f"{model_label(name, version)} is not deployed{was}")
         known = sorted(v for (m, v) in self.metadata if m == name)
         if version is None:
             version = max(served["versions"]) if served else (known[-1] if known else None)
