@@ -10,6 +10,7 @@ from cluster.agent.runner import Job, WorkerPool
 from cluster.agent.stats import ModelStats, merge
 from cluster.codec import encode_tensors
 from cluster.repository import ModelRepository, publish_version
+from tests.harness import wait_for
 from tests.test_batching import PICKY_CONFIG, Picky
 
 
@@ -158,7 +159,13 @@ def test_each_model_has_its_own_execution_slots_and_a_call_past_its_bound_is_hun
         assert results.poll(10_000), "the fast model waited behind the blocked one"
         answer = results.recv_multipart()
         assert b"fast" in answer[1], answer
-        assert pool.hung(time.monotonic() + 1.0)[0] == "blocked" and pool.stuck_jobs(time.monotonic() + 1.0) == 2
+        # The fast call's answer goes out just before its worker clears its running-batch entry: wait for that.
+        wait_for(
+            lambda: pool.stuck_jobs(time.monotonic() + 1.0) == 2,
+            10,
+            "only the blocked model's two calls counted as stuck (the running one and the one queued behind it)",
+        )
+        assert pool.hung(time.monotonic() + 1.0)[0] == "blocked"
         gate.set()
         for _ in range(2):
             assert results.poll(10_000), "the blocked model's calls did not finish once released"
