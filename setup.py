@@ -38,6 +38,7 @@ setup(
             "tritonclient[http]>=2.40",
             "kubernetes-validate>=1.28",  # tests/test_kubernetes.py: the Kubernetes API schemas, offline
             "cryptography>=42",  # tests/test_edge_security.py and the gRPC TLS tests: a CA and certificates
+            "ruff>=0.17.6,<0.18",  # `ruff check .` and `ruff format --check .` in CI (constraints.txt pins it)
         ],
     },
     data_files=[("share/torch-serving-cluster", ["frontend.html"])],  # the page the edge serves at /

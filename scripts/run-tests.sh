@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh Debian machine (as root, or with sudo), then runs the test suite.
+# --lint first (CI, .ci/run): `ruff check .` and `ruff format --check .` after the install, before any test.
 # Debian packages: Chromium (browser tests), nfs-ganesha + libnfs tools + rpcbind (the NFS share test), wrk (benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,9 @@ if ! dpkg -s $PACKAGES >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
 fi
 python3 -m pip install -q -c constraints.txt -e '.[test]'
+if [ "${1:-}" = "--lint" ]; then
+  shift
+  python3 -m ruff check .
+  python3 -m ruff format --check .
+fi
 exec python3 -m pytest "$@"

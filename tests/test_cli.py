@@ -158,6 +158,23 @@ def test_every_command_documents_its_options():
         assert not problems, f"`cluster {name} --help`: {'; '.join(problems)}\n{out.output}"
 
 
+def test_cli_is_a_package_of_small_modules_listing_commands_in_order():
+    """cluster/cli/ holds one module per group of commands, none over 600 lines (issue 19); `cluster --help` lists the
+    commands in the order they have always had (roles, up, status and health, deploys, bench, keys)."""
+    from pathlib import Path
+
+    import cluster.cli
+
+    package = Path(cluster.cli.__file__).parent
+    assert package.name == "cli" and Path(cluster.cli.__file__).name == "__init__.py", "cluster.cli is not a package"
+    sizes = {path.name: len(path.read_text().splitlines()) for path in package.glob("*.py")}
+    assert {"roles.py", "up.py", "health.py", "deploy.py", "bench.py", "keys.py"} <= set(sizes), sorted(sizes)
+    assert max(sizes.values()) <= 600, f"cluster/cli/ modules over 600 lines: {sizes}"
+    order = ["manager", "broker", "agent", "edge", "up", "status", "health", "deploy", "rollback", "undeploy"]
+    order += ["models", "bench", "keys"]
+    assert list(typer.main.get_command(app).commands) == order
+
+
 def test_tables_keep_agent_ids_whole_at_80_columns():
     """`cluster status`, `models` and `deploy` print through one table helper: the first column is never cut."""
     from rich.console import Console

@@ -1,0 +1,233 @@
+"""`cluster deploy`, `rollback`, `undeploy` and `models`: versions published on the share and rolled out
+by the manager."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import typer
+
+from cluster import config
+from cluster.cli.common import Key, _table
+
+ManagerAddress = typer.Option(
+    config.MANAGER_QUERY_ADDR, "--manager", envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address."
+)
+
+
+def _print_rollout(report: dict, what: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    table = _table(
+        f"{what} {report['model']} v{report['version']}"
+        + (f" (was v{report['previous']})" if report.get("previous") else ""),
+        "agent",
+        "outcome",
+    )
+    first_with: dict[str, str] = {}  # a reason every agent gives (a model that cannot load) is printed once
+    for agent_id, outcome in report["agents"].items():
+        if outcome == "ok":
+            table.add_row(agent_id, "[green]ok[/green]")
+        elif outcome in first_with:
+            table.add_row(agent_id, f"[red]failed: the same as {first_with[outcome]}[/red]")
+        else:
+            first_with[outcome] = agent_id
+            table.add_row(agent_id, f"[red]failed: {escape(outcome)}[/red]")
+    Console().print(table)
+    for agent_id, why in (report.get("left_out") or {}).items():
+        typer.echo(f"not waited for: {agent_id} ({why})")
+    if report.get("note"):
+        typer.echo(report["note"])
+    head = f"{what} of {report['model']} v{report['version']}"
+    agents = f"{len(report['agents'])} agent{'s' if len(report['agents']) != 1 else ''}"
+    if report["ok"]:
+        typer.echo(f"{head} done in {report['seconds']:.2f} s on {agents}")
+        return
+    kept = (
+        f"every agent keeps serving v{report['previous']}"
+        if report.get("previous") is not None
+        else f"{report['model']} stays undeployed (it had no earlier version)"
+    )
+    removed = f"; v{report['version']} was taken off the share" if report.get("removed") else ""
+    typer.echo(f"{head} FAILED after {report['seconds']:.2f} s on {agents}: {kept}{removed}")
+
+
+def _manager_call(manager: str, what: str, wait: float, key: str | None = None, data: bytes | None = None, **fields):
+    from cluster import ClusterError
+    from cluster.manager.client import ManagerClient
+
+    try:
+        return ManagerClient(manager, key=key).call(what, timeout=wait, data=data, **fields)
+    except ClusterError as exc:
+        typer.echo(f"{what} failed: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _deploy_check(manager: str, key: str | None, what: str, doing: str = "deploy", **fields) -> None:
+    """Before a deploy sends or publishes anything (or a rollback waits for its rollout): the manager answers `what`
+    within seconds, or the command ends here (a wrong --manager, a manager that is down, a key it refuses, a config
+    or name it refuses)."""
+    from cluster import ClusterError, InferenceTimeoutError
+    from cluster.manager.client import ManagerClient
+
+    try:
+        ManagerClient(manager, key=key).call(what, timeout=config.DEPLOY_CHECK_TIMEOUT_S, **fields)
+    except InferenceTimeoutError:
+        typer.echo(
+            f"cannot {doing}: no answer from the manager at {manager} within {config.DEPLOY_CHECK_TIMEOUT_S:g} s; "
+            "is it running, and is that its query address (--manager, CLUSTER_MANAGER_QUERIES)?",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    except ClusterError as exc:
+        typer.echo(f"cannot {doing}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _publish_progress(path: Path):
+    """publish_version's progress callback: a bar on a terminal; None elsewhere (scripts, CI), where the transient bar
+    would show nothing and importing rich would still cost a fresh process ~0.2 s."""
+    if not sys.stdout.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(f"publishing {path.name}", total=path.stat().st_size)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def deploy(
+    path: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="The model file: .pt (TorchScript) or .pt2 (torch.export)."
+    ),
+    name: str = typer.Option(..., "--name", help="Model name."),
+    config_file: Path | None = typer.Option(
+        None,
+        "--config",
+        exists=True,
+        dir_okay=False,
+        help="config.json (inputs, outputs, serving settings; ours or Triton's, as JSON or config.pbtxt); "
+        "required for a new model.",
+    ),
+    share: str | None = typer.Option(
+        None,
+        "--share",
+        envvar="CLUSTER_SHARE",
+        help="The share's folder, to publish into it directly; without it the file goes to the manager over the bus "
+        "and the manager publishes it on its share.",
+    ),
+    manager: str = ManagerAddress,
+    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
+    key: str | None = Key,
+):
+    """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
+    The name and config are checked here, and the manager asked whether it is there (and takes them), within
+    seconds, before any model file is sent or published."""
+
+    from cluster.model_config import ModelConfig, RepositoryError, read_config_file
+    from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_version
+
+    model_config = None
+    try:
+        check_name(name)
+    except RepositoryError as exc:
+        typer.echo(f"cannot deploy: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if config_file is not None:
+        try:
+            model_config = read_config_file(config_file, name)  # ours or Triton's, JSON or config.pbtxt
+            ModelConfig.from_dict(model_config, name=name)  # names, shapes, datatypes: refused before any upload
+        except (ValueError, RepositoryError) as exc:
+            typer.echo(f"{config_file} is not a model config: {exc}", err=True)
+            raise typer.Exit(2) from None
+    if share is None:  # no share here: the manager publishes on its own
+        file_name = {".pt": "model.pt", ".pt2": "model.pt2"}.get(path.suffix.lower())
+        size = path.stat().st_size
+        if file_name not in MODEL_FILES:
+            typer.echo(f"cannot publish {path}: expected a .pt (TorchScript) or .pt2 (torch.export) file", err=True)
+            raise typer.Exit(2)
+        if size > config.MAX_UPLOAD_BYTES:
+            typer.echo(
+                f"cannot send {path} ({size} bytes) over the bus: the limit is {config.MAX_UPLOAD_BYTES} bytes "
+                "(CLUSTER_MAX_UPLOAD_BYTES, on the manager too); or give --share to publish into the share directly",
+                err=True,
+            )
+            raise typer.Exit(2)
+        _deploy_check(manager, key, "publish_check", name=name, file=file_name, config=model_config)
+        typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
+        report = _manager_call(
+            manager,
+            "publish",
+            timeout + 120,
+            key,
+            data=path.read_bytes(),
+            name=name,
+            file=file_name,
+            config=model_config,
+            rollout_timeout=timeout,
+        )
+        typer.echo(f"the manager published {name} version {report['version']}; rolled out:")
+        _print_rollout(report, "deploy")
+        raise typer.Exit(0 if report["ok"] else 1)
+    _deploy_check(manager, key, "rollouts")  # it must be there to roll out what is published next
+    share_dir = Path(share)
+    new_model = not ModelRepository(share_dir).versions(name)
+    with _publish_progress(path) as progress:
+        try:
+            version = publish_version(share_dir, name, path, model_config, progress=progress)
+        except RepositoryError as exc:
+            typer.echo(f"cannot publish: {exc}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"published {name} version {version} to {share_dir}; rolling out ...")
+    report = _manager_call(
+        manager,
+        "deploy",
+        timeout + 30,
+        key,
+        name=name,
+        version=version,
+        rollout_timeout=timeout,
+        discard_on_failure="model" if new_model else "version",  # a rejected version does not stay on the share
+    )
+    _print_rollout(report, "deploy")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+def rollback(
+    name: str = typer.Argument(..., help="Model name."),
+    to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
+    manager: str = ManagerAddress,
+    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent."),
+    key: str | None = Key,
+):
+    """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
+    _deploy_check(manager, key, "rollouts", "roll back")  # there at all: in seconds, not after --timeout + 30 s
+    report = _manager_call(manager, "rollback", timeout + 30, key, name=name, to=to, rollout_timeout=timeout)
+    _print_rollout(report, "rollback")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+def undeploy(name: str = typer.Argument(..., help="Model name."), manager: str = ManagerAddress, key: str | None = Key):
+    """Stop serving a model everywhere (agents finish what is in flight, then unload it). The share keeps its files."""
+    _manager_call(manager, "undeploy", 10, key, name=name)
+    typer.echo(f"undeployed {name}")
+
+
+def models(manager: str = ManagerAddress, key: str | None = Key):
+    """What is deployed, at which version, on which agents."""
+    from rich.console import Console
+
+    deployments = _manager_call(manager, "deployments", 5, key)
+    table = _table("Deployments", "model", "version", "staged", "history", "agents (versions served)")
+    for name, d in sorted(deployments.items()):
+        agents = ", ".join(f"{a} (v{','.join(map(str, vs))})" for a, vs in sorted(d["agents"].items())) or "none"
+        table.add_row(
+            name, str(d["version"] or "-"), str(d["staged"] or "-"), ", ".join(map(str, d["history"])) or "-", agents
+        )
+    Console().print(table)

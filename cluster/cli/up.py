@@ -1,0 +1,244 @@
+"""`cluster up`: the whole cluster on this machine, supervised (restarts with backoff), optionally with keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+from pathlib import Path
+
+import typer
+
+from cluster import config
+from cluster.cli.common import Interval, LogFormat, LogFormatName, LogLevel, _setup_logging
+
+
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def up(
+    agents: int = typer.Option(2, "--agents", help="How many agents to start."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        envvar="CLUSTER_TORCH_THREADS",
+        help="torch intra-op threads per agent (default: the machine's cores / --agents, at least 1; 0: torch's "
+        "default).",
+    ),
+    edge_port: int = typer.Option(
+        config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."
+    ),
+    grpc_port: int = typer.Option(
+        config.EDGE_GRPC_PORT, "--grpc-port", envvar="CLUSTER_EDGE_GRPC_PORT", help="gRPC port of the edge (0: none)."
+    ),
+    share: str | None = typer.Option(
+        None,
+        envvar="CLUSTER_SHARE",
+        help="Model repository folder (default under the user's data dir); it must exist, unless --create-share.",
+    ),
+    create_share: bool = typer.Option(
+        False, "--create-share", help="Make the --share folder if it does not exist (with the demo models)."
+    ),
+    heartbeat_interval: float | None = Interval,
+    log_level: str = LogLevel,
+    log_format: LogFormatName = LogFormat,
+    any_ports: bool = typer.Option(
+        False,
+        "--any-ports",
+        help="Let the OS pick every port (bus and edge), e.g. for a second cluster here; the banner says which.",
+    ),
+    ready_file: str | None = typer.Option(
+        None,
+        "--ready-file",
+        help="Once the manager, the broker and the edge listen, write every address and the pid here (JSON).",
+    ),
+    secure: bool = typer.Option(
+        False,
+        "--secure",
+        help="CURVE on the bus (every role with its own key) and a bearer token on the edge; prints the keys to use.",
+    ),
+    keys: Path | None = typer.Option(
+        None,
+        "--keys",
+        envvar="CLUSTER_KEY_DIR",
+        help="Key directory for --secure (made if missing; default: beside the share, SHARE-keys).",
+    ),
+):
+    """Start the manager, the broker, N agents and the HTTP edge on this machine, and keep them running: a process
+    that fails is restarted with backoff (CLUSTER_RESTART_*); a crash loop of the manager, the broker or the edge stops
+    everything (exit status 1). Ctrl-C or SIGTERM stops them all (exit status 0)."""
+    import tempfile
+
+    from cluster.local import LocalCluster, StartError, any_port, ports_in_use, write_ready_file
+    from cluster.supervisor import Supervisor
+
+    _setup_logging(log_level, "up", log_format.value)
+    os.environ["CLUSTER_LOG_FORMAT"] = log_format.value  # every process it starts logs the same way
+    addresses = config.Addresses()
+    if any_ports:
+        addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
+    else:  # before anything starts: a port in use (another `cluster up`?) is said in one line, not a traceback
+        wanted = {f"the {k.replace('_', ' ')} address": v for k, v in dataclasses.asdict(addresses).items()}
+        host = config.env_or("EDGE_HOST", config.EDGE_HOST)
+        for what, port in (("the HTTP edge", edge_port), ("the gRPC edge", grpc_port if edge_port else 0)):
+            if port:
+                wanted[what] = f"tcp://{host}:{port}"
+        taken = ports_in_use(wanted)
+        if taken:
+            for line in taken:
+                typer.echo(f"cluster up: {line}", err=True)
+            typer.echo(
+                "cluster up: is a cluster already running here? Stop it, or start this one with --any-ports.", err=True
+            )
+            raise typer.Exit(1)
+    share_dir = _up_share(share, create_share)
+    key_dir = token_file = None
+    if secure or keys is not None:
+        key_dir, token_file = _secure_state(keys or share_dir.with_name(share_dir.name + "-keys"))
+    policy = config.restart_policy_from_env()
+    if threads is None:
+        threads = config.up_torch_threads(agents)
+    if threads < 0:
+        typer.echo("cluster up: --threads takes 0 (torch's default) or more", err=True)
+        raise typer.Exit(2)
+    # SIGTERM like Ctrl-C: stop everything, wherever we are. SIGINT explicitly too: started with `&` from a script,
+    # a process inherits SIGINT ignored, and Python then installs no handler of its own
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    stopped_by_signal = False
+    with tempfile.TemporaryDirectory(prefix="cluster-up-") as workdir:
+        local = LocalCluster(
+            str(share_dir),
+            workdir,
+            heartbeat_interval=heartbeat_interval,
+            liveness=None,
+            reconnect=None,
+            log_level=log_level,
+            addresses=addresses,
+            edge_host=config.env_or("EDGE_HOST", config.EDGE_HOST),
+            edge_port=0 if any_ports else edge_port,
+            edge_grpc_port=None if not grpc_port else 0 if any_ports else grpc_port,
+            inherit_output=True,
+            die_with_parent=True,  # no orphans, even when `cluster up` is killed with SIGKILL
+            keys=key_dir,
+        )
+        try:
+            local.start_manager()
+            local.start_broker()
+            for i in range(agents):
+                # the agent's own default id (host-pid)
+                local.start("agent", "--threads", str(threads), name=f"agent-{i + 1}")
+            if edge_port:
+                local.start_edge(*_secure_edge_args(key_dir))
+            a, edge_url, grpc_address = local.addresses, local.edge_url, local.grpc_address
+            typer.echo(
+                f"cluster up: share {share_dir}\n"
+                f"  clients (Client / AsyncClient): {a.broker_clients}\n"
+                f"  broker for agents:              {a.broker_agents}\n"
+                f"  manager heartbeats / events / queries: "
+                f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
+                + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
+                + (f"  gRPC edge (Open Inference Protocol): {grpc_address}\n" if grpc_address else "")
+                + f"  {agents} agents, {threads or 'torch default'} torch threads each; `cluster status` shows them. "
+                "A process that fails is restarted; Ctrl-C stops everything."
+                + (
+                    f"\n  secure: keys in {key_dir} (CURVE on every bus socket); use --key {key_dir}/client.key "
+                    f"(inference, queries) or --key {key_dir}/admin.key (deploy, rollback, undeploy);\n"
+                    f"  the edge wants Authorization: Bearer {token_file.read_text().strip()}"
+                    f"  (also in {token_file});\n"
+                    f"  its repository routes (load, unload) want the admin token in {key_dir / EDGE_ADMIN_TOKEN}"
+                    if key_dir
+                    else ""
+                )
+            )
+            reported = dict(dataclasses.asdict(a), **({"edge": edge_url} if edge_url else {}))
+            if grpc_address:
+                reported["grpc"] = grpc_address
+
+            def report(running) -> None:  # the ready file names each process and its pid, rewritten on restarts
+                if ready_file:
+                    children = {name: {"role": p.role, "pid": p.pid} for name, p in running.items()}
+                    write_ready_file(ready_file, "up", reported, children=children)
+
+            report(local.running())
+            gone = local.supervise(Supervisor(policy), say=logging.getLogger("cluster.up").log, on_restart=report)
+            logging.getLogger("cluster.up").error("no %s any more; stopping everything (exit status 1)", gone.role)
+        except KeyboardInterrupt:
+            stopped_by_signal = True
+        except StartError as exc:
+            typer.echo(f"cluster up: {exc}; stopping", err=True)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stopping short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            local.stop_all()
+            typer.echo("cluster stopped")
+    raise typer.Exit(0 if stopped_by_signal else 1)
+
+
+def _up_share(share: str | None, create: bool) -> Path:
+    """`cluster up`'s share: the default one is made on first use; one given with --share must exist (a typo must
+    not quietly start a fresh, empty cluster), unless --create-share. The demo models go into a share without
+    models. An unusable path is said in one line (exit status 2)."""
+    from cluster.demo_models import write_demo_models
+    from cluster.repository import ModelRepository
+
+    share_dir = Path(share or config.default_share_dir())
+    if share is not None and not share_dir.exists() and not create:
+        typer.echo(
+            f"cluster up: the share {share_dir} does not exist; check the path, or add --create-share to make a "
+            "new share there (with the demo models)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        if share_dir.exists() and not share_dir.is_dir():
+            raise NotADirectoryError(f"{share_dir} is not a folder")
+        share_dir.mkdir(parents=True, exist_ok=True)
+        if not ModelRepository(share_dir).model_names():
+            typer.echo(f"Writing the demo models (digits, echo) into {share_dir} ...")
+            write_demo_models(share_dir)
+    except OSError as exc:
+        typer.echo(f"cluster up: cannot use {share_dir} as the share: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return share_dir
+
+
+EDGE_TOKEN = "edge.token"  # `cluster up --secure`: the edge's bearer token (inference, views), in the key directory
+EDGE_ADMIN_TOKEN = "edge.admin-token"  # ... its admin token (also the repository routes: load, unload)
+EDGE_MANAGER_KEY = "edge-manager"  # ... the admin key it presents to the manager for those loads and unloads
+
+
+def _secure_state(key_dir: Path) -> tuple[Path, Path]:
+    """`cluster up --secure`: the key directory (server, admin, client and edge keys; agents' keys are added as they
+    start), the edge's admin key for the manager, and the edge's token files, made on first use and kept, so the keys
+    and the tokens stay valid across runs (a directory from an earlier version gets what it lacks)."""
+    import secrets
+
+    from cluster.keys import add, list_members, make_cluster_keys
+    from cluster.repository import atomic_write
+
+    if not (key_dir / "members.json").exists():
+        make_cluster_keys(key_dir, agents=0)
+    if EDGE_MANAGER_KEY not in list_members(key_dir):
+        add(key_dir, EDGE_MANAGER_KEY, "admin")
+    for name in (EDGE_TOKEN, EDGE_ADMIN_TOKEN):
+        if not (key_dir / name).exists():
+            atomic_write(key_dir / name, (secrets.token_urlsafe(24) + "\n").encode(), mode=0o600)
+    return key_dir, key_dir / EDGE_TOKEN
+
+
+def _secure_edge_args(key_dir: Path | None) -> list[str]:
+    """The edge's options under `cluster up --secure`: its tokens, and the admin key it presents to the manager for
+    the repository routes (its bus key for the broker stays a client key: it serves inference, not deploys)."""
+    if key_dir is None:
+        return []
+    return [
+        "--token-file",
+        str(key_dir / EDGE_TOKEN),
+        "--admin-token-file",
+        str(key_dir / EDGE_ADMIN_TOKEN),
+        "--manager-key",
+        str(key_dir / f"{EDGE_MANAGER_KEY}.key"),
+    ]
