@@ -5,7 +5,8 @@ and indexed by its agent id too, which at most one live agent holds (the Dispatc
 keeps an index model -> agents that serve it, in arrival order (a routing policy's candidates), remembers every
 model any agent ever served (so an unroutable request can be told NO_AGENT rather than MODEL_NOT_FOUND) and the
 inputs/outputs agents announced in READY (the `model` query). It never decides what to do with requests; the
-Dispatcher does, and calls it.
+Dispatcher does, and calls it. `BrokerRequest` (one request as the broker tracks it) lives here too, beside
+`AgentEntry`: each points at the other, and every part of the broker below the Dispatcher uses both.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from cluster.protocol import ErrorCode, Heartbeat, agent_view, models_view
-
-if TYPE_CHECKING:
-    from cluster.broker.dispatcher import BrokerRequest
 
 log = logging.getLogger("cluster.broker")
 
@@ -74,6 +72,55 @@ class AgentEntry:
             else:
                 self.model_in_flight.pop(request.model, None)
         return request
+
+
+@dataclass(eq=False)
+class BrokerRequest:
+    """One client request, from arrival until its reply (or error) has gone back to the client."""
+
+    route: bytes  # the broker's own key for it, sent to the agent and echoed back
+    client: bytes  # the client's ROUTER identity
+    request_id: Any  # the client's id, echoed in errors the broker makes up itself
+    model: str
+    version: int | None
+    header: Any  # the client's header frame, forwarded untouched
+    tensors: list  # the client's tensor frames, forwarded untouched
+    deadline: float
+    arrived: float = 0.0  # the broker's clock when it came in (what it waited is told to the agent)
+    attempts: int = 0  # agents it was sent to (a hedge copy counts)
+    agent: AgentEntry | None = None  # where it is in flight now
+    sent_at: float = 0.0  # when it was sent to `agent`
+    hedge: AgentEntry | None = None  # hedging: where its second copy is in flight, if it has one
+    hedged_at: float = 0.0  # when that copy was sent
+    queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
+    done: bool = False  # answered or failed; a queued request marked done is skipped
+    trace: str | None = None  # the caller's request_id (the OIP id, say): in every log line about it
+
+    def log_extra(self) -> dict:
+        """`extra=` for a log line about this request: its request_id (JSON logs carry it as a field)."""
+        return {"request_id": self.trace, "model": self.model}
+
+    def sent_to(self, agent: AgentEntry) -> float | None:
+        """When the copy that `agent` holds was sent to it (None: it holds none this request knows of)."""
+        if self.agent is agent:
+            return self.sent_at
+        if self.hedge is agent:
+            return self.hedged_at
+        return None
+
+    def drop_copy(self, agent: AgentEntry) -> bool:
+        """Its copy at `agent` is gone (the agent died, dropped the model, or the send failed): True if it has
+        another copy in flight (a hedge), which then is the only one; False if it had no other."""
+        if self.hedge is None:
+            return False
+        if self.hedge is agent:
+            self.hedge = None
+            return True
+        if self.agent is agent:
+            self.agent, self.sent_at = self.hedge, self.hedged_at
+            self.hedge = None
+            return True
+        return False
 
 
 class UnknownModel(LookupError):

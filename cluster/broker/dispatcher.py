@@ -7,6 +7,11 @@ manager's word that an agent is dead (`agent_declared_dead`), a clock tick (`tic
 and a send that failed (`send_failed`: the agent is gone). Every time is the caller's `now` (monotonic seconds), so
 tests run the clock.
 
+Its parts return decisions, which it applies (they never call back): `Admission` (admission.py: may a request
+wait, or is it refused OVERLOADED), `Stalls` (stalls.py: which agents are stalled for a model, which requests are
+due a hedge copy) and `Registration` (registration.py: READY, duplicate ids, keys, the agents expected back after
+a restart). Their modules list what each guarantees; the rest is here.
+
 What it guarantees (the Majordomo broker's gaps, fixed):
 - every request in flight is tracked (agent, deadline); when its agent dies it goes to another agent with the model,
   at most `max_dispatch_attempts` agents in all (then INFERENCE_FAILED; NO_AGENT if no other agent serves it);
@@ -16,45 +21,30 @@ What it guarantees (the Majordomo broker's gaps, fixed):
 - a request for a version goes only to agents that serve it; an agent that answers MODEL_NOT_FOUND (it unloaded the
   version since its last beat) is forgotten for that version, and the request silently goes elsewhere;
 - a request no live agent can take fails at once (MODEL_NOT_FOUND or NO_AGENT), except while agents re-register
-  after the broker (re)starts: then it waits, within its deadline. That is the warm-up window (one expiry and one
-  interval from the start, for any model), and after it, for the models of the agents the manager says are alive
-  (`expect_agents`, its answer at start-up), until each of them has registered again or is declared dead, at most
-  `timings.rejoin_window` from the start; requests for a model none of them serves fail as before. A model the
-  manager's desired state does not list is never held, warm-up or not: it fails at once with MODEL_NOT_FOUND (the
-  broker learns that state from the manager's answer at start-up, and from its `desired` events); only until it
-  knows it is an unknown model held, in the warm-up window at most;
+  after the broker (re)starts (Registration.holding): then it waits, within its deadline. A model the manager's
+  desired state does not list is never held, warm-up or not: it fails at once with MODEL_NOT_FOUND (the broker
+  learns that state from the manager's answer at start-up, and from its `desired` events); only until it knows it
+  is an unknown model held, in the warm-up window at most;
 - past its deadline a request fails with TIMEOUT, whether in flight or queued; the agent is told how long a request
   has left (and how long it waited here) in the REQUEST's route frame, so it drops work that expired before it began;
 - a client's CANCEL (found by client identity and id) takes its request out of the queue, or, in flight, is passed
   to its agent (which skips it if not started); whatever the agent answers then is dropped, the slot freed;
-- load shedding: a request that would wait in the queue longer than its model's bound (`max_queue_wait_ms` in the
-  model's config, else `timings.max_queue_wait`), estimated from the queue's length and the model's measured
-  service rate (ServiceRate), is refused at once with OVERLOADED and a `retry_after`; never before a rate is known;
+- load shedding (Admission): a request that would wait in the queue longer than its model's bound is refused at
+  once with OVERLOADED and a `retry_after`;
 - capacity per model: an agent that announces `model_capacity` holds at most that many requests of each model (and
   at most `capacity` in all); one that does not gets `capacity` for every model;
-- a stalled agent (see `stalled`, judged per model: its oldest request of a model here is older than max(stall_factor
-  x that model's recent p99 service time, stall_floor) and it answered none of that model for that long) gets no
-  new requests of that model until it answers one again (an agent busy with a slow or hung model still gets the
-  others); it stays alive and keeps what it has (re-dispatched only when it is declared dead);
+- a stalled agent (Stalls, judged per model) gets no new requests of that model until it answers one again;
 - hedging (`timings.hedge_after` > 0): a request at one agent longer than that is also sent to one other eligible
-  agent (same route key; each copy counts as an attempt); the first answer goes to the client, the other copy is
-  cancelled (CANCEL) and its answer dropped; its slot stays taken until that agent answers. When the agent of one
-  copy dies, the other copy carries on (nothing is re-dispatched);
+  agent (same route key); the first answer goes to the client, the other copy is cancelled (CANCEL) and its answer
+  dropped; its slot stays taken until that agent answers. When the agent of one copy dies, the other copy carries
+  on (nothing is re-dispatched);
 - tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read;
 - an answer reaches only the client that asked: a route is this broker's random incarnation + a counter, so it
   names one request of one broker process (never reused after a restart), and an answer is accepted only from an
   agent that holds that route (the agent it was sent to, or its hedge copy's); anything else is dropped, with a
   rate-limited log line (a late answer from before a restart, a forged or guessed route);
-- with keys on (`allow`, the allow-list): only a key with role agent may speak on the agents' socket, and an agent is
-  bound to the key it registered with: READY for an identity registered with another key is refused (until that
-  agent expires), and any other message for it from another key is dropped; READY must name the agent id it
-  connected with (its routing identity), and an agent whose key is refused (revoked) is told so (ERROR
-  UNAUTHENTICATED or PERMISSION_DENIED, to its READY and HEARTBEAT) and dropped at once;
-- one live agent per agent id: a READY naming an id that another live process holds (another connection, another
-  instance token or another key) is refused with ERROR AGENT_ID_IN_USE to the newcomer and an error in the log;
-  the live agent keeps serving and keeps its requests (it is probed, so a dead predecessor goes at once). The same
-  process registering again (same instance, on its own connection) is not a duplicate; a READY on another
-  connection is, whatever instance it claims (an instance is public: `agents()` shows it).
+- keys and agent ids (Registration): only agent keys speak on the agents' socket, each agent bound to its key; one
+  live agent per agent id (a second READY for it: ERROR AGENT_ID_IN_USE).
 """
 
 from __future__ import annotations
@@ -62,139 +52,27 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 from cluster import protocol
-from cluster.auth import refusal
-from cluster.broker.agents import AgentEntry, AgentTable
+from cluster.broker.admission import Admission, Refusal
+from cluster.broker.agents import AgentEntry, AgentTable, BrokerRequest
+from cluster.broker.registration import TAKEN_OVER, Registration, bad_input
 from cluster.broker.routing import RoutingPolicy
+from cluster.broker.sends import Send, client_error, says_model_not_found
+from cluster.broker.stalls import Stalls
 from cluster.clock import pardon
-from cluster.config import RETRY_AFTER_MAX, RETRY_AFTER_MIN, Timings
+from cluster.config import Timings
 from cluster.keys import AllowList
 from cluster.logs import BadInputLog
-from cluster.protocol import (
-    PREAMBLE,
-    Command,
-    ErrorCode,
-    Heartbeat,
-    ProtocolError,
-    as_bytes,
-    error_header,
-    identity_names,
-    pack,
-)
+from cluster.protocol import PREAMBLE, Command, ErrorCode, as_bytes, error_header, pack
 
 log = logging.getLogger("cluster.broker")
-bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
-refused = BadInputLog(log)  # messages refused for their key (keys on), rate-limited on their own
 foreign = BadInputLog(log)  # answers from an agent that does not hold their route, rate-limited on their own
 
 _REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
 _CANCEL = PREAMBLE[Command.CANCEL]
-RATE_WINDOW_S = 1.0  # a model's service rate is measured over windows this long ...
-RATE_WEIGHT = 0.3  # ... and each saturated window's rate weighs this much in the moving average (EWMA)
-FIRST_RATE_COMPLETIONS = 8  # the first estimate comes sooner: after this many completions with a queue waiting
-SERVICE_WINDOW = 256  # a model's recent service times (sent -> answered, per copy) kept for its p99 ...
-SERVICE_MIN_SAMPLES = 20  # ... known from this many answers on (before that, no agent is judged stalled for it) ...
-SERVICE_P99_EVERY = 16  # ... and computed again every this many answers
 _EMPTY_HEADER = pack({})
 _SEND_READY = pack({"reason": "unknown agent; send READY"})
-
-
-class Send(NamedTuple):
-    """One message for the broker to send: `frames` start with the peer's ROUTER identity; `to_agent` picks the
-    agents' socket, else the clients'."""
-
-    to_agent: bool
-    frames: list
-
-    @property
-    def peer(self) -> bytes:
-        return self.frames[0]
-
-    @property
-    def command(self) -> Command:
-        return protocol.parse_routed(self.frames[1])[0]
-
-
-def client_error(
-    client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None, retry_after: float | None = None
-) -> Send:
-    header = error_header(request_id, code, text, model, retry_after)
-    return Send(False, [client, PREAMBLE[Command.ERROR], pack(header)])
-
-
-class ServiceRate:
-    """Completions per second of one model, as an EWMA over RATE_WINDOW_S windows. Only windows that ended with
-    requests queued count: a model that is not saturated completes what arrives, which says nothing of how fast it
-    could go (and would make the estimate refuse too early). `per_second` is None until the first estimate, which
-    comes after FIRST_RATE_COMPLETIONS saturated completions rather than a whole window: a flood that arrives faster
-    than a window would otherwise queue whole before anything could be refused."""
-
-    def __init__(self, now: float) -> None:
-        self.window_start = now
-        self.completed = 0
-        self.per_second: float | None = None
-
-    def completion(self, now: float, saturated: bool) -> None:
-        self.completed += 1
-        elapsed = now - self.window_start
-        first = self.per_second is None and self.completed >= FIRST_RATE_COMPLETIONS and elapsed > 0
-        if elapsed < RATE_WINDOW_S and not first:
-            return
-        if saturated:
-            rate = self.completed / elapsed
-            self.per_second = (
-                rate if self.per_second is None else (1 - RATE_WEIGHT) * self.per_second + RATE_WEIGHT * rate
-            )
-        self.window_start, self.completed = now, 0
-
-
-class ServiceTimes:
-    """A model's recent service times as the broker sees them (a request sent to an agent -> its answer, agent
-    queueing included): a window of the last SERVICE_WINDOW, and its p99, recomputed every SERVICE_P99_EVERY
-    answers (a sort of 256 floats: microseconds). `p99` is None until SERVICE_MIN_SAMPLES answers."""
-
-    def __init__(self) -> None:
-        self.samples: deque[float] = deque(maxlen=SERVICE_WINDOW)
-        self.p99: float | None = None
-        self._since = 0
-
-    def add(self, seconds: float) -> None:
-        self.samples.append(seconds)
-        self._since += 1
-        n = len(self.samples)
-        if n >= SERVICE_MIN_SAMPLES and (self.p99 is None or self._since >= SERVICE_P99_EVERY):
-            self.p99 = sorted(self.samples)[min(n - 1, int(0.99 * n))]
-            self._since = 0
-
-
-@dataclass(eq=False)
-class BrokerRequest:
-    """One client request, from arrival until its reply (or error) has gone back to the client."""
-
-    route: bytes  # the broker's own key for it, sent to the agent and echoed back
-    client: bytes  # the client's ROUTER identity
-    request_id: Any  # the client's id, echoed in errors the broker makes up itself
-    model: str
-    version: int | None
-    header: Any  # the client's header frame, forwarded untouched
-    tensors: list  # the client's tensor frames, forwarded untouched
-    deadline: float
-    arrived: float = 0.0  # the broker's clock when it came in (what it waited is told to the agent)
-    attempts: int = 0  # agents it was sent to (a hedge copy counts)
-    agent: AgentEntry | None = None  # where it is in flight now
-    sent_at: float = 0.0  # when it was sent to `agent`
-    hedge: AgentEntry | None = None  # hedging: where its second copy is in flight, if it has one
-    hedged_at: float = 0.0  # when that copy was sent
-    queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
-    done: bool = False  # answered or failed; a queued request marked done is skipped
-    trace: str | None = None  # the caller's request_id (the OIP id, say): in every log line about it
-
-    def log_extra(self) -> dict:
-        """`extra=` for a log line about this request: its request_id (JSON logs carry it as a field)."""
-        return {"request_id": self.trace, "model": self.model}
 
 
 class Dispatcher:
@@ -206,7 +84,6 @@ class Dispatcher:
         self.requests: dict[bytes, BrokerRequest] = {}  # route -> request, from arrival until answered
         self.pending: dict[str, deque[BrokerRequest]] = {}  # model -> requests waiting for a free slot
         self.pending_count = 0
-        self.started = now
         # Routes: this broker's random incarnation + a counter (protocol.ROUTE_BYTES); agents learn the incarnation
         # from its heartbeats, and answer only requests of the broker they are connected to.
         self.incarnation = protocol.broker_incarnation()
@@ -226,71 +103,33 @@ class Dispatcher:
             "hedge_wins": 0,  # of those, answered before the first copy
         }
         self.client_load: dict[bytes, int] = {}  # client -> its requests here (queued or at an agent)
-        self.by_client: dict[tuple[bytes, Any], bytes] = {}  # (client identity, its id) -> route, for CANCEL
-        self.rates: dict[str, ServiceRate] = {}  # model -> its measured service rate (load shedding)
-        self.service: dict[str, ServiceTimes] = {}  # model -> its recent service times (stall detection)
+        self.by_client: dict[tuple, bytes] = {}  # (client identity, its id) -> route, for CANCEL
         self.now = now  # the latest event's clock: what a request forwarded now has left, and has waited
-        self.reserved: dict[str, tuple[str | None, float]] = {}  # agent id -> (instance, until): see _refuse_duplicate
-        # agent id -> (instance, model -> versions): alive at the manager, not registered here again yet (expect_agents)
-        self.expected: dict[str, tuple[str | None, dict[str, set[int]]]] = {}
+        # The parts that decide (each returns what to do; the dispatcher does it):
+        self.admission = Admission(timings, self.agents.max_queue_wait_ms)
+        self.stalls = Stalls(timings, self.stats)
+        self.registration = Registration(timings, self.agents, allow, now)
 
-    def warming_up(self, now: float) -> bool:
-        """Just started (or restarted): agents are still re-registering, so "no agent has it" is not known yet.
-        Requests wait (within their deadline) instead of failing, so clients ride through a broker restart."""
-        return now - self.started < self.timings.expiry + self.timings.heartbeat_interval
+        # ... and their state and judgements under the names the broker and the tests use:
+        self.warming_up, self.holding = self.registration.warming_up, self.registration.holding
+        self.stalled, self.stall_threshold = self.stalls.stalled, self.stalls.stall_threshold
+        self.queue_wait_bound = self.admission.queue_wait_bound
+
+    started = property(lambda self: self.registration.started)
+    expected = property(lambda self: self.registration.expected)
+    reserved = property(lambda self: self.registration.reserved)
+    rates = property(lambda self: self.admission.rates)
+    service = property(lambda self: self.stalls.service)
+    retry_after = staticmethod(Admission.retry_after)
+
+    def expected_wait(self, model: str) -> float | None:
+        return self.admission.expected_wait(model, len(self.pending.get(model, ())))
 
     def expect_agents(self, views: list, now: float) -> list[Send]:
-        """The manager's answer to QUERY {what: agents}, asked at start-up: the agents it hears (their heartbeats),
-        which will register here again. Until each has (or is declared dead, or `rejoin_window` from the start has
-        passed), requests for what it serves wait rather than fail. Agents already registered, draining, or entries
-        that do not parse are left out. An answer after the rejoin window changes nothing."""
-        out: list[Send] = []
+        """The manager's answer to QUERY {what: agents}, asked at start-up (Registration.expect)."""
         self.now = now
-        if now >= self.started + self.timings.rejoin_window or not isinstance(views, list):
-            return out
-        heard = 0
-        for view in views:
-            try:
-                beat = Heartbeat.from_wire(view)
-            except (ProtocolError, TypeError, AttributeError):
-                continue
-            heard += 1
-            if beat.draining or not beat.models or self.agents.get_by_id(beat.agent) is not None:
-                continue
-            self.expected[beat.agent] = (beat.instance, beat.served_versions())
-        held = ""
-        if self.expected:
-            held = (
-                f" ({', '.join(sorted(self.expected))}): holding requests for "
-                f"{', '.join(sorted({m for _, models in self.expected.values() for m in models}))} until they are "
-                f"(at most {self.timings.rejoin_window:g} s from the start)"
-            )
-        log.info("the manager hears %d agents, %d not registered here yet%s", heard, len(self.expected), held)
-        return out
-
-    def holding(self, model: str, version: int | None, now: float) -> bool:
-        """Whether a request for `model` (`version`) that no live agent can take now waits rather than fails: in the
-        warm-up window, or while an agent the manager said is alive and serves it has not registered again; never
-        for a model the manager's desired state (once known) does not list: that fails at once, as it does later."""
-        if self.agents.undeployed(model):
-            return False  # the manager does not want it served: no agent coming back will serve it
-        if self.warming_up(now):
-            return True  # (the manager's desired state not heard yet, in the warm-up window only: bounded)
-        if not self.expected or now >= self.started + self.timings.rejoin_window:
-            return False
-        return any(
-            model in models and (version is None or version in models[model]) for _, models in self.expected.values()
-        )
-
-    def _end_rejoin_window(self, now: float) -> None:
-        if self.expected and now >= self.started + self.timings.rejoin_window:
-            log.warning(
-                "agents the manager said were alive did not register within %.1f s of the start: %s; requests for "
-                "their models are no longer held",
-                self.timings.rejoin_window,
-                ", ".join(sorted(self.expected)),
-            )
-            self.expected.clear()
+        self.registration.expect(views, now)
+        return []
 
     def counts(self) -> dict:
         """The `stats` answer."""
@@ -318,16 +157,11 @@ class Dispatcher:
         self.now = now
         load = self.client_load.get(client, 0)
         if congested or load >= self.timings.client_max_in_flight:
+            refused = self.admission.client_refusal(load, congested)
             self.stats["client_refused"] += 1
-            text = (
-                "this client is not reading its replies (the broker holds replies it has not taken); read them, "
-                "then try again"
-                if congested
-                else f"this client has {load} requests in flight, the most one client may have; try again later"
-            )
-            out.append(client_error(client, request_id, ErrorCode.OVERLOADED, text, model, retry_after=1.0))
+            out.append(client_error(client, request_id, ErrorCode.OVERLOADED, refused.text, model, refused.retry_after))
             return out
-        if not self.agents.candidates(model, version) and not self.holding(model, version, now):
+        if not self.agents.candidates(model, version) and not self.registration.holding(model, version, now):
             code, text = self.agents.why_unroutable(model, version)
             out.append(client_error(client, request_id, code, text, model))
             return out
@@ -354,21 +188,20 @@ class Dispatcher:
         self.now = now
         identity = as_bytes(frames[0])
         if self.allow is not None:
-            why = refusal(self.allow, key, "agent")
-            if why is not None:
-                refused.warning("%s from %r refused: %s", cmd.name, identity, why[1])
-                self._refuse_key(identity, cmd, why, out)
+            why = self.registration.key_refusal(identity, cmd, key)
+            if why is not None:  # revoked, or another role's: an agent with it goes; READY and HEARTBEAT hear why
+                agent = self.agents.get(identity)
+                if agent is not None:
+                    self._remove(agent, f"its key is refused ({why[1]})", out)
+                if cmd in (Command.READY, Command.HEARTBEAT):
+                    out.append(Send(True, [identity, _ERROR, pack(error_header(None, why[0], why[1]))]))
                 return out
         if cmd == Command.READY:
             self._ready(identity, frames[2], now, out, key)
             return out
         agent = self.agents.get(identity)
         if agent is not None and agent.key != key:
-            refused.warning(
-                "%s for agent %s refused: it comes from another key than the one it registered with",
-                cmd.name,
-                agent.agent_id,
-            )
+            self.registration.wrong_key(agent, cmd)
             return out
         if agent is None:
             # An agent we do not know (we restarted, or declared it dead): ask it to introduce itself again.
@@ -424,9 +257,7 @@ class Dispatcher:
         """The manager's `agent_dead` event: a second opinion (see broker.py on who owns liveness). When it names
         the instance that died, a live agent of another instance with that id (a restart) is not touched."""
         out: list[Send] = []
-        expected = self.expected.get(agent_id)
-        if expected is not None and (instance is None or expected[0] in (None, instance)):
-            del self.expected[agent_id]  # it will not register again: its models' requests are held no longer
+        self.registration.declared_dead(agent_id, instance)
         agent = self.agents.get_by_id(agent_id)
         if agent is not None and instance is not None and agent.beat.instance not in (None, instance):
             return out
@@ -451,7 +282,7 @@ class Dispatcher:
             request = agent.pop_request(key) if preamble[: protocol.PREAMBLE_BYTES] == _REQUEST else None
             if request is not None:
                 request.attempts -= 1
-                if self._drop_copy(request, agent):
+                if request.drop_copy(agent):
                     continue  # a hedge: its other copy did leave, and carries on
                 request.agent = None
                 taken_back.append(request)
@@ -476,11 +307,11 @@ class Dispatcher:
         for agent in self.agents.silent(now):
             self._remove(agent, f"silent for {now - agent.last_seen:.1f} s", out)
         for agent in self.agents.agents.values():
-            self.stalled(agent, now)  # routing asks at each dispatch; this makes it known (stats, log) between
+            self.stalls.stalled(agent, now)  # routing asks at each dispatch; this makes it known (stats, log) between
         if self.timings.hedge_after > 0:
             self._hedge(now, out)
         self._expire_requests(now, out)
-        self._end_rejoin_window(now)
+        self.registration.end_rejoin_window(now)
         if self.pending_count and (not self.warming_up(now) or self.agents.deployed is not None):
             self._fail_orphaned_queues(now, out)  # in the warm-up: those held before the desired state came
         return out
@@ -492,9 +323,7 @@ class Dispatcher:
         waiting unread count first. Deadlines are the clients' and stay as they are."""
         for agent in self.agents.agents.values():
             agent.last_seen = pardon(agent.last_seen, lost, now)
-            agent.last_answer = max(agent.last_answer, now)
-            for model in agent.model_in_flight:  # stalls are judged per model (from its last answer, or its oldest)
-                agent.model_last_answer[model] = max(agent.model_last_answer.get(model, now), now)
+        self.stalls.paused(self.agents.agents.values(), now)
 
     def heartbeats(self) -> list[Send]:
         """The broker's beat to every agent, so agents know it is alive."""
@@ -503,103 +332,33 @@ class Dispatcher:
     # ---- agents -------------------------------------------------------------------------------------------------
 
     def _ready(self, identity: bytes, header_frame, now: float, out: list[Send], key: str | None = None) -> None:
-        try:
-            header = protocol.unpack_header(header_frame)
-            beat = Heartbeat.from_wire(header)
-            if beat.capacity < 1:
-                raise ProtocolError("capacity must be at least 1")
-        except ProtocolError as exc:
-            bad_input.warning("bad READY from %r dropped: %s", identity, exc)
+        ready = self.registration.ready(identity, header_frame, key, now)
+        if ready.refusal is not None:
+            if ready.evict is not None:
+                self._remove(ready.evict, TAKEN_OVER, out)
+            elif ready.probe is not None:  # if its connection is gone, the send fails and it goes at once
+                out.append(Send(True, [ready.probe.identity, _HEARTBEAT, self.heartbeat_header]))
+            header = error_header(None, ErrorCode.AGENT_ID_IN_USE, ready.refusal)
+            out.append(Send(True, [identity, _ERROR, pack(header)]))
             return
-        if self.allow is not None and not identity_names(identity, beat.agent):
-            refused.warning(
-                "READY from %r refused: it names agent %r (keys on: the two must match)", identity, beat.agent
-            )
+        if ready.beat is None:
             return
-        old = self.agents.get(identity)  # this connection's entry
-        live = self.agents.get_by_id(beat.agent)  # the live agent holding this id, whatever its connection
-        if old is not None and old.key != key:
-            refused.warning("READY for agent %s refused: it is registered with another key", old.agent_id)
-            return
-        conflict = None
-        if live is not None and live is not old:
-            # A second process started with the same --id, or one that copied the live agent's id and instance
-            # (both public): the same process always comes back on its own identity (connection), so another
-            # connection is never the live agent, whatever it claims.
-            conflict = "in use by another live agent"
-        elif live is not None and (live.key != key or not self.agents.same_process(live, beat)):
-            if beat.instance is not None and live.beat.instance is not None:
-                # Another process presented this process's own routing identity, and ROUTER_HANDOVER gave it the
-                # connection: the first one's link is gone. Drop the first (its requests go elsewhere; it
-                # reconnects and registers again, see the agent's check_broker) and refuse the newcomer.
-                conflict = "taken over by another process presenting the live agent's identity"
-        if conflict is None and live is None:
-            reserved = self.reserved.get(beat.agent)
-            if reserved is not None and reserved[1] > now and reserved[0] != beat.instance:
-                conflict = "held for the agent whose connection was taken over, while it reconnects"
-        if conflict is not None:
-            self._refuse_duplicate(identity, beat, live, conflict, now, out)
-            return
-        self.reserved.pop(beat.agent, None)
-        self.expected.pop(beat.agent, None)  # back: held requests for its models go to it now
-        self.agents.remember_metadata(header.get("metadata"))
-        if old is not None and self.agents.same_process(old, beat):
-            self.agents.update(old, beat)  # the same process saying READY again (it thought we were gone)
+        self.agents.remember_metadata(ready.metadata)
+        old = ready.old
+        if ready.again:
+            self.agents.update(old, ready.beat)  # the same process saying READY again (it thought we were gone)
             self._dispatch_pending(old.models, out)
             return
         if old is not None:
             self._remove(old, "it registered again (restarted)", out)
-        agent = self.agents.add(identity, beat, now, key)
+        agent = self.agents.add(identity, ready.beat, now, key)
         self._dispatch_pending(agent.models, out)
-
-    def _refuse_duplicate(
-        self, identity: bytes, beat: Heartbeat, live: AgentEntry | None, why: str, now: float, out: list[Send]
-    ) -> None:
-        """READY for an agent id another live process holds: refused, with an ERROR AGENT_ID_IN_USE the newcomer
-        logs (it tries again for a grace period, then exits: a restarted agent whose predecessor died gets in once
-        the predecessor is gone). The live agent keeps its id, its requests and its credit. It is probed with a
-        HEARTBEAT: if its connection is gone (a crashed predecessor), the send fails and it is removed at once,
-        rather than at its expiry."""
-        who = f"host {beat.host}, pid {beat.pid}, instance {beat.instance}"
-        if live is not None and live.identity == identity:
-            self.reserved[beat.agent] = (live.beat.instance, now + 3 * self.timings.expiry)
-            self._remove(live, "its connection was taken over by another process presenting its identity", out)
-            holder = f"an agent whose connection this one took over ({why})"
-        elif live is not None:
-            out.append(Send(True, [live.identity, _HEARTBEAT, self.heartbeat_header]))
-            holder = (
-                f"a live agent (host {live.beat.host}, pid {live.beat.pid}, instance {live.beat.instance}, "
-                f"heard {now - live.last_seen:.1f} s ago)"
-            )
-        else:
-            holder = f"an agent ({why})"
-        text = (
-            f"agent id '{beat.agent}' is already in use by {holder}; refusing this agent ({who}). "
-            "Give every agent its own --id."
-        )
-        refused.error("READY from %r refused: %s", identity, text)
-        out.append(Send(True, [identity, _ERROR, pack(error_header(None, ErrorCode.AGENT_ID_IN_USE, text))]))
-
-    def _refuse_key(self, identity: bytes, cmd: Command, why: tuple[ErrorCode, str], out: list[Send]) -> None:
-        """Keys on: a message from a key that may not be an agent (revoked since its handshake, or another role's).
-        An agent registered with it is dropped at once (its requests go elsewhere), and READY and HEARTBEAT are
-        answered with the reason, so the agent can say why it is refused (at most one a beat)."""
-        agent = self.agents.get(identity)
-        if agent is not None:
-            self._remove(agent, f"its key is refused ({why[1]})", out)
-        if cmd in (Command.READY, Command.HEARTBEAT):
-            out.append(Send(True, [identity, _ERROR, pack(error_header(None, why[0], why[1]))]))
 
     def _heartbeat(self, agent: AgentEntry, header_frame, out: list[Send]) -> None:
-        try:
-            header = protocol.unpack_header(header_frame)
-            beat = Heartbeat.from_wire(header)
-        except ProtocolError as exc:
-            log.warning("bad HEARTBEAT from agent %s ignored: %s", agent.agent_id, exc)
-            return
-        self.agents.remember_metadata(header.get("metadata"))
-        self.agents.update(agent, beat)
-        self._dispatch_pending(agent.models, out)
+        beat = self.registration.heartbeat(agent, header_frame)
+        if beat is not None:
+            self.agents.update(agent, beat)
+            self._dispatch_pending(agent.models, out)
 
     def _answered(self, agent: AgentEntry, cmd: Command, frames: list, route: bytes, out: list[Send]) -> None:
         """An agent answered: forward the answer to the client, free the slot, feed the agent from the queue.
@@ -620,30 +379,19 @@ class Dispatcher:
                 route.hex(),
             )
             return
-        agent.last_answer = now
-        agent.model_last_answer[held.model] = now
-        since = agent.stalled_models.pop(held.model, None)
-        was_stalled = since is not None
-        if was_stalled:
-            log.warning("agent %s answers model %s again after %.2f s stalled", agent.agent_id, held.model, now - since)
-            agent.model_stall_ended[held.model] = agent.stall_ended = now
-            agent.stalled_since = min(agent.stalled_models.values(), default=None)
+        was_stalled = self.stalls.answered(agent, held.model, now)
         request = self.requests.get(route)
-        if request is not None and not request.done and cmd == Command.ERROR and _says_model_not_found(frames[2]):
+        if request is not None and not request.done and cmd == Command.ERROR and says_model_not_found(frames[2]):
             self.agents.forget_versions(agent, request.model, request.version)
-            if not self._drop_copy(request, agent):  # a hedge: its other copy carries on
+            if not request.drop_copy(agent):  # a hedge: its other copy carries on
                 self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
         else:
             if request is not None:
                 self._forget(request)
-                rate = self.rates.setdefault(request.model, ServiceRate(self.now))
-                rate.completion(self.now, bool(self.pending.get(request.model)))
+                self.admission.completion(request.model, now, bool(self.pending.get(request.model)))
             if request is not None and not request.done:
                 request.done = True
-                sent = _sent_to(request, agent)
-                # What a stalled agent answers late says nothing of the model's service time: left out of the p99.
-                if sent is not None and not was_stalled and sent >= agent.model_stall_ended.get(request.model, 0.0):
-                    self.service.setdefault(request.model, ServiceTimes()).add(now - sent)
+                self.stalls.served(request, agent, was_stalled, now)
                 if request.hedge is agent:
                     self.stats["hedge_wins"] += 1
                 # First answer wins: any other copy (a hedge, or the copy given to another agent when this one was
@@ -659,7 +407,7 @@ class Dispatcher:
         self.stats["agents_lost"] += 1
         log.warning("agent %s removed: %s; re-dispatching %d requests", agent.agent_id, reason, len(orphans))
         for request in orphans:
-            if not request.done and self._drop_copy(request, agent):
+            if not request.done and request.drop_copy(agent):
                 continue  # hedged: its other copy, at another agent, carries on
             self._redispatch(request, f"agent {agent.agent_id}: {reason}", out)
 
@@ -682,7 +430,7 @@ class Dispatcher:
         candidates = self.agents.candidates(request.model, request.version)
         while True:
             agent = self.policy.choose(request.model, candidates)
-            if agent is None or (agent is not exclude and not self.stalled(agent, self.now, request.model)):
+            if agent is None or (agent is not exclude and not self.stalls.stalled_for(agent, request.model, self.now)):
                 return agent
             candidates = [c for c in candidates if c is not agent]  # rare: a stalled agent with free slots
 
@@ -700,76 +448,10 @@ class Dispatcher:
         route = protocol.request_route(request.route, request.deadline - self.now, self.now - request.arrived)
         out.append(Send(True, [agent.identity, _REQUEST + route, request.header, *request.tensors]))
 
-    def stalled(self, agent: AgentEntry, now: float, model: str | None = None) -> bool:
-        """Whether the agent holds requests of `model` and makes no progress with them: its oldest request of that
-        model here is older than the model's stall threshold and it has answered none of that model for that long.
-        Judged per model, so an agent busy with a slow (or hung) model still gets the others. Stays so
-        (`stalled_models`) until it answers one of that model. model None: judge every model it holds, True if it
-        is stalled for any. Cheap: an agent that answered the model within `stall_floor` is never stalled for it."""
-        if model is not None:
-            return self._stalled_for(agent, model, now)
-        judged = [self._stalled_for(agent, m, now) for m in list(agent.model_in_flight)]
-        return any(judged) or bool(agent.stalled_models)
-
-    def _stalled_for(self, agent: AgentEntry, model: str, now: float) -> bool:
-        if model in agent.stalled_models:
-            return True
-        if not agent.model_in_flight.get(model):
-            return False
-        last = agent.model_last_answer.get(model)
-        if last is not None and now - last <= self.timings.stall_floor:
-            return False  # the common case under load, before looking for its oldest request
-        oldest = next((r for r in agent.in_flight.values() if r.model == model), None)
-        sent = _sent_to(oldest, agent) if oldest is not None else None
-        if sent is None:
-            return False
-        last = sent if last is None else last  # never answered it: since its oldest request went there
-        if now - last <= self.timings.stall_floor:
-            return False
-        threshold = self.stall_threshold(model)
-        if threshold is None or now - sent <= threshold or now - last <= threshold:
-            return False
-        agent.stalled_models[model] = now
-        if agent.stalled_since is None:
-            agent.stalled_since = now
-        self.stats["stalls"] += 1
-        log.warning(
-            "agent %s stalled for model %s: %d of its requests here, the oldest %.0f ms old, none answered for "
-            "%.0f ms (threshold %.0f ms); no new requests of it until it answers",
-            agent.agent_id,
-            model,
-            agent.model_in_flight.get(model, 0),
-            (now - sent) * 1e3,
-            (now - last) * 1e3,
-            threshold * 1e3,
-        )
-        return True
-
-    def stall_threshold(self, model: str) -> float | None:
-        """max(stall_factor x the model's recent p99 service time, stall_floor); None while the p99 is unknown."""
-        times = self.service.get(model)
-        if times is None or times.p99 is None:
-            return None
-        return max(self.timings.stall_factor * times.p99, self.timings.stall_floor)
-
     def _hedge(self, now: float, out: list[Send]) -> None:
-        """Hedging: every request at one agent for longer than `hedge_after`, not hedged yet and within its attempt
-        budget, also goes to another agent the policy chooses (not stalled, with a free slot), if there is one."""
-        after = self.timings.hedge_after
-        due = []
-        for agent in self.agents.agents.values():
-            for request in agent.in_flight.values():  # oldest first: stop at the first young one
-                sent = _sent_to(request, agent)
-                if sent is not None and now - sent < after:
-                    break
-                if (
-                    not request.done
-                    and request.agent is agent
-                    and request.hedge is None
-                    and request.attempts < self.timings.max_dispatch_attempts
-                ):
-                    due.append(request)
-        for request in due:
+        """Hedging: each request due a second copy (Stalls.hedges_due) goes to another agent the policy chooses
+        (not stalled, with a free slot), if there is one."""
+        for request in self.stalls.hedges_due(self.agents.agents.values(), now):
             target = self._choose(request, request.agent)
             if target is None:
                 continue  # every other agent is busy: next tick
@@ -777,20 +459,6 @@ class Dispatcher:
             request.attempts += 1
             self.stats["hedged"] += 1
             self._send_copy(request, target, out)
-
-    def _drop_copy(self, request: BrokerRequest, agent: AgentEntry) -> bool:
-        """The request's copy at `agent` is gone (its agent died, dropped the model, or the send failed): True if
-        the request has another copy in flight (a hedge), which then is the only one; False if it had no other."""
-        if request.hedge is None:
-            return False
-        if request.hedge is agent:
-            request.hedge = None
-            return True
-        if request.agent is agent:
-            request.agent, request.sent_at = request.hedge, request.hedged_at
-            request.hedge = None
-            return True
-        return False
 
     def _cancel_copies(self, request: BrokerRequest, answered_by: AgentEntry | None, out: list[Send]) -> None:
         """CANCEL to every agent other than `answered_by` that still holds a copy of the request (it skips it if
@@ -800,59 +468,20 @@ class Dispatcher:
                 out.append(Send(True, [holder.identity, _CANCEL + request.route, _EMPTY_HEADER]))
 
     def _queue_or_refuse(self, request: BrokerRequest, out: list[Send]) -> None:
-        """A new request no agent has a free slot for: it waits, unless the queue is full or the wait would pass
-        the model's bound (OVERLOADED, with a retry_after when the wait is what is too long)."""
-        wait, bound = self.expected_wait(request.model), self.queue_wait_bound(request.model)
-        if wait is not None and bound > 0 and wait > bound:
-            self.stats["shed"] += 1
-            request.done = True
-            self._forget(request)
-            retry_after = self.retry_after(wait)
-            text = (
-                f"model '{request.model}': about {wait:.1f} s of queue ahead, over its {bound:g} s bound; "
-                f"try again in {retry_after:g} s"
-            )
-            out.append(
-                client_error(request.client, request.request_id, ErrorCode.OVERLOADED, text, request.model, retry_after)
-            )
-            return
-        if self.pending_count >= self.timings.broker_queue_limit:
-            request.done = True
-            self._forget(request)
-            out.append(
-                client_error(
-                    request.client,
-                    request.request_id,
-                    ErrorCode.OVERLOADED,
-                    f"model '{request.model}': {self.pending_count} requests already waiting; try again later",
-                    request.model,
-                    None if wait is None else self.retry_after(wait),
-                )
-            )
-        else:
+        """A new request no agent has a free slot for: it waits, unless Admission refuses it (OVERLOADED)."""
+        queued = len(self.pending.get(request.model, ()))
+        refused: Refusal | None = self.admission.queue_refusal(request.model, queued, self.pending_count)
+        if refused is None:
             self._enqueue(request)
-
-    @staticmethod
-    def retry_after(wait: float) -> float:
-        """When a refused client may come back (`retry_after`, seconds): once the queue ahead of it now has been
-        served (`wait`: expected_wait, its length over the model's measured rate), within RETRY_AFTER_MIN and
-        RETRY_AFTER_MAX. Not merely once the queue is back under its bound (a few ms away at the margin): every
-        refused client would come back at once, to be refused again."""
-        return round(min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, wait)), 3)
-
-    def queue_wait_bound(self, model: str) -> float:
-        """Seconds a request of `model` may expect to wait in the queue (0: no bound): its config's
-        max_queue_wait_ms, announced by its agents, else the broker's default."""
-        configured = self.agents.max_queue_wait_ms.get(model, 0)
-        return configured / 1000 if configured > 0 else self.timings.max_queue_wait
-
-    def expected_wait(self, model: str) -> float | None:
-        """How long a request queued for `model` now would wait: its place in the queue over the model's measured
-        service rate. None while no rate is known (then nothing is refused for its wait)."""
-        rate = self.rates.get(model)
-        if rate is None or not rate.per_second:
-            return None
-        return (len(self.pending.get(model, ())) + 1) / rate.per_second
+            return
+        if refused.shed:
+            self.stats["shed"] += 1
+        request.done = True
+        self._forget(request)
+        code = ErrorCode.OVERLOADED
+        out.append(
+            client_error(request.client, request.request_id, code, refused.text, request.model, refused.retry_after)
+        )
 
     def _enqueue(self, request: BrokerRequest, front: bool = False) -> None:
         queue = self.pending.setdefault(request.model, deque())
@@ -896,7 +525,7 @@ class Dispatcher:
                 out,
             )
         elif not self.agents.candidates(request.model, request.version):
-            if self.holding(request.model, request.version, self.now):
+            if self.registration.holding(request.model, request.version, self.now):
                 self._enqueue(request, front=True)  # an agent that serves it is expected back
                 return
             self._finish_with_error(
@@ -948,7 +577,7 @@ class Dispatcher:
                 if (
                     not request.done
                     and not self.agents.candidates(request.model, request.version)
-                    and not self.holding(request.model, request.version, now)
+                    and not self.registration.holding(request.model, request.version, now)
                 ):
                     request.done = True
                     self._forget(request)
@@ -960,19 +589,3 @@ class Dispatcher:
                 self.pending[model] = live
             else:
                 del self.pending[model]
-
-
-def _sent_to(request: BrokerRequest, agent: AgentEntry) -> float | None:
-    """When the copy of `request` that `agent` holds was sent to it (None: it holds none the request knows of)."""
-    if request.agent is agent:
-        return request.sent_at
-    if request.hedge is agent:
-        return request.hedged_at
-    return None
-
-
-def _says_model_not_found(header_frame) -> bool:
-    try:
-        return protocol.unpack_header(header_frame).get("code") == ErrorCode.MODEL_NOT_FOUND.value
-    except ProtocolError:
-        return False
