@@ -1,9 +1,9 @@
 """Triton's statistics extension, summed over the cluster's live agents; and the same counts for Prometheus.
 
 Every request, whatever door it came in by (the bus client, REST, gRPC), is counted by the agent that ran it
-(cluster/agent/stats.py); agents send their counts in heartbeats and the broker answers the latest of each live
-agent (`statistics` query). So an agent that leaves takes its counts out of the sums, and a count lags a request
-by at most one heartbeat interval.
+(in cluster/statistics.py's format, which the edge sums); agents send their counts in heartbeats and the broker
+answers the latest of each live agent (`statistics` query). So an agent that leaves takes its counts out of the
+sums, and a count lags a request by at most one heartbeat interval.
 
 `model_statistics` is transport-neutral (REST here, gRPC may call it too); `router` serves
 `GET /v2/models/stats`, `/v2/models/{m}/stats` and `/v2/models/{m}/versions/{v}/stats`. It must be included
@@ -16,7 +16,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from cluster.agent.stats import ModelStats, merge
+from cluster.statistics import ModelStats, merge
 from edge.errors import json_response
 from edge.routes import EdgeState, get_edge, parse_version
 from edge.security import TOKEN
