@@ -5,8 +5,8 @@ settings as those apps, and simulators (1,000 heartbeating agents, agents that a
     python3 bench/sims.py ROLE [ARGS...] [--ready-file PATH]     # started by bench.lib.start_sim, not by hand
 
 They are started like the cluster's roles, by `cluster.local.LocalCluster.spawn`. A role that listens (LISTENING)
-binds port 0 and, once it serves, writes the addresses it got to its ready file (`cluster.local.write_ready_file`;
-uvicorn servers through `cluster.local.serve_http`), so no port is picked by bind-and-release.
+binds port 0 and, once it serves, writes the addresses it got to its ready file (`cluster.serving.write_ready_file`;
+uvicorn servers through `cluster.serving.serve_http`), so no port is picked by bind-and-release.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real Request type in the servers' routes
@@ -28,7 +28,7 @@ if __name__ == "__main__" and not __package__:
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from cluster.local import serve_http, write_ready_file  # noqa: E402
+from cluster.serving import serve_http, write_ready_file  # noqa: E402
 
 SIM_AGENT_CAPACITY = 4
 HTTP_HOST = "127.0.0.1"

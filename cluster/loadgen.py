@@ -235,7 +235,7 @@ class BusDoor:
         await self.client.infer(self.model, self.inputs)
 
     async def statistics(self) -> list[dict]:
-        from cluster.agent.stats import merge
+        from cluster.statistics import merge
 
         answer = await self.client.statistics(self.model)
         entries = [e for models in answer.get("agents", {}).values() for e in models.get(self.model, {}).values()]

@@ -9,6 +9,14 @@ encodings), oip (OIP JSON and binary tensors <-> numpy), metrics (Prometheus), s
 CORS).
 """
 
-from edge.app import create_app, run_edge
-
 __all__ = ["create_app", "run_edge"]
+
+
+def __getattr__(name: str):
+    """create_app and run_edge, imported when first asked for: `edge.command` (the CLI's `edge` options) stays
+    light for every `cluster` command."""
+    if name in __all__:
+        from edge import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'edge' has no attribute {name!r}")

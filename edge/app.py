@@ -1,10 +1,11 @@
 """The HTTP edge's app: `create_app` builds the FastAPI app around one long-lived bus client, `run_edge` serves it.
 
 A thin app with no model logic: each HTTP request becomes one call on the bus client. Where things are:
-edge/routes.py the routes, edge/schemas.py the bodies the OpenAPI document shows, edge/errors.py the statuses of
-errors, edge/body.py the body limit and encodings, edge/oip.py OIP JSON and binary tensors <-> numpy,
-edge/metrics.py the Prometheus metrics, edge/security.py tokens, allowed hosts and CORS. The command line is
-`cluster edge` (cluster/cli.py; `python3 -m edge` is the same command).
+edge/dataplane.py the edge's state and operations (REST and gRPC call the same), edge/routes.py the routes,
+edge/schemas.py the bodies the OpenAPI document shows, edge/errors.py the statuses of errors, edge/body.py the body
+limit and encodings, edge/oip.py OIP JSON and binary tensors <-> numpy, edge/metrics.py the Prometheus metrics,
+edge/security.py tokens, allowed hosts and CORS. The command line is
+`cluster edge` (cluster/cli.py), or `python3 -m edge` (edge/command.py, the same options).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from cluster import AsyncClient
 from cluster.config import BROKER_CLIENT_ADDR, EDGE_GRPC_PORT, env_or
 from cluster.logs import logging_config
 from cluster.manager.client import AsyncManagerClient
+from cluster.serving import serve_http
+from edge.dataplane import DataPlane, server_version
 from edge.errors import install_error_handlers
 from edge.grpc_service import grpc_address as format_grpc_address
 from edge.grpc_service import serving as grpc_serving
 from edge.repository import router as repository_router
-from edge.routes import EdgeState, InferPath, public, router, server_version
+from edge.routes import InferPath, public, router
 from edge.schemas import ERRORS, InferenceRequest
 from edge.security import (
     CORS_EXPOSED,
@@ -129,7 +132,7 @@ def create_app(
     if manager is None:
         manager = AsyncManagerClient(manager_address, key=manager_key if manager_key is not None else key)
     json_limit = DEFAULT_MAX_JSON_BODY if max_json_bytes is None else max_json_bytes
-    edge = EdgeState(
+    edge = DataPlane(
         broker,
         max_body_bytes,
         page,
@@ -269,8 +272,6 @@ def run_edge(
     create_app; grpc_port: where the OIP gRPC service also listens, on grpc_host (default: `host`), in the same event
     loop (0: no gRPC; -1: any free port), reported in the ready file as "grpc": "host:port"; manager_address and
     manager_key as in create_app."""
-    from cluster.local import serve_http
-
     try:
         if bool(ssl_certfile) != bool(ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")

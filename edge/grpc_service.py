@@ -1,14 +1,16 @@
 """The edge's Open Inference Protocol over gRPC (KServe's `inference.GRPCInferenceService`), beside the REST routes.
 
 The message and servicer classes are tritonclient.grpc's generated `service_pb2` / `service_pb2_grpc` (no copy of
-generated code here). Every RPC shares the HTTP app's `EdgeState`: the same bus client, limits and tokens, and the
-same tensor checks (edge/oip.py). Errors take the REST edge's HTTP status (edge/errors.py) and map it to a gRPC code.
+generated code here). Every RPC is a call on the HTTP app's data plane (edge/dataplane.py: the same bus client,
+limits, tokens, readiness rule and metrics, where its inferences count under protocol "grpc"), with the same tensor
+checks (edge/oip.py). Errors take the REST edge's HTTP status (edge/errors.py) and map it to a gRPC code.
 With edge tokens on, every RPC but ServerLive/ServerReady needs metadata `authorization: Bearer <token>`.
 A cancelled gRPC call cancels its bus await, which makes AsyncClient send the broker a CANCEL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from contextlib import asynccontextmanager
@@ -21,18 +23,9 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from cluster.errors import ClusterError
-from edge import oip, repository, statistics
+from edge import oip, repository
+from edge.dataplane import INFER_ERRORS, SERVER_NAME, DataPlane, new_request_id, parse_version
 from edge.errors import HTTPError, cluster_http_error
-from edge.routes import (
-    EXTENSIONS,
-    SERVER_NAME,
-    EdgeState,
-    _metadata_body,
-    new_request_id,
-    parse_version,
-    server_version,
-)
-from edge.triton_config import triton_model_config
 
 log = logging.getLogger("edge")
 
@@ -150,9 +143,9 @@ def encode_response(
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """The RPCs, each one call on `edge.client` (or on the repository and statistics modules)."""
+    """The RPCs, each one call on the data plane `edge` (or on the repository module)."""
 
-    def __init__(self, edge: EdgeState) -> None:
+    def __init__(self, edge: DataPlane) -> None:
         self.edge = edge
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
@@ -184,23 +177,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         except oip.InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    async def _metadata(self, name: str, version: str) -> dict:
-        number = parse_version(name, version or None)
-        meta = await self._query(self.edge.client.model_metadata(name, number, timeout=self.edge.query_timeout))
-        self.edge.metrics.confirm_model(name)
-        return meta
-
     # ---- health and metadata ----------------------------------------------------------------------------------
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        try:
-            agents = await self.edge.client.agents(timeout=self.edge.query_timeout)
-        except ClusterError:
-            return service_pb2.ServerReadyResponse(ready=False)
-        return service_pb2.ServerReadyResponse(ready=any(not a.get("draining") for a in agents))
+        return service_pb2.ServerReadyResponse(ready=await self.edge.server_ready() is None)
 
     async def ModelReady(self, request, context):
         """ready=false for a model that is not served, known or not (as Triton answers, and as HTTP's 404 and 503
@@ -209,26 +192,26 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def work():
             self._authorize(context)
             try:
-                meta = await self._metadata(request.name, request.version)
-            except RPCError as exc:
-                if exc.code != grpc.StatusCode.NOT_FOUND:
+                ready = await self.edge.model_ready(request.name, request.version)
+            except HTTPError as exc:
+                if exc.status != 404:
                     raise
                 return service_pb2.ModelReadyResponse(ready=False)
-            return service_pb2.ModelReadyResponse(ready=bool(meta.get("ready")))
+            return service_pb2.ModelReadyResponse(ready=ready)
 
         return await self._run(context, work())
 
     async def ServerMetadata(self, request, context):
         async def work():
             self._authorize(context)
-            return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+            return service_pb2.ServerMetadataResponse(**self.edge.server_metadata())
 
         return await self._run(context, work())
 
     async def ModelMetadata(self, request, context):
         async def work():
             self._authorize(context)
-            body = _metadata_body(await self._metadata(request.name, request.version))
+            body = await self.edge.model_metadata(request.name, request.version)
             response = service_pb2.ModelMetadataResponse(
                 name=body["name"] or request.name, versions=body["versions"], platform=body["platform"]
             )
@@ -248,7 +231,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def work():
             self._authorize(context)
-            config = triton_model_config(await self._metadata(request.name, request.version))
+            config = await self.edge.model_config(request.name, request.version)
             return service_pb2.ModelConfigResponse(
                 config=json_format.ParseDict(config, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
             )
@@ -258,25 +241,30 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # ---- inference --------------------------------------------------------------------------------------------
 
     async def infer(self, request, context) -> service_pb2.ModelInferResponse:
-        """One ModelInferRequest answered, or RPCError. Not shielded: cancelling the call cancels the bus await."""
+        """One ModelInferRequest answered, or RPCError; counted in the data plane's metrics as REST's are (protocol
+        "grpc"). Not shielded: cancelling the call cancels the bus await."""
         edge = self.edge
-        self._authorize(context)
+        self._authorize(context)  # as REST: a request without a valid token is refused before it is counted
         name = request.model_name
-        number = parse_version(name, request.model_version or None)
-        inputs, outputs, timeout = parse_request(request)
+        started = edge.infer_started()
+        outcome = "error"
         try:
-            result = await edge.client.infer(
-                name,
-                inputs,
-                version=number,
-                timeout=timeout if timeout is not None else edge.request_timeout,
-                outputs=outputs,
-                request_id=request.id or new_request_id(),
-            )
-        except ClusterError as exc:
-            raise http_to_rpc(cluster_http_error(exc, infer=True, broker=edge.broker)) from None
-        edge.metrics.confirm_model(name)
-        return encode_response(request, result.model or name, result.version, result.outputs, outputs)
+            number = parse_version(name, request.model_version)
+            inputs, outputs, timeout = parse_request(request)
+            result = await edge.infer(name, inputs, number, timeout, outputs, request.id or new_request_id())
+            edge.infer_answered(name, result)
+            response = encode_response(request, result.model or name, result.version, result.outputs, outputs)
+            outcome = "success"
+            return response
+        except INFER_ERRORS as exc:
+            error = edge.infer_error(exc, name)
+            outcome = error.outcome
+            raise http_to_rpc(error) from None
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            edge.infer_finished(name, outcome, started, "grpc")
 
     async def ModelInfer(self, request, context):
         return await self._run(context, self.infer(request, context))
@@ -339,9 +327,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         async def work():
             self._authorize(context)
-            stats = await self._query(
-                statistics.model_statistics(self.edge, request.name or None, request.version or None)
-            )
+            stats = await self.edge.model_statistics(request.name or None, request.version or None)
             return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
         return await self._run(context, work())
@@ -362,7 +348,7 @@ for _rpc in dir(service_pb2_grpc.GRPCInferenceServiceServicer):
         setattr(InferenceServicer, _rpc, _unimplemented(_rpc))
 
 
-def create_server(edge: EdgeState, address: str, tls: tuple[str, str] | None = None) -> tuple[grpc.aio.Server, int]:
+def create_server(edge: DataPlane, address: str, tls: tuple[str, str] | None = None) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server for the edge on `address` (host:port, port 0 = any), not started; and the port bound.
     Messages are limited to the edge's max body, as REST bodies are. tls: (certificate, private key) PEM files: serve
     TLS with them (the HTTP edge's own, so that a token is never sent in the clear on either port)."""
@@ -388,7 +374,7 @@ def grpc_address(host: str, port: int) -> str:
 
 
 @asynccontextmanager
-async def serving(edge: EdgeState, address: str | None, grace: float = 5.0, tls: tuple[str, str] | None = None):
+async def serving(edge: DataPlane, address: str | None, grace: float = 5.0, tls: tuple[str, str] | None = None):
     """Serve gRPC on `address` (None: not at all) in the running loop while the block runs: the app's lifespan,
     so it starts with uvicorn and stops with it (SIGTERM included). Sets `edge.grpc_address` to what it bound.
     tls: (certificate, key) PEM files, as create_server."""

@@ -1,8 +1,10 @@
 """The edge's Prometheus metrics, in a registry of its own (so several apps in one process never collide).
 
-    edge_requests_total{model, outcome}    inference requests by outcome: success, bad_request, not_found,
-                                           too_large, overloaded, unavailable, timeout, failed, error
-    edge_request_seconds{model}            latency of inference requests (histogram), whatever the outcome
+    edge_requests_total{model, outcome, protocol}
+                                           inference requests by outcome: success, bad_request, not_found,
+                                           too_large, overloaded, unavailable, timeout, failed, cancelled, error;
+                                           protocol: http (REST) or grpc
+    edge_request_seconds{model, protocol}  latency of inference requests (histogram), whatever the outcome
     edge_batch_size{model}                 requests in the agent's forward pass that served each request (histogram)
     edge_queue_wait_seconds{model}         time each request waited in the agent for a worker or a batch (histogram)
     edge_requests_in_flight                inference requests being served now
@@ -56,14 +58,14 @@ class EdgeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "edge_requests",
-            "Inference requests through the edge, by model and outcome.",
-            ["model", "outcome"],
+            "Inference requests through the edge, by model, outcome and protocol (http, grpc).",
+            ["model", "outcome", "protocol"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "edge_request_seconds",
-            "Latency of inference requests through the edge, by model.",
-            ["model"],
+            "Latency of inference requests through the edge, by model and protocol (http, grpc).",
+            ["model", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -92,7 +94,7 @@ class EdgeMetrics:
         )
         self.known_models: set[str] = set()
         # the labelled children, looked up once per label (prometheus_client's labels() costs more than inc())
-        self._outcome_children: dict[tuple[str, str], tuple] = {}
+        self._outcome_children: dict[tuple[str, str, str], tuple] = {}
         self._batching_children: dict[tuple, object] = {}
 
     def confirm_model(self, model: str) -> None:
@@ -103,11 +105,15 @@ class EdgeMetrics:
     def label(self, model: str) -> str:
         return model if model in self.known_models else OTHER_MODEL
 
-    def observe(self, model: str, outcome: str, seconds: float) -> None:
-        key = (self.label(model), outcome)
+    def observe(self, model: str, outcome: str, seconds: float, protocol: str = "http") -> None:
+        """One inference request answered, through `protocol` ("http" or "grpc")."""
+        key = (self.label(model), outcome, protocol)
         children = self._outcome_children.get(key)
         if children is None:
-            children = (self.requests.labels(model=key[0], outcome=outcome), self.latency.labels(model=key[0]))
+            children = (
+                self.requests.labels(model=key[0], outcome=outcome, protocol=protocol),
+                self.latency.labels(model=key[0], protocol=protocol),
+            )
             self._outcome_children[key] = children
         children[0].inc()
         children[1].observe(seconds)

@@ -28,8 +28,9 @@ from cluster.config import MAX_VERSION
 from cluster.errors import ClusterError, ModelNotFoundError
 from cluster.repository import MODEL_FILES
 from edge.body import off_loop, read_body
+from edge.dataplane import DataPlane
 from edge.errors import HTTPError, cluster_http_error, json_response
-from edge.routes import EdgeState, get_edge
+from edge.routes import get_edge
 from edge.schemas import error_responses
 from edge.security import ADMIN, TOKEN
 
@@ -37,7 +38,7 @@ ROLLOUT_TIMEOUT = 300.0  # seconds a load waits for every agent to stage and swi
 UNLOAD_TIMEOUT = 10.0
 
 
-async def _manager(edge: EdgeState, what: str, timeout: float, data: bytes | None = None, **fields) -> Any:
+async def _manager(edge: DataPlane, what: str, timeout: float, data: bytes | None = None, **fields) -> Any:
     """One call on the manager's query socket; its errors as HTTP errors naming the manager."""
     try:
         return await edge.manager.call(what, timeout, data, **fields)
@@ -66,7 +67,7 @@ def index_entries(deployments: dict, ready_only: bool) -> list[dict]:
     return entries
 
 
-async def repository_index(edge: EdgeState, ready_only: bool = False) -> list[dict]:
+async def repository_index(edge: DataPlane, ready_only: bool = False) -> list[dict]:
     """Every model on the manager's share or served by an agent, with its state (`ready_only`: the READY ones)."""
     return index_entries(await _manager(edge, "deployments", edge.query_timeout), ready_only)
 
@@ -95,7 +96,7 @@ def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
     return int(version), file_name, data
 
 
-async def load_model(edge: EdgeState, name: str, config: str | None, files: dict[str, bytes]) -> dict:
+async def load_model(edge: DataPlane, name: str, config: str | None, files: dict[str, bytes]) -> dict:
     """Deploy `name` to every live agent (publishing the files first, if any); the rollout's report. 400 when the
     rollout failed (every agent keeps what it served), naming each agent's reason."""
     parsed = None if config is None else _json_object(config, "parameter 'config'")
@@ -127,7 +128,7 @@ async def load_model(edge: EdgeState, name: str, config: str | None, files: dict
     return report
 
 
-async def unload_model(edge: EdgeState, name: str) -> None:
+async def unload_model(edge: DataPlane, name: str) -> None:
     """Undeploy `name` everywhere; a model that is known but not deployed is already unloaded (no error)."""
     try:
         await edge.manager.call("undeploy", UNLOAD_TIMEOUT, name=name)
@@ -143,7 +144,7 @@ async def unload_model(edge: EdgeState, name: str) -> None:
 # ---- REST -----------------------------------------------------------------------------------------------------
 
 
-async def _json_body(request: Request, edge: EdgeState) -> dict:
+async def _json_body(request: Request, edge: DataPlane) -> dict:
     """The body as a JSON object; an empty body is `{}` (tritonclient sends none for the index). A large one (a model
     file in base64) is parsed in the edge's worker thread, not on the event loop."""
     body = await read_body(request, edge.max_body_bytes)

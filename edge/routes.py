@@ -1,7 +1,8 @@
 """The edge's routes: Open Inference Protocol health, metadata and inference, the cluster views, /metrics and the page.
 
-Each route turns one HTTP request into one call on the app's bus client (`EdgeState.client`) and the answer back into
-JSON; edge/oip.py does the tensor conversions, edge/body.py reads bodies, edge/errors.py maps errors to statuses.
+Each route turns one HTTP request into one call on the app's data plane (edge/dataplane.py: `DataPlane`, the app's
+`state.edge`, which gRPC shares) and the answer back into JSON; edge/oip.py does the tensor conversions, edge/body.py
+reads bodies, edge/errors.py maps errors to statuses.
 Health follows the OIP's status-code semantics with small JSON bodies (KServe style): live 200 {"live": true};
 ready 200 {"ready": true} / 503 {"ready": false, "error": ...}; model ready 200 / 503 {"name", "ready"}, 404 for a
 model the cluster does not know.
@@ -14,23 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import time
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.config import EDGE_DISCONNECT_WATCH_AFTER
-from cluster.errors import ClusterError, InferenceFailedError, OverloadedError
 from edge import oip
 from edge.body import OFF_LOOP_BYTES, ClientDisconnected, give_memory_back, mib, off_loop, read_asgi_body
-from edge.errors import HTTPError, cluster_http_error, error_content, error_response, json_response
-from edge.metrics import EdgeMetrics
+from edge.dataplane import INFER_ERRORS, DataPlane, new_request_id, parse_version
+from edge.errors import HTTPError, error_content, error_response, json_response
 from edge.schemas import (
     ERRORS,
     AgentInfo,
@@ -43,81 +38,13 @@ from edge.schemas import (
     ServerReady,
     error_responses,
 )
-from edge.security import TOKEN, EdgeSecurity, check_infer_content_type
-from edge.triton_config import triton_model_config
+from edge.security import TOKEN, check_infer_content_type
 
 log = logging.getLogger("edge")
-SERVER_NAME = "torch-serving-cluster"
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "model_configuration"]
 
 
-def server_version() -> str:
-    try:
-        return version(SERVER_NAME)
-    except PackageNotFoundError:  # a source checkout that was never installed
-        return "0.1.0"
-
-
-class EdgeState:
-    """What the routes share (the app's `state.edge`): the bus client, the metrics, the limits and deadlines.
-    max_body_bytes: the largest body; max_json_bytes: the largest JSON (a whole body without the binary extension,
-    or the JSON part of one with it), at most max_body_bytes (default: the same).
-
-    client: anything with AsyncClient's coroutines (infer, agents, models, model_metadata); set by the app's lifespan.
-    manager: the lifecycle manager's client (cluster.manager.client.AsyncManagerClient: `call` and `address`), for
-    the repository extension (edge/repository.py) and the rollout metrics.
-    security: tokens, allowed hosts and CORS origins (edge/security.py).
-    """
-
-    def __init__(
-        self,
-        broker: str,
-        max_body_bytes: int,
-        frontend_path: Path,
-        request_timeout: float | None,
-        query_timeout: float,
-        security: EdgeSecurity | None = None,
-        manager: Any = None,
-        max_json_bytes: int | None = None,
-    ) -> None:
-        self.broker = broker
-        self.manager = manager
-        self.max_body_bytes = max_body_bytes
-        # a body without the binary extension is all JSON: its own, lower limit (never above max_body_bytes)
-        self.max_json_bytes = min(max_body_bytes, max_json_bytes if max_json_bytes is not None else max_body_bytes)
-        self.json_advice = f"send tensors with the binary extension (up to {mib(max_body_bytes)})"
-        self.frontend_path = frontend_path
-        self.request_timeout = request_timeout
-        self.query_timeout = query_timeout
-        self.security = security or EdgeSecurity()
-        self.metrics = EdgeMetrics()
-        self.client: Any = None
-        self.grpc_address: str | None = None  # host:port once the gRPC service listens (edge/grpc_service.py)
-
-    async def query(self, call):
-        """Await a bus query, turning its errors into HTTP errors (a query that times out means no broker: 503)."""
-        try:
-            return await call
-        except ClusterError as exc:
-            raise cluster_http_error(exc, infer=False, broker=self.broker) from None
-
-
-def new_request_id() -> str:
-    """An id for a request that came without one (the OIP `id` is optional), so that its log lines can be found."""
-    return f"edge-{os.urandom(8).hex()}"
-
-
-def get_edge(request: Request) -> EdgeState:
+def get_edge(request: Request) -> DataPlane:
     return request.app.state.edge
-
-
-def parse_version(name: str, version: str | None) -> int | None:
-    """A version path segment as the bus's int; 404 for anything that cannot be a version."""
-    if version is None:
-        return None
-    if not (version.isascii() and version.isdigit()) or len(version) > 18:
-        raise HTTPError(404, f"model '{name}' has no version '{version[:40]}'", "not_found")
-    return int(version)
 
 
 public = APIRouter()  # open to all, tokens or not
@@ -144,38 +71,15 @@ async def server_live() -> Response:
 )
 async def server_ready(request: Request) -> Response:
     """200 when the broker answers and at least one agent is live (and not draining); 503 otherwise."""
-    edge = get_edge(request)
-    try:
-        agents = await edge.client.agents(timeout=edge.query_timeout)
-    except ClusterError as exc:
-        return json_response(
-            {"ready": False, "error": cluster_http_error(exc, infer=False, broker=edge.broker).message}, 503
-        )
-    if not any(not a.get("draining") for a in agents):
-        return json_response({"ready": False, "error": "no live agent is connected to the cluster"}, 503)
+    why_not = await get_edge(request).server_ready()
+    if why_not is not None:
+        return json_response({"ready": False, "error": why_not}, 503)
     return json_response({"ready": True})
 
 
 @router.get("/v2", response_model=ServerMetadata, tags=["metadata"], summary="Server metadata")
 async def server_metadata() -> Response:
-    return json_response({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
-
-
-async def _model_metadata(edge: EdgeState, name: str, version: str | None) -> dict:
-    meta = await edge.query(edge.client.model_metadata(name, parse_version(name, version), timeout=edge.query_timeout))
-    edge.metrics.confirm_model(name)
-    return meta
-
-
-def _metadata_body(meta: dict) -> dict:
-    versions = meta.get("versions") or ([meta["version"]] if meta.get("version") is not None else [])
-    return {
-        "name": meta.get("name"),
-        "versions": [str(v) for v in versions],
-        "platform": meta.get("platform") or "",
-        "inputs": meta.get("inputs") or [],
-        "outputs": meta.get("outputs") or [],
-    }
+    return json_response(DataPlane.server_metadata())
 
 
 @router.get(
@@ -186,7 +90,7 @@ def _metadata_body(meta: dict) -> dict:
     responses=error_responses(404, 503),
 )
 async def model_metadata(request: Request, name: str) -> Response:
-    return json_response(_metadata_body(await _model_metadata(get_edge(request), name, None)))
+    return json_response(await get_edge(request).model_metadata(name, None))
 
 
 @router.get(
@@ -197,7 +101,7 @@ async def model_metadata(request: Request, name: str) -> Response:
     responses=error_responses(404, 503),
 )
 async def model_version_metadata(request: Request, name: str, version: str) -> Response:
-    return json_response(_metadata_body(await _model_metadata(get_edge(request), name, version)))
+    return json_response(await get_edge(request).model_metadata(name, version))
 
 
 @router.get(
@@ -208,7 +112,7 @@ async def model_version_metadata(request: Request, name: str, version: str) -> R
 )
 async def model_config(request: Request, name: str) -> Response:
     """The model's config as Triton's model config JSON (tritonclient's `get_model_config`)."""
-    return json_response(triton_model_config(await _model_metadata(get_edge(request), name, None)))
+    return json_response(await get_edge(request).model_config(name, None))
 
 
 @router.get(
@@ -218,12 +122,11 @@ async def model_config(request: Request, name: str) -> Response:
     responses=error_responses(404, 503),
 )
 async def model_version_config(request: Request, name: str, version: str) -> Response:
-    return json_response(triton_model_config(await _model_metadata(get_edge(request), name, version)))
+    return json_response(await get_edge(request).model_config(name, version))
 
 
-async def _model_ready(edge: EdgeState, name: str, version: str | None) -> Response:
-    meta = await _model_metadata(edge, name, version)
-    ready = bool(meta.get("ready"))
+async def _model_ready(edge: DataPlane, name: str, version: str | None) -> Response:
+    ready = await edge.model_ready(name, version)
     return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
 
@@ -339,16 +242,15 @@ async def _disconnect(receive) -> None:
 JSON_HEADERS = {"content-type": "application/json"}
 
 
-async def answer_infer(edge: EdgeState, headers, receive, name: str, version: str | None) -> tuple[int, bytes, dict]:
+async def answer_infer(edge: DataPlane, headers, receive, name: str, version: str | None) -> tuple[int, bytes, dict]:
     """(status, body, headers) of an inference request: the body read with `receive` (ASGI), checked, parsed, sent
-    on the bus (cancelled if the client goes), the answer encoded; every outcome counted in the metrics. headers: the
-    request's, lower-case names (a dict or Starlette's Headers). The token, if any, is checked before this."""
-    metrics = edge.metrics
-    started = time.perf_counter()
+    on the bus (cancelled if the client goes), the answer encoded; every outcome counted in the metrics (the data
+    plane's). headers: the request's, lower-case names (a dict or Starlette's Headers). The token, if any, is checked
+    before this."""
+    started = edge.infer_started()
     outcome = "error"
     large = False
     trace = None
-    metrics.requests_in_flight += 1
     try:
         number = parse_version(name, version)
         check_infer_content_type(headers)
@@ -357,14 +259,10 @@ async def answer_infer(edge: EdgeState, headers, receive, name: str, version: st
         large = len(body) >= OFF_LOOP_BYTES
         parsed = await off_loop(len(body), oip.parse_infer_request, body, header)  # large: not on the event loop
         del body
-        timeout = parsed.timeout if parsed.timeout is not None else edge.request_timeout
         trace = parsed.id or new_request_id()  # followed through the broker's and the agent's logs
-        call = edge.client.infer(
-            name, parsed.inputs, version=number, timeout=timeout, outputs=parsed.outputs, request_id=trace
-        )
+        call = edge.infer(name, parsed.inputs, number, parsed.timeout, parsed.outputs, trace)
         result = await unless_disconnected(receive, call)
-        metrics.confirm_model(name)
-        metrics.observe_batching(name, result.batch_size, result.queue_seconds)
+        edge.infer_answered(name, result)
         served_by = {"agent": result.agent} if isinstance(result.agent, str) else None
         size = sum(a.nbytes for a in result.outputs.values())
         large = large or size >= OFF_LOOP_BYTES
@@ -373,26 +271,12 @@ async def answer_infer(edge: EdgeState, headers, receive, name: str, version: st
         )
         outcome = "success"
         return 200, content, response_headers
-    except oip.InvalidRequest as exc:
-        outcome = "bad_request"
-        return 400, error_content(str(exc)), JSON_HEADERS
-    except ClientDisconnected:
-        outcome = "cancelled"
-        # nobody reads it
-        return 499, error_content("the client closed the connection; the request was cancelled"), JSON_HEADERS
-    except HTTPError as exc:
-        outcome = exc.outcome
-        return exc.status, error_content(exc.message), {**JSON_HEADERS, **(exc.headers or {})}
-    except ClusterError as exc:
-        error = cluster_http_error(exc, infer=True, broker=edge.broker)
+    except INFER_ERRORS as exc:
+        error = edge.infer_error(exc, name)
         outcome = error.outcome
-        if isinstance(exc, (InferenceFailedError, OverloadedError)):  # the cluster has the model
-            metrics.confirm_model(name)
         return error.status, error_content(error.message), {**JSON_HEADERS, **(error.headers or {})}
     finally:
-        metrics.requests_in_flight -= 1
-        seconds = time.perf_counter() - started
-        metrics.observe(name, outcome, seconds)
+        seconds = edge.infer_finished(name, outcome, started, "http")
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %s for %s: %s in %.2f ms",
@@ -409,7 +293,7 @@ async def answer_infer(edge: EdgeState, headers, receive, name: str, version: st
 _HEADER_LENGTH_KEY = oip.HEADER_LENGTH.lower()
 
 
-async def _read_infer_body(headers, receive, edge: EdgeState, header: str | None) -> bytes:
+async def _read_infer_body(headers, receive, edge: DataPlane, header: str | None) -> bytes:
     """An inference body: all JSON (the JSON limit), or with the binary extension (the body limit, and the JSON
     limit for its JSON part)."""
     if header is None:
@@ -455,7 +339,7 @@ class InferPath:
     /v2/models/{name}/versions/{version}/infer, with the routes' token check (TOKEN) and answers (answer_infer), and
     an unexpected error as the app's handler answers it (500, the error's type only). Everything else goes on."""
 
-    def __init__(self, app: ASGIApp, edge: EdgeState) -> None:
+    def __init__(self, app: ASGIApp, edge: DataPlane) -> None:
         self.app = app
         self.edge = edge
 
@@ -538,23 +422,9 @@ async def models(request: Request) -> Response:
     },
 )
 async def metrics(request: Request) -> Response:
+    """The edge's own metrics, the cluster's in Triton's names and the rollouts (edge/metrics.py)."""
     edge = get_edge(request)
-    try:
-        found = await edge.client.agents(timeout=min(1.0, edge.query_timeout))
-        edge.metrics.set_cluster(len(found))
-    except ClusterError:
-        edge.metrics.set_cluster(None)
-    # the cluster's counters in Triton's names (edge/metrics.py), from one `statistics` query to the broker, and the
-    # rollouts from one to the manager, side by side; either may be missing (that role is not answering)
-    timeout = min(1.0, edge.query_timeout)
-    cluster, rollouts = await asyncio.gather(
-        edge.client.statistics(timeout=timeout),
-        edge.manager.call("rollouts", timeout) if edge.manager is not None else asyncio.sleep(0),
-        return_exceptions=True,
-    )
-    cluster = None if isinstance(cluster, BaseException) else cluster
-    rollouts = rollouts if isinstance(rollouts, dict) else None
-    return Response(edge.metrics.render(cluster, rollouts), media_type=edge.metrics.content_type)
+    return Response(await edge.render_metrics(), media_type=edge.metrics.content_type)
 
 
 @public.get(

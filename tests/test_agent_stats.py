@@ -7,9 +7,9 @@ import zmq
 
 from cluster.agent.loaded_model import load_model
 from cluster.agent.runner import Job, WorkerPool
-from cluster.agent.stats import ModelStats, merge
 from cluster.codec import encode_tensors
 from cluster.repository import ModelRepository, publish_version
+from cluster.statistics import ModelStats, merge
 from tests.harness import wait_for
 from tests.test_batching import PICKY_CONFIG, Picky
 

@@ -18,9 +18,9 @@ from cluster.errors import InferenceTimeoutError, PermissionDeniedError
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.repository import ModelRepository, publish_upload
 from edge import create_app
+from edge.dataplane import DataPlane
 from edge.grpc_service import create_server
 from edge.repository import index_entries
-from edge.routes import EdgeState
 from edge.security import EdgeSecurity
 from tests.edge_http import assert_error
 from tests.test_edge_app import FakeBus, FakeManager, TestClient
@@ -207,7 +207,7 @@ def test_grpc_repository_rpcs_reach_the_manager():
     manager = FakeManager()
 
     async def main():
-        edge = EdgeState("tcp://127.0.0.1:9", 1 << 20, Path("."), 30.0, 5.0, EdgeSecurity(), manager)
+        edge = DataPlane("tcp://127.0.0.1:9", 1 << 20, Path("."), 30.0, 5.0, EdgeSecurity(), manager)
         edge.client = FakeBus()
         server, port = create_server(edge, "127.0.0.1:0")
         await server.start()

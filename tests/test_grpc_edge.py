@@ -14,9 +14,9 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from cluster.errors import InferenceFailedError, InferenceTimeoutError, NoAgentAvailableError, OverloadedError
-from edge import repository, statistics
+from edge import repository
+from edge.dataplane import DataPlane
 from edge.grpc_service import create_server
-from edge.routes import EdgeState
 from edge.security import EdgeSecurity
 from tests.test_edge_app import FakeBus
 
@@ -28,7 +28,7 @@ def run(scenario, bus: FakeBus | None = None, tokens: tuple = (), admin_tokens: 
     bus = bus or FakeBus()
 
     async def main():
-        edge = EdgeState(bus.address, LIMIT, Path("."), 30.0, 5.0, EdgeSecurity(tokens, admin_tokens))
+        edge = DataPlane(bus.address, LIMIT, Path("."), 30.0, 5.0, EdgeSecurity(tokens, admin_tokens))
         edge.client = bus
         server, port = create_server(edge, "127.0.0.1:0")
         await server.start()
@@ -248,8 +248,9 @@ def test_a_cancelled_call_cancels_the_bus_await():
 
 
 def test_repository_and_statistics_delegate_to_the_extension_modules(monkeypatch):
-    """The handlers call edge/repository.py and edge/statistics.py, the same functions the REST routes use (tested
-    in tests/test_edge_repository.py); stand-ins here record the calls and what the RPCs make of their answers."""
+    """The handlers call edge/repository.py and the data plane's statistics, the same functions the REST routes use
+    (tested in tests/test_edge_repository.py, tests/test_statistics.py); stand-ins here record the calls and what the
+    RPCs make of their answers."""
     seen = []
 
     async def repository_index(edge, ready_only=False):
@@ -262,7 +263,7 @@ def test_repository_and_statistics_delegate_to_the_extension_modules(monkeypatch
     async def unload_model(edge, name):
         seen.append(("unload", name))
 
-    async def model_statistics(edge, name, version):
+    async def model_statistics(plane, name, version):
         seen.append(("stats", name, version))
         return {"model_stats": [{"name": "echo", "version": "1", "inference_count": 3, "extra": 1}]}
 
@@ -289,5 +290,5 @@ def test_repository_and_statistics_delegate_to_the_extension_modules(monkeypatch
     monkeypatch.setattr(repository, "repository_index", repository_index)
     monkeypatch.setattr(repository, "load_model", load_model)
     monkeypatch.setattr(repository, "unload_model", unload_model)
-    monkeypatch.setattr(statistics, "model_statistics", model_statistics)
+    monkeypatch.setattr(DataPlane, "model_statistics", model_statistics)
     run(scenario, tokens=("user",), admin_tokens=("boss",))

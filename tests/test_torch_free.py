@@ -36,7 +36,7 @@ def run_without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
 def test_manager_and_share_modules_import_without_torch():
     done = run_without_torch("""
         import cluster.desired, cluster.manager, cluster.manager.client, cluster.model_config, cluster.repository
-        import cluster.share, cluster.broker, cluster.client, cluster.agent, cluster.agent.stats, edge
+        import cluster.share, cluster.broker, cluster.client, cluster.agent, cluster.statistics, edge
         from cluster import Client, AsyncClient
         from cluster.cli import app
         try:

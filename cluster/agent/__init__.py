@@ -1,7 +1,7 @@
 """The agent role: hosts models and answers inference requests. See agent.py (I/O) and runner.py (inference).
 
-`Agent` is imported on first use, not with the package: the edge reads cluster.agent.stats (torch-free), and importing
-the package must not import torch into it (about 1.5 s and 300 MB of RSS).
+`Agent` is imported on first use, not with the package: importing the package (cluster.agent.runner's users, the
+torch-free tests) must not import torch (about 1.5 s and 300 MB of RSS).
 """
 
 from __future__ import annotations

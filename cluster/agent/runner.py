@@ -38,10 +38,10 @@ from typing import Any
 import torch
 import zmq
 
-from cluster.agent.stats import ModelStats
 from cluster.codec import decode_tensors, encode_tensors, to_torch
 from cluster.protocol import Command, ErrorCode, error_header, routed
 from cluster.sockets import send_frames
+from cluster.statistics import ModelStats
 
 log = logging.getLogger("cluster.agent")
 

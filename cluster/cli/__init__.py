@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+import edge.command
 from cluster.cli import bench, deploy, health, keys, roles, up
 from cluster.cli.common import _table
 from cluster.cli.deploy import _print_rollout
@@ -21,7 +22,7 @@ for command in (
     roles.manager,
     roles.broker,
     roles.agent,
-    roles.edge,
+    edge.command.edge,  # the same command as `python -m edge`, defined once beside the edge
     up.up,
     health.status,
     health.health,

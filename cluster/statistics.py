@@ -1,5 +1,7 @@
 """Triton's per-model statistics, counted on the agent (every request reaches an agent, whatever door it came in by).
 
+Below both the agent (which counts) and the edge (which sums and serves them): neither imports the other for it.
+
 One `ModelStats` per (model, version); all updates take its lock, since inference threads and the I/O thread both
 record. `to_triton` gives Triton's `model_stats` entry (statistics extension); `merge` sums entries from several
 agents. Durations are nanoseconds, as Triton's JSON; `inference_count` counts samples (batch rows), `execution_count`
