@@ -2,7 +2,7 @@
 
 `serve_http` runs uvicorn on a socket bound first (port 0 works: the OS picks), then writes the ready file with
 the URL it really got; `write_ready_file` / `read_ready_file` are that file's two sides (cluster/local.py describes
-its JSON). The edge (edge/app.py), the roles' `--ready-file` (cluster/cli.py) and LocalCluster all use these.
+its JSON). The edge (edge/app.py), the roles' `--ready-file` (cluster/cli/) and LocalCluster all use these.
 """
 
 from __future__ import annotations

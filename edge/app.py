@@ -5,7 +5,7 @@ edge/dataplane.py the edge's state and operations (REST and gRPC call the same),
 edge/schemas.py the bodies the OpenAPI document shows, edge/errors.py the statuses of errors, edge/body.py the body
 limit and encodings, edge/oip.py OIP JSON and binary tensors <-> numpy, edge/metrics.py the Prometheus metrics,
 edge/security.py tokens, allowed hosts and CORS. The command line is
-`cluster edge` (cluster/cli.py), or `python3 -m edge` (edge/command.py, the same options).
+`cluster edge` or `python3 -m edge` (both run edge/command.py).
 """
 
 from __future__ import annotations

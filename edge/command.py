@@ -1,7 +1,7 @@
-"""The edge's command line: `python -m edge` runs it, without importing the cluster's CLI (cluster/cli.py).
+"""The edge's command line: `python -m edge` runs it, without importing the cluster's CLI (cluster/cli/).
 
-The options are those of `cluster edge`, flag for flag and variable for variable (tests/test_edge_layers.py keeps
-the two in step until both read one settings object); `main` runs the command.
+`cluster edge` is this same command (cluster/cli/ registers `edge` from here), so its options are written once;
+`main` runs it.
 """
 
 from __future__ import annotations
