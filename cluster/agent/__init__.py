@@ -1,4 +1,5 @@
-"""The agent role: hosts models and answers inference requests. See agent.py (I/O) and runner.py (inference).
+"""The agent role: hosts models and answers inference requests. See agent.py (I/O), link.py (the broker
+link), recovery.py (restart by exit) and runner.py (inference).
 
 `Agent` is imported on first use, not with the package: the edge reads cluster.agent.stats (torch-free), and importing
 the package must not import torch into it (about 1.5 s and 300 MB of RSS).
