@@ -1,4 +1,5 @@
-"""The agent role: hosts models and answers inference requests. See agent.py (I/O) and runner.py (inference).
+"""The agent role: hosts models and answers inference requests. See agent.py (I/O), link.py (the broker
+link), recovery.py (restart by exit) and runner.py (inference).
 
 `Agent` is imported on first use, not with the package: importing the package (cluster.agent.runner's users, the
 torch-free tests) must not import torch (about 1.5 s and 300 MB of RSS).
