@@ -131,9 +131,9 @@ def edge(
     ),
 ):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST and gRPC, /metrics, /agents, and the page at /."""
-    from edge.app import run_edge
+    import edge  # run_edge looked up on the package when called (tests replace it there)
 
-    run_edge(
+    edge.run_edge(
         host,
         port,
         broker,
