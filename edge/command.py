@@ -6,41 +6,10 @@
 
 from __future__ import annotations
 
-import enum
-
 import typer
 
 from cluster import config
-
-BrokerClients = typer.Option(
-    config.BROKER_CLIENT_ADDR, envvar="CLUSTER_BROKER_CLIENTS", help="Broker address for clients."
-)
-LogLevel = typer.Option("INFO", "--log-level", envvar="CLUSTER_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
-
-
-class LogFormatName(str, enum.Enum):
-    text = "text"
-    json = "json"
-
-
-LogFormat = typer.Option(
-    LogFormatName.text,
-    "--log-format",
-    envvar="CLUSTER_LOG_FORMAT",
-    help="text, or json: one JSON object a line (time, level, component, agent, message, request_id).",
-)
-Key = typer.Option(
-    None,
-    "--key",
-    envvar="CLUSTER_KEY",
-    help="Key file (`cluster keys`): every bus socket uses CURVE with it. The broker and manager take DIR/server.key "
-    "and read DIR/members.json. Without it: the bus in the clear.",
-)
-ReadyFile = typer.Option(
-    None,
-    "--ready-file",
-    help="Once listening, write the addresses really bound and the pid here (JSON). Port 0 in an address: any port.",
-)
+from cluster.options import BrokerClients, Key, LogFormat, LogFormatName, LogLevel, ReadyFile
 
 
 def edge(
