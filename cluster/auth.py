@@ -47,6 +47,40 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 
 
+# What each handshake failure a client's socket monitor reports means. NO_DETAIL is also what a connection closed
+# mid-handshake reports (a peer restarting): conclusive only after a few in a row with no success between (a wrong
+# server key fails every handshake this way, and so, at times, does a client without a key at a peer with keys).
+HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the {peer} refused this client's key",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: the {peer} and this client disagree on security "
+    "(one runs with keys, the other without)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake with the {peer} keeps failing (a wrong or missing key?)",
+}
+HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILED)  # what a client's monitor listens for
+NO_DETAIL_LIMIT = 3  # consecutive NO_DETAIL failures after which a client gives up
+
+
+class HandshakeVerdict:
+    """Sans-IO: reads a client socket's handshake monitor events and says when they are conclusive (why, or None).
+    Shared by the broker's client (cluster/client.py) and the manager's (cluster/manager/client.py)."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer  # "broker" or "manager", for the message
+        self._no_detail = 0  # NO_DETAIL failures since the last success
+
+    def on_event(self, event: int) -> str | None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._no_detail = 0
+            return None
+        if event not in HANDSHAKE_FAILED:
+            return None
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._no_detail += 1
+            if self._no_detail < NO_DETAIL_LIMIT:
+                return None
+        return HANDSHAKE_FAILED[event].format(peer=self.peer)
+
+
 def key_of(frame) -> str | None:
     """The ZAP user id (the sender's public key, z85) ZeroMQ attached to a received frame; None without CURVE."""
     try:

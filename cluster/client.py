@@ -35,7 +35,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from cluster import protocol
-from cluster.auth import BusSecurity
+from cluster.auth import HANDSHAKE_EVENTS, BusSecurity, HandshakeVerdict
 from cluster.codec import decode_tensors, encode_tensors
 from cluster.config import BROKER_CLIENT_ADDR, MAX_MESSAGE_BYTES, Timings, env_or, timings_from_env
 from cluster.errors import (
@@ -49,17 +49,6 @@ from cluster.errors import (
 from cluster.protocol import MAX_REQUEST_ID, Command, ProtocolError
 from cluster.sockets import make_socket
 
-HANDSHAKE_FAILED = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the broker refused this client's key",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: the broker and this client disagree on security "
-    "(one runs with keys, the other without)",
-    # Also what a connection closed mid-handshake reports (a broker restarting): conclusive only after a few in a
-    # row with no success between (a wrong server key fails every handshake this way, and so, at times, does a
-    # client without a key at a broker with keys).
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake with the broker keeps failing (a wrong or missing key?)",
-}
-NO_DETAIL_LIMIT = 3  # consecutive NO_DETAIL failures after which a client gives up
-HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILED)
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 CLIENT_DRAIN_LIMIT = 1024  # answers one holder of the socket lock receives before letting others use the socket
 CLIENT_WAKE_INTERVAL = 0.1  # seconds between the I/O thread's (and the reading caller's) looks at deadlines
@@ -114,21 +103,16 @@ class ClientCore:
         self.address = address
         self.keyed = keyed  # this client presents a key
         self.refused: AuthenticationError | None = None  # the last handshake failed: calls fail at once
-        self._no_detail = 0  # NO_DETAIL handshake failures since the last success
+        self._handshakes = HandshakeVerdict("broker")
 
     def on_handshake(self, event: int) -> list[tuple[Call, ClusterError]]:
-        """A monitor event. A failed handshake fails every waiting call (and, until a handshake succeeds, every new
-        one) with AuthenticationError; a successful one clears that."""
+        """A monitor event. A conclusive handshake failure fails every waiting call (and, until a handshake succeeds,
+        every new one) with AuthenticationError; a successful one clears that."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.refused, self._no_detail = None, 0
+            self.refused = None
+        why = self._handshakes.on_event(event)
+        if why is None:
             return []
-        if event not in HANDSHAKE_FAILED:
-            return []
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            self._no_detail += 1
-            if self._no_detail < NO_DETAIL_LIMIT:
-                return []
-        why = HANDSHAKE_FAILED[event]
         if not self.keyed:
             why += "; it runs with keys: pass key= (a key file from `cluster keys add`)"
         self.refused = AuthenticationError(f"{why} (broker {self.address})")

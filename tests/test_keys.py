@@ -164,7 +164,8 @@ def test_client_core_fails_calls_on_a_refused_handshake():
     import zmq
 
     from cluster import AuthenticationError
-    from cluster.client import NO_DETAIL_LIMIT, ClientCore
+    from cluster.auth import NO_DETAIL_LIMIT
+    from cluster.client import ClientCore
 
     core = ClientCore(5.0, "tcp://127.0.0.1:1", keyed=False)
     call = core.query_call("agents", None, concurrent.futures.Future())
@@ -185,3 +186,38 @@ def test_client_core_fails_calls_on_a_refused_handshake():
     keyed.on_handshake(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     keyed.on_handshake(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
     assert "refused this client's key" in str(keyed.refused)
+
+
+def test_manager_client_gives_up_on_handshakes_that_keep_failing_without_detail():
+    """A peer that closes every connection mid-handshake (what a keyless client at a keyed manager at times sees,
+    under load) fails the call with AuthenticationError after a few tries, not a 5 s timeout that blames the manager
+    for not running. (CI once failed test_security_bus this way.)"""
+    import socket
+    import threading
+    import time
+
+    from cluster import AuthenticationError
+    from cluster.manager.client import ManagerClient
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def close_every_connection():
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                listener.accept()[0].close()
+            except TimeoutError:
+                pass
+
+    closer = threading.Thread(target=close_every_connection, daemon=True)
+    closer.start()
+    try:
+        began = time.monotonic()
+        with pytest.raises(AuthenticationError, match="keeps failing"):
+            ManagerClient(f"tcp://127.0.0.1:{listener.getsockname()[1]}").call("deployments", timeout=5)
+        assert time.monotonic() - began < 4, "gave up only at the deadline"
+    finally:
+        stop.set()
+        closer.join(timeout=5)
+        listener.close()

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cluster import protocol
-from cluster.auth import BusSecurity
+from cluster.auth import HANDSHAKE_EVENTS, BusSecurity, HandshakeVerdict
 from cluster.config import MANAGER_QUERY_ADDR, env_or
 from cluster.errors import AuthenticationError, ClusterError, InferenceTimeoutError, error_from_header
 from cluster.protocol import Command, ProtocolError
-
-# The conclusive handshake failures: the key refused, or one side runs with keys and the other not. (NO_DETAIL is
-# also what a manager restarting mid-handshake causes: such a call times out instead.)
-HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class ManagerClient:
@@ -34,7 +32,7 @@ class ManagerClient:
         sock.setsockopt(zmq.LINGER, 0)
         if self.security is not None:
             self.security.client().apply(sock)
-        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         sock.connect(self.address)
         try:
             request_id = next(self._ids)
@@ -44,16 +42,23 @@ class ManagerClient:
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
-            ready = dict(poller.poll(int(timeout * 1000)))
-            if monitor in ready and sock not in ready:
-                raise AuthenticationError(
-                    f"the manager at {self.address} refused our key"
-                    + ("" if self.security else " (it runs with keys: give --key or CLUSTER_KEY)")
-                )
-            if sock not in ready:
-                raise InferenceTimeoutError(
-                    f"the manager at {self.address} did not answer '{what}' within {timeout:g} s (is it running?)"
-                )
+            handshakes = HandshakeVerdict("manager")
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
+                if sock in ready:
+                    break
+                if monitor not in ready:
+                    raise InferenceTimeoutError(
+                        f"the manager at {self.address} did not answer '{what}' within {timeout:g} s (is it running?)"
+                    )
+                why = handshakes.on_event(recv_monitor_message(monitor)["event"])
+                if why is not None:  # the key refused, or one side runs with keys and the other not
+                    raise AuthenticationError(
+                        f"{why} (manager {self.address})"
+                        + ("" if self.security else "; it runs with keys: give --key or CLUSTER_KEY")
+                    )
             frames = sock.recv_multipart()
             try:
                 cmd = protocol.parse_preamble(frames[0])
