@@ -37,7 +37,7 @@ from zmq.utils.monitor import parse_monitor_message
 from cluster import protocol
 from cluster.auth import HANDSHAKE_EVENTS, BusSecurity, HandshakeVerdict
 from cluster.codec import decode_tensors, encode_tensors
-from cluster.config import BROKER_CLIENT_ADDR, MAX_MESSAGE_BYTES, Timings, env_or, timings_from_env
+from cluster.config import Timings, default_address, limits, timings_from_env
 from cluster.errors import (
     AuthenticationError,
     BadRequestError,
@@ -132,8 +132,9 @@ class ClientCore:
         except (ValueError, TypeError) as exc:
             raise BadRequestError(f"inputs cannot be sent: {exc}", model) from None
         size = sum(len(t) for t in tensors)
-        if size > MAX_MESSAGE_BYTES:
-            raise BadRequestError(f"request of {size} bytes is over the bus limit of {MAX_MESSAGE_BYTES} bytes", model)
+        if size > limits().max_message_bytes:
+            limit = limits().max_message_bytes
+            raise BadRequestError(f"request of {size} bytes is over the bus limit of {limit} bytes", model)
         timeout = self.timeout if timeout is None else float(timeout)
         header = {"id": next(self._ids), "model": model, "timeout": timeout, "inputs": metas}
         if version is not None:
@@ -247,7 +248,7 @@ class Client:
     """
 
     def __init__(self, address: str | None = None, timeout: float | None = None, key: str | None = None) -> None:
-        self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+        self.address = address or default_address()
         self.security = BusSecurity.load(key)
         self.core = ClientCore(
             timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None
@@ -702,7 +703,7 @@ class AsyncClient:
         fail_fast: bool = False,
         key: str | None = None,
     ) -> None:
-        self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+        self.address = address or default_address()
         self.security = BusSecurity.load(key)
         self.core = ClientCore(
             timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None

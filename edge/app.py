@@ -25,7 +25,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster import AsyncClient
-from cluster.config import BROKER_CLIENT_ADDR, EDGE_GRPC_PORT, env_or
+from cluster.config import EDGE_GRPC_PORT, default_address
 from cluster.logs import logging_config
 from cluster.manager.client import AsyncManagerClient
 from cluster.serving import serve_http
@@ -124,7 +124,7 @@ def create_app(
     presents to it (default `key`; loads and unloads need an admin key when the cluster runs with keys); manager:
     an object with AsyncManagerClient's `call` and `address` to use instead (a fake in tests).
     """
-    broker = broker_address or getattr(client, "address", None) or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+    broker = broker_address or getattr(client, "address", None) or default_address()
     page = Path(frontend_path) if frontend_path else default_frontend()
     security = EdgeSecurity(
         split_tokens(list(tokens)), split_tokens(list(admin_tokens)), tuple(allowed_hosts), tuple(cors_origins)

@@ -4,6 +4,7 @@ command's `--help` documents its options."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,7 +134,8 @@ COMMANDS = {"manager", "broker", "agent", "edge", "up", "status", "deploy", "rol
 
 
 def test_every_command_documents_its_options():
-    """Each command's --help lists every option it takes, with a description and the environment variable it reads.
+    """Each command's --help lists every option it takes, with a description and the environment variable it reads
+    (typer's envvar, or a settings field's variable in its help).
     In-process (the same typer app `python -m cluster` runs), wide enough that rich does not wrap names."""
     commands = typer.main.get_command(app).commands
     assert COMMANDS <= set(commands), f"commands missing from `cluster`: {sorted(COMMANDS - set(commands))}"
@@ -152,6 +154,7 @@ def test_every_command_documents_its_options():
             if not param.help:
                 problems.append(f"{flag} has no description")
             envvars += [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            envvars += re.findall(r"\[(CLUSTER_[A-Z_]+);", param.help or "")  # a settings field's (its help names it)
         problems += [f"{envvar} is not named" for envvar in envvars if envvar not in out.output]
         if not any(envvar.startswith("CLUSTER_") for envvar in envvars):
             problems.append("no option reads a CLUSTER_* environment variable")

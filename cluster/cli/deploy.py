@@ -152,9 +152,10 @@ def deploy(
         if file_name not in MODEL_FILES:
             typer.echo(f"cannot publish {path}: expected a .pt (TorchScript) or .pt2 (torch.export) file", err=True)
             raise typer.Exit(2)
-        if size > config.MAX_UPLOAD_BYTES:
+        if size > config.limits().max_upload_bytes:
             typer.echo(
-                f"cannot send {path} ({size} bytes) over the bus: the limit is {config.MAX_UPLOAD_BYTES} bytes "
+                f"cannot send {path} ({size} bytes) over the bus: the limit is "
+                f"{config.limits().max_upload_bytes} bytes "
                 "(CLUSTER_MAX_UPLOAD_BYTES, on the manager too); or give --share to publish into the share directly",
                 err=True,
             )
