@@ -221,9 +221,89 @@ class UpSettings:
 
 
 @dataclass(frozen=True)
+class EdgeSettings:
+    """`cluster edge` (= `python -m edge`): the HTTP and gRPC edge in front of the bus (edge/app.py)."""
+
+    flag_aliases: ClassVar[dict] = {
+        "edge_host": ("--host",),
+        "edge_port": ("--port",),
+        "addresses.broker_clients": ("--broker",),
+        "addresses.manager_queries": ("--manager",),
+    }
+    edge_host: str = edge_host()
+    edge_port: int = edge_port()
+    addresses: Addresses = group(Addresses, flags=("broker_clients", "manager_queries"))
+    max_body_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Largest request body, after decompression.",
+        unit="bytes",
+        flag="--max-body-bytes",
+        env="CLUSTER_EDGE_MAX_BODY",
+        check=_at_least(1),
+    )
+    max_json_body: int = setting(
+        32 * 1024 * 1024,
+        "Largest JSON: a body without the binary extension, or the JSON part of one with it (never "
+        "above --max-body-bytes).",
+        unit="bytes",
+        flag="--max-json-body",
+        env="CLUSTER_EDGE_MAX_JSON_BODY",
+        check=_at_least(1),
+    )
+    edge_frontend: str | None = setting(
+        None, "The page served at / (default: the repository's frontend.html).", flag="--frontend"
+    )
+    timings: Timings = group(Timings, flags=("request_timeout",))
+    edge_access_log: bool = setting(False, "Log every request.", flag="--access-log")
+    edge_token: tuple[str, ...] = setting(
+        (),
+        "Bearer token every route but health and the page then needs (repeatable; several comma-separated).",
+        flag="--token",
+    )
+    edge_token_file: tuple[str, ...] = setting((), "File of tokens, one a line (repeatable).", flag="--token-file")
+    edge_admin_token: tuple[str, ...] = setting(
+        (), "Token that may also change the cluster (repeatable); accepted wherever --token is.", flag="--admin-token"
+    )
+    edge_admin_token_file: tuple[str, ...] = setting((), "File of admin tokens, one a line.", flag="--admin-token-file")
+    edge_allowed_hosts: tuple[str, ...] = setting(
+        (),
+        "Host name served besides localhost/127.0.0.1/[::1] (repeatable; '*': any, only behind a proxy).",
+        flag="--allowed-host",
+    )
+    edge_cors_origins: tuple[str, ...] = setting(
+        (),
+        "Browser origin (https://host:port) whose pages may call the edge (repeatable; default: none).",
+        flag="--cors-origin",
+    )
+    edge_ssl_certfile: str | None = setting(None, "TLS certificate (PEM): serve HTTPS.", flag="--ssl-certfile")
+    edge_ssl_keyfile: str | None = setting(None, "TLS private key (PEM) of --ssl-certfile.", flag="--ssl-keyfile")
+    edge_grpc_port: int = edge_grpc_port()
+    edge_grpc_host: str | None = setting(None, "Address gRPC listens on (default: --edge-host).", flag="--grpc-host")
+    edge_manager_key: str | None = setting(
+        None,
+        "Key file the edge presents to the manager (default: --key); repository loads need an admin key.",
+        flag="--manager-key",
+    )
+    log_level: str = log_level()
+    log_format: str = log_format()
+    key: str | None = key()
+
+
+@dataclass(frozen=True)
 class ClientSettings:
     """A bus client (Client, AsyncClient, ManagerClient) made without an address: these variables."""
 
     addresses: Addresses = group(Addresses)
     timings: Timings = group(Timings)
     limits: Limits = group(Limits)
+
+
+# every role's settings, by command name (`cluster config ROLE`, the README's table)
+ROLES = {
+    "manager": ManagerSettings,
+    "broker": BrokerSettings,
+    "agent": AgentSettings,
+    "edge": EdgeSettings,
+    "up": UpSettings,
+    "client": ClientSettings,
+}
