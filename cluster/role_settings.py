@@ -82,6 +82,10 @@ def edge_grpc_port():
     )
 
 
+def key_dir():
+    return setting(None, "Key directory (from `cluster keys init`, or `cluster up --secure`).", flag="--key-dir")
+
+
 def share(help: str = "Model repository folder (default under the user's data dir)."):
     return setting(None, help, flag="--share")
 
@@ -197,6 +201,8 @@ class AgentSettings:
 class UpSettings:
     """`cluster up`: the whole cluster on this machine, supervised."""
 
+    flag_aliases: ClassVar[dict] = {"key_dir": ("--keys",)}
+
     share: str | None = share(
         "Model repository folder (default under the user's data dir); it must exist, unless --create-share."
     )
@@ -210,9 +216,7 @@ class UpSettings:
     edge_host: str = edge_host()
     edge_port: int = edge_port()
     edge_grpc_port: int = edge_grpc_port()
-    key_dir: str | None = setting(
-        None, "Key directory (from `cluster keys init`, or `cluster up --secure`).", flag="--keys"
-    )
+    key_dir: str | None = key_dir()
     addresses: Addresses = group(Addresses)
     timings: Timings = group(Timings, flags=("heartbeat_interval",))
     restart: RestartPolicy = group(RestartPolicy)
@@ -290,12 +294,83 @@ class EdgeSettings:
 
 
 @dataclass(frozen=True)
+class KeysSettings:
+    """`cluster keys`: key directories."""
+
+    key_dir: str | None = key_dir()
+
+
+@dataclass(frozen=True)
 class ClientSettings:
     """A bus client (Client, AsyncClient, ManagerClient) made without an address: these variables."""
 
     addresses: Addresses = group(Addresses)
     timings: Timings = group(Timings)
     limits: Limits = group(Limits)
+
+
+@dataclass(frozen=True)
+class ManagerQuerySettings:
+    """`cluster rollback`, `undeploy`, `models`: calls on the manager's query socket."""
+
+    flag_aliases: ClassVar[dict] = {"addresses.manager_queries": ("--manager",)}
+    addresses: Addresses = group(Addresses, flags=("manager_queries",))
+    key: str | None = key()
+
+
+@dataclass(frozen=True)
+class DeploySettings(ManagerQuerySettings):
+    """`cluster deploy`: publishes on the share (or through the manager) and rolls out."""
+
+    share: str | None = share(
+        "The share's folder, to publish into it directly; without it the file goes to the manager over the bus and "
+        "the manager publishes it on its share."
+    )
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    """`cluster status`: the live agents and their models, from the broker."""
+
+    flag_aliases: ClassVar[dict] = {"addresses.broker_clients": ("--broker",)}
+    addresses: Addresses = group(Addresses, flags=("broker_clients",))
+    key: str | None = key()
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """`cluster health ROLE`: an exec probe."""
+
+    flag_aliases: ClassVar[dict] = {
+        "addresses.broker_clients": ("--broker",),
+        "addresses.manager_queries": ("--manager",),
+    }
+    addresses: Addresses = group(Addresses, flags=("broker_clients", "manager_queries"))
+    agent_id: str | None = setting(None, "Agent id (default host-pid).", flag="--id")
+    health_edge_url: str = setting(
+        f"http://127.0.0.1:{EDGE_PORT}", "The edge `cluster health edge` asks.", flag="--url"
+    )
+    health_key: str | None = setting(
+        None,
+        "Key file of `cluster health` (else CLUSTER_KEY's): the manager answers its server key; the broker and agent "
+        "checks ask the broker, which wants a client or admin key.",
+        flag="--key",
+    )
+    key: str | None = setting(None, "Key file (`cluster keys`): every bus socket uses CURVE with it.")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """`cluster bench`: load against the bus or the edge."""
+
+    flag_aliases: ClassVar[dict] = {"addresses.broker_clients": ("--broker",)}
+    addresses: Addresses = group(Addresses, flags=("broker_clients",))
+    key: str | None = key()
+    bench_token: str | None = setting(
+        None,
+        "The edge's bearer token, for --http and --grpc (prefer --token-file or the variable: `ps` shows this).",
+        flag="--token",
+    )
 
 
 # every role's settings, by command name (`cluster config ROLE`, the README's table)
@@ -306,4 +381,12 @@ ROLES = {
     "edge": EdgeSettings,
     "up": UpSettings,
     "client": ClientSettings,
+    "status": StatusSettings,
+    "health": HealthSettings,
+    "deploy": DeploySettings,
+    "rollback": ManagerQuerySettings,
+    "undeploy": ManagerQuerySettings,
+    "models": ManagerQuerySettings,
+    "bench": BenchSettings,
+    "keys": KeysSettings,
 }

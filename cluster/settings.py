@@ -224,8 +224,8 @@ def describe(obj, origins: Mapping[str, tuple[str, str]]) -> list[tuple[str, str
 
 
 def table_rows(classes: Mapping[str, type]) -> list[dict]:
-    """One row per variable over every role's settings class (a variable several roles read is one row naming
-    them all): flag, variable, default, unit, meaning, roles."""
+    """One row per variable over every role's settings class: flag, variable, default, unit, meaning, roles (the
+    commands that take its flag; for a variable without one, those that read it, "every role" for most)."""
     rows: dict[str, dict] = {}
     for role, cls in classes.items():
         flagged = {path: names[0] for path, _, _, names in flag_fields(cls)}
@@ -233,11 +233,13 @@ def table_rows(classes: Mapping[str, type]) -> list[dict]:
             name = variable(owner, f)
             row = rows.setdefault(name, dict(variable=name, flag="", default=field_default(f), unit=f.metadata["unit"]))
             row.setdefault("help", f.metadata["help"])
-            row.setdefault("roles", [])
-            if role not in row["roles"]:
-                row["roles"].append(role)
+            row.setdefault("flagged", []), row.setdefault("read", [])
+            row["read"] += [role] if role not in row["read"] else []
             if dotted in flagged:
                 row["flag"] = flagged[dotted]
+                row["flagged"] += [role] if role not in row["flagged"] else []
+    for row in rows.values():
+        row["roles"] = row["flagged"] or (["every role"] if len(row["read"]) >= 5 else row["read"])
     return sorted(rows.values(), key=lambda r: r["variable"])
 
 
