@@ -306,7 +306,7 @@ class LocalCluster:
         return not is_any_port(getattr(self.addresses, key))
 
     def env(self, **extra) -> dict:
-        """The environment of every process: os.environ plus the cluster's CLUSTER_* settings, then `extra`."""
+        """The environment of every process: this one's plus the cluster's CLUSTER_* settings, then `extra`."""
         a = self.addresses
         env = dict(
             environment(),
