@@ -258,6 +258,13 @@ class EdgeSettings:
         None, "The page served at / (default: the repository's frontend.html).", flag="--frontend"
     )
     timings: Timings = group(Timings, flags=("request_timeout",))
+    edge_query_timeout: float = setting(
+        2.0,
+        "How long health, metadata and the cluster views wait for the broker.",
+        unit="s",
+        flag="--edge-query-timeout",
+        check=(lambda v: v > 0, "> 0"),
+    )
     edge_access_log: bool = setting(False, "Log every request.", flag="--access-log")
     edge_token: tuple[str, ...] = setting(
         (),

@@ -56,7 +56,7 @@ FRONTEND_CANDIDATES = (
 DEFAULT_MAX_BODY = EdgeSettings.max_body_bytes  # the defaults (the settings: EdgeSettings, cluster/role_settings.py)
 DEFAULT_MAX_JSON_BODY = EdgeSettings.max_json_body  # JSON costs several times its size to decode: a lower limit
 DOCS_ASSETS = "/docs-assets"  # where /docs and /redoc find Swagger UI's and ReDoc's files
-DEFAULT_QUERY_TIMEOUT = 2.0  # seconds health, metadata and the cluster views wait for the broker
+DEFAULT_QUERY_TIMEOUT = EdgeSettings.edge_query_timeout  # the default (settings: EdgeSettings.edge_query_timeout)
 
 
 class EdgeFastAPI(FastAPI):
@@ -104,7 +104,7 @@ def create_app(
     broker = getattr(client, "address", None) or settings.addresses.broker_clients  # the one it talks to
     frontend_path = settings.edge_frontend
     request_timeout = settings.timings.request_timeout
-    query_timeout = DEFAULT_QUERY_TIMEOUT
+    query_timeout = settings.edge_query_timeout
     key = settings.key
     tokens = [*split_tokens(settings.edge_token), *(t for f in settings.edge_token_file for t in read_token_file(f))]
     admin_tokens = [
