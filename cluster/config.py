@@ -1,7 +1,9 @@
 """Every address, timing and limit of the cluster, in one place.
 
-Each setting has a default here and an environment variable that overrides it, so a test (or an operator) can run
-the whole cluster with, say, 100 ms heartbeats without touching code. Command-line options override both.
+The settings groups every role shares (Addresses, Timings, Limits, RestartPolicy) are settings classes
+(cluster/settings.py): each field has its default, check, unit and help here, and its CLUSTER_<FIELD> variable by the
+one rule, so a test (or an operator) can run the whole cluster with, say, 100 ms heartbeats without touching code.
+Command-line options override both. The roles' own settings classes are in cluster/role_settings.py.
 """
 
 from __future__ import annotations
