@@ -131,7 +131,8 @@ def deploy(
     seconds, before any model file is sent or published."""
 
     from cluster.model_config import ModelConfig, RepositoryError, read_config_file
-    from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_version
+    from cluster.publish import publish_version
+    from cluster.repository import MODEL_FILES, ModelRepository, check_name
 
     model_config = None
     try:
