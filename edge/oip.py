@@ -27,14 +27,13 @@ import numpy as np
 import orjson
 
 from cluster.codec import datatype_of
-from cluster.config import MAX_TENSORS
+from cluster.config import MAX_NAME, MAX_REQUEST_TIMEOUT_S, MAX_TENSORS
 from edge import oip_json
 from edge.oip_json import InvalidRequest, parse_json_fast, parse_without_spans
 from edge.oip_tensors import tensor_from_binary, tensor_from_json, tensor_from_json_span, tensor_to_binary
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-MAX_NAME = 256
-MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # the broker's longest request deadline
+MAX_TIMEOUT_US = int(MAX_REQUEST_TIMEOUT_S * 1_000_000)  # Triton's `timeout` parameter is in microseconds
 
 
 @dataclass

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import MAX_DIMS
+from cluster.config import MAX_DIM, MAX_DIMS
 from cluster.protocol import DATATYPES
 from edge import oip_json
 from edge.oip_json import InvalidRequest
 
-MAX_DIM = 2**40  # the bus refuses larger dimensions (protocol.validate_tensor_metas)
 SUPPORTED_DATATYPES = tuple(DATATYPES)  # BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64
 
 _INT_TYPES = frozenset({int})

@@ -123,7 +123,9 @@ def deploy(
         "and the manager publishes it on its share.",
     ),
     manager: str = ManagerAddress,
-    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
+    timeout: float = typer.Option(
+        config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent to load and warm up the new version."
+    ),
     key: str | None = Key,
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
@@ -204,7 +206,7 @@ def rollback(
     name: str = typer.Argument(..., help="Model name."),
     to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
     manager: str = ManagerAddress,
-    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent."),
+    timeout: float = typer.Option(config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent."),
     key: str | None = Key,
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
