@@ -66,7 +66,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from cluster.config import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
+from cluster.config import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_NAME, MAX_TENSORS
 
 TAG = b"MSB1"  # Model-Serving Bus, protocol version 1
 # A route key: the broker's random incarnation (drawn at its start) + its request counter, so that a key names one
@@ -322,7 +322,7 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
         if not isinstance(meta, dict):
             raise ProtocolError(f"each of '{what}' must be a map")
         name = meta.get("name")
-        if not isinstance(name, str) or not name or len(name) > 256:
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME:
             raise ProtocolError(f"a tensor in '{what}' has no valid name")
         if name in seen:
             raise ProtocolError(f"tensor '{name}' appears twice")
@@ -334,7 +334,7 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
         ):
             raise ProtocolError(f"tensor '{name}': shape must be a list of at most {MAX_DIMS} non-negative ints")
         expected = math.prod(shape) * DATATYPE_ITEMSIZE[datatype]

@@ -8,7 +8,8 @@ import zmq
 from cluster.agent.loaded_model import load_model
 from cluster.agent.runner import Job, WorkerPool
 from cluster.codec import encode_tensors
-from cluster.repository import ModelRepository, publish_version
+from cluster.publish import publish_version
+from cluster.repository import ModelRepository
 from cluster.statistics import ModelStats, merge
 from tests.harness import wait_for
 from tests.test_batching import PICKY_CONFIG, Picky

@@ -48,7 +48,7 @@ from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import RoutingPolicy, make_policy
 from cluster.clock import RunClock
-from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, MAX_REQUEST_TIMEOUT_S, Addresses, Timings
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
 from cluster.protocol import (
@@ -67,7 +67,6 @@ from cluster.sockets import drain, make_socket, send_frames
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
-MAX_REQUEST_TIMEOUT = 24 * 3600.0
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
 TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
@@ -368,8 +367,8 @@ class Broker:
         timeout = require(header, "timeout", (int, float), optional=True)
         if timeout is None:
             timeout = self.timings.request_timeout
-        if not 0 < timeout <= MAX_REQUEST_TIMEOUT:
-            raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
+        if not 0 < timeout <= MAX_REQUEST_TIMEOUT_S:
+            raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT_S:.0f} seconds")
         now = time.monotonic()
         self.deliver(
             self.dispatcher.client_request(

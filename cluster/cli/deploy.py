@@ -123,7 +123,9 @@ def deploy(
         "and the manager publishes it on its share.",
     ),
     manager: str = ManagerAddress,
-    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
+    timeout: float = typer.Option(
+        config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent to load and warm up the new version."
+    ),
     key: str | None = Key,
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
@@ -131,7 +133,8 @@ def deploy(
     seconds, before any model file is sent or published."""
 
     from cluster.model_config import ModelConfig, RepositoryError, read_config_file
-    from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_version
+    from cluster.publish import publish_version
+    from cluster.repository import MODEL_FILES, ModelRepository, check_name
 
     model_config = None
     try:
@@ -203,7 +206,7 @@ def rollback(
     name: str = typer.Argument(..., help="Model name."),
     to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
     manager: str = ManagerAddress,
-    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent."),
+    timeout: float = typer.Option(config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent."),
     key: str | None = Key,
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""

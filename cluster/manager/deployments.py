@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from cluster.config import ROLLOUT_TIMEOUT_S
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.manager.registry import Registry
 from cluster.protocol import ErrorCode, Heartbeat, require
@@ -26,7 +27,6 @@ from cluster.repository import ModelRepository, RepositoryError
 log = logging.getLogger("cluster.manager")
 
 ABORT_GRACE = 10.0  # seconds a failing rollout waits for the remaining agents' outcomes before it is aborted
-DEFAULT_ROLLOUT_TIMEOUT = 300.0  # seconds, when the command names no rollout_timeout
 HISTORY_LENGTH = 20  # earlier versions kept per model as rollback targets
 
 
@@ -64,7 +64,7 @@ class Rollout:
     outcomes: dict[str, str] = field(default_factory=dict)  # agent -> "ok" or the reason it failed
     started: float = field(default_factory=time.monotonic)
     failed_at: float | None = None  # when the first agent reported a failure
-    timeout: float = DEFAULT_ROLLOUT_TIMEOUT  # seconds each agent has to stage, from when it joined the rollout
+    timeout: float = ROLLOUT_TIMEOUT_S  # seconds each agent has to stage, from when it joined the rollout
     staging_deadlines: dict[str, float] = field(default_factory=dict)  # agent -> when its staging time is up
     left_out: dict[str, str] = field(default_factory=dict)  # agents the manager hears but did not wait for: why
     discard: str | None = None  # if it fails, take off the share: "version" (published for it) or "model" (new)
@@ -208,7 +208,7 @@ class Deployments:
                 "note": "already deployed",
             }
             return Actions(answers=[(requester, already)])
-        timeout = require(header, "rollout_timeout", (int, float), optional=True) or DEFAULT_ROLLOUT_TIMEOUT
+        timeout = require(header, "rollout_timeout", (int, float), optional=True) or ROLLOUT_TIMEOUT_S
         deployment = current or ModelDeployment(None)
         self.desired.models[name] = deployment
         deployment.staged = version

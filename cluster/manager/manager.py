@@ -54,7 +54,8 @@ from cluster.manager.deployments import Actions, CommandError, Deployments
 from cluster.manager.registry import Registry
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, require
-from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_upload, remove_version
+from cluster.publish import publish_upload, remove_version
+from cluster.repository import MODEL_FILES, ModelRepository, check_name
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, make_socket
 
