@@ -15,6 +15,7 @@ from cluster.auth import HANDSHAKE_EVENTS, BusSecurity
 from cluster.client_core import Call, ClientCore, InferResult, make_dealer, resolve
 from cluster.config import BROKER_CLIENT_ADDR, env_or, timings_from_env
 from cluster.errors import ClusterError, NoAgentAvailableError
+from cluster.protocol import What
 
 
 class AsyncClient:
@@ -79,22 +80,22 @@ class AsyncClient:
         return await self._send_and_wait(call)
 
     async def agents(self, timeout: float | None = None) -> list[dict]:
-        return await self._query("agents", timeout)
+        return await self._query(What.AGENTS, timeout)
 
     async def models(self, timeout: float | None = None) -> dict[str, dict]:
-        return await self._query("models", timeout)
+        return await self._query(What.MODELS, timeout)
 
     async def model_metadata(self, name: str, version: int | None = None, timeout: float | None = None) -> dict:
-        return await self._query("model", timeout, name=name, version=version)
+        return await self._query(What.MODEL, timeout, name=name, version=version)
 
     async def stats(self, timeout: float | None = None) -> dict:
-        return await self._query("stats", timeout)
+        return await self._query(What.STATS, timeout)
 
     async def statistics(
         self, name: str | None = None, version: str | None = None, timeout: float | None = None
     ) -> dict:
         """See Client.statistics."""
-        return await self._query("statistics", timeout, name=name, version=version)
+        return await self._query(What.STATISTICS, timeout, name=name, version=version)
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -42,6 +42,7 @@ from cluster.client_core import (
 )
 from cluster.config import BROKER_CLIENT_ADDR, env_or, timings_from_env
 from cluster.errors import ClusterError, InferenceTimeoutError
+from cluster.protocol import What
 
 __all__ = [  # what importers of cluster.client use (its classes live in client_core.py and async_client.py too)
     "AsyncClient",
@@ -138,27 +139,27 @@ class Client:
 
     def agents(self, timeout: float | None = None) -> list[dict]:
         """The live agents, each with its heartbeat fields (id, host, pid, device, models, in_flight, ...)."""
-        return self._query("agents", timeout)
+        return self._query(What.AGENTS, timeout)
 
     def models(self, timeout: float | None = None) -> dict[str, dict]:
         """Model name -> {"versions": [...], "agents": [agent ids]} for every model a live agent serves."""
-        return self._query("models", timeout)
+        return self._query(What.MODELS, timeout)
 
     def model_metadata(self, name: str, version: int | None = None, timeout: float | None = None) -> dict:
         """{name, platform, inputs, outputs, version, versions, ready} of a model (newest version by default).
 
         Raises ModelNotFoundError for a model (or version) no agent has ever announced."""
-        return self._query("model", timeout, name=name, version=version)
+        return self._query(What.MODEL, timeout, name=name, version=version)
 
     def stats(self, timeout: float | None = None) -> dict:
         """The broker's counters: requests, redispatched, timeouts, agents_lost, and agents, in_flight, queued now."""
-        return self._query("stats", timeout)
+        return self._query(What.STATS, timeout)
 
     def statistics(self, name: str | None = None, version: str | None = None, timeout: float | None = None) -> dict:
         """Triton's per-model statistics as each live agent last reported them (heartbeat), plus the broker's
         counters: {"agents": {agent id: {model: {version: entry}}}, "broker": {..., "queue_depth": {model: n}}}.
         An agent that left is not in it (its counts leave the sums). ModelNotFoundError for an unknown model."""
-        return self._query("statistics", timeout, name=name, version=version)
+        return self._query(What.STATISTICS, timeout, name=name, version=version)
 
     def close(self) -> None:
         if not self._closed.is_set():

@@ -24,7 +24,7 @@ from cluster.errors import (
     InferenceTimeoutError,
     error_from_header,
 )
-from cluster.protocol import MAX_REQUEST_ID, Command, ProtocolError
+from cluster.protocol import Command, ProtocolError
 from cluster.sockets import make_socket
 
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
@@ -54,18 +54,22 @@ class Call:
     """One request waiting for its answer."""
 
     request_id: int
-    header: dict
+    message: protocol.Request | protocol.Query
     tensors: list
     deadline: float  # monotonic
     future: Any  # concurrent.futures.Future or asyncio.Future
     model: str | None = None
-    command: Command = Command.REQUEST
+
+    @property
+    def command(self) -> Command:
+        return Command.REQUEST if isinstance(self.message, protocol.Request) else Command.QUERY
 
     def frames(self) -> list:
         """The message, with the timeout brought down to what is left of the deadline (matters on a resend)."""
-        if self.command == Command.REQUEST:
-            self.header["timeout"] = max(0.001, self.deadline - DEADLINE_GRACE - time.monotonic())
-        return protocol.message(self.command, self.header, self.tensors)
+        if isinstance(self.message, protocol.Request):
+            self.message.timeout = max(0.001, self.deadline - DEADLINE_GRACE - time.monotonic())
+            return protocol.message(Command.REQUEST, self.message.to_wire(), self.tensors)
+        return protocol.message(Command.QUERY, self.message.to_wire())
 
 
 class ClientCore:
@@ -110,21 +114,25 @@ class ClientCore:
         if size > MAX_MESSAGE_BYTES:
             raise BadRequestError(f"request of {size} bytes is over the bus limit of {MAX_MESSAGE_BYTES} bytes", model)
         timeout = self.timeout if timeout is None else float(timeout)
-        header = {"id": next(self._ids), "model": model, "timeout": timeout, "inputs": metas}
-        if version is not None:
-            header["version"] = int(version)
-        if outputs is not None:
-            header["outputs"] = list(outputs)
-        if request_id is not None:  # the caller's name for it, in the broker's and the agent's logs
-            header["request_id"] = str(request_id)[:MAX_REQUEST_ID]
-        call = Call(header["id"], header, tensors, time.monotonic() + timeout + DEADLINE_GRACE, future, model)
+        request = protocol.Request(
+            next(self._ids),
+            model,
+            metas,
+            timeout,
+            None if version is None else int(version),
+            None if outputs is None else list(outputs),
+            None
+            if request_id is None
+            else str(request_id),  # the caller's name for it, in the broker's and agent's logs
+        )
+        call = Call(request.id, request, tensors, time.monotonic() + timeout + DEADLINE_GRACE, future, model)
         self.calls[call.request_id] = call
         return call
 
-    def query_call(self, what: str, timeout, future, **fields) -> Call:
+    def query_call(self, what: protocol.What, timeout, future, **fields) -> Call:
         timeout = Timings().query_timeout if timeout is None else float(timeout)
-        header = {"id": next(self._ids), "what": what, **{k: v for k, v in fields.items() if v is not None}}
-        call = Call(header["id"], header, [], time.monotonic() + timeout, future, command=Command.QUERY)
+        query = protocol.Query(next(self._ids), protocol.What(what), fields)
+        call = Call(query.id, query, [], time.monotonic() + timeout, future)
         self.calls[call.request_id] = call
         return call
 
@@ -141,18 +149,18 @@ class ClientCore:
         if cmd == Command.ERROR:
             return call, error_from_header(header)
         if "result" in header:
-            return call, header["result"]
+            return call, protocol.Answer.from_wire(header).result
         try:
-            metas = protocol.validate_tensor_metas(header.get("outputs"), frames[2:], "outputs")
-            queue_us = header.get("queue_us")
+            reply = protocol.Reply.from_wire(header, frames[2:])
+            queue_us = reply.queue_us
             return call, InferResult(
-                header.get("model"),
-                header.get("version"),
-                header.get("agent"),
-                decode_tensors(metas, frames[2:]),
+                reply.model,
+                reply.version,
+                reply.agent,
+                decode_tensors(reply.outputs, frames[2:]),
                 call.request_id,
-                header.get("batch_size"),
-                queue_us / 1e6 if isinstance(queue_us, (int, float)) else None,
+                reply.batch_size,
+                None if queue_us is None else queue_us / 1e6,
             )
         except ProtocolError as exc:
             return call, ClusterError(f"malformed answer from the cluster: {exc}", call.model)
@@ -180,7 +188,7 @@ class ClientCore:
         not waiting any more, or is a query: nothing to cancel)."""
         if self.calls.pop(call.request_id, None) is None or call.command != Command.REQUEST:
             return None
-        return protocol.message(Command.CANCEL, {"id": call.request_id})
+        return protocol.message(Command.CANCEL, protocol.Cancel(call.request_id).to_wire())
 
 
 # Clients reconnect fast (a restarted broker is one, not hundreds of agents) and may queue many requests.

@@ -56,10 +56,11 @@ from cluster.protocol import (
     Command,
     ErrorCode,
     ProtocolError,
+    Request,
     as_bytes,
     message,
+    message_id,
     pack,
-    request_id_of,
     require,
 )
 from cluster.sockets import drain, make_socket, send_frames
@@ -67,7 +68,6 @@ from cluster.sockets import drain, make_socket, send_frames
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
-MAX_REQUEST_TIMEOUT = 24 * 3600.0
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
 TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
@@ -340,9 +340,8 @@ class Broker:
                 raise ProtocolError("message too short: expected preamble and header")
             cmd = protocol.parse_preamble(frames[1])
             header = protocol.unpack_header(frames[2])
-            request_id = header.get("id")
-            if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
-                request_id = None
+            request_id = message_id(header)
+            if request_id is None:
                 raise ProtocolError("header field 'id' must be an int or a string")
             if self.allow is not None:
                 refused = refusal(self.allow, key_of(frames[1]), "query" if cmd == Command.QUERY else "infer")
@@ -363,26 +362,22 @@ class Broker:
             self.send_client_error(client, request_id, ErrorCode.BAD_REQUEST, str(exc))
 
     def accept_request(self, client: bytes, request_id, header: dict, header_frame, tensors: list) -> None:
-        model = require(header, "model", str)
-        version = require(header, "version", int, optional=True)
-        timeout = require(header, "timeout", (int, float), optional=True)
-        if timeout is None:
-            timeout = self.timings.request_timeout
-        if not 0 < timeout <= MAX_REQUEST_TIMEOUT:
-            raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
+        """A client's REQUEST: routed by the fields Request.from_wire checks; its header frame is forwarded as is."""
+        request = Request.from_wire(header)
+        timeout = self.timings.request_timeout if request.timeout is None else request.timeout
         now = time.monotonic()
         self.deliver(
             self.dispatcher.client_request(
                 client,
                 request_id,
-                model,
-                version,
+                request.model,
+                request.version,
                 timeout,
                 header_frame,
                 tensors,
                 now,
                 congested=self.outbox.stalled(client, now),
-                trace=request_id_of(header),
+                trace=request.request_id,
             )
         )
 
