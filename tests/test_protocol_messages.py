@@ -144,6 +144,8 @@ def test_query_round_trips_with_what_an_enum_on_the_wire_as_its_string():
     parsed = Query.from_wire(wire(query.to_wire()), BROKER)
     assert (parsed.id, parsed.what, parsed.fields) == (4, What.MODEL, {"name": "echo"})
     assert parsed.what is What.MODEL
+    report = Query(None, What.BROKER_VIEW, {"agents": ["a1"]}).to_wire()
+    assert protocol.pack(report) == protocol.pack({"what": "broker_view", "agents": ["a1"]})  # as before
 
 
 @pytest.mark.parametrize(
@@ -213,3 +215,38 @@ def test_any_header_is_parsed_or_refused_with_a_protocol_error(header):
             pass
     Error.from_wire(header)  # lenient: never raises
     Answer.from_wire(header)
+
+
+def test_each_role_answers_its_queries_from_one_table():
+    """QUERY `what` is dispatched through one table per role (the agent answers none): together they answer every
+    What, the broker exactly the ones its clients ask."""
+    from cluster.broker.broker import Broker
+    from cluster.manager.manager import Manager
+
+    assert set(Broker.QUERIES) == set(BROKER)
+    assert set(Broker.QUERIES) | set(Manager.QUERIES) == set(What)
+    assert all(callable(handler) for handler in Broker.QUERIES.values())
+
+
+def test_the_client_builds_what_the_broker_and_the_agent_parse():
+    from cluster.broker.broker import Broker
+    from cluster.client_core import ClientCore
+
+    core = ClientCore(5.0)
+    call = core.infer_call("echo", {"x": np.zeros(2, np.float32)}, 3, None, ["y"], None, "trace-1")
+    frames = call.frames()
+    assert protocol.parse_preamble(frames[0]) == protocol.Command.REQUEST
+    request = Request.from_wire(protocol.unpack_header(frames[1]))
+    assert (request.id, request.model, request.version, request.outputs, request.request_id) == (
+        call.request_id,
+        "echo",
+        3,
+        ["y"],
+        "trace-1",
+    )
+    assert request.input_metas(frames[2:]) == [META] and 0 < request.timeout <= 5.0
+    cancel = core.cancel_message(call)
+    assert Cancel.from_wire(protocol.unpack_header(cancel[1])) == Cancel(call.request_id)
+    query = core.query_call(What.MODEL, None, None, name="echo", version=None).frames()
+    parsed = Query.from_wire(protocol.unpack_header(query[1]), Broker.QUERIES)
+    assert (parsed.what, parsed.fields) == (What.MODEL, {"name": "echo"})

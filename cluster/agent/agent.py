@@ -449,9 +449,9 @@ class Agent:
         try:
             if len(frames) != 2:
                 raise ProtocolError("event must be preamble + header")
-            header = protocol.unpack_header(frames[1])
-            if header.get("event") == "desired":
-                self.apply_desired(DesiredState.from_wire(header.get("state")))
+            event = protocol.parse_event(protocol.unpack_header(frames[1]))
+            if isinstance(event, protocol.Desired):
+                self.apply_desired(DesiredState.from_wire(event.state))
         except (ProtocolError, ValueError) as exc:
             bad_input.warning("agent %s: bad event from the manager dropped: %s", self.agent_id, exc)
 

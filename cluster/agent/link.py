@@ -38,7 +38,7 @@ from cluster.agent.recovery import EXIT_AGENT_ID_IN_USE
 from cluster.clock import pardon
 from cluster.config import AGENT_LINK_WARN_MAX_S, AGENT_REFUSED_LOG_S, Timings
 from cluster.logs import BadInputLog
-from cluster.protocol import Command, ErrorCode, ProtocolError, message
+from cluster.protocol import BrokerBeat, Command, Disconnect, ErrorCode, ProtocolError, message
 from cluster.sockets import CurveClient, drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.agent")
@@ -164,7 +164,7 @@ class BrokerLink:
     def goodbye(self) -> None:
         """DISCONNECT to the broker (stopping), if it can go at once."""
         try:
-            self.sock.send_multipart(message(Command.DISCONNECT, {"reason": "agent stopping"}), zmq.NOBLOCK)
+            self.sock.send_multipart(message(Command.DISCONNECT, Disconnect("agent stopping").to_wire()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -231,8 +231,8 @@ class BrokerLink:
         """A broker heartbeat with a header other than the last one: it names the broker's incarnation."""
         self.beat = header_frame
         try:
-            incarnation = bytes.fromhex(protocol.unpack_header(header_frame).get("broker") or "")
-        except (ProtocolError, TypeError, ValueError):
+            incarnation = BrokerBeat.from_wire(protocol.unpack_header(header_frame)).incarnation()
+        except ProtocolError:
             incarnation = b""
         if len(incarnation) == protocol.INCARNATION_BYTES:
             self.broker_is(incarnation)

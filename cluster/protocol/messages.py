@@ -225,11 +225,13 @@ class Query:
     needs, with `require`). Answered REPLY (Answer) or ERROR; BROKER_VIEW is a report and gets no answer."""
 
     id: int | str | None
-    what: What
+    what: What  # (built by a client: also a plain string, which the asked role may not answer)
     fields: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
-        return {"id": self.id, "what": self.what.value, **{k: v for k, v in self.fields.items() if v is not None}}
+        what = getattr(self.what, "value", self.what)  # a plain string too: a client may ask what this side lacks
+        header = {"what": what} if self.id is None else {"id": self.id, "what": what}  # a report has no id
+        return header | {k: v for k, v in self.fields.items() if v is not None}
 
     @classmethod
     def from_wire(cls, header: Mapping, answers: Iterable[What]) -> Query:
