@@ -42,7 +42,7 @@ def _id(header: Mapping) -> int | str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """REQUEST, client -> broker -> agent: run `model` on the tensor frames after the header. The client builds it;
     the broker reads what it routes by and forwards the header frame as received (never re-encoded); the agent
@@ -68,19 +68,24 @@ class Request:
 
     @classmethod
     def from_wire(cls, header: Mapping) -> Request:
-        """What routing needs, checked; `inputs` and `outputs` are kept as sent, for the agent to check."""
-        timeout = require(header, "timeout", (int, float), optional=True)
-        if timeout is not None and not 0 < timeout <= MAX_REQUEST_TIMEOUT:
-            raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
-        return cls(
-            _id(header),
-            require(header, "model", str),
-            header.get("inputs"),
-            timeout,
-            require(header, "version", int, optional=True),
-            header.get("outputs"),
-            request_id_of(header),
-        )
+        """What routing needs, checked; `inputs` and `outputs` are kept as sent, for the agent to check. (The broker
+        parses every request with this: the plain types are let through first, the checks name the field.)"""
+        get = header.get
+        request_id, model, version, timeout, trace = get("id"), get("model"), get("version"), get("timeout"), None
+        if type(request_id) is not int and type(request_id) is not str:
+            request_id = _id(header)
+        if type(model) is not str:
+            model = check_field("model", model, str)
+        if version is not None and type(version) is not int:
+            version = check_field("version", version, int)
+        if timeout is not None:
+            if type(timeout) is not float and type(timeout) is not int:
+                timeout = check_field("timeout", timeout, (int, float))
+            if not 0 < timeout <= MAX_REQUEST_TIMEOUT:
+                raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
+        if "request_id" in header:
+            trace = request_id_of(header)
+        return cls(request_id, model, get("inputs"), timeout, version, get("outputs"), trace)
 
     def input_metas(self, tensors: Sequence) -> list[dict]:
         """The inputs' metas, checked against their tensor frames (ProtocolError naming the tensor)."""
