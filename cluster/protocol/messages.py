@@ -96,7 +96,7 @@ class Request:
         return check_field("outputs", self.outputs, list, optional=True)
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """REPLY to a REQUEST, agent -> broker -> client (the broker forwards the agent's header as is): the metas of
     the output tensor frames after the header."""
