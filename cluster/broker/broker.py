@@ -55,6 +55,7 @@ from cluster.protocol import (
     PREAMBLE,
     AgentDead,
     Answer,
+    Cancel,
     Command,
     Desired,
     ErrorCode,
@@ -364,7 +365,8 @@ class Broker:
             elif cmd == Command.QUERY:
                 self.answer_query(client, request_id, header)
             elif cmd == Command.CANCEL:
-                self.deliver(self.dispatcher.client_cancel(client, request_id, time.monotonic()))
+                cancel = Cancel.from_wire(header)
+                self.deliver(self.dispatcher.client_cancel(client, cancel.id, time.monotonic()))
             else:
                 raise ProtocolError(f"clients may not send {cmd.name}")
         except ProtocolError as exc:
