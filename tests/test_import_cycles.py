@@ -153,7 +153,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("the roles", ("cluster.agent", "cluster.broker", "cluster.manager")),
-    ("the clients", ("cluster.client", "cluster.manager.client", "cluster")),
+    (
+        "the clients",
+        ("cluster.client_core", "cluster.client", "cluster.async_client", "cluster.manager.client", "cluster"),
+    ),
     (
         "the edge's parts",
         (

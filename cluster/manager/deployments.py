@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from cluster.config import ROLLOUT_TIMEOUT_S
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.manager.registry import Registry
-from cluster.protocol import ErrorCode, Heartbeat, require
+from cluster.protocol import ErrorCode, Heartbeat, What, require
 from cluster.repository import ModelRepository, RepositoryError
 
 log = logging.getLogger("cluster.manager")
@@ -156,13 +156,13 @@ class Deployments:
         self.report_interval = 0.0
         self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
 
-    def command(self, what: str, header: dict, requester: tuple, now: float) -> Actions:
+    def command(self, what: What, header: dict, requester: tuple, now: float) -> Actions:
         """deploy / rollback / undeploy. The answer comes in the Actions now, or from `tick` at the end of the
         rollout. CommandError (or ProtocolError for a malformed header) when it cannot be done."""
         if self.share is None:
             raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
         name = require(header, "name", str)
-        discard = header.get("discard_on_failure") if what == "deploy" else None
+        discard = header.get("discard_on_failure") if what == What.DEPLOY else None
         if discard not in (None, "version", "model"):
             raise CommandError(ErrorCode.BAD_REQUEST, "discard_on_failure must be 'version' or 'model'")
         if name in self.rollouts:
@@ -170,7 +170,7 @@ class Deployments:
                 ErrorCode.OVERLOADED, f"a rollout of '{name}' is already in progress; try again when it is over"
             )
         current = self.desired.models.get(name)
-        if what == "undeploy":
+        if what == What.UNDEPLOY:
             if current is None:
                 raise CommandError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' is not deployed")
             del self.desired.models[name]
@@ -181,7 +181,7 @@ class Deployments:
             versions = ModelRepository(self.share).versions(name)
         except RepositoryError as exc:  # an invalid model name: answered, never dropped
             raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        if what == "deploy":
+        if what == What.DEPLOY:
             version = require(header, "version", int, optional=True) or (versions[-1] if versions else None)
         else:  # rollback
             version = require(header, "to", int, optional=True)
