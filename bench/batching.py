@@ -63,7 +63,7 @@ def batching_run(share: Path, workdir: Path, module, s: Settings, env: dict) -> 
 def run(suite: Suite) -> None:
     import torch
 
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     s = suite.settings
     with tempfile.TemporaryDirectory(prefix="suite-batch-") as tmp:

@@ -82,7 +82,7 @@ def make_models(tmp: Path) -> dict[str, dict]:
 
 
 def make_share(share: Path, models: dict[str, dict]) -> Path:
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     for name, spec in models.items():
         publish_version(share, name, spec["file"], config=spec["config"], version=1)
@@ -237,7 +237,7 @@ def listed(rounds: list[dict], key: str, digits: int = 2) -> list:
 
 
 def run(suite: Suite, rounds: int | None = None, compare: Path | None = None) -> None:
-    from cluster.repository import remove_version
+    from cluster.publish import remove_version
 
     rounds = rounds or (COLD_ROUNDS_QUICK if suite.settings.quick else COLD_ROUNDS)
     variants: dict[str, Path | None] = {"": None}

@@ -18,7 +18,7 @@ import zmq
 from cluster import keys, loadgen
 from cluster.auth import key_of, refusal
 from cluster.local import LocalCluster
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 
 
 def echo_share(directory: Path) -> Path:

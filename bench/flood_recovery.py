@@ -103,7 +103,7 @@ def main() -> None:
     import torch
 
     from cluster.demo_models import SLOW_CONFIG, Slow
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     rounds = rounds_for(args.service_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:

@@ -37,7 +37,7 @@ def publish_echo_share(share: Path) -> None:
     import torch
 
     from cluster.demo_models import ECHO_CONFIG, make_echo
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     path = share / "echo.pt"
     share.mkdir(parents=True, exist_ok=True)

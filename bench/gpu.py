@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",") if b]
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     from cluster import Client
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:

@@ -20,7 +20,7 @@ def make_echo_share(share: Path) -> Path:
     import torch
 
     from cluster.demo_models import ECHO_CONFIG, make_echo
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     path = share.parent / "echo.pt"
     torch.jit.save(make_echo(), str(path))

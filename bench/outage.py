@@ -40,7 +40,7 @@ REQUEST_TIMEOUT = 90.0  # long enough that a request made during a 30 s outage w
 def write_echo_share(share: Path) -> Path:
     """A share with the echo demo model only (no training)."""
     from cluster.demo_models import ECHO_CONFIG, make_echo
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     share.mkdir(parents=True, exist_ok=True)
     path = share.parent / "echo.pt"

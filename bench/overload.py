@@ -29,7 +29,7 @@ from cluster.client import AsyncClient
 from cluster.demo_models import SLOW_CONFIG as CONFIG
 from cluster.demo_models import Slow
 from cluster.errors import ClusterError, OverloadedError
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 
 
 def rounds_for(seconds: float) -> int:

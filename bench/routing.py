@@ -37,7 +37,7 @@ def routing_run(policy: str, share_fast: Path, share_slow: Path, s: Settings, wo
 def run(suite: Suite) -> None:
     import torch
 
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     s = suite.settings
     with tempfile.TemporaryDirectory(prefix="suite-route-") as tmp:

@@ -32,7 +32,7 @@ def publish_share(share: Path) -> None:
     import torch
 
     from cluster.demo_models import ECHO_CONFIG, SLOW_CONFIG, Slow, make_echo
-    from cluster.repository import publish_version
+    from cluster.publish import publish_version
 
     share.mkdir(parents=True, exist_ok=True)
     for name, module, cfg in (("echo", make_echo(), ECHO_CONFIG), ("slow", torch.jit.script(Slow()), SLOW_CONFIG)):

@@ -29,7 +29,7 @@ from cluster import protocol
 from cluster.demo_models import BIG_CONFIG, ECHO_CONFIG, Big, make_echo
 from cluster.errors import ClusterError
 from cluster.protocol import Command
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 
 
 def publish(share: Path) -> None:

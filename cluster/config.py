@@ -40,6 +40,12 @@ MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # the default; the limit in force: limits(
 MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
 MAX_TENSORS = 64  # tensors in one request or reply
 MAX_DIMS = 16  # dimensions of one tensor
+# Limits the bus and the edge share (cluster/protocol.py checks them on the bus, edge/oip*.py and edge/grpc_service.py
+# before a request reaches it), defined here once so that the two cannot drift apart
+MAX_DIM = 2**40  # every dimension of a tensor's shape is below this
+MAX_NAME = 256  # characters of a tensor's name
+MAX_REQUEST_TIMEOUT_S = 24 * 3600.0  # the longest deadline a request may ask for
+ROLLOUT_TIMEOUT_S = 300.0  # seconds each agent has to stage a new version, when a deploy or load names no timeout
 # A model version is a number from 1 (0 only for folders published by hand) to MAX_VERSION: an int32 like a Triton
 # client's, so every language and every JSON reader holds it exactly
 MAX_VERSION = 2**31 - 1

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cluster.repository import ModelRepository, publish_version
+from cluster.publish import publish_version
+from cluster.repository import ModelRepository
 
 SLOW_CONFIG = {
     "name": "slow",

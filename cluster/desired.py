@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.repository import atomic_write
+from cluster.atomic import atomic_write
 
 DEPLOYMENTS_FILE = "deployments.json"
 

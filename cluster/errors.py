@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.protocol import ErrorCode
+from cluster.protocol import Error, ErrorCode
 
 
 class ClusterError(Exception):
@@ -84,10 +84,8 @@ ERROR_BY_CODE[ErrorCode.INTERNAL.value] = ClusterError
 
 def error_from_header(header: dict) -> ClusterError:
     """The exception an ERROR message stands for."""
-    cls = ERROR_BY_CODE.get(header.get("code"), ClusterError)
-    model = header.get("model") if isinstance(header.get("model"), str) else None
+    error = Error.from_wire(header)
+    cls = ERROR_BY_CODE.get(getattr(error.code, "value", error.code), ClusterError)
     if cls is OverloadedError:
-        retry_after = header.get("retry_after")
-        ok = isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool) and retry_after >= 0
-        return cls(str(header.get("message", "unknown error")), model, float(retry_after) if ok else None)
-    return cls(str(header.get("message", "unknown error")), model)
+        return cls(error.message, error.model, error.retry_after)
+    return cls(error.message, error.model)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import zmq
 
-from cluster.repository import atomic_write
+from cluster.atomic import atomic_write
 
 ROLES = ("agent", "client", "admin")  # what `cluster keys add --role` accepts
 SERVER_ROLE = "server"  # the broker and the manager themselves

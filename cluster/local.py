@@ -9,6 +9,8 @@ stop their processes here, and nowhere else.
 Each role runs as `python -m cluster <role>` (the same `cluster` package as this process) with its own log file
 in `workdir`. Stopping is by pid: SIGTERM, then SIGKILL after a deadline; `stop_all` stops the edge first, then the
 agents (so they drain through a live broker), then the broker and the manager.
+One process (`Proc`: its log, stopping it by pid) is cluster/process.py's; port-0 addresses and which ports are
+taken, cluster/ports.py's; the ready file and serving HTTP, cluster/serving.py's.
 
 Ports: nobody guesses a free port. The roles that bind (manager, broker, edge) are started with `--ready-file PATH`
 and addresses whose port may be 0; once every socket is bound, the role writes a ready file (below) with the
@@ -35,17 +37,24 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cluster
 from cluster.config import DEFAULT_HOST, Addresses
+from cluster.ports import (  # noqa: F401 (re-exported, as the serving names below)
+    ADDRESS_FIELDS,
+    any_port,
+    any_port_addresses,
+    is_any_port,
+    ports_in_use,
+)
+from cluster.process import STOP_TIMEOUT, Proc, StartError
 from cluster.serving import (  # noqa: F401 (re-exported: the CLI, tests and benchmarks import them from here)
     http_url,
     listening_socket,
@@ -62,7 +71,6 @@ log = logging.getLogger("cluster.local")
 
 PACKAGE_ROOT = Path(cluster.__file__).resolve().parent.parent  # children import the `cluster` found here
 READY_TIMEOUT = 60.0  # seconds a role may take to bind its sockets (the manager imports torch on a busy machine)
-STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 ROLES = ("manager", "broker", "agent", "edge")
 STOP_ORDER = ("edge", "agent", "broker", "manager")  # front to back, so that in-flight work can finish
 NO_STAND_IN = ("manager", "broker", "edge")  # roles the cluster has one of: without it, it cannot serve
@@ -79,146 +87,6 @@ NEEDS = {
     "edge": ("broker_clients",),
 }
 OWNER = {key: role for role, keys in BINDS.items() for key in keys}
-ADDRESS_FIELDS = tuple(f.name for f in fields(Addresses))
-
-
-class StartError(RuntimeError):
-    """A role process exited, or did not get ready in time, while LocalCluster started it."""
-
-    def __init__(self, message: str, proc: Proc) -> None:
-        super().__init__(message)
-        self.proc = proc
-
-
-# ---- addresses (the ready file and serve_http: cluster/serving.py) -----------------------------------------------
-
-
-def is_any_port(address: str) -> bool:
-    """True for a TCP address that lets the OS pick the port (tcp://host:0 or tcp://host:*)."""
-    return address.startswith("tcp://") and address.rsplit(":", 1)[-1] in ("0", "*")
-
-
-def any_port(address: str) -> str:
-    """The same TCP address on port 0 (the OS picks); other transports unchanged."""
-    return address.rsplit(":", 1)[0] + ":0" if address.startswith("tcp://") else address
-
-
-def any_port_addresses(host: str = DEFAULT_HOST) -> Addresses:
-    """Every cluster address on `host`, port 0."""
-    return Addresses(*(f"tcp://{host}:0" for _ in ADDRESS_FIELDS))
-
-
-def ports_in_use(wanted: dict[str, str]) -> list[str]:
-    """For each {what: tcp://host:port} whose port cannot be bound now, one line saying so and, where this machine
-    tells, which process holds it ("pid 1234: python3 -m cluster up"). Port 0 and other transports are skipped."""
-    import errno
-
-    taken = []
-    for what, address in wanted.items():
-        if not address.startswith("tcp://") or is_any_port(address):
-            continue
-        host, port = address[len("tcp://") :].rsplit(":", 1)
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ and uvicorn bind
-            try:
-                probe.bind((host if host != "*" else "0.0.0.0", int(port)))
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    taken.append(f"{address} ({what}): cannot listen there: {exc.strerror}")
-                    continue
-                taken.append(f"{address} ({what}) is already in use{_holder(int(port))}")
-    return taken
-
-
-def _holder(port: int) -> str:
-    """', by pid N: its command line' for the process listening on `port`, when this machine says (else '')."""
-    try:
-        import psutil
-
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                command = " ".join(psutil.Process(conn.pid).cmdline())[:120]
-                return f", by pid {conn.pid}: {command}"
-    except Exception:  # no psutil, no permission: the port is named all the same
-        pass
-    return ""
-
-
-# ---- one process ------------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Proc:
-    """One process LocalCluster started: what it runs, and how to stop it (by pid)."""
-
-    role: str
-    name: str
-    argv: tuple[str, ...]  # the whole command line
-    popen: subprocess.Popen
-    log_path: Path | None  # None: its output goes to this process's stdout/stderr
-    args: tuple[str, ...] = ()  # a role's own arguments (LocalCluster.restart starts it again with them) ...
-    env: dict[str, str] = field(default_factory=dict)  # ... and the environment given to this start only
-    addresses: dict[str, str] = field(default_factory=dict)  # from its ready file; empty for agents
-    retired: bool = False  # stopped, killed or restarted on purpose: exited() does not count it
-    started_at: float = field(default_factory=time.monotonic)  # when it was started (time.monotonic())
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    @property
-    def url(self) -> str:
-        """An edge's http(s)://host:port."""
-        return self.addresses["edge"]
-
-    @property
-    def port(self) -> int:
-        """An edge's TCP port."""
-        return int(self.url.rsplit(":", 1)[1])
-
-    def log(self) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def terminate(self) -> None:
-        """SIGTERM by pid, without waiting."""
-        self.retired = True
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-
-    def kill(self, timeout: float = 10.0) -> None:
-        """kill -9 by pid, and reap it."""
-        self.retired = True
-        if self.alive():
-            self.popen.kill()
-        self.popen.wait(timeout)
-
-    def wait(self, timeout: float) -> int:
-        """Wait up to `timeout` s for it to exit; SIGKILL it if it has not. Returns the exit status."""
-        try:
-            return self.popen.wait(max(0.0, timeout))
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) did not stop in time; SIGKILL", self.name, self.pid)
-            self.kill()
-            return self.popen.returncode
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM by pid, wait, SIGKILL if it does not go; returns the exit status."""
-        self.terminate()
-        return self.wait(timeout)
 
 
 def _die_with_parent() -> None:

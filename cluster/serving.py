@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from cluster.repository import atomic_write
+from cluster.atomic import atomic_write
 
 
 def write_ready_file(path: str | Path, role: str, addresses: dict[str, str], **more) -> None:

@@ -26,12 +26,12 @@ import tempfile
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
+from cluster.atomic import atomic_write
 from cluster.repository import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODELS_DIR,
     RepositoryError,
-    atomic_write,
     check_digest,
     model_names_of,
     model_path,

@@ -6,8 +6,8 @@
     app = create_app(EdgeSettings())               # an ASGI app; create_app(settings, client=...) to bring a client
 
 Modules: app (create_app, run_edge), routes, schemas (the OpenAPI bodies), errors (statuses), body (limit and
-encodings), oip (OIP JSON and binary tensors <-> numpy), metrics (Prometheus), security (tokens, allowed hosts,
-CORS).
+encodings), oip, oip_tensors, oip_json (OIP bodies, tensors and JSON text <-> numpy), metrics (Prometheus),
+security (tokens, allowed hosts, CORS).
 """
 
 __all__ = ["create_app", "run_edge"]

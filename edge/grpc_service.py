@@ -3,7 +3,7 @@
 The message and servicer classes are tritonclient.grpc's generated `service_pb2` / `service_pb2_grpc` (no copy of
 generated code here). Every RPC is a call on the HTTP app's data plane (edge/dataplane.py: the same bus client,
 limits, tokens, readiness rule and metrics, where its inferences count under protocol "grpc"), with the same tensor
-checks (edge/oip.py). Errors take the REST edge's HTTP status (edge/errors.py) and map it to a gRPC code.
+checks (edge/oip_tensors.py). Errors take the REST edge's HTTP status (edge/errors.py) and map it to a gRPC code.
 With edge tokens on, every RPC but ServerLive/ServerReady needs metadata `authorization: Bearer <token>`.
 A cancelled gRPC call cancels its bus await, which makes AsyncClient send the broker a CANCEL.
 """
@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from cluster.errors import ClusterError
-from edge import oip, repository
+from edge import oip, oip_tensors, repository
 from edge.dataplane import INFER_ERRORS, SERVER_NAME, DataPlane, new_request_id, parse_version
 from edge.errors import HTTPError, cluster_http_error
 
@@ -83,12 +83,12 @@ def tensor_from_grpc(tensor, raw: bytes | None) -> np.ndarray:
     if datatype == "BYTES":
         raise oip.InvalidRequest(
             f"input '{name}': datatype BYTES is not supported by this cluster; "
-            f"use one of {', '.join(oip.SUPPORTED_DATATYPES)}"
+            f"use one of {', '.join(oip_tensors.SUPPORTED_DATATYPES)}"
         )
     if raw is not None:
-        return oip.tensor_from_binary(name, datatype, shape, raw)
-    dtype = oip.check_datatype(name, datatype)
-    shape = oip.check_shape(name, shape)
+        return oip_tensors.tensor_from_binary(name, datatype, shape, raw)
+    dtype = oip_tensors.check_datatype(name, datatype)
+    shape = oip_tensors.check_shape(name, shape)
     values = getattr(tensor.contents, _CONTENTS_FIELD[datatype])
     if len(values) != math.prod(shape):
         raise oip.InvalidRequest(
@@ -138,7 +138,7 @@ def encode_response(
         if array is None:
             continue
         response.outputs.add(name=name, datatype=oip.datatype_of(array), shape=list(array.shape))
-        response.raw_output_contents.append(oip.tensor_to_binary(array))
+        response.raw_output_contents.append(oip_tensors.tensor_to_binary(array))
     return response
 
 

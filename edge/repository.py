@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from cluster.config import MAX_VERSION
+from cluster.config import MAX_VERSION, ROLLOUT_TIMEOUT_S
 from cluster.errors import ClusterError, ModelNotFoundError
 from cluster.repository import MODEL_FILES
 from edge.body import off_loop, read_body
@@ -34,7 +34,6 @@ from edge.routes import get_edge
 from edge.schemas import error_responses
 from edge.security import ADMIN, TOKEN
 
-ROLLOUT_TIMEOUT = 300.0  # seconds a load waits for every agent to stage and switch (the manager's default)
 UNLOAD_TIMEOUT = 10.0
 
 
@@ -100,10 +99,10 @@ async def load_model(edge: DataPlane, name: str, config: str | None, files: dict
     """Deploy `name` to every live agent (publishing the files first, if any); the rollout's report. 400 when the
     rollout failed (every agent keeps what it served), naming each agent's reason."""
     parsed = None if config is None else _json_object(config, "parameter 'config'")
-    wait = ROLLOUT_TIMEOUT + 60
+    wait = ROLLOUT_TIMEOUT_S + 60
     if files:
         version, file_name, data = _model_file(files)
-        fields = dict(name=name, file=file_name, version=version, config=parsed, rollout_timeout=ROLLOUT_TIMEOUT)
+        fields = dict(name=name, file=file_name, version=version, config=parsed, rollout_timeout=ROLLOUT_TIMEOUT_S)
         report = await _manager(edge, "publish", wait, data, **fields)
     elif parsed is not None:
         raise HTTPError(
@@ -112,7 +111,7 @@ async def load_model(edge: DataPlane, name: str, config: str | None, files: dict
             "bad_request",
         )
     else:
-        report = await _manager(edge, "deploy", wait, name=name, rollout_timeout=ROLLOUT_TIMEOUT)
+        report = await _manager(edge, "deploy", wait, name=name, rollout_timeout=ROLLOUT_TIMEOUT_S)
     if not report.get("ok"):
         failed: dict[str, list[str]] = {}  # the same reason from every agent is said once, naming them all
         for agent, why in sorted(report.get("agents", {}).items()):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cluster.demo_models import BIG_CONFIG, SLOW_CONFIG, Big, Slow  # noqa: F401  (re-exported for the tests)
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 
 
 def publish_slow(share: Path) -> int:

@@ -15,7 +15,8 @@ import torch
 from cluster.agent.loaded_model import SealedMap, _sealed_copy, load_model
 from cluster.agent.loader import ModelLoader, load_versions
 from cluster.demo_models import ECHO_CONFIG, make_echo
-from cluster.repository import ModelRepository, publish_version
+from cluster.publish import publish_version
+from cluster.repository import ModelRepository
 from cluster.share import LocalShare
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")

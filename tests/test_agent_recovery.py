@@ -15,7 +15,7 @@ import torch
 
 from cluster import ClusterError
 from cluster.agent.agent import EXIT_HUNG, EXIT_MEMORY
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 from cluster.supervisor import RESTART, Supervisor
 from tests.harness import wait_for
 from tests.models import publish_slow, slow_rounds_per_second

@@ -13,7 +13,8 @@ from cluster.agent.runner import Job, WorkerPool
 from cluster.codec import encode_tensors
 from cluster.demo_models import digits_split
 from cluster.protocol import PREAMBLE, Command, unpack_header
-from cluster.repository import ModelRepository, publish_version
+from cluster.publish import publish_version
+from cluster.repository import ModelRepository
 from tests.harness import wait_for
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from cluster.client import AsyncClient
 from cluster.errors import InferenceTimeoutError
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 from tests.harness import wait_for
 from tests.models import SLOW_CONFIG, Slow, publish_slow, slow_rounds_per_second
 

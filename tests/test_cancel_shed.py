@@ -32,7 +32,8 @@ from cluster.protocol import (
     parse_request_route,
     unpack_header,
 )
-from cluster.repository import ModelRepository, publish_version
+from cluster.publish import publish_version
+from cluster.repository import ModelRepository
 from tests.models import SLOW_CONFIG, Slow, slow_rounds_per_second
 from tests.test_broker_logic import T, answer, client_errors, dispatcher, ready, request, route_key, sent_to_agents
 

@@ -22,7 +22,7 @@ import pytest
 from cluster import ModelNotFoundError
 from cluster.demo_models import DIGITS_CONFIG, digits_split
 from cluster.manager.client import ManagerClient
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 from tests.harness import REPO_ROOT, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -20,7 +20,7 @@ from cluster import ClusterError
 from cluster.demo_models import digits_split
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState
 from cluster.manager.client import ManagerClient
-from cluster.repository import publish_version
+from cluster.publish import publish_version
 from tests.harness import REPO_ROOT, wait_for
 
 pytestmark = pytest.mark.cluster

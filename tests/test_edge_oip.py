@@ -1,5 +1,6 @@
-"""edge/oip.py on its own: every datatype the bus carries, from JSON and from binary, every refusal, and a fuzz of
-the request parser (it only ever raises InvalidRequest). Pure functions: no app, no cluster."""
+"""edge/oip.py (with oip_tensors.py and oip_json.py) on its own: every datatype the bus carries, from JSON and from
+binary, every refusal, and a fuzz of the request parser (it only ever raises InvalidRequest). Pure functions: no app,
+no cluster."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.protocol import DATATYPES
-from edge import oip
+from edge import oip, oip_json, oip_tensors
 from edge.oip import InvalidRequest, parse_infer_request, tensor_from_binary, tensor_from_json
 from tests.harness import fuzz_examples
 
@@ -61,7 +62,9 @@ def test_oip_every_datatype_from_json_nested_and_flat(datatype):
         assert array.dtype == DATATYPES[datatype] and array.shape == (2, 2)
         np.testing.assert_array_equal(array, expected)
     # and back: JSON of an output gives the same numbers
-    assert np.array(oip.tensor_to_json(expected), dtype=expected.dtype).reshape(2, 2).tolist() == expected.tolist()
+    assert (
+        np.array(oip_tensors.tensor_to_json(expected), dtype=expected.dtype).reshape(2, 2).tolist() == expected.tolist()
+    )
 
 
 @pytest.mark.parametrize("datatype", ALL_DATATYPES)
@@ -69,7 +72,7 @@ def test_oip_every_datatype_from_binary(datatype):
     expected = np.array(JSON_SAMPLES[datatype], dtype=DATATYPES[datatype])
     raw = expected.astype(expected.dtype.newbyteorder("<")).tobytes()
     np.testing.assert_array_equal(tensor_from_binary("t", datatype, [2, 2], raw), expected)
-    assert oip.tensor_to_binary(expected) == raw
+    assert oip_tensors.tensor_to_binary(expected) == raw
     with pytest.raises(InvalidRequest, match="input 't'.*needs"):
         tensor_from_binary("t", datatype, [2, 2], raw[:-1])
 
@@ -286,15 +289,15 @@ def test_oip_parser_fuzz_only_ever_raises_invalid_request(body, header):
 def small_chunks(monkeypatch):
     """The large-JSON paths at toy sizes: a number array of 16+ bytes is cut out and read 40 bytes at a time,
     outputs over 7 elements are written 7 at a time."""
-    monkeypatch.setattr(oip, "SPAN_MIN", 16)
-    monkeypatch.setattr(oip, "CHUNK_BYTES", 40)
-    monkeypatch.setattr(oip, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(oip_json, "SPAN_MIN", 16)
+    monkeypatch.setattr(oip_json, "CHUNK_BYTES", 40)
+    monkeypatch.setattr(oip_json, "CHUNK_ELEMENTS", 7)
 
 
 def _plain(body: bytes, monkeypatch) -> object:
     """What the plain parse (no number spans) answers: the request, or the InvalidRequest's message."""
     with monkeypatch.context() as m:
-        m.setattr(oip, "SPAN_MIN", 10**12)
+        m.setattr(oip_json, "SPAN_MIN", 10**12)
         try:
             return parse_infer_request(body)
         except InvalidRequest as exc:
@@ -324,7 +327,7 @@ def test_oip_number_spans_give_what_the_plain_parse_gives(datatype, small_chunks
         b'{"id": "s", "inputs": [{"name": "a", "shape": [1, 101], "datatype": "%s", "data": %s},'
         b' {"name": "b", "shape": [2], "datatype": "INT8", "data": [1, 2]}]}' % (datatype.encode(), data.encode())
     )
-    assert oip.number_spans(body, len(body))  # the toy threshold does cut the array out
+    assert oip_json.number_spans(body, len(body))  # the toy threshold does cut the array out
     chunked, plain = _both(body, monkeypatch)
     assert not isinstance(chunked, str), chunked
     assert chunked.id == "s" and list(chunked.inputs) == ["a", "b"]
@@ -404,7 +407,7 @@ def test_oip_number_spans_refuse_what_the_plain_parse_refuses(data, words, small
     ],
 )
 def test_oip_number_spans_elsewhere_fall_back_to_the_plain_parse(body, words, small_chunks, monkeypatch):
-    assert oip.number_spans(body, len(body))
+    assert oip_json.number_spans(body, len(body))
     chunked, plain = _both(body, monkeypatch)
     if words is None:
         assert not isinstance(chunked, str), chunked
@@ -459,13 +462,13 @@ def test_oip_number_spans_fuzz_same_as_the_plain_parse(data, count, datatype):
         data.encode(),
     )
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(oip, "SPAN_MIN", 8)
-        m.setattr(oip, "CHUNK_BYTES", 16)
+        m.setattr(oip_json, "SPAN_MIN", 8)
+        m.setattr(oip_json, "CHUNK_BYTES", 16)
         try:
             chunked = parse_infer_request(body).inputs["f"]
         except InvalidRequest as exc:
             chunked = str(exc)
-        m.setattr(oip, "SPAN_MIN", 10**12)
+        m.setattr(oip_json, "SPAN_MIN", 10**12)
         try:
             plain = parse_infer_request(body).inputs["f"]
         except InvalidRequest as exc:
@@ -501,7 +504,7 @@ def _parsed(parse, text: bytes):
 @settings(max_examples=fuzz_examples(2000), suppress_health_check=list(HealthCheck), deadline=None)
 @given(_JSON_VALUES, st.integers(0, 10**6), st.sampled_from(_JSON_BYTES), st.sampled_from(["keep", "swap", "drop"]))
 def test_the_fast_json_read_answers_as_the_standard_library(value, where, byte, edit):
-    """oip.parse_json_fast (orjson where it agrees) must give parse_json's answer, or refuse what it refuses: on
+    """oip_json.parse_json_fast (orjson where it agrees) must give parse_json's answer, or refuse what it refuses: on
     valid JSON (integers past 64 bits, which orjson reads as floats, included) and with one byte swapped or dropped."""
     text = json.dumps(value).encode()
     at = where % len(text)
@@ -509,14 +512,14 @@ def test_the_fast_json_read_answers_as_the_standard_library(value, where, byte, 
         text = text[:at] + bytes([byte]) + text[at + 1 :]
     elif edit == "drop":
         text = text[:at] + text[at + 1 :]
-    fast, slow = _parsed(oip.parse_json_fast, text), _parsed(oip.parse_json, text)
+    fast, slow = _parsed(oip_json.parse_json_fast, text), _parsed(oip_json.parse_json, text)
     assert fast[0] == slow[0], text
     assert json.dumps(fast[1]) == json.dumps(slow[1]), text  # same values, same types (1 vs 1.0)
 
 
 def test_the_fast_json_read_keeps_integers_past_64_bits_exact():
     big = 2**64 + 1
-    assert oip.parse_json_fast(b"[%d, -%d]" % (big, big)) == [big, -big]
+    assert oip_json.parse_json_fast(b"[%d, -%d]" % (big, big)) == [big, -big]
     request = {"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [big]}]}
     with pytest.raises(InvalidRequest, match="out of range for INT64"):
         parse_infer_request(json.dumps(request).encode())

@@ -1,6 +1,6 @@
 """Triton's model repository extension in-process: edge/repository.py's REST routes and gRPC RPCs on a stand-in
 manager (tests/test_edge_app.py's FakeManager), the index's states, Triton's config JSON, and publishing a model
-file that arrived as bytes (cluster.repository.publish_upload). The same against real processes, with unmodified
+file that arrived as bytes (cluster.publish.publish_upload). The same against real processes, with unmodified
 tritonclient: tests/test_repository_cluster.py."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from cluster.errors import InferenceTimeoutError, PermissionDeniedError
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
-from cluster.repository import ModelRepository, publish_upload
+from cluster.publish import publish_upload
+from cluster.repository import ModelRepository
 from cluster.role_settings import EdgeSettings
 from edge import create_app
 from edge.dataplane import DataPlane

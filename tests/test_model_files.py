@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from cluster.agent.loaded_model import load_model
-from cluster.repository import ModelRepository, RepositoryError, publish_upload, publish_version
+from cluster.publish import publish_upload, publish_version
+from cluster.repository import ModelRepository, RepositoryError
 from tests import pt2_payloads
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cluster.agent.loaded_model import LoadedModel, load_model
+from cluster.atomic import atomic_write
 from cluster.codec import datatype_of
 from cluster.config import MAX_VERSION
 from cluster.demo_models import (
@@ -31,14 +32,8 @@ from cluster.demo_models import (
     write_demo_models,
 )
 from cluster.model_config import InputError, ModelConfig, TensorSpec
-from cluster.repository import (
-    ModelRepository,
-    RepositoryError,
-    atomic_write,
-    publish_upload,
-    publish_version,
-    sha256_file,
-)
+from cluster.publish import publish_upload, publish_version
+from cluster.repository import ModelRepository, RepositoryError, sha256_file
 from cluster.share import LocalShare
 
 # torch 2.13 deprecates torch.jit, but TorchScript is one of the two formats the repository serves.
@@ -335,27 +330,27 @@ def test_failed_publishes_and_killed_publishers_leave_no_folders(tmp_path, monke
     """Issue 18 point 8: a publish that fails (the share full) leaves neither its .tmp-* folder nor, for a new model,
     the model's folder or config.json; an existing model keeps what it had; a .tmp-* folder left by a publisher that
     was killed is removed by the next publish once it is stale, and one in progress is not."""
-    import cluster.repository
+    import cluster.publish
 
     src = _echo_file(tmp_path)
-    real_write = cluster.repository.write_new_file
+    real_write = cluster.publish.write_new_file
 
     def disk_full(path, data, mode=None):
         if str(path).endswith("manifest.json"):
             raise OSError(28, "No space left on device")
         real_write(path, data, mode)
 
-    monkeypatch.setattr(cluster.repository, "write_new_file", disk_full)
+    monkeypatch.setattr(cluster.publish, "write_new_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         publish_version(tmp_path, "fresh", src, config=_config(name="fresh"))
     assert os.listdir(tmp_path / "models") == [], os.listdir(tmp_path / "models")
-    monkeypatch.setattr(cluster.repository, "write_new_file", real_write)
+    monkeypatch.setattr(cluster.publish, "write_new_file", real_write)
     publish_version(tmp_path, "echo", src, config=ECHO_CONFIG)
-    monkeypatch.setattr(cluster.repository, "write_new_file", disk_full)
+    monkeypatch.setattr(cluster.publish, "write_new_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         publish_version(tmp_path, "echo", src)
     assert sorted(os.listdir(tmp_path / "models" / "echo")) == ["1", "config.json"]
-    monkeypatch.setattr(cluster.repository, "write_new_file", real_write)
+    monkeypatch.setattr(cluster.publish, "write_new_file", real_write)
 
     model_dir = tmp_path / "models" / "echo"
     killed, working = model_dir / ".tmp-killed", model_dir / ".tmp-working"
@@ -596,7 +591,7 @@ def test_write_demo_models_is_idempotent(digits_share):
 
 
 def test_remove_version_takes_a_rejected_version_or_a_new_model_off_the_share(tmp_path, digits_v1_file):
-    from cluster.repository import remove_version
+    from cluster.publish import remove_version
 
     share = tmp_path / "share"
     config = {**DIGITS_CONFIG, "name": "m"}

@@ -55,7 +55,6 @@ from cluster.protocol import (
     ProtocolError,
     error_header,
     message,
-    require,
     routed,
 )
 from cluster.role_settings import AgentSettings
@@ -439,9 +438,9 @@ class Agent:
         try:
             if len(frames) != 2:
                 raise ProtocolError("event must be preamble + header")
-            header = protocol.unpack_header(frames[1])
-            if header.get("event") == "desired":
-                self.apply_desired(DesiredState.from_wire(header.get("state")))
+            event = protocol.parse_event(protocol.unpack_header(frames[1]))
+            if isinstance(event, protocol.Desired):
+                self.apply_desired(DesiredState.from_wire(event.state))
         except (ProtocolError, ValueError) as exc:
             bad_input.warning("agent %s: bad event from the manager dropped: %s", self.agent_id, exc)
 
@@ -493,9 +492,9 @@ class Agent:
         try:
             route, seconds_left, broker_wait_s = protocol.parse_request_route(route_frame)
             header = protocol.unpack_header(frames[1])
-            request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
-            name = require(header, "model", str)
-            version = require(header, "version", int, optional=True)
+            request_id = protocol.message_id(header)  # for the answer, should the rest be wrong
+            request = protocol.Request.from_wire(header)
+            name, version = request.model, request.version
             model = self.table.lookup(name, version)
             if model is None or self.draining:
                 what = f"model '{name}'" + (f" version {version}" if version is not None else "")
@@ -504,9 +503,9 @@ class Agent:
                 )
                 return
             tensors = frames[2:]
-            metas = protocol.validate_tensor_metas(require(header, "inputs", list), tensors)
+            metas = request.input_metas(tensors)
             model.config.check_inputs(metas)
-            outputs = require(header, "outputs", list, optional=True)
+            outputs = request.output_names()
             if outputs is not None:
                 known = {spec.name for spec in model.config.outputs}
                 unknown = [o for o in outputs if not isinstance(o, str) or o not in known]
@@ -515,7 +514,7 @@ class Agent:
         except (ProtocolError, InputError) as exc:
             self.answer_error(route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
             return
-        job = Job(route, request_id, model, metas, list(tensors), outputs, trace=protocol.request_id_of(header))
+        job = Job(route, request_id, model, metas, list(tensors), outputs, trace=request.request_id)
         job.deadline, job.broker_wait_s = job.queued_at + seconds_left, broker_wait_s
         if job.deadline < job.queued_at:  # expired on its way here
             send_frames(self.link.sock, self.pool.skip(job, "TIMEOUT"), 0)

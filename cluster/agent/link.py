@@ -38,7 +38,7 @@ from cluster.agent.recovery import EXIT_AGENT_ID_IN_USE
 from cluster.clock import pardon
 from cluster.config import AGENT_LINK_WARN_MAX_S, AGENT_REFUSED_LOG_S, Timings
 from cluster.logs import BadInputLog
-from cluster.protocol import Command, ErrorCode, ProtocolError, message
+from cluster.protocol import BrokerBeat, Command, Disconnect, Error, ErrorCode, ProtocolError, message
 from cluster.sockets import CurveClient, drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.agent")
@@ -164,7 +164,7 @@ class BrokerLink:
     def goodbye(self) -> None:
         """DISCONNECT to the broker (stopping), if it can go at once."""
         try:
-            self.sock.send_multipart(message(Command.DISCONNECT, {"reason": "agent stopping"}), zmq.NOBLOCK)
+            self.sock.send_multipart(message(Command.DISCONNECT, Disconnect("agent stopping").to_wire()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -231,8 +231,8 @@ class BrokerLink:
         """A broker heartbeat with a header other than the last one: it names the broker's incarnation."""
         self.beat = header_frame
         try:
-            incarnation = bytes.fromhex(protocol.unpack_header(header_frame).get("broker") or "")
-        except (ProtocolError, TypeError, ValueError):
+            incarnation = BrokerBeat.from_wire(protocol.unpack_header(header_frame)).incarnation()
+        except ProtocolError:
             incarnation = b""
         if len(incarnation) == protocol.INCARNATION_BYTES:
             self.broker_is(incarnation)
@@ -241,13 +241,13 @@ class BrokerLink:
         """The broker's ERROR to us (not about a request): AGENT_ID_IN_USE refuses our READY, another live process
         has our id. Logged as an error each time; True past the grace period: the agent should stop."""
         try:
-            header = protocol.unpack_header(frames[1]) if len(frames) == 2 else {}
+            error = Error.from_wire(protocol.unpack_header(frames[1]) if len(frames) == 2 else {})
         except ProtocolError:
-            header = {}
-        code = header.get("code")
-        code = code if isinstance(code, str) else None  # from the wire: anything (a map is not even hashable)
+            error = Error.from_wire({})
+        code = getattr(error.code, "value", error.code)  # a plain string, or None (from the wire: anything)
+        text = error.message[:1000]
         if code in REFUSED_KEY_CODES:
-            self.key_refused(f"({code})", str(header.get("message"))[:1000])
+            self.key_refused(f"({code})", text)
             return False
         if code != ErrorCode.AGENT_ID_IN_USE.value:
             bad_input.warning("agent %s: unexpected ERROR from the broker dropped", self.agent_id)
@@ -255,7 +255,6 @@ class BrokerLink:
         now = time.monotonic()
         if self.refused_since is None:
             self.refused_since = now
-        text = str(header.get("message"))[:1000]
         if now - self.refused_since >= self.duplicate_grace:
             log.error(
                 "agent %s: the broker refused this agent for %.1f s: %s; exiting (status %d)",

@@ -39,7 +39,7 @@ import torch
 import zmq
 
 from cluster.codec import decode_tensors, encode_tensors, to_torch
-from cluster.protocol import Command, ErrorCode, error_header, routed
+from cluster.protocol import Command, ErrorCode, Reply, error_header, routed
 from cluster.sockets import send_frames
 from cluster.statistics import ModelStats
 
@@ -458,15 +458,15 @@ class WorkerPool:
         if job.outputs is not None:
             outputs = {name: outputs[name] for name in job.outputs}
         metas, frames = encode_tensors(outputs)
-        header = {
-            "id": job.request_id,
-            "model": job.model.name,
-            "version": job.model.version,
-            "agent": self.agent_id,
-            "outputs": metas,
-            "batch_size": batch_size,
-            "queue_us": int((job.started_at - job.queued_at) * 1e6),  # waiting for a worker or a batch to fill
-        }
+        header = Reply(
+            job.request_id,
+            job.model.name,
+            job.model.version,
+            self.agent_id,
+            metas,
+            batch_size,
+            int((job.started_at - job.queued_at) * 1e6),  # waiting for a worker or a batch to fill
+        ).to_wire()
         return routed(Command.REPLY, job.route, header, frames)
 
     def _failure(self, job: Job, exc: Exception) -> list:

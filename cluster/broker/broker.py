@@ -53,13 +53,21 @@ from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
 from cluster.protocol import (
     PREAMBLE,
+    AgentDead,
+    Answer,
+    Cancel,
     Command,
+    Desired,
     ErrorCode,
     ProtocolError,
+    Query,
+    Request,
+    What,
     as_bytes,
     message,
+    message_id,
     pack,
-    request_id_of,
+    parse_event,
     require,
 )
 from cluster.role_settings import BrokerSettings
@@ -68,7 +76,6 @@ from cluster.sockets import drain, make_socket, send_frames
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
-MAX_REQUEST_TIMEOUT = 24 * 3600.0
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
 TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
@@ -229,7 +236,9 @@ class Broker:
         """At start: which agents does the manager hear? (It answers with its registry; a manager that is down
         answers when it is back, and an answer after the rejoin window changes nothing.)"""
         try:
-            self.manager.send_multipart(message(Command.QUERY, {"what": "agents", "id": AGENTS_QUERY_ID}), zmq.NOBLOCK)
+            self.manager.send_multipart(
+                message(Command.QUERY, Query(AGENTS_QUERY_ID, What.AGENTS).to_wire()), zmq.NOBLOCK
+            )
         except zmq.Again:
             log.warning("could not ask the manager which agents are alive; requests wait only in the warm-up window")
 
@@ -248,15 +257,17 @@ class Broker:
         if cmd != Command.REPLY:
             log.warning("the manager did not say which agents are alive: %s", header.get("message"))
             return
-        if header.get("desired") is not None and self.dispatcher.agents.deployed is None:
-            self.desired_state(header["desired"])  # a `desired` event read already is newer: it stays
-        self.deliver(self.dispatcher.expect_agents(header.get("result"), time.monotonic()))
+        answer = Answer.from_wire(header)
+        if answer.desired is not None and self.dispatcher.agents.deployed is None:
+            self.desired_state(answer.desired)  # a `desired` event read already is newer: it stays
+        self.deliver(self.dispatcher.expect_agents(answer.result, time.monotonic()))
 
     def report_to_manager(self) -> None:
         """The ids of the agents we route to (not draining), for the manager's rollouts."""
         agents = sorted(a.agent_id for a in self.dispatcher.agents.agents.values() if not a.beat.draining)
         try:
-            self.manager.send_multipart(message(Command.QUERY, {"what": "broker_view", "agents": agents}), zmq.NOBLOCK)
+            report = Query(None, What.BROKER_VIEW, {"agents": agents}).to_wire()
+            self.manager.send_multipart(message(Command.QUERY, report), zmq.NOBLOCK)
         except zmq.Again:
             pass  # the manager is down: its rollouts wait for every agent it hears until we reach it again
 
@@ -340,9 +351,8 @@ class Broker:
                 raise ProtocolError("message too short: expected preamble and header")
             cmd = protocol.parse_preamble(frames[1])
             header = protocol.unpack_header(frames[2])
-            request_id = header.get("id")
-            if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
-                request_id = None
+            request_id = message_id(header)
+            if request_id is None:
                 raise ProtocolError("header field 'id' must be an int or a string")
             if self.allow is not None:
                 refused = refusal(self.allow, key_of(frames[1]), "query" if cmd == Command.QUERY else "infer")
@@ -355,7 +365,8 @@ class Broker:
             elif cmd == Command.QUERY:
                 self.answer_query(client, request_id, header)
             elif cmd == Command.CANCEL:
-                self.deliver(self.dispatcher.client_cancel(client, request_id, time.monotonic()))
+                cancel = Cancel.from_wire(header)
+                self.deliver(self.dispatcher.client_cancel(client, cancel.id, time.monotonic()))
             else:
                 raise ProtocolError(f"clients may not send {cmd.name}")
         except ProtocolError as exc:
@@ -363,58 +374,64 @@ class Broker:
             self.send_client_error(client, request_id, ErrorCode.BAD_REQUEST, str(exc))
 
     def accept_request(self, client: bytes, request_id, header: dict, header_frame, tensors: list) -> None:
-        model = require(header, "model", str)
-        version = require(header, "version", int, optional=True)
-        timeout = require(header, "timeout", (int, float), optional=True)
-        if timeout is None:
-            timeout = self.timings.request_timeout
-        if not 0 < timeout <= MAX_REQUEST_TIMEOUT:
-            raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT:.0f} seconds")
+        """A client's REQUEST: routed by the fields Request.from_wire checks; its header frame is forwarded as is."""
+        request = Request.from_wire(header)
+        timeout = self.timings.request_timeout if request.timeout is None else request.timeout
         now = time.monotonic()
         self.deliver(
             self.dispatcher.client_request(
                 client,
                 request_id,
-                model,
-                version,
+                request.model,
+                request.version,
                 timeout,
                 header_frame,
                 tensors,
                 now,
                 congested=self.outbox.stalled(client, now),
-                trace=request_id_of(header),
+                trace=request.request_id,
             )
         )
 
     def answer_query(self, client: bytes, request_id, header: dict) -> None:
-        what = require(header, "what", str)
-        table = self.dispatcher.agents
-        if what == "agents":
-            result = table.describe_agents(time.monotonic())
-        elif what == "models":
-            result = table.describe_models()
-        elif what == "model":
-            name, version = require(header, "name", str), require(header, "version", int, optional=True)
-            try:
-                result = table.describe_model(name, version)
-            except UnknownModel as exc:
-                self.send_client_error(client, request_id, ErrorCode.MODEL_NOT_FOUND, str(exc), name)
-                return
-        elif what == "stats":
-            result = dict(self.dispatcher.counts(), client_replies_held=sum(map(len, self.outbox.held.values())))
-        elif what == "statistics":
-            name = require(header, "name", str, optional=True)
-            version = require(header, "version", (str, int), optional=True)
-            try:
-                per_agent = table.describe_statistics(name, None if version is None else str(version))
-            except UnknownModel as exc:
-                self.send_client_error(client, request_id, ErrorCode.MODEL_NOT_FOUND, str(exc), name)
-                return
-            queue_depth = {model: len(queue) for model, queue in self.dispatcher.pending.items()}
-            result = {"agents": per_agent, "broker": dict(self.dispatcher.counts(), queue_depth=queue_depth)}
-        else:
-            raise ProtocolError(f"unknown query {what!r}; ask for 'agents', 'models', 'model', 'stats' or 'statistics'")
-        self.deliver([Send(False, [client, PREAMBLE[Command.REPLY], pack({"id": request_id, "result": result})])])
+        """A client's QUERY, answered by the handler QUERIES names for its `what` (ProtocolError for any other)."""
+        query = Query.from_wire(header, self.QUERIES)
+        try:
+            result = self.QUERIES[query.what](self, query)
+        except UnknownModel as exc:
+            name = query.fields.get("name")
+            self.send_client_error(client, request_id, ErrorCode.MODEL_NOT_FOUND, str(exc), name)
+            return
+        answer = pack(Answer(request_id, result).to_wire())
+        self.deliver([Send(False, [client, PREAMBLE[Command.REPLY], answer])])
+
+    def query_agents(self, query: Query) -> list:
+        return self.dispatcher.agents.describe_agents(time.monotonic())
+
+    def query_models(self, query: Query) -> dict:
+        return self.dispatcher.agents.describe_models()
+
+    def query_model(self, query: Query) -> dict:
+        name = require(query.fields, "name", str)
+        return self.dispatcher.agents.describe_model(name, require(query.fields, "version", int, optional=True))
+
+    def query_stats(self, query: Query) -> dict:
+        return dict(self.dispatcher.counts(), client_replies_held=sum(map(len, self.outbox.held.values())))
+
+    def query_statistics(self, query: Query) -> dict:
+        name = require(query.fields, "name", str, optional=True)
+        version = require(query.fields, "version", (str, int), optional=True)
+        per_agent = self.dispatcher.agents.describe_statistics(name, None if version is None else str(version))
+        queue_depth = {model: len(queue) for model, queue in self.dispatcher.pending.items()}
+        return {"agents": per_agent, "broker": dict(self.dispatcher.counts(), queue_depth=queue_depth)}
+
+    QUERIES = {  # what the broker answers: QUERY `what` -> its handler (UnknownModel: MODEL_NOT_FOUND)
+        What.AGENTS: query_agents,
+        What.MODELS: query_models,
+        What.MODEL: query_model,
+        What.STATS: query_stats,
+        What.STATISTICS: query_statistics,
+    }
 
     # ---- agents -------------------------------------------------------------------------------------------------
 
@@ -441,17 +458,14 @@ class Broker:
             if len(frames) != 2:
                 raise ProtocolError("event must be preamble + header")
             protocol.parse_preamble(frames[0])
-            header = protocol.unpack_header(frames[1])
-            event = require(header, "event", str)
-            agent_id = require(header, "agent", str, optional=True)
-            instance = require(header, "instance", str, optional=True)
+            event = parse_event(protocol.unpack_header(frames[1]))
         except ProtocolError as exc:
             bad_input.warning("bad event from the manager dropped: %s", exc)
             return
-        if event == "agent_dead" and agent_id is not None:
-            self.deliver(self.dispatcher.agent_declared_dead(agent_id, instance))
-        elif event == "desired":  # which models the manager wants served: an undeployed one is "not found"
-            self.desired_state(header.get("state"))
+        if isinstance(event, AgentDead):
+            self.deliver(self.dispatcher.agent_declared_dead(event.agent, event.instance))
+        elif isinstance(event, Desired):  # which models the manager wants served: an undeployed one is "not found"
+            self.desired_state(event.state)
 
     def desired_state(self, state) -> None:
         """The manager's desired state (an event, or its answer at start-up): the models it wants served. A model

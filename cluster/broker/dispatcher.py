@@ -64,15 +64,15 @@ from cluster.clock import pardon
 from cluster.config import Timings
 from cluster.keys import AllowList
 from cluster.logs import BadInputLog
-from cluster.protocol import PREAMBLE, Command, ErrorCode, as_bytes, error_header, pack
+from cluster.protocol import PREAMBLE, BrokerBeat, Command, Disconnect, ErrorCode, as_bytes, error_header, pack
 
 log = logging.getLogger("cluster.broker")
 foreign = BadInputLog(log)  # answers from an agent that does not hold their route, rate-limited on their own
 
 _REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
 _CANCEL = PREAMBLE[Command.CANCEL]
-_EMPTY_HEADER = pack({})
-_SEND_READY = pack({"reason": "unknown agent; send READY"})
+_EMPTY_HEADER = pack({})  # the broker's CANCEL to an agent: the route names the request
+_SEND_READY = pack(Disconnect("unknown agent; send READY").to_wire())
 
 
 class Dispatcher:
@@ -88,7 +88,7 @@ class Dispatcher:
         # from its heartbeats, and answer only requests of the broker they are connected to.
         self.incarnation = protocol.broker_incarnation()
         self._routes = itertools.count(1)
-        self.heartbeat_header = pack({"broker": self.incarnation.hex()})
+        self.heartbeat_header = pack(BrokerBeat(self.incarnation.hex()).to_wire())
         self.stats = {
             "requests": 0,
             "redispatched": 0,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from cluster import protocol
-from cluster.protocol import PREAMBLE, Command, ErrorCode, ProtocolError, error_header, pack
+from cluster.protocol import PREAMBLE, Command, Error, ErrorCode, ProtocolError, error_header, pack
 
 
 class Send(NamedTuple):
@@ -35,6 +35,6 @@ def client_error(
 def says_model_not_found(header_frame) -> bool:
     """Whether an agent's ERROR header says MODEL_NOT_FOUND (it unloaded the version since its last beat)."""
     try:
-        return protocol.unpack_header(header_frame).get("code") == ErrorCode.MODEL_NOT_FOUND.value
+        return Error.from_wire(protocol.unpack_header(header_frame)).code == ErrorCode.MODEL_NOT_FOUND
     except ProtocolError:
         return False

@@ -115,7 +115,9 @@ def deploy(
         help="config.json (inputs, outputs, serving settings; ours or Triton's, as JSON or config.pbtxt); "
         "required for a new model.",
     ),
-    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent to load and warm up the new version."),
+    timeout: float = typer.Option(
+        config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent to load and warm up the new version."
+    ),
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
     The name and config are checked here, and the manager asked whether it is there (and takes them), within
@@ -123,7 +125,8 @@ def deploy(
     share, manager, key = settings.share, settings.addresses.manager_queries, settings.key
 
     from cluster.model_config import ModelConfig, RepositoryError, read_config_file
-    from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_version
+    from cluster.publish import publish_version
+    from cluster.repository import MODEL_FILES, ModelRepository, check_name
 
     model_config = None
     try:
@@ -197,7 +200,7 @@ def rollback(
     settings: ManagerQuerySettings,
     name: str = typer.Argument(..., help="Model name."),
     to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
-    timeout: float = typer.Option(300.0, help="Seconds to wait for every agent."),
+    timeout: float = typer.Option(config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent."),
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
     manager, key = settings.addresses.manager_queries, settings.key

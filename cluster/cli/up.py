@@ -196,8 +196,8 @@ def _secure_state(key_dir: Path) -> tuple[Path, Path]:
     and the tokens stay valid across runs (a directory from an earlier version gets what it lacks)."""
     import secrets
 
+    from cluster.atomic import atomic_write
     from cluster.keys import add, list_members, make_cluster_keys
-    from cluster.repository import atomic_write
 
     if not (key_dir / "members.json").exists():
         make_cluster_keys(key_dir, agents=0)

@@ -12,7 +12,7 @@ from cluster import protocol
 from cluster.auth import HANDSHAKE_EVENTS, BusSecurity, HandshakeVerdict
 from cluster.config import default_address
 from cluster.errors import AuthenticationError, ClusterError, InferenceTimeoutError, error_from_header
-from cluster.protocol import Command, ProtocolError
+from cluster.protocol import Answer, Command, ProtocolError, Query
 
 
 class ManagerClient:
@@ -36,8 +36,7 @@ class ManagerClient:
         sock.connect(self.address)
         try:
             request_id = next(self._ids)
-            header = {"id": request_id, "what": what, **{k: v for k, v in fields.items() if v is not None}}
-            frames = protocol.message(Command.QUERY, header)
+            frames = protocol.message(Command.QUERY, Query(request_id, what, fields).to_wire())
             sock.send_multipart(frames if data is None else [*frames, data], copy=data is None)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
@@ -67,7 +66,7 @@ class ManagerClient:
                 raise ClusterError(f"malformed answer from the manager: {exc}") from None
             if cmd == Command.ERROR:
                 raise error_from_header(answer)
-            return answer.get("result")
+            return Answer.from_wire(answer).result
         finally:
             sock.disable_monitor()
             monitor.close(0)

@@ -18,15 +18,15 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from cluster.config import ROLLOUT_TIMEOUT_S
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.manager.registry import Registry
-from cluster.protocol import ErrorCode, Heartbeat, require
+from cluster.protocol import ErrorCode, Heartbeat, What, require
 from cluster.repository import ModelRepository, RepositoryError
 
 log = logging.getLogger("cluster.manager")
 
 ABORT_GRACE = 10.0  # seconds a failing rollout waits for the remaining agents' outcomes before it is aborted
-DEFAULT_ROLLOUT_TIMEOUT = 300.0  # seconds, when the command names no rollout_timeout
 HISTORY_LENGTH = 20  # earlier versions kept per model as rollback targets
 
 
@@ -64,7 +64,7 @@ class Rollout:
     outcomes: dict[str, str] = field(default_factory=dict)  # agent -> "ok" or the reason it failed
     started: float = field(default_factory=time.monotonic)
     failed_at: float | None = None  # when the first agent reported a failure
-    timeout: float = DEFAULT_ROLLOUT_TIMEOUT  # seconds each agent has to stage, from when it joined the rollout
+    timeout: float = ROLLOUT_TIMEOUT_S  # seconds each agent has to stage, from when it joined the rollout
     staging_deadlines: dict[str, float] = field(default_factory=dict)  # agent -> when its staging time is up
     left_out: dict[str, str] = field(default_factory=dict)  # agents the manager hears but did not wait for: why
     discard: str | None = None  # if it fails, take off the share: "version" (published for it) or "model" (new)
@@ -156,13 +156,13 @@ class Deployments:
         self.report_interval = 0.0
         self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
 
-    def command(self, what: str, header: dict, requester: tuple, now: float) -> Actions:
+    def command(self, what: What, header: dict, requester: tuple, now: float) -> Actions:
         """deploy / rollback / undeploy. The answer comes in the Actions now, or from `tick` at the end of the
         rollout. CommandError (or ProtocolError for a malformed header) when it cannot be done."""
         if self.share is None:
             raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
         name = require(header, "name", str)
-        discard = header.get("discard_on_failure") if what == "deploy" else None
+        discard = header.get("discard_on_failure") if what == What.DEPLOY else None
         if discard not in (None, "version", "model"):
             raise CommandError(ErrorCode.BAD_REQUEST, "discard_on_failure must be 'version' or 'model'")
         if name in self.rollouts:
@@ -170,7 +170,7 @@ class Deployments:
                 ErrorCode.OVERLOADED, f"a rollout of '{name}' is already in progress; try again when it is over"
             )
         current = self.desired.models.get(name)
-        if what == "undeploy":
+        if what == What.UNDEPLOY:
             if current is None:
                 raise CommandError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' is not deployed")
             del self.desired.models[name]
@@ -181,7 +181,7 @@ class Deployments:
             versions = ModelRepository(self.share).versions(name)
         except RepositoryError as exc:  # an invalid model name: answered, never dropped
             raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        if what == "deploy":
+        if what == What.DEPLOY:
             version = require(header, "version", int, optional=True) or (versions[-1] if versions else None)
         else:  # rollback
             version = require(header, "to", int, optional=True)
@@ -208,7 +208,7 @@ class Deployments:
                 "note": "already deployed",
             }
             return Actions(answers=[(requester, already)])
-        timeout = require(header, "rollout_timeout", (int, float), optional=True) or DEFAULT_ROLLOUT_TIMEOUT
+        timeout = require(header, "rollout_timeout", (int, float), optional=True) or ROLLOUT_TIMEOUT_S
         deployment = current or ModelDeployment(None)
         self.desired.models[name] = deployment
         deployment.staged = version

@@ -53,8 +53,23 @@ from cluster.logs import BadInputLog
 from cluster.manager.deployments import Actions, CommandError, Deployments
 from cluster.manager.registry import Registry
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
-from cluster.protocol import PREAMBLE, Command, ErrorCode, Heartbeat, ProtocolError, error_header, message, require
-from cluster.repository import MODEL_FILES, ModelRepository, check_name, publish_upload, remove_version
+from cluster.protocol import (
+    PREAMBLE,
+    Answer,
+    Command,
+    Desired,
+    ErrorCode,
+    Heartbeat,
+    ProtocolError,
+    Query,
+    What,
+    error_header,
+    message,
+    message_id,
+    require,
+)
+from cluster.publish import publish_upload, remove_version
+from cluster.repository import MODEL_FILES, ModelRepository, check_name
 from cluster.role_settings import ManagerSettings
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, make_socket
@@ -64,7 +79,7 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 
 # the queries that change the cluster: admin keys only (publish_check: a publish's header checked before its file is
 # sent, so that a refusal costs no upload)
-COMMANDS = ("deploy", "rollback", "undeploy", "publish", "publish_check")
+COMMANDS = (What.DEPLOY, What.ROLLBACK, What.UNDEPLOY, What.PUBLISH, What.PUBLISH_CHECK)
 
 
 class Manager:
@@ -218,11 +233,12 @@ class Manager:
             if protocol.parse_preamble(frames[1]) != Command.QUERY:
                 raise ProtocolError("the manager answers QUERY only")
             header = protocol.unpack_header(frames[2])
-            request_id = header.get("id") if isinstance(header.get("id"), (int, str)) else None
-            what = require(header, "what", str)
-            if (len(frames) == 4) != (what == "publish"):
+            request_id = message_id(header)
+            query = Query.from_wire(header, self.QUERIES)
+            what = query.what
+            if (len(frames) == 4) != (what == What.PUBLISH):
                 raise ProtocolError("'publish' carries one frame with the model file; other queries carry none")
-            if what == "broker_view":
+            if what == What.BROKER_VIEW:
                 self.take_broker_view(header, key_of(frames[1]) if self.allow is not None else None)
                 return  # a report: no answer
             if self.allow is not None:
@@ -230,7 +246,7 @@ class Manager:
                 refused = refusal(self.allow, key_of(frames[1]), action, what)
                 if (
                     refused is not None
-                    and what == "agents"
+                    and what == What.AGENTS
                     and refusal(self.allow, key_of(frames[1]), "report") is None
                 ):
                     refused = None  # the broker, starting, asks which agents to wait for
@@ -238,35 +254,10 @@ class Manager:
                     bad_input.warning("%s refused: %s", what, refused[1])
                     self.answer(peer, message(Command.ERROR, error_header(request_id, *refused)))
                     return
-            if what == "agents":
-                # at_broker: in the broker's last report of the agents it routes to (True), judged not (False: a
-                # rollout leaves it out), or not known yet (None: the rollout waits for it)
-                agents = self.registry.describe_agents(time.monotonic())
-                result = [dict(a, at_broker=self.deployments.at_broker(a["id"])) for a in agents]
-            elif what == "models":
-                result = self.registry.describe_models()
-            elif what == "deployments":
-                result = self.deployments.describe()
-            elif what == "rollouts":
-                result = self.deployments.rollout_counts()
-            elif what in ("deploy", "rollback", "undeploy"):
-                self.carry_out(self.deployments.command(what, header, (peer, request_id), time.monotonic()))
-                return  # answered now, or when the rollout is over
-            elif what == "publish":
-                self.start_publishing(header, protocol.frame_bytes(frames[3]), (peer, request_id))
-                return  # answered when the version is written and rolled out
-            elif what == "publish_check":
-                self.check_publish(header)
-                result = {"ok": True}
-            else:
-                raise ProtocolError(
-                    f"unknown query {what!r}; ask for agents, models, deployments, rollouts, deploy, rollback, "
-                    "undeploy, publish or publish_check"
-                )
-            answer = {"id": request_id, "result": result}
-            if what == "agents":  # a starting broker asks: with the desired state it fails unknown models at once
-                answer["desired"] = self.deployments.desired.to_wire()
-            reply = message(Command.REPLY, answer)
+            answer = self.QUERIES[what](self, header, (peer, request_id), frames)
+            if answer is None:
+                return  # answered when it is done
+            reply = message(Command.REPLY, answer.to_wire())
         except ProtocolError as exc:
             bad_input.warning("bad query dropped with an error reply: %s", exc)
             reply = message(Command.ERROR, error_header(request_id, ErrorCode.BAD_REQUEST, str(exc)))
@@ -288,6 +279,50 @@ class Manager:
         self.deployments.broker_view = {a for a in agents if isinstance(a, str)}
         self.deployments.broker_view_at = time.time()  # wall time, as the registry's `joined`
         self._broker_reported = time.monotonic()
+
+    # ---- the queries it answers: one handler each (the answer, or None when it comes later) ----------------------
+
+    def query_agents(self, header: dict, requester: tuple, frames: list) -> Answer:
+        # at_broker: in the broker's last report of the agents it routes to (True), judged not (False: a rollout
+        # leaves it out), or not known yet (None: the rollout waits for it). The desired state rides along: a
+        # starting broker (it asks this) fails requests for models not deployed at once.
+        agents = self.registry.describe_agents(time.monotonic())
+        result = [dict(a, at_broker=self.deployments.at_broker(a["id"])) for a in agents]
+        return Answer(requester[1], result, desired=self.deployments.desired.to_wire())
+
+    def query_models(self, header: dict, requester: tuple, frames: list) -> Answer:
+        return Answer(requester[1], self.registry.describe_models())
+
+    def query_deployments(self, header: dict, requester: tuple, frames: list) -> Answer:
+        return Answer(requester[1], self.deployments.describe())
+
+    def query_rollouts(self, header: dict, requester: tuple, frames: list) -> Answer:
+        return Answer(requester[1], self.deployments.rollout_counts())
+
+    def query_command(self, header: dict, requester: tuple, frames: list) -> None:
+        """deploy, rollback, undeploy: answered now, or when the rollout is over."""
+        self.carry_out(self.deployments.command(header["what"], header, requester, time.monotonic()))
+
+    def query_publish(self, header: dict, requester: tuple, frames: list) -> None:
+        """Answered when the version is written and rolled out."""
+        self.start_publishing(header, protocol.frame_bytes(frames[3]), requester)
+
+    def query_publish_check(self, header: dict, requester: tuple, frames: list) -> Answer:
+        self.check_publish(header)
+        return Answer(requester[1], {"ok": True})
+
+    QUERIES = {  # what the manager answers: QUERY `what` -> its handler; BROKER_VIEW is a report, taken before these
+        What.AGENTS: query_agents,
+        What.MODELS: query_models,
+        What.DEPLOYMENTS: query_deployments,
+        What.ROLLOUTS: query_rollouts,
+        What.DEPLOY: query_command,
+        What.ROLLBACK: query_command,
+        What.UNDEPLOY: query_command,
+        What.PUBLISH: query_publish,
+        What.PUBLISH_CHECK: query_publish_check,
+        What.BROKER_VIEW: None,
+    }
 
     # ---- publishing a model sent over the bus -------------------------------------------------------------------
 
@@ -435,13 +470,13 @@ class Manager:
                 text = f"'{name}' is unchanged: {failure}"
                 self.answer(peer, message(Command.ERROR, error_header(request_id, ErrorCode.INTERNAL, text, name)))
             else:
-                self.answer(peer, message(Command.REPLY, {"id": request_id, "result": result}))
+                self.answer(peer, message(Command.REPLY, Answer(request_id, result).to_wire()))
         for (peer, request_id), code, text, name in actions.errors:
             self.answer(peer, message(Command.ERROR, error_header(request_id, code, text, name)))
 
     def publish_desired(self) -> None:
         if self.share is not None:
-            self.publish({"event": "desired", "state": self.deployments.desired.to_wire()})
+            self.publish(Desired(self.deployments.desired.to_wire()).to_wire())
 
     def publish(self, event: dict) -> None:
         try:

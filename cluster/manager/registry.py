@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from cluster.clock import pardon
 from cluster.logs import BadInputLog
-from cluster.protocol import Heartbeat, agent_view, models_view
+from cluster.protocol import AgentDead, Heartbeat, agent_view, models_view
 
 log = logging.getLogger("cluster.manager")
 duplicates = BadInputLog(log, per_second=2)
@@ -88,15 +88,7 @@ class Registry:
         dead = [r for r in self.agents.values() if now - r.last_seen > self.expiry]
         for record in dead:
             del self.agents[record.agent_id]
-        return [
-            {
-                "event": "agent_dead",
-                "agent": r.agent_id,
-                "instance": r.beat.instance,
-                "silent_for": round(now - r.last_seen, 3),
-            }
-            for r in dead
-        ]
+        return [AgentDead(r.agent_id, r.beat.instance, round(now - r.last_seen, 3)).to_wire() for r in dead]
 
     def describe_agents(self, now: float) -> list[dict]:
         return [agent_view(r.beat, heartbeat_age=now - r.last_seen, joined=r.joined) for r in self.agents.values()]

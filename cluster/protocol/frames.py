@@ -1,4 +1,8 @@
-"""The wire protocol: every message on the bus is defined here, and only here.
+"""The wire protocol (the cluster.protocol package): every message on the bus is defined in it, and only there. This
+module, frames.py: the frame layout (preamble, route, header limits, tensor metas, commands, error codes, datatypes)
+and, below, who sends what. messages.py: one class per message header with to_wire()/from_wire() (Request, Reply,
+Error, Cancel, Query and its What, Answer, BrokerBeat, Disconnect, the events AgentDead and Desired, Heartbeat): the
+sender builds through the class and every receiver parses through the same one.
 
 A message is a list of ZeroMQ frames:
 
@@ -15,37 +19,45 @@ every client <-> broker one) has the bare 5-byte preamble.
 
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
-    client  -> broker   REQUEST  {id, model, version?, timeout, inputs: [meta...], outputs?: [name...], request_id?}
-                                 + tensors   (request_id: the caller's name for it, e.g. the OIP id, in the logs)
-                        QUERY    {id, what: "agents" | "models" | "model" | "stats", name?, version?}
-                        CANCEL   {id}   (forget that request: out of the queue, or skipped by its agent; no answer)
-    broker  -> client   REPLY    {id, model, version, agent, outputs: [meta...]} + tensors   (the agent's header, as is)
-                        REPLY    {id, result: ...}                                            (answer to a QUERY)
-                        ERROR    {id, code, message, model?}
+    client  -> broker   REQUEST  Request {id, model, version?, timeout, inputs: [meta...], outputs?: [name...],
+                                 request_id?} + tensors   (request_id: the caller's name for it, in the logs)
+                        QUERY    Query {id, what: agents | models | model | stats | statistics, name?, version?}
+                        CANCEL   Cancel {id}   (forget that request: out of the queue, or skipped by its agent; no
+                                 answer)
+    broker  -> client   REPLY    Reply {id, model, version, agent, outputs: [meta...], batch_size, queue_us}
+                                 + tensors   (the agent's header, as is)
+                        REPLY    Answer {id, result}   (answer to a QUERY)
+                        ERROR    Error {id, code, message, model?, retry_after?}
     agent   -> broker   READY    Heartbeat + {metadata: [each model's inputs and outputs]}
                         HEARTBEAT Heartbeat (every interval and on every change of what it serves)
-                        REPLY / ERROR  preamble+key, header, tensors (answers a REQUEST)
-    broker  -> agent    REQUEST  preamble+request route, the client's header, tensors (forwarded, never decoded)
+                        REPLY / ERROR  preamble+key, Reply / Error, tensors (answers a REQUEST)
+                        DISCONNECT Disconnect {reason}   (it is stopping)
+    broker  -> agent    REQUEST  preamble+request route, the client's header, tensors (forwarded, never re-encoded)
                         CANCEL   preamble+key, {}   (the client gave up: skip it if not started, answer CANCELLED)
-                        HEARTBEAT {broker}   (its incarnation, hex: an agent answers only requests of that broker)
-                        DISCONNECT {reason}   ("I do not know you, send READY again")
-                        ERROR    {id: None, code: AGENT_ID_IN_USE, message}   (READY refused: another live process
-                                 has that agent id; the agent stops after a grace period if it stays refused)
-                        ERROR    {id: None, code: UNAUTHENTICATED | PERMISSION_DENIED, message}   (keys on: its key
-                                 is not, or no longer, allowed to be an agent: revoked; the agent logs it)
+                        HEARTBEAT BrokerBeat {broker}   (its incarnation, hex: an agent answers only requests of
+                                 that broker)
+                        DISCONNECT Disconnect {reason}   ("I do not know you, send READY again")
+                        ERROR    Error {id: None, code: AGENT_ID_IN_USE, message}   (READY refused: another live
+                                 process has that agent id; the agent stops after a grace period if it stays refused)
+                        ERROR    Error {id: None, code: UNAUTHENTICATED | PERMISSION_DENIED, message}   (keys on: its
+                                 key is not, or no longer, allowed to be an agent: revoked; the agent logs it)
     agent   -> manager  HEARTBEAT (PUB) Heartbeat: {agent, capacity, models, staged, failed, host, pid, ...}
-    manager -> broker   EVENT (PUB) {event: "agent_dead", agent, instance, silent_for}   (a backup word: the broker
-                        owns liveness; it drops the agent only if `instance` is its live one's)
-    manager -> agent    EVENT (PUB) {event: "desired", state: {generation, models: {name: {version, staged, history}}}}
-                        (on every change, when an agent joins, and every heartbeat interval)
-    anyone  -> manager  QUERY {id, what: agents | models | deployments | rollouts | deploy | rollback | undeploy, ...}
+    manager -> broker   EVENT (PUB) AgentDead {event: "agent_dead", agent, instance, silent_for}   (a backup word:
+                        the broker owns liveness; it drops the agent only if `instance` is its live one's)
+    manager -> agents,  EVENT (PUB) Desired {event: "desired", state: {generation, models: {name: {version, staged,
+               broker   history}}}}   (on every change, when an agent joins, and every heartbeat interval)
+    broker  -> manager  QUERY Query {id, what: agents}   (at start: which agents to wait for; the Answer carries
+                        `desired`) and Query {what: broker_view, agents}   (a report of the agents it routes to: no
+                        answer)
+    anyone  -> manager  QUERY Query {id, what: agents | models | deployments | rollouts | deploy | rollback |
+                        undeploy, ...}
                         QUERY {id, what: publish, name, file, config?, version?} + the model file's bytes (one frame)
                         QUERY {id, what: publish_check, name, file, config?}: a publish judged without its file
                         (REPLY {ok: true} or the ERROR the publish would get), asked before the file is sent
-                        -> REPLY {id, result} or ERROR (deploy, rollback, publish: answered when the rollout is over;
-                        a state the manager cannot save: ERROR INTERNAL naming the file and the cause, undone)
+                        -> REPLY Answer {id, result} or ERROR (deploy, rollback, publish: answered when the rollout
+                        is over; a state the manager cannot save: ERROR INTERNAL naming the file and the cause, undone)
 
-`Heartbeat` (below) is the one definition of an agent's state on the wire; `agent_view` and `models_view` build the
+`Heartbeat` is the one definition of an agent's state on the wire; `agent_view` and `models_view` build the
 answers to the "agents" and "models" queries, the same way at the broker and at the manager.
 
 A tensor meta is {name, datatype, shape}: datatype is an Open Inference Protocol name (FP32, INT64, ...), shape a
@@ -59,14 +71,13 @@ import enum
 import math
 import secrets
 import struct
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from cluster.config import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
+from cluster.config import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_NAME, MAX_TENSORS
 
 TAG = b"MSB1"  # Model-Serving Bus, protocol version 1
 # A route key: the broker's random incarnation (drawn at its start) + its request counter, so that a key names one
@@ -201,18 +212,6 @@ def routed(cmd: Command, route: bytes, header: dict | bytes, tensors: Sequence =
     return [PREAMBLE[cmd] + route, header if isinstance(header, bytes) else pack(header), *tensors]
 
 
-def error_header(
-    request_id: Any, code: ErrorCode, text: str, model: str | None = None, retry_after: float | None = None
-) -> dict:
-    """An ERROR's header; `retry_after` (seconds, with OVERLOADED): when the client may try again."""
-    header = {"id": request_id, "code": code.value, "message": text}
-    if model is not None:
-        header["model"] = model
-    if retry_after is not None:
-        header["retry_after"] = retry_after
-    return header
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding and validation (before anything touches the data)
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,13 +293,17 @@ def request_id_of(header: Mapping) -> str | None:
     return value[:MAX_REQUEST_ID] if isinstance(value, str) else None
 
 
-def require(header: dict, key: str, kind: type | tuple, *, optional: bool = False) -> Any:
+def require(header: Mapping, key: str, kind: type | tuple, *, optional: bool = False) -> Any:
     """header[key], checked to be of `kind`; ProtocolError naming the key otherwise."""
-    if key not in header or header[key] is None:
+    return check_field(key, header.get(key), kind, optional=optional)
+
+
+def check_field(key: str, value: Any, kind: type | tuple, *, optional: bool = False) -> Any:
+    """A header field's value, checked to be of `kind` (None: absent); ProtocolError naming the key otherwise."""
+    if value is None:
         if optional:
             return None
         raise ProtocolError(f"header is missing '{key}'")
-    value = header[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f"header field '{key}' has the wrong type ({type(value).__name__})")
     return value
@@ -322,7 +325,7 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
         if not isinstance(meta, dict):
             raise ProtocolError(f"each of '{what}' must be a map")
         name = meta.get("name")
-        if not isinstance(name, str) or not name or len(name) > 256:
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME:
             raise ProtocolError(f"a tensor in '{what}' has no valid name")
         if name in seen:
             raise ProtocolError(f"tensor '{name}' appears twice")
@@ -334,7 +337,7 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
         ):
             raise ProtocolError(f"tensor '{name}': shape must be a list of at most {MAX_DIMS} non-negative ints")
         expected = math.prod(shape) * DATATYPE_ITEMSIZE[datatype]
@@ -344,140 +347,3 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
                 f"frame has {len(frame_bytes(frame))}"
             )
     return metas
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The heartbeat: what an agent says about itself (READY and HEARTBEAT to the broker, HEARTBEAT on PUB to the manager)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _model_entries(value: Any, key: str, *more: str) -> list[dict]:
-    """A list of {name, version, ...} maps, checked: the part of a beat that routing and rollouts rely on."""
-    if not isinstance(value, list):
-        raise ProtocolError(f"header field '{key}' has the wrong type ({type(value).__name__})")
-    for entry in value:
-        if not isinstance(entry, dict):
-            raise ProtocolError(f"each of '{key}' must be a map")
-        require(entry, "name", str)
-        require(entry, "version", int)
-        for extra in more:
-            require(entry, extra, (str, bool), optional=True)
-    return value
-
-
-_NUMBER = (int, float)
-_INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the right type, else left at their default
-    "host": (str,),
-    "pid": (int,),
-    "device": (str,),
-    "in_flight": (int,),
-    "batching": (dict,),
-    "draining": (bool,),
-    "uptime": _NUMBER,
-    "started": _NUMBER,
-    "instance": (str,),
-    "serving_since": _NUMBER,
-    "interval": _NUMBER,
-    "serves_only": (list,),
-    "jobs": (dict,),
-    "stats": (dict,),
-    "rss": (int,),
-    "max_memory": (int,),
-    "drain_reason": (str,),
-}
-
-
-@dataclass
-class Heartbeat:
-    """An agent's state, sent every heartbeat interval and on every change. The one definition of its fields: the
-    agent builds it, the broker routes by it, the manager's registry and rollouts read it, `cluster status` and
-    the edge's /agents show it. READY is a Heartbeat plus `metadata` (each model's inputs and outputs)."""
-
-    agent: str  # the agent's id (also its ROUTER identity at the broker)
-    capacity: int  # requests the broker may keep in flight here, all models together
-    models: list[dict]  # served: [{name, version, default}]; `default` marks what unversioned requests get
-    staged: list[dict] = field(default_factory=list)  # loaded and warm, not served yet: [{name, version}]
-    failed: list[dict] = field(default_factory=list)  # could not be loaded: [{name, version, error}]
-    host: str | None = None
-    pid: int | None = None
-    device: str | None = None
-    in_flight: int = 0  # requests the agent is working on
-    batching: dict = field(default_factory=dict)  # per model: batch size and queue wait statistics
-    draining: bool = False  # stopping: finishing what it has, taking nothing new
-    uptime: float = 0.0  # seconds since the agent started
-    started: float | None = None  # wall time the process started (with pid: tells a restart from a re-READY)
-    instance: str | None = None  # random per agent process (agent_instance()): tells two processes with one id apart
-    serving_since: float | None = None  # wall time it connected, models loaded
-    interval: float | None = None  # its heartbeat interval, seconds
-    serves_only: list[str] | None = None  # started with --models: only these take part in rollouts; None: all
-    jobs: dict = field(default_factory=dict)  # per model: {executed, cancelled, expired, peak_concurrent}
-    stats: dict = field(default_factory=dict)  # {model: {version: Triton's model_stats entry + "failures"}}
-    # requests of each model the broker may keep in flight here ({model: n}, each also within `capacity`); a model
-    # not named (or an agent that sends none, from before this field) gets `capacity`
-    model_capacity: dict = field(default_factory=dict)
-    rss: int | None = None  # resident memory of the agent process, bytes
-    max_memory: int | None = None  # its limit (--max-memory), bytes: past it, it drains and exits to be restarted
-    drain_reason: str | None = None  # why it is draining when it is not asked to (a hung model call, memory)
-
-    def to_wire(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_wire(cls, header: Mapping) -> Heartbeat:
-        """Parse a READY/HEARTBEAT header; ProtocolError naming the field if what routing or rollouts rely on is
-        malformed. Other fields are informational: a wrong type is dropped to its default, unknown keys ignored."""
-        agent = require(header, "agent", str)
-        capacity = require(header, "capacity", int)
-        models = _model_entries(require(header, "models", list), "models", "default")
-        beat = cls(agent, capacity, models)
-        model_capacity = header.get("model_capacity") or {}
-        if not isinstance(model_capacity, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-            for k, v in model_capacity.items()
-        ):
-            raise ProtocolError("'model_capacity' must map model names to integers >= 1")
-        beat.model_capacity = model_capacity
-        beat.staged = _model_entries(header.get("staged") or [], "staged")
-        beat.failed = _model_entries(header.get("failed") or [], "failed", "error")
-        for name, kind in _INFORMATIONAL.items():
-            value = header.get(name)
-            if isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind):
-                setattr(beat, name, value)
-        return beat
-
-    def served_versions(self) -> dict[str, set[int]]:
-        """model -> the versions this agent serves."""
-        served: dict[str, set[int]] = {}
-        for entry in self.models:
-            served.setdefault(entry["name"], set()).add(entry["version"])
-        return served
-
-    def takes_part_in(self, model: str) -> bool:
-        """Whether this agent serves `model` when it is deployed (agents started with --models serve only those)."""
-        return self.serves_only is None or model in self.serves_only
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The cluster views: the answers to QUERY {what: "agents"} and {what: "models"}, built the same way by the broker
-# (its live agents, what `cluster status` and the edge show) and the manager (its registry)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def agent_view(beat: Heartbeat, *, heartbeat_age: float, joined: float, **extra) -> dict:
-    """One entry of the `agents` answer: the agent's latest heartbeat, its id, seconds since it was last heard
-    from, the wall time it joined, and what the asker adds (the broker: `broker_in_flight`, its exact count)."""
-    view = beat.to_wire()
-    view.update(id=beat.agent, heartbeat_age=round(heartbeat_age, 3), joined=joined, **extra)
-    return view
-
-
-def models_view(served: Iterable[tuple[str, Mapping[str, Iterable[int]]]]) -> dict[str, dict]:
-    """The `models` answer from (agent id, model -> versions it serves) pairs: model -> {versions, agents}."""
-    models: dict[str, dict] = {}
-    for agent_id, versions_by_model in served:
-        for name, versions in versions_by_model.items():
-            model = models.setdefault(name, {"versions": set(), "agents": []})
-            model["versions"].update(versions)
-            if agent_id not in model["agents"]:
-                model["agents"].append(agent_id)
-    return {name: {"versions": sorted(m["versions"]), "agents": m["agents"]} for name, m in models.items()}

@@ -1,0 +1,258 @@
+"""Publishing to the model repository on the share: adding a version (a model file, or bytes a client sent) so that
+readers see it complete or not at all, and taking a rejected one off again. What a model and a version are, and
+reading them, is cluster/repository.py's; a publish writes by exactly those rules (a dot-named `.tmp-XXXX` folder,
+fsynced, renamed to its number; a manifest of sha256 sums; the config the version was published with).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cluster.atomic import atomic_write, fsync_dir, write_new_file
+from cluster.config import MAX_VERSION, limits
+from cluster.model_check import check_model_file
+from cluster.model_config import ModelConfig, RepositoryError
+from cluster.repository import (
+    CHUNK,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_FILES,
+    ModelRepository,
+    check_name,
+    check_version,
+    is_int,
+    versions_of,
+)
+
+
+def config_file_bytes(config: ModelConfig) -> bytes:
+    """A config as publish_version writes it (so that equal configs have equal bytes, and equal sha256 sums)."""
+    return (json.dumps(config.to_dict(), indent=2) + "\n").encode()
+
+
+def publish_version(
+    share_dir: str | os.PathLike,
+    name: str,
+    model_path: str | os.PathLike,
+    config: dict | None = None,
+    version: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    data: bytes | None = None,
+) -> int:
+    """Add a version so that agents scanning the share see it complete or not at all; returns its number.
+
+    The model file is `model_path` (a .pt or .pt2 file), or, with `data`, those bytes under `model_path`'s name (the
+    manager publishing what a client sent over the bus, e.g. a Triton load with files). The folder is built as
+    <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and renamed into place;
+    rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
+    """
+    check_name(name)
+    model_path = Path(model_path)
+    suffix = model_path.suffix.lower()
+    target_file = {".pt": "model.pt", ".pt2": "model.pt2"}.get(suffix)
+    if target_file is None:
+        raise RepositoryError(f"cannot publish {model_path}: expected a .pt (TorchScript) or .pt2 (torch.export) file")
+    if data is None and not model_path.is_file():
+        raise RepositoryError(f"cannot publish {model_path}: no such file")
+    if version is not None and (not is_int(version) or not 1 <= version <= MAX_VERSION):
+        raise RepositoryError(
+            f"cannot publish model '{name}': version must be a number from 1 to {MAX_VERSION}, got {version!r}"
+        )
+
+    model_dir = ModelRepository(share_dir).model_dir(name)
+    config_path = model_dir / CONFIG_FILE
+    config_bytes = None
+    if config is not None:
+        parsed = ModelConfig.from_dict(config, name=name)
+        expected_platform = MODEL_FILES[target_file]
+        if parsed.platform is not None and parsed.platform != expected_platform:
+            raise RepositoryError(
+                f"cannot publish model '{name}': config says platform '{parsed.platform}' "
+                f"but {model_path} is {expected_platform}"
+            )
+        config_bytes = config_file_bytes(parsed)
+    elif not config_path.is_file():
+        raise RepositoryError(f"cannot publish model '{name}': {config_path} does not exist and no config was given")
+    where = f"cannot publish model '{name}': {model_path}"
+    if data is not None:
+        check_model_file(target_file, data, where)
+    else:
+        with open(model_path, "rb") as model_file:
+            check_model_file(target_file, model_file, where)
+
+    new_model_dir = not model_dir.is_dir()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_publishes(model_dir)
+    tmp = model_dir / f".tmp-{secrets.token_hex(8)}"
+    wrote_config = False
+    published = False
+    try:
+        os.mkdir(tmp, 0o777)  # not mkdtemp: its 0700 would hide the version from agents running as other users
+        total = len(data) if data is not None else model_path.stat().st_size
+        h = hashlib.sha256()
+        done = 0
+        if progress is not None:
+            progress(0, total)
+        fd = os.open(tmp / target_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with _chunks(model_path, data) as chunks, os.fdopen(fd, "wb", closefd=False) as dst:
+                for chunk in chunks:
+                    dst.write(chunk)
+                    h.update(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+                dst.flush()
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        manifest = {
+            "files": {target_file: h.hexdigest()},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        # Each version keeps the config it was published with, so a later version's config.json cannot change
+        # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
+        version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
+        write_new_file(tmp / CONFIG_FILE, version_config)
+        manifest["files"][CONFIG_FILE] = hashlib.sha256(version_config).hexdigest()
+        write_new_file(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+        fsync_dir(tmp)
+
+        if config_bytes is not None:
+            wrote_config = not config_path.exists()
+            atomic_write(config_path, config_bytes)
+
+        for _ in range(100):
+            number = version
+            if number is None:
+                number = max(versions_of(os.listdir(model_dir)), default=0) + 1
+            final = model_dir / str(number)
+            if final.exists():
+                if version is not None:
+                    raise RepositoryError(f"cannot publish model '{name}': version {number} already exists at {final}")
+                continue  # another publisher took it between listdir and here
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    if version is not None:
+                        raise RepositoryError(
+                            f"cannot publish model '{name}': version {number} already exists at {final}"
+                        ) from None
+                    continue
+                raise
+            break
+        else:
+            raise RepositoryError(f"cannot publish model '{name}': could not claim a version number")
+        published = True
+        fsync_dir(model_dir)
+        return number
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not published and new_model_dir:  # a failed first publish leaves no empty model behind
+            if wrote_config:
+                config_path.unlink(missing_ok=True)
+            try:
+                model_dir.rmdir()  # only if empty: another publisher of the same new model may be at work in it
+            except OSError:
+                pass
+
+
+def remove_stale_publishes(model_dir: Path, older_than: float | None = None) -> list[str]:
+    """Remove the `.tmp-*` (and `.rejected-*`) folders in a model's folder that nothing touched for `older_than`
+    seconds: a publisher (or remove_version) killed mid-way; a live one touches its folder as it writes files.
+    Returns their names."""
+    older_than = limits().stale_publish_seconds if older_than is None else older_than
+    removed = []
+    now = time.time()
+    try:
+        entries = [
+            e
+            for e in os.scandir(model_dir)
+            if e.name.startswith((".tmp-", ".rejected-")) and e.is_dir(follow_symlinks=False)
+        ]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            touched = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in os.scandir(entry.path)])
+        except OSError:
+            continue  # gone already, or being removed by another publisher
+        if now - touched > older_than:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+@contextmanager
+def _chunks(path: Path, data: bytes | None) -> Iterator[Iterable[bytes | memoryview]]:
+    """The model file's content in CHUNK-sized pieces: from `data` when given, else read from `path`."""
+    if data is not None:
+        view = memoryview(data)
+        yield (view[i : i + CHUNK] for i in range(0, len(view), CHUNK))
+        return
+    with open(path, "rb") as src:
+        yield iter(lambda: src.read(CHUNK), b"")
+
+
+def publish_upload(
+    share_dir: str | os.PathLike,
+    name: str,
+    file_name: str,
+    data: bytes,
+    config: dict | None = None,
+    version: int | None = None,
+) -> tuple[int, bool]:
+    """Publish a model file that arrived as bytes (the manager, for a client without the share); returns
+    (version, published). Versions never change once published, so: asked for a version that exists with these very
+    bytes (and this config, when one is given), that version is reused (published False: loading the same files
+    twice is a no-op); one that exists with other content gets the next free number instead; a version not yet on
+    the share is published under the number asked for."""
+    check_name(name)
+    if file_name not in MODEL_FILES:
+        raise RepositoryError(
+            f"cannot publish model '{name}': the model file must be named {' or '.join(MODEL_FILES)}, got {file_name!r}"
+        )
+    repo = ModelRepository(share_dir)
+    if version is not None and version in repo.versions(name):
+        try:
+            files = repo.verify(name, version)
+        except RepositoryError:
+            files = {}
+        same_model = files.get(file_name) == hashlib.sha256(data).hexdigest()
+        same_config = config is None or (
+            files.get(CONFIG_FILE)
+            == hashlib.sha256(config_file_bytes(ModelConfig.from_dict(config, name=name))).hexdigest()
+        )
+        if same_model and same_config:
+            return version, False
+        version = None  # taken by other content: the next number
+    return publish_version(share_dir, name, file_name, config, version, data=data), True
+
+
+def remove_version(share_dir: str | os.PathLike, name: str, version: int, *, whole_model: bool = False) -> None:
+    """Take a version off the share (one that a failed rollout rejected, just after it was published): renamed to a
+    dot-folder first, so that no reader ever sees half of it, then deleted. `whole_model`: the model's folder goes
+    too (a brand-new model whose first version was rejected leaves nothing behind)."""
+    check_name(name)
+    model_dir = ModelRepository(share_dir).model_dir(name)
+    doomed = model_dir if whole_model else model_dir / str(check_version(name, version))
+    parking = (model_dir.parent if whole_model else model_dir) / f".rejected-{secrets.token_hex(8)}"
+    try:
+        os.rename(doomed, parking)
+    except FileNotFoundError:
+        return
+    fsync_dir(parking.parent)
+    shutil.rmtree(parking, ignore_errors=True)
