@@ -5,7 +5,7 @@ requests going on `echo`, one agent is stopped with SIGSTOP for a while, then SI
 and after the freeze.
 
     PYTHONPATH=. python3 bench/frozen.py                      # defaults: 16 clients, 3 s freeze, no hedging
-    PYTHONPATH=. python3 bench/frozen.py --hedge-after 100    # the broker hedges requests stuck 100 ms
+    PYTHONPATH=. python3 bench/frozen.py --hedge-after 0.1    # the broker hedges requests stuck 100 ms
     PYTHONPATH=. python3 bench/frozen.py --agent-capacity 64  # every model may hold 64 requests per agent
 
 `run_freeze` is what tests/test_frozen_agent.py runs too.
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--before", type=float, default=2.0)
     parser.add_argument("--freeze", type=float, default=3.0)
     parser.add_argument("--after", type=float, default=2.0)
-    parser.add_argument("--hedge-after", type=float, default=None, help="ms; passed to `cluster broker`")
+    parser.add_argument("--hedge-after", type=float, default=None, help="seconds; passed to `cluster broker`")
     parser.add_argument("--agent-capacity", type=int, default=None, help="passed to `cluster agent --capacity`")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     args = parser.parse_args()

@@ -50,7 +50,7 @@ def edge_available() -> str | None:
         import edge.app as app
 
         if not callable(getattr(app, "create_app", None)):
-            return "edge/app.py has no create_app(broker_address)"
+            return "edge/app.py has no create_app(settings)"
     except Exception as exc:
         return f"edge not importable ({type(exc).__name__}: {exc})"
     return None

@@ -98,9 +98,11 @@ def _live_route(app) -> None:
 
 def role_serve_edge(broker: str, *, ready_file: str) -> None:
     """Our edge (edge.app.create_app) under the same uvicorn settings as the baselines."""
+    from cluster.config import Addresses
+    from cluster.role_settings import EdgeSettings
     from edge.app import create_app
 
-    _serve(create_app(broker), ready_file)
+    _serve(create_app(EdgeSettings(addresses=Addresses(broker_clients=broker))), ready_file)
 
 
 def role_serve_bare(*, ready_file: str) -> None:

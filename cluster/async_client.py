@@ -13,7 +13,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from cluster.auth import HANDSHAKE_EVENTS, BusSecurity
 from cluster.client_core import Call, ClientCore, InferResult, make_dealer, resolve
-from cluster.config import BROKER_CLIENT_ADDR, env_or, timings_from_env
+from cluster.config import default_address, timings_from_env
 from cluster.errors import ClusterError, NoAgentAvailableError
 from cluster.protocol import What
 
@@ -37,7 +37,7 @@ class AsyncClient:
         fail_fast: bool = False,
         key: str | None = None,
     ) -> None:
-        self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+        self.address = address or default_address()
         self.security = BusSecurity.load(key)
         self.core = ClientCore(
             timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None

@@ -40,7 +40,7 @@ from cluster.client_core import (
     resolve,
     resolve_all,
 )
-from cluster.config import BROKER_CLIENT_ADDR, env_or, timings_from_env
+from cluster.config import default_address, timings_from_env
 from cluster.errors import ClusterError, InferenceTimeoutError
 from cluster.protocol import What
 
@@ -74,7 +74,7 @@ class Client:
     """
 
     def __init__(self, address: str | None = None, timeout: float | None = None, key: str | None = None) -> None:
-        self.address = address or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+        self.address = address or default_address()
         self.security = BusSecurity.load(key)
         self.core = ClientCore(
             timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None

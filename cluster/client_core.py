@@ -16,7 +16,7 @@ import zmq
 from cluster import protocol
 from cluster.auth import BusSecurity, HandshakeVerdict
 from cluster.codec import decode_tensors, encode_tensors
-from cluster.config import MAX_MESSAGE_BYTES, Timings
+from cluster.config import Timings, limits
 from cluster.errors import (
     AuthenticationError,
     BadRequestError,
@@ -111,8 +111,9 @@ class ClientCore:
         except (ValueError, TypeError) as exc:
             raise BadRequestError(f"inputs cannot be sent: {exc}", model) from None
         size = sum(len(t) for t in tensors)
-        if size > MAX_MESSAGE_BYTES:
-            raise BadRequestError(f"request of {size} bytes is over the bus limit of {MAX_MESSAGE_BYTES} bytes", model)
+        if size > limits().max_message_bytes:
+            limit = limits().max_message_bytes
+            raise BadRequestError(f"request of {size} bytes is over the bus limit of {limit} bytes", model)
         timeout = self.timeout if timeout is None else float(timeout)
         request = protocol.Request(
             next(self._ids),

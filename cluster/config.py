@@ -1,13 +1,20 @@
 """Every address, timing and limit of the cluster, in one place.
 
-Each setting has a default here and an environment variable that overrides it, so a test (or an operator) can run
-the whole cluster with, say, 100 ms heartbeats without touching code. Command-line options override both.
+The settings groups every role shares (Addresses, Timings, Limits, RestartPolicy) are settings classes
+(cluster/settings.py): each field has its default, check, unit and help here, and its CLUSTER_<FIELD> variable by the
+one rule, so a test (or an operator) can run the whole cluster with, say, 100 ms heartbeats without touching code.
+Command-line options override both. The roles' own settings classes are in cluster/role_settings.py.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
+from typing import ClassVar
+
+from cluster import settings
+from cluster.settings import setting
 
 # --- default addresses (loopback only unless told otherwise) ---------------------------------------------------
 DEFAULT_HOST = "127.0.0.1"
@@ -25,11 +32,11 @@ EDGE_DISCONNECT_WATCH_AFTER = 0.05  # seconds
 
 # --- limits -------------------------------------------------------------------------------------------------------
 # data sockets: the largest frame a peer may send (ZMQ_MAXMSGSIZE; larger: the peer is disconnected)
-MAX_MESSAGE_BYTES = int(os.environ.get("CLUSTER_MAX_MESSAGE_BYTES", 256 * 1024 * 1024))
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the default; the limit in force: limits().max_message_bytes
 MAX_CONTROL_BYTES = 1024 * 1024  # heartbeat and event sockets
 # the manager's query socket: a model file sent to be published (`cluster deploy` without --share, a Triton load with
 # files) travels in one message, so this is also the largest model that can be deployed that way
-MAX_UPLOAD_BYTES = int(os.environ.get("CLUSTER_MAX_UPLOAD_BYTES", 256 * 1024 * 1024))
+MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # the default; the limit in force: limits().max_upload_bytes
 MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
 MAX_TENSORS = 64  # tensors in one request or reply
 MAX_DIMS = 16  # dimensions of one tensor
@@ -44,7 +51,7 @@ ROLLOUT_TIMEOUT_S = 300.0  # seconds each agent has to stage a new version, when
 MAX_VERSION = 2**31 - 1
 # A publish's temporary folder (`<share>/models/<name>/.tmp-*`) untouched this long was left by a publisher that was
 # killed (kill -9, power loss); the next publish of that model removes it
-STALE_PUBLISH_SECONDS = float(os.environ.get("CLUSTER_STALE_PUBLISH_SECONDS", 3600))
+STALE_PUBLISH_SECONDS = 3600.0  # the default; in force: limits().stale_publish_seconds
 MODEL_COPY_CHUNK = 64 * 1024 * 1024  # bytes per sendfile() when an agent copies a model file into a sealed memfd
 LOAD_THREADS = 2  # model versions an agent loads at once (at start and in rollouts): copying and hashing release the
 # GIL, so a second model need not wait for the first (2 x 100 MB + digits: 0.46 -> 0.34 s)
@@ -84,48 +91,122 @@ AGENT_MAX_MEMORY_MIB = 0
 AGENT_LINK_WARN_MAX_S = 60.0
 
 
+def _at_least(low):
+    return (lambda v: v >= low, f">= {low}")
+
+
+def _above(low):
+    return (lambda v: v > low, f"> {low}")
+
+
 @dataclass(frozen=True)
 class Timings:
-    """Heartbeats, liveness and deadlines. All in seconds."""
+    """Heartbeats, liveness and deadlines. All in seconds. Every role reads these (CLUSTER_<FIELD>)."""
 
-    heartbeat_interval: float = 1.0  # agents beat this often (to the manager and the broker)
-    liveness: int = 3  # a peer silent for liveness * interval is dead
-    reconnect_initial: float = 1.0  # an agent whose broker is connected but silent sends READY again after this;
-    reconnect_max: float = 32.0  # ... doubling up to this, with jitter (a broker that is down: see link_retry_max)
+    heartbeat_interval: float = setting(
+        1.0,
+        "Agents beat this often (to the manager and the broker).",
+        unit="s",
+        check=_at_least(0.01),
+        flag="--heartbeat-interval",
+    )
+    liveness: int = setting(
+        3, "Missed heartbeats before a peer is dead.", unit="beats", check=_at_least(1), flag="--liveness"
+    )
+    reconnect_initial: float = setting(
+        1.0, "An agent whose broker is connected but silent sends READY again after this, doubling ...", unit="s"
+    )
+    reconnect_max: float = setting(32.0, "... up to this, with jitter.", unit="s")
     # How often a connecting socket (agents -> broker and manager, broker -> manager, clients -> broker) tries again
     # to reach a peer that is down: from a quarter of this (or reconnect_initial, if less) doubling up to this, plus
     # ZeroMQ's jitter (up to the first interval). Short, so that a restarted broker or manager has every agent back
     # within about this long whatever the outage lasted (a refused TCP connect costs nothing, and the jitter spreads
     # the agents); an agent sends READY the moment its connection is up (agent.py).
-    link_retry_max: float = 1.0
+    link_retry_max: float = setting(
+        1.0,
+        "How often at most a connecting socket tries again a broker or manager that is down.",
+        unit="s",
+        check=_at_least(0.01),
+    )
     # A restarted broker asks the manager which agents are alive and holds requests for their models (within each
     # request's deadline) until they have registered again or are declared dead, at most this long after it started.
-    rejoin_window: float = 10.0
-    request_timeout: float = 30.0  # default deadline of an inference request
-    query_timeout: float = 5.0  # deadline of an agents()/models() query
-    max_dispatch_attempts: int = 3  # how often the broker re-dispatches a request whose agent died
-    broker_queue_limit: int = 10_000  # requests the broker holds waiting for a free agent, past that: OVERLOADED
-    max_queue_wait: float = 5.0  # load shedding: a request expected to wait longer in the broker's queue is refused
-    # at once (OVERLOADED with retry_after); a model's config `max_queue_wait_ms` overrides it; 0 = no bound
-    client_max_in_flight: int = 4096  # requests one client may have at the broker (queued or at agents): OVERLOADED
-    client_reply_budget: int = 32 * 1024 * 1024  # bytes of replies the broker holds for a client that does not read
-    # them (its pipe is full, CLIENT_SNDHWM); past it, its replies are dropped and its requests cancelled
-    client_read_grace: float = 1.0  # a client whose pipe took none of its held replies for this long is not reading:
-    # its new requests get OVERLOADED until it reads (a full pipe alone is often a reading client behind a burst)
+    rejoin_window: float = setting(
+        10.0,
+        "How long at most a restarted broker holds requests for agents the manager says are alive.",
+        unit="s",
+        check=_at_least(0),
+    )
+    request_timeout: float = setting(
+        30.0, "Default deadline of an inference request.", unit="s", check=_above(0), flag="--request-timeout"
+    )
+    query_timeout: float = setting(5.0, "Deadline of an agents()/models() query.", unit="s")
+    max_dispatch_attempts: int = setting(
+        3, "How often the broker re-dispatches a request whose agent died.", check=_at_least(1)
+    )
+    broker_queue_limit: int = setting(
+        10_000,
+        "Requests the broker holds waiting for a free agent; past that: OVERLOADED.",
+        unit="requests",
+        check=_at_least(0),
+    )
+    max_queue_wait: float = setting(
+        5.0,
+        "Load shedding: refuse at once (OVERLOADED) a request expected to wait longer in the broker's queue "
+        "(0: no bound; a model's config max_queue_wait_ms overrides it).",
+        unit="s",
+        check=_at_least(0),
+        flag="--max-queue-wait",
+    )
+    client_max_in_flight: int = setting(
+        4096,
+        "Requests one client may have at the broker (queued or at agents); past that: OVERLOADED.",
+        unit="requests",
+        check=_at_least(1),
+    )
+    client_reply_budget: int = setting(
+        32 * 1024 * 1024,
+        "Bytes of replies the broker holds for a client that does not read them (then drops them "
+        "and cancels its requests).",
+        unit="bytes",
+        check=_at_least(0),
+    )
+    client_read_grace: float = setting(
+        1.0,
+        "A client whose pipe took none of its held replies for this long is not reading: OVERLOADED until it reads.",
+        unit="s",
+    )
     # A stalled agent (holds requests, makes no progress; frozen, or its inference stuck) stops getting new requests
     # long before it is declared dead: an agent whose oldest request here is older than max(stall_factor x that
     # model's recent p99 service time, stall_floor), and which answered nothing for that long, is skipped by routing
     # (it stays alive and keeps its requests) until it answers again. Not judged before a model's p99 is known.
-    stall_factor: float = 4.0  # a healthy agent's oldest request is rarely older than ~2 x p99 (one batch running,
-    # one filling); 4 x leaves room for jitter without waiting long
-    stall_floor: float = 0.1  # never "stalled" sooner: scheduler and GC pauses on a loaded host reach tens of ms
-    hedge_after: float = 0.0  # hedging: a request at one agent longer than this is also sent to another eligible
-    # agent, the first answer wins (the other copy is cancelled); 0 = off (`cluster broker --hedge-after MS`)
+    # A healthy agent's oldest request is rarely older than ~2 x p99 (one batch running, one filling); 4 x leaves room
+    # for jitter without waiting long. The floor: scheduler and GC pauses on a loaded host reach tens of ms.
+    stall_factor: float = setting(
+        4.0,
+        "An agent whose oldest request is older than this x the model's p99 (and stall_floor) is skipped.",
+        unit="x p99",
+        check=_at_least(1),
+    )
+    stall_floor: float = setting(0.1, 'Never "stalled" sooner than this.', unit="s", check=_above(0))
+    hedge_after: float = setting(
+        0.0,
+        "Hedging: a request at one agent longer than this is also sent to another; the first answer wins (0: off).",
+        unit="s",
+        check=_at_least(0),
+        flag="--hedge-after",
+    )
     # A model call that never returns (a Python thread cannot be cancelled): past max(hang_factor x its request's
     # deadline, hang_min) seconds running, the agent stops taking work, says why (heartbeat `drain_reason`, log) and
-    # exits with EXIT_HUNG for its supervisor to restart it (`cluster agent --hang-factor/--hang-min`); 0 = never.
-    hang_factor: float = 2.0
-    hang_min: float = 10.0  # a short deadline never makes a legitimately slow call "hung" sooner than this
+    # exits with EXIT_HUNG for its supervisor to restart it; 0 = never.
+    hang_factor: float = setting(
+        2.0,
+        "A model call running longer than this x its request's deadline (and hang_min) is hung: the agent "
+        "exits with status 4, to be restarted (0: never).",
+        unit="x deadline",
+        check=_at_least(0),
+        flag="--hang-factor",
+    )
+    hang_min: float = setting(10.0, "No call counts as hung sooner.", unit="s", check=_at_least(0), flag="--hang-min")
 
     @property
     def expiry(self) -> float:
@@ -139,70 +220,53 @@ class Timings:
         return min(OWN_PAUSE_BOUND, self.heartbeat_interval / 2)
 
 
-_ENV_PREFIX = "CLUSTER_"
-
-
 def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timings:
     """Timings from CLUSTER_<FIELD> environment variables (e.g. CLUSTER_HEARTBEAT_INTERVAL=0.2), then overrides."""
-    environ = os.environ if environ is None else environ
-    values = {}
-    for f in fields(Timings):
-        raw = environ.get(_ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            values[f.name] = type(f.default)(float(raw))  # int fields accept "3" and "3.0"
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    timings = replace(Timings(), **values)
-    if timings.heartbeat_interval < 0.01:
-        raise ValueError("heartbeat interval must be at least 10 ms")
-    if timings.link_retry_max < 0.01 or timings.rejoin_window < 0:
-        raise ValueError("link_retry_max must be at least 10 ms, rejoin_window >= 0")
-    if timings.liveness < 1:
-        raise ValueError("liveness must be at least 1")
-    if timings.max_queue_wait < 0:
-        raise ValueError("max_queue_wait must be >= 0 (0: no bound)")
-    if timings.client_max_in_flight < 1 or timings.client_reply_budget < 0:
-        raise ValueError("client_max_in_flight must be >= 1, client_reply_budget >= 0")
-    if timings.stall_factor < 1 or timings.stall_floor <= 0 or timings.hedge_after < 0:
-        raise ValueError("stall_factor must be >= 1, stall_floor > 0, hedge_after >= 0 (0: off)")
-    if timings.hang_factor < 0 or timings.hang_min < 0:
-        raise ValueError("hang_factor must be >= 0 (0: off), hang_min >= 0")
-    if timings.broker_queue_limit < 0 or timings.max_dispatch_attempts < 1 or timings.request_timeout <= 0:
-        raise ValueError("broker_queue_limit must be >= 0, max_dispatch_attempts >= 1, request_timeout > 0")
-    return timings
+    return settings.load(Timings, environ, overrides)[0]
 
 
 @dataclass(frozen=True)
 class RestartPolicy:
     """How `cluster up` restarts a role process that died (cluster/supervisor.py), as systemd's Restart=on-failure:
     a process that exits with a failure (non-zero status, or killed by a signal other than SIGTERM, SIGINT, SIGHUP,
-    SIGPIPE) is restarted after a backoff; a clean exit is not. All in seconds."""
+    SIGPIPE) is restarted after a backoff; a clean exit is not. All in seconds. Variables CLUSTER_RESTART_<FIELD>."""
 
-    backoff_initial: float = 0.5  # delay before the first restart; doubles with each failure in a row ...
-    backoff_max: float = 10.0  # ... up to this
-    backoff_reset: float = 10.0  # a process that stayed up this long before it died starts again at backoff_initial
-    # each backoff_decay seconds a process stayed up takes one doubling back: a process that served between kills
-    # restarts fast, one that dies within seconds of its start still backs off (and trips the crash-loop rule)
-    backoff_decay: float = 2.0
-    crash_window: float = 60.0  # a process restarted crash_restarts times within this window is in a crash loop:
-    crash_restarts: int = 5  # its next failure is reported and it is not restarted again
+    env_prefix: ClassVar[str] = "RESTART_"
+    backoff_initial: float = setting(
+        0.5,
+        "`cluster up`: delay before a failed process's first restart; doubles with each failure in a row.",
+        unit="s",
+        check=_above(0),
+    )
+    backoff_max: float = setting(10.0, "... up to this.", unit="s")
+    backoff_reset: float = setting(
+        10.0,
+        "A process that stayed up this long before it died starts again at backoff_initial.",
+        unit="s",
+        check=_at_least(0),
+    )
+    # a process that served between kills restarts fast, one that dies within seconds of its start still backs off
+    # (and trips the crash-loop rule)
+    backoff_decay: float = setting(
+        2.0, "Each this many seconds a process stayed up takes one doubling back.", unit="s", check=_at_least(0)
+    )
+    crash_window: float = setting(
+        60.0,
+        "A process restarted crash_restarts times within this window is in a crash loop (given up on).",
+        unit="s",
+        check=_above(0),
+    )
+    crash_restarts: int = setting(5, "Restarts within crash_window that make a crash loop.", check=_at_least(1))
+
+    def problems(self) -> str | None:
+        if self.backoff_initial > self.backoff_max:
+            return "restart backoff: need 0 < backoff_initial <= backoff_max, backoff_reset >= 0 and backoff_decay >= 0"
+        return None
 
 
 def restart_policy_from_env(environ: dict[str, str] | None = None) -> RestartPolicy:
     """RestartPolicy from CLUSTER_RESTART_<FIELD> variables (e.g. CLUSTER_RESTART_BACKOFF_MAX=5)."""
-    environ = os.environ if environ is None else environ
-    values = {}
-    for f in fields(RestartPolicy):
-        raw = environ.get(f"{_ENV_PREFIX}RESTART_{f.name.upper()}")
-        if raw is not None:
-            values[f.name] = type(f.default)(float(raw))
-    policy = replace(RestartPolicy(), **values)
-    if not 0 < policy.backoff_initial <= policy.backoff_max or policy.backoff_reset < 0 or policy.backoff_decay < 0:
-        raise ValueError(
-            "restart backoff: need 0 < backoff_initial <= backoff_max, backoff_reset >= 0 and backoff_decay >= 0"
-        )
-    if policy.crash_window <= 0 or policy.crash_restarts < 1:
-        raise ValueError("crash loop: need crash_window > 0 and crash_restarts >= 1")
-    return policy
+    return settings.from_env(RestartPolicy, environ)
 
 
 def usable_cores() -> int:
@@ -221,23 +285,58 @@ def up_torch_threads(agents: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, agents))
 
 
-def env_or(name: str, default: str) -> str:
-    """An address or path from CLUSTER_<NAME>, else the default."""
-    return os.environ.get(_ENV_PREFIX + name, default)
-
-
 def default_share_dir() -> str:
-    """Where `cluster up` keeps its local model share unless --share says otherwise (the user's data dir)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return env_or("SHARE", os.path.join(base, "cluster", "share"))
+    """Where a share is kept unless --share (CLUSTER_SHARE) says otherwise: the user's data dir (XDG_DATA_HOME)."""
+    base = settings.xdg_dir("XDG_DATA_HOME", ".local/share")
+    return os.path.join(base, "cluster", "share")
 
 
 @dataclass(frozen=True)
 class Addresses:
     """Where each component listens; one object so every CLI command and test passes the same set around."""
 
-    broker_clients: str = field(default_factory=lambda: env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR))
-    broker_agents: str = field(default_factory=lambda: env_or("BROKER_AGENTS", BROKER_AGENT_ADDR))
-    manager_heartbeats: str = field(default_factory=lambda: env_or("MANAGER_HEARTBEATS", MANAGER_HEARTBEAT_ADDR))
-    manager_events: str = field(default_factory=lambda: env_or("MANAGER_EVENTS", MANAGER_EVENTS_ADDR))
-    manager_queries: str = field(default_factory=lambda: env_or("MANAGER_QUERIES", MANAGER_QUERY_ADDR))
+    broker_clients: str = setting(BROKER_CLIENT_ADDR, "Broker address for clients.", flag="--broker-clients")
+    broker_agents: str = setting(BROKER_AGENT_ADDR, "Broker address for agents.", flag="--broker-agents")
+    manager_heartbeats: str = setting(
+        MANAGER_HEARTBEAT_ADDR, "Manager heartbeat address (agents publish here).", flag="--manager-heartbeats"
+    )
+    manager_events: str = setting(
+        MANAGER_EVENTS_ADDR, "Manager registry-event address (the broker subscribes).", flag="--manager-events"
+    )
+    manager_queries: str = setting(MANAGER_QUERY_ADDR, "Manager query address.", flag="--manager-queries")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes every process of the cluster agrees on (read from the environment once, on first use: `limits()`)."""
+
+    max_message_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Largest frame on data sockets (a larger one disconnects the peer).",
+        unit="bytes",
+        check=_above(0),
+    )
+    max_upload_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Largest model file `cluster deploy` sends over the bus (manager's query socket).",
+        unit="bytes",
+        check=_above(0),
+    )
+    stale_publish_seconds: float = setting(
+        3600.0,
+        "A publish's temporary folder untouched this long was left by a killed publisher: removed.",
+        unit="s",
+        check=_at_least(0),
+    )
+
+
+def default_address(name: str = "broker_clients") -> str:
+    """The address a client made without one uses: CLUSTER_BROKER_CLIENTS (or the variable of `name`), else the
+    default."""
+    return getattr(settings.from_env(Addresses), name)
+
+
+@functools.cache
+def limits() -> Limits:
+    """This process's Limits (CLUSTER_MAX_MESSAGE_BYTES ...), read once, when first needed (not at import)."""
+    return settings.from_env(Limits)

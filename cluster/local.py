@@ -62,6 +62,7 @@ from cluster.serving import (  # noqa: F401 (re-exported: the CLI, tests and ben
     serve_http,
     write_ready_file,
 )
+from cluster.settings import environment
 
 if TYPE_CHECKING:
     from cluster.supervisor import Supervisor
@@ -173,10 +174,10 @@ class LocalCluster:
         return not is_any_port(getattr(self.addresses, key))
 
     def env(self, **extra) -> dict:
-        """The environment of every process: os.environ plus the cluster's CLUSTER_* settings, then `extra`."""
+        """The environment of every process: this one's plus the cluster's CLUSTER_* settings, then `extra`."""
         a = self.addresses
         env = dict(
-            os.environ,
+            environment(),
             CLUSTER_BROKER_CLIENTS=a.broker_clients,
             CLUSTER_BROKER_AGENTS=a.broker_agents,
             CLUSTER_MANAGER_HEARTBEATS=a.manager_heartbeats,

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cluster.atomic import atomic_write, fsync_dir, write_new_file
-from cluster.config import MAX_VERSION, STALE_PUBLISH_SECONDS
+from cluster.config import MAX_VERSION, limits
 from cluster.model_check import check_model_file
 from cluster.model_config import ModelConfig, RepositoryError
 from cluster.repository import (
@@ -170,10 +170,11 @@ def publish_version(
                 pass
 
 
-def remove_stale_publishes(model_dir: Path, older_than: float = STALE_PUBLISH_SECONDS) -> list[str]:
+def remove_stale_publishes(model_dir: Path, older_than: float | None = None) -> list[str]:
     """Remove the `.tmp-*` (and `.rejected-*`) folders in a model's folder that nothing touched for `older_than`
     seconds: a publisher (or remove_version) killed mid-way; a live one touches its folder as it writes files.
     Returns their names."""
+    older_than = limits().stale_publish_seconds if older_than is None else older_than
     removed = []
     now = time.time()
     try:

@@ -41,6 +41,7 @@ from cluster.repository import (
     version_path,
     versions_of,
 )
+from cluster.settings import xdg_dir
 
 
 class ShareError(RepositoryError):
@@ -221,7 +222,7 @@ class NfsShare(Share):
 
 def default_cache_dir(url: str) -> Path:
     """One cache folder per share address under the user's cache dir, so two shares never mix their files."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = xdg_dir("XDG_CACHE_HOME", ".cache")
     return Path(base) / "cluster" / "shares" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 

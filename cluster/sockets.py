@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from cluster.config import LINGER_MS, MAX_MESSAGE_BYTES, SOCKET_HWM, Timings
+from cluster.config import LINGER_MS, SOCKET_HWM, Timings, limits
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def make_socket(
     bind: str | None = None,
     connect: str | None = None,
     identity: bytes | None = None,
-    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_bytes: int | None = None,
     hwm: int = SOCKET_HWM,
     sndhwm: int | None = None,
     handover: bool = False,
@@ -86,7 +86,7 @@ def make_socket(
     sock.setsockopt(zmq.LINGER, linger)
     sock.setsockopt(zmq.SNDHWM, hwm if sndhwm is None else sndhwm)  # per peer pipe, in messages
     sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits().max_message_bytes if max_bytes is None else max_bytes)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
     # Retrying a peer that is down (connecting sockets): short and capped (Timings.link_retry_max), not the 32 s of

@@ -1,8 +1,9 @@
 """The HTTP edge: Open Inference Protocol (KServe V2) REST over the cluster's bus, and the web page.
 
+    from cluster.role_settings import EdgeSettings
     from edge import create_app, run_edge
-    run_edge("127.0.0.1", 8000, "tcp://127.0.0.1:5555")        # or: cluster edge --port 8000 (= python3 -m edge)
-    app = create_app("tcp://127.0.0.1:5555")                    # an ASGI app; create_app(client=...) to bring a client
+    run_edge(EdgeSettings(edge_port=8000))         # or: cluster edge --edge-port 8000 (= python3 -m edge)
+    app = create_app(EdgeSettings())               # an ASGI app; create_app(settings, client=...) to bring a client
 
 Modules: app (create_app, run_edge), routes, schemas (the OpenAPI bodies), errors (statuses), body (limit and
 encodings), oip, oip_tensors, oip_json (OIP bodies, tensors and JSON text <-> numpy), metrics (Prometheus),

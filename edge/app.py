@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import sys
-from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster import AsyncClient
-from cluster.config import BROKER_CLIENT_ADDR, EDGE_GRPC_PORT, env_or
 from cluster.logs import logging_config
 from cluster.manager.client import AsyncManagerClient
+from cluster.role_settings import EdgeSettings
 from cluster.serving import serve_http
 from edge.dataplane import DataPlane, server_version
 from edge.errors import install_error_handlers
@@ -54,10 +53,10 @@ FRONTEND_CANDIDATES = (
     REPO_ROOT / "frontend.html",
     Path(sys.prefix) / "share" / "torch-serving-cluster" / "frontend.html",
 )
-DEFAULT_MAX_BODY = 64 * 1024 * 1024
-DEFAULT_MAX_JSON_BODY = 32 * 1024 * 1024  # JSON costs several times its size to decode: a lower limit
+DEFAULT_MAX_BODY = EdgeSettings.max_body_bytes  # the defaults (the settings: EdgeSettings, cluster/role_settings.py)
+DEFAULT_MAX_JSON_BODY = EdgeSettings.max_json_body  # JSON costs several times its size to decode: a lower limit
 DOCS_ASSETS = "/docs-assets"  # where /docs and /redoc find Swagger UI's and ReDoc's files
-DEFAULT_QUERY_TIMEOUT = 2.0  # seconds health, metadata and the cluster views wait for the broker
+DEFAULT_QUERY_TIMEOUT = EdgeSettings.edge_query_timeout  # the default (settings: EdgeSettings.edge_query_timeout)
 
 
 class EdgeFastAPI(FastAPI):
@@ -83,58 +82,50 @@ def default_frontend() -> Path:
 
 
 def create_app(
-    broker_address: str | None = None,
+    settings: EdgeSettings | None = None,
     *,
     client: Any = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY,
-    max_json_bytes: int | None = None,
-    frontend_path: str | Path | None = None,
-    request_timeout: float | None = None,
-    query_timeout: float = DEFAULT_QUERY_TIMEOUT,
-    tokens: Iterable[str] = (),
-    admin_tokens: Iterable[str] = (),
-    allowed_hosts: Iterable[str] = (),
-    cors_origins: Iterable[str] = (),
-    key: str | None = None,
+    manager: Any = None,
     grpc_address: str | None = None,
     grpc_tls: tuple[str, str] | None = None,
-    manager_address: str | None = None,
-    manager: Any = None,
-    manager_key: str | None = None,
 ) -> FastAPI:
-    """The edge for the broker at `broker_address` (its client address, e.g. tcp://127.0.0.1:5555; default
-    CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555).
+    """The edge with these settings (EdgeSettings, cluster/role_settings.py; None: the defaults): its broker
+    (that of `client` when one is brought), body limits, page, request timeout, tokens (and token files), allowed hosts,
+    CORS origins, bus key and manager are the settings'; see `cluster config edge`.
 
     client: the bus client to use instead of the AsyncClient the app otherwise opens at startup and closes at
     shutdown: any object with AsyncClient's coroutines (infer, agents, models, model_metadata), e.g. a fake in
-    tests. The caller owns it (the app does not close it). max_body_bytes: largest request body (after
-    decompression); max_json_bytes: largest JSON, a body without the binary extension or the JSON part of one with
-    it (default: DEFAULT_MAX_JSON_BODY, 32 MiB; never above max_body_bytes); frontend_path: the page served at /
-    (default: the repository's frontend.html); request_timeout: default inference deadline in seconds (default: the
-    client's, 30 s); query_timeout: how long health, metadata and cluster views wait for the broker.
-
-    tokens / admin_tokens: bearer tokens (none: every route is open); allowed_hosts: Host names served besides the
-    loopback ones ('*': any); cors_origins: browser origins allowed to call the edge (edge/security.py); key: the
-    bus key file (`cluster keys add NAME --role client`) the edge's own AsyncClient presents (None: in the clear).
+    tests. The caller owns it (the app does not close it). manager: an object with AsyncManagerClient's `call` and
+    `address` to use instead of the AsyncManagerClient of the settings' manager address (a fake in tests).
     grpc_address: host:port (port 0: any) where the app's lifespan also serves the OIP over gRPC (None: no gRPC);
     grpc_tls: (certificate, key) PEM files gRPC serves TLS with (run_edge gives the HTTPS edge's own).
-
-    manager_address: the lifecycle manager's query address, for the repository extension (load, unload, index) and
-    the rollout metrics (default CLUSTER_MANAGER_QUERIES, else tcp://127.0.0.1:5559); manager_key: the key the edge
-    presents to it (default `key`; loads and unloads need an admin key when the cluster runs with keys); manager:
-    an object with AsyncManagerClient's `call` and `address` to use instead (a fake in tests).
     """
-    broker = broker_address or getattr(client, "address", None) or env_or("BROKER_CLIENTS", BROKER_CLIENT_ADDR)
+    settings = settings or EdgeSettings()
+    broker = getattr(client, "address", None) or settings.addresses.broker_clients  # the one it talks to
+    frontend_path = settings.edge_frontend
+    request_timeout = settings.timings.request_timeout
+    query_timeout = settings.edge_query_timeout
+    key = settings.key
+    tokens = [*split_tokens(settings.edge_token), *(t for f in settings.edge_token_file for t in read_token_file(f))]
+    admin_tokens = [
+        *split_tokens(settings.edge_admin_token),
+        *(t for f in settings.edge_admin_token_file for t in read_token_file(f)),
+    ]
+    allowed_hosts = hosts_for_bind(settings.edge_host, settings.edge_allowed_hosts)
+    cors_origins = settings.edge_cors_origins
     page = Path(frontend_path) if frontend_path else default_frontend()
     security = EdgeSecurity(
         split_tokens(list(tokens)), split_tokens(list(admin_tokens)), tuple(allowed_hosts), tuple(cors_origins)
     )
     if manager is None:
-        manager = AsyncManagerClient(manager_address, key=manager_key if manager_key is not None else key)
-    json_limit = DEFAULT_MAX_JSON_BODY if max_json_bytes is None else max_json_bytes
+        manager_key = settings.edge_manager_key
+        manager = AsyncManagerClient(
+            settings.addresses.manager_queries, key=manager_key if manager_key is not None else key
+        )
+    json_limit = settings.max_json_body
     edge = DataPlane(
         broker,
-        max_body_bytes,
+        settings.max_body_bytes,
         page,
         request_timeout,
         query_timeout,
@@ -236,42 +227,16 @@ def _bearer_in_openapi(schema: dict, auth: bool) -> None:
         components.pop("securitySchemes", None)
 
 
-def run_edge(
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    broker: str | None = None,
-    *,
-    max_body_bytes: int | None = None,
-    max_json_bytes: int | None = None,
-    frontend_path: str | Path | None = None,
-    request_timeout: float | None = None,
-    log_level: str = "info",
-    log_format: str = "text",
-    access_log: bool = False,
-    ready_file: str | Path | None = None,
-    tokens: Iterable[str] = (),
-    token_files: Iterable[str | Path] = (),
-    admin_tokens: Iterable[str] = (),
-    admin_token_files: Iterable[str | Path] = (),
-    allowed_hosts: Iterable[str] = (),
-    cors_origins: Iterable[str] = (),
-    ssl_certfile: str | Path | None = None,
-    ssl_keyfile: str | Path | None = None,
-    key: str | None = None,
-    grpc_port: int = EDGE_GRPC_PORT,
-    grpc_host: str | None = None,
-    manager_address: str | None = None,
-    manager_key: str | None = None,
-) -> None:
-    """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking). broker: the broker's client address
-    (default CLUSTER_BROKER_CLIENTS, else tcp://127.0.0.1:5555); max_body_bytes: default DEFAULT_MAX_BODY (64 MiB);
-    max_json_bytes: default DEFAULT_MAX_JSON_BODY (32 MiB, at most max_body_bytes);
-    port 0: any free port; ready_file: where to report the URL once it serves (cluster.local reads it);
-    token_files / admin_token_files: more tokens, one a line; ssl_certfile + ssl_keyfile (PEM): serve HTTPS; a
-    non-loopback `host` is added to allowed_hosts (every address, 0.0.0.0: a warning instead); the rest as in
-    create_app; grpc_port: where the OIP gRPC service also listens, on grpc_host (default: `host`), in the same event
-    loop (0: no gRPC; -1: any free port), reported in the ready file as "grpc": "host:port"; manager_address and
-    manager_key as in create_app."""
+def run_edge(settings: EdgeSettings | None = None, *, ready_file: str | Path | None = None) -> None:
+    """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking), as its settings say (None: the defaults): on
+    edge_host:edge_port (port 0: any free port), HTTPS with edge_ssl_certfile + edge_ssl_keyfile (PEM); a non-loopback
+    host is added to the allowed hosts (every address, 0.0.0.0: a warning instead); the OIP gRPC service also
+    listens on edge_grpc_port, on edge_grpc_host (default: edge_host), in the same event loop (0: no gRPC; -1: any
+    free port), reported in the ready file as "grpc": "host:port"; ready_file: where to report the URL once it
+    serves (cluster.local reads it)."""
+    settings = settings or EdgeSettings()
+    host, ssl_certfile, ssl_keyfile = settings.edge_host, settings.edge_ssl_certfile, settings.edge_ssl_keyfile
+    grpc_port = settings.edge_grpc_port
     try:
         if bool(ssl_certfile) != bool(ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
@@ -280,22 +245,10 @@ def run_edge(
                 raise ValueError(f"no such file: {path}")
         tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if ssl_certfile else {}
         app = create_app(
-            broker,
-            max_body_bytes=DEFAULT_MAX_BODY if max_body_bytes is None else max_body_bytes,
-            max_json_bytes=max_json_bytes,
-            frontend_path=frontend_path,
-            request_timeout=request_timeout,
-            key=key,
-            manager_address=manager_address,
-            manager_key=manager_key,
-            tokens=[*split_tokens(list(tokens)), *(t for f in token_files for t in read_token_file(f))],
-            admin_tokens=[
-                *split_tokens(list(admin_tokens)),
-                *(t for f in admin_token_files for t in read_token_file(f)),
-            ],
-            allowed_hosts=hosts_for_bind(host, allowed_hosts),
-            cors_origins=cors_origins,
-            grpc_address=None if grpc_port == 0 else format_grpc_address(grpc_host or host, max(grpc_port, 0)),
+            settings,
+            grpc_address=None
+            if grpc_port == 0
+            else format_grpc_address(settings.edge_grpc_host or host, max(grpc_port, 0)),
             # with TLS, gRPC serves the same certificate: tokens and model loads never travel in the clear
             grpc_tls=(str(ssl_certfile), str(ssl_keyfile)) if ssl_certfile else None,
         )
@@ -304,16 +257,17 @@ def run_edge(
     except (ValueError, OSError) as exc:  # a bad option: say which, no traceback
         logging.getLogger("edge").error("cannot start the edge: %s", exc)
         sys.exit(2)
+    log_level, log_format = settings.log_level, settings.log_format
     serve_http(
         app,
         host,
-        port,
+        settings.edge_port,
         ready_file=ready_file,
         loop="auto",  # uvloop and httptools (setup.py installs them), else asyncio and h11
         http="auto",
         log_level=log_level.lower(),
         log_config=logging_config("edge", log_level, log_format),  # ours and uvicorn's loggers, text or JSON
-        access_log=access_log,
+        access_log=settings.edge_access_log,
         timeout_graceful_shutdown=5,
         extra_addresses=lambda: {"grpc": app.state.edge.grpc_address} if app.state.edge.grpc_address else {},
         **tls,

@@ -30,6 +30,7 @@ from cluster.protocol import (
     pack,
     unpack_header,
 )
+from cluster.role_settings import BrokerSettings, ManagerSettings
 
 TIMINGS = Timings(heartbeat_interval=1.0, liveness=3, max_dispatch_attempts=3, broker_queue_limit=100)
 T = 10.0  # a time past the warm-up window (expiry + interval = 4 s after the start at 0)
@@ -375,8 +376,8 @@ def test_broker_asks_the_manager_which_agents_to_expect_at_start():
         manager_heartbeats="inproc://r-beats",
         manager_queries="inproc://r-queries",
     )
-    manager = Manager(addresses, TIMINGS, ctx)
-    broker = Broker(addresses, TIMINGS, "round-robin", ctx)
+    manager = Manager(ManagerSettings(addresses=addresses, timings=TIMINGS), ctx)
+    broker = Broker(BrokerSettings(addresses=addresses, timings=TIMINGS), ctx)
     try:
         manager.registry.observe(beat("a1", instance="i1"), manager.registry.expiry)
         manager.deployments.desired = DesiredState.from_wire({"models": {"m": {"version": 1}}})  # m is deployed
@@ -676,7 +677,7 @@ def test_broker_deliver_hands_a_failed_send_back_to_the_dispatcher():
     addresses = Addresses(
         broker_clients="inproc://clients", broker_agents="inproc://agents", manager_events="inproc://events"
     )
-    broker = Broker(addresses, TIMINGS, "round-robin", ctx)
+    broker = Broker(BrokerSettings(addresses=addresses, timings=TIMINGS), ctx)
     a2 = ctx.socket(zmq.DEALER)
     a2.setsockopt(zmq.ROUTING_ID, b"a2")
     a2.setsockopt(zmq.LINGER, 0)

@@ -4,6 +4,7 @@ command's `--help` documents its options."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,7 +134,8 @@ COMMANDS = {"manager", "broker", "agent", "edge", "up", "status", "deploy", "rol
 
 
 def test_every_command_documents_its_options():
-    """Each command's --help lists every option it takes, with a description and the environment variable it reads.
+    """Each command's --help lists every option it takes, with a description and the environment variable it reads
+    (typer's envvar, or a settings field's variable in its help).
     In-process (the same typer app `python -m cluster` runs), wide enough that rich does not wrap names."""
     commands = typer.main.get_command(app).commands
     assert COMMANDS <= set(commands), f"commands missing from `cluster`: {sorted(COMMANDS - set(commands))}"
@@ -152,8 +154,9 @@ def test_every_command_documents_its_options():
             if not param.help:
                 problems.append(f"{flag} has no description")
             envvars += [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            envvars += re.findall(r"\[(CLUSTER_[A-Z_]+);", param.help or "")  # a settings field's (its help names it)
         problems += [f"{envvar} is not named" for envvar in envvars if envvar not in out.output]
-        if not any(envvar.startswith("CLUSTER_") for envvar in envvars):
+        if name != "config" and not any(envvar.startswith("CLUSTER_") for envvar in envvars):  # config: reads all
             problems.append("no option reads a CLUSTER_* environment variable")
         assert not problems, f"`cluster {name} --help`: {'; '.join(problems)}\n{out.output}"
 
@@ -171,7 +174,7 @@ def test_cli_is_a_package_of_small_modules_listing_commands_in_order():
     assert {"roles.py", "up.py", "health.py", "deploy.py", "bench.py", "keys.py"} <= set(sizes), sorted(sizes)
     assert max(sizes.values()) <= 600, f"cluster/cli/ modules over 600 lines: {sizes}"
     order = ["manager", "broker", "agent", "edge", "up", "status", "health", "deploy", "rollback", "undeploy"]
-    order += ["models", "bench", "keys"]
+    order += ["models", "bench", "config", "keys"]
     assert list(typer.main.get_command(app).commands) == order
 
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from cluster import protocol
 from cluster.client import InferResult
 from cluster.codec import decode_tensors, encode_tensors
+from cluster.config import Addresses, Timings
 from cluster.errors import (
     AuthenticationError,
     BadRequestError,
@@ -35,6 +36,7 @@ from cluster.errors import (
 )
 from cluster.model_config import shape_mismatch
 from cluster.protocol import DATATYPES
+from cluster.role_settings import EdgeSettings
 from edge import create_app, oip
 from tests.edge_http import assert_binary_echo, assert_error, binary_echo_body, counter, echo_body
 from tests.harness import fuzz_examples
@@ -277,7 +279,9 @@ def bus() -> FakeBus:
 @pytest.fixture
 def http(bus):
     """The edge app on the fake bus, its lifespan run; errors answered as HTTP (not raised into the test)."""
-    app = create_app(client=bus, manager=FakeManager(), max_body_bytes=LIMIT, request_timeout=7.0)
+    app = create_app(
+        EdgeSettings(max_body_bytes=LIMIT, timings=Timings(request_timeout=7.0)), client=bus, manager=FakeManager()
+    )
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
         yield client
     assert app.state.edge.client is None, "the lifespan should let go of the bus client at shutdown"
@@ -318,7 +322,7 @@ def test_infer_deadline_is_the_requests_or_the_edges_default(http, bus):
     )
     assert bus.calls[-1]["timeout"] == 1.5  # microseconds, as Triton's
     assert infer_json(http, body=echo_body([[1.0]])).status_code == 200
-    assert bus.calls[-1]["timeout"] == 7.0  # create_app(request_timeout=7.0)
+    assert bus.calls[-1]["timeout"] == 7.0  # the settings' request_timeout
 
 
 def test_infer_every_datatype_through_json_and_binary(http, bus):
@@ -579,8 +583,11 @@ def test_agents_models_and_health(http):
 def test_json_has_its_own_lower_limit(bus):
     """A body without the binary extension is all JSON: the JSON limit, and a 413 that says to send binary; the binary
     extension takes bodies up to the body limit, with the JSON limit for its JSON part."""
-    app = create_app(client=bus, max_body_bytes=4 * LIMIT, max_json_bytes=LIMIT)
-    assert create_app(client=bus, max_body_bytes=LIMIT, max_json_bytes=4 * LIMIT).state.edge.max_json_bytes == LIMIT
+    app = create_app(EdgeSettings(max_body_bytes=4 * LIMIT, max_json_body=LIMIT), client=bus)
+    assert (
+        create_app(EdgeSettings(max_body_bytes=LIMIT, max_json_body=4 * LIMIT), client=bus).state.edge.max_json_bytes
+        == LIMIT
+    )
     values = np.arange(2 * LIMIT // 4, dtype=np.float32).reshape(1, -1)  # 2 x the JSON limit in binary
     as_json = json.dumps(echo_body(values.tolist())).encode()
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as http:
@@ -702,14 +709,17 @@ def test_page_is_served(http):
 
 
 def test_missing_page_is_404(bus, tmp_path):
-    app = create_app(client=bus, frontend_path=tmp_path / "nowhere.html")
+    app = create_app(EdgeSettings(edge_frontend=str(tmp_path / "nowhere.html")), client=bus)
     with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as http:
         assert_error(http.get("/"), 404, "nowhere.html is not installed")
 
 
 def test_create_app_defaults_the_broker_to_the_clients(bus):
+    """The broker the edge names is the one its bus client talks to: a client brought in, else the settings'."""
     assert create_app(client=bus).state.edge.broker == bus.address
-    assert create_app("tcp://10.0.0.1:5555", client=bus).state.edge.broker == "tcp://10.0.0.1:5555"
+    assert create_app(EdgeSettings(), client=bus).state.edge.broker == bus.address
+    settings = EdgeSettings(addresses=Addresses(broker_clients="tcp://10.0.0.1:5555"))
+    assert create_app(settings).state.edge.broker == "tcp://10.0.0.1:5555"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -929,7 +939,9 @@ def test_the_request_id_goes_on_the_bus_to_follow_a_request_in_the_logs(http, bu
 def test_infer_under_a_root_path_goes_through_fastapis_routes_with_the_same_answers(bus):
     """edge.routes.InferPath answers the plain infer paths in front of FastAPI; under a root path (a proxy's prefix)
     it lets FastAPI's routes serve them: the answers, the errors and the metrics must not tell the two apart."""
-    app = create_app(client=bus, manager=FakeManager(), max_body_bytes=LIMIT, request_timeout=7.0)
+    app = create_app(
+        EdgeSettings(max_body_bytes=LIMIT, timings=Timings(request_timeout=7.0)), client=bus, manager=FakeManager()
+    )
     url = "http://127.0.0.1:8000"
     with (
         TestClient(app, base_url=url, raise_server_exceptions=False) as front,

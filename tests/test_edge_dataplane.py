@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from cluster.role_settings import EdgeSettings
 from edge import create_app
 from tests.edge_http import counter, echo_body
 from tests.test_edge_app import LIMIT, FakeBus, FakeManager, TestClient
@@ -18,7 +19,7 @@ from tests.test_edge_app import LIMIT, FakeBus, FakeManager, TestClient
 def surfaces():
     """(REST client, gRPC stub, fake bus) of one app whose lifespan serves both."""
     bus = FakeBus()
-    app = create_app(client=bus, manager=FakeManager(), max_body_bytes=LIMIT, grpc_address="127.0.0.1:0")
+    app = create_app(EdgeSettings(max_body_bytes=LIMIT), client=bus, manager=FakeManager(), grpc_address="127.0.0.1:0")
     with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as http:
         address = app.state.edge.grpc_address
         assert address, "the app's lifespan did not start its gRPC service"

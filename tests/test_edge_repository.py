@@ -18,6 +18,7 @@ from cluster.errors import InferenceTimeoutError, PermissionDeniedError
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.publish import publish_upload
 from cluster.repository import ModelRepository
+from cluster.role_settings import EdgeSettings
 from edge import create_app
 from edge.dataplane import DataPlane
 from edge.grpc_service import create_server
@@ -47,7 +48,7 @@ def manager() -> FakeManager:
 
 
 def edge_client(manager: FakeManager, **options) -> TestClient:
-    app = create_app(client=FakeBus(), manager=manager, **options)
+    app = create_app(EdgeSettings(**options), client=FakeBus(), manager=manager)
     return TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
 
 
@@ -179,7 +180,7 @@ def test_rest_unload_is_undeploy_and_idempotent(manager):
 
 def test_load_and_unload_need_an_admin_token_index_any_token(manager):
     admin, user = {"Authorization": "Bearer boss"}, {"Authorization": "Bearer user"}
-    with edge_client(manager, tokens=["user"], admin_tokens=["boss"]) as http:
+    with edge_client(manager, edge_token=["user"], edge_admin_token=["boss"]) as http:
         assert_error(http.post("/v2/repository/index"), 401, "token")
         assert http.post("/v2/repository/index", headers=user).status_code == 200
         for route in ("/v2/repository/models/echo/load", "/v2/repository/models/echo/unload"):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from fastapi import APIRouter
 
+from cluster.role_settings import EdgeSettings
 from edge import create_app, security
 from edge.schemas import error_responses
 from edge.security import ADMIN, EdgeSecurity, hosts_for_bind, read_token_file, split_tokens
@@ -44,7 +45,7 @@ def bearer(token: str) -> dict:
 def edge_client(base_url: str = EDGE, admin_route: bool = False, **options) -> TestClient:
     """A TestClient on create_app(FakeBus, **options); admin_route: plus a test-only POST /test/admin that needs an
     admin token (as the repository load/unload routes will)."""
-    app = create_app(client=FakeBus(), manager=FakeManager(), **options)
+    app = create_app(EdgeSettings(**options), client=FakeBus(), manager=FakeManager())
     if admin_route:
         extra = APIRouter()
 
@@ -58,7 +59,7 @@ def edge_client(base_url: str = EDGE, admin_route: bool = False, **options) -> T
 
 @pytest.fixture
 def locked():
-    with edge_client(tokens=[f"{TOKEN},{OTHER}"], admin_tokens=[ADMIN_TOKEN], admin_route=True) as http:
+    with edge_client(edge_token=[f"{TOKEN},{OTHER}"], edge_admin_token=[ADMIN_TOKEN], admin_route=True) as http:
         yield http
 
 
@@ -100,13 +101,13 @@ def test_admin_token_works_wherever_a_token_does_and_admin_routes_need_it(locked
 
 
 def test_admin_routes_refuse_everyone_when_only_plain_tokens_are_set():
-    with edge_client(tokens=[TOKEN], admin_route=True) as http:
+    with edge_client(edge_token=[TOKEN], admin_route=True) as http:
         assert_error(http.post("/test/admin", headers=bearer(TOKEN)), 403, "--admin-token")
         assert http.get("/models", headers=bearer(TOKEN)).status_code == 200
 
 
 def test_an_admin_token_alone_closes_the_edge_too():
-    with edge_client(admin_tokens=[ADMIN_TOKEN]) as http:
+    with edge_client(edge_admin_token=[ADMIN_TOKEN]) as http:
         assert http.get("/models").status_code == 401
         assert http.get("/models", headers=bearer(ADMIN_TOKEN)).status_code == 200
 
@@ -180,12 +181,12 @@ def test_host_must_be_a_loopback_name_by_default():
 
 
 def test_allowed_hosts_add_names_and_star_allows_any():
-    with edge_client(allowed_hosts=["edge.example", "[fd00::5]", "*.svc.example"]) as http:
+    with edge_client(edge_allowed_hosts=["edge.example", "[fd00::5]", "*.svc.example"]) as http:
         for host in ("edge.example:443", "edge.example", "[fd00::5]:8000", "a.svc.example", "localhost"):
             assert http.get("/v2/health/live", headers={"Host": host}).status_code == 200, host
         for host in ("other.example", "svc.example.evil", "xsvc.example"):
             assert http.get("/v2/health/live", headers={"Host": host}).status_code == 400, host
-    with edge_client(allowed_hosts=["*"]) as http:
+    with edge_client(edge_allowed_hosts=["*"]) as http:
         assert http.get("/v2/health/live", headers={"Host": "anything.example:1"}).status_code == 200
 
 
@@ -222,7 +223,7 @@ def test_infer_accepts_json_octet_stream_and_no_content_type_only():
 
 
 def test_a_post_from_another_origins_page_is_refused():
-    with edge_client(cors_origins=["https://app.example"]) as http:
+    with edge_client(edge_cors_origins=["https://app.example"]) as http:
         for origin in ("https://evil.example", "null", "http://127.0.0.1:8001", "http://localhost:8000"):
             response = http.post(INFER, json=echo_body([[1.0]]), headers={"Origin": origin})
             assert_error(response, 403, "not allowed")
@@ -239,7 +240,7 @@ def preflight(http, origin: str, headers: str = "authorization, content-type"):
 
 
 def test_preflight_without_cors_origins_answers_but_allows_nothing():
-    with edge_client(tokens=[TOKEN]) as http:  # a preflight carries no token: it is answered anyway
+    with edge_client(edge_token=[TOKEN]) as http:  # a preflight carries no token: it is answered anyway
         response = preflight(http, "https://app.example")
         assert response.status_code == 204 and response.content == b""
         assert not [h for h in response.headers if h.startswith("access-control-")], response.headers
@@ -248,7 +249,7 @@ def test_preflight_without_cors_origins_answers_but_allows_nothing():
 
 
 def test_cors_origins_get_starlettes_cors_answers():
-    with edge_client(tokens=[TOKEN], cors_origins=["https://app.example/"]) as http:
+    with edge_client(edge_token=[TOKEN], edge_cors_origins=["https://app.example/"]) as http:
         response = preflight(
             http, "https://app.example", "authorization, content-type, inference-header-content-length"
         )
@@ -310,17 +311,17 @@ def test_cluster_edge_reads_tokens_hosts_origins_and_tls_from_options_and_enviro
     from cluster.cli import app
 
     calls = []
-    monkeypatch.setattr(edge_package, "run_edge", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(edge_package, "run_edge", lambda settings, **kwargs: calls.append(settings))
     env = {"CLUSTER_EDGE_TOKEN": "a,b c", "CLUSTER_EDGE_ADMIN_TOKEN": "root"}
     argv = ["edge", "--token-file", "t.txt", "--allowed-host", "edge.example", "--cors-origin", "https://app.example"]
     argv += ["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"]
     out = CliRunner().invoke(app, argv, env=env)
     assert out.exit_code == 0, out.output
-    (_, options) = calls[0]
-    assert split_tokens(options["tokens"]) == ("a", "b", "c") and list(options["admin_tokens"]) == ["root"]
-    assert list(options["token_files"]) == ["t.txt"] and list(options["allowed_hosts"]) == ["edge.example"]
-    assert list(options["cors_origins"]) == ["https://app.example"]
-    assert (options["ssl_certfile"], options["ssl_keyfile"]) == ("c.pem", "k.pem")
+    (settings,) = calls
+    assert split_tokens(settings.edge_token) == ("a", "b", "c") and settings.edge_admin_token == ("root",)
+    assert settings.edge_token_file == ("t.txt",) and settings.edge_allowed_hosts == ("edge.example",)
+    assert settings.edge_cors_origins == ("https://app.example",)
+    assert (settings.edge_ssl_certfile, settings.edge_ssl_keyfile) == ("c.pem", "k.pem")
 
 
 @pytest.mark.cluster

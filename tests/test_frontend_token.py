@@ -16,6 +16,7 @@ import threading
 
 import pytest
 
+from cluster.role_settings import EdgeSettings
 from edge import create_app
 from tests.harness import wait_for
 from tests.test_edge_app import FakeBus, FakeManager
@@ -35,7 +36,7 @@ def locked_edge():
     """http://127.0.0.1:PORT of an edge with --token TOKEN on the fake bus, served by uvicorn in a thread."""
     import uvicorn
 
-    app = create_app(client=FakeBus(), manager=FakeManager(), tokens=[TOKEN])
+    app = create_app(EdgeSettings(edge_token=(TOKEN,)), client=FakeBus(), manager=FakeManager())
     sock = socket.create_server(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

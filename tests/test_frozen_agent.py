@@ -33,7 +33,7 @@ def test_a_frozen_agent_does_not_stop_the_cluster_with_capacity_per_model(echo_c
 
 def test_a_frozen_agent_with_large_capacity_is_hedged_around(echo_cluster):
     """--capacity 64: every model may hold 64 requests per agent, so all 16 callers end up at the frozen agent
-    (stall detection alone cannot help callers already waiting there); with --hedge-after 100 their requests also
+    (stall detection alone cannot help callers already waiting there); with --hedge-after 0.1 their requests also
     go to another agent, and the frozen agent, found stalled, gets no new ones."""
     figures = run_freeze(
         echo_cluster,
@@ -41,7 +41,7 @@ def test_a_frozen_agent_with_large_capacity_is_hedged_around(echo_cluster):
         before=1.5,
         freeze=2.5,
         after=1.5,
-        broker_args=("--hedge-after", "100"),
+        broker_args=("--hedge-after", "0.1"),
         agent_args=("--capacity", "64"),
     )
     print(figures)

@@ -135,7 +135,17 @@ def test_the_check_finds_a_cycle(tmp_path):
 # module in it (the longest entry that matches wins); "cluster" and "edge" stand for their __init__ only. Every
 # module is in exactly one layer, so a new module must be placed here.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base: settings, clocks, logs, files", ("cluster.config", "cluster.clock", "cluster.logs", "cluster.atomic")),
+    (
+        "base: settings, clocks, logs, files",
+        (
+            "cluster.config",
+            "cluster.settings",
+            "cluster.role_settings",
+            "cluster.clock",
+            "cluster.logs",
+            "cluster.atomic",
+        ),
+    ),
     ("the wire", ("cluster.protocol", "cluster.codec", "cluster.sockets", "cluster.errors", "cluster.statistics")),
     (
         "what the roles share: keys and CURVE, the model contract, the share, desired state, serving HTTP, options",

@@ -21,7 +21,7 @@ import pytest
 import typer
 import yaml
 
-from cluster import config
+from cluster import config, settings
 from cluster.cli import app
 from tests.harness import REPO_ROOT
 
@@ -80,7 +80,11 @@ def options_of(name: str) -> set[str]:
 
 
 def envvars_of(name: str) -> set[str]:
+    """The variables a command reads: its options' envvars, and its settings class's (cluster/role_settings.py)."""
     found = set()
+    cls = getattr(CLI.commands[name].callback, "settings_class", None)
+    if cls is not None:
+        found |= {settings.variable(owner, f) for _, owner, f, _ in settings.walk(cls)}
     for p in CLI.commands[name].params:
         envvar = getattr(p, "envvar", None)
         found |= set([envvar] if isinstance(envvar, str) else envvar or [])

@@ -14,10 +14,11 @@ import time
 import pytest
 
 from cluster import protocol
-from cluster.config import Addresses, Timings
+from cluster.config import Addresses
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, ModelDeployment
 from cluster.manager.manager import Manager
 from cluster.protocol import Command
+from cluster.role_settings import ManagerSettings
 
 _ids = itertools.count()
 CONFIG = {
@@ -40,7 +41,9 @@ def share(tmp_path):
 def manager(share):
     n = next(_ids)
     fields = ("broker_clients", "broker_agents", "manager_events", "manager_heartbeats", "manager_queries")
-    manager = Manager(Addresses(**{f: f"inproc://state-{n}-{f}" for f in fields}), Timings(), share=str(share))
+    manager = Manager(
+        ManagerSettings(share=str(share), addresses=Addresses(**{f: f"inproc://state-{n}-{f}" for f in fields}))
+    )
     manager.sent, manager.events_sent = [], []  # (command, header) answered; desired states published
     manager.answer = lambda peer, reply: manager.sent.append(
         (protocol.parse_preamble(reply[0]), protocol.unpack_header(reply[1]))
@@ -116,7 +119,7 @@ def test_a_full_share_is_named_too(manager, share, monkeypatch):
 
 def test_a_manager_starting_on_a_share_it_cannot_write_serves_and_a_rollout_it_lost_is_not_resumed(share, monkeypatch):
     DesiredState({"m": ModelDeployment(1, staged=2), "new": ModelDeployment(None, staged=1)}, 4).save(share)
-    manager = Manager(Addresses(manager_queries="inproc://state-start"), Timings(), share=str(share))
+    manager = Manager(ManagerSettings(share=str(share), addresses=Addresses(manager_queries="inproc://state-start")))
     try:
         assert manager.deployments.desired.models == {"m": ModelDeployment(1)}
         assert DesiredState.load(share).models == {"m": ModelDeployment(1)}, "agents drop the staged versions"
@@ -128,7 +131,7 @@ def test_a_manager_starting_on_a_share_it_cannot_write_serves_and_a_rollout_it_l
 
     (share / DEPLOYMENTS_FILE).unlink()  # it would save the share's newest versions, and cannot: it starts anyway
     monkeypatch.setattr(DesiredState, "save", full)
-    manager = Manager(Addresses(manager_queries="inproc://state-start2"), Timings(), share=str(share))
+    manager = Manager(ManagerSettings(share=str(share), addresses=Addresses(manager_queries="inproc://state-start2")))
     try:
         assert manager._unsaved and manager.deployments.desired.models == {"m": ModelDeployment(2)}
     finally:

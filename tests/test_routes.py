@@ -358,9 +358,10 @@ def test_an_error_from_the_broker_with_a_code_of_any_type_is_dropped_not_a_crash
     """The agent reads an ERROR's code from the wire: a map or a list there (the fuzz test's find: `code in
     frozenset` raised TypeError and the agent exited) is an unexpected ERROR, dropped; the agent runs on."""
     from cluster.agent.agent import Agent
+    from cluster.role_settings import AgentSettings
 
     (tmp_path / "models").mkdir()
-    agent = Agent(str(tmp_path), agent_id="a1")
+    agent = Agent(AgentSettings(share=str(tmp_path), agent_id="a1", torch_threads=0))
     for code in ({"x": 1}, [1, 2], 7, None, b"UNAUTHENTICATED"):
         agent.broker_error([PREAMBLE[Command.ERROR], protocol.pack({"code": code, "message": "m"})])
     agent.broker_error([PREAMBLE[Command.ERROR], b"\x93\x01\x02\x03"])  # not a map at all

@@ -14,6 +14,7 @@ import zmq
 from cluster.broker import Broker
 from cluster.config import Addresses
 from cluster.errors import ModelNotFoundError
+from cluster.role_settings import BrokerSettings, ManagerSettings
 from tests.harness import LocalCluster, wait_for
 from tests.test_broker_logic import TIMINGS, beat, client_errors, dispatcher, ready, request, sent_to_agents
 
@@ -75,8 +76,8 @@ def test_the_manager_tells_a_starting_broker_its_desired_state(tmp_path, demo_sh
         manager_heartbeats="inproc://w-beats",
         manager_queries="inproc://w-queries",
     )
-    manager = Manager(addresses, TIMINGS, ctx, share=str(share))
-    broker = Broker(addresses, TIMINGS, "round-robin", ctx)
+    manager = Manager(ManagerSettings(share=str(share), addresses=addresses, timings=TIMINGS), ctx)
+    broker = Broker(BrokerSettings(addresses=addresses, timings=TIMINGS), ctx)
     try:
         assert broker.dispatcher.agents.deployed is None
         broker.ask_manager_for_agents()

@@ -43,7 +43,7 @@ from cluster.agent.recovery import EXIT_AGENT_ID_IN_USE, EXIT_HUNG, EXIT_MEMORY,
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
 from cluster.auth import BusSecurity
 from cluster.clock import RunClock
-from cluster.config import AGENT_COLD_POLL_S, AGENT_DRAIN_TIMEOUT_S, MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import AGENT_COLD_POLL_S, AGENT_DRAIN_TIMEOUT_S, MAX_CONTROL_BYTES
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.model_config import InputError
@@ -57,6 +57,7 @@ from cluster.protocol import (
     message,
     routed,
 )
+from cluster.role_settings import AgentSettings
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, has_message, make_socket, send_frames
 
@@ -75,35 +76,21 @@ def default_agent_id() -> str:
 
 
 class Agent:
-    def __init__(
-        self,
-        share: str,
-        addresses: Addresses | None = None,
-        timings: Timings | None = None,
-        agent_id: str | None = None,
-        capacity: int = 4,
-        workers: int = 1,
-        device: str = "cpu",
-        model_names: list[str] | None = None,
-        ctx: zmq.Context | None = None,
-        cache_dir: str | None = None,
-        torch_threads: int | None = None,
-        key: str | None = None,
-        max_memory_mib: float = 0,
-    ) -> None:
-        self.security = BusSecurity.load(key)  # None: the bus in the clear
-        self.share = open_share(share, cache_dir)  # a folder, or nfs:// mirrored into cache_dir
-        self.addresses = addresses or Addresses()
-        self.timings = timings or Timings()
-        self.agent_id = agent_id or default_agent_id()
+    def __init__(self, settings: AgentSettings, ctx: zmq.Context | None = None) -> None:
+        self.settings = settings
+        self.security = BusSecurity.load(settings.key)  # None: the bus in the clear
+        self.share = open_share(settings.share, settings.share_cache)  # a folder, or nfs:// mirrored into the cache
+        self.addresses = settings.addresses
+        self.timings = settings.timings
+        self.agent_id = settings.agent_id or default_agent_id()
         if not 0 < len(self.agent_id.encode()) <= protocol.MAX_AGENT_ID_BYTES:
             raise ValueError(f"agent id must be 1 to {protocol.MAX_AGENT_ID_BYTES} bytes")
         self.instance = protocol.agent_instance()  # this process's token: tells it from another with the same id
         self.exit_code = 0
         self.threads_stuck = False  # close() left inference threads running (a hung call): exit with os._exit
-        self.capacity = capacity
-        self.device = device
-        self.model_names = model_names
+        self.capacity = settings.capacity
+        self.device = settings.device
+        self.model_names = settings.model_names
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.table = ModelTable()  # what this agent serves, has staged, and failed to load
@@ -116,20 +103,22 @@ class Agent:
         self.serving_since: float | None = None
         self._started_mono = time.monotonic()
         self._stop = threading.Event()
-        self.recovery = Recovery(self.agent_id, self.timings, max_memory_mib, self._stop)  # hung calls, memory
+        self.recovery = Recovery(self.agent_id, self.timings, settings.max_memory, self._stop)  # hung calls, memory
         identity = protocol.agent_identity(self.agent_id, protocol.agent_instance())  # secret: never published
         self.link = BrokerLink(
             self.ctx, self.addresses.broker_agents, identity, self.agent_id, self.timings, self.ready_message
         )
         self._results_addr = f"inproc://agent-results-{id(self)}"
         self._loads_addr = f"inproc://agent-loads-{id(self)}"
+        torch_threads = settings.torch_threads or None  # 0: torch's default
         if torch_threads:
             torch.set_num_threads(torch_threads)  # this thread (inline runs, start-up loads) ...
-        self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, workers, torch_threads)  # ... and workers
+        # ... and the workers
+        self.pool = WorkerPool(self.ctx, self._results_addr, self.agent_id, settings.workers, torch_threads)
         self.pool.hang_bound = (self.timings.hang_factor, self.timings.hang_min)
-        self.inline = os.environ.get("CLUSTER_AGENT_INLINE", "1") != "0"  # see runner.INLINE_MAX_S
+        self.inline = settings.agent_inline  # see runner.INLINE_MAX_S
         self._inline_until = 0.0
-        self.loader = ModelLoader(self.ctx, self._loads_addr, self.share, device)
+        self.loader = ModelLoader(self.ctx, self._loads_addr, self.share, settings.device)
         # The I/O thread's sockets (opened by run(), in that thread: a ZeroMQ socket belongs to one) and pollers.
         self.results: zmq.Socket | None = None  # the workers' answers (inproc PULL)
         self.loads: zmq.Socket | None = None  # the loader's "a load finished" (inproc PULL)

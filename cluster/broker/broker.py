@@ -46,9 +46,9 @@ from cluster.auth import BusSecurity, key_of, refusal
 from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.outbox import ClientOutbox
-from cluster.broker.routing import RoutingPolicy, make_policy
+from cluster.broker.routing import make_policy
 from cluster.clock import RunClock
-from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, Addresses, Timings
+from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
 from cluster.protocol import (
@@ -70,6 +70,7 @@ from cluster.protocol import (
     parse_event,
     require,
 )
+from cluster.role_settings import BrokerSettings
 from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
@@ -97,15 +98,14 @@ malloc_trim = _malloc_trim()
 class Broker:
     def __init__(
         self,
-        addresses: Addresses | None = None,
-        timings: Timings | None = None,
-        policy: str | RoutingPolicy = "round-robin",
+        settings: BrokerSettings | None = None,
         ctx: zmq.Context | None = None,
         security: BusSecurity | None = None,
     ) -> None:
-        self.addresses = addresses or Addresses()
-        self.timings = timings or Timings()
-        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.settings = settings = settings or BrokerSettings()
+        self.addresses = settings.addresses
+        self.timings = settings.timings
+        self.policy = make_policy(settings.policy)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.security = security

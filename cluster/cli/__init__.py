@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 import edge.command
-from cluster.cli import bench, deploy, health, keys, roles, up
+from cluster.cli import bench, deploy, health, keys, roles, show_config, up
 from cluster.cli.common import _table
 from cluster.cli.deploy import _print_rollout
 from cluster.cli.health import _local_address, health_check
@@ -31,6 +31,7 @@ for command in (
     deploy.undeploy,
     deploy.models,
     bench.bench,
+    show_config.config,
 ):
     app.command()(command)
 app.add_typer(keys.keys_app, name="keys")

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import typer
 
-from cluster.cli.common import BrokerClients, Key
+from cluster.options import settings_command
+from cluster.role_settings import BenchSettings
 
 
+@settings_command(BenchSettings)
 def bench(
+    settings: BenchSettings,
     model: str = typer.Argument(..., help="Model to drive."),
     concurrency: str = typer.Option(
         "8", "--concurrency", "-c", help="Closed loop: requests in flight; a list sweeps them (1,2,4,8,16,32,64)."
@@ -27,12 +30,6 @@ def bench(
         "--http-json",
         help="With --http: post OIP JSON instead of Triton's binary tensor extension (what tensor clients send).",
     ),
-    token: str | None = typer.Option(
-        None,
-        "--token",
-        envvar="CLUSTER_BENCH_TOKEN",
-        help="The edge's bearer token, for --http and --grpc (prefer --token-file or the variable: `ps` shows this).",
-    ),
     token_file: Path | None = typer.Option(
         None, "--token-file", help="File holding the edge's bearer token (the first line that is not a # comment)."
     ),
@@ -42,8 +39,6 @@ def bench(
         help="CA certificate (PEM) of a TLS edge: HTTPS for --http (default: the system's CAs), TLS for --grpc.",
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON list of the levels on stdout, for machines."),
-    broker: str = BrokerClients,
-    key: str | None = Key,
 ):
     """Load generator, in the manner of Triton's perf_analyzer: for each level, throughput, p50/p90/p99 latency, and
     where the time went (queueing vs compute, from the agents' statistics), through the bus, HTTP or gRPC. Each level
@@ -52,6 +47,8 @@ def bench(
     import json
 
     from cluster import ClusterError, loadgen
+
+    broker, key, token = settings.addresses.broker_clients, settings.key, settings.bench_token
 
     try:
         if rate is not None:

@@ -7,21 +7,7 @@ import signal
 
 import typer
 
-from cluster import config
-from cluster.options import (  # noqa: F401 (the commands import them from here)
-    BrokerAgents,
-    BrokerClients,
-    Interval,
-    Key,
-    Liveness,
-    LogFormat,
-    LogFormatName,
-    LogLevel,
-    ManagerEvents,
-    ManagerHeartbeats,
-    ManagerQueries,
-    ReadyFile,
-)
+from cluster.options import ReadyFile  # noqa: F401 (the commands import it from here)
 
 
 def _setup_logging(level: str, role: str, fmt: str = "text") -> None:
@@ -37,10 +23,6 @@ def _stop_on_signals(component) -> None:
     """SIGTERM and Ctrl-C stop the component's loop cleanly (it polls with short timeouts)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: component.stop())
-
-
-def _addresses(**kwargs) -> config.Addresses:
-    return config.Addresses(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def _security(key: str | None):

@@ -10,11 +10,9 @@ from pathlib import Path
 import typer
 
 from cluster import config
-from cluster.cli.common import Key, _table
-
-ManagerAddress = typer.Option(
-    config.MANAGER_QUERY_ADDR, "--manager", envvar="CLUSTER_MANAGER_QUERIES", help="Manager query address."
-)
+from cluster.cli.common import _table
+from cluster.options import settings_command
+from cluster.role_settings import DeploySettings, ManagerQuerySettings
 
 
 def _print_rollout(report: dict, what: str) -> None:
@@ -102,7 +100,9 @@ def _publish_progress(path: Path):
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
+@settings_command(DeploySettings)
 def deploy(
+    settings: DeploySettings,
     path: Path = typer.Argument(
         ..., exists=True, dir_okay=False, help="The model file: .pt (TorchScript) or .pt2 (torch.export)."
     ),
@@ -115,22 +115,14 @@ def deploy(
         help="config.json (inputs, outputs, serving settings; ours or Triton's, as JSON or config.pbtxt); "
         "required for a new model.",
     ),
-    share: str | None = typer.Option(
-        None,
-        "--share",
-        envvar="CLUSTER_SHARE",
-        help="The share's folder, to publish into it directly; without it the file goes to the manager over the bus "
-        "and the manager publishes it on its share.",
-    ),
-    manager: str = ManagerAddress,
     timeout: float = typer.Option(
         config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent to load and warm up the new version."
     ),
-    key: str | None = Key,
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
     The name and config are checked here, and the manager asked whether it is there (and takes them), within
     seconds, before any model file is sent or published."""
+    share, manager, key = settings.share, settings.addresses.manager_queries, settings.key
 
     from cluster.model_config import ModelConfig, RepositoryError, read_config_file
     from cluster.publish import publish_version
@@ -155,9 +147,10 @@ def deploy(
         if file_name not in MODEL_FILES:
             typer.echo(f"cannot publish {path}: expected a .pt (TorchScript) or .pt2 (torch.export) file", err=True)
             raise typer.Exit(2)
-        if size > config.MAX_UPLOAD_BYTES:
+        if size > config.limits().max_upload_bytes:
             typer.echo(
-                f"cannot send {path} ({size} bytes) over the bus: the limit is {config.MAX_UPLOAD_BYTES} bytes "
+                f"cannot send {path} ({size} bytes) over the bus: the limit is "
+                f"{config.limits().max_upload_bytes} bytes "
                 "(CLUSTER_MAX_UPLOAD_BYTES, on the manager too); or give --share to publish into the share directly",
                 err=True,
             )
@@ -202,28 +195,33 @@ def deploy(
     raise typer.Exit(0 if report["ok"] else 1)
 
 
+@settings_command(ManagerQuerySettings)
 def rollback(
+    settings: ManagerQuerySettings,
     name: str = typer.Argument(..., help="Model name."),
     to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the one served before)."),
-    manager: str = ManagerAddress,
     timeout: float = typer.Option(config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent."),
-    key: str | None = Key,
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
+    manager, key = settings.addresses.manager_queries, settings.key
     _deploy_check(manager, key, "rollouts", "roll back")  # there at all: in seconds, not after --timeout + 30 s
     report = _manager_call(manager, "rollback", timeout + 30, key, name=name, to=to, rollout_timeout=timeout)
     _print_rollout(report, "rollback")
     raise typer.Exit(0 if report["ok"] else 1)
 
 
-def undeploy(name: str = typer.Argument(..., help="Model name."), manager: str = ManagerAddress, key: str | None = Key):
+@settings_command(ManagerQuerySettings)
+def undeploy(settings: ManagerQuerySettings, name: str = typer.Argument(..., help="Model name.")):
     """Stop serving a model everywhere (agents finish what is in flight, then unload it). The share keeps its files."""
+    manager, key = settings.addresses.manager_queries, settings.key
     _manager_call(manager, "undeploy", 10, key, name=name)
     typer.echo(f"undeployed {name}")
 
 
-def models(manager: str = ManagerAddress, key: str | None = Key):
+@settings_command(ManagerQuerySettings)
+def models(settings: ManagerQuerySettings):
     """What is deployed, at which version, on which agents."""
+    manager, key = settings.addresses.manager_queries, settings.key
     from rich.console import Console
 
     deployments = _manager_call(manager, "deployments", 5, key)

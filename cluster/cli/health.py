@@ -7,15 +7,15 @@ import enum
 import typer
 
 from cluster import config
-from cluster.cli.common import BrokerClients, Key, _table
+from cluster.cli.common import _table
+from cluster.options import settings_command
+from cluster.role_settings import HealthSettings, StatusSettings
 
 
-def status(
-    broker: str = BrokerClients,
-    timeout: float = typer.Option(5.0, help="Seconds to wait for the broker."),
-    key: str | None = Key,
-):
+@settings_command(StatusSettings)
+def status(settings: StatusSettings, timeout: float = typer.Option(5.0, help="Seconds to wait for the broker.")):
     """Print the live agents and the models they serve."""
+    broker, key = settings.addresses.broker_clients, settings.key
     from rich.console import Console
 
     from cluster import Client, ClusterError
@@ -149,26 +149,10 @@ def health_check(
         return False, f"{role} {where}: not serving: {' '.join(str(exc).split())}"
 
 
+@settings_command(HealthSettings)
 def health(
+    settings: HealthSettings,
     role: HealthRole = typer.Argument(..., help="manager, broker, agent or edge."),
-    broker: str = typer.Option(
-        config.BROKER_CLIENT_ADDR,
-        "--broker",
-        envvar="CLUSTER_BROKER_CLIENTS",
-        help="The broker's client address (broker, agent). 0.0.0.0 or * means this machine.",
-    ),
-    manager: str = typer.Option(
-        config.MANAGER_QUERY_ADDR,
-        "--manager",
-        envvar="CLUSTER_MANAGER_QUERIES",
-        help="The manager's query address (manager). 0.0.0.0 or * means this machine.",
-    ),
-    agent_id: str | None = typer.Option(
-        None, "--id", envvar="CLUSTER_AGENT_ID", help="The agent's id (agent): it must be registered at the broker."
-    ),
-    edge_url: str = typer.Option(
-        f"http://127.0.0.1:{config.EDGE_PORT}", "--url", envvar="CLUSTER_HEALTH_EDGE_URL", help="The edge (edge)."
-    ),
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for the answer."),
     ok_if_broker_down: bool = typer.Option(
         False,
@@ -176,17 +160,12 @@ def health(
         help="agent: exit 0 when the broker does not answer (it cannot tell), 1 only when the broker answers without "
         "this agent: a liveness probe that does not restart every agent while the broker is away.",
     ),
-    key: str | None = typer.Option(
-        None,
-        "--key",
-        envvar=["CLUSTER_HEALTH_KEY", "CLUSTER_KEY"],
-        help="Key file for a cluster with keys (CLUSTER_HEALTH_KEY, else CLUSTER_KEY): the manager answers its "
-        "server key; the broker and agent checks ask the broker, which wants a client or admin key.",
-    ),
 ):
     """Exit 0 if ROLE is serving, 1 if not, with one line saying why: an exec probe for Kubernetes (or any
     supervisor). The manager and the broker must answer a query within --timeout; an agent must be registered at the
-    broker under its id; the edge must answer /v2/health/ready."""
+    broker under its id; the edge must answer /v2/health/ready. Addresses 0.0.0.0 or * mean this machine."""
+    broker, manager = settings.addresses.broker_clients, settings.addresses.manager_queries
+    agent_id, edge_url, key = settings.agent_id, settings.health_edge_url, settings.health_key or settings.key
     ok, line = health_check(
         role.value,
         broker=broker,

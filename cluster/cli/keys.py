@@ -6,8 +6,17 @@ from pathlib import Path
 
 import typer
 
+from cluster import settings
+from cluster.role_settings import KeysSettings
+
 keys_app = typer.Typer(no_args_is_help=True, help="Key directories for CURVE on the bus: members, roles, revocation.")
-KeyDir = typer.Option(None, "--dir", envvar="CLUSTER_KEY_DIR", help="The key directory (from `cluster keys init`).")
+KeyDir = typer.Option(
+    None,
+    "--key-dir",
+    "--dir",
+    show_default=False,
+    help="The key directory (from `cluster keys init`). [CLUSTER_KEY_DIR; default (none)]",
+)
 
 
 @keys_app.callback()
@@ -17,11 +26,11 @@ def keys_group(ctx: typer.Context, directory: Path | None = KeyDir):
 
 
 def _key_dir(ctx: typer.Context, directory: Path | None) -> Path:
-    directory = directory or ctx.obj
+    directory = directory or ctx.obj or settings.from_env(KeysSettings).key_dir  # the variable by the one rule
     if directory is None:
-        typer.echo("keys: give the key directory with --dir DIR (or CLUSTER_KEY_DIR)", err=True)
+        typer.echo("keys: give the key directory with --key-dir DIR (or CLUSTER_KEY_DIR)", err=True)
         raise typer.Exit(2)
-    return directory
+    return Path(directory)
 
 
 def _keys_call(fn, directory: Path, *args):

@@ -4,46 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 from pathlib import Path
 
 import typer
 
 from cluster import config
-from cluster.cli.common import Interval, LogFormat, LogFormatName, LogLevel, _setup_logging
+from cluster.cli.common import _setup_logging
+from cluster.options import settings_command
+from cluster.role_settings import UpSettings
+from cluster.settings import to_env
 
 
 def _raise_interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+@settings_command(UpSettings)
 def up(
+    settings: UpSettings,
     agents: int = typer.Option(2, "--agents", help="How many agents to start."),
-    threads: int | None = typer.Option(
-        None,
-        "--threads",
-        envvar="CLUSTER_TORCH_THREADS",
-        help="torch intra-op threads per agent (default: the machine's cores / --agents, at least 1; 0: torch's "
-        "default).",
-    ),
-    edge_port: int = typer.Option(
-        config.EDGE_PORT, "--edge-port", envvar="CLUSTER_EDGE_PORT", help="HTTP port of the edge (0: no edge)."
-    ),
-    grpc_port: int = typer.Option(
-        config.EDGE_GRPC_PORT, "--grpc-port", envvar="CLUSTER_EDGE_GRPC_PORT", help="gRPC port of the edge (0: none)."
-    ),
-    share: str | None = typer.Option(
-        None,
-        envvar="CLUSTER_SHARE",
-        help="Model repository folder (default under the user's data dir); it must exist, unless --create-share.",
-    ),
     create_share: bool = typer.Option(
         False, "--create-share", help="Make the --share folder if it does not exist (with the demo models)."
     ),
-    heartbeat_interval: float | None = Interval,
-    log_level: str = LogLevel,
-    log_format: LogFormatName = LogFormat,
     any_ports: bool = typer.Option(
         False,
         "--any-ports",
@@ -59,12 +42,6 @@ def up(
         "--secure",
         help="CURVE on the bus (every role with its own key) and a bearer token on the edge; prints the keys to use.",
     ),
-    keys: Path | None = typer.Option(
-        None,
-        "--keys",
-        envvar="CLUSTER_KEY_DIR",
-        help="Key directory for --secure (made if missing; default: beside the share, SHARE-keys).",
-    ),
 ):
     """Start the manager, the broker, N agents and the HTTP edge on this machine, and keep them running: a process
     that fails is restarted with backoff (CLUSTER_RESTART_*); a crash loop of the manager, the broker or the edge stops
@@ -74,14 +51,14 @@ def up(
     from cluster.local import LocalCluster, StartError, any_port, ports_in_use, write_ready_file
     from cluster.supervisor import Supervisor
 
-    _setup_logging(log_level, "up", log_format.value)
-    os.environ["CLUSTER_LOG_FORMAT"] = log_format.value  # every process it starts logs the same way
-    addresses = config.Addresses()
+    _setup_logging(settings.log_level, "up", settings.log_format)
+    edge_port, grpc_port, threads = settings.edge_port, settings.edge_grpc_port, settings.torch_threads
+    addresses = settings.addresses
     if any_ports:
         addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
     else:  # before anything starts: a port in use (another `cluster up`?) is said in one line, not a traceback
         wanted = {f"the {k.replace('_', ' ')} address": v for k, v in dataclasses.asdict(addresses).items()}
-        host = config.env_or("EDGE_HOST", config.EDGE_HOST)
+        host = settings.edge_host
         for what, port in (("the HTTP edge", edge_port), ("the gRPC edge", grpc_port if edge_port else 0)):
             if port:
                 wanted[what] = f"tcp://{host}:{port}"
@@ -93,11 +70,13 @@ def up(
                 "cluster up: is a cluster already running here? Stop it, or start this one with --any-ports.", err=True
             )
             raise typer.Exit(1)
-    share_dir = _up_share(share, create_share)
+    share_dir = _up_share(settings.share, create_share)
     key_dir = token_file = None
-    if secure or keys is not None:
-        key_dir, token_file = _secure_state(keys or share_dir.with_name(share_dir.name + "-keys"))
-    policy = config.restart_policy_from_env()
+    if secure or settings.key_dir is not None:
+        key_dir, token_file = _secure_state(
+            Path(settings.key_dir) if settings.key_dir else share_dir.with_name(share_dir.name + "-keys")
+        )
+    policy = settings.restart
     if threads is None:
         threads = config.up_torch_threads(agents)
     if threads < 0:
@@ -112,12 +91,13 @@ def up(
         local = LocalCluster(
             str(share_dir),
             workdir,
-            heartbeat_interval=heartbeat_interval,
+            heartbeat_interval=settings.timings.heartbeat_interval,
             liveness=None,
             reconnect=None,
-            log_level=log_level,
+            log_level=settings.log_level,
+            extra_env=to_env(settings, only=["log_format"]),  # every process it starts logs the same way
             addresses=addresses,
-            edge_host=config.env_or("EDGE_HOST", config.EDGE_HOST),
+            edge_host=settings.edge_host,
             edge_port=0 if any_ports else edge_port,
             edge_grpc_port=None if not grpc_port else 0 if any_ports else grpc_port,
             inherit_output=True,

@@ -10,7 +10,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cluster import protocol
 from cluster.auth import HANDSHAKE_EVENTS, BusSecurity, HandshakeVerdict
-from cluster.config import MANAGER_QUERY_ADDR, env_or
+from cluster.config import default_address
 from cluster.errors import AuthenticationError, ClusterError, InferenceTimeoutError, error_from_header
 from cluster.protocol import Answer, Command, ProtocolError, Query
 
@@ -19,7 +19,7 @@ class ManagerClient:
     """key: a member's key file (`cluster keys add`), when the cluster runs with keys; None: in the clear."""
 
     def __init__(self, address: str | None = None, key: str | None = None) -> None:
-        self.address = address or env_or("MANAGER_QUERIES", MANAGER_QUERY_ADDR)
+        self.address = address or default_address("manager_queries")
         self.security = BusSecurity.load(key)
         self._ids = itertools.count(1)
 

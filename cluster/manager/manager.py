@@ -47,7 +47,7 @@ import zmq
 from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
 from cluster.clock import RunClock, pardon
-from cluster.config import MAX_CONTROL_BYTES, MAX_UPLOAD_BYTES, STATE_SAVE_RETRY_S, Addresses, Timings
+from cluster.config import MAX_CONTROL_BYTES, STATE_SAVE_RETRY_S
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.manager.deployments import Actions, CommandError, Deployments
@@ -70,6 +70,7 @@ from cluster.protocol import (
 )
 from cluster.publish import publish_upload, remove_version
 from cluster.repository import MODEL_FILES, ModelRepository, check_name
+from cluster.role_settings import ManagerSettings
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, make_socket
 
@@ -84,14 +85,14 @@ COMMANDS = (What.DEPLOY, What.ROLLBACK, What.UNDEPLOY, What.PUBLISH, What.PUBLIS
 class Manager:
     def __init__(
         self,
-        addresses: Addresses | None = None,
-        timings: Timings | None = None,
+        settings: ManagerSettings | None = None,
         ctx=None,
-        share: str | None = None,
         security: BusSecurity | None = None,
     ) -> None:
-        self.addresses = addresses or Addresses()
-        self.timings = timings or Timings()
+        self.settings = settings = settings or ManagerSettings()
+        share = settings.share
+        self.addresses = settings.addresses
+        self.timings = settings.timings
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.security = security
@@ -119,7 +120,7 @@ class Manager:
             zmq.ROUTER,
             bind=self.addresses.manager_queries,
             curve=curve("clients"),
-            max_bytes=MAX_UPLOAD_BYTES,  # a model file to publish travels on it
+            max_bytes=settings.limits.max_upload_bytes,  # a model file to publish travels on it
             timings=self.timings,
         )
         self._broker_reported = float("-inf")  # when the broker last said which agents it routes to
