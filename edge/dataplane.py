@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import ClusterError, InferenceFailedError, OverloadedError
+from cluster.protocol import What
 from cluster.statistics import ModelStats, merge
 from edge import oip
 from edge.body import ClientDisconnected, mib
@@ -182,7 +183,7 @@ class DataPlane:
             self.metrics.set_cluster(None)
         cluster, rollouts = await asyncio.gather(
             self.client.statistics(timeout=timeout),
-            self.manager.call("rollouts", timeout) if self.manager is not None else asyncio.sleep(0),
+            self.manager.call(What.ROLLOUTS, timeout) if self.manager is not None else asyncio.sleep(0),
             return_exceptions=True,
         )
         cluster = None if isinstance(cluster, BaseException) else cluster

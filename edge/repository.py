@@ -26,6 +26,7 @@ from fastapi.responses import Response
 
 from cluster.config import MAX_VERSION, ROLLOUT_TIMEOUT_S
 from cluster.errors import ClusterError, ModelNotFoundError
+from cluster.protocol import What
 from cluster.repository import MODEL_FILES
 from edge.body import off_loop, read_body
 from edge.dataplane import DataPlane
@@ -37,7 +38,7 @@ from edge.security import ADMIN, TOKEN
 UNLOAD_TIMEOUT = 10.0
 
 
-async def _manager(edge: DataPlane, what: str, timeout: float, data: bytes | None = None, **fields) -> Any:
+async def _manager(edge: DataPlane, what: What, timeout: float, data: bytes | None = None, **fields) -> Any:
     """One call on the manager's query socket; its errors as HTTP errors naming the manager."""
     try:
         return await edge.manager.call(what, timeout, data, **fields)
@@ -68,7 +69,7 @@ def index_entries(deployments: dict, ready_only: bool) -> list[dict]:
 
 async def repository_index(edge: DataPlane, ready_only: bool = False) -> list[dict]:
     """Every model on the manager's share or served by an agent, with its state (`ready_only`: the READY ones)."""
-    return index_entries(await _manager(edge, "deployments", edge.query_timeout), ready_only)
+    return index_entries(await _manager(edge, What.DEPLOYMENTS, edge.query_timeout), ready_only)
 
 
 def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
@@ -103,7 +104,7 @@ async def load_model(edge: DataPlane, name: str, config: str | None, files: dict
     if files:
         version, file_name, data = _model_file(files)
         fields = dict(name=name, file=file_name, version=version, config=parsed, rollout_timeout=ROLLOUT_TIMEOUT_S)
-        report = await _manager(edge, "publish", wait, data, **fields)
+        report = await _manager(edge, What.PUBLISH, wait, data, **fields)
     elif parsed is not None:
         raise HTTPError(
             400,
@@ -111,7 +112,7 @@ async def load_model(edge: DataPlane, name: str, config: str | None, files: dict
             "bad_request",
         )
     else:
-        report = await _manager(edge, "deploy", wait, name=name, rollout_timeout=ROLLOUT_TIMEOUT_S)
+        report = await _manager(edge, What.DEPLOY, wait, name=name, rollout_timeout=ROLLOUT_TIMEOUT_S)
     if not report.get("ok"):
         failed: dict[str, list[str]] = {}  # the same reason from every agent is said once, naming them all
         for agent, why in sorted(report.get("agents", {}).items()):
@@ -130,9 +131,9 @@ async def load_model(edge: DataPlane, name: str, config: str | None, files: dict
 async def unload_model(edge: DataPlane, name: str) -> None:
     """Undeploy `name` everywhere; a model that is known but not deployed is already unloaded (no error)."""
     try:
-        await edge.manager.call("undeploy", UNLOAD_TIMEOUT, name=name)
+        await edge.manager.call(What.UNDEPLOY, UNLOAD_TIMEOUT, name=name)
     except ModelNotFoundError:
-        known = await _manager(edge, "deployments", edge.query_timeout)
+        known = await _manager(edge, What.DEPLOYMENTS, edge.query_timeout)
         if name not in known:
             text = f"unknown model '{name}': not on the share and served by no agent"
             raise HTTPError(404, text, "not_found") from None

@@ -12,6 +12,7 @@ import typer
 from cluster import config
 from cluster.cli.common import _table
 from cluster.options import settings_command
+from cluster.protocol import What
 from cluster.role_settings import DeploySettings, ManagerQuerySettings
 
 
@@ -53,7 +54,7 @@ def _print_rollout(report: dict, what: str) -> None:
     typer.echo(f"{head} FAILED after {report['seconds']:.2f} s on {agents}: {kept}{removed}")
 
 
-def _manager_call(manager: str, what: str, wait: float, key: str | None = None, data: bytes | None = None, **fields):
+def _manager_call(manager: str, what: What, wait: float, key: str | None = None, data: bytes | None = None, **fields):
     from cluster import ClusterError
     from cluster.manager.client import ManagerClient
 
@@ -64,7 +65,7 @@ def _manager_call(manager: str, what: str, wait: float, key: str | None = None, 
         raise typer.Exit(2) from None
 
 
-def _deploy_check(manager: str, key: str | None, what: str, doing: str = "deploy", **fields) -> None:
+def _deploy_check(manager: str, key: str | None, what: What, doing: str = "deploy", **fields) -> None:
     """Before a deploy sends or publishes anything (or a rollback waits for its rollout): the manager answers `what`
     within seconds, or the command ends here (a wrong --manager, a manager that is down, a key it refuses, a config
     or name it refuses)."""
@@ -76,7 +77,7 @@ def _deploy_check(manager: str, key: str | None, what: str, doing: str = "deploy
     except InferenceTimeoutError:
         typer.echo(
             f"cannot {doing}: no answer from the manager at {manager} within {config.DEPLOY_CHECK_TIMEOUT_S:g} s; "
-            "is it running, and is that its query address (--manager, CLUSTER_MANAGER_QUERIES)?",
+            "is it running, and is that its query address (--manager-queries, CLUSTER_MANAGER_QUERIES)?",
             err=True,
         )
         raise typer.Exit(2) from None
@@ -155,7 +156,7 @@ def deploy(
                 err=True,
             )
             raise typer.Exit(2)
-        _deploy_check(manager, key, "publish_check", name=name, file=file_name, config=model_config)
+        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         report = _manager_call(
             manager,
@@ -171,7 +172,7 @@ def deploy(
         typer.echo(f"the manager published {name} version {report['version']}; rolled out:")
         _print_rollout(report, "deploy")
         raise typer.Exit(0 if report["ok"] else 1)
-    _deploy_check(manager, key, "rollouts")  # it must be there to roll out what is published next
+    _deploy_check(manager, key, What.ROLLOUTS)  # it must be there to roll out what is published next
     share_dir = Path(share)
     new_model = not ModelRepository(share_dir).versions(name)
     with _publish_progress(path) as progress:
@@ -183,7 +184,7 @@ def deploy(
     typer.echo(f"published {name} version {version} to {share_dir}; rolling out ...")
     report = _manager_call(
         manager,
-        "deploy",
+        What.DEPLOY,
         timeout + 30,
         key,
         name=name,
@@ -204,8 +205,8 @@ def rollback(
 ):
     """Roll a model back to an earlier version, with the same zero-drop rollout as deploy."""
     manager, key = settings.addresses.manager_queries, settings.key
-    _deploy_check(manager, key, "rollouts", "roll back")  # there at all: in seconds, not after --timeout + 30 s
-    report = _manager_call(manager, "rollback", timeout + 30, key, name=name, to=to, rollout_timeout=timeout)
+    _deploy_check(manager, key, What.ROLLOUTS, "roll back")  # there at all: in seconds, not after --timeout + 30 s
+    report = _manager_call(manager, What.ROLLBACK, timeout + 30, key, name=name, to=to, rollout_timeout=timeout)
     _print_rollout(report, "rollback")
     raise typer.Exit(0 if report["ok"] else 1)
 
@@ -214,7 +215,7 @@ def rollback(
 def undeploy(settings: ManagerQuerySettings, name: str = typer.Argument(..., help="Model name.")):
     """Stop serving a model everywhere (agents finish what is in flight, then unload it). The share keeps its files."""
     manager, key = settings.addresses.manager_queries, settings.key
-    _manager_call(manager, "undeploy", 10, key, name=name)
+    _manager_call(manager, What.UNDEPLOY, 10, key, name=name)
     typer.echo(f"undeployed {name}")
 
 
@@ -224,7 +225,7 @@ def models(settings: ManagerQuerySettings):
     manager, key = settings.addresses.manager_queries, settings.key
     from rich.console import Console
 
-    deployments = _manager_call(manager, "deployments", 5, key)
+    deployments = _manager_call(manager, What.DEPLOYMENTS, 5, key)
     table = _table("Deployments", "model", "version", "staged", "history", "agents (versions served)")
     for name, d in sorted(deployments.items()):
         agents = ", ".join(f"{a} (v{','.join(map(str, vs))})" for a, vs in sorted(d["agents"].items())) or "none"

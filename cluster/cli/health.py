@@ -9,6 +9,7 @@ import typer
 from cluster import config
 from cluster.cli.common import _table
 from cluster.options import settings_command
+from cluster.protocol import What
 from cluster.role_settings import HealthSettings, StatusSettings
 
 
@@ -102,7 +103,7 @@ def health_check(
             from cluster.manager.client import ManagerClient
 
             address = _local_address(manager)
-            agents = ManagerClient(address, key=key).call("agents", timeout=timeout)
+            agents = ManagerClient(address, key=key).call(What.AGENTS, timeout=timeout)
             return True, f"manager {address}: serving ({len(agents)} live agents)"
         if role in ("broker", "agent"):
             from cluster import Client
