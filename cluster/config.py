@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from cluster import settings
-from cluster.settings import setting
+from cluster.settings import above, at_least, setting
 
 # --- default addresses (loopback only unless told otherwise) ---------------------------------------------------
 DEFAULT_HOST = "127.0.0.1"
@@ -91,14 +91,6 @@ AGENT_MAX_MEMORY_MIB = 0
 AGENT_LINK_WARN_MAX_S = 60.0
 
 
-def _at_least(low):
-    return (lambda v: v >= low, f">= {low}")
-
-
-def _above(low):
-    return (lambda v: v > low, f"> {low}")
-
-
 @dataclass(frozen=True)
 class Timings:
     """Heartbeats, liveness and deadlines. All in seconds. Every role reads these (CLUSTER_<FIELD>)."""
@@ -107,11 +99,11 @@ class Timings:
         1.0,
         "Agents beat this often (to the manager and the broker).",
         unit="s",
-        check=_at_least(0.01),
+        check=at_least(0.01),
         flag="--heartbeat-interval",
     )
     liveness: int = setting(
-        3, "Missed heartbeats before a peer is dead.", unit="beats", check=_at_least(1), flag="--liveness"
+        3, "Missed heartbeats before a peer is dead.", unit="beats", check=at_least(1), flag="--liveness"
     )
     reconnect_initial: float = setting(
         1.0, "An agent whose broker is connected but silent sends READY again after this, doubling ...", unit="s"
@@ -126,7 +118,7 @@ class Timings:
         1.0,
         "How often at most a connecting socket tries again a broker or manager that is down.",
         unit="s",
-        check=_at_least(0.01),
+        check=at_least(0.01),
     )
     # A restarted broker asks the manager which agents are alive and holds requests for their models (within each
     # request's deadline) until they have registered again or are declared dead, at most this long after it started.
@@ -134,41 +126,41 @@ class Timings:
         10.0,
         "How long at most a restarted broker holds requests for agents the manager says are alive.",
         unit="s",
-        check=_at_least(0),
+        check=at_least(0),
     )
     request_timeout: float = setting(
-        30.0, "Default deadline of an inference request.", unit="s", check=_above(0), flag="--request-timeout"
+        30.0, "Default deadline of an inference request.", unit="s", check=above(0), flag="--request-timeout"
     )
     query_timeout: float = setting(5.0, "Deadline of an agents()/models() query.", unit="s")
     max_dispatch_attempts: int = setting(
-        3, "How often the broker re-dispatches a request whose agent died.", check=_at_least(1)
+        3, "How often the broker re-dispatches a request whose agent died.", check=at_least(1)
     )
     broker_queue_limit: int = setting(
         10_000,
         "Requests the broker holds waiting for a free agent; past that: OVERLOADED.",
         unit="requests",
-        check=_at_least(0),
+        check=at_least(0),
     )
     max_queue_wait: float = setting(
         5.0,
         "Load shedding: refuse at once (OVERLOADED) a request expected to wait longer in the broker's queue "
         "(0: no bound; a model's config max_queue_wait_ms overrides it).",
         unit="s",
-        check=_at_least(0),
+        check=at_least(0),
         flag="--max-queue-wait",
     )
     client_max_in_flight: int = setting(
         4096,
         "Requests one client may have at the broker (queued or at agents); past that: OVERLOADED.",
         unit="requests",
-        check=_at_least(1),
+        check=at_least(1),
     )
     client_reply_budget: int = setting(
         32 * 1024 * 1024,
         "Bytes of replies the broker holds for a client that does not read them (then drops them "
         "and cancels its requests).",
         unit="bytes",
-        check=_at_least(0),
+        check=at_least(0),
     )
     client_read_grace: float = setting(
         1.0,
@@ -185,14 +177,14 @@ class Timings:
         4.0,
         "An agent whose oldest request is older than this x the model's p99 (and stall_floor) is skipped.",
         unit="x p99",
-        check=_at_least(1),
+        check=at_least(1),
     )
-    stall_floor: float = setting(0.1, 'Never "stalled" sooner than this.', unit="s", check=_above(0))
+    stall_floor: float = setting(0.1, 'Never "stalled" sooner than this.', unit="s", check=above(0))
     hedge_after: float = setting(
         0.0,
         "Hedging: a request at one agent longer than this is also sent to another; the first answer wins (0: off).",
         unit="s",
-        check=_at_least(0),
+        check=at_least(0),
         flag="--hedge-after",
     )
     # A model call that never returns (a Python thread cannot be cancelled): past max(hang_factor x its request's
@@ -203,10 +195,10 @@ class Timings:
         "A model call running longer than this x its request's deadline (and hang_min) is hung: the agent "
         "exits with status 4, to be restarted (0: never).",
         unit="x deadline",
-        check=_at_least(0),
+        check=at_least(0),
         flag="--hang-factor",
     )
-    hang_min: float = setting(10.0, "No call counts as hung sooner.", unit="s", check=_at_least(0), flag="--hang-min")
+    hang_min: float = setting(10.0, "No call counts as hung sooner.", unit="s", check=at_least(0), flag="--hang-min")
 
     @property
     def expiry(self) -> float:
@@ -218,6 +210,15 @@ class Timings:
         """A loop pass longer than this is a stall of the process itself (RunClock): OWN_PAUSE_BOUND, or half a
         heartbeat interval if less, so that a stall always counts well before a peer would expire."""
         return min(OWN_PAUSE_BOUND, self.heartbeat_interval / 2)
+
+    def problems(self) -> str | None:
+        if self.hedge_after >= self.request_timeout:
+            # most likely a value in ms: --hedge-after took ms before it took seconds like every other duration
+            return (
+                f"hedge_after={self.hedge_after:g} s is not under request_timeout={self.request_timeout:g} s, so no "
+                "request would ever be hedged: it is in seconds (e.g. 0.05 for 50 ms)"
+            )
+        return None
 
 
 def timings_from_env(environ: dict[str, str] | None = None, **overrides) -> Timings:
@@ -236,27 +237,27 @@ class RestartPolicy:
         0.5,
         "`cluster up`: delay before a failed process's first restart; doubles with each failure in a row.",
         unit="s",
-        check=_above(0),
+        check=above(0),
     )
     backoff_max: float = setting(10.0, "... up to this.", unit="s")
     backoff_reset: float = setting(
         10.0,
         "A process that stayed up this long before it died starts again at backoff_initial.",
         unit="s",
-        check=_at_least(0),
+        check=at_least(0),
     )
     # a process that served between kills restarts fast, one that dies within seconds of its start still backs off
     # (and trips the crash-loop rule)
     backoff_decay: float = setting(
-        2.0, "Each this many seconds a process stayed up takes one doubling back.", unit="s", check=_at_least(0)
+        2.0, "Each this many seconds a process stayed up takes one doubling back.", unit="s", check=at_least(0)
     )
     crash_window: float = setting(
         60.0,
         "A process restarted crash_restarts times within this window is in a crash loop (given up on).",
         unit="s",
-        check=_above(0),
+        check=above(0),
     )
-    crash_restarts: int = setting(5, "Restarts within crash_window that make a crash loop.", check=_at_least(1))
+    crash_restarts: int = setting(5, "Restarts within crash_window that make a crash loop.", check=at_least(1))
 
     def problems(self) -> str | None:
         if self.backoff_initial > self.backoff_max:
@@ -311,22 +312,22 @@ class Limits:
     """Sizes every process of the cluster agrees on (read from the environment once, on first use: `limits()`)."""
 
     max_message_bytes: int = setting(
-        256 * 1024 * 1024,
+        MAX_MESSAGE_BYTES,
         "Largest frame on data sockets (a larger one disconnects the peer).",
         unit="bytes",
-        check=_above(0),
+        check=above(0),
     )
     max_upload_bytes: int = setting(
-        256 * 1024 * 1024,
+        MAX_UPLOAD_BYTES,
         "Largest model file `cluster deploy` sends over the bus (manager's query socket).",
         unit="bytes",
-        check=_above(0),
+        check=above(0),
     )
     stale_publish_seconds: float = setting(
-        3600.0,
+        STALE_PUBLISH_SECONDS,
         "A publish's temporary folder untouched this long was left by a killed publisher: removed.",
         unit="s",
-        check=_at_least(0),
+        check=at_least(0),
     )
 
 

@@ -62,7 +62,7 @@ from cluster.serving import (  # noqa: F401 (re-exported: the CLI, tests and ben
     serve_http,
     write_ready_file,
 )
-from cluster.settings import environment
+from cluster.settings import environment, to_env
 
 if TYPE_CHECKING:
     from cluster.supervisor import Supervisor
@@ -175,16 +175,7 @@ class LocalCluster:
 
     def env(self, **extra) -> dict:
         """The environment of every process: this one's plus the cluster's CLUSTER_* settings, then `extra`."""
-        a = self.addresses
-        env = dict(
-            environment(),
-            CLUSTER_BROKER_CLIENTS=a.broker_clients,
-            CLUSTER_BROKER_AGENTS=a.broker_agents,
-            CLUSTER_MANAGER_HEARTBEATS=a.manager_heartbeats,
-            CLUSTER_MANAGER_EVENTS=a.manager_events,
-            CLUSTER_MANAGER_QUERIES=a.manager_queries,
-            PYTHONUNBUFFERED="1",
-        )
+        env = dict(environment(), **to_env(self.addresses), PYTHONUNBUFFERED="1")
         optional = {
             "CLUSTER_SHARE": self.share,
             "CLUSTER_HEARTBEAT_INTERVAL": self.heartbeat_interval,

@@ -24,19 +24,11 @@ from cluster.config import (
     RestartPolicy,
     Timings,
 )
-from cluster.settings import group, setting
+from cluster.logs import LOG_FORMATS
+from cluster.settings import above, at_least, group, one_of, setting
 
-LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-POLICIES = ("round-robin", "least-outstanding")
-
-
-def _one_of(choices: tuple[str, ...]):
-    return (lambda v: v in choices, "one of " + ", ".join(choices))
-
-
-def _at_least(low):
-    return (lambda v: v >= low, f">= {low}")
+POLICIES = ("round-robin", "least-outstanding")  # broker/routing.py's POLICIES (a layer up); a test keeps them equal
 
 
 def log_level():
@@ -53,7 +45,7 @@ def log_format():
         "text",
         "text, or json: one JSON object a line (time, level, component, agent, message, request_id).",
         flag="--log-format",
-        check=_one_of(LOG_FORMATS),
+        check=one_of(LOG_FORMATS),
     )
 
 
@@ -127,7 +119,7 @@ class BrokerSettings:
         flags=("broker_clients", "broker_agents", "manager_events", "manager_queries"),
     )
     policy: str = setting(
-        "round-robin", "Routing policy: round-robin or least-outstanding.", flag="--policy", check=_one_of(POLICIES)
+        "round-robin", "Routing policy: round-robin or least-outstanding.", flag="--policy", check=one_of(POLICIES)
     )
     timings: Timings = group(Timings, flags=("heartbeat_interval", "liveness", "max_queue_wait", "hedge_after"))
     limits: Limits = group(Limits)
@@ -155,15 +147,15 @@ class AgentSettings:
     )
     agent_id: str | None = setting(None, "Agent id (default host-pid).", flag="--id")
     capacity: int = setting(
-        4, "Requests this agent takes at once.", unit="requests", flag="--capacity", check=_at_least(1)
+        4, "Requests this agent takes at once.", unit="requests", flag="--capacity", check=at_least(1)
     )
-    workers: int = setting(1, "Inference threads.", unit="threads", flag="--workers", check=_at_least(1))
+    workers: int = setting(1, "Inference threads.", unit="threads", flag="--workers", check=at_least(1))
     torch_threads: int = setting(
         1,
         "torch intra-op threads per agent (0: torch's default).",
         unit="threads",
         flag="--threads",
-        check=_at_least(0),
+        check=at_least(0),
     )
     device: str = setting("cpu", "cpu, cuda or cuda:N.", flag="--device")
     models: str | None = setting(
@@ -176,14 +168,14 @@ class AgentSettings:
         "Resident memory limit (0: none): past it the agent drains and exits with status 5, to be restarted.",
         unit="MiB",
         flag="--max-memory",
-        check=_at_least(0),
+        check=at_least(0),
     )
     drain_timeout: float = setting(
         AGENT_DRAIN_TIMEOUT_S,
         "A stopping agent finishes its requests for this long, then exits.",
         unit="s",
         flag="--drain-timeout",
-        check=_at_least(0),
+        check=at_least(0),
     )
     agent_inline: bool = setting(
         True, "Run short model calls on the agent's loop thread (0: always on an inference thread)."
@@ -211,7 +203,7 @@ class UpSettings:
         "torch intra-op threads per agent (default: the machine's cores / --agents, at least 1; 0: torch's default).",
         unit="threads",
         flag="--threads",
-        check=_at_least(0),
+        check=at_least(0),
     )
     edge_host: str = edge_host()
     edge_port: int = edge_port()
@@ -243,7 +235,7 @@ class EdgeSettings:
         unit="bytes",
         flag="--max-body-bytes",
         env="CLUSTER_EDGE_MAX_BODY",
-        check=_at_least(1),
+        check=at_least(1),
     )
     max_json_body: int = setting(
         32 * 1024 * 1024,
@@ -252,7 +244,7 @@ class EdgeSettings:
         unit="bytes",
         flag="--max-json-body",
         env="CLUSTER_EDGE_MAX_JSON_BODY",
-        check=_at_least(1),
+        check=at_least(1),
     )
     edge_frontend: str | None = setting(
         None, "The page served at / (default: the repository's frontend.html).", flag="--frontend"
@@ -263,7 +255,7 @@ class EdgeSettings:
         "How long health, metadata and the cluster views wait for the broker.",
         unit="s",
         flag="--edge-query-timeout",
-        check=(lambda v: v > 0, "> 0"),
+        check=above(0),
     )
     edge_access_log: bool = setting(False, "Log every request.", flag="--access-log")
     edge_token: tuple[str, ...] = setting(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, field, fields, is_dataclass
@@ -43,6 +44,21 @@ def setting(
     return field(default=default, metadata=meta)
 
 
+def at_least(low):
+    """A setting's check: >= low."""
+    return (lambda v: v >= low, f">= {low}")
+
+
+def above(low):
+    """A setting's check: > low."""
+    return (lambda v: v > low, f"> {low}")
+
+
+def one_of(choices: tuple[str, ...]):
+    """A setting's check: one of `choices`."""
+    return (lambda v: v in choices, "one of " + ", ".join(choices))
+
+
 def group(cls, *, flags: typing.Iterable[str] = ()):
     """A nested settings class. flags: which of its fields this role takes on its command line (all read their
     variable). A role class's `flag_aliases` (dotted path -> names) keeps older option names working on its command
@@ -66,7 +82,7 @@ def _hints(cls) -> dict:
 def base_type(annotation) -> type:
     """int for `int | None`, tuple for `tuple[str, ...]`."""
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return base_type(args[0])
     return origin or annotation
@@ -164,7 +180,7 @@ def _build(cls, path: str, environ, flags, origins):
         name = variable(cls, f)
         if dotted in flags:
             value, origins[dotted] = _coerce(hints[f.name], flags[dotted]), (FLAG, f.metadata.get("flag") or "")
-        elif name in environ:
+        elif environ.get(name):  # set and not empty (an empty variable is unset, as it was for the flags)
             value, origins[dotted] = parse(hints[f.name], environ[name], name), (ENVIRONMENT, name)
         else:
             continue
@@ -262,11 +278,6 @@ def markdown(classes: Mapping[str, type]) -> str:
             f"| {flag} | `{r['variable']}` | `{default}` | {r['unit']} | {meaning} | {', '.join(r['roles'])} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def replace(obj, **changes):
-    """dataclasses.replace, for callers that hold a settings object."""
-    return dataclasses.replace(obj, **changes)
 
 
 def assert_settings_class(cls) -> None:

@@ -28,6 +28,7 @@ from cluster.logs import logging_config
 from cluster.manager.client import AsyncManagerClient
 from cluster.role_settings import EdgeSettings
 from cluster.serving import serve_http
+from cluster.settings import from_env
 from edge.dataplane import DataPlane, server_version
 from edge.errors import install_error_handlers
 from edge.grpc_service import grpc_address as format_grpc_address
@@ -89,7 +90,8 @@ def create_app(
     grpc_address: str | None = None,
     grpc_tls: tuple[str, str] | None = None,
 ) -> FastAPI:
-    """The edge with these settings (EdgeSettings, cluster/role_settings.py; None: the defaults): its broker
+    """The edge with these settings (EdgeSettings, cluster/role_settings.py; None: its
+    CLUSTER_* variables over the defaults): its broker
     (that of `client` when one is brought), body limits, page, request timeout, tokens (and token files), allowed hosts,
     CORS origins, bus key and manager are the settings'; see `cluster config edge`.
 
@@ -100,7 +102,7 @@ def create_app(
     grpc_address: host:port (port 0: any) where the app's lifespan also serves the OIP over gRPC (None: no gRPC);
     grpc_tls: (certificate, key) PEM files gRPC serves TLS with (run_edge gives the HTTPS edge's own).
     """
-    settings = settings or EdgeSettings()
+    settings = settings or from_env(EdgeSettings)
     broker = getattr(client, "address", None) or settings.addresses.broker_clients  # the one it talks to
     frontend_path = settings.edge_frontend
     request_timeout = settings.timings.request_timeout
@@ -228,13 +230,13 @@ def _bearer_in_openapi(schema: dict, auth: bool) -> None:
 
 
 def run_edge(settings: EdgeSettings | None = None, *, ready_file: str | Path | None = None) -> None:
-    """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking), as its settings say (None: the defaults): on
-    edge_host:edge_port (port 0: any free port), HTTPS with edge_ssl_certfile + edge_ssl_keyfile (PEM); a non-loopback
-    host is added to the allowed hosts (every address, 0.0.0.0: a warning instead); the OIP gRPC service also
-    listens on edge_grpc_port, on edge_grpc_host (default: edge_host), in the same event loop (0: no gRPC; -1: any
-    free port), reported in the ready file as "grpc": "host:port"; ready_file: where to report the URL once it
-    serves (cluster.local reads it)."""
-    settings = settings or EdgeSettings()
+    """Serve the edge with uvicorn until SIGINT/SIGTERM (blocking), as its settings say (None: its CLUSTER_*
+    variables): on edge_host:edge_port (port 0: any free port), HTTPS with edge_ssl_certfile + edge_ssl_keyfile
+    (PEM); a non-loopback host is added to the allowed hosts (every address, 0.0.0.0: a warning instead); the OIP
+    gRPC service also listens on edge_grpc_port, on edge_grpc_host (default: edge_host), in the same event loop (0:
+    no gRPC; -1: any free port), reported in the ready file as "grpc": "host:port"; ready_file: where to report the
+    URL once it serves (cluster.local reads it)."""
+    settings = settings or from_env(EdgeSettings)
     host, ssl_certfile, ssl_keyfile = settings.edge_host, settings.edge_ssl_certfile, settings.edge_ssl_keyfile
     grpc_port = settings.edge_grpc_port
     try:

@@ -111,6 +111,8 @@ def test_hedge_after_takes_seconds_as_flag_and_as_variable():
         (["agent", "--capacity", "0"], {}, "--capacity=0: capacity must be >= 1"),
         (["edge"], {"CLUSTER_LOG_FORMAT": "xml"}, "log_format must be one of text, json"),
         (["broker", "--policy", "random"], {}, "policy must be one of round-robin, least-outstanding"),
+        # a value meant in ms (what --hedge-after took before) would never hedge: refused, saying the unit
+        (["broker", "--hedge-after", "50"], {}, "it is in seconds (e.g. 0.05 for 50 ms)"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable_or_flag(argv, env, said):
@@ -164,3 +166,41 @@ def test_no_variable_is_read_at_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert out.stdout.strip() == "12345", out.stderr
     assert limits().max_message_bytes > 0
+
+
+def test_an_empty_variable_is_unset():
+    """As typer's envvar= had it: `CLUSTER_CAPACITY=` (a template left blank) means the default, not a bad value, and
+    an empty CLUSTER_AGENT_INLINE does not turn inline calls off."""
+    built, origins = settings.load(ROLES["agent"], {"CLUSTER_CAPACITY": "", "CLUSTER_AGENT_INLINE": ""})
+    assert built.capacity == ROLES["agent"]().capacity and built.agent_inline is True
+    assert origins["capacity"][0] == settings.DEFAULT, origins["capacity"]
+
+
+def test_a_role_built_without_settings_reads_its_variables(monkeypatch):
+    """create_app() / Broker() / Manager() with no settings object run with their CLUSTER_* variables (as a Client
+    made without an address does), not with the bare defaults."""
+    from edge.app import create_app
+
+    monkeypatch.setenv("CLUSTER_BROKER_CLIENTS", "tcp://127.0.0.1:6555")
+    monkeypatch.setenv("CLUSTER_EDGE_QUERY_TIMEOUT", "7")
+    edge = create_app().state.edge
+    assert (edge.broker, edge.query_timeout) == ("tcp://127.0.0.1:6555", 7.0)
+
+    from cluster.broker.broker import Broker
+
+    monkeypatch.setenv("CLUSTER_POLICY", "least-outstanding")
+    monkeypatch.setenv("CLUSTER_BROKER_CLIENTS", "tcp://127.0.0.1:0")
+    monkeypatch.setenv("CLUSTER_BROKER_AGENTS", "tcp://127.0.0.1:0")
+    broker = Broker()
+    try:
+        assert broker.settings.policy == "least-outstanding", broker.settings
+    finally:
+        broker.close()
+
+
+def test_the_policies_a_setting_accepts_are_the_brokers():
+    """role_settings (the base layer) cannot import broker/routing.py (a role): the two lists are kept equal here."""
+    from cluster.broker.routing import POLICIES as BROKER_POLICIES
+    from cluster.role_settings import POLICIES
+
+    assert set(POLICIES) == set(BROKER_POLICIES)

@@ -71,6 +71,7 @@ from cluster.protocol import (
     require,
 )
 from cluster.role_settings import BrokerSettings
+from cluster.settings import from_env
 from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
@@ -102,7 +103,7 @@ class Broker:
         ctx: zmq.Context | None = None,
         security: BusSecurity | None = None,
     ) -> None:
-        self.settings = settings = settings or BrokerSettings()
+        self.settings = settings = settings or from_env(BrokerSettings)  # None: its CLUSTER_* variables
         self.addresses = settings.addresses
         self.timings = settings.timings
         self.policy = make_policy(settings.policy)

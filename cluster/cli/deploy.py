@@ -160,7 +160,7 @@ def deploy(
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         report = _manager_call(
             manager,
-            "publish",
+            What.PUBLISH,
             timeout + 120,
             key,
             data=path.read_bytes(),

@@ -71,6 +71,7 @@ from cluster.protocol import (
 from cluster.publish import publish_upload, remove_version
 from cluster.repository import MODEL_FILES, ModelRepository, check_name
 from cluster.role_settings import ManagerSettings
+from cluster.settings import from_env
 from cluster.share import ShareError, open_share
 from cluster.sockets import drain, make_socket
 
@@ -89,7 +90,7 @@ class Manager:
         ctx=None,
         security: BusSecurity | None = None,
     ) -> None:
-        self.settings = settings = settings or ManagerSettings()
+        self.settings = settings = settings or from_env(ManagerSettings)  # None: its CLUSTER_* variables
         share = settings.share
         self.addresses = settings.addresses
         self.timings = settings.timings
