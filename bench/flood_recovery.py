@@ -29,8 +29,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lib import local_cluster, percentile  # noqa: E402
-from bench.overload import rounds_for  # noqa: E402
+from bench.lib import local_cluster, percentile, publish_slow, slow_rounds_for  # noqa: E402
 from cluster.client import AsyncClient  # noqa: E402
 from cluster.errors import ClusterError, OverloadedError  # noqa: E402
 
@@ -100,17 +99,13 @@ def main() -> None:
     parser.add_argument("--bound", type=float, default=5.0, help="the broker's --max-queue-wait, seconds")
     parser.add_argument("--fast-ms", type=float, default=200.0, help="a probe answer this fast counts as recovered")
     args = parser.parse_args()
-    import torch
 
-    from cluster.demo_models import SLOW_CONFIG, Slow
-    from cluster.publish import publish_version
+    from cluster.demo_models import SLOW_CONFIG
 
-    rounds = rounds_for(args.service_ms / 1000)
+    rounds = slow_rounds_for(args.service_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         tmp = Path(tmp)
-        model = tmp / "slow.pt"
-        torch.jit.script(Slow()).save(str(model))
-        publish_version(tmp / "share", "slow", model, SLOW_CONFIG)
+        publish_slow(tmp / "share", SLOW_CONFIG)
         with local_cluster(tmp / "share", tmp / "logs") as cluster:
             cluster.start_manager()
             cluster.start_broker("--max-queue-wait", str(args.bound))

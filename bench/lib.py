@@ -154,6 +154,39 @@ def table_markdown(rows: list[Row]) -> str:
 # ---- processes ------------------------------------------------------------------------------------------------------
 
 
+def slow_rounds_for(seconds: float) -> int:
+    """Rounds of cluster.demo_models.Slow for a forward pass of about `seconds` on one torch thread here (the agents
+    run torch with one thread)."""
+    import torch
+
+    from cluster.demo_models import Slow
+
+    model = torch.jit.script(Slow())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.zeros(1, 1)
+        model(x, torch.tensor([1000]))
+        start = time.perf_counter()
+        model(x, torch.tensor([50_000]))
+        return max(1, int(50_000 / (time.perf_counter() - start) * seconds))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def publish_slow(share: Path, config: dict) -> None:
+    """cluster.demo_models.Slow published to `share` as model "slow" with `config`."""
+    import torch
+
+    from cluster.demo_models import Slow
+    from cluster.publish import publish_version
+
+    model = share.parent / "slow.pt"
+    torch.jit.script(Slow()).save(str(model))
+    publish_version(share, "slow", model, config)
+    model.unlink()
+
+
 @contextlib.contextmanager
 def local_cluster(share: Path, workdir: Path) -> Iterator[LocalCluster]:
     """Our cluster's processes as every benchmark runs them (heartbeats once a second, warnings only in the logs),

@@ -22,24 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
 
-from bench.lib import local_cluster, log, percentile
+from bench.lib import local_cluster, log, percentile, publish_slow, slow_rounds_for
 from cluster.client import AsyncClient
 from cluster.demo_models import SLOW_CONFIG as CONFIG
-from cluster.demo_models import Slow
 from cluster.errors import ClusterError, OverloadedError
-from cluster.publish import publish_version
-
-
-def rounds_for(seconds: float) -> int:
-    model = torch.jit.script(Slow())
-    torch.set_num_threads(1)
-    x = torch.zeros(1, 1)
-    model(x, torch.tensor([1000]))
-    start = time.perf_counter()
-    model(x, torch.tensor([50_000]))
-    return max(1, int(50_000 / (time.perf_counter() - start) * seconds))
 
 
 class RssWatch:
@@ -168,12 +155,10 @@ def main() -> None:
     parser.add_argument("--bound", type=float, default=5.0, help="the broker's --max-queue-wait, seconds")
     parser.add_argument("--paths", default="bus,edge", help="bus, edge or both")
     args = parser.parse_args()
-    rounds = rounds_for(args.service_ms / 1000)
+    rounds = slow_rounds_for(args.service_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         tmp = Path(tmp)
-        model = tmp / "slow.pt"
-        torch.jit.script(Slow()).save(str(model))
-        publish_version(tmp / "share", "slow", model, CONFIG)
+        publish_slow(tmp / "share", CONFIG)
         with local_cluster(tmp / "share", tmp / "logs") as cluster:
             cluster.start_manager()
             broker = cluster.start_broker("--max-queue-wait", str(args.bound))

@@ -24,7 +24,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lib import closed_loop, percentile  # noqa: E402
+from bench.lib import closed_loop, percentile, slow_rounds_for  # noqa: E402
 
 
 def publish_share(share: Path) -> None:
@@ -42,13 +42,6 @@ def publish_share(share: Path) -> None:
         path.unlink()
 
 
-def rounds_for(seconds: float) -> int:
-    """Rounds of `slow` for a forward pass of about `seconds` on one torch thread here."""
-    from tests.models import slow_rounds_per_second
-
-    return max(1000, int(slow_rounds_per_second() * seconds))
-
-
 def run_beside(cluster, seconds: float = 5.0, slow_s: float = 1.0, echo_in_flight: int = 64, slow_in_flight: int = 2):
     """One agent serving echo and slow: echo's closed loop alone, then beside `slow_in_flight` slow requests kept
     outstanding. Returns the figures (ms, req/s) and the broker's stall count."""
@@ -58,7 +51,7 @@ def run_beside(cluster, seconds: float = 5.0, slow_s: float = 1.0, echo_in_fligh
     cluster.wait_for_agents(1, model="slow")
     client = cluster.client()
     x = {"x": np.zeros((1, 4), np.float32)}
-    slow_inputs = {"x": np.zeros((1, 4), np.float32), "n": np.array([rounds_for(slow_s)])}
+    slow_inputs = {"x": np.zeros((1, 4), np.float32), "n": np.array([max(1000, slow_rounds_for(slow_s))])}
     alone = closed_loop(client, "echo", x, echo_in_flight, seconds, warmup=1.0)
 
     stop = threading.Event()
