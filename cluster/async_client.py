@@ -13,7 +13,6 @@ from zmq.utils.monitor import parse_monitor_message
 
 from cluster.auth import HANDSHAKE_EVENTS, BusSecurity
 from cluster.client_core import Call, ClientCore, InferResult, make_dealer, resolve
-from cluster.config import default_address, timings_from_env
 from cluster.errors import ClusterError, NoAgentAvailableError
 from cluster.protocol import What
 
@@ -37,11 +36,9 @@ class AsyncClient:
         fail_fast: bool = False,
         key: str | None = None,
     ) -> None:
-        self.address = address or default_address()
+        self.core = ClientCore.for_client(address, timeout, keyed=key is not None)
+        self.address = self.core.address
         self.security = BusSecurity.load(key)
-        self.core = ClientCore(
-            timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None
-        )
         self.fail_fast = fail_fast
         self.connected = False  # the monitor's view: a handshake with the broker succeeded and has not dropped since
         self._started_at = 0.0

@@ -40,7 +40,6 @@ from cluster.client_core import (
     resolve,
     resolve_all,
 )
-from cluster.config import default_address, timings_from_env
 from cluster.errors import ClusterError, InferenceTimeoutError
 from cluster.protocol import What
 
@@ -74,11 +73,9 @@ class Client:
     """
 
     def __init__(self, address: str | None = None, timeout: float | None = None, key: str | None = None) -> None:
-        self.address = address or default_address()
+        self.core = ClientCore.for_client(address, timeout, keyed=key is not None)
+        self.address = self.core.address
         self.security = BusSecurity.load(key)
-        self.core = ClientCore(
-            timings_from_env().request_timeout if timeout is None else timeout, self.address, key is not None
-        )
         self._lock = threading.Lock()  # guards core.calls; taken after _sock_lock, never before it
         self._sock_lock = threading.Lock()  # serializes every use of the DEALER socket (and _reader, _io_reads)
         self._reader: int | None = None  # thread id of the caller reading the socket, if any

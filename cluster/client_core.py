@@ -25,6 +25,8 @@ from cluster.errors import (
     error_from_header,
 )
 from cluster.protocol import Command, ProtocolError
+from cluster.role_settings import ClientSettings
+from cluster.settings import from_env
 from cluster.sockets import make_socket
 
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
@@ -83,6 +85,16 @@ class ClientCore:
         self.keyed = keyed  # this client presents a key
         self.refused: AuthenticationError | None = None  # the last handshake failed: calls fail at once
         self._handshakes = HandshakeVerdict("broker")
+
+    @classmethod
+    def for_client(cls, address: str | None, timeout: float | None, keyed: bool) -> ClientCore:
+        """The core of a Client or AsyncClient: the address and timeout given, else CLUSTER_BROKER_CLIENTS and
+        CLUSTER_REQUEST_TIMEOUT (ClientSettings, read once), else their defaults."""
+        if not address or timeout is None:
+            defaults = from_env(ClientSettings)
+            address = address or defaults.addresses.broker_clients
+            timeout = defaults.timings.request_timeout if timeout is None else timeout
+        return cls(timeout, address, keyed)
 
     def on_handshake(self, event: int) -> list[tuple[Call, ClusterError]]:
         """A monitor event. A conclusive handshake failure fails every waiting call (and, until a handshake succeeds,
