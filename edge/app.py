@@ -108,17 +108,15 @@ def create_app(
     request_timeout = settings.timings.request_timeout
     query_timeout = settings.edge_query_timeout
     key = settings.key
-    tokens = [*split_tokens(settings.edge_token), *(t for f in settings.edge_token_file for t in read_token_file(f))]
-    admin_tokens = [
-        *split_tokens(settings.edge_admin_token),
-        *(t for f in settings.edge_admin_token_file for t in read_token_file(f)),
-    ]
+    # given as options or variables (several to a value, comma- or space-separated) and in token files
+    tokens = split_tokens([*settings.edge_token, *(t for f in settings.edge_token_file for t in read_token_file(f))])
+    admin_tokens = split_tokens(
+        [*settings.edge_admin_token, *(t for f in settings.edge_admin_token_file for t in read_token_file(f))]
+    )
     allowed_hosts = hosts_for_bind(settings.edge_host, settings.edge_allowed_hosts)
     cors_origins = settings.edge_cors_origins
     page = Path(frontend_path) if frontend_path else default_frontend()
-    security = EdgeSecurity(
-        split_tokens(list(tokens)), split_tokens(list(admin_tokens)), tuple(allowed_hosts), tuple(cors_origins)
-    )
+    security = EdgeSecurity(tokens, admin_tokens, tuple(allowed_hosts), tuple(cors_origins))
     if manager is None:
         manager_key = settings.edge_manager_key
         manager = AsyncManagerClient(

@@ -79,9 +79,6 @@ def up(
     policy = settings.restart
     if threads is None:
         threads = config.up_torch_threads(agents)
-    if threads < 0:
-        typer.echo("cluster up: --threads takes 0 (torch's default) or more", err=True)
-        raise typer.Exit(2)
     # SIGTERM like Ctrl-C: stop everything, wherever we are. SIGINT explicitly too: started with `&` from a script,
     # a process inherits SIGINT ignored, and Python then installs no handler of its own
     signal.signal(signal.SIGTERM, _raise_interrupt)
