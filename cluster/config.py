@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,6 +24,13 @@ BROKER_AGENT_ADDR = f"tcp://{DEFAULT_HOST}:5556"  # agents connect their DEALER 
 MANAGER_HEARTBEAT_ADDR = f"tcp://{DEFAULT_HOST}:5557"  # agents PUB heartbeats here (manager binds SUB)
 MANAGER_EVENTS_ADDR = f"tcp://{DEFAULT_HOST}:5558"  # manager PUBlishes registry changes here (broker SUBs)
 MANAGER_QUERY_ADDR = f"tcp://{DEFAULT_HOST}:5559"  # manager answers agents/models queries here (ROUTER)
+# Several brokers (active-active): broker_clients and broker_agents may name several, comma-separated
+# ("tcp://b1:5555,tcp://b2:5555"); every client and agent connects to each (address_list)
+ADDRESS_SEPARATOR = ","
+# A client's links to its brokers carry ZMTP heartbeats this often, and a broker silent this long is lost (a frozen
+# or vanished machine that sends no TCP reset): what was outstanding there is sent to another broker at once
+CLIENT_LINK_HEARTBEAT_S = 0.1
+CLIENT_LINK_TIMEOUT_S = 0.3
 EDGE_HOST = DEFAULT_HOST
 EDGE_PORT = 8000
 EDGE_GRPC_PORT = 8001  # the edge's OIP gRPC (Triton's and KServe's usual port)
@@ -296,8 +304,16 @@ def default_share_dir() -> str:
 class Addresses:
     """Where each component listens; one object so every CLI command and test passes the same set around."""
 
-    broker_clients: str = setting(BROKER_CLIENT_ADDR, "Broker address for clients.", flag="--broker-clients")
-    broker_agents: str = setting(BROKER_AGENT_ADDR, "Broker address for agents.", flag="--broker-agents")
+    broker_clients: str = setting(
+        BROKER_CLIENT_ADDR,
+        "Broker address for clients (several brokers: comma-separated, a client connects to each).",
+        flag="--broker-clients",
+    )
+    broker_agents: str = setting(
+        BROKER_AGENT_ADDR,
+        "Broker address for agents (several brokers: comma-separated, an agent registers with each).",
+        flag="--broker-agents",
+    )
     manager_heartbeats: str = setting(
         MANAGER_HEARTBEAT_ADDR, "Manager heartbeat address (agents publish here).", flag="--manager-heartbeats"
     )
@@ -329,6 +345,26 @@ class Limits:
         unit="s",
         check=at_least(0),
     )
+
+
+def address_list(addresses: str) -> list[str]:
+    """The addresses in a setting that may name several ("tcp://b1:5555,tcp://b2:5555"), in order, without blanks
+    or repeats; ValueError if it names none."""
+    out: list[str] = []
+    for part in addresses.split(ADDRESS_SEPARATOR):
+        part = part.strip()
+        if part and part not in out:
+            out.append(part)
+    if not out:
+        raise ValueError(f"no address in {addresses!r}")
+    return out
+
+
+def default_broker_name(address: str) -> str:
+    """A broker's name when --name does not give one: this host and the port of its clients' address (unique among
+    the brokers of a cluster, stable across its restarts)."""
+    port = address.rsplit(":", 1)[-1] if address.startswith("tcp://") else address.rsplit("/", 1)[-1]
+    return f"{socket.gethostname()}:{port}"
 
 
 def default_address(name: str = "broker_clients") -> str:

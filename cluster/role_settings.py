@@ -118,6 +118,12 @@ class BrokerSettings:
         Addresses,
         flags=("broker_clients", "broker_agents", "manager_events", "manager_queries"),
     )
+    name: str = setting(
+        "",
+        "This broker's name (its routing id at clients; unique among the cluster's brokers); empty: host:port of "
+        "its clients' address.",
+        flag="--name",
+    )
     policy: str = setting(
         "round-robin", "Routing policy: round-robin or least-outstanding.", flag="--policy", check=one_of(POLICIES)
     )

@@ -19,18 +19,23 @@ every client <-> broker one) has the bare 5-byte preamble.
 
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
-    client  -> broker   REQUEST  Request {id, model, version?, timeout, inputs: [meta...], outputs?: [name...],
-                                 request_id?} + tensors   (request_id: the caller's name for it, in the logs)
+    client  -> broker   (probe) one empty frame   (ZMQ_PROBE_ROUTER, on each new connection: "who are you?")
+                        REQUEST  Request {id, model, version?, timeout, inputs: [meta...], outputs?: [name...],
+                                 request_id?, attempt?} + tensors   (request_id: the caller's name for it, in the
+                                 logs; attempt: dispatches it already had at brokers the client lost)
                         QUERY    Query {id, what: agents | models | model | stats | statistics, name?, version?}
                         CANCEL   Cancel {id}   (forget that request: out of the queue, or skipped by its agent; no
                                  answer)
-    broker  -> client   REPLY    Reply {id, model, version, agent, outputs: [meta...], batch_size, queue_us}
+    broker  -> client   READY    BrokerHello {broker, incarnation, ready}   (answers a probe; again with ready true
+                                 once it is past its rejoin window: clients prefer ready brokers)
+                        REPLY    Reply {id, model, version, agent, outputs: [meta...], batch_size, queue_us}
                                  + tensors   (the agent's header, as is)
                         REPLY    Answer {id, result}   (answer to a QUERY)
                         ERROR    Error {id, code, message, model?, retry_after?}
     agent   -> broker   READY    Heartbeat + {metadata: [each model's inputs and outputs]}
                         HEARTBEAT Heartbeat (every interval and on every change of what it serves)
-                        REPLY / ERROR  preamble+key, Reply / Error, tensors (answers a REQUEST)
+                        REPLY / ERROR  preamble+key, Reply / Error, tensors (answers a REQUEST; ERROR BUSY: no free
+                                 slot, the broker queues it again without counting an attempt)
                         DISCONNECT Disconnect {reason}   (it is stopping)
     broker  -> agent    REQUEST  preamble+request route, the client's header, tensors (forwarded, never re-encoded)
                         CANCEL   preamble+key, {}   (the client gave up: skip it if not started, answer CANCELLED)
@@ -47,8 +52,10 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
     manager -> agents,  EVENT (PUB) Desired {event: "desired", state: {generation, models: {name: {version, staged,
                broker   history}}}}   (on every change, when an agent joins, and every heartbeat interval)
     broker  -> manager  QUERY Query {id, what: agents}   (at start: which agents to wait for; the Answer carries
-                        `desired`) and Query {what: broker_view, agents}   (a report of the agents it routes to: no
-                        answer)
+                        `desired`)
+                        EVENT (PUB, connected to the manager's heartbeat address) BrokerReport {event:
+                        "broker_report", broker, incarnation, seq, agents, load}   (every interval: the agents it
+                        routes to and its load; the manager's view is the union of every broker's)
     anyone  -> manager  QUERY Query {id, what: agents | models | deployments | rollouts | deploy | rollback |
                         undeploy, ...}
                         QUERY {id, what: publish, name, file, config?, version?} + the model file's bytes (one frame)
@@ -167,6 +174,7 @@ class ErrorCode(str, enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"  # with keys on: the sender's key is not (or no longer) allowed
     PERMISSION_DENIED = "PERMISSION_DENIED"  # with keys on: the key's role may not do this (e.g. a client deploying)
     AGENT_ID_IN_USE = "AGENT_ID_IN_USE"  # broker -> agent: another live agent (another process) has this agent id
+    BUSY = "BUSY"  # agent -> broker: no free slot here now (its share changed under the broker): queue it again
     INTERNAL = "INTERNAL"
 
 

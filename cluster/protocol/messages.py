@@ -22,6 +22,8 @@ from cluster.protocol.frames import (
     validate_tensor_metas,
 )
 
+MAX_ATTEMPT = 1000  # a request's `attempt` past this is malformed (the budget is a handful)
+
 
 def message_id(header: Mapping) -> int | str | None:
     """A message's `id` when it is an int or a string (what its answer carries back), else None."""
@@ -54,9 +56,14 @@ class Request:
     version: int | None = None  # None: the model's default version
     outputs: Any = None  # names of the outputs wanted (None: all), checked by output_names (the agent)
     request_id: str | None = None  # the caller's name for it (e.g. the OIP id), in the broker's and agent's logs
+    # dispatches it already had at brokers the client lost since (a resend): the broker's attempt budget
+    # (max_dispatch_attempts) counts from here, so it is one budget across brokers
+    attempt: int = 0
 
     def to_wire(self) -> dict:
         header = {"id": self.id, "model": self.model, "timeout": self.timeout, "inputs": self.inputs}
+        if self.attempt:
+            header["attempt"] = self.attempt
         if self.version is not None:
             header["version"] = self.version
         if self.outputs is not None:
@@ -84,7 +91,12 @@ class Request:
                 raise ProtocolError(f"timeout must be between 0 and {MAX_REQUEST_TIMEOUT_S:.0f} seconds")
         if "request_id" in header:
             trace = request_id_of(header)
-        return cls(request_id, model, get("inputs"), timeout, version, get("outputs"), trace)
+        attempt = get("attempt") or 0
+        if type(attempt) is not int:
+            attempt = check_field("attempt", attempt, int)
+        if not 0 <= attempt <= MAX_ATTEMPT:
+            raise ProtocolError(f"attempt must be between 0 and {MAX_ATTEMPT}")
+        return cls(request_id, model, get("inputs"), timeout, version, get("outputs"), trace, attempt)
 
     def input_metas(self, tensors: Sequence) -> list[dict]:
         """The inputs' metas, checked against their tensor frames (ProtocolError naming the tensor)."""
@@ -295,6 +307,30 @@ class BrokerBeat:
 
 
 @dataclass
+class BrokerHello:
+    """READY, broker -> client: the answer to a client's probe (the empty message ZMQ_PROBE_ROUTER sends on every new
+    connection). `broker` is the broker's name, which is also its routing id at the client's ROUTER (the client
+    addresses it by that); `incarnation` (hex) changes when the broker restarts (what was outstanding at the old one
+    is lost: the client sends it again); `ready` false while it is in its rejoin window (agents still registering):
+    a client uses it only if no ready broker is there, and is told again with `ready` true when it is."""
+
+    broker: str
+    incarnation: str
+    ready: bool = True
+
+    def to_wire(self) -> dict:
+        return {"broker": self.broker, "incarnation": self.incarnation, "ready": self.ready}
+
+    @classmethod
+    def from_wire(cls, header: Mapping) -> BrokerHello:
+        return cls(
+            require(header, "broker", str),
+            require(header, "incarnation", str),
+            require(header, "ready", bool, optional=True) is not False,
+        )
+
+
+@dataclass
 class Disconnect:
     """DISCONNECT, broker -> agent ("I do not know you, send READY again") and agent -> broker (it is stopping)."""
 
@@ -311,6 +347,7 @@ class Disconnect:
 class EventKind(enum.StrEnum):
     AGENT_DEAD = "agent_dead"
     DESIRED = "desired"
+    BROKER_REPORT = "broker_report"
 
 
 @dataclass
@@ -344,7 +381,46 @@ class Desired:
         return {"event": self.event.value, "state": self.state}
 
 
-def parse_event(header: Mapping) -> AgentDead | Desired | None:
+@dataclass
+class BrokerReport:
+    """EVENT broker_report, broker -> manager (the broker's PUB, connected to the manager's heartbeat address), every
+    heartbeat interval: the agents it routes to (not draining) and its load. `seq` counts its reports from 1 (per
+    incarnation), so the manager can tell a gap (PUB drops at its high-water mark) from a silent broker. The
+    manager's view is the union of every live broker's; a standby manager can subscribe too."""
+
+    broker: str  # its name
+    incarnation: str  # hex
+    seq: int
+    agents: list[str]  # ids of the agents it routes to
+    load: dict = field(default_factory=dict)  # {in_flight, queued, agents, capacity: {model: n}, ...} (informational)
+    event = EventKind.BROKER_REPORT
+
+    def to_wire(self) -> dict:
+        return {
+            "event": self.event.value,
+            "broker": self.broker,
+            "incarnation": self.incarnation,
+            "seq": self.seq,
+            "agents": self.agents,
+            "load": self.load,
+        }
+
+    @classmethod
+    def from_wire(cls, header: Mapping) -> BrokerReport:
+        agents = require(header, "agents", list)
+        if not all(isinstance(a, str) for a in agents):
+            raise ProtocolError("each of 'agents' must be a string")
+        load = header.get("load")
+        return cls(
+            require(header, "broker", str),
+            require(header, "incarnation", str),
+            require(header, "seq", int),
+            agents,
+            load if isinstance(load, dict) else {},
+        )
+
+
+def parse_event(header: Mapping) -> AgentDead | Desired | BrokerReport | None:
     """An EVENT's header as its class; None for an event this side does not know (a newer manager's: ignored).
     ProtocolError naming the field when a known one is malformed."""
     event = require(header, "event", str)
@@ -356,6 +432,8 @@ def parse_event(header: Mapping) -> AgentDead | Desired | None:
         )
     if event == EventKind.DESIRED:
         return Desired(header.get("state"))
+    if event == EventKind.BROKER_REPORT:
+        return BrokerReport.from_wire(header)
     return None
 
 
