@@ -118,7 +118,7 @@ class BrokerSettings:
         Addresses,
         flags=("broker_clients", "broker_agents", "manager_events", "manager_queries"),
     )
-    name: str | None = setting(
+    broker_name: str | None = setting(
         None,
         "This broker's name (its routing id at clients; unique among the cluster's brokers); default: host:port of "
         "its clients' address.",
