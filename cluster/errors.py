@@ -78,6 +78,13 @@ class AgentIdInUseError(ClusterError):
     code = ErrorCode.AGENT_ID_IN_USE
 
 
+class AgentBusyError(ClusterError):
+    """An agent had no free slot for a request (its share of capacity changed under the broker). Only the broker
+    sees this code: it queues the request again, without counting an attempt."""
+
+    code = ErrorCode.BUSY
+
+
 ERROR_BY_CODE = {cls.code.value: cls for cls in ClusterError.__subclasses__()}
 ERROR_BY_CODE[ErrorCode.INTERNAL.value] = ClusterError
 
