@@ -40,9 +40,10 @@ CLI = typer.main.get_command(app)
 WORKLOADS = ("Deployment", "StatefulSet")
 CUSTOM_RESOURCES = ("keda.sh/", "monitoring.coreos.com/")  # no schemas in kubernetes-validate: checked below
 METRICS_PORT = 9100  # each broker's Prometheus metrics (CLUSTER_METRICS_PORT), as the manifests set it
-# Variables the manifests set before the code that reads them is merged (issue 20: the brokers' metrics endpoint):
+# Variables the manifests set before the code that reads them is merged (issue 20: the brokers' metrics endpoint,
+# their reports to the manager's heartbeat address):
 # allowed while the CLI does not know them; once it does, the usual check applies. Empty this after the merge.
-PENDING_VARIABLES = {"broker": {"CLUSTER_METRICS_PORT"}}
+PENDING_VARIABLES = {"broker": {"CLUSTER_METRICS_PORT", "CLUSTER_MANAGER_HEARTBEATS"}}
 
 
 def port_of(address: str) -> int:
