@@ -27,6 +27,8 @@ MANAGER_QUERY_ADDR = f"tcp://{DEFAULT_HOST}:5559"  # manager answers agents/mode
 # Several brokers (active-active): broker_clients and broker_agents may name several, comma-separated
 # ("tcp://b1:5555,tcp://b2:5555"); every client and agent connects to each (address_list)
 ADDRESS_SEPARATOR = ","
+# `cluster up --brokers N` from one broker address: broker i listens on its ports + i x this (5565 and 5566, ...)
+UP_BROKER_PORT_STEP = 10
 # A client's links to its brokers carry ZMTP heartbeats this often, and a broker silent this long is lost (a frozen
 # or vanished machine that sends no TCP reset): what was outstanding there is sent to another broker at once
 CLIENT_LINK_HEARTBEAT_S = 0.1

@@ -21,6 +21,13 @@ where to connect: LocalCluster then starts the missing role once, reads its read
 addresses); the real start later binds the same ones. Between those two starts the port is free, as it is during
 any restart.
 
+Several brokers: each start_broker() while every broker started so far runs adds one, with ports of its own (those of
+`addresses` for the first; the i-th entry of a comma list there, else port 0 on the same host) and `--name broker-<i>`
+(CLUSTER_BROKER_NAME; i: its index among the brokers); start_broker() when a broker is down (killed, stopped, exited,
+or only reserved) starts that one again, on its ports. `addresses.broker_clients` and `broker_agents` are then comma
+lists of every broker's addresses, in the brokers' order, for the roles and clients started after (each broker gets
+only its own); `brokers` and `broker_addresses(i)` give one broker's.
+
 The ready file: JSON written to a temporary file and renamed into place (a reader sees all of it or nothing):
     {"role": "broker", "pid": 4242, "addresses": {"broker_clients": "tcp://127.0.0.1:41807", "broker_agents": ...}}
 Address keys are the field names of `config.Addresses`, plus "edge" (an http:// URL) for the edge.
@@ -41,12 +48,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cluster
-from cluster.config import DEFAULT_HOST, Addresses
+from cluster.config import ADDRESS_SEPARATOR, DEFAULT_HOST, Addresses, address_list
 from cluster.ports import (  # noqa: F401 (re-exported, as the serving names below)
     ADDRESS_FIELDS,
     any_port,
@@ -95,6 +102,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except OSError:
         pass
+
+
+@dataclass
+class BrokerSlot:
+    """One of the cluster's brokers: its name (--name) and where it listens (what it reported once started, else
+    what it was asked to bind), and its latest process (None: never started)."""
+
+    index: int
+    name: str
+    clients: str
+    agents: str
+    proc: Proc | None = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.alive()
 
 
 # ---- the cluster ------------------------------------------------------------------------------------------------
@@ -151,6 +173,8 @@ class LocalCluster:
         self.die_with_parent = die_with_parent
         self.bound: dict[str, str] = {}  # address key -> the address a role reported in its ready file
         self.procs: list[Proc] = []  # every process started, in order (killed and stopped ones too)
+        self.brokers: list[BrokerSlot] = []  # every broker, in order (its index is its place here)
+        self._broker_of: dict[str, BrokerSlot] = {}  # process name -> the broker it runs
         self._clients: list = []
 
     # ---- where things are -------------------------------------------------------------------------------------
@@ -171,7 +195,40 @@ class LocalCluster:
         return self.bound.get("grpc")
 
     def _known(self, key: str) -> bool:
-        return not is_any_port(getattr(self.addresses, key))
+        return not any(is_any_port(a) for a in address_list(getattr(self.addresses, key)))
+
+    def broker_addresses(self, index: int) -> Addresses:
+        """The cluster's addresses with only broker `index`'s (e.g. a Client of that broker alone)."""
+        slot = self.brokers[index]
+        return replace(self.addresses, broker_clients=slot.clients, broker_agents=slot.agents)
+
+    @property
+    def broker_procs(self) -> list[Proc | None]:
+        """Each broker's latest process, in the brokers' order."""
+        return [slot.proc for slot in self.brokers]
+
+    def _broker_slot(self, name: str) -> BrokerSlot:
+        """The broker a start of process `name` runs: the one that name ran before (a restart), else the first one
+        down, else a new one."""
+        slot = self._broker_of.get(name) or next((b for b in self.brokers if not b.running()), None)
+        if slot is None:
+            i = len(self.brokers)
+
+            def requested(key: str) -> str:
+                wanted = address_list(getattr(self.requested, key))
+                return wanted[i] if i < len(wanted) else any_port(wanted[0])
+
+            slot = BrokerSlot(i, f"broker-{i}", requested("broker_clients"), requested("broker_agents"))
+            self.brokers.append(slot)
+        self._broker_of[name] = slot
+        return slot
+
+    def _broker_started(self, slot: BrokerSlot, proc: Proc) -> None:
+        """Remember where a broker listens; the cluster's broker addresses become the list of every broker's."""
+        slot.clients = proc.addresses.get("broker_clients", slot.clients)
+        slot.agents = proc.addresses.get("broker_agents", slot.agents)
+        self.bound["broker_clients"] = ADDRESS_SEPARATOR.join(b.clients for b in self.brokers)
+        self.bound["broker_agents"] = ADDRESS_SEPARATOR.join(b.agents for b in self.brokers)
 
     def env(self, **extra) -> dict:
         """The environment of every process: this one's plus the cluster's CLUSTER_* settings, then `extra`."""
@@ -222,9 +279,23 @@ class LocalCluster:
         name = name or f"{role}-{len(self.procs)}"
         if self.keys is not None and "CLUSTER_KEY" not in env:
             env["CLUSTER_KEY"] = str(self.role_key(role, name))
-        proc = self.spawn(name, argv, role=role, ready=role in BINDS, timeout=timeout, **env)
-        proc.args = tuple(args)
-        self.bound.update(proc.addresses)
+        own = {}  # a broker binds its own addresses (the others' are in the list every other role gets)
+        slot = self._broker_slot(name) if role == "broker" else None
+        if slot is not None:
+            own = {"CLUSTER_BROKER_CLIENTS": slot.clients, "CLUSTER_BROKER_AGENTS": slot.agents}
+            own["CLUSTER_BROKER_NAME"] = slot.name
+        try:
+            proc = self.spawn(name, argv, role=role, ready=role in BINDS, timeout=timeout, **{**own, **env})
+        except StartError as exc:
+            if slot is not None:
+                slot.proc = exc.proc
+            raise
+        proc.args, proc.env = tuple(args), {k: str(v) for k, v in env.items()}
+        if slot is not None:
+            slot.proc = proc
+            self._broker_started(slot, proc)
+        else:
+            self.bound.update(proc.addresses)
         return proc
 
     def spawn(
@@ -304,6 +375,7 @@ class LocalCluster:
         return self.start("manager", name=f"manager-{len(self.procs)}", **env)
 
     def start_broker(self, *args: str, **env) -> Proc:
+        """A broker: a new one while every broker runs, else the first one down again (on its ports); see above."""
         return self.start("broker", *args, name=f"broker-{len(self.procs)}", **env)
 
     def start_agent(self, agent_id: str | None = None, *args: str, **env) -> Proc:
@@ -374,7 +446,8 @@ class LocalCluster:
         that fails is reported with its exit status or signal and started again after a backoff, with the same name,
         arguments and addresses (so its peers reconnect where they were); the others keep serving. Runs until a role
         with no stand-in (`no_stand_in`: the manager, the broker, the edge) is given up on (a crash loop) or exits
-        cleanly without being asked: returns that process. An agent given up on, or that exits cleanly, is left
+        cleanly without being asked, and no other process of that role is left (one of several brokers given up on
+        leaves the others serving): returns that process. An agent given up on, or that exits cleanly, is left
         down. `say(level, line)` reports each exit and restart (logging levels: ERROR for a crash loop, WARNING
         for an exit, INFO for a restart); `on_restart(running)` is called after each restart. Restarting a
         role that binds waits (up to READY_TIMEOUT) for its ready file; meanwhile other exits wait their turn."""
@@ -384,13 +457,20 @@ class LocalCluster:
         current = self.running()
         for name, proc in current.items():
             supervisor.started(name, proc.started_at)
+        done: set[str] = set()  # given up on, or exited cleanly: not coming back
+
+        def others(proc: Proc) -> list[str]:
+            """The other processes of its role that run or will be restarted."""
+            return [n for n, p in current.items() if p.role == proc.role and n != proc.name and n not in done]
 
         def exited(proc: Proc, note: str = "exited") -> Proc | None:
             """Feed one exit to the supervisor and report what it decided; the process if it ends supervision."""
             proc.retired = True  # handled: exited() no longer lists it
             d = supervisor.exited(proc.name, time.monotonic(), proc.returncode)
             what = f"{proc.name} (pid {proc.pid}, the {proc.role}) {note}: {d.how} after {d.uptime:.1f} s up"
-            alone = proc.role in no_stand_in
+            if d.action != RESTART:
+                done.add(proc.name)
+            alone = proc.role in no_stand_in and not others(proc)
             window = f"{supervisor.policy.crash_window:g} s"
             if d.action == RESTART:
                 say(logging.WARNING, f"{what}; restarting it in {d.delay:g} s (restart {d.restarts} within {window})")

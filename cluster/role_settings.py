@@ -19,6 +19,7 @@ from cluster.config import (
     EDGE_GRPC_PORT,
     EDGE_HOST,
     EDGE_PORT,
+    UP_BROKER_PORT_STEP,
     Addresses,
     Limits,
     RestartPolicy,
@@ -203,6 +204,14 @@ class UpSettings:
 
     share: str | None = share(
         "Model repository folder (default under the user's data dir); it must exist, unless --create-share."
+    )
+    brokers: int = setting(
+        1,
+        "Brokers to start (active-active; each with its own ports: broker i on the broker addresses' ports + "
+        f"{UP_BROKER_PORT_STEP} x i, or the i-th of comma-separated CLUSTER_BROKER_CLIENTS / _AGENTS); agents and "
+        "clients use every one.",
+        flag="--brokers",
+        check=at_least(1),
     )
     torch_threads: int | None = setting(
         None,

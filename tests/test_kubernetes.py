@@ -8,12 +8,20 @@
 - the ports: the containers' ports, the addresses they bind (0.0.0.0) and the Services' ports are cluster/config.py's
   defaults, the addresses they connect to name a Service and one of its ports, the Containerfile EXPOSEs them;
 - every pod has readiness and liveness probes and resource requests; key files lie on mounted Secrets, and the
-  README says how to make each Secret.
+  README says how to make each Secret;
+- the brokers are a StatefulSet behind a headless Service and every agent, edge and probe is given each broker pod;
+  they survive a node (spread, a disruption budget, tolerations of 10-30 s, as the manager's), serve Prometheus
+  metrics, and KEDA scales the agents on them (the ScaledObject and the PodMonitor checked against the CRDs' fields);
+- every pod passes Pod Security "restricted"; agents and the edge have disruption budgets;
+- the kustomization names the image once (built with `kubectl kustomize` where kubectl is installed);
+- the edge admits its Service's names in its namespace.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,8 +33,17 @@ from cluster import config, settings
 from cluster.cli import app
 from tests.harness import REPO_ROOT
 
-MANIFESTS = sorted((REPO_ROOT / "deploy" / "kubernetes").rglob("*.yaml"))
+KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
+MANIFESTS = sorted(p for p in KUBERNETES.rglob("*.yaml") if p.name != "kustomization.yaml")
+KUSTOMIZATIONS = sorted(KUBERNETES.rglob("kustomization.yaml"))
 CLI = typer.main.get_command(app)
+WORKLOADS = ("Deployment", "StatefulSet")
+CUSTOM_RESOURCES = ("keda.sh/", "monitoring.coreos.com/")  # no schemas in kubernetes-validate: checked below
+METRICS_PORT = 9100  # each broker's Prometheus metrics (CLUSTER_METRICS_PORT), as the manifests set it
+# Variables the manifests set before the code that reads them is merged (issue 20: the brokers' metrics endpoint,
+# their reports to the manager's heartbeat address):
+# allowed while the CLI does not know them; once it does, the usual check applies. Empty this after the merge.
+PENDING_VARIABLES = {"broker": {"CLUSTER_METRICS_PORT", "CLUSTER_MANAGER_HEARTBEATS"}}
 
 
 def port_of(address: str) -> int:
@@ -54,12 +71,39 @@ def documents() -> list[tuple[Path, dict]]:
 
 
 def workloads() -> list[tuple[Path, dict, dict]]:
-    """(file, Deployment, container) for every container of every Deployment."""
+    """(file, Deployment or StatefulSet, container) for every container of every workload."""
     return [
         (path, doc, c)
         for path, doc in documents()
-        if doc["kind"] == "Deployment"
+        if doc["kind"] in WORKLOADS
         for c in doc["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def kind(name: str) -> list[tuple[Path, dict]]:
+    return [(path, doc) for path, doc in documents() if doc["kind"] == name]
+
+
+def role_of(container: dict) -> str:
+    return container["args"][0]
+
+
+def env_of(container: dict) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def broker_set() -> dict:
+    (_, brokers), *more = [(p, d) for p, d in kind("StatefulSet") if d["metadata"]["name"] == "cluster-broker"]
+    assert not more
+    return brokers
+
+
+def broker_pods() -> list[str]:
+    """Each broker pod's DNS name within the namespace: cluster-broker-N.cluster-broker."""
+    brokers = broker_set()
+    return [
+        f"{brokers['metadata']['name']}-{i}.{brokers['spec']['serviceName']}"
+        for i in range(brokers["spec"]["replicas"])
     ]
 
 
@@ -96,7 +140,8 @@ def test_there_are_manifests_for_every_role():
     roles = {c["args"][0] for _, _, c in workloads()}
     assert roles == {"manager", "broker", "agent", "edge"}, roles
     kinds = {doc["kind"] for _, doc in documents()}
-    assert {"Deployment", "Service", "PersistentVolume", "PersistentVolumeClaim"} <= kinds, kinds
+    assert {"Deployment", "StatefulSet", "Service", "PersistentVolume", "PersistentVolumeClaim"} <= kinds, kinds
+    assert {"PodDisruptionBudget", "ScaledObject"} <= kinds, kinds
 
 
 def test_manifests_are_valid_kubernetes_offline():
@@ -105,6 +150,8 @@ def test_manifests_are_valid_kubernetes_offline():
     if "1.28.0" != versions[0]:
         versions.append("1.28.0")  # an older Kubernetes still in use: nothing here may need newer fields
     for path, doc in documents():
+        if doc["apiVersion"].startswith(CUSTOM_RESOURCES):
+            continue
         for version in versions:
             try:
                 kv.validate(doc, version, strict=True)
@@ -145,6 +192,8 @@ def test_environment_variables_are_ones_the_cli_reads():
         role = container["args"][0]
         known = envvars_of(role) | envvars_of("health") | read_by_config
         for env in container.get("env", []):
+            if env["name"] in PENDING_VARIABLES.get(role, ()) and env["name"] not in known:
+                continue
             if env["name"].startswith("CLUSTER_"):
                 assert env["name"] in known, (
                     f"{path.name}: {env['name']} is read by neither `cluster {role}` nor health"
@@ -156,7 +205,8 @@ def test_ports_match_the_cli_defaults_and_the_services():
     for path, deployment, container in workloads():
         role, ctx = parse(container["args"])
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-        assert sorted(ports.values()) == sorted(ROLE_PORTS[role].values()), f"{path.name}: container ports {ports}"
+        expected = sorted([*ROLE_PORTS[role].values(), *([METRICS_PORT] if role == "broker" else [])])
+        assert sorted(ports.values()) == expected, f"{path.name}: container ports {ports}"
         args = container["args"]
         for option, port in ROLE_PORTS[role].items():
             value = args[args.index(option) + 1]
@@ -165,11 +215,15 @@ def test_ports_match_the_cli_defaults_and_the_services():
                 assert args[args.index("--host") + 1] == "0.0.0.0", f"{path.name}: the edge must bind 0.0.0.0"
             else:
                 assert value == f"tcp://0.0.0.0:{port}", f"{path.name}: {role} {option} {value} (bind 0.0.0.0:{port})"
-        # every address it connects to is a Service of these manifests, at one of that Service's ports
+        # every address it connects to is a Service of these manifests (or a pod of a StatefulSet behind a headless
+        # one), at one of that Service's ports
         connects = [a for a in args if a.startswith("tcp://") and "0.0.0.0" not in a]
         connects += [e["value"] for e in container.get("env", []) if str(e.get("value", "")).startswith("tcp://")]
-        for address in connects:
+        for address in (one for several in connects for one in config.address_list(several)):
             host, port = urlparse(address).hostname, urlparse(address).port
+            if host not in svcs and host in broker_pods():
+                host = host.split(".", 1)[1]
+                assert svcs[host]["spec"].get("clusterIP") == "None", f"{address}: {host} is not headless"
             assert host in svcs, f"{path.name}: {address}: no Service {host}"
             assert port in {p["port"] for p in svcs[host]["spec"]["ports"]}, f"{path.name}: {address}: no such port"
         # the Services in front of it: selectors match the pod, target ports are its named ports
@@ -180,7 +234,7 @@ def test_ports_match_the_cli_defaults_and_the_services():
                     assert p["targetPort"] in ports and ports[p["targetPort"]] == p["port"], f"{svc['metadata']}"
     assert {s: sorted(p["port"] for p in svcs[s]["spec"]["ports"]) for s in svcs} == {
         "cluster-manager": sorted(ROLE_PORTS["manager"].values()),
-        "cluster-broker": sorted(ROLE_PORTS["broker"].values()),
+        "cluster-broker": sorted([*ROLE_PORTS["broker"].values(), METRICS_PORT]),
         "cluster-edge": sorted(ROLE_PORTS["edge"].values()),
     }
 
@@ -218,6 +272,277 @@ def test_probes_resources_and_keys():
         if role == "agent":
             ids = [e for e in container["env"] if e["name"] == "CLUSTER_AGENT_ID"]
             assert ids and ids[0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", "agent id = pod name"
+
+
+# ---- several brokers, and surviving a node --------------------------------------------------------------------------
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return bool(selector["matchLabels"]) and selector["matchLabels"].items() <= labels.items()
+
+
+def test_brokers_are_a_statefulset_of_two_behind_a_headless_service():
+    brokers = broker_set()
+    spec = brokers["spec"]
+    assert spec["replicas"] == 2, "two brokers: either serves while the other is lost"
+    service = services()[spec["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None", "headless: a ClusterIP would pin a connection to one broker pod"
+    labels = spec["template"]["metadata"]["labels"]
+    assert _matches({"matchLabels": service["spec"]["selector"]}, labels)
+    assert spec["updateStrategy"]["type"] == "RollingUpdate" and spec.get("podManagementPolicy") == "Parallel"
+    container = spec["template"]["spec"]["containers"][0]
+    name = next(e for e in container["env"] if e["name"] == "CLUSTER_BROKER_NAME")
+    assert name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", "each broker is named after its pod"
+    assert not [d for _, d in kind("Deployment") if d["metadata"]["name"] == "cluster-broker"], "no broker Deployment"
+
+
+def test_every_agent_edge_and_probe_is_given_every_broker():
+    """Agents register with each broker pod (5556) and ask each for their probes (5555); the edge sends to each."""
+    pods = broker_pods()
+    wanted = {"agents": [f"tcp://{pod}:5556" for pod in pods], "clients": [f"tcp://{pod}:5555" for pod in pods]}
+    seen = 0
+    for path, _, container in workloads():
+        role, args, env = role_of(container), container["args"], env_of(container)
+        lists = {}
+        if role == "agent":
+            lists = {"agents": env["CLUSTER_BROKER_AGENTS"], "clients": env["CLUSTER_BROKER_CLIENTS"]}
+        elif role == "edge":
+            lists = {"clients": args[args.index("--broker") + 1]}
+        for which, value in lists.items():
+            assert config.address_list(value) == wanted[which], f"{path.name}: {role} {which}: {value}"
+            seen += 1
+    assert seen >= 5, "the agents (CPU and GPU: theirs and their probes') and the edge"
+
+
+def _tolerations(doc: dict) -> dict[str, dict]:
+    return {t["key"]: t for t in doc["spec"]["template"]["spec"].get("tolerations", []) if "key" in t}
+
+
+def test_broker_and_manager_leave_a_lost_node_within_30_s():
+    """The default toleration of an unreachable or not-ready node is 300 s: every request would wait that long for
+    the manager, and a broker's place would stay empty."""
+    for name in ("cluster-broker", "cluster-manager"):
+        (doc,) = [d for _, d in documents() if d["kind"] in WORKLOADS and d["metadata"]["name"] == name]
+        tolerations = _tolerations(doc)
+        for key in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"):
+            t = tolerations.get(key)
+            assert t and t["effect"] == "NoExecute" and t["operator"] == "Exists", f"{name}: {key}: {t}"
+            assert 10 <= t["tolerationSeconds"] <= 30, f"{name}: {key} tolerated {t['tolerationSeconds']} s"
+
+
+def test_brokers_spread_over_nodes_and_every_role_has_a_disruption_budget():
+    spread = broker_set()["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    labels = broker_set()["spec"]["template"]["metadata"]["labels"]
+    assert any(
+        c["topologyKey"] == "kubernetes.io/hostname"
+        and c["whenUnsatisfiable"] == "DoNotSchedule"
+        and c["maxSkew"] == 1
+        and _matches(c["labelSelector"], labels)
+        for c in spread
+    ), spread
+    budgets = [d for _, d in kind("PodDisruptionBudget")]
+    for path, workload, container in workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        mine = [b for b in budgets if _matches(b["spec"]["selector"], labels)]
+        if role_of(container) == "manager" or workload["metadata"]["name"] == "cluster-agent-gpu":
+            assert not mine, f"{path.name}: one manager (Recreate); GPU agents are an optional extra"
+            continue
+        assert len(mine) == 1, f"{path.name}: {workload['metadata']['name']} has {len(mine)} disruption budgets"
+        if role_of(container) == "broker":
+            assert mine[0]["spec"].get("minAvailable") == 1, mine[0]["spec"]
+        else:
+            assert mine[0]["spec"].get("maxUnavailable") == 1, mine[0]["spec"]
+    every = [w["spec"]["template"]["metadata"]["labels"] for _, w, _ in workloads()]
+    for budget in budgets:  # and none selects nothing
+        assert any(_matches(budget["spec"]["selector"], labels) for labels in every), budget["metadata"]
+
+
+# volume types Pod Security "restricted" allows
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected"}
+RESTRICTED_VOLUMES |= {"secret"}
+
+
+def test_every_pod_meets_pod_security_restricted():
+    """A namespace that enforces Pod Security "restricted" admits these pods (its checks, as the admission plugin
+    makes them)."""
+    for path, workload, _ in workloads():
+        pod = workload["spec"]["template"]["spec"]
+        what = f"{path.name}: {workload['metadata']['name']}"
+        security = pod.get("securityContext", {})
+        assert security.get("runAsNonRoot") is True and security.get("runAsUser", 1) != 0, what
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & {k for k, v in pod.items() if v}, what
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, f"{what}: volume {volume}"
+        for c in pod["containers"] + pod.get("initContainers", []):
+            own = c.get("securityContext", {})
+            seccomp = own.get("seccompProfile") or security.get("seccompProfile")
+            assert seccomp == {"type": "RuntimeDefault"}, f"{what}: {c['name']}: seccompProfile {seccomp}"
+            assert own.get("allowPrivilegeEscalation") is False, f"{what}: {c['name']}"
+            assert own.get("capabilities", {}).get("drop") == ["ALL"], f"{what}: {c['name']}"
+            assert set(own.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, f"{what}: {c['name']}"
+            assert not own.get("privileged") and own.get("runAsUser", 1) != 0, f"{what}: {c['name']}"
+            assert not any("hostPort" in p for p in c.get("ports", [])), f"{what}: {c['name']}"
+
+
+# ---- metrics and autoscaling ----------------------------------------------------------------------------------------
+
+
+def test_every_broker_serves_prometheus_metrics():
+    template = broker_set()["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    assert env_of(container)["CLUSTER_METRICS_PORT"] == str(METRICS_PORT)
+    assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(METRICS_PORT)
+    (monitor,) = [d for _, d in kind("PodMonitor")]
+    assert _matches(monitor["spec"]["selector"], template["metadata"]["labels"])
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+# ScaledObject fields (KEDA v2's CRD, keda.sh/v1alpha1) and a prometheus trigger's metadata: an unknown one is a typo
+SCALED_OBJECT_FIELDS = {
+    "scaleTargetRef",
+    "pollingInterval",
+    "cooldownPeriod",
+    "initialCooldownPeriod",
+    "idleReplicaCount",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "fallback",
+    "advanced",
+    "triggers",
+}
+TRIGGER_FIELDS = {"type", "name", "metadata", "metricType", "authenticationRef", "useCachedMetrics"}
+PROMETHEUS_METADATA = {
+    "serverAddress",
+    "query",
+    "queryParameters",
+    "threshold",
+    "activationThreshold",
+    "namespace",
+    "customHeaders",
+    "ignoreNullValues",
+    "unsafeSsl",
+    "authModes",
+}
+
+
+def test_keda_scales_the_agents_on_queue_depth_per_agent():
+    (scaled,) = [d for _, d in kind("ScaledObject")]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaled["spec"]
+    assert set(spec) <= SCALED_OBJECT_FIELDS, set(spec) - SCALED_OBJECT_FIELDS
+    target = spec["scaleTargetRef"]
+    (agents,) = [d for _, d in kind(target.get("kind", "Deployment")) if d["metadata"]["name"] == target["name"]]
+    container = agents["spec"]["template"]["spec"]["containers"][0]
+    assert role_of(container) == "agent" and target.get("apiVersion", "apps/v1") == agents["apiVersion"]
+    assert 2 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "never fewer than 2 agents"
+    (trigger,) = spec["triggers"]
+    assert set(trigger) <= TRIGGER_FIELDS and trigger["type"] == "prometheus", trigger
+    assert trigger.get("metricType", "AverageValue") == "AverageValue", "the threshold is per agent"
+    metadata = trigger["metadata"]
+    assert set(metadata) <= PROMETHEUS_METADATA, set(metadata) - PROMETHEUS_METADATA
+    assert all(isinstance(v, str) for v in metadata.values()), f"KEDA's metadata values are strings: {metadata}"
+    assert urlparse(metadata["serverAddress"]).scheme in ("http", "https")
+    query = metadata["query"]
+    assert re.search(r"\bsum\(\s*cluster_broker_queue_depth\b", query), f"the queue summed over brokers: {query}"
+    assert query.count("(") == query.count(")"), query
+    args = container["args"]
+    capacity = int(args[args.index("--capacity") + 1])
+    assert 0 < float(metadata["threshold"]) <= capacity, "per agent: at most its slots"
+    defined = " ".join(p.read_text() for p in (REPO_ROOT / "cluster").rglob("*.py"))
+    if "cluster_broker_" in defined:  # the brokers' metrics are merged (issue 20): the query names real ones
+        for metric in set(re.findall(r"\bcluster_broker_\w+", query)):
+            assert metric.removeprefix("cluster_broker_") in defined, f"{metric}: no broker metric of that name"
+
+
+# ---- the kustomization ----------------------------------------------------------------------------------------------
+
+
+def _images(docs) -> list[str]:
+    images = []
+    for doc in docs:
+        if doc and doc.get("kind") in WORKLOADS:
+            pod = doc["spec"]["template"]["spec"]
+            images += [c["image"] for c in pod["containers"] + pod.get("initContainers", [])]
+    return images
+
+
+def test_the_kustomizations_name_the_image_once():
+    """Each kustomization lists existing files, covers every workload of its folder, and its `images` entry matches
+    every container's image (so one edit there changes them all)."""
+    found = [p.relative_to(KUBERNETES).as_posix() for p in KUSTOMIZATIONS]
+    assert found == ["gpu/kustomization.yaml", "kustomization.yaml"], found
+    for kustomization in KUSTOMIZATIONS:
+        k = yaml.safe_load(kustomization.read_text())
+        assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
+        folder = kustomization.parent
+        resources = [folder / r for r in k["resources"]]
+        assert all(r.is_file() for r in resources), k["resources"]
+        workload_files = {
+            p
+            for p in folder.glob("*.yaml")
+            if p.name != "kustomization.yaml" and _images(yaml.safe_load_all(p.read_text()))
+        }
+        assert workload_files <= set(resources), f"{kustomization}: leaves out {workload_files - set(resources)}"
+        (image,) = k["images"]
+        for r in resources:
+            for name in _images(yaml.safe_load_all(r.read_text())):
+                assert name.rsplit(":", 1)[0] == image["name"], f"{r.name}: {name} is not {image['name']}"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
+def test_kustomize_builds_and_one_edit_renames_every_image(tmp_path):
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, copy)
+    k = yaml.safe_load((copy / "kustomization.yaml").read_text())
+    k["images"] = [{**k["images"][0], "newName": "registry.example.com/serving", "newTag": "9.9.9"}]
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(k))
+    built = subprocess.run(["kubectl", "kustomize", str(copy)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    images = _images(docs)
+    assert len(images) == 4 and set(images) == {"registry.example.com/serving:9.9.9"}, images
+    expected = sum(len([d for d in yaml.safe_load_all((KUBERNETES / r).read_text()) if d]) for r in k["resources"])
+    assert len(docs) == expected, f"kustomize built {len(docs)} objects of {expected}"
+
+
+# ---- the edge's names, the share's owner ----------------------------------------------------------------------------
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args (of variables defined in the container's env)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def test_the_edge_admits_its_service_names_in_its_namespace():
+    from edge.security import EdgeSecurity
+
+    (path, _, container), *_ = [w for w in workloads() if role_of(w[2]) == "edge"]
+    refs = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container["env"]
+        if "fieldRef" in e.get("valueFrom", {})
+    }
+    assert refs.get("POD_NAMESPACE") == "metadata.namespace", refs
+    args = [_expand(a, {"POD_NAMESPACE": "prod"}) for a in container["args"]]
+    assert not any("$(" in a for a in args), f"{path.name}: a variable Kubernetes would not expand: {args}"
+    hosts = [args[i + 1] for i, a in enumerate(args) if a == "--allowed-host"]
+    security = EdgeSecurity(allowed_hosts=hosts)
+    for host in ("cluster-edge", "cluster-edge.prod", "cluster-edge.prod.svc", "cluster-edge.prod.svc:8000"):
+        assert security.host_allowed(host), f"{host} refused by {hosts}"
+    assert security.host_allowed("cluster-edge.prod.svc.cluster.local:8001")
+    for host in ("cluster-edge.other", "evil.example.com", "cluster-edge.prod.evil.example.com"):
+        assert not security.host_allowed(host), f"{host} admitted by {hosts}"
+
+
+def test_the_readme_says_how_the_share_gets_the_pods_owner():
+    """The manager (uid 10001) writes to the NFS share; an initContainer that chowns as root is refused by Pod Security
+    "restricted", so the export is owned by 10001 on the NFS server: the README says how."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    uid = {c["spec"]["template"]["spec"]["securityContext"]["runAsUser"] for _, c, _ in workloads()}
+    assert uid == {10001}, uid
+    assert "chown -R 10001:10001" in readme and "anonuid=10001" in readme, "README: the share's owner for the pods"
 
 
 def test_containerfile_runs_the_cli():

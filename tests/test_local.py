@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import zmq
 
@@ -176,6 +177,70 @@ def test_a_restarted_broker_comes_back_on_the_ports_it_got(tmp_path, manager_eve
             second = local.start_broker()
             assert second.addresses == first.addresses
             assert client.agents(timeout=10) == [], "the client's socket reconnected to the restarted broker"
+
+
+def _environ(proc) -> dict[str, str]:
+    """A child's environment, as the kernel holds it (Linux)."""
+    return psutil.Process(proc.pid).environ()
+
+
+@pytest.mark.cluster
+def test_several_brokers_each_on_its_own_ports_and_name_and_restarted_on_them(tmp_path, manager_events):
+    """start_broker() while every broker runs adds one (its own ports, --name broker-<i>); the cluster's broker
+    addresses list every broker in order, for roles started after; a broker killed and started again (start_broker(),
+    or restart) binds its own ports again and keeps its name, and the others are untouched."""
+    with LocalCluster(None, tmp_path, addresses=_addresses(manager_events=manager_events)) as local:
+        first, second = local.start_broker(), local.start_broker()
+        ports = [p.addresses for p in (first, second)]
+        assert ports[0] != ports[1] and len({a for p in ports for a in p.values()}) == 4, ports
+        assert [b.name for b in local.brokers] == ["broker-0", "broker-1"] and local.broker_procs == [first, second]
+        for i, proc in enumerate((first, second)):
+            env = _environ(proc)
+            assert env["CLUSTER_BROKER_NAME"] == f"broker-{i}", "each broker names itself"
+            assert env["CLUSTER_BROKER_CLIENTS"] == any_port(proc.addresses["broker_clients"]), "its own: port 0"
+            assert env["CLUSTER_BROKER_AGENTS"] == any_port(proc.addresses["broker_agents"])
+            own = local.broker_addresses(i)
+            assert (own.broker_clients, own.broker_agents) == (
+                proc.addresses["broker_clients"],
+                proc.addresses["broker_agents"],
+            )
+        every = local.addresses
+        assert every.broker_clients == ",".join(p["broker_clients"] for p in ports), every
+        assert every.broker_agents == ",".join(p["broker_agents"] for p in ports), every
+        env = local.env()  # what an agent, the edge or a client started now gets: every broker
+        assert (env["CLUSTER_BROKER_CLIENTS"], env["CLUSTER_BROKER_AGENTS"]) == (
+            every.broker_clients,
+            every.broker_agents,
+        )
+
+        local.kill(second)
+        again = local.start_broker()  # the broker that is down, not a third one
+        assert again.addresses == second.addresses and len(local.brokers) == 2, local.brokers
+        assert _environ(again)["CLUSTER_BROKER_NAME"] == "broker-1" and local.broker_procs == [first, again]
+        assert _environ(again)["CLUSTER_BROKER_CLIENTS"] == second.addresses["broker_clients"], "the ports it got"
+        assert first.alive() and local.addresses == every
+        restarted = local.restart(first)
+        assert restarted.addresses == first.addresses and _environ(restarted)["CLUSTER_BROKER_NAME"] == "broker-0"
+        assert local.broker_procs == [restarted, again] and local.addresses == every
+        third = local.start_broker()
+        assert [b.name for b in local.brokers] == ["broker-0", "broker-1", "broker-2"]
+        assert local.addresses.broker_clients == every.broker_clients + "," + third.addresses["broker_clients"]
+        with Client(local.broker_addresses(2).broker_clients) as client:
+            assert client.agents(timeout=10) == [], "broker-2 serves on the address it reported"
+
+
+@pytest.mark.cluster
+def test_one_broker_is_as_before_and_an_agent_first_reserves_it(tmp_path, manager_events):
+    """One broker: plain addresses (no list), and an edge started before any broker reserves the broker's ports,
+    which the broker's real start then binds."""
+    with LocalCluster(None, tmp_path, addresses=_addresses(manager_events=manager_events)) as local:
+        local.start_edge()  # starts the broker once to learn its addresses
+        reserved = local.addresses
+        assert len(local.brokers) == 1 and "," not in reserved.broker_clients + reserved.broker_agents
+        broker = local.start_broker()
+        assert local.addresses == reserved and len(local.brokers) == 1, local.brokers
+        assert broker.addresses == {"broker_clients": reserved.broker_clients, "broker_agents": reserved.broker_agents}
+        assert _environ(broker)["CLUSTER_BROKER_NAME"] == "broker-0"
 
 
 @pytest.mark.cluster

@@ -178,7 +178,7 @@ def test_the_kubernetes_edge_gets_what_its_repository_routes_need():
     text = (REPO_ROOT / "deploy" / "kubernetes" / "edge.yaml").read_text()
     deployment = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    args, env = container["args"], {e["name"]: e["value"] for e in container["env"]}
+    args, env = container["args"], {e["name"]: e.get("value") for e in container["env"]}
     assert args[args.index("--admin-token-file") + 1].startswith("/etc/cluster/keys/"), args
     assert env.get("CLUSTER_EDGE_MANAGER_KEY", "").startswith("/etc/cluster/keys/"), env
     assert "admin" in text and "load" in text, "the manifest should say what the edge may do"

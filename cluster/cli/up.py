@@ -12,6 +12,7 @@ import typer
 from cluster import config
 from cluster.cli.common import _setup_logging
 from cluster.options import settings_command
+from cluster.ports import is_any_port
 from cluster.role_settings import UpSettings
 from cluster.settings import to_env
 
@@ -43,9 +44,9 @@ def up(
         help="CURVE on the bus (every role with its own key) and a bearer token on the edge; prints the keys to use.",
     ),
 ):
-    """Start the manager, the broker, N agents and the HTTP edge on this machine, and keep them running: a process
-    that fails is restarted with backoff (CLUSTER_RESTART_*); a crash loop of the manager, the broker or the edge stops
-    everything (exit status 1). Ctrl-C or SIGTERM stops them all (exit status 0)."""
+    """Start the manager, the broker (--brokers N: N of them), N agents and the HTTP edge on this machine, and keep them
+    running: a process that fails is restarted with backoff (CLUSTER_RESTART_*); a crash loop of the manager, the edge
+    or the last broker stops everything (exit status 1). Ctrl-C or SIGTERM stops them all (exit status 0)."""
     import tempfile
 
     from cluster.local import LocalCluster, StartError, any_port, ports_in_use, write_ready_file
@@ -53,11 +54,24 @@ def up(
 
     _setup_logging(settings.log_level, "up", settings.log_format)
     edge_port, grpc_port, threads = settings.edge_port, settings.edge_grpc_port, settings.torch_threads
-    addresses = settings.addresses
+    try:
+        addresses = broker_addresses(settings.addresses, settings.brokers)
+    except ValueError as exc:
+        typer.echo(f"cluster up: {exc}", err=True)
+        raise typer.Exit(2) from None
     if any_ports:
-        addresses = config.Addresses(**{k: any_port(v) for k, v in dataclasses.asdict(addresses).items()})
+        addresses = config.Addresses(
+            **{
+                k: config.ADDRESS_SEPARATOR.join(any_port(a) for a in config.address_list(v))
+                for k, v in dataclasses.asdict(addresses).items()
+            }
+        )
     else:  # before anything starts: a port in use (another `cluster up`?) is said in one line, not a traceback
-        wanted = {f"the {k.replace('_', ' ')} address": v for k, v in dataclasses.asdict(addresses).items()}
+        wanted = {}
+        for k, v in dataclasses.asdict(addresses).items():
+            several = config.address_list(v)
+            for i, address in enumerate(several):
+                wanted[f"the {k.replace('_', ' ')} address" + (f" of broker-{i}" if len(several) > 1 else "")] = address
         host = settings.edge_host
         for what, port in (("the HTTP edge", edge_port), ("the gRPC edge", grpc_port if edge_port else 0)):
             if port:
@@ -103,17 +117,22 @@ def up(
         )
         try:
             local.start_manager()
-            local.start_broker()
+            for _ in range(settings.brokers):
+                local.start_broker()
             for i in range(agents):
                 # the agent's own default id (host-pid)
                 local.start("agent", "--threads", str(threads), name=f"agent-{i + 1}")
             if edge_port:
                 local.start_edge(*_secure_edge_args(key_dir))
             a, edge_url, grpc_address = local.addresses, local.edge_url, local.grpc_address
+            several = ""
+            if settings.brokers > 1:
+                several = f"  {settings.brokers} brokers, in this order: {', '.join(b.name for b in local.brokers)}\n"
             typer.echo(
                 f"cluster up: share {share_dir}\n"
                 f"  clients (Client / AsyncClient): {a.broker_clients}\n"
-                f"  broker for agents:              {a.broker_agents}\n"
+                + several
+                + f"  broker for agents:              {a.broker_agents}\n"
                 f"  manager heartbeats / events / queries: "
                 f"{a.manager_heartbeats} {a.manager_events} {a.manager_queries}\n"
                 + (f"  HTTP edge (Open Inference Protocol): {edge_url}/v2   page: {edge_url}/\n" if edge_url else "")
@@ -152,6 +171,31 @@ def up(
             local.stop_all()
             typer.echo("cluster stopped")
     raise typer.Exit(0 if stopped_by_signal else 1)
+
+
+def broker_addresses(addresses: config.Addresses, brokers: int) -> config.Addresses:
+    """`cluster up --brokers N`: broker_clients and broker_agents as comma lists of each broker's own address, in the
+    brokers' order: as given when they list N; from one address, broker i on its port + i x UP_BROKER_PORT_STEP (port 0
+    stays 0: the OS picks). ValueError for another count, a transport without ports, or two brokers on one address."""
+    lists = {}
+    for key in ("broker_clients", "broker_agents"):
+        given = config.address_list(getattr(addresses, key))
+        if len(given) == 1 and brokers > 1:
+            host, _, port = given[0].rpartition(":")
+            if not given[0].startswith("tcp://") or not port.isdigit():
+                raise ValueError(f"{given[0]} ({key}): give each of the {brokers} brokers its address, comma-separated")
+            step = config.UP_BROKER_PORT_STEP if int(port) else 0
+            given = [f"{host}:{int(port) + i * step}" for i in range(brokers)]
+        elif len(given) != brokers:
+            raise ValueError(f"{key} names {len(given)} addresses for {brokers} brokers (one, or one per broker)")
+        lists[key] = given
+    taken = [*lists["broker_clients"], *lists["broker_agents"]]
+    taken += [v for k, v in dataclasses.asdict(addresses).items() if k not in lists]
+    fixed = [a for a in taken if not is_any_port(a)]
+    doubled = sorted({a for a in fixed if fixed.count(a) > 1})
+    if doubled:
+        raise ValueError(f"{', '.join(doubled)}: two of the cluster's sockets would listen there")
+    return dataclasses.replace(addresses, **{k: config.ADDRESS_SEPARATOR.join(v) for k, v in lists.items()})
 
 
 def _up_share(share: str | None, create: bool) -> Path:
