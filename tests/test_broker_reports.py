@@ -14,10 +14,12 @@ import urllib.request
 import pytest
 import zmq
 from prometheus_client import generate_latest
+from typer.testing import CliRunner
 
 from cluster import Client, protocol
 from cluster.broker.broker import Broker
 from cluster.broker.metrics import BrokerMetrics, broker_load
+from cluster.cli import app
 from cluster.config import Addresses, Timings
 from cluster.manager.brokers import Brokers
 from cluster.manager.manager import Manager
@@ -344,6 +346,21 @@ def test_a_rollout_through_two_brokers_waits_for_the_agents_of_both(cluster, dig
         60,
         "both brokers to report their agent",
     )
+    # `cluster status` shows each broker with its agents and load, from the manager's `brokers` answer
+    status = CliRunner().invoke(
+        app,
+        ["status", "--broker", cluster.addresses.broker_clients, "--manager", cluster.addresses.manager_queries],
+        env={"COLUMNS": "200"},
+    )
+    assert status.exit_code == 0, status.output
+    rows = {}
+    for line in status.stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 5 and cells[1] in ("b1", "b2"):
+            rows[cells[1]] = cells[2:5]
+    assert rows == {"b1": ["1: agent-1", "0", "0"], "b2": ["1: agent-2", "0", "0"]}, status.stdout
+    assert "Brokers (2)" in status.stdout and "in flight" in status.stdout and "queued" in status.stdout
+
     deploy = subprocess.run(
         [sys.executable, "-m", "cluster", "deploy", str(digits_v2_file), "--name", "digits", "--timeout", "90"],
         env=cluster.env(),
