@@ -318,7 +318,9 @@ class Addresses:
         flag="--broker-agents",
     )
     manager_heartbeats: str = setting(
-        MANAGER_HEARTBEAT_ADDR, "Manager heartbeat address (agents publish here).", flag="--manager-heartbeats"
+        MANAGER_HEARTBEAT_ADDR,
+        "Manager heartbeat address (agents publish heartbeats, brokers their reports).",
+        flag="--manager-heartbeats",
     )
     manager_events: str = setting(
         MANAGER_EVENTS_ADDR, "Manager registry-event address (the broker subscribes).", flag="--manager-events"
