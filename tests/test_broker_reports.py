@@ -306,18 +306,18 @@ def test_two_brokers_report_the_manager_lists_both_and_forgets_a_killed_one(clus
     # b2's queue depth on its own /metrics: slow requests past its agent's one slot wait in b2's queue
     url = b2.addresses["metrics"]
     assert metric(url, 'cluster_broker_agents{broker="b2"}') == 1.0
-    rounds = int(slow_rounds_per_second() * 0.5)  # about 0.5 s each on an idle machine
+    rounds = int(slow_rounds_per_second() * 0.3)  # about 0.3 s each on an idle machine
     with Client(b2.addresses["broker_clients"], timeout=60) as client:
-        calls = [client.submit("slow", slow_inputs(float(i), rounds), timeout=60) for i in range(6)]
+        calls = [client.submit("slow", slow_inputs(float(i), rounds), timeout=60) for i in range(4)]
         depth = wait_for(
             lambda: metric(url, 'cluster_broker_queue_depth{broker="b2",model="slow"}'),
             20,
             "b2's /metrics to show requests queued for slow",
         )
-        assert 1 <= depth <= 5, depth
+        assert 1 <= depth <= 3, depth
         for i, call in enumerate(calls):
             assert call.result(timeout=60).as_numpy("y").tolist() == [[float(i)]]
-    assert metric(url, 'cluster_broker_requests_total{broker="b2"}') == 6.0
+    assert metric(url, 'cluster_broker_requests_total{broker="b2"}') == 4.0
 
     killed = time.monotonic()
     cluster.kill(b2)
@@ -370,6 +370,7 @@ def test_a_rollout_through_two_brokers_waits_for_the_agents_of_both(cluster, dig
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     assert "agent-1" in deploy.stdout and "agent-2" in deploy.stdout, deploy.stdout
+    assert "not waited for" not in deploy.stdout, deploy.stdout  # each broker's agent is in the manager's view
     version = cluster.manager_query("deployments")["digits"]["version"]
     assert version == 2, deploy.stdout
     served = {a["id"]: a["models"] for a in cluster.manager_query("agents")}

@@ -302,8 +302,8 @@ class Manager:
     # ---- the queries it answers: one handler each (the answer, or None when it comes later) ----------------------
 
     def query_agents(self, header: dict, requester: tuple, frames: list) -> Answer:
-        # at_broker: in the broker's last report of the agents it routes to (True), judged not (False: a rollout
-        # leaves it out), or not known yet (None: the rollout waits for it). The desired state rides along: a
+        # at_broker: in a live broker's last report of the agents it routes to (True), judged in none (False: a
+        # rollout leaves it out), or not known yet (None: the rollout waits for it). The desired state rides along: a
         # starting broker (it asks this) fails requests for models not deployed at once.
         agents = self.registry.describe_agents(time.monotonic())
         result = [dict(a, at_broker=self.deployments.at_broker(a["id"])) for a in agents]
