@@ -376,3 +376,25 @@ def test_a_rollout_through_two_brokers_waits_for_the_agents_of_both(cluster, dig
     served = {a["id"]: a["models"] for a in cluster.manager_query("agents")}
     for agent in ("agent-1", "agent-2"):
         assert ("digits", 2) in [(m["name"], m["version"]) for m in served[agent]], served
+
+
+@pytest.mark.cluster
+def test_keys_on_the_brokers_report_reaches_the_manager(share, tmp_path):
+    """With CURVE, the broker's PUB (server key) may connect to the manager's heartbeat socket (ZAP domain
+    "heartbeats": agents and the server) and its reports are taken: the manager lists it with its agent."""
+    from cluster.local import LocalCluster
+
+    with LocalCluster(share, tmp_path / "logs", keys=tmp_path / "keys") as cluster:
+        try:
+            cluster.start_manager()
+            cluster.start_broker("--name", "secure-broker")
+            cluster.start_agent("agent-k")
+            listed = wait_for(
+                lambda: [b for b in cluster.manager_query("brokers") if b["agents"] == ["agent-k"]],
+                60,
+                "the manager to list the broker with agent-k",
+            )
+            assert listed[0]["name"] == "secure-broker", listed
+        except BaseException:
+            print(cluster.logs())
+            raise
