@@ -136,7 +136,12 @@ class BrokerSettings:
         flag="--metrics-port",
         check=at_least(-1),
     )
-    metrics_host: str = setting(BROKER_METRICS_HOST, "Address the broker's metrics listen on.", flag="--metrics-host")
+    metrics_host: str | None = setting(
+        None,
+        "Address the broker's metrics listen on (default: the host of its clients' address, e.g. 0.0.0.0 in a pod; "
+        f"{BROKER_METRICS_HOST} when that is not tcp://).",
+        flag="--metrics-host",
+    )
     timings: Timings = group(Timings, flags=("heartbeat_interval", "liveness", "max_queue_wait", "hedge_after"))
     limits: Limits = group(Limits)
     log_level: str = log_level()

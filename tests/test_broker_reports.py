@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cluster import Client, protocol
 from cluster.broker.broker import Broker
-from cluster.broker.metrics import BrokerMetrics, broker_load
+from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.cli import app
 from cluster.config import Addresses, Timings
 from cluster.manager.brokers import Brokers
@@ -199,6 +199,21 @@ def test_broker_load_and_the_metrics_collector():
         "# TYPE cluster_broker_requests_total counter",
     ):
         assert line in text, f"{line!r} not in\n{text}"
+
+
+@pytest.mark.parametrize(
+    ("clients", "host"),
+    [
+        ("tcp://127.0.0.1:5555", "127.0.0.1"),
+        ("tcp://0.0.0.0:5555", "0.0.0.0"),  # a broker in a pod: scraped from outside it
+        ("tcp://*:5555", "0.0.0.0"),
+        ("tcp://[::1]:5555", "::1"),
+        ("tcp://eth0:5555", "127.0.0.1"),  # an interface name: loopback unless --metrics-host says
+        ("inproc://broker", "127.0.0.1"),
+    ],
+)
+def test_the_metrics_listen_where_the_clients_do_unless_told(clients, host):
+    assert metrics_host_for(clients) == host
 
 
 @pytest.fixture

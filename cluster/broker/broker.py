@@ -45,7 +45,7 @@ from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
 from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
-from cluster.broker.metrics import BrokerMetrics, broker_load
+from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import make_policy
 from cluster.clock import RunClock
@@ -175,10 +175,11 @@ class Broker:
         self.metrics = BrokerMetrics(self.name)
         self.metrics_url = None  # http://host:port of our /metrics, when served
         if settings.metrics_port:
+            host = settings.metrics_host or metrics_host_for(self.addresses.broker_clients)
             try:
-                self.metrics_url = self.metrics.serve(settings.metrics_host, settings.metrics_port)
+                self.metrics_url = self.metrics.serve(host, settings.metrics_port)
             except OSError as exc:  # routing matters more than its metrics: serve on, and say so loudly
-                where = f"{settings.metrics_host}:{settings.metrics_port}"
+                where = f"{host}:{settings.metrics_port}"
                 log.error("cannot serve the broker's metrics on %s (%s): running without them", where, exc)
         self._stop = threading.Event()
 

@@ -1,7 +1,8 @@
 """A broker's load (`broker_load`: what its reports to the manager carry) and its own Prometheus metrics.
 
 With `--metrics-port` (0: off, the default; -1: any free port, in the ready file as "metrics") the broker serves
-http://HOST:PORT/metrics (prometheus_client's HTTP server, a daemon thread), each sample labelled broker=<name>:
+http://HOST:PORT/metrics (HOST: --metrics-host, default the host of its clients' address; prometheus_client's HTTP
+server, a daemon thread), each sample labelled broker=<name>:
 
     cluster_broker_queue_depth{model}    requests waiting in this broker's queue
     cluster_broker_in_flight{model}      requests held at agents (a hedged request's two copies count twice)
@@ -18,10 +19,13 @@ Queue depth per agent (what an autoscaler such as KEDA wants) is sum(queue_depth
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cluster.config import BROKER_METRICS_HOST
 
 log = logging.getLogger("cluster.broker")
 
@@ -35,6 +39,20 @@ PER_MODEL = {  # load key -> (metric name, help)
     "in_flight_by_model": ("cluster_broker_in_flight", "Requests held at agents, by model."),
     "capacity": ("cluster_broker_capacity", "Slots the agents this broker routes to offer, by model."),
 }
+
+
+def metrics_host_for(clients_address: str) -> str:
+    """Where the metrics listen when --metrics-host does not say: the host the broker serves clients on (a broker
+    reachable from other machines is scraped from them too: 0.0.0.0 in a pod), else BROKER_METRICS_HOST."""
+    if not clients_address.startswith("tcp://"):
+        return BROKER_METRICS_HOST
+    host = clients_address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "*":
+        return "0.0.0.0"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:  # an interface name (eth0) or a host name: say --metrics-host to be sure
+        return BROKER_METRICS_HOST
 
 
 def broker_load(dispatcher) -> dict:
