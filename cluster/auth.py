@@ -6,10 +6,11 @@ one ZAP authenticator thread (pyzmq's ThreadAuthenticator with a credentials cal
 decides at the handshake whether a key may connect to that socket at all:
 
     ZAP domain  sockets                                                   roles that may connect
-    clients     broker's client ROUTER, manager's query ROUTER             client, admin, server (the broker
-                                                                          reports to the manager which agents it
-                                                                          routes to)
-    agents      broker's agent ROUTER, manager's heartbeat SUB             agent
+    clients     broker's client ROUTER, manager's query ROUTER             client, admin, server (a starting broker
+                                                                          asks the manager which agents are alive)
+    agents      broker's agent ROUTER                                      agent
+    heartbeats  manager's heartbeat SUB                                    agent, server (a broker's PUB of its
+                                                                          reports connects there)
     events      manager's event PUB (the broker and the agents subscribe)  agent, server
 
 The handshake runs once per connection, so an allowed key stays connected after it is revoked. Every message
@@ -35,6 +36,7 @@ CLIENT_ROLES = frozenset({"client", "admin"})
 DOMAINS: dict[str, frozenset[str]] = {
     "clients": CLIENT_ROLES | {SERVER_ROLE},
     "agents": frozenset({"agent"}),
+    "heartbeats": frozenset({"agent", SERVER_ROLE}),
     "events": frozenset({"agent", SERVER_ROLE}),
 }
 # What each role may do, per message: action -> roles.
@@ -43,7 +45,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "query": CLIENT_ROLES,  # QUERY to the broker; agents / models / deployments at the manager
     "agent": frozenset({"agent"}),  # READY, HEARTBEAT, REPLY, ERROR, DISCONNECT to the broker; manager heartbeats
     "deploy": frozenset({"admin"}),  # deploy, rollback, undeploy, publish at the manager
-    "report": frozenset({SERVER_ROLE}),  # the broker telling the manager which agents it routes to
+    "report": frozenset({SERVER_ROLE}),  # a broker's report to the manager (EVENT broker_report), its QUERY agents
 }
 
 

@@ -33,6 +33,9 @@ UP_BROKER_PORT_STEP = 10
 # or vanished machine that sends no TCP reset): what was outstanding there is sent to another broker at once
 CLIENT_LINK_HEARTBEAT_S = 0.1
 CLIENT_LINK_TIMEOUT_S = 0.3
+# A broker's own Prometheus metrics (cluster/broker/metrics.py): off by default (port 0), this machine only
+BROKER_METRICS_HOST = DEFAULT_HOST
+BROKER_METRICS_PORT = 0
 EDGE_HOST = DEFAULT_HOST
 EDGE_PORT = 8000
 EDGE_GRPC_PORT = 8001  # the edge's OIP gRPC (Triton's and KServe's usual port)
@@ -317,7 +320,9 @@ class Addresses:
         flag="--broker-agents",
     )
     manager_heartbeats: str = setting(
-        MANAGER_HEARTBEAT_ADDR, "Manager heartbeat address (agents publish here).", flag="--manager-heartbeats"
+        MANAGER_HEARTBEAT_ADDR,
+        "Manager heartbeat address (agents publish heartbeats, brokers their reports).",
+        flag="--manager-heartbeats",
     )
     manager_events: str = setting(
         MANAGER_EVENTS_ADDR, "Manager registry-event address (the broker subscribes).", flag="--manager-events"

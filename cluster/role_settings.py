@@ -16,6 +16,8 @@ from typing import ClassVar
 from cluster.config import (
     AGENT_DRAIN_TIMEOUT_S,
     AGENT_MAX_MEMORY_MIB,
+    BROKER_METRICS_HOST,
+    BROKER_METRICS_PORT,
     EDGE_GRPC_PORT,
     EDGE_HOST,
     EDGE_PORT,
@@ -117,7 +119,7 @@ class BrokerSettings:
 
     addresses: Addresses = group(
         Addresses,
-        flags=("broker_clients", "broker_agents", "manager_events", "manager_queries"),
+        flags=("broker_clients", "broker_agents", "manager_events", "manager_queries", "manager_heartbeats"),
     )
     broker_name: str | None = setting(
         None,
@@ -127,6 +129,19 @@ class BrokerSettings:
     )
     policy: str = setting(
         "round-robin", "Routing policy: round-robin or least-outstanding.", flag="--policy", check=one_of(POLICIES)
+    )
+    metrics_port: int = setting(
+        BROKER_METRICS_PORT,
+        "Port of this broker's Prometheus metrics, http://HOST:PORT/metrics (0: off; -1: any free port, see the ready "
+        "file).",
+        flag="--metrics-port",
+        check=at_least(-1),
+    )
+    metrics_host: str | None = setting(
+        None,
+        "Address the broker's metrics listen on (default: the host of its clients' address, e.g. 0.0.0.0 in a pod; "
+        f"{BROKER_METRICS_HOST} when that is not tcp://).",
+        flag="--metrics-host",
     )
     timings: Timings = group(Timings, flags=("heartbeat_interval", "liveness", "max_queue_wait", "hedge_after"))
     limits: Limits = group(Limits)
@@ -344,10 +359,13 @@ class DeploySettings(ManagerQuerySettings):
 
 @dataclass(frozen=True)
 class StatusSettings:
-    """`cluster status`: the live agents and their models, from the broker."""
+    """`cluster status`: the brokers (from the manager), the live agents and their models (from the broker)."""
 
-    flag_aliases: ClassVar[dict] = {"addresses.broker_clients": ("--broker",)}
-    addresses: Addresses = group(Addresses, flags=("broker_clients",))
+    flag_aliases: ClassVar[dict] = {
+        "addresses.broker_clients": ("--broker",),
+        "addresses.manager_queries": ("--manager",),
+    }
+    addresses: Addresses = group(Addresses, flags=("broker_clients", "manager_queries"))
     key: str | None = key()
 
 

@@ -22,13 +22,16 @@ from fastapi.responses import FileResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.config import EDGE_DISCONNECT_WATCH_AFTER
+from cluster.errors import ClusterError
+from cluster.protocol import What
 from edge import oip
 from edge.body import OFF_LOOP_BYTES, ClientDisconnected, give_memory_back, mib, off_loop, read_asgi_body
 from edge.dataplane import INFER_ERRORS, DataPlane, new_request_id, parse_version
-from edge.errors import HTTPError, error_content, error_response, json_response
+from edge.errors import HTTPError, cluster_http_error, error_content, error_response, json_response
 from edge.schemas import (
     ERRORS,
     AgentInfo,
+    BrokerInfo,
     InferenceResponse,
     ModelListing,
     ModelMetadata,
@@ -395,6 +398,26 @@ async def agents(request: Request) -> Response:
     edge = get_edge(request)
     found = await edge.query(edge.client.agents(timeout=edge.query_timeout))
     return json_response(sorted(found, key=lambda a: str(a.get("id"))))
+
+
+@router.get(
+    "/brokers",
+    response_model=list[BrokerInfo],
+    tags=["cluster"],
+    summary="Live brokers",
+    responses=error_responses(503),
+)
+async def brokers(request: Request) -> Response:
+    """The live brokers as the manager hears them (each one's latest report): name, the agents it routes to, its
+    load (in flight, queued, capacity per model), how long ago it reported. 503 when the manager does not answer."""
+    edge = get_edge(request)
+    if edge.manager is None:
+        raise HTTPError(503, "this edge has no manager to ask about the brokers", "unavailable")
+    try:
+        found = await edge.manager.call(What.BROKERS, edge.query_timeout)
+    except ClusterError as exc:
+        raise cluster_http_error(exc, infer=False, broker=edge.manager.address, role="manager") from None
+    return json_response(found)
 
 
 @router.get(

@@ -144,6 +144,30 @@ class ModelListing(BaseModel):
     agents: list[str]
 
 
+class BrokerLoad(BaseModel):
+    """A broker's load in its latest report (cluster/broker/metrics.py: broker_load)."""
+
+    model_config = ConfigDict(extra="allow")
+    agents: int = Field(0, description="Agents it routes to (not draining).")
+    in_flight: int = Field(0, description="Requests held at agents.")
+    queued: int = Field(0, description="Requests waiting in its queue.")
+    capacity: dict[str, int] = Field(default_factory=dict, description="Slots its agents offer, by model.")
+    queued_by_model: dict[str, int] = Field(default_factory=dict)
+    requests: int = Field(0, description="Requests it accepted since it started.")
+
+
+class BrokerInfo(BaseModel):
+    """A live broker as the manager hears it (its latest report)."""
+
+    name: str
+    incarnation: str = Field(description="Changes when the broker restarts.")
+    seq: int = Field(description="Its latest report's number.")
+    gaps: int = Field(description="Reports of this incarnation that never reached the manager.")
+    heard_age: float = Field(description="Seconds since the manager last heard from it.")
+    agents: list[str] = Field(description="Ids of the agents it routes to.")
+    load: BrokerLoad
+
+
 # ---- error statuses, as the routes declare them ------------------------------------------------------------------
 
 ERRORS = {

@@ -236,6 +236,18 @@ class FakeManager:
         self.raises: dict[str, Exception] = {}
         self.fail_rollout = False
         self.rollouts = {"ok": 0, "failed": 0}
+        load = {"agents": 1, "in_flight": 2, "queued": 3, "capacity": {"echo": 4}, "queued_by_model": {"echo": 3}}
+        self.brokers = [
+            {
+                "name": "b1",
+                "incarnation": "aa",
+                "seq": 7,
+                "gaps": 0,
+                "heard_age": 0.2,
+                "agents": ["agent-a"],
+                "load": load,
+            }
+        ]
 
     async def call(self, what: str, timeout: float = 5.0, data: bytes | None = None, **fields):
         self.calls.append((what, None if data is None else len(data), fields))
@@ -246,6 +258,8 @@ class FakeManager:
             return {n: dict(d) for n, d in self.deployments.items()}
         if what == "rollouts":
             return {**self.rollouts, "in_progress": 0}
+        if what == "brokers":
+            return [dict(b) for b in self.brokers]
         if what == "undeploy":
             if (self.deployments.get(name) or {}).get("version") is None:
                 raise ModelNotFoundError(f"model '{name}' is not deployed", name)
@@ -677,6 +691,7 @@ def test_openapi_lists_every_route(http):
         "/v2/models/{name}/infer": "post",
         "/v2/models/{name}/versions/{version}/infer": "post",
         "/agents": "get",
+        "/brokers": "get",
         "/models": "get",
         "/metrics": "get",
         "/": "get",
@@ -699,6 +714,17 @@ def test_openapi_lists_every_route(http):
     assert {"400", "404", "413", "429", "503"} <= set(infer["responses"])
     assert not any("422" in op.get("responses", {}) for ops in doc["paths"].values() for op in ops.values())
     assert http.get("/docs").status_code == 200
+
+
+def test_brokers_are_the_managers_answer_and_503_when_it_does_not_answer(bus):
+    manager = FakeManager()
+    app = create_app(EdgeSettings(), client=bus, manager=manager)
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as http:
+        answer = http.get("/brokers")
+        assert answer.status_code == 200 and answer.json() == manager.brokers
+        assert manager.calls[-1][0] == "brokers"
+        manager.raises["brokers"] = InferenceTimeoutError("no answer from the manager within the deadline")
+        assert_error(http.get("/brokers"), 503, f"the cluster's manager at {manager.address} is not answering")
 
 
 def test_page_is_served(http):

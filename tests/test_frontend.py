@@ -163,3 +163,39 @@ def test_page_says_when_no_agent_is_live(browser, cluster, tmp_path):
     finally:
         page.close()
         edge.stop()
+
+
+def test_page_lists_the_brokers_and_drops_a_killed_one(browser, cluster):
+    """Two brokers (one agent each) report to the manager; the page lists both (GET /brokers, from the manager) with
+    their agents, in flight and queued, and drops the one that is killed."""
+    from playwright.sync_api import expect
+
+    from tests.test_broker_reports import start_second_broker
+
+    cluster.start_manager()
+    cluster.start_broker("--name", "b1")
+    b2 = start_second_broker(cluster)
+    cluster.start_agent("agent-1", "--models", "echo")
+    cluster.start_agent("agent-2", "--models", "echo", CLUSTER_BROKER_AGENTS=b2.addresses["broker_agents"])
+    edge = cluster.start_edge("--log-level", "warning")  # knows the manager: the cluster's addresses
+    page = browser.new_page()
+    console_errors = []
+    page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+    try:
+        page.goto(edge.url + "/")
+        rows = page.locator("#brokers .broker-row")
+        expect(rows).to_have_count(2, timeout=30_000)
+        names = [rows.nth(i).get_attribute("data-broker-name") for i in range(2)]
+        assert names == ["b1", "b2"]
+        for i in range(2):  # each broker routes to its one agent
+            expect(rows.nth(i).locator("td").nth(1)).to_have_text("1", timeout=30_000)
+            expect(rows.nth(i).locator(".broker-in-flight")).to_have_text("0")
+            expect(rows.nth(i).locator(".broker-queued")).to_have_text("0")
+        expect(page.locator("#broker-count")).to_have_text("2")
+
+        cluster.kill(b2)
+        expect(rows).to_have_count(1, timeout=15_000)
+        assert rows.first.get_attribute("data-broker-name") == "b1"
+        assert not console_errors, console_errors
+    finally:
+        page.close()

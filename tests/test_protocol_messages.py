@@ -144,8 +144,8 @@ def test_query_round_trips_with_what_an_enum_on_the_wire_as_its_string():
     parsed = Query.from_wire(wire(query.to_wire()), BROKER)
     assert (parsed.id, parsed.what, parsed.fields) == (4, What.MODEL, {"name": "echo"})
     assert parsed.what is What.MODEL
-    report = Query(None, What.BROKER_VIEW, {"agents": ["a1"]}).to_wire()
-    assert protocol.pack(report) == protocol.pack({"what": "broker_view", "agents": ["a1"]})  # as before
+    anonymous = Query(None, What.AGENTS).to_wire()
+    assert protocol.pack(anonymous) == protocol.pack({"what": "agents"})  # no id: none on the wire
 
 
 @pytest.mark.parametrize(

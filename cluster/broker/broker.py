@@ -45,16 +45,18 @@ from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
 from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
+from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import make_policy
 from cluster.clock import RunClock
-from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES
+from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
 from cluster.protocol import (
     PREAMBLE,
     AgentDead,
     Answer,
+    BrokerReport,
     Cancel,
     Command,
     Desired,
@@ -72,7 +74,7 @@ from cluster.protocol import (
 )
 from cluster.role_settings import BrokerSettings
 from cluster.settings import from_env
-from cluster.sockets import drain, make_socket, send_frames
+from cluster.sockets import bound_address, drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
@@ -139,15 +141,25 @@ class Broker:
             timings=self.timings,
             curve=security.client() if secured else None,
         )
-        # Every heartbeat interval, which agents we route to goes to the manager's query socket (QUERY
-        # {what: broker_view}, no answer), so that its rollouts wait only for agents that serve. At start, the same
-        # socket asks the manager which agents are alive (QUERY {what: agents}): requests for their models are held
-        # until they have registered here (Dispatcher.expect_agents).
+        # At start, the manager's query socket says which agents are alive (QUERY {what: agents}): requests for their
+        # models are held until they have registered here (Dispatcher.expect_agents).
         self.manager = make_socket(
             self.ctx,
             zmq.DEALER,
             connect=self.addresses.manager_queries,
-            hwm=4,  # the manager down: a few reports wait, the rest are dropped (a fresh one follows)
+            hwm=4,
+            max_bytes=MAX_CONTROL_BYTES,
+            timings=self.timings,
+            curve=security.client() if secured else None,
+        )
+        # Every heartbeat interval, and at once when the agents we route to change: a BrokerReport (those agents, our
+        # load) on a PUB to the manager's heartbeat address, so that its rollouts wait only for agents that serve; the
+        # manager's view is the union of every broker's, and a standby manager could subscribe too.
+        self.reports = make_socket(
+            self.ctx,
+            zmq.PUB,
+            connect=self.addresses.manager_heartbeats,
+            hwm=4,  # the manager down: a few reports wait, the rest are dropped (a fresh one follows; seq tells)
             max_bytes=MAX_CONTROL_BYTES,
             timings=self.timings,
             curve=security.client() if secured else None,
@@ -157,6 +169,18 @@ class Broker:
         self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
         self._trims: list[float] = []  # when to call malloc_trim next
         self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
+        self.name = settings.broker_name or default_broker_name(bound_address(self.clients))
+        self._report_seq = 0
+        self._reported_agents: list[str] | None = None  # the agent list of our last report
+        self.metrics = BrokerMetrics(self.name)
+        self.metrics_url = None  # http://host:port of our /metrics, when served
+        if settings.metrics_port:
+            host = settings.metrics_host or metrics_host_for(self.addresses.broker_clients)
+            try:
+                self.metrics_url = self.metrics.serve(host, settings.metrics_port)
+            except OSError as exc:  # routing matters more than its metrics: serve on, and say so loudly
+                where = f"{host}:{settings.metrics_port}"
+                log.error("cannot serve the broker's metrics on %s (%s): running without them", where, exc)
         self._stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
@@ -204,6 +228,8 @@ class Broker:
                     if self.allow is not None:
                         self.allow.refresh(now)  # an add or revoke takes effect within about a second
                     self.deliver(self.dispatcher.tick(now))
+                    if self.metrics_url is not None:
+                        self.metrics.publish(broker_load(self.dispatcher))
                     if self._trims and now >= self._trims[0]:
                         self._trims.pop(0)
                         if malloc_trim is not None:
@@ -212,6 +238,8 @@ class Broker:
                         next_beat = now + self.timings.heartbeat_interval
                         self.deliver(self.dispatcher.heartbeats())
                         self.report_to_manager()
+                    else:
+                        self.report_if_agents_changed()
         finally:
             self.close()
 
@@ -226,7 +254,8 @@ class Broker:
         self._stop.set()
 
     def close(self) -> None:
-        for sock in (self.clients, self.agents_sock, self.events, self.manager):
+        self.metrics.close()
+        for sock in (self.clients, self.agents_sock, self.events, self.manager, self.reports):
             sock.close(linger=0)
         if self.security is not None:
             self.security.stop()
@@ -263,14 +292,28 @@ class Broker:
             self.desired_state(answer.desired)  # a `desired` event read already is newer: it stays
         self.deliver(self.dispatcher.expect_agents(answer.result, time.monotonic()))
 
+    def routed_agents(self) -> list[str]:
+        """The ids of the agents we route to (not draining), sorted."""
+        return sorted(a.agent_id for a in self.dispatcher.agents.agents.values() if not a.beat.draining)
+
+    def report_if_agents_changed(self) -> bool:
+        """Report at once (not at the next interval) when the agents we route to changed since the last report."""
+        if self.routed_agents() == self._reported_agents:
+            return False
+        self.report_to_manager()
+        return True
+
     def report_to_manager(self) -> None:
-        """The ids of the agents we route to (not draining), for the manager's rollouts."""
-        agents = sorted(a.agent_id for a in self.dispatcher.agents.agents.values() if not a.beat.draining)
+        """EVENT broker_report on our PUB: the agents we route to and our load, numbered (the manager counts gaps)."""
+        agents = self.routed_agents()
+        self._reported_agents = agents
+        self._report_seq += 1
+        load = broker_load(self.dispatcher)
+        report = BrokerReport(self.name, self.dispatcher.incarnation.hex(), self._report_seq, agents, load)
         try:
-            report = Query(None, What.BROKER_VIEW, {"agents": agents}).to_wire()
-            self.manager.send_multipart(message(Command.QUERY, report), zmq.NOBLOCK)
+            self.reports.send_multipart(message(Command.EVENT, report.to_wire()), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # the manager is down: its rollouts wait for every agent it hears until we reach it again
+            pass  # the manager is down: it hears the next one (PUB drops at its high-water mark anyway)
 
     def deliver(self, outbox: list[Send]) -> None:
         """Send what the dispatcher asked for, in order. A client's reply goes through `send_to_client` (its pipe,

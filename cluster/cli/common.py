@@ -38,11 +38,12 @@ def _security(key: str | None):
 
 
 def _report_ready(ready_file: str | None, role: str, **sockets) -> None:
-    """Log where the role's sockets really listen (port 0 binds any port) and tell LocalCluster (--ready-file)."""
+    """Log where the role's sockets really listen (port 0 binds any port) and tell LocalCluster (--ready-file). A
+    value that is a string is an address already (e.g. the broker's metrics URL)."""
     from cluster.local import write_ready_file
     from cluster.sockets import bound_address
 
-    addresses = {key: bound_address(sock) for key, sock in sockets.items()}
+    addresses = {key: sock if isinstance(sock, str) else bound_address(sock) for key, sock in sockets.items()}
     listening = ", ".join(f"{key} {address}" for key, address in addresses.items())
     logging.getLogger(f"cluster.{role}").info("%s listening: %s", role, listening)
     if ready_file:

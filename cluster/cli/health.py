@@ -14,8 +14,10 @@ from cluster.role_settings import HealthSettings, StatusSettings
 
 
 @settings_command(StatusSettings)
-def status(settings: StatusSettings, timeout: float = typer.Option(5.0, help="Seconds to wait for the broker.")):
-    """Print the live agents and the models they serve."""
+def status(
+    settings: StatusSettings, timeout: float = typer.Option(5.0, help="Seconds to wait for the broker and the manager.")
+):
+    """Print the brokers (from the manager), the live agents and the models they serve."""
     broker, key = settings.addresses.broker_clients, settings.key
     from rich.console import Console
 
@@ -29,6 +31,7 @@ def status(settings: StatusSettings, timeout: float = typer.Option(5.0, help="Se
             typer.echo(f"cannot reach the broker at {broker}: {exc}", err=True)
             raise typer.Exit(1) from None
     console = Console()
+    _print_brokers(console, settings.addresses.manager_queries, key, timeout)
     table = _table(f"Agents ({len(agents)})", "id", "host:pid", "device", "models", "load", "memory", "beat", "up")
     for a in sorted(agents, key=lambda a: a["id"]):
         table.add_row(
@@ -45,6 +48,31 @@ def status(settings: StatusSettings, timeout: float = typer.Option(5.0, help="Se
     table = _table(f"Models ({len(models)})", "model", "versions", "agents")
     for name, info in sorted(models.items()):
         table.add_row(name, ", ".join(map(str, info["versions"])), ", ".join(info["agents"]))
+    console.print(table)
+
+
+def _print_brokers(console, manager: str, key: str | None, timeout: float) -> None:
+    """The brokers table, from the manager's `brokers` answer (each broker's latest report); a manager that does not
+    answer is said on stderr, and the rest of the status still prints."""
+    from cluster import ClusterError
+    from cluster.manager.client import ManagerClient
+
+    try:
+        brokers = ManagerClient(manager, key=key).call(What.BROKERS, timeout=timeout)
+    except ClusterError as exc:
+        typer.echo(f"brokers: not known, the manager at {manager} does not answer: {exc}", err=True)
+        return
+    table = _table(f"Brokers ({len(brokers)})", "name", "agents", "in flight", "queued", "report")
+    for b in brokers:
+        load = b.get("load") or {}
+        gaps = f", {b['gaps']} missed" if b.get("gaps") else ""
+        table.add_row(
+            str(b.get("name")),
+            f"{len(b.get('agents', []))}: " + ", ".join(b.get("agents", [])) if b.get("agents") else "0",
+            str(load.get("in_flight", "?")),
+            str(load.get("queued", "?")),
+            f"{b.get('heard_age', 0):.1f} s ago (#{b.get('seq')}{gaps})",
+        )
     console.print(table)
 
 

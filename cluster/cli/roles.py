@@ -42,7 +42,10 @@ def broker(settings: BrokerSettings, ready_file: str | None = ReadyFile):
     _setup_logging(settings.log_level, "broker", settings.log_format)
     component = Broker(settings, security=_security(settings.key))
     _stop_on_signals(component)
-    _report_ready(ready_file, "broker", broker_clients=component.clients, broker_agents=component.agents_sock)
+    metrics = {"metrics": component.metrics_url} if component.metrics_url else {}
+    _report_ready(
+        ready_file, "broker", broker_clients=component.clients, broker_agents=component.agents_sock, **metrics
+    )
     component.run()
 
 

@@ -145,13 +145,13 @@ class Deployments:
         self.registry = registry
         self.abort_grace = abort_grace
         self.rollouts: dict[str, Rollout] = {}  # model -> the rollout in progress for it
-        # The agents the broker routes to (not draining), from the manager's regular `agents` query to it; None when
-        # the broker has not answered lately. A rollout waits only for agents that serve: one the manager hears
-        # but the broker does not know (a heartbeat from nowhere, an agent cut off from the broker) is left out.
+        # The agents the brokers route to (not draining): the union of the live brokers' reports (manager/brokers.py);
+        # None when no broker reports. A rollout waits only for agents that serve: one the manager hears but no
+        # broker knows (a heartbeat from nowhere, an agent cut off from the brokers) is left out.
         self.broker_view: set[str] | None = None
-        # Wall time of that report, and how often the broker sends one: an agent that joined less than a report
-        # interval before the last report may not be in it yet (it registered with both just now), so it is waited
-        # for, not left out. The defaults judge every agent by the view as it is (the unit tests set the view alone).
+        # Wall time of the oldest of those reports, and how often a broker sends one: an agent that joined less than a
+        # report interval before it may not be in it yet (it registered just now), so it is waited for, not left
+        # out. The defaults judge every agent by the view as it is (the unit tests set the view alone).
         self.broker_view_at = math.inf
         self.report_interval = 0.0
         self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
@@ -240,10 +240,10 @@ class Deployments:
         return heard - left_out, {a: "not connected to the broker" for a in left_out}
 
     def at_broker(self, agent: str) -> bool | None:
-        """Whether the broker routes to `agent` by its last report; None when there is no report lately, or the
-        agent joined too shortly before it to be in it (both mean: wait for the agent)."""
+        """Whether a broker routes to `agent` by the brokers' last reports; None when no broker reports, or the
+        agent joined too shortly before a report to be in it (both mean: wait for the agent)."""
         if self.broker_view is None:
-            return None  # the broker is not answering: every agent the manager hears takes part, as before
+            return None  # no broker reports: every agent the manager hears takes part, as before
         if agent in self.broker_view:
             return True
         record = self.registry.agents.get(agent)

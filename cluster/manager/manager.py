@@ -3,29 +3,33 @@ rolling them out to every agent. This module is the I/O shell: the poll loop, pa
 commands and rollouts decide is in deployments.py (`Deployments`), the registry in registry.py, both without sockets.
 
 Sockets (all bound by the manager, so agents and the broker can start before or after it):
-- SUB  heartbeats: agents' PUB sockets connect here and publish a HEARTBEAT every interval;
+- SUB  heartbeats: agents' PUB sockets connect here and publish a HEARTBEAT every interval; each broker's PUB
+  connects here too and publishes EVENT broker_report (BrokerReport: the agents it routes to, its load, a sequence
+  number) every interval and when its agents change (brokers.py keeps them; with keys, only from the server key);
 - PUB  events, two kinds: "agent_dead" {agent, instance, silent_for} when the registry expires an agent (the broker
   reads it),
   and "desired" {state} on every change, when an agent joins, and every heartbeat interval (the agents read it);
-- ROUTER queries: QUERY {what: agents | models | deployments | rollouts} answered with REPLY {result}, and the
+- ROUTER queries: QUERY {what: agents | models | deployments | rollouts | brokers} answered with REPLY {result}, and the
   commands QUERY {what: deploy | rollback | undeploy, name, ...}, answered when the rollout is over. QUERY
   {what: publish, name, file, config?, version?} + one frame with the model file's bytes publishes a version on the
   share for a client that has no share (`cluster deploy` without --share, a Triton repository load with files),
   then deploys it: the write runs in a thread of its own (a large file on NFS must not stall heartbeats), and the
   answer is the rollout's report; QUERY {what: publish_check, ...} judges a publish without its file (`cluster
-  deploy` asks it first, so a refusal costs no upload). The broker sends QUERY {what: broker_view, agents: [id...]}
-  (no answer) every heartbeat interval: the agents it routes to, so that a rollout waits only for agents that serve
-  (Deployments.broker_view), not for a heartbeat from nowhere; with keys, only from the server key. A starting broker
-  asks QUERY {what: agents} (the server key may), to hold requests for those agents' models until they re-register.
+  deploy` asks it first, so a refusal costs no upload). A starting broker asks QUERY {what: agents} (the server key
+  may), to hold requests for those agents' models until they re-register.
+
+The brokers' reports make the rollouts' broker view (Deployments.broker_view): the union of the agents the live
+brokers route to, so that a rollout waits only for agents that serve, not for a heartbeat from nowhere.
 
 Liveness has one owner: the broker, for routing (the Majordomo way: from each agent's own DEALER traffic, on its own
 clock, expiring an agent silent for `timings.expiry`). The manager's registry, fed by the PUB heartbeats, decides
 only what the manager decides (which agents a rollout waits for, the deployments view); its `agent_dead` event is a
 backup word to the broker, which drops the agent if it has not already.
 
-With a key (`security`, cluster/auth.py): the three sockets serve CURVE (ZAP domains "agents" for heartbeats,
-"events" for the PUB, "clients" for queries), and each message is checked against the allow-list: heartbeats only
-from agent keys, and each agent id only from the key it first beat with (the registry binds them); deploy, rollback
+With a key (`security`, cluster/auth.py): the three sockets serve CURVE (ZAP domains "heartbeats" for heartbeats
+and broker reports, "events" for the PUB, "clients" for queries), and each message is checked against the allow-list:
+heartbeats only from agent keys, and each agent id only from the key it first beat with (the registry binds them);
+broker reports only from the server key; deploy, rollback
 and undeploy only from admin keys (others: PERMISSION_DENIED), the read-only queries from client or admin keys.
 
 A restarted manager starts with an empty registry and rebuilds it from the next round of beats; the desired state
@@ -46,16 +50,18 @@ import zmq
 
 from cluster import protocol
 from cluster.auth import BusSecurity, key_of, refusal
-from cluster.clock import RunClock, pardon
+from cluster.clock import RunClock
 from cluster.config import MAX_CONTROL_BYTES, STATE_SAVE_RETRY_S
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
+from cluster.manager.brokers import Brokers
 from cluster.manager.deployments import Actions, CommandError, Deployments
 from cluster.manager.registry import Registry
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.protocol import (
     PREAMBLE,
     Answer,
+    BrokerReport,
     Command,
     Desired,
     ErrorCode,
@@ -110,9 +116,10 @@ class Manager:
             zmq.SUB,
             bind=self.addresses.manager_heartbeats,
             subscribe=PREAMBLE[Command.HEARTBEAT],
-            curve=curve("agents"),
+            curve=curve("heartbeats"),
             **control,
         )
+        self.heartbeats.setsockopt(zmq.SUBSCRIBE, PREAMBLE[Command.EVENT])  # the brokers' reports
         self.events = make_socket(
             self.ctx, zmq.PUB, bind=self.addresses.manager_events, curve=curve("events"), **control
         )
@@ -124,7 +131,7 @@ class Manager:
             max_bytes=settings.limits.max_upload_bytes,  # a model file to publish travels on it
             timings=self.timings,
         )
-        self._broker_reported = float("-inf")  # when the broker last said which agents it routes to
+        self.brokers = Brokers(self.timings.expiry)  # the brokers' latest reports
         self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "manager", log)  # our own stalls
         self.registry = Registry(self.timings.expiry)
         self.share = share
@@ -134,7 +141,7 @@ class Manager:
         self._agreed = self._copy_of_desired()  # the last desired state saved (what a failed save goes back to)
         if self._unsaved:
             self.save_desired()  # a share that refuses it does not stop the manager: tried again each tick
-        self.deployments.report_interval = self.timings.heartbeat_interval  # the broker reports once a beat
+        self.deployments.report_interval = self.timings.heartbeat_interval  # a broker reports once a beat
         self._stop = threading.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one publish at a time, off the loop
         # model -> (the write, requester, header, whether the model is new on the share)
@@ -169,7 +176,7 @@ class Manager:
                 lost = self.clock.look(now)
                 if lost:
                     self.registry.paused(lost, now)
-                    self._broker_reported = pardon(self._broker_reported, lost, now)
+                    self.brokers.paused(lost, now)
                 if now >= next_tick:
                     next_tick = now + tick
                     if self.allow is not None:
@@ -181,8 +188,7 @@ class Manager:
                     self.finish_publishing(now)
                     if self._unsaved and now >= self._next_save:
                         self.save_desired(now)
-                    if now - self._broker_reported > self.timings.expiry:
-                        self.deployments.broker_view = None  # no word lately: rollouts wait for all agents heard
+                    self.expire_brokers(now)
                     self.carry_out(self.deployments.tick(now))
                     if now >= next_desired:  # also every interval: a missed PUB message costs one interval
                         next_desired = now + self.timings.heartbeat_interval
@@ -203,10 +209,13 @@ class Manager:
             self.ctx.term()
 
     def process_heartbeat(self, frames: list[bytes]) -> None:
+        """An agent's HEARTBEAT, or a broker's EVENT broker_report (the two share the SUB socket)."""
         try:
             if len(frames) != 2:
                 raise ProtocolError(f"heartbeat must have 2 frames, got {len(frames)}")
-            protocol.parse_preamble(frames[0])
+            if protocol.parse_preamble(frames[0]) == Command.EVENT:
+                self.take_broker_report(frames)
+                return
             beat = Heartbeat.from_wire(protocol.unpack_header(frames[1]))
         except ProtocolError as exc:
             bad_input.warning("bad heartbeat dropped: %s", exc)
@@ -239,9 +248,6 @@ class Manager:
             what = query.what
             if (len(frames) == 4) != (what == What.PUBLISH):
                 raise ProtocolError("'publish' carries one frame with the model file; other queries carry none")
-            if what == What.BROKER_VIEW:
-                self.take_broker_view(header, key_of(frames[1]) if self.allow is not None else None)
-                return  # a report: no answer
             if self.allow is not None:
                 action = "deploy" if what in COMMANDS else "query"
                 refused = refusal(self.allow, key_of(frames[1]), action, what)
@@ -271,21 +277,33 @@ class Manager:
             reply = message(Command.ERROR, error_header(request_id, ErrorCode.INTERNAL, f"the manager failed: {exc}"))
         self.answer(peer, reply)
 
-    def take_broker_view(self, header: dict, key: str | None) -> None:
-        """The broker's report of the agents it routes to (with keys on: only from the server key)."""
-        if self.allow is not None and (refused := refusal(self.allow, key, "report", "broker_view")) is not None:
-            bad_input.warning("broker_view refused: %s", refused[1])
+    def take_broker_report(self, frames: list) -> None:
+        """A broker's report of the agents it routes to and its load (with keys on: only from the server key).
+        ProtocolError if malformed."""
+        if self.allow is not None and (refused := refusal(self.allow, key_of(frames[0]), "report")) is not None:
+            bad_input.warning("broker report refused: %s", refused[1])
             return
-        agents = require(header, "agents", list)
-        self.deployments.broker_view = {a for a in agents if isinstance(a, str)}
-        self.deployments.broker_view_at = time.time()  # wall time, as the registry's `joined`
-        self._broker_reported = time.monotonic()
+        event = protocol.parse_event(protocol.unpack_header(frames[1]))
+        if not isinstance(event, BrokerReport):
+            raise ProtocolError("the only event the manager takes is broker_report")
+        self.brokers.observe(event, time.monotonic(), time.time())
+        self.update_broker_view()
+
+    def expire_brokers(self, now: float) -> None:
+        """Brokers silent for an expiry leave the view (none left: rollouts wait for every agent heard)."""
+        if self.brokers.expire(now):
+            self.update_broker_view()
+
+    def update_broker_view(self) -> None:
+        """The rollouts' broker view: the union of the live brokers' agents (None when no broker reports)."""
+        self.deployments.broker_view = self.brokers.view()
+        self.deployments.broker_view_at = self.brokers.oldest_report()
 
     # ---- the queries it answers: one handler each (the answer, or None when it comes later) ----------------------
 
     def query_agents(self, header: dict, requester: tuple, frames: list) -> Answer:
-        # at_broker: in the broker's last report of the agents it routes to (True), judged not (False: a rollout
-        # leaves it out), or not known yet (None: the rollout waits for it). The desired state rides along: a
+        # at_broker: in a live broker's last report of the agents it routes to (True), judged in none (False: a
+        # rollout leaves it out), or not known yet (None: the rollout waits for it). The desired state rides along: a
         # starting broker (it asks this) fails requests for models not deployed at once.
         agents = self.registry.describe_agents(time.monotonic())
         result = [dict(a, at_broker=self.deployments.at_broker(a["id"])) for a in agents]
@@ -300,6 +318,9 @@ class Manager:
     def query_rollouts(self, header: dict, requester: tuple, frames: list) -> Answer:
         return Answer(requester[1], self.deployments.rollout_counts())
 
+    def query_brokers(self, header: dict, requester: tuple, frames: list) -> Answer:
+        return Answer(requester[1], self.brokers.describe(time.monotonic()))
+
     def query_command(self, header: dict, requester: tuple, frames: list) -> None:
         """deploy, rollback, undeploy: answered now, or when the rollout is over."""
         self.carry_out(self.deployments.command(header["what"], header, requester, time.monotonic()))
@@ -312,17 +333,17 @@ class Manager:
         self.check_publish(header)
         return Answer(requester[1], {"ok": True})
 
-    QUERIES = {  # what the manager answers: QUERY `what` -> its handler; BROKER_VIEW is a report, taken before these
+    QUERIES = {  # what the manager answers: QUERY `what` -> its handler
         What.AGENTS: query_agents,
         What.MODELS: query_models,
         What.DEPLOYMENTS: query_deployments,
         What.ROLLOUTS: query_rollouts,
+        What.BROKERS: query_brokers,
         What.DEPLOY: query_command,
         What.ROLLBACK: query_command,
         What.UNDEPLOY: query_command,
         What.PUBLISH: query_publish,
         What.PUBLISH_CHECK: query_publish_check,
-        What.BROKER_VIEW: None,
     }
 
     # ---- publishing a model sent over the bus -------------------------------------------------------------------

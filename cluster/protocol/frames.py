@@ -55,9 +55,10 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
                         `desired`)
                         EVENT (PUB, connected to the manager's heartbeat address) BrokerReport {event:
                         "broker_report", broker, incarnation, seq, agents, load}   (every interval: the agents it
-                        routes to and its load; the manager's view is the union of every broker's)
-    anyone  -> manager  QUERY Query {id, what: agents | models | deployments | rollouts | deploy | rollback |
-                        undeploy, ...}
+                        routes to and its load, also at once when those agents change; the manager's view is
+                        the union of every live broker's)
+    anyone  -> manager  QUERY Query {id, what: agents | models | deployments | rollouts | brokers | deploy |
+                        rollback | undeploy, ...}
                         QUERY {id, what: publish, name, file, config?, version?} + the model file's bytes (one frame)
                         QUERY {id, what: publish_check, name, file, config?}: a publish judged without its file
                         (REPLY {ok: true} or the ERROR the publish would get), asked before the file is sent

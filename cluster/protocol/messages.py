@@ -232,13 +232,13 @@ class What(enum.StrEnum):
     UNDEPLOY = "undeploy"  # manager: {name}
     PUBLISH = "publish"  # manager: {name, file, config?, version?} + the model file (one frame)
     PUBLISH_CHECK = "publish_check"  # manager: a publish judged without its file
-    BROKER_VIEW = "broker_view"  # broker -> manager: {agents} it routes to (a report: no answer)
+    BROKERS = "brokers"  # manager: the live brokers [{name, incarnation, seq, gaps, heard_age, agents, load}]
 
 
 @dataclass
 class Query:
     """QUERY, anyone -> broker or manager: `what` and its fields (name, version, ...: the handler reads those it
-    needs, with `require`). Answered REPLY (Answer) or ERROR; BROKER_VIEW is a report and gets no answer."""
+    needs, with `require`). Answered REPLY (Answer) or ERROR."""
 
     id: int | str | None
     what: What  # (built by a client: also a plain string, which the asked role may not answer)
@@ -246,7 +246,7 @@ class Query:
 
     def to_wire(self) -> dict:
         what = getattr(self.what, "value", self.what)  # a plain string too: a client may ask what this side lacks
-        header = {"what": what} if self.id is None else {"id": self.id, "what": what}  # a report has no id
+        header = {"what": what} if self.id is None else {"id": self.id, "what": what}
         return header | {k: v for k, v in self.fields.items() if v is not None}
 
     @classmethod
