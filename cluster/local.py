@@ -89,7 +89,7 @@ BINDS = {
     "edge": ("edge",),
 }
 NEEDS = {
-    "broker": ("manager_events",),
+    "broker": ("manager_events", "manager_heartbeats"),
     "agent": ("broker_agents", "manager_heartbeats"),
     "edge": ("broker_clients",),
 }

@@ -43,7 +43,7 @@ METRICS_PORT = 9100  # each broker's Prometheus metrics (CLUSTER_METRICS_PORT), 
 # Variables the manifests set before the code that reads them is merged (issue 20: the brokers' metrics endpoint,
 # their reports to the manager's heartbeat address):
 # allowed while the CLI does not know them; once it does, the usual check applies. Empty this after the merge.
-PENDING_VARIABLES = {"broker": {"CLUSTER_METRICS_PORT", "CLUSTER_MANAGER_HEARTBEATS"}}
+PENDING_VARIABLES: dict[str, set[str]] = {}  # variables a manifest sets before the code reads them (none now)
 
 
 def port_of(address: str) -> int:
