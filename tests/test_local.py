@@ -154,17 +154,20 @@ def _addresses(**fixed: str) -> Addresses:
 
 @pytest.fixture
 def manager_events():
-    """Stands in for the manager's event socket, so that a broker can start without a manager."""
+    """Stands in for the manager's event and heartbeat sockets (a broker subscribes to one and reports on the
+    other), so that a broker can start without a manager: the addresses to give LocalCluster."""
     ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.PUB, bind="tcp://127.0.0.1:0")
-    yield bound_address(sock)
-    sock.close(linger=0)
+    events = make_socket(ctx, zmq.PUB, bind="tcp://127.0.0.1:0")
+    beats = make_socket(ctx, zmq.SUB, bind="tcp://127.0.0.1:0")
+    yield {"manager_events": bound_address(events), "manager_heartbeats": bound_address(beats)}
+    for sock in (events, beats):
+        sock.close(linger=0)
     ctx.term()
 
 
 @pytest.mark.cluster
 def test_a_restarted_broker_comes_back_on_the_ports_it_got(tmp_path, manager_events):
-    with LocalCluster(None, tmp_path, addresses=_addresses(manager_events=manager_events)) as local:
+    with LocalCluster(None, tmp_path, addresses=_addresses(**manager_events)) as local:
         first = local.start_broker()
         assert set(first.addresses) == {"broker_clients", "broker_agents"}
         clients = first.addresses["broker_clients"]
@@ -189,7 +192,7 @@ def test_several_brokers_each_on_its_own_ports_and_name_and_restarted_on_them(tm
     """start_broker() while every broker runs adds one (its own ports, --name broker-<i>); the cluster's broker
     addresses list every broker in order, for roles started after; a broker killed and started again (start_broker(),
     or restart) binds its own ports again and keeps its name, and the others are untouched."""
-    with LocalCluster(None, tmp_path, addresses=_addresses(manager_events=manager_events)) as local:
+    with LocalCluster(None, tmp_path, addresses=_addresses(**manager_events)) as local:
         first, second = local.start_broker(), local.start_broker()
         ports = [p.addresses for p in (first, second)]
         assert ports[0] != ports[1] and len({a for p in ports for a in p.values()}) == 4, ports
@@ -233,7 +236,7 @@ def test_several_brokers_each_on_its_own_ports_and_name_and_restarted_on_them(tm
 def test_one_broker_is_as_before_and_an_agent_first_reserves_it(tmp_path, manager_events):
     """One broker: plain addresses (no list), and an edge started before any broker reserves the broker's ports,
     which the broker's real start then binds."""
-    with LocalCluster(None, tmp_path, addresses=_addresses(manager_events=manager_events)) as local:
+    with LocalCluster(None, tmp_path, addresses=_addresses(**manager_events)) as local:
         local.start_edge()  # starts the broker once to learn its addresses
         reserved = local.addresses
         assert len(local.brokers) == 1 and "," not in reserved.broker_clients + reserved.broker_agents
@@ -248,7 +251,7 @@ def test_a_role_that_cannot_bind_fails_its_start_with_its_log(tmp_path, manager_
     ctx = zmq.Context()
     taken = make_socket(ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0")
     try:
-        addresses = _addresses(manager_events=manager_events, broker_clients=bound_address(taken))
+        addresses = _addresses(**manager_events, broker_clients=bound_address(taken))
         with LocalCluster(None, tmp_path, addresses=addresses) as local:
             before_ready = r"broker-0 \(pid \d+\) exited with status 1 before it was ready"
             with pytest.raises(StartError, match=before_ready) as failure:
