@@ -48,7 +48,7 @@ from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import make_policy
 from cluster.clock import RunClock
-from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES
+from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
 from cluster.protocol import (
@@ -125,6 +125,7 @@ class Broker:
             self.ctx,
             zmq.ROUTER,
             bind=self.addresses.broker_agents,
+            identity=(settings.broker_name or default_broker_name(self.addresses.broker_clients)).encode(),
             handover=not secured,  # with keys, an identity is not handed over (see above)
             timings=self.timings,
             curve=security.server("agents") if secured else None,
