@@ -40,8 +40,10 @@ def test_the_connected_links_share_the_capacity_in_address_order_and_a_change_is
     b1.connected = True
     assert agent.changed() is True
     assert [agent.share(link, 5, {"m": 5}) for link in (b1, b2)] == [(3, {"m": 3}), (2, {"m": 2})]
+    beat = {"agent": "a1", "capacity": 5, "model_capacity": {"m": 5}}
+    assert agent.status(b2, beat) == {"agent": "a1", "capacity": 2, "model_capacity": {"m": 2}}
     b1.refused_since = 1.0  # it refuses our id: it does not share
-    assert agent.changed() is True and agent.share(b2, 5, {}) == (5, {})
+    assert agent.changed() is True and agent.status(b2, beat) is beat, "alone again: the whole beat, as is"
     assert not agent.refused(), "one broker refusing is not every broker"
     b2.refused_since = 1.0
     assert agent.refused()
@@ -99,3 +101,60 @@ def test_busy_for_a_request_already_given_up_frees_the_slot_and_sends_nothing():
 
 
 T_BEAT = 12.0  # a time after the requests (sent at T = 10), before anyone's expiry
+
+
+# ---- BUSY (agent) ---------------------------------------------------------------------------------------------------
+
+
+def test_the_agent_answers_busy_past_its_capacity_on_the_requests_link_and_beats_once_it_has_room(share, tmp_path):
+    """An agent of capacity 1 (its workers not started: what it takes, it holds): a second request is answered ERROR
+    BUSY at once, on the link it came from, with its route; when the first is answered, it beats at once (the broker
+    that heard BUSY sends it nothing until then)."""
+    import numpy as np
+
+    from cluster import protocol
+    from cluster.agent.agent import Agent
+    from cluster.codec import encode_tensors
+    from cluster.protocol import PREAMBLE, Command, ErrorCode, pack
+    from cluster.role_settings import AgentSettings
+
+    ctx = zmq.Context.instance()
+    agent = Agent(AgentSettings(share=str(share), agent_id="a1", torch_threads=0, capacity=1, models="echo"))
+    agent.load_models()
+    agent.status()  # what a beat announces is what the agent holds at most
+    link = agent.links.first
+    link.sock, broker = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    broker.bind(f"inproc://busy-{id(agent)}")
+    link.sock.connect(f"inproc://busy-{id(agent)}")
+    link.connected, link.monitor = True, ctx.socket(zmq.PAIR)  # (a monitor that never says anything)
+    agent.results, workers = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    agent.results.bind(f"inproc://busy-results-{id(agent)}")
+    workers.connect(f"inproc://busy-results-{id(agent)}")
+    agent.beats = ctx.socket(zmq.PUB)
+    try:
+        metas, tensors = encode_tensors({"x": np.zeros((1, 2), np.float32)})
+        header = pack(protocol.Request(7, "echo", metas, 30.0).to_wire())
+        incarnation = b"i" * protocol.INCARNATION_BYTES
+        routes = [incarnation + n.to_bytes(protocol.ROUTE_BYTES - protocol.INCARNATION_BYTES, "big") for n in (1, 2)]
+        for route in routes:
+            route_frame = protocol.request_route(route, 30.0, 0.0)
+            agent.accept_request([PREAMBLE[Command.REQUEST] + route_frame, header, *tensors], route_frame, link)
+        assert agent.in_flight == 1 and agent.model_held == {"echo": 1}, "the first is held, the second is not"
+        assert broker.poll(2000), "no answer to the second request"
+        busy = broker.recv_multipart()
+        assert busy[0] == PREAMBLE[Command.ERROR] + routes[1], "BUSY carries the request's route"
+        assert protocol.unpack_header(busy[1])["code"] == ErrorCode.BUSY.value
+        assert agent.status().jobs["echo"]["busy"] == 1 and agent.owed_beat == "echo"
+        link.broker_is(incarnation)
+        workers.send_multipart([PREAMBLE[Command.REPLY] + routes[0], pack({"id": 7})])
+        assert agent.results.poll(2000)
+        agent.forward_results()  # the answer goes out, and a beat right after it: there is room again
+        sent = [broker.recv_multipart() for _ in range(2) if broker.poll(2000)]
+        assert [frames[0] for frames in sent] == [PREAMBLE[Command.REPLY] + routes[0], PREAMBLE[Command.HEARTBEAT]]
+        assert agent.in_flight == 0 and agent.model_held == {"echo": 0} and agent.owed_beat is None
+        assert protocol.unpack_header(sent[1][1])["jobs"]["echo"]["peak_held"] == 1
+    finally:
+        for sock in (link.sock, link.monitor, broker, agent.results, workers, agent.beats):
+            sock.close(linger=0)
+        agent.pool.stop(timeout=1.0)
+        agent.loader.stop(timeout=1.0)

@@ -27,7 +27,6 @@ os._exit if one is stuck, and a watchdog thread ends a process whose I/O loop it
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -107,6 +106,7 @@ class Agent:
         self.held_routes: dict[bytes, str] = {}  # route -> its model, while held
         self.limits: tuple[int, dict[str, int]] = (self.capacity, {})  # (effective_capacity, model_capacity)
         self.held_stats: dict[str, dict[str, int]] = {}  # model -> {peak_held, busy}, in the beat's `jobs`
+        self.owed_beat: str | None = None  # answered BUSY for it: a beat as soon as there is room (brokers wait for it)
         self.draining = False
         self.started = time.time()
         self.serving_since: float | None = None
@@ -117,8 +117,7 @@ class Agent:
         self.links = BrokerLinks(
             self.ctx, self.addresses.broker_agents, identity, self.agent_id, self.timings, self.ready_message
         )
-        for link in self.links:
-            link.handle = functools.partial(self.from_broker, link=link)  # what `drain` calls with its messages
+        self.links.handle(self.from_broker)
         self._results_addr = f"inproc://agent-results-{id(self)}"
         self._loads_addr = f"inproc://agent-loads-{id(self)}"
         torch_threads = settings.torch_threads or None  # 0: torch's default
@@ -237,7 +236,7 @@ class Agent:
 
     def status(self) -> Heartbeat:
         """The heartbeat: what the broker routes by and the manager's registry and `cluster status` show (the whole
-        capacity; each broker is told its share, `link_status`); past what it says, requests get BUSY."""
+        capacity; each broker is told its share, `links.status`); past what it says, requests get BUSY."""
         served = self.table.describe()
         self.limits = (self.effective_capacity(), self.model_capacity())
         jobs = self.pool.describe_jobs()
@@ -400,17 +399,10 @@ class Agent:
     def ready_message(self, link: BrokerLink) -> list:
         """READY to a broker: who we are, what we serve (with each model's metadata), how much it may give us at once
         (its share of our capacity)."""
-        ready = self.link_status(link, self.status().to_wire())
+        ready = self.links.status(link, self.status().to_wire())
         ready["metadata"] = self._metadata(self.table.loaded_models())
         link.metadata_sent = {(m.name, m.version) for m in self.table.loaded_models()}
         return message(Command.READY, ready)
-
-    def link_status(self, link: BrokerLink, status: dict) -> dict:
-        """`status` as `link`'s broker is told it: with its share of the capacity (links.py)."""
-        capacity, model_capacity = self.links.share(link, status["capacity"], status["model_capacity"])
-        if capacity == status["capacity"] and model_capacity == status["model_capacity"]:
-            return status
-        return dict(status, capacity=capacity, model_capacity=model_capacity)
 
     def _metadata(self, models) -> list[dict]:
         """Each model's inputs and outputs, for the broker's `model` queries (the edge's metadata and readiness), and
@@ -437,7 +429,7 @@ class Agent:
         for link in self.links:
             if not link.connected:
                 continue
-            beat = self.link_status(link, status)
+            beat = self.links.status(link, status)
             # A model loaded since READY (a deploy of a new model or version): its metadata rides on the beat.
             new = [m for m in loaded if (m.name, m.version) not in link.metadata_sent]
             if new:
@@ -461,6 +453,9 @@ class Agent:
         if monitors:
             self.link_events(monitors)  # a link that just dropped: its answers must not go out on the next one
         drain(self.results, self.forward_result, DRAIN_BATCH, log, 2)
+        if self.owed_beat is not None and self.has_room(self.owed_beat):
+            self.owed_beat = None
+            self.send_heartbeat()
 
     def forward_result(self, frames: list) -> None:
         self.in_flight -= 1
@@ -543,7 +538,7 @@ class Agent:
                 text = f"{what} is not loaded on agent {self.agent_id}"
                 self.answer_error(link, route, request_id, ErrorCode.MODEL_NOT_FOUND, text, name)
                 return
-            if self.in_flight >= self.limits[0] or self.model_held.get(name, 0) >= self.limits[1].get(name, 1 << 30):
+            if not self.has_room(name):
                 self.busy(link, route, request_id, name)
                 return
             tensors = frames[2:]
@@ -576,8 +571,13 @@ class Agent:
             stats["peak_held"] = max(stats["peak_held"], held)
         self.pool.submit(job)
 
+    def has_room(self, name: str) -> bool:
+        """One more request of model `name` stays within the capacity we announced, in all and for that model."""
+        return self.in_flight < self.limits[0] and self.model_held.get(name, 0) < self.limits[1].get(name, 1 << 30)
+
     def busy(self, link: BrokerLink, route: bytes, request_id, name: str) -> None:
         """ERROR BUSY: this request would take us past our capacity (a broker's share changed under it)."""
+        self.owed_beat = name
         self.held_stats.setdefault(name, {"peak_held": 0, "busy": 0})["busy"] += 1
         text = f"agent {self.agent_id} is at its capacity ({self.in_flight} requests held)"
         self.answer_error(link, route, request_id, ErrorCode.BUSY, text, name)

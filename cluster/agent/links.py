@@ -12,6 +12,7 @@ Answers: each goes out on the link whose broker its route names (link.AnswerRout
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import zmq
@@ -53,6 +54,11 @@ class BrokerLinks:
         ]
         self.members: tuple[BrokerLink, ...] = ()  # the links sharing the capacity, as of the last `changed`
 
+    def handle(self, handler: Callable[..., None]) -> None:
+        """Each link's messages go to `handler(frames, link=link)` (link.handle: what `drain` calls)."""
+        for link in self.links:
+            link.handle = functools.partial(handler, link=link)
+
     def __iter__(self):
         return iter(self.links)
 
@@ -92,6 +98,13 @@ class BrokerLinks:
         if link not in members:
             members = sorted([*members, link], key=lambda one: one.address)
         return capacity_share(capacity, model_capacity, members.index(link), len(members))
+
+    def status(self, link: BrokerLink, status: dict) -> dict:
+        """`status` (a heartbeat, as sent) as `link`'s broker is told it: with its share of the capacity."""
+        capacity, model_capacity = self.share(link, status["capacity"], status["model_capacity"])
+        if capacity == status["capacity"] and model_capacity == status["model_capacity"]:
+            return status
+        return dict(status, capacity=capacity, model_capacity=model_capacity)
 
     def refused(self) -> bool:
         """Every broker refuses this agent's id (another live process has it): the manager keeps the live one."""
