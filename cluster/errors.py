@@ -78,6 +78,13 @@ class AgentIdInUseError(ClusterError):
     code = ErrorCode.AGENT_ID_IN_USE
 
 
+class AgentBusyError(ClusterError):
+    """An agent had no free slot for the request (its share of its capacity changed under the broker); only brokers
+    see this code: they queue the request again, a client never gets it."""
+
+    code = ErrorCode.BUSY
+
+
 ERROR_BY_CODE = {cls.code.value: cls for cls in ClusterError.__subclasses__()}
 ERROR_BY_CODE[ErrorCode.INTERNAL.value] = ClusterError
 
