@@ -42,6 +42,10 @@ def test_the_connected_links_share_the_capacity_in_address_order_and_a_change_is
     assert [agent.share(link, 5, {"m": 5}) for link in (b1, b2)] == [(3, {"m": 3}), (2, {"m": 2})]
     beat = {"agent": "a1", "capacity": 5, "model_capacity": {"m": 5}}
     assert agent.status(b2, beat) == {"agent": "a1", "capacity": 2, "model_capacity": {"m": 2}}
+    b1.silent = True  # not heard for an expiry (frozen): its share goes to b2
+    assert agent.changed() is True and agent.share(b2, 5, {}) == (5, {})
+    b1.silent = False
+    assert agent.changed() is True and agent.share(b2, 5, {}) == (2, {})
     b1.refused_since = 1.0  # it refuses our id: it does not share
     assert agent.changed() is True and agent.status(b2, beat) is beat, "alone again: the whole beat, as is"
     assert not agent.refused(), "one broker refusing is not every broker"

@@ -5,6 +5,8 @@ real capacity, requeued by the broker) stays rare and never reaches a client."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 import time
@@ -68,6 +70,30 @@ def test_agents_register_with_both_brokers_with_half_their_capacity_each_and_all
         # It comes back (same ports): the shares are split again.
         start_second_broker(cluster, second.addresses["broker_clients"], second.addresses["broker_agents"])
         wait_for(lambda: capacities(c1) == halves and capacities(c2) == halves, 30, "the shares split again")
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_a_frozen_brokers_share_goes_to_the_other_within_about_an_expiry_and_comes_back_when_it_resumes(cluster):
+    """SIGSTOP of one broker (a machine that vanished without a reset: its connections stay up): the agents stop
+    hearing it, and once it has been silent for an expiry its share goes to the other broker; SIGCONT: split again."""
+    clients1, clients2, agents, second = two_brokers(cluster)
+    cluster.start_agent("a1", "--broker", agents, "--capacity", "4", "--models", "echo")
+    c1, c2 = Client(clients1, timeout=30), Client(clients2, timeout=30)
+    try:
+        wait_for(lambda: capacities(c1) == {"a1": 2} == capacities(c2), 60, "both brokers to get 2 of the 4")
+        os.kill(second.pid, signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+            wait_for(lambda: capacities(c1) == {"a1": 4}, 10, "the live broker to get the whole 4")
+            took = time.monotonic() - frozen
+        finally:
+            os.kill(second.pid, signal.SIGCONT)
+        expiry = cluster.heartbeat_interval * cluster.liveness
+        print(f"the live broker had the frozen one's share {took:.2f} s after SIGSTOP (expiry {expiry:g} s)")
+        assert took < expiry + 3 * cluster.heartbeat_interval, f"{took:.2f} s: later than an expiry and a beat or so"
+        wait_for(lambda: capacities(c1) == {"a1": 2} == capacities(c2), 30, "the shares split again after SIGCONT")
     finally:
         c1.close()
         c2.close()

@@ -365,9 +365,9 @@ class Agent:
                 if now >= next_beat:
                     next_beat = now + interval
                     recovery.check(self.pool.hung(now))
-                    links.changed()  # (a refusal that began or ended: this beat tells the shares)
+                    links.check(now)  # (a broker silent, or refusing us, or back: this beat tells the new shares)
+                    links.changed()
                     self.send_heartbeat()
-                    links.check(now)
         finally:
             self.exit_code = self.exit_code or recovery.code
             self.close()

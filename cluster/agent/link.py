@@ -140,6 +140,7 @@ class BrokerLink:
         self.beat = b""  # the header of the broker's latest heartbeat (parsed again only when it changes)
         self.key_refused_logged = -AGENT_REFUSED_LOG_S
         self.refused_since: float | None = None  # the broker refuses our id (AGENT_ID_IN_USE) since then
+        self.silent = False  # connected, but not heard for an expiry (frozen, or a vanished machine): as of `check`
         self.duplicate_grace = timings.expiry + 2 * timings.heartbeat_interval
 
     # ---- the sockets ---------------------------------------------------------------------------------------------
@@ -350,7 +351,9 @@ class BrokerLink:
 
     def check(self, now: float) -> None:
         """Each beat: a connected broker silent too long gets READY again, backing off (with jitter) while it stays
-        silent. A broker that is down is not asked: READY goes when the connection is back (process_events)."""
+        silent (and its share of the capacity goes to the other brokers: `silent`). A broker that is down is not
+        asked: READY goes when the connection is back (process_events)."""
+        self.silent = self.connected and now - self.heard_at > self.timings.expiry
         if not self.connected:
             return
         if now - self.heard_at <= self.timings.expiry or now < self.next_ready:

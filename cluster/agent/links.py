@@ -2,9 +2,9 @@
 does (READY on connect, refused ids and keys, reconnect), and what is decided over all of them.
 
 Capacity shares: two brokers must never both believe they own all of an agent's slots, so the agent splits its
-capacity (in all, and each model's) over its connected links (handshake done, not refusing it): n links, c slots:
-each gets c // n, the first c % n (in address order) one more; a share of 0 becomes 1 (over-committed: the agent
-answers BUSY past its real capacity). Each link's READY and HEARTBEAT carry its share; the manager's beat carries the
+capacity (in all, and each model's) over its connected links (handshake done, not refusing it, not silent past an
+expiry: a frozen broker's share goes to the others): n links, c slots: each gets c // n, the first c % n (in address
+order) one more; a share of 0 becomes 1 (over-committed: the agent answers BUSY past its real capacity). Each link's READY and HEARTBEAT carry its share; the manager's beat carries the
 whole. When a link comes up or goes down, every connected link is told its new share at once (`changed`).
 
 Answers: each goes out on the link whose broker its route names (link.AnswerRoutes), never on another's.
@@ -81,8 +81,8 @@ class BrokerLinks:
     # ---- capacity shares -----------------------------------------------------------------------------------------
 
     def sharing(self) -> list[BrokerLink]:
-        """The links the capacity is split over: connected, and not refusing this agent."""
-        return [link for link in self.links if link.connected and link.refused_since is None]
+        """The links the capacity is split over: connected, not refusing this agent, and heard within an expiry."""
+        return [link for link in self.links if link.connected and link.refused_since is None and not link.silent]
 
     def changed(self) -> bool:
         """True (once) when the links sharing the capacity changed since the last call: time to re-announce."""
