@@ -4,8 +4,9 @@ does (READY on connect, refused ids and keys, reconnect), and what is decided ov
 Capacity shares: two brokers must never both believe they own all of an agent's slots, so the agent splits its
 capacity (in all, and each model's) over its connected links (handshake done, not refusing it, not silent past an
 expiry: a frozen broker's share goes to the others): n links, c slots: each gets c // n, the first c % n (in address
-order) one more; a share of 0 becomes 1 (over-committed: the agent answers BUSY past its real capacity). Each link's READY and HEARTBEAT carry its share; the manager's beat carries the
-whole. When a link comes up or goes down, every connected link is told its new share at once (`changed`).
+order) one more; a share of 0 becomes 1 (over-committed: the agent answers BUSY past its real capacity). Each
+link's READY and HEARTBEAT carry its share; the manager's beat carries the whole. When a link comes up or goes
+down, every connected link is told its new share at once (`changed`).
 
 Answers: each goes out on the link whose broker its route names (link.AnswerRoutes), never on another's.
 """
