@@ -1,13 +1,37 @@
-"""The agent's AnswerGate (sans-IO): an answer goes only to the broker that asked; one that finished while the broker
-on the link was not known waits for it, and is dropped if the broker turns out to be another."""
+"""The agent's AnswerRoutes (sans-IO): an answer goes only to the broker that asked; one that finished while the broker
+on the link was not known waits for it, and is dropped if the broker turns out to be another. With several links (one
+per broker), an answer goes on the link of the broker it names, never on another's."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from cluster import protocol
-from cluster.agent.link import HOLD, SEND, STALE, AnswerGate
+from cluster.agent.link import HOLD, SEND, STALE, AnswerRoutes
 from cluster.protocol import PREAMBLE, Command
 
 OLD, NEW = b"o" * protocol.INCARNATION_BYTES, b"n" * protocol.INCARNATION_BYTES
+
+
+class AnswerGate:
+    """One link's view of AnswerRoutes (the single-broker case)."""
+
+    def __init__(self) -> None:
+        self.routes, self.link = AnswerRoutes(), SimpleNamespace()
+        self.routes.add(self.link)
+
+    held = property(lambda self: self.routes.held)
+
+    def lost(self):
+        self.routes.lost(self.link)
+
+    def admit(self, answer):
+        verdict, link = self.routes.admit(answer)
+        assert link is (self.link if verdict == SEND else None)
+        return verdict
+
+    def known(self, incarnation):
+        return self.routes.known(self.link, incarnation)
 
 
 def answer(incarnation: bytes, n: int) -> list:
@@ -43,3 +67,38 @@ def test_a_new_broker_on_the_link_gets_none_of_the_old_ones_answers():
     assert gate.known(NEW) == ([], [held])
     assert gate.known(NEW) == ([], [])  # already known: nothing more to decide
     assert gate.admit(answer(OLD, 2)) == STALE
+
+
+def test_with_two_links_an_answer_goes_on_its_own_brokers_link_and_waits_while_any_link_is_unknown():
+    routes = AnswerRoutes()
+    a, b = SimpleNamespace(), SimpleNamespace()
+    routes.add(a)
+    routes.add(b)
+    routes.known(a, OLD)
+    routes.known(b, NEW)
+    assert routes.admit(answer(OLD, 1)) == (SEND, a) and routes.admit(answer(NEW, 2)) == (SEND, b)
+    gone = b"g" * protocol.INCARNATION_BYTES
+    assert routes.admit(answer(gone, 3)) == (STALE, None)  # no link has that broker
+    routes.lost(b)  # b's broker dropped: its answers (and any unknown one's) wait; a's still go on a
+    for_b, other = answer(NEW, 4), answer(gone, 5)
+    assert routes.admit(for_b) == (HOLD, None) and routes.admit(other) == (HOLD, None)
+    assert routes.admit(answer(OLD, 6)) == (SEND, a)
+    assert routes.known(b, NEW) == ([for_b], [other])  # b is back, the same broker: its own go; every link is known
+    assert routes.held == []
+
+
+def test_an_answer_held_for_one_link_is_not_sent_on_another_that_comes_back_first():
+    routes = AnswerRoutes()
+    a, b = SimpleNamespace(), SimpleNamespace()
+    routes.add(a)
+    routes.add(b)
+    routes.known(a, OLD)
+    routes.known(b, NEW)
+    routes.lost(a)
+    routes.lost(b)
+    for_a = answer(OLD, 1)
+    assert routes.admit(for_a) == (HOLD, None)
+    restarted = b"r" * protocol.INCARNATION_BYTES
+    assert routes.known(b, restarted) == ([], [])  # b's broker restarted: a is not known yet, so for_a waits
+    assert routes.held == [for_a]
+    assert routes.known(a, OLD) == ([for_a], [])

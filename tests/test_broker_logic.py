@@ -137,6 +137,7 @@ def test_round_robin_within_capacity_and_frames_forwarded_untouched():
         "stalls": 0,
         "hedged": 0,
         "hedge_wins": 0,
+        "busy": 0,
         "agents": 2,
         "in_flight": 5,
         "queued": 1,

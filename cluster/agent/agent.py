@@ -1,15 +1,18 @@
 """The agent: hosts models on one machine and answers inference requests from the broker.
 
 Threads:
-- the I/O thread (`run`) owns every socket: a DEALER to the broker (READY, HEARTBEAT, answers; link.BrokerLink), an
+- the I/O thread (`run`) owns every socket: a DEALER to each broker (READY, HEARTBEAT, answers; links.py), an
   XPUB to the manager (HEARTBEAT every interval, and at once when a manager subscribes), and an inproc PULL for
   answers coming back from the workers. It validates each request before it reaches a model.
 - inference workers (runner.WorkerPool) run the models.
 
 The agent trusts nothing it receives: a malformed request gets an ERROR answer (or is dropped, with a log line, when
 it cannot even be answered), never a crash. How it keeps its link to the broker (READY on connect, refused ids and
-keys, answers only to the broker that asked) is in link.py; how it recovers by restart (a hung call, memory past
-`max_memory`, the watchdog) in recovery.py.
+keys, answers only to the broker that asked) is in link.py; how it splits its capacity over several brokers in
+links.py; how it recovers by restart (a hung call, memory past `max_memory`, the watchdog) in recovery.py.
+
+Past its real capacity (in all, or a model's: a broker's share changed under it), a REQUEST is answered ERROR BUSY
+at once, not run: the broker queues it again without counting an attempt.
 
 With a key (`key`, an agent member's key file): its three bus sockets connect with CURVE, presenting that key; the
 broker and the manager then accept its READY and heartbeats (role agent), and bind its id to that key.
@@ -37,6 +40,7 @@ import zmq
 
 from cluster import protocol
 from cluster.agent.link import INCARNATION, BrokerLink
+from cluster.agent.links import BrokerLinks
 from cluster.agent.loader import ModelLoader, load_versions
 from cluster.agent.models import ModelTable
 from cluster.agent.recovery import EXIT_AGENT_ID_IN_USE, EXIT_HUNG, EXIT_MEMORY, Recovery, resident_bytes
@@ -69,6 +73,7 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 _instance_ids = itertools.count()
 DRAIN_BATCH = 256  # messages read from one socket per loop pass before the others are served
 COLD_BATCH = 100  # ... from one of the cold sockets (the manager's, the link's monitor)
+ROUTE = slice(protocol.PREAMBLE_BYTES, protocol.PREAMBLE_BYTES + protocol.ROUTE_BYTES)  # an answer's request key
 
 
 def default_agent_id() -> str:
@@ -94,10 +99,14 @@ class Agent:
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.table = ModelTable()  # what this agent serves, has staged, and failed to load
-        self._metadata_sent: set[tuple[str, int]] = set()  # (model, version) whose metadata the broker has
         self.desired = DesiredState()  # what the manager (or, at start, the share) says to serve
         self.loading: set[tuple[str, int]] = set()
-        self.in_flight = 0
+        self.in_flight = 0  # requests held (queued for or run by the workers)
+        self.model_held: dict[str, int] = {}  # ... of each model
+        self.held_routes: dict[bytes, str] = {}  # route -> its model, while held
+        self.limits: tuple[int, dict[str, int]] = (self.capacity, {})  # (effective_capacity, model_capacity)
+        self.held_stats: dict[str, dict[str, int]] = {}  # model -> {peak_held, busy}, in the beat's `jobs`
+        self.owed_beat: str | None = None  # answered BUSY for it: a beat as soon as there is room (brokers wait for it)
         self.draining = False
         self.started = time.time()
         self.serving_since: float | None = None
@@ -105,9 +114,10 @@ class Agent:
         self._stop = threading.Event()
         self.recovery = Recovery(self.agent_id, self.timings, settings.max_memory, self._stop)  # hung calls, memory
         identity = protocol.agent_identity(self.agent_id, protocol.agent_instance())  # secret: never published
-        self.link = BrokerLink(
+        self.links = BrokerLinks(
             self.ctx, self.addresses.broker_agents, identity, self.agent_id, self.timings, self.ready_message
         )
+        self.links.handle(self.from_broker)
         self._results_addr = f"inproc://agent-results-{id(self)}"
         self._loads_addr = f"inproc://agent-loads-{id(self)}"
         torch_threads = settings.torch_threads or None  # 0: torch's default
@@ -225,11 +235,16 @@ class Agent:
         self.pool.ensure_threads(sum(self.pool.slots(m) for m in self.table.loaded_models()) or 1)
 
     def status(self) -> Heartbeat:
-        """The heartbeat: what the broker routes by and the manager's registry and `cluster status` show."""
+        """The heartbeat: what the broker routes by and the manager's registry and `cluster status` show (the whole
+        capacity; each broker is told its share, `links.status`); past what it says, requests get BUSY."""
         served = self.table.describe()
+        self.limits = (self.effective_capacity(), self.model_capacity())
+        jobs = self.pool.describe_jobs()
+        for name, counts in self.held_stats.items():
+            jobs.setdefault(name, {}).update(counts)
         return Heartbeat(
             agent=self.agent_id,
-            capacity=self.effective_capacity(),
+            capacity=self.limits[0],
             models=[] if self.draining else served["models"],
             staged=served["staged"],
             failed=served["failed"],
@@ -245,9 +260,9 @@ class Agent:
             serving_since=self.serving_since,  # wall time the agent connected, models loaded
             interval=self.timings.heartbeat_interval,
             serves_only=self.model_names,  # None: every deployed model
-            jobs=self.pool.describe_jobs(),
+            jobs=jobs,
             stats=self.pool.describe_stats(),
-            model_capacity=self.model_capacity(),
+            model_capacity=self.limits[1],
             rss=self.recovery.rss,
             max_memory=self.recovery.max_memory,
             drain_reason=self.recovery.drain_reason,
@@ -275,7 +290,7 @@ class Agent:
             timings=self.timings,
             curve=curve,
         )
-        self.link.open(curve, self._poller, self._cold)  # the broker DEALER (hot) and its monitor (cold)
+        self.links.open(curve, self._poller, self._cold)  # the broker DEALERs (hot) and their monitors (cold)
         self.beats = make_socket(
             self.ctx,
             zmq.XPUB,
@@ -296,7 +311,7 @@ class Agent:
         poller.register(self.results, zmq.POLLIN)
         for sock in (self.beats, self.loads, self.events):
             cold.register(sock, zmq.POLLIN)
-        link, recovery = self.link, self.recovery
+        links, recovery = self.links, self.recovery
         next_cold = now = time.monotonic()
         interval = self.timings.heartbeat_interval
         next_beat = now
@@ -328,19 +343,19 @@ class Agent:
                 self._inline_until = time.monotonic() + INLINE_BUDGET_S
                 if self.results in ready:
                     self.forward_results()
-                if link.sock in ready:
-                    drain(link.sock, self.from_broker, DRAIN_BATCH, log, 2)
+                for link in links.links:
+                    if link.sock in ready:
+                        drain(link.sock, link.handle, DRAIN_BATCH, log, 2)
                 now = time.monotonic()
-                # Looked at with the `now` link.check judges by: a stall anywhere in this pass (we did not run)
+                # Looked at with the `now` links.check judges by: a stall anywhere in this pass (we did not run)
                 # is known first; what the broker sent meanwhile is unread, not missing.
                 lost = self.clock.look(now)
                 if lost:
-                    link.pardon(lost, now)
+                    links.pardon(lost, now)
                 if now >= next_cold:
                     next_cold = now + AGENT_COLD_POLL_S
                     cold_ready = dict(cold.poll(0))
-                    if link.monitor in cold_ready:
-                        link.process_events()
+                    self.link_events(cold_ready)
                     if self.beats in cold_ready:
                         drain(self.beats, self.manager_subscribed, COLD_BATCH, log, 1)
                     if self.loads in cold_ready:
@@ -350,9 +365,9 @@ class Agent:
                 if now >= next_beat:
                     next_beat = now + interval
                     recovery.check(self.pool.hung(now))
+                    links.check(now)  # (a broker silent, or refusing us, or back: this beat tells the new shares)
+                    links.changed()
                     self.send_heartbeat()
-                    link.check(now)
-                    link.warn_unconnected(now)
         finally:
             self.exit_code = self.exit_code or recovery.code
             self.close()
@@ -361,11 +376,11 @@ class Agent:
         self._stop.set()
 
     def close(self) -> None:
-        self.link.goodbye()
+        self.links.goodbye()
         self.threads_stuck = not self.pool.stop(timeout=2.0)  # a hung call's thread never ends: not waited on
         self.loader.stop(timeout=2.0)  # (a warm-up that never returns, likewise)
         self.threads_stuck |= any(thread.is_alive() for thread in self.loader.threads)
-        self.link.close()
+        self.links.close()
         for sock in (self.beats, self.results, self.loads, self.events):
             sock.close(linger=100)
         if self.threads_stuck:
@@ -381,11 +396,12 @@ class Agent:
 
     # ---- what goes out ------------------------------------------------------------------------------------------
 
-    def ready_message(self) -> list:
-        """READY to the broker: who we are, what we serve (with each model's metadata), how much we take at once."""
-        ready = self.status().to_wire()
+    def ready_message(self, link: BrokerLink) -> list:
+        """READY to a broker: who we are, what we serve (with each model's metadata), how much it may give us at once
+        (its share of our capacity)."""
+        ready = self.links.status(link, self.status().to_wire())
         ready["metadata"] = self._metadata(self.table.loaded_models())
-        self._metadata_sent = {(m.name, m.version) for m in self.table.loaded_models()}
+        link.metadata_sent = {(m.name, m.version) for m in self.table.loaded_models()}
         return message(Command.READY, ready)
 
     def _metadata(self, models) -> list[dict]:
@@ -402,34 +418,56 @@ class Agent:
         ]
 
     def send_heartbeat(self) -> None:
+        """The beat: the whole capacity to the manager, each connected broker its share."""
         status = self.status().to_wire()
-        beat = message(Command.HEARTBEAT, status)
         try:
-            if self.link.refused_since is None:  # refused (another process has our id): the manager keeps the live one
-                self.beats.send_multipart(beat, zmq.NOBLOCK)
+            if not self.links.refused():  # refused (another process has our id): the manager keeps the live one
+                self.beats.send_multipart(message(Command.HEARTBEAT, status), zmq.NOBLOCK)
         except zmq.Again:
             pass  # PUB semantics: a missed beat is tolerated by the manager
-        # A model loaded since READY (a deploy of a new model or version): its metadata rides on the broker's beat.
-        new = [m for m in self.table.loaded_models() if (m.name, m.version) not in self._metadata_sent]
-        if new:
-            beat = message(Command.HEARTBEAT, dict(status, metadata=self._metadata(new)))
-        if self.link.send_beat(beat):
-            self._metadata_sent.update((m.name, m.version) for m in new)
+        loaded = self.table.loaded_models()
+        for link in self.links:
+            if not link.connected:
+                continue
+            beat = self.links.status(link, status)
+            # A model loaded since READY (a deploy of a new model or version): its metadata rides on the beat.
+            new = [m for m in loaded if (m.name, m.version) not in link.metadata_sent]
+            if new:
+                beat = dict(beat, metadata=self._metadata(new))
+            if link.send_beat(message(Command.HEARTBEAT, beat)):
+                link.metadata_sent.update((m.name, m.version) for m in new)
+
+    def link_events(self, ready: dict) -> None:
+        """The links' monitors (those in `ready`, a poll's answer): a link up or down; then, if the links that
+        share the capacity changed, every broker hears its new share at once."""
+        for link in self.links:
+            if link.monitor in ready:
+                link.process_events()
+        if self.links.changed():
+            self.send_heartbeat()
 
     def forward_results(self) -> None:
-        """The workers' answers, to the broker that sent their requests: one that finished after the link dropped
-        waits until the broker on the new link is known, one for another broker is dropped (link.AnswerGate)."""
-        if has_message(self.link.monitor):
-            self.link.process_events()  # a link that just dropped: its answers must not go out on the next one
+        """The workers' answers, to the broker that sent their requests: one that finished after its link dropped
+        waits until the broker on the new link is known, one for a broker no link has is dropped (AnswerRoutes)."""
+        monitors = {link.monitor: zmq.POLLIN for link in self.links if has_message(link.monitor)}
+        if monitors:
+            self.link_events(monitors)  # a link that just dropped: its answers must not go out on the next one
         drain(self.results, self.forward_result, DRAIN_BATCH, log, 2)
+        if self.owed_beat is not None and self.has_room(self.owed_beat):
+            self.owed_beat = None
+            self.send_heartbeat()
 
     def forward_result(self, frames: list) -> None:
         self.in_flight -= 1
-        link = self.link
-        if frames[0][INCARNATION] == link.gate.incarnation:  # the common case, here: the hot path
+        head = frames[0]
+        name = self.held_routes.pop(head[ROUTE], None)
+        if name is not None:
+            self.model_held[name] -= 1
+        link = self.links.routes.by_incarnation.get(head[INCARNATION])
+        if link is not None:  # the common case: the hot path
             send_frames(link.sock, frames, 0)
         else:
-            link.answer(frames)
+            self.links.answer(frames)
 
     # ---- what comes in ------------------------------------------------------------------------------------------
 
@@ -448,8 +486,7 @@ class Agent:
         if frames[0][:1] == b"\x01":  # a manager (re)subscribed: beat now rather than at the next interval
             self.send_heartbeat()
 
-    def from_broker(self, frames: list) -> None:
-        link = self.link
+    def from_broker(self, frames: list, link: BrokerLink) -> None:
         try:
             cmd, route = protocol.parse_routed(frames[0])
         except ProtocolError as exc:
@@ -458,32 +495,32 @@ class Agent:
             return
         link.heard(cmd == Command.REQUEST or cmd == Command.HEARTBEAT)  # those two: the broker has us registered
         if cmd == Command.REQUEST:
-            if len(route) >= protocol.ROUTE_BYTES and route[: protocol.INCARNATION_BYTES] != link.gate.incarnation:
+            if len(route) >= protocol.ROUTE_BYTES and route[: protocol.INCARNATION_BYTES] != link.incarnation:
                 link.broker_is(route[: protocol.INCARNATION_BYTES])
-            self.accept_request(frames, route)
+            self.accept_request(frames, route, link)
         elif cmd == Command.HEARTBEAT:
             if len(frames) > 1 and frames[1] != link.beat:
                 link.broker_beat(frames[1])
         elif cmd == Command.CANCEL:
-            self.cancel_request(route)
+            self.cancel_request(route, link)
         elif cmd == Command.DISCONNECT:
             log.info("agent %s: broker asked us to register again", self.agent_id)
             link.register()
         elif cmd == Command.ERROR:
-            self.broker_error(frames)
+            self.broker_error(frames, link)
         else:
             bad_input.warning("agent %s: unexpected %s from the broker dropped", self.agent_id, cmd.name)
 
-    def broker_error(self, frames: list) -> None:
-        """The broker's ERROR to us (not about a request): a refused key is logged; our id refused past the grace
+    def broker_error(self, frames: list, link: BrokerLink | None = None) -> None:
+        """A broker's ERROR to us (not about a request): a refused key is logged; our id refused past the grace
         period (another live process has it) stops the agent with EXIT_AGENT_ID_IN_USE (BrokerLink.broker_error)."""
-        if self.link.broker_error(frames):
+        if (link or self.links.first).broker_error(frames):
             self.exit_code = EXIT_AGENT_ID_IN_USE
             self._stop.set()
 
-    def accept_request(self, frames: list, route_frame: bytes) -> None:
-        """Validate a REQUEST ([preamble + route, header, *tensors]) and run it inline or queue it for a worker;
-        answer ERROR at once if it cannot be served."""
+    def accept_request(self, frames: list, route_frame: bytes, link: BrokerLink) -> None:
+        """Validate a REQUEST ([preamble + route, header, *tensors]) from `link`'s broker and run it inline or queue
+        it for a worker; answer ERROR at once (on that link) if it cannot be served, BUSY past our capacity."""
         if len(frames) < 2 or len(route_frame) < protocol.ROUTE_BYTES:
             bad_input.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
             return
@@ -498,9 +535,11 @@ class Agent:
             model = self.table.lookup(name, version)
             if model is None or self.draining:
                 what = f"model '{name}'" + (f" version {version}" if version is not None else "")
-                self.answer_error(
-                    route, request_id, ErrorCode.MODEL_NOT_FOUND, f"{what} is not loaded on agent {self.agent_id}", name
-                )
+                text = f"{what} is not loaded on agent {self.agent_id}"
+                self.answer_error(link, route, request_id, ErrorCode.MODEL_NOT_FOUND, text, name)
+                return
+            if not self.has_room(name):
+                self.busy(link, route, request_id, name)
                 return
             tensors = frames[2:]
             metas = request.input_metas(tensors)
@@ -512,22 +551,38 @@ class Agent:
                 if unknown:
                     raise InputError(f"model '{name}' has no output {unknown[0]!r}; it has {sorted(known)}")
         except (ProtocolError, InputError) as exc:
-            self.answer_error(route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
+            self.answer_error(link, route, request_id, ErrorCode.BAD_REQUEST, str(exc), name)
             return
         job = Job(route, request_id, model, metas, list(tensors), outputs, trace=request.request_id)
         job.deadline, job.broker_wait_s = job.queued_at + seconds_left, broker_wait_s
         if job.deadline < job.queued_at:  # expired on its way here
-            send_frames(self.link.sock, self.pool.skip(job, "TIMEOUT"), 0)
+            send_frames(link.sock, self.pool.skip(job, "TIMEOUT"), 0)
             return
         # A measured-fast model runs here under load too (jobs queued for the workers keep their place there), for at
         # most INLINE_BUDGET_S per loop pass, so heartbeats stay on time; past the budget, requests go to the workers.
         if self.inline and time.monotonic() < self._inline_until and self.pool.fast_enough_inline(model):
-            send_frames(self.link.sock, self.pool.run_timed(job), 0)
+            send_frames(link.sock, self.pool.run_timed(job), 0)
             return
         self.in_flight += 1
+        if route not in self.held_routes:  # (a route held twice: a broker re-sent it; counted once per model)
+            self.held_routes[route] = name
+            held = self.model_held[name] = self.model_held.get(name, 0) + 1
+            stats = self.held_stats.setdefault(name, {"peak_held": 0, "busy": 0})
+            stats["peak_held"] = max(stats["peak_held"], held)
         self.pool.submit(job)
 
-    def cancel_request(self, route: bytes) -> None:
+    def has_room(self, name: str) -> bool:
+        """One more request of model `name` stays within the capacity we announced, in all and for that model."""
+        return self.in_flight < self.limits[0] and self.model_held.get(name, 0) < self.limits[1].get(name, 1 << 30)
+
+    def busy(self, link: BrokerLink, route: bytes, request_id, name: str) -> None:
+        """ERROR BUSY: this request would take us past our capacity (a broker's share changed under it)."""
+        self.owed_beat = name
+        self.held_stats.setdefault(name, {"peak_held": 0, "busy": 0})["busy"] += 1
+        text = f"agent {self.agent_id} is at its capacity ({self.in_flight} requests held)"
+        self.answer_error(link, route, request_id, ErrorCode.BUSY, text, name)
+
+    def cancel_request(self, route: bytes, link: BrokerLink) -> None:
         """The broker's CANCEL: the client gave up. A job not started yet is taken out of the queue and answered
         ERROR CANCELLED (so the broker frees its slot); one that runs already finishes (its answer is dropped)."""
         if len(route) != protocol.ROUTE_BYTES:
@@ -536,7 +591,10 @@ class Agent:
         job = self.pool.cancel(route)
         if job is not None:
             self.in_flight -= 1
-            send_frames(self.link.sock, self.pool.skip(job, "CANCELED"), 0)
+            name = self.held_routes.pop(route, None)
+            if name is not None:
+                self.model_held[name] -= 1
+            send_frames(link.sock, self.pool.skip(job, "CANCELED"), 0)
 
-    def answer_error(self, route: bytes, request_id, code: ErrorCode, text: str, model: str | None) -> None:
-        send_frames(self.link.sock, routed(Command.ERROR, route, error_header(request_id, code, text, model)), 0)
+    def answer_error(self, link: BrokerLink, route: bytes, request_id, code: ErrorCode, text: str, model) -> None:
+        send_frames(link.sock, routed(Command.ERROR, route, error_header(request_id, code, text, model)), 0)

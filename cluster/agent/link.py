@@ -16,11 +16,11 @@ restarted agent whose predecessor crashed gets in once the broker has dropped th
 it exits with EXIT_AGENT_ID_IN_USE. With keys on, a key the broker refuses (revoked, or not on the allow-list) is
 logged as such: the broker's ERROR UNAUTHENTICATED on a live link, or the CURVE handshake refused on a new one.
 
-An answer goes only to the broker that asked (AnswerGate): a route starts with its broker's random incarnation, and
-the broker says its incarnation in its heartbeats. When the link drops (the broker restarted, or the network),
-answers that finish meanwhile are held until the broker on the new link is known (its first heartbeat or request),
-then sent if it is the same broker, dropped (with a log line) if not: they would otherwise reach the new broker,
-answering requests it never gave.
+An answer goes only to the broker that asked (AnswerRoutes, over every link of the agent: one per broker): a route
+starts with its broker's random incarnation, and the broker says its incarnation in its heartbeats. When a link drops
+(the broker restarted, or the network), answers for it that finish meanwhile are held until the broker on the new
+link is known (its first heartbeat or request), then sent if it is the same broker, dropped (with a log line) if not:
+they would otherwise reach the new broker, answering requests it never gave.
 """
 
 from __future__ import annotations
@@ -50,46 +50,63 @@ stale = BadInputLog(log)  # answers dropped because the broker they were for is 
 BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 REFUSED_KEY_CODES = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
 INCARNATION = slice(protocol.PREAMBLE_BYTES, protocol.PREAMBLE_BYTES + protocol.INCARNATION_BYTES)  # of an answer
-SEND, HOLD, STALE = "send", "hold", "stale"  # AnswerGate.admit's verdicts
+SEND, HOLD, STALE = "send", "hold", "stale"  # AnswerRoutes.admit's verdicts
 
 
-class AnswerGate:
-    """Sans-IO: which answers may go out on the link. `incarnation` is the broker on the current link (None: not
-    known since the link dropped); an answer whose route names another broker is stale, one that finished while the
-    broker was not known is held until it is."""
+class AnswerRoutes:
+    """Sans-IO: which link each answer goes out on, for every link of the agent (one per broker). Each link's
+    `incarnation` is its broker's (None: not known since the link dropped, or not yet). An answer goes on the link
+    whose broker its route names; one that names no known broker is held while some link's broker is not known (it
+    may be that one, back), and is dropped as stale once every link's broker is known: never sent to another."""
 
     def __init__(self) -> None:
-        self.incarnation: bytes | None = None
+        self.links: list = []
+        self.by_incarnation: dict[bytes, object] = {}  # a broker's incarnation -> the link it is on now
         self.held: list[list] = []
 
-    def lost(self) -> None:
-        """The link dropped: the broker on the next one is not known until it speaks."""
-        self.incarnation = None
+    def add(self, link) -> None:
+        link.incarnation = None
+        self.links.append(link)
 
-    def admit(self, answer: list) -> str:
-        """SEND it now, HOLD it (kept here until `known`), or drop it as STALE."""
-        if answer[0][INCARNATION] == self.incarnation:
-            return SEND
-        if self.incarnation is None:
+    def lost(self, link) -> None:
+        """`link` dropped: the broker on its next connection is not known until it speaks."""
+        if self.by_incarnation.get(link.incarnation) is link:
+            del self.by_incarnation[link.incarnation]
+        link.incarnation = None
+
+    def admit(self, answer: list) -> tuple[str, object]:
+        """(SEND, the link), (HOLD, None): kept here until `known`, or (STALE, None): to drop."""
+        link = self.by_incarnation.get(answer[0][INCARNATION])
+        if link is not None:
+            return SEND, link
+        if any(other.incarnation is None for other in self.links):
             self.held.append(answer)
-            return HOLD
-        return STALE
+            return HOLD, None
+        return STALE, None
 
-    def known(self, incarnation: bytes) -> tuple[list[list], list[list]]:
-        """The broker on the link is `incarnation`: the held answers to send (its own) and to drop (another's)."""
-        if incarnation == self.incarnation:
+    def known(self, link, incarnation: bytes) -> tuple[list[list], list[list]]:
+        """The broker on `link` is `incarnation`: the held answers to send on it (its own), and those to drop (held
+        for a broker no link has, now that every link's broker is known)."""
+        if incarnation == link.incarnation:
             return [], []
-        self.incarnation = incarnation
-        held, self.held = self.held, []
-        return [a for a in held if a[0][INCARNATION] == incarnation], [
-            a for a in held if a[0][INCARNATION] != incarnation
-        ]
+        self.lost(link)
+        link.incarnation = incarnation
+        self.by_incarnation[incarnation] = link
+        if not self.held:
+            return [], []
+        mine = [a for a in self.held if a[0][INCARNATION] == incarnation]
+        self.held = [a for a in self.held if a[0][INCARNATION] != incarnation]
+        if any(other.incarnation is None for other in self.links):
+            return mine, []
+        drop, self.held = self.held, []
+        return mine, drop
 
 
 class BrokerLink:
-    """The broker DEALER (`sock`) and what the agent knows of the link: connected or not, which broker, when it was
-    last heard, whether it refuses us. `ready()` gives the READY message (the agent's status); `open` runs in the I/O
-    thread, which owns the sockets and registers them in its two pollers through it."""
+    """The DEALER to one broker (`sock`) and what the agent knows of the link: connected or not, which broker, when
+    it was last heard, whether it refuses us. `ready(link)` gives the READY message (the agent's status, with this
+    link's share of its capacity); `routes` is the AnswerRoutes of all the agent's links (links.BrokerLinks); `open`
+    runs in the I/O thread, which owns the sockets and registers them in its two pollers through it."""
 
     def __init__(
         self,
@@ -98,7 +115,8 @@ class BrokerLink:
         identity: bytes,
         agent_id: str,
         timings: Timings,
-        ready: Callable[[], list],
+        ready: Callable[[BrokerLink], list],
+        routes: AnswerRoutes,
     ) -> None:
         self.ctx, self.address, self.identity, self.agent_id, self.timings = ctx, address, identity, agent_id, timings
         self.ready = ready
@@ -114,10 +132,15 @@ class BrokerLink:
         self.heard_at = self.link_since  # the broker's last message
         self.ready_backoff = timings.reconnect_initial
         self.next_ready = self.link_since + timings.expiry
-        self.gate = AnswerGate()
+        self.incarnation: bytes | None = None  # the broker on the link (AnswerRoutes keeps it)
+        self.routes = routes
+        routes.add(self)
+        self.metadata_sent: set[tuple[str, int]] = set()  # (model, version) whose metadata this broker has
+        self.handle: Callable[[list], None] | None = None  # the agent's handler of this broker's messages
         self.beat = b""  # the header of the broker's latest heartbeat (parsed again only when it changes)
         self.key_refused_logged = -AGENT_REFUSED_LOG_S
         self.refused_since: float | None = None  # the broker refuses our id (AGENT_ID_IN_USE) since then
+        self.silent = False  # connected, but not heard for an expiry (frozen, or a vanished machine): as of `check`
         self.duplicate_grace = timings.expiry + 2 * timings.heartbeat_interval
 
     # ---- the sockets ---------------------------------------------------------------------------------------------
@@ -180,7 +203,7 @@ class BrokerLink:
 
     def register(self) -> None:
         """READY to the broker."""
-        self.sock.send_multipart(self.ready())
+        self.sock.send_multipart(self.ready(self))
 
     def send_beat(self, beat: list) -> bool:
         """The heartbeat to the broker, if connected (queued, it would reach the next broker as a beat from an unknown
@@ -193,18 +216,10 @@ class BrokerLink:
         except zmq.Again:
             return False
 
-    def answer(self, frames: list) -> None:
-        """A worker's answer: to the broker that asked, held, or dropped (AnswerGate)."""
-        verdict = self.gate.admit(frames)
-        if verdict is SEND:
-            send_frames(self.sock, frames, 0)
-        elif verdict is STALE:
-            self.drop_stale(frames)
-
     def broker_is(self, incarnation: bytes) -> None:
         """The broker on the link is `incarnation` (from its heartbeat or a request's route): answers held since
         the link dropped go to it if they are its own, and are dropped if they were another broker's."""
-        send, drop = self.gate.known(incarnation)
+        send, drop = self.routes.known(self, incarnation)
         for frames in send:
             send_frames(self.sock, frames, 0)
         for frames in drop:
@@ -303,8 +318,9 @@ class BrokerLink:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             if self.down_since is not None:
                 log.info(
-                    "agent %s: connected to the broker again after %.1f s; registering",
+                    "agent %s: connected to the broker at %s again after %.1f s; registering",
                     self.agent_id,
+                    self.address,
                     now - self.down_since,
                 )
             self.connected, self.down_since = True, None
@@ -316,7 +332,9 @@ class BrokerLink:
             self._lost()
             if self.connected:
                 log.warning(
-                    "agent %s: lost the connection to the broker; registering again when it is back", self.agent_id
+                    "agent %s: lost the connection to the broker at %s; registering again when it is back",
+                    self.agent_id,
+                    self.address,
                 )
                 self.connected, self.down_since = False, now
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -324,7 +342,7 @@ class BrokerLink:
 
     def _lost(self) -> None:
         """The link to the broker dropped: answers finished from now on wait for the broker on the next one."""
-        self.gate.lost()
+        self.routes.lost(self)
         self.beat = b""
 
     def pardon(self, lost: float, now: float) -> None:
@@ -333,13 +351,15 @@ class BrokerLink:
 
     def check(self, now: float) -> None:
         """Each beat: a connected broker silent too long gets READY again, backing off (with jitter) while it stays
-        silent. A broker that is down is not asked: READY goes when the connection is back (process_events)."""
+        silent (and its share of the capacity goes to the other brokers: `silent`). A broker that is down is not
+        asked: READY goes when the connection is back (process_events)."""
+        self.silent = self.connected and now - self.heard_at > self.timings.expiry
         if not self.connected:
             return
         if now - self.heard_at <= self.timings.expiry or now < self.next_ready:
             return
         silent = now - self.heard_at
-        log.warning("agent %s: broker silent for %.1f s; registering again", self.agent_id, silent)
+        log.warning("agent %s: broker silent for %.1f s (%s); registering again", self.agent_id, silent, self.address)
         if silent > 2 * self.timings.expiry:
             self.reconnect()
         self.register()

@@ -47,6 +47,7 @@ class AgentEntry:
     stalled_models: dict[str, float] = field(default_factory=dict)
     model_last_answer: dict[str, float] = field(default_factory=dict)
     model_stall_ended: dict[str, float] = field(default_factory=dict)
+    full: bool = False  # it answered BUSY (its share of its capacity shrank): no new requests until its next beat
 
     @property
     def in_flight_count(self) -> int:
@@ -54,8 +55,10 @@ class AgentEntry:
 
     def has_room(self, model: str) -> bool:
         """Whether it may take one more request of `model`: under its capacity for that model and in all."""
-        return len(self.in_flight) < self.capacity and self.model_in_flight.get(model, 0) < self.model_capacity.get(
-            model, self.capacity
+        return (
+            len(self.in_flight) < self.capacity
+            and self.model_in_flight.get(model, 0) < self.model_capacity.get(model, self.capacity)
+            and not self.full
         )
 
     def add_request(self, request: BrokerRequest) -> None:
@@ -181,6 +184,7 @@ class AgentTable:
     def update(self, agent: AgentEntry, beat: Heartbeat) -> None:
         """A newer state of a registered agent: its capacity and served versions follow the beat."""
         agent.beat = beat
+        agent.full = False  # (after a BUSY: the beat says what it takes now)
         if beat.capacity >= 1 and beat.capacity != agent.capacity:
             agent.capacity = beat.capacity
         if beat.model_capacity != agent.model_capacity:

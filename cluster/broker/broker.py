@@ -127,6 +127,7 @@ class Broker:
             self.ctx,
             zmq.ROUTER,
             bind=self.addresses.broker_agents,
+            identity=(settings.broker_name or default_broker_name(self.addresses.broker_clients)).encode(),
             handover=not secured,  # with keys, an identity is not handed over (see above)
             timings=self.timings,
             curve=security.server("agents") if secured else None,

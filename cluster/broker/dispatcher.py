@@ -19,7 +19,8 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   often it beats; the rest wait, in order, in a per-model queue (past `broker_queue_limit` waiting: OVERLOADED) and
   go out as replies free slots;
 - a request for a version goes only to agents that serve it; an agent that answers MODEL_NOT_FOUND (it unloaded the
-  version since its last beat) is forgotten for that version, and the request silently goes elsewhere;
+  version since its last beat) is forgotten for that version, and the request silently goes elsewhere; BUSY (its
+  share shrank): none until its next beat, the request back at its queue's head, its attempt not counted;
 - a request no live agent can take fails at once (MODEL_NOT_FOUND or NO_AGENT), except while agents re-register
   after the broker (re)starts (Registration.holding): then it waits, within its deadline. A model the manager's
   desired state does not list is never held, warm-up or not: it fails at once with MODEL_NOT_FOUND (the broker
@@ -29,15 +30,12 @@ What it guarantees (the Majordomo broker's gaps, fixed):
   has left (and how long it waited here) in the REQUEST's route frame, so it drops work that expired before it began;
 - a client's CANCEL (found by client identity and id) takes its request out of the queue, or, in flight, is passed
   to its agent (which skips it if not started); whatever the agent answers then is dropped, the slot freed;
-- load shedding (Admission): a request that would wait in the queue longer than its model's bound is refused at
-  once with OVERLOADED and a `retry_after`;
+- load shedding (Admission): a request that would wait longer than its model's bound is refused (OVERLOADED);
 - capacity per model: an agent that announces `model_capacity` holds at most that many requests of each model (and
   at most `capacity` in all); one that does not gets `capacity` for every model;
 - a stalled agent (Stalls, judged per model) gets no new requests of that model until it answers one again;
-- hedging (`timings.hedge_after` > 0): a request at one agent longer than that is also sent to one other eligible
-  agent (same route key); the first answer goes to the client, the other copy is cancelled (CANCEL) and its answer
-  dropped; its slot stays taken until that agent answers. When the agent of one copy dies, the other copy carries
-  on (nothing is re-dispatched);
+- hedging (Stalls): a request at one agent past `timings.hedge_after` gets a copy at another (same route); the
+  first answer wins, the other copy is cancelled (its slot taken until it answers); a dead copy's twin carries on;
 - tensor frames are forwarded as received, never decoded; of an agent's answer only an ERROR's header is read;
 - an answer reaches only the client that asked: a route is this broker's random incarnation + a counter, so it
   names one request of one broker process (never reused after a restart), and an answer is accepted only from an
@@ -58,7 +56,7 @@ from cluster.broker.admission import Admission, Refusal
 from cluster.broker.agents import AgentEntry, AgentTable, BrokerRequest
 from cluster.broker.registration import TAKEN_OVER, Registration, bad_input
 from cluster.broker.routing import RoutingPolicy
-from cluster.broker.sends import Send, client_error, says_model_not_found
+from cluster.broker.sends import Send, client_error, error_code
 from cluster.broker.stalls import Stalls
 from cluster.clock import pardon
 from cluster.config import Timings
@@ -101,6 +99,7 @@ class Dispatcher:
             "stalls": 0,  # agents found stalled (skipped by routing until they answer again)
             "hedged": 0,  # second copies sent (hedging)
             "hedge_wins": 0,  # of those, answered before the first copy
+            "busy": 0,  # ERROR BUSY from agents (their share shrank): requests queued again, attempts not counted
         }
         self.client_load: dict[bytes, int] = {}  # client -> its requests here (queued or at an agent)
         self.by_client: dict[tuple, bytes] = {}  # (client identity, its id) -> route, for CANCEL
@@ -379,9 +378,19 @@ class Dispatcher:
                 route.hex(),
             )
             return
+        code = error_code(frames[2]) if cmd == Command.ERROR else None
+        if code == ErrorCode.BUSY:  # its share shrank before we heard: the request goes back to the head of its
+            self.stats["busy"] += 1  # queue, its attempt not counted, and the agent gets none until its next beat
+            agent.full = True
+            held.attempts -= 1
+            if not held.done and not held.drop_copy(agent):  # (a hedge: its other copy carries on)
+                held.agent = None
+                if not self._dispatch(held, out):
+                    self._enqueue(held, front=True)
+            return
         was_stalled = self.stalls.answered(agent, held.model, now)
         request = self.requests.get(route)
-        if request is not None and not request.done and cmd == Command.ERROR and says_model_not_found(frames[2]):
+        if request is not None and not request.done and code == ErrorCode.MODEL_NOT_FOUND:
             self.agents.forget_versions(agent, request.model, request.version)
             if not request.drop_copy(agent):  # a hedge: its other copy carries on
                 self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)

@@ -32,9 +32,10 @@ def client_error(
     return Send(False, [client, PREAMBLE[Command.ERROR], pack(header)])
 
 
-def says_model_not_found(header_frame) -> bool:
-    """Whether an agent's ERROR header says MODEL_NOT_FOUND (it unloaded the version since its last beat)."""
+def error_code(header_frame) -> ErrorCode | str | None:
+    """The code of an agent's ERROR header: MODEL_NOT_FOUND (it unloaded the version since its last beat) and BUSY
+    (no free slot: its share changed under the broker) change what the broker does; None if unreadable."""
     try:
-        return Error.from_wire(protocol.unpack_header(header_frame)).code == ErrorCode.MODEL_NOT_FOUND
+        return Error.from_wire(protocol.unpack_header(header_frame)).code
     except ProtocolError:
-        return False
+        return None
