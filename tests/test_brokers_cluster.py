@@ -48,7 +48,9 @@ def two_brokers(cluster) -> tuple:
     for address, agent in ((first.broker_clients, "a1"), (second["broker_clients"], "a2")):
         with Client(address, timeout=30) as one:
             wait_for(
-                lambda one=one: [a["id"] for a in one.agents()] == [agent] and one.infer("echo", X1).agent == agent,
+                lambda one=one, agent=agent: (
+                    [a["id"] for a in one.agents()] == [agent] and one.infer("echo", X1).agent == agent
+                ),
                 60,
                 f"{agent} to serve echo through its broker",
             )
