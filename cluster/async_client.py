@@ -127,7 +127,8 @@ class AsyncClient:
         if self.core.refused is not None:
             raise self.core.refused
         if self.fail_fast and not self.connected and time.monotonic() - self._started_at > self.CONNECT_GRACE:
-            raise NoAgentAvailableError(f"no broker at {self.address} is reachable", model)
+            which = "the broker at {} is" if len(self.core.addresses) == 1 else "the brokers at {} are"
+            raise NoAgentAvailableError(f"{which.format(self.address)} not reachable", model)
 
     async def _query(self, what: str, timeout, **fields):
         self._ensure_started()

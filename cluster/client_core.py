@@ -134,16 +134,16 @@ class ClientCore:
     @classmethod
     def for_client(cls, address: str | None, timeout: float | None, keyed: bool) -> ClientCore:
         """The core of a Client or AsyncClient: the address and timeout given, else CLUSTER_BROKER_CLIENTS and
-        CLUSTER_REQUEST_TIMEOUT (ClientSettings, read once), else their defaults."""
-        if not address or timeout is None:
-            defaults = from_env(ClientSettings)
-            address = address or defaults.addresses.broker_clients
-            timeout = defaults.timings.request_timeout if timeout is None else timeout
+        CLUSTER_REQUEST_TIMEOUT (ClientSettings, read once), else their defaults; the attempt budget across brokers
+        is CLUSTER_MAX_DISPATCH_ATTEMPTS (the brokers' own)."""
+        defaults = from_env(ClientSettings)
+        address = address or defaults.addresses.broker_clients
+        timeout = defaults.timings.request_timeout if timeout is None else timeout
         try:
             address_list(address)
         except ValueError as exc:
             raise BadRequestError(f"no broker address: {exc}") from None
-        return cls(timeout, address, keyed)
+        return cls(timeout, address, keyed, defaults.timings.max_dispatch_attempts)
 
     # ---- brokers ------------------------------------------------------------------------------------------------
 
