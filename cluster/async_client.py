@@ -44,6 +44,7 @@ class AsyncClient:
         self.security = BusSecurity.load(key)
         self.fail_fast = fail_fast
         self._started_at = 0.0
+        self._check_until = 0.0  # after a disconnect: check the brokers until then (while one may be gone)
         self._ctx: zmq.asyncio.Context | None = None
         self._sock = None
         self._tasks: list[asyncio.Task] = []
@@ -225,6 +226,7 @@ class AsyncClient:
                 event = message["event"]
                 self.core.on_connection(event, message.get("endpoint", b"").decode(errors="replace"))
                 if event == zmq.EVENT_DISCONNECTED:
+                    self._check_until = time.monotonic() + CHECK_WINDOW
                     if checking is None or checking.done():
                         checking = asyncio.ensure_future(self._check())
                     continue
@@ -237,8 +239,7 @@ class AsyncClient:
 
     async def _check(self) -> None:
         """A connection dropped: probe each live broker until the one gone is found (see Client._check)."""
-        until = time.monotonic() + CHECK_WINDOW
-        while time.monotonic() < until:
+        while time.monotonic() < self._check_until:
             self._sock.getsockopt(zmq.EVENTS)
             for broker in list(self.core.live):
                 if self._post([broker.name, b""]) is False:

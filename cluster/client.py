@@ -402,8 +402,10 @@ class Client:
 
     def _check(self) -> None:
         """A connection dropped: probe every live broker (an empty frame: it answers hello); one a send finds gone
-        (EHOSTUNREACH) is lost. ZMQ_EVENTS first: the socket then takes in its pending commands, a closed pipe's
-        among them (without that, a send in the next ~1 ms may go into a pipe already closed, and be lost)."""
+        (EHOSTUNREACH) is lost. ZMQ_EVENTS first: the socket takes in its pending commands, a closed pipe's among
+        them. libzmq may still report the disconnect up to ~1 ms before the ROUTER forgets the peer (sends meanwhile
+        are accepted and lost), so the I/O thread checks again every CHECK_INTERVAL while fewer connections are up
+        than brokers are live, and a lost broker's calls are all sent again, not only those a send failed for."""
         done: list = []
 
         def probe(sock) -> None:
