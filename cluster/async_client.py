@@ -251,5 +251,8 @@ class AsyncClient:
     async def _expire(self) -> None:
         while True:
             await asyncio.sleep(0.1)
-            for call, error in self.core.expired(time.monotonic()):
+            now = time.monotonic()
+            for call, error in self.core.expired(now):
                 resolve(call.future, error)
+            for name in self.core.unready_due(now):
+                self._post([name, b""])

@@ -426,6 +426,18 @@ class Client:
             resolve_all(done)
             _poke(self._lead_w)
 
+    def _probe(self, brokers: list[bytes]) -> None:
+        """Ask these brokers for a hello again (best effort: one gone is found by the checks)."""
+
+        def probe(sock) -> None:
+            for name in brokers:
+                try:
+                    sock.send_multipart([name, b""], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+        self._use(probe)
+
     def _fail(self, failed: list) -> None:
         """Resolve calls the I/O thread gave up on; the reading caller may be one of them: wake it."""
         if failed:
@@ -520,7 +532,10 @@ class Client:
                     next_expiry = now + CLIENT_WAKE_INTERVAL
                     with self._lock:
                         expired = self.core.expired(now)
+                        unready = self.core.unready_due(now)
                     self._fail(expired)
+                    if unready:
+                        self._probe(unready)
         finally:
             with self._sock_lock:
                 with self._lock:

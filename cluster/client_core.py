@@ -130,6 +130,7 @@ class ClientCore:
         self.resend: list[Call] = []  # calls to send now (to call.broker): lost elsewhere, or were waiting
         self.up: set[str] = set()  # endpoints whose connection is up (the monitor's view)
         self._turn = 0  # ties between brokers rotate
+        self._unready_probed = 0.0
 
     @classmethod
     def for_client(cls, address: str | None, timeout: float | None, keyed: bool) -> ClientCore:
@@ -242,6 +243,14 @@ class ClientCore:
         """A broker may have news for us (a hello: one not live or not ready yet), so read even with no call waiting."""
         live = self.live
         return len(live) < len(self.addresses) or not all(b.ready for b in live)
+
+    def unready_due(self, now: float) -> list[bytes]:
+        """Live brokers that said "not ready", to probe again (at most every UNREADY_PROBE_S): the broker tells us
+        when it is ready, and this covers that word being lost."""
+        if now < self._unready_probed + UNREADY_PROBE_S:
+            return []
+        self._unready_probed = now
+        return [b.name for b in self.live if not b.ready]
 
     def suspect(self) -> bool:
         """Fewer connections up than brokers we believe live: one of them is gone and the socket has not said
@@ -383,6 +392,7 @@ CLIENT_TIMINGS = Timings(reconnect_initial=0.1, reconnect_max=2.0)
 CLIENT_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED  # what the client's socket monitor reports
 CHECK_INTERVAL = 0.005  # seconds between checks of the brokers while a disconnect has not been placed yet
 CHECK_WINDOW = 1.0  # ... for at most this long after the disconnect
+UNREADY_PROBE_S = 1.0  # a live broker that said "not ready" is asked again this often (its "ready" may be lost)
 
 
 def make_router(ctx: zmq.Context, address: str, security: BusSecurity | None) -> tuple:

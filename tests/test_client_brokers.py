@@ -54,8 +54,10 @@ def test_ready_brokers_are_preferred_and_a_warming_one_is_used_when_alone():
     assert {call(core).broker for _ in range(6)} == {b"b1"}, "a broker in its rejoin window waits for ready ones"
     core.broker_lost(b"b1")
     assert call(core).broker == b"b2", "with no ready broker, a live one still in its window takes calls"
+    assert core.unready_due(100.0) == [b"b2"] and core.unready_due(100.5) == [], "asked again, at most every 1 s"
     hello(core, b"b2", ready=True)
     assert [b["ready"] for b in core.describe_brokers() if b["name"] == "b2"] == [True]
+    assert core.unready_due(200.0) == []
 
 
 def test_a_lost_broker_has_every_outstanding_call_resent_with_attempt_plus_one_and_the_remaining_deadline():
