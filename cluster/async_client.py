@@ -1,8 +1,10 @@
-"""`AsyncClient`: the asyncio adapter over `ClientCore` (client_core.py), one DEALER socket and one reader task."""
+"""`AsyncClient`: the asyncio adapter over `ClientCore` (client_core.py), one ROUTER socket connected to every broker
+and one reader task."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -11,8 +13,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from cluster.auth import HANDSHAKE_EVENTS, BusSecurity
-from cluster.client_core import Call, ClientCore, InferResult, make_dealer, resolve
+from cluster.auth import BusSecurity
+from cluster.client_core import CHECK_INTERVAL, CHECK_WINDOW, Call, ClientCore, InferResult, make_router, resolve
 from cluster.errors import ClusterError, NoAgentAvailableError
 from cluster.protocol import What
 
@@ -20,8 +22,9 @@ from cluster.protocol import What
 class AsyncClient:
     """asyncio client: the same calls as Client, as coroutines. One reader task per socket; create it in a loop.
 
-    fail_fast: while the connection to the broker is down (after a first second to connect), calls fail at once with
-    NoAgentAvailableError instead of waiting to be sent when it is back; what the HTTP edge wants (an immediate 503).
+    fail_fast: while no broker is live (after a first second to connect), calls fail at once with
+    NoAgentAvailableError instead of waiting to be sent when one is back; what the HTTP edge wants (an immediate 503).
+    Several brokers (a comma list): as Client (client_core.py).
 
     The cluster's timeout, InferenceTimeoutError, is a TimeoutError, and so (Python 3.11+) an asyncio.TimeoutError:
     around `asyncio.wait_for(client.infer(...))`, catch InferenceTimeoutError first to tell the two apart.
@@ -40,8 +43,8 @@ class AsyncClient:
         self.address = self.core.address
         self.security = BusSecurity.load(key)
         self.fail_fast = fail_fast
-        self.connected = False  # the monitor's view: a handshake with the broker succeeded and has not dropped since
         self._started_at = 0.0
+        self._check_until = 0.0  # after a disconnect: check the brokers until then (while one may be gone)
         self._ctx: zmq.asyncio.Context | None = None
         self._sock = None
         self._tasks: list[asyncio.Task] = []
@@ -50,9 +53,7 @@ class AsyncClient:
         if self._sock is not None:
             return
         self._ctx = zmq.asyncio.Context()
-        self._sock, monitor = make_dealer(
-            self._ctx, self.address, self.security, HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
-        )
+        self._sock, monitor = make_router(self._ctx, self.address, self.security)
         self._started_at = time.monotonic()
         self._tasks = [
             asyncio.ensure_future(self._read()),
@@ -94,14 +95,22 @@ class AsyncClient:
         """See Client.statistics."""
         return await self._query(What.STATISTICS, timeout, name=name, version=version)
 
+    @property
+    def connected(self) -> bool:
+        """Some broker is live (it said hello, and no send or check has found it gone since)."""
+        return bool(self.core.live)
+
+    def brokers(self) -> list[dict]:
+        """What this client knows of each broker that said hello (see Client.brokers)."""
+        return self.core.describe_brokers()
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        for call in list(self.core.calls.values()):
+        for call in self.core.fail_all():
             resolve(call.future, ClusterError("client closed", call.model))
-        self.core.calls.clear()
         if self._sock is not None:
             self._sock.disable_monitor()
             self._sock.close(0)
@@ -119,7 +128,8 @@ class AsyncClient:
         if self.core.refused is not None:
             raise self.core.refused
         if self.fail_fast and not self.connected and time.monotonic() - self._started_at > self.CONNECT_GRACE:
-            raise NoAgentAvailableError(f"the broker at {self.address} is not reachable", model)
+            which = "the broker at {} is" if len(self.core.addresses) == 1 else "the brokers at {} are"
+            raise NoAgentAvailableError(f"{which.format(self.address)} not reachable", model)
 
     async def _query(self, what: str, timeout, **fields):
         self._ensure_started()
@@ -130,13 +140,13 @@ class AsyncClient:
 
     async def _send_and_wait(self, call: Call):
         try:
-            try:
-                await self._sock.send_multipart(call.frames(), zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                # No room, or no peer at all (a refused handshake): wait for room, or for the call to be failed.
-                send = asyncio.ensure_future(self._sock.send_multipart(call.frames(), copy=False))
+            if not self._put(call):
+                # No room at its broker: wait for room, or for the call to be failed.
+                send = asyncio.ensure_future(self._sock.send_multipart(call.wire(), copy=False))
                 await asyncio.wait({send, call.future}, return_when=asyncio.FIRST_COMPLETED)
-                if not send.done():
+                if send.done() and not send.cancelled() and send.exception() is None:
+                    call.sent = True
+                else:
                     send.cancel()
             return await call.future
         except asyncio.CancelledError:
@@ -144,14 +154,57 @@ class AsyncClient:
             # tell the broker, so the request leaves its queue or its agent skips it.
             frames = self.core.cancel_message(call)
             if frames is not None:
-                try:
-                    sent = self._sock.send_multipart(frames, zmq.NOBLOCK)
-                    sent.add_done_callback(lambda f: f.cancelled() or f.exception())
-                except zmq.ZMQError:
-                    pass
+                self._post(frames)
             raise
         finally:
             self.core.cancel(call)  # cancelled by the caller: forget it (a late answer is then ignored)
+
+    def _post(self, frames: list) -> bool | None:
+        """Send now without waiting: True if sent, None if no room, False if the broker is gone (EHOSTUNREACH)."""
+        try:
+            sent = self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            return False if exc.errno == errno.EHOSTUNREACH else None
+        if not sent.done():  # queued behind a waiting send: its outcome is not known yet
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return True
+        exc = sent.exception()
+        if exc is None:
+            return True
+        return False if isinstance(exc, zmq.ZMQError) and exc.errno == errno.EHOSTUNREACH else None
+
+    def _put(self, call: Call) -> bool:
+        """Send `call` to its broker unless it went already; False if there is no room. A broker found gone is lost:
+        what was outstanding there goes to another broker (a call waiting for one is sent when one says hello)."""
+        while call.broker is not None and not call.sent and self.core.calls.get(call.request_id) is call:
+            outcome = self._post(call.wire())
+            if outcome is None:
+                return False
+            if outcome:
+                call.sent = True
+            else:
+                self._lost(call.broker)
+        return True
+
+    def _lost(self, broker: bytes) -> None:
+        for call, error in self.core.broker_lost(broker):
+            resolve(call.future, error)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what the core says must go now; a call without room waits for it in its own task."""
+        while self.core.resend:
+            for call in self.core.take_resend():
+                if not self._put(call):
+                    asyncio.ensure_future(self._send_later(call))
+
+    async def _send_later(self, call: Call) -> None:
+        try:
+            await self._sock.send_multipart(call.wire(), copy=False)
+            call.sent = True
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH and self.core.calls.get(call.request_id) is call:
+                self._lost(call.broker)
 
     async def _read(self) -> None:
         while True:
@@ -159,25 +212,47 @@ class AsyncClient:
             call, outcome = self.core.on_message(frames)
             if call is not None:
                 resolve(call.future, outcome)
+            elif outcome:  # a hello: calls out of attempts
+                for failed, error in outcome:
+                    resolve(failed.future, error)
+            if self.core.resend:
+                self._flush()
 
     async def _watch(self, monitor) -> None:
-        handshakes = 0
+        checking: asyncio.Task | None = None
         try:
             while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                self.connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                message = parse_monitor_message(await monitor.recv_multipart())
+                event = message["event"]
+                self.core.on_connection(event, message.get("endpoint", b"").decode(errors="replace"))
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._check_until = time.monotonic() + CHECK_WINDOW
+                    if checking is None or checking.done():
+                        checking = asyncio.ensure_future(self._check())
+                    continue
                 for call, error in self.core.on_handshake(event):
                     resolve(call.future, error)
-                if self.connected:
-                    handshakes += 1
-                    if handshakes > 1:
-                        for call in list(self.core.calls.values()):
-                            await self._sock.send_multipart(call.frames(), copy=False)
         finally:
+            if checking is not None:
+                checking.cancel()
             monitor.close(0)
+
+    async def _check(self) -> None:
+        """A connection dropped: probe each live broker until the one gone is found (see Client._check)."""
+        while time.monotonic() < self._check_until:
+            self._sock.getsockopt(zmq.EVENTS)
+            for broker in list(self.core.live):
+                if self._post([broker.name, b""]) is False:
+                    self._lost(broker.name)
+            if not self.core.suspect():
+                return
+            await asyncio.sleep(CHECK_INTERVAL)
 
     async def _expire(self) -> None:
         while True:
             await asyncio.sleep(0.1)
-            for call, error in self.core.expired(time.monotonic()):
+            now = time.monotonic()
+            for call, error in self.core.expired(now):
                 resolve(call.future, error)
+            for name in self.core.unready_due(now):
+                self._post([name, b""])

@@ -1,4 +1,4 @@
-"""The Python client: `Client` (blocking, thread-safe) and `AsyncClient` (asyncio), over one DEALER socket each.
+"""The Python client: `Client` (blocking, thread-safe) and `AsyncClient` (asyncio), over one socket each.
 
     from cluster import Client
     with Client("tcp://127.0.0.1:5555") as client:
@@ -7,9 +7,12 @@
 
 Layout (pyzmq's zmq/auth idea): `ClientCore` (client_core.py) is the sans-IO part (encode requests, match answers to
 calls, notice deadlines); `Client` (here) and `AsyncClient` (async_client.py) are thin adapters that own the
-socket. Many requests share one socket and are told apart by request id. If the connection to the broker drops and
-comes back (a broker restart), every call still waiting is sent again: inference is idempotent, and the first answer
-wins.
+socket. Many requests share one socket and are told apart by request id.
+
+Several brokers: `Client("tcp://b1:5555,tcp://b2:5555")` connects to each (one ROUTER socket addressing them by name;
+client_core.py says how a broker is chosen and lost). When a broker is lost (its connection drops, its heartbeats
+stop, or it restarts), every call outstanding there is sent again at once to another broker (or to it, once it is
+back): inference is idempotent, and the first answer wins. `client.brokers()` lists what the client knows of each.
 
 With keys (`key="path/NAME.key"`, a member's key file from `cluster keys add`), the socket connects with CURVE. A
 broker that refuses the key (or that runs with keys while this client has none) fails the handshake; the socket
@@ -19,6 +22,7 @@ monitor reports it, and every call then fails at once with AuthenticationError r
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import queue
 import select
 import socket
@@ -31,12 +35,14 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from cluster.async_client import AsyncClient
-from cluster.auth import HANDSHAKE_EVENTS, BusSecurity
+from cluster.auth import BusSecurity
 from cluster.client_core import (
+    CHECK_INTERVAL,
+    CHECK_WINDOW,
     Call,
     ClientCore,
     InferResult,
-    make_dealer,
+    make_router,
     resolve,
     resolve_all,
 )
@@ -57,14 +63,15 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: the enums cos
 
 
 class Client:
-    """Blocking client, safe to share between threads, over one DEALER socket.
+    """Blocking client, safe to share between threads, over one ROUTER socket connected to every broker.
 
     The calling thread does its own I/O (a thread switch per call costs more than the bus): every use of the socket
     is serialized by `_sock_lock`, a caller sends its request itself, and an infer() or query caller that finds
     nobody reading becomes the reader (leader/follower): it waits on the socket's FD, drains every ready answer,
     resolves everybody's futures, and steps down once its own is answered. The I/O thread reads only while calls
-    wait and no caller reads; it also re-sends on a reconnection, fails calls on a refused handshake or past their
-    deadline, sends CANCELs and closes the socket.
+    wait and no caller reads (or a broker's hello may come); it also checks the brokers after a disconnect (a send
+    that finds one gone re-sends what was outstanding there, whoever makes it), fails calls on a refused handshake or
+    past their deadline, sends CANCELs and closes the socket.
 
     ZMQ_FD is edge-triggered: any use of the socket may consume the signal of an answer that has arrived. So every
     use is followed, still under the lock, by a look at ZMQ_EVENTS: the reader (or, with no reader, whoever holds
@@ -77,7 +84,7 @@ class Client:
         self.address = self.core.address
         self.security = BusSecurity.load(key)
         self._lock = threading.Lock()  # guards core.calls; taken after _sock_lock, never before it
-        self._sock_lock = threading.Lock()  # serializes every use of the DEALER socket (and _reader, _io_reads)
+        self._sock_lock = threading.Lock()  # serializes every use of the socket (and _reader, _io_reads)
         self._reader: int | None = None  # thread id of the caller reading the socket, if any
         self._io_reads = False  # the I/O thread's poll includes the socket's FD
         self._uses = 0  # sends on the socket so far (the reader skips a last drain when nobody else used it)
@@ -87,7 +94,8 @@ class Client:
         self._lead_r, self._lead_w = _pipe()  # wakes the reading caller
         self._closed = threading.Event()
         self._ctx = zmq.Context()
-        self._sock, self._monitor = make_dealer(self._ctx, self.address, self.security, HANDSHAKE_EVENTS)
+        self._sock, self._monitor = make_router(self._ctx, self.address, self.security)
+        self._check_until = 0.0  # after a disconnect: check the brokers until then (while one may be gone)
         self._fd = self._sock.getsockopt(zmq.FD)
         self._thread = threading.Thread(target=self._io_loop, name="cluster-client-io", daemon=True)
         self._thread.start()
@@ -158,6 +166,11 @@ class Client:
         An agent that left is not in it (its counts leave the sums). ModelNotFoundError for an unknown model."""
         return self._query(What.STATISTICS, timeout, name=name, version=version)
 
+    def brokers(self) -> list[dict]:
+        """What this client knows of each broker that said hello: [{name, incarnation, ready, live, outstanding}]."""
+        with self._lock:
+            return self.core.describe_brokers()
+
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
@@ -209,10 +222,10 @@ class Client:
             _poke(self._wake_w)
 
     def _send(self, call: Call, lead: bool = False) -> bool:
-        """Send `call` from this thread. With lead=True, become the reader if nobody reads: True if so. A call that
-        cannot go at once (no room, no connection yet, a refused key) goes to the I/O thread, which waits for room
-        or fails it; so does a submit() that finds the socket busy (queueing on the lock behind the I/O thread's
-        drain cost more throughput than the hand-over)."""
+        """Send `call` from this thread (to its broker; a call waiting for a broker is sent when one says hello).
+        With lead=True, become the reader if nobody reads: True if so. A call that cannot go at once (no room, a
+        refused key) goes to the I/O thread, which waits for room or fails it; so does a submit() that finds the
+        socket busy (queueing on the lock behind the I/O thread's drain cost more throughput than the hand-over)."""
         if self._closed.is_set():
             with self._lock:
                 self.core.cancel(call)
@@ -223,7 +236,6 @@ class Client:
                 self.core.cancel(call)
             resolve(call.future, refused)
             return False
-        frames = call.frames()
         if not lead and not self._sock_lock.acquire(blocking=False):
             # Busy (most often the I/O thread draining answers): hand it over rather than queue on the lock.
             self._outbox.put(call)
@@ -238,17 +250,13 @@ class Client:
                 with self._lock:
                     self.core.cancel(call)
                 raise ClusterError("client is closed")
-            try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                sent = True
-            except zmq.Again:
-                pass
+            sent = self._put_locked(call, done)
             self._uses += 1
             if self._reader is None:
                 if sent and lead:
                     self._reader = threading.get_ident()
                     leading = True
-                done = self._drain_locked()
+                done += self._drain_locked()
                 wake = not leading and not self._io_reads  # the I/O thread must read (or send) for this call
             else:
                 poke = self._readable_locked()
@@ -263,6 +271,40 @@ class Client:
         if poke:
             _poke(self._lead_w)
         return leading
+
+    def _put_locked(self, call: Call, done: list) -> bool:
+        """Send `call` to its broker unless it went already (the caller holds _sock_lock); False if there is no room
+        (zmq.Again: the caller hands it to the I/O thread). A broker found gone (EHOSTUNREACH) is lost: this call
+        and every other outstanding there go to another broker (`done` gets those out of attempts)."""
+        while call.broker is not None and not call.sent and self.core.calls.get(call.request_id) is call:
+            try:
+                self._sock.send_multipart(call.wire(), zmq.NOBLOCK, copy=False)
+                call.sent = True
+            except zmq.Again:
+                return False
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                self._lost_locked(call.broker, done)
+        return True
+
+    def _lost_locked(self, broker: bytes, done: list) -> None:
+        """A send found `broker` gone (the caller holds _sock_lock): what was outstanding there goes elsewhere."""
+        with self._lock:
+            failed = self.core.broker_lost(broker)
+        done.extend((c.future, error) for c, error in failed)
+        self._flush_locked(done)
+
+    def _flush_locked(self, done: list) -> None:
+        """Send the calls the core says must go now (lost elsewhere, or waiting for a broker); one without room goes
+        to the I/O thread."""
+        while self.core.resend:
+            with self._lock:
+                calls = self.core.take_resend()
+            for call in calls:
+                if not self._put_locked(call, done):
+                    self._outbox.put(call)
+                    _poke(self._wake_w)
 
     def _lead(self, call: Call) -> None:
         """Read the socket in this thread until `call` is answered (or past its deadline), then step down: the I/O
@@ -327,6 +369,10 @@ class Client:
                 call, outcome = self.core.on_message(frames)
             if call is not None:
                 out.append((call.future, outcome))
+            elif outcome:  # a hello: calls out of attempts
+                out.extend((c.future, error) for c, error in outcome)
+            if self.core.resend:  # a hello: calls that waited for a broker, or were lost at its old incarnation
+                self._flush_locked(out)
         # More may wait, and the FD will not say so: whoever reads must look again without waiting for it.
         _poke(self._lead_w if self._reader is not None else self._wake_w)
         return out
@@ -338,16 +384,59 @@ class Client:
         return [], self._readable_locked()
 
     def _on_monitor(self, monitor) -> int | None:
-        """Handle one monitor event (a failed handshake fails the waiting calls); returns the event (None if there
-        was none: _send_one may have taken it already)."""
+        """Handle one monitor event (a failed handshake fails the waiting calls; a disconnect starts checking the
+        brokers); returns the event (None if there was none: _send_one may have taken it already)."""
         try:
-            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            message = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
             return None
+        event = message["event"]
         with self._lock:
-            refused = self.core.on_handshake(event)
+            self.core.on_connection(event, message.get("endpoint", b"").decode(errors="replace"))
+            refused = self.core.on_handshake(event) if event != zmq.EVENT_DISCONNECTED else []
         self._fail(refused)
+        if event == zmq.EVENT_DISCONNECTED:
+            self._check_until = time.monotonic() + CHECK_WINDOW
+            self._check()
         return event
+
+    def _check(self) -> None:
+        """A connection dropped: probe every live broker (an empty frame: it answers hello); one a send finds gone
+        (EHOSTUNREACH) is lost. ZMQ_EVENTS first: the socket takes in its pending commands, a closed pipe's among
+        them. libzmq may still report the disconnect up to ~1 ms before the ROUTER forgets the peer (sends meanwhile
+        are accepted and lost), so the I/O thread checks again every CHECK_INTERVAL while fewer connections are up
+        than brokers are live, and a lost broker's calls are all sent again, not only those a send failed for."""
+        done: list = []
+
+        def probe(sock) -> None:
+            sock.getsockopt(_EVENTS)
+            for broker in list(self.core.live):
+                try:
+                    sock.send_multipart([broker.name, b""], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                except zmq.ZMQError as exc:
+                    if exc.errno == errno.EHOSTUNREACH:
+                        self._lost_locked(broker.name, done)
+            if not self.core.suspect():
+                self._check_until = 0.0
+
+        self._use(probe)
+        if done:
+            resolve_all(done)
+            _poke(self._lead_w)
+
+    def _probe(self, brokers: list[bytes]) -> None:
+        """Ask these brokers for a hello again (best effort: one gone is found by the checks)."""
+
+        def probe(sock) -> None:
+            for name in brokers:
+                try:
+                    sock.send_multipart([name, b""], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+        self._use(probe)
 
     def _fail(self, failed: list) -> None:
         """Resolve calls the I/O thread gave up on; the reading caller may be one of them: wake it."""
@@ -371,9 +460,9 @@ class Client:
         return True
 
     def _send_one(self, monitor, call: Call | list) -> None:
-        """Send a call the caller could not; fail it at once if the broker refused our key. A DEALER whose handshake
-        failed has no peer to queue for: while a send cannot go, watch the monitor (a refused handshake fails the
-        call) and whether the client is closing, and try again. The socket lock is not held while waiting."""
+        """Send a call the caller could not (no room at its broker then); fail it at once if the broker refused our
+        key. While a send cannot go, watch the monitor (a refused handshake fails the call) and whether the client
+        is closing, and try again. The socket lock is not held while waiting."""
         if isinstance(call, list):  # a CANCEL: best effort, nobody waits for it
 
             def cancel(sock) -> None:
@@ -384,19 +473,18 @@ class Client:
 
             self._use(cancel)
             return
-        frames = call.frames()
-        sent = []
+        sent: list = []
+        done: list = []
 
         def send(sock) -> None:
-            try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            if self._put_locked(call, done):
                 sent.append(True)
-            except zmq.Again:
-                pass
 
         while self.core.refused is None and not self._closed.is_set() and not call.future.done():
             if not self._use(send):
                 break
+            resolve_all(done)
+            done.clear()
             if sent:
                 return
             if monitor.poll(100):
@@ -405,23 +493,6 @@ class Client:
             self.core.cancel(call)
         self._fail([(call, self.core.refused or ClusterError("client closed", call.model))])
 
-    def _resend(self, monitor) -> None:
-        """A reconnection: whatever was in flight on the old broker is lost; send every waiting call again."""
-        with self._lock:
-            waiting = list(self.core.calls.values())
-        later = []
-
-        def send(sock) -> None:
-            for call in waiting:
-                try:
-                    sock.send_multipart(call.frames(), zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    later.append(call)
-
-        self._use(send)
-        for call in later:
-            self._send_one(monitor, call)
-
     def _io_loop(self) -> None:
         monitor = self._monitor
         pollers = (zmq.Poller(), zmq.Poller())  # without and with the socket's FD
@@ -429,18 +500,20 @@ class Client:
             poller.register(monitor, zmq.POLLIN)
             poller.register(self._wake_r, zmq.POLLIN)
         pollers[1].register(self._fd, zmq.POLLIN)
-        handshakes = 0
         signalled = False  # the last poll saw the socket's FD
         next_expiry = time.monotonic() + CLIENT_WAKE_INTERVAL
         try:
             while not self._closed.is_set():
                 with self._sock_lock:
                     with self._lock:
-                        waiting = bool(self.core.calls)
+                        waiting = bool(self.core.calls) or self.core.wants_news()
                     reading = self._io_reads = waiting and self._reader is None
                     done = self._drain_locked(signalled) if reading else []
                 resolve_all(done)
-                wait_ms = max(0, int((next_expiry - time.monotonic()) * 1000) + 1)
+                wake_at = next_expiry
+                if self._check_until:
+                    wake_at = min(wake_at, time.monotonic() + CHECK_INTERVAL)
+                wait_ms = max(0, int((wake_at - time.monotonic()) * 1000) + 1)
                 ready = dict(pollers[reading].poll(wait_ms))
                 signalled = self._fd in ready
                 if self._wake_r.fileno() in ready:
@@ -448,22 +521,25 @@ class Client:
                 while not self._outbox.empty():  # the only consumer: not empty means get() will not block
                     self._send_one(monitor, self._outbox.get())
                 if monitor in ready:
-                    event = self._on_monitor(monitor)
-                    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the connection came (back) up
-                        handshakes += 1
-                        if handshakes > 1:
-                            self._resend(monitor)
+                    self._on_monitor(monitor)
                 now = time.monotonic()
+                if self._check_until:
+                    if now < self._check_until:
+                        self._check()
+                    else:
+                        self._check_until = 0.0
                 if now >= next_expiry:  # every CLIENT_WAKE_INTERVAL, however busy
                     next_expiry = now + CLIENT_WAKE_INTERVAL
                     with self._lock:
                         expired = self.core.expired(now)
+                        unready = self.core.unready_due(now)
                     self._fail(expired)
+                    if unready:
+                        self._probe(unready)
         finally:
             with self._sock_lock:
                 with self._lock:
-                    waiting = list(self.core.calls.values())
-                    self.core.calls.clear()
+                    waiting = self.core.fail_all()
                 sock, self._sock = self._sock, None
                 sock.disable_monitor()
                 monitor.close(0)

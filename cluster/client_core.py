@@ -1,26 +1,37 @@
-"""The client's sans-IO part: `ClientCore` encodes requests, matches answers to calls and notices deadlines;
-`Call` is one request waiting, `InferResult` one answer. `Client` (client.py) and `AsyncClient` (async_client.py)
-are thin adapters over it that own the socket (pyzmq's zmq/auth layout)."""
+"""The client's sans-IO part: `ClientCore` encodes requests, matches answers to calls, notices deadlines and keeps
+the brokers (which are live, ready, and hold which calls); `Call` is one request waiting, `InferResult` one answer.
+`Client` (client.py) and `AsyncClient` (async_client.py) are thin adapters over it that own the socket (pyzmq's
+zmq/auth layout).
+
+Several brokers (the Guide's Freelance model 3): the socket is a ROUTER connected to every broker address, and a
+broker is addressed by its name (its routing id), which it says in a READY BrokerHello when the client's socket
+probes it (ZMQ_PROBE_ROUTER, on every new connection). A new call goes to the live broker with the fewest of this
+client's calls outstanding (ready ones first: a broker still in its rejoin window only when no other is live), and
+remembers it. A broker is lost when a send to it finds it gone (EHOSTUNREACH), a check after a disconnect does, or
+it says hello with a new incarnation (it restarted): every call outstanding there is sent again at once to another
+broker (`resend`), with what is left of its deadline and its attempt count + 1 (one attempt budget across brokers).
+With no live broker, calls wait here (`Call.broker` None) until one says hello, or fail at their deadline."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 
 from cluster import protocol
-from cluster.auth import BusSecurity, HandshakeVerdict
+from cluster.auth import HANDSHAKE_EVENTS, BusSecurity, HandshakeVerdict
 from cluster.codec import decode_tensors, encode_tensors
-from cluster.config import Timings, limits
+from cluster.config import CLIENT_LINK_HEARTBEAT_S, CLIENT_LINK_TIMEOUT_S, Timings, address_list, limits
 from cluster.errors import (
     AuthenticationError,
     BadRequestError,
     ClusterError,
+    InferenceFailedError,
     InferenceTimeoutError,
     error_from_header,
 )
@@ -61,6 +72,8 @@ class Call:
     deadline: float  # monotonic
     future: Any  # concurrent.futures.Future or asyncio.Future
     model: str | None = None
+    broker: bytes | None = None  # the name of the broker it goes to (None: waiting for a live one)
+    sent: bool = False  # it went to `broker` (a resend clears it)
 
     @property
     def command(self) -> Command:
@@ -73,28 +86,179 @@ class Call:
             return protocol.message(Command.REQUEST, self.message.to_wire(), self.tensors)
         return protocol.message(Command.QUERY, self.message.to_wire())
 
+    def wire(self) -> list:
+        """What the client's ROUTER sends: the broker's name, then the message."""
+        return [self.broker, *self.frames()]
+
+
+@dataclass(eq=False)
+class BrokerState:
+    """A broker this client has heard from (a READY BrokerHello)."""
+
+    name: bytes
+    incarnation: str
+    ready: bool
+    live: bool = True
+    calls: set[int] = field(default_factory=set)  # ids of this client's calls outstanding there
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name.decode(errors="replace"),
+            "incarnation": self.incarnation,
+            "ready": self.ready,
+            "live": self.live,
+            "outstanding": len(self.calls),
+        }
+
 
 class ClientCore:
     """Everything a client does except I/O."""
 
-    def __init__(self, timeout: float, address: str = "", keyed: bool = False) -> None:
+    def __init__(self, timeout: float, address: str = "", keyed: bool = False, max_attempts: int | None = None):
         self.timeout = timeout
         self.calls: dict[int, Call] = {}
         self._ids = itertools.count(1)
         self.address = address
+        self.addresses = address_list(address) if address else []
         self.keyed = keyed  # this client presents a key
         self.refused: AuthenticationError | None = None  # the last handshake failed: calls fail at once
         self._handshakes = HandshakeVerdict("broker")
+        # the broker's attempt budget, across brokers: a call lost with this many attempts fails here
+        self.max_attempts = Timings().max_dispatch_attempts if max_attempts is None else max_attempts
+        self.brokers: dict[bytes, BrokerState] = {}  # name -> what we know of it
+        self.live: list[BrokerState] = []  # the live ones (the hot path chooses among these)
+        self.resend: list[Call] = []  # calls to send now (to call.broker): lost elsewhere, or were waiting
+        self.up: set[str] = set()  # endpoints whose connection is up (the monitor's view)
+        self._turn = 0  # ties between brokers rotate
+        self._unready_probed = 0.0
 
     @classmethod
     def for_client(cls, address: str | None, timeout: float | None, keyed: bool) -> ClientCore:
         """The core of a Client or AsyncClient: the address and timeout given, else CLUSTER_BROKER_CLIENTS and
-        CLUSTER_REQUEST_TIMEOUT (ClientSettings, read once), else their defaults."""
-        if not address or timeout is None:
-            defaults = from_env(ClientSettings)
-            address = address or defaults.addresses.broker_clients
-            timeout = defaults.timings.request_timeout if timeout is None else timeout
-        return cls(timeout, address, keyed)
+        CLUSTER_REQUEST_TIMEOUT (ClientSettings, read once), else their defaults; the attempt budget across brokers
+        is CLUSTER_MAX_DISPATCH_ATTEMPTS (the brokers' own)."""
+        defaults = from_env(ClientSettings)
+        address = address or defaults.addresses.broker_clients
+        timeout = defaults.timings.request_timeout if timeout is None else timeout
+        try:
+            address_list(address)
+        except ValueError as exc:
+            raise BadRequestError(f"no broker address: {exc}") from None
+        return cls(timeout, address, keyed, defaults.timings.max_dispatch_attempts)
+
+    # ---- brokers ------------------------------------------------------------------------------------------------
+
+    def _choose(self) -> BrokerState | None:
+        """Where a new call goes: the live broker with the fewest of our calls outstanding, ready ones first (ties
+        rotate); None if no broker is live."""
+        live = self.live
+        if len(live) == 1:
+            return live[0]
+        if not live:
+            return None
+        ready = [b for b in live if b.ready] or live
+        self._turn += 1
+        n = len(ready)
+        return min((ready[(self._turn + i) % n] for i in range(n)), key=lambda b: len(b.calls))
+
+    def _place(self, call: Call) -> bool:
+        """Give `call` a broker (False: none is live; it waits for one, call.broker None)."""
+        broker = self._choose()
+        if broker is None:
+            call.broker = None
+            return False
+        call.broker, call.sent = broker.name, False
+        broker.calls.add(call.request_id)
+        return True
+
+    def _forget(self, call: Call) -> None:
+        broker = self.brokers.get(call.broker) if call.broker is not None else None
+        if broker is not None:
+            broker.calls.discard(call.request_id)
+
+    def _update_live(self) -> None:
+        self.live = [b for b in self.brokers.values() if b.live]
+
+    def on_hello(self, name: bytes, hello: protocol.BrokerHello) -> list[tuple[Call, ClusterError]]:
+        """A broker said who it is (answering a probe). A new incarnation of a known one restarted: what was
+        outstanding there is lost (sent again elsewhere). Calls waiting for a broker go to it. Returns calls failed
+        (attempt budget spent)."""
+        failed: list = []
+        broker = self.brokers.get(name)
+        if broker is not None and broker.incarnation != hello.incarnation and broker.live:
+            failed = self.broker_lost(name)
+        if broker is None:
+            broker = self.brokers[name] = BrokerState(name, hello.incarnation, hello.ready)
+        was_live = broker.live
+        broker.incarnation, broker.ready, broker.live = hello.incarnation, hello.ready, True
+        if not was_live or len(self.live) != sum(b.live for b in self.brokers.values()):
+            self._update_live()
+        waiting = [c for c in self.calls.values() if c.broker is None]
+        for call in waiting:
+            if self._place(call):
+                self.resend.append(call)
+        return failed
+
+    def broker_lost(self, name: bytes) -> list[tuple[Call, ClusterError]]:
+        """The broker is gone (a send found no connection, or it restarted): every call outstanding there is sent
+        again to another live broker (or waits for one), its attempt count + 1. Returns the calls that had spent
+        their attempt budget, with their error."""
+        broker = self.brokers.get(name)
+        if broker is None or not broker.live:
+            return []
+        broker.live = False
+        self._update_live()
+        lost = [self.calls[i] for i in broker.calls if i in self.calls]
+        broker.calls.clear()
+        failed = []
+        for call in sorted(lost, key=lambda c: c.request_id):
+            if isinstance(call.message, protocol.Request):
+                call.message.attempt += 1
+                if call.message.attempt >= self.max_attempts:
+                    del self.calls[call.request_id]
+                    call.broker = None
+                    text = (
+                        f"model '{call.model}': gave up after {call.message.attempt} attempts failed "
+                        "(the brokers it was sent to were lost)"
+                    )
+                    failed.append((call, InferenceFailedError(text, call.model)))
+                    continue
+            if self._place(call):
+                self.resend.append(call)
+        return failed
+
+    def take_resend(self) -> list[Call]:
+        """The calls to send now (each to its call.broker), still waiting."""
+        out, self.resend = self.resend, []
+        return [c for c in out if c.broker is not None and self.calls.get(c.request_id) is c]
+
+    def on_connection(self, event: int, endpoint: str) -> None:
+        """The monitor's connected/disconnected view, per address."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up.add(endpoint)
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.up.discard(endpoint)
+
+    def wants_news(self) -> bool:
+        """A broker may have news for us (a hello: one not live or not ready yet), so read even with no call waiting."""
+        live = self.live
+        return len(live) < len(self.addresses) or not all(b.ready for b in live)
+
+    def unready_due(self, now: float) -> list[bytes]:
+        """Live brokers that said "not ready", to probe again (at most every UNREADY_PROBE_S): the broker tells us
+        when it is ready, and this covers that word being lost."""
+        if now < self._unready_probed + UNREADY_PROBE_S:
+            return []
+        self._unready_probed = now
+        return [b.name for b in self.live if not b.ready]
+
+    def suspect(self) -> bool:
+        """Fewer connections up than brokers we believe live: one of them is gone and the socket has not said
+        which yet (a disconnect is reported a moment before the ROUTER forgets the peer); check them."""
+        return len(self.live) > len(self.up)
+
+    def describe_brokers(self) -> list[dict]:
+        return [b.describe() for b in self.brokers.values()]
 
     def on_handshake(self, event: int) -> list[tuple[Call, ClusterError]]:
         """A monitor event. A conclusive handshake failure fails every waiting call (and, until a handshake succeeds,
@@ -107,9 +271,7 @@ class ClientCore:
         if not self.keyed:
             why += "; it runs with keys: pass key= (a key file from `cluster keys add`)"
         self.refused = AuthenticationError(f"{why} (broker {self.address})")
-        failed = [(call, self.refused) for call in self.calls.values()]
-        self.calls.clear()
-        return failed
+        return [(call, self.refused) for call in self.fail_all()]
 
     def infer_call(
         self, model: str, inputs: Mapping[str, Any], version, timeout, outputs, future, request_id: str | None = None
@@ -140,6 +302,7 @@ class ClientCore:
         )
         call = Call(request.id, request, tensors, time.monotonic() + timeout + DEADLINE_GRACE, future, model)
         self.calls[call.request_id] = call
+        self._place(call)
         return call
 
     def query_call(self, what: protocol.What, timeout, future, **fields) -> Call:
@@ -147,30 +310,41 @@ class ClientCore:
         query = protocol.Query(next(self._ids), protocol.What(what), fields)
         call = Call(query.id, query, [], time.monotonic() + timeout, future)
         self.calls[call.request_id] = call
+        self._place(call)
         return call
 
     def on_message(self, frames: list) -> tuple[Call | None, Any]:
-        """Match an answer to its call: (call, InferResult | query result | ClusterError). (None, None) if unknown."""
+        """Match a message from a broker ([name, preamble, header, tensors...]) to its call: (call, InferResult |
+        query result | ClusterError). (None, None) if unknown, and for a hello (on_hello: see `resend`); a hello
+        that finds calls out of attempts gives (None, [(call, error)...])."""
         try:
-            cmd = protocol.parse_preamble(frames[0])
-            header = protocol.unpack_header(frames[1])
+            cmd = protocol.parse_preamble(frames[1])
+            header = protocol.unpack_header(frames[2])
         except (ProtocolError, IndexError):
             return None, None
+        if cmd == Command.READY:
+            try:
+                hello = protocol.BrokerHello.from_wire(header)
+            except ProtocolError:
+                return None, None
+            failed = self.on_hello(bytes(frames[0]), hello)
+            return None, failed or None
         call = self.calls.pop(header.get("id"), None) if isinstance(header.get("id"), int) else None
         if call is None:
             return None, None  # a late or duplicate answer
+        self._forget(call)
         if cmd == Command.ERROR:
             return call, error_from_header(header)
         if "result" in header:
             return call, protocol.Answer.from_wire(header).result
         try:
-            reply = protocol.Reply.from_wire(header, frames[2:])
+            reply = protocol.Reply.from_wire(header, frames[3:])
             queue_us = reply.queue_us
             return call, InferResult(
                 reply.model,
                 reply.version,
                 reply.agent,
-                decode_tensors(reply.outputs, frames[2:]),
+                decode_tensors(reply.outputs, frames[3:]),
                 call.request_id,
                 reply.batch_size,
                 None if queue_us is None else queue_us / 1e6,
@@ -182,46 +356,72 @@ class ClientCore:
         out = []
         for call in [c for c in self.calls.values() if c.deadline < now]:
             del self.calls[call.request_id]
+            self._forget(call)
             what = f"model '{call.model}'" if call.model else "query"
-            out.append(
-                (
-                    call,
-                    InferenceTimeoutError(
-                        f"{what}: no answer from the broker within the deadline (is it running?)", call.model
-                    ),
-                )
-            )
+            why = "no answer from the broker" if call.broker is not None else "no broker reachable"
+            out.append((call, InferenceTimeoutError(f"{what}: {why} within the deadline (is it running?)", call.model)))
         return out
 
     def cancel(self, call: Call) -> None:
-        self.calls.pop(call.request_id, None)
+        if self.calls.pop(call.request_id, None) is not None:
+            self._forget(call)
+
+    def fail_all(self) -> list[Call]:
+        """Every call still waiting, forgotten (the client closes)."""
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for broker in self.brokers.values():
+            broker.calls.clear()
+        return calls
 
     def cancel_message(self, call: Call) -> list | None:
-        """The caller gave up on `call`: forget it, and the CANCEL frames that tell the broker (None if the call was
-        not waiting any more, or is a query: nothing to cancel)."""
-        if self.calls.pop(call.request_id, None) is None or call.command != Command.REQUEST:
+        """The caller gave up on `call`: forget it, and the CANCEL frames that tell its broker (None if the call was
+        not waiting any more, is a query, or was not sent anywhere: nothing to cancel)."""
+        if self.calls.pop(call.request_id, None) is None:
             return None
-        return protocol.message(Command.CANCEL, protocol.Cancel(call.request_id).to_wire())
+        self._forget(call)
+        if call.command != Command.REQUEST or call.broker is None:
+            return None
+        return [call.broker, *protocol.message(Command.CANCEL, protocol.Cancel(call.request_id).to_wire())]
 
 
 # Clients reconnect fast (a restarted broker is one, not hundreds of agents) and may queue many requests.
 CLIENT_TIMINGS = Timings(reconnect_initial=0.1, reconnect_max=2.0)
 
 
-def make_dealer(ctx: zmq.Context, address: str, security: BusSecurity | None, events: int) -> tuple:
-    """The client's DEALER and its monitor socket (attached before connecting: the first handshake's outcome counts,
-    a refused key most of all)."""
+CLIENT_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED  # what the client's socket monitor reports
+CHECK_INTERVAL = 0.005  # seconds between checks of the brokers while a disconnect has not been placed yet
+CHECK_WINDOW = 1.0  # ... for at most this long after the disconnect
+UNREADY_PROBE_S = 1.0  # a live broker that said "not ready" is asked again this often (its "ready" may be lost)
+
+
+def make_router(ctx: zmq.Context, address: str, security: BusSecurity | None) -> tuple:
+    """The client's socket (a ROUTER connected to every broker in `address`, a comma list) and its monitor socket
+    (attached before connecting: the first handshake's outcome counts, a refused key most of all).
+
+    ROUTER_MANDATORY: a send to a broker not connected raises EHOSTUNREACH (it is lost); ROUTER_HANDOVER: a restarted
+    broker takes its name back; PROBE_ROUTER: each new connection sends the broker an empty frame, which it answers
+    with its hello; IMMEDIATE: no pipe to a broker before its handshake (nothing queues for a broker that is down);
+    ZMTP heartbeats: a broker that froze or vanished without a reset is disconnected within CLIENT_LINK_TIMEOUT_S."""
     curve = security.client() if security is not None else None
     monitors = []
+
+    def before_connect(sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.PROBE_ROUTER, 1)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        monitors.append(sock.get_monitor_socket(CLIENT_EVENTS))
+
     sock = make_socket(
         ctx,
-        zmq.DEALER,
-        connect=address,
+        zmq.ROUTER,
+        connect=address_list(address),
         hwm=100_000,
         linger=0,
+        handover=True,
         timings=CLIENT_TIMINGS,
         curve=curve,
-        before_connect=lambda s: monitors.append(s.get_monitor_socket(events)),
+        heartbeat=(CLIENT_LINK_HEARTBEAT_S, CLIENT_LINK_TIMEOUT_S),
+        before_connect=before_connect,
     )
     return sock, monitors[0]
 

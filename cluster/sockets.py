@@ -62,7 +62,7 @@ def make_socket(
     kind: int,
     *,
     bind: str | None = None,
-    connect: str | None = None,
+    connect: str | list[str] | None = None,
     identity: bytes | None = None,
     max_bytes: int | None = None,
     hwm: int = SOCKET_HWM,
@@ -75,7 +75,8 @@ def make_socket(
     heartbeat: tuple[float, float] | None = None,
     before_connect: Callable[[zmq.Socket], object] | None = None,
 ) -> zmq.Socket:
-    """A configured socket, bound or connected. Exactly one of bind/connect. `heartbeat` (interval, timeout in
+    """A configured socket, bound or connected. Exactly one of bind/connect (connect: one address or several).
+    `heartbeat` (interval, timeout in
     seconds): ZMTP pings, so a connection whose peer went silent is closed within `timeout`. `before_connect(sock)`
     runs just before the bind or connect (e.g. to attach a socket monitor that must see the first handshake).
     `sndhwm`: a send high-water mark other than `hwm` (the broker's clients ROUTER: a few replies per client)."""
@@ -114,7 +115,8 @@ def make_socket(
     if bind is not None:
         sock.bind(bind)
     else:
-        sock.connect(connect)
+        for address in [connect] if isinstance(connect, str) else connect:
+            sock.connect(address)
     return sock
 
 

@@ -34,12 +34,15 @@ HAMMER_DEADLINE = 240.0  # seconds for the whole hammer on a loaded 2-core machi
 class FakeBroker:
     """A ROUTER in a thread speaking the client side of the protocol: echoes REQUESTs to model "echo" (and to
     "hold", once released), never answers model "sleep" (the client's deadline must fire), counts and swallows
-    model "swallow" while `swallowing`, and answers QUERYs with their own fields. Runs on a fixed port, so a new one
-    takes over after stop()."""
+    model "swallow" while `swallowing`, and answers QUERYs with their own fields; a probe (an empty frame) gets a
+    READY BrokerHello with this run's incarnation. Runs on a fixed port, so a new one takes over after stop()."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, name: bytes = b"fake") -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTING_ID, name)  # the bound side names itself (clients address it by name)
+        self.name = name
+        self.incarnation = os.urandom(8).hex()
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -74,12 +77,15 @@ class FakeBroker:
                 except zmq.Again:
                     break
                 reply = self._answer(frames)
-                if protocol.unpack_header(frames[1]).get("model") == "hold":
+                if len(frames) > 1 and protocol.unpack_header(frames[1]).get("model") == "hold":
                     self.held.append([route, *reply])
                 elif reply is not None:
                     self.sock.send_multipart([route, *reply])
 
     def _answer(self, frames: list) -> list | None:
+        if frames == [b""]:
+            hello = protocol.BrokerHello(self.name.decode(), self.incarnation, True)
+            return protocol.message(Command.READY, hello.to_wire())
         cmd = protocol.parse_preamble(frames[0])
         header = protocol.unpack_header(frames[1])
         if cmd == Command.CANCEL:
@@ -256,6 +262,8 @@ def test_broker_restart_mid_flight_resends_every_waiting_call(broker):
 def test_cancel_and_close_with_callers_waiting(broker):
     """A cancelled future still sends CANCEL; close() fails every caller still waiting, reader included."""
     client = Client(broker[0].address, timeout=60)
+    # (a call made before the broker said hello waits in the client: cancelling it has nothing to tell a broker)
+    wait_for(client.brokers, 30, "the broker's hello")
     future = client.submit("sleep", {"x": np.ones(1, np.float32)})
     assert future.cancel()
     wait_for(lambda: broker[0].cancels == 1, 30, "the broker to get the CANCEL")

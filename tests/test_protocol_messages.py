@@ -233,6 +233,7 @@ def test_the_client_builds_what_the_broker_and_the_agent_parse():
     from cluster.client_core import ClientCore
 
     core = ClientCore(5.0)
+    core.on_hello(b"b1", protocol.BrokerHello("b1", "aa"))  # a broker to send to
     call = core.infer_call("echo", {"x": np.zeros(2, np.float32)}, 3, None, ["y"], None, "trace-1")
     frames = call.frames()
     assert protocol.parse_preamble(frames[0]) == protocol.Command.REQUEST
@@ -245,8 +246,8 @@ def test_the_client_builds_what_the_broker_and_the_agent_parse():
         "trace-1",
     )
     assert request.input_metas(frames[2:]) == [META] and 0 < request.timeout <= 5.0
-    cancel = core.cancel_message(call)
-    assert Cancel.from_wire(protocol.unpack_header(cancel[1])) == Cancel(call.request_id)
+    cancel = core.cancel_message(call)  # to the call's broker: its name, then the message
+    assert cancel[0] == b"b1" and Cancel.from_wire(protocol.unpack_header(cancel[2])) == Cancel(call.request_id)
     query = core.query_call(What.MODEL, None, None, name="echo", version=None).frames()
     parsed = Query.from_wire(protocol.unpack_header(query[1]), Broker.QUERIES)
     assert (parsed.what, parsed.fields) == (What.MODEL, {"name": "echo"})

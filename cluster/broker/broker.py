@@ -56,6 +56,7 @@ from cluster.protocol import (
     PREAMBLE,
     AgentDead,
     Answer,
+    BrokerHello,
     BrokerReport,
     Cancel,
     Command,
@@ -81,6 +82,7 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
+UNREADY_CLIENTS_MAX = 10_000  # clients told "not ready" that are told "ready" once it is (the oldest forgotten)
 TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
 
 
@@ -115,11 +117,14 @@ class Broker:
         secured = security is not None
         if secured:
             security.start_authenticator(self.ctx)
+        # Its routing id at clients (their ROUTER addresses it by name) and at agents: the bound side names itself
+        self.name = settings.broker_name or default_broker_name(self.addresses.broker_clients)
         self.clients = make_socket(
             self.ctx,
             zmq.ROUTER,
             bind=self.addresses.broker_clients,
             sndhwm=CLIENT_SNDHWM,  # a few replies per client in ZeroMQ's pipe; beyond, the outbox's byte budget
+            identity=self.name.encode(),
             timings=self.timings,
             curve=security.server("clients") if secured else None,
         )
@@ -127,8 +132,8 @@ class Broker:
             self.ctx,
             zmq.ROUTER,
             bind=self.addresses.broker_agents,
-            identity=(settings.broker_name or default_broker_name(self.addresses.broker_clients)).encode(),
             handover=not secured,  # with keys, an identity is not handed over (see above)
+            identity=self.name.encode(),
             timings=self.timings,
             curve=security.server("agents") if secured else None,
             heartbeat=(self.timings.heartbeat_interval, self.timings.expiry) if secured else None,
@@ -168,9 +173,9 @@ class Broker:
         self.allow = security.allow if secured else None
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
         self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
+        self.unready: dict[bytes, None] = {}  # clients told "not ready", in order: told "ready" once it is
         self._trims: list[float] = []  # when to call malloc_trim next
         self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
-        self.name = settings.broker_name or default_broker_name(bound_address(self.clients))
         self._report_seq = 0
         self._reported_agents: list[str] | None = None  # the agent list of our last report
         self.metrics = BrokerMetrics(self.name)
@@ -203,7 +208,8 @@ class Broker:
         next_beat = next_tick
         self.clock = RunClock(self.timings.pause_bound, next_tick, "broker", log)
         log.info(
-            "broker serving clients on %s, agents on %s, policy %s, hedging %s, incarnation %s",
+            "broker %s serving clients on %s, agents on %s, policy %s, hedging %s, incarnation %s",
+            self.name,
             self.addresses.broker_clients,
             self.addresses.broker_agents,
             self.policy.name,
@@ -231,6 +237,8 @@ class Broker:
                     self.deliver(self.dispatcher.tick(now))
                     if self.metrics_url is not None:
                         self.metrics.publish(broker_load(self.dispatcher))
+                    if self.unready and self.dispatcher.registration.serving(now):
+                        self.tell_ready()
                     if self._trims and now >= self._trims[0]:
                         self._trims.pop(0)
                         if malloc_trim is not None:
@@ -390,6 +398,9 @@ class Broker:
 
     def process_client(self, frames: list) -> None:
         client = as_bytes(frames[0])
+        if len(frames) == 2 and not len(frames[1]):
+            self.hello(client)  # a probe: one empty frame (ZMQ_PROBE_ROUTER on connecting, or a client's check)
+            return
         request_id = None
         try:
             if len(frames) < 3:
@@ -418,6 +429,30 @@ class Broker:
             bad_input.warning("bad message from client %s: %s", client.hex(), exc)
             self.send_client_error(client, request_id, ErrorCode.BAD_REQUEST, str(exc))
 
+    def hello(self, client: bytes) -> None:
+        """Answer a client's probe with READY BrokerHello: who we are, which incarnation, and whether we are ready
+        (past the rejoin window: agents back). A client told "not ready" is told again once we are (`tell_ready`)."""
+        ready = self.dispatcher.registration.serving(time.monotonic())
+        if not ready:
+            self.unready.pop(client, None)
+            self.unready[client] = None
+            if len(self.unready) > UNREADY_CLIENTS_MAX:
+                del self.unready[next(iter(self.unready))]
+        self.send_hello(client, ready)
+
+    def send_hello(self, client: bytes, ready: bool) -> None:
+        hello = BrokerHello(self.name, self.dispatcher.incarnation.hex(), ready)
+        try:
+            send_frames(self.clients, [client, PREAMBLE[Command.READY], pack(hello.to_wire())])
+        except zmq.ZMQError:
+            pass  # its pipe is full or it is gone: it probes again on its next connection
+
+    def tell_ready(self) -> None:
+        """Now ready: tell every client we told "not ready"."""
+        clients, self.unready = self.unready, {}
+        for client in clients:
+            self.send_hello(client, True)
+
     def accept_request(self, client: bytes, request_id, header: dict, header_frame, tensors: list) -> None:
         """A client's REQUEST: routed by the fields Request.from_wire checks; its header frame is forwarded as is."""
         request = Request.from_wire(header)
@@ -435,6 +470,7 @@ class Broker:
                 now,
                 congested=self.outbox.stalled(client, now),
                 trace=request.request_id,
+                attempt=request.attempt,
             )
         )
 

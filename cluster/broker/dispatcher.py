@@ -148,10 +148,12 @@ class Dispatcher:
         now: float,
         congested: bool = False,
         trace: str | None = None,
+        attempt: int = 0,
     ) -> list[Send]:
         """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served.
         `congested`: the client is not reading its replies (the broker holds some for it): OVERLOADED, as is a
-        request past the client's bound on requests here (`client_max_in_flight`). `trace`: its request_id."""
+        request past the client's bound on requests here (`client_max_in_flight`). `trace`: its request_id.
+        `attempt`: dispatches it had at brokers the client lost (its attempt budget counts from there)."""
         out: list[Send] = []
         self.now = now
         load = self.client_load.get(client, 0)
@@ -169,6 +171,7 @@ class Dispatcher:
         request = BrokerRequest(route, client, request_id, model, version, header_frame, tensors, now + timeout)
         request.arrived = now
         request.trace = trace
+        request.attempts = attempt
         self.requests[request.route] = request
         self.client_load[client] = load + 1
         self.by_client[(client, request_id)] = request.route

@@ -66,6 +66,7 @@ class Registration:
         self.reserved: dict[str, tuple[str | None, float]] = {}  # agent id -> (instance, until): see `_duplicate`
         # agent id -> (instance, model -> versions): alive at the manager, not registered here again yet (expect)
         self.expected: dict[str, tuple[str | None, dict[str, set[int]]]] = {}
+        self.answered = False  # the manager said which agents to expect (its answer at start-up)
 
     # ---- keys ---------------------------------------------------------------------------------------------------
 
@@ -183,6 +184,7 @@ class Registration:
         that do not parse are left out. An answer after the rejoin window changes nothing."""
         if now >= self.started + self.timings.rejoin_window or not isinstance(views, list):
             return
+        self.answered = True
         heard = 0
         for view in views:
             try:
@@ -201,6 +203,13 @@ class Registration:
                 f"(at most {self.timings.rejoin_window:g} s from the start)"
             )
         log.info("the manager hears %d agents, %d not registered here yet%s", heard, len(self.expected), held)
+
+    def serving(self, now: float) -> bool:
+        """Past the rejoin logic (what a client's BrokerHello says): no agent the manager named is still expected
+        back, and either the manager has answered or the warm-up window is over. Clients prefer a ready broker."""
+        if self.expected and now < self.started + self.timings.rejoin_window:
+            return False
+        return self.answered or not self.warming_up(now)
 
     def declared_dead(self, agent_id: str, instance: str | None) -> None:
         """The manager says the agent died: it will not register again, so its models' requests are held no longer."""
