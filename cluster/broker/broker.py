@@ -75,7 +75,7 @@ from cluster.protocol import (
 )
 from cluster.role_settings import BrokerSettings
 from cluster.settings import from_env
-from cluster.sockets import bound_address, drain, make_socket, send_frames
+from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
