@@ -31,8 +31,7 @@ What it guarantees (the Majordomo broker's gaps, fixed):
 - a client's CANCEL (found by client identity and id) takes its request out of the queue, or, in flight, is passed
   to its agent (which skips it if not started); whatever the agent answers then is dropped, the slot freed;
 - load shedding (Admission): a request that would wait longer than its model's bound is refused (OVERLOADED);
-- capacity per model: an agent that announces `model_capacity` holds at most that many requests of each model (and
-  at most `capacity` in all); one that does not gets `capacity` for every model;
+- capacity per model: at most `model_capacity` of a model at an agent (and `capacity` in all); else `capacity`;
 - a stalled agent (Stalls, judged per model) gets no new requests of that model until it answers one again;
 - hedging (Stalls): a request at one agent past `timings.hedge_after` gets a copy at another (same route); the
   first answer wins, the other copy is cancelled (its slot taken until it answers); a dead copy's twin carries on;
@@ -168,10 +167,8 @@ class Dispatcher:
             return out
         self.stats["requests"] += 1
         route = self.incarnation + next(self._routes).to_bytes(8, "big")
-        request = BrokerRequest(route, client, request_id, model, version, header_frame, tensors, now + timeout)
-        request.arrived = now
-        request.trace = trace
-        request.attempts = attempt
+        request = BrokerRequest(route, client, request_id, model, version, header_frame, tensors, now + timeout, now)
+        request.trace, request.attempts = trace, attempt
         self.requests[request.route] = request
         self.client_load[client] = load + 1
         self.by_client[(client, request_id)] = request.route
