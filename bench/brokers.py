@@ -89,15 +89,18 @@ class Traffic:
         outcomes = Counter(outcome for _, outcome in window)
         bins = Counter(int((t - since) / BIN) for t, outcome in window if outcome == "ok")
         longest = run = 0
+        longest_ends = 0
         for i in range(int((until - since) / BIN)):
             run = 0 if bins.get(i) else run + 1
-            longest = max(longest, run)
+            if run > longest:
+                longest, longest_ends = run, i + 1
         return {
             "answered": outcomes.get("ok", 0),
             "rate": outcomes.get("ok", 0) / max(until - since, 1e-9),
             "wrong": outcomes.get("wrong", 0),
             "failed": {k: v for k, v in outcomes.items() if k not in ("ok", "wrong")},
             "longest_gap_s": longest * BIN,
+            "longest_gap_ends_at": round(since + longest_ends * BIN, 2),  # monotonic: to compare with a fault's log
         }
 
     def total(self) -> int:
@@ -242,9 +245,11 @@ def restarts(two: TwoBrokers, victim: Proc, seconds: float = 120.0, every: float
         time.sleep(every)
         which = i % 2
         i += 1
+        killed = time.monotonic()
         two.cluster.kill(two.brokers[which])
         two.brokers[which] = two.cluster.restart(two.brokers[which])
         listening = time.monotonic()
+        log(f"killed {two.brokers[which].name} at {killed:.2f}, listening again at {listening:.2f}")
         with two.broker_client(which) as c:
             wait_until(lambda c=c: int(c.stats(timeout=2).get("requests", 0)) > 0, 30, "the restarted broker used")
         back.append(time.monotonic() - listening)

@@ -35,7 +35,7 @@ from cluster.errors import (
     InferenceTimeoutError,
     error_from_header,
 )
-from cluster.protocol import Command, ProtocolError
+from cluster.protocol import Command, ErrorCode, ProtocolError
 from cluster.role_settings import ClientSettings
 from cluster.settings import from_env
 from cluster.sockets import make_socket
@@ -74,6 +74,7 @@ class Call:
     model: str | None = None
     broker: bytes | None = None  # the name of the broker it goes to (None: waiting for a live one)
     sent: bool = False  # it went to `broker` (a resend clears it)
+    no_agent_at: set = field(default_factory=set)  # brokers that answered it NO_AGENT (it tries the others)
 
     @property
     def command(self) -> Command:
@@ -148,10 +149,12 @@ class ClientCore:
 
     # ---- brokers ------------------------------------------------------------------------------------------------
 
-    def _choose(self) -> BrokerState | None:
+    def _choose(self, avoid: set | None = None) -> BrokerState | None:
         """Where a new call goes: the live broker with the fewest of our calls outstanding, ready ones first (ties
-        rotate); None if no broker is live."""
+        rotate), none of `avoid`; None if no broker is live."""
         live = self.live
+        if avoid:
+            live = [b for b in live if b.name not in avoid]
         if len(live) == 1:
             return live[0]
         if not live:
@@ -266,8 +269,8 @@ class ClientCore:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.refused = None
         why = self._handshakes.on_event(event)
-        if why is None:
-            return []
+        if why is None or self.live:  # another broker serves us: a failure at one address is that address's (a cut
+            return []  # link, a broker restarting, one broker's wrong key), not a refusal of this client's key
         if not self.keyed:
             why += "; it runs with keys: pass key= (a key file from `cluster keys add`)"
         self.refused = AuthenticationError(f"{why} (broker {self.address})")
@@ -334,7 +337,10 @@ class ClientCore:
             return None, None  # a late or duplicate answer
         self._forget(call)
         if cmd == Command.ERROR:
-            return call, error_from_header(header)
+            error = error_from_header(header)
+            if error.code == ErrorCode.NO_AGENT and self._elsewhere(call):
+                return None, None  # another broker may have agents for it (this one lost its own: a cut link)
+            return call, error
         if "result" in header:
             return call, protocol.Answer.from_wire(header).result
         try:
@@ -351,6 +357,20 @@ class ClientCore:
             )
         except ProtocolError as exc:
             return call, ClusterError(f"malformed answer from the cluster: {exc}", call.model)
+
+    def _elsewhere(self, call: Call) -> bool:
+        """A broker answered `call` NO_AGENT: send it to a live broker that has not (no attempt counted: no agent
+        ran it). False if every live broker has: the answer stands."""
+        if call.broker is not None:
+            call.no_agent_at.add(call.broker)
+        broker = self._choose(call.no_agent_at)
+        if broker is None:
+            return False
+        self.calls[call.request_id] = call
+        call.broker, call.sent = broker.name, False
+        broker.calls.add(call.request_id)
+        self.resend.append(call)
+        return True
 
     def expired(self, now: float) -> list[tuple[Call, ClusterError]]:
         out = []

@@ -177,3 +177,26 @@ def test_a_client_without_a_broker_address_is_a_clear_error(bad):
 
     with pytest.raises(BadRequestError, match="no broker address"):
         ClientCore.for_client(bad or ",", 1.0, False)
+
+
+def no_agent(core: ClientCore, c, broker: bytes):
+    header = protocol.error_header(c.request_id, protocol.ErrorCode.NO_AGENT, "no live agent serves 'echo'", "echo")
+    return core.on_message([broker, *protocol.message(Command.ERROR, header)])
+
+
+def test_no_agent_at_one_broker_tries_the_others_before_it_stands():
+    """A broker that lost its agents (its link was cut, they have not registered again yet) answers NO_AGENT while
+    the other broker has them: the call goes there (no attempt counted: no agent ran it). Only when every live
+    broker says so does the caller get NoAgentAvailableError."""
+    core = core_with(b"b1", b"b2")
+    c = call(core)
+    first = c.broker
+    assert no_agent(core, c, first) == (None, None), "not the caller's answer yet"
+    (again,) = core.take_resend()
+    assert again is c and c.broker != first and attempt_of(c) == 0
+    answered, error = no_agent(core, c, c.broker)
+    assert answered is c and error.code == protocol.ErrorCode.NO_AGENT, "every broker said so: it stands"
+    assert core.calls == {} and core.take_resend() == []
+    single = core_with(b"b1")
+    c = call(single)
+    assert no_agent(single, c, b"b1")[0] is c, "with one broker, NO_AGENT is the answer at once"
