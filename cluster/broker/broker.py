@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import secrets
 import threading
 import time
 
@@ -52,6 +53,7 @@ from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
+from cluster.ports import is_any_port
 from cluster.protocol import (
     PREAMBLE,
     AgentDead,
@@ -74,7 +76,7 @@ from cluster.protocol import (
 )
 from cluster.role_settings import BrokerSettings
 from cluster.settings import from_env
-from cluster.sockets import bound_address, drain, make_socket, send_frames
+from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
@@ -98,6 +100,18 @@ def _malloc_trim():
 malloc_trim = _malloc_trim()
 
 
+def broker_name(settings: BrokerSettings) -> str:
+    """The broker's one name: its ROUTERs' routing id (set before they bind) and what its reports and metrics say.
+    --name, else host:port of its clients' address; on a port the OS picks (0, *) that port is not known before the
+    bind, so host:any-<random> (unique, as a port would be)."""
+    if settings.broker_name:
+        return settings.broker_name
+    address = settings.addresses.broker_clients
+    if is_any_port(address):
+        return default_broker_name(address.rsplit(":", 1)[0] + ":any-" + secrets.token_hex(4))
+    return default_broker_name(address)
+
+
 class Broker:
     def __init__(
         self,
@@ -115,6 +129,7 @@ class Broker:
         secured = security is not None
         if secured:
             security.start_authenticator(self.ctx)
+        self.name = broker_name(settings)
         self.clients = make_socket(
             self.ctx,
             zmq.ROUTER,
@@ -127,7 +142,7 @@ class Broker:
             self.ctx,
             zmq.ROUTER,
             bind=self.addresses.broker_agents,
-            identity=(settings.broker_name or default_broker_name(self.addresses.broker_clients)).encode(),
+            identity=self.name.encode(),
             handover=not secured,  # with keys, an identity is not handed over (see above)
             timings=self.timings,
             curve=security.server("agents") if secured else None,
@@ -170,7 +185,6 @@ class Broker:
         self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
         self._trims: list[float] = []  # when to call malloc_trim next
         self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
-        self.name = settings.broker_name or default_broker_name(bound_address(self.clients))
         self._report_seq = 0
         self._reported_agents: list[str] | None = None  # the agent list of our last report
         self.metrics = BrokerMetrics(self.name)
