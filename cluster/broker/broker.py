@@ -53,7 +53,6 @@ from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
-from cluster.ports import is_any_port
 from cluster.protocol import (
     PREAMBLE,
     AgentDead,
@@ -107,7 +106,7 @@ def broker_name(settings: BrokerSettings) -> str:
     if settings.broker_name:
         return settings.broker_name
     address = settings.addresses.broker_clients
-    if is_any_port(address):
+    if address.startswith("tcp://") and address.rsplit(":", 1)[-1] in ("0", "*"):
         return default_broker_name(address.rsplit(":", 1)[0] + ":any-" + secrets.token_hex(4))
     return default_broker_name(address)
 
