@@ -371,8 +371,6 @@ def default_broker_name(address: str) -> str:
     """A broker's name when --name does not give one: this host and the port of its clients' address (unique among
     the brokers of a cluster, stable across its restarts)."""
     port = address.rsplit(":", 1)[-1] if address.startswith("tcp://") else address.rsplit("/", 1)[-1]
-    if port in ("0", "*"):  # a port the OS picks is not known before the name must be (its routing id): the pid
-        port = f"pid{os.getpid()}"
     return f"{socket.gethostname()}:{port}"
 
 

@@ -124,7 +124,7 @@ class BrokerSettings:
     broker_name: str | None = setting(
         None,
         "This broker's name (its routing id at clients; unique among the cluster's brokers); default: host:port of "
-        "its clients' address.",
+        "its clients' address (on a port the OS picks: host:any-<random>).",
         flag="--name",
     )
     policy: str = setting(

@@ -52,9 +52,10 @@ def test_answers_finished_while_the_link_was_down_wait_for_the_broker_and_go_onl
     gate.known(OLD)
     gate.lost()
     mine, other, mine_too = answer(OLD, 1), answer(NEW, 2), answer(OLD, 3)
-    assert [gate.admit(a) for a in (mine, other, mine_too)] == [HOLD, HOLD, HOLD]
+    # (`other` names a broker the link never had: stale at once)
+    assert [gate.admit(a) for a in (mine, other, mine_too)] == [HOLD, STALE, HOLD]
     send, drop = gate.known(OLD)  # the same broker came back: its own answers go, in order
-    assert send == [mine, mine_too] and drop == [other]
+    assert send == [mine, mine_too] and drop == []
     assert gate.held == [] and gate.admit(answer(OLD, 4)) == SEND
 
 
@@ -79,11 +80,11 @@ def test_with_two_links_an_answer_goes_on_its_own_brokers_link_and_waits_while_a
     assert routes.admit(answer(OLD, 1)) == (SEND, a) and routes.admit(answer(NEW, 2)) == (SEND, b)
     gone = b"g" * protocol.INCARNATION_BYTES
     assert routes.admit(answer(gone, 3)) == (STALE, None)  # no link has that broker
-    routes.lost(b)  # b's broker dropped: its answers (and any unknown one's) wait; a's still go on a
+    routes.lost(b)  # b's broker dropped: its answers wait (a broker no link had is stale); a's still go on a
     for_b, other = answer(NEW, 4), answer(gone, 5)
-    assert routes.admit(for_b) == (HOLD, None) and routes.admit(other) == (HOLD, None)
+    assert routes.admit(for_b) == (HOLD, None) and routes.admit(other) == (STALE, None)
     assert routes.admit(answer(OLD, 6)) == (SEND, a)
-    assert routes.known(b, NEW) == ([for_b], [other])  # b is back, the same broker: its own go; every link is known
+    assert routes.known(b, NEW) == ([for_b], [])  # b is back, the same broker: its own go
     assert routes.held == []
 
 
@@ -102,3 +103,21 @@ def test_an_answer_held_for_one_link_is_not_sent_on_another_that_comes_back_firs
     assert routes.known(b, restarted) == ([], [])  # b's broker restarted: a is not known yet, so for_a waits
     assert routes.held == [for_a]
     assert routes.known(a, OLD) == ([for_a], [])
+
+
+def test_a_broker_down_for_good_does_not_keep_another_brokers_stale_answers():
+    """One link's broker never came up (down for good); the other's restarted. Answers for its old incarnation (in
+    flight at the restart, finished after) can go nowhere: dropped, not held for as long as the first stays down."""
+    routes = AnswerRoutes()
+    down, b = SimpleNamespace(), SimpleNamespace()
+    routes.add(down)
+    routes.add(b)
+    routes.known(b, OLD)
+    routes.lost(b)
+    before = answer(OLD, 1)
+    assert routes.admit(before) == (HOLD, None)  # b's broker may come back as the same one
+    assert routes.known(b, NEW) == ([], [before])  # it did not: b's old broker is gone
+    late = answer(OLD, 2)
+    assert routes.admit(late) == (STALE, None), "an answer for a broker no link has or may get back is dropped"
+    assert routes.admit(answer(NEW, 3)) == (SEND, b)
+    assert routes.held == []

@@ -265,6 +265,26 @@ def test_a_broker_reports_on_its_pub_numbered_and_at_once_when_its_agents_change
     assert 'cluster_broker_agents{broker="b-test"} 1.0' in text, text
 
 
+def test_a_broker_on_any_port_has_one_name_for_its_agents_router_and_its_reports():
+    """Port 0 without --name: the name its agents' ROUTER gives itself (set before the bind) is the one its reports
+    and metrics carry, and two such brokers on one host are not given the same ("host:0")."""
+    ctx = zmq.Context()
+    brokers = []
+    try:
+        for _ in range(2):
+            addresses = Addresses(broker_clients="tcp://127.0.0.1:0", broker_agents="tcp://127.0.0.1:0")
+            brokers.append(Broker(BrokerSettings(addresses=addresses), ctx=ctx))
+        for broker in brokers:
+            identity = broker.agents_sock.getsockopt(zmq.ROUTING_ID)
+            assert identity == broker.name.encode(), f"agents see {identity!r}, reports say {broker.name!r}"
+            assert broker.metrics.broker == broker.name
+        assert brokers[0].name != brokers[1].name, "two brokers on any port got one name"
+    finally:
+        for broker in brokers:
+            broker.close()
+        ctx.term()
+
+
 # ---- real processes ------------------------------------------------------------------------------------------------
 
 

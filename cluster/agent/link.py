@@ -55,9 +55,10 @@ SEND, HOLD, STALE = "send", "hold", "stale"  # AnswerRoutes.admit's verdicts
 
 class AnswerRoutes:
     """Sans-IO: which link each answer goes out on, for every link of the agent (one per broker). Each link's
-    `incarnation` is its broker's (None: not known since the link dropped, or not yet). An answer goes on the link
-    whose broker its route names; one that names no known broker is held while some link's broker is not known (it
-    may be that one, back), and is dropped as stale once every link's broker is known: never sent to another."""
+    `incarnation` is its broker's (None: not known since the link dropped, or not yet), `was` the one it had before it
+    dropped. An answer goes on the link whose broker its route names; one for the broker a dropped link had is held
+    until that link's broker is known again (sent if it is the same, dropped if not); any other is stale (its broker
+    is gone): never sent to another, and not held while some other link stays down."""
 
     def __init__(self) -> None:
         self.links: list = []
@@ -65,28 +66,35 @@ class AnswerRoutes:
         self.held: list[list] = []
 
     def add(self, link) -> None:
-        link.incarnation = None
+        link.incarnation = link.was = None
         self.links.append(link)
 
     def lost(self, link) -> None:
         """`link` dropped: the broker on its next connection is not known until it speaks."""
         if self.by_incarnation.get(link.incarnation) is link:
             del self.by_incarnation[link.incarnation]
+        if link.incarnation is not None:
+            link.was = link.incarnation
         link.incarnation = None
+
+    def awaited(self) -> set[bytes]:
+        """The brokers that dropped links had: each may be back on its link."""
+        return {link.was for link in self.links if link.incarnation is None and link.was is not None}
 
     def admit(self, answer: list) -> tuple[str, object]:
         """(SEND, the link), (HOLD, None): kept here until `known`, or (STALE, None): to drop."""
-        link = self.by_incarnation.get(answer[0][INCARNATION])
+        incarnation = answer[0][INCARNATION]
+        link = self.by_incarnation.get(incarnation)
         if link is not None:
             return SEND, link
-        if any(other.incarnation is None for other in self.links):
+        if incarnation in self.awaited():
             self.held.append(answer)
             return HOLD, None
         return STALE, None
 
     def known(self, link, incarnation: bytes) -> tuple[list[list], list[list]]:
         """The broker on `link` is `incarnation`: the held answers to send on it (its own), and those to drop (held
-        for a broker no link has, now that every link's broker is known)."""
+        for a broker no link may get back now)."""
         if incarnation == link.incarnation:
             return [], []
         self.lost(link)
@@ -94,11 +102,10 @@ class AnswerRoutes:
         self.by_incarnation[incarnation] = link
         if not self.held:
             return [], []
+        awaited = self.awaited()
         mine = [a for a in self.held if a[0][INCARNATION] == incarnation]
-        self.held = [a for a in self.held if a[0][INCARNATION] != incarnation]
-        if any(other.incarnation is None for other in self.links):
-            return mine, []
-        drop, self.held = self.held, []
+        drop = [a for a in self.held if a[0][INCARNATION] != incarnation and a[0][INCARNATION] not in awaited]
+        self.held = [a for a in self.held if a[0][INCARNATION] in awaited]
         return mine, drop
 
 

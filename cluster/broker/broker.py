@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import secrets
 import threading
 import time
 
@@ -100,6 +101,18 @@ def _malloc_trim():
 malloc_trim = _malloc_trim()
 
 
+def broker_name(settings: BrokerSettings) -> str:
+    """The broker's one name: its ROUTERs' routing id (set before they bind) and what its reports and metrics say.
+    --name, else host:port of its clients' address; on a port the OS picks (0, *) that port is not known before the
+    bind, so host:any-<random> (unique, as a port would be)."""
+    if settings.broker_name:
+        return settings.broker_name
+    address = settings.addresses.broker_clients
+    if address.startswith("tcp://") and address.rsplit(":", 1)[-1] in ("0", "*"):
+        return default_broker_name(address.rsplit(":", 1)[0] + ":any-" + secrets.token_hex(4))
+    return default_broker_name(address)
+
+
 class Broker:
     def __init__(
         self,
@@ -118,7 +131,7 @@ class Broker:
         if secured:
             security.start_authenticator(self.ctx)
         # Its routing id at clients (their ROUTER addresses it by name) and at agents: the bound side names itself
-        self.name = settings.broker_name or default_broker_name(self.addresses.broker_clients)
+        self.name = broker_name(settings)
         self.clients = make_socket(
             self.ctx,
             zmq.ROUTER,
