@@ -212,9 +212,10 @@ def at_agents(two: TwoBrokers, i: int) -> int | None:
 
 def kill(two: TwoBrokers, victim: Proc) -> dict:
     had = at_agents(two, 1)
+    killed = time.monotonic()
     two.cluster.kill(victim)
     log(f"kill -9 {victim.name}; it had {had} requests at agents")
-    return {"victim_at_agents": had}
+    return {"victim_at_agents": had, "fault_at": round(killed, 2)}
 
 
 def freeze(two: TwoBrokers, victim: Proc, down: float = 3.0) -> dict:

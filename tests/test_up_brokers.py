@@ -171,7 +171,7 @@ def test_cluster_up_with_two_brokers_serves_through_either_and_survives_one(shar
             local.stop_all()
         local = LocalCluster(share, tmp_path / "test", addresses=Addresses(**ready["addresses"]))
         client = local.client(timeout=15)
-        assert len(client.brokers()) == 2, client.brokers()
+        wait_for(lambda: len(client.brokers()) == 2, 10, "the client to hear from both brokers")
         with Load(client) as load:
             wait_for(lambda: load.served_since(0, 64), 30, "the load to get going" + log())
             name, pid = next(iter(_brokers(ready_path).items()))
