@@ -4,6 +4,13 @@ several ROUTER brokers when one broker is killed (kill -9) under load. Standalon
 of load, and the driver counts the runs whose client aborted (SIGABRT).
 
     python -m bench.zmq_router_abort --runs 40 [--immediate 0] [--no-events] [--blocking] [--brokers 3] ...
+
+The abort under load is rare (about 1 run in 40-130 here); `half-read` makes it certain: the client's ROUTER reads
+a broker's 3-frame message ahead (ZMQ_EVENTS), the broker is killed, the socket takes in its commands (ZMQ_EVENTS
+again), then the message is read. With ZMQ_IMMEDIATE=1 libzmq ends the dropped connection's pipe at once (the
+socket's hiccup handling) and the rest of the message is gone: abort. With 0 the message is read whole.
+
+    python -m bench.zmq_router_abort half-read --runs 5 --immediate 1
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import sys
 import time
 
 import zmq
-
 
 
 def broker(name: str, frames: int) -> None:
@@ -85,9 +91,6 @@ async def client_async(args, ports, kill_pid) -> None:
     sock, monitor = make_client(ctx, args, ports)
     names = [f"b{i}".encode() for i in range(len(ports))]
     st = State(names, args.in_flight)
-    if not args.probe:
-        for name in names:  # probe ourselves until each answers
-            pass
 
     def post(broker: bytes, frames: list) -> bool:
         try:
@@ -288,7 +291,12 @@ def options(parser: argparse.ArgumentParser) -> None:
 
 
 def forward(args) -> list[str]:
-    out = [f"--brokers={args.brokers}", f"--frames={args.frames}", f"--in-flight={args.in_flight}", f"--immediate={args.immediate}"]
+    out = [
+        f"--brokers={args.brokers}",
+        f"--frames={args.frames}",
+        f"--in-flight={args.in_flight}",
+        f"--immediate={args.immediate}",
+    ]
     out += [f"--before={args.before}", f"--after={args.after}"]
     for flag, on in (
         ("--no-events", not args.events),
@@ -308,7 +316,9 @@ def drive(args) -> None:
     for run in range(args.runs):
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "broker", f"b{i}", str(args.frames)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+                [sys.executable, __file__, "broker", f"b{i}", str(args.frames)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
             )
             for i in range(args.brokers)
         ]
@@ -339,7 +349,55 @@ def drive(args) -> None:
     print(f"RESULT {' '.join(forward(args))}: {aborts} aborts, {other} other failures in {args.runs} runs", flush=True)
 
 
+def half_read_once(immediate: int) -> None:
+    proc = subprocess.Popen([sys.executable, __file__, "broker", "b0", "3"], stdout=subprocess.PIPE)
+    port = proc.stdout.readline().strip().decode()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.IMMEDIATE, immediate)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    deadline = time.monotonic() + 10
+    while True:  # the broker knows no name for us: say hello until our ROUTER knows it (b0)
+        try:
+            sock.send_multipart([b"b0", b"Q", b"1", b"x"])
+            break
+        except zmq.ZMQError:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    while not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # read ahead: the reply's first frame
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.3)  # the disconnect reaches the socket's mailbox
+    sock.getsockopt(zmq.EVENTS)  # the socket takes in its commands
+    print(sock.recv_multipart(zmq.NOBLOCK), flush=True)
+    os._exit(0)
+
+
+def half_read(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--immediate", type=int, default=1)
+    args = parser.parse_args(argv)
+    aborts = 0
+    for _ in range(args.runs):
+        child = subprocess.run(
+            [sys.executable, __file__, "half-read-once", str(args.immediate)], capture_output=True, timeout=60
+        )
+        aborts += child.returncode == -signal.SIGABRT
+    print(f"RESULT half-read --immediate={args.immediate}: {aborts} aborts in {args.runs} runs", flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "half-read":
+        half_read(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "half-read-once":
+        half_read_once(int(sys.argv[2]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "broker":
         broker(sys.argv[2], int(sys.argv[3]))
         return
