@@ -395,7 +395,7 @@ class Client:
         with self._lock:
             self.core.on_connection(event, endpoint)
             refused = self.core.on_handshake(event) if event != zmq.EVENT_DISCONNECTED else []
-            peer = self.core.peer_for(endpoint)
+        peer = self.core.peer_for(endpoint)  # (may ask the resolver: not under the lock)
         self._fail(refused)
         if event == zmq.EVENT_DISCONNECTED:
             if peer is not None:  # that connection's broker is gone: what was outstanding there goes elsewhere
