@@ -224,8 +224,14 @@ class AsyncClient:
             while True:
                 message = parse_monitor_message(await monitor.recv_multipart())
                 event = message["event"]
-                self.core.on_connection(event, message.get("endpoint", b"").decode(errors="replace"))
+                endpoint = message.get("endpoint", b"").decode(errors="replace")
+                self.core.on_connection(event, endpoint)
+                peer = self.core.peer_for(endpoint)
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and peer is not None:
+                    self._post([peer, b""])  # a reconnection: the broker says hello (PROBE_ROUTER probes the first)
                 if event == zmq.EVENT_DISCONNECTED:
+                    if peer is not None:  # that connection's broker is gone: what was outstanding there goes elsewhere
+                        self._lost(peer)
                     self._check_until = time.monotonic() + CHECK_WINDOW
                     if checking is None or checking.done():
                         checking = asyncio.ensure_future(self._check())

@@ -391,13 +391,23 @@ class Client:
         except zmq.Again:
             return None
         event = message["event"]
+        endpoint = message.get("endpoint", b"").decode(errors="replace")
         with self._lock:
-            self.core.on_connection(event, message.get("endpoint", b"").decode(errors="replace"))
+            self.core.on_connection(event, endpoint)
             refused = self.core.on_handshake(event) if event != zmq.EVENT_DISCONNECTED else []
+        peer = self.core.peer_for(endpoint)  # (may ask the resolver: not under the lock)
         self._fail(refused)
         if event == zmq.EVENT_DISCONNECTED:
+            if peer is not None:  # that connection's broker is gone: what was outstanding there goes elsewhere
+                done: list = []
+                self._use(lambda sock: self._lost_locked(peer, done))
+                if done:
+                    resolve_all(done)
+                    _poke(self._lead_w)
             self._check_until = time.monotonic() + CHECK_WINDOW
             self._check()
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and peer is not None:
+            self._probe([peer])  # a reconnection: the broker says hello (PROBE_ROUTER probes only the first)
         return event
 
     def _check(self) -> None:

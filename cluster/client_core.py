@@ -4,17 +4,20 @@ the brokers (which are live, ready, and hold which calls); `Call` is one request
 zmq/auth layout).
 
 Several brokers (the Guide's Freelance model 3): the socket is a ROUTER connected to every broker address, and a
-broker is addressed by its name (its routing id), which it says in a READY BrokerHello when the client's socket
-probes it (ZMQ_PROBE_ROUTER, on every new connection). A new call goes to the live broker with the fewest of this
+broker is addressed by its address (the routing id the client gives each connection, ZMQ_CONNECT_ROUTING_ID); it
+says its name in a READY BrokerHello when the client probes it (ZMQ_PROBE_ROUTER on the first connection, the
+adapters on every later one). A new call goes to the live broker with the fewest of this
 client's calls outstanding (ready ones first: a broker still in its rejoin window only when no other is live), and
-remembers it. A broker is lost when a send to it finds it gone (EHOSTUNREACH), a check after a disconnect does, or
-it says hello with a new incarnation (it restarted): every call outstanding there is sent again at once to another
-broker (`resend`), with what is left of its deadline and its attempt count + 1 (one attempt budget across brokers).
+remembers it. A broker is lost when the socket monitor reports its connection dropped (`peer_for` the endpoint), a
+send to it finds it gone (EHOSTUNREACH), or it says hello with a new incarnation (it restarted): every call
+outstanding there is sent again at once to another broker (`resend`), with what is left of its deadline and its
+attempt count + 1 (one attempt budget across brokers).
 With no live broker, calls wait here (`Call.broker` None) until one says hello, or fail at their deadline."""
 
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -96,15 +99,17 @@ class Call:
 class BrokerState:
     """A broker this client has heard from (a READY BrokerHello)."""
 
-    name: bytes
+    name: bytes  # its routing id at the client's ROUTER: the address the client connected to
     incarnation: str
     ready: bool
     live: bool = True
     calls: set[int] = field(default_factory=set)  # ids of this client's calls outstanding there
+    label: str = ""  # the name it says in its hello
 
     def describe(self) -> dict:
         return {
-            "name": self.name.decode(errors="replace"),
+            "name": self.label or self.name.decode(errors="replace"),
+            "address": self.name.decode(errors="replace"),
             "incarnation": self.incarnation,
             "ready": self.ready,
             "live": self.live,
@@ -194,6 +199,7 @@ class ClientCore:
             broker = self.brokers[name] = BrokerState(name, hello.incarnation, hello.ready)
         was_live = broker.live
         broker.incarnation, broker.ready, broker.live = hello.incarnation, hello.ready, True
+        broker.label = hello.broker
         if not was_live or len(self.live) != sum(b.live for b in self.brokers.values()):
             self._update_live()
         waiting = [c for c in self.calls.values() if c.broker is None]
@@ -241,6 +247,26 @@ class ClientCore:
             self.up.add(endpoint)
         elif event == zmq.EVENT_DISCONNECTED:
             self.up.discard(endpoint)
+
+    def peer_for(self, endpoint: str) -> bytes | None:
+        """The routing id of the broker a monitor event's endpoint is the connection of (None if not one of ours).
+        libzmq names a connection by the address given to connect, but after a reconnect by the address resolved
+        (tcp://localhost:5555 becomes tcp://127.0.0.1:5555): then by the port, and if several share it, by host."""
+        if endpoint in self.addresses:
+            return endpoint.encode()
+        host, _, port = endpoint.rpartition(":")
+        same_port = [a for a in self.addresses if a.rpartition(":")[2] == port]
+        if len(same_port) == 1:
+            return same_port[0].encode()
+        ip = host.rpartition("/")[2].strip("[]")
+        for address in same_port:
+            name = address.rpartition(":")[0].rpartition("/")[2].strip("[]")
+            try:
+                if ip in {info[4][0] for info in socket.getaddrinfo(name, None)}:
+                    return address.encode()
+            except OSError:
+                continue
+        return None
 
     def wants_news(self) -> bool:
         """A broker may have news for us (a hello: one not live or not ready yet), so read even with no call waiting."""
@@ -419,30 +445,36 @@ def make_router(ctx: zmq.Context, address: str, security: BusSecurity | None) ->
     """The client's socket (a ROUTER connected to every broker in `address`, a comma list) and its monitor socket
     (attached before connecting: the first handshake's outcome counts, a refused key most of all).
 
-    ROUTER_MANDATORY: a send to a broker not connected raises EHOSTUNREACH (it is lost); ROUTER_HANDOVER: a restarted
-    broker takes its name back; PROBE_ROUTER: each new connection sends the broker an empty frame, which it answers
-    with its hello; IMMEDIATE: no pipe to a broker before its handshake (nothing queues for a broker that is down);
-    ZMTP heartbeats: a broker that froze or vanished without a reset is disconnected within CLIENT_LINK_TIMEOUT_S."""
+    Each connection's routing id is its address (CONNECT_ROUTING_ID): the monitor's events name the connection, so a
+    dropped one is the lost broker at once. ROUTER_MANDATORY: a send to an address not connected raises
+    EHOSTUNREACH; PROBE_ROUTER: the first connection sends the broker an empty frame, which it answers with its hello
+    (the adapters probe again on every later handshake); ZMTP heartbeats: a broker that froze or vanished without a
+    reset is disconnected within CLIENT_LINK_TIMEOUT_S.
+    Not IMMEDIATE: with it libzmq 4.3.5 ends a dropped connection's pipe at once, also in the middle of a message
+    the ROUTER already began reading (ZMQ_EVENTS, a poll), and aborts the process (`!_more`, fq.cpp:80; see
+    bench/zmq_router_abort.py). Without it the pipe outlives the connection: what is sent to a broker after its
+    connection dropped waits for it to come back (it is sent again elsewhere anyway)."""
     curve = security.client() if security is not None else None
     monitors = []
 
     def before_connect(sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.PROBE_ROUTER, 1)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
         monitors.append(sock.get_monitor_socket(CLIENT_EVENTS))
 
     sock = make_socket(
         ctx,
         zmq.ROUTER,
-        connect=address_list(address),
+        connect=[],
         hwm=100_000,
         linger=0,
-        handover=True,
         timings=CLIENT_TIMINGS,
         curve=curve,
         heartbeat=(CLIENT_LINK_HEARTBEAT_S, CLIENT_LINK_TIMEOUT_S),
         before_connect=before_connect,
     )
+    for one in address_list(address):
+        sock.setsockopt(zmq.CONNECT_ROUTING_ID, one.encode())
+        sock.connect(one)
     return sock, monitors[0]
 
 

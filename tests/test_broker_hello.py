@@ -39,13 +39,14 @@ def test_a_probe_gets_a_hello_with_the_brokers_name_and_incarnation_then_ready_w
         assert len(frames) == 2 and len(frames[1]) == 0
         broker.process_client(frames)
         name, hello = recv_hello(client)
-        assert name == b"b7" and hello.broker == "b7", "the broker's ROUTER names itself"
+        peer = addresses.broker_clients.encode()
+        assert name == peer and hello.broker == "b7", "the client names the connection by its address; hello: name"
         assert hello.incarnation == broker.dispatcher.incarnation.hex()
         assert not hello.ready, "just started: warming up, the manager has not said which agents to expect"
         assert list(broker.unready) == [frames[0].bytes]
 
-        # the client addresses the broker by its name; an empty frame at any time is a probe too
-        client.send_multipart([b"b7", b""])
+        # the client addresses the broker by its address; an empty frame at any time is a probe too
+        client.send_multipart([peer, b""])
         assert broker.clients.poll(5000)
         broker.process_client(broker.clients.recv_multipart(copy=False))
         assert recv_hello(client)[1].ready is False and len(broker.unready) == 1, "remembered once"
@@ -54,7 +55,7 @@ def test_a_probe_gets_a_hello_with_the_brokers_name_and_incarnation_then_ready_w
         assert broker.dispatcher.registration.serving(broker.dispatcher.started + 0.2)
         broker.tell_ready()
         name, hello = recv_hello(client)
-        assert name == b"b7" and hello.ready and broker.unready == {}
+        assert name == peer and hello.ready and broker.unready == {}
     finally:
         client.disable_monitor()
         monitor.close(0)

@@ -171,6 +171,32 @@ def test_suspect_while_fewer_connections_are_up_than_live_brokers():
     assert not core.suspect() and core.wants_news()
 
 
+def test_a_broker_is_addressed_by_its_address_and_described_by_its_name():
+    core = ClientCore(30.0, "tcp://127.0.0.1:5000,tcp://localhost:5001", False)
+    frames = [b"tcp://localhost:5001", *protocol.message(Command.READY, BrokerHello("b2", "aa").to_wire())]
+    core.on_message(frames)
+    assert core.describe_brokers() == [
+        {
+            "name": "b2",
+            "address": "tcp://localhost:5001",
+            "incarnation": "aa",
+            "ready": True,
+            "live": True,
+            "outstanding": 0,
+        }
+    ]
+    assert call(core).wire()[0] == b"tcp://localhost:5001"
+
+
+def test_a_monitor_endpoint_names_its_broker_also_after_a_reconnect_resolved_the_host():
+    core = ClientCore(30.0, "tcp://127.0.0.1:5000,tcp://localhost:5001,tcp://localhost:5000", False)
+    assert core.peer_for("tcp://127.0.0.1:5000") == b"tcp://127.0.0.1:5000"  # as given to connect
+    assert core.peer_for("tcp://localhost:5001") == b"tcp://localhost:5001"
+    assert core.peer_for("tcp://127.0.0.1:5001") == b"tcp://localhost:5001"  # resolved: the only one on its port
+    assert core.peer_for("tcp://10.9.8.7:5000") is None  # two on that port, neither host is that address
+    assert core.peer_for("tcp://127.0.0.1:6000") is None
+
+
 @pytest.mark.parametrize("bad", ["", " , "])
 def test_a_client_without_a_broker_address_is_a_clear_error(bad):
     from cluster.errors import BadRequestError

@@ -14,7 +14,10 @@ import concurrent.futures
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,3 +354,53 @@ def test_hammer_a_real_cluster_through_a_frozen_agent_and_a_broker_restart(clust
     restarter.join(60)
     assert stopped.is_set(), "the broker was restarted during the hammer"
     assert client.core.calls == {}
+
+
+DROPPED_MID_MESSAGE = """
+import time, zmq
+from zmq.utils.monitor import parse_monitor_message
+from cluster.client_core import make_router
+ctx = zmq.Context()
+broker = ctx.socket(zmq.ROUTER)
+broker.setsockopt(zmq.ROUTING_ID, b"b1")
+broker.setsockopt(zmq.LINGER, 0)
+port = broker.bind_to_random_port("tcp://127.0.0.1")
+sock, monitor = make_router(ctx, f"tcp://127.0.0.1:{port}", None)
+deadline = time.monotonic() + 10
+while not broker.poll(5):
+    sock.getsockopt(zmq.EVENTS)  # the client's socket takes in its new connection (and sends its probe)
+    assert time.monotonic() < deadline, "no probe from the client"
+client_id, _ = broker.recv_multipart()
+broker.send_multipart([client_id, b"one", b"two", b"three"])
+deadline = time.monotonic() + 10
+while not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the ROUTER reads the message's first frame ahead
+    assert time.monotonic() < deadline, "no message"
+    time.sleep(0.005)
+broker.close(0)
+while True:
+    assert monitor.poll(10_000), "no disconnect reported"
+    if parse_monitor_message(monitor.recv_multipart())["event"] == zmq.EVENT_DISCONNECTED:
+        break
+for _ in range(20):  # the socket takes in its commands (the dropped connection's among them) while mid-message
+    sock.getsockopt(zmq.EVENTS)
+    time.sleep(0.005)
+print(sock.recv_multipart(zmq.NOBLOCK)[1:])
+"""
+
+
+def test_a_connection_dropped_while_a_message_is_half_read_does_not_abort_the_client():
+    """The client's ROUTER has read the first frame of a broker's message ahead (ZMQ_EVENTS, as any poll does) when
+    that broker's connection drops: with ZMQ_IMMEDIATE, libzmq 4.3.5 ended the pipe at once and aborted the process
+    on the next frame (`!_more`, fq.cpp:80). Now the message is read whole. In a child process: an abort is a
+    failure here, not the end of the test session."""
+    child = subprocess.run(
+        [sys.executable, "-c", DROPPED_MID_MESSAGE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert child.returncode != -signal.SIGABRT, f"the client process aborted: {child.stderr[-2000:]}"
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == "[b'one', b'two', b'three']"
