@@ -83,6 +83,38 @@ class State:
         self.next += 1
         return self.live[self.next % len(self.live)]
 
+    def lost(self, broker: bytes, post) -> None:
+        """`broker` is gone: what was outstanding there is sent again (through `post`)."""
+        if broker in self.live:
+            self.live.remove(broker)
+        for rid, b in list(self.out.items()):
+            if b == broker:
+                self.send(rid, post)
+
+    def on_message(self, frames: list, post) -> None:
+        """A broker's hello (it is live: waiting requests go to it) or an answer (the next request goes out)."""
+        broker = frames[0]
+        if frames[1] == b"H":
+            if broker not in self.live:
+                self.live.append(broker)
+                for rid, b in list(self.out.items()):
+                    if b == b"":
+                        self.send(rid, post)
+            return
+        rid = frames[2]
+        if self.out.pop(rid, None) is None:
+            return
+        self.done += 1
+        self.send(str(self.done).encode() + b"-" + rid.split(b"-")[-1], post)
+
+    def send(self, rid: bytes, post) -> None:
+        broker = self.pick()
+        if broker is None:
+            self.out[rid] = b""
+            return
+        self.out[rid] = broker
+        post(broker, [b"Q", rid, b"x" * 64])
+
 
 async def client_async(args, ports, kill_pid) -> None:
     import zmq.asyncio
@@ -106,38 +138,14 @@ async def client_async(args, ports, kill_pid) -> None:
         raise exc
 
     def lost(broker: bytes) -> None:
-        if broker in st.live:
-            st.live.remove(broker)
-        for rid, b in list(st.out.items()):
-            if b == broker:
-                send(rid)
+        st.lost(broker, post)
 
     def send(rid: bytes) -> None:
-        broker = st.pick()
-        if broker is None:
-            st.out[rid] = b""
-            return
-        st.out[rid] = broker
-        post(broker, [b"Q", rid, b"x" * 64])
+        st.send(rid, post)
 
     async def reader() -> None:
-        counter = 0
         while True:
-            frames = await sock.recv_multipart()
-            broker = frames[0]
-            if frames[1] == b"H":
-                if broker not in st.live:
-                    st.live.append(broker)
-                    for rid, b in list(st.out.items()):
-                        if b == b"":
-                            send(rid)
-                continue
-            rid = frames[2]
-            if st.out.pop(rid, None) is None:
-                continue
-            st.done += 1
-            counter += 1
-            send(str(counter).encode() + b"-" + rid.split(b"-")[-1])
+            st.on_message(await sock.recv_multipart(), post)
 
     async def checker() -> None:
         while True:
@@ -194,19 +202,10 @@ def client_blocking(args, ports, kill_pid) -> None:
             raise
 
     def lost(broker: bytes) -> None:
-        if broker in st.live:
-            st.live.remove(broker)
-        for rid, b in list(st.out.items()):
-            if b == broker:
-                send(rid)
+        st.lost(broker, post)
 
     def send(rid: bytes) -> None:
-        broker = st.pick()
-        if broker is None:
-            st.out[rid] = b""
-            return
-        st.out[rid] = broker
-        post(broker, [b"Q", rid, b"x" * 64])
+        st.send(rid, post)
 
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -214,7 +213,6 @@ def client_blocking(args, ports, kill_pid) -> None:
         poller.register(monitor, zmq.POLLIN)
     started = None
     killed = None
-    counter = 0
     last_probe = 0.0
     while True:
         now = time.monotonic()
@@ -251,20 +249,7 @@ def client_blocking(args, ports, kill_pid) -> None:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                broker = frames[0]
-                if frames[1] == b"H":
-                    if broker not in st.live:
-                        st.live.append(broker)
-                        for rid, b in list(st.out.items()):
-                            if b == b"":
-                                send(rid)
-                    continue
-                rid = frames[2]
-                if st.out.pop(rid, None) is None:
-                    continue
-                st.done += 1
-                counter += 1
-                send(str(counter).encode() + b"-" + rid.split(b"-")[-1])
+                st.on_message(frames, post)
 
 
 def client(args) -> None:

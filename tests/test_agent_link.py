@@ -70,13 +70,19 @@ def test_a_new_broker_on_the_link_gets_none_of_the_old_ones_answers():
     assert gate.admit(answer(OLD, 2)) == STALE
 
 
-def test_with_two_links_an_answer_goes_on_its_own_brokers_link_and_waits_while_any_link_is_unknown():
+def two_links():
+    """AnswerRoutes over two links, a (broker OLD) and b (broker NEW)."""
     routes = AnswerRoutes()
     a, b = SimpleNamespace(), SimpleNamespace()
     routes.add(a)
     routes.add(b)
     routes.known(a, OLD)
     routes.known(b, NEW)
+    return routes, a, b
+
+
+def test_with_two_links_an_answer_goes_on_its_own_brokers_link_and_waits_while_any_link_is_unknown():
+    routes, a, b = two_links()
     assert routes.admit(answer(OLD, 1)) == (SEND, a) and routes.admit(answer(NEW, 2)) == (SEND, b)
     gone = b"g" * protocol.INCARNATION_BYTES
     assert routes.admit(answer(gone, 3)) == (STALE, None)  # no link has that broker
@@ -89,12 +95,7 @@ def test_with_two_links_an_answer_goes_on_its_own_brokers_link_and_waits_while_a
 
 
 def test_an_answer_held_for_one_link_is_not_sent_on_another_that_comes_back_first():
-    routes = AnswerRoutes()
-    a, b = SimpleNamespace(), SimpleNamespace()
-    routes.add(a)
-    routes.add(b)
-    routes.known(a, OLD)
-    routes.known(b, NEW)
+    routes, a, b = two_links()
     routes.lost(a)
     routes.lost(b)
     for_a = answer(OLD, 1)
