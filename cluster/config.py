@@ -100,6 +100,12 @@ AGENT_DRAIN_TIMEOUT_S = 10.0
 # Optional limit on an agent's resident memory (MiB; 0 = none): past it the agent drains and exits with EXIT_MEMORY
 # for its supervisor to restart it (a model that leaks). `cluster agent --max-memory`, CLUSTER_MAX_MEMORY.
 AGENT_MAX_MEMORY_MIB = 0
+# Canary rollouts (cluster/canary/, `cluster deploy --canary`, `cluster canary`): the defaults of a run
+CANARY_STEPS = (10, 50, 100)  # live weights in percent, one step after another; reaching 100 promotes the canary
+CANARY_STEP_SECONDS = 30.0  # the least time a step runs before it may pass (it also needs Criteria.min_requests)
+CANARY_FLOOR_SHARE = 0.25  # while mirroring, this share of the mirrored copies go to the stable version itself instead
+# (the noise floor that drift is judged against: batching and hardware make a version differ from itself)
+SHADOW_COMPARE_QUEUE = 256  # answer pairs waiting for the broker's comparison thread; past it a pair is not compared
 # An agent not connected to its broker warns in its log after this long, then again at doubling intervals up to the max
 AGENT_LINK_WARN_MAX_S = 60.0
 
@@ -212,6 +218,13 @@ class Timings:
         flag="--hang-factor",
     )
     hang_min: float = setting(10.0, "No call counts as hung sooner.", unit="s", check=at_least(0), flag="--hang-min")
+    canary_digest_interval: float = setting(
+        0.25,
+        "While a canary runs, each broker sends the manager its per-version counts this often (the judge looks "
+        "at each).",
+        unit="s",
+        check=at_least(0.01),
+    )
 
     @property
     def expiry(self) -> float:

@@ -522,8 +522,7 @@ class Agent:
         """Validate a REQUEST ([preamble + route, header, *tensors]) from `link`'s broker and run it inline or queue
         it for a worker; answer ERROR at once (on that link) if it cannot be served, BUSY past our capacity."""
         if len(frames) < 2 or len(route_frame) < protocol.ROUTE_BYTES:
-            bad_input.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
-            return
+            return bad_input.warning("agent %s: REQUEST without route and header dropped", self.agent_id)
         route = route_frame[: protocol.ROUTE_BYTES]  # answers carry the broker's key alone
         request_id = name = None
         try:
@@ -532,6 +531,7 @@ class Agent:
             request_id = protocol.message_id(header)  # for the answer, should the rest be wrong
             request = protocol.Request.from_wire(header)
             name, version = request.model, request.version
+            version = protocol.run_version_of(route_frame) if version is None else version  # (a canary split's)
             model = self.table.lookup(name, version)
             if model is None or self.draining:
                 what = f"model '{name}'" + (f" version {version}" if version is not None else "")

@@ -3,8 +3,10 @@
 `ModelTable` is the sans-IO part of the agent's model lifecycle: given the desired state it says which versions to
 load (`plan`), takes loaded versions in (`add_loaded`) and applies switches and unloads (`converge`). It never drops
 the version it serves by default until the desired version is ready to take over, so a rollout never leaves a gap,
-and a version that failed to load leaves the old one serving. Only the agent's I/O thread touches it; a version
-removed here stays alive for the requests still running on it (they hold a reference) and is freed after.
+and a version that failed to load leaves the old one serving. A canary version is served beside the default as
+soon as it is loaded and warm (never as the default: the brokers draw which unpinned requests run it). Only the
+agent's I/O thread touches it; a version removed here stays alive for the requests still running on it (they hold a
+reference) and is freed after.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class ModelTable:
         """The (name, version) pairs to load: wanted, not held, not loading, not failed already."""
         wanted = []
         for name, d in desired.models.items():
-            for version in (d.version, d.staged):
+            for version in (d.version, d.staged, d.canary.version if d.canary else None):
                 key = (name, version)
                 if (
                     version is not None
@@ -66,11 +68,14 @@ class ModelTable:
             staged = self.staged.setdefault(name, {})
             if d.version is not None and d.version in staged:  # the switch: new requests go to the new version
                 serving[d.version] = staged.pop(d.version)
+            canary = d.canary.version if d.canary is not None else None
+            if canary is not None and canary in staged:  # a canary is served as soon as it is warm (never the
+                serving[canary] = staged.pop(canary)  # default: the brokers send it its share, and pinned requests)
             if d.version in serving:
                 self.default[name] = d.version
             elif serving and self.default.get(name) not in serving:
                 self.default[name] = max(serving)
-            keep = {d.version, d.staged}
+            keep = {d.version, d.staged, canary}
             for version in [v for v in serving if v not in keep and v != self.default.get(name)]:
                 del serving[version]  # drained: running requests hold their own reference
             for version in [v for v in staged if v not in keep]:
@@ -83,7 +88,8 @@ class ModelTable:
         self.failed = {
             k: v
             for k, v in self.failed.items()
-            if k[0] in desired.models and k[1] in (desired.models[k[0]].version, desired.models[k[0]].staged)
+            if k[0] in desired.models
+            and (k[1] in (desired.models[k[0]].version, desired.models[k[0]].staged) or _is_canary(desired, *k))
         }
         return self.describe() != before
 
@@ -102,3 +108,8 @@ class ModelTable:
     def loaded_models(self):
         for versions in self.serving.values():
             yield from versions.values()
+
+
+def _is_canary(desired: DesiredState, name: str, version: int) -> bool:
+    canary = desired.models[name].canary
+    return canary is not None and canary.version == version

@@ -333,6 +333,10 @@ class Manager:
         self.check_publish(header)
         return Answer(requester[1], {"ok": True})
 
+    def query_canary(self, header: dict, requester: tuple, frames: list) -> Answer:
+        """canary, promote, abort (cluster/manager/canaries.py)."""
+        raise CommandError(ErrorCode.BAD_REQUEST, "canary rollouts are not built yet")
+
     QUERIES = {  # what the manager answers: QUERY `what` -> its handler
         What.AGENTS: query_agents,
         What.MODELS: query_models,
@@ -344,6 +348,9 @@ class Manager:
         What.UNDEPLOY: query_command,
         What.PUBLISH: query_publish,
         What.PUBLISH_CHECK: query_publish_check,
+        What.CANARY: query_canary,
+        What.PROMOTE: query_canary,
+        What.ABORT: query_canary,
     }
 
     # ---- publishing a model sent over the bus -------------------------------------------------------------------

@@ -94,6 +94,7 @@ TAG = b"MSB1"  # Model-Serving Bus, protocol version 1
 INCARNATION_BYTES = 8
 ROUTE_BYTES = INCARNATION_BYTES + 8
 REQUEST_ROUTE = struct.Struct(">16sdd")  # broker -> agent REQUEST: key, seconds left, seconds waited at the broker
+REQUEST_ROUTE_RUN = struct.Struct(">16sddi")  # ... and the version to run (a canary split's draw), for unpinned ones
 
 
 def broker_incarnation() -> bytes:
@@ -101,9 +102,13 @@ def broker_incarnation() -> bytes:
     return secrets.token_bytes(INCARNATION_BYTES)
 
 
-def request_route(key: bytes, seconds_left: float, waited_s: float) -> bytes:
-    """The route of a REQUEST the broker forwards (after its preamble): the agent answers with `key` alone."""
-    return REQUEST_ROUTE.pack(key, seconds_left, waited_s)
+def request_route(key: bytes, seconds_left: float, waited_s: float, run_version: int | None = None) -> bytes:
+    """The route of a REQUEST the broker forwards (after its preamble): the agent answers with `key` alone.
+    `run_version`: the version the agent runs for a request that names none (the broker's canary split draws it);
+    None: the model's default version."""
+    if run_version is None:
+        return REQUEST_ROUTE.pack(key, seconds_left, waited_s)
+    return REQUEST_ROUTE_RUN.pack(key, seconds_left, waited_s, run_version)
 
 
 def parse_request_route(frame: bytes) -> tuple[bytes, float, float]:
@@ -111,12 +116,25 @@ def parse_request_route(frame: bytes) -> tuple[bytes, float, float]:
     ProtocolError for any other length or a time that is not a finite number."""
     if len(frame) == ROUTE_BYTES:
         return frame, math.inf, 0.0
-    if len(frame) != REQUEST_ROUTE.size:
+    if len(frame) == REQUEST_ROUTE_RUN.size:
+        frame = frame[: REQUEST_ROUTE.size]
+    elif len(frame) != REQUEST_ROUTE.size:
         raise ProtocolError("bad route")
     key, left, waited = REQUEST_ROUTE.unpack(frame)
     if not (math.isfinite(left) and math.isfinite(waited)):
         raise ProtocolError("bad route: times must be finite")
     return key, left, waited
+
+
+def run_version_of(frame: bytes) -> int | None:
+    """The version a REQUEST's route tells the agent to run when the request names none (None: its default).
+    ProtocolError for a version below 1."""
+    if len(frame) != REQUEST_ROUTE_RUN.size:
+        return None
+    version = REQUEST_ROUTE_RUN.unpack(frame)[3]
+    if version < 1:
+        raise ProtocolError("bad route: the version to run must be >= 1")
+    return version
 
 
 AGENT_INSTANCE_CHARS = 16  # hex characters of an agent's instance token

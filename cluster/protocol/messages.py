@@ -233,6 +233,9 @@ class What(enum.StrEnum):
     PUBLISH = "publish"  # manager: {name, file, config?, version?} + the model file (one frame)
     PUBLISH_CHECK = "publish_check"  # manager: a publish judged without its file
     BROKERS = "brokers"  # manager: the live brokers [{name, incarnation, seq, gaps, heard_age, agents, load}]
+    CANARY = "canary"  # manager: {name, version, steps, step_seconds, shadow, shadow_only, retry, criteria}: start one
+    PROMOTE = "promote"  # manager: {name}: make the canary the stable version now
+    ABORT = "abort"  # manager: {name}: end the canary now; the stable version serves everything
 
 
 @dataclass
@@ -348,6 +351,7 @@ class EventKind(enum.StrEnum):
     AGENT_DEAD = "agent_dead"
     DESIRED = "desired"
     BROKER_REPORT = "broker_report"
+    CANARY_DIGEST = "canary_digest"
 
 
 @dataclass
@@ -420,7 +424,39 @@ class BrokerReport:
         )
 
 
-def parse_event(header: Mapping) -> AgentDead | Desired | BrokerReport | None:
+@dataclass
+class CanaryDigest:
+    """EVENT canary_digest, broker -> manager (on the broker's report PUB), every canary_digest_interval while the
+    broker counts a canary: per model, cluster.canary.digest.ModelDigest.to_wire() (cumulative for the canary run in
+    this broker incarnation, so a dropped one loses nothing). The manager checks the models' digests itself
+    (ModelDigest.from_wire), so that one malformed model's digest does not drop the others'."""
+
+    broker: str
+    incarnation: str  # hex
+    seq: int
+    models: dict  # model -> ModelDigest wire form
+    event = EventKind.CANARY_DIGEST
+
+    def to_wire(self) -> dict:
+        return {
+            "event": self.event.value,
+            "broker": self.broker,
+            "incarnation": self.incarnation,
+            "seq": self.seq,
+            "models": self.models,
+        }
+
+    @classmethod
+    def from_wire(cls, header: Mapping) -> CanaryDigest:
+        models = require(header, "models", dict)
+        if not all(isinstance(k, str) for k in models):
+            raise ProtocolError("each of 'models' must be named by a string")
+        return cls(
+            require(header, "broker", str), require(header, "incarnation", str), require(header, "seq", int), models
+        )
+
+
+def parse_event(header: Mapping) -> AgentDead | Desired | BrokerReport | CanaryDigest | None:
     """An EVENT's header as its class; None for an event this side does not know (a newer manager's: ignored).
     ProtocolError naming the field when a known one is malformed."""
     event = require(header, "event", str)
@@ -434,6 +470,8 @@ def parse_event(header: Mapping) -> AgentDead | Desired | BrokerReport | None:
         return Desired(header.get("state"))
     if event == EventKind.BROKER_REPORT:
         return BrokerReport.from_wire(header)
+    if event == EventKind.CANARY_DIGEST:
+        return CanaryDigest.from_wire(header)
     return None
 
 
