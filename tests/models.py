@@ -42,3 +42,55 @@ def slow_rounds_per_second() -> float:
         return 200_000 / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
+
+
+# ---- canary test models (issue 21): versions of one model that answer alike, fail, run slower or drift ----------
+
+CANARY_FLOATS = 4  # x is [N, CANARY_FLOATS]; a load generator puts a counter in x[:, 0]
+
+
+def canary_config(name: str, batching: bool = True) -> dict:
+    """config.json of a Scaled model: x FP32 [N, F] in, y FP32 [N, F] out; dynamic batching (up to 8, 1 ms) or none."""
+    return {
+        "name": name,
+        "platform": "torchscript",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
+        "max_batch_size": 8 if batching else 0,
+        "max_queue_delay_us": 1000 if batching else 0,
+        "instances": 1,
+    }
+
+
+class Scaled(torch.nn.Module):
+    """y = x * scale, deterministic, after `rounds` rounds of Slow's small matmul (a fixed cost per forward pass, so
+    per batch). fail_every > 0: raises for a batch holding a row whose x[i, 0] is a non-zero multiple of it (a load
+    generator that counts up makes 1/fail_every of its requests fail; the agent runs a failed batch's requests
+    alone, and the warm-up's zeros pass)."""
+
+    def __init__(self, scale: float = 2.0, rounds: int = 0, fail_every: int = 0) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.rounds = int(rounds)
+        self.fail_every = int(fail_every)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail_every > 0:
+            k = x[:, 0].to(torch.int64)
+            if bool(((k != 0) & (k % self.fail_every == 0)).any()):
+                raise RuntimeError("canary test model: this input fails on purpose")
+        w = torch.full((64, 64), 0.001)
+        y = torch.ones(1, 64)
+        for _ in range(self.rounds):
+            y = torch.tanh(y @ w)
+        return x * self.scale + y[0, 0] * 0.0
+
+
+def publish_canary_versions(share: Path, name: str, modules: list, batching: bool = True) -> list[int]:
+    """Publish each module in turn as the next version of `name` (v1 first): the versions."""
+    return [_publish_scripted(share, name, m, canary_config(name, batching)) for m in modules]
+
+
+def rounds_for_ms(ms: float) -> int:
+    """Rounds of Scaled (Slow's) for a forward pass of about `ms` on one torch thread here."""
+    return max(1, int(slow_rounds_per_second() * ms / 1e3))
