@@ -240,8 +240,9 @@ def raising_run(
         return figures
 
 
-def slow_run(workdir: Path, steps=(50, 100), in_flight: int = 8) -> dict:
-    """v2 does 3x the compute per forward pass (BASE_MS against 3 x BASE_MS): started at steps[0] percent."""
+def slow_run(workdir: Path, steps=(50, 100), in_flight: int = 4) -> dict:
+    """v2 does 3x the compute per forward pass (BASE_MS against 3 x BASE_MS): started at steps[0] percent. A light
+    load (`in_flight` 4, two agents): end-to-end times then show the compute, not the queue behind other batches."""
     base = rounds_for_ms(BASE_MS)
     with CanaryCluster(workdir, [Scaled(rounds=base), Scaled(rounds=3 * base)], batching=True) as cc:
         with Load(cc.cluster.addresses.broker_clients, in_flight=in_flight) as load:
