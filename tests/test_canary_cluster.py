@@ -84,8 +84,11 @@ def test_3x_slower_canary_is_rolled_back_on_latency_at_its_first_step(workdir, s
     assert f["rollback_weight"] == steps[0], f"rolled back at {f['rollback_weight']}%, not {steps[0]}%: {f}"
     assert "latenc" in (f["reason"] or "").lower(), f"not rolled back on latency: {f}"
     latency = ((f.get("looks") or {}).get("figures") or {}).get("latency") or {}
-    if latency:
-        assert latency.get("basis") == basis, f"latency judged on {latency.get('basis')}, not {basis}: {f}"
+    assert latency.get("basis") == basis, f"latency judged on {latency.get('basis')}, not {basis}: {f}"
+    # within one look of having enough answers (Criteria.latency_min, 30): the looks come every digest interval
+    # (0.25 s), each with about rate x weight x 0.25 more canary answers; two looks' worth of slack
+    one_look = f["rate"] * steps[0] / 100 * 0.25
+    assert latency["canary_n"] <= 30 + 2 * one_look + 5, f"decided after {latency['canary_n']} canary answers: {f}"
     assert f["failed"] == 0, f
     assert f["decide_s"] is not None and f["decide_s"] < 10, f
 
