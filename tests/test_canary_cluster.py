@@ -10,6 +10,8 @@ bench/canary.py's (`python3 -m bench.canary all` prints the same); here they are
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,7 +19,7 @@ from scipy.stats import binom
 
 from bench import canary as bench
 from bench.canary import CanaryCluster, Load, decision
-from tests.harness import wait_for
+from tests.harness import REPO_ROOT, wait_for
 from tests.models import Scaled
 
 pytestmark = pytest.mark.cluster
@@ -32,14 +34,32 @@ def workdir(tmp_path):
     return tmp_path
 
 
+def run_cli(cc: CanaryCluster, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args],
+        env=cc.cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+
+
 def test_good_canary_goes_10_50_100_with_no_failed_request_and_the_old_version_unloaded(workdir):
+    """Through the CLI: `cluster canary --wait` follows the run and exits 0 once promoted; `cluster rollouts` shows
+    its decisions."""
     with CanaryCluster(workdir, [Scaled(), Scaled()]) as cc:
         with Load(cc.cluster.addresses.broker_clients, in_flight=16, rate=400) as load:
             load.wait_answers(200)
-            started = cc.canary(2, steps=[10, 50, 100], step_seconds=1.0, criteria={"min_requests": 30})
-            assert started["version"] == 2 and started["stable"] == 1, started
-            status = cc.wait_done(2, timeout=60)
+            out = run_cli(cc, "canary", bench.MODEL, "--version", "2", "--canary", "10,50,100", "--step", "1s",
+                          "--min-requests", "30", "--wait")  # fmt: skip
+            print(f"\n$ cluster canary ... --wait\n{out.stdout}{out.stderr}")
+            assert out.returncode == 0, out.stdout + out.stderr
+            status = cc.wait_done(2, timeout=10)
             load.wait_answers(200)
+        shown = run_cli(cc, "rollouts", bench.MODEL)
+        print(f"$ cluster rollouts {bench.MODEL}\n{shown.stdout}{shown.stderr}")
+        assert shown.returncode == 0 and "promote" in shown.stdout, shown.stdout + shown.stderr
         summary = load.summary()
         print(f"\ngood canary: {summary}; decisions {[(d['decision'], d['weight']) for d in status['decisions']]}")
         assert status["outcome"] == "promoted", status
