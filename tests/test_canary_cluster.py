@@ -186,7 +186,7 @@ def test_canary_share_at_10_percent_within_binomial_bounds(workdir):
         low, high = binom.ppf(0.0005, n, 0.1), binom.ppf(0.9995, n, 0.1)
         print(f"\ncanary answered {canary} of {n} unpinned requests at weight 10% (99.9% bounds {low:.0f}..{high:.0f})")
         assert all(r[3] == "ok" for r in records), [r for r in records if r[3] != "ok"][:5]
-        assert low <= canary <= high, f"{canary} of {n} outside [{low}, {high}]"
+        assert low <= canary <= high, f"{canary} of {n} outside [{low}, {high}]; the run: {cc.status()}"
         pinned = [r for r in records if r[2] not in (1, 2)]
         assert not pinned, pinned[:5]
 
