@@ -116,8 +116,8 @@ def digest_at(sim: dict, run: int, look: int) -> StepDigest:
 
 
 def run_judged(sc: Scenario, runs: int, seed: int, criteria: Criteria | None = None, chunk: int = 100) -> list[dict]:
-    """Each run through the Judge look by look: [{decision: "rollback" | "promote" | "none", at (s), step,
-    canary_requests, canary_failures, requests, reason}]."""
+    """Each run through the Judge look by look: [{decision, at (s), reason, ...}]: "rollback" (with step,
+    canary_requests, canary_failures, requests), "promote" (the last step passed) or "none" (it did not)."""
     judge = Judge(criteria)
     rng = np.random.default_rng(seed)
     looks = int(round(sc.step_seconds / sc.look))
@@ -133,6 +133,7 @@ def run_judged(sc: Scenario, runs: int, seed: int, criteria: Criteria | None = N
 def _one_run(judge: Judge, sc: Scenario, sims: list[dict], r: int, looks: int) -> dict:
     done: dict[int, StepDigest] = {}
     failures = canary = requests = 0
+    passes = 0
     for k, (weight, sim) in enumerate(zip(sc.weights, sims)):
         for t in range(looks):
             current = digest_at(sim, r, t)
@@ -150,11 +151,14 @@ def _one_run(judge: Judge, sc: Scenario, sims: list[dict], r: int, looks: int) -
                         "requests": requests + c.answered + s.answered,
                         "reason": verdict.reason,
                     }
+                passes += verdict.decision == "pass"
                 failures, canary = failures + c.errors, canary + c.answered
                 requests += c.answered + s.answered
                 done[k] = current
                 break
-    return {"decision": "none", "at": len(sc.weights) * sc.step_seconds, "step": len(sc.weights) - 1}
+    # every step passed: the next weight would be 100 and the manager would promote
+    decision = "promote" if passes == len(sc.weights) else "none"
+    return {"decision": decision, "at": len(sc.weights) * sc.step_seconds, "reason": ""}
 
 
 def error_test_false_rollbacks(sc: Scenario, runs: int, seed: int, alpha: float = Criteria.alpha) -> int:

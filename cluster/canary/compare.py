@@ -41,7 +41,9 @@ def _float_errors(a: np.ndarray, b: np.ndarray, atol: float) -> tuple[float, flo
     diff[np.isnan(diff)] = np.inf
     if not diff.size:
         return 0.0, 0.0
-    rel = diff / np.maximum(np.abs(a64), atol)
+    with np.errstate(invalid="ignore"):
+        rel = diff / np.fmax(np.abs(a64), atol)  # fmax: a NaN in stable's answer divides by atol
+    rel[np.isnan(rel)] = np.inf  # inf / inf: an infinite stable value against a finite one
     return float(diff.max()), float(rel.max())
 
 
