@@ -115,7 +115,7 @@ def digest_at(sim: dict, run: int, look: int) -> StepDigest:
     return step
 
 
-def run_judged(sc: Scenario, runs: int, seed: int, criteria: Criteria | None = None, chunk: int = 100) -> list[dict]:
+def run_judged(sc: Scenario, runs: int, seed: int, criteria: Criteria | None = None, chunk: int = 25) -> list[dict]:
     """Each run through the Judge look by look: [{decision, at (s), reason, ...}]: "rollback" (with step,
     canary_requests, canary_failures, requests), "promote" (the last step passed) or "none" (it did not)."""
     judge = Judge(criteria)

@@ -5,12 +5,16 @@ canary_digest_interval per broker); the judge keeps no state between looks (it r
 restarted manager judges the same from the same counts, and looking often does not inflate false rollbacks: the
 error test is anytime-valid (a mixture sequential probability ratio test, Lindon et al., KDD 2022).
 
-- Errors: which version each error came from, given the traffic split, against the mixture Bayes factor; rolled back
-  when it passes 1/alpha.
+- Errors: which version each failure (error or timeout) came from, given each step's split, against the mixture
+  Bayes factor (stats.py: a one-sided Beta mixture, one factor per step, multiplied); rolled back when it passes
+  1/alpha.
 - Latency: Mann-Whitney U from the two service-time histograms (or, at weights below `compute_below`, the per-batch
   compute times at equal batch sizes, since a small canary's batches fill more slowly), with a minimum effect (median
-  or p99 ratio past `latency_ratio`), as Kayenta pairs significance with effect size.
-- Shadow: pairs beyond tolerance, judged against the stable version mirrored to itself (the noise floor).
+  or p99 ratio past `latency_ratio`), as Kayenta pairs significance with effect size. Only the current step's
+  times count. This test is not anytime-valid: its small alpha and the minimum effect keep A/A rollbacks rare
+  (bench/canary_judge.py measures it).
+- Shadow: pairs beyond tolerance (relative error past max(rtol, 10 x the floor's p99)), mismatched, inexact or
+  failed, and top-1 disagreements, less the same share for the stable version mirrored to itself (the noise floor).
 - A step passes with enough exposure (min_requests canary answers and step_seconds) and no rejection.
 """
 
