@@ -244,9 +244,8 @@ def main(argv=None) -> None:
         f"bound alpha + 4 sigma = {alpha + 4 * sigma:.4f}  ({time.monotonic() - began:.0f} s)"
     )
     print()
-    print(
-        f"Time to roll back a canary at 10% (of 1,000 req/s unless said), looks every 0.25 s, {args.decision_runs} runs:"
-    )
+    runs = args.decision_runs
+    print(f"Time to roll back a canary at 10% (of 1,000 req/s unless said), looks every 0.25 s, {runs} runs:")
     header = ("errors canary vs stable", "decided", "median s", "p90 s", "max s", "canary requests", "canary failures")
     print("| " + " | ".join(header) + " |")
     print("| --- " * len(header) + "|")
