@@ -1,8 +1,9 @@
 """The canary judge on simulated traffic (issue 21, test 7): its false rollback rate over A/A runs, and how long it
-takes to roll back canaries that fail more often than stable. In-process, seeded, a few seconds to a minute.
+takes to roll back canaries that fail more often than stable. In-process and seeded:
 
-    PYTHONPATH=. python3 bench/canary_judge.py [--runs 2000] [--step 30] [--decision-runs 200]   # about 3 minutes
-                                                                                   # (--step 2: 15 s)
+    PYTHONPATH=. python3 bench/canary_judge.py [--runs 2000] [--step 30] [--decision-runs 200]
+
+takes 3-4 minutes on a loaded 2-core machine (`--step 2`: about 30 s).
 
 Each simulated run sends `rate` requests a second; each goes to the canary with the step's weight; each fails with its
 version's error rate; answers get a batch size, a compute time and a queue wait (a version's batches fill more slowly
