@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import zmq
 
 from bench.canary_judge import (
     CANARY,
@@ -258,7 +259,14 @@ def test_compare_integers_exactly_and_frames_of_any_kind():
     compare(_reply(k=labels), _reply(k=labels.copy()), d, Criteria())
     compare(_reply(k=labels), [memoryview(f) if i else f for i, f in enumerate(_reply(k=labels + 1))], d, Criteria())
     compare(_reply(ok=np.array([True, False])), _reply(ok=np.array([True, False])), d, Criteria())
-    assert (d.pairs, d.exact_pairs, d.exact, d.mismatched) == (3, 3, 2, 0) and not d.rel_err
+    compare(_reply(k=labels), [zmq.Frame(bytes(f)) for f in _reply(k=labels)], d, Criteria())  # as received
+    assert (d.pairs, d.exact_pairs, d.exact, d.mismatched) == (4, 4, 3, 0) and not d.rel_err
+
+    half = np.array([[0.5, 0.25], [1.0, 2.0]], np.float16)
+    d = _compare(_reply(h=half), _reply(h=half * np.float16(1.5)))
+    assert (d.mismatched, d.top1_rows, d.top1_agree) == (0, 2, 2)
+    (rel_bucket,) = d.rel_err
+    assert histogram.lower(rel_bucket, 1e-12) <= 0.5 < histogram.lower(rel_bucket + 1, 1e-12)
 
 
 @pytest.mark.parametrize(
