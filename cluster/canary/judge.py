@@ -129,15 +129,15 @@ def _version_figures(d: VersionDigest) -> dict:
 
 def _bad_share(d: ShadowDigest, threshold: float) -> tuple[int, float]:
     """(pairs beyond tolerance, the share of compared answers that disagree): float pairs whose max relative error
-    is past `threshold` (whole buckets only), mismatched pairs, inexact integer pairs, failed mirrors, plus the
-    share of [N, C] rows whose top-1 differs."""
+    is past `threshold` (whole buckets only), mismatched pairs, inexact integer pairs, failed mirrors; or, when
+    higher, the share of [N, C] rows whose top-1 differs."""
     beyond = sum(n for b, n in d.rel_err.items() if histogram.lower(b, histogram.ERROR_BASE) >= threshold)
     total = d.pairs + d.errors
     if not total:
         return beyond, 0.0
     bad = min(total, beyond + d.mismatched + (d.exact_pairs - d.exact) + d.errors)
     top1 = (d.top1_rows - d.top1_agree) / d.top1_rows if d.top1_rows else 0.0
-    return beyond, bad / total + top1
+    return beyond, max(bad / total, top1)  # a changed top-1 is mostly also a pair beyond: not added twice
 
 
 class Judge:
@@ -241,7 +241,7 @@ class Judge:
         ratio = max(median or 0.0, p99 or 0.0)
         if p > c.latency_alpha or ratio < c.latency_ratio:
             return None
-        which = "median" if (median or 0.0) >= c.latency_ratio else "p99"
+        which, ratio = ("median", median) if (median or 0.0) >= c.latency_ratio else ("p99", p99)
         return (
             f"latency ({basis} times): canary {which} {ratio:.2f}x stable's (>= {c.latency_ratio:g}x), "
             f"Mann-Whitney z {z:.1f}, p {p:.2g} <= {c.latency_alpha:g}"
