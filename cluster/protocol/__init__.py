@@ -2,6 +2,7 @@
 who sends what; messages.py one class per message header with to_wire()/from_wire(). A package because one module
 would pass 600 lines; the names below are its interface."""
 
+from cluster.protocol.events import AgentDead, BrokerReport, CanaryDigest, Desired, EventKind, parse_event
 from cluster.protocol.frames import (
     AGENT_INSTANCE_CHARS,
     DATATYPE_ITEMSIZE,
@@ -42,17 +43,12 @@ from cluster.protocol.frames import (
 from cluster.protocol.messages import (
     MAX_ATTEMPT,
     MAX_REQUEST_TIMEOUT_S,
-    AgentDead,
     Answer,
     BrokerBeat,
     BrokerHello,
-    BrokerReport,
-    CanaryDigest,
     Cancel,
-    Desired,
     Disconnect,
     Error,
-    EventKind,
     Heartbeat,
     Query,
     Reply,
@@ -62,7 +58,6 @@ from cluster.protocol.messages import (
     error_header,
     message_id,
     models_view,
-    parse_event,
 )
 
 __all__ = [
