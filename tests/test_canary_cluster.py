@@ -175,7 +175,9 @@ def test_manager_killed_mid_canary_brokers_keep_the_split_the_breaker_trips_and_
 def test_canary_share_at_10_percent_within_binomial_bounds(workdir):
     n = 2000
     with CanaryCluster(workdir, [Scaled(), Scaled()]) as cc:
-        cc.canary(2, steps=[10, 100], step_seconds=600.0)
+        # the split is under test, not the judge: no latency verdict (at full load, an identical sub-millisecond
+        # model's per-batch compute times differed by 1.5x and more at the 10% step: the judge rolled it back)
+        cc.canary(2, steps=[10, 100], step_seconds=600.0, criteria={"latency_ratio": 1000})
         cc.wait_running(2)
         with Load(cc.cluster.addresses.broker_clients, in_flight=8) as probe:  # the brokers have the weight
             probe.wait_answers(1, version=2)
