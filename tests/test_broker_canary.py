@@ -20,7 +20,7 @@ from cluster.broker import Dispatcher
 from cluster.broker.routing import RoundRobin
 from cluster.broker.shadow import ShadowComparer
 from cluster.canary.digest import ModelDigest, ShadowDigest
-from cluster.config import Timings
+from cluster.config import Addresses, Timings
 from cluster.desired import Canary, DesiredState, ModelDeployment
 from cluster.protocol import (
     PREAMBLE,
@@ -33,7 +33,7 @@ from cluster.protocol import (
     run_version_of,
     unpack_header,
 )
-from tests.test_broker_logic import HEADER, T, TENSOR, client_errors, ready, route_key
+from tests.test_broker_logic import HEADER, TENSOR, T, ready, route_key
 
 TIMINGS = Timings(heartbeat_interval=1.0, liveness=3, max_dispatch_attempts=3, broker_queue_limit=100)
 
@@ -443,4 +443,78 @@ def test_the_metrics_count_answers_retries_and_decisions_once():
 
 @pytest.mark.cluster
 def test_a_broker_sends_canary_digests_and_agents_run_the_version_drawn(tmp_path):
-    pytest.skip("filled in below")
+    """A real broker and two real agents on a share whose desired state has a canary of `echo` v2 at 50% with a
+    mirror: the test plays the manager's event plane (it publishes the desired state and hears on the manager's
+    heartbeat address), so it sees the broker's canary_digest events."""
+    import numpy as np
+    import torch
+
+    from cluster.demo_models import ECHO_CONFIG, make_echo
+    from cluster.protocol import Desired, message
+    from cluster.publish import publish_version
+    from tests.harness import LocalCluster, wait_for
+
+    share, model_file = tmp_path / "share", tmp_path / "echo.pt"
+    share.mkdir()
+    torch.jit.save(make_echo(), str(model_file))
+    assert [publish_version(share, "echo", model_file, dict(ECHO_CONFIG)) for _ in range(2)] == [1, 2]
+    canary = Canary(2, [50], "c1", phase="running", shadow=0.5)
+    state = DesiredState({"echo": ModelDeployment(1, canary=canary)}, generation=1)
+    state.save(share)  # the agents read it at start (no manager)
+    ctx = zmq.Context()
+    events, heard, queries = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB), ctx.socket(zmq.ROUTER)
+    heard.subscribe(b"")
+    host = "tcp://127.0.0.1"
+    bound = {s: f"{host}:{s.bind_to_random_port(host)}" for s in (events, heard, queries)}
+    addresses = Addresses(
+        broker_clients=f"{host}:0",
+        broker_agents=f"{host}:0",
+        manager_heartbeats=bound[heard],
+        manager_events=bound[events],
+        manager_queries=bound[queries],
+    )
+    cluster = LocalCluster(
+        share, tmp_path / "logs", addresses=addresses, extra_env={"CLUSTER_CANARY_DIGEST_INTERVAL": "0.1"}
+    )
+    digests = []
+
+    def digest_heard():
+        """Publish the desired state (the broker takes it whenever it comes) and read what the broker sent."""
+        events.send_multipart(message(Command.EVENT, Desired(state.to_wire()).to_wire()))
+        while heard.poll(0):
+            header = msgpack.unpackb(heard.recv_multipart()[1])
+            if header.get("event") == "canary_digest":
+                digests.append(header)
+        return digests and digests[-1]
+
+    try:
+        cluster.start_broker()
+        cluster.start_agents(2)
+        cluster.wait_for_agents(2, model="echo")
+        with cluster.client(timeout=10) as client:
+            wait_for(lambda: client.models().get("echo", {}).get("versions") == [1, 2], 30, "agents serving v1 and v2")
+            wait_for(digest_heard, 30, "a canary_digest event from the broker")
+            x = np.ones((1, 4), dtype=np.float32)
+            versions = [client.infer("echo", {"x": x}).version for _ in range(200)]
+            pinned = {client.infer("echo", {"x": x}, version=1).version for _ in range(20)}
+        assert pinned == {1}
+        assert 60 <= versions.count(2) <= 140 and versions.count(1) + versions.count(2) == 200, versions
+
+        def counted():
+            last = digest_heard()
+            digest = ModelDigest.from_wire(last["models"]["echo"])
+            step = digest.step(0)
+            return (step.version(1).ok, step.version(2).ok) == (versions.count(1), versions.count(2)) and digest
+
+        digest = wait_for(counted, 10, "a digest counting every answer by the version that ran it")
+        assert digest.canary == "c1" and digest.weight == 50 and digest.tripped is None
+        step = digest.step(0)
+        assert step.version(2).errors == 0 and sum(step.version(2).service.values()) == versions.count(2)
+        assert step.shadow.sent + step.floor.sent + step.shadow.skipped + step.floor.skipped > 0, "mirrors drawn"
+        assert digests[-1]["broker"] and digests[-1]["seq"] > digests[0]["seq"]
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
+        ctx.destroy(linger=0)
