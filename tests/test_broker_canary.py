@@ -18,7 +18,6 @@ import zmq
 
 from cluster.broker import Dispatcher
 from cluster.broker.routing import RoundRobin
-from cluster.broker.shadow import ShadowComparer
 from cluster.canary.digest import ModelDigest, ShadowDigest
 from cluster.config import Addresses, Timings
 from cluster.desired import Canary, DesiredState, ModelDeployment
@@ -343,6 +342,8 @@ def test_the_floor_mirrors_the_stable_version_to_itself_and_a_canary_request_is_
 
 
 def test_the_comparison_thread_counts_pairs_and_drops_past_its_queue(monkeypatch):
+    from cluster.broker.shadow import ShadowComparer
+
     d = shadow_dispatcher(a1=[1, 2], a2=[1, 2])
     gate = threading.Event()
     seen = []
@@ -384,6 +385,8 @@ def test_the_comparison_thread_counts_pairs_and_drops_past_its_queue(monkeypatch
 
 
 def test_until_compare_lands_a_pair_counts_as_not_compared():
+    from cluster.broker.shadow import ShadowComparer
+
     d = shadow_dispatcher(a1=[1, 2], a2=[1, 2])
     (stable, mirror) = requests_sent(ask(d, 0))
     reply(d, mirror[0], mirror[1])
