@@ -57,6 +57,7 @@ class CanaryRun:
     def follow(self, stable: int, canary, criteria: Criteria) -> None:
         """The desired state's news for this run: its step, weight, shadow fraction, retry and criteria."""
         self.stable, self.step, self.desired_weight = stable, canary.step, canary.weight
+        self.counts = self.digest.step(canary.step).versions  # version -> its VersionDigest at the current step
         self.shadow, self.retry, self.shadow_only, self.criteria = (
             canary.shadow,
             canary.retry,
@@ -206,7 +207,9 @@ class CanarySplit:
         run: CanaryRun = request.canary
         version = request.run_version
         canary = version == run.version and version != run.stable
-        digest = run.digest.step(run.step).version(version)
+        digest = run.counts.get(version)
+        if digest is None:
+            digest = run.digest.step(run.step).version(version)
         if code is None:
             digest.ok += 1
             self._outcome(run.model, version, "ok")
