@@ -224,7 +224,9 @@ def test_the_breaker_trips_after_failures_in_a_row_and_holds_whatever_the_desire
     state = desired((100,), breaker_consecutive=5)
     d.canary.update(state)
     assert run_canary_answers(d, [True] * 4 + [False] + [True] * 5) == [2] * 10
+    assert d.canary.tripped_news, "the broker sends a digest at once: the manager rolls back sooner"
     digest = ModelDigest.from_wire(d.canary.wire_digests()["m"])
+    assert not d.canary.tripped_news
     assert digest.tripped == "5 canary failures in a row" and digest.weight == 0
     assert digest.step(0).version(2).errors == 9
     assert set(run_canary_answers(d, [False] * 20, start=100)) == {1}, "weight 0 here once tripped"

@@ -269,7 +269,7 @@ class Broker:
                         self.report_to_manager()
                     else:
                         self.report_if_agents_changed()
-                    if self.dispatcher.canary.runs and now >= next_digest:
+                    if self.dispatcher.canary.runs and (now >= next_digest or self.dispatcher.canary.tripped_news):
                         next_digest = now + self.timings.canary_digest_interval
                         self.send_canary_digest()
         finally:

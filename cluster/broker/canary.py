@@ -107,6 +107,7 @@ class CanarySplit:
         self._seen_decisions: set[tuple] = set()
         self._past_shadow: dict[tuple[str, str], list[int]] = {}  # (model, kind) -> [pairs, mismatched] of old runs
         self.not_compared = {"queue full": 0, "compare failed": 0}  # shadow pairs (shadow.py counts them)
+        self.tripped_news = False  # a breaker tripped since the last digest: the broker sends one at once
 
     # ---- the desired state ------------------------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class CanarySplit:
             why = f"{run.window_failures} of the last {len(window)} canary answers failed"
         else:
             return
-        run.tripped = why
+        run.tripped, self.tripped_news = why, True
         log.warning(
             "circuit breaker: canary %s of model %s version %d stopped here (weight 0): %s",
             run.id,
@@ -329,7 +330,7 @@ class CanarySplit:
 
     def wire_digests(self) -> dict:
         """{model: ModelDigest wire form} of every running canary: EVENT canary_digest's `models`."""
-        models = {}
+        models, self.tripped_news = {}, False
         with self.lock:
             for name, run in self.runs.items():
                 run.digest.tripped, run.digest.weight = run.tripped, run.weight
