@@ -458,6 +458,7 @@ def test_a_broker_sends_canary_digests_and_agents_run_the_version_drawn(tmp_path
     from cluster.protocol import Desired, message
     from cluster.publish import publish_version
     from tests.harness import LocalCluster, wait_for
+    from tests.test_broker_reports import metric
 
     share, model_file = tmp_path / "share", tmp_path / "echo.pt"
     share.mkdir()
@@ -493,7 +494,7 @@ def test_a_broker_sends_canary_digests_and_agents_run_the_version_drawn(tmp_path
         return digests and digests[-1]
 
     try:
-        cluster.start_broker()
+        broker = cluster.start_broker("--name", "b1", "--metrics-port", "-1")
         cluster.start_agents(2)
         cluster.wait_for_agents(2, model="echo")
         with cluster.client(timeout=10) as client:
@@ -516,7 +517,11 @@ def test_a_broker_sends_canary_digests_and_agents_run_the_version_drawn(tmp_path
         step = digest.step(0)
         assert step.version(2).errors == 0 and sum(step.version(2).service.values()) == versions.count(2)
         assert step.shadow.sent + step.floor.sent + step.shadow.skipped + step.floor.skipped > 0, "mirrors drawn"
-        assert digests[-1]["broker"] and digests[-1]["seq"] > digests[0]["seq"]
+        assert digests[-1]["broker"] == "b1" and digests[-1]["seq"] > digests[0]["seq"]
+        url = broker.addresses["metrics"]
+        assert metric(url, 'cluster_canary_weight{broker="b1",model="echo"}') == 50.0
+        ok = metric(url, 'cluster_canary_answers_total{broker="b1",model="echo",outcome="ok",version="2"}')
+        assert ok == versions.count(2)
     except BaseException:
         print(cluster.logs())
         raise
