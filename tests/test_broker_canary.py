@@ -238,6 +238,18 @@ def test_the_breaker_trips_after_failures_in_a_row_and_holds_whatever_the_desire
     assert (fresh.canary, fresh.tripped, fresh.weight, fresh.step(0).version(2).ok) == ("c2", None, 100, 5)
 
 
+def test_requests_queued_for_the_canary_go_to_the_stable_version_once_the_breaker_tripped():
+    d = canary_dispatcher()
+    both(d, capacity=1)
+    d.canary.update(desired((100,), breaker_consecutive=1))
+    ((agent, first, version),) = requests_sent(ask(d, 0))
+    assert version == 2 and requests_sent(ask(d, 1)) == [] and d.pending_count == 1, "request 1 waits, drawn v2"
+    out = fail(d, agent, first)
+    assert d.canary.runs["m"].tripped and requests_sent(out) == [("a1", first, 1)], "tripped; 0 retried on v1"
+    out = reply(d, agent, first)
+    assert [v for _, _, v in requests_sent(out)] == [1], "the queued canary request runs on the stable version"
+
+
 def test_the_breaker_trips_on_the_failure_rate_of_its_window():
     d = canary_dispatcher()
     both(d)

@@ -58,12 +58,8 @@ class CanaryRun:
         """The desired state's news for this run: its step, weight, shadow fraction, retry and criteria."""
         self.stable, self.step, self.desired_weight = stable, canary.step, canary.weight
         self.counts = self.digest.step(canary.step).versions  # version -> its VersionDigest at the current step
-        self.shadow, self.retry, self.shadow_only, self.criteria = (
-            canary.shadow,
-            canary.retry,
-            canary.shadow_only,
-            criteria,
-        )
+        self.shadow, self.retry, self.shadow_only = canary.shadow, canary.retry, canary.shadow_only
+        self.criteria = criteria
         if self.window.maxlen != max(1, criteria.breaker_window):
             self.window, self.window_failures = deque(maxlen=max(1, criteria.breaker_window)), 0
 
@@ -191,14 +187,18 @@ class CanarySplit:
             version, kind, into = (run.stable, "floor", step.floor) if floor else (run.version, "shadow", step.shadow)
             request.pair = ShadowPair(run, kind, version, into)
 
-    def fallback(self, request) -> None:
-        """No live agent serves the version drawn for `request` (agents unloaded the canary): the stable version
-        runs it (and is counted), or, none serving that either, the agents' default (not counted)."""
+    def fallback(self, request, candidates) -> bool:
+        """No live agent serves the version drawn for `request` (`candidates` empty: agents unloaded the canary), or
+        the breaker tripped since the draw: the stable version runs a canary request; a request with no agent for
+        the stable version either goes to the agents' default (not counted). True if its version changed."""
         run = request.canary
-        if run is not None and request.run_version == run.version and run.version != run.stable:
+        if request.run_version == run.version and run.version != run.stable:
             request.run_version = run.stable
-        else:
+            return True
+        if not candidates:
             request.run_version = request.canary = None
+            return True
+        return False
 
     def answered(self, request, code, header_frame, service: float | None, alone: bool) -> bool:
         """The agent's answer to a request drawn here (`code` None: REPLY, else the ERROR's code; `service`: seconds

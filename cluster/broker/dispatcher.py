@@ -456,8 +456,8 @@ class Dispatcher(RequestCopies):
         """The agent the policy chooses for the request among those that serve it, skipping stalled ones (and
         `exclude`); None if none has a free slot."""
         candidates = self.agents.candidates(request.model, request.run_version or request.version)
-        if not candidates and request.canary is not None:  # no live agent serves the version drawn (any more)
-            self.canary.fallback(request)
+        run = request.canary  # the version drawn is served by no live agent (any more), or its breaker tripped:
+        if run is not None and (not candidates or run.tripped) and self.canary.fallback(request, candidates):
             candidates = self.agents.candidates(request.model, request.run_version or request.version)
         while True:
             agent = self.policy.choose(request.model, candidates)

@@ -18,7 +18,9 @@ While a canary runs (cluster/broker/canary.py), per model:
     cluster_canary_breaker_tripped{model}                 1 once this broker's circuit breaker stopped the canary
     cluster_canary_answers_total{model,version,outcome}   answers counted (ok, error, timeout, other) per version
     cluster_canary_retries_total{model}                   failed canary requests run again on the stable version
-    cluster_canary_decisions_total{model,decision}        the manager's decisions (start, pass, promote, rollback)
+    cluster_canary_decisions_total{model,decision}        the manager's decisions in the desired state (start,
+                                                          pass...); a run's end as seen here: promote, rollback
+                                                          (or abort), ended (shadow-only)
     cluster_shadow_pairs_total{model,kind}                answer pairs compared (kind: shadow, or floor: stable
     cluster_shadow_mismatched_total{model,kind}           mirrored to itself); of those, names/shapes/dtypes differ
     cluster_shadow_not_compared_total{reason}             pairs not compared (queue full, compare failed)
