@@ -11,28 +11,38 @@ import math
 import random
 import threading
 import time
+from contextlib import contextmanager
 
 import msgpack
+import numpy as np
 import pytest
+import torch
 import zmq
 
 from cluster.broker import Dispatcher
 from cluster.broker.routing import RoundRobin
 from cluster.canary.digest import ModelDigest, ShadowDigest
 from cluster.config import Addresses, Timings
+from cluster.demo_models import ECHO_CONFIG, Echo, make_echo
 from cluster.desired import Canary, DesiredState, ModelDeployment
+from cluster.errors import ClusterError
 from cluster.protocol import (
     PREAMBLE,
     PREAMBLE_BYTES,
     REQUEST_ROUTE,
     Command,
+    Desired,
     ErrorCode,
     error_header,
+    message,
     pack,
     run_version_of,
     unpack_header,
 )
+from cluster.publish import publish_version
+from tests.harness import LocalCluster, wait_for
 from tests.test_broker_logic import HEADER, TENSOR, T, ready, route_key
+from tests.test_broker_reports import metric
 
 TIMINGS = Timings(heartbeat_interval=1.0, liveness=3, max_dispatch_attempts=3, broker_queue_limit=100)
 
@@ -458,66 +468,114 @@ def test_the_metrics_count_answers_retries_and_decisions_once():
 # ---- real processes --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.cluster
-def test_a_broker_sends_canary_digests_and_agents_run_the_version_drawn(tmp_path):
-    """A real broker and two real agents on a share whose desired state has a canary of `echo` v2 at 10% with a
-    mirror: the test plays the manager's event plane (it publishes the desired state and hears on the manager's
-    heartbeat address), so it sees the broker's canary_digest events. The canary's share of 2,000 unpinned
-    requests (the version each reply says ran it) lies within binomial 99.9% bounds (the issue's test 5)."""
-    import numpy as np
-    import torch
+class Picky(torch.nn.Module):
+    """Echo that raises for a negative first element (the canary that fails for some inputs)."""
 
-    from cluster.demo_models import ECHO_CONFIG, make_echo
-    from cluster.protocol import Desired, message
-    from cluster.publish import publish_version
-    from tests.harness import LocalCluster, wait_for
-    from tests.test_broker_reports import metric
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x[0, 0] < 0):
+            raise ValueError("negative input")
+        return x
 
-    share, model_file = tmp_path / "share", tmp_path / "echo.pt"
-    share.mkdir()
-    torch.jit.save(make_echo(), str(model_file))
-    assert [publish_version(share, "echo", model_file, dict(ECHO_CONFIG)) for _ in range(2)] == [1, 2]
-    canary = Canary(2, [10], "c1", phase="running", shadow=0.5)
-    state = DesiredState({"echo": ModelDeployment(1, canary=canary)}, generation=1)
-    state.save(share)  # the agents read it at start (no manager)
-    ctx = zmq.Context()
-    events, heard, queries = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB), ctx.socket(zmq.ROUTER)
-    heard.subscribe(b"")
-    host = "tcp://127.0.0.1"
-    bound = {s: f"{host}:{s.bind_to_random_port(host)}" for s in (events, heard, queries)}
-    addresses = Addresses(
-        broker_clients=f"{host}:0",
-        broker_agents=f"{host}:0",
-        manager_heartbeats=bound[heard],
-        manager_events=bound[events],
-        manager_queries=bound[queries],
-    )
-    cluster = LocalCluster(
-        share, tmp_path / "logs", addresses=addresses, extra_env={"CLUSTER_CANARY_DIGEST_INTERVAL": "0.1"}
-    )
-    digests = []
 
-    def digest_heard():
-        """Publish the desired state (the broker takes it whenever it comes) and read what the broker sent."""
-        events.send_multipart(message(Command.EVENT, Desired(state.to_wire()).to_wire()))
-        while heard.poll(0):
-            header = msgpack.unpackb(heard.recv_multipart()[1])
+class ManagerStandIn:
+    """The manager's event plane, played by the test: a PUB where brokers and agents take the desired state from, a
+    SUB where they send their reports (and the broker its canary digests), and a ROUTER for the broker's start-up
+    query (left unanswered: a manager that is busy). Bound on 127.0.0.1, ports the OS picks."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.events, self.heard, self.queries = (self.ctx.socket(k) for k in (zmq.PUB, zmq.SUB, zmq.ROUTER))
+        self.heard.subscribe(b"")
+        host = "tcp://127.0.0.1"
+        bound = {s: f"{host}:{s.bind_to_random_port(host)}" for s in (self.events, self.heard, self.queries)}
+        self.addresses = Addresses(
+            broker_clients=f"{host}:0",
+            broker_agents=f"{host}:0",
+            manager_heartbeats=bound[self.heard],
+            manager_events=bound[self.events],
+            manager_queries=bound[self.queries],
+        )
+        self.state: DesiredState | None = None
+        self.digests: list[dict] = []
+
+    def hear(self):
+        """Publish the desired state again (whoever connected late takes it) and read what was sent to us; the
+        latest canary_digest (None before the first)."""
+        if self.state is not None:
+            self.events.send_multipart(message(Command.EVENT, Desired(self.state.to_wire()).to_wire()))
+        while self.heard.poll(0):
+            header = msgpack.unpackb(self.heard.recv_multipart()[1])
             if header.get("event") == "canary_digest":
-                digests.append(header)
-        return digests and digests[-1]
+                self.digests.append(header)
+        return self.digests[-1] if self.digests else None
 
+    def digest(self, model: str, canary: str) -> ModelDigest | None:
+        """The latest digest of that canary run, once one came."""
+        last = self.hear()
+        found = last and last["models"].get(model)
+        return ModelDigest.from_wire(found) if found and found["canary"] == canary else None
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+@contextmanager
+def canary_cluster(tmp_path, canary_module, canary: Canary, agents: int = 2):
+    """`echo` v1 (stable) and `canary_module` as v2 on a share whose desired state has `canary` running, a real
+    broker (b1, /metrics on) and agents, and the manager played by the test; yields (cluster, broker, stand-in)."""
+    share = tmp_path / "share"
+    share.mkdir()
+    for module in (make_echo(), torch.jit.script(canary_module)):
+        path = tmp_path / "model.pt"
+        torch.jit.save(module, str(path))
+        publish_version(share, "echo", path, dict(ECHO_CONFIG))
+    manager = ManagerStandIn()
+    manager.state = DesiredState({"echo": ModelDeployment(1, canary=canary)}, generation=1)
+    manager.state.save(share)  # the agents read it at start (no manager)
+    env = {"CLUSTER_CANARY_DIGEST_INTERVAL": "0.1"}
+    cluster = LocalCluster(share, tmp_path / "logs", addresses=manager.addresses, extra_env=env)
     try:
         broker = cluster.start_broker("--name", "b1", "--metrics-port", "-1")
-        cluster.start_agents(2)
-        cluster.wait_for_agents(2, model="echo")
+        cluster.start_agents(agents)
+        cluster.wait_for_agents(agents, model="echo")
         with cluster.client(timeout=10) as client:
-            wait_for(lambda: client.models().get("echo", {}).get("versions") == [1, 2], 30, "agents serving v1 and v2")
-            wait_for(digest_heard, 30, "a canary_digest event from the broker")
+            wait_for(lambda: client.models().get("echo", {}).get("versions") == [1, 2], 30, "agents serving v1, v2")
+        wait_for(lambda: manager.digest("echo", canary.id), 30, "a canary_digest event from the broker")
+        yield cluster, broker, manager
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
+        manager.close()
+
+
+def run_all(client, inputs, in_flight=40):
+    """Each input's answer (an InferResult, or the ClusterError it raised), `in_flight` at a time."""
+    answers = []
+    for i in range(0, len(inputs), in_flight):
+        calls = [client.submit("echo", {"x": x}) for x in inputs[i : i + in_flight]]
+        for call in calls:
+            try:
+                answers.append(call.result(timeout=30))
+            except ClusterError as exc:
+                answers.append(exc)
+    return answers
+
+
+@pytest.mark.cluster
+def test_a_broker_sends_canary_digests_and_agents_run_the_version_drawn(tmp_path):
+    """The canary's share of 2,000 unpinned requests through a real broker at 10% (the version each reply says ran
+    it) lies within binomial 99.9% bounds (the issue's test 5); the broker's digests count every answer by the
+    version that ran it, its mirrors are drawn, and its /metrics show the weight and the answers."""
+    with canary_cluster(tmp_path, Echo(), Canary(2, [10], "c1", phase="running", shadow=0.5)) as (
+        cluster,
+        broker,
+        manager,
+    ):
+        with cluster.client(timeout=10) as client:
             x = np.ones((1, 4), dtype=np.float32)
-            versions = []
-            for _ in range(50):  # 40 in flight at a time
-                calls = [client.submit("echo", {"x": x}) for _ in range(40)]
-                versions += [call.result(timeout=30).version for call in calls]
+            versions = [answer.version for answer in run_all(client, [x] * 2000)]
             pinned = {client.infer("echo", {"x": x}, version=1).version for _ in range(20)}
         assert pinned == {1}
         n, canary_share = len(versions), versions.count(2)
@@ -525,24 +583,54 @@ def test_a_broker_sends_canary_digests_and_agents_run_the_version_drawn(tmp_path
         assert abs(canary_share - 0.1 * n) <= 3.29 * math.sqrt(n * 0.1 * 0.9), f"{canary_share} of {n} ran v2"
 
         def counted():
-            last = digest_heard()
-            digest = ModelDigest.from_wire(last["models"]["echo"])
+            digest = manager.digest("echo", "c1")
             step = digest.step(0)
-            return (step.version(1).ok, step.version(2).ok) == (versions.count(1), versions.count(2)) and digest
+            return (step.version(1).ok, step.version(2).ok) == (versions.count(1), canary_share) and digest
 
         digest = wait_for(counted, 10, "a digest counting every answer by the version that ran it")
-        assert digest.canary == "c1" and digest.weight == 10 and digest.tripped is None
+        assert digest.weight == 10 and digest.tripped is None
         step = digest.step(0)
-        assert step.version(2).errors == 0 and sum(step.version(2).service.values()) == versions.count(2)
+        assert step.version(2).errors == 0 and sum(step.version(2).service.values()) == canary_share
         assert step.shadow.sent + step.floor.sent + step.shadow.skipped + step.floor.skipped > 0, "mirrors drawn"
-        assert digests[-1]["broker"] == "b1" and digests[-1]["seq"] > digests[0]["seq"]
+        assert manager.digests[-1]["broker"] == "b1" and manager.digests[-1]["seq"] > manager.digests[0]["seq"]
         url = broker.addresses["metrics"]
         assert metric(url, 'cluster_canary_weight{broker="b1",model="echo"}') == 10.0
         ok = metric(url, 'cluster_canary_answers_total{broker="b1",model="echo",outcome="ok",version="2"}')
-        assert ok == versions.count(2)
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
-        ctx.destroy(linger=0)
+        assert ok == canary_share
+
+
+@pytest.mark.cluster
+def test_a_failing_canary_fails_no_client_with_retry_on_stable_and_its_breaker_trips(tmp_path):
+    """A canary that raises for a third of its inputs, at 50%: with retry on stable no client sees a failure, and
+    the broker's breaker (a 20% failure rate of 30 answers, say) sets its weight to 0 on its own; then, a new run with
+    retry off and no breaker: the canary's failures reach the clients, about share x rate x requests."""
+    criteria = {"breaker_window": 30, "breaker_rate": 0.2}
+    canary = Canary(2, [50], "c1", phase="running", criteria=criteria)
+    with canary_cluster(tmp_path, Picky(), canary) as (cluster, broker, manager):
+        inputs = [np.full((1, 4), -1.0 if i % 3 == 0 else 1.0, dtype=np.float32) for i in range(600)]
+        with cluster.client(timeout=10) as client:
+            answers = run_all(client, inputs)
+        assert [a for a in answers if isinstance(a, ClusterError)] == [], "retry on stable: no client failure"
+        tripped = wait_for(lambda: (d := manager.digest("echo", "c1")) and d.tripped and d, 10, "the breaker trips")
+        v2 = tripped.step(0).version(2)
+        assert tripped.weight == 0 and "canary answers failed" in tripped.tripped
+        assert v2.errors == v2.retried >= 6, "each canary failure counted and run again on the stable version"
+        late = [a.version for a in answers[-100:]]
+        assert late == [1] * 100, "weight 0 once tripped: the last requests all ran the stable version"
+
+        manager.state.models["echo"].canary = Canary(
+            2, [50], "c2", phase="running", retry=False, criteria={"breaker_consecutive": 0, "breaker_window": 0}
+        )
+        wait_for(lambda: manager.digest("echo", "c2"), 10, "the broker to take the new run")
+        with cluster.client(timeout=10) as client:
+            answers = run_all(client, inputs)
+        failed = [a for a in answers if isinstance(a, ClusterError)]
+        digest = wait_for(
+            lambda: (d := manager.digest("echo", "c2")) and d.step(0).version(2).errors == len(failed) and d,
+            10,
+            "the digest to count the failures the clients saw",
+        )
+        assert digest.tripped is None and digest.step(0).version(2).retried == 0
+        expected = 0.5 * len(inputs) / 3  # share x failing inputs
+        assert abs(len(failed) - expected) <= 3.29 * math.sqrt(expected), f"{len(failed)} failed, ~{expected:.0f}"
+        assert all(a.code == "INFERENCE_FAILED" for a in failed), {a.code for a in failed}
