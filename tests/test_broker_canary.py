@@ -615,6 +615,10 @@ def test_a_failing_canary_fails_no_client_with_retry_on_stable_and_its_breaker_t
         v2 = tripped.step(0).version(2)
         assert tripped.weight == 0 and "canary answers failed" in tripped.tripped
         assert v2.errors == v2.retried >= 6, "each canary failure counted and run again on the stable version"
+        print(
+            f"retry on: 0 of {len(answers)} failed; the breaker tripped after {v2.errors} canary failures "
+            f"({v2.answered} canary answers): {tripped.tripped}"
+        )
         late = [a.version for a in answers[-100:]]
         assert late == [1] * 100, "weight 0 once tripped: the last requests all ran the stable version"
 
@@ -634,3 +638,4 @@ def test_a_failing_canary_fails_no_client_with_retry_on_stable_and_its_breaker_t
         expected = 0.5 * len(inputs) / 3  # share x failing inputs
         assert abs(len(failed) - expected) <= 3.29 * math.sqrt(expected), f"{len(failed)} failed, ~{expected:.0f}"
         assert all(a.code == "INFERENCE_FAILED" for a in failed), {a.code for a in failed}
+        print(f"retry off: {len(failed)} of {len(answers)} failed (share x rate x requests: {expected:.0f})")
