@@ -68,7 +68,7 @@ def test_stalls_say_which_requests_are_due_a_hedge():
 def test_the_parts_never_import_the_dispatcher():
     """They are called one way: the dispatcher imports them, never the reverse (they return what to do)."""
     broker = Path(__file__).resolve().parent.parent / "cluster" / "broker"
-    for part in ("admission.py", "stalls.py", "registration.py", "agents.py", "sends.py"):
+    for part in ("admission.py", "stalls.py", "registration.py", "agents.py", "sends.py", "canary.py", "copies.py"):
         assert "dispatcher import" not in (broker / part).read_text(), part
 
 

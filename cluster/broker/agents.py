@@ -98,6 +98,12 @@ class BrokerRequest:
     queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
     done: bool = False  # answered or failed; a queued request marked done is skipped
     trace: str | None = None  # the caller's request_id (the OIP id, say): in every log line about it
+    # A model under canary (cluster/broker/canary.py): the version drawn to run it (told the agent in the route;
+    # None: the agent's default), the run that counts its answers, its shadow pair; `mirror`: it is a shadow copy
+    run_version: int | None = None
+    canary: Any = None
+    pair: Any = None
+    mirror: bool = False
 
     def log_extra(self) -> dict:
         """`extra=` for a log line about this request: its request_id (JSON logs carry it as a field)."""
@@ -237,6 +243,10 @@ class AgentTable:
         return [a for a in self.agents.values() if now - a.last_seen > self.expiry]
 
     # ---- routing ----------------------------------------------------------------------------------------------
+
+    def serves(self, model: str, version: int) -> bool:
+        """Some live agent serves that version of the model."""
+        return any(version in a.models.get(model, ()) for a in self.serving.get(model, ()))
 
     def candidates(self, model: str, version: int | None) -> list[AgentEntry]:
         """Live agents that serve the model (that version, when one is named), in arrival order."""

@@ -49,6 +49,7 @@ from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import make_policy
+from cluster.broker.shadow import ShadowComparer
 from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
@@ -59,6 +60,7 @@ from cluster.protocol import (
     Answer,
     BrokerHello,
     BrokerReport,
+    CanaryDigest,
     Cancel,
     Command,
     Desired,
@@ -191,6 +193,9 @@ class Broker:
         self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
         self._report_seq = 0
         self._reported_agents: list[str] | None = None  # the agent list of our last report
+        self._digest_seq = 0  # canary digests sent (on the same PUB as the reports)
+        self.comparer = ShadowComparer(self.dispatcher.canary)  # shadow answer pairs, compared off this loop
+        self.dispatcher.canary.on_pair = self.comparer.submit
         self.metrics = BrokerMetrics(self.name)
         self.metrics_url = None  # http://host:port of our /metrics, when served
         if settings.metrics_port:
@@ -218,7 +223,7 @@ class Broker:
         if self.timings.hedge_after > 0:
             tick = min(tick, max(0.01, self.timings.hedge_after / 2))  # a stuck request is hedged soon after its time
         next_tick = time.monotonic()
-        next_beat = next_tick
+        next_beat = next_digest = next_tick
         self.clock = RunClock(self.timings.pause_bound, next_tick, "broker", log)
         log.info(
             "broker %s serving clients on %s, agents on %s, policy %s, hedging %s, incarnation %s",
@@ -249,7 +254,9 @@ class Broker:
                         self.allow.refresh(now)  # an add or revoke takes effect within about a second
                     self.deliver(self.dispatcher.tick(now))
                     if self.metrics_url is not None:
-                        self.metrics.publish(broker_load(self.dispatcher))
+                        self.metrics.publish(
+                            dict(broker_load(self.dispatcher), canary=self.dispatcher.canary.snapshot())
+                        )
                     if self.unready and self.dispatcher.registration.serving(now):
                         self.tell_ready()
                     if self._trims and now >= self._trims[0]:
@@ -262,6 +269,9 @@ class Broker:
                         self.report_to_manager()
                     else:
                         self.report_if_agents_changed()
+                    if self.dispatcher.canary.runs and (now >= next_digest or self.dispatcher.canary.tripped_news):
+                        next_digest = now + self.timings.canary_digest_interval
+                        self.send_canary_digest()
         finally:
             self.close()
 
@@ -277,6 +287,7 @@ class Broker:
 
     def close(self) -> None:
         self.metrics.close()
+        self.comparer.stop()
         for sock in (self.clients, self.agents_sock, self.events, self.manager, self.reports):
             sock.close(linger=0)
         if self.security is not None:
@@ -336,6 +347,16 @@ class Broker:
             self.reports.send_multipart(message(Command.EVENT, report.to_wire()), zmq.NOBLOCK)
         except zmq.Again:
             pass  # the manager is down: it hears the next one (PUB drops at its high-water mark anyway)
+
+    def send_canary_digest(self) -> None:
+        """EVENT canary_digest on our PUB: this broker's cumulative counts of each running canary."""
+        self._digest_seq += 1
+        models = self.dispatcher.canary.wire_digests()
+        digest = CanaryDigest(self.name, self.dispatcher.incarnation.hex(), self._digest_seq, models)
+        try:
+            self.reports.send_multipart(message(Command.EVENT, digest.to_wire()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the manager is down: the next digest carries everything (cumulative)
 
     def deliver(self, outbox: list[Send]) -> None:
         """Send what the dispatcher asked for, in order. A client's reply goes through `send_to_client` (its pipe,
@@ -563,8 +584,10 @@ class Broker:
 
     def desired_state(self, state) -> None:
         """The manager's desired state (an event, or its answer at start-up): the models it wants served. A model
-        it does not list is "not found", and is not held while agents re-register."""
+        it does not list is "not found", and is not held while agents re-register. Its canaries: the split here."""
         try:
-            self.dispatcher.agents.deployed = set(DesiredState.from_wire(state).models)
+            desired = DesiredState.from_wire(state)
         except ValueError as exc:
-            bad_input.warning("bad desired state from the manager dropped: %s", exc)
+            return bad_input.warning("bad desired state from the manager dropped: %s", exc)
+        self.dispatcher.agents.deployed = set(desired.models)
+        self.dispatcher.canary.update(desired)

@@ -9,8 +9,10 @@ tests run the clock.
 
 Its parts return decisions, which it applies (they never call back): `Admission` (admission.py: may a request
 wait, or is it refused OVERLOADED), `Stalls` (stalls.py: which agents are stalled for a model, which requests are
-due a hedge copy) and `Registration` (registration.py: READY, duplicate ids, keys, the agents expected back after
-a restart). Their modules list what each guarantees; the rest is here.
+due a hedge copy), `Registration` (registration.py: READY, duplicate ids, keys, the agents expected back after
+a restart) and `CanarySplit` (canary.py: which version runs an unpinned request of a model under canary, the counts,
+the circuit breaker, shadow picks). Their modules list what each guarantees; the rest is here, and in copies.py
+(hedges, shadow copies, a canary request retried on the stable version).
 
 What it guarantees (the Majordomo broker's gaps, fixed):
 - every request in flight is tracked (agent, deadline); when its agent dies it goes to another agent with the model,
@@ -53,6 +55,8 @@ from collections import deque
 from cluster import protocol
 from cluster.broker.admission import Admission, Refusal
 from cluster.broker.agents import AgentEntry, AgentTable, BrokerRequest
+from cluster.broker.canary import CanarySplit
+from cluster.broker.copies import _REQUEST, RequestCopies
 from cluster.broker.registration import TAKEN_OVER, Registration, bad_input
 from cluster.broker.routing import RoutingPolicy
 from cluster.broker.sends import Send, client_error, error_code
@@ -66,14 +70,14 @@ from cluster.protocol import PREAMBLE, BrokerBeat, Command, Disconnect, ErrorCod
 log = logging.getLogger("cluster.broker")
 foreign = BadInputLog(log)  # answers from an agent that does not hold their route, rate-limited on their own
 
-_REQUEST, _ERROR, _HEARTBEAT = PREAMBLE[Command.REQUEST], PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
-_CANCEL = PREAMBLE[Command.CANCEL]
-_EMPTY_HEADER = pack({})  # the broker's CANCEL to an agent: the route names the request
+_ERROR, _HEARTBEAT = PREAMBLE[Command.ERROR], PREAMBLE[Command.HEARTBEAT]
 _SEND_READY = pack(Disconnect("unknown agent; send READY").to_wire())
 
 
-class Dispatcher:
-    def __init__(self, timings: Timings, policy: RoutingPolicy, now: float, allow: AllowList | None = None) -> None:
+class Dispatcher(RequestCopies):
+    def __init__(
+        self, timings: Timings, policy: RoutingPolicy, now: float, allow: AllowList | None = None, rng=None
+    ) -> None:
         self.timings = timings
         self.allow = allow  # keys on: the allow-list, and every agent message carries its sender's key
         self.policy = policy
@@ -107,6 +111,7 @@ class Dispatcher:
         self.admission = Admission(timings, self.agents.max_queue_wait_ms)
         self.stalls = Stalls(timings, self.stats)
         self.registration = Registration(timings, self.agents, allow, now)
+        self.canary = CanarySplit(timings.max_dispatch_attempts, rng)  # rng: a random.Random (tests seed it)
 
         # ... and their state and judgements under the names the broker and the tests use:
         self.warming_up, self.holding = self.registration.warming_up, self.registration.holding
@@ -169,6 +174,8 @@ class Dispatcher:
         route = self.incarnation + next(self._routes).to_bytes(8, "big")
         request = BrokerRequest(route, client, request_id, model, version, header_frame, tensors, now + timeout, now)
         request.trace, request.attempts = trace, attempt
+        if version is None and model in self.canary.runs:  # under canary: which version runs it, and a mirror?
+            self.canary.draw(request, lambda v: self.agents.serves(model, v))
         self.requests[request.route] = request
         self.client_load[client] = load + 1
         self.by_client[(client, request_id)] = request.route
@@ -379,6 +386,8 @@ class Dispatcher:
             )
             return
         code = error_code(frames[2]) if cmd == Command.ERROR else None
+        if held.mirror:  # a shadow copy: compared with the stable answer, never forwarded, never retried
+            return self._mirror_answered(agent, held, code, frames, out)
         if code == ErrorCode.BUSY:  # its share shrank before we heard: the request goes back to the head of its
             self.stats["busy"] += 1  # queue, its attempt not counted, and the agent gets none until its next beat
             agent.full = True
@@ -390,8 +399,14 @@ class Dispatcher:
             return
         was_stalled = self.stalls.answered(agent, held.model, now)
         request = self.requests.get(route)
+        if (
+            request is not None
+            and request.canary is not None
+            and self._canary_answered(agent, request, code, frames, out)
+        ):
+            return self._dispatch_pending(agent.models, out)  # retried on the stable version
         if request is not None and not request.done and code == ErrorCode.MODEL_NOT_FOUND:
-            self.agents.forget_versions(agent, request.model, request.version)
+            self.agents.forget_versions(agent, request.model, request.version or request.run_version)
             if not request.drop_copy(agent):  # a hedge: its other copy carries on
                 self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
         else:
@@ -407,6 +422,8 @@ class Dispatcher:
                 # given up on) is cancelled; its slot stays taken until that agent answers, and that answer is dropped.
                 self._cancel_copies(request, agent, out)
                 out.append(Send(False, [request.client, PREAMBLE[cmd], *frames[2:]]))
+                if request.pair is not None:  # mirrored: the answers are compared off the loop
+                    self.canary.stable_answered(request.pair, cmd == Command.REPLY, frames[2:])
         self._dispatch_pending(agent.models, out)
 
     def _remove(self, agent: AgentEntry, reason: str, out: list[Send]) -> None:
@@ -431,50 +448,22 @@ class Dispatcher:
         request.sent_at = self.now
         request.attempts += 1
         self._send_copy(request, agent, out)
+        if request.pair is not None and not request.pair.sent:
+            self._mirror(request, out)
         return True
 
     def _choose(self, request: BrokerRequest, exclude: AgentEntry | None) -> AgentEntry | None:
         """The agent the policy chooses for the request among those that serve it, skipping stalled ones (and
         `exclude`); None if none has a free slot."""
-        candidates = self.agents.candidates(request.model, request.version)
+        candidates = self.agents.candidates(request.model, request.run_version or request.version)
+        run = request.canary  # the version drawn is served by no live agent (any more), or its breaker tripped:
+        if run is not None and (not candidates or run.tripped) and self.canary.fallback(request, candidates):
+            candidates = self.agents.candidates(request.model, request.run_version or request.version)
         while True:
             agent = self.policy.choose(request.model, candidates)
             if agent is None or (agent is not exclude and not self.stalls.stalled_for(agent, request.model, self.now)):
                 return agent
             candidates = [c for c in candidates if c is not agent]  # rare: a stalled agent with free slots
-
-    def _send_copy(self, request: BrokerRequest, agent: AgentEntry, out: list[Send]) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "request %s for %s -> agent %s (attempt %d)",
-                request.trace or request.route.hex(),
-                request.model,
-                agent.agent_id,
-                request.attempts,
-                extra=request.log_extra(),
-            )
-        agent.add_request(request)
-        route = protocol.request_route(request.route, request.deadline - self.now, self.now - request.arrived)
-        out.append(Send(True, [agent.identity, _REQUEST + route, request.header, *request.tensors]))
-
-    def _hedge(self, now: float, out: list[Send]) -> None:
-        """Hedging: each request due a second copy (Stalls.hedges_due) goes to another agent the policy chooses
-        (not stalled, with a free slot), if there is one."""
-        for request in self.stalls.hedges_due(self.agents.agents.values(), now):
-            target = self._choose(request, request.agent)
-            if target is None:
-                continue  # every other agent is busy: next tick
-            request.hedge, request.hedged_at = target, now
-            request.attempts += 1
-            self.stats["hedged"] += 1
-            self._send_copy(request, target, out)
-
-    def _cancel_copies(self, request: BrokerRequest, answered_by: AgentEntry | None, out: list[Send]) -> None:
-        """CANCEL to every agent other than `answered_by` that still holds a copy of the request (it skips it if
-        not started); their slots stay taken until they answer."""
-        for holder in (request.agent, request.hedge):
-            if holder is not None and holder is not answered_by and request.route in holder.in_flight:
-                out.append(Send(True, [holder.identity, _CANCEL + request.route, _EMPTY_HEADER]))
 
     def _queue_or_refuse(self, request: BrokerRequest, out: list[Send]) -> None:
         """A new request no agent has a free slot for: it waits, unless Admission refuses it (OVERLOADED)."""
@@ -568,6 +557,8 @@ class Dispatcher:
     def _expire_requests(self, now: float, out: list[Send]) -> None:
         for request in [r for r in self.requests.values() if r.deadline < now]:
             self.stats["timeouts"] += 1
+            if request.canary is not None:
+                self.canary.expired(request)
             where = f" (on agent {request.agent.agent_id})" if request.agent else " (waiting for a free agent)"
             self._finish_with_error(
                 request,

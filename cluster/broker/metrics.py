@@ -12,6 +12,19 @@ server, a daemon thread), each sample labelled broker=<name>:
     cluster_broker_redispatched_total    requests re-sent after an agent was lost
     cluster_broker_busy_total            requests an agent answered BUSY (queued again, no attempt counted)
 
+While a canary runs (cluster/broker/canary.py), per model:
+
+    cluster_canary_weight{model}                          percent of unpinned requests sent to the canary here
+    cluster_canary_breaker_tripped{model}                 1 once this broker's circuit breaker stopped the canary
+    cluster_canary_answers_total{model,version,outcome}   answers counted (ok, error, timeout, other) per version
+    cluster_canary_retries_total{model}                   failed canary requests run again on the stable version
+    cluster_canary_decisions_total{model,decision}        the manager's decisions in the desired state (start,
+                                                          pass...); a run's end as seen here: promote, rollback
+                                                          (or abort), ended (shadow-only)
+    cluster_shadow_pairs_total{model,kind}                answer pairs compared (kind: shadow, or floor: stable
+    cluster_shadow_mismatched_total{model,kind}           mirrored to itself); of those, names/shapes/dtypes differ
+    cluster_shadow_not_compared_total{reason}             pairs not compared (queue full, compare failed)
+
 Thread-safety without a lock on the hot path: the broker's loop builds a fresh snapshot dict each tick and
 publishes it by one assignment (`BrokerMetrics.publish`); the HTTP thread's collector only reads the latest one.
 Queue depth per agent (what an autoscaler such as KEDA wants) is sum(queue_depth) / sum(agents) across brokers.
@@ -116,6 +129,63 @@ class BrokerMetrics:
             family = CounterMetricFamily(name, text, labels=labels)
             family.add_metric([self.broker], load.get(key, 0))
             yield family
+        canary = load.get("canary")
+        if canary:
+            yield from self.canary_families(canary)
+
+    def canary_families(self, canary: dict):
+        """The canary series from CanarySplit.snapshot()."""
+        b = self.broker
+        gauges = (
+            ("weight", "cluster_canary_weight", "Percent of unpinned requests this broker sends to the canary."),
+            ("tripped", "cluster_canary_breaker_tripped", "1 once this broker's circuit breaker stopped the canary."),
+        )
+        for key, name, text in gauges:
+            family = GaugeMetricFamily(name, text, labels=["broker", "model"])
+            for model, value in sorted(canary[key].items()):
+                family.add_metric([b, model], value)
+            yield family
+        answers = CounterMetricFamily(
+            "cluster_canary_answers",
+            "Answers counted per version under canary.",
+            labels=["broker", "model", "version", "outcome"],
+        )
+        for (model, version, outcome), n in sorted(canary["answers"].items()):
+            answers.add_metric([b, model, str(version), outcome], n)
+        yield answers
+        retries = CounterMetricFamily(
+            "cluster_canary_retries",
+            "Failed canary requests run again on the stable version.",
+            labels=["broker", "model"],
+        )
+        for model, n in sorted(canary["retries"].items()):
+            retries.add_metric([b, model], n)
+        yield retries
+        decisions = CounterMetricFamily(
+            "cluster_canary_decisions", "The manager's canary decisions.", labels=["broker", "model", "decision"]
+        )
+        for (model, decision), n in sorted(canary["decisions"].items()):
+            decisions.add_metric([b, model, decision], n)
+        yield decisions
+        pairs = CounterMetricFamily(
+            "cluster_shadow_pairs", "Shadow answer pairs compared.", labels=["broker", "model", "kind"]
+        )
+        mismatched = CounterMetricFamily(
+            "cluster_shadow_mismatched",
+            "Shadow pairs whose outputs differ in names, shapes or dtypes.",
+            labels=["broker", "model", "kind"],
+        )
+        for (model, kind), (n, bad) in sorted(canary["shadow"].items()):
+            pairs.add_metric([b, model, kind], n)
+            mismatched.add_metric([b, model, kind], bad)
+        yield pairs
+        yield mismatched
+        uncompared = CounterMetricFamily(
+            "cluster_shadow_not_compared", "Shadow pairs not compared.", labels=["broker", "reason"]
+        )
+        for reason, n in sorted(canary["not_compared"].items()):
+            uncompared.add_metric([b, reason], n)
+        yield uncompared
 
     def serve(self, host: str, port: int) -> str:
         """Serve /metrics on host:port (-1: any free port) in a daemon thread; returns its http:// URL."""
