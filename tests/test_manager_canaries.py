@@ -84,7 +84,7 @@ def test_start_loading_running_pass_and_promote(tmp_path):
     assert (m.canary.phase, m.canary.step, m.canary.weight, m.canary.step_started) == ("running", 0, 10, T0 + 2)
     assert [d["decision"] for d in m.canary.decisions] == ["start"]
 
-    judge.verdicts = [Verdict("pass", "enough and clean", {"versions": {"2": {"requests": 100}}})]
+    judge.verdicts = [Verdict("pass", "enough and clean", {"versions": {2: {"requests": 100, "p99_ms": float("nan")}}})]
     assert c.tick(T0 + 3).desired_changed
     look = judge.looks[-1]
     assert (look.stable, look.canary, look.step, look.weight, look.step_elapsed) == (1, 2, 0, 10, 1.0)
@@ -95,7 +95,7 @@ def test_start_loading_running_pass_and_promote(tmp_path):
         "weight": 10,
         "decision": "pass",
         "reason": "enough and clean",
-        "figures": {"2": {"requests": 100}},
+        "figures": {"2": {"requests": 100, "p99_ms": None}},  # keys the bus's msgpack takes, numbers JSON takes
     }
 
     judge.verdicts = [Verdict("pass", "clean at 50%", {})]  # the next weight is 100: promoted

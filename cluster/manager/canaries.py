@@ -332,7 +332,7 @@ class Canaries:
         )
         try:
             verdict = self.judge(criteria).look(look)
-            decision, reason, figures = verdict.decision, str(verdict.reason), dict(verdict.figures or {})
+            decision, reason, figures = verdict.decision, str(verdict.reason), _plain(dict(verdict.figures or {}))
         except Exception as exc:  # a judge that fails must not stop the manager: the run waits (promote/abort work)
             if not run.judge_failed:
                 log.exception("canary of %s: the judge failed; the run waits for a command", name)
@@ -442,6 +442,20 @@ class Canaries:
             "canaries": {m: s for m, s in sorted(canaries.items()) if keep(m)},
             "finished": [r for r in self.finished if keep(r["model"])],
         }
+
+
+def _plain(value):
+    """The judge's figures as the bus and JSON carry them: string keys (msgpack maps with int keys are refused by
+    our decoder: a version's figures are keyed by version), lists, finite numbers (NaN and inf: None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _rest(options: dict) -> dict:
