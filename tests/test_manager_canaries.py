@@ -4,6 +4,8 @@ cluster.canary.judge.Judge. No sockets, no processes."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cluster.canary.digest import ModelDigest, StepDigest, VersionDigest
@@ -350,3 +352,87 @@ def test_a_failing_judge_leaves_the_run_waiting_for_a_command(tmp_path):
     assert status["outcome"] == "running" and "judge failed" in status["look"]["reason"]
     c.command(What.ABORT, {"name": "m"}, REQUESTER, T0 + 6)
     assert c.desired.models["m"].canary is None
+
+
+# ---- the manager's I/O shell, in-process (tests/test_manager_state.py's idiom: the real Manager, no loop) ----------
+
+from cluster import protocol  # noqa: E402
+from cluster.protocol import Command  # noqa: E402
+from tests.test_manager_state import manager, query, share  # noqa: E402, F401
+
+
+def test_the_manager_answers_canary_at_once_saves_it_and_shows_it_in_rollouts(manager, share):  # noqa: F811 (the fixtures)
+    cmd, header = query(manager, "canary", name="m", steps=[20, 100], step_seconds=1.5, criteria={"alpha": 0.05})
+    assert cmd == Command.REPLY, header
+    status = header["result"]
+    assert (status["model"], status["version"], status["stable"], status["phase"]) == (
+        "m",
+        2,
+        1,
+        "running",
+    )  # no agents
+    saved = DesiredState.load(share).models["m"].canary
+    assert saved.id == status["id"] and saved.steps == [20, 100] and saved.criteria == {"alpha": 0.05}
+    assert manager.events_sent[-1]["state"]["models"]["m"]["canary"]["id"] == status["id"], "published"
+    cmd, header = query(manager, "rollouts", name="m")
+    assert header["result"]["canaries"]["m"]["id"] == status["id"] and header["result"]["in_progress"] == 0
+    cmd, header = query(manager, "deploy", name="m", version=2)
+    assert cmd == Command.ERROR and header["code"] == "OVERLOADED" and "promote or abort" in header["message"]
+    cmd, header = query(manager, "publish_check", name="m", file="model.pt")
+    assert cmd == Command.ERROR and header["code"] == "OVERLOADED", header
+    cmd, header = query(manager, "abort", name="m")
+    assert cmd == Command.REPLY and header["result"]["outcome"] == "aborted"
+    assert DesiredState.load(share).models["m"].canary is None
+    cmd, header = query(manager, "abort", name="m")
+    assert cmd == Command.ERROR and header["code"] == "MODEL_NOT_FOUND" and "no canary of 'm'" in header["message"]
+
+
+def test_a_digest_on_the_heartbeat_socket_reaches_the_judge_and_a_trip_rolls_back(manager, share):  # noqa: F811 (the fixtures)
+    judge = ScriptedJudge()
+    manager.canaries.judge = judge
+    status = query(manager, "canary", name="m")[1]["result"]
+    manager.carry_out(manager.canaries.tick(time.time()))  # no agents: every participant serves it
+    assert manager.deployments.desired.models["m"].canary.phase == "running"
+    wire = ModelDigest(status["id"], {0: StepDigest({2: VersionDigest(ok=5)})}, None, 10).to_wire()
+    event = CanaryDigest("b1", "i1", 1, {"m": wire}).to_wire()
+    manager.process_heartbeat(protocol.message(Command.EVENT, event))
+    assert judge.looks[-1].steps[0].versions[2].ok == 5
+    wire["tripped"] = "25 of the last 50 failed"
+    manager.process_heartbeat(protocol.message(Command.EVENT, CanaryDigest("b1", "i1", 2, {"m": wire}).to_wire()))
+    assert DesiredState.load(share).models["m"].canary is None, "rolled back, and saved"
+    status = query(manager, "rollouts")[1]["result"]["canaries"]["m"]
+    assert status["outcome"] == "rolled back" and "circuit breaker at broker b1" in status["decisions"][-1]["reason"]
+
+
+def test_a_publish_with_canary_starts_a_canary_of_the_new_version(manager, share):  # noqa: F811 (the fixtures)
+    canary = {"steps": [10, 50, 100], "shadow": 0.2}
+    cmd, header = query(manager, "publish_check", name="m", file="model.pt", canary={"steps": [50, 10]})
+    assert cmd == Command.ERROR and header["code"] == "BAD_REQUEST" and "'steps' must rise" in header["message"]
+    assert query(manager, "publish", b"new bytes", name="m", file="model.pt", canary=canary) is None
+    deadline = time.monotonic() + 30
+    while "m" in manager.publishing and time.monotonic() < deadline:
+        manager.finish_publishing(time.monotonic())
+        time.sleep(0.01)
+    cmd, header = manager.sent[-1]
+    assert cmd == Command.REPLY, header
+    status = header["result"]
+    assert (status["version"], status["stable"], status["shadow"]) == (3, 1, 0.2)
+    assert status["phase"] == "running", "no agent to wait for"
+    assert DesiredState.load(share).models["m"].version == 1, "not deployed: judged first"
+
+
+def test_a_manager_restarted_mid_canary_resumes_it(share):  # noqa: F811 (the fixtures)
+    from cluster.config import Addresses
+    from cluster.manager.manager import Manager
+    from cluster.role_settings import ManagerSettings
+
+    canary = Canary(2, [10, 50, 100], "abcd", step=1, step_started=time.time() - 5, phase="running")
+    DesiredState({"m": ModelDeployment(1, canary=canary)}, 4).save(share)
+    again = Manager(ManagerSettings(share=str(share), addresses=Addresses(manager_queries="inproc://canary-restart")))
+    try:
+        judge = ScriptedJudge()
+        again.canaries.judge = judge
+        again.canaries.tick(time.time())
+        assert judge.looks[-1].step == 1 and judge.looks[-1].weight == 50 and judge.looks[-1].step_elapsed >= 5
+    finally:
+        again.close()
