@@ -158,6 +158,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "cluster.publish",
             "cluster.share",
             "cluster.desired",
+            "cluster.canary",
             "cluster.serving",
             "cluster.options",
         ),

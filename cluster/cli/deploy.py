@@ -178,7 +178,8 @@ def deploy(
                 err=True,
             )
             raise typer.Exit(2)
-        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, canary=run)
+        canary = {} if run is None else {"canary": run}
+        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, **canary)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         report = _manager_call(
             manager,
@@ -190,7 +191,7 @@ def deploy(
             file=file_name,
             config=model_config,
             rollout_timeout=timeout,
-            canary=run,
+            **canary,
         )
         if "outcome" in report:  # a canary run started (the model has a stable version)
             typer.echo(f"the manager published {name} version {report['version']}")
