@@ -6,7 +6,6 @@ A run is answered at once with its status; `--wait` (and `rollouts --watch`) the
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import datetime
 
@@ -19,27 +18,26 @@ from cluster.role_settings import ManagerQuerySettings
 
 POLL_S = 0.5  # how often --watch and --wait ask the manager
 WAIT_TIMEOUT_S = 3600.0  # --wait gives up after this long (the run goes on at the manager)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(text: str) -> float:
     """ "30s", "2m", "500ms", "1h" or plain seconds ("30", "1.5"); typer.BadParameter otherwise."""
-    match = _DURATION.match(str(text))
-    if match is None:
-        raise typer.BadParameter(f"{text!r} is not a duration: give e.g. 30s, 2m, 500ms or seconds")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    from cluster.canary.options import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def parse_steps(text: str) -> list[int]:
     """ "10,50,100" -> [10, 50, 100]; typer.BadParameter for anything but rising percents from 1 to 100."""
+    from cluster.canary.options import parse_steps
+
     try:
-        steps = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        steps = []
-    if not steps or not all(1 <= w <= 100 for w in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
-        raise typer.BadParameter(f"{text!r}: give rising percents from 1 to 100, e.g. 10,50,100")
-    return steps
+        return parse_steps(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 # The run's flags, shared by `cluster canary` and `cluster deploy --canary` (typer reads these defaults)
