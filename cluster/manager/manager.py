@@ -32,8 +32,11 @@ heartbeats only from agent keys, and each agent id only from the key it first be
 broker reports only from the server key; deploy, rollback
 and undeploy only from admin keys (others: PERMISSION_DENIED), the read-only queries from client or admin keys.
 
+Canary runs (QUERY canary / promote / abort, admin keys; EVENT canary_digest from the brokers on the heartbeat SUB,
+server key only) are canaries.py's (`Canaries`), fed here like the deployments; `rollouts` shows them.
+
 A restarted manager starts with an empty registry and rebuilds it from the next round of beats; the desired state
-it reads back from the share (a rollout in progress is not resumed). Every query is answered, an error included: a
+it reads back from the share (a rollout in progress is not resumed; a canary run is, at its step). Every query is answered, an error included: a
 desired state the share refuses to save (full, folder gone) is undone (Deployments.revert), the requester gets the
 path and the cause, and the save is tried again every STATE_SAVE_RETRY_S; the manager never dies of it.
 """
