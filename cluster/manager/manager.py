@@ -36,9 +36,10 @@ Canary runs (QUERY canary / promote / abort, admin keys; EVENT canary_digest fro
 server key only) are canaries.py's (`Canaries`), fed here like the deployments; `rollouts` shows them.
 
 A restarted manager starts with an empty registry and rebuilds it from the next round of beats; the desired state
-it reads back from the share (a rollout in progress is not resumed; a canary run is, at its step). Every query is answered, an error included: a
-desired state the share refuses to save (full, folder gone) is undone (Deployments.revert), the requester gets the
-path and the cause, and the save is tried again every STATE_SAVE_RETRY_S; the manager never dies of it.
+it reads back from the share (a rollout in progress is not resumed; a canary run is, at its step). Every query is
+answered, an error included: a desired state the share refuses to save (full, folder gone) is undone
+(Deployments.revert), the requester gets the path and the cause, and the save is tried again every
+STATE_SAVE_RETRY_S; the manager never dies of it.
 """
 
 from __future__ import annotations
