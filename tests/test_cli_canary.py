@@ -30,16 +30,17 @@ CONFIG = {
 class ScriptedJudge:
     """`Judge(criteria).look(look)`: the next scripted verdict, then "continue" (called from the manager's thread)."""
 
-    def __init__(self, *verdicts: Verdict) -> None:
+    def __init__(self, *verdicts: Verdict, gate=lambda: True) -> None:
         self.verdicts = list(verdicts)
         self.lock = threading.Lock()
+        self.gate = gate  # the verdicts wait until it says True
 
     def __call__(self, criteria):
         return self
 
     def look(self, look):
         with self.lock:
-            if self.verdicts:
+            if self.verdicts and self.gate():
                 return self.verdicts.pop(0)
         return Verdict("continue", f"waiting ({look.weight}%)", {"versions": {1: {"requests": 7, "error_rate": 0.0}}})
 
@@ -111,12 +112,15 @@ def test_abort_and_a_promote_without_a_canary(live):
 
 def test_canary_wait_follows_the_run_to_its_outcome(live):
     manager, address = live
+    polls = []  # the CLI's rollouts queries: the run stays at 10% until it has asked twice
+    rollouts = manager.canaries.rollouts
+    manager.canaries.rollouts = lambda name, now: polls.append(name) or rollouts(name, now)
     manager.canaries.judge = ScriptedJudge(
-        Verdict("continue", "not enough yet", {}), Verdict("pass", "clean at 10%", {}), Verdict("pass", "clean", {})
+        Verdict("pass", "clean at 10%", {}), Verdict("pass", "clean", {}), gate=lambda: len(polls) >= 2
     )
     code, out = cli("canary", "m", "--wait", "--step", "0", "--manager", address)
     assert code == 0 and "PROMOTED: 50% passed: clean" in out, out
-    assert "step 1/3 10%" in out and "continue: not enough yet" in out, out
+    assert "step 1/3 10% running" in out, out
     manager.canaries.judge = ScriptedJudge(Verdict("rollback", "errors: log BF 6.1 >= 4.6", {}))
     ManagerClient(address).call("rollback", timeout=10, name="m", to=1)  # (no agents: done at once)
     code, out = cli("canary", "m", "--version", "2", "--wait", "--manager", address)
@@ -179,3 +183,19 @@ def test_a_look_line_has_the_figures():
         "continue: waiting",
     ):
         assert part in line, (part, line)
+
+
+def test_deploy_with_canary_and_share_publishes_there_then_starts_a_canary(live, tmp_path):
+    manager, address = live
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"other bytes")
+    args = ["deploy", str(model), "--name", "m", "--canary", "25,100", "--share", manager.share, "--manager", address]
+    code, out = cli(*args)
+    assert code == 0 and "published m version 3" in out and "of m v3 beside v1" in out, out
+    assert (tmp_path / "models" / "m" / "3").is_dir() and manager.deployments.desired.models["m"].canary.steps == [
+        25,
+        100,
+    ]
+    code, out = cli(*args)
+    assert code == 2 and "a canary of 'm' (v3) is running" in out, out
+    assert not (tmp_path / "models" / "m" / "4").exists(), "refused before publishing"

@@ -430,7 +430,7 @@ class Canaries:
 
     def rollouts(self, name: str | None, now: float) -> dict:
         """{"canaries": {model: its run in progress, else its latest finished one}, "finished": [the finished runs,
-        newest last]}; `name`: that model's only."""
+        newest last, without their decisions and looks (the answer stays small)]}; `name`: that model's only."""
         self._sync(now)
         canaries = {}
         for record in self.finished:
@@ -440,7 +440,11 @@ class Canaries:
         keep = (lambda m: True) if name is None else (lambda m: m == name)
         return {
             "canaries": {m: s for m, s in sorted(canaries.items()) if keep(m)},
-            "finished": [r for r in self.finished if keep(r["model"])],
+            "finished": [
+                {k: v for k, v in r.items() if k not in ("decisions", "look")}
+                for r in self.finished
+                if keep(r["model"])
+            ],
         }
 
 
