@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cluster.canary.judge import Verdict
 from cluster.cli import app
-from cluster.cli.canary import look_line, parse_duration, parse_steps
+from cluster.cli.canary import look_line, parse_duration, parse_steps, run_fields
 from cluster.config import Addresses
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.manager.client import ManagerClient
@@ -77,6 +77,9 @@ def test_durations_and_steps():
     for bad in ("50,10", "0,100", "10,101", "ten"):
         with pytest.raises(typer.BadParameter):
             parse_steps(bad)
+    fields = run_fields("10,100", "500ms", None, False, True, None, 0, None)  # --min-requests 0 is a value
+    assert fields == {"steps": [10, 100], "step_seconds": 0.5, "shadow_only": False, "retry": False,
+                      "criteria": {"min_requests": 0}}  # fmt: skip
 
 
 def test_canary_rollouts_and_promote(live):

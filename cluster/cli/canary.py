@@ -67,7 +67,9 @@ def run_fields(
     if shadow is not None and not 0 <= shadow <= 1:
         raise typer.BadParameter(f"--shadow {shadow}: give a fraction from 0 to 1")
     criteria = {
-        k: v for k, v in (("alpha", alpha), ("min_requests", min_requests), ("latency_ratio", latency_ratio)) if v
+        k: v
+        for k, v in (("alpha", alpha), ("min_requests", min_requests), ("latency_ratio", latency_ratio))
+        if v is not None
     }
     fields = {
         "steps": parse_steps(steps) if steps is not None else None,

@@ -142,7 +142,7 @@ def deploy(
     run = None
     if canary_steps is not None or shadow_only:
         run = run_fields(canary_steps, step, shadow, shadow_only, no_retry, alpha, min_requests, latency_ratio)
-    elif step or shadow is not None or no_retry or alpha or min_requests or latency_ratio or wait:
+    elif no_retry or wait or any(v is not None for v in (step, shadow, alpha, min_requests, latency_ratio)):
         typer.echo("--step, --shadow, --no-retry, --alpha, --min-requests, --latency-ratio and --wait are a canary's: "
                    "give --canary 10,50,100 (or --shadow-only)", err=True)  # fmt: skip
         raise typer.Exit(2)
