@@ -105,6 +105,7 @@ def test_start_loading_running_pass_and_promote(tmp_path):
     assert (m.version, m.canary, m.history) == (2, None, [1])
     record = c.rollouts("m", T0 + 5)["canaries"]["m"]
     assert record["done"] and record["outcome"] == "promoted" and record["stable"] == 1 and record["version"] == 2
+    assert record["weight"] == 100 and record["decisions"][-1]["weight"] == 50
     assert [d["decision"] for d in record["decisions"]] == ["start", "pass", "promote"]
     assert c.runs == {}
 
@@ -147,6 +148,7 @@ def test_the_judges_rollback_ends_the_run_and_stable_serves_everything(tmp_path)
     assert c.desired.models["m"].canary is None and c.desired.models["m"].version == 1
     record = c.rollouts("m", T0 + 3)["canaries"]["m"]
     assert record["outcome"] == "rolled back" and record["look"]["reason"] == "errors: log BF 5.2 >= 3.0"
+    assert record["weight"] == 0 and record["decisions"][-1]["weight"] == 10
     assert record["decisions"][-1]["decision"] == "rollback"
 
 

@@ -260,7 +260,12 @@ class Canaries:
                 why = "undeployed" if gone else "its desired state could not be saved"
                 log.warning("canary %s of %s ended: %s", run.id, name, why)
                 self.finished.append(
-                    dict(self._last_status.pop(run.id, {"model": name, "id": run.id}), done=True, outcome="aborted")
+                    dict(
+                        self._last_status.pop(run.id, {"model": name, "id": run.id}),
+                        done=True,
+                        outcome="aborted",
+                        weight=0,
+                    )
                     | {"reason": why}
                 )
         for name, d in self.desired.models.items():
@@ -381,7 +386,8 @@ class Canaries:
             outcome = "no drift" if decision == "pass" else "drift"
         else:
             outcome = OUTCOMES[decision]
-        status = self.status(name, now) | {"done": True, "outcome": outcome}
+        weight = 100 if decision == "promote" else 0  # what it serves now (its decisions keep the step's weight)
+        status = self.status(name, now) | {"done": True, "outcome": outcome, "weight": weight}
         if decision == "promote":
             d.history = (d.history + [d.version])[-HISTORY_LENGTH:]
             d.version = canary.version
