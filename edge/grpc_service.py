@@ -306,12 +306,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self._authorize(context, admin=True)
             config = None
             files: dict[str, bytes] = {}
+            others = {}  # a canary run's (edge/repository.py canary_fields)
             for key, param in request.parameters.items():
                 if key == "config":
                     config = param.string_param
                 elif key.startswith("file:"):
                     files[key] = param.bytes_param
-            await self._query(repository.load_model(self.edge, request.model_name, config, files))
+                elif key in repository.CANARY_PARAMETERS:
+                    others[key] = _param_value(param)
+            canary = {"canary": repository.canary_fields(others)} if others else {}  # (its status has no field here)
+            await self._query(repository.load_model(self.edge, request.model_name, config, files, **canary))
             return service_pb2.RepositoryModelLoadResponse()
 
         return await self._run(context, work())

@@ -9,6 +9,11 @@ published: loading the same files twice is a no-op, and other bytes under a vers
 version. A load without files deploys the share's newest version. Unload is undeploy (agents finish what is in
 flight); unloading a model that is not loaded succeeds, as in Triton.
 
+A load may start a canary run instead (issue 21): parameters "canary" ("10,50,100" or a list of percents), "step"
+("30s" or seconds), "shadow", "shadow_only", "retry", "criteria" (a JSON object, or its text), "version" (without
+files: the version to judge). Without files it is QUERY canary; with files, a publish whose version is then judged
+as a canary (a new model is deployed plainly). Answered at once with the run's status (`GET /rollouts/{m}` follows it).
+
 `repository_index`, `load_model` and `unload_model` are transport-neutral (edge/grpc_service.py calls them too);
 `router` serves `POST /v2/repository/index` and `POST /v2/repository/models/{m}/load|unload`. Load and unload change
 the cluster: an admin token when the edge has tokens, and the manager may also refuse the edge's bus key (403).
@@ -24,6 +29,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from cluster.canary.options import parse_duration, parse_steps
 from cluster.config import MAX_VERSION, ROLLOUT_TIMEOUT_S
 from cluster.errors import ClusterError, ModelNotFoundError
 from cluster.protocol import What
@@ -96,15 +102,27 @@ def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
     return int(version), file_name, data
 
 
-async def load_model(edge: DataPlane, name: str, config: str | None, files: dict[str, bytes]) -> dict:
+async def load_model(
+    edge: DataPlane, name: str, config: str | None, files: dict[str, bytes], canary: dict | None = None
+) -> dict:
     """Deploy `name` to every live agent (publishing the files first, if any); the rollout's report. 400 when the
-    rollout failed (every agent keeps what it served), naming each agent's reason."""
+    rollout failed (every agent keeps what it served), naming each agent's reason. With `canary` (canary_fields):
+    a canary run of the new (or named) version instead, answered at once with its status."""
     parsed = None if config is None else _json_object(config, "parameter 'config'")
     wait = ROLLOUT_TIMEOUT_S + 60
+    if canary is not None and not files:
+        if parsed is not None:
+            raise HTTPError(400, "a config alone cannot change a published version", "bad_request")
+        return await _manager(edge, What.CANARY, edge.query_timeout + 5, name=name, **canary)
     if files:
         version, file_name, data = _model_file(files)
         fields = dict(name=name, file=file_name, version=version, config=parsed, rollout_timeout=ROLLOUT_TIMEOUT_S)
+        if canary is not None:
+            fields["canary"] = {k: v for k, v in canary.items() if k != "version"}
         report = await _manager(edge, What.PUBLISH, wait, data, **fields)
+        if "outcome" in report:  # a canary run started
+            edge.metrics.confirm_model(name)
+            return report
     elif parsed is not None:
         raise HTTPError(
             400,
@@ -162,6 +180,63 @@ def _json_object(text: str | bytes, what: str) -> dict:
     return value
 
 
+CANARY_PARAMETERS = ("canary", "step", "shadow", "shadow_only", "retry", "criteria", "version")
+
+
+def canary_fields(parameters: dict) -> dict | None:
+    """A load's canary run (QUERY canary's fields) from its parameters (REST's JSON values, or gRPC's typed ones);
+    None when it asks for none. 400 naming the parameter when one is wrong."""
+
+    def bad(key: str, text: str):
+        raise HTTPError(400, f"parameter '{key}': {text}", "bad_request")
+
+    def flag(key: str) -> bool | None:
+        value = parameters.get(key)
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        bad(key, "must be true or false")
+
+    shadow_only = flag("shadow_only")
+    if parameters.get("canary") is None and not shadow_only:
+        given = [k for k in CANARY_PARAMETERS[1:] if k != "shadow_only" and parameters.get(k) is not None]
+        if given:
+            bad(given[0], "belongs to a canary run: give 'canary' (e.g. \"10,50,100\") or 'shadow_only'")
+        return None
+    fields: dict = {"shadow_only": bool(shadow_only)}
+    try:
+        if parameters.get("canary") is not None:
+            fields["steps"] = parse_steps(parameters["canary"])
+        if parameters.get("step") is not None:
+            fields["step_seconds"] = parse_duration(parameters["step"])
+    except ValueError as exc:
+        bad("canary" if "steps" not in fields and parameters.get("canary") is not None else "step", str(exc))
+    if parameters.get("shadow") is not None:
+        try:
+            shadow = float(parameters["shadow"])
+        except (TypeError, ValueError):
+            shadow = -1.0
+        if isinstance(parameters["shadow"], bool) or not 0 <= shadow <= 1:
+            bad("shadow", "must be a fraction from 0 to 1")
+        fields["shadow"] = shadow
+    if (retry := flag("retry")) is not None:
+        fields["retry"] = retry
+    criteria = parameters.get("criteria")
+    if criteria is not None:
+        fields["criteria"] = _json_object(criteria, "parameter 'criteria'") if isinstance(criteria, str) else criteria
+        if not isinstance(fields["criteria"], dict):
+            bad("criteria", "must be a JSON object")
+    version = parameters.get("version")
+    if version is not None:
+        if isinstance(version, str) and version.isascii() and version.isdigit() and len(version) <= 10:
+            version = int(version)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+            bad("version", f"must be a version from 1 to {MAX_VERSION}")
+        fields["version"] = version
+    return fields
+
+
 def _load_parameters(body: dict) -> tuple[str | None, dict[str, bytes]]:
     """(config, files) of a REST load body: {"parameters": {"config": "<json>", "file:1/model.pt": "<base64>"}}."""
     parameters = body.get("parameters")
@@ -211,13 +286,18 @@ async def index(request: Request) -> Response:
 )
 async def load(request: Request, name: str) -> Response:
     """Roll the model out to every live agent and answer when every one serves it; with `parameters.config` and
-    `parameters["file:<version>/model.pt"]` (base64), publish those files on the share first."""
+    `parameters["file:<version>/model.pt"]` (base64), publish those files on the share first. With
+    `parameters.canary` ("10,50,100"; also step, shadow, shadow_only, retry, criteria, version): start a canary run
+    of that version instead, answered at once with its status."""
     edge = get_edge(request)
     body = await _json_body(request, edge)
     parameters = body.get("parameters")
     size = sum(len(v) for v in parameters.values() if isinstance(v, str)) if isinstance(parameters, dict) else 0
     config, files = await off_loop(size, _load_parameters, body)  # base64 of a model file: off the event loop
-    del body
+    canary = canary_fields(parameters) if isinstance(parameters, dict) else None
+    del body, parameters
+    if canary is not None:
+        return json_response(await load_model(edge, name, config, files, canary))
     await load_model(edge, name, config, files)
     return Response(status_code=200)
 

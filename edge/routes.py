@@ -420,6 +420,30 @@ async def brokers(request: Request) -> Response:
     return json_response(found)
 
 
+@router.get("/rollouts", tags=["cluster"], summary="Rollouts and canary runs", responses=error_responses(503))
+async def rollouts(request: Request) -> Response:
+    """The manager's rollouts: counts, and per model its canary run (in progress, or the last one): split, step,
+    the judge's latest look and the decisions so far. 503 when the manager does not answer."""
+    return await _rollouts(request, None)
+
+
+@router.get("/rollouts/{name}", tags=["cluster"], summary="One model's canary run", responses=error_responses(503))
+async def model_rollouts(request: Request, name: str) -> Response:
+    """The rollouts view limited to one model's canary run."""
+    return await _rollouts(request, name)
+
+
+async def _rollouts(request: Request, name: str | None) -> Response:
+    edge = get_edge(request)
+    if edge.manager is None:
+        raise HTTPError(503, "this edge has no manager to ask about rollouts", "unavailable")
+    try:
+        found = await edge.manager.call(What.ROLLOUTS, edge.query_timeout, name=name)
+    except ClusterError as exc:
+        raise cluster_http_error(exc, infer=False, broker=edge.manager.address, role="manager") from None
+    return json_response(found)
+
+
 @router.get(
     "/models",
     response_model=dict[str, ModelListing],

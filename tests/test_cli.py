@@ -131,6 +131,7 @@ def test_status_says_clearly_when_the_broker_is_down(tmp_path):
 
 
 COMMANDS = {"manager", "broker", "agent", "edge", "up", "status", "deploy", "rollback", "undeploy", "models", "bench"}
+COMMANDS |= {"canary", "promote", "abort", "rollouts"}
 
 
 def test_every_command_documents_its_options():
@@ -174,7 +175,7 @@ def test_cli_is_a_package_of_small_modules_listing_commands_in_order():
     assert {"roles.py", "up.py", "health.py", "deploy.py", "bench.py", "keys.py"} <= set(sizes), sorted(sizes)
     assert max(sizes.values()) <= 600, f"cluster/cli/ modules over 600 lines: {sizes}"
     order = ["manager", "broker", "agent", "edge", "up", "status", "health", "deploy", "rollback", "undeploy"]
-    order += ["models", "bench", "config", "keys"]
+    order += ["models", "canary", "promote", "abort", "rollouts", "bench", "config", "keys"]
     assert list(typer.main.get_command(app).commands) == order
 
 

@@ -174,7 +174,8 @@ def test_client_key_cannot_deploy_admin_key_can(secure):
     queries = secure.addresses.manager_queries
     as_client = ManagerClient(queries, key=secure.member_key("client"))
     assert "digits" in as_client.call("deployments")  # read-only: allowed
-    for what, fields in (("undeploy", {}), ("rollback", {}), ("deploy", {"version": 1})):
+    assert "canaries" in as_client.call("rollouts")  # read-only: allowed
+    for what, fields in (("undeploy", {}), ("rollback", {}), ("deploy", {"version": 1}), ("canary", {}), ("abort", {})):
         with pytest.raises(PermissionDeniedError) as denied:
             as_client.call(what, name="digits", **fields)
         message = str(denied.value)

@@ -1,8 +1,8 @@
 """The `cluster` command: run each role on its own, or the whole cluster on this machine with `cluster up`.
 
 Every address and timing can come from an option or from an environment variable (CLUSTER_*); `--help` on each
-command lists them. One module per group of commands (roles, up, health, deploy, bench, keys); the options several
-share are in common.py. The commands are registered here, in the order `cluster --help` lists them.
+command lists them. One module per group of commands (roles, up, health, deploy, canary, bench, keys); the options
+several share are in common.py. The commands are registered here, in the order `cluster --help` lists them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 import edge.command
-from cluster.cli import bench, deploy, health, keys, roles, show_config, up
+from cluster.cli import bench, canary, deploy, health, keys, roles, show_config, up
 from cluster.cli.common import _table
 from cluster.cli.deploy import _print_rollout
 from cluster.cli.health import _local_address, health_check
@@ -30,6 +30,10 @@ for command in (
     deploy.rollback,
     deploy.undeploy,
     deploy.models,
+    canary.canary,
+    canary.promote,
+    canary.abort,
+    canary.rollouts,
     bench.bench,
     show_config.config,
 ):

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from cluster import config
+from cluster.cli.canary import ALPHA, LATENCY_RATIO, MIN_REQUESTS, NO_RETRY, SHADOW, SHADOW_ONLY, STEP, WAIT
 from cluster.cli.common import _table
 from cluster.options import settings_command
 from cluster.protocol import What
@@ -119,11 +120,32 @@ def deploy(
     timeout: float = typer.Option(
         config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent to load and warm up the new version."
     ),
+    canary_steps: str | None = typer.Option(
+        None, "--canary", help="Roll out as a canary judged on live traffic, with these weights (e.g. 10,50,100)."
+    ),
+    step: str | None = STEP,
+    shadow: float | None = SHADOW,
+    shadow_only: bool = SHADOW_ONLY,
+    no_retry: bool = NO_RETRY,
+    alpha: float | None = ALPHA,
+    min_requests: int | None = MIN_REQUESTS,
+    latency_ratio: float | None = LATENCY_RATIO,
+    wait: bool = WAIT,
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
     The name and config are checked here, and the manager asked whether it is there (and takes them), within
-    seconds, before any model file is sent or published."""
+    seconds, before any model file is sent or published. With --canary (or --shadow-only), a model that has a
+    stable version gets a canary run of the new one instead (`cluster rollouts` follows it)."""
     share, manager, key = settings.share, settings.addresses.manager_queries, settings.key
+    from cluster.cli.canary import run_fields, started
+
+    run = None
+    if canary_steps is not None or shadow_only:
+        run = run_fields(canary_steps, step, shadow, shadow_only, no_retry, alpha, min_requests, latency_ratio)
+    elif no_retry or wait or any(v is not None for v in (step, shadow, alpha, min_requests, latency_ratio)):
+        typer.echo("--step, --shadow, --no-retry, --alpha, --min-requests, --latency-ratio and --wait are a canary's: "
+                   "give --canary 10,50,100 (or --shadow-only)", err=True)  # fmt: skip
+        raise typer.Exit(2)
 
     from cluster.model_config import ModelConfig, RepositoryError, read_config_file
     from cluster.publish import publish_version
@@ -156,7 +178,8 @@ def deploy(
                 err=True,
             )
             raise typer.Exit(2)
-        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config)
+        canary = {} if run is None else {"canary": run}
+        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, **canary)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         report = _manager_call(
             manager,
@@ -168,19 +191,33 @@ def deploy(
             file=file_name,
             config=model_config,
             rollout_timeout=timeout,
+            **canary,
         )
+        if "outcome" in report:  # a canary run started (the model has a stable version)
+            typer.echo(f"the manager published {name} version {report['version']}")
+            started(manager, key, report, wait)
         typer.echo(f"the manager published {name} version {report['version']}; rolled out:")
         _print_rollout(report, "deploy")
         raise typer.Exit(0 if report["ok"] else 1)
     _deploy_check(manager, key, What.ROLLOUTS)  # it must be there to roll out what is published next
     share_dir = Path(share)
     new_model = not ModelRepository(share_dir).versions(name)
+    stable = None
+    if run is not None:  # a canary needs a stable version; one running already refuses a new one (before publishing)
+        stable = (_manager_call(manager, What.DEPLOYMENTS, 10, key).get(name) or {}).get("version")
+        running = (_manager_call(manager, What.ROLLOUTS, 10, key, name=name)["canaries"] or {}).get(name)
+        if running is not None and not running.get("done"):
+            typer.echo(f"cannot deploy: a canary of '{name}' (v{running['version']}) is running; promote or abort it")
+            raise typer.Exit(2)
     with _publish_progress(path) as progress:
         try:
             version = publish_version(share_dir, name, path, model_config, progress=progress)
         except RepositoryError as exc:
             typer.echo(f"cannot publish: {exc}", err=True)
             raise typer.Exit(2) from None
+    if run is not None and stable is not None and not new_model:
+        typer.echo(f"published {name} version {version} to {share_dir}; starting a canary ...")
+        started(manager, key, _manager_call(manager, What.CANARY, 10, key, name=name, version=version, **run), wait)
     typer.echo(f"published {name} version {version} to {share_dir}; rolling out ...")
     report = _manager_call(
         manager,

@@ -13,6 +13,7 @@ A rollout is two-phase, so that either every agent switches or none does:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -170,6 +171,11 @@ class Deployments:
                 ErrorCode.OVERLOADED, f"a rollout of '{name}' is already in progress; try again when it is over"
             )
         current = self.desired.models.get(name)
+        if current is not None and current.canary is not None and what != What.UNDEPLOY:
+            raise CommandError(  # (undeploy ends the canary with the model: cluster/manager/canaries.py)
+                ErrorCode.OVERLOADED,
+                f"a canary of '{name}' (v{current.canary.version}) is running; promote or abort it first",
+            )
         if what == What.UNDEPLOY:
             if current is None:
                 raise CommandError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' is not deployed")
@@ -320,8 +326,8 @@ class Deployments:
             if self.desired.models.get(name) == before:
                 continue  # unchanged since saved (a rollout whose staging was saved goes on)
             target = None
-            if before is not None and before.version is not None:
-                target = ModelDeployment(before.version, None, list(before.history))
+            if before is not None and before.version is not None:  # (a canary run goes back to where it was)
+                target = ModelDeployment(before.version, None, list(before.history), copy.deepcopy(before.canary))
             if self.desired.models.get(name) == target:
                 continue  # already that: an aborted rollout (the file still names its staged version)
             reverted.add(name)

@@ -32,10 +32,14 @@ heartbeats only from agent keys, and each agent id only from the key it first be
 broker reports only from the server key; deploy, rollback
 and undeploy only from admin keys (others: PERMISSION_DENIED), the read-only queries from client or admin keys.
 
+Canary runs (QUERY canary / promote / abort, admin keys; EVENT canary_digest from the brokers on the heartbeat SUB,
+server key only) are canaries.py's (`Canaries`), fed here like the deployments; `rollouts` shows them.
+
 A restarted manager starts with an empty registry and rebuilds it from the next round of beats; the desired state
-it reads back from the share (a rollout in progress is not resumed). Every query is answered, an error included: a
-desired state the share refuses to save (full, folder gone) is undone (Deployments.revert), the requester gets the
-path and the cause, and the save is tried again every STATE_SAVE_RETRY_S; the manager never dies of it.
+it reads back from the share (a rollout in progress is not resumed; a canary run is, at its step). Every query is
+answered, an error included: a desired state the share refuses to save (full, folder gone) is undone
+(Deployments.revert), the requester gets the path and the cause, and the save is tried again every
+STATE_SAVE_RETRY_S; the manager never dies of it.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from cluster.config import MAX_CONTROL_BYTES, STATE_SAVE_RETRY_S
 from cluster.desired import DEPLOYMENTS_FILE, DesiredState, newest_versions
 from cluster.logs import BadInputLog
 from cluster.manager.brokers import Brokers
+from cluster.manager.canaries import Canaries, parse_options
 from cluster.manager.deployments import Actions, CommandError, Deployments
 from cluster.manager.registry import Registry
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
@@ -62,6 +67,7 @@ from cluster.protocol import (
     PREAMBLE,
     Answer,
     BrokerReport,
+    CanaryDigest,
     Command,
     Desired,
     ErrorCode,
@@ -86,7 +92,16 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 
 # the queries that change the cluster: admin keys only (publish_check: a publish's header checked before its file is
 # sent, so that a refusal costs no upload)
-COMMANDS = (What.DEPLOY, What.ROLLBACK, What.UNDEPLOY, What.PUBLISH, What.PUBLISH_CHECK)
+COMMANDS = (
+    What.DEPLOY,
+    What.ROLLBACK,
+    What.UNDEPLOY,
+    What.PUBLISH,
+    What.PUBLISH_CHECK,
+    What.CANARY,
+    What.PROMOTE,
+    What.ABORT,
+)
 
 
 class Manager:
@@ -142,6 +157,7 @@ class Manager:
         if self._unsaved:
             self.save_desired()  # a share that refuses it does not stop the manager: tried again each tick
         self.deployments.report_interval = self.timings.heartbeat_interval  # a broker reports once a beat
+        self.canaries = Canaries(self.deployments, look_interval=self.timings.canary_digest_interval)
         self._stop = threading.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one publish at a time, off the loop
         # model -> (the write, requester, header, whether the model is new on the share)
@@ -190,6 +206,7 @@ class Manager:
                         self.save_desired(now)
                     self.expire_brokers(now)
                     self.carry_out(self.deployments.tick(now))
+                    self.carry_out(self.canaries.tick(time.time()))
                     if now >= next_desired:  # also every interval: a missed PUB message costs one interval
                         next_desired = now + self.timings.heartbeat_interval
                         self.publish_desired()
@@ -278,14 +295,17 @@ class Manager:
         self.answer(peer, reply)
 
     def take_broker_report(self, frames: list) -> None:
-        """A broker's report of the agents it routes to and its load (with keys on: only from the server key).
-        ProtocolError if malformed."""
+        """A broker's report of the agents it routes to and its load, or its canary digest (with keys on: only from
+        the server key). ProtocolError if malformed."""
         if self.allow is not None and (refused := refusal(self.allow, key_of(frames[0]), "report")) is not None:
             bad_input.warning("broker report refused: %s", refused[1])
             return
         event = protocol.parse_event(protocol.unpack_header(frames[1]))
+        if isinstance(event, CanaryDigest):
+            self.carry_out(self.canaries.digest(event, time.time()))
+            return
         if not isinstance(event, BrokerReport):
-            raise ProtocolError("the only event the manager takes is broker_report")
+            raise ProtocolError("the manager takes only broker_report and canary_digest events")
         self.brokers.observe(event, time.monotonic(), time.time())
         self.update_broker_view()
 
@@ -316,7 +336,9 @@ class Manager:
         return Answer(requester[1], self.deployments.describe())
 
     def query_rollouts(self, header: dict, requester: tuple, frames: list) -> Answer:
-        return Answer(requester[1], self.deployments.rollout_counts())
+        """The rollouts' counts and the canary runs ({name}: one model's)."""
+        name = require(header, "name", str, optional=True)
+        return Answer(requester[1], self.deployments.rollout_counts() | self.canaries.rollouts(name, time.time()))
 
     def query_brokers(self, header: dict, requester: tuple, frames: list) -> Answer:
         return Answer(requester[1], self.brokers.describe(time.monotonic()))
@@ -333,9 +355,11 @@ class Manager:
         self.check_publish(header)
         return Answer(requester[1], {"ok": True})
 
-    def query_canary(self, header: dict, requester: tuple, frames: list) -> Answer:
-        """canary, promote, abort (cluster/manager/canaries.py)."""
-        raise CommandError(ErrorCode.BAD_REQUEST, "canary rollouts are not built yet")
+    def query_canary(self, header: dict, requester: tuple, frames: list) -> None:
+        """canary, promote, abort (cluster/manager/canaries.py): answered at once with the run's status."""
+        if header.get("name") in self.publishing:
+            raise CommandError(ErrorCode.OVERLOADED, f"a deploy of '{header['name']}' is in progress; try again after")
+        self.carry_out(self.canaries.command(header["what"], header, requester, time.time()))
 
     QUERIES = {  # what the manager answers: QUERY `what` -> its handler
         What.AGENTS: query_agents,
@@ -384,6 +408,13 @@ class Manager:
             raise CommandError(
                 ErrorCode.OVERLOADED, f"a deploy of '{name}' is already in progress; try again when it is over"
             )
+        running = self.canaries.running(name)
+        if running is not None:
+            raise CommandError(
+                ErrorCode.OVERLOADED, f"a canary of '{name}' (v{running.version}) is running; promote or abort it first"
+            )
+        if header.get("canary") is not None:  # {steps, step_seconds, shadow, ...}: checked now, before the upload
+            parse_options(require(header, "canary", dict))
         return name, file_name, version, config, new_model
 
     def start_publishing(self, header: dict, data: bytes | memoryview, requester: tuple) -> None:
@@ -403,6 +434,12 @@ class Manager:
             request_id = requester[1]
             try:
                 version, published = write.result()
+                stable = self.deployments.desired.models.get(name)
+                if header.get("canary") is not None and stable is not None and stable.version is not None:
+                    log.info("%s %s v%d; a canary of it", "published" if published else "already have", name, version)
+                    options = dict(header["canary"], version=version)
+                    self.carry_out(self.canaries.start(name, options, requester, time.time()))
+                    continue
                 log.info("%s %s v%d; deploying it", "published" if published else "already have", name, version)
                 deploy = {"name": name, "version": version, "rollout_timeout": header.get("rollout_timeout")}
                 if published:  # rejected by the rollout: off the share again (the whole model, if it is new)
