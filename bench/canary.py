@@ -10,6 +10,7 @@ asserts what must hold.
     python3 -m bench.canary raising        v2 raises for a third of its inputs: retry on stable, then retry off
     python3 -m bench.canary slow           v2 is 3x slower per batch: at the 50% step, then at 10% (compute)
     python3 -m bench.canary all            both
+    python3 -m bench.canary aa --runs 10   canaries of a version identical to the stable one: false rollbacks
 
 Time to decide: the manager's rollback decision less its start decision (wall clock, both in the canary's decision
 list). Expected failures with retry off: weight x 1/3 x request rate x time to decide.
@@ -264,6 +265,31 @@ def slow_run(workdir: Path, steps=(50, 100), in_flight: int = 2) -> dict:
         }
 
 
+def aa_runs(workdir: Path, runs: int, in_flight: int = 8, step_seconds: float = 5.0) -> list[dict]:
+    """A/A: `runs` canaries of versions identical to the stable one (Scaled(), sub-millisecond), one after another
+    at 10% under as much load as `in_flight` gives, default criteria: each run's outcome and its latency figures.
+    Every rollback is a false one."""
+    results = []
+    with CanaryCluster(workdir, [Scaled()] * (runs + 1), batching=True, log_level="WARNING") as cc:
+        with Load(cc.cluster.addresses.broker_clients, in_flight=in_flight) as load:
+            load.wait_answers(300)
+            for version in range(2, runs + 2):
+                cc.canary(version, steps=[10, 100], step_seconds=step_seconds)
+                status = cc.wait_done(version)
+                look = status.get("look") or {}
+                results.append(
+                    {
+                        "outcome": status["outcome"],
+                        "reason": look.get("reason"),
+                        "latency": (look.get("figures") or {}).get("latency"),
+                        "decide_s": decide_seconds(status),
+                    }
+                )
+                log(f"A/A run {version - 1}: {status['outcome']}: {look.get('reason')}")
+            results.append({"load": load.summary()})
+    return results
+
+
 def show_raising(f: dict) -> None:
     decide = "n/a" if f["decide_s"] is None else f"{f['decide_s']:.2f}"
     expected = "n/a" if f["expected_failures"] is None else f"{f['expected_failures']:.0f}"
@@ -285,7 +311,8 @@ def show_slow(f: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["raising", "slow", "all"])
+    parser.add_argument("scenario", choices=["raising", "slow", "all", "aa"])
+    parser.add_argument("--runs", type=int, default=10, help="aa: canaries of identical versions, one after another")
     parser.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="raising: requests in flight")
     parser.add_argument("--rate", type=float, default=RATE, help="raising: requests per second (0: all it takes)")
     args = parser.parse_args()
@@ -293,6 +320,11 @@ def main() -> None:
         if args.scenario in ("raising", "all"):
             for retry in (True, False):
                 show_raising(raising_run(Path(tmp) / f"raising-{retry}", retry, args.rate or None, args.in_flight))
+        if args.scenario == "aa":
+            results = aa_runs(Path(tmp) / "aa", args.runs)
+            runs = results[:-1]
+            false = sum(1 for r in runs if r["outcome"] != "promoted")
+            log(f"A/A at 10%, {results[-1]['load']['rate']:.0f} req/s: {false} of {len(runs)} runs rolled back (false)")
         if args.scenario in ("slow", "all"):
             show_slow(slow_run(Path(tmp) / "slow-50", steps=(50, 100)))
             show_slow(slow_run(Path(tmp) / "slow-10", steps=(10, 50, 100)))
