@@ -152,6 +152,27 @@ def test_a_slightly_slower_canary_is_not_rolled_back_however_significant():
     assert lat["p"] < 1e-6 and lat["median_ratio"] < 1.5, lat
 
 
+def _times(n: int, median_ms: float, slow: int, factor: float, seed: int) -> VersionDigest:
+    """n lognormal service times around `median_ms`, the first `slow` of them `factor` x slower (a slow tail)."""
+    times = np.random.default_rng(seed).lognormal(math.log(median_ms / 1e3), 0.1, n)
+    times[:slow] *= factor
+    return VersionDigest(ok=n, service=histogram.from_values(times.tolist()))
+
+
+def test_the_p99_counts_as_an_effect_only_with_enough_answers():
+    """An A/A canary on real processes was rolled back on the p99 of a few hundred answers (their few slowest) with a
+    significant 1.1x median shift: below p99_min answers the median alone is the effect; past it a slow tail is."""
+    judge = Judge()
+    few = StepDigest({STABLE: _times(600, 10.0, 0, 1.0, 1), CANARY: _times(300, 11.0, 6, 3.0, 2)})
+    verdict = judge.look(Look(STABLE, CANARY, 0, 50, 1.0, 30.0, False, {0: few}))
+    lat = verdict.figures["latency"]
+    assert verdict.decision == "continue", verdict
+    assert lat["p"] < Criteria().latency_alpha and lat["p99_ratio"] >= 1.5, lat  # what used to roll it back
+    many = StepDigest({STABLE: _times(4000, 10.0, 0, 1.0, 3), CANARY: _times(4000, 11.0, 80, 4.0, 4)})
+    verdict = judge.look(Look(STABLE, CANARY, 0, 50, 1.0, 30.0, False, {0: many}))
+    assert verdict.decision == "rollback" and "p99" in verdict.reason, verdict
+
+
 # ---- the pass rule, figures, failures ---------------------------------------------------------------------------
 
 

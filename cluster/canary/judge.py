@@ -37,6 +37,8 @@ class Criteria:
     latency_ratio: float = 1.5  # the least slowdown (canary/stable, median or p99) that rolls back ...
     latency_alpha: float = 0.001  # ... when Mann-Whitney also finds it significant at this level (one-sided)
     latency_min: int = 30  # answers (or batches) per version before latency is judged
+    p99_min: int = 1000  # ... and before the p99 ratio counts as an effect (the median's alone before that: the p99
+    # of a few hundred answers is their few slowest, and an A/A canary on real processes was rolled back on it)
     compute_below: int = 50  # at weights below this (percent), latency is judged on per-batch compute time
     drift_rate: float = 0.01  # shadow: more than this share of pairs beyond tolerance (and the floor) is drift
     rtol: float = 1e-3  # shadow: float outputs agree within atol + rtol x |stable| ...
@@ -238,6 +240,8 @@ class Judge:
         median = _ratio(stats.quantile(pooled, 0.5), stats.quantile(weighted, 0.5))
         p99 = _ratio(stats.quantile(pooled, 0.99), stats.quantile(weighted, 0.99))
         part.update(z=round(z, 3), p=float(f"{p:.3g}"), median_ratio=median, p99_ratio=p99)
+        if min(n_c, n_s) < c.p99_min:
+            p99 = None  # shown, not judged: too few answers for their p99 to be more than noise
         ratio = max(median or 0.0, p99 or 0.0)
         if p > c.latency_alpha or ratio < c.latency_ratio:
             return None
