@@ -4,6 +4,8 @@ tests/test_broker_canary.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.protocol import Command, ErrorCode
 from tests.test_broker_canary import ask, both, canary_dispatcher, desired, fail, reply, requests_sent, to_client
@@ -49,3 +51,55 @@ def test_agents_dropping_the_canary_after_an_abort_cost_its_requests_no_attempts
             break
     assert version == 1, "once no agent has the canary, the stable version runs it"
     assert [cmd for cmd, _ in to_client(reply(d, agent, route))] == [Command.REPLY]
+
+
+def test_a_criterion_that_is_not_finite_is_refused_and_never_stops_the_manager(tmp_path):
+    """Infinity passes JSON and msgpack: as a whole-number criterion it raised OverflowError (not ValueError) from
+    Criteria.from_wire, which the manager's tick did not catch (a hand-edited deployments.json stopped the manager's
+    loop) and a QUERY canary answered INTERNAL."""
+    from cluster.canary.judge import Criteria
+    from cluster.manager.canaries import parse_options
+    from cluster.manager.deployments import CommandError
+    from tests.test_manager_canaries import T0, running, setup
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            Criteria.from_wire({"min_requests": bad})
+        with pytest.raises(ValueError):
+            Criteria.from_wire({"latency_ratio": bad})
+        with pytest.raises(CommandError) as refused:
+            parse_options({"criteria": {"min_requests": bad}})
+        assert refused.value.code == ErrorCode.BAD_REQUEST
+    c, judge = setup(tmp_path)
+    canary = running(c)
+    canary.criteria = {"min_requests": float("inf")}  # as read back from a hand-edited deployments.json
+    c.tick(T0 + 5)  # judged by the defaults, logged
+    assert judge.criteria[-1] == Criteria()
+
+
+def test_a_desired_state_with_odd_decisions_still_moves_the_brokers_split():
+    """A decision whose fields are not plain values (a hand-edited state) must not stop the broker following the
+    desired state: the step change after it still applies."""
+    d = canary_dispatcher()
+    both(d)
+    d.canary.update(desired((10, 50, 100)))
+    state = desired((10, 50, 100), step=1)
+    state.models["m"].canary.decisions = [{"at": [1, 2], "step": {"x": 1}, "decision": "pass"}]
+    d.canary.update(state)
+    assert d.canary.runs["m"].weight == 50
+
+
+def test_one_malformed_model_digest_does_not_drop_the_others(tmp_path):
+    """The manager checks each model's digest on its own: a 'steps' that is no list is that model's error only."""
+    from cluster.canary.digest import ModelDigest, StepDigest, VersionDigest
+    from cluster.protocol import CanaryDigest
+    from tests.test_manager_canaries import T0, running, setup
+
+    with pytest.raises(ValueError):
+        ModelDigest.from_wire({"canary": "x", "steps": 5})
+    c, _ = setup(tmp_path)
+    canary = running(c)
+    good = ModelDigest(canary.id, {0: StepDigest({2: VersionDigest(ok=3)})}).to_wire()
+    event = CanaryDigest("b1", "inc", 1, {"a-bad-one": {"canary": canary.id, "steps": 5}, "m": good})
+    c.digest(event, T0 + 2)
+    assert ("b1", "inc") in c.runs["m"].digests

@@ -120,6 +120,8 @@ class CanarySplit:
                 continue
             for decision in canary.decisions:
                 key = (canary.id, decision.get("at"), decision.get("step"), decision.get("decision"))
+                if not all(v is None or isinstance(v, (int, float, str)) for v in key):
+                    continue  # not the manager's (a hand-edited state): not counted
                 if key not in self._seen_decisions and isinstance(decision.get("decision"), str):
                     self._seen_decisions.add(key)
                     self._count_decision(name, decision["decision"])
