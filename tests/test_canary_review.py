@@ -103,3 +103,24 @@ def test_one_malformed_model_digest_does_not_drop_the_others(tmp_path):
     event = CanaryDigest("b1", "inc", 1, {"a-bad-one": {"canary": canary.id, "steps": 5}, "m": good})
     c.digest(event, T0 + 2)
     assert ("b1", "inc") in c.runs["m"].digests
+
+
+def test_a_mirror_that_fails_where_the_stable_version_failed_too_is_no_drift():
+    """A client's bad input fails both copies: the mirror's error counts against the shadow version only where the
+    stable answer was ok, whichever answers first (it was counted whenever the mirror answered first)."""
+    from tests.test_broker_canary import shadow_dispatcher
+
+    d = shadow_dispatcher(a1=[1, 2], a2=[1, 2])
+    for rid, mirror_first in ((0, True), (1, False)):
+        (stable, mirror) = requests_sent(ask(d, rid))
+        answers = [
+            lambda: fail(d, mirror[0], mirror[1], code=ErrorCode.BAD_REQUEST),
+            lambda: fail(d, stable[0], stable[1], code=ErrorCode.BAD_REQUEST),
+        ]
+        for answer in answers if mirror_first else answers[::-1]:
+            answer()
+    (stable, mirror) = requests_sent(ask(d, 2))  # the mirror fails, the stable version answers: an error
+    fail(d, mirror[0], mirror[1])
+    reply(d, stable[0], stable[1])
+    shadow = d.canary.runs["m"].digest.step(0).shadow
+    assert (shadow.sent, shadow.errors, shadow.pairs) == (3, 1, 0) and d.canary.pairs == []
