@@ -113,12 +113,8 @@ def test_a_mirror_that_fails_where_the_stable_version_failed_too_is_no_drift():
     d = shadow_dispatcher(a1=[1, 2], a2=[1, 2])
     for rid, mirror_first in ((0, True), (1, False)):
         (stable, mirror) = requests_sent(ask(d, rid))
-        answers = [
-            lambda: fail(d, mirror[0], mirror[1], code=ErrorCode.BAD_REQUEST),
-            lambda: fail(d, stable[0], stable[1], code=ErrorCode.BAD_REQUEST),
-        ]
-        for answer in answers if mirror_first else answers[::-1]:
-            answer()
+        for agent, route, _ in (mirror, stable) if mirror_first else (stable, mirror):
+            fail(d, agent, route, code=ErrorCode.BAD_REQUEST)
     (stable, mirror) = requests_sent(ask(d, 2))  # the mirror fails, the stable version answers: an error
     fail(d, mirror[0], mirror[1])
     reply(d, stable[0], stable[1])
