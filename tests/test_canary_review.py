@@ -120,3 +120,50 @@ def test_a_mirror_that_fails_where_the_stable_version_failed_too_is_no_drift():
     reply(d, stable[0], stable[1])
     shadow = d.canary.runs["m"].digest.step(0).shadow
     assert (shadow.sent, shadow.errors, shadow.pairs) == (3, 1, 0) and d.canary.pairs == []
+
+
+def test_the_comparison_queue_is_bounded_in_bytes_not_only_in_pairs(monkeypatch):
+    """Pairs wait for the comparison thread with both answers' frames: 256 pairs of large outputs (say 4 MB each) were
+    2 GB held by the broker. Past a byte budget a pair is dropped (counted), one pair always fits."""
+    import threading
+    import time
+
+    from cluster.broker.shadow import ShadowComparer
+    from cluster.protocol import PREAMBLE, pack
+    from tests.test_broker_canary import shadow_dispatcher
+
+    d = shadow_dispatcher(a1=[1, 2], a2=[1, 2])
+    gate, seen = threading.Event(), []
+
+    def fake_compare(stable, mirrored, into, criteria):
+        gate.wait(10)
+        seen.append(len(stable[1]))
+
+    monkeypatch.setattr("cluster.canary.compare.compare", fake_compare)
+    comparer = ShadowComparer(d.canary)
+    comparer.max_bytes = 3_000_000  # a pair here is 2 MB of outputs
+    d.canary.on_pair = comparer.submit
+    big = b"x" * 1_000_000
+
+    def answer(agent, route):
+        header = pack({"id": "r", "model": "m", "outputs": [], "batch_size": 1, "queue_us": 0})
+        d.agent_message(Command.REPLY, [agent.encode(), PREAMBLE[Command.REPLY] + route, header, big], T)
+
+    try:
+        for rid in range(2):  # the first is in the thread's hands (waiting at the gate): no room for the second
+            (stable, mirror) = requests_sent(ask(d, rid))
+            answer(mirror[0], mirror[1])
+            answer(stable[0], stable[1])
+        assert d.canary.not_compared["queue full"] == 1, "the second pair must not be held"
+        gate.set()
+        deadline = time.monotonic() + 10
+        while (seen != [len(big)] or comparer.queued_bytes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [len(big)] and comparer.queued_bytes == 0
+        (stable, mirror) = requests_sent(ask(d, 2))  # room again
+        answer(mirror[0], mirror[1])
+        answer(stable[0], stable[1])
+        assert d.canary.not_compared["queue full"] == 1
+    finally:
+        gate.set()
+        comparer.stop()
