@@ -106,6 +106,7 @@ CANARY_STEP_SECONDS = 30.0  # the least time a step runs before it may pass (it 
 CANARY_FLOOR_SHARE = 0.25  # while mirroring, this share of the mirrored copies go to the stable version itself instead
 # (the noise floor that drift is judged against: batching and hardware make a version differ from itself)
 SHADOW_COMPARE_QUEUE = 256  # answer pairs waiting for the broker's comparison thread; past it a pair is not compared
+SHADOW_COMPARE_BYTES = 64 * 1024 * 1024  # ... and their answers' bytes (one pair is always let in, however large)
 CANARY_SHADOW_ONLY = 0.1  # the fraction a shadow-only run (`--shadow-only`) mirrors when it names none
 CANARY_RUNS_KEPT = 20  # finished canary runs the manager keeps for `cluster rollouts` (in memory)
 # An agent not connected to its broker warns in its log after this long, then again at doubling intervals up to the max

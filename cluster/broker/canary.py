@@ -72,7 +72,7 @@ class CanaryRun:
 class ShadowPair:
     """A mirrored copy and the request it mirrors: their answers, once both are in, are compared off the loop."""
 
-    __slots__ = ("run", "kind", "version", "into", "stable", "mirrored", "closed", "sent")
+    __slots__ = ("run", "kind", "version", "into", "stable", "mirrored", "closed", "sent", "failed")
 
     def __init__(self, run: CanaryRun, kind: str, version: int, into: ShadowDigest) -> None:
         self.run, self.kind, self.version, self.into = run, kind, version, into  # kind: "shadow" or "floor"
@@ -80,6 +80,7 @@ class ShadowPair:
         self.mirrored: list | None = None  # the mirrored answer's
         self.closed = False  # one side failed: nothing to compare
         self.sent = False  # the mirrored copy went out (once, with the request's first dispatch)
+        self.failed = False  # the mirrored copy failed before the stable answer came: an error if that one is ok
 
     @property
     def criteria(self) -> Criteria:
@@ -120,6 +121,8 @@ class CanarySplit:
                 continue
             for decision in canary.decisions:
                 key = (canary.id, decision.get("at"), decision.get("step"), decision.get("decision"))
+                if not all(v is None or isinstance(v, (int, float, str)) for v in key):
+                    continue  # not the manager's (a hand-edited state): not counted
                 if key not in self._seen_decisions and isinstance(decision.get("decision"), str):
                     self._seen_decisions.add(key)
                     self._count_decision(name, decision["decision"])
@@ -298,6 +301,9 @@ class CanarySplit:
         if pair.closed:
             return
         if code is not None:
+            if code not in (ErrorCode.BUSY, ErrorCode.MODEL_NOT_FOUND, ErrorCode.CANCELLED) and pair.stable is None:
+                pair.failed = True  # the client's bad input fails both: an error only if the stable answer is ok
+                return
             pair.closed = True
             with self.lock:
                 if code in (ErrorCode.BUSY, ErrorCode.MODEL_NOT_FOUND, ErrorCode.CANCELLED):
@@ -312,8 +318,11 @@ class CanarySplit:
     def stable_answered(self, pair: ShadowPair, ok: bool, frames: list) -> None:
         if pair.closed:
             return
-        if not ok:
-            pair.closed = True  # stable failed: nothing to compare against
+        if not ok or pair.failed:
+            pair.closed = True  # stable failed: nothing to compare against (nor a failed mirror to count)
+            if ok:
+                with self.lock:
+                    pair.into.errors += 1
             return
         pair.stable = frames
         if pair.mirrored is not None:

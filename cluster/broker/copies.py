@@ -41,7 +41,11 @@ class RequestCopies:
         """Hedging: each request due a second copy (Stalls.hedges_due) goes to another agent the policy chooses
         (not stalled, with a free slot), if there is one."""
         for request in self.stalls.hedges_due(self.agents.agents.values(), now):
+            drawn = request.run_version, request.canary
             target = self._choose(request, request.agent)
+            if (request.run_version, request.canary) != drawn:  # the canary's fallback: its copy runs the version
+                request.run_version, request.canary = drawn  # drawn, so no hedge (its answer counts as that one's)
+                continue
             if target is None:
                 continue  # every other agent is busy: next tick
             request.hedge, request.hedged_at = target, now

@@ -408,6 +408,8 @@ class Dispatcher(RequestCopies):
         if request is not None and not request.done and code == ErrorCode.MODEL_NOT_FOUND:
             self.agents.forget_versions(agent, request.model, request.version or request.run_version)
             if not request.drop_copy(agent):  # a hedge: its other copy carries on
+                # the version the canary split drew left that agent (forgotten there): no attempt used up
+                request.attempts -= request.version is None and request.run_version is not None
                 self._redispatch(request, f"agent {agent.agent_id} no longer has it", out)
         else:
             if request is not None:

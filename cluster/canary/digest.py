@@ -196,6 +196,8 @@ class ModelDigest:
         if not isinstance(data, dict) or not isinstance(data.get("canary"), str):
             raise ValueError("a model digest must be a map with a 'canary' id")
         steps = {}
+        if not isinstance(data.get("steps") or [], list):
+            raise ValueError("digest 'steps' must be a list of [step, digest] pairs")
         for pair in data.get("steps") or []:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], int):
                 raise ValueError("digest 'steps' must be a list of [step, digest] pairs")

@@ -68,8 +68,8 @@ class Criteria:
             if key not in known:
                 raise ValueError(f"unknown criterion {key!r}; known: {', '.join(known)}")
             default = getattr(cls(), key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"criterion {key!r} must be a number >= 0")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"criterion {key!r} must be a finite number >= 0")
             if isinstance(default, int) and value != int(value):
                 raise ValueError(f"criterion {key!r} must be a whole number")
             values[key] = type(default)(value)
