@@ -337,6 +337,17 @@ def test_a_promote_that_cannot_be_saved_restores_the_run(tmp_path):
     assert status["outcome"] == "running" and [r["id"] for r in c.rollouts("m", T0 + 6)["finished"]] == []
 
 
+def test_an_undone_save_never_brings_back_a_canary_that_ended(tmp_path):
+    """A rollback (or abort) the share would not save is not undone: ending a canary is always safe, where running
+    a bad one again until the share takes the file is not. (A promote is undone: see above.)"""
+    c, _ = setup(tmp_path)
+    running(c)
+    agreed = DesiredState.from_wire(c.desired.to_wire())
+    c.command(What.ABORT, {"name": "m"}, REQUESTER, T0 + 5)
+    _, reverted = c.deployments.revert(agreed, "disk full")
+    assert c.desired.models["m"].canary is None and c.desired.models["m"].version == 1 and not reverted
+
+
 def test_a_failing_judge_leaves_the_run_waiting_for_a_command(tmp_path):
     c, _ = setup(tmp_path)
 
@@ -371,8 +382,8 @@ def test_the_manager_answers_canary_at_once_saves_it_and_shows_it_in_rollouts(ma
         "m",
         2,
         1,
-        "running",
-    )  # no agents
+        "loading",
+    )  # no agent heard yet: it waits for one (a manager just restarted has heard none)
     saved = DesiredState.load(share).models["m"].canary
     assert saved.id == status["id"] and saved.steps == [20, 100] and saved.criteria == {"alpha": 0.05}
     assert manager.events_sent[-1]["state"]["models"]["m"]["canary"]["id"] == status["id"], "published"
@@ -393,7 +404,11 @@ def test_a_digest_on_the_heartbeat_socket_reaches_the_judge_and_a_trip_rolls_bac
     judge = ScriptedJudge()
     manager.canaries.judge = judge
     status = query(manager, "canary", name="m")[1]["result"]
-    manager.carry_out(manager.canaries.tick(time.time()))  # no agents: every participant serves it
+    manager.carry_out(manager.canaries.tick(time.time()))
+    assert manager.deployments.desired.models["m"].canary.phase == "loading", "no agent serves it yet"
+    serving = beat("a", serves=[("m", 1), ("m", 2)]).to_wire()
+    manager.process_heartbeat(protocol.message(Command.HEARTBEAT, serving))
+    manager.carry_out(manager.canaries.tick(time.time()))
     assert manager.deployments.desired.models["m"].canary.phase == "running"
     wire = ModelDigest(status["id"], {0: StepDigest({2: VersionDigest(ok=5)})}, None, 10).to_wire()
     event = CanaryDigest("b1", "i1", 1, {"m": wire}).to_wire()
@@ -419,7 +434,7 @@ def test_a_publish_with_canary_starts_a_canary_of_the_new_version(manager, share
     assert cmd == Command.REPLY, header
     status = header["result"]
     assert (status["version"], status["stable"], status["shadow"]) == (3, 1, 0.2)
-    assert status["phase"] == "running", "no agent to wait for"
+    assert status["phase"] == "loading", "waits for an agent to serve it"
     assert DesiredState.load(share).models["m"].version == 1, "not deployed: judged first"
 
 

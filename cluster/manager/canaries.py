@@ -298,7 +298,7 @@ class Canaries:
         elif now > run.loading_deadline:
             text = f"not serving v{canary.version} within {self.loading_timeout:g} s: {', '.join(waiting)}"
             self._end(name, "rollback", text, now)
-        elif not waiting:
+        elif not waiting and participants:  # (none: a manager just restarted has heard no beat yet; or no agent)
             canary.phase = "running"
             canary.step, canary.step_started = 0, now
             run.looked_at = now

@@ -326,8 +326,12 @@ class Deployments:
             if self.desired.models.get(name) == before:
                 continue  # unchanged since saved (a rollout whose staging was saved goes on)
             target = None
-            if before is not None and before.version is not None:  # (a canary run goes back to where it was)
-                target = ModelDeployment(before.version, None, list(before.history), copy.deepcopy(before.canary))
+            if before is not None and before.version is not None:  # (a canary run goes back to where it was ...
+                canary = copy.deepcopy(before.canary)
+                now_entry = self.desired.models.get(name)
+                if now_entry is not None and now_entry.canary is None and now_entry.version == before.version:
+                    canary = None  # ... but one that ended (rolled back, aborted) stays ended: that is always safe)
+                target = ModelDeployment(before.version, None, list(before.history), canary)
             if self.desired.models.get(name) == target:
                 continue  # already that: an aborted rollout (the file still names its staged version)
             reverted.add(name)
