@@ -173,6 +173,17 @@ def test_the_p99_counts_as_an_effect_only_with_enough_answers():
     assert verdict.decision == "rollback" and "p99" in verdict.reason, verdict
 
 
+def test_a_slowdown_under_the_floor_in_ms_is_not_rolled_back():
+    """A sub-millisecond model's canary 1.6x slower (0.3 -> 0.48 ms, significant): under latency_floor_ms, no user
+    notices it (and a version just loaded is that much slower at first); with the floor at 0 it is rolled back."""
+    step = StepDigest({STABLE: _times(2000, 0.3, 0, 1.0, 7), CANARY: _times(2000, 0.48, 0, 1.0, 8)})
+    look = Look(STABLE, CANARY, 0, 50, 1.0, 30.0, False, {0: step})
+    verdict = Judge().look(look)
+    assert verdict.decision == "continue" and verdict.figures["latency"]["median_ratio"] >= 1.5, verdict
+    verdict = Judge(Criteria(latency_floor_ms=0.0)).look(look)
+    assert verdict.decision == "rollback" and "median" in verdict.reason, verdict
+
+
 # ---- the pass rule, figures, failures ---------------------------------------------------------------------------
 
 

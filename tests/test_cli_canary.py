@@ -55,6 +55,7 @@ def live(tmp_path):
     local = {f: "tcp://127.0.0.1:0" for f in ("manager_events", "manager_heartbeats", "manager_queries")}
     manager = Manager(ManagerSettings(share=str(tmp_path), addresses=Addresses(**local)))
     manager.canaries.judge = ScriptedJudge()
+    manager.canaries.settle_until = 0.0  # no agent will beat: a run need not wait an expiry to know that
     thread = threading.Thread(target=manager.run, daemon=True)
     thread.start()
     yield manager, bound_address(manager.queries)
@@ -80,6 +81,11 @@ def test_durations_and_steps():
     fields = run_fields("10,100", "500ms", None, False, True, None, 0, None)  # --min-requests 0 is a value
     assert fields == {"steps": [10, 100], "step_seconds": 0.5, "shadow_only": False, "retry": False,
                       "criteria": {"min_requests": 0}}  # fmt: skip
+    fields = run_fields(None, None, None, False, False, 0.05, None, None, ["latency_floor_ms=0", "p99_ratio=3.5"])
+    assert fields["criteria"] == {"alpha": 0.05, "latency_floor_ms": 0, "p99_ratio": 3.5}
+    for bad in ("latency_floor_ms", "no_such=1", "alpha=2", "p99_ratio=x"):
+        with pytest.raises(typer.BadParameter, match="--criterion"):
+            run_fields(None, None, None, False, False, None, None, None, [bad])
 
 
 def test_canary_rollouts_and_promote(live):

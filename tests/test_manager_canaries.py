@@ -337,6 +337,19 @@ def test_a_promote_that_cannot_be_saved_restores_the_run(tmp_path):
     assert status["outcome"] == "running" and [r["id"] for r in c.rollouts("m", T0 + 6)["finished"]] == []
 
 
+def test_a_canary_with_no_agent_heard_keeps_loading_for_an_expiry_after_the_manager_starts(tmp_path):
+    """A manager (re)started mid-load has heard no beat yet: "nobody to wait for" means nothing until an expiry has
+    passed (every live agent has beaten by then), so the step's clock does not start with nobody serving it."""
+    c, _ = setup(tmp_path, settle=3.0)
+    c.deployments.registry.agents.clear()  # (no beat heard)
+    start(c, time.time(), version=2)
+    c.tick(time.time())
+    assert c.desired.models["m"].canary.phase == "loading", "no beat heard yet: wait"
+    serve_canary(c)
+    c.tick(time.time())
+    assert c.desired.models["m"].canary.phase == "running", "an agent serves it: no need to wait longer"
+
+
 def test_an_undone_save_never_brings_back_a_canary_that_ended(tmp_path):
     """A rollback (or abort) the share would not save is not undone: ending a canary is always safe, where running
     a bad one again until the share takes the file is not. (A promote is undone: see above.)"""

@@ -42,6 +42,9 @@ class Criteria:
     # of a few hundred answers is their few slowest, and an A/A canary on real processes was rolled back on it) ...
     p99_ratio: float = 2.0  # ... as a slowdown of at least this (tails are noisier: an A/A canary's p99 of 1,500
     # compute times on real processes was 1.54x stable's)
+    latency_floor_ms: float = 1.0  # and the slowdown (of the median or p99) is at least this many ms: a version just
+    # loaded runs its first calls slower (TorchScript's profiling runs), which in an A/A canary of a sub-millisecond
+    # model was a significant 1.54x median that no user would notice
     compute_below: int = 50  # at weights below this (percent), latency is judged on per-batch compute time
     drift_rate: float = 0.01  # shadow: more than this share of pairs beyond tolerance (and the floor) is drift
     rtol: float = 1e-3  # shadow: float outputs agree within atol + rtol x |stable| ...
@@ -119,6 +122,12 @@ def _ratio(canary: int | None, stable: int | None) -> float | None:
     if canary is None or stable is None:
         return None
     return round(histogram.middle(canary) / histogram.middle(stable), 3)
+
+
+def _slower_by(canary: dict, stable: dict, q: float) -> float:
+    """Seconds by which the canary's q-quantile is above stable's (0 when either is empty)."""
+    mine, theirs = stats.quantile(canary, q), stats.quantile(stable, q)  # (buckets)
+    return 0.0 if mine is None or theirs is None else histogram.middle(mine) - histogram.middle(theirs)
 
 
 def _version_figures(d: VersionDigest) -> dict:
@@ -245,7 +254,9 @@ class Judge:
         part.update(z=round(z, 3), p=float(f"{p:.3g}"), median_ratio=median, p99_ratio=p99)
         if min(n_c, n_s) < c.p99_min:
             p99 = None  # shown, not judged: too few answers for their p99 to be more than noise
-        slow_median, slow_tail = (median or 0.0) >= c.latency_ratio, (p99 or 0.0) >= c.p99_ratio
+        floor = c.latency_floor_ms / 1e3
+        slow_median = (median or 0.0) >= c.latency_ratio and _slower_by(pooled, weighted, 0.5) >= floor
+        slow_tail = (p99 or 0.0) >= c.p99_ratio and _slower_by(pooled, weighted, 0.99) >= floor
         if p > c.latency_alpha or not (slow_median or slow_tail):
             return None
         which, ratio, bound = ("median", median, c.latency_ratio) if slow_median else ("p99", p99, c.p99_ratio)

@@ -12,6 +12,7 @@ from datetime import datetime
 import typer
 
 from cluster import config
+from cluster.canary.judge import Criteria
 from cluster.options import settings_command
 from cluster.protocol import What
 from cluster.role_settings import ManagerQuerySettings
@@ -48,6 +49,9 @@ NO_RETRY = typer.Option(False, "--no-retry", help="A canary request that fails i
 ALPHA = typer.Option(None, "--alpha", help="The error test's false-rollback bound (default 0.01).")
 MIN_REQUESTS = typer.Option(None, "--min-requests", help="Canary answers a step needs to pass (default 100).")
 LATENCY_RATIO = typer.Option(None, "--latency-ratio", help="Slowdown (median or p99) that rolls back (default 1.5).")
+CRITERION = typer.Option(
+    None, "--criterion", help="Any criterion of the judge as NAME=VALUE, repeatable (e.g. latency_floor_ms=0)."
+)
 WAIT = typer.Option(
     False, "--wait", help="Follow the run until it is over: exit 0 when promoted (or no drift), else 1."
 )
@@ -62,8 +66,10 @@ def run_fields(
     alpha: float | None,
     min_requests: int | None,
     latency_ratio: float | None,
+    more: list[str] | None = None,
 ) -> dict:
-    """The fields of QUERY canary (and of a publish's "canary" map) from the flags; None: the manager's default."""
+    """The fields of QUERY canary (and of a publish's "canary" map) from the flags; None: the manager's default.
+    `more`: --criterion NAME=VALUE pairs (checked against Criteria here, so a typo fails before anything is sent)."""
     if shadow is not None and not 0 <= shadow <= 1:
         raise typer.BadParameter(f"--shadow {shadow}: give a fraction from 0 to 1")
     criteria = {
@@ -71,6 +77,15 @@ def run_fields(
         for k, v in (("alpha", alpha), ("min_requests", min_requests), ("latency_ratio", latency_ratio))
         if v is not None
     }
+    for pair in more or []:
+        key, sep, value = pair.partition("=")
+        try:
+            number = float(value)
+            criteria[key.strip()] = int(number) if number.is_integer() else number
+            Criteria.from_wire(criteria)
+        except ValueError as exc:
+            why = exc if sep else "give NAME=VALUE"
+            raise typer.BadParameter(f"--criterion {pair}: {why}") from None
     fields = {
         "steps": parse_steps(steps) if steps is not None else None,
         "step_seconds": parse_duration(step) if step is not None else None,
@@ -195,6 +210,7 @@ def canary(
     alpha: float | None = ALPHA,
     min_requests: int | None = MIN_REQUESTS,
     latency_ratio: float | None = LATENCY_RATIO,
+    criterion: list[str] | None = CRITERION,
     wait: bool = WAIT,
 ):
     """Start a canary of a published version beside the stable one: it gets a growing share of the unpinned
@@ -203,7 +219,7 @@ def canary(
     from cluster.cli.deploy import _manager_call
 
     manager, key = settings.addresses.manager_queries, settings.key
-    fields = run_fields(steps, step, shadow, shadow_only, no_retry, alpha, min_requests, latency_ratio)
+    fields = run_fields(steps, step, shadow, shadow_only, no_retry, alpha, min_requests, latency_ratio, criterion)
     status = _manager_call(manager, What.CANARY, 10, key, name=name, version=version, **fields)
     started(manager, key, status, wait)
 

@@ -10,7 +10,17 @@ from pathlib import Path
 import typer
 
 from cluster import config
-from cluster.cli.canary import ALPHA, LATENCY_RATIO, MIN_REQUESTS, NO_RETRY, SHADOW, SHADOW_ONLY, STEP, WAIT
+from cluster.cli.canary import (
+    ALPHA,
+    CRITERION,
+    LATENCY_RATIO,
+    MIN_REQUESTS,
+    NO_RETRY,
+    SHADOW,
+    SHADOW_ONLY,
+    STEP,
+    WAIT,
+)
 from cluster.cli.common import _table
 from cluster.options import settings_command
 from cluster.protocol import What
@@ -130,6 +140,7 @@ def deploy(
     alpha: float | None = ALPHA,
     min_requests: int | None = MIN_REQUESTS,
     latency_ratio: float | None = LATENCY_RATIO,
+    criterion: list[str] | None = CRITERION,
     wait: bool = WAIT,
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
@@ -141,8 +152,12 @@ def deploy(
 
     run = None
     if canary_steps is not None or shadow_only:
-        run = run_fields(canary_steps, step, shadow, shadow_only, no_retry, alpha, min_requests, latency_ratio)
-    elif no_retry or wait or any(v is not None for v in (step, shadow, alpha, min_requests, latency_ratio)):
+        run = run_fields(
+            canary_steps, step, shadow, shadow_only, no_retry, alpha, min_requests, latency_ratio, criterion
+        )
+    elif (
+        no_retry or wait or criterion or any(v is not None for v in (step, shadow, alpha, min_requests, latency_ratio))
+    ):
         typer.echo("--step, --shadow, --no-retry, --alpha, --min-requests, --latency-ratio and --wait are a canary's: "
                    "give --canary 10,50,100 (or --shadow-only)", err=True)  # fmt: skip
         raise typer.Exit(2)

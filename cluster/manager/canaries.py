@@ -20,6 +20,7 @@ import copy
 import logging
 import math
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -111,8 +112,13 @@ class Canaries:
         judge=Judge,
         loading_timeout: float = ROLLOUT_TIMEOUT_S,
         look_interval: float = 0.25,
+        settle: float = 0.0,
     ) -> None:
         self.deployments = deployments
+        # Until then (wall time), a canary with no agent to wait for keeps loading: a manager just (re)started has
+        # heard no beat yet, and would otherwise start the step's clock with nobody serving it (the manager passes
+        # an expiry: every live agent has beaten by then).
+        self.settle_until = time.time() + settle
         self.judge = judge
         self.loading_timeout = loading_timeout
         self.look_interval = look_interval  # the least time between two looks from the clock (digests: each one)
@@ -298,7 +304,7 @@ class Canaries:
         elif now > run.loading_deadline:
             text = f"not serving v{canary.version} within {self.loading_timeout:g} s: {', '.join(waiting)}"
             self._end(name, "rollback", text, now)
-        elif not waiting and participants:  # (none: a manager just restarted has heard no beat yet; or no agent)
+        elif not waiting and (participants or now >= self.settle_until):
             canary.phase = "running"
             canary.step, canary.step_started = 0, now
             run.looked_at = now

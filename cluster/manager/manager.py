@@ -157,7 +157,9 @@ class Manager:
         if self._unsaved:
             self.save_desired()  # a share that refuses it does not stop the manager: tried again each tick
         self.deployments.report_interval = self.timings.heartbeat_interval  # a broker reports once a beat
-        self.canaries = Canaries(self.deployments, look_interval=self.timings.canary_digest_interval)
+        self.canaries = Canaries(
+            self.deployments, look_interval=self.timings.canary_digest_interval, settle=self.timings.expiry
+        )
         self._stop = threading.Event()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="publish")  # one publish at a time, off the loop
         # model -> (the write, requester, header, whether the model is new on the share)
