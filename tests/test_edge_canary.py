@@ -6,20 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from pathlib import Path
 
 import grpc
 import pytest
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from cluster.errors import InferenceTimeoutError
 from cluster.role_settings import EdgeSettings
 from edge import create_app
-from edge.dataplane import DataPlane
-from edge.grpc_service import create_server
-from edge.security import EdgeSecurity
 from tests.edge_http import assert_error
 from tests.test_edge_app import FakeBus, FakeManager, TestClient
+from tests.test_edge_repository import grpc_stub
 
 STATUS = {"model": "echo", "id": "ab12", "version": 2, "stable": 1, "phase": "loading", "outcome": "running"}
 
@@ -149,26 +146,18 @@ def test_rollouts_need_a_token_and_canary_loads_an_admin_token(manager):
 
 def test_grpc_load_passes_the_canary_parameters(manager):
     async def main():
-        edge = DataPlane("tcp://127.0.0.1:9", 1 << 20, Path("."), 30.0, 5.0, EdgeSecurity(), manager)
-        edge.client = FakeBus()
-        server, port = create_server(edge, "127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-                load = service_pb2.RepositoryModelLoadRequest(model_name="echo")
-                load.parameters["canary"].string_param = "10,50,100"
-                load.parameters["step"].int64_param = 3
-                load.parameters["shadow_only"].bool_param = False
-                await stub.RepositoryModelLoad(load)
-                bad = service_pb2.RepositoryModelLoadRequest(model_name="echo")
-                bad.parameters["canary"].string_param = "100,10"
-                try:
-                    await stub.RepositoryModelLoad(bad)
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code()
-        finally:
-            await server.stop(None)
+        async with grpc_stub(manager) as stub:
+            load = service_pb2.RepositoryModelLoadRequest(model_name="echo")
+            load.parameters["canary"].string_param = "10,50,100"
+            load.parameters["step"].int64_param = 3
+            load.parameters["shadow_only"].bool_param = False
+            await stub.RepositoryModelLoad(load)
+            bad = service_pb2.RepositoryModelLoadRequest(model_name="echo")
+            bad.parameters["canary"].string_param = "100,10"
+            try:
+                await stub.RepositoryModelLoad(bad)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
 
     code = asyncio.run(main())
     assert code == grpc.StatusCode.INVALID_ARGUMENT

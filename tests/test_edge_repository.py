@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from pathlib import Path
 
@@ -205,33 +206,39 @@ def test_the_openapi_document_lists_the_repository_routes(manager):
 # ---- gRPC --------------------------------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def grpc_stub(manager):
+    """A gRPC edge over a fake bus and `manager`, listening on 127.0.0.1 for the test's length: its stub."""
+    edge = DataPlane("tcp://127.0.0.1:9", 1 << 20, Path("."), 30.0, 5.0, EdgeSecurity(), manager)
+    edge.client = FakeBus()
+    server, port = create_server(edge, "127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await server.stop(None)
+
+
 def test_grpc_repository_rpcs_reach_the_manager():
     manager = FakeManager()
 
     async def main():
-        edge = DataPlane("tcp://127.0.0.1:9", 1 << 20, Path("."), 30.0, 5.0, EdgeSecurity(), manager)
-        edge.client = FakeBus()
-        server, port = create_server(edge, "127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-                load = service_pb2.RepositoryModelLoadRequest(model_name="fresh")
-                load.parameters["config"].string_param = json.dumps(TRITON_CONFIG)
-                load.parameters["file:1/model.pt"].bytes_param = b"\x00torchscript"
+        async with grpc_stub(manager) as stub:
+            load = service_pb2.RepositoryModelLoadRequest(model_name="fresh")
+            load.parameters["config"].string_param = json.dumps(TRITON_CONFIG)
+            load.parameters["file:1/model.pt"].bytes_param = b"\x00torchscript"
+            await stub.RepositoryModelLoad(load)
+            index = await stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+            manager.fail_rollout = True
+            try:
                 await stub.RepositoryModelLoad(load)
-                index = await stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
-                manager.fail_rollout = True
-                try:
-                    await stub.RepositoryModelLoad(load)
-                except grpc.aio.AioRpcError as exc:
-                    failed = (exc.code(), exc.details())
-                else:
-                    failed = None
-                await stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="fresh"))
-                return index, failed
-        finally:
-            await server.stop(None)
+            except grpc.aio.AioRpcError as exc:
+                failed = (exc.code(), exc.details())
+            else:
+                failed = None
+            await stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="fresh"))
+            return index, failed
 
     index, failed = asyncio.run(main())
     assert sorted((m.name, m.version, m.state) for m in index.models) == [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 
 import pytest
 
@@ -44,6 +45,22 @@ def browser():
             browser.close()
 
 
+@contextmanager
+def evidence_on_failure(page, tmp_path, edge):
+    """On any failure inside: a screenshot of the page (tmp_path/failure.png) and the edge's log. Closes the page."""
+    try:
+        yield
+    except BaseException:
+        try:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        except Exception:
+            pass
+        print(edge.log())
+        raise
+    finally:
+        page.close()
+
+
 def draw_seven(page) -> None:
     """A '7' in three strokes of mouse down/move/up: the top bar, then the diagonal."""
     box = page.locator("#digit-canvas").bounding_box()
@@ -73,72 +90,65 @@ def test_page_predicts_shows_agents_and_errors(browser, cluster, tmp_path):
     console_errors = []
     page.on("pageerror", lambda exc: console_errors.append(str(exc)))
     try:
-        page.goto(edge.url + "/")
-        expect(page).to_have_title(re.compile("torch-serving-cluster"))
+        with evidence_on_failure(page, tmp_path, edge):
+            page.goto(edge.url + "/")
+            expect(page).to_have_title(re.compile("torch-serving-cluster"))
 
-        # the cluster panel lists both agents
-        rows = page.locator("#agents .agent-row")
-        expect(rows).to_have_count(2, timeout=10_000)
-        ids = sorted(rows.nth(i).get_attribute("data-agent-id") for i in range(2))
-        assert ids == sorted(p.name for p in agents)
-        expect(page.locator("#status")).to_have_text(re.compile("Ready"))
+            # the cluster panel lists both agents
+            rows = page.locator("#agents .agent-row")
+            expect(rows).to_have_count(2, timeout=10_000)
+            ids = sorted(rows.nth(i).get_attribute("data-agent-id") for i in range(2))
+            assert ids == sorted(p.name for p in agents)
+            expect(page.locator("#status")).to_have_text(re.compile("Ready"))
 
-        # draw, predict: a digit and ten bars whose probabilities add up to 1
-        draw_seven(page)
-        page.click("#predict")
-        expect(page.locator("#prediction")).to_have_text(re.compile(r"^[0-9]$"), timeout=10_000)
-        bars = page.locator(".prob-bar")
-        expect(bars).to_have_count(10)
-        probabilities = [float(bars.nth(i).get_attribute("data-probability")) for i in range(10)]
-        assert abs(sum(probabilities) - 1) < 1e-3
-        assert int(page.locator("#prediction").inner_text()) == probabilities.index(max(probabilities))
-        expect(page.locator("#predict-meta")).to_contain_text("served by agent-")
-        expect(page.locator("#error")).to_be_hidden()
+            # draw, predict: a digit and ten bars whose probabilities add up to 1
+            draw_seven(page)
+            page.click("#predict")
+            expect(page.locator("#prediction")).to_have_text(re.compile(r"^[0-9]$"), timeout=10_000)
+            bars = page.locator(".prob-bar")
+            expect(bars).to_have_count(10)
+            probabilities = [float(bars.nth(i).get_attribute("data-probability")) for i in range(10)]
+            assert abs(sum(probabilities) - 1) < 1e-3
+            assert int(page.locator("#prediction").inner_text()) == probabilities.index(max(probabilities))
+            expect(page.locator("#predict-meta")).to_contain_text("served by agent-")
+            expect(page.locator("#error")).to_be_hidden()
 
-        # the model panel: pick echo, see its tensors, send the prefilled example
-        expect(page.locator("#model-select option")).to_have_count(2, timeout=10_000)
-        page.select_option("#model-select", "echo")
-        expect(page.locator("#model-io[data-model=echo]")).to_contain_text("FP32")
-        expect(page.locator("#request-body")).to_have_value(re.compile('"name": "x"'))
-        body = json.loads(page.locator("#request-body").input_value())
-        assert body["inputs"][0]["name"] == "x" and body["inputs"][0]["shape"] == [1, 1]
-        page.click("#send")
-        expect(page.locator("#response-status")).to_have_text(re.compile("200 OK"))
-        assert json.loads(page.locator("#response").inner_text())["outputs"][0]["name"] == "y"
-        page.locator("#request-body").fill(
-            '{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1]}]}'
-        )
-        page.click("#send")
-        expect(page.locator("#response-status")).to_have_text("HTTP 400")
-        expect(page.locator("#response")).to_contain_text("refused the input")
-        page.click("#reset-body")
-        expect(page.locator("#request-body")).to_have_value(re.compile('"example-1"'))
-        page.click("#send")
-        expect(page.locator("#response-status")).to_have_text(re.compile("200 OK"))
+            # the model panel: pick echo, see its tensors, send the prefilled example
+            expect(page.locator("#model-select option")).to_have_count(2, timeout=10_000)
+            page.select_option("#model-select", "echo")
+            expect(page.locator("#model-io[data-model=echo]")).to_contain_text("FP32")
+            expect(page.locator("#request-body")).to_have_value(re.compile('"name": "x"'))
+            body = json.loads(page.locator("#request-body").input_value())
+            assert body["inputs"][0]["name"] == "x" and body["inputs"][0]["shape"] == [1, 1]
+            page.click("#send")
+            expect(page.locator("#response-status")).to_have_text(re.compile("200 OK"))
+            assert json.loads(page.locator("#response").inner_text())["outputs"][0]["name"] == "y"
+            page.locator("#request-body").fill(
+                '{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1]}]}'
+            )
+            page.click("#send")
+            expect(page.locator("#response-status")).to_have_text("HTTP 400")
+            expect(page.locator("#response")).to_contain_text("refused the input")
+            page.click("#reset-body")
+            expect(page.locator("#request-body")).to_have_value(re.compile('"example-1"'))
+            page.click("#send")
+            expect(page.locator("#response-status")).to_have_text(re.compile("200 OK"))
 
-        artifacts = REPO_ROOT / "test-artifacts"
-        artifacts.mkdir(exist_ok=True)
-        page.screenshot(path=str(artifacts / "frontend.png"), full_page=True)  # docs/frontend.png is a copy of one
+            artifacts = REPO_ROOT / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "frontend.png"), full_page=True)  # docs/frontend.png is a copy of one
 
-        # kill one agent (SIGKILL, by pid): it disappears from the panel once the broker declares it dead
-        cluster.kill(agents[0])
-        expect(rows).to_have_count(1, timeout=10_000)
-        assert rows.first.get_attribute("data-agent-id") == agents[1].name
+            # kill one agent (SIGKILL, by pid): it disappears from the panel once the broker declares it dead
+            cluster.kill(agents[0])
+            expect(rows).to_have_count(1, timeout=10_000)
+            assert rows.first.get_attribute("data-agent-id") == agents[1].name
 
-        # stop the edge: the page says the edge cannot be reached
-        edge.stop()
-        expect(page.locator("#error")).to_contain_text("edge server is not reachable", timeout=10_000)
-        expect(page.locator("#status")).to_have_text("Edge unreachable")
-        assert not console_errors, console_errors
-    except BaseException:
-        try:
-            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-        except Exception:
-            pass
-        print(edge.log())
-        raise
+            # stop the edge: the page says the edge cannot be reached
+            edge.stop()
+            expect(page.locator("#error")).to_contain_text("edge server is not reachable", timeout=10_000)
+            expect(page.locator("#status")).to_have_text("Edge unreachable")
+            assert not console_errors, console_errors
     finally:
-        page.close()
         edge.stop()
 
 

@@ -12,7 +12,7 @@ import pytest
 from bench.canary import MODEL, CanaryCluster, Load
 from tests.harness import REPO_ROOT
 from tests.models import Scaled
-from tests.test_frontend import CHROMIUM, browser  # noqa: F401 (browser: the fixture)
+from tests.test_frontend import CHROMIUM, browser, evidence_on_failure  # noqa: F401 (browser: the fixture)
 
 pytestmark = [
     pytest.mark.browser,
@@ -30,7 +30,7 @@ def test_page_shows_a_canary_split_its_figures_and_its_decisions(browser, tmp_pa
         page = browser.new_page(viewport={"width": 1360, "height": 1400})
         console_errors = []
         page.on("pageerror", lambda exc: console_errors.append(str(exc)))
-        try:
+        with evidence_on_failure(page, tmp_path, edge):
             with Load(cc.cluster.addresses.broker_clients, in_flight=4, rate=200) as load:
                 load.wait_answers(50)
                 page.goto(edge.url + "/")
@@ -58,12 +58,3 @@ def test_page_shows_a_canary_split_its_figures_and_its_decisions(browser, tmp_pa
                 expect(card.locator(".timeline li.abort")).to_have_count(1)
             assert load.summary()["failed"] == 0, load.summary()
             assert not console_errors, console_errors
-        except BaseException:
-            try:
-                page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-            except Exception:
-                pass
-            print(edge.log())
-            raise
-        finally:
-            page.close()

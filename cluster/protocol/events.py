@@ -50,28 +50,34 @@ class Desired:
 
 
 @dataclass
-class BrokerReport:
-    """EVENT broker_report, broker -> manager (the broker's PUB, connected to the manager's heartbeat address), every
-    heartbeat interval: the agents it routes to (not draining) and its load. `seq` counts its reports from 1 (per
-    incarnation), so the manager can tell a gap (PUB drops at its high-water mark) from a silent broker. The
-    manager's view is the union of every live broker's; a standby manager can subscribe too."""
+class BrokerEvent:
+    """What every event a broker sends the manager starts with: the broker's name, its incarnation (hex) and the
+    event's number (`seq`, from 1 per incarnation and kind, so the manager can tell a gap from a silent broker)."""
 
-    broker: str  # its name
-    incarnation: str  # hex
+    broker: str
+    incarnation: str
     seq: int
+
+    def _head(self) -> dict:
+        return {"event": self.event.value, "broker": self.broker, "incarnation": self.incarnation, "seq": self.seq}
+
+    @staticmethod
+    def _parse_head(header: Mapping) -> tuple[str, str, int]:
+        return require(header, "broker", str), require(header, "incarnation", str), require(header, "seq", int)
+
+
+@dataclass
+class BrokerReport(BrokerEvent):
+    """EVENT broker_report, broker -> manager (the broker's PUB, connected to the manager's heartbeat address), every
+    heartbeat interval: the agents it routes to (not draining) and its load. The manager's view is the union of every
+    live broker's; a standby manager can subscribe too."""
+
     agents: list[str]  # ids of the agents it routes to
     load: dict = field(default_factory=dict)  # {in_flight, queued, agents, capacity: {model: n}, ...} (informational)
     event = EventKind.BROKER_REPORT
 
     def to_wire(self) -> dict:
-        return {
-            "event": self.event.value,
-            "broker": self.broker,
-            "incarnation": self.incarnation,
-            "seq": self.seq,
-            "agents": self.agents,
-            "load": self.load,
-        }
+        return self._head() | {"agents": self.agents, "load": self.load}
 
     @classmethod
     def from_wire(cls, header: Mapping) -> BrokerReport:
@@ -79,45 +85,28 @@ class BrokerReport:
         if not all(isinstance(a, str) for a in agents):
             raise ProtocolError("each of 'agents' must be a string")
         load = header.get("load")
-        return cls(
-            require(header, "broker", str),
-            require(header, "incarnation", str),
-            require(header, "seq", int),
-            agents,
-            load if isinstance(load, dict) else {},
-        )
+        return cls(*cls._parse_head(header), agents, load if isinstance(load, dict) else {})
 
 
 @dataclass
-class CanaryDigest:
+class CanaryDigest(BrokerEvent):
     """EVENT canary_digest, broker -> manager (on the broker's report PUB), every canary_digest_interval while the
     broker counts a canary: per model, cluster.canary.digest.ModelDigest.to_wire() (cumulative for the canary run in
     this broker incarnation, so a dropped one loses nothing). The manager checks the models' digests itself
     (ModelDigest.from_wire), so that one malformed model's digest does not drop the others'."""
 
-    broker: str
-    incarnation: str  # hex
-    seq: int
     models: dict  # model -> ModelDigest wire form
     event = EventKind.CANARY_DIGEST
 
     def to_wire(self) -> dict:
-        return {
-            "event": self.event.value,
-            "broker": self.broker,
-            "incarnation": self.incarnation,
-            "seq": self.seq,
-            "models": self.models,
-        }
+        return self._head() | {"models": self.models}
 
     @classmethod
     def from_wire(cls, header: Mapping) -> CanaryDigest:
         models = require(header, "models", dict)
         if not all(isinstance(k, str) for k in models):
             raise ProtocolError("each of 'models' must be named by a string")
-        return cls(
-            require(header, "broker", str), require(header, "incarnation", str), require(header, "seq", int), models
-        )
+        return cls(*cls._parse_head(header), models)
 
 
 def parse_event(header: Mapping) -> AgentDead | Desired | BrokerReport | CanaryDigest | None:
