@@ -49,18 +49,23 @@ def total(hist: Mapping[int, int]) -> int:
     return sum(hist.values())
 
 
-def quantile(hist: Mapping[int, int], q: float, base: float = TIME_BASE) -> float | None:
-    """The q-quantile (0..1) as its bucket's middle; None for an empty histogram."""
-    n = total(hist)
-    if n == 0:
+def quantile_bucket(hist: Mapping[int, float], q: float) -> int | None:
+    """The bucket of the q-quantile (0..1) of a histogram with (possibly fractional) counts; None when empty."""
+    n = sum(hist.values())
+    if n <= 0:
         return None
-    rank = q * (n - 1)
-    seen = 0
+    seen = 0.0
     for i in sorted(hist):
         seen += hist[i]
-        if seen > rank:
-            return middle(i, base)
-    return middle(max(hist), base)
+        if seen >= q * n:
+            return i
+    return max(hist)
+
+
+def quantile(hist: Mapping[int, float], q: float, base: float = TIME_BASE) -> float | None:
+    """The q-quantile (0..1) as its bucket's middle; None for an empty histogram."""
+    i = quantile_bucket(hist, q)
+    return None if i is None else middle(i, base)
 
 
 def to_wire(hist: Mapping[int, int]) -> list[list[int]]:

@@ -126,8 +126,8 @@ def _ratio(canary: int | None, stable: int | None) -> float | None:
 
 def _slower_by(canary: dict, stable: dict, q: float) -> float:
     """Seconds by which the canary's q-quantile is above stable's (0 when either is empty)."""
-    mine, theirs = stats.quantile(canary, q), stats.quantile(stable, q)  # (buckets)
-    return 0.0 if mine is None or theirs is None else histogram.middle(mine) - histogram.middle(theirs)
+    mine, theirs = histogram.quantile(canary, q), histogram.quantile(stable, q)
+    return 0.0 if mine is None or theirs is None else mine - theirs
 
 
 def _version_figures(d: VersionDigest) -> dict:
@@ -136,8 +136,8 @@ def _version_figures(d: VersionDigest) -> dict:
         "requests": answered,
         "errors": failed,
         "error_rate": round(failed / answered, 6) if answered else 0.0,
-        "p50_ms": _ms(stats.quantile(d.service, 0.5)),
-        "p99_ms": _ms(stats.quantile(d.service, 0.99)),
+        "p50_ms": _ms(histogram.quantile_bucket(d.service, 0.5)),
+        "p99_ms": _ms(histogram.quantile_bucket(d.service, 0.99)),
     }
 
 
@@ -249,8 +249,8 @@ class Judge:
         if z is None:
             return None
         p = stats.normal_sf(z)
-        median = _ratio(stats.quantile(pooled, 0.5), stats.quantile(weighted, 0.5))
-        p99 = _ratio(stats.quantile(pooled, 0.99), stats.quantile(weighted, 0.99))
+        median = _ratio(histogram.quantile_bucket(pooled, 0.5), histogram.quantile_bucket(weighted, 0.5))
+        p99 = _ratio(histogram.quantile_bucket(pooled, 0.99), histogram.quantile_bucket(weighted, 0.99))
         part.update(z=round(z, 3), p=float(f"{p:.3g}"), median_ratio=median, p99_ratio=p99)
         if min(n_c, n_s) < c.p99_min:
             p99 = None  # shown, not judged: too few answers for their p99 to be more than noise

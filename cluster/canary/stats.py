@@ -113,16 +113,3 @@ def stratified_z(pairs: Iterable[tuple[Mapping[int, float], Mapping[int, float]]
 def normal_sf(z: float) -> float:
     """P(Z > z) for a standard normal Z."""
     return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def quantile(hist: Mapping[int, float], q: float) -> int | None:
-    """The bucket of the q-quantile of a histogram with (possibly fractional) counts; None when empty."""
-    n = sum(hist.values())
-    if n <= 0:
-        return None
-    seen = 0.0
-    for b in sorted(hist):
-        seen += hist[b]
-        if seen >= q * n:
-            return b
-    return max(hist)
