@@ -40,6 +40,7 @@ log = logging.getLogger("cluster.broker")
 
 _FAILED = ErrorCode.INFERENCE_FAILED
 _TIMEOUT = ErrorCode.TIMEOUT
+_NOT_TAKEN = (ErrorCode.BUSY, ErrorCode.MODEL_NOT_FOUND, ErrorCode.CANCELLED)  # a mirror an agent could not take
 
 
 class CanaryRun:
@@ -151,11 +152,7 @@ class CanarySplit:
     def _end(self, run: CanaryRun, d) -> None:
         del self.runs[run.model]
         with self.lock:
-            for step in run.digest.steps.values():
-                for kind, shadow in (("shadow", step.shadow), ("floor", step.floor)):
-                    past = self._past_shadow.setdefault((run.model, kind), [0, 0])
-                    past[0] += shadow.pairs
-                    past[1] += shadow.mismatched
+            _add_shadow_counts(run, self._past_shadow)
         if d is not None and d.version == run.version and run.version != run.stable:
             ended = "promote"
         else:
@@ -301,12 +298,12 @@ class CanarySplit:
         if pair.closed:
             return
         if code is not None:
-            if code not in (ErrorCode.BUSY, ErrorCode.MODEL_NOT_FOUND, ErrorCode.CANCELLED) and pair.stable is None:
+            if code not in _NOT_TAKEN and pair.stable is None:
                 pair.failed = True  # the client's bad input fails both: an error only if the stable answer is ok
                 return
             pair.closed = True
             with self.lock:
-                if code in (ErrorCode.BUSY, ErrorCode.MODEL_NOT_FOUND, ErrorCode.CANCELLED):
+                if code in _NOT_TAKEN:
                     pair.into.skipped += 1
                 else:
                     pair.into.errors += 1
@@ -354,11 +351,7 @@ class CanarySplit:
         shadow = {key: list(v) for key, v in self._past_shadow.items()}
         with self.lock:
             for run in self.runs.values():
-                for step in run.digest.steps.values():
-                    for kind, s in (("shadow", step.shadow), ("floor", step.floor)):
-                        counts = shadow.setdefault((run.model, kind), [0, 0])
-                        counts[0] += s.pairs
-                        counts[1] += s.mismatched
+                _add_shadow_counts(run, shadow)
         return {
             "weight": {m: r.weight for m, r in self.runs.items()},
             "tripped": {m: int(r.tripped is not None) for m, r in self.runs.items()},
@@ -368,6 +361,15 @@ class CanarySplit:
             "decisions": dict(self.decisions),
             "not_compared": dict(self.not_compared),
         }
+
+
+def _add_shadow_counts(run: CanaryRun, into: dict[tuple[str, str], list[int]]) -> None:
+    """Add the run's shadow and floor [pairs, mismatched], over its steps, to `into` (model, kind) -> counts."""
+    for step in run.digest.steps.values():
+        for kind, shadow in (("shadow", step.shadow), ("floor", step.floor)):
+            counts = into.setdefault((run.model, kind), [0, 0])
+            counts[0] += shadow.pairs
+            counts[1] += shadow.mismatched
 
 
 def _batch_and_wait(header_frame) -> tuple[int | None, float]:
