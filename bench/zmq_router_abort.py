@@ -116,6 +116,16 @@ class State:
         post(broker, [b"Q", rid, b"x" * 64])
 
 
+def hello_unanswered(sock, names: list[bytes], live) -> None:
+    """Without PROBE_ROUTER: an empty message to each broker that has not answered yet (it answers with its hello)."""
+    for name in names:
+        if name not in live:
+            try:
+                sock.send_multipart([name, b""], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+
 async def client_async(args, ports, kill_pid) -> None:
     import zmq.asyncio
 
@@ -160,12 +170,7 @@ async def client_async(args, ports, kill_pid) -> None:
 
     async def prober() -> None:  # without PROBE_ROUTER: say hello to each broker until it answers
         while True:
-            for name in names:
-                if name not in st.live:
-                    try:
-                        sock.send_multipart([name, b""], zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+            hello_unanswered(sock, names, st.live)
             await asyncio.sleep(0.02)
 
     tasks = [asyncio.ensure_future(reader())]
@@ -218,12 +223,7 @@ def client_blocking(args, ports, kill_pid) -> None:
         now = time.monotonic()
         if not args.probe and len(st.live) < len(names) and now - last_probe > 0.02:
             last_probe = now
-            for name in names:
-                if name not in st.live:
-                    try:
-                        sock.send_multipart([name, b""], zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+            hello_unanswered(sock, names, st.live)
         if started is None and len(st.live) == len(names):
             started = now
             for i in range(args.in_flight):
