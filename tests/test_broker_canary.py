@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import threading
-import time
 from contextlib import contextmanager
 
 import msgpack
@@ -388,15 +387,11 @@ def test_the_comparison_thread_counts_pairs_and_drops_past_its_queue(monkeypatch
             (stable, mirror) = requests_sent(ask(d, rid))
             reply(d, mirror[0], mirror[1], rid=f"m{rid}")
             reply(d, stable[0], stable[1], rid=f"s{rid}")
-            if rid == 0:
-                deadline = time.monotonic() + 10
-                while not comparer.queue.empty() and time.monotonic() < deadline:
-                    time.sleep(0.005)  # the thread took the first pair and waits at the gate
+            if rid == 0:  # the thread takes the first pair and waits at the gate
+                wait_for(comparer.queue.empty, 10, "the comparison thread to take the first pair", interval=0.005)
         assert d.canary.not_compared["queue full"] == 2
         gate.set()
-        deadline = time.monotonic() + 10
-        while len(seen) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: len(seen) >= 3, 10, "three pairs compared")
         assert seen == [("s0", "m0"), ("s1", "m1"), ("s2", "m2")]
     finally:
         gate.set()

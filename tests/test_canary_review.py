@@ -8,6 +8,7 @@ import pytest
 
 from cluster.desired import DesiredState, ModelDeployment
 from cluster.protocol import Command, ErrorCode
+from tests.harness import wait_for
 from tests.test_broker_canary import ask, both, canary_dispatcher, desired, fail, reply, requests_sent, to_client
 from tests.test_broker_logic import T
 
@@ -126,7 +127,6 @@ def test_the_comparison_queue_is_bounded_in_bytes_not_only_in_pairs(monkeypatch)
     """Pairs wait for the comparison thread with both answers' frames: 256 pairs of large outputs (say 4 MB each) were
     2 GB held by the broker. Past a byte budget a pair is dropped (counted), one pair always fits."""
     import threading
-    import time
 
     from cluster.broker.shadow import ShadowComparer
     from cluster.protocol import PREAMBLE, pack
@@ -156,9 +156,7 @@ def test_the_comparison_queue_is_bounded_in_bytes_not_only_in_pairs(monkeypatch)
             answer(stable[0], stable[1])
         assert d.canary.not_compared["queue full"] == 1, "the second pair must not be held"
         gate.set()
-        deadline = time.monotonic() + 10
-        while (seen != [len(big)] or comparer.queued_bytes) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: seen == [len(big)] and not comparer.queued_bytes, 10, "the big pair compared and let go")
         assert seen == [len(big)] and comparer.queued_bytes == 0
         (stable, mirror) = requests_sent(ask(d, 2))  # room again
         answer(mirror[0], mirror[1])

@@ -14,6 +14,7 @@ from cluster.desired import Canary, DesiredState, ModelDeployment
 from cluster.manager.canaries import Canaries
 from cluster.manager.deployments import CommandError
 from cluster.protocol import CanaryDigest, ErrorCode, What
+from tests.harness import wait_for
 from tests.test_manager_logic import REQUESTER, beat, heartbeats, make
 
 T0 = 1_000_000.0  # wall time of the tests' start
@@ -439,10 +440,9 @@ def test_a_publish_with_canary_starts_a_canary_of_the_new_version(manager, share
     cmd, header = query(manager, "publish_check", name="m", file="model.pt", canary={"steps": [50, 10]})
     assert cmd == Command.ERROR and header["code"] == "BAD_REQUEST" and "'steps' must rise" in header["message"]
     assert query(manager, "publish", b"new bytes", name="m", file="model.pt", canary=canary) is None
-    deadline = time.monotonic() + 30
-    while "m" in manager.publishing and time.monotonic() < deadline:
-        manager.finish_publishing(time.monotonic())
-        time.sleep(0.01)
+    wait_for(
+        lambda: manager.finish_publishing(time.monotonic()) or "m" not in manager.publishing, 30, "the version written"
+    )
     cmd, header = manager.sent[-1]
     assert cmd == Command.REPLY, header
     status = header["result"]
