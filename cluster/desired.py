@@ -127,9 +127,11 @@ class ModelDeployment:
     history: list[int] = field(default_factory=list)  # versions served before, newest last (rollback targets)
     canary: Canary | None = None  # a second live version being judged on live traffic (served beside `version`)
 
-    def live_versions(self) -> set[int]:
-        """The versions every agent should serve now (the stable one and a canary's)."""
-        return {v for v in (self.version, self.canary.version if self.canary else None) if v is not None}
+    def wanted_versions(self) -> list[int]:
+        """The versions an agent should hold, each once, in the order to load them: the stable one, one being
+        staged, a canary's (a shadow-only run of the stable version is that version)."""
+        canary = self.canary.version if self.canary is not None else None
+        return [v for v in dict.fromkeys((self.version, self.staged, canary)) if v is not None]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 from cluster import errors, protocol
 from cluster.agent.models import ModelTable
 from cluster.broker.routing import LeastOutstanding, RoundRobin, make_policy
-from cluster.desired import DesiredState, ModelDeployment
+from cluster.desired import Canary, DesiredState, ModelDeployment
 from cluster.manager.deployments import Rollout
 from cluster.manager.registry import Registry
 from cluster.protocol import ErrorCode, Heartbeat, ProtocolError
@@ -139,6 +139,21 @@ def test_model_table_never_leaves_a_gap():
     # Undeploy.
     table.converge(DesiredState({}))
     assert table.lookup("m", None) is None and table.describe() == {"models": [], "staged": [], "failed": []}
+
+
+def test_model_table_serves_a_canary_beside_the_default_and_loads_each_version_once():
+    table = ModelTable()
+    shadow_of_stable = DesiredState({"m": ModelDeployment(1, canary=Canary(1, [10], "id", shadow_only=True))})
+    assert table.plan(shadow_of_stable, set()) == [("m", 1)], "the stable version mirrored to itself: loaded once"
+    table.add_loaded("m", 1, "v1")
+    table.converge(shadow_of_stable)
+    desired = DesiredState({"m": ModelDeployment(1, canary=Canary(2, [10, 100], "id2"))})
+    assert table.plan(desired, set()) == [("m", 2)]
+    table.add_loaded("m", 2, "v2")
+    table.converge(desired)
+    assert (table.lookup("m", None), table.lookup("m", 2)) == ("v1", "v2"), "served beside, never the default"
+    table.converge(DesiredState({"m": ModelDeployment(1)}))  # rolled back
+    assert table.lookup("m", 2) is None and table.lookup("m", None) == "v1"
 
 
 def test_rollout_collects_outcomes():

@@ -36,14 +36,9 @@ class ModelTable:
         """The (name, version) pairs to load: wanted, not held, not loading, not failed already."""
         wanted = []
         for name, d in desired.models.items():
-            for version in (d.version, d.staged, d.canary.version if d.canary else None):
+            for version in d.wanted_versions():
                 key = (name, version)
-                if (
-                    version is not None
-                    and not self.has(name, version)
-                    and key not in loading
-                    and key not in self.failed
-                ):
+                if not self.has(name, version) and key not in loading and key not in self.failed:
                     wanted.append(key)
         return wanted
 
@@ -75,7 +70,7 @@ class ModelTable:
                 self.default[name] = d.version
             elif serving and self.default.get(name) not in serving:
                 self.default[name] = max(serving)
-            keep = {d.version, d.staged, canary}
+            keep = set(d.wanted_versions())
             for version in [v for v in serving if v not in keep and v != self.default.get(name)]:
                 del serving[version]  # drained: running requests hold their own reference
             for version in [v for v in staged if v not in keep]:
@@ -88,8 +83,7 @@ class ModelTable:
         self.failed = {
             k: v
             for k, v in self.failed.items()
-            if k[0] in desired.models
-            and (k[1] in (desired.models[k[0]].version, desired.models[k[0]].staged) or _is_canary(desired, *k))
+            if k[0] in desired.models and k[1] in desired.models[k[0]].wanted_versions()
         }
         return self.describe() != before
 
@@ -108,8 +102,3 @@ class ModelTable:
     def loaded_models(self):
         for versions in self.serving.values():
             yield from versions.values()
-
-
-def _is_canary(desired: DesiredState, name: str, version: int) -> bool:
-    canary = desired.models[name].canary
-    return canary is not None and canary.version == version
