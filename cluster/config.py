@@ -53,6 +53,9 @@ MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # the default; the limit in force: limits(
 MAX_HEADER_BYTES = 1024 * 1024  # a msgpack header larger than this is refused before decoding
 MAX_TENSORS = 64  # tensors in one request or reply
 MAX_DIMS = 16  # dimensions of one tensor
+# A BYTES input's built-in image decode (config `decode`): the most pixels (width x height) one image may decode to,
+# checked from its header before any pixel is decoded, so a decompression bomb is refused (a config may set less).
+DECODE_MAX_PIXELS = 64 * 1024 * 1024
 # Limits the bus and the edge share (cluster/protocol.py checks them on the bus, edge/oip*.py and edge/grpc_service.py
 # before a request reaches it), defined here once so that the two cannot drift apart
 MAX_DIM = 2**40  # every dimension of a tensor's shape is below this

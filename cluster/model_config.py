@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import MAX_DIMS
+from cluster.config import DECODE_MAX_PIXELS, MAX_DIMS
 from cluster.protocol import DATATYPES
 
 PLATFORMS = ("torchscript", "torch_export")
@@ -32,7 +32,15 @@ _CONFIG_KEYS = (
     "max_queue_delay_us",
     "instances",
     "max_queue_wait_ms",
+    "replicas",
+    "memory_mb",
+    "warmup_batch_sizes",
+    "oversize",
+    "decode",
 )
+OVERSIZE_POLICIES = ("refuse", "split")  # a request with more rows than max_batch_size: refused, or run in chunks
+DECODE_FORMATS = ("image",)  # built-in decode steps of a BYTES input (JPEG/PNG -> uint8 tensor)
+_DECODE_KEYS = ("format", "channels", "max_pixels")
 _SPEC_KEYS = ("name", "datatype", "shape")
 
 
@@ -106,6 +114,11 @@ class ModelConfig:
     instances: int = 1  # copies of the model an agent loads, each run by its own inference thread
     max_queue_wait_ms: int = 0  # load shedding: longest expected wait in the broker's queue (0 = the broker's default)
     platform: str | None = None  # "torchscript" | "torch_export"; None = decided by the version's model file
+    replicas: int | None = None  # agents that hold a copy (placement); None = every agent ("all")
+    memory_mb: int = 0  # memory one agent needs to hold the model (all its instances); 0 = measured at load
+    warmup_batch_sizes: list[int] | None = None  # batch sizes warmed before serving; None = every size it may see
+    oversize: str = "refuse"  # a request of more rows than max_batch_size: "refuse" (BAD_REQUEST) or "split"
+    decode: dict[str, dict] | None = None  # BYTES input -> built-in decode step ({"format": "image", ...})
 
     @classmethod
     def from_dict(cls, d: Any, name: str | None = None) -> ModelConfig:
@@ -156,7 +169,8 @@ class ModelConfig:
         platform = d.get("platform")
         if platform is not None and platform not in PLATFORMS:
             raise RepositoryError(f"{prefix}: platform {platform!r} is not one of {', '.join(PLATFORMS)}")
-        return cls(final_name, specs["inputs"], specs["outputs"], platform=platform, **ints)
+        extra = _serving_keys(d, prefix, ints["max_batch_size"], specs["inputs"])
+        return cls(final_name, specs["inputs"], specs["outputs"], platform=platform, **ints, **extra)
 
     def to_dict(self) -> dict:
         d = {
@@ -171,7 +185,24 @@ class ModelConfig:
             d["max_queue_wait_ms"] = self.max_queue_wait_ms
         if self.platform is not None:
             d["platform"] = self.platform
+        if self.replicas is not None:
+            d["replicas"] = self.replicas
+        if self.memory_mb:
+            d["memory_mb"] = self.memory_mb
+        if self.warmup_batch_sizes is not None:
+            d["warmup_batch_sizes"] = list(self.warmup_batch_sizes)
+        if self.oversize != "refuse":
+            d["oversize"] = self.oversize
+        if self.decode:
+            d["decode"] = {name: dict(step) for name, step in self.decode.items()}
         return d
+
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes (rows) warmed before the version serves: the config's list, else every size the batcher
+        may build (1..max_batch_size), else 1."""
+        if self.warmup_batch_sizes is not None:
+            return list(self.warmup_batch_sizes)
+        return list(range(1, self.max_batch_size + 1)) if self.max_batch_size > 0 else [1]
 
     def check_inputs(self, metas: list[dict]) -> None:
         """Refuse a request the model cannot take, with a message the client can act on, before running it."""
@@ -206,6 +237,69 @@ class ModelConfig:
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
         }
+
+
+def _serving_keys(d: dict, prefix: str, max_batch_size: int, inputs: list[TensorSpec]) -> dict:
+    """replicas, memory_mb, warmup_batch_sizes, oversize and decode, checked (issue 22: placement, warm-up at every
+    batch size, batching by rows, built-in decode)."""
+    replicas = d.get("replicas", "all")
+    if replicas != "all" and (not _is_int(replicas) or replicas < 1):
+        raise RepositoryError(f"{prefix}: 'replicas' must be an int >= 1 or \"all\", got {replicas!r}")
+    memory_mb = d.get("memory_mb", 0)
+    if not _is_int(memory_mb) or memory_mb < 0:
+        raise RepositoryError(f"{prefix}: 'memory_mb' must be an int >= 0 (0 = measured at load), got {memory_mb!r}")
+    sizes = d.get("warmup_batch_sizes")
+    if sizes is not None:
+        top = max(1, max_batch_size)
+        if not isinstance(sizes, list) or not sizes or not all(_is_int(n) and 1 <= n <= top for n in sizes):
+            raise RepositoryError(
+                f"{prefix}: 'warmup_batch_sizes' must be a non-empty list of ints from 1 to {top} "
+                f"(max_batch_size), got {sizes!r}"
+            )
+        sizes = sorted(set(sizes))
+    oversize = d.get("oversize", "refuse")
+    if oversize not in OVERSIZE_POLICIES:
+        raise RepositoryError(f"{prefix}: 'oversize' must be one of {', '.join(OVERSIZE_POLICIES)}, got {oversize!r}")
+    decode = d.get("decode")
+    if decode is not None:
+        decode = _decode_steps(decode, prefix, {s.name: s for s in inputs})
+    return {
+        "replicas": None if replicas == "all" else replicas,
+        "memory_mb": memory_mb,
+        "warmup_batch_sizes": sizes,
+        "oversize": oversize,
+        "decode": decode,
+    }
+
+
+def _decode_steps(decode: Any, prefix: str, inputs: dict[str, TensorSpec]) -> dict[str, dict]:
+    """{input: {"format": "image", "channels": 1 | 3, "max_pixels": n}}: each names a BYTES input."""
+    if not isinstance(decode, dict) or not decode:
+        raise RepositoryError(f"{prefix}: 'decode' must map BYTES input names to decode steps, got {decode!r}")
+    steps = {}
+    for name, step in decode.items():
+        where = f"{prefix}: decode['{name}']"
+        spec = inputs.get(name)
+        if spec is None:
+            raise RepositoryError(f"{where}: no input of that name (inputs: {', '.join(inputs)})")
+        if spec.datatype != "BYTES":
+            raise RepositoryError(f"{where}: the input's datatype is {spec.datatype}; only a BYTES input is decoded")
+        if not isinstance(step, dict):
+            raise RepositoryError(f"{where} must be an object with 'format' ({', '.join(DECODE_FORMATS)})")
+        unknown = sorted(set(step) - set(_DECODE_KEYS), key=str)
+        if unknown:
+            raise RepositoryError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (allowed: {_DECODE_KEYS})")
+        fmt = step.get("format")
+        if fmt not in DECODE_FORMATS:
+            raise RepositoryError(f"{where}: 'format' must be one of {', '.join(DECODE_FORMATS)}, got {fmt!r}")
+        channels = step.get("channels", 3)
+        if channels not in (1, 3):
+            raise RepositoryError(f"{where}: 'channels' must be 1 (grey) or 3 (RGB), got {channels!r}")
+        max_pixels = step.get("max_pixels", DECODE_MAX_PIXELS)
+        if not _is_int(max_pixels) or not 1 <= max_pixels <= DECODE_MAX_PIXELS:
+            raise RepositoryError(f"{where}: 'max_pixels' must be an int from 1 to {DECODE_MAX_PIXELS}")
+        steps[name] = {"format": fmt, "channels": channels, "max_pixels": max_pixels}
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,13 @@ class ModelBytes:
     config: ModelConfig  # the config published with this version, its platform filled in
     path: Path  # where the bytes were read from (for messages)
     data: Any  # bytes, or the buffer read_model's reader returned
+    files: dict[str, str] = field(default_factory=dict)  # the version's manifest: file name -> sha256
+    # another file of the version (a compiled package, pre- and post-processing programs), read with the same reader
+    # and hashed from the bytes returned, like `data`; RepositoryError if the manifest does not list it
+    read_file: Callable[[str], Any] | None = None
+
+    def has_file(self, fname: str) -> bool:
+        return fname in self.files
 
 
 class ModelRepository:
@@ -346,4 +353,16 @@ class ModelRepository:
             raise RepositoryError(f"{where}: cannot read {path}: {describe_error(exc)}") from None
         check_digest(path, files[path.name], where, data)
         check_model_file(path.name, data, f"{where}: {path}")  # again here: the share may be written by others
-        return ModelBytes(name, version, replace(config, platform=platform), path, data)
+
+        def read_file(fname: str) -> Any:
+            other = path.parent / fname
+            if fname not in files:
+                raise RepositoryError(f"{where}: {MANIFEST_FILE} does not list {fname}; refusing to load it unverified")
+            try:
+                content = other.read_bytes() if reader is None else reader(other)
+            except OSError as exc:
+                raise RepositoryError(f"{where}: cannot read {other}: {describe_error(exc)}") from None
+            check_digest(other, files[fname], where, content)
+            return content
+
+        return ModelBytes(name, version, replace(config, platform=platform), path, data, dict(files), read_file)

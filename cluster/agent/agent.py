@@ -208,26 +208,12 @@ class Agent:
             self.send_heartbeat()
 
     def effective_capacity(self) -> int:
-        """Requests the broker may keep here at once: the configured capacity, or enough to keep every copy of the
-        most demanding model busy with two batches each (one running, one filling; a batch of one when it does not
-        batch), whichever is more."""
-        needs = [
-            2 * max(m.config.max_batch_size, 1) * m.config.instances
-            for m in self.table.loaded_models()
-            if m.config.max_batch_size > 1 or m.config.instances > 1
-        ]
-        return max([self.capacity, *needs])
+        """Requests the broker may keep here at once (ModelTable.capacity_needs)."""
+        return self.table.capacity_needs(self.capacity)[0]
 
     def model_capacity(self) -> dict[str, int]:
-        """Requests of each model the broker may keep here at once (within `effective_capacity` in all): two batches
-        for every copy of that model (a batch of one when it does not batch), or the configured capacity if more.
-        Sized per model, so a model that does not batch is not given the slots a batching one needs: the broker
-        then cannot pile up dozens of one model's requests on an agent that may stop making progress."""
-        sizes: dict[str, int] = {}
-        for m in self.table.loaded_models():
-            need = max(self.capacity, 2 * max(m.config.max_batch_size, 1) * m.config.instances)
-            sizes[m.name] = max(sizes.get(m.name, 0), need)
-        return sizes
+        """Requests of each model the broker may keep here at once (ModelTable.capacity_needs)."""
+        return self.table.capacity_needs(self.capacity)[1]
 
     def ensure_instance_threads(self) -> None:
         """An inference thread for every execution slot of every model loaded (its `instances`, WorkerPool.slots): a
@@ -266,6 +252,7 @@ class Agent:
             rss=self.recovery.rss,
             max_memory=self.recovery.max_memory,
             drain_reason=self.recovery.drain_reason,
+            model_info=self.table.model_info(),
         )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------
@@ -405,17 +392,8 @@ class Agent:
         return message(Command.READY, ready)
 
     def _metadata(self, models) -> list[dict]:
-        """Each model's inputs and outputs, for the broker's `model` queries (the edge's metadata and readiness), and
-        its whole config (the edge's model configuration extension)."""
-        return [
-            dict(
-                m.config.metadata(),
-                version=m.version,
-                max_queue_wait_ms=m.config.max_queue_wait_ms,
-                config=m.config.to_dict(),
-            )
-            for m in models
-        ]
+        """Each model's inputs, outputs and config, for the broker's `model` queries (LoadedModel.metadata)."""
+        return [m.metadata() for m in models]
 
     def send_heartbeat(self) -> None:
         """The beat: the whole capacity to the manager, each connected broker its share."""

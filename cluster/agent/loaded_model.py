@@ -67,6 +67,33 @@ class LoadedModel:
         self.module = module
         self.device = device
         self.instances = [module, *(copies or [])]  # instance i runs on instances[i] (config `instances`)
+        # what the heartbeat's `model_info` shows of this version (issue 22)
+        self.runs = "torchscript" if config.platform == "torchscript" else "exported"  # or "aoti": a compiled package
+        self.runs_why = ""  # why the compiled package is not what runs ("" when it is, or when there is none)
+        self.warmup_s = 0.0  # seconds the warm-up took, every batch size and instance
+        self.warmup_sizes: list[int] = []  # the batch sizes warmed
+        self.memory = 0  # bytes one agent needs for it (config memory_mb, else measured at load)
+
+    def metadata(self) -> dict:
+        """Its inputs and outputs, for the broker's `model` queries (the edge's metadata and readiness), its whole
+        config (the edge's model configuration extension) and what runs (`runs`)."""
+        return dict(
+            self.config.metadata(),
+            version=self.version,
+            max_queue_wait_ms=self.config.max_queue_wait_ms,
+            config=self.config.to_dict(),
+            runs=self.runs,
+        )
+
+    def info(self) -> dict:
+        """This version's entry in the heartbeat's `model_info`."""
+        return {
+            "runs": self.runs,
+            "runs_why": self.runs_why,
+            "warmup_s": round(self.warmup_s, 4),
+            "warmup_sizes": list(self.warmup_sizes),
+            "memory": self.memory,
+        }
 
     def __repr__(self) -> str:
         platform, device = self.config.platform, self.device

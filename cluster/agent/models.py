@@ -99,6 +99,34 @@ class ModelTable:
             "failed": [{"name": n, "version": v, "error": e} for (n, v), e in sorted(self.failed.items())],
         }
 
+    def capacity_needs(self, capacity: int) -> tuple[int, dict[str, int]]:
+        """(requests the broker may keep at this agent at once, the same per model).
+
+        In all: the configured capacity, or enough to keep every copy of the most demanding model busy with two
+        batches each (one running, one filling; a batch of one when it does not batch), whichever is more. Per
+        model: two batches for every copy of that model, or the configured capacity if more. Sized per model, so a
+        model that does not batch is not given the slots a batching one needs: the broker then cannot pile up
+        dozens of one model's requests on an agent that may stop making progress."""
+        needs = [
+            2 * max(m.config.max_batch_size, 1) * m.config.instances
+            for m in self.loaded_models()
+            if m.config.max_batch_size > 1 or m.config.instances > 1
+        ]
+        sizes: dict[str, int] = {}
+        for m in self.loaded_models():
+            need = max(capacity, 2 * max(m.config.max_batch_size, 1) * m.config.instances)
+            sizes[m.name] = max(sizes.get(m.name, 0), need)
+        return max([capacity, *needs]), sizes
+
+    def model_info(self) -> dict:
+        """The heartbeat's `model_info`: what runs for each version held (served or staged), and what it cost."""
+        info: dict = {}
+        for table in (self.serving, self.staged):
+            for name, versions in table.items():
+                for version, model in versions.items():
+                    info.setdefault(name, {})[str(version)] = model.info()
+        return info
+
     def loaded_models(self):
         for versions in self.serving.values():
             yield from versions.values()

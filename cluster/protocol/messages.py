@@ -385,6 +385,8 @@ _INFORMATIONAL = {  # Heartbeat fields nothing decides on: kept when of the righ
     "rss": (int,),
     "max_memory": (int,),
     "drain_reason": (str,),
+    "memory_budget": (int,),
+    "model_info": (dict,),
 }
 
 
@@ -419,6 +421,11 @@ class Heartbeat:
     rss: int | None = None  # resident memory of the agent process, bytes
     max_memory: int | None = None  # its limit (--max-memory), bytes: past it, it drains and exits to be restarted
     drain_reason: str | None = None  # why it is draining when it is not asked to (a hung model call, memory)
+    memory_budget: int | None = None  # bytes of models it may hold (--memory-budget): what placement fills
+    # per loaded version, what runs and what it cost: {model: {"<version>": {"runs": "aoti" | "exported" |
+    # "torchscript", "runs_why": why not compiled (or ""), "warmup_s": seconds, "warmup_sizes": [batch sizes],
+    # "memory": bytes}}}
+    model_info: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         return asdict(self)
