@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh Debian machine (as root, or with sudo), then runs the test suite.
 # --lint first (CI, .ci/run): `ruff check .` and `ruff format --check .` after the install, before any test.
-# Debian packages: Chromium (browser tests), nfs-ganesha + libnfs tools + rpcbind (the NFS share test), wrk (benchmarks).
+# Debian packages: Chromium (browser tests), nfs-ganesha + libnfs tools + rpcbind (the NFS share test), wrk (benchmarks),
+# g++ (AOTInductor compiles C++ when a test publishes a model with --compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-PACKAGES="chromium nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind wrk"
+PACKAGES="chromium nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind wrk g++"
 if ! dpkg -s $PACKAGES >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
