@@ -223,6 +223,20 @@ def test_the_batcher_fills_by_rows_in_order_and_never_passes_max_batch_size():
     assert stats["inference_count"] == sum(rows) and stats["execution_count"] == 6, stats
 
 
+def test_max_batch_size_0_runs_each_request_alone_whatever_its_rows():
+    recorder = _Recorder()
+    model = _loaded(rows_config(max_batch_size=0), recorder)
+    pool = _Pool("rows-unbatched")
+    try:
+        for i, n in enumerate((100, 3, 100)):
+            pool.submit(model, i, np.ones((n, WIDTH), np.float32))
+        pool.pool.start()
+        answers = pool.answers(3)
+    finally:
+        pool.close()
+    assert recorder.calls == [100, 3, 100] and all(ok for ok, _, _ in answers.values()), recorder.calls
+
+
 def test_a_request_that_does_not_fit_waits_for_the_next_batch_while_one_fills():
     """A burst (two requests queued) waits up to the delay for the batch to fill; a request arriving then that
     would pass 16 rows is not added: it goes in the next pass."""
