@@ -62,7 +62,8 @@ DIGITS_CONFIG = {
     "platform": "torchscript",
     "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8]}],
     "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 10]}],
-    "max_batch_size": 32,
+    "max_batch_size": 32,  # rows in a forward pass; a request of more (say the 360 test images) runs in chunks
+    "oversize": "split",
     "max_queue_delay_us": 500,
     "instances": 1,
 }

@@ -2,8 +2,10 @@
 loads it, and against every request before the model runs.
 
 Torch-free (numpy only), so the manager and `cluster deploy` can read configs without importing torch. Shapes
-include the batch dimension (e.g. [-1, 8, 8], -1 = any size); max_batch_size is a hint for the agent's batcher, not
-an implicit extra dimension as in Triton. Datatypes are the Open Inference Protocol names of cluster.protocol.DATATYPES.
+include the batch dimension (e.g. [-1, 8, 8], -1 = any size), not an implicit extra dimension as in Triton; as in
+Triton, max_batch_size counts rows (the leading dimension): the most one forward pass of the agent's batcher holds,
+and the most one request may send (or be split into, with `oversize: "split"`); 0 = no batching, no row limit.
+Datatypes are the Open Inference Protocol names of cluster.protocol.DATATYPES.
 
 RepositoryError is defined here, the lowest of the share's modules, because a bad config is the first thing that can
 be wrong with a model on the share; everything else (cluster.repository, cluster.share, the agent's loader) raises
@@ -109,7 +111,7 @@ class ModelConfig:
     name: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    max_batch_size: int = 0  # largest batch the agent's batcher may build (0 = no batching)
+    max_batch_size: int = 0  # most rows in a forward pass, and in a request (0 = no batching, no limit)
     max_queue_delay_us: int = 0  # how long the batcher may hold a request to fill a batch
     instances: int = 1  # copies of the model an agent loads, each run by its own inference thread
     max_queue_wait_ms: int = 0  # load shedding: longest expected wait in the broker's queue (0 = the broker's default)
@@ -222,11 +224,24 @@ class ModelConfig:
             problem = shape_mismatch(spec.shape, list(meta["shape"]))
             if problem:
                 raise InputError(f"input '{spec.name}': {problem}")
+        rows = request_rows(self, metas)
+        if 0 < self.max_batch_size < rows and self.oversize != "split":
+            raise InputError(
+                f"the request has {rows} rows (its inputs' first dimension), more than model '{self.name}' takes: "
+                f"max_batch_size is {self.max_batch_size} rows. Send at most {self.max_batch_size} rows a request, "
+                f'or set "oversize": "split" in its config to have larger requests run in chunks'
+            )
 
-    def warmup_inputs(self) -> dict[str, np.ndarray]:
-        """Smallest inputs the config allows, so warm-up exercises the model without guessing real sizes."""
+    def warmup_inputs(self, rows: int = 1) -> dict[str, np.ndarray]:
+        """Zeros of the smallest shapes the config allows, with `rows` in the leading variable dimension when the
+        model batches (max_batch_size > 0): warm-up exercises each batch size without guessing real sizes."""
+        lead = rows if self.max_batch_size > 0 else 1
         return {
-            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DATATYPES[s.datatype]) for s in self.inputs
+            s.name: np.zeros(
+                [(lead if axis == 0 else 1) if d == -1 else d for axis, d in enumerate(s.shape)],
+                dtype=DATATYPES[s.datatype],
+            )
+            for s in self.inputs
         }
 
     def metadata(self) -> dict:
@@ -237,6 +252,31 @@ class ModelConfig:
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
         }
+
+
+def batched_inputs(config: Any) -> set[str]:
+    """The inputs that carry a request's rows: those whose shape starts with a variable dimension, when the model
+    batches (max_batch_size > 0); none otherwise."""
+    if config.max_batch_size <= 0:
+        return set()
+    return {s.name for s in config.inputs if s.shape and s.shape[0] == -1}
+
+
+def request_rows(config: Any, metas: list[dict]) -> int:
+    """A request's rows (Triton's batch size): the first dimension its batched inputs share; 1 for a model that does
+    not batch (each request is one execution) or has no batched input. InputError if the batched inputs disagree
+    (their rows are stacked with other requests' and the outputs split back by them)."""
+    batched = batched_inputs(config)
+    if not batched:
+        return 1
+    rows = {m["name"]: m["shape"][0] for m in metas if m["name"] in batched and m["shape"]}
+    if len(set(rows.values())) > 1:
+        listed = ", ".join(f"'{name}' {n}" for name, n in sorted(rows.items()))
+        raise InputError(
+            f"model '{config.name}' batches by rows, and its inputs' first dimensions (rows) differ: {listed}; "
+            "every batched input of a request has the same number of rows"
+        )
+    return next(iter(rows.values()), 1)
 
 
 def _serving_keys(d: dict, prefix: str, max_batch_size: int, inputs: list[TensorSpec]) -> dict:

@@ -3,7 +3,10 @@
 cluster.repository (torch-free) decides what a version is and checks its files against the manifest; this module
 takes the bytes it verified (ModelRepository.read_model: the very bytes that were hashed, never the file re-read)
 and hands them to torch.jit.load or torch.export.load, never to pickle. Then it moves the module to the device and
-runs one warm-up inference, so a model that disagrees with its config is refused at load, not on a user request.
+warms it up on zeros at every batch size the config says (ModelConfig.batch_sizes: `warmup_batch_sizes`, else each
+size 1..max_batch_size), on every instance, before the version is staged: the first real batch of a new size does
+not pay for a first run (TorchScript's profiling and shape specialisation, allocator caches), and a model that
+disagrees with its config is refused at load, not on a user request.
 
 On Linux the bytes are not read into Python: the file is copied by the kernel into a memfd, sealed (no write, grow
 or shrink from then on, by anyone), hashed through a read-only map and loaded by its /proc/self/fd path, so torch
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import mmap
 import operator
 import os
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ from cluster.model_config import InputError, ModelConfig, shape_mismatch
 from cluster.protocol import DATATYPES
 from cluster.repository import ModelBytes, ModelRepository, RepositoryError, describe_error
 
+log = logging.getLogger("cluster.agent")
 # torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
 DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items()}
 # What an exported program may call besides operators: the symbolic-shape helpers torch.export itself emits.
@@ -143,8 +149,18 @@ class LoadedModel:
         return outputs
 
     def warmup(self, instance: int = 0) -> None:
-        """Run once on zeros so a model that does not match its config is refused at load, not on a user request."""
-        inputs = {name: torch.from_numpy(array) for name, array in self.config.warmup_inputs().items()}
+        """Run copy `instance` on zeros at every batch size of ModelConfig.batch_sizes, checking the outputs at each;
+        adds the time to `warmup_s` and notes the sizes in `warmup_sizes` (the heartbeat's model_info)."""
+        sizes = self.config.batch_sizes()
+        began = time.monotonic()
+        for rows in sizes:
+            self._warm(rows, instance)
+        self.warmup_s += time.monotonic() - began
+        self.warmup_sizes = sizes
+
+    def _warm(self, rows: int, instance: int) -> None:
+        """One run on zeros of `rows` rows, so a model that does not match its config is refused at load."""
+        inputs = {name: torch.from_numpy(array) for name, array in self.config.warmup_inputs(rows).items()}
         try:
             outputs = self.infer(inputs, instance)
         except RepositoryError as exc:
@@ -203,6 +219,16 @@ def load_model(repository: ModelRepository, name: str, version: int, device: str
     model = LoadedModel(name, version, config, module, device, copies)
     for instance in range(len(model.instances)):
         model.warmup(instance)
+    sizes = model.warmup_sizes
+    listed = f"{sizes[0]}-{sizes[-1]}" if sizes == list(range(sizes[0], sizes[-1] + 1)) and len(sizes) > 2 else sizes
+    log.info(
+        "model %s version %d warmed up in %.3f s: batch sizes %s (rows), %d instance(s)",
+        name,
+        version,
+        model.warmup_s,
+        listed,
+        len(model.instances),
+    )
     return model
 
 

@@ -1,10 +1,10 @@
 """Loads model versions in threads of their own, so the agent keeps serving (and heartbeating) during a load.
 
 The agent's I/O thread asks for (name, version); a loader thread fetches it from the share (over NFS into the local
-cache when the share is an nfs:// address), verifies its sha256 sums, loads it and runs the warm-up inference, then
-queues the outcome and wakes the I/O thread with one byte on an inproc socket. config.LOAD_THREADS versions load at
-once, here and at start (`load_versions`): copying and hashing release the GIL, so a small model deployed with a big
-one need not wait for it, and an agent serving several models is up sooner.
+cache when the share is an nfs:// address), verifies its sha256 sums, loads it and warms it up at every batch size
+(loaded_model.load_model), then queues the outcome and wakes the I/O thread with one byte on an inproc socket.
+config.LOAD_THREADS versions load at once, here and at start (`load_versions`): copying and hashing release the GIL,
+so a small model deployed with a big one need not wait for it, and an agent serving several models is up sooner.
 """
 
 from __future__ import annotations

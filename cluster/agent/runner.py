@@ -6,10 +6,15 @@ sockets are not shared between threads). A forward pass of any length never dela
 to take well under a millisecond may run inline in the I/O thread, a bounded time per loop pass, see INLINE_MAX_S).
 
 Dynamic batching (per model, from config.json: `max_batch_size` > 1 turns it on, `max_queue_delay_us` bounds the
-wait): a worker takes every queued request for the model (up to max_batch_size), stacks their inputs along the first
-dimension, runs one forward pass and splits the outputs back, each caller getting exactly its own rows. A lone
-request goes at once; only when requests are already queuing (a burst) does the worker wait up to the delay for the
-batch to fill. If a batched pass fails, each request is run alone, so one bad request fails only itself.
+wait): a worker takes queued requests for the model in order while their rows (the inputs' first dimension) fit in
+max_batch_size rows, as Triton counts it; the first that does not fit waits at the head of the queue for the next
+batch (never skipped, so never starved). It stacks their inputs along the first dimension, runs one forward pass and
+splits the outputs back, each caller getting exactly its own rows. A lone request goes at once; only when requests
+are already queuing (a burst) does the worker wait up to the delay for the batch to fill. If a batched pass fails,
+each request is run alone, so one bad request fails only itself. A request of more rows than max_batch_size reaches
+a worker only with `oversize: "split"` (the agent refuses it otherwise, ModelConfig.check_inputs): it runs alone, in
+chunks of at most max_batch_size rows, its outputs concatenated into one answer. No forward pass ever holds more
+than max_batch_size rows (max_batch_size 0: no batching and no row limit).
 
 Deadlines and cancellation: a Job carries its deadline (the broker says how long the request has left); a job whose
 deadline passed before a worker takes it is not run, and a job the broker cancels (its client gave up) is taken out
@@ -39,6 +44,7 @@ import torch
 import zmq
 
 from cluster.codec import decode_tensors, encode_tensors, to_torch
+from cluster.model_config import batched_inputs, request_rows
 from cluster.protocol import Command, ErrorCode, Reply, error_header, routed
 from cluster.sockets import send_frames
 from cluster.statistics import ModelStats
@@ -72,6 +78,10 @@ class Job:
     broker_wait_s: float = 0.0  # how long it waited in the broker's queue before it was sent here
     instance: int = 0  # which copy of the model runs it (config `instances`)
     trace: str | None = None  # the caller's request_id (the OIP id, say): in every log line about it
+    rows: int = field(init=False, default=1)  # its batch size in rows (the batched inputs' first dimension)
+
+    def __post_init__(self) -> None:
+        self.rows = request_rows(self.model.config, self.metas)
 
     def log_extra(self) -> dict:
         return {"request_id": self.trace, "model": self.model.name}
@@ -79,18 +89,23 @@ class Job:
 
 @dataclass
 class BatchStats:
-    """What the heartbeat shows of batching, per model."""
+    """What the heartbeat shows of batching, per model: batches taken (in requests) and forward passes (in rows)."""
 
     batches: int = 0
     requests: int = 0
-    largest: int = 0
+    largest: int = 0  # most requests in a batch
     queue_wait_s: float = 0.0  # summed over requests
+    rows: int = 0
+    largest_rows: int = 0  # most rows in one forward pass (at most max_batch_size, when it is > 0)
 
-    def add(self, size: int, waits: list[float]) -> None:
+    def add(self, size: int, waits: list[float], passes: list[int]) -> None:
+        """A batch of `size` requests, run as forward passes of `passes` rows (several: a request split in chunks)."""
         self.batches += 1
         self.requests += size
         self.largest = max(self.largest, size)
         self.queue_wait_s += sum(waits)
+        self.rows += sum(passes)
+        self.largest_rows = max(self.largest_rows, *passes)
 
     def describe(self) -> dict:
         return {
@@ -98,8 +113,17 @@ class BatchStats:
             "requests": self.requests,
             "mean_batch": round(self.requests / self.batches, 2) if self.batches else 0,
             "largest_batch": self.largest,
+            "rows": self.rows,
+            "largest_rows": self.largest_rows,
             "mean_queue_wait_ms": round(1000 * self.queue_wait_s / self.requests, 3) if self.requests else 0,
         }
+
+
+def chunk_rows(rows: int, limit: int) -> list[int]:
+    """The forward passes (rows each) a request of `rows` runs as: one, or chunks of `limit` when it is larger."""
+    if limit <= 0 or rows <= limit:
+        return [rows]
+    return [limit] * (rows // limit) + ([rows % limit] if rows % limit else [])
 
 
 class WorkerPool:
@@ -201,10 +225,8 @@ class WorkerPool:
 
     def _record(self, job: Job, batch_size: int, input_s: float, infer_s: float, output_s: float) -> None:
         """One answered job's share of its pass, in Triton's terms; queue = agent queue + broker queue."""
-        shape = job.metas[0]["shape"] if job.metas else []
-        samples = shape[0] if job.model.config.max_batch_size > 0 and shape else 1
         queue_s = max(0.0, job.started_at - job.queued_at) + job.broker_wait_s
-        self.stats_of(job.model).record_success(samples, queue_s, input_s, infer_s, output_s)
+        self.stats_of(job.model).record_success(job.rows, queue_s, input_s, infer_s, output_s)
 
     def describe_jobs(self) -> dict:
         with self._counts_lock:
@@ -279,21 +301,29 @@ class WorkerPool:
                 return None
             key = id(model)
             queue = self._queues[key]
-            limit = model.config.max_batch_size if model.config.max_batch_size > 1 else 1
-            batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
-            delay = model.config.max_queue_delay_us / 1e6
-            if 1 < len(batch) < limit and delay > 0:  # a burst: let the batch fill, for at most the delay
-                self._held.add(key)
-                deadline = time.monotonic() + delay
-                while len(batch) < limit and not self._stopping:
-                    if queue:
-                        batch.append(queue.popleft())
-                        continue
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                self._held.discard(key)
+            batch = [queue.popleft()]  # the head always goes: what waited longest is never passed over
+            limit = model.config.max_batch_size  # rows
+            if limit > 1:
+                rows = batch[0].rows
+                while queue and rows + queue[0].rows <= limit:
+                    rows += queue[0].rows
+                    batch.append(queue.popleft())
+                delay = model.config.max_queue_delay_us / 1e6
+                if len(batch) > 1 and rows < limit and not queue and delay > 0:  # a burst: let it fill, for the delay
+                    self._held.add(key)
+                    deadline = time.monotonic() + delay
+                    while rows < limit and not self._stopping:
+                        if queue:
+                            if rows + queue[0].rows > limit:
+                                break  # the next request waits for the next batch, at the head of the queue
+                            rows += queue[0].rows
+                            batch.append(queue.popleft())
+                            continue
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    self._held.discard(key)
             if queue:
                 self._ready.append(model)  # the rest is for the next free worker
             else:
@@ -353,7 +383,10 @@ class WorkerPool:
                     if not batch:
                         continue
                     self._started(batch, started)
-                    self.stats[batch[0].model.name].add(len(batch), [started - job.queued_at for job in batch])
+                    rows = sum(job.rows for job in batch)
+                    passes = chunk_rows(rows, batch[0].model.config.max_batch_size) if len(batch) == 1 else [rows]
+                    waits = [started - job.queued_at for job in batch]
+                    self.stats[batch[0].model.name].add(len(batch), waits, passes)
                     if len(batch) > 1:
                         self._count(batch[0].model.name, "executed", len(batch))
                     for frames in self.run_batch(batch) if len(batch) > 1 else [self.run_timed(batch[0])]:
@@ -390,16 +423,41 @@ class WorkerPool:
             began = time.monotonic()
             inputs = self._inputs(job)
             built = time.monotonic()
-            outputs = job.model.infer(inputs, job.instance)
+            passes = chunk_rows(job.rows, job.model.config.max_batch_size)
+            if len(passes) > 1:
+                outputs = self._run_split(job, inputs, passes)
+            else:
+                outputs = job.model.infer(inputs, job.instance)
             inferred = time.monotonic()
             frames = self._reply(job, outputs, 1)
         except Exception as exc:  # the model's own failure: tell the client, keep serving
             self.stats_of(job.model).record_failure("BACKEND")
             return self._failure(job, exc)
         encoded = time.monotonic()
-        self.stats_of(job.model).record_execution(1, built - began, inferred - built, encoded - inferred)
+        times = [(built - began) / len(passes), (inferred - built) / len(passes), (encoded - inferred) / len(passes)]
+        for rows in passes:  # Triton's batch_stats: one execution per pass, its rows
+            self.stats_of(job.model).record_execution(rows, *times)
         self._record(job, 1, built - began, inferred - built, encoded - inferred)
         return frames
+
+    @staticmethod
+    def _run_split(job: Job, inputs: dict, passes: list[int]) -> dict:
+        """A request of more rows than max_batch_size (`oversize: "split"`): one pass per chunk of rows, the
+        outputs concatenated, as if the model had run it at once."""
+        batched = batched_inputs(job.model.config)
+        parts, start = [], 0
+        for rows in passes:
+            chunk = {name: t[start : start + rows] if name in batched else t for name, t in inputs.items()}
+            outputs = job.model.infer(chunk, job.instance)
+            wrong = {k: list(v.shape) for k, v in outputs.items() if v.dim() == 0 or v.shape[0] != rows}
+            if wrong:
+                raise ValueError(
+                    f"a chunk of {rows} rows gave outputs of shapes {wrong}, not one row per input row: a request of "
+                    f"{job.rows} rows cannot be split into chunks of {job.model.config.max_batch_size}"
+                )
+            parts.append(outputs)
+            start += rows
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def run_batch(self, jobs: list[Job]) -> list[list]:
         """One forward pass for requests whose inputs agree on everything but the first dimension."""
@@ -418,7 +476,7 @@ class WorkerPool:
                 built = time.monotonic()
                 outputs = group[0].model.infer(stacked, group[0].instance)
                 inferred = time.monotonic()
-                rows = [job.metas[0]["shape"][0] for job in group]
+                rows = [job.rows for job in group]
                 total = sum(rows)
                 if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
                     raise ValueError("outputs do not have one row per input row; cannot split a batch")
@@ -429,7 +487,7 @@ class WorkerPool:
                     start += n
                 encoded = time.monotonic()
                 times = (built - began, inferred - built, encoded - inferred)
-                self.stats_of(group[0].model).record_execution(len(group), *times)
+                self.stats_of(group[0].model).record_execution(total, *times)
                 for job in group:
                     self._record(job, len(group), *times)
                 answers.extend(replies)
