@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +27,7 @@ from cluster.repository import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_FILES,
+    PROGRAM_FILES,
     ModelRepository,
     check_name,
     check_version,
@@ -49,6 +50,7 @@ def publish_version(
     progress: Callable[[int, int], None] | None = None,
     *,
     data: bytes | None = None,
+    programs: Mapping[str, str | os.PathLike | bytes] | None = None,
 ) -> int:
     """Add a version so that agents scanning the share see it complete or not at all; returns its number.
 
@@ -56,6 +58,8 @@ def publish_version(
     manager publishing what a client sent over the bus, e.g. a Triton load with files). The folder is built as
     <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and renamed into place;
     rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
+    `programs`: preprocess.pt2 / postprocess.pt2 (repository.PROGRAM_FILES) -> a path or the bytes, checked by
+    model_check like model.pt2 and published in the same version, in its manifest.
     """
     check_name(name)
     model_path = Path(model_path)
@@ -91,6 +95,8 @@ def publish_version(
         with open(model_path, "rb") as model_file:
             check_model_file(target_file, model_file, where)
 
+    program_bytes = _program_bytes(name, programs or {})
+
     new_model_dir = not model_dir.is_dir()
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_publishes(model_dir)
@@ -121,6 +127,9 @@ def publish_version(
             "files": {target_file: h.hexdigest()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        for fname, content in program_bytes.items():
+            write_new_file(tmp / fname, content)
+            manifest["files"][fname] = hashlib.sha256(content).hexdigest()
         # Each version keeps the config it was published with, so a later version's config.json cannot change
         # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
         version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
@@ -168,6 +177,21 @@ def publish_version(
                 model_dir.rmdir()  # only if empty: another publisher of the same new model may be at work in it
             except OSError:
                 pass
+
+
+def _program_bytes(name: str, programs: Mapping[str, str | os.PathLike | bytes]) -> dict[str, bytes]:
+    """The pre/post-processing programs of a publish, read and checked (model_check, as model.pt2 is)."""
+    out = {}
+    for fname, source in programs.items():
+        if fname not in PROGRAM_FILES:
+            raise RepositoryError(f"cannot publish model '{name}': {fname!r} is not one of {', '.join(PROGRAM_FILES)}")
+        try:
+            content = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+        except OSError as exc:
+            raise RepositoryError(f"cannot publish model '{name}': cannot read {source}: {exc}") from None
+        check_model_file(fname, content, f"cannot publish model '{name}': {fname}")
+        out[fname] = content
+    return out
 
 
 def remove_stale_publishes(model_dir: Path, older_than: float | None = None) -> list[str]:
