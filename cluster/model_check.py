@@ -91,7 +91,7 @@ _SAFE_GLOBALS = {
 _UNSAFE_OPCODES = {"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID"}
 
 # A node's target: an operator (resolved in torch.ops, so only registered operators), or a symbolic-shape helper.
-_OPERATOR_TARGET = re.compile(r"torch\.ops\.(?!.*__)[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?")
+_OPERATOR_TARGET = re.compile(r"torch\.ops\.(?!.*__)[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?")
 _HELPER_TARGETS = {
     *(f"_operator.{op}" for op in "getitem eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv".split()),
     *(f"_operator.{op}" for op in ("and_", "or_", "lshift", "rshift", "not_", "abs")),
