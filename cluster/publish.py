@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cluster.atomic import atomic_write, fsync_dir, write_new_file
 from cluster.config import MAX_VERSION, limits
@@ -179,6 +180,20 @@ def publish_version(
                 pass
 
 
+def program_names(value: Any) -> list[str]:
+    """A publish's `programs` header field (the files sent after the model file): distinct PROGRAM_FILES names."""
+    if value is None:
+        return []
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, str) for v in value)
+        or len(set(value)) != len(value)
+        or not set(value) <= set(PROGRAM_FILES)
+    ):
+        raise RepositoryError(f"'programs' must list distinct names from {', '.join(PROGRAM_FILES)}, got {value!r}")
+    return value
+
+
 def _program_bytes(name: str, programs: Mapping[str, str | os.PathLike | bytes]) -> dict[str, bytes]:
     """The pre/post-processing programs of a publish, read and checked (model_check, as model.pt2 is)."""
     out = {}
@@ -238,6 +253,7 @@ def publish_upload(
     data: bytes,
     config: dict | None = None,
     version: int | None = None,
+    programs: Mapping[str, bytes] | None = None,
 ) -> tuple[int, bool]:
     """Publish a model file that arrived as bytes (the manager, for a client without the share); returns
     (version, published). Versions never change once published, so: asked for a version that exists with these very
@@ -255,7 +271,10 @@ def publish_upload(
             files = repo.verify(name, version)
         except RepositoryError:
             files = {}
-        same_model = files.get(file_name) == hashlib.sha256(data).hexdigest()
+        sent = {file_name: data, **(programs or {})}
+        same_model = {f: files.get(f) for f in (file_name, *PROGRAM_FILES)} == {
+            f: hashlib.sha256(sent[f]).hexdigest() if f in sent else None for f in (file_name, *PROGRAM_FILES)
+        }
         same_config = config is None or (
             files.get(CONFIG_FILE)
             == hashlib.sha256(config_file_bytes(ModelConfig.from_dict(config, name=name))).hexdigest()
@@ -263,7 +282,7 @@ def publish_upload(
         if same_model and same_config:
             return version, False
         version = None  # taken by other content: the next number
-    return publish_version(share_dir, name, file_name, config, version, data=data), True
+    return publish_version(share_dir, name, file_name, config, version, data=data, programs=programs), True
 
 
 def remove_version(share_dir: str | os.PathLike, name: str, version: int, *, whole_model: bool = False) -> None:

@@ -6,10 +6,16 @@ agents keep serving. The logic alone: tests/test_bytes.py."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from tests import bytes_models
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -18,11 +24,15 @@ grpc = pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def programs(tmp_path_factory):
+    return bytes_models.export_all(tmp_path_factory.mktemp("bytes-programs"))
+
+
+@pytest.fixture(scope="module")
+def stack(programs, tmp_path_factory):
     from cluster.publish import publish_version
     from tests.harness import edge_stack
 
-    programs = bytes_models.export_all(tmp_path_factory.mktemp("bytes-programs"))
     share = tmp_path_factory.mktemp("bytes-share")
     extra = {k: v for k, v in programs.items() if k != "model.pt2"}
     publish_version(share, "classifier", programs["model.pt2"], bytes_models.CONFIG, programs=extra)
@@ -93,3 +103,48 @@ def test_bomb_and_corrupt_images_are_refused_and_the_agents_keep_serving(stack):
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
         assert "refused before decoding" in caught.value.message(), caught.value
     assert all(proc.alive() for proc in stack.running().values()), stack.running()
+
+
+def _serves(stack, model: str) -> bool:
+    with stack.client() as client:
+        return all(any(m["name"] == model for m in a["models"]) for a in client.agents())
+
+
+def test_deploy_with_programs_over_the_load_route_and_cluster_deploy(stack, programs, tmp_path):
+    """The edge's load route takes file:<v>/preprocess.pt2 and postprocess.pt2 beside the model file, and `cluster
+    deploy --preprocess --postprocess` sends them to the manager (no share on the deploying side): both publish the
+    three programs in one version, hashed in its manifest, and serve."""
+    images, expected_class, _ = _images()
+    files = {f"file:1/{name}": path.read_bytes() for name, path in programs.items()}
+    with http.InferenceServerClient(stack.edge_url.removeprefix("http://")) as client:
+        client.load_model("loaded", config=json.dumps(bytes_models.CONFIG), files=files)
+        manifest = json.loads((stack.share / "models" / "loaded" / "1" / "manifest.json").read_text())
+        assert {"model.pt2", "preprocess.pt2", "postprocess.pt2"} <= set(manifest["files"]), manifest
+        wait_for(lambda: client.is_model_ready("loaded"), 10, "the loaded model to be ready at the edge")
+        result = client.infer("loaded", [_input(http, images)])
+        np.testing.assert_array_equal(result.as_numpy("class"), expected_class)
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(bytes_models.CONFIG))
+    env = {k: v for k, v in stack.env().items() if k != "CLUSTER_SHARE"}  # over the bus: the manager publishes
+    deploy = subprocess.run(
+        [sys.executable, "-m", "cluster", "deploy", str(programs["model.pt2"]), "--name", "deployed"]
+        + ["--config", str(config), "--preprocess", str(programs["preprocess.pt2"])]
+        + ["--postprocess", str(programs["postprocess.pt2"]), "--timeout", "90"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert "the manager published deployed version 1" in deploy.stdout, deploy.stdout
+    assert sorted(os.listdir(stack.share / "models" / "deployed" / "1")) == [
+        "config.json",
+        "manifest.json",
+        "model.pt2",
+        "postprocess.pt2",
+        "preprocess.pt2",
+    ]
+    wait_for(lambda: _serves(stack, "deployed"), 10, "every agent to serve 'deployed'")
+    answer = stack.client(timeout=30).infer("deployed", {"image": images})
+    np.testing.assert_array_equal(answer.as_numpy("class"), expected_class)
