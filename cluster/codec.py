@@ -10,6 +10,7 @@ tritonclient does); its frame is Triton's layout (protocol.join_bytes / split_by
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -74,15 +75,15 @@ def bytes_frame(name: str, array: np.ndarray) -> bytes:
 
 def bytes_array(name: str, raw, shape: Sequence[int]) -> np.ndarray:
     """An object array of `bytes` from a BYTES frame; ProtocolError if it does not hold exactly prod(shape)."""
-    items = split_bytes(raw, int(np.prod(shape, dtype=np.int64)), f"tensor '{name}'")
+    items = split_bytes(raw, math.prod(shape), f"tensor '{name}'")
     array = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        array[i] = bytes(item)
+    array[:] = items
     return array.reshape(shape)
 
 
 def decode_tensors(metas: Sequence[dict], frames: Sequence) -> dict[str, np.ndarray]:
-    """name -> numpy view over each frame. Call protocol.validate_tensor_metas first."""
+    """name -> numpy view over each frame (BYTES: its elements, every length checked against the frame, ProtocolError
+    if one does not fit). Call protocol.validate_tensor_metas first."""
     out = {}
     for meta, frame in zip(metas, frames):
         dtype = DATATYPES.get(meta["datatype"])

@@ -6,6 +6,7 @@ tritonclient: tests/test_bytes_cluster.py."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import time
@@ -76,10 +77,17 @@ def test_bytes_frame_is_tritons_layout_and_str_goes_as_utf8():
     ],
 )
 def test_malformed_bytes_frames_are_refused(shape, frame, words):
+    """Each refused by the codec; validate_tensor_metas refuses at once (without reading the lengths) a frame too
+    short for the shape's 4-byte prefixes, or bytes for no element."""
     metas = [{"name": "t", "datatype": "BYTES", "shape": shape}]
     with pytest.raises(ProtocolError, match=words) as caught:
-        validate_tensor_metas(metas, [frame])
+        decode_tensors(metas, [frame])
     assert "tensor 't'" in str(caught.value)
+    if len(frame) < 4 * math.prod(shape) or (not shape[0] and frame):
+        with pytest.raises(ProtocolError, match="length-prefixed elements, the frame has"):
+            validate_tensor_metas(metas, [frame])
+    else:
+        validate_tensor_metas(metas, [frame])
 
 
 @settings(max_examples=200, deadline=None)
@@ -87,10 +95,9 @@ def test_malformed_bytes_frames_are_refused(shape, frame, words):
 def test_any_bytes_frame_is_decoded_or_refused(frame, shape):
     metas = [{"name": "t", "datatype": "BYTES", "shape": shape}]
     try:
-        validate_tensor_metas(metas, [frame])
+        out = decode_tensors(validate_tensor_metas(metas, [frame]), [frame])["t"]
     except ProtocolError:
         return
-    out = decode_tensors(metas, [frame])["t"]
     assert out.shape == tuple(shape) and all(isinstance(v, bytes) for v in out.ravel())
 
 
@@ -324,3 +331,46 @@ def test_programs_are_checked_at_publish_and_hashed_at_load(programs, share, tmp
     swapped.write_bytes(programs["preprocess.pt2"].read_bytes())  # another program under its name
     with pytest.raises(RepositoryError, match="postprocess.pt2"):
         load_model(ModelRepository(copy), "classifier", 1)
+
+
+def test_the_agents_workers_answer_bad_bytes_with_bad_request_and_serve_the_rest_of_the_batch(loaded):
+    """Three requests taken as one batch: good JPEGs, a BYTES frame whose second length runs past it (the I/O
+    thread's cheap check passes it: the worker's decode refuses it), a bomb. The batch fails, each runs alone: the
+    good one is answered, the two others get BAD_REQUEST saying why."""
+    import zmq
+
+    from cluster.agent.runner import Job, WorkerPool
+    from cluster.protocol import PREAMBLE, Command, unpack_header
+
+    images = bytes_models.sample_images(2)
+    expected_class, _ = bytes_models.reference([bytes_models.decoded(i) for i in images])
+    good = encode_tensors({"image": _objects(images)})
+    bad_frame = struct.pack("<I", 1) + b"a" + struct.pack("<I", 9) + b"bcd"
+    bad = ([{"name": "image", "datatype": "BYTES", "shape": [2]}], [bad_frame])
+    bomb = encode_tensors({"image": _objects([bytes_models.bomb_png(30000)])})
+    ctx = zmq.Context()
+    results = ctx.socket(zmq.PULL)
+    results.bind("inproc://bytes-results")
+    pool = WorkerPool(ctx, "inproc://bytes-results", "test-agent")
+    for i, (metas, frames) in enumerate((good, bad, bomb)):
+        validate_tensor_metas(metas, frames)  # what the agent's I/O thread checks
+        pool.submit(Job(bytes([i]) * 8, i, loaded, metas, [bytes(f) for f in frames], None))
+    pool.start()
+    answers = {}
+    try:
+        for _ in range(3):
+            assert results.poll(20_000), "no answer from the worker"
+            frames = results.recv_multipart()
+            answers[frames[0][5]] = (frames[0][:5], unpack_header(frames[1]), frames[2:])
+    finally:
+        pool.stop()
+        results.close()
+        ctx.term()
+    preamble, header, tensors = answers[0]
+    assert preamble == PREAMBLE[Command.REPLY], header
+    out = decode_tensors(header["outputs"], tensors)
+    np.testing.assert_array_equal(out["class"], expected_class)
+    for i, words in ((1, "BYTES element 1 of 2 says 9 bytes, 3 are left"), (2, "PNG refused before decoding")):
+        preamble, header, _ = answers[i]
+        assert preamble == PREAMBLE[Command.ERROR] and header["code"] == "BAD_REQUEST", header
+        assert words in header["message"], header

@@ -41,7 +41,7 @@ import zmq
 from cluster.agent.pipeline import as_model_inputs, stack_rows
 from cluster.codec import decode_tensors, encode_tensors
 from cluster.model_config import InputError
-from cluster.protocol import Command, ErrorCode, Reply, error_header, routed
+from cluster.protocol import Command, ErrorCode, ProtocolError, Reply, error_header, routed
 from cluster.sockets import send_frames
 from cluster.statistics import ModelStats
 
@@ -395,7 +395,7 @@ class WorkerPool:
             outputs = job.model.infer(inputs, job.instance)
             inferred = time.monotonic()
             frames = self._reply(job, outputs, 1)
-        except InputError as exc:  # an input the model cannot take (an image that does not decode): the client's
+        except (InputError, ProtocolError) as exc:  # a BYTES frame whose lengths do not fit, an undecodable image
             return self._failure(job, exc, ErrorCode.BAD_REQUEST)
         except Exception as exc:  # the model's own failure: tell the client, keep serving
             self.stats_of(job.model).record_failure("BACKEND")

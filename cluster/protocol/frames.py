@@ -221,19 +221,21 @@ NUMERIC_DATATYPES = tuple(DATATYPE_ITEMSIZE)  # the raw tensors: every datatype 
 _LENGTH = struct.Struct("<I")
 
 
-def split_bytes(raw, count: int, what: str) -> list:
+def split_bytes(raw, count: int, what: str) -> list[bytes]:
     """The `count` elements of a BYTES frame (Triton's layout: each a 4-byte little-endian length, then its bytes),
-    as memoryview slices; ProtocolError when a length runs past the frame, or the frame holds more or fewer."""
-    view = memoryview(raw).cast("B")
-    items, at, end = [], 0, len(view)
+    copied out as bytes; ProtocolError when a length runs past the frame, or the frame holds more or fewer."""
+    data = raw if isinstance(raw, bytes) else bytes(raw)
+    items: list[bytes] = []
+    at, end = 0, len(data)
+    unpack = _LENGTH.unpack_from
     for i in range(count):
         if at + 4 > end:
             raise ProtocolError(f"{what}: BYTES element {i} of {count}: its length runs past the end ({end} bytes)")
-        (size,) = _LENGTH.unpack_from(view, at)
+        (size,) = unpack(data, at)
         at += 4
         if size > end - at:
             raise ProtocolError(f"{what}: BYTES element {i} of {count} says {size} bytes, {end - at} are left")
-        items.append(view[at : at + size])
+        items.append(data[at : at + size])
         at += size
     if at != end:
         raise ProtocolError(f"{what}: {end - at} bytes after the {count} BYTES elements the shape holds")
@@ -400,8 +402,13 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
         ):
             raise ProtocolError(f"tensor '{name}': shape must be a list of at most {MAX_DIMS} non-negative ints")
-        if datatype == "BYTES":
-            split_bytes(frame_bytes(frame), math.prod(shape), f"tensor '{name}'")
+        if datatype == "BYTES":  # each element takes 4 bytes at least; every length is checked where it is decoded
+            count, size = math.prod(shape), len(frame_bytes(frame))
+            if count * 4 > size or (count == 0 and size):
+                raise ProtocolError(
+                    f"tensor '{name}': shape {shape} of BYTES needs {count} length-prefixed elements, "
+                    f"the frame has {size} bytes"
+                )
             continue
         expected = math.prod(shape) * DATATYPE_ITEMSIZE[datatype]
         if expected != len(frame_bytes(frame)):
