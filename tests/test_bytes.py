@@ -374,3 +374,29 @@ def test_the_agents_workers_answer_bad_bytes_with_bad_request_and_serve_the_rest
         preamble, header, _ = answers[i]
         assert preamble == PREAMBLE[Command.ERROR] and header["code"] == "BAD_REQUEST", header
         assert words in header["message"], header
+
+
+def test_a_preprocess_without_decode_takes_every_input_and_gives_the_models_arguments():
+    """No decoded input: preprocess.pt2 takes the inputs in the config's order and returns the model's arguments;
+    postprocess.pt2 takes the model's outputs (plain callables stand in for the loaded programs)."""
+    import torch
+
+    from cluster.agent.pipeline import Pipeline
+
+    config = ModelConfig.from_dict(
+        {
+            "name": "p",
+            "inputs": [
+                {"name": "a", "datatype": "FP32", "shape": [-1]},
+                {"name": "b", "datatype": "FP32", "shape": [-1]},
+            ],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
+        }
+    )
+    pipeline = Pipeline(config, "model 'p'", pre=[lambda a, b: (a + b, a - b)], post=[lambda s, d: s * d])
+    a, b = torch.tensor([3.0]), torch.tensor([1.0])
+    args = pipeline.model_args([a, b], "cpu")
+    assert [t.tolist() for t in args] == [[4.0], [2.0]]
+    assert pipeline.outputs((args[0], args[1])).tolist() == [8.0]
+    with pytest.raises(InputError, match="input 'a' is BYTES"):
+        pipeline.model_args([_objects([b"x"]), b], "cpu")
