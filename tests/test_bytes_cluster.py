@@ -6,6 +6,7 @@ agents keep serving. The logic alone: tests/test_bytes.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -72,7 +73,7 @@ def test_jpeg_in_class_out_over_http(stack):
     np.testing.assert_allclose(result.as_numpy("score"), expected_score, rtol=1e-5, atol=1e-6)
 
 
-def test_jpeg_in_class_out_over_grpc_and_the_bus(stack):
+def test_jpeg_in_class_out_over_grpc_and_the_bus_clients(stack):
     images, expected_class, expected_score = _images()
     with grpc.InferenceServerClient(stack.grpc_address) as client:
         result = client.infer("classifier", [_input(grpc, images)])
@@ -80,6 +81,15 @@ def test_jpeg_in_class_out_over_grpc_and_the_bus(stack):
     np.testing.assert_allclose(result.as_numpy("score"), expected_score, rtol=1e-5, atol=1e-6)
     bus = stack.client(timeout=30)
     answer = bus.infer("classifier", {"image": images})
+    np.testing.assert_array_equal(answer.as_numpy("class"), expected_class)
+
+    async def with_asyncio():
+        from cluster import AsyncClient
+
+        async with AsyncClient(stack.addresses.broker_clients, timeout=30) as client:
+            return await client.infer("classifier", {"image": list(images)})  # a list of bytes will do
+
+    answer = asyncio.run(with_asyncio())
     np.testing.assert_array_equal(answer.as_numpy("class"), expected_class)
 
 
