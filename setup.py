@@ -14,6 +14,7 @@ setup(
         "typer>=0.9",
         "rich>=13",
         "scikit-learn>=1.3",  # the digits demo model's data set
+        "Pillow>=10",  # the built-in image decode of a BYTES input (config `decode`: JPEG, PNG)
         "fastapi>=0.110",
         "fastapi-offline>=1.7",  # /docs and /redoc with Swagger UI and ReDoc served by the edge, not from a CDN
         "uvicorn>=0.27",

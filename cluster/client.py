@@ -3,6 +3,7 @@
     from cluster import Client
     with Client("tcp://127.0.0.1:5555") as client:
         result = client.infer("digits", {"image": images})      # numpy arrays or torch tensors
+        client.infer("classifier", {"image": np.array([jpeg_bytes], dtype=object)})  # BYTES: bytes (or str)
         result.as_numpy("probs"), result.version, result.agent
 
 Layout (pyzmq's zmq/auth idea): `ClientCore` (client_core.py) is the sans-IO part (encode requests, match answers to

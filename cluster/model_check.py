@@ -91,7 +91,7 @@ _SAFE_GLOBALS = {
 _UNSAFE_OPCODES = {"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID"}
 
 # A node's target: an operator (resolved in torch.ops, so only registered operators), or a symbolic-shape helper.
-_OPERATOR_TARGET = re.compile(r"torch\.ops\.(?!.*__)[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?")
+_OPERATOR_TARGET = re.compile(r"torch\.ops\.(?!.*__)[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?")
 _HELPER_TARGETS = {
     *(f"_operator.{op}" for op in "getitem eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv".split()),
     *(f"_operator.{op}" for op in ("and_", "or_", "lshift", "rshift", "not_", "abs")),
@@ -118,12 +118,16 @@ _SYMPY_TOKEN = re.compile(
 _SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
 
 
+# exported programs of a version: the model, and the programs chained before and after it (cluster/agent/pipeline.py)
+PT2_FILES = ("model.pt2", "preprocess.pt2", "postprocess.pt2")
+
+
 def check_model_file(file_name: str, source: bytes | IO[bytes] | Any, where: str) -> None:
     """Refuse a model file that could run code when loaded, or that is not what its name says; RepositoryError
     names the entry and why. `source`: the bytes, or a seekable binary file (an mmap will do)."""
     stream = source if hasattr(source, "seekable") else _BufferReader(source)
     try:
-        if file_name == "model.pt2":
+        if file_name in PT2_FILES:
             _check_pt2(stream, where)
         elif file_name == "model.pt":
             _check_torchscript(stream, where)

@@ -172,6 +172,7 @@ class ModelConfig:
         if platform is not None and platform not in PLATFORMS:
             raise RepositoryError(f"{prefix}: platform {platform!r} is not one of {', '.join(PLATFORMS)}")
         extra = _serving_keys(d, prefix, ints["max_batch_size"], specs["inputs"])
+        _check_bytes(prefix, specs["inputs"], specs["outputs"], extra["decode"] or {})
         return cls(final_name, specs["inputs"], specs["outputs"], platform=platform, **ints, **extra)
 
     def to_dict(self) -> dict:
@@ -237,12 +238,25 @@ class ModelConfig:
         model batches (max_batch_size > 0): warm-up exercises each batch size without guessing real sizes."""
         lead = rows if self.max_batch_size > 0 else 1
         return {
-            s.name: np.zeros(
-                [(lead if axis == 0 else 1) if d == -1 else d for axis, d in enumerate(s.shape)],
-                dtype=DATATYPES[s.datatype],
+            s.name: self._warmup_input(
+                s, [(lead if axis == 0 else 1) if d == -1 else d for axis, d in enumerate(s.shape)]
             )
             for s in self.inputs
         }
+
+    def _warmup_input(self, spec: TensorSpec, shape: list[int]) -> np.ndarray:
+        """Zeros; for a BYTES input, a small valid image in each element where the config decodes it (else b"")."""
+        if spec.datatype != "BYTES":
+            return np.zeros(shape, dtype=DATATYPES[spec.datatype])
+        step = (self.decode or {}).get(spec.name)
+        array = np.empty(shape, dtype=object)
+        if step is None:
+            array.fill(b"")
+        else:
+            from cluster.decode import tiny_image  # Pillow, only where an image is decoded
+
+            array.fill(tiny_image(step["channels"]))
+        return array
 
     def metadata(self) -> dict:
         """Open Inference Protocol model metadata (what GET /v2/models/<name> returns)."""
@@ -310,6 +324,21 @@ def _serving_keys(d: dict, prefix: str, max_batch_size: int, inputs: list[Tensor
         "oversize": oversize,
         "decode": decode,
     }
+
+
+def _check_bytes(prefix: str, inputs: list[TensorSpec], outputs: list[TensorSpec], decode: dict) -> None:
+    """A torch program takes and returns tensors only: a BYTES input needs a decode step; no output is BYTES."""
+    for spec in inputs:
+        if spec.datatype == "BYTES" and spec.name not in decode:
+            raise RepositoryError(
+                f"{prefix}: BYTES input '{spec.name}' needs a 'decode' step (e.g. \"decode\": {{\"{spec.name}\": "
+                '{"format": "image"}}): a torch program takes tensors only'
+            )
+    for spec in outputs:
+        if spec.datatype == "BYTES":
+            raise RepositoryError(
+                f"{prefix}: output '{spec.name}' is BYTES, which no torch program returns (return indices, e.g. INT64)"
+            )
 
 
 def _decode_steps(decode: Any, prefix: str, inputs: dict[str, TensorSpec]) -> dict[str, dict]:
@@ -398,7 +427,8 @@ def from_triton(d: dict, name: str | None = None) -> dict:
             if not isinstance(datatype, str) or not datatype.startswith("TYPE_"):
                 raise RepositoryError(f"{at}: data_type {datatype!r} is not a Triton TYPE_*")
             dims = [_triton_int(v, f"{at}: dims") for v in item["dims"]]
-            out.append({"name": item.get("name"), "datatype": datatype[5:], "shape": lead + dims})
+            datatype = "BYTES" if datatype == "TYPE_STRING" else datatype[5:]  # Triton's name for BYTES
+            out.append({"name": item.get("name"), "datatype": datatype, "shape": lead + dims})
         return out
 
     ours: dict[str, Any] = {"inputs": specs("input"), "outputs": specs("output")}

@@ -13,10 +13,11 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cluster.atomic import atomic_write, fsync_dir, write_new_file
 from cluster.config import MAX_VERSION, limits
@@ -27,6 +28,7 @@ from cluster.repository import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_FILES,
+    PROGRAM_FILES,
     ModelRepository,
     check_name,
     check_version,
@@ -49,6 +51,7 @@ def publish_version(
     progress: Callable[[int, int], None] | None = None,
     *,
     data: bytes | None = None,
+    programs: Mapping[str, str | os.PathLike | bytes] | None = None,
 ) -> int:
     """Add a version so that agents scanning the share see it complete or not at all; returns its number.
 
@@ -56,6 +59,8 @@ def publish_version(
     manager publishing what a client sent over the bus, e.g. a Triton load with files). The folder is built as
     <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and renamed into place;
     rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
+    `programs`: preprocess.pt2 / postprocess.pt2 (repository.PROGRAM_FILES) -> a path or the bytes, checked by
+    model_check like model.pt2 and published in the same version, in its manifest.
     """
     check_name(name)
     model_path = Path(model_path)
@@ -91,6 +96,8 @@ def publish_version(
         with open(model_path, "rb") as model_file:
             check_model_file(target_file, model_file, where)
 
+    program_bytes = _program_bytes(name, programs or {})
+
     new_model_dir = not model_dir.is_dir()
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_publishes(model_dir)
@@ -121,6 +128,9 @@ def publish_version(
             "files": {target_file: h.hexdigest()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        for fname, content in program_bytes.items():
+            write_new_file(tmp / fname, content)
+            manifest["files"][fname] = hashlib.sha256(content).hexdigest()
         # Each version keeps the config it was published with, so a later version's config.json cannot change
         # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
         version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
@@ -170,6 +180,35 @@ def publish_version(
                 pass
 
 
+def program_names(value: Any) -> list[str]:
+    """A publish's `programs` header field (the files sent after the model file): distinct PROGRAM_FILES names."""
+    if value is None:
+        return []
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, str) for v in value)
+        or len(set(value)) != len(value)
+        or not set(value) <= set(PROGRAM_FILES)
+    ):
+        raise RepositoryError(f"'programs' must list distinct names from {', '.join(PROGRAM_FILES)}, got {value!r}")
+    return value
+
+
+def _program_bytes(name: str, programs: Mapping[str, str | os.PathLike | bytes]) -> dict[str, bytes]:
+    """The pre/post-processing programs of a publish, read and checked (model_check, as model.pt2 is)."""
+    out = {}
+    for fname, source in programs.items():
+        if fname not in PROGRAM_FILES:
+            raise RepositoryError(f"cannot publish model '{name}': {fname!r} is not one of {', '.join(PROGRAM_FILES)}")
+        try:
+            content = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+        except OSError as exc:
+            raise RepositoryError(f"cannot publish model '{name}': cannot read {source}: {exc}") from None
+        check_model_file(fname, content, f"cannot publish model '{name}': {fname}")
+        out[fname] = content
+    return out
+
+
 def remove_stale_publishes(model_dir: Path, older_than: float | None = None) -> list[str]:
     """Remove the `.tmp-*` (and `.rejected-*`) folders in a model's folder that nothing touched for `older_than`
     seconds: a publisher (or remove_version) killed mid-way; a live one touches its folder as it writes files.
@@ -214,6 +253,7 @@ def publish_upload(
     data: bytes,
     config: dict | None = None,
     version: int | None = None,
+    programs: Mapping[str, bytes] | None = None,
 ) -> tuple[int, bool]:
     """Publish a model file that arrived as bytes (the manager, for a client without the share); returns
     (version, published). Versions never change once published, so: asked for a version that exists with these very
@@ -231,7 +271,10 @@ def publish_upload(
             files = repo.verify(name, version)
         except RepositoryError:
             files = {}
-        same_model = files.get(file_name) == hashlib.sha256(data).hexdigest()
+        sent = {file_name: data, **(programs or {})}
+        same_model = {f: files.get(f) for f in (file_name, *PROGRAM_FILES)} == {
+            f: hashlib.sha256(sent[f]).hexdigest() if f in sent else None for f in (file_name, *PROGRAM_FILES)
+        }
         same_config = config is None or (
             files.get(CONFIG_FILE)
             == hashlib.sha256(config_file_bytes(ModelConfig.from_dict(config, name=name))).hexdigest()
@@ -239,7 +282,7 @@ def publish_upload(
         if same_model and same_config:
             return version, False
         version = None  # taken by other content: the next number
-    return publish_version(share_dir, name, file_name, config, version, data=data), True
+    return publish_version(share_dir, name, file_name, config, version, data=data, programs=programs), True
 
 
 def remove_version(share_dir: str | os.PathLike, name: str, version: int, *, whole_model: bool = False) -> None:

@@ -4,6 +4,8 @@ cluster/publish.py's (publish_version, publish_upload, remove_version), by these
     <share>/models/<name>/config.json          what the model takes and returns (cluster.model_config.ModelConfig)
     <share>/models/<name>/<N>/model.pt         TorchScript            (platform "torchscript")
     <share>/models/<name>/<N>/model.pt2        torch.export program   (platform "torch_export")
+    <share>/models/<name>/<N>/preprocess.pt2   optional exported programs run before / after the model
+    <share>/models/<name>/<N>/postprocess.pt2  (cluster/agent/pipeline.py; checked like model.pt2)
     <share>/models/<name>/<N>/config.json      the config this version was published with
     <share>/models/<name>/<N>/manifest.json    {"files": {"model.pt": "<sha256 hex>", ...}, "created": "<ISO time>"}
 
@@ -48,6 +50,7 @@ MODELS_DIR = "models"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = {"model.pt": "torchscript", "model.pt2": "torch_export"}  # file name -> platform
+PROGRAM_FILES = ("preprocess.pt2", "postprocess.pt2")  # exported programs chained before / after the model
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a folder name on every host: no dot-folders, no '/'
 CHUNK = 1024 * 1024
 

@@ -56,6 +56,7 @@ _CONTENTS_FIELD = {
     "FP16": "fp32_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -80,11 +81,6 @@ def _param_value(param: service_pb2.InferParameter) -> Any:
 def tensor_from_grpc(tensor, raw: bytes | None) -> np.ndarray:
     """An input as numpy: from its raw bytes (raw_input_contents) or its typed `contents`; oip's checks apply."""
     name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
-    if datatype == "BYTES":
-        raise oip.InvalidRequest(
-            f"input '{name}': datatype BYTES is not supported by this cluster; "
-            f"use one of {', '.join(oip_tensors.SUPPORTED_DATATYPES)}"
-        )
     if raw is not None:
         return oip_tensors.tensor_from_binary(name, datatype, shape, raw)
     dtype = oip_tensors.check_datatype(name, datatype)
@@ -94,6 +90,10 @@ def tensor_from_grpc(tensor, raw: bytes | None) -> np.ndarray:
         raise oip.InvalidRequest(
             f"input '{name}': shape {shape} needs {math.prod(shape)} elements, contents hold {len(values)}"
         )
+    if datatype == "BYTES":
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
     try:
         return np.array(values, dtype=dtype).reshape(shape)
     except (OverflowError, ValueError) as exc:

@@ -30,7 +30,13 @@ from cluster.codec import datatype_of
 from cluster.config import MAX_NAME, MAX_REQUEST_TIMEOUT_S, MAX_TENSORS
 from edge import oip_json
 from edge.oip_json import InvalidRequest, parse_json_fast, parse_without_spans
-from edge.oip_tensors import tensor_from_binary, tensor_from_json, tensor_from_json_span, tensor_to_binary
+from edge.oip_tensors import (
+    bytes_to_json,
+    tensor_from_binary,
+    tensor_from_json,
+    tensor_from_json_span,
+    tensor_to_binary,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_TIMEOUT_US = int(MAX_REQUEST_TIMEOUT_S * 1_000_000)  # Triton's `timeout` parameter is in microseconds
@@ -228,6 +234,8 @@ def encode_infer_response(
             raw = tensor_to_binary(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif array.dtype == object:  # BYTES: strings
+            entry["data"] = bytes_to_json(name, array)
         else:
             flat = oip_json.json_ready(array)
             if flat.size > oip_json.CHUNK_ELEMENTS:

@@ -4,6 +4,9 @@ refusal is an `InvalidRequest` naming the input: JSON types (BOOL takes true/fal
 types take numbers), integer ranges, float ranges (a finite value that does not fit FP16/FP32 is refused, not turned
 into inf), element counts against the shape, byte counts against shape x item size. Shared by REST (edge/oip.py)
 and gRPC (edge/grpc_service.py).
+
+BYTES: a numpy object array of `bytes`. In JSON each element is a string (Triton's JSON form, sent as its UTF-8
+bytes); in binary, Triton's layout (each element a 4-byte little-endian length, then its bytes).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from cluster.codec import bytes_array
 from cluster.config import MAX_DIM, MAX_DIMS
-from cluster.protocol import DATATYPES
+from cluster.protocol import DATATYPES, ProtocolError, join_bytes
 from edge import oip_json
 from edge.oip_json import InvalidRequest
 
-SUPPORTED_DATATYPES = tuple(DATATYPES)  # BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64
+SUPPORTED_DATATYPES = tuple(DATATYPES)  # BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES
 
 _INT_TYPES = frozenset({int})
 _FLOAT_TYPES = frozenset({int, float})
@@ -40,7 +44,7 @@ def check_datatype(name: str, datatype: Any) -> np.dtype:
     if not isinstance(datatype, str):
         raise InvalidRequest(f"input '{name}': 'datatype' must be a string such as \"FP32\"")
     if datatype not in DATATYPES:
-        if datatype in ("BYTES", "BF16"):
+        if datatype == "BF16":
             raise InvalidRequest(
                 f"input '{name}': datatype {datatype} is not supported by this cluster; "
                 f"use one of {', '.join(SUPPORTED_DATATYPES)}"
@@ -48,7 +52,7 @@ def check_datatype(name: str, datatype: Any) -> np.dtype:
         raise InvalidRequest(
             f"input '{name}': unknown datatype {datatype[:40]!r}; use one of {', '.join(SUPPORTED_DATATYPES)}"
         )
-    return DATATYPES[datatype].newbyteorder("<")
+    return DATATYPES[datatype] if datatype == "BYTES" else DATATYPES[datatype].newbyteorder("<")
 
 
 def check_shape(name: str, shape: Any) -> list[int]:
@@ -92,6 +96,8 @@ def tensor_from_json(name: str, datatype: Any, shape: Any, data: Any) -> np.ndar
     count = math.prod(shape)
     if len(flat) != count:
         raise InvalidRequest(f"input '{name}': shape {shape} needs {count} elements, 'data' has {len(flat)}")
+    if datatype == "BYTES":
+        return _bytes_from_json(name, flat).reshape(shape)
     if not flat:
         return np.zeros(shape, dtype=dtype)
     kinds = _check_kinds(name, datatype, set(map(type, flat)))
@@ -106,6 +112,16 @@ def tensor_from_json(name: str, datatype: Any, shape: Any, data: Any) -> np.ndar
             name, datatype, dtype, flat[start : start + oip_json.CHUNK_ELEMENTS]
         )
     return array.reshape(shape)
+
+
+def _bytes_from_json(name: str, flat: list) -> np.ndarray:
+    """BYTES elements given in JSON: strings, each sent as its UTF-8 bytes."""
+    array = np.empty(len(flat), dtype=object)
+    for i, value in enumerate(flat):
+        if type(value) is not str:
+            raise InvalidRequest(f"input '{name}': BYTES data must be strings, got {_json_type(value)}")
+        array[i] = value.encode()
+    return array
 
 
 def _allowed_kinds(datatype: str) -> frozenset:
@@ -169,6 +185,8 @@ def tensor_from_json_span(name: str, datatype: Any, shape: Any, text: bytes, sta
     (found by number_spans): read CHUNK_BYTES (edge/oip_json.py) at a time with orjson straight into the array."""
     dtype = check_datatype(name, datatype)
     shape = check_shape(name, shape)
+    if datatype == "BYTES":
+        raise InvalidRequest(f"input '{name}': BYTES data must be strings, got numbers")
     count = math.prod(shape)
     have = text.count(b",", start, end) + 1  # the element count, if the array is valid JSON
     if have != count:
@@ -195,6 +213,11 @@ def tensor_from_binary(name: str, datatype: Any, shape: Any, raw: bytes | memory
     """A numpy array over an input's raw little-endian bytes (Triton's binary tensor extension)."""
     dtype = check_datatype(name, datatype)
     shape = check_shape(name, shape)
+    if datatype == "BYTES":
+        try:
+            return bytes_array(name, raw, shape)
+        except ProtocolError as exc:
+            raise InvalidRequest(f"input '{name}': {str(exc).removeprefix(f'tensor {name!r}: ')}") from None
     needed = math.prod(shape) * dtype.itemsize
     if len(raw) != needed:
         raise InvalidRequest(
@@ -206,12 +229,28 @@ def tensor_from_binary(name: str, datatype: Any, shape: Any, raw: bytes | memory
 
 
 def tensor_to_json(array: np.ndarray) -> list:
-    """Flat row-major JSON data for an output (FP16 as numbers, BOOL as true/false)."""
+    """Flat row-major JSON data for an output (FP16 as numbers, BOOL as true/false, BYTES as strings)."""
+    if array.dtype == object:
+        return bytes_to_json("", array)
     return np.ascontiguousarray(array).ravel().tolist()
 
 
+def bytes_to_json(name: str, array: np.ndarray) -> list[str]:
+    """A BYTES output's elements as JSON strings (UTF-8); InvalidRequest for bytes that are not UTF-8 (which only
+    the binary form can carry)."""
+    try:
+        return [bytes(v).decode() if not isinstance(v, str) else v for v in array.ravel()]
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            f"output '{name}' holds bytes that are not UTF-8 text, which JSON cannot carry; ask for it in binary "
+            "(parameters.binary_data: true)"
+        ) from None
+
+
 def tensor_to_binary(array: np.ndarray) -> bytes:
-    """Raw little-endian bytes of an output, row-major."""
+    """Raw little-endian bytes of an output, row-major; BYTES in Triton's length-prefixed layout."""
+    if array.dtype == object:
+        return join_bytes(v.encode() if isinstance(v, str) else v for v in array.ravel())
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))

@@ -3,7 +3,8 @@
 A load is the cluster's deploy: the manager's two-phase rollout to every live agent, answered when it is over (so a
 load that returns has every agent serving the model, and one that fails changed nothing). A load may carry the model
 itself, as Triton's does: `parameters.config` (the model config as a JSON string, ours or Triton's) and
-`file:<version>/model.pt` (or `model.pt2`) with the file's bytes (base64 in REST, bytes in gRPC); the manager then
+`file:<version>/model.pt` (or `model.pt2`) with the file's bytes (base64 in REST, bytes in gRPC), and optionally
+`file:<version>/preprocess.pt2` and `postprocess.pt2` (exported programs chained on the agent); the manager then
 publishes it atomically on its share, so a machine without the share can deploy. Versions never change once
 published: loading the same files twice is a no-op, and other bytes under a version that exists become the next
 version. A load without files deploys the share's newest version. Unload is undeploy (agents finish what is in
@@ -33,7 +34,7 @@ from cluster.canary.options import parse_duration, parse_steps
 from cluster.config import MAX_VERSION, ROLLOUT_TIMEOUT_S
 from cluster.errors import ClusterError, ModelNotFoundError
 from cluster.protocol import What
-from cluster.repository import MODEL_FILES
+from cluster.repository import MODEL_FILES, PROGRAM_FILES
 from edge.body import off_loop, read_body
 from edge.dataplane import DataPlane
 from edge.errors import HTTPError, cluster_http_error, json_response
@@ -44,7 +45,7 @@ from edge.security import ADMIN, TOKEN
 UNLOAD_TIMEOUT = 10.0
 
 
-async def _manager(edge: DataPlane, what: What, timeout: float, data: bytes | None = None, **fields) -> Any:
+async def _manager(edge: DataPlane, what: What, timeout: float, data: bytes | list | None = None, **fields) -> Any:
     """One call on the manager's query socket; its errors as HTTP errors naming the manager."""
     try:
         return await edge.manager.call(what, timeout, data, **fields)
@@ -78,16 +79,27 @@ async def repository_index(edge: DataPlane, ready_only: bool = False) -> list[di
     return index_entries(await _manager(edge, What.DEPLOYMENTS, edge.query_timeout), ready_only)
 
 
-def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
-    """(version, file name, bytes) of a load's one `file:<version>/<model file>` entry."""
-    if len(files) != 1:
+def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes, dict[str, bytes]]:
+    """(version, file name, bytes, programs) of a load's `file:<version>/<model file>` entry and its optional
+    `file:<version>/preprocess.pt2` and `postprocess.pt2` (programs: file name -> bytes), all of one version."""
+    programs: dict[str, bytes] = {}
+    models = {}
+    versions = set()
+    for path, data in files.items():
+        version, _, file_name = path.removeprefix("file:").partition("/")
+        versions.add(version)
+        if file_name in PROGRAM_FILES:
+            programs[file_name] = data
+        else:
+            models[path] = data
+    if len(models) != 1 or len(versions) != 1:
         raise HTTPError(
             400,
-            f"a load carries exactly one model file (file:<version>/model.pt or .pt2), got {len(files)}: "
-            f"{', '.join(sorted(files))[:200]}",
+            f"a load carries exactly one model file (file:<version>/model.pt or .pt2), and optionally "
+            f"{' and '.join(PROGRAM_FILES)} of the same version; got {', '.join(sorted(files))[:200]}",
             "bad_request",
         )
-    ((path, data),) = files.items()
+    ((path, data),) = models.items()
     version, _, file_name = path.removeprefix("file:").partition("/")
     if not (version.isascii() and version.isdigit() and len(version) <= 10 and 1 <= int(version) <= MAX_VERSION):
         raise HTTPError(
@@ -99,7 +111,7 @@ def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes]:
             f"'{path[:80]}': the model file must be {' or '.join(MODEL_FILES)} (TorchScript or torch.export)",
             "bad_request",
         )
-    return int(version), file_name, data
+    return int(version), file_name, data, programs
 
 
 async def load_model(
@@ -115,8 +127,11 @@ async def load_model(
             raise HTTPError(400, "a config alone cannot change a published version", "bad_request")
         return await _manager(edge, What.CANARY, edge.query_timeout + 5, name=name, **canary)
     if files:
-        version, file_name, data = _model_file(files)
+        version, file_name, data, programs = _model_file(files)
         fields = dict(name=name, file=file_name, version=version, config=parsed, rollout_timeout=ROLLOUT_TIMEOUT_S)
+        if programs:  # sent after the model file, in this order
+            fields["programs"] = list(programs)
+            data = [data, *programs.values()]
         if canary is not None:
             fields["canary"] = {k: v for k, v in canary.items() if k != "version"}
         report = await _manager(edge, What.PUBLISH, wait, data, **fields)

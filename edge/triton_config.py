@@ -32,7 +32,9 @@ def triton_model_config(meta: dict) -> dict[str, Any]:
         shape = [int(d) for d in tensor.get("shape") or []]
         return {
             "name": tensor.get("name", ""),
-            "data_type": "TYPE_" + str(tensor.get("datatype", "")),
+            "data_type": "TYPE_STRING"
+            if tensor.get("datatype") == "BYTES"
+            else "TYPE_" + str(tensor.get("datatype", "")),
             "dims": shape[1:] if batched else shape,
         }
 

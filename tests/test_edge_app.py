@@ -35,7 +35,7 @@ from cluster.errors import (
     PermissionDeniedError,
 )
 from cluster.model_config import shape_mismatch
-from cluster.protocol import DATATYPES
+from cluster.protocol import DATATYPES, NUMERIC_DATATYPES
 from cluster.role_settings import EdgeSettings
 from edge import create_app, oip
 from tests.edge_http import assert_binary_echo, assert_error, binary_echo_body, counter, echo_body
@@ -46,7 +46,7 @@ with warnings.catch_warnings():  # starlette would rather have httpx2; the httpx
     from starlette.testclient import TestClient
 
 LIMIT = 64 * 1024  # the app under test refuses bodies over 64 KiB
-ALL_DATATYPES = list(DATATYPES)
+ALL_DATATYPES = list(NUMERIC_DATATYPES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,6 +361,24 @@ def test_infer_every_datatype_through_json_and_binary(http, bus):
         for call in bus.calls[-2:]:
             np.testing.assert_array_equal(call["inputs"]["t"], values)
             assert call["inputs"]["t"].dtype == DATATYPES[datatype], datatype
+
+
+def test_infer_bytes_through_json_and_binary_reach_the_bus_as_bytes(http, bus):
+    """BYTES (issue 22): JSON strings (UTF-8) and Triton's length-prefixed binary reach the bus as object arrays of
+    bytes; a length past the binary data is a 400 naming the input."""
+    from_json = {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["é", ""]}]}
+    infer_json(http, body=from_json)  # 400 from the fake agent (echo takes FP32): the tensor reached the bus first
+    raw = b"\x02\x00\x00\x00\xc3\xa9\x00\x00\x00\x00"
+    entry = {"name": "x", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
+    head = json.dumps({"inputs": [entry]}).encode()
+    infer_json(http, content=head + raw, headers={oip.HEADER_LENGTH: str(len(head))})
+    for call in bus.calls[-2:]:
+        assert call["inputs"]["x"].dtype == object and call["inputs"]["x"].tolist() == ["é".encode(), b""]
+    calls = len(bus.calls)
+    head = json.dumps({"inputs": [dict(entry, parameters={"binary_data_size": len(raw) - 1})]}).encode()
+    response = infer_json(http, content=head + raw[:-1], headers={oip.HEADER_LENGTH: str(len(head))})
+    assert response.status_code == 400 and "input 'x': BYTES element 1 of 2" in response.json()["error"], response.text
+    assert len(bus.calls) == calls  # refused at the edge
 
 
 def test_infer_binary_inputs_and_outputs(http):

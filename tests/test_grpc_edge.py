@@ -94,7 +94,7 @@ def test_requested_outputs_and_timeout_parameter_reach_the_bus():
     "change, words",
     [
         (lambda r: r.inputs[0].shape.__setitem__(0, 5), "needs"),  # raw bytes do not fit the shape
-        (lambda r: setattr(r.inputs[0], "datatype", "BYTES"), "BYTES is not supported"),
+        (lambda r: setattr(r.inputs[0], "datatype", "BF16"), "BF16 is not supported"),
         (lambda r: setattr(r.inputs[0], "datatype", "FP99"), "unknown datatype"),
         (lambda r: r.raw_input_contents.append(b"x"), "one per input"),
         (lambda r: r.parameters["timeout"].__setattr__("string_param", "soon"), "timeout"),

@@ -153,6 +153,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "cluster.keys",
             "cluster.auth",
             "cluster.model_config",
+            "cluster.decode",
             "cluster.model_check",
             "cluster.repository",
             "cluster.publish",

@@ -30,20 +30,23 @@ import operator
 import os
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
+from cluster.agent.pipeline import Pipeline, as_model_inputs
 from cluster.config import MODEL_COPY_CHUNK
+from cluster.model_check import check_model_file
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
 from cluster.protocol import DATATYPES
 from cluster.repository import ModelBytes, ModelRepository, RepositoryError, describe_error
 
 log = logging.getLogger("cluster.agent")
 # torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
-DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items()}
+DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items() if name != "BYTES"}
 # What an exported program may call besides operators: the symbolic-shape helpers torch.export itself emits.
 _HELPERS = {
     *(getattr(operator, op) for op in "getitem eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv".split()),
@@ -79,6 +82,7 @@ class LoadedModel:
         self.warmup_s = 0.0  # seconds the warm-up took, every batch size and instance
         self.warmup_sizes: list[int] = []  # the batch sizes warmed
         self.memory = 0  # bytes one agent needs for it (config memory_mb, else measured at load)
+        self.pipeline = Pipeline(config, self._where())  # decode, preprocess.pt2, postprocess.pt2 (issue 22)
 
     def metadata(self) -> dict:
         """Its inputs and outputs, for the broker's `model` queries (the edge's metadata and readiness), its whole
@@ -108,21 +112,24 @@ class LoadedModel:
     def _where(self) -> str:
         return f"model '{self.name}' version {self.version}"
 
-    def infer(self, inputs: dict[str, torch.Tensor], instance: int = 0) -> dict[str, torch.Tensor]:
-        """Run the module (copy `instance`) on named inputs; outputs come back named, on CPU and C-contiguous, ready
+    def infer(self, inputs: dict[str, Any], instance: int = 0) -> dict[str, torch.Tensor]:
+        """Run the module (copy `instance`) on named inputs (tensors; BYTES as numpy object arrays of bytes), through
+        the version's pipeline (cluster/agent/pipeline.py); outputs come back named, on CPU and C-contiguous, ready
         for the codec."""
-        args = []
+        values = []
         for spec in self.config.inputs:
             tensor = inputs.get(spec.name)
             if tensor is None:
                 raise InputError(f"missing input '{spec.name}' for model '{self.name}'")
-            args.append(tensor if self.device == "cpu" else tensor.to(self.device))
+            values.append(tensor)
         extra = set(inputs) - {s.name for s in self.config.inputs}
         if extra:
             raise InputError(f"unknown input(s) {', '.join(map(repr, sorted(extra)))} for model '{self.name}'")
 
         with torch.inference_mode():
+            args = self.pipeline.model_args(values, self.device, instance)
             result = self.instances[instance % len(self.instances)](*args)
+            result = self.pipeline.outputs(result, instance)
 
         names = [s.name for s in self.config.outputs]
         if isinstance(result, torch.Tensor):
@@ -160,7 +167,7 @@ class LoadedModel:
 
     def _warm(self, rows: int, instance: int) -> None:
         """One run on zeros of `rows` rows, so a model that does not match its config is refused at load."""
-        inputs = {name: torch.from_numpy(array) for name, array in self.config.warmup_inputs(rows).items()}
+        inputs = as_model_inputs(self.config.warmup_inputs(rows))
         try:
             outputs = self.infer(inputs, instance)
         except RepositoryError as exc:
@@ -215,8 +222,13 @@ def load_model(repository: ModelRepository, name: str, version: int, device: str
         module = _module(verified, device)
         copies = [_module(verified, device) for _ in range(verified.config.instances - 1)]
         config = verified.config
+        where = f"model '{name}' version {version}"
+        pipeline = Pipeline.load(
+            config, where, verified.has_file, lambda fname, v=verified: _program_file(v, fname, device), 1 + len(copies)
+        )
         del verified  # the file's bytes: torch holds what it needs, the warm-up should not run beside a second copy
     model = LoadedModel(name, version, config, module, device, copies)
+    model.pipeline = pipeline
     for instance in range(len(model.instances)):
         model.warmup(instance)
     sizes = model.warmup_sizes
@@ -338,6 +350,15 @@ def _only_operators(program: Any, verified: ModelBytes) -> None:
                 if callable(arg) and not isinstance(arg, (torch.fx.Node, torch.nn.Module, *allowed)):
                     if arg not in _HELPERS and not isinstance(arg, torch._ops.OpOverloadPacket):
                         raise refuse(arg)
+
+
+def _program_file(verified: ModelBytes, fname: str, device: str) -> Any:
+    """Another exported program of the version (preprocess.pt2, postprocess.pt2): read with the same sealed reader,
+    hashed, checked by model_check and loaded exactly like model.pt2."""
+    path = verified.path.parent / fname
+    part = replace(verified, path=path, data=verified.read_file(fname))
+    check_model_file(fname, part.data, f"model '{verified.name}' version {verified.version}: {path}")
+    return _module(replace(part, config=replace(verified.config, platform="torch_export")), device)
 
 
 def _module(verified: ModelBytes, device: str) -> Any:

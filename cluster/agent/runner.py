@@ -43,9 +43,10 @@ from typing import Any
 import torch
 import zmq
 
-from cluster.codec import decode_tensors, encode_tensors, to_torch
-from cluster.model_config import batched_inputs, request_rows
-from cluster.protocol import Command, ErrorCode, Reply, error_header, routed
+from cluster.agent.pipeline import as_model_inputs, stack_rows
+from cluster.codec import decode_tensors, encode_tensors
+from cluster.model_config import InputError, batched_inputs, request_rows
+from cluster.protocol import Command, ErrorCode, ProtocolError, Reply, error_header, routed
 from cluster.sockets import send_frames
 from cluster.statistics import ModelStats
 
@@ -430,6 +431,8 @@ class WorkerPool:
                 outputs = job.model.infer(inputs, job.instance)
             inferred = time.monotonic()
             frames = self._reply(job, outputs, 1)
+        except (InputError, ProtocolError) as exc:  # a BYTES frame whose lengths do not fit, an undecodable image
+            return self._failure(job, exc, ErrorCode.BAD_REQUEST)
         except Exception as exc:  # the model's own failure: tell the client, keep serving
             self.stats_of(job.model).record_failure("BACKEND")
             return self._failure(job, exc)
@@ -472,7 +475,7 @@ class WorkerPool:
             try:
                 began = time.monotonic()
                 per_job = [self._inputs(job) for job in group]
-                stacked = {name: torch.cat([inputs[name] for inputs in per_job]) for name in per_job[0]}
+                stacked = {name: stack_rows([inputs[name] for inputs in per_job]) for name in per_job[0]}
                 built = time.monotonic()
                 outputs = group[0].model.infer(stacked, group[0].instance)
                 inferred = time.monotonic()
@@ -501,7 +504,7 @@ class WorkerPool:
     @staticmethod
     def _inputs(job: Job) -> dict:
         """Tensors over the received frames; LoadedModel.infer moves them to the model's device."""
-        return {name: to_torch(a) for name, a in decode_tensors(job.metas, job.tensors).items()}
+        return as_model_inputs(decode_tensors(job.metas, job.tensors))
 
     def _reply(self, job: Job, outputs: dict, batch_size: int) -> list:
         if log.isEnabledFor(logging.DEBUG):
@@ -527,8 +530,12 @@ class WorkerPool:
         ).to_wire()
         return routed(Command.REPLY, job.route, header, frames)
 
-    def _failure(self, job: Job, exc: Exception) -> list:
+    def _failure(self, job: Job, exc: Exception, code: ErrorCode = ErrorCode.INFERENCE_FAILED) -> list:
         model = job.model
+        if code is ErrorCode.BAD_REQUEST:
+            log.info("request %s for %s refused: %s", job.trace or "-", model.name, exc, extra=job.log_extra())
+            header = error_header(job.request_id, code, str(exc), model.name)
+            return routed(Command.ERROR, job.route, header)
         log.warning(
             "model %s v%s failed on request %s: %s: %s",
             model.name,

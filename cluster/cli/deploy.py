@@ -65,7 +65,9 @@ def _print_rollout(report: dict, what: str) -> None:
     typer.echo(f"{head} FAILED after {report['seconds']:.2f} s on {agents}: {kept}{removed}")
 
 
-def _manager_call(manager: str, what: What, wait: float, key: str | None = None, data: bytes | None = None, **fields):
+def _manager_call(
+    manager: str, what: What, wait: float, key: str | None = None, data: bytes | list | None = None, **fields
+):
     from cluster import ClusterError
     from cluster.manager.client import ManagerClient
 
@@ -130,6 +132,22 @@ def deploy(
     timeout: float = typer.Option(
         config.ROLLOUT_TIMEOUT_S, help="Seconds to wait for every agent to load and warm up the new version."
     ),
+    preprocess: Path | None = typer.Option(
+        None,
+        "--preprocess",
+        exists=True,
+        dir_okay=False,
+        help="An exported program (.pt2) run before the model on each decoded image (e.g. resize and normalise); "
+        "published as preprocess.pt2.",
+    ),
+    postprocess: Path | None = typer.Option(
+        None,
+        "--postprocess",
+        exists=True,
+        dir_okay=False,
+        help="An exported program (.pt2) run on the model's outputs (e.g. softmax and top-k); published as "
+        "postprocess.pt2.",
+    ),
     canary_steps: str | None = typer.Option(
         None, "--canary", help="Roll out as a canary judged on live traffic, with these weights (e.g. 10,50,100)."
     ),
@@ -167,6 +185,7 @@ def deploy(
     from cluster.repository import MODEL_FILES, ModelRepository, check_name
 
     model_config = None
+    programs = {f: p for f, p in (("preprocess.pt2", preprocess), ("postprocess.pt2", postprocess)) if p is not None}
     try:
         check_name(name)
     except RepositoryError as exc:
@@ -181,7 +200,7 @@ def deploy(
             raise typer.Exit(2) from None
     if share is None:  # no share here: the manager publishes on its own
         file_name = {".pt": "model.pt", ".pt2": "model.pt2"}.get(path.suffix.lower())
-        size = path.stat().st_size
+        size = path.stat().st_size + sum(p.stat().st_size for p in programs.values())
         if file_name not in MODEL_FILES:
             typer.echo(f"cannot publish {path}: expected a .pt (TorchScript) or .pt2 (torch.export) file", err=True)
             raise typer.Exit(2)
@@ -196,17 +215,19 @@ def deploy(
         canary = {} if run is None else {"canary": run}
         _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, **canary)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
+        sent = {"programs": list(programs)} if programs else {}
         report = _manager_call(
             manager,
             What.PUBLISH,
             timeout + 120,
             key,
-            data=path.read_bytes(),
+            data=[path.read_bytes(), *(p.read_bytes() for p in programs.values())] if programs else path.read_bytes(),
             name=name,
             file=file_name,
             config=model_config,
             rollout_timeout=timeout,
             **canary,
+            **sent,
         )
         if "outcome" in report:  # a canary run started (the model has a stable version)
             typer.echo(f"the manager published {name} version {report['version']}")
@@ -226,7 +247,7 @@ def deploy(
             raise typer.Exit(2)
     with _publish_progress(path) as progress:
         try:
-            version = publish_version(share_dir, name, path, model_config, progress=progress)
+            version = publish_version(share_dir, name, path, model_config, progress=progress, programs=programs)
         except RepositoryError as exc:
             typer.echo(f"cannot publish: {exc}", err=True)
             raise typer.Exit(2) from None

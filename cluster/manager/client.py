@@ -23,8 +23,9 @@ class ManagerClient:
         self.security = BusSecurity.load(key)
         self._ids = itertools.count(1)
 
-    def call(self, what: str, timeout: float = 5.0, data: bytes | None = None, **fields):
-        """Send QUERY {what, **fields} (+ `data`, a model file for 'publish'); the result, or the ClusterError the
+    def call(self, what: str, timeout: float = 5.0, data: bytes | list | None = None, **fields):
+        """Send QUERY {what, **fields} (+ `data`, a model file for 'publish', or a list: the model file, then the
+        files `programs` names); the result, or the ClusterError the
         manager answered. One socket per call: these are rare, slow operations, and a fresh socket cannot receive a
         stale answer."""
         ctx = zmq.Context.instance()
@@ -37,7 +38,8 @@ class ManagerClient:
         try:
             request_id = next(self._ids)
             frames = protocol.message(Command.QUERY, Query(request_id, what, fields).to_wire())
-            sock.send_multipart(frames if data is None else [*frames, data], copy=data is None)
+            extra = [] if data is None else list(data) if isinstance(data, list) else [data]
+            sock.send_multipart([*frames, *extra], copy=data is None)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
@@ -81,7 +83,7 @@ class AsyncManagerClient:
         self._client = ManagerClient(address, key)
         self.address = self._client.address
 
-    async def call(self, what: str, timeout: float = 5.0, data: bytes | None = None, **fields):
+    async def call(self, what: str, timeout: float = 5.0, data: bytes | list | None = None, **fields):
         import asyncio  # here, not at the top: `cluster deploy` and the other commands use only ManagerClient
 
         return await asyncio.to_thread(self._client.call, what, timeout, data, **fields)

@@ -80,8 +80,8 @@ from cluster.protocol import (
     message_id,
     require,
 )
-from cluster.publish import publish_upload, remove_version
-from cluster.repository import MODEL_FILES, ModelRepository, check_name
+from cluster.publish import program_names, publish_upload, remove_version
+from cluster.repository import MODEL_FILES, PROGRAM_FILES, ModelRepository, check_name
 from cluster.role_settings import ManagerSettings
 from cluster.settings import from_env
 from cluster.share import ShareError, open_share
@@ -257,16 +257,20 @@ class Manager:
         peer = frames[0]
         request_id = header = None
         try:
-            if len(frames) not in (3, 4):
-                raise ProtocolError(f"query must be preamble + header (+ a file), got {len(frames) - 1} frames")
+            if not 3 <= len(frames) <= 4 + len(PROGRAM_FILES):
+                raise ProtocolError(f"query must be preamble + header (+ files), got {len(frames) - 1} frames")
             if protocol.parse_preamble(frames[1]) != Command.QUERY:
                 raise ProtocolError("the manager answers QUERY only")
             header = protocol.unpack_header(frames[2])
             request_id = message_id(header)
             query = Query.from_wire(header, self.QUERIES)
             what = query.what
-            if (len(frames) == 4) != (what == What.PUBLISH):
-                raise ProtocolError("'publish' carries one frame with the model file; other queries carry none")
+            files = 1 + len(program_names(header.get("programs"))) if what == What.PUBLISH else 0
+            if len(frames) != 3 + files:
+                raise ProtocolError(
+                    "'publish' carries one frame with the model file, then one per name in 'programs'; "
+                    "other queries carry none"
+                )
             if self.allow is not None:
                 action = "deploy" if what in COMMANDS else "query"
                 refused = refusal(self.allow, key_of(frames[1]), action, what)
@@ -351,7 +355,8 @@ class Manager:
 
     def query_publish(self, header: dict, requester: tuple, frames: list) -> None:
         """Answered when the version is written and rolled out."""
-        self.start_publishing(header, protocol.frame_bytes(frames[3]), requester)
+        programs = dict(zip(program_names(header.get("programs")), map(protocol.frame_bytes, frames[4:])))
+        self.start_publishing(header, protocol.frame_bytes(frames[3]), requester, programs)
 
     def query_publish_check(self, header: dict, requester: tuple, frames: list) -> Answer:
         self.check_publish(header)
@@ -419,12 +424,14 @@ class Manager:
             parse_options(require(header, "canary", dict))
         return name, file_name, version, config, new_model
 
-    def start_publishing(self, header: dict, data: bytes | memoryview, requester: tuple) -> None:
+    def start_publishing(
+        self, header: dict, data: bytes | memoryview, requester: tuple, programs: dict | None = None
+    ) -> None:
         """Check a publish, then write the version in the writer thread; `finish_publishing` deploys it.
         CommandError / ProtocolError if refused."""
         name, file_name, version, config, new_model = self.check_publish(header)
         log.info("publishing %s (%s, %d bytes) sent over the bus", name, file_name, len(data))
-        write = self._writer.submit(publish_upload, self.share, name, file_name, data, config, version)
+        write = self._writer.submit(publish_upload, self.share, name, file_name, data, config, version, programs)
         self.publishing[name] = (write, requester, header, new_model)
 
     def finish_publishing(self, now: float) -> None:

@@ -198,7 +198,9 @@ class ErrorCode(str, enum.Enum):
 
 
 # The one datatype table: every Open Inference Protocol datatype the bus carries, with its numpy dtype (item size,
-# and the torch dtype of the same name, follow from it). BYTES (strings) is not a raw tensor, so it is not here.
+# and the torch dtype of the same name, follow from it). BYTES (strings, encoded images) is not a raw tensor: in
+# numpy an object array of `bytes`, on the bus Triton's layout (each element a 4-byte little-endian length, then its
+# bytes, row-major), so it has no item size.
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
@@ -212,8 +214,41 @@ DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype(np.float16),
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
 }
-DATATYPE_ITEMSIZE = {name: dtype.itemsize for name, dtype in DATATYPES.items()}
+DATATYPE_ITEMSIZE = {name: dtype.itemsize for name, dtype in DATATYPES.items() if name != "BYTES"}
+NUMERIC_DATATYPES = tuple(DATATYPE_ITEMSIZE)  # the raw tensors: every datatype but BYTES
+_LENGTH = struct.Struct("<I")
+
+
+def split_bytes(raw, count: int, what: str) -> list[bytes]:
+    """The `count` elements of a BYTES frame (Triton's layout: each a 4-byte little-endian length, then its bytes),
+    copied out as bytes; ProtocolError when a length runs past the frame, or the frame holds more or fewer."""
+    data = raw if isinstance(raw, bytes) else bytes(raw)
+    items: list[bytes] = []
+    at, end = 0, len(data)
+    unpack = _LENGTH.unpack_from
+    for i in range(count):
+        if at + 4 > end:
+            raise ProtocolError(f"{what}: BYTES element {i} of {count}: its length runs past the end ({end} bytes)")
+        (size,) = unpack(data, at)
+        at += 4
+        if size > end - at:
+            raise ProtocolError(f"{what}: BYTES element {i} of {count} says {size} bytes, {end - at} are left")
+        items.append(data[at : at + size])
+        at += size
+    if at != end:
+        raise ProtocolError(f"{what}: {end - at} bytes after the {count} BYTES elements the shape holds")
+    return items
+
+
+def join_bytes(items) -> bytes:
+    """A BYTES frame from an iterable of bytes-like elements (row-major)."""
+    parts = []
+    for item in items:
+        parts.append(_LENGTH.pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
 
 
 class ProtocolError(ValueError):
@@ -358,7 +393,7 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
             raise ProtocolError(f"tensor '{name}' appears twice")
         seen.add(name)
         datatype = meta.get("datatype")
-        if datatype not in DATATYPE_ITEMSIZE:
+        if datatype not in DATATYPES:
             raise ProtocolError(f"tensor '{name}': unsupported datatype {datatype!r}")
         shape = meta.get("shape")
         if (
@@ -367,6 +402,14 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
         ):
             raise ProtocolError(f"tensor '{name}': shape must be a list of at most {MAX_DIMS} non-negative ints")
+        if datatype == "BYTES":  # each element takes 4 bytes at least; every length is checked where it is decoded
+            count, size = math.prod(shape), len(frame_bytes(frame))
+            if count * 4 > size or (count == 0 and size):
+                raise ProtocolError(
+                    f"tensor '{name}': shape {shape} of BYTES needs {count} length-prefixed elements, "
+                    f"the frame has {size} bytes"
+                )
+            continue
         expected = math.prod(shape) * DATATYPE_ITEMSIZE[datatype]
         if expected != len(frame_bytes(frame)):
             raise ProtocolError(
