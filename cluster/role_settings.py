@@ -29,6 +29,7 @@ from cluster.config import (
 )
 from cluster.logs import LOG_FORMATS
 from cluster.settings import above, at_least, group, one_of, setting
+from cluster.sizes import is_size
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POLICIES = ("round-robin", "least-outstanding")  # broker/routing.py's POLICIES (a layer up); a test keeps them equal
@@ -191,6 +192,14 @@ class AgentSettings:
         unit="MiB",
         flag="--max-memory",
         check=at_least(0),
+    )
+    memory_budget: str | None = setting(
+        None,
+        "Bytes of models this agent may hold, e.g. 8Gi or 512M (K, M, G: powers of 1000; Ki, Mi, Gi: of 1024): the "
+        "manager places `replicas: N` models within it. Default: the device's memory (CUDA), else the host's RAM.",
+        unit="bytes",
+        flag="--memory-budget",
+        check=(is_size, "bytes, or a number with K, M, G (or Ki, Mi, Gi)"),
     )
     drain_timeout: float = setting(
         AGENT_DRAIN_TIMEOUT_S,

@@ -157,6 +157,7 @@ class Manager:
         if self._unsaved:
             self.save_desired()  # a share that refuses it does not stop the manager: tried again each tick
         self.deployments.report_interval = self.timings.heartbeat_interval  # a broker reports once a beat
+        self.deployments.settle_until = time.monotonic() + self.timings.expiry  # every live agent has beaten by then
         self.canaries = Canaries(
             self.deployments, look_interval=self.timings.canary_digest_interval, settle=self.timings.expiry
         )
