@@ -102,18 +102,22 @@ def plan(
 
 
 def shortfall(name: str, want: Want, hosts: dict[str, Host], used: dict[str, int], holders: list[str]) -> str:
-    """E.g. "model 'A' needs 2 copies of 3.0 GiB; room on 1 agent: agent-1 has 3.5 GiB free, agent-2 1.0 GiB"."""
+    """E.g. "model 'A' needs 2 copies of 3.0 GiB (...); room on 1 agent: agent-1 has 3.5 GiB free, agent-2 1.0 GiB";
+    with copies placed: "...; placed on agent-1; room for another on 0 agents: agent-2 has 1.0 GiB free"."""
     copies = f"{want.replicas} cop{'y' if want.replicas == 1 else 'ies'} of {format_bytes(want.need)}"
     head = f"model '{name}' needs {copies} ({_how(want.how)})"
-    eligible = {a: hosts[a].room - used[a] for a in hosts if hosts[a].takes(name) or a in holders}
-    for agent in holders:
-        eligible[agent] += want.need  # its own copy: room it has for this model
+    if holders:
+        head += f"; placed on {', '.join(holders)}"
+    eligible = {a: hosts[a].room - used[a] for a in hosts if hosts[a].takes(name) and a not in holders}
     if not eligible:
-        others = ", ".join(
+        others = [
             f"{a} ({'draining' if h.draining else 'serves only ' + ','.join(h.serves_only or [])})"
             for a, h in sorted(hosts.items())
+            if a not in holders
+        ]
+        return f"{head}; no {'other ' if holders else ''}live agent can hold it" + (
+            f": {', '.join(others)}" if others else ""
         )
-        return f"{head}; no live agent can hold it" + (f": {others}" if others else "")
     ranked = sorted(eligible.items(), key=lambda item: (-item[1], item[0]))
     room = sum(1 for _, free in ranked if free >= want.need)
     parts = [
@@ -121,7 +125,8 @@ def shortfall(name: str, want: Want, hosts: dict[str, Host], used: dict[str, int
         for i, (a, free) in enumerate(ranked[:8])
     ]
     more = f", and {len(ranked) - 8} more" if len(ranked) > 8 else ""
-    return f"{head}; room on {room} agent{'' if room == 1 else 's'}: {', '.join(parts)}{more}"
+    where = "room for another on" if holders else "room on"
+    return f"{head}; {where} {room} agent{'' if room == 1 else 's'}: {', '.join(parts)}{more}"
 
 
 def _how(how: str) -> str:
@@ -136,6 +141,7 @@ def check_fits(
     """The agents a deploy of `name` would be placed on (None: every agent); PlacementError naming the shortfall when
     it cannot have every copy it wants."""
     result = plan(dict(wants, **{name: want}), hosts, current)
-    if name in result.short:
-        raise PlacementError(result.short[name])
+    if name in result.short:  # named against the whole ask: each agent's room beside the other models
+        others = {n: w for n, w in wants.items() if n != name}
+        raise PlacementError(shortfall(name, want, hosts, used_bytes(others, hosts, result.agents), []))
     return result.agents[name]
