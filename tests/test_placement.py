@@ -223,3 +223,31 @@ def test_when_no_agent_has_room_the_model_serves_on_fewer_and_gets_its_copy_back
     d.registry.observe(agent_beat("a4", 4), 6.0)
     assert d.tick(6.0).desired_changed and d.desired.models["A"].agents == ["a2", "a4"]
     assert d.describe()["A"]["short"] is None
+
+
+def test_a_restarted_manager_keeps_copies_where_they_are_and_re_places_only_agents_not_back_after_settling(tmp_path):
+    publish(tmp_path, "A", 1, replicas=2, memory_mb=1024)
+    saved = DesiredState({"A": ModelDeployment(1, agents=["a1", "a2"])}, 3)
+    saved.save(tmp_path)
+    d = deployments(tmp_path, {}, deployed=DesiredState.load(tmp_path).models)  # a new manager: nobody heard yet
+    d.settle_until = 5.0
+    assert d.tick(1.0).desired_changed is False and d.desired.models["A"].agents == ["a1", "a2"]
+    for agent in ("a2", "a3"):
+        d.registry.observe(agent_beat(agent, 4), 2.0)
+    assert d.tick(3.0).desired_changed is False, "a1 may not have beaten yet: its copy stays"
+    assert d.tick(6.0).desired_changed and d.desired.models["A"].agents == ["a2", "a3"]
+
+
+def test_a_canary_of_a_placed_model_waits_only_for_the_agents_that_hold_it(tmp_path):
+    from cluster.manager.canaries import Canaries
+    from cluster.protocol import What
+
+    publish(tmp_path, "A", 1, replicas=2, memory_mb=1024)
+    publish(tmp_path, "A", 2, replicas=2, memory_mb=1024)
+    d = deployments(tmp_path, {"a1": 4, "a2": 4, "a3": 2}, deployed={"A": ModelDeployment(1, agents=["a1", "a2"])})
+    canaries = Canaries(d, loading_timeout=60.0)
+    canaries.command(What.CANARY, {"name": "A", "version": 2}, REQUESTER, 100.0)
+    for agent in ("a1", "a2"):  # a3 never loads A
+        d.registry.observe(agent_beat(agent, 4, serves=[("A", 1), ("A", 2)]), 1.0)
+    canaries.tick(101.0)
+    assert d.desired.models["A"].canary.phase == "running"

@@ -170,6 +170,8 @@ class Deployments:
         if self.share is None:
             raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
         name = require(header, "name", str)
+        for key in [k for k in self._specs if k[0] == name]:  # a version number rejected and published again
+            del self._specs[key]
         discard = header.get("discard_on_failure") if what == What.DEPLOY else None
         if discard not in (None, "version", "model"):
             raise CommandError(ErrorCode.BAD_REQUEST, "discard_on_failure must be 'version' or 'model'")
@@ -470,11 +472,16 @@ class Deployments:
         except RepositoryError as exc:  # its agents refuse it with the same reason: the rollout reports it
             log.warning("cannot read the config of %s v%d for its placement: %s", name, version, exc)
             return current.agents if current is not None else None
-        if replicas is None:
+        return self.fits(name, Want(replicas, need, how))
+
+    def fits(self, name: str, want: Want) -> list[str] | None:
+        """The agents `name` would be placed on with `want` (None: every agent), beside the other models;
+        PlacementError naming what is short (the manager also asks it before a publish's upload)."""
+        if want.replicas is None:
             return None
         wants = {n: w for n, d in self.desired.models.items() if n != name and (w := self._want(n, d)) is not None}
         current_agents = {n: d.agents for n, d in self.desired.models.items()}
-        return check_fits(name, Want(replicas, need, how), wants, self._hosts(), current_agents)
+        return check_fits(name, want, wants, self._hosts(), current_agents)
 
     def _hosts(self) -> dict[str, Host]:
         return {
