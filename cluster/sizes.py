@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 import re
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 1024**4}
+_PREFIXES = "KMGT"
+_UNITS = (
+    {"": 1}
+    | {p: 1000 ** (i + 1) for i, p in enumerate(_PREFIXES)}
+    | {p + "I": 1024 ** (i + 1) for i, p in enumerate(_PREFIXES)}
+)
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?)?B?\s*", re.IGNORECASE)
 
 
@@ -29,7 +34,8 @@ def format_bytes(n: float | None) -> str:
     """3221225472 -> '3.0 GiB'; None or infinity (no budget) -> 'unlimited'."""
     if n is None or math.isinf(n):
         return "unlimited"
-    for unit, size in (("TiB", 1024**4), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for i in reversed(range(len(_PREFIXES))):
+        unit, size = f"{_PREFIXES[i]}iB", 1024 ** (i + 1)
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
