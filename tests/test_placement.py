@@ -251,3 +251,21 @@ def test_a_canary_of_a_placed_model_waits_only_for_the_agents_that_hold_it(tmp_p
         d.registry.observe(agent_beat(agent, 4, serves=[("A", 1), ("A", 2)]), 1.0)
     canaries.tick(101.0)
     assert d.desired.models["A"].canary.phase == "running"
+
+
+def test_a_loaded_model_s_memory_is_its_config_s_memory_mb_else_measured_and_shown_in_model_info(tmp_path):
+    from cluster.agent.loaded_model import load_model
+    from cluster.repository import ModelRepository
+
+    path = tmp_path / "linear.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 4)), str(path))  # 64 + 16 bytes of parameters
+    config = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+        "instances": 2,
+    }
+    publish_version(tmp_path, "lin", path, config, 1)
+    publish_version(tmp_path, "lin", path, dict(config, memory_mb=5), 2)
+    measured = load_model(ModelRepository(tmp_path), "lin", 1)
+    assert measured.memory == 2 * 80 and measured.info()["memory"] == 160
+    assert load_model(ModelRepository(tmp_path), "lin", 2).memory == 5 * 2**20
