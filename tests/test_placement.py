@@ -269,3 +269,11 @@ def test_a_loaded_model_s_memory_is_its_config_s_memory_mb_else_measured_and_sho
     measured = load_model(ModelRepository(tmp_path), "lin", 1)
     assert measured.memory == 2 * 80 and measured.info()["memory"] == 160
     assert load_model(ModelRepository(tmp_path), "lin", 2).memory == 5 * 2**20
+
+
+def test_an_agent_no_broker_routes_to_gets_no_copy(tmp_path):
+    publish(tmp_path, "A", 1, replicas=2, memory_mb=1024)
+    d = deployments(tmp_path, {"a1": 2, "a2": 4, "a3": 3})
+    d.broker_view = {"a1", "a3"}  # a2 (the most room) is cut off from the brokers
+    d.command("deploy", {"name": "A"}, REQUESTER, now=0.0)
+    assert d.desired.models["A"].agents == ["a3", "a1"]

@@ -484,9 +484,11 @@ class Deployments:
         return check_fits(name, want, wants, self._hosts(), current_agents)
 
     def _hosts(self) -> dict[str, Host]:
+        """The agents placement may use: live, and routed to by a broker (or not known yet not to be)."""
         return {
             a: Host(a, r.beat.memory_budget, r.beat.serves_only, r.beat.draining)
             for a, r in self.registry.agents.items()
+            if self.at_broker(a) is not False
         }
 
     def _want(self, name: str, d: ModelDeployment) -> Want | None:
