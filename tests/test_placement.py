@@ -277,3 +277,10 @@ def test_an_agent_no_broker_routes_to_gets_no_copy(tmp_path):
     d.broker_view = {"a1", "a3"}  # a2 (the most room) is cut off from the brokers
     d.command("deploy", {"name": "A"}, REQUESTER, now=0.0)
     assert d.desired.models["A"].agents == ["a3", "a1"]
+
+
+def test_cluster_status_shows_the_models_memory_of_each_agent_s_budget():
+    from cluster.cli.health import _memory
+
+    agent = {"rss": 300 * 2**20, "memory_budget": 2**30, "model_info": {"A": {"1": {"memory": 600 * 2**20}}}}
+    assert _memory(agent) == "300 MiB; models 600.0 MiB of 1.0 GiB"
