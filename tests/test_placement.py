@@ -284,3 +284,11 @@ def test_cluster_status_shows_the_models_memory_of_each_agent_s_budget():
 
     agent = {"rss": 300 * 2**20, "memory_budget": 2**30, "model_info": {"A": {"1": {"memory": 600 * 2**20}}}}
     assert _memory(agent) == "300 MiB; models 600.0 MiB of 1.0 GiB"
+
+
+def test_a_share_without_placement_yet_is_placed_once_the_manager_has_heard_every_agent(tmp_path):
+    publish(tmp_path, "A", 1, replicas=2, memory_mb=1024)
+    d = deployments(tmp_path, {"a1": 2, "a2": 2, "a3": 3}, deployed={"A": ModelDeployment(1)})  # newest_versions'
+    d.settle_until = 5.0
+    assert d.tick(1.0).desired_changed is False and d.desired.models["A"].agents is None  # every agent, meanwhile
+    assert d.tick(6.0).desired_changed and d.desired.models["A"].agents == ["a3", "a1"]

@@ -157,8 +157,8 @@ class Deployments:
         self.broker_view_at = math.inf
         self.report_interval = 0.0
         self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
-        # Placement (placement.py): until then (monotonic), a copy on an agent not heard from stays put (a manager
-        # just started has not heard every agent yet; the manager passes an expiry).
+        # Placement (placement.py): until then (monotonic), nothing is placed or moved (a manager just started has
+        # not heard every agent yet; the manager passes an expiry).
         self.settle_until = 0.0
         self.short: dict[str, str] = {}  # model -> why it has fewer copies than it wants (logged once per change)
         self._specs: dict[tuple[str, int], tuple[int | None, int, str]] = {}  # (model, version) -> config's say
@@ -436,7 +436,10 @@ class Deployments:
 
     def place(self, now: float) -> bool:
         """Place every model that wants N copies: keep copies where their agents live, re-place those of agents gone
-        or draining, add missing ones where there is room. True if the desired state changed."""
+        or draining, add missing ones where there is room. True if the desired state changed. Not before the
+        manager has settled (heard every live agent): it would place on the few heard first, or nowhere."""
+        if now < self.settle_until:
+            return False
         wants = {}
         for name, d in self.desired.models.items():
             want = self._want(name, d)
@@ -447,7 +450,7 @@ class Deployments:
         ):
             return False  # every model on every agent: nothing to place
         current = {n: d.agents for n, d in self.desired.models.items()}
-        result = plan(wants, self._hosts(), current, settled=now >= self.settle_until)
+        result = plan(wants, self._hosts(), current)
         changed = False
         for name, agents in result.agents.items():
             d = self.desired.models[name]
