@@ -292,3 +292,31 @@ def test_a_share_without_placement_yet_is_placed_once_the_manager_has_heard_ever
     d.settle_until = 5.0
     assert d.tick(1.0).desired_changed is False and d.desired.models["A"].agents is None  # every agent, meanwhile
     assert d.tick(6.0).desired_changed and d.desired.models["A"].agents == ["a3", "a1"]
+
+
+def test_a_publish_over_the_bus_that_cannot_fit_is_refused_before_its_upload(tmp_path):
+    from cluster.config import Addresses
+    from cluster.manager.deployments import CommandError
+    from cluster.manager.manager import Manager
+    from cluster.role_settings import ManagerSettings
+
+    addresses = Addresses(
+        manager_queries="inproc://place-q", manager_events="inproc://place-e", manager_heartbeats="inproc://place-h"
+    )
+    manager = Manager(ManagerSettings(share=str(tmp_path), addresses=addresses))
+    try:
+        for agent in ("a1", "a2"):
+            manager.registry.observe(agent_beat(agent, 1), 0.0)
+        config = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
+            "replicas": 2,
+        }
+        header = {"name": "big", "file": "model.pt", "config": dict(config, memory_mb=2048)}
+        with pytest.raises(CommandError, match=r"cannot place it: model 'big' needs 2 copies of 2\.0 GiB"):
+            manager.check_publish(header)
+        manager.check_publish(dict(header, config=config))  # no memory_mb, no size yet: judged once the file is here
+        with pytest.raises(CommandError, match=r"needs 2 copies of 1\.5 GiB \(estimated from its files"):
+            manager.check_publish(dict(header, config=config), size=3 * 2**29)
+    finally:
+        manager.close()
