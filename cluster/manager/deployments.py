@@ -455,7 +455,8 @@ class Deployments:
         for name, agents in result.agents.items():
             d = self.desired.models[name]
             if agents != d.agents:
-                log.info("%s placed on %s (was %s)", name, ", ".join(agents or ["every agent"]), d.agents)
+                where = "every agent" if agents is None else ", ".join(agents) or "no agent"
+                log.info("%s placed on %s (was %s)", name, where, d.agents)
                 d.agents = agents
                 changed = True
         for name, why in result.short.items():
