@@ -9,12 +9,11 @@ Config `memory_mb` overrides both (LoadedModel.memory).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
-from cluster.sizes import parse_bytes
+from cluster.sizes import host_memory, parse_bytes
 
 log = logging.getLogger("cluster.agent")
 
@@ -30,13 +29,6 @@ def memory_budget(setting: str | None, device: str) -> int:
         except Exception as exc:  # no CUDA here: the agent fails on its first load and says why
             log.warning("cannot read the memory of %s (%s): budget from the host's RAM", device, exc)
     return host_memory()
-
-
-def host_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _tensor_bytes(obj: Any) -> int | None:
