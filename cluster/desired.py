@@ -126,6 +126,11 @@ class ModelDeployment:
     staged: int | None = None  # being rolled out: loaded and warmed, not served yet
     history: list[int] = field(default_factory=list)  # versions served before, newest last (rollback targets)
     canary: Canary | None = None  # a second live version being judged on live traffic (served beside `version`)
+    # the agents that hold it (config `replicas: N`, placed by cluster/manager/placement.py); None: every agent
+    agents: list[str] | None = None
+
+    def placed_on(self, agent: str) -> bool:
+        return self.agents is None or agent in self.agents
 
     def wanted_versions(self) -> list[int]:
         """The versions an agent should hold, each once, in the order to load them: the stable one, one being
@@ -145,6 +150,7 @@ class DesiredState:
             "models": {
                 n: {"version": d.version, "staged": d.staged, "history": d.history}
                 | ({"canary": d.canary.to_wire()} if d.canary is not None else {})
+                | ({"agents": list(d.agents)} if d.agents is not None else {})
                 for n, d in self.models.items()
             },
         }
@@ -172,8 +178,18 @@ class DesiredState:
                 canary = Canary.from_wire(canary) if canary is not None else None
             except ValueError as exc:
                 raise ValueError(f"model {name!r}: {exc}") from None
-            models[name] = ModelDeployment(version, staged, history, canary)
+            agents = entry.get("agents")
+            if agents is not None and (not isinstance(agents, list) or not all(isinstance(a, str) for a in agents)):
+                raise ValueError(f"model {name!r}: agents must be a list of agent ids")
+            models[name] = ModelDeployment(version, staged, history, canary, agents)
         return cls(models, generation)
+
+    def for_agent(self, agent: str, model_names: list[str] | None = None) -> DesiredState:
+        """What one agent serves: the models placed on it (and, started with --models, only those)."""
+        models = {
+            n: d for n, d in self.models.items() if d.placed_on(agent) and (model_names is None or n in model_names)
+        }
+        return DesiredState(models, self.generation)
 
     # ---- persistence on the share -----------------------------------------------------------------------
 

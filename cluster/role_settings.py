@@ -29,6 +29,7 @@ from cluster.config import (
 )
 from cluster.logs import LOG_FORMATS
 from cluster.settings import above, at_least, group, one_of, setting
+from cluster.sizes import is_size
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POLICIES = ("round-robin", "least-outstanding")  # broker/routing.py's POLICIES (a layer up); a test keeps them equal
@@ -83,6 +84,16 @@ def key_dir():
 
 def share(help: str = "Model repository folder (default under the user's data dir)."):
     return setting(None, help, flag="--share")
+
+
+def memory_budget(help: str):
+    return setting(
+        None,
+        help,
+        unit="bytes",
+        flag="--memory-budget",
+        check=(is_size, "bytes, or a number with K, M, G (or Ki, Mi, Gi)"),
+    )
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,11 @@ class AgentSettings:
         flag="--max-memory",
         check=at_least(0),
     )
+    memory_budget: str | None = memory_budget(
+        "Bytes of models this agent may hold, e.g. 8Gi or 512M (K, M, G: powers of 1000; Ki, Mi, Gi: of 1024): the "
+        "manager places `replicas: N` models within it. Default: the device's memory (CUDA), else the host's RAM "
+        "(`cluster up`: the host's RAM / --agents, each)."
+    )
     drain_timeout: float = setting(
         AGENT_DRAIN_TIMEOUT_S,
         "A stopping agent finishes its requests for this long, then exits.",
@@ -239,6 +255,7 @@ class UpSettings:
     edge_port: int = edge_port()
     edge_grpc_port: int = edge_grpc_port()
     key_dir: str | None = key_dir()
+    memory_budget: str | None = memory_budget("Each agent's --memory-budget (default: the host's RAM / --agents).")
     addresses: Addresses = group(Addresses)
     timings: Timings = group(Timings, flags=("heartbeat_interval",))
     restart: RestartPolicy = group(RestartPolicy)

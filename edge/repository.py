@@ -61,7 +61,8 @@ def index_entries(deployments: dict, ready_only: bool) -> list[dict]:
         version, staged = d.get("version"), d.get("staged")
         serving = [a for a, versions in (d.get("agents") or {}).items() if version is not None and version in versions]
         if version is not None and serving:
-            entry = {"name": name, "version": str(version), "state": "READY", "reason": ""}
+            # (fewer copies than its `replicas` wants, and why: the manager's placement)
+            entry = {"name": name, "version": str(version), "state": "READY", "reason": d.get("short") or ""}
         elif staged is not None or d.get("rolling_out"):
             shown = staged if staged is not None else version
             entry = {"name": name, "version": "" if shown is None else str(shown), "state": "LOADING", "reason": ""}

@@ -303,3 +303,9 @@ def test_publishing_uploaded_bytes_reuses_or_renumbers_but_never_overwrites(tmp_
         publish_upload(share, "../up", "model.pt", b"x", ECHO_CONFIG)
     with pytest.raises(RepositoryError, match="no config was given"):
         publish_upload(share, "new", "model.pt", b"x")
+
+
+def test_index_says_why_a_ready_model_has_fewer_copies_than_it_wants():
+    short = "model 'big' needs 2 copies of 3.0 GiB (memory_mb in its config); placed on a; room for another on 0 agents"
+    view = {"big": {"version": 1, "staged": None, "agents": {"a": [1]}, "rolling_out": False, "short": short}}
+    assert index_entries(view, ready_only=True) == [{"name": "big", "version": "1", "state": "READY", "reason": short}]

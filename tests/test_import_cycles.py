@@ -144,6 +144,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "cluster.clock",
             "cluster.logs",
             "cluster.atomic",
+            "cluster.sizes",
         ),
     ),
     ("the wire", ("cluster.protocol", "cluster.codec", "cluster.sockets", "cluster.errors", "cluster.statistics")),

@@ -362,7 +362,15 @@ def test_deployments_view_shows_desired_served_and_rolling_out(tmp_path):
     heartbeats(d, beat("b", serves=[("m", 1), ("echo", 1)]))
     d.command("deploy", {"name": "m"}, REQUESTER, now=0.0)
     assert d.describe() == {
-        "m": {"version": 1, "staged": 2, "history": [], "agents": {"a": [1], "b": [1]}, "rolling_out": True},
+        "m": {
+            "version": 1,
+            "staged": 2,
+            "history": [],
+            "agents": {"a": [1], "b": [1]},
+            "rolling_out": True,
+            # placement (a share's bare folders say nothing of it): every agent
+            **{"replicas": None, "placed": None, "memory": None, "memory_from": None, "short": None},
+        },
         "echo": {"version": None, "staged": None, "history": [], "agents": {}, "rolling_out": False},
     }
 

@@ -165,7 +165,12 @@ def test_up_gives_every_agent_its_threads(share, monkeypatch, args, threads):
             signal.signal(sig, handler)
     assert out.exit_code == 0, out.output
     agents = [s for s in _FakeLocal.started if s[0] == "agent"]
-    assert agents and all(s[1:] == ("--threads", threads) for s in agents), _FakeLocal.started
+    assert agents and all(s[1:3] == ("--threads", threads) for s in agents), _FakeLocal.started
+    # ... and its share of the host's RAM as its placement budget
+    from cluster.sizes import host_memory
+
+    budget = str(host_memory() // len(agents))
+    assert all(s[3:] == ("--memory-budget", budget) for s in agents), _FakeLocal.started
     assert f"{threads} torch threads each" in out.output, out.output
 
 

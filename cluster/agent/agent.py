@@ -42,6 +42,7 @@ from cluster import protocol
 from cluster.agent.link import INCARNATION, BrokerLink
 from cluster.agent.links import BrokerLinks
 from cluster.agent.loader import ModelLoader, load_versions
+from cluster.agent.memory import memory_budget
 from cluster.agent.models import ModelTable
 from cluster.agent.recovery import EXIT_AGENT_ID_IN_USE, EXIT_HUNG, EXIT_MEMORY, Recovery, resident_bytes
 from cluster.agent.runner import INLINE_BUDGET_S, Job, WorkerPool
@@ -96,6 +97,7 @@ class Agent:
         self.capacity = settings.capacity
         self.device = settings.device
         self.model_names = settings.model_names
+        self.memory_budget = memory_budget(settings.memory_budget, settings.device)  # bytes placement may fill
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.table = ModelTable()  # what this agent serves, has staged, and failed to load
@@ -154,10 +156,8 @@ class Agent:
         return self.filtered(desired)
 
     def filtered(self, desired: DesiredState) -> DesiredState:
-        """Only the models this agent was told to serve (--models), if it was told."""
-        if self.model_names is None:
-            return desired
-        return DesiredState({n: d for n, d in desired.models.items() if n in self.model_names}, desired.generation)
+        """Only the models placed on this agent (`replicas`), and those it was told to serve (--models)."""
+        return desired.for_agent(self.agent_id, self.model_names)
 
     def load_models(self) -> None:
         """At start, before announcing anything: load (fetch, verify, warm up) every desired version, LOAD_THREADS at
@@ -253,6 +253,7 @@ class Agent:
             max_memory=self.recovery.max_memory,
             drain_reason=self.recovery.drain_reason,
             model_info=self.table.model_info(),
+            memory_budget=self.memory_budget,
         )
 
     # ---- the I/O loop -------------------------------------------------------------------------------------------

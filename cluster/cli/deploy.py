@@ -25,6 +25,7 @@ from cluster.cli.common import _table
 from cluster.options import settings_command
 from cluster.protocol import What
 from cluster.role_settings import DeploySettings, ManagerQuerySettings
+from cluster.sizes import format_bytes
 
 
 def _print_rollout(report: dict, what: str) -> None:
@@ -299,10 +300,29 @@ def models(settings: ManagerQuerySettings):
     from rich.console import Console
 
     deployments = _manager_call(manager, What.DEPLOYMENTS, 5, key)
-    table = _table("Deployments", "model", "version", "staged", "history", "agents (versions served)")
+    table = _table(
+        "Deployments", "model", "version", "staged", "history", "copies", "memory", "agents (versions served)"
+    )
     for name, d in sorted(deployments.items()):
         agents = ", ".join(f"{a} (v{','.join(map(str, vs))})" for a, vs in sorted(d["agents"].items())) or "none"
         table.add_row(
-            name, str(d["version"] or "-"), str(d["staged"] or "-"), ", ".join(map(str, d["history"])) or "-", agents
+            name,
+            str(d["version"] or "-"),
+            str(d["staged"] or "-"),
+            ", ".join(map(str, d["history"])) or "-",
+            _copies(d),
+            format_bytes(d["memory"]) + f" ({d['memory_from']})" if d.get("memory") else "-",
+            agents,
         )
     Console().print(table)
+    for _, d in sorted(deployments.items()):
+        if d.get("short"):
+            typer.echo(f"short of copies: {d['short']}")
+
+
+def _copies(d: dict) -> str:
+    """Copies placed / wanted, and where ("all": every agent holds it, as without `replicas`)."""
+    if d.get("replicas") is None:
+        return "all" if d.get("version") is not None else "-"
+    placed = d.get("placed") or []
+    return f"{len(placed)}/{d['replicas']} on {', '.join(placed) or 'none'}"

@@ -11,6 +11,7 @@ from cluster.cli.common import _table
 from cluster.options import settings_command
 from cluster.protocol import What
 from cluster.role_settings import HealthSettings, StatusSettings
+from cluster.sizes import format_bytes
 
 
 @settings_command(StatusSettings)
@@ -77,11 +78,16 @@ def _print_brokers(console, manager: str, key: str | None, timeout: float) -> No
 
 
 def _memory(agent: dict) -> str:
-    """An agent's resident memory (and limit) for `cluster status`; why it drains, when it drains on its own."""
+    """An agent's resident memory (and limit) for `cluster status`, its models' memory of its budget; why it drains,
+    when it drains on its own."""
     rss, limit = agent.get("rss"), agent.get("max_memory")
     text = "-" if not isinstance(rss, int) else f"{rss / 2**20:.0f} MiB"
     if isinstance(limit, int):
         text += f" / {limit / 2**20:.0f}"
+    budget, held = agent.get("memory_budget"), agent.get("model_info") or {}
+    if isinstance(budget, int):  # placement's view: bytes of the models it holds, of its --memory-budget
+        used = sum(v.get("memory") or 0 for versions in held.values() for v in versions.values() if isinstance(v, dict))
+        text += f"; models {format_bytes(used)} of {format_bytes(budget)}"
     if agent.get("drain_reason"):
         text += f" (restarting: {agent['drain_reason']})"
     return text

@@ -15,6 +15,7 @@ from cluster.options import settings_command
 from cluster.ports import is_any_port
 from cluster.role_settings import UpSettings
 from cluster.settings import to_env
+from cluster.sizes import host_memory
 
 
 def _raise_interrupt(*_) -> None:
@@ -119,9 +120,12 @@ def up(
             local.start_manager()
             for _ in range(settings.brokers):
                 local.start_broker()
+            # The agents share this host's RAM: by default each offers its share of it for placement
+            budget = settings.memory_budget or (str(host_memory() // agents) if host_memory() and agents else None)
+            budget = ["--memory-budget", budget] if budget else []
             for i in range(agents):
                 # the agent's own default id (host-pid)
-                local.start("agent", "--threads", str(threads), name=f"agent-{i + 1}")
+                local.start("agent", "--threads", str(threads), *budget, name=f"agent-{i + 1}")
             if edge_port:
                 local.start_edge(*_secure_edge_args(key_dir))
             a, edge_url, grpc_address = local.addresses, local.edge_url, local.grpc_address

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 from cluster.config import ROLLOUT_TIMEOUT_S
 from cluster.desired import DesiredState, ModelDeployment
+from cluster.manager.placement import Host, PlacementError, Want, check_fits, plan
 from cluster.manager.registry import Registry
 from cluster.protocol import ErrorCode, Heartbeat, What, require
-from cluster.repository import ModelRepository, RepositoryError
+from cluster.repository import MODEL_FILES, ModelRepository, RepositoryError
 
 log = logging.getLogger("cluster.manager")
 
@@ -156,6 +157,12 @@ class Deployments:
         self.broker_view_at = math.inf
         self.report_interval = 0.0
         self.finished = {"ok": 0, "failed": 0}  # rollouts over since the manager started, by outcome (a metric)
+        # Placement (placement.py): until then (monotonic), nothing is placed or moved (a manager just started has
+        # not heard every agent yet; the manager passes an expiry).
+        self.settle_until = 0.0
+        self.short: dict[str, str] = {}  # model -> why it has fewer copies than it wants (logged once per change)
+        self._specs: dict[tuple[str, int], tuple[int | None, int, str]] = {}  # (model, version) -> config's say
+        self._unreadable: set[str] = set()  # models whose config the share did not give (logged once)
 
     def command(self, what: What, header: dict, requester: tuple, now: float) -> Actions:
         """deploy / rollback / undeploy. The answer comes in the Actions now, or from `tick` at the end of the
@@ -163,6 +170,8 @@ class Deployments:
         if self.share is None:
             raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
         name = require(header, "name", str)
+        for key in [k for k in self._specs if k[0] == name]:  # a version number rejected and published again
+            del self._specs[key]
         discard = header.get("discard_on_failure") if what == What.DEPLOY else None
         if discard not in (None, "version", "model"):
             raise CommandError(ErrorCode.BAD_REQUEST, "discard_on_failure must be 'version' or 'model'")
@@ -215,7 +224,16 @@ class Deployments:
             }
             return Actions(answers=[(requester, already)])
         timeout = require(header, "rollout_timeout", (int, float), optional=True) or ROLLOUT_TIMEOUT_S
+        try:
+            agents = self._fit(name, version, current)
+        except PlacementError as exc:  # refused before anything moves (a version published for it leaves the share)
+            log.warning("%s %s v%d refused: %s", what, name, version, exc)
+            refused = Actions(errors=[(requester, ErrorCode.BAD_REQUEST, f"cannot place it: {exc}", name)])
+            if discard is not None:
+                refused.discard.append((name, version, discard == "model"))
+            return refused
         deployment = current or ModelDeployment(None)
+        deployment.agents = agents
         self.desired.models[name] = deployment
         deployment.staged = version
         self.desired.changed()
@@ -241,7 +259,12 @@ class Deployments:
 
     def _participants(self, name: str) -> tuple[set[str], dict[str, str]]:
         """(the agents a rollout of `name` waits for, {agent the manager hears but leaves out: why})."""
-        heard = {a for a, r in self.registry.agents.items() if r.beat.takes_part_in(name)}
+        deployment = self.desired.models.get(name)
+        heard = {
+            a
+            for a, r in self.registry.agents.items()
+            if r.beat.takes_part_in(name) and (deployment is None or deployment.placed_on(a))
+        }
         left_out = {a for a in heard if self.at_broker(a) is False}
         return heard - left_out, {a: "not connected to the broker" for a in left_out}
 
@@ -269,7 +292,7 @@ class Deployments:
 
     def tick(self, now: float) -> Actions:
         """Move each rollout on: all staged -> switch; any failure or deadline -> abort; all switched -> answer."""
-        actions = Actions()
+        actions = Actions(desired_changed=self.place(now))
         for name, rollout in list(self.rollouts.items()):
             deployment = self.desired.models.get(name)
             if deployment is None:  # undeployed meanwhile
@@ -331,7 +354,7 @@ class Deployments:
                 now_entry = self.desired.models.get(name)
                 if now_entry is not None and now_entry.canary is None and now_entry.version == before.version:
                     canary = None  # ... but one that ended (rolled back, aborted) stays ended: that is always safe)
-                target = ModelDeployment(before.version, None, list(before.history), canary)
+                target = ModelDeployment(before.version, None, list(before.history), canary, before.agents)
             if self.desired.models.get(name) == target:
                 continue  # already that: an aborted rollout (the file still names its staged version)
             reverted.add(name)
@@ -370,6 +393,7 @@ class Deployments:
                 "history": d.history,
                 "agents": agents,
                 "rolling_out": name in self.rollouts,
+                **self._placement_view(name, d),
             }
         for name in [*self.registry.describe_models(), *self._share_models()]:
             out.setdefault(name, {"version": None, "staged": None, "history": [], "agents": {}, "rolling_out": False})
@@ -397,11 +421,138 @@ class Deployments:
             rollout.join(agent, now)
             if agent in self.registry.agents:
                 rollout.observe(agent, self.registry.agents[agent].beat)
+        for agent in {a for a in rollout.expected - serving - set(left_out) if a in self.registry.agents}:
+            log.info(
+                "rollout of %s v%d: %s no longer holds it; not waiting for it", rollout.model, rollout.version, agent
+            )
+            rollout.agent_lost(agent, "the model was placed elsewhere")
         for agent in rollout.expected & set(left_out):
             log.warning(
                 "rollout of %s v%d: %s %s; not waiting for it", rollout.model, rollout.version, agent, left_out[agent]
             )
             rollout.agent_lost(agent, left_out[agent])
+
+    # ---- placement (placement.py decides; this feeds it and keeps its answer in the desired state) --------------
+
+    def place(self, now: float) -> bool:
+        """Place every model that wants N copies: keep copies where their agents live, re-place those of agents gone
+        or draining, add missing ones where there is room. True if the desired state changed. Not before the
+        manager has settled (heard every live agent): it would place on the few heard first, or nowhere."""
+        if now < self.settle_until:
+            return False
+        wants = {}
+        for name, d in self.desired.models.items():
+            want = self._want(name, d)
+            if want is not None:  # (its config unreadable just now: its copies stay where they are)
+                wants[name] = want
+        if not any(w.replicas is not None for w in wants.values()) and all(
+            d.agents is None for d in self.desired.models.values()
+        ):
+            return False  # every model on every agent: nothing to place
+        current = {n: d.agents for n, d in self.desired.models.items()}
+        result = plan(wants, self._hosts(), current)
+        changed = False
+        for name, agents in result.agents.items():
+            d = self.desired.models[name]
+            if agents != d.agents:
+                where = "every agent" if agents is None else ", ".join(agents) or "no agent"
+                log.info("%s placed on %s (was %s)", name, where, d.agents)
+                d.agents = agents
+                changed = True
+        for name, why in result.short.items():
+            if self.short.get(name) != why:
+                log.warning("%s serves on fewer agents than it wants: %s", name, why)
+        for name in set(self.short) - set(result.short):
+            log.info("%s has every copy it wants again", name)
+        self.short = result.short
+        if changed:
+            self.desired.changed()
+        return changed
+
+    def _fit(self, name: str, version: int, current: ModelDeployment | None) -> list[str] | None:
+        """Where a deploy of `name` v`version` goes (None: every agent); PlacementError naming what is short."""
+        try:
+            replicas, need, how = self._spec(name, version)
+        except RepositoryError as exc:  # its agents refuse it with the same reason: the rollout reports it
+            log.warning("cannot read the config of %s v%d for its placement: %s", name, version, exc)
+            return current.agents if current is not None else None
+        return self.fits(name, Want(replicas, need, how))
+
+    def fits(self, name: str, want: Want) -> list[str] | None:
+        """The agents `name` would be placed on with `want` (None: every agent), beside the other models;
+        PlacementError naming what is short (the manager also asks it before a publish's upload)."""
+        if want.replicas is None:
+            return None
+        wants = {n: w for n, d in self.desired.models.items() if n != name and (w := self._want(n, d)) is not None}
+        current_agents = {n: d.agents for n, d in self.desired.models.items()}
+        return check_fits(name, want, wants, self._hosts(), current_agents)
+
+    def _hosts(self) -> dict[str, Host]:
+        """The agents placement may use: live, and routed to by a broker (or not known yet not to be)."""
+        return {
+            a: Host(a, r.beat.memory_budget, r.beat.serves_only, r.beat.draining)
+            for a, r in self.registry.agents.items()
+            if self.at_broker(a) is not False
+        }
+
+    def _want(self, name: str, d: ModelDeployment) -> Want | None:
+        """Copies wanted (the newest version's config says) and bytes per copy: config memory_mb, else the most any
+        agent measured for a version it holds, else the estimate from the files; None if the share cannot say."""
+        versions = d.wanted_versions()
+        if not versions:
+            return None
+        try:
+            specs = [self._spec(name, v) for v in versions]
+        except RepositoryError as exc:
+            if name not in self._unreadable:  # (once: this runs every tick)
+                self._unreadable.add(name)
+                log.warning("cannot read the config of %s for its placement: %s", name, exc)
+            return None
+        self._unreadable.discard(name)
+        replicas = specs[-1][0] if d.staged is None else self._spec(name, d.staged)[0]
+        if any(how == "memory_mb" for _, _, how in specs):
+            return Want(replicas, max(need for _, need, how in specs if how == "memory_mb"), "memory_mb")
+        measured = [
+            info.get("memory")
+            for record in self.registry.agents.values()
+            for v in versions
+            if isinstance(info := (record.beat.model_info.get(name) or {}).get(str(v)), dict)
+        ]
+        measured = [m for m in measured if isinstance(m, int) and m > 0]
+        if measured:
+            return Want(replicas, max(measured), "measured")
+        return Want(replicas, max(need for _, need, _ in specs), "estimated")
+
+    def _spec(self, name: str, version: int) -> tuple[int | None, int, str]:
+        """(replicas, bytes per copy, how known) from the version's config on the share: memory_mb, else the model
+        file's size x instances. Read once per version (a version's files never change). RepositoryError."""
+        key = (name, version)
+        if key not in self._specs:
+            repository = ModelRepository(self.share)
+            files = repository._manifest(name, version)
+            config = repository._version_config(name, version, files)
+            if config.memory_mb:
+                spec = (config.replicas, config.memory_mb * 2**20, "memory_mb")
+            else:
+                folder = repository._version_dir(name, version)
+                try:
+                    size = max((folder / f).stat().st_size for f in MODEL_FILES if f in files)
+                except (OSError, ValueError):
+                    size = 0
+                spec = (config.replicas, size * config.instances, "estimated")
+            self._specs[key] = spec
+        return self._specs[key]
+
+    def _placement_view(self, name: str, d: ModelDeployment) -> dict:
+        """The `deployments` answer's placement of a model: copies wanted, the agents placed, bytes per copy."""
+        want = self._want(name, d)
+        return {
+            "replicas": want.replicas if want is not None else None,
+            "placed": d.agents,
+            "memory": want.need if want is not None else None,
+            "memory_from": want.how if want is not None else None,
+            "short": self.short.get(name),
+        }
 
     def _observe_all(self, rollout: Rollout) -> None:
         for agent_id, record in self.registry.agents.items():

@@ -61,6 +61,7 @@ from cluster.logs import BadInputLog
 from cluster.manager.brokers import Brokers
 from cluster.manager.canaries import Canaries, parse_options
 from cluster.manager.deployments import Actions, CommandError, Deployments
+from cluster.manager.placement import PlacementError, Want
 from cluster.manager.registry import Registry
 from cluster.model_config import ModelConfig, RepositoryError, from_triton, is_triton_config
 from cluster.protocol import (
@@ -157,6 +158,7 @@ class Manager:
         if self._unsaved:
             self.save_desired()  # a share that refuses it does not stop the manager: tried again each tick
         self.deployments.report_interval = self.timings.heartbeat_interval  # a broker reports once a beat
+        self.deployments.settle_until = time.monotonic() + self.timings.expiry  # every live agent has beaten by then
         self.canaries = Canaries(
             self.deployments, look_interval=self.timings.canary_digest_interval, settle=self.timings.expiry
         )
@@ -386,10 +388,11 @@ class Manager:
 
     # ---- publishing a model sent over the bus -------------------------------------------------------------------
 
-    def check_publish(self, header: dict) -> tuple[str, str, int | None, dict | None, bool]:
+    def check_publish(self, header: dict, size: int | None = None) -> tuple[str, str, int | None, dict | None, bool]:
         """Everything about a publish that can be judged without its file: (name, file, version, config, whether the
         model is new). The config may be ours or Triton's (a tritonclient `load_model(config=...)`). CommandError /
-        ProtocolError if refused. `cluster deploy` asks this (publish_check) before it sends the file."""
+        ProtocolError if refused. `cluster deploy` asks this (publish_check) before it sends the file. With the
+        file's `size` (or the config's memory_mb), a config with `replicas` that cannot be placed is refused too."""
         if self.share is None:
             raise CommandError(ErrorCode.BAD_REQUEST, "this manager was started without --share, so it cannot deploy")
         name = require(header, "name", str)
@@ -403,10 +406,15 @@ class Manager:
             if config is not None and is_triton_config(config):
                 config = from_triton(config, name)
             if config is not None:
-                ModelConfig.from_dict(config, name=name)  # refused now, before anything is written
+                parsed = ModelConfig.from_dict(config, name=name)  # refused now, before anything is written
+                if parsed.replicas is not None and (parsed.memory_mb or size is not None):  # room for its copies?
+                    need = parsed.memory_mb * 2**20 or size * parsed.instances
+                    self.deployments.fits(name, Want(parsed.replicas, need, "memory_mb" if parsed.memory_mb else ""))
             new_model = not ModelRepository(self.share).versions(name)
         except RepositoryError as exc:
             raise CommandError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except PlacementError as exc:
+            raise CommandError(ErrorCode.BAD_REQUEST, f"cannot place it: {exc}") from None
         if config is None and new_model:
             raise CommandError(
                 ErrorCode.BAD_REQUEST, f"'{name}' is a new model: give its config (inputs, outputs) with the file"
@@ -429,7 +437,7 @@ class Manager:
     ) -> None:
         """Check a publish, then write the version in the writer thread; `finish_publishing` deploys it.
         CommandError / ProtocolError if refused."""
-        name, file_name, version, config, new_model = self.check_publish(header)
+        name, file_name, version, config, new_model = self.check_publish(header, len(data))
         log.info("publishing %s (%s, %d bytes) sent over the bus", name, file_name, len(data))
         write = self._writer.submit(publish_upload, self.share, name, file_name, data, config, version, programs)
         self.publishing[name] = (write, requester, header, new_model)
