@@ -49,6 +49,7 @@ def publish_version(
     progress: Callable[[int, int], None] | None = None,
     *,
     data: bytes | None = None,
+    extra: dict[str, Path] | None = None,
 ) -> int:
     """Add a version so that agents scanning the share see it complete or not at all; returns its number.
 
@@ -56,6 +57,8 @@ def publish_version(
     manager publishing what a client sent over the bus, e.g. a Triton load with files). The folder is built as
     <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and renamed into place;
     rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
+    `extra`: more files of the version, {name in the folder: local path} (a compiled package and compiled.json),
+    checked by model_check and hashed into the manifest like the model file.
     """
     check_name(name)
     model_path = Path(model_path)
@@ -90,6 +93,12 @@ def publish_version(
     else:
         with open(model_path, "rb") as model_file:
             check_model_file(target_file, model_file, where)
+    extra_files: dict[str, bytes] = {}  # read once: the bytes checked are the bytes published
+    for fname, source in (extra or {}).items():
+        if fname in (target_file, CONFIG_FILE, MANIFEST_FILE) or "/" in fname or fname.startswith("."):
+            raise RepositoryError(f"cannot publish model '{name}': {fname!r} cannot be an extra file of a version")
+        extra_files[fname] = Path(source).read_bytes()
+        check_model_file(fname, extra_files[fname], f"cannot publish model '{name}': {source}")
 
     new_model_dir = not model_dir.is_dir()
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +132,9 @@ def publish_version(
         }
         # Each version keeps the config it was published with, so a later version's config.json cannot change
         # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
+        for fname, extra_bytes in extra_files.items():
+            write_new_file(tmp / fname, extra_bytes)
+            manifest["files"][fname] = hashlib.sha256(extra_bytes).hexdigest()
         version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
         write_new_file(tmp / CONFIG_FILE, version_config)
         manifest["files"][CONFIG_FILE] = hashlib.sha256(version_config).hexdigest()

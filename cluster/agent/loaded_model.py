@@ -24,6 +24,7 @@ import math
 import mmap
 import operator
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from cluster.agent.programs import load_compiled
 from cluster.config import MODEL_COPY_CHUNK
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
 from cluster.protocol import DATATYPES
@@ -53,6 +55,11 @@ _HELPERS = {
     math.sqrt,
     *(getattr(torch, f) for f in "sym_not sym_int sym_float sym_ite sym_max sym_min sym_sqrt sym_sum".split()),
 }
+
+
+# torch.export.load sets a module-global deserializer: two loader threads (config.LOAD_THREADS) loading programs at
+# once fail with "_CURRENT_DESERIALIZER is already set".
+_EXPORT_LOAD = threading.Lock()
 
 
 class LoadedModel:
@@ -196,11 +203,13 @@ def load_model(repository: ModelRepository, name: str, version: int, device: str
     """Verify, load, warm up; RepositoryError says what is wrong with the version."""
     with contextlib.ExitStack() as stack:
         verified = repository.read_model(name, version, reader=lambda path: _sealed_copy(path, stack))
-        module = _module(verified, device)
-        copies = [_module(verified, device) for _ in range(verified.config.instances - 1)]
+        compiled, runs_why = load_compiled(verified, device, verified.config.instances)  # [] if it does not fit here
+        module = compiled[0] if compiled else _module(verified, device)
+        copies = compiled[1:] if compiled else [_module(verified, device) for _ in range(verified.config.instances - 1)]
         config = verified.config
         del verified  # the file's bytes: torch holds what it needs, the warm-up should not run beside a second copy
     model = LoadedModel(name, version, config, module, device, copies)
+    model.runs, model.runs_why = ("aoti" if compiled else model.runs), runs_why
     for instance in range(len(model.instances)):
         model.warmup(instance)
     return model
@@ -269,7 +278,8 @@ def _load_program(verified: ModelBytes) -> Any:
     with open(source, "rb") if isinstance(source, str) else source as stream:
         _sample_inputs_are_tensors(stream, verified)
         stream.seek(0)
-        program = torch.export.load(stream)
+        with _EXPORT_LOAD:
+            program = torch.export.load(stream)
     _only_operators(program, verified)
     return program
 

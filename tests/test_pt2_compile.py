@@ -1,0 +1,210 @@
+"""Compile at publish (issue 22, item 1): an exported program compiled into an AOTInductor package, published beside
+it, loaded by agents that match it and refused (the exported program runs instead) by those that do not.
+
+The models are tests/pt2_models.py's CNN and transformer encoder (random weights). AOT compiles take seconds each:
+the suite makes two (the session's `compiled` fixture: the encoder; `cluster deploy --compile`: the CNN)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.model_check import check_compiled, check_model_file
+from cluster.model_config import ModelConfig, RepositoryError
+from cluster.publish import publish_version
+from cluster.repository import ModelRepository
+from tests import pt2_models
+from tests.harness import REPO_ROOT, wait_for
+
+# Compiled against eager: inductor fuses batch norm into the convolutions and reorders float sums.
+RTOL, ATOL = 1e-3, 1e-4
+LAYOUT = ["archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"]
+
+
+def fake_package(path: Path, *extra: str) -> Path:
+    """An archive with an AOTInductor package's layout (not a working library) and `extra` entries."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for entry in LAYOUT:
+            archive.writestr(f"model/{entry}", b"pt2" if entry == "archive_format" else b"0")
+        archive.writestr("model/data/aotinductor/model/abc.wrapper.so", b"\x7fELF")
+        archive.writestr("model/data/aotinductor/model/abc.wrapper_metadata.json", b"{}")
+        for entry in extra:
+            archive.writestr(f"model/{entry}", pickle.dumps({"a": 1}))
+    return path
+
+
+def entry(**changes) -> dict:
+    base = {"device": "cpu", "torch": torch.__version__, "arch": "x86_64", "cuda_arch": None, "batch": [1, 32]}
+    return {**base, **changes}
+
+
+def test_model_check_admits_the_package_layout_and_refuses_pickles_and_programs(tmp_path):
+    check_model_file("model.aoti-cpu.pt2", fake_package(tmp_path / "ok.pt2").read_bytes(), "here")
+    for bad in ("data/aotinductor/model/weights.pkl", "models/model.json", "data/weights/weight_0", "data.pkl"):
+        data = fake_package(tmp_path / "bad.pt2", bad).read_bytes()
+        with pytest.raises(RepositoryError, match=rf"refusing entry '{bad}' of the AOTInductor package"):
+            check_model_file("model.aoti-cpu.pt2", data, "here")
+    with pytest.raises(RepositoryError, match="is a pickle"):
+        check_model_file("model.aoti-cpu.pt2", pickle.dumps([1, 2]), "here")
+
+
+def test_compiled_json_schema():
+    assert check_compiled(json.dumps({"packages": {"model.aoti-cpu.pt2": entry()}}).encode(), "here")
+    for doc, why in (
+        ({"packages": {"model.aoti-cpu.pt2": entry(device="cuda")}}, "device 'cuda' is not the file's"),
+        ({"packages": {"model.so": entry()}}, "not model.aoti-<cpu|cuda>.pt2"),
+        ({"packages": {"model.aoti-cpu.pt2": entry(batch=[4, 1])}}, "'batch' must be"),
+        ({"packages": {"model.aoti-cpu.pt2": entry(run="x")}}, "keys must be among"),
+        ({"packages": {}, "more": 1}, "must be"),
+    ):
+        with pytest.raises(RepositoryError, match=why):
+            check_compiled(json.dumps(doc).encode(), "here")
+    with pytest.raises(RepositoryError, match="not valid JSON"):
+        check_compiled(b"{", "here")
+
+
+def test_publish_refuses_a_package_holding_a_pickle_and_publishes_nothing(tmp_path):
+    model, config, sample = pt2_models.make("encoder")
+    program = pt2_models.export(model, sample, tmp_path / "enc.pt2")
+    evil = fake_package(tmp_path / "evil.pt2", "data/aotinductor/model/constants.pkl")
+    share = tmp_path / "share"
+    with pytest.raises(RepositoryError, match="refusing entry 'data/aotinductor/model/constants.pkl'"):
+        publish_version(share, "enc", program, config, extra={"model.aoti-cpu.pt2": evil})
+    assert ModelRepository(share).versions("enc") == []
+
+
+def test_deploy_compile_refuses_torchscript(tmp_path):
+    model, _, sample = pt2_models.make("cnn")
+    scripted = pt2_models.script(model, sample, tmp_path / "cnn.pt")
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster", "deploy", str(scripted), "--name", "cnn", "--compile", "--share", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert out.returncode == 2 and "--compile takes an exported program (.pt2), not TorchScript" in out.stderr
+
+
+@pytest.fixture(scope="session")
+def compiled_encoder(tmp_path_factory):
+    """(model, config, sample, program path, {package name: path, "compiled.json": path}): one compile per session."""
+    from cluster.compile import compile_program, compiled_json
+
+    folder = tmp_path_factory.mktemp("compiled-encoder")
+    model, config, sample = pt2_models.make("encoder")
+    program = pt2_models.export(model, sample, folder / "encoder.pt2")
+    package, info = compile_program(program, ModelConfig.from_dict(config, name="enc"), folder)
+    (folder / "compiled.json").write_bytes(compiled_json({package.name: info}))
+    return model, config, sample, program, {package.name: package, "compiled.json": folder / "compiled.json"}
+
+
+def test_a_static_batch_program_that_cannot_be_made_dynamic_gets_a_clear_error(tmp_path):
+    from cluster.compile import compile_program
+
+    model, config, sample = pt2_models.make("cnn")
+    program = pt2_models.export(model, sample, tmp_path / "static.pt2", dynamic=False)
+    with pytest.raises(RepositoryError, match=r"its batch dimension is static and re-exporting it .* failed"):
+        compile_program(program, ModelConfig.from_dict(config, name="cnn"), tmp_path)
+
+
+def infer(client, name: str, config: dict, x: torch.Tensor) -> np.ndarray:
+    result = client.infer(name, {config["inputs"][0]["name"]: x.numpy()}, timeout=60)
+    return result.as_numpy(config["outputs"][0]["name"])
+
+
+def edge_get(cluster, path: str) -> dict:
+    import httpx
+
+    response = httpx.get(f"{cluster.edge_url}{path}", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.cluster
+def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_back(tmp_path, compiled_encoder):
+    """One agent serves the CNN and the encoder, each as exported program and as compiled package (the CNN
+    compiled by `cluster deploy --compile`), and a version whose compiled.json says another torch build: every answer
+    equals the model run directly (rtol 1e-3, atol 1e-4), /agents and the edge's metadata say what runs."""
+    from cluster.local import LocalCluster
+
+    enc_model, enc_config, enc_sample, enc_program, enc_extra = compiled_encoder
+    cnn_model, cnn_config, cnn_sample = pt2_models.make("cnn")
+    cnn_program = pt2_models.export(cnn_model, cnn_sample, tmp_path / "cnn.pt2")
+    share = tmp_path / "share"
+    publish_version(share, "enc", enc_program, enc_config)
+    publish_version(share, "enc-aoti", enc_program, enc_config, extra=enc_extra)
+    publish_version(share, "cnn", cnn_program, cnn_config)
+    foreign = tmp_path / "compiled.json"
+    packages = json.loads(enc_extra["compiled.json"].read_bytes())["packages"]
+    packages["model.aoti-cpu.pt2"]["torch"] = "1.0.0"
+    foreign.write_text(json.dumps({"packages": packages}))
+    publish_version(share, "enc-foreign", enc_program, enc_config, extra={**enc_extra, "compiled.json": foreign})
+    cluster = LocalCluster(share, tmp_path / "logs")
+    try:
+        cluster.start_manager()
+        cluster.start_broker()
+        cluster.start_agents(1)
+        cluster.start_edge()
+        cluster.wait_for_agents(1, model="enc-foreign", timeout=120)
+        config_file = tmp_path / "cnn.json"
+        config_file.write_text(json.dumps(cnn_config))
+        out = subprocess.run(
+            [sys.executable, "-m", "cluster", "deploy", str(cnn_program), "--name", "cnn-aoti"]
+            + ["--config", str(config_file), "--compile"],
+            env=cluster.env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO_ROOT,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "compiled model.aoti-cpu.pt2" in out.stdout, out.stdout
+        files = json.loads((share / "models" / "cnn-aoti" / "1" / "manifest.json").read_text())["files"]
+        assert {"model.pt2", "model.aoti-cpu.pt2", "compiled.json", "config.json"} == set(files)
+
+        client = cluster.client()
+        info = {}
+
+        def model_info():
+            agents = client.agents(timeout=5)
+            info.update(agents[0].get("model_info") or {})
+            return all(m in info for m in ("cnn", "cnn-aoti", "enc", "enc-aoti", "enc-foreign"))
+
+        wait_for(model_info, 60, "every model in the agent's model_info")
+        runs = {m: info[m]["1"]["runs"] for m in info}
+        assert runs == {"cnn": "exported", "cnn-aoti": "aoti", "enc": "exported", "enc-aoti": "aoti",
+                        "enc-foreign": "exported"}, info  # fmt: skip
+        why = info["enc-foreign"]["1"]["runs_why"]
+        assert "model.aoti-cpu.pt2 refused: it was compiled with torch 1.0.0" in why and "exported program" in why
+        assert info["enc-aoti"]["1"]["runs_why"] == ""
+
+        for name, model, config, sample in (
+            ("cnn", cnn_model, cnn_config, cnn_sample),
+            ("cnn-aoti", cnn_model, cnn_config, cnn_sample),
+            ("enc", enc_model, enc_config, enc_sample),
+            ("enc-aoti", enc_model, enc_config, enc_sample),
+            ("enc-foreign", enc_model, enc_config, enc_sample),
+        ):
+            for x in (sample, sample[:1], torch.randn(7, *sample.shape[1:])):
+                with torch.no_grad():
+                    expected = model(x).numpy()
+                got = infer(client, name, config, x)
+                np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"{name} batch {len(x)}")
+
+        meta = edge_get(cluster, "/v2/models/cnn-aoti")
+        assert meta["runs"] == "aoti", meta
+        assert edge_get(cluster, "/v2/models/enc-foreign")["runs"] == "exported"
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
