@@ -24,7 +24,6 @@ import math
 import mmap
 import operator
 import os
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from cluster.agent.programs import load_compiled
+from cluster.agent.programs import TORCH_LOAD, load_compiled
 from cluster.config import MODEL_COPY_CHUNK
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
 from cluster.protocol import DATATYPES
@@ -55,11 +54,6 @@ _HELPERS = {
     math.sqrt,
     *(getattr(torch, f) for f in "sym_not sym_int sym_float sym_ite sym_max sym_min sym_sqrt sym_sum".split()),
 }
-
-
-# torch.export.load sets a module-global deserializer: two loader threads (config.LOAD_THREADS) loading programs at
-# once fail with "_CURRENT_DESERIALIZER is already set".
-_EXPORT_LOAD = threading.Lock()
 
 
 class LoadedModel:
@@ -278,7 +272,7 @@ def _load_program(verified: ModelBytes) -> Any:
     with open(source, "rb") if isinstance(source, str) else source as stream:
         _sample_inputs_are_tensors(stream, verified)
         stream.seek(0)
-        with _EXPORT_LOAD:
+        with TORCH_LOAD:
             program = torch.export.load(stream)
     _only_operators(program, verified)
     return program
@@ -338,7 +332,8 @@ def _module(verified: ModelBytes, device: str) -> Any:
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, device)
-        module = program.module(check_guards=False)  # guards_code is Python source from the file: never run it
+        with TORCH_LOAD:
+            module = program.module(check_guards=False)  # guards_code is Python source from the file: never run it
         try:
             module.eval()
         except NotImplementedError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import platform
 import tempfile
+import threading
 from typing import Any
 
 import torch
@@ -22,6 +23,10 @@ from cluster.repository import ModelBytes, RepositoryError, describe_error, pack
 
 log = logging.getLogger("cluster.agent")
 _FALLBACK = "running the exported program"
+# Held while torch loads a program or a package: torch.export.load sets a module-global deserializer (two loader
+# threads, config.LOAD_THREADS, failed with "_CURRENT_DESERIALIZER is already set"), and both import torch._dynamo
+# and torch._inductor on first use, which two threads at once leave half-initialised.
+TORCH_LOAD = threading.RLock()
 
 
 def device_kind(device: str) -> str:
@@ -94,7 +99,8 @@ def load_compiled(verified: ModelBytes, device: str, instances: int) -> tuple[li
     runner, why = compiled_runner(verified, device)
     if runner is not None:
         try:
-            loaded = [runner() for _ in range(instances)]
+            with TORCH_LOAD:
+                loaded = [runner() for _ in range(instances)]
             log.info("model %s v%d runs its AOTInductor package", verified.name, verified.version)
             return loaded, ""
         except Exception as exc:
