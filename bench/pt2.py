@@ -72,6 +72,11 @@ def prepare(kind: str, folder: Path, share: Path) -> tuple[dict, dict, object]:
         "exported": torch.export.load(program).module(),
         "aoti": torch._inductor.aoti_load_package(str(package)),
     }
+    with torch.inference_mode():
+        expected = model(sample)
+        for runs, call in calls.items():
+            if not torch.allclose(call(sample), expected, rtol=1e-3, atol=1e-4):
+                raise RuntimeError(f"{kind} as {runs} does not answer like the model")
     return calls, config, sample
 
 

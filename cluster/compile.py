@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cluster.config import COMPILE_ATOL, COMPILE_MAX_BATCH, COMPILE_RTOL
-from cluster.model_check import check_model_file
+from cluster.model_check import COMPILED_FILE, check_model_file
 from cluster.model_config import ModelConfig, RepositoryError
 from cluster.protocol import DATATYPES
 from cluster.repository import package_file
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.compile", description=__doc__.splitlines()[0])
     parser.add_argument("program", help="the exported program (model.pt2)")
     parser.add_argument("config", help="the model's config.json")
-    parser.add_argument("out_dir", help="where model.aoti-<device>.pt2 is written")
+    parser.add_argument("out_dir", help="where model.aoti-<device>.pt2 and compiled.json are written")
     parser.add_argument("--device", default="cpu", choices=DEVICE_KINDS)
     args = parser.parse_args(argv)
     try:
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RepositoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    Path(args.out_dir, COMPILED_FILE).write_bytes(compiled_json({path.name: entry}))
     print(json.dumps({path.name: entry}))
     return 0
 

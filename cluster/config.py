@@ -62,6 +62,7 @@ DECODE_MAX_PIXELS = 64 * 1024 * 1024
 COMPILE_MAX_BATCH = 1024
 COMPILE_RTOL = 1e-3
 COMPILE_ATOL = 1e-4
+COMPILE_TIMEOUT_S = 1800.0  # the manager's compile of an upload (edge load route, `compile`), in a child process
 # Limits the bus and the edge share (cluster/protocol.py checks them on the bus, edge/oip*.py and edge/grpc_service.py
 # before a request reaches it), defined here once so that the two cannot drift apart
 MAX_DIM = 2**40  # every dimension of a tensor's shape is below this

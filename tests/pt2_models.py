@@ -77,5 +77,6 @@ def export(model: nn.Module, sample: torch.Tensor, path: Path, dynamic: bool = T
 
 
 def script(model: nn.Module, sample: torch.Tensor, path: Path) -> Path:
-    torch.jit.save(torch.jit.trace(model, sample), str(path))
+    """TorchScript by tracing (the encoder's graphs differ across trace checks: its eval fast path; answers agree)."""
+    torch.jit.save(torch.jit.trace(model, sample, check_trace=False), str(path))
     return path

@@ -6,6 +6,7 @@ the suite makes two (the session's `compiled` fixture: the encoder; `cluster dep
 
 from __future__ import annotations
 
+import base64
 import json
 import pickle
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,29 @@ def test_deploy_compile_refuses_torchscript(tmp_path):
     assert out.returncode == 2 and "--compile takes an exported program (.pt2), not TorchScript" in out.stderr
 
 
+def test_the_load_route_compile_parameter():
+    from edge.errors import HTTPError
+    from edge.repository import compile_field
+
+    assert [compile_field(v) for v in (None, False, "false", True, "true", "cpu", "CUDA")] == [
+        None, None, None, "cpu", "cpu", "cpu", "cuda"
+    ]  # fmt: skip
+    with pytest.raises(HTTPError, match="parameter 'compile': must be true, false"):
+        compile_field("gpu")
+
+
+def test_the_manager_refuses_to_compile_torchscript_or_where_it_has_no_torch(monkeypatch):
+    import importlib.util
+
+    from cluster.publish import compile_refusal
+
+    assert compile_refusal("model.pt2", "cpu") == ""
+    assert "not TorchScript" in compile_refusal("model.pt", "cpu")
+    assert "must be cpu or cuda" in compile_refusal("model.pt2", "tpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "compile where the model is published" in compile_refusal("model.pt2", "cpu")
+
+
 @pytest.fixture(scope="session")
 def compiled_encoder(tmp_path_factory):
     """(model, config, sample, program path, {package name: path, "compiled.json": path}): one compile per session."""
@@ -122,8 +147,6 @@ def infer(client, name: str, config: dict, x: torch.Tensor) -> np.ndarray:
 
 
 def edge_get(cluster, path: str) -> dict:
-    import httpx
-
     response = httpx.get(f"{cluster.edge_url}{path}", timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
@@ -170,6 +193,18 @@ def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_bac
         assert "compiled model.aoti-cpu.pt2" in out.stdout, out.stdout
         files = json.loads((share / "models" / "cnn-aoti" / "1" / "manifest.json").read_text())["files"]
         assert {"model.pt2", "model.aoti-cpu.pt2", "compiled.json", "config.json"} == set(files)
+        # the edge's repository load route compiles too: the manager runs `python -m cluster.compile` in a child
+        body = {
+            "parameters": {
+                "config": json.dumps(cnn_config),
+                "file:1/model.pt2": base64.b64encode(cnn_program.read_bytes()).decode(),
+                "compile": True,
+            }
+        }
+        response = httpx.post(f"{cluster.edge_url}/v2/repository/models/cnn-route/load", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        files = json.loads((share / "models" / "cnn-route" / "1" / "manifest.json").read_text())["files"]
+        assert {"model.pt2", "model.aoti-cpu.pt2", "compiled.json", "config.json"} == set(files)
 
         client = cluster.client()
         info = {}
@@ -177,12 +212,12 @@ def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_bac
         def model_info():
             agents = client.agents(timeout=5)
             info.update(agents[0].get("model_info") or {})
-            return all(m in info for m in ("cnn", "cnn-aoti", "enc", "enc-aoti", "enc-foreign"))
+            return all(m in info for m in ("cnn", "cnn-aoti", "cnn-route", "enc", "enc-aoti", "enc-foreign"))
 
         wait_for(model_info, 60, "every model in the agent's model_info")
         runs = {m: info[m]["1"]["runs"] for m in info}
-        assert runs == {"cnn": "exported", "cnn-aoti": "aoti", "enc": "exported", "enc-aoti": "aoti",
-                        "enc-foreign": "exported"}, info  # fmt: skip
+        assert runs == {"cnn": "exported", "cnn-aoti": "aoti", "cnn-route": "aoti", "enc": "exported",
+                        "enc-aoti": "aoti", "enc-foreign": "exported"}, info  # fmt: skip
         why = info["enc-foreign"]["1"]["runs_why"]
         assert "model.aoti-cpu.pt2 refused: it was compiled with torch 1.0.0" in why and "exported program" in why
         assert info["enc-aoti"]["1"]["runs_why"] == ""
@@ -190,6 +225,7 @@ def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_bac
         for name, model, config, sample in (
             ("cnn", cnn_model, cnn_config, cnn_sample),
             ("cnn-aoti", cnn_model, cnn_config, cnn_sample),
+            ("cnn-route", cnn_model, cnn_config, cnn_sample),
             ("enc", enc_model, enc_config, enc_sample),
             ("enc-aoti", enc_model, enc_config, enc_sample),
             ("enc-foreign", enc_model, enc_config, enc_sample),
@@ -200,6 +236,15 @@ def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_bac
                 got = infer(client, name, config, x)
                 np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"{name} batch {len(x)}")
 
+        status = subprocess.run(
+            [sys.executable, "-m", "cluster", "status", "--timeout", "5"],
+            env={**cluster.env(), "COLUMNS": "400"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+        assert "cnn-aoti v1 (aoti)" in status.stdout and "enc-foreign v1 (exported)" in status.stdout, status.stdout
         meta = edge_get(cluster, "/v2/models/cnn-aoti")
         assert meta["runs"] == "aoti", meta
         assert edge_get(cluster, "/v2/models/enc-foreign")["runs"] == "exported"
