@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=DEVICE_KINDS)
     args = parser.parse_args(argv)
     try:
-        config = ModelConfig.from_dict(json.loads(Path(args.config).read_text()), name="model")
+        data = json.loads(Path(args.config).read_text())
+        name = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else "model"
+        config = ModelConfig.from_dict(data, name=name)
         path, entry = compile_program(args.program, config, args.out_dir, args.device)
     except (OSError, ValueError, RepositoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)

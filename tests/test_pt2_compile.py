@@ -253,3 +253,22 @@ def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_bac
         raise
     finally:
         cluster.stop_all()
+
+
+def test_exported_programs_load_in_two_threads_at_once(tmp_path):
+    """torch.export.load sets a module-global deserializer: two loader threads (config.LOAD_THREADS) used to fail
+    with "_CURRENT_DESERIALIZER is already set" (cluster/agent/programs.py TORCH_LOAD)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.agent.loaded_model import load_model
+
+    share = tmp_path / "share"
+    for kind in ("cnn", "encoder"):
+        model, config, sample = pt2_models.make(kind)
+        program = pt2_models.export(model, sample, tmp_path / f"{kind}.pt2")
+        for i in range(3):
+            publish_version(share, f"{kind}-{i}", program, config)
+    names = [f"{kind}-{i}" for i in range(3) for kind in ("cnn", "encoder")]
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda name: load_model(ModelRepository(share), name, 1), names))
+    assert [m.runs for m in loaded] == ["exported"] * len(names)
