@@ -167,7 +167,7 @@ def _check_outputs(exported: Any, package: Path, samples: tuple, where: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.compile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m cluster.compile", description=__doc__.splitlines()[0])
     parser.add_argument("program", help="the exported program (model.pt2)")
     parser.add_argument("config", help="the model's config.json")
     parser.add_argument("out_dir", help="where model.aoti-<device>.pt2 and compiled.json are written")
