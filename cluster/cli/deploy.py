@@ -145,7 +145,8 @@ def deploy(
     compile_package: bool = typer.Option(
         False,
         "--compile",
-        help="Compile the .pt2 into an AOTInductor package here, before publishing; agents that match run it.",
+        help="Compile the .pt2 into an AOTInductor package before publishing (here with --share, else on the "
+        "manager's host); agents that match run it.",
     ),
     compile_device: str = typer.Option("cpu", "--compile-device", help="The device kind to compile for: cpu or cuda."),
 ):
@@ -157,9 +158,6 @@ def deploy(
     share, manager, key = settings.share, settings.addresses.manager_queries, settings.key
     if compile_package and path.suffix.lower() != ".pt2":
         typer.echo(f"cannot compile {path}: --compile takes an exported program (.pt2), not TorchScript", err=True)
-        raise typer.Exit(2)
-    if compile_package and share is None:
-        typer.echo("--compile publishes the package into the share: give --share (CLUSTER_SHARE)", err=True)
         raise typer.Exit(2)
     if compile_device not in ("cpu", "cuda"):
         typer.echo(f"--compile-device must be cpu or cuda, got {compile_device!r}", err=True)
@@ -209,20 +207,22 @@ def deploy(
                 err=True,
             )
             raise typer.Exit(2)
-        canary = {} if run is None else {"canary": run}
-        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, **canary)
+        more = {} if run is None else {"canary": run}
+        if compile_package:  # the manager compiles (in a child process), or says why it cannot
+            more["compile"] = compile_device
+        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, **more)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         report = _manager_call(
             manager,
             What.PUBLISH,
-            timeout + 120,
+            timeout + 120 + (config.COMPILE_TIMEOUT_S if compile_package else 0),
             key,
             data=path.read_bytes(),
             name=name,
             file=file_name,
             config=model_config,
             rollout_timeout=timeout,
-            **canary,
+            **more,
         )
         if "outcome" in report:  # a canary run started (the model has a stable version)
             typer.echo(f"the manager published {name} version {report['version']}")
