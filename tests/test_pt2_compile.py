@@ -245,6 +245,8 @@ def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_bac
             cwd=REPO_ROOT,
         )
         assert "cnn-aoti v1 (aoti)" in status.stdout and "enc-foreign v1 (exported)" in status.stdout, status.stdout
+        (agent,) = edge_get(cluster, "/agents")
+        assert agent["model_info"]["cnn-aoti"]["1"]["runs"] == "aoti", agent
         meta = edge_get(cluster, "/v2/models/cnn-aoti")
         assert meta["runs"] == "aoti", meta
         assert edge_get(cluster, "/v2/models/enc-foreign")["runs"] == "exported"
@@ -272,3 +274,21 @@ def test_exported_programs_load_in_two_threads_at_once(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         loaded = list(pool.map(lambda name: load_model(ModelRepository(share), name, 1), names))
     assert [m.runs for m in loaded] == ["exported"] * len(names)
+
+
+def test_a_package_that_loads_but_cannot_run_the_warm_up_inputs_falls_back(monkeypatch, caplog):
+    """A package that fails its first inference (here: the wrong input layout) is dropped for the exported program,
+    with runs_why and a log line, instead of failing the version."""
+    from cluster.agent import programs
+    from cluster.repository import ModelBytes
+
+    def wrong_layout(x):
+        raise RuntimeError("input 0: expected 3 dimensions")
+
+    config = ModelConfig.from_dict(pt2_models.CNN_CONFIG, name="cnn")
+    verified = ModelBytes("cnn", 1, config, Path("model.pt2"), b"", {"compiled.json": "0" * 64})
+    monkeypatch.setattr(programs, "compiled_runner", lambda verified, device: (lambda: wrong_layout, ""))
+    with caplog.at_level("WARNING", logger="cluster.agent"):
+        loaded, why = programs.load_compiled(verified, "cpu", 1)
+    assert loaded == [] and "model.aoti-cpu.pt2 did not load (RuntimeError: input 0: expected 3 dimensions)" in why
+    assert "running the exported program" in why and why in caplog.text

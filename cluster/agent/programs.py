@@ -101,6 +101,7 @@ def load_compiled(verified: ModelBytes, device: str, instances: int) -> tuple[li
         try:
             with TORCH_LOAD:
                 loaded = [runner() for _ in range(instances)]
+            _probe(loaded[0], verified, device)
             log.info("model %s v%d runs its AOTInductor package", verified.name, verified.version)
             return loaded, ""
         except Exception as exc:
@@ -108,3 +109,15 @@ def load_compiled(verified: ModelBytes, device: str, instances: int) -> tuple[li
     if why:
         log.warning("model %s v%d: %s", verified.name, verified.version, why)
     return [], why
+
+
+def _probe(package: Any, verified: ModelBytes, device: str) -> None:
+    """One inference on the config's warm-up inputs, so a package that loads but cannot run them (a batch range that
+    leaves them out, another input layout) falls back to the exported program instead of failing the version. Not
+    where the model's inputs are not the config's (a pre-processing program, BYTES): the warm-up checks those."""
+    arrays = list(verified.config.warmup_inputs().values())
+    if verified.has_file("preprocess.pt2") or any(array.dtype == object for array in arrays):
+        return
+    inputs = [torch.from_numpy(array).to(device) for array in arrays]
+    with torch.inference_mode():
+        package(*inputs)
