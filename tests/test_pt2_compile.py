@@ -132,13 +132,21 @@ def compiled_encoder(tmp_path_factory):
     return model, config, sample, program, {package.name: package, "compiled.json": folder / "compiled.json"}
 
 
+class BatchOfTwo(torch.nn.Module):
+    """A model whose code fixes the batch at 2 (a reshape to 2 rows): no dynamic batch can be made of it."""
+
+    def forward(self, x):
+        return x.reshape(2, 4)[:, :2] * 2
+
+
 def test_a_static_batch_program_that_cannot_be_made_dynamic_gets_a_clear_error(tmp_path):
     from cluster.compile import compile_program
+    from tests.pt2_payloads import CONFIG
 
-    model, config, sample = pt2_models.make("cnn")
-    program = pt2_models.export(model, sample, tmp_path / "static.pt2", dynamic=False)
+    program = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(BatchOfTwo(), (torch.zeros(2, 4),)), program)
     with pytest.raises(RepositoryError, match=r"its batch dimension is static and re-exporting it .* failed"):
-        compile_program(program, ModelConfig.from_dict(config, name="cnn"), tmp_path)
+        compile_program(program, ModelConfig.from_dict({**CONFIG, "max_batch_size": 8}, name="two"), tmp_path)
 
 
 def infer(client, name: str, config: dict, x: torch.Tensor) -> np.ndarray:
@@ -292,3 +300,23 @@ def test_a_package_that_loads_but_cannot_run_the_warm_up_inputs_falls_back(monke
         loaded, why = programs.load_compiled(verified, "cpu", 1)
     assert loaded == [] and "model.aoti-cpu.pt2 did not load (RuntimeError: input 0: expected 3 dimensions)" in why
     assert "running the exported program" in why and why in caplog.text
+
+
+@pytest.mark.cluster  # not multi-process, but an AOT compile (seconds): kept out of the fast subset
+def test_a_static_batch_program_is_re_exported_with_a_dynamic_batch_and_compiled(tmp_path):
+    """The program's batch is static (exported at batch 2 without dynamic_shapes): compile re-exports its module with
+    Dim("batch", 1..max_batch_size), so the package answers any batch in that range."""
+    from cluster.compile import compile_program
+    from tests.pt2_payloads import CONFIG, Small
+
+    torch.manual_seed(0)
+    model = Small().eval()
+    program = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 4),)), program)
+    config = ModelConfig.from_dict({**CONFIG, "max_batch_size": 8}, name="small")
+    package, info = compile_program(program, config, tmp_path)
+    assert info["batch"] == [1, 8] and info["device"] == "cpu" and info["torch"] == torch.__version__
+    compiled = torch._inductor.aoti_load_package(str(package))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=RTOL, atol=ATOL)
