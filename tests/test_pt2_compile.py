@@ -320,3 +320,33 @@ def test_a_static_batch_program_is_re_exported_with_a_dynamic_batch_and_compiled
     x = torch.randn(5, 4)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=RTOL, atol=ATOL)
+
+
+def test_grpc_load_passes_compile_and_rest_refuses_compile_without_the_file(monkeypatch):
+    """gRPC's RepositoryModelLoad hands `compile` to the same load_model as REST (edge/repository.py); a `compile`
+    with no model file is a 400 naming the parameter."""
+    import asyncio
+
+    from tritonclient.grpc import service_pb2
+
+    from edge import repository
+    from edge.errors import HTTPError
+    from tests.test_grpc_edge import run
+
+    seen = []
+
+    async def load_model(edge, name, config, files, compile_for=None):
+        seen.append((name, files, compile_for))
+
+    async def scenario(stub, bus):
+        load = service_pb2.RepositoryModelLoadRequest(model_name="m")
+        load.parameters["file:1/model.pt2"].bytes_param = b"pt2"
+        load.parameters["compile"].bool_param = True
+        await stub.RepositoryModelLoad(load)
+
+    monkeypatch.setattr(repository, "load_model", load_model)
+    run(scenario)
+    assert seen == [("m", {"file:1/model.pt2": b"pt2"}, "cpu")]
+    monkeypatch.undo()
+    with pytest.raises(HTTPError, match="parameter 'compile': send the exported program with it"):
+        asyncio.run(repository.load_model(None, "m", None, {}, compile_for="cpu"))
