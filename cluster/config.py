@@ -56,6 +56,13 @@ MAX_DIMS = 16  # dimensions of one tensor
 # A BYTES input's built-in image decode (config `decode`): the most pixels (width x height) one image may decode to,
 # checked from its header before any pixel is decoded, so a decompression bomb is refused (a config may set less).
 DECODE_MAX_PIXELS = 64 * 1024 * 1024
+# `cluster deploy --compile` (AOTInductor): the largest batch a package is compiled for when the config sets no
+# max_batch_size, and how close its outputs must be to the exported program's on a sample (checked at compile time;
+# inductor fuses and reorders float arithmetic, so equality is not expected).
+COMPILE_MAX_BATCH = 1024
+COMPILE_RTOL = 1e-3
+COMPILE_ATOL = 1e-4
+COMPILE_TIMEOUT_S = 1800.0  # the manager's compile of an upload (edge load route, `compile`), in a child process
 # Limits the bus and the edge share (cluster/protocol.py checks them on the bus, edge/oip*.py and edge/grpc_service.py
 # before a request reaches it), defined here once so that the two cannot drift apart
 MAX_DIM = 2**40  # every dimension of a tensor's shape is below this

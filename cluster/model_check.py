@@ -42,6 +42,17 @@ MAKE_TORCHSCRIPT = (
 )
 _NEITHER = f"TorchScript or torch.export; {MAKE_TORCHSCRIPT}"
 
+# A version's compiled packages (`cluster deploy --compile`) and what they were compiled for (cluster/compile.py).
+AOTI_FILE_RE = re.compile(r"model\.aoti-(cpu|cuda)\.pt2")
+COMPILED_FILE = "compiled.json"
+# What aoti_compile_and_package writes (torch 2.13): the archive's bookkeeping, and under data/aotinductor/model/ the
+# generated sources, their metadata, the shared library (weights inside it) and, for CUDA, its kernels.
+_AOTI_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+_AOTI_ENTRY = re.compile(
+    r"data/aotinductor/model/[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.(cpp|h|so|json|o|bin|cubin|fatbin|ptx|spv|hsaco)"
+)
+_COMPILED_KEYS = {"device", "torch", "arch", "cuda_arch", "batch", "seconds", "compiled", "rtol", "atol"}
+
 # Entries of a torch.export archive, under its one root folder (torch 2.13: <root>/...).
 _PT2_FIXED = {
     "archive_format",
@@ -131,6 +142,11 @@ def check_model_file(file_name: str, source: bytes | IO[bytes] | Any, where: str
             _check_pt2(stream, where)
         elif file_name == "model.pt":
             _check_torchscript(stream, where)
+        elif AOTI_FILE_RE.fullmatch(file_name):
+            _check_aoti(stream, where)
+        elif file_name == COMPILED_FILE:
+            stream.seek(0)
+            check_compiled(stream.read(), where)
     finally:
         if stream is not source:
             stream.close()
@@ -368,3 +384,64 @@ def _check_tensor_pickle(data: bytes, where: str, entry: str) -> None:
                 raise
             except Exception as exc:  # a malformed pickle
                 raise _refuse(where, f"'{entry}' is not a valid pickle of tensors: {exc}") from None
+
+
+def _check_aoti(source: Any, where: str) -> None:
+    """An AOTInductor package: native code by design (README, trust model), so only its own layout is admitted:
+    no pickles, no exported programs, no weights outside the library."""
+    archive = _zip(source, where, "an AOTInductor package")
+    with archive:
+        root, entries = _entries(archive, where)
+        for entry in entries:
+            if entry.endswith("/") or entry in _AOTI_FIXED or _AOTI_ENTRY.fullmatch(entry):
+                continue
+            raise _refuse(
+                where,
+                f"refusing entry '{entry}' of the AOTInductor package: a package may hold only what "
+                "torch._inductor.aoti_compile_and_package writes (no pickles, no programs, no external weights)",
+            )
+        if not any(e.startswith("data/aotinductor/model/") and e.endswith(".so") for e in entries):
+            raise _refuse(where, "is not an AOTInductor package: no data/aotinductor/model/*.so")
+        if "archive_format" not in entries or archive.read(f"{root}/archive_format").strip() != b"pt2":
+            raise _refuse(where, "is not an AOTInductor package (archive_format is not 'pt2')")
+
+
+def check_compiled(data: bytes, where: str) -> dict:
+    """compiled.json: {"packages": {"model.aoti-<kind>.pt2": {"device": kind, "torch": str, "arch": str,
+    "cuda_arch": str | None, "batch": [lo, hi], "seconds": number, "compiled": str, ...}}}; returns the packages."""
+    doc = _json(data, where, COMPILED_FILE)
+    packages = doc.get("packages") if isinstance(doc, dict) else None
+    if not isinstance(packages, dict) or set(doc) != {"packages"}:
+        raise _refuse(where, f'{COMPILED_FILE} must be {{"packages": {{file name: entry}}}}')
+    for fname, entry in packages.items():
+        match = AOTI_FILE_RE.fullmatch(fname) if isinstance(fname, str) else None
+        if match is None:
+            raise _refuse(where, f"{COMPILED_FILE} names {str(fname)[:80]!r}, not model.aoti-<cpu|cuda>.pt2")
+
+        def bad(text: str, fname: str = fname) -> RepositoryError:
+            return _refuse(where, f"{COMPILED_FILE}: '{fname}': {text}")
+
+        if not isinstance(entry, dict):
+            raise bad("not an object")
+        if set(entry) - _COMPILED_KEYS or {"device", "torch", "arch", "batch"} - set(entry):
+            raise bad(f"keys must be among {sorted(_COMPILED_KEYS)} with device, torch, arch and batch")
+        if entry["device"] != match.group(1):
+            raise bad(f"device {entry['device']!r} is not the file's ({match.group(1)})")
+        for key in ("torch", "arch"):
+            if not isinstance(entry[key], str) or not 0 < len(entry[key]) <= 100:
+                raise bad(f"'{key}' must be a string")
+        if entry.get("cuda_arch") is not None and not isinstance(entry["cuda_arch"], str):
+            raise bad("'cuda_arch' must be a string or null")
+        batch = entry["batch"]
+        if not (
+            isinstance(batch, list)
+            and len(batch) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) for b in batch)
+            and 0 <= batch[0] <= batch[1]
+        ):
+            raise bad(f"'batch' must be [lowest, highest] batch size, got {batch!r}")
+        for key in ("seconds", "rtol", "atol"):
+            value = entry.get(key, 0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise bad(f"'{key}' must be a number >= 0")
+    return packages

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import secrets
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.atomic import atomic_write, fsync_dir, write_new_file
-from cluster.config import MAX_VERSION, limits
-from cluster.model_check import check_model_file
+from cluster.config import COMPILE_TIMEOUT_S, MAX_VERSION, limits
+from cluster.model_check import COMPILED_FILE, check_model_file
 from cluster.model_config import ModelConfig, RepositoryError
 from cluster.repository import (
     CHUNK,
@@ -52,6 +56,7 @@ def publish_version(
     *,
     data: bytes | None = None,
     programs: Mapping[str, str | os.PathLike | bytes] | None = None,
+    extra: dict[str, Path] | None = None,
 ) -> int:
     """Add a version so that agents scanning the share see it complete or not at all; returns its number.
 
@@ -61,6 +66,8 @@ def publish_version(
     rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
     `programs`: preprocess.pt2 / postprocess.pt2 (repository.PROGRAM_FILES) -> a path or the bytes, checked by
     model_check like model.pt2 and published in the same version, in its manifest.
+    `extra`: more files of the version, {name in the folder: local path} (a compiled package and compiled.json),
+    checked by model_check and hashed into the manifest like the model file.
     """
     check_name(name)
     model_path = Path(model_path)
@@ -95,6 +102,12 @@ def publish_version(
     else:
         with open(model_path, "rb") as model_file:
             check_model_file(target_file, model_file, where)
+    extra_files: dict[str, bytes] = {}  # read once: the bytes checked are the bytes published
+    for fname, source in (extra or {}).items():
+        if fname in (target_file, CONFIG_FILE, MANIFEST_FILE) or "/" in fname or fname.startswith("."):
+            raise RepositoryError(f"cannot publish model '{name}': {fname!r} cannot be an extra file of a version")
+        extra_files[fname] = Path(source).read_bytes()
+        check_model_file(fname, extra_files[fname], f"cannot publish model '{name}': {source}")
 
     program_bytes = _program_bytes(name, programs or {})
 
@@ -133,6 +146,9 @@ def publish_version(
             manifest["files"][fname] = hashlib.sha256(content).hexdigest()
         # Each version keeps the config it was published with, so a later version's config.json cannot change
         # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
+        for fname, extra_bytes in extra_files.items():
+            write_new_file(tmp / fname, extra_bytes)
+            manifest["files"][fname] = hashlib.sha256(extra_bytes).hexdigest()
         version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
         write_new_file(tmp / CONFIG_FILE, version_config)
         manifest["files"][CONFIG_FILE] = hashlib.sha256(version_config).hexdigest()
@@ -246,6 +262,39 @@ def _chunks(path: Path, data: bytes | None) -> Iterator[Iterable[bytes | memoryv
         yield iter(lambda: src.read(CHUNK), b"")
 
 
+def compile_refusal(file_name: str, device: Any) -> str:
+    """Why an upload cannot be compiled by this (torch-free) process's host; "" when it can."""
+    if device not in ("cpu", "cuda"):
+        return f"'compile' must be cpu or cuda (or true: cpu), got {str(device)[:40]!r}"
+    if file_name != "model.pt2":
+        return "only an exported program (model.pt2) can be compiled, not TorchScript"
+    if importlib.util.find_spec("torch") is None:
+        return "the manager's host has no torch to compile with: compile where the model is published, with " \
+            "`cluster deploy MODEL.pt2 --compile --share SHARE`"  # fmt: skip
+    return ""
+
+
+def compile_upload(share_dir: Path, name: str, data: bytes, config: dict | None, device: str, folder: Path) -> dict:
+    """Compile an upload in a child process (`python -m cluster.compile`: torch stays out of the caller) with a
+    deadline; {file name: path} of the package and compiled.json, in `folder`. RepositoryError if it fails."""
+    program, config_path = folder / "model.pt2", folder / CONFIG_FILE
+    program.write_bytes(data)
+    parsed = (
+        ModelConfig.from_dict(config, name=name) if config is not None else ModelRepository(share_dir).read_config(name)
+    )
+    config_path.write_bytes(config_file_bytes(parsed))
+    argv = [sys.executable, "-m", "cluster.compile", str(program), str(config_path), str(folder), "--device", device]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RepositoryError(f"cannot compile model '{name}': it took longer than {COMPILE_TIMEOUT_S:g} s") from None
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RepositoryError(f"cannot compile model '{name}': {tail.removeprefix('error: ')[:1500]}")
+    package = folder / f"model.aoti-{device}.pt2"
+    return {package.name: package, COMPILED_FILE: folder / COMPILED_FILE}
+
+
 def publish_upload(
     share_dir: str | os.PathLike,
     name: str,
@@ -254,18 +303,29 @@ def publish_upload(
     config: dict | None = None,
     version: int | None = None,
     programs: Mapping[str, bytes] | None = None,
+    compile_for: str | None = None,
 ) -> tuple[int, bool]:
     """Publish a model file that arrived as bytes (the manager, for a client without the share); returns
     (version, published). Versions never change once published, so: asked for a version that exists with these very
     bytes (and this config, when one is given), that version is reused (published False: loading the same files
     twice is a no-op); one that exists with other content gets the next free number instead; a version not yet on
-    the share is published under the number asked for."""
+    the share is published under the number asked for. `compile_for` ("cpu", "cuda"): compiled first
+    (compile_upload), always as a new version."""
     check_name(name)
     if file_name not in MODEL_FILES:
         raise RepositoryError(
             f"cannot publish model '{name}': the model file must be named {' or '.join(MODEL_FILES)}, got {file_name!r}"
         )
     repo = ModelRepository(share_dir)
+    if compile_for is not None:
+        if version in repo.versions(name):
+            version = None
+        with tempfile.TemporaryDirectory(prefix="cluster-compile-") as folder:
+            extra = compile_upload(Path(share_dir), name, data, config, compile_for, Path(folder))
+            published = publish_version(
+                share_dir, name, file_name, config, version, data=data, programs=programs, extra=extra
+            )
+            return published, True
     if version is not None and version in repo.versions(name):
         try:
             files = repo.verify(name, version)

@@ -7,6 +7,9 @@ cluster/publish.py's (publish_version, publish_upload, remove_version), by these
     <share>/models/<name>/<N>/preprocess.pt2   optional exported programs run before / after the model
     <share>/models/<name>/<N>/postprocess.pt2  (cluster/agent/pipeline.py; checked like model.pt2)
     <share>/models/<name>/<N>/config.json      the config this version was published with
+    <share>/models/<name>/<N>/model.aoti-<kind>.pt2  AOTInductor package for device kind cpu|cuda (optional; model.pt2
+                                               stays the model file, run where the package does not fit the agent)
+    <share>/models/<name>/<N>/compiled.json    what each package was compiled for (cluster/compile.py)
     <share>/models/<name>/<N>/manifest.json    {"files": {"model.pt": "<sha256 hex>", ...}, "created": "<ISO time>"}
 
 What a model and a version are, the same for every reader (ModelRepository here; LocalShare and NfsShare in
@@ -55,6 +58,11 @@ MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a folder nam
 CHUNK = 1024 * 1024
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def package_file(kind: str) -> str:
+    """The version-folder name of the AOTInductor package for device kind `kind` ("cpu" or "cuda")."""
+    return f"model.aoti-{kind}.pt2"
 
 
 def is_int(value: Any) -> bool:
@@ -366,6 +374,7 @@ class ModelRepository:
             except OSError as exc:
                 raise RepositoryError(f"{where}: cannot read {other}: {describe_error(exc)}") from None
             check_digest(other, files[fname], where, content)
+            check_model_file(fname, content, f"{where}: {other}")  # a package's layout, compiled.json's schema
             return content
 
         return ModelBytes(name, version, replace(config, platform=platform), path, data, dict(files), read_file)

@@ -61,13 +61,16 @@ def parse_version(name: str, version: str | None) -> int | None:
 def metadata_body(meta: dict) -> dict:
     """The OIP model metadata of a bus `model_metadata` answer."""
     versions = meta.get("versions") or ([meta["version"]] if meta.get("version") is not None else [])
-    return {
+    body = {
         "name": meta.get("name"),
         "versions": [str(v) for v in versions],
         "platform": meta.get("platform") or "",
         "inputs": meta.get("inputs") or [],
         "outputs": meta.get("outputs") or [],
     }
+    if isinstance(meta.get("runs"), str):  # what the agent runs: "aoti" (a compiled package), "exported", ...
+        body["runs"] = meta["runs"]
+    return body
 
 
 class DataPlane:

@@ -307,6 +307,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             config = None
             files: dict[str, bytes] = {}
             others = {}  # a canary run's (edge/repository.py canary_fields)
+            compiling: dict = {}  # `compile` (edge/repository.py compile_field)
             for key, param in request.parameters.items():
                 if key == "config":
                     config = param.string_param
@@ -314,8 +315,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     files[key] = param.bytes_param
                 elif key in repository.CANARY_PARAMETERS:
                     others[key] = _param_value(param)
+                elif key == "compile":
+                    compiling["compile_for"] = repository.compile_field(_param_value(param))
             canary = {"canary": repository.canary_fields(others)} if others else {}  # (its status has no field here)
-            await self._query(repository.load_model(self.edge, request.model_name, config, files, **canary))
+            await self._query(
+                repository.load_model(self.edge, request.model_name, config, files, **canary, **compiling)
+            )
             return service_pb2.RepositoryModelLoadResponse()
 
         return await self._run(context, work())

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from cluster.canary.options import parse_duration, parse_steps
-from cluster.config import MAX_VERSION, ROLLOUT_TIMEOUT_S
+from cluster.config import COMPILE_TIMEOUT_S, MAX_VERSION, ROLLOUT_TIMEOUT_S
 from cluster.errors import ClusterError, ModelNotFoundError
 from cluster.protocol import What
 from cluster.repository import MODEL_FILES, PROGRAM_FILES
@@ -115,14 +115,35 @@ def _model_file(files: dict[str, bytes]) -> tuple[int, str, bytes, dict[str, byt
     return int(version), file_name, data, programs
 
 
+def compile_field(value) -> str | None:
+    """A load's `compile` parameter: true or "cpu" -> "cpu", "cuda" -> "cuda", false or absent -> None."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() == "false"):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in ("true", "cpu")):
+        return "cpu"
+    if isinstance(value, str) and value.lower() == "cuda":
+        return "cuda"
+    raise HTTPError(400, 'parameter \'compile\': must be true, false, "cpu" or "cuda"', "bad_request")
+
+
 async def load_model(
-    edge: DataPlane, name: str, config: str | None, files: dict[str, bytes], canary: dict | None = None
+    edge: DataPlane,
+    name: str,
+    config: str | None,
+    files: dict[str, bytes],
+    canary: dict | None = None,
+    compile_for: str | None = None,
 ) -> dict:
     """Deploy `name` to every live agent (publishing the files first, if any); the rollout's report. 400 when the
     rollout failed (every agent keeps what it served), naming each agent's reason. With `canary` (canary_fields):
-    a canary run of the new (or named) version instead, answered at once with its status."""
+    a canary run of the new (or named) version instead, answered at once with its status. `compile_for`: the
+    manager compiles the uploaded model.pt2 for that device kind first (AOTInductor, in a child process)."""
     parsed = None if config is None else _json_object(config, "parameter 'config'")
     wait = ROLLOUT_TIMEOUT_S + 60
+    if compile_for is not None and not files:
+        raise HTTPError(
+            400, "parameter 'compile': send the exported program with it (file:<version>/model.pt2)", "bad_request"
+        )
     if canary is not None and not files:
         if parsed is not None:
             raise HTTPError(400, "a config alone cannot change a published version", "bad_request")
@@ -133,6 +154,9 @@ async def load_model(
         if programs:  # sent after the model file, in this order
             fields["programs"] = list(programs)
             data = [data, *programs.values()]
+        if compile_for is not None:
+            fields["compile"] = compile_for
+            wait += COMPILE_TIMEOUT_S
         if canary is not None:
             fields["canary"] = {k: v for k, v in canary.items() if k != "version"}
         report = await _manager(edge, What.PUBLISH, wait, data, **fields)
@@ -311,10 +335,11 @@ async def load(request: Request, name: str) -> Response:
     size = sum(len(v) for v in parameters.values() if isinstance(v, str)) if isinstance(parameters, dict) else 0
     config, files = await off_loop(size, _load_parameters, body)  # base64 of a model file: off the event loop
     canary = canary_fields(parameters) if isinstance(parameters, dict) else None
+    compile_for = compile_field(parameters.get("compile")) if isinstance(parameters, dict) else None
     del body, parameters
     if canary is not None:
-        return json_response(await load_model(edge, name, config, files, canary))
-    await load_model(edge, name, config, files)
+        return json_response(await load_model(edge, name, config, files, canary, compile_for))
+    await load_model(edge, name, config, files, compile_for=compile_for)
     return Response(status_code=200)
 
 

@@ -58,6 +58,7 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    runs: str | None = None  # what the agent runs: "aoti" (a compiled package), "exported", "torchscript"
 
 
 # ---- inference (Open Inference Protocol) ------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import torch.utils._pytree as pytree
 
 from cluster.agent.memory import measure_memory
 from cluster.agent.pipeline import Pipeline, as_model_inputs
+from cluster.agent.programs import TORCH_LOAD, load_compiled
 from cluster.config import MODEL_COPY_CHUNK
 from cluster.model_check import check_model_file
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
@@ -220,17 +221,20 @@ def load_model(repository: ModelRepository, name: str, version: int, device: str
     """Verify, load, warm up; RepositoryError says what is wrong with the version."""
     with contextlib.ExitStack() as stack:
         verified = repository.read_model(name, version, reader=lambda path: _sealed_copy(path, stack))
-        module = _module(verified, device)
-        copies = [_module(verified, device) for _ in range(verified.config.instances - 1)]
+        compiled, runs_why = load_compiled(verified, device, verified.config.instances)  # [] if it does not fit here
+        module = compiled[0] if compiled else _module(verified, device)
+        copies = compiled[1:] if compiled else [_module(verified, device) for _ in range(verified.config.instances - 1)]
         config = verified.config
         where = f"model '{name}' version {version}"
         pipeline = Pipeline.load(
             config, where, verified.has_file, lambda fname, v=verified: _program_file(v, fname, device), 1 + len(copies)
         )
-        loaded_bytes = len(verified.data)  # what a runner that shows no tensors counts (measure_memory)
+        # what a runner that shows no tensors counts (measure_memory): the package it loaded, else the model file
+        loaded_bytes = getattr(module, "package_bytes", None) or len(verified.data)
         del verified  # the file's bytes: torch holds what it needs, the warm-up should not run beside a second copy
     model = LoadedModel(name, version, config, module, device, copies)
     model.pipeline = pipeline
+    model.runs, model.runs_why = ("aoti" if compiled else model.runs), runs_why
     for instance in range(len(model.instances)):
         model.warmup(instance)
     model.memory = config.memory_mb * 2**20 or measure_memory(model.instances, loaded_bytes)
@@ -310,7 +314,8 @@ def _load_program(verified: ModelBytes) -> Any:
     with open(source, "rb") if isinstance(source, str) else source as stream:
         _sample_inputs_are_tensors(stream, verified)
         stream.seek(0)
-        program = torch.export.load(stream)
+        with TORCH_LOAD:
+            program = torch.export.load(stream)
     _only_operators(program, verified)
     return program
 
@@ -378,7 +383,8 @@ def _module(verified: ModelBytes, device: str) -> Any:
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, device)
-        module = program.module(check_guards=False)  # guards_code is Python source from the file: never run it
+        with TORCH_LOAD:
+            module = program.module(check_guards=False)  # guards_code is Python source from the file: never run it
         try:
             module.eval()
         except NotImplementedError:

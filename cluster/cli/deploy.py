@@ -161,12 +161,26 @@ def deploy(
     latency_ratio: float | None = LATENCY_RATIO,
     criterion: list[str] | None = CRITERION,
     wait: bool = WAIT,
+    compile_package: bool = typer.Option(
+        False,
+        "--compile",
+        help="Compile the .pt2 into an AOTInductor package before publishing (here with --share, else on the "
+        "manager's host); agents that match run it.",
+    ),
+    compile_device: str = typer.Option("cpu", "--compile-device", help="The device kind to compile for: cpu or cuda."),
 ):
     """Publish a new version atomically on the share, roll it out to every agent, print each agent's outcome.
     The name and config are checked here, and the manager asked whether it is there (and takes them), within
     seconds, before any model file is sent or published. With --canary (or --shadow-only), a model that has a
-    stable version gets a canary run of the new one instead (`cluster rollouts` follows it)."""
+    stable version gets a canary run of the new one instead (`cluster rollouts` follows it). With --compile, the
+    exported program is compiled (AOTInductor) first and the package published beside it."""
     share, manager, key = settings.share, settings.addresses.manager_queries, settings.key
+    if compile_package and path.suffix.lower() != ".pt2":
+        typer.echo(f"cannot compile {path}: --compile takes an exported program (.pt2), not TorchScript", err=True)
+        raise typer.Exit(2)
+    if compile_device not in ("cpu", "cuda"):
+        typer.echo(f"--compile-device must be cpu or cuda, got {compile_device!r}", err=True)
+        raise typer.Exit(2)
     from cluster.cli.canary import run_fields, started
 
     run = None
@@ -213,21 +227,23 @@ def deploy(
                 err=True,
             )
             raise typer.Exit(2)
-        canary = {} if run is None else {"canary": run}
-        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, **canary)
+        more = {} if run is None else {"canary": run}
+        if compile_package:  # the manager compiles (in a child process), or says why it cannot
+            more["compile"] = compile_device
+        _deploy_check(manager, key, What.PUBLISH_CHECK, name=name, file=file_name, config=model_config, **more)
         typer.echo(f"sending {path.name} ({size / 2**20:.1f} MiB) to the manager at {manager} ...")
         sent = {"programs": list(programs)} if programs else {}
         report = _manager_call(
             manager,
             What.PUBLISH,
-            timeout + 120,
+            timeout + 120 + (config.COMPILE_TIMEOUT_S if compile_package else 0),
             key,
             data=[path.read_bytes(), *(p.read_bytes() for p in programs.values())] if programs else path.read_bytes(),
             name=name,
             file=file_name,
             config=model_config,
             rollout_timeout=timeout,
-            **canary,
+            **more,
             **sent,
         )
         if "outcome" in report:  # a canary run started (the model has a stable version)
@@ -246,12 +262,16 @@ def deploy(
         if running is not None and not running.get("done"):
             typer.echo(f"cannot deploy: a canary of '{name}' (v{running['version']}) is running; promote or abort it")
             raise typer.Exit(2)
-    with _publish_progress(path) as progress:
-        try:
-            version = publish_version(share_dir, name, path, model_config, progress=progress, programs=programs)
-        except RepositoryError as exc:
-            typer.echo(f"cannot publish: {exc}", err=True)
-            raise typer.Exit(2) from None
+    with contextlib.ExitStack() as stack:
+        extra = _compile(stack, path, name, model_config, share_dir, compile_device) if compile_package else None
+        with _publish_progress(path) as progress:
+            try:
+                version = publish_version(
+                    share_dir, name, path, model_config, progress=progress, programs=programs, extra=extra
+                )
+            except RepositoryError as exc:
+                typer.echo(f"cannot publish: {exc}", err=True)
+                raise typer.Exit(2) from None
     if run is not None and stable is not None and not new_model:
         typer.echo(f"published {name} version {version} to {share_dir}; starting a canary ...")
         started(manager, key, _manager_call(manager, What.CANARY, 10, key, name=name, version=version, **run), wait)
@@ -268,6 +288,33 @@ def deploy(
     )
     _print_rollout(report, "deploy")
     raise typer.Exit(0 if report["ok"] else 1)
+
+
+def _compile(
+    stack: contextlib.ExitStack, path: Path, name: str, model_config: dict | None, share_dir: Path, device: str
+) -> dict[str, Path]:
+    """The package and compiled.json, in a temporary folder (removed with `stack`), to publish beside the program."""
+    import tempfile
+
+    from cluster.compile import compile_program, compiled_json
+    from cluster.model_check import COMPILED_FILE
+    from cluster.model_config import ModelConfig, RepositoryError
+    from cluster.repository import ModelRepository
+
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cluster-compile-")))
+    typer.echo(f"compiling {path.name} for {device} (AOTInductor) ...")
+    try:
+        if model_config is not None:
+            parsed = ModelConfig.from_dict(model_config, name=name)
+        else:
+            parsed = ModelRepository(share_dir).read_config(name)
+        package, entry = compile_program(path, parsed, folder, device)
+    except RepositoryError as exc:
+        typer.echo(f"cannot compile: {exc}", err=True)
+        raise typer.Exit(2) from None
+    (folder / COMPILED_FILE).write_bytes(compiled_json({package.name: entry}))
+    typer.echo(f"compiled {package.name} in {entry['seconds']:.1f} s (batch {entry['batch'][0]}..{entry['batch'][1]})")
+    return {package.name: package, COMPILED_FILE: folder / COMPILED_FILE}
 
 
 @settings_command(ManagerQuerySettings)

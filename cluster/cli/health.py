@@ -39,7 +39,7 @@ def status(
             a["id"],
             f"{a.get('host')}:{a.get('pid')}",
             str(a.get("device")),
-            ", ".join(f"{m['name']} v{m['version']}" for m in a.get("models", [])),
+            ", ".join(f"{m['name']} v{m['version']}{_runs(a, m)}" for m in a.get("models", [])),
             f"{a.get('in_flight')}/{a.get('capacity')}" + (" stalled" if a.get("stalled") else ""),
             _memory(a),
             f"{a.get('heartbeat_age', 0):.1f} s",
@@ -50,6 +50,12 @@ def status(
     for name, info in sorted(models.items()):
         table.add_row(name, ", ".join(map(str, info["versions"])), ", ".join(info["agents"]))
     console.print(table)
+
+
+def _runs(agent: dict, model: dict) -> str:
+    """ " (aoti)", " (exported)", ...: what the agent runs for that version (heartbeat model_info), if it says."""
+    info = ((agent.get("model_info") or {}).get(model["name"]) or {}).get(str(model["version"])) or {}
+    return f" ({info['runs']})" if isinstance(info.get("runs"), str) else ""
 
 
 def _print_brokers(console, manager: str, key: str | None, timeout: float) -> None:

@@ -81,7 +81,7 @@ from cluster.protocol import (
     message_id,
     require,
 )
-from cluster.publish import program_names, publish_upload, remove_version
+from cluster.publish import compile_refusal, program_names, publish_upload, remove_version
 from cluster.repository import MODEL_FILES, PROGRAM_FILES, ModelRepository, check_name
 from cluster.role_settings import ManagerSettings
 from cluster.settings import from_env
@@ -401,6 +401,8 @@ class Manager:
         config = require(header, "config", dict, optional=True)
         if file_name not in MODEL_FILES:
             raise CommandError(ErrorCode.BAD_REQUEST, f"the model file must be {' or '.join(MODEL_FILES)}")
+        if header.get("compile") is not None and (why := compile_refusal(file_name, header["compile"])):
+            raise CommandError(ErrorCode.BAD_REQUEST, f"cannot compile: {why}")
         try:
             check_name(name)
             if config is not None and is_triton_config(config):
@@ -439,7 +441,10 @@ class Manager:
         CommandError / ProtocolError if refused."""
         name, file_name, version, config, new_model = self.check_publish(header, len(data))
         log.info("publishing %s (%s, %d bytes) sent over the bus", name, file_name, len(data))
-        write = self._writer.submit(publish_upload, self.share, name, file_name, data, config, version, programs)
+        compile_for = header.get("compile")  # checked by check_publish; compiled in a child process (no torch here)
+        write = self._writer.submit(
+            publish_upload, self.share, name, file_name, data, config, version, programs, compile_for
+        )
         self.publishing[name] = (write, requester, header, new_model)
 
     def finish_publishing(self, now: float) -> None:

@@ -1,0 +1,126 @@
+"""Which program runs a verified version on this agent: its AOTInductor package (`cluster deploy --compile`) when
+compiled.json says it was built for this agent's device kind, torch build and CPU architecture (and CUDA
+capability), else the exported program (model.pt2, always in the version), with the reason.
+
+The package is loaded from the verified bytes (ModelBytes.read_file: the sealed memfd, by its /proc/self/fd path)
+with torch's C++ package loader, which extracts the shared library and dlopens it; torch's Python load_pt2 is not
+used (it wants a path ending in .pt2, and would also load any exported programs or pickles an archive held, which
+model_check refuses anyway). A package is native code: see README, Trust model.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import threading
+from typing import Any
+
+import torch
+
+from cluster.model_check import COMPILED_FILE, check_compiled
+from cluster.repository import ModelBytes, RepositoryError, describe_error, package_file
+
+log = logging.getLogger("cluster.agent")
+_FALLBACK = "running the exported program"
+# Held while torch loads a program or a package: torch.export.load sets a module-global deserializer (two loader
+# threads, config.LOAD_THREADS, failed with "_CURRENT_DESERIALIZER is already set"), and both import torch._dynamo
+# and torch._inductor on first use, which two threads at once leave half-initialised.
+TORCH_LOAD = threading.RLock()
+
+
+def device_kind(device: str) -> str:
+    """ "cuda" for cuda and cuda:N, else "cpu"."""
+    return "cuda" if device.split(":")[0] == "cuda" else "cpu"
+
+
+def mismatch(entry: dict, device: str) -> str:
+    """Why a package compiled as `entry` (compiled.json) cannot run here; "" when it can. The torch version must be
+    equal, local part included (2.13.0+cpu and 2.13.0+cu126 are different builds of libtorch: the package's library
+    calls into it)."""
+    kind = device_kind(device)
+    if entry.get("device") != kind:
+        return f"it was compiled for {entry.get('device')}, this agent runs on {kind}"
+    if entry.get("torch") != torch.__version__:
+        return f"it was compiled with torch {entry.get('torch')}, this agent has torch {torch.__version__}"
+    if entry.get("arch") != platform.machine():
+        return f"it was compiled for CPU architecture {entry.get('arch')}, this agent's is {platform.machine()}"
+    if kind == "cuda":
+        index = torch.device(device).index or 0
+        here = "{}.{}".format(*torch.cuda.get_device_capability(index))
+        if entry.get("cuda_arch") != here:
+            return f"it was compiled for CUDA capability {entry.get('cuda_arch')}, this agent's GPU has {here}"
+    return ""
+
+
+def compiled_runner(verified: ModelBytes, device: str) -> tuple[Any, str]:
+    """(a callable that loads one instance of the package, "") when this version has a package that fits this
+    agent; (None, why not) otherwise ("" when the version has no compiled package at all)."""
+    if verified.config.platform != "torch_export" or not verified.has_file(COMPILED_FILE):
+        return None, ""
+    where = f"model '{verified.name}' version {verified.version}"
+    fname = package_file(device_kind(device))
+    try:
+        packages = check_compiled(bytes(verified.read_file(COMPILED_FILE)), f"{where}: {COMPILED_FILE}")
+    except RepositoryError as exc:
+        return None, f"{COMPILED_FILE} is not valid ({exc}); running the exported program"
+    entry = packages.get(fname)
+    if entry is None or not verified.has_file(fname):
+        compiled_for = ", ".join(sorted(packages)) or "nothing"
+        return None, f"no package for {device_kind(device)} ({COMPILED_FILE} lists {compiled_for}); {_FALLBACK}"
+    why = mismatch(entry, device)
+    if why:
+        return None, f"{fname} refused: {why}; running the exported program"
+    try:
+        data = verified.read_file(fname)  # hashed and layout-checked (model_check) from the bytes returned
+    except RepositoryError as exc:
+        return None, f"{fname} refused: {exc}; running the exported program"
+    return lambda: _load_package(data, device), ""
+
+
+def _load_package(data: Any, device: str) -> Any:
+    """One instance of the package (its own loader: instances share nothing), from the sealed memfd's path; from a
+    private temporary file where the reader returned plain bytes (no memfds)."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    index = torch.device(device).index if device_kind(device) == "cuda" else None
+    path = getattr(data, "path", None)
+    if path is not None:
+        model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index or -1))
+    else:
+        with tempfile.NamedTemporaryFile(suffix=".pt2") as file:  # mode 0600, removed once torch has extracted it
+            file.write(data)
+            file.flush()
+            model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, index or -1))
+    model.package_bytes = len(data)  # its weights live in the library: what measure_memory counts for it
+    return model
+
+
+def load_compiled(verified: ModelBytes, device: str, instances: int) -> tuple[list[Any], str]:
+    """(the package's instances, "") when it fits this agent and loads; ([], why not) to run the exported program
+    instead (logged)."""
+    runner, why = compiled_runner(verified, device)
+    if runner is not None:
+        try:
+            with TORCH_LOAD:
+                loaded = [runner() for _ in range(instances)]
+            _probe(loaded[0], verified, device)
+            log.info("model %s v%d runs its AOTInductor package", verified.name, verified.version)
+            return loaded, ""
+        except Exception as exc:
+            why = f"{package_file(device_kind(device))} did not load ({describe_error(exc, 300)}); {_FALLBACK}"
+    if why:
+        log.warning("model %s v%d: %s", verified.name, verified.version, why)
+    return [], why
+
+
+def _probe(package: Any, verified: ModelBytes, device: str) -> None:
+    """One inference on the config's warm-up inputs, so a package that loads but cannot run them (a batch range that
+    leaves them out, another input layout) falls back to the exported program instead of failing the version. Not
+    where the model's inputs are not the config's (a pre-processing program, BYTES): the warm-up checks those."""
+    arrays = list(verified.config.warmup_inputs().values())
+    if verified.has_file("preprocess.pt2") or any(array.dtype == object for array in arrays):
+        return
+    inputs = [torch.from_numpy(array).to(device) for array in arrays]
+    with torch.inference_mode():
+        package(*inputs)
