@@ -274,7 +274,9 @@ def compile_refusal(file_name: str, device: Any) -> str:
     return ""
 
 
-def compile_upload(share_dir: Path, name: str, data: bytes, config: dict | None, device: str, folder: Path) -> dict:
+def compile_upload(
+    share_dir: Path, name: str, data: bytes, config: dict | None, device: str, folder: Path, preprocess: bool = False
+) -> dict:
     """Compile an upload in a child process (`python -m cluster.compile`: torch stays out of the caller) with a
     deadline; {file name: path} of the package and compiled.json, in `folder`. RepositoryError if it fails."""
     program, config_path = folder / "model.pt2", folder / CONFIG_FILE
@@ -284,6 +286,7 @@ def compile_upload(share_dir: Path, name: str, data: bytes, config: dict | None,
     )
     config_path.write_bytes(config_file_bytes(parsed))
     argv = [sys.executable, "-m", "cluster.compile", str(program), str(config_path), str(folder), "--device", device]
+    argv += ["--preprocess"] if preprocess else []  # the model's inputs are preprocess.pt2's outputs
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -321,7 +324,8 @@ def publish_upload(
         if version in repo.versions(name):
             version = None
         with tempfile.TemporaryDirectory(prefix="cluster-compile-") as folder:
-            extra = compile_upload(Path(share_dir), name, data, config, compile_for, Path(folder))
+            preprocess = "preprocess.pt2" in (programs or {})
+            extra = compile_upload(Path(share_dir), name, data, config, compile_for, Path(folder), preprocess)
             published = publish_version(
                 share_dir, name, file_name, config, version, data=data, programs=programs, extra=extra
             )

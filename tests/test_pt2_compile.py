@@ -350,3 +350,34 @@ def test_grpc_load_passes_compile_and_rest_refuses_compile_without_the_file(monk
     monkeypatch.undo()
     with pytest.raises(HTTPError, match="parameter 'compile': send the exported program with it"):
         asyncio.run(repository.load_model(None, "m", None, {}, compile_for="cpu"))
+
+
+@pytest.mark.cluster  # an AOT compile (seconds, in the manager's child process): kept out of the fast subset
+def test_a_model_with_a_decoded_bytes_input_and_pre_post_programs_is_compiled_and_served_compiled(tmp_path):
+    """The config's input is BYTES (decoded JPEGs through preprocess.pt2): the model's own inputs are the program's
+    (float [N, 3, 32, 32]), not the config's. The manager's publish path compiles it, publishes the programs in
+    the same version, and an agent runs the package inside the pipeline, answering like the modules run directly."""
+    from cluster.agent.loaded_model import load_model
+    from cluster.publish import publish_upload
+    from tests import bytes_models
+
+    (tmp_path / "programs").mkdir()
+    programs = bytes_models.export_all(tmp_path / "programs")
+    share = tmp_path / "share"
+    sent = {f: programs[f].read_bytes() for f in ("preprocess.pt2", "postprocess.pt2")}
+    data = programs["model.pt2"].read_bytes()
+    version, published = publish_upload(
+        share, "classifier", "model.pt2", data, bytes_models.CONFIG, 1, programs=sent, compile_for="cpu"
+    )
+    assert (version, published) == (1, True)
+    files = set(json.loads((share / "models/classifier/1/manifest.json").read_text())["files"])
+    assert {"model.aoti-cpu.pt2", "compiled.json", "preprocess.pt2", "postprocess.pt2"} <= files
+    loaded = load_model(ModelRepository(share), "classifier", 1)
+    assert loaded.runs == "aoti", loaded.runs_why
+    images = bytes_models.sample_images(3)  # each of another size
+    expected_class, expected_score = bytes_models.reference([bytes_models.decoded(i) for i in images])
+    batch = np.empty(len(images), dtype=object)
+    batch[:] = images
+    out = loaded.infer({"image": batch})
+    np.testing.assert_array_equal(out["class"].numpy(), expected_class)
+    np.testing.assert_allclose(out["score"].numpy(), expected_score, rtol=RTOL, atol=ATOL)
