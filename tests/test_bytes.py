@@ -421,3 +421,14 @@ def test_a_compiled_package_that_fails_the_warm_up_behind_preprocess_falls_back_
     images = bytes_models.sample_images(2)
     expected_class, _ = bytes_models.reference([bytes_models.decoded(i) for i in images])
     np.testing.assert_array_equal(model.infer({"image": _objects(images)})["class"].numpy(), expected_class)
+
+
+def test_many_images_that_together_pass_the_total_pixel_bound_are_refused(loaded, monkeypatch):
+    """Each image under max_pixels, but together more than DECODE_MAX_TOTAL_PIXELS (many small files that each
+    inflate to the per-image limit): refused as a bad request, naming the bound; fewer images still served."""
+    from cluster.agent import pipeline
+
+    monkeypatch.setattr(pipeline, "DECODE_MAX_TOTAL_PIXELS", 3 * 16 * 16, raising=False)
+    with pytest.raises(DecodeError, match=r"element 3: the images of this request decode to more than 768 pixels"):
+        loaded.infer({"image": _objects([tiny_image(3)] * 4)})
+    assert loaded.infer({"image": _objects([tiny_image(3)] * 3)})["class"].shape == (3, 1)
