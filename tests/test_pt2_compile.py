@@ -381,3 +381,32 @@ def test_a_model_with_a_decoded_bytes_input_and_pre_post_programs_is_compiled_an
     out = loaded.infer({"image": batch})
     np.testing.assert_array_equal(out["class"].numpy(), expected_class)
     np.testing.assert_allclose(out["score"].numpy(), expected_score, rtol=RTOL, atol=ATOL)
+
+
+def test_loading_the_same_files_with_compile_twice_reuses_the_compiled_version(tmp_path, monkeypatch):
+    """Versions never change, and loading the same files twice is a no-op: with `compile` too, when the version
+    asked for already holds these files and a package for that device kind. A version without one gets the next
+    number (it cannot gain a package)."""
+    from cluster import publish
+    from cluster.compile import compiled_json
+    from tests.pt2_payloads import CONFIG, Small
+
+    compiles = []
+
+    def compile_upload(share_dir, name, data, config, device, folder, preprocess=False):
+        compiles.append(device)
+        (folder / "compiled.json").write_bytes(compiled_json({"model.aoti-cpu.pt2": entry()}))
+        return {
+            "model.aoti-cpu.pt2": fake_package(folder / "model.aoti-cpu.pt2"),
+            "compiled.json": folder / "compiled.json",
+        }
+
+    monkeypatch.setattr(publish, "compile_upload", compile_upload)
+    program = tmp_path / "small.pt2"
+    torch.export.save(torch.export.export(Small().eval(), (torch.zeros(2, 4),)), program)
+    data, share = program.read_bytes(), tmp_path / "share"
+    assert publish.publish_upload(share, "small", "model.pt2", data, CONFIG, 1) == (1, True)  # not compiled
+    assert publish.publish_upload(share, "small", "model.pt2", data, CONFIG, 1, compile_for="cpu") == (2, True)
+    assert publish.publish_upload(share, "small", "model.pt2", data, CONFIG, 2, compile_for="cpu") == (2, False)
+    assert publish.publish_upload(share, "small", "model.pt2", data, None, 2, compile_for="cpu") == (2, False)
+    assert compiles == ["cpu"]
