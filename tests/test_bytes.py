@@ -432,3 +432,18 @@ def test_many_images_that_together_pass_the_total_pixel_bound_are_refused(loaded
     with pytest.raises(DecodeError, match=r"element 3: the images of this request decode to more than 768 pixels"):
         loaded.infer({"image": _objects([tiny_image(3)] * 4)})
     assert loaded.infer({"image": _objects([tiny_image(3)] * 3)})["class"].shape == (3, 1)
+
+
+def test_the_memory_measured_at_load_counts_the_pre_and_post_programs(share):
+    """Placement fills budgets with LoadedModel.memory: a version's preprocess.pt2 and postprocess.pt2 hold weights
+    too (here the normalisation's mean and std), one copy per instance."""
+    from cluster.agent.loaded_model import load_model
+    from cluster.repository import ModelRepository
+
+    def tensor_bytes(module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+    pre, net, post = bytes_models.modules()
+    model = load_model(ModelRepository(share), "classifier", 1)
+    assert tensor_bytes(pre) > 0
+    assert model.memory == tensor_bytes(pre) + tensor_bytes(net) + tensor_bytes(post)

@@ -259,7 +259,9 @@ def _load(repository: ModelRepository, name: str, version: int, device: str, pac
         if compiled:
             raise _PackageWarmupError(str(exc)) from exc
         raise
-    model.memory = config.memory_mb * 2**20 or measure_memory(model.instances, loaded_bytes)
+    # every instance, and each instance's preprocess.pt2 / postprocess.pt2 (their weights are held as well)
+    measured = measure_memory(model.instances, loaded_bytes) + measure_memory(pipeline.pre + pipeline.post)
+    model.memory = config.memory_mb * 2**20 or measured
     sizes = model.warmup_sizes
     listed = f"{sizes[0]}-{sizes[-1]}" if sizes == list(range(sizes[0], sizes[-1] + 1)) and len(sizes) > 2 else sizes
     log.info(
