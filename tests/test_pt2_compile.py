@@ -410,3 +410,15 @@ def test_loading_the_same_files_with_compile_twice_reuses_the_compiled_version(t
     assert publish.publish_upload(share, "small", "model.pt2", data, CONFIG, 2, compile_for="cpu") == (2, False)
     assert publish.publish_upload(share, "small", "model.pt2", data, None, 2, compile_for="cpu") == (2, False)
     assert compiles == ["cpu"]
+
+
+def test_model_check_refuses_a_package_whose_root_folder_climbs_out(tmp_path):
+    """torch's package loader extracts entries to <temp dir>/<entry name>: a root folder named '..' would write the
+    library outside its temporary folder. AOTInductor never writes one."""
+    ok = fake_package(tmp_path / "ok.pt2")
+    climbing = tmp_path / "climb.pt2"
+    with zipfile.ZipFile(ok) as src, zipfile.ZipFile(climbing, "w") as dst:
+        for info in src.infolist():
+            dst.writestr("../" + info.filename.split("/", 1)[1], src.read(info))
+    with pytest.raises(RepositoryError, match=r"refusing the AOTInductor package's root folder '\.\.'"):
+        check_model_file("model.aoti-cpu.pt2", climbing.read_bytes(), "here")
