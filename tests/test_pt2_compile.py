@@ -422,3 +422,28 @@ def test_model_check_refuses_a_package_whose_root_folder_climbs_out(tmp_path):
             dst.writestr("../" + info.filename.split("/", 1)[1], src.read(info))
     with pytest.raises(RepositoryError, match=r"refusing the AOTInductor package's root folder '\.\.'"):
         check_model_file("model.aoti-cpu.pt2", climbing.read_bytes(), "here")
+
+
+def test_a_package_compiled_for_fewer_rows_than_max_batch_size_is_refused_for_the_exported_program():
+    """A program exported with Dim("batch", max=8) compiles to a package for 1..8 rows; the package does not check
+    its range when run, so with max_batch_size 32 the agent runs the exported program (whose own range check then
+    names the problem at warm-up) instead of the package outside what it was built for."""
+    from cluster.agent import programs
+    from cluster.compile import compiled_json
+    from cluster.repository import ModelBytes
+
+    config = ModelConfig.from_dict({**pt2_models.CNN_CONFIG, "platform": "torch_export"}, name="cnn")  # 32 rows
+    for batch, refused in (([1, 8], True), ([1, 32], False), ([1, 1024], False)):
+        doc = compiled_json({"model.aoti-cpu.pt2": entry(arch=programs.platform.machine(), batch=batch)})
+        files = {"compiled.json": "0" * 64, "model.aoti-cpu.pt2": "0" * 64}
+        reads = {"compiled.json": doc, "model.aoti-cpu.pt2": b"package"}
+        verified = ModelBytes("cnn", 1, config, Path("model.pt2"), b"", files, reads.__getitem__)
+        runner, why = programs.compiled_runner(verified, "cpu")
+        if refused:
+            assert runner is None
+            assert why == (
+                "model.aoti-cpu.pt2 refused: it was compiled for batches of 1 to 8 rows, this model runs 1 to 32; "
+                "running the exported program"
+            )
+        else:
+            assert runner is not None and why == ""
