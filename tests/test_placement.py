@@ -339,3 +339,13 @@ def test_a_heartbeat_with_a_malformed_model_info_entry_does_not_stop_the_manager
     for info in ({"C": ["1"]}, {"C": {"1": "x"}}, {"C": {"1": {"memory": "5", "runs": 1}}}):
         agent = {"rss": 2**20, "memory_budget": 2**30, "model_info": info}
         assert _memory(agent) == "1 MiB; models 0 B of 1.0 GiB" and _runs(agent, {"name": "C", "version": 1}) == ""
+
+
+def test_a_shortfall_names_agents_whose_serves_only_list_is_not_all_names(tmp_path):
+    """serves_only is kept from a heartbeat when it is a list (Heartbeat.from_wire): the shortfall message, built in
+    the manager's tick, must not fail on what the list holds."""
+    header = {"agent": "a1", "capacity": 4, "models": [], "memory_budget": GiB, "serves_only": [1, None]}
+    beat = Heartbeat.from_wire(header)
+    agents = {"a1": Host("a1", beat.memory_budget, beat.serves_only)}
+    result = plan({"m": Want(1, GiB)}, agents, {})
+    assert result.short["m"].endswith("no live agent can hold it: a1 (serves only 1,None)")
