@@ -447,3 +447,17 @@ def test_a_package_compiled_for_fewer_rows_than_max_batch_size_is_refused_for_th
             )
         else:
             assert runner is not None and why == ""
+
+
+def test_compile_reads_the_model_s_inputs_from_the_program_where_preprocess_feeds_it(tmp_path):
+    """With preprocess.pt2 (here: 64 x 64 images resized to 32 x 32), the model's inputs are not the config's:
+    `cluster deploy --compile --preprocess` and the manager's compile (`--preprocess`) take them from the program."""
+    from cluster.compile import model_inputs
+    from tests import bytes_models
+
+    program = torch.export.load(bytes_models.export_all(tmp_path)["model.pt2"])
+    config = ModelConfig.from_dict(
+        {**pt2_models.CNN_CONFIG, "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]}, "c"
+    )
+    (spec,) = model_inputs(program, config).inputs
+    assert (spec.datatype, spec.shape) == ("FP32", [-1, 3, bytes_models.SIDE, bytes_models.SIDE])
