@@ -13,6 +13,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 
 from cluster.config import COMPILE_ATOL, COMPILE_MAX_BATCH, COMPILE_RTOL
 from cluster.model_check import COMPILED_FILE, check_model_file
-from cluster.model_config import ModelConfig, RepositoryError
+from cluster.model_config import ModelConfig, RepositoryError, TensorSpec
 from cluster.protocol import DATATYPES
 from cluster.repository import package_file
 
@@ -34,10 +35,12 @@ def batch_bound(config: ModelConfig) -> int:
 
 
 def compile_program(
-    program: str | Path, config: ModelConfig, out_dir: str | Path, device: str = "cpu"
+    program: str | Path, config: ModelConfig, out_dir: str | Path, device: str = "cpu", preprocess: bool = False
 ) -> tuple[Path, dict]:
     """(package path in `out_dir`, its compiled.json entry). RepositoryError when the program cannot be compiled
-    with a dynamic batch dimension, or when the package does not answer like the program on a sample."""
+    with a dynamic batch dimension, or when the package does not answer like the program on a sample. With a
+    decoded BYTES input or a `preprocess` program, the model's inputs are not the config's: they are read from the
+    program itself (model_inputs)."""
     if device not in DEVICE_KINDS:
         raise RepositoryError(f"cannot compile for device {device!r}: expected one of {', '.join(DEVICE_KINDS)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -48,6 +51,8 @@ def compile_program(
         check_model_file("model.pt2", stream, where)  # what model_check admits, before torch.export.load
     started = time.monotonic()
     exported = torch.export.load(program)
+    if preprocess or any(spec.datatype == "BYTES" for spec in config.inputs):
+        config = model_inputs(exported, config)
     bound = batch_bound(config)
     exported, batch = _dynamic(exported, config, _samples(config, min(3, bound)), bound, where)
     # checked at the smallest batch and at 3 rows (or the largest, if less)
@@ -100,6 +105,27 @@ def _samples(config: ModelConfig, rows: int) -> tuple[torch.Tensor, ...]:
         else:
             samples.append(torch.randint(0, 8, shape, generator=generator).to(dtype))
     return tuple(samples)
+
+
+def model_inputs(exported: Any, config: ModelConfig) -> ModelConfig:
+    """The config with the program's own inputs (name, dtype, shape; the first dimension is the batch, -1): what
+    the model takes after decode / preprocess.pt2 (cluster/agent/pipeline.py), not what the client sends."""
+    datatypes = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items() if name != "BYTES"}
+    names = _user_input_names(exported)
+    specs = []
+    for node in (n for n in exported.graph.nodes if n.op == "placeholder" and n.name in names):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dtype not in datatypes or value.dim() == 0:
+            raise RepositoryError(f"cannot compile: the program's input '{node.name}' is not a batched tensor")
+        dims = [d if isinstance(d, int) else _size_hint(exported, d) for d in value.shape[1:]]
+        specs.append(TensorSpec(node.name, datatypes[value.dtype], [-1, *dims]))
+    return replace(config, inputs=specs, decode=None)
+
+
+def _size_hint(exported: Any, size: Any) -> int:
+    """A concrete size for a dynamic dimension other than the batch (an image's height): its lowest allowed."""
+    ranges = exported.range_constraints.get(size.node.expr)
+    return max(2, int(ranges.lower)) if ranges is not None else 2
 
 
 def _batched(config: ModelConfig) -> list[bool]:
@@ -173,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="the model's config.json")
     parser.add_argument("out_dir", help="where model.aoti-<device>.pt2 and compiled.json are written")
     parser.add_argument("--device", default="cpu", choices=DEVICE_KINDS)
+    parser.add_argument("--preprocess", action="store_true", help="the version has a preprocess.pt2")
     args = parser.parse_args(argv)
     try:
         data = json.loads(Path(args.config).read_text())
         name = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else "model"
         config = ModelConfig.from_dict(data, name=name)
-        path, entry = compile_program(args.program, config, args.out_dir, args.device)
+        path, entry = compile_program(args.program, config, args.out_dir, args.device, args.preprocess)
     except (OSError, ValueError, RepositoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -56,6 +56,9 @@ MAX_DIMS = 16  # dimensions of one tensor
 # A BYTES input's built-in image decode (config `decode`): the most pixels (width x height) one image may decode to,
 # checked from its header before any pixel is decoded, so a decompression bomb is refused (a config may set less).
 DECODE_MAX_PIXELS = 64 * 1024 * 1024
+# ... and the most all the images of one forward pass may decode to together (a request, or a batch of them): each
+# image under its limit, many small files that each inflate to DECODE_MAX_PIXELS would still take gigabytes.
+DECODE_MAX_TOTAL_PIXELS = 4 * DECODE_MAX_PIXELS
 # `cluster deploy --compile` (AOTInductor): the largest batch a package is compiled for when the config sets no
 # max_batch_size, and how close its outputs must be to the exported program's on a sample (checked at compile time;
 # inductor fuses and reorders float arithmetic, so equality is not expected).

@@ -51,6 +51,7 @@ _AOTI_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version"
 _AOTI_ENTRY = re.compile(
     r"data/aotinductor/model/[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.(cpp|h|so|json|o|bin|cubin|fatbin|ptx|spv|hsaco)"
 )
+_AOTI_ROOT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")  # not "..", nothing with a "/" or "\\"
 _COMPILED_KEYS = {"device", "torch", "arch", "cuda_arch", "batch", "seconds", "compiled", "rtol", "atol"}
 
 # Entries of a torch.export archive, under its one root folder (torch 2.13: <root>/...).
@@ -392,6 +393,8 @@ def _check_aoti(source: Any, where: str) -> None:
     archive = _zip(source, where, "an AOTInductor package")
     with archive:
         root, entries = _entries(archive, where)
+        if not _AOTI_ROOT.fullmatch(root):  # torch's package loader extracts each entry under its temp dir by name
+            raise _refuse(where, f"refusing the AOTInductor package's root folder {root[:80]!r}: not a plain name")
         for entry in entries:
             if entry.endswith("/") or entry in _AOTI_FIXED or _AOTI_ENTRY.fullmatch(entry):
                 continue

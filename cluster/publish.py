@@ -37,6 +37,7 @@ from cluster.repository import (
     check_name,
     check_version,
     is_int,
+    package_file,
     versions_of,
 )
 
@@ -274,7 +275,9 @@ def compile_refusal(file_name: str, device: Any) -> str:
     return ""
 
 
-def compile_upload(share_dir: Path, name: str, data: bytes, config: dict | None, device: str, folder: Path) -> dict:
+def compile_upload(
+    share_dir: Path, name: str, data: bytes, config: dict | None, device: str, folder: Path, preprocess: bool = False
+) -> dict:
     """Compile an upload in a child process (`python -m cluster.compile`: torch stays out of the caller) with a
     deadline; {file name: path} of the package and compiled.json, in `folder`. RepositoryError if it fails."""
     program, config_path = folder / "model.pt2", folder / CONFIG_FILE
@@ -284,6 +287,7 @@ def compile_upload(share_dir: Path, name: str, data: bytes, config: dict | None,
     )
     config_path.write_bytes(config_file_bytes(parsed))
     argv = [sys.executable, "-m", "cluster.compile", str(program), str(config_path), str(folder), "--device", device]
+    argv += ["--preprocess"] if preprocess else []  # the model's inputs are preprocess.pt2's outputs
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -310,22 +314,13 @@ def publish_upload(
     bytes (and this config, when one is given), that version is reused (published False: loading the same files
     twice is a no-op); one that exists with other content gets the next free number instead; a version not yet on
     the share is published under the number asked for. `compile_for` ("cpu", "cuda"): compiled first
-    (compile_upload), always as a new version."""
+    (compile_upload), unless the version asked for has these files and a package for that device kind already."""
     check_name(name)
     if file_name not in MODEL_FILES:
         raise RepositoryError(
             f"cannot publish model '{name}': the model file must be named {' or '.join(MODEL_FILES)}, got {file_name!r}"
         )
     repo = ModelRepository(share_dir)
-    if compile_for is not None:
-        if version in repo.versions(name):
-            version = None
-        with tempfile.TemporaryDirectory(prefix="cluster-compile-") as folder:
-            extra = compile_upload(Path(share_dir), name, data, config, compile_for, Path(folder))
-            published = publish_version(
-                share_dir, name, file_name, config, version, data=data, programs=programs, extra=extra
-            )
-            return published, True
     if version is not None and version in repo.versions(name):
         try:
             files = repo.verify(name, version)
@@ -339,9 +334,18 @@ def publish_upload(
             files.get(CONFIG_FILE)
             == hashlib.sha256(config_file_bytes(ModelConfig.from_dict(config, name=name))).hexdigest()
         )
-        if same_model and same_config:
+        compiled = compile_for is None or package_file(compile_for) in files  # a compile asked: has that package
+        if same_model and same_config and compiled:
             return version, False
         version = None  # taken by other content: the next number
+    if compile_for is not None:
+        with tempfile.TemporaryDirectory(prefix="cluster-compile-") as folder:
+            preprocess = "preprocess.pt2" in (programs or {})
+            extra = compile_upload(Path(share_dir), name, data, config, compile_for, Path(folder), preprocess)
+            published = publish_version(
+                share_dir, name, file_name, config, version, data=data, programs=programs, extra=extra
+            )
+            return published, True
     return publish_version(share_dir, name, file_name, config, version, data=data, programs=programs), True
 
 

@@ -400,3 +400,50 @@ def test_a_preprocess_without_decode_takes_every_input_and_gives_the_models_argu
     assert pipeline.outputs((args[0], args[1])).tolist() == [8.0]
     with pytest.raises(InputError, match="input 'a' is BYTES"):
         pipeline.model_args([_objects([b"x"]), b], "cpu")
+
+
+def test_a_compiled_package_that_fails_the_warm_up_behind_preprocess_falls_back_to_the_exported_program(
+    share, monkeypatch
+):
+    """The package's probe is skipped where preprocess.pt2 feeds the model, so the warm-up is the first run of the
+    package: one that fails there (here: compiled for another image size) runs the exported program instead of
+    failing the version, and says why."""
+    from cluster.agent import loaded_model
+    from cluster.repository import ModelRepository
+
+    def package(x):
+        raise RuntimeError(f"input 0: expected size 64 at dim 2, got {x.shape[2]}")
+
+    monkeypatch.setattr(loaded_model, "load_compiled", lambda verified, device, n: ([package] * n, ""))
+    model = loaded_model.load_model(ModelRepository(share), "classifier", 1)
+    assert model.runs == "exported"
+    assert "model.aoti-cpu.pt2 failed the warm-up" in model.runs_why and "expected size 64" in model.runs_why
+    images = bytes_models.sample_images(2)
+    expected_class, _ = bytes_models.reference([bytes_models.decoded(i) for i in images])
+    np.testing.assert_array_equal(model.infer({"image": _objects(images)})["class"].numpy(), expected_class)
+
+
+def test_many_images_that_together_pass_the_total_pixel_bound_are_refused(loaded, monkeypatch):
+    """Each image under max_pixels, but together more than DECODE_MAX_TOTAL_PIXELS (many small files that each
+    inflate to the per-image limit): refused as a bad request, naming the bound; fewer images still served."""
+    from cluster.agent import pipeline
+
+    monkeypatch.setattr(pipeline, "DECODE_MAX_TOTAL_PIXELS", 3 * 16 * 16, raising=False)
+    with pytest.raises(DecodeError, match=r"element 3: the images of this request decode to more than 768 pixels"):
+        loaded.infer({"image": _objects([tiny_image(3)] * 4)})
+    assert loaded.infer({"image": _objects([tiny_image(3)] * 3)})["class"].shape == (3, 1)
+
+
+def test_the_memory_measured_at_load_counts_the_pre_and_post_programs(share):
+    """Placement fills budgets with LoadedModel.memory: a version's preprocess.pt2 and postprocess.pt2 hold weights
+    too (here the normalisation's mean and std), one copy per instance."""
+    from cluster.agent.loaded_model import load_model
+    from cluster.repository import ModelRepository
+
+    def tensor_bytes(module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+    pre, net, post = bytes_models.modules()
+    model = load_model(ModelRepository(share), "classifier", 1)
+    assert tensor_bytes(pre) > 0
+    assert model.memory == tensor_bytes(pre) + tensor_bytes(net) + tensor_bytes(post)

@@ -320,3 +320,32 @@ def test_a_publish_over_the_bus_that_cannot_fit_is_refused_before_its_upload(tmp
             manager.check_publish(dict(header, config=config), size=3 * 2**29)
     finally:
         manager.close()
+
+
+def test_a_heartbeat_with_a_malformed_model_info_entry_does_not_stop_the_manager_s_tick(tmp_path):
+    """model_info is informational (Heartbeat.from_wire keeps it when it is a dict): an agent that sends a model's
+    entry as something else (another version's format, a bug) is ignored for the measure, never an exception in
+    the manager's tick (which would end the manager's loop) or its `deployments` answer."""
+    publish(tmp_path, "C", 1, replicas=1)
+    d = deployments(tmp_path, {"a1": 1})
+    d.command("deploy", {"name": "C"}, REQUESTER, now=0.0)
+    for info in ({"C": ["1", {"memory": 5}]}, {"C": "x"}, {"C": {"1": 7}}):
+        header = {"agent": "a2", "capacity": 4, "models": [], "memory_budget": GiB, "model_info": info}
+        d.registry.observe(Heartbeat.from_wire(header), 1.0)
+        d.tick(1.0)
+        assert d.describe()["C"]["memory_from"] == "estimated"
+    from cluster.cli.health import _memory, _runs  # `cluster status` shows the same heartbeats
+
+    for info in ({"C": ["1"]}, {"C": {"1": "x"}}, {"C": {"1": {"memory": "5", "runs": 1}}}):
+        agent = {"rss": 2**20, "memory_budget": 2**30, "model_info": info}
+        assert _memory(agent) == "1 MiB; models 0 B of 1.0 GiB" and _runs(agent, {"name": "C", "version": 1}) == ""
+
+
+def test_a_shortfall_names_agents_whose_serves_only_list_is_not_all_names(tmp_path):
+    """serves_only is kept from a heartbeat when it is a list (Heartbeat.from_wire): the shortfall message, built in
+    the manager's tick, must not fail on what the list holds."""
+    header = {"agent": "a1", "capacity": 4, "models": [], "memory_budget": GiB, "serves_only": [1, None]}
+    beat = Heartbeat.from_wire(header)
+    agents = {"a1": Host("a1", beat.memory_budget, beat.serves_only)}
+    result = plan({"m": Want(1, GiB)}, agents, {})
+    assert result.short["m"].endswith("no live agent can hold it: a1 (serves only 1,None)")

@@ -350,3 +350,114 @@ def test_grpc_load_passes_compile_and_rest_refuses_compile_without_the_file(monk
     monkeypatch.undo()
     with pytest.raises(HTTPError, match="parameter 'compile': send the exported program with it"):
         asyncio.run(repository.load_model(None, "m", None, {}, compile_for="cpu"))
+
+
+@pytest.mark.cluster  # an AOT compile (seconds, in the manager's child process): kept out of the fast subset
+def test_a_model_with_a_decoded_bytes_input_and_pre_post_programs_is_compiled_and_served_compiled(tmp_path):
+    """The config's input is BYTES (decoded JPEGs through preprocess.pt2): the model's own inputs are the program's
+    (float [N, 3, 32, 32]), not the config's. The manager's publish path compiles it, publishes the programs in
+    the same version, and an agent runs the package inside the pipeline, answering like the modules run directly."""
+    from cluster.agent.loaded_model import load_model
+    from cluster.publish import publish_upload
+    from tests import bytes_models
+
+    (tmp_path / "programs").mkdir()
+    programs = bytes_models.export_all(tmp_path / "programs")
+    share = tmp_path / "share"
+    sent = {f: programs[f].read_bytes() for f in ("preprocess.pt2", "postprocess.pt2")}
+    data = programs["model.pt2"].read_bytes()
+    version, published = publish_upload(
+        share, "classifier", "model.pt2", data, bytes_models.CONFIG, 1, programs=sent, compile_for="cpu"
+    )
+    assert (version, published) == (1, True)
+    files = set(json.loads((share / "models/classifier/1/manifest.json").read_text())["files"])
+    assert {"model.aoti-cpu.pt2", "compiled.json", "preprocess.pt2", "postprocess.pt2"} <= files
+    loaded = load_model(ModelRepository(share), "classifier", 1)
+    assert loaded.runs == "aoti", loaded.runs_why
+    images = bytes_models.sample_images(3)  # each of another size
+    expected_class, expected_score = bytes_models.reference([bytes_models.decoded(i) for i in images])
+    batch = np.empty(len(images), dtype=object)
+    batch[:] = images
+    out = loaded.infer({"image": batch})
+    np.testing.assert_array_equal(out["class"].numpy(), expected_class)
+    np.testing.assert_allclose(out["score"].numpy(), expected_score, rtol=RTOL, atol=ATOL)
+
+
+def test_loading_the_same_files_with_compile_twice_reuses_the_compiled_version(tmp_path, monkeypatch):
+    """Versions never change, and loading the same files twice is a no-op: with `compile` too, when the version
+    asked for already holds these files and a package for that device kind. A version without one gets the next
+    number (it cannot gain a package)."""
+    from cluster import publish
+    from cluster.compile import compiled_json
+    from tests.pt2_payloads import CONFIG, Small
+
+    compiles = []
+
+    def compile_upload(share_dir, name, data, config, device, folder, preprocess=False):
+        compiles.append(device)
+        (folder / "compiled.json").write_bytes(compiled_json({"model.aoti-cpu.pt2": entry()}))
+        return {
+            "model.aoti-cpu.pt2": fake_package(folder / "model.aoti-cpu.pt2"),
+            "compiled.json": folder / "compiled.json",
+        }
+
+    monkeypatch.setattr(publish, "compile_upload", compile_upload)
+    program = tmp_path / "small.pt2"
+    torch.export.save(torch.export.export(Small().eval(), (torch.zeros(2, 4),)), program)
+    data, share = program.read_bytes(), tmp_path / "share"
+    assert publish.publish_upload(share, "small", "model.pt2", data, CONFIG, 1) == (1, True)  # not compiled
+    assert publish.publish_upload(share, "small", "model.pt2", data, CONFIG, 1, compile_for="cpu") == (2, True)
+    assert publish.publish_upload(share, "small", "model.pt2", data, CONFIG, 2, compile_for="cpu") == (2, False)
+    assert publish.publish_upload(share, "small", "model.pt2", data, None, 2, compile_for="cpu") == (2, False)
+    assert compiles == ["cpu"]
+
+
+def test_model_check_refuses_a_package_whose_root_folder_climbs_out(tmp_path):
+    """torch's package loader extracts entries to <temp dir>/<entry name>: a root folder named '..' would write the
+    library outside its temporary folder. AOTInductor never writes one."""
+    ok = fake_package(tmp_path / "ok.pt2")
+    climbing = tmp_path / "climb.pt2"
+    with zipfile.ZipFile(ok) as src, zipfile.ZipFile(climbing, "w") as dst:
+        for info in src.infolist():
+            dst.writestr("../" + info.filename.split("/", 1)[1], src.read(info))
+    with pytest.raises(RepositoryError, match=r"refusing the AOTInductor package's root folder '\.\.'"):
+        check_model_file("model.aoti-cpu.pt2", climbing.read_bytes(), "here")
+
+
+def test_a_package_compiled_for_fewer_rows_than_max_batch_size_is_refused_for_the_exported_program():
+    """A program exported with Dim("batch", max=8) compiles to a package for 1..8 rows; the package does not check
+    its range when run, so with max_batch_size 32 the agent runs the exported program (whose own range check then
+    names the problem at warm-up) instead of the package outside what it was built for."""
+    from cluster.agent import programs
+    from cluster.compile import compiled_json
+    from cluster.repository import ModelBytes
+
+    config = ModelConfig.from_dict({**pt2_models.CNN_CONFIG, "platform": "torch_export"}, name="cnn")  # 32 rows
+    for batch, refused in (([1, 8], True), ([1, 32], False), ([1, 1024], False)):
+        doc = compiled_json({"model.aoti-cpu.pt2": entry(arch=programs.platform.machine(), batch=batch)})
+        files = {"compiled.json": "0" * 64, "model.aoti-cpu.pt2": "0" * 64}
+        reads = {"compiled.json": doc, "model.aoti-cpu.pt2": b"package"}
+        verified = ModelBytes("cnn", 1, config, Path("model.pt2"), b"", files, reads.__getitem__)
+        runner, why = programs.compiled_runner(verified, "cpu")
+        if refused:
+            assert runner is None
+            assert why == (
+                "model.aoti-cpu.pt2 refused: it was compiled for batches of 1 to 8 rows, this model runs 1 to 32; "
+                "running the exported program"
+            )
+        else:
+            assert runner is not None and why == ""
+
+
+def test_compile_reads_the_model_s_inputs_from_the_program_where_preprocess_feeds_it(tmp_path):
+    """With preprocess.pt2 (here: 64 x 64 images resized to 32 x 32), the model's inputs are not the config's:
+    `cluster deploy --compile --preprocess` and the manager's compile (`--preprocess`) take them from the program."""
+    from cluster.compile import model_inputs
+    from tests import bytes_models
+
+    program = torch.export.load(bytes_models.export_all(tmp_path)["model.pt2"])
+    config = ModelConfig.from_dict(
+        {**pt2_models.CNN_CONFIG, "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]}, "c"
+    )
+    (spec,) = model_inputs(program, config).inputs
+    assert (spec.datatype, spec.shape) == ("FP32", [-1, 3, bytes_models.SIDE, bytes_models.SIDE])

@@ -39,12 +39,12 @@ import torch.utils._pytree as pytree
 
 from cluster.agent.memory import measure_memory
 from cluster.agent.pipeline import Pipeline, as_model_inputs
-from cluster.agent.programs import TORCH_LOAD, load_compiled
+from cluster.agent.programs import TORCH_LOAD, device_kind, load_compiled
 from cluster.config import MODEL_COPY_CHUNK
 from cluster.model_check import check_model_file
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
 from cluster.protocol import DATATYPES
-from cluster.repository import ModelBytes, ModelRepository, RepositoryError, describe_error
+from cluster.repository import ModelBytes, ModelRepository, RepositoryError, describe_error, package_file
 
 log = logging.getLogger("cluster.agent")
 # torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
@@ -217,11 +217,28 @@ def _batch_hint(config: ModelConfig) -> str:
     )
 
 
+class _PackageWarmupError(RepositoryError):
+    """The compiled package loaded but failed the warm-up: the exported program is loaded instead."""
+
+
 def load_model(repository: ModelRepository, name: str, version: int, device: str = "cpu") -> LoadedModel:
-    """Verify, load, warm up; RepositoryError says what is wrong with the version."""
+    """Verify, load, warm up; RepositoryError says what is wrong with the version. A compiled package that fails
+    the warm-up (programs._probe cannot try it where preprocess.pt2 or a decode step feeds the model, nor at every
+    batch size) falls back to the exported program, as one that does not load does."""
+    try:
+        return _load(repository, name, version, device, package=True)
+    except _PackageWarmupError as exc:
+        why = f"{package_file(device_kind(device))} failed the warm-up ({exc}); running the exported program"
+        log.warning("model %s v%d: %s", name, version, why)
+    model = _load(repository, name, version, device, package=False)
+    model.runs_why = why
+    return model
+
+
+def _load(repository: ModelRepository, name: str, version: int, device: str, package: bool) -> LoadedModel:
     with contextlib.ExitStack() as stack:
         verified = repository.read_model(name, version, reader=lambda path: _sealed_copy(path, stack))
-        compiled, runs_why = load_compiled(verified, device, verified.config.instances)  # [] if it does not fit here
+        compiled, runs_why = ([], "") if not package else load_compiled(verified, device, verified.config.instances)
         module = compiled[0] if compiled else _module(verified, device)
         copies = compiled[1:] if compiled else [_module(verified, device) for _ in range(verified.config.instances - 1)]
         config = verified.config
@@ -235,9 +252,16 @@ def load_model(repository: ModelRepository, name: str, version: int, device: str
     model = LoadedModel(name, version, config, module, device, copies)
     model.pipeline = pipeline
     model.runs, model.runs_why = ("aoti" if compiled else model.runs), runs_why
-    for instance in range(len(model.instances)):
-        model.warmup(instance)
-    model.memory = config.memory_mb * 2**20 or measure_memory(model.instances, loaded_bytes)
+    try:
+        for instance in range(len(model.instances)):
+            model.warmup(instance)
+    except RepositoryError as exc:
+        if compiled:
+            raise _PackageWarmupError(str(exc)) from exc
+        raise
+    # every instance, and each instance's preprocess.pt2 / postprocess.pt2 (their weights are held as well)
+    measured = measure_memory(model.instances, loaded_bytes) + measure_memory(pipeline.pre + pipeline.post)
+    model.memory = config.memory_mb * 2**20 or measured
     sizes = model.warmup_sizes
     listed = f"{sizes[0]}-{sizes[-1]}" if sizes == list(range(sizes[0], sizes[-1] + 1)) and len(sizes) > 2 else sizes
     log.info(

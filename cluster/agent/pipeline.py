@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from cluster.codec import to_torch
-from cluster.decode import decode_image
+from cluster.config import DECODE_MAX_TOTAL_PIXELS
+from cluster.decode import DecodeError, decode_image
 from cluster.model_config import InputError, ModelConfig, RepositoryError
 
 PREPROCESS_FILE = "preprocess.pt2"
@@ -74,10 +75,11 @@ class Pipeline:
         """The model's positional arguments from the inputs' values (the config's order)."""
         names = [s.name for s in self.config.inputs]
         decoded = {}
+        budget = [DECODE_MAX_TOTAL_PIXELS]  # pixels left for this pass's images, every decoded input
         for name, value in zip(names, values):
             step = self.decode.get(name)
             if step is not None:
-                decoded[name] = self._decode(name, value, step)
+                decoded[name] = self._decode(name, value, step, budget)
         pre = self.pre[instance % len(self.pre)] if self.pre else None
         args = []
         for name, value in zip(names, values):
@@ -97,11 +99,17 @@ class Pipeline:
             return result
         return self.post[instance % len(self.post)](*_values(result))
 
-    def _decode(self, name: str, value: np.ndarray, step: dict) -> list[torch.Tensor]:
+    def _decode(self, name: str, value: np.ndarray, step: dict, budget: list[int]) -> list[torch.Tensor]:
         images = []
         for i, data in enumerate(value.ravel()):
             what = f"input '{name}' element {i}"
             array = decode_image(data, step["channels"], step["max_pixels"], what)
+            budget[0] -= array.shape[0] * array.shape[1]
+            if budget[0] < 0:  # each image under max_pixels, but together a bomb
+                raise DecodeError(
+                    f"{what}: the images of this request decode to more than {DECODE_MAX_TOTAL_PIXELS} pixels "
+                    "in all; send fewer or smaller images per request"
+                )
             images.append(torch.from_numpy(array))
         if not images:
             raise InputError(f"input '{name}' holds no image")

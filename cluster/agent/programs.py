@@ -53,6 +53,17 @@ def mismatch(entry: dict, device: str) -> str:
     return ""
 
 
+def _outside(entry: dict, config: Any) -> str:
+    """Why a package's batch range (compiled.json) leaves out batches this model may run; "" when it covers them.
+    A package does not check its range when run: outside it, it runs code built on assumptions that do not hold."""
+    lo, hi = entry["batch"]
+    if config.max_batch_size <= 0 or lo == hi == 1:  # no row limit to cover, or a model without a batch dimension
+        return ""
+    if lo > 1 or hi < config.max_batch_size:
+        return f"it was compiled for batches of {lo} to {hi} rows, this model runs 1 to {config.max_batch_size}"
+    return ""
+
+
 def compiled_runner(verified: ModelBytes, device: str) -> tuple[Any, str]:
     """(a callable that loads one instance of the package, "") when this version has a package that fits this
     agent; (None, why not) otherwise ("" when the version has no compiled package at all)."""
@@ -68,7 +79,7 @@ def compiled_runner(verified: ModelBytes, device: str) -> tuple[Any, str]:
     if entry is None or not verified.has_file(fname):
         compiled_for = ", ".join(sorted(packages)) or "nothing"
         return None, f"no package for {device_kind(device)} ({COMPILED_FILE} lists {compiled_for}); {_FALLBACK}"
-    why = mismatch(entry, device)
+    why = mismatch(entry, device) or _outside(entry, verified.config)
     if why:
         return None, f"{fname} refused: {why}; running the exported program"
     try:

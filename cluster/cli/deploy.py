@@ -263,7 +263,8 @@ def deploy(
             typer.echo(f"cannot deploy: a canary of '{name}' (v{running['version']}) is running; promote or abort it")
             raise typer.Exit(2)
     with contextlib.ExitStack() as stack:
-        extra = _compile(stack, path, name, model_config, share_dir, compile_device) if compile_package else None
+        pre = "preprocess.pt2" in programs
+        extra = _compile(stack, path, name, model_config, share_dir, compile_device, pre) if compile_package else None
         with _publish_progress(path) as progress:
             try:
                 version = publish_version(
@@ -291,7 +292,13 @@ def deploy(
 
 
 def _compile(
-    stack: contextlib.ExitStack, path: Path, name: str, model_config: dict | None, share_dir: Path, device: str
+    stack: contextlib.ExitStack,
+    path: Path,
+    name: str,
+    model_config: dict | None,
+    share_dir: Path,
+    device: str,
+    preprocess: bool = False,
 ) -> dict[str, Path]:
     """The package and compiled.json, in a temporary folder (removed with `stack`), to publish beside the program."""
     import tempfile
@@ -308,7 +315,7 @@ def _compile(
             parsed = ModelConfig.from_dict(model_config, name=name)
         else:
             parsed = ModelRepository(share_dir).read_config(name)
-        package, entry = compile_program(path, parsed, folder, device)
+        package, entry = compile_program(path, parsed, folder, device, preprocess)
     except RepositoryError as exc:
         typer.echo(f"cannot compile: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -54,8 +54,9 @@ def status(
 
 def _runs(agent: dict, model: dict) -> str:
     """ " (aoti)", " (exported)", ...: what the agent runs for that version (heartbeat model_info), if it says."""
-    info = ((agent.get("model_info") or {}).get(model["name"]) or {}).get(str(model["version"])) or {}
-    return f" ({info['runs']})" if isinstance(info.get("runs"), str) else ""
+    versions = (agent.get("model_info") or {}).get(model["name"])
+    info = versions.get(str(model["version"])) if isinstance(versions, dict) else None
+    return f" ({info['runs']})" if isinstance(info, dict) and isinstance(info.get("runs"), str) else ""
 
 
 def _print_brokers(console, manager: str, key: str | None, timeout: float) -> None:
@@ -92,7 +93,13 @@ def _memory(agent: dict) -> str:
         text += f" / {limit / 2**20:.0f}"
     budget, held = agent.get("memory_budget"), agent.get("model_info") or {}
     if isinstance(budget, int):  # placement's view: bytes of the models it holds, of its --memory-budget
-        used = sum(v.get("memory") or 0 for versions in held.values() for v in versions.values() if isinstance(v, dict))
+        used = sum(
+            v["memory"]
+            for versions in held.values()
+            if isinstance(versions, dict)
+            for v in versions.values()
+            if isinstance(v, dict) and isinstance(v.get("memory"), int)
+        )
         text += f"; models {format_bytes(used)} of {format_bytes(budget)}"
     if agent.get("drain_reason"):
         text += f" (restarting: {agent['drain_reason']})"

@@ -516,7 +516,8 @@ class Deployments:
             info.get("memory")
             for record in self.registry.agents.values()
             for v in versions
-            if isinstance(info := (record.beat.model_info.get(name) or {}).get(str(v)), dict)
+            if isinstance(versions_info := record.beat.model_info.get(name), dict)  # (informational: may be junk)
+            and isinstance(info := versions_info.get(str(v)), dict)
         ]
         measured = [m for m in measured if isinstance(m, int) and m > 0]
         if measured:

@@ -111,7 +111,7 @@ def shortfall(name: str, want: Want, hosts: dict[str, Host], used: dict[str, int
     eligible = {a: hosts[a].room - used[a] for a in hosts if hosts[a].takes(name) and a not in holders}
     if not eligible:
         others = [
-            f"{a} ({'draining' if h.draining else 'serves only ' + ','.join(h.serves_only or [])})"
+            f"{a} ({'draining' if h.draining else 'serves only ' + ','.join(map(str, h.serves_only or []))})"
             for a, h in sorted(hosts.items())
             if a not in holders
         ]
