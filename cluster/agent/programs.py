@@ -95,14 +95,15 @@ def _load_package(data: Any, device: str) -> Any:
     from torch._inductor.package.package import AOTICompiledModel
 
     index = torch.device(device).index if device_kind(device) == "cuda" else None
+    index = -1 if index is None else index  # -1: the current device (CPU, or "cuda" without a number)
     path = getattr(data, "path", None)
     if path is not None:
-        model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index or -1))
+        model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index))
     else:
         with tempfile.NamedTemporaryFile(suffix=".pt2") as file:  # mode 0600, removed once torch has extracted it
             file.write(data)
             file.flush()
-            model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, index or -1))
+            model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, index))
     model.package_bytes = len(data)  # its weights live in the library: what measure_memory counts for it
     return model
 
