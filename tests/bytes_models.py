@@ -86,6 +86,14 @@ def export_all(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def publish_classifier(share: Path, programs: dict[str, Path]) -> int:
+    """The classifier (model, preprocess and postprocess programs from export_all) published on `share`."""
+    from cluster.publish import publish_version
+
+    extra = {k: v for k, v in programs.items() if k != "model.pt2"}
+    return publish_version(share, "classifier", programs["model.pt2"], CONFIG, programs=extra)
+
+
 def reference(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The same pipeline run directly (eager modules): (class [N, 1], score [N, 1]) for decoded uint8 images."""
     pre, net, post = modules()

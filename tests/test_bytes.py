@@ -238,11 +238,8 @@ def programs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def share(programs, tmp_path_factory):
-    from cluster.publish import publish_version
-
     share = tmp_path_factory.mktemp("bytes-share")
-    extra = {k: v for k, v in programs.items() if k != "model.pt2"}
-    assert publish_version(share, "classifier", programs["model.pt2"], bytes_models.CONFIG, programs=extra) == 1
+    assert bytes_models.publish_classifier(share, programs) == 1
     return share
 
 

@@ -31,12 +31,10 @@ def programs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(programs, tmp_path_factory):
-    from cluster.publish import publish_version
     from tests.harness import edge_stack
 
     share = tmp_path_factory.mktemp("bytes-share")
-    extra = {k: v for k, v in programs.items() if k != "model.pt2"}
-    publish_version(share, "classifier", programs["model.pt2"], bytes_models.CONFIG, programs=extra)
+    assert bytes_models.publish_classifier(share, programs) == 1
     with edge_stack(share, tmp_path_factory.mktemp("bytes-stack"), model="classifier") as cluster:
         yield cluster
 
