@@ -305,26 +305,24 @@ class WorkerPool:
             batch = [queue.popleft()]  # the head always goes: what waited longest is never passed over
             limit = model.config.max_batch_size  # rows
             if limit > 1:
-                rows = batch[0].rows
-                while queue and rows + queue[0].rows <= limit:
-                    rows += queue[0].rows
-                    batch.append(queue.popleft())
-                delay = model.config.max_queue_delay_us / 1e6
-                if len(batch) > 1 and rows < limit and not queue and delay > 0:  # a burst: let it fill, for the delay
-                    self._held.add(key)
-                    deadline = time.monotonic() + delay
-                    while rows < limit and not self._stopping:
-                        if queue:
-                            if rows + queue[0].rows > limit:
-                                break  # the next request waits for the next batch, at the head of the queue
-                            rows += queue[0].rows
-                            batch.append(queue.popleft())
-                            continue
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
-                    self._held.discard(key)
+                rows, delay, deadline = batch[0].rows, model.config.max_queue_delay_us / 1e6, None
+                while rows < limit and not self._stopping:
+                    if queue:
+                        if rows + queue[0].rows > limit:
+                            break  # the next request waits for the next batch, at the head of the queue
+                        rows += queue[0].rows
+                        batch.append(queue.popleft())
+                        continue
+                    if len(batch) < 2 or delay <= 0:
+                        break  # only a burst (two or more taken at once) waits for the batch to fill
+                    if deadline is None:
+                        self._held.add(key)
+                        deadline = time.monotonic() + delay
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                self._held.discard(key)
             if queue:
                 self._ready.append(model)  # the rest is for the next free worker
             else:
