@@ -9,6 +9,7 @@ publisher's own file, and only ever reaches an agent through the share's manifes
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import platform
 import sys
@@ -25,6 +26,7 @@ from cluster.model_check import COMPILED_FILE, check_model_file
 from cluster.model_config import ModelConfig, RepositoryError, TensorSpec
 from cluster.protocol import DATATYPES
 from cluster.repository import package_file
+from cluster.torch_files import load_package, load_program
 
 DEVICE_KINDS = ("cpu", "cuda")
 
@@ -47,10 +49,10 @@ def compile_program(
         raise RepositoryError("cannot compile for cuda: torch sees no CUDA device on this machine")
     program = Path(program)
     where = f"cannot compile {program}"
-    with open(program, "rb") as stream:
-        check_model_file("model.pt2", stream, where)  # what model_check admits, before torch.export.load
+    data = program.read_bytes()  # read once: the bytes checked are the bytes loaded
+    check_model_file("model.pt2", data, where)  # what model_check admits, before torch.export.load
     started = time.monotonic()
-    exported = torch.export.load(program)
+    exported = load_program(io.BytesIO(data), where)
     if preprocess or any(spec.datatype == "BYTES" for spec in config.inputs):
         config = model_inputs(exported, config)
     bound = batch_bound(config)
@@ -67,7 +69,7 @@ def compile_program(
         torch._inductor.aoti_compile_and_package(exported, package_path=str(out))
     except Exception as exc:
         raise RepositoryError(f"{where}: AOTInductor failed: {type(exc).__name__}: {str(exc)[:1000]}") from None
-    _check_outputs(exported, out, samples, where)
+    _check_outputs(exported, out, samples, where, device)
     return out, {
         "device": device,
         "torch": torch.__version__,
@@ -173,9 +175,10 @@ def _user_input_names(exported: Any) -> set[str]:
     }
 
 
-def _check_outputs(exported: Any, package: Path, samples: list[tuple], where: str) -> None:
-    """The package's outputs equal the program's on each of `samples`, within COMPILE_RTOL/ATOL."""
-    compiled = torch._inductor.aoti_load_package(str(package))
+def _check_outputs(exported: Any, package: Path, samples: list[tuple], where: str, device: str) -> None:
+    """The package's outputs equal the program's on each of `samples`, within COMPILE_RTOL/ATOL, loaded as agents
+    load it (cluster.torch_files)."""
+    compiled = load_package(package.read_bytes(), 0 if device == "cuda" else -1)
     module = exported.module(check_guards=False)  # guards_code is Python from the file: never run
     for inputs in samples:
         with torch.inference_mode():

@@ -158,6 +158,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "cluster.model_check",
             "cluster.repository",
             "cluster.publish",
+            "cluster.torch_files",
             "cluster.compile",
             "cluster.share",
             "cluster.desired",

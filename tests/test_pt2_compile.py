@@ -267,7 +267,7 @@ def test_exported_and_compiled_models_are_served_and_a_foreign_package_falls_bac
 
 def test_exported_programs_load_in_two_threads_at_once(tmp_path):
     """torch.export.load sets a module-global deserializer: two loader threads (config.LOAD_THREADS) used to fail
-    with "_CURRENT_DESERIALIZER is already set" (cluster/agent/programs.py TORCH_LOAD)."""
+    with "_CURRENT_DESERIALIZER is already set" (cluster/torch_files.py TORCH_LOAD)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cluster.agent.loaded_model import load_model

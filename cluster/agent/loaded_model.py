@@ -24,46 +24,27 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import mmap
-import operator
 import os
 import time
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 from cluster.agent.memory import measure_memory
 from cluster.agent.pipeline import Pipeline, as_model_inputs
-from cluster.agent.programs import TORCH_LOAD, device_kind, load_compiled
+from cluster.agent.programs import device_kind, load_compiled
 from cluster.config import MODEL_COPY_CHUNK
-from cluster.model_check import check_model_file
 from cluster.model_config import InputError, ModelConfig, shape_mismatch
 from cluster.protocol import DATATYPES
 from cluster.repository import ModelBytes, ModelRepository, RepositoryError, describe_error, package_file
+from cluster.torch_files import TORCH_LOAD, load_program
 
 log = logging.getLogger("cluster.agent")
 # torch's dtypes carry numpy's names (torch.float32, torch.uint16, torch.bool, ...): derived from the one table.
 DATATYPE_OF_TORCH = {getattr(torch, dtype.name): name for name, dtype in DATATYPES.items() if name != "BYTES"}
-# What an exported program may call besides operators: the symbolic-shape helpers torch.export itself emits.
-_HELPERS = {
-    *(getattr(operator, op) for op in "getitem eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv".split()),
-    operator.and_,
-    operator.or_,
-    operator.lshift,
-    operator.rshift,
-    operator.not_,
-    operator.abs,
-    math.trunc,
-    math.floor,
-    math.ceil,
-    math.sqrt,
-    *(getattr(torch, f) for f in "sym_not sym_int sym_float sym_ite sym_max sym_min sym_sqrt sym_sum".split()),
-}
 
 
 class LoadedModel:
@@ -243,9 +224,7 @@ def _load(repository: ModelRepository, name: str, version: int, device: str, pac
         copies = compiled[1:] if compiled else [_module(verified, device) for _ in range(verified.config.instances - 1)]
         config = verified.config
         where = f"model '{name}' version {version}"
-        pipeline = Pipeline.load(
-            config, where, verified.has_file, lambda fname, v=verified: _program_file(v, fname, device), 1 + len(copies)
-        )
+        pipeline = Pipeline.load(config, where, verified.has_file, _programs(verified, device), 1 + len(copies))
         # what a runner that shows no tensors counts (measure_memory): the package it loaded, else the model file
         loaded_bytes = getattr(module, "package_bytes", None) or len(verified.data)
         del verified  # the file's bytes: torch holds what it needs, the warm-up should not run beside a second copy
@@ -332,65 +311,25 @@ def _source(verified: ModelBytes):
 
 
 def _load_program(verified: ModelBytes) -> Any:
-    """torch.export.load of bytes cluster.model_check admitted (no pickled payloads, operators only), from a file
-    object: torch logs "Unable to load package" for a path not ending in .pt2, such as /proc/self/fd/N."""
+    """The version's exported program, loaded by cluster.torch_files from the verified bytes."""
     source = _source(verified)
     with open(source, "rb") if isinstance(source, str) else source as stream:
-        _sample_inputs_are_tensors(stream, verified)
-        stream.seek(0)
-        with TORCH_LOAD:
-            program = torch.export.load(stream)
-    _only_operators(program, verified)
-    return program
+        return load_program(stream, f"model '{verified.name}' version {verified.version}: {verified.path}")
 
 
-def _sample_inputs_are_tensors(stream: Any, verified: ModelBytes) -> None:
-    """torch loads the sample inputs with weights_only=True, and if that fails, again with weights_only=False: load
-    them here with weights_only=True first, so that a file which fails it is refused and torch's fallback (which
-    would run the pickle) is never reached."""
-    with zipfile.ZipFile(stream) as archive:
-        entries = [n for n in archive.namelist() if n.endswith("/data/sample_inputs/model.pt")]
-        for entry in entries:
-            try:
-                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
-            except Exception as exc:
-                raise RepositoryError(
-                    f"model '{verified.name}' version {verified.version}: {verified.path}: its sample inputs are not "
-                    f"plain tensors ({describe_error(exc, 300)}); refused"
-                ) from None
+def _programs(verified: ModelBytes, device: str):
+    """load(fname) for Pipeline.load: another exported program of the version (preprocess.pt2, postprocess.pt2),
+    read with the same sealed reader, hashed and checked by model_check once (read_file), loaded like model.pt2 as
+    many times as asked (one per instance)."""
+    parts: dict[str, ModelBytes] = {}
 
+    def load(fname: str) -> Any:
+        if fname not in parts:
+            data, config = verified.read_file(fname), replace(verified.config, platform="torch_export")
+            parts[fname] = replace(verified, path=verified.path.parent / fname, data=data, config=config)
+        return _module(parts[fname], device)
 
-def _only_operators(program: Any, verified: ModelBytes) -> None:
-    """Every call in the program (and its sub-graphs) is a registered operator or a symbolic-shape helper, checked
-    on what torch resolved, before anything runs (model_check checked the names)."""
-    allowed = (torch._ops.OpOverload, torch._ops.HigherOrderOperator)
-
-    def refuse(what: Any) -> RepositoryError:
-        return RepositoryError(
-            f"model '{verified.name}' version {verified.version}: {verified.path}: the program calls {what!r}, "
-            "which is not an operator; refused"
-        )
-
-    for module in program.graph_module.modules():
-        graph = getattr(module, "graph", None)
-        for node in graph.nodes if graph is not None else ():
-            if node.op != "call_function":
-                continue
-            if not isinstance(node.target, allowed) and node.target not in _HELPERS:
-                raise refuse(node.target)
-            for arg in pytree.tree_leaves((node.args, node.kwargs)):  # operators passed to a call
-                if callable(arg) and not isinstance(arg, (torch.fx.Node, torch.nn.Module, *allowed)):
-                    if arg not in _HELPERS and not isinstance(arg, torch._ops.OpOverloadPacket):
-                        raise refuse(arg)
-
-
-def _program_file(verified: ModelBytes, fname: str, device: str) -> Any:
-    """Another exported program of the version (preprocess.pt2, postprocess.pt2): read with the same sealed reader,
-    hashed, checked by model_check and loaded exactly like model.pt2."""
-    path = verified.path.parent / fname
-    part = replace(verified, path=path, data=verified.read_file(fname))
-    check_model_file(fname, part.data, f"model '{verified.name}' version {verified.version}: {path}")
-    return _module(replace(part, config=replace(verified.config, platform="torch_export")), device)
+    return load
 
 
 def _module(verified: ModelBytes, device: str) -> Any:

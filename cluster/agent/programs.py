@@ -3,30 +3,24 @@ compiled.json says it was built for this agent's device kind, torch build and CP
 capability), else the exported program (model.pt2, always in the version), with the reason.
 
 The package is loaded from the verified bytes (ModelBytes.read_file: the sealed memfd, by its /proc/self/fd path)
-with torch's C++ package loader, which extracts the shared library and dlopens it; torch's Python load_pt2 is not
-used (it wants a path ending in .pt2, and would also load any exported programs or pickles an archive held, which
-model_check refuses anyway). A package is native code: see README, Trust model.
+by cluster.torch_files.load_package (torch's C++ package loader). A package is native code: see README, Trust
+model.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
-import tempfile
-import threading
 from typing import Any
 
 import torch
 
 from cluster.model_check import COMPILED_FILE, check_compiled
 from cluster.repository import ModelBytes, RepositoryError, describe_error, package_file
+from cluster.torch_files import load_package
 
 log = logging.getLogger("cluster.agent")
 _FALLBACK = "running the exported program"
-# Held while torch loads a program or a package: torch.export.load sets a module-global deserializer (two loader
-# threads, config.LOAD_THREADS, failed with "_CURRENT_DESERIALIZER is already set"), and both import torch._dynamo
-# and torch._inductor on first use, which two threads at once leave half-initialised.
-TORCH_LOAD = threading.RLock()
 
 
 def device_kind(device: str) -> str:
@@ -86,26 +80,8 @@ def compiled_runner(verified: ModelBytes, device: str) -> tuple[Any, str]:
         data = verified.read_file(fname)  # hashed and layout-checked (model_check) from the bytes returned
     except RepositoryError as exc:
         return None, f"{fname} refused: {exc}; running the exported program"
-    return lambda: _load_package(data, device), ""
-
-
-def _load_package(data: Any, device: str) -> Any:
-    """One instance of the package (its own loader: instances share nothing), from the sealed memfd's path; from a
-    private temporary file where the reader returned plain bytes (no memfds)."""
-    from torch._inductor.package.package import AOTICompiledModel
-
     index = torch.device(device).index if device_kind(device) == "cuda" else None
-    index = -1 if index is None else index  # -1: the current device (CPU, or "cuda" without a number)
-    path = getattr(data, "path", None)
-    if path is not None:
-        model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index))
-    else:
-        with tempfile.NamedTemporaryFile(suffix=".pt2") as file:  # mode 0600, removed once torch has extracted it
-            file.write(data)
-            file.flush()
-            model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(file.name, "model", False, 1, index))
-    model.package_bytes = len(data)  # its weights live in the library: what measure_memory counts for it
-    return model
+    return lambda: load_package(data, -1 if index is None else index), ""  # -1: the current device
 
 
 def load_compiled(verified: ModelBytes, device: str, instances: int) -> tuple[list[Any], str]:
@@ -114,8 +90,7 @@ def load_compiled(verified: ModelBytes, device: str, instances: int) -> tuple[li
     runner, why = compiled_runner(verified, device)
     if runner is not None:
         try:
-            with TORCH_LOAD:
-                loaded = [runner() for _ in range(instances)]
+            loaded = [runner() for _ in range(instances)]
             _probe(loaded[0], verified, device)
             log.info("model %s v%d runs its AOTInductor package", verified.name, verified.version)
             return loaded, ""
