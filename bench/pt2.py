@@ -14,6 +14,7 @@ Models: tests/pt2_models.py (random weights). Nothing is asserted: tests/test_pt
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def prepare(kind: str, folder: Path, share: Path) -> tuple[dict, dict, object]:
     from cluster.compile import compile_program, compiled_json
     from cluster.model_config import ModelConfig
     from cluster.publish import publish_version
+    from cluster.torch_files import load_package, load_program
     from tests import pt2_models
 
     model, config, sample = pt2_models.make(kind)
@@ -67,10 +69,12 @@ def prepare(kind: str, folder: Path, share: Path) -> tuple[dict, dict, object]:
     publish_version(
         share, f"{kind}-aoti", program, config, extra={package.name: package, "compiled.json": out / "compiled.json"}
     )
+    # the baselines, loaded as agents load them (cluster.torch_files: the program's checks, torch's C++ package loader)
+    exported = load_program(io.BytesIO(Path(program).read_bytes()), str(program))
     calls = {
         "torchscript": torch.jit.load(str(scripted)),
-        "exported": torch.export.load(program).module(),
-        "aoti": torch._inductor.aoti_load_package(str(package)),
+        "exported": exported.module(check_guards=False),
+        "aoti": load_package(package.read_bytes()),
     }
     with torch.inference_mode():
         expected = model(sample)

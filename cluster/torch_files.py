@@ -63,10 +63,10 @@ def load_package(data: Any, device_index: int = -1) -> Any:
     """One instance of an AOTInductor package (its own loader: instances share nothing) from `data`: a sealed
     memfd's map (its `path`, /proc/self/fd/N) or bytes, written to a private temporary file that torch extracts.
     `device_index` -1: the current device."""
-    from torch._inductor.package.package import AOTICompiledModel
-
     path = getattr(data, "path", None)
-    with TORCH_LOAD:
+    with TORCH_LOAD:  # the import too: it imports torch._inductor and torch._dynamo on first use
+        from torch._inductor.package.package import AOTICompiledModel
+
         if path is not None:
             model = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, device_index))
         else:
