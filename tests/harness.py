@@ -9,6 +9,7 @@ edge as processes, every port picked by the OS), plus `wait_for`, a test's poll-
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -19,7 +20,17 @@ from pathlib import Path
 from cluster.config import Addresses
 from cluster.local import LocalCluster, Proc, wait_until
 
-__all__ = ["REPO_ROOT", "LocalCluster", "Proc", "all_gone", "edge_stack", "fuzz_examples", "start_edge", "wait_for"]
+__all__ = [
+    "REPO_ROOT",
+    "LocalCluster",
+    "Proc",
+    "all_gone",
+    "edge_stack",
+    "fuzz_examples",
+    "start_edge",
+    "until",
+    "wait_for",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +49,17 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
         return wait_until(condition, timeout, what, interval)
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
+
+
+async def until(condition: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
+    """wait_for for a coroutine (the event loop keeps running meanwhile): True once `condition` holds, False at the
+    deadline, for callers that report the failure their own way (a child process returning its figures)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
 
 
 def all_gone(pids) -> bool:

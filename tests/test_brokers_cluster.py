@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cluster import AsyncClient, Client
-from tests.harness import wait_for
+from tests.harness import until, wait_for
 
 IN_FLIGHT = 32
 LEAD_S = 0.5  # the broker goes once calls have been completing this long (the gaps are measured from then) ...
@@ -169,11 +169,8 @@ async def async_load(addresses: str, kill_pid: int) -> dict:
     done: list[float] = []
     errors: list = []
     async with AsyncClient(addresses, timeout=30) as client:
-        deadline = time.monotonic() + 30
-        while {b["name"] for b in client.brokers() if b["ready"]} != {"b1", "b2"}:
-            if time.monotonic() > deadline:
-                return {"errors": [f"the client knows only {client.brokers()}"], "done": [], "killed": 0, "live": []}
-            await asyncio.sleep(0.02)
+        if not await until(lambda: {b["name"] for b in client.brokers() if b["ready"]} == {"b1", "b2"}, 30):
+            return {"errors": [f"the client knows only {client.brokers()}"], "done": [], "killed": 0, "live": []}
         stop = asyncio.Event()
 
         async def caller(t: int) -> None:
@@ -190,15 +187,11 @@ async def async_load(addresses: str, kill_pid: int) -> dict:
                 i += 1
 
         tasks = [asyncio.ensure_future(caller(t)) for t in range(IN_FLIGHT)]
-        deadline = time.monotonic() + 30
-        while not flowing(done, IN_FLIGHT):
-            if time.monotonic() > deadline:
-                errors.append("calls did not flow within 30 s")
-                break
-            await asyncio.sleep(0.02)
+        if not await until(lambda: flowing(done, IN_FLIGHT), 30):
+            errors.append("calls did not flow within 30 s")
         killed = time.monotonic()
         os.kill(kill_pid, signal.SIGKILL)
-        await asyncio.sleep(AFTER_S)  # the measurement window
+        await asyncio.sleep(AFTER_S)  # the measurement window (measured over, not a wait for a condition)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
         live = [b["name"] for b in client.brokers() if b["live"]]
