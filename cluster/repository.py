@@ -301,6 +301,18 @@ class ModelRepository:
         except RepositoryError as exc:
             raise RepositoryError(f"{path}: {exc}") from None
 
+    def version_config(self, name: str, version: int) -> ModelConfig:
+        """The config published with this version (sha256-checked against its manifest); RepositoryError."""
+        return self._version_config(name, version, self._manifest(name, version))
+
+    def model_file_size(self, name: str, version: int) -> int:
+        """Bytes of the version's model file, as listed in its manifest (0 when it lists none or it is gone)."""
+        folder, files = self._version_dir(name, version), self._manifest(name, version)
+        try:
+            return max((folder / f).stat().st_size for f in MODEL_FILES if f in files)
+        except (OSError, ValueError):
+            return 0
+
     def _version_dir(self, name: str, version: int) -> Path:
         return self.share_dir / version_path(name, version)
 

@@ -24,7 +24,7 @@ from cluster.desired import DesiredState, ModelDeployment
 from cluster.manager.placement import Host, PlacementError, Want, check_fits, plan
 from cluster.manager.registry import Registry
 from cluster.protocol import ErrorCode, Heartbeat, What, require
-from cluster.repository import MODEL_FILES, ModelRepository, RepositoryError
+from cluster.repository import ModelRepository, RepositoryError
 
 log = logging.getLogger("cluster.manager")
 
@@ -530,17 +530,11 @@ class Deployments:
         key = (name, version)
         if key not in self._specs:
             repository = ModelRepository(self.share)
-            files = repository._manifest(name, version)
-            config = repository._version_config(name, version, files)
+            config = repository.version_config(name, version)
             if config.memory_mb:
                 spec = (config.replicas, config.memory_mb * 2**20, "memory_mb")
             else:
-                folder = repository._version_dir(name, version)
-                try:
-                    size = max((folder / f).stat().st_size for f in MODEL_FILES if f in files)
-                except (OSError, ValueError):
-                    size = 0
-                spec = (config.replicas, size * config.instances, "estimated")
+                spec = (config.replicas, repository.model_file_size(name, version) * config.instances, "estimated")
             self._specs[key] = spec
         return self._specs[key]
 
