@@ -57,7 +57,7 @@ def publish_version(
     *,
     data: bytes | None = None,
     programs: Mapping[str, str | os.PathLike | bytes] | None = None,
-    extra: dict[str, Path] | None = None,
+    extra: Mapping[str, str | os.PathLike | bytes] | None = None,
 ) -> int:
     """Add a version so that agents scanning the share see it complete or not at all; returns its number.
 
@@ -65,10 +65,9 @@ def publish_version(
     manager publishing what a client sent over the bus, e.g. a Triton load with files). The folder is built as
     <models>/<name>/.tmp-<random>/ (not a version: see the module docstring), fsynced, and renamed into place;
     rename onto an existing non-empty version fails, so two publishers cannot overwrite each other.
-    `programs`: preprocess.pt2 / postprocess.pt2 (repository.PROGRAM_FILES) -> a path or the bytes, checked by
-    model_check like model.pt2 and published in the same version, in its manifest.
-    `extra`: more files of the version, {name in the folder: local path} (a compiled package and compiled.json),
-    checked by model_check and hashed into the manifest like the model file.
+    `programs` (preprocess.pt2 / postprocess.pt2) and `extra` (a compiled package and compiled.json): the version's
+    other files, {name in the folder: a path or the bytes}, checked by model_check and hashed into the manifest like
+    the model file.
     """
     check_name(name)
     model_path = Path(model_path)
@@ -103,14 +102,7 @@ def publish_version(
     else:
         with open(model_path, "rb") as model_file:
             check_model_file(target_file, model_file, where)
-    extra_files: dict[str, bytes] = {}  # read once: the bytes checked are the bytes published
-    for fname, source in (extra or {}).items():
-        if fname in (target_file, CONFIG_FILE, MANIFEST_FILE) or "/" in fname or fname.startswith("."):
-            raise RepositoryError(f"cannot publish model '{name}': {fname!r} cannot be an extra file of a version")
-        extra_files[fname] = Path(source).read_bytes()
-        check_model_file(fname, extra_files[fname], f"cannot publish model '{name}': {source}")
-
-    program_bytes = _program_bytes(name, programs or {})
+    other_files = _version_files(name, {**(programs or {}), **(extra or {})})  # the bytes checked are published
 
     new_model_dir = not model_dir.is_dir()
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -142,14 +134,11 @@ def publish_version(
             "files": {target_file: h.hexdigest()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        for fname, content in program_bytes.items():
+        for fname, content in other_files.items():
             write_new_file(tmp / fname, content)
             manifest["files"][fname] = hashlib.sha256(content).hexdigest()
         # Each version keeps the config it was published with, so a later version's config.json cannot change
         # what an older version's inputs and outputs are (a rollback gets exactly what was deployed before).
-        for fname, extra_bytes in extra_files.items():
-            write_new_file(tmp / fname, extra_bytes)
-            manifest["files"][fname] = hashlib.sha256(extra_bytes).hexdigest()
         version_config = config_bytes if config_bytes is not None else config_path.read_bytes()
         write_new_file(tmp / CONFIG_FILE, version_config)
         manifest["files"][CONFIG_FILE] = hashlib.sha256(version_config).hexdigest()
@@ -211,12 +200,14 @@ def program_names(value: Any) -> list[str]:
     return value
 
 
-def _program_bytes(name: str, programs: Mapping[str, str | os.PathLike | bytes]) -> dict[str, bytes]:
-    """The pre/post-processing programs of a publish, read and checked (model_check, as model.pt2 is)."""
+def _version_files(name: str, files: Mapping[str, str | os.PathLike | bytes]) -> dict[str, bytes]:
+    """A version's other files (preprocess.pt2 / postprocess.pt2, a compiled package and compiled.json), each a path
+    or its bytes: read once and checked by model_check, so the bytes checked are the bytes published."""
+    allowed = (*PROGRAM_FILES, COMPILED_FILE, package_file("cpu"), package_file("cuda"))
     out = {}
-    for fname, source in programs.items():
-        if fname not in PROGRAM_FILES:
-            raise RepositoryError(f"cannot publish model '{name}': {fname!r} is not one of {', '.join(PROGRAM_FILES)}")
+    for fname, source in files.items():
+        if fname not in allowed:
+            raise RepositoryError(f"cannot publish model '{name}': {fname!r} is not one of {', '.join(allowed)}")
         try:
             content = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
         except OSError as exc:
@@ -295,8 +286,7 @@ def compile_upload(
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RepositoryError(f"cannot compile model '{name}': {tail.removeprefix('error: ')[:1500]}")
-    package = folder / f"model.aoti-{device}.pt2"
-    return {package.name: package, COMPILED_FILE: folder / COMPILED_FILE}
+    return {package_file(device): folder / package_file(device), COMPILED_FILE: folder / COMPILED_FILE}
 
 
 def publish_upload(
