@@ -131,7 +131,8 @@ _SYMBOL_NAME = re.compile(r"[a-z]+[0-9]+")
 
 
 # exported programs of a version: the model, and the programs chained before and after it (cluster/agent/pipeline.py)
-PT2_FILES = ("model.pt2", "preprocess.pt2", "postprocess.pt2")
+PROGRAM_FILES = ("preprocess.pt2", "postprocess.pt2")  # exported programs chained before / after the model
+PT2_FILES = ("model.pt2", *PROGRAM_FILES)  # every exported program a version may hold
 
 
 def check_model_file(file_name: str, source: bytes | IO[bytes] | Any, where: str) -> None:

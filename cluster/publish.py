@@ -32,6 +32,7 @@ from cluster.repository import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_FILES,
+    PREPROCESS_FILE,
     PROGRAM_FILES,
     ModelRepository,
     check_name,
@@ -330,7 +331,7 @@ def publish_upload(
         version = None  # taken by other content: the next number
     if compile_for is not None:
         with tempfile.TemporaryDirectory(prefix="cluster-compile-") as folder:
-            preprocess = "preprocess.pt2" in (programs or {})
+            preprocess = PREPROCESS_FILE in (programs or {})
             extra = compile_upload(Path(share_dir), name, data, config, compile_for, Path(folder), preprocess)
             published = publish_version(
                 share_dir, name, file_name, config, version, data=data, programs=programs, extra=extra

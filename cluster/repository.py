@@ -46,14 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import MAX_VERSION
-from cluster.model_check import check_model_file
+from cluster.model_check import PROGRAM_FILES, check_model_file
 from cluster.model_config import ModelConfig, RepositoryError
 
 MODELS_DIR = "models"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = {"model.pt": "torchscript", "model.pt2": "torch_export"}  # file name -> platform
-PROGRAM_FILES = ("preprocess.pt2", "postprocess.pt2")  # exported programs chained before / after the model
+PREPROCESS_FILE, POSTPROCESS_FILE = PROGRAM_FILES  # (model_check.PROGRAM_FILES: the checks name them first)
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # a folder name on every host: no dot-folders, no '/'
 CHUNK = 1024 * 1024
 

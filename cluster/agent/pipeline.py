@@ -21,9 +21,7 @@ from cluster.codec import to_torch
 from cluster.config import DECODE_MAX_TOTAL_PIXELS
 from cluster.decode import DecodeError, decode_image
 from cluster.model_config import InputError, ModelConfig, RepositoryError
-
-PREPROCESS_FILE = "preprocess.pt2"
-POSTPROCESS_FILE = "postprocess.pt2"
+from cluster.repository import POSTPROCESS_FILE, PREPROCESS_FILE
 
 
 def as_model_inputs(arrays: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cluster.model_check import COMPILED_FILE, check_compiled
-from cluster.repository import ModelBytes, RepositoryError, describe_error, package_file
+from cluster.repository import PREPROCESS_FILE, ModelBytes, RepositoryError, describe_error, package_file
 from cluster.torch_files import load_package
 
 log = logging.getLogger("cluster.agent")
@@ -106,7 +106,7 @@ def _probe(package: Any, verified: ModelBytes, device: str) -> None:
     leaves them out, another input layout) falls back to the exported program instead of failing the version. Not
     where the model's inputs are not the config's (a pre-processing program, BYTES): the warm-up checks those."""
     arrays = list(verified.config.warmup_inputs().values())
-    if verified.has_file("preprocess.pt2") or any(array.dtype == object for array in arrays):
+    if verified.has_file(PREPROCESS_FILE) or any(array.dtype == object for array in arrays):
         return
     inputs = [torch.from_numpy(array).to(device) for array in arrays]
     with torch.inference_mode():

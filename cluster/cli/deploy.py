@@ -197,10 +197,10 @@ def deploy(
 
     from cluster.model_config import ModelConfig, RepositoryError, read_config_file
     from cluster.publish import publish_version
-    from cluster.repository import MODEL_FILES, ModelRepository, check_name
+    from cluster.repository import MODEL_FILES, PREPROCESS_FILE, PROGRAM_FILES, ModelRepository, check_name
 
     model_config = None
-    programs = {f: p for f, p in (("preprocess.pt2", preprocess), ("postprocess.pt2", postprocess)) if p is not None}
+    programs = {f: p for f, p in zip(PROGRAM_FILES, (preprocess, postprocess)) if p is not None}
     try:
         check_name(name)
     except RepositoryError as exc:
@@ -263,7 +263,7 @@ def deploy(
             typer.echo(f"cannot deploy: a canary of '{name}' (v{running['version']}) is running; promote or abort it")
             raise typer.Exit(2)
     with contextlib.ExitStack() as stack:
-        pre = "preprocess.pt2" in programs
+        pre = PREPROCESS_FILE in programs
         extra = _compile(stack, path, name, model_config, share_dir, compile_device, pre) if compile_package else None
         with _publish_progress(path) as progress:
             try:
