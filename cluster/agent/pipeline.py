@@ -71,6 +71,8 @@ class Pipeline:
 
     def model_args(self, values: list, device: str, instance: int = 0) -> list:
         """The model's positional arguments from the inputs' values (the config's order)."""
+        if not self.decode and not self.pre:  # a plain model (the usual case): its inputs are its arguments
+            return values if device == "cpu" else [value.to(device) for value in values]
         names = [s.name for s in self.config.inputs]
         decoded = {}
         budget = [DECODE_MAX_TOTAL_PIXELS]  # pixels left for this pass's images, every decoded input
