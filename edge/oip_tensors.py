@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from cluster.codec import bytes_array
+from cluster.codec import bytes_array, bytes_frame
 from cluster.config import MAX_DIM, MAX_DIMS
-from cluster.protocol import DATATYPES, ProtocolError, join_bytes
+from cluster.protocol import DATATYPES, ProtocolError
 from edge import oip_json
 from edge.oip_json import InvalidRequest
 
@@ -250,7 +250,7 @@ def bytes_to_json(name: str, array: np.ndarray) -> list[str]:
 def tensor_to_binary(array: np.ndarray) -> bytes:
     """Raw little-endian bytes of an output, row-major; BYTES in Triton's length-prefixed layout."""
     if array.dtype == object:
-        return join_bytes(v.encode() if isinstance(v, str) else v for v in array.ravel())
+        return bytes_frame("", array)  # as the bus carries it (str elements as UTF-8)
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
