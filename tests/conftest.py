@@ -78,6 +78,14 @@ def digits_v2_file(digits_v1_file) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def classifier_programs(tmp_path_factory) -> dict[str, Path]:
+    """The BYTES classifier's model, preprocess and postprocess programs (tests/bytes_models.py), exported once."""
+    from tests import bytes_models
+
+    return bytes_models.export_all(tmp_path_factory.mktemp("bytes-programs"))
+
+
 @pytest.fixture
 def share(demo_share, tmp_path) -> Path:
     """A private, writable copy of the demo share."""

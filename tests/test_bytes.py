@@ -232,14 +232,9 @@ def test_warmup_inputs_hold_a_decodable_image():
 
 
 @pytest.fixture(scope="module")
-def programs(tmp_path_factory):
-    return bytes_models.export_all(tmp_path_factory.mktemp("bytes-programs"))
-
-
-@pytest.fixture(scope="module")
-def share(programs, tmp_path_factory):
+def share(classifier_programs, tmp_path_factory):
     share = tmp_path_factory.mktemp("bytes-share")
-    assert bytes_models.publish_classifier(share, programs) == 1
+    assert bytes_models.publish_classifier(share, classifier_programs) == 1
     return share
 
 
@@ -273,7 +268,7 @@ def test_pipeline_refuses_bombs_and_corrupt_images_and_keeps_serving(loaded):
     assert out["class"].shape == (1, 1)
 
 
-def test_a_version_without_preprocess_stacks_images_of_one_size(programs, tmp_path):
+def test_a_version_without_preprocess_stacks_images_of_one_size(classifier_programs, tmp_path):
     """decode alone: images of one size are stacked [N, H, W, C]; of different sizes, refused with the reason."""
     import torch
 
@@ -313,19 +308,20 @@ def test_a_version_without_preprocess_stacks_images_of_one_size(programs, tmp_pa
         model.infer({"image": _objects([bytes_models.encode(grey, "PNG"), tiny_image(1)])})
 
 
-def test_programs_are_checked_at_publish_and_hashed_at_load(programs, share, tmp_path):
+def test_programs_are_checked_at_publish_and_hashed_at_load(classifier_programs, share, tmp_path):
     from cluster.agent.loaded_model import load_model
     from cluster.publish import publish_version
     from cluster.repository import ModelRepository
 
+    model = classifier_programs["model.pt2"]
     with pytest.raises(RepositoryError, match="preprocess.pt2"):
-        publish_version(tmp_path, "x", programs["model.pt2"], bytes_models.CONFIG, programs={"preprocess.pt2": b"junk"})
+        publish_version(tmp_path, "x", model, bytes_models.CONFIG, programs={"preprocess.pt2": b"junk"})
     with pytest.raises(RepositoryError, match="'setup.py' is not one of preprocess.pt2, postprocess.pt2"):
-        publish_version(tmp_path, "x", programs["model.pt2"], bytes_models.CONFIG, programs={"setup.py": b"print()"})
+        publish_version(tmp_path, "x", model, bytes_models.CONFIG, programs={"setup.py": b"print()"})
     copy = tmp_path / "copy"
     shutil.copytree(share, copy)
     swapped = copy / "models" / "classifier" / "1" / "postprocess.pt2"
-    swapped.write_bytes(programs["preprocess.pt2"].read_bytes())  # another program under its name
+    swapped.write_bytes(classifier_programs["preprocess.pt2"].read_bytes())  # another program under its name
     with pytest.raises(RepositoryError, match="postprocess.pt2"):
         load_model(ModelRepository(copy), "classifier", 1)
 
@@ -375,7 +371,7 @@ def test_the_agents_workers_answer_bad_bytes_with_bad_request_and_serve_the_rest
 
 def test_a_preprocess_without_decode_takes_every_input_and_gives_the_models_arguments():
     """No decoded input: preprocess.pt2 takes the inputs in the config's order and returns the model's arguments;
-    postprocess.pt2 takes the model's outputs (plain callables stand in for the loaded programs)."""
+    postprocess.pt2 takes the model's outputs (plain callables stand in for the loaded classifier_programs)."""
     import torch
 
     from cluster.agent.pipeline import Pipeline

@@ -25,16 +25,11 @@ grpc = pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
-def programs(tmp_path_factory):
-    return bytes_models.export_all(tmp_path_factory.mktemp("bytes-programs"))
-
-
-@pytest.fixture(scope="module")
-def stack(programs, tmp_path_factory):
+def stack(classifier_programs, tmp_path_factory):
     from tests.harness import edge_stack
 
     share = tmp_path_factory.mktemp("bytes-share")
-    assert bytes_models.publish_classifier(share, programs) == 1
+    assert bytes_models.publish_classifier(share, classifier_programs) == 1
     with edge_stack(share, tmp_path_factory.mktemp("bytes-stack"), model="classifier") as cluster:
         yield cluster
 
@@ -118,12 +113,12 @@ def _serves(stack, model: str) -> bool:
         return all(any(m["name"] == model for m in a["models"]) for a in client.agents())
 
 
-def test_deploy_with_programs_over_the_load_route_and_cluster_deploy(stack, programs, tmp_path):
+def test_deploy_with_programs_over_the_load_route_and_cluster_deploy(stack, classifier_programs, tmp_path):
     """The edge's load route takes file:<v>/preprocess.pt2 and postprocess.pt2 beside the model file, and `cluster
     deploy --preprocess --postprocess` sends them to the manager (no share on the deploying side): both publish the
     three programs in one version, hashed in its manifest, and serve."""
     images, expected_class, _ = _images()
-    files = {f"file:1/{name}": path.read_bytes() for name, path in programs.items()}
+    files = {f"file:1/{name}": path.read_bytes() for name, path in classifier_programs.items()}
     with http.InferenceServerClient(stack.edge_url.removeprefix("http://")) as client:
         client.load_model("loaded", config=json.dumps(bytes_models.CONFIG), files=files)
         manifest = json.loads((stack.share / "models" / "loaded" / "1" / "manifest.json").read_text())
@@ -136,9 +131,9 @@ def test_deploy_with_programs_over_the_load_route_and_cluster_deploy(stack, prog
     config.write_text(json.dumps(bytes_models.CONFIG))
     env = {k: v for k, v in stack.env().items() if k != "CLUSTER_SHARE"}  # over the bus: the manager publishes
     deploy = subprocess.run(
-        [sys.executable, "-m", "cluster", "deploy", str(programs["model.pt2"]), "--name", "deployed"]
-        + ["--config", str(config), "--preprocess", str(programs["preprocess.pt2"])]
-        + ["--postprocess", str(programs["postprocess.pt2"]), "--timeout", "90"],
+        [sys.executable, "-m", "cluster", "deploy", str(classifier_programs["model.pt2"]), "--name", "deployed"]
+        + ["--config", str(config), "--preprocess", str(classifier_programs["preprocess.pt2"])]
+        + ["--postprocess", str(classifier_programs["postprocess.pt2"]), "--timeout", "90"],
         env=env,
         capture_output=True,
         text=True,
