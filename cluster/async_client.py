@@ -209,12 +209,13 @@ class AsyncClient:
     async def _read(self) -> None:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
-            call, outcome = self.core.on_message(frames)
-            if call is not None:
-                resolve(call.future, outcome)
-            elif outcome:  # a hello: calls out of attempts
-                for failed, error in outcome:
-                    resolve(failed.future, error)
+            for message in self.core.messages(frames):
+                call, outcome = self.core.on_message(message)
+                if call is not None:
+                    resolve(call.future, outcome)
+                elif outcome:  # a hello: calls out of attempts
+                    for failed, error in outcome:
+                        resolve(failed.future, error)
             if self.core.resend:
                 self._flush()
 

@@ -367,11 +367,12 @@ class Client:
                 self._drained_at = self._uses
                 return out
             with self._lock:
-                call, outcome = self.core.on_message(frames)
-            if call is not None:
-                out.append((call.future, outcome))
-            elif outcome:  # a hello: calls out of attempts
-                out.extend((c.future, error) for c, error in outcome)
+                for message in self.core.messages(frames):
+                    call, outcome = self.core.on_message(message)
+                    if call is not None:
+                        out.append((call.future, outcome))
+                    elif outcome:  # a hello: calls out of attempts
+                        out.extend((c.future, error) for c, error in outcome)
             if self.core.resend:  # a hello: calls that waited for a broker, or were lost at its old incarnation
                 self._flush_locked(out)
         # More may wait, and the FD will not say so: whoever reads must look again without waiting for it.

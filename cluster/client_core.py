@@ -43,6 +43,7 @@ from cluster.role_settings import ClientSettings
 from cluster.settings import from_env
 from cluster.sockets import make_socket
 
+_BATCH = protocol.PREAMBLE[Command.BATCH]
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 
 
@@ -341,6 +342,17 @@ class ClientCore:
         self.calls[call.request_id] = call
         self._place(call)
         return call
+
+    @staticmethod
+    def messages(frames: list) -> list[list]:
+        """The messages in what the socket received ([name, preamble, ...]): itself, or a BATCH's messages, each
+        with the broker's name in front (a malformed BATCH: none)."""
+        if len(frames) < 2 or protocol.as_bytes(frames[1])[: protocol.PREAMBLE_BYTES] != _BATCH:
+            return [frames]
+        try:
+            return protocol.unbatch(frames, 1)
+        except ProtocolError:
+            return []
 
     def on_message(self, frames: list) -> tuple[Call | None, Any]:
         """Match a message from a broker ([name, preamble, header, tensors...]) to its call: (call, InferResult |

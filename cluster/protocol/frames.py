@@ -65,6 +65,10 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
                         -> REPLY Answer {id, result} or ERROR (deploy, rollback, publish: answered when the rollout
                         is over; a state the manager cannot save: ERROR INTERNAL naming the file and the cause, undone)
 
+BATCH (any of the above between broker and agent, and broker -> client REPLY / ERROR): several messages to one
+peer in one (`batch`, `unbatch`): TAG + BATCH + each message's frame count (uint16), then their frames. A sender
+batches only what already waits to go to that peer, so nothing waits longer at low load.
+
 `Heartbeat` is the one definition of an agent's state on the wire; `agent_view` and `models_view` build the
 answers to the "agents" and "models" queries, the same way at the broker and at the manager.
 
@@ -174,6 +178,7 @@ class Command(enum.IntEnum):
     QUERY = 0x07
     EVENT = 0x08
     CANCEL = 0x09
+    BATCH = 0x0A  # several messages in one (batch(), unbatch()): one send and one wake-up for a busy path
 
 
 PREAMBLE = {cmd: TAG + bytes([cmd]) for cmd in Command}
@@ -277,6 +282,52 @@ def routed(cmd: Command, route: bytes, header: dict | bytes, tensors: Sequence =
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding and validation (before anything touches the data)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+MAX_BATCH = 64  # messages in one BATCH
+_BATCH_COUNT = struct.Struct(">H")
+
+
+def batch(messages: Sequence[list]) -> list:
+    """One BATCH message holding `messages` (each a list of frames: preamble [+ route], header, tensors):
+    [TAG + BATCH + one big-endian uint16 per message (its frame count), then every message's frames in order]. The
+    sender batches only what is already waiting to go to one peer (never waits to fill one), at most MAX_BATCH; a
+    lone message goes as it is. Any peer identity frame goes in front of the result, as for any message."""
+    if not 0 < len(messages) <= MAX_BATCH:
+        raise ValueError(f"a BATCH holds 1 to {MAX_BATCH} messages, not {len(messages)}")
+    counts = b"".join(_BATCH_COUNT.pack(len(m)) for m in messages)
+    frames = [PREAMBLE[Command.BATCH] + counts]
+    for m in messages:
+        frames.extend(m)
+    return frames
+
+
+def unbatch(frames: Sequence, start: int = 0) -> list[list]:
+    """The messages of a BATCH whose preamble is frames[start] (frames before it, a ROUTER's peer identity, are put
+    in front of each message): [[*frames[:start], preamble, header, ...], ...]. ProtocolError when the counts do not
+    add up to the frames that follow, a message has fewer than 2 frames, there are more than MAX_BATCH, or one is a
+    BATCH itself. What each message is (its command) is the receiver's to check."""
+    raw = as_bytes(frames[start])
+    counts = raw[PREAMBLE_BYTES:]
+    if raw[:PREAMBLE_BYTES] != PREAMBLE[Command.BATCH] or not counts or len(counts) % 2:
+        raise ProtocolError("bad BATCH preamble")
+    n = len(counts) // 2
+    if n > MAX_BATCH:
+        raise ProtocolError(f"a BATCH of {n} messages is over the limit of {MAX_BATCH}")
+    prefix = list(frames[:start])
+    at = start + 1
+    out = []
+    for (count,) in _BATCH_COUNT.iter_unpack(counts):
+        if count < 2 or at + count > len(frames):
+            raise ProtocolError("BATCH counts do not match its frames")
+        message = prefix + list(frames[at : at + count])
+        if as_bytes(message[start])[:PREAMBLE_BYTES] == PREAMBLE[Command.BATCH]:
+            raise ProtocolError("a BATCH inside a BATCH")
+        out.append(message)
+        at += count
+    if at != len(frames):
+        raise ProtocolError(f"{len(frames) - at} frames after the BATCH's messages")
+    return out
 
 
 def frame_bytes(frame) -> bytes | memoryview:
