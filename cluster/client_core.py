@@ -43,7 +43,7 @@ from cluster.role_settings import ClientSettings
 from cluster.settings import from_env
 from cluster.sockets import make_socket
 
-_BATCH = protocol.PREAMBLE[Command.BATCH]
+_BATCH, _REQUEST = protocol.PREAMBLE[Command.BATCH], protocol.PREAMBLE[Command.REQUEST]
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 
 
@@ -78,18 +78,26 @@ class Call:
     model: str | None = None
     broker: bytes | None = None  # the name of the broker it goes to (None: waiting for a live one)
     sent: bool = False  # it went to `broker` (a resend clears it)
-    no_agent_at: set = field(default_factory=set)  # brokers that answered it NO_AGENT (it tries the others)
+    no_agent_at: set | None = None  # brokers that answered it NO_AGENT (it tries the others)
+    head: bytes | None = None  # a REQUEST's model name for its head (protocol.head_name; None: the bare preamble)
 
     @property
     def command(self) -> Command:
         return Command.REQUEST if isinstance(self.message, protocol.Request) else Command.QUERY
 
     def frames(self) -> list:
-        """The message, with the timeout brought down to what is left of the deadline (matters on a resend)."""
-        if isinstance(self.message, protocol.Request):
-            self.message.timeout = max(0.001, self.deadline - DEADLINE_GRACE - time.monotonic())
-            return protocol.message(Command.REQUEST, self.message.to_wire(), self.tensors)
-        return protocol.message(Command.QUERY, self.message.to_wire())
+        """The message, with the timeout brought down to what is left of the deadline (matters on a resend): a
+        REQUEST with its head (what the broker routes by: protocol.request_head) and its header (what the agent
+        reads), both with that timeout and the attempt count."""
+        message = self.message
+        if type(message) is not protocol.Request:
+            return protocol.message(Command.QUERY, message.to_wire())
+        message.timeout = timeout = max(0.001, self.deadline - DEADLINE_GRACE - time.monotonic())
+        if self.head is None or message.attempt > protocol.MAX_ATTEMPT:  # the broker reads the header (and says why)
+            first = _REQUEST
+        else:
+            first = protocol.request_head(message.id, timeout, message.version, message.attempt, self.head)
+        return [first, protocol.pack(message.to_wire()), *self.tensors]
 
     def wire(self) -> list:
         """What the client's ROUTER sends: the broker's name, then the message."""
@@ -314,23 +322,29 @@ class ClientCore:
             metas, tensors = encode_tensors(inputs)
         except (ValueError, TypeError) as exc:
             raise BadRequestError(f"inputs cannot be sent: {exc}", model) from None
-        size = sum(len(t) for t in tensors)
+        size = sum(map(len, tensors))
         if size > limits().max_message_bytes:
             limit = limits().max_message_bytes
             raise BadRequestError(f"request of {size} bytes is over the bus limit of {limit} bytes", model)
         timeout = self.timeout if timeout is None else float(timeout)
+        version = None if version is None else int(version)
+        try:
+            head = protocol.head_name(model, version)
+        except UnicodeEncodeError:
+            raise BadRequestError("model must be a valid unicode string", model) from None
         request = protocol.Request(
             next(self._ids),
             model,
             metas,
             timeout,
-            None if version is None else int(version),
+            version,
             None if outputs is None else list(outputs),
             None
             if request_id is None
             else str(request_id),  # the caller's name for it, in the broker's and agent's logs
         )
-        call = Call(request.id, request, tensors, time.monotonic() + timeout + DEADLINE_GRACE, future, model)
+        deadline = time.monotonic() + timeout + DEADLINE_GRACE
+        call = Call(request.id, request, tensors, deadline, future, model, head=head)
         self.calls[call.request_id] = call
         self._place(call)
         return call
@@ -399,6 +413,8 @@ class ClientCore:
     def _elsewhere(self, call: Call) -> bool:
         """A broker answered `call` NO_AGENT: send it to a live broker that has not (no attempt counted: no agent
         ran it). False if every live broker has: the answer stands."""
+        if call.no_agent_at is None:
+            call.no_agent_at = set()
         if call.broker is not None:
             call.no_agent_at.add(call.broker)
         broker = self._choose(call.no_agent_at)

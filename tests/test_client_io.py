@@ -89,7 +89,7 @@ class FakeBroker:
         if frames == [b""]:
             hello = protocol.BrokerHello(self.name.decode(), self.incarnation, True)
             return protocol.message(Command.READY, hello.to_wire())
-        cmd = protocol.parse_preamble(frames[0])
+        cmd = protocol.parse_preamble(frames[0][: protocol.PREAMBLE_BYTES])  # (a REQUEST's head follows)
         header = protocol.unpack_header(frames[1])
         if cmd == Command.CANCEL:
             self.cancels += 1

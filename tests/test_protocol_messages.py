@@ -236,8 +236,9 @@ def test_the_client_builds_what_the_broker_and_the_agent_parse():
     core.on_hello(b"b1", protocol.BrokerHello("b1", "aa"))  # a broker to send to
     call = core.infer_call("echo", {"x": np.zeros(2, np.float32)}, 3, None, ["y"], None, "trace-1")
     frames = call.frames()
-    assert protocol.parse_preamble(frames[0]) == protocol.Command.REQUEST
     request = Request.from_wire(protocol.unpack_header(frames[1]))
+    head = protocol.parse_request_head(frames[0])  # what the broker routes by: the header's fields, the same
+    assert head == (call.request_id, "echo", 3, request.timeout, request.attempt), head
     assert (request.id, request.model, request.version, request.outputs, request.request_id) == (
         call.request_id,
         "echo",

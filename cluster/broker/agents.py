@@ -17,9 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.protocol import ErrorCode, Heartbeat, agent_view, models_view
+from cluster.protocol import ErrorCode, Heartbeat, agent_view, header_request_id, models_view
 
 log = logging.getLogger("cluster.broker")
+TRACE_IN_HEADER: Any = object()  # a BrokerRequest's trace not read yet: its header frame holds it (see `trace`)
 
 
 @dataclass(eq=False)
@@ -97,13 +98,26 @@ class BrokerRequest:
     hedged_at: float = 0.0  # when that copy was sent
     queued: bool = False  # it has waited in the queue (a request taken back after a failed send returns there)
     done: bool = False  # answered or failed; a queued request marked done is skipped
-    trace: str | None = None  # the caller's request_id (the OIP id, say): in every log line about it
+    _trace: Any = None  # see `trace`; TRACE_IN_HEADER: not read yet
     # A model under canary (cluster/broker/canary.py): the version drawn to run it (told the agent in the route;
     # None: the agent's default), the run that counts its answers, its shadow pair; `mirror`: it is a shadow copy
     run_version: int | None = None
     canary: Any = None
     pair: Any = None
     mirror: bool = False
+
+    @property
+    def trace(self) -> str | None:
+        """The caller's request_id (the OIP id, say): in every log line about it. A request routed by its head
+        (protocol.parse_request_head) has it only in its header: read from there the first time a log line asks."""
+        trace = self._trace
+        if trace is TRACE_IN_HEADER:
+            trace = self._trace = header_request_id(self.header)
+        return trace
+
+    @trace.setter
+    def trace(self, value) -> None:
+        self._trace = value
 
     def log_extra(self) -> dict:
         """`extra=` for a log line about this request: its request_id (JSON logs carry it as a field)."""

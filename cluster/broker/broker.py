@@ -43,9 +43,10 @@ import time
 import zmq
 
 from cluster import protocol
-from cluster.auth import BusSecurity, key_of, refusal
+from cluster.auth import BusSecurity, key_of
 from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
+from cluster.broker.intake import ClientIntake, bad_input
 from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import make_policy
@@ -53,7 +54,6 @@ from cluster.broker.shadow import ShadowComparer
 from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
-from cluster.logs import BadInputLog
 from cluster.protocol import (
     PREAMBLE,
     AgentDead,
@@ -61,17 +61,14 @@ from cluster.protocol import (
     BrokerHello,
     BrokerReport,
     CanaryDigest,
-    Cancel,
     Command,
     Desired,
     ErrorCode,
     ProtocolError,
     Query,
-    Request,
     What,
     as_bytes,
     message,
-    message_id,
     pack,
     parse_event,
     require,
@@ -81,7 +78,6 @@ from cluster.settings import from_env
 from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
-bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
@@ -115,7 +111,7 @@ def broker_name(settings: BrokerSettings) -> str:
     return default_broker_name(address)
 
 
-class Broker:
+class Broker(ClientIntake):
     def __init__(
         self,
         settings: BrokerSettings | None = None,
@@ -428,40 +424,7 @@ class Broker:
     def send_client_error(self, client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None):
         self.deliver([client_error(client, request_id, code, text, model)])
 
-    # ---- clients ------------------------------------------------------------------------------------------------
-
-    def process_client(self, frames: list) -> None:
-        client = as_bytes(frames[0])
-        if len(frames) == 2 and not len(frames[1]):
-            self.hello(client)  # a probe: one empty frame (ZMQ_PROBE_ROUTER on connecting, or a client's check)
-            return
-        request_id = None
-        try:
-            if len(frames) < 3:
-                raise ProtocolError("message too short: expected preamble and header")
-            cmd = protocol.parse_preamble(frames[1])
-            header = protocol.unpack_header(frames[2])
-            request_id = message_id(header)
-            if request_id is None:
-                raise ProtocolError("header field 'id' must be an int or a string")
-            if self.allow is not None:
-                refused = refusal(self.allow, key_of(frames[1]), "query" if cmd == Command.QUERY else "infer")
-                if refused is not None:
-                    bad_input.warning("refused a %s from client %s: %s", cmd.name, client.hex(), refused[1])
-                    self.send_client_error(client, request_id, *refused)
-                    return
-            if cmd == Command.REQUEST:
-                self.accept_request(client, request_id, header, frames[2], frames[3:])
-            elif cmd == Command.QUERY:
-                self.answer_query(client, request_id, header)
-            elif cmd == Command.CANCEL:
-                cancel = Cancel.from_wire(header)
-                self.deliver(self.dispatcher.client_cancel(client, cancel.id, time.monotonic()))
-            else:
-                raise ProtocolError(f"clients may not send {cmd.name}")
-        except ProtocolError as exc:
-            bad_input.warning("bad message from client %s: %s", client.hex(), exc)
-            self.send_client_error(client, request_id, ErrorCode.BAD_REQUEST, str(exc))
+    # ---- clients (what they send: intake.py) --------------------------------------------------------------------
 
     def hello(self, client: bytes) -> None:
         """Answer a client's probe with READY BrokerHello: who we are, which incarnation, and whether we are ready
@@ -486,27 +449,6 @@ class Broker:
         clients, self.unready = self.unready, {}
         for client in clients:
             self.send_hello(client, True)
-
-    def accept_request(self, client: bytes, request_id, header: dict, header_frame, tensors: list) -> None:
-        """A client's REQUEST: routed by the fields Request.from_wire checks; its header frame is forwarded as is."""
-        request = Request.from_wire(header)
-        timeout = self.timings.request_timeout if request.timeout is None else request.timeout
-        now = time.monotonic()
-        self.deliver(
-            self.dispatcher.client_request(
-                client,
-                request_id,
-                request.model,
-                request.version,
-                timeout,
-                header_frame,
-                tensors,
-                now,
-                congested=self.outbox.stalled(client, now),
-                trace=request.request_id,
-                attempt=request.attempt,
-            )
-        )
 
     def answer_query(self, client: bytes, request_id, header: dict) -> None:
         """A client's QUERY, answered by the handler QUERIES names for its `what` (ProtocolError for any other)."""

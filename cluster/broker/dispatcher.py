@@ -156,8 +156,8 @@ class Dispatcher(RequestCopies):
     ) -> list[Send]:
         """A client's REQUEST, already checked: send it to an agent, queue it, or answer why it cannot be served.
         `congested`: the client is not reading its replies (the broker holds some for it): OVERLOADED, as is a
-        request past the client's bound on requests here (`client_max_in_flight`). `trace`: its request_id.
-        `attempt`: dispatches it had at brokers the client lost (its attempt budget counts from there)."""
+        request past the client's bound on requests here (`client_max_in_flight`). `trace`: its request_id (or
+        TRACE_IN_HEADER). `attempt`: dispatches it had at brokers the client lost (its budget counts from there)."""
         out: list[Send] = []
         self.now = now
         load = self.client_load.get(client, 0)
@@ -549,9 +549,9 @@ class Dispatcher(RequestCopies):
             del self.by_client[(request.client, request.request_id)]
 
     def _finish_with_error(self, request: BrokerRequest, code: ErrorCode, text: str, out: list[Send]) -> None:
-        log.debug(
-            "request %s failed at the broker: %s %s", request.trace or "-", code.value, text, extra=request.log_extra()
-        )
+        if log.isEnabledFor(logging.DEBUG):  # (its trace may have to be read from its header: only when logged)
+            what = f"{code.value} {text}"
+            log.debug("request %s failed at the broker: %s", request.trace or "-", what, extra=request.log_extra())
         request.done = True
         self._forget(request)
         out.append(client_error(request.client, request.request_id, code, text, request.model))

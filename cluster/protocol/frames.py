@@ -14,15 +14,30 @@ The route is the 16-byte request key (the broker's random incarnation + a counte
 broker) the broker attaches to broker <-> agent REQUEST, REPLY, ERROR and CANCEL: it rides at the end of the
 preamble frame (one frame less per message than a frame of its own; `routed`, `parse_routed`). A REQUEST's route
 (broker -> agent) is longer: the key + float64 seconds left to the request's deadline + float64 seconds it waited
-in the broker's queue (REQUEST_ROUTE), so an agent can drop work whose client gave up. Every other message (and
-every client <-> broker one) has the bare 5-byte preamble.
+in the broker's queue (REQUEST_ROUTE), so an agent can drop work whose client gave up.
+
+A client's REQUEST carries what the broker routes by in a head after its preamble (`request_head`,
+`parse_request_head`), so that the broker's hot path is a struct unpack, a table lookup and a send, never a msgpack
+decode of the header it forwards:
+
+    frame 0   TAG + REQUEST + REQUEST_HEAD (>QdIH: id uint64, timeout float64 seconds (0: the broker's default),
+              version uint32 (0: the model's default), attempt uint16) + the model name (utf-8, the rest, 1 to
+              MAX_NAME bytes)
+
+The msgpack header keeps every field too (the agent reads it, the broker forwards it as received). A REQUEST with
+the bare preamble (an older or hand-written client) is still taken: the broker then reads the header. Where a
+hand-made client's header and head disagree, the broker routes (model, version, deadline, attempt budget, the id
+of its errors and of a CANCEL) by the head, and the agent runs what the header says and answers with the header's
+id: such a client can only confuse itself, the answer goes to it alone. Every other message has the bare 5-byte
+preamble.
 
 Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not part of the message):
 
     client  -> broker   (probe) one empty frame   (ZMQ_PROBE_ROUTER, on each new connection: "who are you?")
-                        REQUEST  Request {id, model, version?, timeout, inputs: [meta...], outputs?: [name...],
-                                 request_id?, attempt?} + tensors   (request_id: the caller's name for it, in the
-                                 logs; attempt: dispatches it already had at brokers the client lost)
+                        REQUEST  preamble + head, Request {id, model, version?, timeout, inputs: [meta...],
+                                 outputs?: [name...], request_id?, attempt?} + tensors   (request_id: the caller's
+                                 name for it, in the logs; attempt: dispatches it already had at brokers the client
+                                 lost; the head: the same id, timeout, version, attempt and model, see above)
                         QUERY    Query {id, what: agents | models | model | stats | statistics, name?, version?}
                         CANCEL   Cancel {id}   (forget that request: out of the queue, or skipped by its agent; no
                                  answer)
@@ -89,7 +104,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from cluster.config import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_NAME, MAX_TENSORS
+from cluster.config import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_NAME, MAX_REQUEST_TIMEOUT_S, MAX_TENSORS
 
 TAG = b"MSB1"  # Model-Serving Bus, protocol version 1
 # A route key: the broker's random incarnation (drawn at its start) + its request counter, so that a key names one
@@ -99,6 +114,8 @@ INCARNATION_BYTES = 8
 ROUTE_BYTES = INCARNATION_BYTES + 8
 REQUEST_ROUTE = struct.Struct(">16sdd")  # broker -> agent REQUEST: key, seconds left, seconds waited at the broker
 REQUEST_ROUTE_RUN = struct.Struct(">16sddi")  # ... and the version to run (a canary split's draw), for unpinned ones
+REQUEST_HEAD = struct.Struct(">QdIH")  # client -> broker REQUEST, after the preamble: id, timeout, version, attempt
+MAX_ATTEMPT = 1000  # a request's `attempt` past this is malformed (the budget is a handful)
 
 
 def broker_incarnation() -> bytes:
@@ -355,6 +372,63 @@ def parse_preamble(frame) -> Command:
 
 PREAMBLE_BYTES = len(TAG) + 1
 ROUTED = frozenset({Command.REQUEST, Command.REPLY, Command.ERROR, Command.CANCEL})  # may carry a route
+REQUEST_HEAD_END = PREAMBLE_BYTES + REQUEST_HEAD.size  # where a REQUEST head's model name begins
+_REQUEST = PREAMBLE[Command.REQUEST]
+_head_unpack = REQUEST_HEAD.unpack_from
+_MAX_HEAD_VERSION = 2**32 - 1  # uint32
+
+
+def request_head(request_id: int, timeout: float | None, version: int | None, attempt: int, model: bytes) -> bytes:
+    """Frame 0 of a client's REQUEST: preamble + REQUEST_HEAD + the model name (`model`: its utf-8 bytes). timeout
+    None: the broker's default; version None: the model's default. struct.error for a field out of its range."""
+    return _REQUEST + REQUEST_HEAD.pack(request_id, timeout or 0.0, version or 0, attempt) + model
+
+
+def head_name(model: str, version: int | None) -> bytes | None:
+    """A model name as a REQUEST head carries it (utf-8), or None for a request no head can express (a name over
+    MAX_NAME bytes, a version outside 1 to 2**32 - 1): the client sends that one with the bare preamble, and the
+    broker answers it from its header as it always did. UnicodeEncodeError for a name that is not valid unicode."""
+    name = model.encode()
+    if len(name) > MAX_NAME or (version is not None and not 0 < version <= _MAX_HEAD_VERSION):
+        return None
+    return name
+
+
+def has_request_head(frame: bytes) -> bool:
+    """Whether a client's first frame is a REQUEST with a head (anything after its preamble; parse_request_head
+    judges it), not the bare preamble of the old form."""
+    return len(frame) > PREAMBLE_BYTES and frame[:PREAMBLE_BYTES] == _REQUEST
+
+
+def request_head_id(frame: bytes) -> int | None:
+    """The id in a REQUEST head, for the answer to one that is otherwise malformed (None: too short to hold one)."""
+    return _head_unpack(frame, PREAMBLE_BYTES)[0] if len(frame) >= REQUEST_HEAD_END else None
+
+
+def parse_request_head(frame: bytes) -> tuple[int, str, int | None, float | None, int]:
+    """(id, model, version, timeout, attempt) of a client's REQUEST head (frame 0, preamble included), checked as
+    Request.from_wire checks the header's fields: timeout 0 < t <= MAX_REQUEST_TIMEOUT_S (0 on the wire: None, the
+    broker's default), attempt <= MAX_ATTEMPT, the model name utf-8 of 1 to MAX_NAME bytes; version 0 is None.
+    ProtocolError naming the field otherwise."""
+    if len(frame) < REQUEST_HEAD_END:
+        raise ProtocolError(f"REQUEST head of {len(frame)} bytes is too short: {REQUEST_HEAD_END} and a model name")
+    request_id, timeout, version, attempt = _head_unpack(frame, PREAMBLE_BYTES)
+    name = frame[REQUEST_HEAD_END:]
+    if not 0 < len(name) <= MAX_NAME:
+        raise ProtocolError(f"REQUEST head field 'model' must be 1 to {MAX_NAME} bytes, not {len(name)}")
+    try:
+        model = name.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("REQUEST head field 'model' is not valid utf-8") from None
+    if not 0.0 < timeout <= MAX_REQUEST_TIMEOUT_S:  # NaN fails both
+        if timeout != 0.0:
+            raise ProtocolError(
+                f"REQUEST head field 'timeout' must be between 0 and {MAX_REQUEST_TIMEOUT_S:.0f} seconds"
+            )
+        timeout = None
+    if attempt > MAX_ATTEMPT:
+        raise ProtocolError(f"REQUEST head field 'attempt' must be between 0 and {MAX_ATTEMPT}")
+    return request_id, model, version or None, timeout, attempt
 
 
 def parse_routed(frame) -> tuple[Command, bytes]:
@@ -404,6 +478,15 @@ def request_id_of(header: Mapping) -> str | None:
     """A REQUEST's request_id for the logs: a string, cut to MAX_REQUEST_ID; None when absent or not a string."""
     value = header.get("request_id")
     return value[:MAX_REQUEST_ID] if isinstance(value, str) else None
+
+
+def header_request_id(frame) -> str | None:
+    """The request_id in a REQUEST's header frame, read only when a log line needs it (a REQUEST with a head is
+    routed without decoding its header); None when absent, not a string, or the header unreadable."""
+    try:
+        return request_id_of(unpack_header(frame))
+    except ProtocolError:
+        return None
 
 
 def require(header: Mapping, key: str, kind: type | tuple, *, optional: bool = False) -> Any:

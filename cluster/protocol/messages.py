@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.config import MAX_REQUEST_TIMEOUT_S
 from cluster.protocol.frames import (
+    MAX_ATTEMPT,
     MAX_REQUEST_ID,
     ErrorCode,
     ProtocolError,
@@ -21,8 +22,6 @@ from cluster.protocol.frames import (
     require,
     validate_tensor_metas,
 )
-
-MAX_ATTEMPT = 1000  # a request's `attempt` past this is malformed (the budget is a handful)
 
 
 def message_id(header: Mapping) -> int | str | None:
