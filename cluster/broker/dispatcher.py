@@ -176,9 +176,9 @@ class Dispatcher(RequestCopies):
         request.trace, request.attempts = trace, attempt
         if version is None and model in self.canary.runs:  # under canary: which version runs it, and a mirror?
             self.canary.draw(request, lambda v: self.agents.serves(model, v))
-        self.requests[request.route] = request
+        self.requests[route] = request
         self.client_load[client] = load + 1
-        self.by_client[(client, request_id)] = request.route
+        self.by_client[(client, request_id)] = route
         if not self._dispatch(request, out):
             self._queue_or_refuse(request, out)
         return out

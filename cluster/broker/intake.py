@@ -90,19 +90,22 @@ class ClientIntake:
             self.send_client_error(client, protocol.request_head_id(head), ErrorCode.BAD_REQUEST, str(exc))
             return
         now = time.monotonic()
+        if timeout is None:
+            timeout = self.timings.request_timeout
+        congested = self.outbox.stalled(client, now)
         self.deliver(
             self.dispatcher.client_request(
                 client,
                 request_id,
                 model,
                 version,
-                self.timings.request_timeout if timeout is None else timeout,
+                timeout,
                 frames[2],
                 frames[3:],
                 now,
-                congested=self.outbox.stalled(client, now),
-                trace=TRACE_IN_HEADER,
-                attempt=attempt,
+                congested,
+                TRACE_IN_HEADER,
+                attempt,
             )
         )
 
