@@ -8,6 +8,7 @@ real Client, with a header no broker could decode: only the head can route it.""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 import time
@@ -16,6 +17,8 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cluster import protocol
 from cluster.broker import Broker, Send
@@ -142,10 +145,16 @@ def test_a_request_no_head_can_express_goes_with_the_bare_preamble(model, versio
 
 @pytest.fixture
 def broker():
+    with in_process_broker("head") as broker:
+        yield broker
+
+
+@contextlib.contextmanager
+def in_process_broker(name: str):
     """A Broker over in-process sockets, one agent serving model "m" (capacity 8), its sends collected."""
     ctx = zmq.Context()
     addresses = Addresses(
-        broker_clients="inproc://head-c", broker_agents="inproc://head-a", manager_events="inproc://head-e"
+        broker_clients=f"inproc://{name}-c", broker_agents=f"inproc://{name}-a", manager_events=f"inproc://{name}-e"
     )
     broker = Broker(BrokerSettings(addresses=addresses, timings=TIMINGS), ctx)
     broker.sent = []
@@ -264,6 +273,27 @@ def test_keys_on_a_head_request_is_refused_or_allowed_as_any_request(broker, all
     broker.sent.clear()
     broker.process_client([b"client", head(rid=9, attempt=5000), NOT_MSGPACK])  # refused before it is judged
     assert client_errors(broker.sent)[0][1] == ("BAD_REQUEST" if allowed else "UNAUTHENTICATED")
+
+
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(
+    after=st.binary(max_size=64) | st.builds(lambda rest: LAYOUT.pack(1, 1.0, 0, 0)[:-2] + rest, st.binary(max_size=8)),
+    header=st.binary(max_size=16),
+    tensors=st.lists(st.binary(max_size=8), max_size=2),
+)
+def test_random_heads_are_routed_or_refused_never_a_crash(after, header, tensors):
+    """Anything after a REQUEST's preamble: routed (a valid head) or BAD_REQUEST, one answer, never an exception."""
+    with in_process_broker("fuzz") as broker:
+        broker.process_client([b"client", PREAMBLE[Command.REQUEST] + after, header, *tensors])
+        if not after:
+            return  # the bare preamble: the old way (its header judged)
+        try:
+            protocol.parse_request_head(PREAMBLE[Command.REQUEST] + after)
+        except ProtocolError:
+            assert [e[1] for e in client_errors(broker.sent)] == ["BAD_REQUEST"], broker.sent
+            return
+        queued = broker.dispatcher.pending_count  # (a model no agent serves waits in the warm-up window)
+        assert len(broker.sent) + queued == 1 and (queued or broker.sent[0].to_agent), broker.sent
 
 
 # ---- real processes -------------------------------------------------------------------------------------------------
