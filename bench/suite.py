@@ -50,7 +50,7 @@ if __name__ == "__main__" and not __package__:
     # `python3 -m bench.suite` does, so that `bench.*`, `cluster` and `edge` come from this checkout
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench import batching, big, cold_start, echo, http_edge, routing, scale, warmup  # noqa: E402
+from bench import batching, big, cnn, cold_start, echo, http_edge, routing, scale, warmup  # noqa: E402
 from bench.lib import BENCH_DIR, Row, Settings, Suite, log, machine_info, table_markdown, table_text  # noqa: E402
 
 # (key, name, title, function): --only takes a key or a name
@@ -64,6 +64,7 @@ BENCHMARKS = [
     ("7", "routing", "7. routing with a slow agent", routing.run),
     ("8", "cold", "8. cold start: a fresh agent's first answer, a deploy to 2 agents", cold_start.run),
     ("10", "warmup", "10. first request at each batch size, warmed at every size vs at 1", warmup.run),
+    ("11", "cnn", "11. a ResNet-18 through the bus vs the model in a loop", cnn.run),
 ]
 
 
