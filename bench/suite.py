@@ -23,13 +23,16 @@ stopped by pid in try/finally):
     serving the new version vs torch.jit.load of the file alone.
 10. warm-up (bench/warmup.py): the first request at each batch size (1-16) after a fresh agent loads a ResNet-18-
     shaped TorchScript CNN warmed at every batch size, vs the same model warmed at size 1 only: first / steady latency.
+11. a real model (bench/cnn.py): a ResNet-18 (224x224, TorchScript, max_batch_size 32) served by one agent at one
+    torch thread, 1, 8 and 32 requests of one image in flight: images/s and p99 vs the same model file called in a
+    loop in this process at one torch thread (batch 1; and batch = requests in flight, informational).
 
 Prints one table (figure, ours, baseline, ratio, target, holds) to stdout, progress to stderr, and writes the same
 table as Markdown, with the machine it ran on, to bench/out/RESULTS.md (not tracked; `--out bench/RESULTS.md` to
 update the committed record). Targets are the TARGET_* constants at the top of
 each benchmark's module. `--quick` shortens every run to a smoke check (about 2 minutes); the full run takes about
 10. `--only` takes keys or names: 1 or echo (figures 1 and 2), 3 or http, 4 or batching, 5 or big, 6a or manager,
-6b or broker, 7 or routing, 8 or cold, 10 or warmup.
+6b or broker, 7 or routing, 8 or cold, 10 or warmup, 11 or cnn.
 
 Where things are: bench/lib.py (settings, table, starting processes, request loops, wrk), bench/models.py (the
 models), bench/sims.py (baselines and simulators run as child processes), one module per benchmark (echo, http_edge,
