@@ -20,7 +20,7 @@ The set-up, and why (the suite's note repeats it):
   a burst of answers to come back as requests and join the batch. The batcher waits only when it took two or more
   at once, so 1 in flight never waits.
 - The machine is shared, its load changes by the second: each served run lies between two rounds of the batch-1
-  loop, which are its baseline; 32 in flight runs 3 times (full run) and the run with the median ratio is shown.
+  loop, which are its baseline; 32 in flight runs 5 times (full run) and the run with the median ratio is shown.
 - images/s: the least-squares slope of answers counted against time over the window (at 32 in flight answers come
   in bursts of a batch, one every 0.3-0.7 s: a count over a fixed window would be off by up to a burst).
 - Every answer is checked: FP32 [1, 1000], equal (within RTOL / ATOL) to the in-process model's answer for the image
@@ -75,7 +75,7 @@ class Windows:
     def of(cls, s: Settings) -> Windows:
         if s.quick:
             return cls({1: (0.5, 2.0), 8: (0.5, 2.5), 32: (1.5, 3.0)}, 1, 1.5, 2)
-        return cls({1: (1.0, 6.0), 8: (1.0, 6.0), 32: (2.0, 8.0)}, 3, 4.0, 4)
+        return cls({1: (1.0, 6.0), 8: (1.0, 6.0), 32: (2.0, 6.0)}, 5, 3.0, 4)
 
 
 def _channels_last_class():
@@ -259,9 +259,9 @@ def batching_stats(client) -> dict:
 
 
 def measure(s: Settings) -> dict:
-    """Every figure, in one run: the served runs (1, 8, then 32 in flight, ROUNDS_32 times) each between two rounds
-    of the batch-1 loop, the baseline it is compared with (the machine is shared: the load changes by the second);
-    then the loop at batch 8 and 32."""
+    """Every figure, in one run: the served runs (1, 8, then 32 in flight, Windows.rounds_32 times) each between two
+    rounds of the batch-1 loop, the baseline it is compared with (the machine is shared: the load changes by the
+    second); the loop at batch 8 and 32 after the first run at that level."""
     import torch
 
     from cluster import Client
@@ -297,7 +297,7 @@ def measure(s: Settings) -> dict:
                     return sum(cpu_seconds(pid) for pid in pids)
 
                 loops1 = [timed_loop(model, one, seconds=w.loop1)]
-                runs = []
+                runs, loop_n = [], {}
                 with Client(cluster.addresses.broker_clients, timeout=60) as client:
                     for n in plan:
                         warm, seconds = w.served[n]
@@ -311,10 +311,9 @@ def measure(s: Settings) -> dict:
                         taken = after["batches"] - before["batches"]
                         run["mean_batch"] = (after["requests"] - before["requests"]) / taken if taken else 0
                         runs.append((n, run))
-            loop_n = {}
-            for n in CONCURRENCY[1:]:
-                batch = torch.from_numpy(np.concatenate([images[i % IMAGES] for i in range(n)]))
-                loop_n[n] = pooled([timed_loop(model, batch, calls=w.loop_n_calls)])
+                        if n > 1 and n not in loop_n:  # the informational baseline, near the run it goes with
+                            batch = torch.from_numpy(np.concatenate([images[i % IMAGES] for i in range(n)]))
+                            loop_n[n] = pooled([timed_loop(model, batch, calls=w.loop_n_calls)])
     finally:
         torch.set_num_threads(threads)
     problems = []
