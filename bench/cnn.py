@@ -22,7 +22,7 @@ The set-up, and why (the suite's note repeats it):
 - The machine is shared, its load changes by the second: each served run lies between two rounds of the batch-1
   loop, which are its baseline; 32 in flight runs 5 times (full run) and the run with the median ratio is shown.
 - images/s: the least-squares slope of answers counted against time over the window (at 32 in flight answers come
-  in bursts of a batch, one every 0.3-0.7 s: a count over a fixed window would be off by up to a burst).
+  in bursts of a batch, 0.1-0.7 s apart on a quiet machine: a count over a fixed window would be off by up to a burst).
 - Every answer is checked: FP32 [1, 1000], equal (within RTOL / ATOL) to the in-process model's answer for the image
   it was asked about (requests cycle through IMAGES distinct seeded images). A wrong, failed or lost answer fails
   the benchmark.
