@@ -9,16 +9,18 @@ per call (and, informational, batch = requests in flight), with the same torch t
 The set-up, and why (the suite's note repeats it):
 - TorchScript, frozen (torch.jit.freeze: batch norms folded into the convolutions) and channels-last (NHWC, the
   layout oneDNN's CPU convolutions are fast in): how one ships a CNN for CPU inference with torch. Both sides load
-  the same file. Not an exported .pt2: run eagerly it was 2x slower than TorchScript here (bench/pt2.py), and
-  compiling it (AOTInductor) takes longer than this whole benchmark may. With the plain NCHW layout a forward pass
-  on one thread costs more per image in a batch of 32 than alone (cache), so batching could only lose.
+  the same file. Not an exported .pt2: run eagerly it was 2.3x slower than TorchScript here (bench/pt2.py), and
+  compiled (AOTInductor) it adds a C++ build to a benchmark meant to take 2 minutes. CPU per image on one thread,
+  channels-last: 23.5 ms alone, 16 in a batch of 8, 21 in a batch of 32; with the plain NCHW layout 30 ms alone, 29
+  at 4, 34 at 32 (cache): batching could not gain.
 - One agent, --threads 1 --workers 1, and torch.set_num_threads(1) here: both sides get one core for the model.
-  This machine has 2 cores: the other one runs the client, the broker and the agent's I/O thread (about 1% of a core
+  This machine has 2 cores: the other one runs the client, the broker and the agent's I/O thread (a few % of a core
   at these rates). Two agents, or two torch threads, would give the cluster twice the baseline's cores, or put
   OpenMP threads in a fight with the bus processes for 2 shared cores.
-- max_queue_delay_us 2000: under a tenth of one image's forward pass (about 20-30 ms here), enough for the rest of
-  a burst of answers to come back as requests and join the batch. The batcher waits only when it took two or more
-  at once, so 1 in flight never waits.
+- max_queue_delay_us 2000: under a tenth of one image's forward pass (about 20-30 ms here), so a batch that waits
+  for more loses little. The batcher waits only when it took two or more at once (1 in flight never waits), and at
+  8 and 32 in flight the requests answered during a forward pass are back in the queue before it ends, so the wait
+  rarely comes into play: with one worker, 32 in flight run as pairs of batches that add up to 32.
 - The machine is shared, its load changes by the second: each served run lies between two rounds of the batch-1
   loop, which are its baseline; 32 in flight runs 5 times (full run) and the run with the median ratio is shown.
 - images/s: the least-squares slope of answers counted against time over the window (at 32 in flight answers come
