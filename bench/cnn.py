@@ -322,12 +322,13 @@ def measure(s: Settings) -> dict:
     for n, run in runs:
         if run["errors"]:
             problems.append(f"{n} in flight: failed requests {run['errors']}")
-        if len(run["answers"]) != run["sent"]:
-            problems.append(f"{n} in flight: {run['sent'] - len(run['answers'])} of {run['sent']} not answered")
-        wrong = wrong_answers(run.pop("answers"), expected)
+        answers = run.pop("answers")
+        if len(answers) != run["sent"]:
+            problems.append(f"{n} in flight: {run['sent'] - len(answers)} of {run['sent']} not answered")
+        wrong = wrong_answers(answers, expected)
         if wrong:
             problems.append(f"{n} in flight: {len(wrong)} wrong answers, e.g. {wrong[0]}")
-        run["checked"] = run["sent"] - len(wrong)
+        run["checked"] = len(answers)
     if problems:
         raise RuntimeError("; ".join(problems))
     levels = {}
