@@ -82,7 +82,9 @@ class AsyncClient:
         loop.add_reader(self._fds[0], self._service)
         loop.add_reader(self._fds[1], self._on_monitor)
         self._timers["tick"] = loop.call_later(ASYNC_CLIENT_TICK_S, self._tick)
-        self._service()  # a message may have come before the loop watched the FD
+        # Read what came before the loop watched the FDs: a pipe signals only once a read has found it empty.
+        self._on_monitor()
+        self._service()
 
     async def infer(
         self,

@@ -381,17 +381,20 @@ class ClientCore:
             return call, error
         if "result" in header:
             return call, protocol.Answer.from_wire(header).result
+        # An inference answer: read straight into InferResult (no protocol.Reply in between: one object less per
+        # answer); the outputs are checked against their frames as Reply.from_wire checks them.
         try:
-            reply = protocol.Reply.from_wire(header, frames[3:])
-            queue_us = reply.queue_us
+            tensors = frames[3:]
+            metas = protocol.validate_tensor_metas(header.get("outputs"), tensors, "outputs")
+            queue_us = header.get("queue_us")
             return call, InferResult(
-                reply.model,
-                reply.version,
-                reply.agent,
-                decode_tensors(reply.outputs, frames[3:]),
+                header.get("model"),
+                header.get("version"),
+                header.get("agent"),
+                decode_tensors(metas, tensors),
                 call.request_id,
-                reply.batch_size,
-                None if queue_us is None else queue_us / 1e6,
+                header.get("batch_size"),
+                queue_us / 1e6 if isinstance(queue_us, (int, float)) and not isinstance(queue_us, bool) else None,
             )
         except ProtocolError as exc:
             return call, ClusterError(f"malformed answer from the cluster: {exc}", call.model)
