@@ -33,6 +33,12 @@ UP_BROKER_PORT_STEP = 10
 # or vanished machine that sends no TCP reset): what was outstanding there is sent to another broker at once
 CLIENT_LINK_HEARTBEAT_S = 0.1
 CLIENT_LINK_TIMEOUT_S = 0.3
+# AsyncClient (loop.add_reader on its socket): answers read in one pass before other tasks get the loop, and how
+# often a send that found no room (the pipe to a broker at its high-water mark) is tried again, besides every time
+# the socket's FD wakes the loop (deadlines are looked at every ASYNC_CLIENT_TICK_S)
+ASYNC_CLIENT_DRAIN_LIMIT = 256
+ASYNC_CLIENT_SEND_RETRY_S = 0.005
+ASYNC_CLIENT_TICK_S = 0.1
 # A broker's own Prometheus metrics (cluster/broker/metrics.py): off by default (port 0), this machine only
 BROKER_METRICS_HOST = DEFAULT_HOST
 BROKER_METRICS_PORT = 0
