@@ -49,6 +49,7 @@ from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.broker.outbox import ClientOutbox
 from cluster.broker.routing import make_policy
+from cluster.broker.sender import PeerSends, outgoing
 from cluster.broker.shadow import ShadowComparer
 from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
@@ -56,6 +57,7 @@ from cluster.desired import DesiredState
 from cluster.logs import BadInputLog
 from cluster.protocol import (
     PREAMBLE,
+    PREAMBLE_BYTES,
     AgentDead,
     Answer,
     BrokerHello,
@@ -81,6 +83,7 @@ from cluster.settings import from_env
 from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
+_BATCH, _ANSWERS = PREAMBLE[Command.BATCH], (Command.REPLY, Command.ERROR, Command.HEARTBEAT)  # what a BATCH may hold
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
@@ -188,6 +191,7 @@ class Broker:
         self.allow = security.allow if secured else None
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
         self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
+        self.sends = PeerSends(self.send_to_agent, self.send_to_client, self.agent_send_failed)  # one per peer a pass
         self.unready: dict[bytes, None] = {}  # clients told "not ready", in order: told "ready" once it is
         self._trims: list[float] = []  # when to call malloc_trim next
         self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
@@ -238,10 +242,14 @@ class Broker:
             while not self._stop.is_set():
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
                 self.look_at_clock(time.monotonic())  # a pause in the poll: known before any message is handled
+                self.sends.collecting = True  # what a drain makes goes at its end, one message per peer
                 if self.agents_sock in ready:
                     drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log, copied)
+                    self.sends.flush()
                 if self.clients in ready:
                     drain(self.clients, self.process_client, DRAIN_BATCH, log, copied)
+                    self.sends.flush()
+                self.sends.collecting = False
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
@@ -359,43 +367,34 @@ class Broker:
             pass  # the manager is down: the next digest carries everything (cumulative)
 
     def deliver(self, outbox: list[Send]) -> None:
-        """Send what the dispatcher asked for, in order. A client's reply goes through `send_to_client` (its pipe,
-        else the outbox within its byte budget; a client that is gone loses it). An agent that a send fails to reach
-        is gone: what was still to go to it is held back and handed to the dispatcher, whose answer (where those
-        requests go instead) is sent too."""
-        i = 0
-        while i < len(outbox):
-            to_agent, frames = outbox[i]
-            i += 1
-            if not to_agent:
-                self.send_to_client(frames)
-                continue
-            try:
-                send_frames(self.agents_sock, frames)
-            except zmq.ZMQError as exc:
-                peer = frames[0]
-                rest = outbox[i:]
-                del outbox[i:]
-                outbox.extend(s for s in rest if not (s.to_agent and s.frames[0] == peer))
-                unsent = [frames] + [s.frames for s in rest if s.to_agent and s.frames[0] == peer]
-                outbox.extend(self.dispatcher.send_failed(unsent, exc))
+        """Send what the dispatcher asked for, in order per peer (PeerSends: in a pass of the loop, at its end, one
+        message per peer): to clients by `send_to_client`; an agent a send fails to reach: `agent_send_failed`."""
+        self.sends.send(outbox)
 
-    def send_to_client(self, frames: list) -> None:
-        """A reply (or error) for a client: into its ZeroMQ pipe if it has room and nothing is held for it, else
-        held in the outbox (in order) within its byte budget. Past the budget the reply is dropped, and the first
-        time, the client's requests are cancelled (it does not read). A client that is gone loses it."""
-        client = frames[0]
+    def send_to_agent(self, agent: bytes, messages: list[list]) -> None:
+        send_frames(self.agents_sock, outgoing(agent, messages))
+
+    def agent_send_failed(self, unsent: list[list], exc: zmq.ZMQError) -> None:
+        self.deliver(self.dispatcher.send_failed(unsent, exc))  # (that batch and all else queued for the agent)
+
+    def send_to_client(self, client: bytes, messages: list[list]) -> None:
+        """Replies for a client, as one message: into its pipe if it has room and nothing is held for it, else each
+        held in the outbox, in order, within its byte budget (`hold_reply`: past it, its requests are cancelled)."""
         if not self.outbox.congested(client):
             try:
-                send_frames(self.clients, frames)
+                send_frames(self.clients, outgoing(client, messages))
                 return
             except zmq.Again:
-                pass  # its pipe is full (CLIENT_SNDHWM replies it has not read): hold it
+                pass  # its pipe is full (CLIENT_SNDHWM messages it has not read): hold them
             except zmq.ZMQError as exc:
                 log.debug("reply to client %s dropped: %s", client.hex(), exc)
                 if exc.errno == errno.EHOSTUNREACH:
                     self.client_gone(client)
                 return
+        for frames in messages:
+            self.hold_reply(client, frames)
+
+    def hold_reply(self, client: bytes, frames: list) -> None:
         was_over = client in self.outbox.over_budget
         if self.outbox.hold(client, frames, time.monotonic()) or was_over:
             return
@@ -531,7 +530,8 @@ class Broker:
         return self.dispatcher.agents.describe_model(name, require(query.fields, "version", int, optional=True))
 
     def query_stats(self, query: Query) -> dict:
-        return dict(self.dispatcher.counts(), client_replies_held=sum(map(len, self.outbox.held.values())))
+        held = sum(map(len, self.outbox.held.values()))
+        return dict(self.dispatcher.counts(), client_replies_held=held, **self.sends.stats)
 
     def query_statistics(self, query: Query) -> dict:
         name = require(query.fields, "name", str, optional=True)
@@ -550,12 +550,19 @@ class Broker:
 
     # ---- agents -------------------------------------------------------------------------------------------------
 
-    def process_agent(self, frames: list) -> None:
+    def process_agent(self, frames: list, batched: bool = False) -> None:
         if len(frames) < 3:
             bad_input.warning("short message from agent %r dropped", as_bytes(frames[0]))
             return
+        head = as_bytes(frames[1])
         try:
-            cmd, route = protocol.parse_routed(frames[1])
+            if head[:PREAMBLE_BYTES] == _BATCH and not batched:  # answers: each handled as if it came alone
+                for one in protocol.unbatch(frames, 1):
+                    self.process_agent(one, True)
+                return
+            cmd, route = protocol.parse_routed(head)
+            if batched and cmd not in _ANSWERS:
+                raise ProtocolError(f"{cmd.name} in a BATCH")
         except ProtocolError as exc:
             bad_input.warning("bad message from agent %r dropped: %s", as_bytes(frames[0]), exc)
             return
