@@ -34,7 +34,6 @@ decides liveness for the control plane only (rollouts, `cluster models`), never 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import secrets
 import threading
@@ -48,6 +47,7 @@ from cluster.broker.agents import UnknownModel
 from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.broker.outbox import ClientOutbox
+from cluster.broker.replies import ClientReplies
 from cluster.broker.routing import make_policy
 from cluster.broker.sender import PeerSends, outgoing
 from cluster.broker.shadow import ShadowComparer
@@ -89,7 +89,6 @@ bad_input = BadInputLog(log)  # peers control these messages: never log them at 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
 UNREADY_CLIENTS_MAX = 10_000  # clients told "not ready" that are told "ready" once it is (the oldest forgotten)
-TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
 
 
 def _malloc_trim():
@@ -118,7 +117,7 @@ def broker_name(settings: BrokerSettings) -> str:
     return default_broker_name(address)
 
 
-class Broker:
+class Broker(ClientReplies):
     def __init__(
         self,
         settings: BrokerSettings | None = None,
@@ -242,14 +241,10 @@ class Broker:
             while not self._stop.is_set():
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
                 self.look_at_clock(time.monotonic())  # a pause in the poll: known before any message is handled
-                self.sends.collecting = True  # what a drain makes goes at its end, one message per peer
                 if self.agents_sock in ready:
-                    drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log, copied)
-                    self.sends.flush()
+                    self.drain_pass(self.agents_sock, self.process_agent, copied)
                 if self.clients in ready:
-                    drain(self.clients, self.process_client, DRAIN_BATCH, log, copied)
-                    self.sends.flush()
-                self.sends.collecting = False
+                    self.drain_pass(self.clients, self.process_client, copied)
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
@@ -282,6 +277,15 @@ class Broker:
                         self.send_canary_digest()
         finally:
             self.close()
+
+    def drain_pass(self, sock: zmq.Socket, handle, copied: int) -> None:
+        """Up to DRAIN_BATCH messages of `sock` handled; what they made goes at the end, one message per peer."""
+        self.sends.collecting = True
+        try:
+            drain(sock, handle, DRAIN_BATCH, log, copied)
+        finally:
+            self.sends.collecting = False
+        self.sends.flush()
 
     def look_at_clock(self, now: float) -> None:
         """Our own stalls (RunClock): time we did not run is no agent's silence; what they sent meanwhile is
@@ -368,7 +372,8 @@ class Broker:
 
     def deliver(self, outbox: list[Send]) -> None:
         """Send what the dispatcher asked for, in order per peer (PeerSends: in a pass of the loop, at its end, one
-        message per peer): to clients by `send_to_client`; an agent a send fails to reach: `agent_send_failed`."""
+        message per peer): to clients by `send_to_client` (replies.py); an agent a send fails to reach:
+        `agent_send_failed`."""
         self.sends.send(outbox)
 
     def send_to_agent(self, agent: bytes, messages: list[list]) -> None:
@@ -376,53 +381,6 @@ class Broker:
 
     def agent_send_failed(self, unsent: list[list], exc: zmq.ZMQError) -> None:
         self.deliver(self.dispatcher.send_failed(unsent, exc))  # (that batch and all else queued for the agent)
-
-    def send_to_client(self, client: bytes, messages: list[list]) -> None:
-        """Replies for a client, as one message: into its pipe if it has room and nothing is held for it, else each
-        held in the outbox, in order, within its byte budget (`hold_reply`: past it, its requests are cancelled)."""
-        if not self.outbox.congested(client):
-            try:
-                send_frames(self.clients, outgoing(client, messages))
-                return
-            except zmq.Again:
-                pass  # its pipe is full (CLIENT_SNDHWM messages it has not read): hold them
-            except zmq.ZMQError as exc:
-                log.debug("reply to client %s dropped: %s", client.hex(), exc)
-                if exc.errno == errno.EHOSTUNREACH:
-                    self.client_gone(client)
-                return
-        for frames in messages:
-            self.hold_reply(client, frames)
-
-    def hold_reply(self, client: bytes, frames: list) -> None:
-        was_over = client in self.outbox.over_budget
-        if self.outbox.hold(client, frames, time.monotonic()) or was_over:
-            return
-        held = self.outbox.held_bytes.get(client, 0)
-        bad_input.warning(
-            "client %s does not read its replies (%.1f MiB held for it, its budget): dropping its replies and "
-            "cancelling its requests",
-            client.hex(),
-            held / 2**20,
-        )
-        self.dispatcher.stats["client_replies_dropped"] += 1
-        self.deliver(self.dispatcher.drop_client(client, time.monotonic()))
-
-    def flush_outbox(self) -> None:
-        """Send held replies as clients' pipes take them; forget clients found gone."""
-        _, gone = self.outbox.flush(lambda frames: send_frames(self.clients, frames), time.monotonic())
-        for client in gone:
-            self.client_gone(client)
-
-    def client_gone(self, client: bytes) -> None:
-        """A send found the client gone (EHOSTUNREACH): forget what was held for it, cancel what it still has here,
-        and give the memory back to the OS soon (libzmq frees its pipe as the connection closes)."""
-        held = self.outbox.held_bytes.get(client, 0)
-        self.outbox.forget(client)
-        self.deliver(self.dispatcher.drop_client(client, time.monotonic()))
-        if held or not self._trims:
-            now = time.monotonic()
-            self._trims = [now + delay for delay in TRIM_AFTER_S]
 
     def send_client_error(self, client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None):
         self.deliver([client_error(client, request_id, code, text, model)])
