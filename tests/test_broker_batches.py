@@ -74,7 +74,12 @@ def test_a_pass_sends_one_message_per_peer_in_order_and_a_lone_one_as_it_is():
     frames = outgoing(b"a", [out[0], out[2], out[4]])
     assert frames[0] == b"a" and frames[1][:PREAMBLE_BYTES] == PREAMBLE[Command.BATCH]
     assert unbatch(frames, 1) == [out[0], out[2], out[4]], "a BATCH holds the messages, in order"
-    assert r.sends.stats == {"batches_to_agents": 1, "batches_to_clients": 0, "batched_messages": 3}
+    assert r.sends.stats == {
+        "batches_to_agents": 1,
+        "batches_to_clients": 0,
+        "batched_messages": 3,
+        "batches_from_agents": 0,
+    }
 
 
 def test_outside_a_pass_messages_go_at_once_still_one_per_peer():

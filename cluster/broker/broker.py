@@ -515,6 +515,7 @@ class Broker(ClientReplies):
         head = as_bytes(frames[1])
         try:
             if head[:PREAMBLE_BYTES] == _BATCH and not batched:  # answers: each handled as if it came alone
+                self.sends.stats["batches_from_agents"] += 1
                 for one in protocol.unbatch(frames, 1):
                     self.process_agent(one, True)
                 return

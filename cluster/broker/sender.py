@@ -47,7 +47,8 @@ class PeerSends:
         self.queues: dict[tuple[bool, bytes], list[list]] = {}
         self.collecting = False  # in a pass: hold until flush(); else each add goes at once
         self._flushing = False
-        self.stats = {"batches_to_agents": 0, "batches_to_clients": 0, "batched_messages": 0}
+        # The broker's `stats` query shows these: BATCHes sent (and, counted by the broker, received from agents)
+        self.stats = {"batches_to_agents": 0, "batches_to_clients": 0, "batched_messages": 0, "batches_from_agents": 0}
 
     def send(self, outbox: list) -> None:
         """Messages (to_agent, frames; frames[0] the peer's identity) to send, in order: queued for the end of the
