@@ -183,3 +183,18 @@ def test_a_malformed_batch_from_an_agent_is_dropped(broker_and_agent):
     assert broker.agents_sock.poll(5000)
     broker.drain_pass(broker.agents_sock, broker.process_agent, 3)
     assert broker.dispatcher.agents.get(b"a1") is not None and not client.poll(100)
+
+
+def test_a_clients_batch_stays_within_its_byte_bound_and_a_big_reply_goes_alone():
+    """A client's pipe counts messages (CLIENT_SNDHWM): a BATCH holds at most client_bytes, so what a client that
+    does not read costs the broker stays bounded (outbox.py)."""
+    r = Recorder()
+    r.sends = PeerSends(r.agent, r.client, r.agent_failed, client_bytes=1000)
+    r.sends.collecting = True
+    small = [[b"c", _REP, b"h", b"x" * 300] for _ in range(4)]
+    big = [b"c", _REP, b"h", b"x" * 5000]
+    r.sends.send([Send(False, m) for m in (*small, big, small[0])])
+    r.sends.flush()
+    assert [len(group) for _, _, group in r.sent] == [3, 1, 1, 1], "runs of at most 1000 bytes, the big one alone"
+    assert [m for _, _, group in r.sent for m in group] == [*small, big, small[0]], "in order"
+    assert r.sends.stats["batches_to_clients"] == 1

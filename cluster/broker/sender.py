@@ -6,6 +6,8 @@ Sent one by one, each costs a send syscall and a poll wake-up at the peer. Colle
 of the pass as one message per peer: a lone one as it is, two or more as one BATCH (protocol.batch), in order. Nothing
 waits for more to come: a message goes at the end of the pass that made it (at low load, as alone as before). A peer
 with MAX_BATCH waiting is sent at once. Outside a pass (`collecting` False: ticks, events) a message goes at once.
+A client's BATCH holds at most `client_bytes` (CLIENT_BATCH_BYTES; a larger reply goes alone): its pipe counts
+messages (CLIENT_SNDHWM), and the broker's memory per client that does not read must stay bounded (outbox.py).
 
 Failures are the caller's, as for single messages: `send_agent(peer, messages)` raises zmq.ZMQError when the agent
 cannot take them (gone: EHOSTUNREACH, or its queue full); then `agent_failed(unsent, error)` gets every message of
@@ -19,6 +21,8 @@ from collections.abc import Callable
 
 import zmq
 
+from cluster.broker.outbox import frames_size
+from cluster.config import CLIENT_BATCH_BYTES
 from cluster.protocol import MAX_BATCH, batch
 
 SendMany = Callable[[bytes, list], None]  # (peer, [message frames, identity first]) -> sends, or raises
@@ -41,9 +45,10 @@ class PeerSends:
         send_client: SendMany,
         agent_failed: Callable[[list[list], zmq.ZMQError], None],
         max_batch: int = MAX_BATCH,
+        client_bytes: int = CLIENT_BATCH_BYTES,
     ) -> None:
         self.send_agent, self.send_client, self.agent_failed = send_agent, send_client, agent_failed
-        self.max_batch = max_batch
+        self.max_batch, self.client_bytes = max_batch, client_bytes
         self.queues: dict[tuple[bool, bytes], list[list]] = {}
         self.collecting = False  # in a pass: hold until flush(); else each add goes at once
         self._flushing = False
@@ -81,14 +86,31 @@ class PeerSends:
 
     def _send(self, key: tuple[bool, bytes], messages: list[list]) -> None:
         to_agent, peer = key
-        if len(messages) > 1:
-            self.stats["batches_to_agents" if to_agent else "batches_to_clients"] += 1
-            self.stats["batched_messages"] += len(messages)
         if not to_agent:
-            self.send_client(peer, messages)
+            for group in self._by_size(messages) if len(messages) > 1 else (messages,):
+                if len(group) > 1:
+                    self.stats["batches_to_clients"] += 1
+                    self.stats["batched_messages"] += len(group)
+                self.send_client(peer, group)
             return
+        if len(messages) > 1:
+            self.stats["batches_to_agents"] += 1
+            self.stats["batched_messages"] += len(messages)
         try:
             self.send_agent(peer, messages)
         except zmq.ZMQError as exc:
             rest = self.queues.pop(key, None)  # (queued since by a MAX_BATCH send's caller: none in practice)
             self.agent_failed(messages + rest if rest else messages, exc)
+
+    def _by_size(self, messages: list[list]) -> list[list[list]]:
+        """A client's messages in runs of at most `client_bytes` each (a larger one alone), in order."""
+        groups, group, size = [], [], 0
+        for frames in messages:
+            n = frames_size(frames)
+            if group and size + n > self.client_bytes:
+                groups.append(group)
+                group, size = [], 0
+            group.append(frames)
+            size += n
+        groups.append(group)
+        return groups
