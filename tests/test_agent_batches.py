@@ -112,3 +112,45 @@ def test_answers_wait_for_the_end_of_the_pass_but_a_heartbeat_sends_them_first(i
     first, second = (broker.recv_multipart() if broker.poll(2000) else None for _ in range(2))
     assert first is not None and first[0][: protocol.PREAMBLE_BYTES] == PREAMBLE[Command.BATCH]
     assert second is not None and second[0] == PREAMBLE[Command.HEARTBEAT]
+
+
+# ---- item 4: the CPU clock read rarely on the inline path ----------------------------------------------------------
+
+
+def test_inline_timing_reads_the_cpu_clock_rarely_and_still_catches_a_model_gone_slow(monkeypatch):
+    """time.thread_time is a syscall: run_timed reads it while it learns a model, every CPU_SAMPLE_EVERY runs and
+    after a run slow in wall time; a model that turns slow is still kept off the I/O thread within two runs."""
+    import time
+    from types import SimpleNamespace
+
+    from cluster.agent import runner
+    from cluster.agent.runner import Job, WorkerPool
+
+    pool = WorkerPool(zmq.Context.instance(), "inproc://unused", "a1")
+    model = SimpleNamespace(name="m", version=1, config=SimpleNamespace(max_batch_size=0, inputs=[]))
+    cpu_per_run = [0.0]
+
+    thread_time = time.thread_time
+
+    def run(job):  # the model: spins for cpu_per_run seconds of this thread's CPU
+        end = thread_time() + cpu_per_run[0]
+        while thread_time() < end:
+            pass
+        return []
+
+    pool.run = run
+    reads = [0]
+
+    def counted():
+        reads[0] += 1
+        return thread_time()
+
+    monkeypatch.setattr(runner.time, "thread_time", counted)
+    for _ in range(100):
+        pool.run_timed(Job(b"r", 1, model, [], [], None))
+    assert pool.fast_enough_inline(model), "a fast model runs inline"
+    assert reads[0] <= 2 * (10 + 100 // runner.CPU_SAMPLE_EVERY + 2), f"{reads[0]} reads of the CPU clock in 100 runs"
+    cpu_per_run[0] = 3 * runner.INLINE_MAX_S  # it turns slow (CPU-bound)
+    for _ in range(2):
+        pool.run_timed(Job(b"r", 1, model, [], [], None))
+    assert not pool.fast_enough_inline(model), "a model gone slow still runs inline"
