@@ -113,6 +113,16 @@ def test_a_batch_that_fails_hands_every_message_back_and_the_answer_goes_in_the_
     assert r.sends.queues == {}
 
 
+def test_flush_peer_sends_only_that_peers_messages_now():
+    r = Recorder()
+    r.sends.collecting = True
+    r.sends.send([Send(False, msg(b"c", 1, Command.REPLY)), Send(True, msg(b"a", 2)), Send(False, msg(b"c", 3))])
+    r.sends.flush_peer(False, b"c")
+    assert r.sent == [("client", b"c", [msg(b"c", 1, Command.REPLY), msg(b"c", 3)])]
+    r.sends.flush()
+    assert r.sent[1:] == [("agent", b"a", [msg(b"a", 2)])]
+
+
 # ---- the broker, over in-process sockets -------------------------------------------------------------------------
 
 

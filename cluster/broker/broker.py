@@ -433,6 +433,7 @@ class Broker(ClientReplies):
 
     def send_hello(self, client: bytes, ready: bool) -> None:
         hello = BrokerHello(self.name, self.dispatcher.incarnation.hex(), ready)
+        self.sends.flush_peer(False, client)  # (what this pass made for it goes first, as it did unbatched)
         try:
             send_frames(self.clients, [client, PREAMBLE[Command.READY], pack(hello.to_wire())])
         except zmq.ZMQError:

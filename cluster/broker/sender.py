@@ -84,6 +84,13 @@ class PeerSends:
         finally:
             self._flushing = False
 
+    def flush_peer(self, to_agent: bool, peer: bytes) -> None:
+        """Send what waits for one peer now: a message that goes around PeerSends (a client's hello) must not pass
+        it."""
+        messages = self.queues.pop((to_agent, peer), None)
+        if messages:
+            self._send((to_agent, peer), messages)
+
     def _send(self, key: tuple[bool, bytes], messages: list[list]) -> None:
         to_agent, peer = key
         if not to_agent:
