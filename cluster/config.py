@@ -92,6 +92,9 @@ LINGER_MS = 200  # how long a closing socket may flush
 # The broker's pipe to each client holds at most this many replies (ZeroMQ SNDHWM, per peer): past it a send gives
 # EAGAIN and the broker holds replies itself, within the client's byte budget (Timings.client_reply_budget).
 CLIENT_SNDHWM = 64
+# Replies to one client made in one pass of the broker's loop go as one BATCH of at most this many bytes (a larger
+# reply alone), so that its pipe still holds at most CLIENT_SNDHWM x max(this, one reply) bytes (issue 23, item 2).
+CLIENT_BATCH_BYTES = 64 * 1024
 # An agent's loop waits on its two hot sockets (the broker's requests, the workers' answers) and looks at the others
 # (the broker link's monitor, manager subscriptions and events, finished loads) this often: zmq_poll costs two
 # syscalls per socket per wait, and those rarely have anything (a READY on reconnect waits at most this long).

@@ -132,7 +132,7 @@ def bound_address(sock: zmq.Socket) -> str:
 _raw_send, _raw_recv, _raw_get = zmq.backend.Socket.send, zmq.backend.Socket.recv, zmq.backend.Socket.get
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE, _EVENTS, _POLLIN = int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def send_frames(sock: zmq.Socket, frames: list, flags: int = NOBLOCK) -> None:
@@ -147,10 +147,14 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = NOBLOCK) -> None:
 
 def recv_frames(sock: zmq.Socket, copied: int = 0, flags: int = NOBLOCK) -> list:
     """recv_multipart(flags): the first `copied` frames as bytes (identity, preamble, header: small, and bytes cost
-    less than a zmq.Frame), the rest as zmq.Frame (tensors: zero-copy, however big). zmq.Again if none waits."""
-    parts = [_raw_recv(sock, flags, copy=copied > 0)]
-    while _raw_get(sock, _RCVMORE):
-        parts.append(_raw_recv(sock, flags, copy=len(parts) < copied))
+    less than a zmq.Frame), the rest as zmq.Frame (tensors: zero-copy, however big). zmq.Again if none waits.
+    Each frame is received as a zmq.Frame, whose `more` says if another follows: a getsockopt(RCVMORE) per frame
+    costs ~1.3 us in pyzmq 27 (an enum lookup), more than the Frame (issue 23: ~3 us saved on a 3-frame message)."""
+    frame = _raw_recv(sock, flags, copy=False)
+    parts = [frame.bytes if copied > 0 else frame]
+    while frame.more:
+        frame = _raw_recv(sock, flags, copy=False)
+        parts.append(frame.bytes if len(parts) < copied else frame)
     return parts
 
 
