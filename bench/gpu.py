@@ -37,9 +37,10 @@ MAX_BATCH = 64
 BATCH_DELAY_US = 2000  # the batcher waits at most this long to fill a batch
 
 
-def build_resnet18(path: Path, classes: int = 1000):
-    """A ResNet-18 (BasicBlock x [2, 2, 2, 2], 11.7 M parameters) with seeded random weights, scripted and saved: the
-    shape of a real vision model without downloading one (torchvision is not a dependency)."""
+def resnet18(classes: int = 1000):
+    """A ResNet-18 (BasicBlock x [2, 2, 2, 2], 64-512 channels, 11.7 M parameters) in plain torch, with seeded random
+    weights, in eval mode: the shape of a real vision model without downloading one (torchvision is not a
+    dependency). bench/cnn.py serves it too."""
     import torch
     from torch import nn
 
@@ -79,7 +80,14 @@ def build_resnet18(path: Path, classes: int = 1000):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        module = torch.jit.script(ResNet18().eval())
+        return ResNet18().eval()
+
+
+def build_resnet18(path: Path, classes: int = 1000):
+    """resnet18(classes), scripted and saved to `path`."""
+    import torch
+
+    module = torch.jit.script(resnet18(classes))
     torch.jit.save(module, str(path))
     return module
 

@@ -23,13 +23,16 @@ stopped by pid in try/finally):
     serving the new version vs torch.jit.load of the file alone.
 10. warm-up (bench/warmup.py): the first request at each batch size (1-16) after a fresh agent loads a ResNet-18-
     shaped TorchScript CNN warmed at every batch size, vs the same model warmed at size 1 only: first / steady latency.
+11. a real model (bench/cnn.py): a ResNet-18 (224x224, TorchScript, max_batch_size 32) served by one agent at one
+    torch thread, 1, 8 and 32 requests of one image in flight: images/s and p99 vs the same model file called in a
+    loop in this process at one torch thread (batch 1; and batch = requests in flight, informational).
 
 Prints one table (figure, ours, baseline, ratio, target, holds) to stdout, progress to stderr, and writes the same
 table as Markdown, with the machine it ran on, to bench/out/RESULTS.md (not tracked; `--out bench/RESULTS.md` to
 update the committed record). Targets are the TARGET_* constants at the top of
 each benchmark's module. `--quick` shortens every run to a smoke check (about 2 minutes); the full run takes about
 10. `--only` takes keys or names: 1 or echo (figures 1 and 2), 3 or http, 4 or batching, 5 or big, 6a or manager,
-6b or broker, 7 or routing, 8 or cold, 10 or warmup.
+6b or broker, 7 or routing, 8 or cold, 10 or warmup, 11 or cnn.
 
 Where things are: bench/lib.py (settings, table, starting processes, request loops, wrk), bench/models.py (the
 models), bench/sims.py (baselines and simulators run as child processes), one module per benchmark (echo, http_edge,
@@ -50,7 +53,7 @@ if __name__ == "__main__" and not __package__:
     # `python3 -m bench.suite` does, so that `bench.*`, `cluster` and `edge` come from this checkout
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench import batching, big, cold_start, echo, http_edge, routing, scale, warmup  # noqa: E402
+from bench import batching, big, cnn, cold_start, echo, http_edge, routing, scale, warmup  # noqa: E402
 from bench.lib import BENCH_DIR, Row, Settings, Suite, log, machine_info, table_markdown, table_text  # noqa: E402
 
 # (key, name, title, function): --only takes a key or a name
@@ -64,6 +67,7 @@ BENCHMARKS = [
     ("7", "routing", "7. routing with a slow agent", routing.run),
     ("8", "cold", "8. cold start: a fresh agent's first answer, a deploy to 2 agents", cold_start.run),
     ("10", "warmup", "10. first request at each batch size, warmed at every size vs at 1", warmup.run),
+    ("11", "cnn", "11. a ResNet-18 through the bus vs the model in a loop", cnn.run),
 ]
 
 

@@ -1,26 +1,42 @@
-"""`AsyncClient`: the asyncio adapter over `ClientCore` (client_core.py), one ROUTER socket connected to every broker
-and one reader task."""
+"""`AsyncClient`: the asyncio adapter over `ClientCore` (client_core.py), one ROUTER socket connected to every broker,
+its I/O done in the event loop's own callbacks (no reader task, no thread).
+
+How it uses the socket (a plain zmq.Socket, not zmq.asyncio: its futures and send queue cost more than the bus):
+- A caller's coroutine sends its request itself, non-blocking. A send that finds no room (the pipe to that broker at
+  its high-water mark: zmq.Again) waits in `_waiting`, a FIFO tried again when the socket's FD wakes the loop and
+  every ASYNC_CLIENT_SEND_RETRY_S while anything waits; it fails at its call's deadline like any call.
+- `loop.add_reader(ZMQ_FD)` runs `_service`, which reads every answer waiting (ZMQ_EVENTS & POLLIN) and resolves
+  the callers' futures. ZMQ_FD is edge-triggered, and any use of the socket (a send too) may swallow the edge of an
+  answer that arrived meanwhile: so every use is followed by `_service`, which ends only on ZMQ_EVENTS showing
+  nothing to read (the next arrival then signals the FD again).
+- The socket monitor has its own add_reader; deadlines and unready brokers are looked at every ASYNC_CLIENT_TICK_S.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from cluster.auth import BusSecurity
 from cluster.client_core import CHECK_INTERVAL, CHECK_WINDOW, Call, ClientCore, InferResult, make_router, resolve
+from cluster.config import ASYNC_CLIENT_DRAIN_LIMIT, ASYNC_CLIENT_SEND_RETRY_S, ASYNC_CLIENT_TICK_S
 from cluster.errors import ClusterError, NoAgentAvailableError
 from cluster.protocol import What
+from cluster.sockets import recv_frames, send_frames
+
+_raw_get = zmq.backend.Socket.get
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class AsyncClient:
-    """asyncio client: the same calls as Client, as coroutines. One reader task per socket; create it in a loop.
+    """asyncio client: the same calls as Client, as coroutines. Create (or enter) it in the loop that uses it.
 
     fail_fast: while no broker is live (after a first second to connect), calls fail at once with
     NoAgentAvailableError instead of waiting to be sent when one is back; what the HTTP edge wants (an immediate 503).
@@ -45,21 +61,30 @@ class AsyncClient:
         self.fail_fast = fail_fast
         self._started_at = 0.0
         self._check_until = 0.0  # after a disconnect: check the brokers until then (while one may be gone)
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock = None
-        self._tasks: list[asyncio.Task] = []
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fds: list[int] = []  # the FDs the loop watches for us
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # "tick", "retry", "check" -> its pending callback
+        self._waiting: deque[Call | list] = deque()  # sends that found no room (calls; CANCEL frames), in order
+        self._servicing = False  # _service is running (a send it makes does not start another)
+        self._retrying = False  # _retry is running (a call it finds lost joins the FIFO it is going through)
 
     def _ensure_started(self) -> None:
         if self._sock is not None:
             return
-        self._ctx = zmq.asyncio.Context()
-        self._sock, monitor = make_router(self._ctx, self.address, self.security)
+        loop = self._loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
+        self._sock, self._monitor = make_router(self._ctx, self.address, self.security)
         self._started_at = time.monotonic()
-        self._tasks = [
-            asyncio.ensure_future(self._read()),
-            asyncio.ensure_future(self._watch(monitor)),
-            asyncio.ensure_future(self._expire()),
-        ]
+        self._fds = [self._sock.getsockopt(zmq.FD), self._monitor.getsockopt(zmq.FD)]
+        loop.add_reader(self._fds[0], self._service)
+        loop.add_reader(self._fds[1], self._on_monitor)
+        self._timers["tick"] = loop.call_later(ASYNC_CLIENT_TICK_S, self._tick)
+        # Read what came before the loop watched the FDs: a pipe signals only once a read has found it empty.
+        self._on_monitor()
+        self._service()
 
     async def infer(
         self,
@@ -73,8 +98,7 @@ class AsyncClient:
     ) -> InferResult:
         self._ensure_started()
         self._check_connected(model)
-        future = asyncio.get_running_loop().create_future()
-        call = self.core.infer_call(model, inputs, version, timeout, outputs, future, request_id)
+        call = self.core.infer_call(model, inputs, version, timeout, outputs, self._loop.create_future(), request_id)
         return await self._send_and_wait(call)
 
     async def agents(self, timeout: float | None = None) -> list[dict]:
@@ -105,17 +129,21 @@ class AsyncClient:
         return self.core.describe_brokers()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        if self._sock is not None:
+            for fd in self._fds:
+                self._loop.remove_reader(fd)
+            for timer in self._timers.values():
+                timer.cancel()
+            self._fds, self._timers = [], {}
+        self._waiting.clear()
         for call in self.core.fail_all():
             resolve(call.future, ClusterError("client closed", call.model))
         if self._sock is not None:
             self._sock.disable_monitor()
+            self._monitor.close(0)
             self._sock.close(0)
             self._ctx.term()
-            self._sock = None
+            self._sock = self._monitor = None
 
     async def __aenter__(self) -> AsyncClient:
         self._ensure_started()
@@ -134,57 +162,106 @@ class AsyncClient:
     async def _query(self, what: str, timeout, **fields):
         self._ensure_started()
         self._check_connected()
-        future = asyncio.get_running_loop().create_future()
-        call = self.core.query_call(what, timeout, future, **fields)
+        call = self.core.query_call(what, timeout, self._loop.create_future(), **fields)
         return await self._send_and_wait(call)
 
     async def _send_and_wait(self, call: Call):
         try:
-            if not self._put(call):
-                # No room at its broker: wait for room, or for the call to be failed.
-                send = asyncio.ensure_future(self._sock.send_multipart(call.wire(), copy=False))
-                await asyncio.wait({send, call.future}, return_when=asyncio.FIRST_COMPLETED)
-                if send.done() and not send.cancelled() and send.exception() is None:
-                    call.sent = True
-                else:
-                    send.cancel()
+            self._put(call)  # sent now, or waiting for room (or for a broker) in the call's own future
+            self._service()  # the send may have swallowed the FD's edge of an answer: read what waits
             return await call.future
         except asyncio.CancelledError:
             # The awaiting task was cancelled (a caller's timeout, a closed HTTP connection, a cancelled gRPC call):
-            # tell the broker, so the request leaves its queue or its agent skips it.
+            # tell the broker, so the request leaves its queue or its agent skips it (not if it never went).
+            sent = call.sent
             frames = self.core.cancel_message(call)
-            if frames is not None:
-                self._post(frames)
+            if frames is not None and sent and self._sock is not None:
+                if self._post(frames) is None:
+                    self._wait_for_room(frames)
+                self._service()
             raise
         finally:
             self.core.cancel(call)  # cancelled by the caller: forget it (a late answer is then ignored)
 
+    # -- sends --
+
     def _post(self, frames: list) -> bool | None:
         """Send now without waiting: True if sent, None if no room, False if the broker is gone (EHOSTUNREACH)."""
         try:
-            sent = self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, frames)
         except zmq.ZMQError as exc:
             return False if exc.errno == errno.EHOSTUNREACH else None
-        if not sent.done():  # queued behind a waiting send: its outcome is not known yet
-            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
-            return True
-        exc = sent.exception()
-        if exc is None:
-            return True
-        return False if isinstance(exc, zmq.ZMQError) and exc.errno == errno.EHOSTUNREACH else None
+        return True
 
-    def _put(self, call: Call) -> bool:
-        """Send `call` to its broker unless it went already; False if there is no room. A broker found gone is lost:
-        what was outstanding there goes to another broker (a call waiting for one is sent when one says hello)."""
+    def _put(self, call: Call) -> None:
+        """Send `call` to its broker unless it went already; no room: it waits in `_waiting` (behind those waiting
+        already). A broker found gone is lost: what was outstanding there goes to another broker (a call waiting for
+        one is sent when one says hello)."""
         while call.broker is not None and not call.sent and self.core.calls.get(call.request_id) is call:
+            if self._waiting and not self._retrying:  # keep the order: behind the sends waiting for room
+                self._wait_for_room(call)
+                self._retry()  # (tried again at once)
+                return
             outcome = self._post(call.wire())
             if outcome is None:
-                return False
+                self._wait_for_room(call)
+                return
             if outcome:
                 call.sent = True
             else:
                 self._lost(call.broker)
-        return True
+
+    def _wait_for_room(self, item: Call | list) -> None:
+        self._waiting.append(item)
+        if "retry" not in self._timers and self._loop is not None:
+            self._timers["retry"] = self._loop.call_later(ASYNC_CLIENT_SEND_RETRY_S, self._on_retry_timer)
+
+    def _on_retry_timer(self) -> None:
+        del self._timers["retry"]
+        self._service()
+        if self._waiting and self._sock is not None:
+            self._timers["retry"] = self._loop.call_later(ASYNC_CLIENT_SEND_RETRY_S, self._on_retry_timer)
+
+    def _retry(self) -> None:
+        """Send what waits for room, in order; a broker still without room keeps the rest of its sends waiting.
+        Calls answered, expired or cancelled meanwhile, or sent again elsewhere already, are dropped from the FIFO."""
+        if self._retrying:
+            return
+        self._retrying = True
+        full: set[bytes] = set()
+        keep: deque = deque()
+        waiting = self._waiting
+        try:
+            self._retry_through(waiting, full, keep)
+        finally:
+            keep.extend(waiting)
+            self._waiting = keep
+            self._retrying = False
+
+    def _retry_through(self, waiting: deque, full: set, keep: deque) -> None:
+        while waiting:
+            item = waiting.popleft()
+            if isinstance(item, list):  # a CANCEL: best effort
+                if item[0] in full:
+                    keep.append(item)
+                elif self._post(item) is None:
+                    full.add(item[0])
+                    keep.append(item)
+                continue
+            call = item
+            if call.sent or call.broker is None or self.core.calls.get(call.request_id) is not call:
+                continue
+            if call.broker in full:
+                keep.append(call)
+                continue
+            outcome = self._post(call.wire())
+            if outcome is None:
+                full.add(call.broker)
+                keep.append(call)
+            elif outcome:
+                call.sent = True
+            else:
+                self._lost(call.broker)  # its calls go elsewhere: those without room join `waiting`, tried below
 
     def _lost(self, broker: bytes) -> None:
         for call, error in self.core.broker_lost(broker):
@@ -192,74 +269,101 @@ class AsyncClient:
         self._flush()
 
     def _flush(self) -> None:
-        """Send what the core says must go now; a call without room waits for it in its own task."""
+        """Send what the core says must go now (lost elsewhere, or waiting for a broker)."""
         while self.core.resend:
             for call in self.core.take_resend():
-                if not self._put(call):
-                    asyncio.ensure_future(self._send_later(call))
+                self._put(call)
 
-    async def _send_later(self, call: Call) -> None:
+    # -- reads --
+
+    def _service(self) -> None:
+        """The socket's FD woke the loop, or we used the socket: send what waits for room, then read and resolve
+        every answer waiting until ZMQ_EVENTS shows none (which re-arms the edge-triggered FD). A pass reads at most
+        ASYNC_CLIENT_DRAIN_LIMIT messages, then lets the loop run other callbacks and goes on."""
+        if self._servicing or self._sock is None:
+            return  # the pass running looks at ZMQ_EVENTS again after its own sends
+        self._servicing = True
+        sock = self._sock
+        core = self.core
         try:
-            await self._sock.send_multipart(call.wire(), copy=False)
-            call.sent = True
-        except zmq.ZMQError as exc:
-            if exc.errno == errno.EHOSTUNREACH and self.core.calls.get(call.request_id) is call:
-                self._lost(call.broker)
-
-    async def _read(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            for message in self.core.messages(frames):
-                call, outcome = self.core.on_message(message)
-                if call is not None:
-                    resolve(call.future, outcome)
-                elif outcome:  # a hello: calls out of attempts
-                    for failed, error in outcome:
-                        resolve(failed.future, error)
-            if self.core.resend:
-                self._flush()
-
-    async def _watch(self, monitor) -> None:
-        checking: asyncio.Task | None = None
-        try:
-            while True:
-                message = parse_monitor_message(await monitor.recv_multipart())
-                event = message["event"]
-                endpoint = message.get("endpoint", b"").decode(errors="replace")
-                self.core.on_connection(event, endpoint)
-                peer = self.core.peer_for(endpoint)
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and peer is not None:
-                    self._post([peer, b""])  # a reconnection: the broker says hello (PROBE_ROUTER probes the first)
-                if event == zmq.EVENT_DISCONNECTED:
-                    if peer is not None:  # that connection's broker is gone: what was outstanding there goes elsewhere
-                        self._lost(peer)
-                    self._check_until = time.monotonic() + CHECK_WINDOW
-                    if checking is None or checking.done():
-                        checking = asyncio.ensure_future(self._check())
-                    continue
-                for call, error in self.core.on_handshake(event):
-                    resolve(call.future, error)
+            if self._waiting:
+                self._retry()
+            for _ in range(ASYNC_CLIENT_DRAIN_LIMIT):
+                if not _raw_get(sock, _EVENTS) & _POLLIN:
+                    return
+                try:
+                    frames = recv_frames(sock, 3)
+                except zmq.Again:
+                    return
+                for message in core.messages(frames):
+                    call, outcome = core.on_message(message)
+                    if call is not None:
+                        future = call.future
+                        if not future.done():
+                            if isinstance(outcome, BaseException):
+                                future.set_exception(outcome)
+                            else:
+                                future.set_result(outcome)
+                    elif outcome:  # a hello: calls out of attempts
+                        for failed, error in outcome:
+                            resolve(failed.future, error)
+                if core.resend:  # a hello: calls that waited for a broker, or were lost at its old incarnation
+                    self._flush()
+            self._loop.call_soon(self._service)  # more may wait, and the FD will not say so
         finally:
-            if checking is not None:
-                checking.cancel()
-            monitor.close(0)
+            self._servicing = False
 
-    async def _check(self) -> None:
-        """A connection dropped: probe each live broker until the one gone is found (see Client._check)."""
-        while time.monotonic() < self._check_until:
-            self._sock.getsockopt(zmq.EVENTS)
-            for broker in list(self.core.live):
-                if self._post([broker.name, b""]) is False:
-                    self._lost(broker.name)
-            if not self.core.suspect():
+    # -- the monitor, deadlines, checks --
+
+    def _on_monitor(self) -> None:
+        """Every event the monitor socket holds (read until none: its FD is edge-triggered too)."""
+        while self._monitor is not None:
+            try:
+                message = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
                 return
-            await asyncio.sleep(CHECK_INTERVAL)
+            self._monitor_event(message)
+            self._service()
 
-    async def _expire(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            now = time.monotonic()
-            for call, error in self.core.expired(now):
-                resolve(call.future, error)
-            for name in self.core.unready_due(now):
-                self._post([name, b""])
+    def _monitor_event(self, message: dict) -> None:
+        event = message["event"]
+        endpoint = message.get("endpoint", b"").decode(errors="replace")
+        self.core.on_connection(event, endpoint)
+        peer = self.core.peer_for(endpoint)
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and peer is not None:
+            self._post([peer, b""])  # a reconnection: the broker says hello (PROBE_ROUTER probes the first)
+        if event == zmq.EVENT_DISCONNECTED:
+            if peer is not None:  # that connection's broker is gone: what was outstanding there goes elsewhere
+                self._lost(peer)
+            self._check_until = time.monotonic() + CHECK_WINDOW
+            if "check" not in self._timers:
+                self._check()
+            return
+        for call, error in self.core.on_handshake(event):
+            resolve(call.future, error)
+
+    def _check(self) -> None:
+        """A connection dropped: probe each live broker until the one gone is found (see Client._check)."""
+        self._timers.pop("check", None)
+        if self._sock is None or time.monotonic() >= self._check_until:
+            return
+        self._sock.getsockopt(zmq.EVENTS)
+        for broker in list(self.core.live):
+            if self._post([broker.name, b""]) is False:
+                self._lost(broker.name)
+        self._service()
+        if self.core.suspect():
+            self._timers["check"] = self._loop.call_later(CHECK_INTERVAL, self._check)
+
+    def _tick(self) -> None:
+        """Every ASYNC_CLIENT_TICK_S: calls past their deadline fail (waiting for room or not), unready brokers are
+        asked again, and the socket is looked at (cheap insurance for an edge nobody saw)."""
+        if self._sock is None:
+            return
+        self._timers["tick"] = self._loop.call_later(ASYNC_CLIENT_TICK_S, self._tick)
+        now = time.monotonic()
+        for call, error in self.core.expired(now):
+            resolve(call.future, error)
+        for name in self.core.unready_due(now):
+            self._post([name, b""])
+        self._service()

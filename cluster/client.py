@@ -49,6 +49,7 @@ from cluster.client_core import (
 )
 from cluster.errors import ClusterError, InferenceTimeoutError
 from cluster.protocol import What
+from cluster.sockets import has_message, recv_frames, send_frames
 
 __all__ = [  # what importers of cluster.client use (its classes live in client_core.py and async_client.py too)
     "AsyncClient",
@@ -279,7 +280,7 @@ class Client:
         and every other outstanding there go to another broker (`done` gets those out of attempts)."""
         while call.broker is not None and not call.sent and self.core.calls.get(call.request_id) is call:
             try:
-                self._sock.send_multipart(call.wire(), zmq.NOBLOCK, copy=False)
+                send_frames(self._sock, call.wire())
                 call.sent = True
             except zmq.Again:
                 return False
@@ -346,7 +347,7 @@ class Client:
 
     def _readable_locked(self) -> bool:
         """An answer waits (the caller holds _sock_lock): also processes the socket's commands, which re-arms its FD."""
-        return self._sock is not None and bool(self._sock.getsockopt(_EVENTS) & _POLLIN)
+        return self._sock is not None and has_message(self._sock)
 
     def _drain_locked(self, signalled: bool = False) -> list:
         """Receive every answer waiting (the caller holds _sock_lock), up to CLIENT_DRAIN_LIMIT: (future, outcome)
@@ -357,12 +358,12 @@ class Client:
         if sock is None:
             return out
         for _ in range(CLIENT_DRAIN_LIMIT):
-            if not signalled and not sock.getsockopt(_EVENTS) & _POLLIN:
+            if not signalled and not has_message(sock):
                 self._drained_at = self._uses
                 return out
             signalled = False
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, 3)  # name, preamble, header as bytes; tensors zero-copy
             except zmq.Again:
                 self._drained_at = self._uses
                 return out

@@ -33,6 +33,12 @@ UP_BROKER_PORT_STEP = 10
 # or vanished machine that sends no TCP reset): what was outstanding there is sent to another broker at once
 CLIENT_LINK_HEARTBEAT_S = 0.1
 CLIENT_LINK_TIMEOUT_S = 0.3
+# AsyncClient (loop.add_reader on its socket): answers read in one pass before other tasks get the loop, and how
+# often a send that found no room (the pipe to a broker at its high-water mark) is tried again, besides every time
+# the socket's FD wakes the loop (deadlines are looked at every ASYNC_CLIENT_TICK_S)
+ASYNC_CLIENT_DRAIN_LIMIT = 256
+ASYNC_CLIENT_SEND_RETRY_S = 0.005
+ASYNC_CLIENT_TICK_S = 0.1
 # A broker's own Prometheus metrics (cluster/broker/metrics.py): off by default (port 0), this machine only
 BROKER_METRICS_HOST = DEFAULT_HOST
 BROKER_METRICS_PORT = 0
@@ -86,6 +92,9 @@ LINGER_MS = 200  # how long a closing socket may flush
 # The broker's pipe to each client holds at most this many replies (ZeroMQ SNDHWM, per peer): past it a send gives
 # EAGAIN and the broker holds replies itself, within the client's byte budget (Timings.client_reply_budget).
 CLIENT_SNDHWM = 64
+# Replies to one client made in one pass of the broker's loop go as one BATCH of at most this many bytes (a larger
+# reply alone), so that its pipe still holds at most CLIENT_SNDHWM x max(this, one reply) bytes (issue 23, item 2).
+CLIENT_BATCH_BYTES = 64 * 1024
 # An agent's loop waits on its two hot sockets (the broker's requests, the workers' answers) and looks at the others
 # (the broker link's monitor, manager subscriptions and events, finished loads) this often: zmq_poll costs two
 # syscalls per socket per wait, and those rarely have anything (a READY on reconnect waits at most this long).

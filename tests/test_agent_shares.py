@@ -143,6 +143,7 @@ def test_the_agent_answers_busy_past_its_capacity_on_the_requests_link_and_beats
         for route in routes:
             route_frame = protocol.request_route(route, 30.0, 0.0)
             agent.accept_request([PREAMBLE[Command.REQUEST] + route_frame, header, *tensors], route_frame, link)
+        link.flush()  # (the end of the loop's pass: its answers go)
         assert agent.in_flight == 1 and agent.model_held == {"echo": 1}, "the first is held, the second is not"
         assert broker.poll(2000), "no answer to the second request"
         busy = broker.recv_multipart()

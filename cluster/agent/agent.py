@@ -64,7 +64,7 @@ from cluster.protocol import (
 )
 from cluster.role_settings import AgentSettings
 from cluster.share import ShareError, open_share
-from cluster.sockets import drain, has_message, make_socket, send_frames
+from cluster.sockets import drain, has_message, make_socket
 
 __all__ = ["EXIT_AGENT_ID_IN_USE", "EXIT_HUNG", "EXIT_MEMORY", "Agent", "default_agent_id", "resident_bytes"]
 
@@ -333,7 +333,8 @@ class Agent:
                     self.forward_results()
                 for link in links.links:
                     if link.sock in ready:
-                        drain(link.sock, link.handle, DRAIN_BATCH, log, 2)
+                        drain(link.sock, link.receive, DRAIN_BATCH, log, 2)
+                    link.flush()  # this pass's answers: one message per link
                 now = time.monotonic()
                 # Looked at with the `now` links.check judges by: a stall anywhere in this pass (we did not run)
                 # is known first; what the broker sent meanwhile is unread, not missing.
@@ -444,7 +445,7 @@ class Agent:
             self.model_held[name] -= 1
         link = self.links.routes.by_incarnation.get(head[INCARNATION])
         if link is not None:  # the common case: the hot path
-            send_frames(link.sock, frames, 0)
+            link.answer(frames)
         else:
             self.links.answer(frames)
 
@@ -535,12 +536,12 @@ class Agent:
         job = Job(route, request_id, model, metas, list(tensors), outputs, trace=request.request_id)
         job.deadline, job.broker_wait_s = job.queued_at + seconds_left, broker_wait_s
         if job.deadline < job.queued_at:  # expired on its way here
-            send_frames(link.sock, self.pool.skip(job, "TIMEOUT"), 0)
+            link.answer(self.pool.skip(job, "TIMEOUT"))
             return
         # A measured-fast model runs here under load too (jobs queued for the workers keep their place there), for at
         # most INLINE_BUDGET_S per loop pass, so heartbeats stay on time; past the budget, requests go to the workers.
         if self.inline and time.monotonic() < self._inline_until and self.pool.fast_enough_inline(model):
-            send_frames(link.sock, self.pool.run_timed(job), 0)
+            link.answer(self.pool.run_timed(job))
             return
         self.in_flight += 1
         if route not in self.held_routes:  # (a route held twice: a broker re-sent it; counted once per model)
@@ -573,7 +574,7 @@ class Agent:
             name = self.held_routes.pop(route, None)
             if name is not None:
                 self.model_held[name] -= 1
-            send_frames(link.sock, self.pool.skip(job, "CANCELED"), 0)
+            link.answer(self.pool.skip(job, "CANCELED"))
 
     def answer_error(self, link: BrokerLink, route: bytes, request_id, code: ErrorCode, text: str, model) -> None:
-        send_frames(link.sock, routed(Command.ERROR, route, error_header(request_id, code, text, model)), 0)
+        link.answer(routed(Command.ERROR, route, error_header(request_id, code, text, model)))

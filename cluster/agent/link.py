@@ -21,6 +21,11 @@ starts with its broker's random incarnation, and the broker says its incarnation
 (the broker restarted, or the network), answers for it that finish meanwhile are held until the broker on the new
 link is known (its first heartbeat or request), then sent if it is the same broker, dropped (with a log line) if not:
 they would otherwise reach the new broker, answering requests it never gave.
+
+Batches (issue 23): a BATCH from the broker is split, each message handled as if it came alone (`receive`). Answers
+made in one pass of the agent's loop for one link wait in `out` and go at the end of the pass (`flush`) as one
+message: a lone one as it is, two or more as one BATCH. What goes at once (READY, heartbeats, DISCONNECT) sends
+what waits first, so the broker hears everything in the order it was made.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ stale = BadInputLog(log)  # answers dropped because the broker they were for is 
 BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 REFUSED_KEY_CODES = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
 INCARNATION = slice(protocol.PREAMBLE_BYTES, protocol.PREAMBLE_BYTES + protocol.INCARNATION_BYTES)  # of an answer
+_BATCH = protocol.PREAMBLE[Command.BATCH]
 SEND, HOLD, STALE = "send", "hold", "stale"  # AnswerRoutes.admit's verdicts
 
 
@@ -143,7 +149,8 @@ class BrokerLink:
         self.routes = routes
         routes.add(self)
         self.metadata_sent: set[tuple[str, int]] = set()  # (model, version) whose metadata this broker has
-        self.handle: Callable[[list], None] | None = None  # the agent's handler of this broker's messages
+        self.on_message: Callable[[list], None] | None = None  # the agent's handler of this broker's messages
+        self.out: list[list] = []  # answers made in this pass of the agent's loop, sent at its end (`flush`)
         self.beat = b""  # the header of the broker's latest heartbeat (parsed again only when it changes)
         self.key_refused_logged = -AGENT_REFUSED_LOG_S
         self.refused_since: float | None = None  # the broker refuses our id (AGENT_ID_IN_USE) since then
@@ -194,6 +201,7 @@ class BrokerLink:
     def goodbye(self) -> None:
         """DISCONNECT to the broker (stopping), if it can go at once."""
         try:
+            self.flush()
             self.sock.send_multipart(message(Command.DISCONNECT, Disconnect("agent stopping").to_wire()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
@@ -210,7 +218,22 @@ class BrokerLink:
 
     def register(self) -> None:
         """READY to the broker."""
+        self.flush()
         self.sock.send_multipart(self.ready(self))
+
+    def answer(self, frames: list) -> None:
+        """An answer for this broker ([preamble + route, header, ...]): sent at the end of the loop's pass."""
+        out = self.out
+        out.append(frames)
+        if len(out) >= protocol.MAX_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """The answers waiting, as one message (blocking, as every answer: the DEALER queues while the link is down)."""
+        out = self.out
+        if out:
+            self.out = []
+            send_frames(self.sock, out[0] if len(out) == 1 else protocol.batch(out), 0)
 
     def send_beat(self, beat: list) -> bool:
         """The heartbeat to the broker, if connected (queued, it would reach the next broker as a beat from an unknown
@@ -218,6 +241,7 @@ class BrokerLink:
         if not self.connected:
             return False
         try:
+            self.flush()
             self.sock.send_multipart(beat, zmq.NOBLOCK)
             return True
         except zmq.Again:
@@ -228,7 +252,7 @@ class BrokerLink:
         the link dropped go to it if they are its own, and are dropped if they were another broker's."""
         send, drop = self.routes.known(self, incarnation)
         for frames in send:
-            send_frames(self.sock, frames, 0)
+            self.answer(frames)
         for frames in drop:
             self.drop_stale(frames)
 
@@ -241,6 +265,20 @@ class BrokerLink:
         )
 
     # ---- what comes from the broker ------------------------------------------------------------------------------
+
+    def receive(self, frames: list) -> None:
+        """A message from the broker (what `drain` hands over), or each message of a BATCH, to the agent's handler;
+        a malformed BATCH is dropped with a log line."""
+        if frames[0][: protocol.PREAMBLE_BYTES] != _BATCH:
+            return self.on_message(frames)
+        try:
+            messages = protocol.unbatch(frames)
+        except ProtocolError as exc:
+            self.heard(False)
+            return bad_input.warning("agent %s: bad BATCH from the broker dropped: %s", self.agent_id, exc)
+        for one in messages:  # preamble and header as bytes, as the socket gives them for a lone message
+            one[0], one[1] = protocol.as_bytes(one[0]), protocol.as_bytes(one[1])
+            self.on_message(one)
 
     def heard(self, registered: bool) -> None:
         """A message from the broker; `registered`: one only a broker that has us sends (a request, a heartbeat)."""

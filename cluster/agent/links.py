@@ -20,7 +20,7 @@ import zmq
 
 from cluster.agent.link import SEND, STALE, AnswerRoutes, BrokerLink
 from cluster.config import Timings, address_list
-from cluster.sockets import CurveClient, send_frames
+from cluster.sockets import CurveClient
 
 
 def share_of(slots: int, index: int, links: int) -> int:
@@ -56,9 +56,9 @@ class BrokerLinks:
         self.members: tuple[BrokerLink, ...] = ()  # the links sharing the capacity, as of the last `changed`
 
     def handle(self, handler: Callable[..., None]) -> None:
-        """Each link's messages go to `handler(frames, link=link)` (link.handle: what `drain` calls)."""
+        """Each link's messages go to `handler(frames, link=link)` (by link.receive: what `drain` calls)."""
         for link in self.links:
-            link.handle = functools.partial(handler, link=link)
+            link.on_message = functools.partial(handler, link=link)
 
     def __iter__(self):
         return iter(self.links)
@@ -117,7 +117,7 @@ class BrokerLinks:
         """A worker's answer for no link known now: held until one is (AnswerRoutes), or dropped as stale."""
         verdict, link = self.routes.admit(frames)
         if verdict is SEND:
-            send_frames(link.sock, frames, 0)
+            link.answer(frames)
         elif verdict is STALE:
             self.first.drop_stale(frames)
 

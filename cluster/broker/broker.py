@@ -34,7 +34,6 @@ decides liveness for the control plane only (rollouts, `cluster models`), never 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import secrets
 import threading
@@ -49,13 +48,16 @@ from cluster.broker.dispatcher import Dispatcher, Send, client_error
 from cluster.broker.intake import ClientIntake, bad_input
 from cluster.broker.metrics import BrokerMetrics, broker_load, metrics_host_for
 from cluster.broker.outbox import ClientOutbox
+from cluster.broker.replies import ClientReplies
 from cluster.broker.routing import make_policy
+from cluster.broker.sender import PeerSends, outgoing
 from cluster.broker.shadow import ShadowComparer
 from cluster.clock import RunClock
 from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
 from cluster.protocol import (
     PREAMBLE,
+    PREAMBLE_BYTES,
     AgentDead,
     Answer,
     BrokerHello,
@@ -78,11 +80,11 @@ from cluster.settings import from_env
 from cluster.sockets import drain, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
+_BATCH, _ANSWERS = PREAMBLE[Command.BATCH], (Command.REPLY, Command.ERROR, Command.HEARTBEAT)  # what a BATCH may hold
 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
 UNREADY_CLIENTS_MAX = 10_000  # clients told "not ready" that are told "ready" once it is (the oldest forgotten)
-TRIM_AFTER_S = (0.5, 2.0)  # after a client that held memory leaves: give freed memory back to the OS (malloc_trim)
 
 
 def _malloc_trim():
@@ -111,7 +113,7 @@ def broker_name(settings: BrokerSettings) -> str:
     return default_broker_name(address)
 
 
-class Broker(ClientIntake):
+class Broker(ClientIntake, ClientReplies):
     def __init__(
         self,
         settings: BrokerSettings | None = None,
@@ -184,6 +186,7 @@ class Broker(ClientIntake):
         self.allow = security.allow if secured else None
         self.dispatcher = Dispatcher(self.timings, self.policy, time.monotonic(), allow=self.allow)
         self.outbox = ClientOutbox(self.timings.client_reply_budget, self.timings.client_read_grace)
+        self.sends = PeerSends(self.send_to_agent, self.send_to_client, self.agent_send_failed)  # one per peer a pass
         self.unready: dict[bytes, None] = {}  # clients told "not ready", in order: told "ready" once it is
         self._trims: list[float] = []  # when to call malloc_trim next
         self.clock = RunClock(self.timings.pause_bound, time.monotonic(), "broker", log)  # our own stalls
@@ -235,9 +238,9 @@ class Broker(ClientIntake):
                 ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000)) + 1))
                 self.look_at_clock(time.monotonic())  # a pause in the poll: known before any message is handled
                 if self.agents_sock in ready:
-                    drain(self.agents_sock, self.process_agent, DRAIN_BATCH, log, copied)
+                    self.drain_pass(self.agents_sock, self.process_agent, copied)
                 if self.clients in ready:
-                    drain(self.clients, self.process_client, DRAIN_BATCH, log, copied)
+                    self.drain_pass(self.clients, self.process_client, copied)
                 if self.outbox.held:
                     self.flush_outbox()
                 now = time.monotonic()
@@ -270,6 +273,15 @@ class Broker(ClientIntake):
                         self.send_canary_digest()
         finally:
             self.close()
+
+    def drain_pass(self, sock: zmq.Socket, handle, copied: int) -> None:
+        """Up to DRAIN_BATCH messages of `sock` handled; what they made goes at the end, one message per peer."""
+        self.sends.collecting = True
+        try:
+            drain(sock, handle, DRAIN_BATCH, log, copied)
+        finally:
+            self.sends.collecting = False
+        self.sends.flush()
 
     def look_at_clock(self, now: float) -> None:
         """Our own stalls (RunClock): time we did not run is no agent's silence; what they sent meanwhile is
@@ -355,71 +367,16 @@ class Broker(ClientIntake):
             pass  # the manager is down: the next digest carries everything (cumulative)
 
     def deliver(self, outbox: list[Send]) -> None:
-        """Send what the dispatcher asked for, in order. A client's reply goes through `send_to_client` (its pipe,
-        else the outbox within its byte budget; a client that is gone loses it). An agent that a send fails to reach
-        is gone: what was still to go to it is held back and handed to the dispatcher, whose answer (where those
-        requests go instead) is sent too."""
-        i = 0
-        while i < len(outbox):
-            to_agent, frames = outbox[i]
-            i += 1
-            if not to_agent:
-                self.send_to_client(frames)
-                continue
-            try:
-                send_frames(self.agents_sock, frames)
-            except zmq.ZMQError as exc:
-                peer = frames[0]
-                rest = outbox[i:]
-                del outbox[i:]
-                outbox.extend(s for s in rest if not (s.to_agent and s.frames[0] == peer))
-                unsent = [frames] + [s.frames for s in rest if s.to_agent and s.frames[0] == peer]
-                outbox.extend(self.dispatcher.send_failed(unsent, exc))
+        """Send what the dispatcher asked for, in order per peer (PeerSends: in a pass of the loop, at its end, one
+        message per peer): to clients by `send_to_client` (replies.py); an agent a send fails to reach:
+        `agent_send_failed`."""
+        self.sends.send(outbox)
 
-    def send_to_client(self, frames: list) -> None:
-        """A reply (or error) for a client: into its ZeroMQ pipe if it has room and nothing is held for it, else
-        held in the outbox (in order) within its byte budget. Past the budget the reply is dropped, and the first
-        time, the client's requests are cancelled (it does not read). A client that is gone loses it."""
-        client = frames[0]
-        if not self.outbox.congested(client):
-            try:
-                send_frames(self.clients, frames)
-                return
-            except zmq.Again:
-                pass  # its pipe is full (CLIENT_SNDHWM replies it has not read): hold it
-            except zmq.ZMQError as exc:
-                log.debug("reply to client %s dropped: %s", client.hex(), exc)
-                if exc.errno == errno.EHOSTUNREACH:
-                    self.client_gone(client)
-                return
-        was_over = client in self.outbox.over_budget
-        if self.outbox.hold(client, frames, time.monotonic()) or was_over:
-            return
-        held = self.outbox.held_bytes.get(client, 0)
-        bad_input.warning(
-            "client %s does not read its replies (%.1f MiB held for it, its budget): dropping its replies and "
-            "cancelling its requests",
-            client.hex(),
-            held / 2**20,
-        )
-        self.dispatcher.stats["client_replies_dropped"] += 1
-        self.deliver(self.dispatcher.drop_client(client, time.monotonic()))
+    def send_to_agent(self, agent: bytes, messages: list[list]) -> None:
+        send_frames(self.agents_sock, outgoing(agent, messages))
 
-    def flush_outbox(self) -> None:
-        """Send held replies as clients' pipes take them; forget clients found gone."""
-        _, gone = self.outbox.flush(lambda frames: send_frames(self.clients, frames), time.monotonic())
-        for client in gone:
-            self.client_gone(client)
-
-    def client_gone(self, client: bytes) -> None:
-        """A send found the client gone (EHOSTUNREACH): forget what was held for it, cancel what it still has here,
-        and give the memory back to the OS soon (libzmq frees its pipe as the connection closes)."""
-        held = self.outbox.held_bytes.get(client, 0)
-        self.outbox.forget(client)
-        self.deliver(self.dispatcher.drop_client(client, time.monotonic()))
-        if held or not self._trims:
-            now = time.monotonic()
-            self._trims = [now + delay for delay in TRIM_AFTER_S]
+    def agent_send_failed(self, unsent: list[list], exc: zmq.ZMQError) -> None:
+        self.deliver(self.dispatcher.send_failed(unsent, exc))  # (that batch and all else queued for the agent)
 
     def send_client_error(self, client: bytes, request_id, code: ErrorCode, text: str, model: str | None = None):
         self.deliver([client_error(client, request_id, code, text, model)])
@@ -439,6 +396,7 @@ class Broker(ClientIntake):
 
     def send_hello(self, client: bytes, ready: bool) -> None:
         hello = BrokerHello(self.name, self.dispatcher.incarnation.hex(), ready)
+        self.sends.flush_peer(False, client)  # (what this pass made for it goes first, as it did unbatched)
         try:
             send_frames(self.clients, [client, PREAMBLE[Command.READY], pack(hello.to_wire())])
         except zmq.ZMQError:
@@ -473,7 +431,8 @@ class Broker(ClientIntake):
         return self.dispatcher.agents.describe_model(name, require(query.fields, "version", int, optional=True))
 
     def query_stats(self, query: Query) -> dict:
-        return dict(self.dispatcher.counts(), client_replies_held=sum(map(len, self.outbox.held.values())))
+        held = sum(map(len, self.outbox.held.values()))
+        return dict(self.dispatcher.counts(), client_replies_held=held, **self.sends.stats)
 
     def query_statistics(self, query: Query) -> dict:
         name = require(query.fields, "name", str, optional=True)
@@ -492,12 +451,20 @@ class Broker(ClientIntake):
 
     # ---- agents -------------------------------------------------------------------------------------------------
 
-    def process_agent(self, frames: list) -> None:
+    def process_agent(self, frames: list, batched: bool = False) -> None:
         if len(frames) < 3:
             bad_input.warning("short message from agent %r dropped", as_bytes(frames[0]))
             return
+        head = as_bytes(frames[1])
         try:
-            cmd, route = protocol.parse_routed(frames[1])
+            if head[:PREAMBLE_BYTES] == _BATCH and not batched:  # answers: each handled as if it came alone
+                self.sends.stats["batches_from_agents"] += 1
+                for one in protocol.unbatch(frames, 1):
+                    self.process_agent(one, True)
+                return
+            cmd, route = protocol.parse_routed(head)
+            if batched and cmd not in _ANSWERS:
+                raise ProtocolError(f"{cmd.name} in a BATCH")
         except ProtocolError as exc:
             bad_input.warning("bad message from agent %r dropped: %s", as_bytes(frames[0]), exc)
             return

@@ -8,8 +8,8 @@ on the broker holds that client's replies here, in order, up to `budget` bytes, 
 pipe has taken none of its held replies for `grace` seconds (or it passed its budget): only then are its new requests
 refused (OVERLOADED). A reply that would pass the budget is dropped, and the broker cancels the client's other requests:
 it is not reading, and each would only cost an agent's work and more memory. A client found gone (EHOSTUNREACH) is
-forgotten, with everything held for it. So the broker's memory for one client is at most CLIENT_SNDHWM replies in the
-pipe plus `budget` bytes here, whatever the client does.
+forgotten, with everything held for it. So the broker's memory for one client is at most CLIENT_SNDHWM messages in the
+pipe (a reply, or a BATCH of at most CLIENT_BATCH_BYTES) plus `budget` bytes here, whatever the client does.
 """
 
 from __future__ import annotations
