@@ -301,7 +301,8 @@ def test_random_heads_are_routed_or_refused_never_a_crash(after, header, tensors
 
 class FakeAgent:
     """A DEALER registered at the broker as agent "fake" serving echo v1, answering in the test's thread: each REQUEST
-    gets a REPLY with the id found in its header (msgpack, or NOT_MSGPACK + the id), its tensor echoed."""
+    (alone, or in a BATCH) gets a REPLY with the id found in its header (msgpack, or NOT_MSGPACK + the id), its tensor
+    echoed."""
 
     def __init__(self, ctx, address: str) -> None:
         self.sock = ctx.socket(zmq.DEALER)
@@ -321,21 +322,26 @@ class FakeAgent:
                 self.sock.send_multipart(protocol.message(Command.HEARTBEAT, self.beat))
             if not self.sock.poll(20):
                 continue
-            frames = self.sock.recv_multipart()
-            cmd, route = protocol.parse_routed(frames[0])
-            if cmd == Command.DISCONNECT:
-                self.sock.send_multipart(protocol.message(Command.READY, dict(self.beat, metadata=[])))
-            if cmd != Command.REQUEST:
-                continue
-            key = route[:ROUTE_BYTES]
-            self.headers.append(frames[1])
-            if frames[1].startswith(NOT_MSGPACK):
-                rid = int(frames[1][len(NOT_MSGPACK) :])
-            else:
-                rid = protocol.unpack_header(frames[1])["id"]
-            meta = {"name": "x", "datatype": "FP32", "shape": [1, len(frames[2]) // 4]}
-            reply = {"id": rid, "model": "echo", "version": 1, "agent": "fake", "outputs": [meta]}
-            self.sock.send_multipart(protocol.routed(Command.REPLY, key, reply, frames[2:]))
+            received = self.sock.recv_multipart()
+            batched = received[0][:PREAMBLE_BYTES] == PREAMBLE[Command.BATCH]  # several under load
+            for frames in protocol.unbatch(received) if batched else [received]:
+                self.handle(frames)
+
+    def handle(self, frames: list) -> None:
+        cmd, route = protocol.parse_routed(frames[0])
+        if cmd == Command.DISCONNECT:
+            self.sock.send_multipart(protocol.message(Command.READY, dict(self.beat, metadata=[])))
+        if cmd != Command.REQUEST:
+            return
+        key = route[:ROUTE_BYTES]
+        self.headers.append(frames[1])
+        if frames[1].startswith(NOT_MSGPACK):
+            rid = int(frames[1][len(NOT_MSGPACK) :])
+        else:
+            rid = protocol.unpack_header(frames[1])["id"]
+        meta = {"name": "x", "datatype": "FP32", "shape": [1, len(frames[2]) // 4]}
+        reply = {"id": rid, "model": "echo", "version": 1, "agent": "fake", "outputs": [meta]}
+        self.sock.send_multipart(protocol.routed(Command.REPLY, key, reply, frames[2:]))
 
 
 def serve_until_done(agent: FakeAgent, futures: list, seconds: float = 15.0) -> None:
