@@ -5,6 +5,9 @@ How it uses the socket (a plain zmq.Socket, not zmq.asyncio: its futures and sen
 - A caller's coroutine sends its request itself, non-blocking. A send that finds no room (the pipe to that broker at
   its high-water mark: zmq.Again) waits in `_waiting`, a FIFO tried again when the socket's FD wakes the loop and
   every ASYNC_CLIENT_SEND_RETRY_S while anything waits; it fails at its call's deadline like any call.
+- Requests sent in one step of the loop (the callers it woke) to the same broker go as one BATCH at the end of
+  that step (`_queue`, `_send_queued`, a `call_soon`): one send and one wake-up of the broker for many. A lone one
+  goes as it is, one loop step later: nothing waits for more to come.
 - `loop.add_reader(ZMQ_FD)` runs `_service`, which reads every answer waiting (ZMQ_EVENTS & POLLIN) and resolves
   the callers' futures. ZMQ_FD is edge-triggered, and any use of the socket (a send too) may swallow the edge of an
   answer that arrived meanwhile: so every use is followed by `_service`, which ends only on ZMQ_EVENTS showing
@@ -28,7 +31,7 @@ from cluster.auth import BusSecurity
 from cluster.client_core import CHECK_INTERVAL, CHECK_WINDOW, Call, ClientCore, InferResult, make_router, resolve
 from cluster.config import ASYNC_CLIENT_DRAIN_LIMIT, ASYNC_CLIENT_SEND_RETRY_S, ASYNC_CLIENT_TICK_S
 from cluster.errors import ClusterError, NoAgentAvailableError
-from cluster.protocol import What
+from cluster.protocol import MAX_BATCH, What, batch
 from cluster.sockets import recv_frames, send_frames
 
 _raw_get = zmq.backend.Socket.get
@@ -70,6 +73,7 @@ class AsyncClient:
         self._waiting: deque[Call | list] = deque()  # sends that found no room (calls; CANCEL frames), in order
         self._servicing = False  # _service is running (a send it makes does not start another)
         self._retrying = False  # _retry is running (a call it finds lost joins the FIFO it is going through)
+        self._outgoing: dict[bytes, list[Call]] = {}  # broker -> requests made in this loop step, sent at its end
 
     def _ensure_started(self) -> None:
         if self._sock is not None:
@@ -136,6 +140,7 @@ class AsyncClient:
                 timer.cancel()
             self._fds, self._timers = [], {}
         self._waiting.clear()
+        self._outgoing.clear()
         for call in self.core.fail_all():
             resolve(call.future, ClusterError("client closed", call.model))
         if self._sock is not None:
@@ -167,8 +172,7 @@ class AsyncClient:
 
     async def _send_and_wait(self, call: Call):
         try:
-            self._put(call)  # sent now, or waiting for room (or for a broker) in the call's own future
-            self._service()  # the send may have swallowed the FD's edge of an answer: read what waits
+            self._queue(call)  # sent at the end of this loop step, or waiting for room (or for a broker)
             return await call.future
         except asyncio.CancelledError:
             # The awaiting task was cancelled (a caller's timeout, a closed HTTP connection, a cancelled gRPC call):
@@ -192,6 +196,44 @@ class AsyncClient:
         except zmq.ZMQError as exc:
             return False if exc.errno == errno.EHOSTUNREACH else None
         return True
+
+    def _queue(self, call: Call) -> None:
+        """A new call: sent with the others made in this loop step to its broker (`_send_queued`), unless sends wait
+        for room already (it goes behind them) or no broker is live (it waits for one in the core)."""
+        if call.broker is None or self._waiting:
+            self._put(call)
+            self._service()  # the send may have swallowed the FD's edge of an answer: read what waits
+            return
+        if not self._outgoing:
+            self._loop.call_soon(self._send_queued)
+        self._outgoing.setdefault(call.broker, []).append(call)
+
+    def _send_queued(self) -> None:
+        """The end of a loop step: each broker gets its calls made in that step as one message (a BATCH of up to
+        MAX_BATCH; a lone one as it is). No room: they wait for it, in order; a broker found gone: the core sends them
+        elsewhere (as for any lost call). Calls answered, expired or cancelled meanwhile are not sent."""
+        outgoing, self._outgoing = self._outgoing, {}
+        calls_now = self.core.calls
+        for broker, calls in outgoing.items():
+            calls = [c for c in calls if not c.sent and c.broker == broker and calls_now.get(c.request_id) is c]
+            for at in range(0, len(calls), MAX_BATCH):
+                chunk = calls[at : at + MAX_BATCH]
+                if len(chunk) == 1:
+                    frames = chunk[0].wire()
+                else:
+                    frames = [broker, *batch([c.frames() for c in chunk])]
+                outcome = self._post(frames) if not self._waiting else None
+                if outcome:
+                    for c in chunk:
+                        c.sent = True
+                    continue
+                if outcome is None:  # no room: each waits for it, in order, behind what waits already
+                    for c in calls[at:]:
+                        self._wait_for_room(c)
+                else:
+                    self._lost(broker)  # they are sent again elsewhere, with the broker's other calls
+                break
+        self._service()  # the sends may have swallowed the FD's edge of an answer: read what waits
 
     def _put(self, call: Call) -> None:
         """Send `call` to its broker unless it went already; no room: it waits in `_waiting` (behind those waiting

@@ -22,7 +22,7 @@ from cluster import async_client as async_module
 from cluster.client import AsyncClient
 from cluster.protocol import Command
 from tests.harness import until
-from tests.test_client_io import FakeBroker
+from tests.test_client_io import FakeBroker, split_batch
 
 IN_FLIGHT = 64
 CALLS = 2000
@@ -64,6 +64,27 @@ def test_answers_arriving_while_callers_keep_sending_are_all_read(no_tick):
                 return await echo_many(client)
 
         assert asyncio.run(run()) == CALLS
+    finally:
+        broker.stop()
+
+
+def test_the_calls_of_one_loop_step_go_as_one_batch_and_a_lone_call_alone():
+    broker = FakeBroker()
+    try:
+
+        async def run() -> None:
+            async with AsyncClient(broker.address, timeout=30) as client:
+                await client.infer("echo", {"x": np.zeros(4, np.float32)})  # connected, hello heard
+                broker.received.clear()
+                inputs = [{"x": np.full(4, k, np.float32)} for k in range(20)]
+                answers = await asyncio.gather(*(client.infer("echo", x) for x in inputs))
+                assert [a.as_numpy("x")[0] for a in answers] == list(range(20)), "an answer went to another call"
+                assert broker.received == [20], f"messages per read: {broker.received}"
+                broker.received.clear()
+                await client.infer("echo", {"x": np.zeros(4, np.float32)})
+                assert broker.received == [1], "a lone call went in a BATCH"
+
+        asyncio.run(run())
     finally:
         broker.stop()
 
@@ -153,18 +174,21 @@ class PausedBroker:
             if self.paused.is_set() or not self.sock.poll(20):
                 self._stop.wait(0.01)
                 continue
-            route, *frames = self.sock.recv_multipart()
-            if frames == [b""]:
-                hello = protocol.BrokerHello("paused", self.incarnation, True)
-                self.sock.send_multipart([route, *protocol.message(Command.READY, hello.to_wire())])
-                continue
-            header = protocol.unpack_header(frames[1])
-            if protocol.parse_preamble(frames[0][: protocol.PREAMBLE_BYTES]) == Command.CANCEL:  # (a REQUEST: + head)
-                self.cancelled.append(header["id"])
-                continue
-            self.requests.append(header["id"])
-            reply = {"id": header["id"], "model": "echo", "version": 1, "agent": "fake", "outputs": header["inputs"]}
-            self.sock.send_multipart([route, *protocol.message(Command.REPLY, reply, frames[2:])])
+            for route, *frames in split_batch(self.sock.recv_multipart()):
+                self._answer(route, frames)
+
+    def _answer(self, route: bytes, frames: list) -> None:
+        if frames == [b""]:
+            hello = protocol.BrokerHello("paused", self.incarnation, True)
+            self.sock.send_multipart([route, *protocol.message(Command.READY, hello.to_wire())])
+            return
+        header = protocol.unpack_header(frames[1])
+        if protocol.parse_preamble(frames[0][: protocol.PREAMBLE_BYTES]) == Command.CANCEL:  # (a REQUEST: + head)
+            self.cancelled.append(header["id"])
+            return
+        self.requests.append(header["id"])
+        reply = {"id": header["id"], "model": "echo", "version": 1, "agent": "fake", "outputs": header["inputs"]}
+        self.sock.send_multipart([route, *protocol.message(Command.REPLY, reply, frames[2:])])
 
     def stop(self) -> None:
         self._stop.set()
@@ -202,7 +226,11 @@ async def fill(client: AsyncClient, broker: PausedBroker, n: int = 24) -> list[a
     """Pause the broker and send `n` big calls: some must find the pipe full and wait for room."""
     await client.infer("echo", big(-1))  # the broker is live, and said hello
     broker.paused.set()
-    calls = [asyncio.ensure_future(client.infer("echo", big(k), timeout=120)) for k in range(n)]
+    calls = []
+    for k in range(n):  # one call a loop step: each its own message (one step's calls go as one BATCH)
+        calls.append(asyncio.ensure_future(client.infer("echo", big(k), timeout=120)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
     assert await until(lambda: len(client._waiting) > 0, 30), "no send found the pipe full"
     return calls
 

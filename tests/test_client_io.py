@@ -34,6 +34,14 @@ CALLS = 200
 HAMMER_DEADLINE = 240.0  # seconds for the whole hammer on a loaded 2-core machine (it takes a few)
 
 
+def split_batch(received: list) -> list[list]:
+    """[route, *frames] as received by a fake broker's ROUTER: itself, or a BATCH's messages (an AsyncClient sends
+    the requests of one loop step as one), each with the route in front."""
+    if len(received) > 2 and received[1][: protocol.PREAMBLE_BYTES] == protocol.PREAMBLE[Command.BATCH]:
+        return protocol.unbatch(received, 1)
+    return [received]
+
+
 class FakeBroker:
     """A ROUTER in a thread speaking the client side of the protocol: echoes REQUESTs to model "echo" (and to
     "hold", once released), never answers model "sleep" (the client's deadline must fire), counts and swallows
@@ -60,6 +68,7 @@ class FakeBroker:
         self.held: list[list] = []  # answers to model "hold", sent in order by release()
         self._release: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.cancels = 0
+        self.received: list[int] = []  # messages in each message read (a BATCH: more than one)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="fake-broker", daemon=True)
         self._thread.start()
@@ -76,14 +85,17 @@ class FakeBroker:
                 continue
             for _ in range(256):
                 try:
-                    route, *frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    received = self.sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                reply = self._answer(frames)
-                if len(frames) > 1 and protocol.unpack_header(frames[1]).get("model") == "hold":
-                    self.held.append([route, *reply])
-                elif reply is not None:
-                    self.sock.send_multipart([route, *reply])
+                messages = split_batch(received)
+                self.received.append(len(messages))
+                for route, *frames in messages:
+                    reply = self._answer(frames)
+                    if len(frames) > 1 and protocol.unpack_header(frames[1]).get("model") == "hold":
+                        self.held.append([route, *reply])
+                    elif reply is not None:
+                        self.sock.send_multipart([route, *reply])
 
     def _answer(self, frames: list) -> list | None:
         if frames == [b""]:

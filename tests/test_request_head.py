@@ -386,3 +386,19 @@ def test_a_real_broker_routes_a_real_clients_requests_by_their_head(echo_cluster
     finally:
         agent.sock.close()
         ctx.term()
+
+
+def test_a_clients_batch_is_handled_message_by_message(broker):
+    """An AsyncClient sends the requests of one loop step as one BATCH: each is routed by its head as if it came
+    alone (a bad one answered BAD_REQUEST in its place), and a BATCH malformed as a whole gets BAD_REQUEST."""
+    good = [[head(rid=i), NOT_MSGPACK, b"t"] for i in (1, 2)]
+    bad = [head(rid=3, model=b""), NOT_MSGPACK]
+    broker.process_client([b"client", *protocol.batch([good[0], bad, good[1]])])
+    assert [s.frames[2] for s in broker.sent if s.to_agent] == [NOT_MSGPACK, NOT_MSGPACK]
+    assert sorted(r.request_id for r in broker.dispatcher.requests.values()) == [1, 2]
+    [(rid, code, _)] = client_errors(broker.sent)
+    assert (rid, code) == (3, "BAD_REQUEST")
+    broker.sent.clear()
+    broker.process_client([b"client", PREAMBLE[Command.BATCH] + b"\x00\x09", head(rid=4), NOT_MSGPACK])
+    [(rid, code, message)] = client_errors(broker.sent)
+    assert (rid, code) == (None, "BAD_REQUEST") and "BATCH" in message, message

@@ -4,7 +4,8 @@
 its head alone (`accept_head`: protocol.parse_request_head, a struct unpack; its msgpack header is forwarded as
 received, never decoded, and read only if a log line about it needs its request_id); a REQUEST with the bare
 preamble (an older or hand-written client) by its header (`accept_request`: Request.from_wire); a QUERY goes to
-`answer_query`, a CANCEL to the Dispatcher. Anything malformed: BAD_REQUEST to that client, never a crash. Keys on:
+`answer_query`, a CANCEL to the Dispatcher; a BATCH (an AsyncClient's requests of one loop step) is split and each
+message handled as if alone. Anything malformed: BAD_REQUEST to that client, never a crash. Keys on:
 every message is checked against the allow-list before anything else is judged."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from cluster.auth import key_of, refusal
 from cluster.broker.agents import TRACE_IN_HEADER
 from cluster.logs import BadInputLog
 from cluster.protocol import (
+    PREAMBLE,
+    PREAMBLE_BYTES,
     Cancel,
     Command,
     ErrorCode,
@@ -26,10 +29,12 @@ from cluster.protocol import (
     has_request_head,
     message_id,
     parse_request_head,
+    unbatch,
 )
 
 log = logging.getLogger("cluster.broker")
-bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
+bad_input = BadInputLog(log)
+_BATCH = PREAMBLE[Command.BATCH]  # peers control these messages: never log them at their rate
 
 
 class ClientIntake:
@@ -41,6 +46,9 @@ class ClientIntake:
             first = as_bytes(frames[1])
             if has_request_head(first):  # the hot path: a REQUEST routed by its head, its header never decoded
                 self.accept_head(client, first, frames)
+                return
+            if first[:PREAMBLE_BYTES] == _BATCH:  # an AsyncClient's requests of one loop step: each as if alone
+                self.process_client_batch(client, frames)
                 return
         elif len(frames) == 2 and not len(frames[1]):
             self.hello(client)  # a probe: one empty frame (ZMQ_PROBE_ROUTER on connecting, or a client's check)
@@ -72,6 +80,18 @@ class ClientIntake:
         except ProtocolError as exc:
             bad_input.warning("bad message from client %s: %s", client.hex(), exc)
             self.send_client_error(client, request_id, ErrorCode.BAD_REQUEST, str(exc))
+
+    def process_client_batch(self, client: bytes, frames: list) -> None:
+        """A client's BATCH: each message in it handled as if it came alone (a BATCH malformed as a whole:
+        BAD_REQUEST without an id, as for any message whose id cannot be read)."""
+        try:
+            messages = unbatch(frames, 1)
+        except ProtocolError as exc:
+            bad_input.warning("bad message from client %s: %s", client.hex(), exc)
+            self.send_client_error(client, None, ErrorCode.BAD_REQUEST, str(exc))
+            return
+        for message in messages:
+            self.process_client(message)
 
     def accept_head(self, client: bytes, head: bytes, frames: list) -> None:
         """A client's REQUEST with a head (frames: [client, preamble + head, header, *tensors]): routed by the head

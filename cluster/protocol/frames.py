@@ -80,9 +80,10 @@ Who sends what (a ROUTER adds/strips the peer identity frame in front; it is not
                         -> REPLY Answer {id, result} or ERROR (deploy, rollback, publish: answered when the rollout
                         is over; a state the manager cannot save: ERROR INTERNAL naming the file and the cause, undone)
 
-BATCH (any of the above between broker and agent, and broker -> client REPLY / ERROR): several messages to one
-peer in one (`batch`, `unbatch`): TAG + BATCH + each message's frame count (uint16), then their frames. A sender
-batches only what already waits to go to that peer, so nothing waits longer at low load.
+BATCH (any of the above between broker and agent, broker -> client REPLY / ERROR, and an AsyncClient's messages of
+one event-loop step to a broker): several messages to one peer in one (`batch`, `unbatch`): TAG + BATCH + each
+message's frame count (uint16), then their frames. A sender batches only what already waits to go to that peer, so
+nothing waits longer at low load; the receiver handles each message as if it came alone.
 
 `Heartbeat` is the one definition of an agent's state on the wire; `agent_view` and `models_view` build the
 answers to the "agents" and "models" queries, the same way at the broker and at the manager.
