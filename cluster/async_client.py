@@ -31,7 +31,7 @@ from cluster.auth import BusSecurity
 from cluster.client_core import CHECK_INTERVAL, CHECK_WINDOW, Call, ClientCore, InferResult, make_router, resolve
 from cluster.config import ASYNC_CLIENT_DRAIN_LIMIT, ASYNC_CLIENT_SEND_RETRY_S, ASYNC_CLIENT_TICK_S
 from cluster.errors import ClusterError, NoAgentAvailableError
-from cluster.protocol import MAX_BATCH, What, batch
+from cluster.protocol import MAX_BATCH, What, as_one
 from cluster.sockets import recv_frames, send_frames
 
 _raw_get = zmq.backend.Socket.get
@@ -213,27 +213,36 @@ class AsyncClient:
         MAX_BATCH; a lone one as it is). No room: they wait for it, in order; a broker found gone: the core sends them
         elsewhere (as for any lost call). Calls answered, expired or cancelled meanwhile are not sent."""
         outgoing, self._outgoing = self._outgoing, {}
+        try:
+            for broker, calls in outgoing.items():
+                self._send_to(broker, calls)
+        finally:
+            self._service()  # the sends may have swallowed the FD's edge of an answer: read what waits
+
+    def _send_to(self, broker: bytes, calls: list[Call]) -> None:
         calls_now = self.core.calls
-        for broker, calls in outgoing.items():
-            calls = [c for c in calls if not c.sent and c.broker == broker and calls_now.get(c.request_id) is c]
-            for at in range(0, len(calls), MAX_BATCH):
-                chunk = calls[at : at + MAX_BATCH]
-                if len(chunk) == 1:
-                    frames = chunk[0].wire()
-                else:
-                    frames = [broker, *batch([c.frames() for c in chunk])]
-                outcome = self._post(frames) if not self._waiting else None
-                if outcome:
-                    for c in chunk:
-                        c.sent = True
-                    continue
-                if outcome is None:  # no room: each waits for it, in order, behind what waits already
-                    for c in calls[at:]:
-                        self._wait_for_room(c)
-                else:
-                    self._lost(broker)  # they are sent again elsewhere, with the broker's other calls
-                break
-        self._service()  # the sends may have swallowed the FD's edge of an answer: read what waits
+        ready = []  # (call, its frames); a call whose frames cannot be built fails alone, at once
+        for call in calls:
+            if call.sent or call.broker != broker or calls_now.get(call.request_id) is not call:
+                continue
+            try:
+                ready.append((call, call.frames()))
+            except Exception as exc:
+                self.core.cancel(call)
+                resolve(call.future, ClusterError(f"request cannot be sent: {exc}", call.model))
+        for at in range(0, len(ready), MAX_BATCH):
+            chunk = ready[at : at + MAX_BATCH]
+            outcome = self._post([broker, *as_one([frames for _, frames in chunk])]) if not self._waiting else None
+            if outcome:
+                for call, _ in chunk:
+                    call.sent = True
+                continue
+            if outcome is None:  # no room: each waits for it, in order, behind what waits already
+                for call, _ in ready[at:]:
+                    self._wait_for_room(call)
+            else:
+                self._lost(broker)  # they are sent again elsewhere, with the broker's other calls
+            return
 
     def _put(self, call: Call) -> None:
         """Send `call` to its broker unless it went already; no room: it waits in `_waiting` (behind those waiting

@@ -53,7 +53,7 @@ from cluster.role_settings import ClientSettings
 from cluster.settings import from_env
 from cluster.sockets import make_socket
 
-_BATCH, _REQUEST = protocol.PREAMBLE[Command.BATCH], protocol.PREAMBLE[Command.REQUEST]
+_REQUEST = protocol.PREAMBLE[Command.REQUEST]
 DEADLINE_GRACE = 2.0  # the broker answers TIMEOUT at the deadline; the client gives up on its own a little later
 
 
@@ -338,6 +338,10 @@ class ClientCore:
             raise BadRequestError(f"request of {size} bytes is over the bus limit of {limit} bytes", model)
         timeout = self.timeout if timeout is None else float(timeout)
         version = None if version is None else int(version)
+        if outputs is not None:
+            outputs = list(outputs)
+            if not all(type(name) is str for name in outputs):
+                raise BadRequestError("outputs must be a list of output names (strings)", model)
         try:
             head = protocol.head_name(model, version)
         except UnicodeEncodeError:
@@ -348,7 +352,7 @@ class ClientCore:
             metas,
             timeout,
             version,
-            None if outputs is None else list(outputs),
+            outputs,
             None
             if request_id is None
             else str(request_id),  # the caller's name for it, in the broker's and agent's logs
@@ -371,7 +375,7 @@ class ClientCore:
     def messages(frames: list) -> list[list]:
         """The messages in what the socket received ([name, preamble, ...]): itself, or a BATCH's messages, each
         with the broker's name in front (a malformed BATCH: none)."""
-        if len(frames) < 2 or protocol.as_bytes(frames[1])[: protocol.PREAMBLE_BYTES] != _BATCH:
+        if len(frames) < 2 or not protocol.is_batch(frames[1]):
             return [frames]
         try:
             return protocol.unbatch(frames, 1)
@@ -419,7 +423,7 @@ class ClientCore:
                 header.get("batch_size"),
                 queue_us / 1e6 if isinstance(queue_us, (int, float)) and not isinstance(queue_us, bool) else None,
             )
-        except ProtocolError as exc:
+        except (ProtocolError, TypeError, ValueError) as exc:  # the call is out of `calls`: it must get an outcome
             return call, ClusterError(f"malformed answer from the cluster: {exc}", call.model)
 
     def _elsewhere(self, call: Call) -> bool:

@@ -163,11 +163,23 @@ def has_message(sock: zmq.Socket) -> bool:
     return bool(_raw_get(sock, _EVENTS) & _POLLIN)
 
 
+def handle_each(messages: list, handle, log: logging.Logger) -> None:
+    """The messages of a BATCH, each to `handle` as if it came alone: as `drain` does for messages, whatever one
+    raises is logged and that message dropped, never the ones after it."""
+    for frames in messages:
+        try:
+            handle(frames)
+        except Exception:
+            log.exception("error handling a message of a BATCH; dropped")
+
+
 def drain(sock: zmq.Socket, handle, limit: int = 256, log: logging.Logger | None = None, copied: int = 0) -> int:
     """Hand up to `limit` waiting messages to `handle`, then return so the caller can serve its other sockets;
-    returns how many. `copied`: see recv_frames. One bad message must never take a component down: whatever
-    `handle` raises is logged and the message dropped."""
-    for n in range(limit):
+    returns how many. A handler that returns a number handled that many (a BATCH's messages): they count towards
+    the limit, so a pass stays as short with BATCHes as without. `copied`: see recv_frames. One bad message must
+    never take a component down: whatever `handle` raises is logged and the message dropped."""
+    n = 0
+    while n < limit:
         if n and not has_message(sock):
             return n
         try:
@@ -175,7 +187,8 @@ def drain(sock: zmq.Socket, handle, limit: int = 256, log: logging.Logger | None
         except zmq.Again:
             return n
         try:
-            handle(frames)
+            n += handle(frames) or 1
         except Exception:
+            n += 1
             (log or logging.getLogger("cluster")).exception("error handling a message; dropped")
-    return limit
+    return n

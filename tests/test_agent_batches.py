@@ -154,3 +154,34 @@ def test_inline_timing_reads_the_cpu_clock_rarely_and_still_catches_a_model_gone
     for _ in range(2):
         pool.run_timed(Job(b"r", 1, model, [], [], None))
     assert not pool.fast_enough_inline(model), "a model gone slow still runs inline"
+
+
+def test_a_request_whose_handler_raises_costs_only_itself_in_a_batch(inline_agent, monkeypatch):
+    """One message of a BATCH that raises in its handler (here: a fault planted in the agent's intake for request 2)
+    is dropped alone, logged; the messages after it in the same BATCH are still answered."""
+    agent, link, broker = inline_agent
+    real = agent.accept_request
+
+    def faulty(frames, route_frame, link_):
+        if protocol.unpack_header(frames[1])["id"] == 2:
+            raise RuntimeError("planted fault")
+        return real(frames, route_frame, link_)
+
+    monkeypatch.setattr(agent, "accept_request", faulty)
+    broker.send_multipart(protocol.batch([request_frames(n, float(n)) for n in (1, 2, 3)]))
+    one_pass(link)
+    assert broker.poll(2000), "no answer to the BATCH"
+    answers = protocol.unbatch(broker.recv_multipart())
+    assert [a[0] for a in answers] == [PREAMBLE[Command.REPLY] + route_of(n) for n in (1, 3)]
+
+
+def test_a_datatype_that_is_no_string_is_bad_request_not_a_crash(inline_agent):
+    agent, link, broker = inline_agent
+    header = pack({"id": 9, "model": "echo", "timeout": 30.0, "inputs": [{"name": "x", "datatype": [], "shape": [4]}]})
+    broker.send_multipart([*request_frames(9, 1.0, header=header)])
+    one_pass(link)
+    assert broker.poll(2000), "no answer"
+    answer = broker.recv_multipart()
+    assert answer[0] == PREAMBLE[Command.ERROR] + route_of(9)
+    error = protocol.unpack_header(answer[1])
+    assert error["code"] == ErrorCode.BAD_REQUEST.value and "datatype" in error["message"], error

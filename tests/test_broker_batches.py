@@ -88,15 +88,25 @@ def test_outside_a_pass_messages_go_at_once_still_one_per_peer():
     assert r.sent == [("agent", b"a", [msg(b"a", 1), msg(b"a", 2)])]
 
 
-def test_a_peer_with_max_batch_waiting_is_sent_at_once_and_order_is_kept():
+@pytest.mark.parametrize("to_agent", [True, False])
+def test_more_than_max_batch_for_a_peer_go_as_several_batches_in_order(to_agent):
     r = Recorder()
     r.sends.collecting = True
-    out = [msg(b"a", n) for n in range(2 * MAX_BATCH + 2)]
-    r.sends.send([Send(True, m) for m in out])
-    assert [len(m) for _, _, m in r.sent] == [MAX_BATCH, MAX_BATCH], "each MAX_BATCH goes as it fills"
+    out = [msg(b"a", n, Command.REQUEST if to_agent else Command.REPLY) for n in range(2 * MAX_BATCH + 2)]
+    r.sends.send([Send(to_agent, m) for m in out])
+    assert r.sent == [], "nothing goes before the end of the pass"
     r.sends.flush()
     assert [len(m) for _, _, m in r.sent] == [MAX_BATCH, MAX_BATCH, 2]
     assert [m for _, _, batch_ in r.sent for m in batch_] == out
+
+
+def test_an_agent_that_fails_gets_all_its_batches_handed_back_at_once():
+    r = Recorder(gone={b"a"})
+    r.sends.collecting = True
+    out = [msg(b"a", n) for n in range(MAX_BATCH + 6)]
+    r.sends.send([Send(True, m) for m in out])
+    r.sends.flush()
+    assert r.failed == [out], "one hand-back with every message for that agent, in order"
 
 
 def test_a_batch_that_fails_hands_every_message_back_and_the_answer_goes_in_the_same_flush():

@@ -60,3 +60,28 @@ def test_bad_outputs_are_refused_with_the_careful_ways_words(why, metas, frames)
     with pytest.raises(ProtocolError) as fast:
         read_outputs(metas, frames)
     assert str(fast.value) == str(slow.value)
+
+
+def test_an_answer_that_makes_the_reader_raise_still_resolves_its_call():
+    """A reply whose output meta has a datatype that is no string (unhashable): the call gets a ClusterError at once
+    (it is already out of the core's calls, so nothing else would ever resolve it)."""
+    from cluster import ClusterError, protocol
+    from cluster.client_core import ClientCore
+    from cluster.protocol import PREAMBLE, Command, pack
+
+    core = ClientCore(30.0)
+    call = core.infer_call("echo", {"x": np.zeros(2, np.float32)}, None, None, None, None)
+    reply = {"id": call.request_id, "model": "echo", "version": 1, "agent": "a"}
+    reply["outputs"] = [{"name": "y", "datatype": [], "shape": [2]}]
+    got, outcome = core.on_message([b"b", PREAMBLE[Command.REPLY], pack(reply), np.zeros(2, np.float32).tobytes()])
+    assert got is call and isinstance(outcome, ClusterError) and "malformed answer" in str(outcome), outcome
+    assert call.request_id not in core.calls
+    assert protocol.is_batch(protocol.batch([[b"p", b"h"]])[0])
+
+
+def test_outputs_that_are_not_names_are_refused_when_the_call_is_made():
+    from cluster import BadRequestError
+    from cluster.client_core import ClientCore
+
+    with pytest.raises(BadRequestError, match="output names"):
+        ClientCore(30.0).infer_call("echo", {"x": np.zeros(2, np.float32)}, None, None, [object()], None)

@@ -357,6 +357,9 @@ class Agent:
                     links.check(now)  # (a broker silent, or refusing us, or back: this beat tells the new shares)
                     links.changed()
                     self.send_heartbeat()
+                for link in links.links:  # what the part after the drain made (answers a link held while down)
+                    if link.out:
+                        link.flush()
         finally:
             self.exit_code = self.exit_code or recovery.code
             self.close()

@@ -44,7 +44,7 @@ from cluster.clock import pardon
 from cluster.config import AGENT_LINK_WARN_MAX_S, AGENT_REFUSED_LOG_S, Timings
 from cluster.logs import BadInputLog
 from cluster.protocol import BrokerBeat, Command, Disconnect, Error, ErrorCode, ProtocolError, message
-from cluster.sockets import CurveClient, drain, make_socket, send_frames
+from cluster.sockets import CurveClient, drain, handle_each, make_socket, send_frames
 
 log = logging.getLogger("cluster.agent")
 bad_input = BadInputLog(log)  # peers control these messages: never log them at their rate
@@ -55,7 +55,6 @@ stale = BadInputLog(log)  # answers dropped because the broker they were for is 
 BROKER_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 REFUSED_KEY_CODES = frozenset({ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value})
 INCARNATION = slice(protocol.PREAMBLE_BYTES, protocol.PREAMBLE_BYTES + protocol.INCARNATION_BYTES)  # of an answer
-_BATCH = protocol.PREAMBLE[Command.BATCH]
 SEND, HOLD, STALE = "send", "hold", "stale"  # AnswerRoutes.admit's verdicts
 
 
@@ -199,9 +198,11 @@ class BrokerLink:
         self._connect()
 
     def goodbye(self) -> None:
-        """DISCONNECT to the broker (stopping), if it can go at once."""
+        """DISCONNECT to the broker (stopping), if it can go at once (so do the answers still waiting)."""
         try:
-            self.flush()
+            if self.out:
+                out, self.out = self.out, []
+                send_frames(self.sock, protocol.as_one(out), zmq.NOBLOCK)
             self.sock.send_multipart(message(Command.DISCONNECT, Disconnect("agent stopping").to_wire()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
@@ -233,7 +234,7 @@ class BrokerLink:
         out = self.out
         if out:
             self.out = []
-            send_frames(self.sock, out[0] if len(out) == 1 else protocol.batch(out), 0)
+            send_frames(self.sock, protocol.as_one(out), 0)
 
     def send_beat(self, beat: list) -> bool:
         """The heartbeat to the broker, if connected (queued, it would reach the next broker as a beat from an unknown
@@ -266,10 +267,10 @@ class BrokerLink:
 
     # ---- what comes from the broker ------------------------------------------------------------------------------
 
-    def receive(self, frames: list) -> None:
+    def receive(self, frames: list) -> int | None:
         """A message from the broker (what `drain` hands over), or each message of a BATCH, to the agent's handler;
         a malformed BATCH is dropped with a log line."""
-        if frames[0][: protocol.PREAMBLE_BYTES] != _BATCH:
+        if not protocol.is_batch(frames[0]):
             return self.on_message(frames)
         try:
             messages = protocol.unbatch(frames)
@@ -278,7 +279,8 @@ class BrokerLink:
             return bad_input.warning("agent %s: bad BATCH from the broker dropped: %s", self.agent_id, exc)
         for one in messages:  # preamble and header as bytes, as the socket gives them for a lone message
             one[0], one[1] = protocol.as_bytes(one[0]), protocol.as_bytes(one[1])
-            self.on_message(one)
+        handle_each(messages, self.on_message, log)
+        return len(messages)  # (drain counts them towards its limit)
 
     def heard(self, registered: bool) -> None:
         """A message from the broker; `registered`: one only a broker that has us sends (a request, a heartbeat)."""

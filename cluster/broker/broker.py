@@ -57,7 +57,6 @@ from cluster.config import CLIENT_SNDHWM, MAX_CONTROL_BYTES, default_broker_name
 from cluster.desired import DesiredState
 from cluster.protocol import (
     PREAMBLE,
-    PREAMBLE_BYTES,
     AgentDead,
     Answer,
     BrokerHello,
@@ -77,10 +76,10 @@ from cluster.protocol import (
 )
 from cluster.role_settings import BrokerSettings
 from cluster.settings import from_env
-from cluster.sockets import drain, make_socket, send_frames
+from cluster.sockets import drain, handle_each, make_socket, send_frames
 
 log = logging.getLogger("cluster.broker")
-_BATCH, _ANSWERS = PREAMBLE[Command.BATCH], (Command.REPLY, Command.ERROR, Command.HEARTBEAT)  # what a BATCH may hold
+_ANSWERS = (Command.REPLY, Command.ERROR, Command.HEARTBEAT)  # what a BATCH may hold
 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the others
 AGENTS_QUERY_ID = "broker-start-agents"  # the id of the broker's start-up QUERY {what: agents} to the manager
@@ -281,7 +280,11 @@ class Broker(ClientIntake, ClientReplies):
             drain(sock, handle, DRAIN_BATCH, log, copied)
         finally:
             self.sends.collecting = False
-        self.sends.flush()
+        try:
+            self.sends.flush()
+        except Exception:  # as a message's handler in `drain`: logged, never the end of the broker
+            log.exception("error sending what a pass made; its messages dropped")
+            self.sends.queues.clear()
 
     def look_at_clock(self, now: float) -> None:
         """Our own stalls (RunClock): time we did not run is no agent's silence; what they sent meanwhile is
@@ -451,17 +454,17 @@ class Broker(ClientIntake, ClientReplies):
 
     # ---- agents -------------------------------------------------------------------------------------------------
 
-    def process_agent(self, frames: list, batched: bool = False) -> None:
+    def process_agent(self, frames: list, batched: bool = False) -> int | None:
         if len(frames) < 3:
             bad_input.warning("short message from agent %r dropped", as_bytes(frames[0]))
             return
         head = as_bytes(frames[1])
         try:
-            if head[:PREAMBLE_BYTES] == _BATCH and not batched:  # answers: each handled as if it came alone
+            if not batched and protocol.is_batch(head):  # answers: each handled as if it came alone
                 self.sends.stats["batches_from_agents"] += 1
-                for one in protocol.unbatch(frames, 1):
-                    self.process_agent(one, True)
-                return
+                messages = protocol.unbatch(frames, 1)
+                handle_each(messages, lambda one: self.process_agent(one, True), log)
+                return len(messages)  # (drain counts them towards its limit)
             cmd, route = protocol.parse_routed(head)
             if batched and cmd not in _ANSWERS:
                 raise ProtocolError(f"{cmd.name} in a BATCH")

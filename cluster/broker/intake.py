@@ -18,8 +18,6 @@ from cluster.auth import key_of, refusal
 from cluster.broker.agents import TRACE_IN_HEADER
 from cluster.logs import BadInputLog
 from cluster.protocol import (
-    PREAMBLE,
-    PREAMBLE_BYTES,
     Cancel,
     Command,
     ErrorCode,
@@ -27,29 +25,30 @@ from cluster.protocol import (
     Request,
     as_bytes,
     has_request_head,
+    is_batch,
     message_id,
     parse_request_head,
     unbatch,
 )
+from cluster.sockets import handle_each
 
 log = logging.getLogger("cluster.broker")
 bad_input = BadInputLog(log)
-_BATCH = PREAMBLE[Command.BATCH]  # peers control these messages: never log them at their rate
+# peers control these messages: never log them at their rate
 
 
 class ClientIntake:
     """Methods of the Broker (they use its allow-list, dispatcher, outbox, timings and sends)."""
 
-    def process_client(self, frames: list) -> None:
+    def process_client(self, frames: list) -> int | None:
         client = as_bytes(frames[0])
         if len(frames) >= 3:
             first = as_bytes(frames[1])
             if has_request_head(first):  # the hot path: a REQUEST routed by its head, its header never decoded
                 self.accept_head(client, first, frames)
                 return
-            if first[:PREAMBLE_BYTES] == _BATCH:  # an AsyncClient's requests of one loop step: each as if alone
-                self.process_client_batch(client, frames)
-                return
+            if is_batch(first):  # an AsyncClient's requests of one loop step: each as if alone
+                return self.process_client_batch(client, frames)
         elif len(frames) == 2 and not len(frames[1]):
             self.hello(client)  # a probe: one empty frame (ZMQ_PROBE_ROUTER on connecting, or a client's check)
             return
@@ -81,17 +80,24 @@ class ClientIntake:
             bad_input.warning("bad message from client %s: %s", client.hex(), exc)
             self.send_client_error(client, request_id, ErrorCode.BAD_REQUEST, str(exc))
 
-    def process_client_batch(self, client: bytes, frames: list) -> None:
+    def process_client_batch(self, client: bytes, frames: list) -> int | None:
         """A client's BATCH: each message in it handled as if it came alone (a BATCH malformed as a whole:
-        BAD_REQUEST without an id, as for any message whose id cannot be read)."""
+        BAD_REQUEST without an id, as for any message whose id cannot be read). Keys on: a key refused is told so
+        before the BATCH is judged; each message in it is checked again, as any message."""
+        if self.allow is not None:
+            refused = refusal(self.allow, key_of(frames[1]), "infer")
+            if refused is not None:
+                bad_input.warning("refused a BATCH from client %s: %s", client.hex(), refused[1])
+                self.send_client_error(client, None, *refused)
+                return
         try:
             messages = unbatch(frames, 1)
         except ProtocolError as exc:
             bad_input.warning("bad message from client %s: %s", client.hex(), exc)
             self.send_client_error(client, None, ErrorCode.BAD_REQUEST, str(exc))
             return
-        for message in messages:
-            self.process_client(message)
+        handle_each(messages, self.process_client, log)
+        return len(messages)
 
     def accept_head(self, client: bytes, head: bytes, frames: list) -> None:
         """A client's REQUEST with a head (frames: [client, preamble + head, header, *tensors]): routed by the head

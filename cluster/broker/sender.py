@@ -4,14 +4,15 @@ A busy broker makes many messages for the same peer in one pass of its loop (the
 DRAIN_BATCH messages): requests for an agent as answers free its slots, replies for a client with many calls out.
 Sent one by one, each costs a send syscall and a poll wake-up at the peer. Collected here instead, they go at the end
 of the pass as one message per peer: a lone one as it is, two or more as one BATCH (protocol.batch), in order. Nothing
-waits for more to come: a message goes at the end of the pass that made it (at low load, as alone as before). A peer
-with MAX_BATCH waiting is sent at once. Outside a pass (`collecting` False: ticks, events) a message goes at once.
+waits for more to come: a message goes at the end of the pass that made it (at low load, as alone as before); more
+than MAX_BATCH for one peer go as several BATCHes. Outside a pass (`collecting` False: ticks, events) a message goes
+at once.
 A client's BATCH holds at most `client_bytes` (CLIENT_BATCH_BYTES; a larger reply goes alone): its pipe counts
 messages (CLIENT_SNDHWM), and the broker's memory per client that does not read must stay bounded (outbox.py).
 
 Failures are the caller's, as for single messages: `send_agent(peer, messages)` raises zmq.ZMQError when the agent
 cannot take them (gone: EHOSTUNREACH, or its queue full); then `agent_failed(unsent, error)` gets every message of
-that batch and everything else still queued for that agent, in order (the Dispatcher's send_failed takes them back).
+that batch and of the batches after it for that agent, in order (the Dispatcher's send_failed takes them back).
 `send_client(peer, messages)` does its own (a full pipe: the outbox holds them; a gone client: forgotten).
 """
 
@@ -66,8 +67,6 @@ class PeerSends:
                 queues[key] = [frames]
             else:
                 queue.append(frames)
-                if len(queue) >= self.max_batch:
-                    self._send(key, queues.pop(key))
         if not self.collecting:
             self.flush()
 
@@ -100,21 +99,24 @@ class PeerSends:
                     self.stats["batched_messages"] += len(group)
                 self.send_client(peer, group)
             return
-        if len(messages) > 1:
-            self.stats["batches_to_agents"] += 1
-            self.stats["batched_messages"] += len(messages)
-        try:
-            self.send_agent(peer, messages)
-        except zmq.ZMQError as exc:
-            rest = self.queues.pop(key, None)  # (queued since by a MAX_BATCH send's caller: none in practice)
-            self.agent_failed(messages + rest if rest else messages, exc)
+        for at in range(0, len(messages), self.max_batch):
+            group = messages[at : at + self.max_batch]
+            if len(group) > 1:
+                self.stats["batches_to_agents"] += 1
+                self.stats["batched_messages"] += len(group)
+            try:
+                self.send_agent(peer, group)
+            except zmq.ZMQError as exc:  # this group, the groups after it, and any queued for it since: all back
+                rest = self.queues.pop(key, None)
+                self.agent_failed(messages[at:] + rest if rest else messages[at:], exc)
+                return
 
     def _by_size(self, messages: list[list]) -> list[list[list]]:
-        """A client's messages in runs of at most `client_bytes` each (a larger one alone), in order."""
+        """A client's messages in runs of at most `client_bytes` and `max_batch` each (a larger one alone), in order."""
         groups, group, size = [], [], 0
         for frames in messages:
             n = frames_size(frames)
-            if group and size + n > self.client_bytes:
+            if group and (size + n > self.client_bytes or len(group) >= self.max_batch):
                 groups.append(group)
                 group, size = [], 0
             group.append(frames)

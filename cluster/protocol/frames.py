@@ -348,6 +348,17 @@ def unbatch(frames: Sequence, start: int = 0) -> list[list]:
     return out
 
 
+def is_batch(frame) -> bool:
+    """Whether a message whose first frame is `frame` is a BATCH."""
+    return frame_bytes(frame)[:PREAMBLE_BYTES] == PREAMBLE[Command.BATCH]
+
+
+def as_one(messages: list[list]) -> list:
+    """The one message that carries `messages` (each [preamble, header, ...], no peer identity): a lone one as it
+    is, two or more as a BATCH."""
+    return messages[0] if len(messages) == 1 else batch(messages)
+
+
 def frame_bytes(frame) -> bytes | memoryview:
     """Bytes of a frame: bytes and memoryviews as they are, a zmq.Frame (recv with copy=False) as its buffer."""
     return getattr(frame, "buffer", frame)
@@ -528,7 +539,7 @@ def validate_tensor_metas(metas: Any, frames: Sequence, what: str = "inputs") ->
             raise ProtocolError(f"tensor '{name}' appears twice")
         seen.add(name)
         datatype = meta.get("datatype")
-        if datatype not in DATATYPES:
+        if type(datatype) is not str or datatype not in DATATYPES:
             raise ProtocolError(f"tensor '{name}': unsupported datatype {datatype!r}")
         shape = meta.get("shape")
         if (
