@@ -36,8 +36,16 @@ def no_tick(monkeypatch):
     monkeypatch.setattr(async_module, "ASYNC_CLIENT_TICK_S", 3600.0)
 
 
-async def echo_many(client: AsyncClient, calls: int = CALLS, in_flight: int = IN_FLIGHT, timeout: float = 60) -> int:
-    """`calls` echo calls, `in_flight` coroutines at a time, each checking its answer is its own: the number done."""
+async def echo_many(
+    client: AsyncClient,
+    calls: int = CALLS,
+    in_flight: int = IN_FLIGHT,
+    timeout: float = 60,
+    output: str = "x",
+    width: int = 8,
+) -> int:
+    """`calls` echo calls, `in_flight` coroutines at a time, each checking its answer (`output`) is its own: the
+    number done."""
     done = 0
     next_k = 0
 
@@ -46,9 +54,9 @@ async def echo_many(client: AsyncClient, calls: int = CALLS, in_flight: int = IN
         while next_k < calls:
             k = next_k
             next_k += 1
-            x = np.full((1, 8), k, np.float32)
+            x = np.full((1, width), k, np.float32)
             got = await client.infer("echo", {"x": x}, timeout=timeout)
-            assert got.as_numpy("x").tolist() == x.tolist(), f"call {k} got another call's answer"
+            assert got.as_numpy(output).tolist() == x.tolist(), f"call {k} got another call's answer"
             done += 1
 
     await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(in_flight))), DEADLINE)
@@ -125,21 +133,7 @@ def test_two_thousand_calls_through_a_real_broker_with_64_in_flight(echo_cluster
 
     async def run() -> int:
         async with AsyncClient(echo_cluster.addresses.broker_clients, timeout=30) as client:
-            done = 0
-            next_k = 0
-
-            async def caller() -> None:
-                nonlocal done, next_k
-                while next_k < CALLS:
-                    k = next_k
-                    next_k += 1
-                    x = np.full((1, 64), k, np.float32)
-                    got = await client.infer("echo", {"x": x})
-                    assert got.as_numpy("y").tolist() == x.tolist(), f"call {k} got another call's answer"
-                    done += 1
-
-            await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(IN_FLIGHT))), DEADLINE)
-            return done
+            return await echo_many(client, timeout=30, output="y", width=64)
 
     assert asyncio.run(run()) == CALLS
 
