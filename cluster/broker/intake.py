@@ -115,43 +115,40 @@ class ClientIntake:
             bad_input.warning("bad message from client %s: %s", client.hex(), exc)
             self.send_client_error(client, protocol.request_head_id(head), ErrorCode.BAD_REQUEST, str(exc))
             return
+        self.route_request(client, request_id, model, version, timeout, frames[2], frames[3:], TRACE_IN_HEADER, attempt)
+
+    def accept_request(self, client: bytes, request_id, header: dict, header_frame, tensors: list) -> None:
+        """A client's REQUEST: routed by the fields Request.from_wire checks; its header frame is forwarded as is."""
+        request = Request.from_wire(header)
+        self.route_request(
+            client,
+            request_id,
+            request.model,
+            request.version,
+            request.timeout,
+            header_frame,
+            tensors,
+            request.request_id,
+            request.attempt,
+        )
+
+    def route_request(
+        self, client: bytes, request_id, model: str, version, timeout, header_frame, tensors: list, trace, attempt: int
+    ) -> None:
+        """A checked REQUEST (head or header) to the dispatcher; timeout None: the broker's default."""
         now = time.monotonic()
-        if timeout is None:
-            timeout = self.timings.request_timeout
-        congested = self.outbox.stalled(client, now)
         self.deliver(
             self.dispatcher.client_request(
                 client,
                 request_id,
                 model,
                 version,
-                timeout,
-                frames[2],
-                frames[3:],
-                now,
-                congested,
-                TRACE_IN_HEADER,
-                attempt,
-            )
-        )
-
-    def accept_request(self, client: bytes, request_id, header: dict, header_frame, tensors: list) -> None:
-        """A client's REQUEST: routed by the fields Request.from_wire checks; its header frame is forwarded as is."""
-        request = Request.from_wire(header)
-        timeout = self.timings.request_timeout if request.timeout is None else request.timeout
-        now = time.monotonic()
-        self.deliver(
-            self.dispatcher.client_request(
-                client,
-                request_id,
-                request.model,
-                request.version,
-                timeout,
+                self.timings.request_timeout if timeout is None else timeout,
                 header_frame,
                 tensors,
                 now,
                 congested=self.outbox.stalled(client, now),
-                trace=request.request_id,
-                attempt=request.attempt,
+                trace=trace,
+                attempt=attempt,
             )
         )
