@@ -16,6 +16,9 @@ from cluster.role_settings import EdgeSettings
 def edge(settings: EdgeSettings, ready_file: str | None = ReadyFile):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST and gRPC, /metrics, /agents, and the page at /."""
     import edge  # run_edge looked up on the package when called (tests replace it there)
+    from cluster.cli.common import _need
+
+    _need("edge", what="cluster edge")
 
     edge.run_edge(settings, ready_file=ready_file)
 

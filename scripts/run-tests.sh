@@ -11,7 +11,8 @@ if ! dpkg -s $PACKAGES >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
 fi
-python3 -m pip install -q -c constraints.txt -e '.[test]'
+# constraints.lock: every package at the version CI tested (scripts/lock.py makes it)
+python3 -m pip install -q -c constraints.lock -e '.[test]'
 if [ "${1:-}" = "--lint" ]; then
   shift
   python3 -m ruff check .

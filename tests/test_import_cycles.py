@@ -139,6 +139,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "base: settings, clocks, logs, files",
         (
             "cluster.config",
+            "cluster.dependencies",
             "cluster.settings",
             "cluster.role_settings",
             "cluster.clock",

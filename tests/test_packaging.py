@@ -6,10 +6,11 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import runpy
 import sys
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OWN = {"cluster", "edge", "tests", "bench", "nfs", "conftest", "harness", "models", "edge_http", "nfs_server"}
@@ -20,15 +21,9 @@ def _norm(name: str) -> str:
 
 
 def _requirements() -> list[Requirement]:
-    """setup.py's install_requires and every extra, as Requirements."""
-    found = []
-    for node in ast.walk(ast.parse((REPO_ROOT / "setup.py").read_text())):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            try:
-                found.append(Requirement(node.value))
-            except InvalidRequirement:
-                pass  # a description, a path
-    return [r for r in found if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name) and r.name != "setuptools"]
+    """Every requirement of the full install and its test extra (cluster/dependencies.py, which setup.py reads)."""
+    dependencies = runpy.run_path(str(REPO_ROOT / "cluster" / "dependencies.py"))
+    return [Requirement(text) for text in dependencies["every_role"]() + dependencies["TEST"]]
 
 
 def _installed_closure(requirements: list[Requirement]) -> set[str]:

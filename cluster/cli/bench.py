@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from cluster.cli.common import _need
 from cluster.options import settings_command
 from cluster.role_settings import BenchSettings
 
@@ -77,6 +78,8 @@ def bench(
     if (token or ca_file or http_json) and not (http or grpc):
         typer.echo("bench: --token, --token-file, --ca-file and --http-json are for --http or --grpc", err=True)
         raise typer.Exit(2)
+    if http or grpc:
+        _need("bench" if http else "edge", what=f"cluster bench {'--http' if http else '--grpc'}")
     most = max(lv.concurrency or 1 for lv in levels)
     if http:
         door = loadgen.HttpDoor(
