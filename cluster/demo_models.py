@@ -1,9 +1,10 @@
 """The two models that ship with the project, rebuilt from source rather than shipped as binaries.
 
-digits: a small CNN on scikit-learn's 8x8 digits, trained here in a few seconds, so a fresh checkout (and CI) has a
-real model to serve without downloading weights. echo: returns its input, for testing the bus without a model's cost.
-Both are built deterministically (fixed seed, one thread), so rebuilding gives the same model (byte-identical
-TorchScript on the same machine) and accuracy numbers are reproducible.
+digits: a small CNN on the 8x8 handwritten digits of UCI's optdigits (the copy scikit-learn ships, packaged in
+cluster/data/ with its licence: no scikit-learn needed), trained here in a few seconds, so a fresh checkout (and CI)
+has a real model to serve without downloading weights. echo: returns its input, for testing the bus without a
+model's cost. Both are built deterministically (fixed seed, one thread), so rebuilding gives the same model
+(byte-identical TorchScript on the same machine) and accuracy numbers are reproducible.
 
     python3 -m cluster.demo_models SHARE_DIR
 """
@@ -11,10 +12,13 @@ TorchScript on the same machine) and accuracy numbers are reproducible.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import os
 import sys
 import tempfile
 import time
+from importlib import resources
 
 import numpy as np
 import torch
@@ -81,16 +85,26 @@ ECHO_CONFIG = {
 TEST_SIZE = 360
 
 
-def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test); the 360-image held-out split is fixed so accuracy claims are comparable."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def _data_file(name: str):
+    """A file of cluster/data/, found in the source tree and in an installed package alike (setup.py package_data)."""
+    return resources.files("cluster").joinpath("data", name)
 
-    data = load_digits()
-    x = data.images.astype(np.float32)  # [1797, 8, 8], pixel values 0-16
-    y = data.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=TEST_SIZE, random_state=0, stratify=y)
-    return x_train, y_train, x_test, y_test
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test); the 360-image held-out split is fixed so accuracy claims are comparable.
+
+    The arrays scikit-learn's load_digits and train_test_split(test_size=360, random_state=0, stratify=y) give, read
+    with numpy alone: the split is stored as row numbers (digits_split.json, written by tests/test_digits_data.py)
+    rather than redone, so it cannot move with a scikit-learn or numpy release."""
+    with _data_file("digits.csv.gz").open("rb") as raw, gzip.open(raw, "rt", encoding="ascii") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.int64)  # a row: 64 pixels (0-16), then the label
+    rows = json.loads(_data_file("digits_split.json").read_text(encoding="utf-8"))
+    train, test = np.asarray(rows["train"], dtype=np.intp), np.asarray(rows["test"], dtype=np.intp)
+    if table.shape != (1797, 65) or len(test) != TEST_SIZE or sorted([*train, *test]) != list(range(len(table))):
+        raise ValueError(f"cluster/data: digits data {table.shape} or its split does not match; reinstall the package")
+    x = table[:, :64].reshape(-1, 8, 8).astype(np.float32)  # [1797, 8, 8], pixel values 0-16
+    y = table[:, 64]
+    return x[train], y[train], x[test], y[test]
 
 
 class DigitsNet(nn.Module):

@@ -65,9 +65,9 @@ def http(stack):
 
 @pytest.fixture(scope="module")
 def digits_images() -> np.ndarray:
-    from sklearn.datasets import load_digits
+    from cluster.demo_models import digits_split
 
-    return load_digits().images[:16].astype(np.float32)
+    return digits_split()[2][:16]  # 16 held-out images, float32 [16, 8, 8]
 
 
 # ---------------------------------------------------------------------------------------------------------------
