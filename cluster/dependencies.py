@@ -58,7 +58,8 @@ TEST = [
     "tritonclient[http]>=2.40",
     "kubernetes-validate>=1.28",  # tests/test_kubernetes.py: the Kubernetes API schemas, offline
     "cryptography>=42",  # tests/test_edge_security.py and the gRPC TLS tests: a CA and certificates
-    "scikit-learn>=1.3",  # tests/test_demo_data.py: the packaged digits data set and split equal scikit-learn's
+    "scikit-learn>=1.3",  # tests/test_digits_data.py: the packaged digits data and split against scikit-learn's
+    "scipy>=1.10",  # tests/test_canary_cluster.py: binomial bounds (scikit-learn brings it too)
     "ruff>=0.17.6,<0.18",  # `ruff check .` and `ruff format --check .` in CI (constraints.lock pins it)
 ]
 

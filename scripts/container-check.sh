@@ -16,6 +16,10 @@
 #                            torch then comes from it (or PyPI), else from PyPI's CPU index of PyTorch
 #   CONTAINER_CHECK_CA_BUNDLE  the CA bundle pip in the build trusts (default the host's,
 #                            /etc/ssl/certs/ca-certificates.crt: PyPI may be behind a TLS-intercepting proxy)
+#   CONTAINER_CHECK_ROLES    role images (Containerfile's ROLE) to build and check against the full image's cluster
+#                            (default "edge"; any of edge broker manager agent): an edge image serves an inference
+#                            through that cluster's broker; a broker or manager image answers `cluster health` about
+#                            it; an agent image imports torch. Every role image but agent must hold no torch.
 #   CONTAINER_CHECK_REBUILD_BASE=1  debootstrap the base again even if localhost/debian-base:bookworm exists
 #   CONTAINER_CHECK_NO_CACHE=1      build every layer again (podman build --no-cache): the time a fresh machine takes
 #   DEBIAN_MIRROR            default http://deb.debian.org/debian
@@ -112,7 +116,8 @@ build_start=$(date +%s)
 podman build --network host --force-rm "${build_args[@]}" -t "$IMAGE" -f Containerfile . >"$STATE/build.log" 2>&1 \
   || fail "podman build (see $STATE/build.log): $(grep -v '^ *$' "$STATE/build.log" | tail -1)"
 BUILD_SECONDS=$(( $(date +%s) - build_start ))
-say "image built in ${BUILD_SECONDS} s: $(podman image inspect "$IMAGE" --format '{{.Size}}' 2>/dev/null | awk '{printf "%.0f MB", $1/1e6}')"
+image_mb() { podman image inspect "$1" --format '{{.Size}}' 2>/dev/null | awk '{printf "%.0f MB", $1/1e6}'; }
+say "image built in ${BUILD_SECONDS} s: $(image_mb "$IMAGE")"
 
 # 5. `cluster up` in the container, host network, every port picked by the OS (written to the ready file)
 RUN_DIR="$STATE/run"
@@ -151,6 +156,47 @@ out = a["outputs"][0]
 assert a.get("id") == "container-check", a
 assert out["name"] == "y" and out["shape"] == [1, 3] and out["data"] == [1.5, 2.5, 3.5], out
 ' "$answer" 2>"$STATE/answer.err" || fail "unexpected answer: $answer ($(tail -1 "$STATE/answer.err"))"
+
+# 6b. the role images (CONTAINER_CHECK_ROLES), each checked against the cluster running in the full image
+broker=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"]["broker_clients"])' "$RUN_DIR/ready.json")
+manager=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"]["manager_queries"])' "$RUN_DIR/ready.json")
+for role in ${CONTAINER_CHECK_ROLES-edge}; do
+  role_image="$IMAGE-$role"
+  role_start=$(date +%s)
+  podman build --network host --force-rm "${build_args[@]}" --build-arg "ROLE=$role" -t "$role_image" \
+    -f Containerfile . >"$STATE/build-$role.log" 2>&1 \
+    || fail "podman build ROLE=$role (see $STATE/build-$role.log): $(grep -v '^ *$' "$STATE/build-$role.log" | tail -1)"
+  say "$role image built in $(( $(date +%s) - role_start )) s: $(image_mb "$role_image")"
+  has_torch=$(podman run --rm --entrypoint /opt/cluster/bin/python "$role_image" -c \
+    'import importlib.util; print(importlib.util.find_spec("torch") is not None)' 2>&1)
+  case "$role:$has_torch" in
+    agent:True|edge:False|broker:False|manager:False) ;;
+    *) fail "the $role image: torch importable = $has_torch" ;;
+  esac
+  case "$role" in
+    edge)
+      rm -f "$RUN_DIR/edge-ready.json"
+      EDGE_ID=$(podman run -d --network host -v "$RUN_DIR:/out" "$role_image" edge --broker "$broker" \
+        --host 127.0.0.1 --port 0 --grpc-port -1 --ready-file /out/edge-ready.json 2>"$STATE/run-edge.err") \
+        || fail "podman run the edge image: $(tail -1 "$STATE/run-edge.err")"
+      role_edge=""
+      until [ -n "$role_edge" ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || { podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1; podman rm -f "$EDGE_ID" >/dev/null 2>&1; fail "the edge image did not serve within the deadline (see $STATE/edge.log)"; }
+        [ -s "$RUN_DIR/edge-ready.json" ] && role_edge=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"].get("edge", ""))' "$RUN_DIR/edge-ready.json" 2>/dev/null)
+        [ -n "$role_edge" ] || sleep 1
+      done
+      answer=$(curl -sS -m 30 -H 'Content-Type: application/json' -d "$body" "$role_edge/v2/models/echo/infer" 2>&1)
+      podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1
+      podman rm -f -t 5 "$EDGE_ID" >/dev/null 2>&1
+      case "$answer" in *'"data":[1.5,2.5,3.5]'*) ;; *) fail "the edge image's answer: $answer (see $STATE/edge.log)" ;; esac
+      say "edge image: answered through the cluster's broker: $answer" ;;
+    broker|manager)
+      address="$broker"; [ "$role" = manager ] && address="$manager"
+      podman run --rm --network host "$role_image" health "$role" "--$role" "$address" >"$STATE/health-$role.log" 2>&1 \
+        || fail "the $role image: cluster health $role: $(tail -1 "$STATE/health-$role.log")"
+      say "$role image: cluster health $role: $(tail -1 "$STATE/health-$role.log")" ;;
+  esac
+done
 
 # 7. stop it: SIGTERM to `cluster up`, which stops every role and exits 0
 podman stop -t 30 "$CONTAINER_ID" >/dev/null 2>&1
