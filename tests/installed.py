@@ -27,6 +27,12 @@ def dependencies() -> dict:
     return runpy.run_path(str(REPO_ROOT / "cluster" / "dependencies.py"))
 
 
+def every_requirement() -> list[Requirement]:
+    """The full install's requirements and the test extra's."""
+    deps = dependencies()
+    return [Requirement(text) for text in deps["every_role"]() + deps["TEST"]]
+
+
 def role_requirements(role: str) -> list[Requirement]:
     """What the slim install of one role asks for: CORE and the role's extras."""
     deps = dependencies()

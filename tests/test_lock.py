@@ -8,10 +8,9 @@ from __future__ import annotations
 import re
 import runpy
 
-from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.installed import REPO_ROOT, canonical, closure, dependencies
+from tests.installed import REPO_ROOT, canonical, closure, every_requirement
 
 LOCK = REPO_ROOT / "constraints.lock"
 PIN = re.compile(r"([a-z0-9][a-z0-9-]*)==([0-9][0-9A-Za-z.!]*)")
@@ -27,11 +26,6 @@ def pins() -> dict[str, str]:
         assert match[1] not in found, f"constraints.lock pins {match[1]} twice"
         found[match[1]] = match[2]
     return found
-
-
-def every_requirement() -> list[Requirement]:
-    deps = dependencies()
-    return [Requirement(text) for text in deps["every_role"]() + deps["TEST"]]
 
 
 def test_every_requirement_is_pinned_inside_its_range():
