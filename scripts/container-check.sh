@@ -17,9 +17,9 @@
 #   CONTAINER_CHECK_CA_BUNDLE  the CA bundle pip in the build trusts (default the host's,
 #                            /etc/ssl/certs/ca-certificates.crt: PyPI may be behind a TLS-intercepting proxy)
 #   CONTAINER_CHECK_ROLES    role images (Containerfile's ROLE) to build and check against the full image's cluster
-#                            (default "edge"; any of edge broker manager agent): an edge image serves an inference
-#                            through that cluster's broker; a broker or manager image answers `cluster health` about
-#                            it; an agent image imports torch. Every role image but agent must hold no torch.
+#                            (default "edge"; any of edge core agent): an edge image serves an inference through
+#                            that cluster's broker; a core image (manager, broker) answers `cluster health` about its
+#                            broker and manager; an agent image imports torch. Only the agent image may hold torch.
 #   CONTAINER_CHECK_REBUILD_BASE=1  debootstrap the base again even if localhost/debian-base:bookworm exists
 #   CONTAINER_CHECK_NO_CACHE=1      build every layer again (podman build --no-cache): the time a fresh machine takes
 #   DEBIAN_MIRROR            default http://deb.debian.org/debian
@@ -170,7 +170,7 @@ for role in ${CONTAINER_CHECK_ROLES-edge}; do
   has_torch=$(podman run --rm --entrypoint /opt/cluster/bin/python "$role_image" -c \
     'import importlib.util; print(importlib.util.find_spec("torch") is not None)' 2>&1)
   case "$role:$has_torch" in
-    agent:True|edge:False|broker:False|manager:False) ;;
+    agent:True|edge:False|core:False) ;;
     *) fail "the $role image: torch importable = $has_torch" ;;
   esac
   case "$role" in
@@ -180,6 +180,7 @@ for role in ${CONTAINER_CHECK_ROLES-edge}; do
         --host 127.0.0.1 --port 0 --grpc-port -1 --ready-file /out/edge-ready.json 2>"$STATE/run-edge.err") \
         || fail "podman run the edge image: $(tail -1 "$STATE/run-edge.err")"
       role_edge=""
+      deadline=$(( $(date +%s) + ${CONTAINER_CHECK_START_DEADLINE:-240} ))
       until [ -n "$role_edge" ]; do
         [ "$(date +%s)" -lt "$deadline" ] || { podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1; podman rm -f "$EDGE_ID" >/dev/null 2>&1; fail "the edge image did not serve within the deadline (see $STATE/edge.log)"; }
         [ -s "$RUN_DIR/edge-ready.json" ] && role_edge=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"].get("edge", ""))' "$RUN_DIR/edge-ready.json" 2>/dev/null)
@@ -190,11 +191,13 @@ for role in ${CONTAINER_CHECK_ROLES-edge}; do
       podman rm -f -t 5 "$EDGE_ID" >/dev/null 2>&1
       case "$answer" in *'"data":[1.5,2.5,3.5]'*) ;; *) fail "the edge image's answer: $answer (see $STATE/edge.log)" ;; esac
       say "edge image: answered through the cluster's broker: $answer" ;;
-    broker|manager)
-      address="$broker"; [ "$role" = manager ] && address="$manager"
-      podman run --rm --network host "$role_image" health "$role" "--$role" "$address" >"$STATE/health-$role.log" 2>&1 \
-        || fail "the $role image: cluster health $role: $(tail -1 "$STATE/health-$role.log")"
-      say "$role image: cluster health $role: $(tail -1 "$STATE/health-$role.log")" ;;
+    core)
+      for what in broker manager; do
+        address="$broker"; [ "$what" = manager ] && address="$manager"
+        podman run --rm --network host "$role_image" health "$what" "--$what" "$address" >"$STATE/health-$what.log" 2>&1 \
+          || fail "the core image: cluster health $what: $(tail -1 "$STATE/health-$what.log")"
+        say "core image: cluster health $what: $(tail -1 "$STATE/health-$what.log")"
+      done ;;
   esac
 done
 

@@ -468,9 +468,10 @@ def _images(docs) -> list[str]:
     return images
 
 
-def test_the_kustomizations_name_the_image_once():
-    """Each kustomization lists existing files, covers every workload of its folder, and its `images` entry matches
-    every container's image (so one edit there changes them all)."""
+def test_the_kustomizations_name_each_image_once():
+    """Each kustomization lists existing files, covers every workload of its folder, and has exactly one `images`
+    entry for each image name its containers use (so one edit there changes a role's pods), every entry used; by
+    default the entries all give the one full image (build one image, or one per role: README, Install by role)."""
     found = [p.relative_to(KUBERNETES).as_posix() for p in KUSTOMIZATIONS]
     assert found == ["gpu/kustomization.yaml", "kustomization.yaml"], found
     for kustomization in KUSTOMIZATIONS:
@@ -485,18 +486,19 @@ def test_the_kustomizations_name_the_image_once():
             if p.name != "kustomization.yaml" and _images(yaml.safe_load_all(p.read_text()))
         }
         assert workload_files <= set(resources), f"{kustomization}: leaves out {workload_files - set(resources)}"
-        (image,) = k["images"]
-        for r in resources:
-            for name in _images(yaml.safe_load_all(r.read_text())):
-                assert name.rsplit(":", 1)[0] == image["name"], f"{r.name}: {name} is not {image['name']}"
+        entries = [image["name"] for image in k["images"]]
+        assert len(entries) == len(set(entries)), f"{kustomization}: an image named twice: {entries}"
+        used = {name.rsplit(":", 1)[0] for r in resources for name in _images(yaml.safe_load_all(r.read_text()))}
+        assert used == set(entries), f"{kustomization}: images {sorted(used)}, entries {entries}"
+        assert len({(image["newName"], image["newTag"]) for image in k["images"]}) == 1, k["images"]
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
-def test_kustomize_builds_and_one_edit_renames_every_image(tmp_path):
+def test_kustomize_builds_and_the_entries_rename_every_image(tmp_path):
     copy = tmp_path / "kubernetes"
     shutil.copytree(KUBERNETES, copy)
     k = yaml.safe_load((copy / "kustomization.yaml").read_text())
-    k["images"] = [{**k["images"][0], "newName": "registry.example.com/serving", "newTag": "9.9.9"}]
+    k["images"] = [{**image, "newName": "registry.example.com/serving", "newTag": "9.9.9"} for image in k["images"]]
     (copy / "kustomization.yaml").write_text(yaml.safe_dump(k))
     built = subprocess.run(["kubectl", "kustomize", str(copy)], capture_output=True, text=True, timeout=60)
     assert built.returncode == 0, built.stderr
@@ -505,6 +507,17 @@ def test_kustomize_builds_and_one_edit_renames_every_image(tmp_path):
     assert len(images) == 4 and set(images) == {"registry.example.com/serving:9.9.9"}, images
     expected = sum(len([d for d in yaml.safe_load_all((KUBERNETES / r).read_text()) if d]) for r in k["resources"])
     assert len(docs) == expected, f"kustomize built {len(docs)} objects of {expected}"
+    # one role's slim image: only that role's pods change
+    k["images"] = [
+        {**image, "newName": "registry.example.com/serving-edge"} if image["name"].endswith("-edge") else image
+        for image in k["images"]
+    ]
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(k))
+    built = subprocess.run(["kubectl", "kustomize", str(copy)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    by_workload = {d["metadata"]["name"]: _images([d]) for d in yaml.safe_load_all(built.stdout) if d and _images([d])}
+    edge = {name for name, images in by_workload.items() if images == ["registry.example.com/serving-edge:9.9.9"]}
+    assert edge == {"cluster-edge"}, by_workload
 
 
 # ---- the edge's names, the share's owner ----------------------------------------------------------------------------
