@@ -99,3 +99,20 @@ def print_settings(built, origins) -> None:
     value_width = min(40, max(len(r[1]) for r in rows))
     for name, value, variable, came in rows:
         typer.echo(f"{name:<{width}}  {value:<{value_width}}  {variable:<32}  {came}")
+
+
+def need_role(*roles: str, what: str) -> None:
+    """Stop `what` with a message naming what to install when a role's packages are not installed (an edge or
+    broker node's slim install has no torch): an ImportError's traceback would say less."""
+    from cluster.dependencies import missing
+
+    absent = missing(*roles)
+    if absent:
+        extras = ",".join(roles)
+        typer.echo(
+            f"{what} needs {', '.join(absent)}, not installed here: install the full package "
+            f"(pip install -c constraints.txt .) or this role's extra of the slim one "
+            f"(pip install -c constraints.lock './slim[{extras}]'); README, Install by role",
+            err=True,
+        )
+        raise typer.Exit(2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cluster.options import ReadyFile, settings_command
+from cluster.options import ReadyFile, need_role, settings_command
 from cluster.role_settings import EdgeSettings
 
 
@@ -16,9 +16,8 @@ from cluster.role_settings import EdgeSettings
 def edge(settings: EdgeSettings, ready_file: str | None = ReadyFile):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST and gRPC, /metrics, /agents, and the page at /."""
     import edge  # run_edge looked up on the package when called (tests replace it there)
-    from cluster.cli.common import _need
 
-    _need("edge", what="cluster edge")
+    need_role("edge", what="cluster edge")
 
     edge.run_edge(settings, ready_file=ready_file)
 

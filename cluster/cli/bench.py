@@ -6,8 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cluster.cli.common import _need
-from cluster.options import settings_command
+from cluster.options import need_role, settings_command
 from cluster.role_settings import BenchSettings
 
 
@@ -79,7 +78,7 @@ def bench(
         typer.echo("bench: --token, --token-file, --ca-file and --http-json are for --http or --grpc", err=True)
         raise typer.Exit(2)
     if http or grpc:
-        _need("bench" if http else "edge", what=f"cluster bench {'--http' if http else '--grpc'}")
+        need_role("bench" if http else "edge", what=f"cluster bench {'--http' if http else '--grpc'}")
     most = max(lv.concurrency or 1 for lv in levels)
     if http:
         door = loadgen.HttpDoor(

@@ -10,23 +10,6 @@ import typer
 from cluster.options import ReadyFile  # noqa: F401 (the commands import it from here)
 
 
-def _need(*roles: str, what: str) -> None:
-    """Stop `what` with a message naming what to install when a role's packages are not installed (an edge or
-    broker node's slim install has no torch): an ImportError's traceback would say less."""
-    from cluster.dependencies import missing
-
-    absent = missing(*roles)
-    if absent:
-        extras = ",".join(roles)
-        typer.echo(
-            f"{what} needs {', '.join(absent)}, not installed here: install the full package "
-            f"(pip install -c constraints.txt .) or this role's extra of the slim one "
-            f"(pip install -c constraints.lock './slim[{extras}]'); README, Install by role",
-            err=True,
-        )
-        raise typer.Exit(2)
-
-
 def _setup_logging(level: str, role: str, fmt: str = "text") -> None:
     """Every logger of this process to stderr, as text or JSON lines (cluster/logs.py)."""
     import logging.config

@@ -21,8 +21,8 @@ from cluster.cli.canary import (
     STEP,
     WAIT,
 )
-from cluster.cli.common import _need, _table
-from cluster.options import settings_command
+from cluster.cli.common import _table
+from cluster.options import need_role, settings_command
 from cluster.protocol import What
 from cluster.role_settings import DeploySettings, ManagerQuerySettings
 from cluster.sizes import format_bytes
@@ -303,7 +303,7 @@ def _compile(
     """The package and compiled.json, in a temporary folder (removed with `stack`), to publish beside the program."""
     import tempfile
 
-    _need("agent", what="cluster deploy --compile")  # torch.export and AOTInductor, here
+    need_role("agent", what="cluster deploy --compile")  # torch.export and AOTInductor, here
     from cluster.compile import compile_program, compiled_json
     from cluster.model_check import COMPILED_FILE
     from cluster.model_config import ModelConfig, RepositoryError

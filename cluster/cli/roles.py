@@ -10,8 +10,8 @@ from dataclasses import replace
 import typer
 
 from cluster import config
-from cluster.cli.common import ReadyFile, _need, _report_ready, _security, _setup_logging, _stop_on_signals
-from cluster.options import settings_command
+from cluster.cli.common import ReadyFile, _report_ready, _security, _setup_logging, _stop_on_signals
+from cluster.options import need_role, settings_command
 from cluster.role_settings import AgentSettings, BrokerSettings, ManagerSettings
 
 
@@ -54,7 +54,7 @@ def agent(settings: AgentSettings):
     """Run an agent: loads the share's models and serves them to the broker."""
     import time
 
-    _need("agent", what="cluster agent")
+    need_role("agent", what="cluster agent")
     started = time.perf_counter()
     from cluster.agent import Agent  # torch: most of an agent's start-up (bench/cold_start.py)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import typer
 
 from cluster import config
-from cluster.cli.common import _need, _setup_logging
-from cluster.options import settings_command
+from cluster.cli.common import _setup_logging
+from cluster.options import need_role, settings_command
 from cluster.ports import is_any_port
 from cluster.role_settings import UpSettings
 from cluster.settings import to_env
@@ -50,7 +50,7 @@ def up(
     or the last broker stops everything (exit status 1). Ctrl-C or SIGTERM stops them all (exit status 0)."""
     import tempfile
 
-    _need("agent", "edge", what="cluster up")
+    need_role("agent", "edge", what="cluster up")
     from cluster.local import LocalCluster, StartError, any_port, ports_in_use, write_ready_file
     from cluster.supervisor import Supervisor
 
