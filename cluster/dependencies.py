@@ -64,6 +64,16 @@ TEST = [
 ]
 
 
+# What the two distributions share besides their requirements: one version for both, the same files.
+DISTRIBUTION = {
+    "version": "0.1.0",
+    "python_requires": ">=3.10",
+    "package_data": {"cluster": ["data/*"]},  # the digits demo model's data set, its split and its licence
+    "data_files": [("share/torch-serving-cluster", ["frontend.html"])],  # the page the edge serves at /
+    "entry_points": {"console_scripts": ["cluster=cluster.cli:main"]},
+}
+
+
 def every_role() -> list[str]:
     """CORE and every role's requirements: what the full install (`setup.py`, `[all]` of the slim one) needs."""
     return CORE + [requirement for role in ROLES.values() for requirement in role]

@@ -20,13 +20,9 @@ ROLES = DEPENDENCIES["ROLES"]
 
 setup(
     name="torch-serving-cluster-slim",
-    version="0.1.0",
     description="torch-serving-cluster for one role: install the extra of the role this machine runs.",
-    python_requires=">=3.10",
     packages=find_packages(include=["cluster", "cluster.*", "edge", "edge.*"]),
-    package_data={"cluster": ["data/*"]},
     install_requires=DEPENDENCIES["CORE"],
     extras_require={**ROLES, "all": [requirement for role in ROLES.values() for requirement in role]},
-    data_files=[("share/torch-serving-cluster", ["frontend.html"])],
-    entry_points={"console_scripts": ["cluster=cluster.cli:main"]},
+    **DEPENDENCIES["DISTRIBUTION"],
 )
