@@ -6,7 +6,7 @@ archive (torch/export/pt2_archive/_package.py, torch/_export/serde/serialize.py)
 - a weight or tensor constant whose payload config says `use_pickle` (torch.load(weights_only=False));
 - `custom_obj_*` (TorchScript's unpickler) and `opaque_obj_*` (pickle.loads) constants;
 - `data/sample_inputs/<m>.pt` (torch.load(weights_only=True), and weights_only=False if that fails), the legacy
-  `data/weights/<m>.pt` / `data/constants/<m>.pt` and the pre-2.8 `serialized_*.pt` layout (the same);
+  `data/weights/<m>.pt` / `data/constants/<m>.pt` (torch 2.8) and the pre-2.8 `serialized_*.pt` layout (the same);
 - the program's JSON: a node's `target` (and an `as_operator` argument) is resolved by getattr from `torch`,
   `_operator` or `math` and called when the module runs (`torch.os.system` resolves); every `expr_str` goes to
   sympy.sympify (which evals); `guards_code` is Python that ExportedProgram.module() compiles into the module, so
@@ -102,6 +102,8 @@ _SAFE_GLOBALS = {
 }
 _UNSAFE_OPCODES = {"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID"}
 
+# torch.export.save writes weights as raw tensor bytes (model_weights_config.json) from torch 2.9; before, a pickle.
+_RESAVE = "re-save it with torch.export.save on torch >= 2.9"
 # A node's target: an operator (resolved in torch.ops, so only registered operators), or a symbolic-shape helper.
 _OPERATOR_TARGET = re.compile(r"torch\.ops\.(?!.*__)[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?")
 _HELPER_TARGETS = {
@@ -257,11 +259,13 @@ def _check_pt2(source: Any, where: str) -> None:
     with archive:
         if any(n.rsplit("/", 1)[-1].startswith("serialized_") for n in archive.namelist()):
             raise _refuse(
-                where,
-                "is a torch.export archive in the pre-2.8 format, whose state dict is a pickle; "
-                "re-save it with torch.export.save on torch >= 2.8",
+                where, f"is a torch.export archive in the pre-2.8 format, whose state dict is a pickle; {_RESAVE}"
             )
         root, entries = _entries(archive, where)
+        if "data/weights/model.pt" in entries and "data/weights/model_weights_config.json" not in entries:
+            raise _refuse(
+                where, f"is a torch.export archive as torch 2.8 saves it, whose weights are a pickle; {_RESAVE}"
+            )
         if "archive_format" not in entries and "data.pkl" in entries:
             if "constants.pkl" in entries or any(e.startswith("code/") for e in entries):
                 raise _refuse(where, "is TorchScript, not a torch.export program: publish it as a .pt file")

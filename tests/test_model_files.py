@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,28 @@ def test_a_torch_save_file_is_told_apart_from_torchscript(tmp_path, good_pt2):
     misnamed.write_bytes(good_pt2.read_bytes())
     with pytest.raises(RepositoryError, match="is a torch.export program, not TorchScript: publish it as a .pt2"):
         publish_version(tmp_path, "m", misnamed, config=pt2_payloads.CONFIG)
+
+
+def test_a_program_saved_by_a_torch_below_the_floor_is_refused_with_the_torch_to_re_save_it_on(tmp_path, good_pt2):
+    """torch.export.save pickles the weights before torch 2.9 (torch 2.8: data/weights/model.pt; 2.7 and older: a
+    flat zip of serialized_*.pt), which the check refuses: the refusal says so, and which torch writes a file it
+    admits. Both layouts are built as those torch releases write them (entry names from their torch/export)."""
+    root, entries = pt2_payloads._entries(good_pt2)
+    kept = {name: data for name, data in entries.items() if not name.startswith(("data/weights/", "data/constants/"))}
+    state = pt2_payloads._torch_save({"linear.weight": torch.zeros(2, 4), "linear.bias": torch.zeros(2)})
+    kept.update({"data/weights/model.pt": state, "data/constants/model.pt": pt2_payloads._torch_save({})})
+    torch_2_8 = pt2_payloads._write(tmp_path / "torch-2.8.pt2", root, kept)
+    with pytest.raises(RepositoryError, match=r"as torch 2\.8 saves it, whose weights are a pickle; .* torch >= 2\.9"):
+        publish_version(tmp_path / "share", "old", torch_2_8, config=pt2_payloads.CONFIG)
+    torch_2_7 = tmp_path / "torch-2.7.pt2"
+    with zipfile.ZipFile(torch_2_7, "w") as archive:  # what torch 2.7's torch.export.save writes
+        archive.writestr("serialized_exported_program.json", entries["models/model.json"])
+        for name in ("state_dict", "constants", "example_inputs"):
+            archive.writestr(f"serialized_{name}.pt", state)
+        archive.writestr("version", "8.8")
+    with pytest.raises(RepositoryError, match=r"in the pre-2\.8 format, .* on torch >= 2\.9"):
+        publish_version(tmp_path / "share", "old", torch_2_7, config=pt2_payloads.CONFIG)
+    assert not (tmp_path / "share" / "models" / "old").exists()
 
 
 class Flatten(torch.nn.Module):
