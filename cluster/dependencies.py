@@ -22,10 +22,11 @@ CORE = [
 
 ROLES = {
     # Hosts models: `cluster agent`, and `cluster deploy --compile` (torch.export / AOTInductor at publish).
-    # The floor is the oldest release whose APIs the agent uses (README, "Which torch"); kept open above it for GPU
-    # users, who install their CUDA build. constraints.txt pins the CPU build for the README and CI.
+    # The floor is the oldest release the agent works with (README, "Which torch": 2.9 writes .pt2 weights without
+    # pickle and has ExportedProgram.module(check_guards=)); open above it for GPU users, who install their CUDA
+    # build. constraints.txt pins the CPU build for the README and CI.
     "agent": [
-        "torch>=2.1",
+        "torch>=2.9",
         "Pillow>=10",  # the built-in image decode of a BYTES input (config `decode`: JPEG, PNG)
     ],
     # The Open Inference Protocol front door: `cluster edge`.
