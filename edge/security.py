@@ -21,7 +21,6 @@ import hmac
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
@@ -31,6 +30,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge.errors import HTTPError, error_response
+from edge.tokens import read_token_file as read_token_file  # re-exported: edge.app and the tests use it here
 
 log = logging.getLogger("edge")
 
@@ -51,16 +51,6 @@ def split_tokens(values: Iterable[str] | str | None) -> tuple[str, ...]:
     if isinstance(values, str):
         values = [values]
     return tuple(token for value in values for token in value.replace(",", " ").split())
-
-
-def read_token_file(path: str | Path) -> tuple[str, ...]:
-    """The tokens in a file, one a line (blank lines and lines starting with # are skipped). A file without any is an
-    error: it would leave the edge open while its operator believes it closed."""
-    lines = Path(path).read_text().splitlines()
-    tokens = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    if not tokens:
-        raise ValueError(f"the token file {path} holds no token (one a line)")
-    return tokens
 
 
 def host_name(host: str) -> str:

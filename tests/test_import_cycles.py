@@ -176,6 +176,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "the edge's parts",
         (
+            "edge.tokens",
             "edge.errors",
             "edge.metrics",
             "edge.triton_config",

@@ -140,3 +140,20 @@ def test_a_role_command_without_its_packages_names_what_to_install(monkeypatch):
         assert result.exit_code == 2, (command, result.output)
         assert "needs no-such-distribution-here>=1, not installed here" in result.output, result.output
         assert "slim[" in result.output and "Install by role" in result.output, result.output
+
+
+def test_bench_over_http_reads_its_token_file_with_the_bench_packages_alone(tmp_path):
+    """`cluster bench --http URL --token-file F` on a `./slim[bench]` install (httpx, no FastAPI): the token file is
+    read and the load sent (to a closed port here: a connection error, exit status 2), not a ModuleNotFoundError
+    from reading the file with the edge's FastAPI module."""
+    token_file = tmp_path / "token"
+    token_file.write_text("# the edge's token\nsecret\n")
+    env = {**os.environ, **only("bench"), "PYTHONPATH": f"{ROLE_ONLY}{os.pathsep}{REPO_ROOT}"}
+    argv = ["bench", "echo", "--http", "http://127.0.0.1:1", "--token-file", str(token_file)]
+    argv += ["--concurrency", "1", "--duration", "0.2", "--warmup", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster", *argv], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "bench failed: ConnectError" in done.stderr, done.stderr[-2000:]
+    assert "ModuleNotFoundError" not in done.stderr, done.stderr[-2000:]

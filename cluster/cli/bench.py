@@ -64,7 +64,7 @@ def bench(
         typer.echo("bench: give --http or --grpc, not both", err=True)
         raise typer.Exit(2)
     if token_file is not None:
-        from edge.security import read_token_file
+        from edge.tokens import read_token_file  # not edge.security: that imports FastAPI
 
         try:
             token = next(iter(read_token_file(token_file)), None)
