@@ -59,6 +59,16 @@ def render(report: dict, python: str, system: str, machine: str) -> str:
     return HEADER.format(python=python, system=system, machine=machine) + "\n".join(lines) + "\n"
 
 
+def same_pins(old: str, new: str) -> bool:
+    """Whether two lock texts pin the same packages at the same versions: the header (which names the interpreter's
+    patch release and the platform it was made on) is left out, so `--check` on another 3.11.x does not fail."""
+
+    def body(text: str) -> list[str]:
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+    return body(old) == body(new)
+
+
 def resolve() -> dict:
     """pip's report of a fresh install of the package with the test extra, from the repository root."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +90,7 @@ def main() -> int:
     text = render(resolve(), platform.python_version(), platform.system(), platform.machine())
     if args.check:
         old = LOCK.read_text() if LOCK.exists() else ""
-        if old != text:
+        if not same_pins(old, text):
             print("constraints.lock differs from a fresh resolution: run python3 scripts/lock.py", file=sys.stderr)
             return 1
         print("constraints.lock is current")

@@ -77,3 +77,14 @@ def test_render_pins_public_versions_sorted_without_the_package_itself():
     assert text.startswith("# ") and "python3 scripts/lock.py" in text and "3.11.7 (Linux x86_64)" in text
     body = [line for line in text.splitlines() if not line.startswith("#")]
     assert body == ["jinja2==3.1.6", "prometheus-client==0.26.0", "torch==2.13.0"]
+
+
+def test_check_compares_the_pins_not_the_header_that_names_the_interpreter():
+    """`lock.py --check` on another patch release or machine: the same pins are current; another pin is not."""
+    lock = runpy.run_path(str(REPO_ROOT / "scripts" / "lock.py"))
+    report = {"install": [{"metadata": {"name": "numpy", "version": "2.4.6"}}]}
+    made_here = lock["render"](report, "3.11.7", "Linux", "x86_64")
+    assert lock["same_pins"](made_here, lock["render"](report, "3.11.9", "Linux", "x86_64"))
+    newer = {"install": [{"metadata": {"name": "numpy", "version": "2.4.7"}}]}
+    assert not lock["same_pins"](made_here, lock["render"](newer, "3.11.7", "Linux", "x86_64"))
+    assert not lock["same_pins"]("", made_here)
