@@ -47,13 +47,16 @@ NAME="cluster-check-$$"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 started=$(date +%s)
 CONTAINER_ID=""
+EDGE_ID=""   # the edge image's container (CONTAINER_CHECK_ROLES), removed on every way out as CONTAINER_ID is
 
 fail() { echo "container check: FAILED: $*"; exit 1; }
 say() { echo "[container-check +$(( $(date +%s) - started ))s] $*"; }
 cleanup() {
-  if [ -n "$CONTAINER_ID" ]; then
-    $SUDO env CONTAINERS_CONF="$CONTAINERS_CONF" podman rm -f -t 5 "$CONTAINER_ID" >/dev/null 2>&1 || true
-  fi
+  for id in "$EDGE_ID" "$CONTAINER_ID"; do
+    if [ -n "$id" ]; then
+      $SUDO env CONTAINERS_CONF="$CONTAINERS_CONF" podman rm -f -t 5 "$id" >/dev/null 2>&1 || true
+    fi
+  done
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT   # the budget's timeout: still remove the container (EXIT)
@@ -182,13 +185,18 @@ for role in ${CONTAINER_CHECK_ROLES-edge}; do
       role_edge=""
       deadline=$(( $(date +%s) + ${CONTAINER_CHECK_START_DEADLINE:-240} ))
       until [ -n "$role_edge" ]; do
-        [ "$(date +%s)" -lt "$deadline" ] || { podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1; podman rm -f "$EDGE_ID" >/dev/null 2>&1; fail "the edge image did not serve within the deadline (see $STATE/edge.log)"; }
+        if [ "$(podman inspect "$EDGE_ID" --format '{{.State.Running}}' 2>/dev/null)" != "true" ]; then
+          podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1
+          fail "the edge image's container stopped before it served: $(tail -1 "$STATE/edge.log")"
+        fi
+        [ "$(date +%s)" -lt "$deadline" ] || { podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1; fail "the edge image did not serve within the deadline (see $STATE/edge.log)"; }
         [ -s "$RUN_DIR/edge-ready.json" ] && role_edge=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"].get("edge", ""))' "$RUN_DIR/edge-ready.json" 2>/dev/null)
         [ -n "$role_edge" ] || sleep 1
       done
       answer=$(curl -sS -m 30 -H 'Content-Type: application/json' -d "$body" "$role_edge/v2/models/echo/infer" 2>&1)
       podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1
       podman rm -f -t 5 "$EDGE_ID" >/dev/null 2>&1
+      EDGE_ID=""
       case "$answer" in *'"data":[1.5,2.5,3.5]'*) ;; *) fail "the edge image's answer: $answer (see $STATE/edge.log)" ;; esac
       say "edge image: answered through the cluster's broker: $answer" ;;
     core)
