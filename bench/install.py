@@ -55,6 +55,7 @@ def measure(name: str, pip_args: list[str], cwd: Path) -> dict:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
         python = str(venv / "bin" / "python")
         empty = size_bytes(venv)
+        before = len(_installed(python))  # pip, and setuptools where the venv module still adds it (3.11 and older)
         started = time.perf_counter()
         done = subprocess.run(
             [python, "-m", "pip", "install", "-q", *pip_args], cwd=cwd, capture_output=True, text=True, timeout=1800
@@ -62,19 +63,24 @@ def measure(name: str, pip_args: list[str], cwd: Path) -> dict:
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             return {"row": name, "error": done.stderr.strip()[-2000:]}
-        listed = subprocess.run(
-            [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, timeout=120, check=True
-        )
-        dists = {d["name"].lower(): d["version"] for d in json.loads(listed.stdout)}
+        dists = _installed(python)
         helped = subprocess.run([str(venv / "bin" / "cluster"), "--help"], capture_output=True, timeout=120)
         return {
             "row": name,
             "seconds": round(seconds, 1),
             "mb": round((size_bytes(venv) - empty) / 1e6, 1),
-            "distributions": len(dists) - 2,  # less pip and setuptools, which every venv starts with
+            "distributions": len(dists) - before,
             "has": [w for w in WATCH if w in dists],
             "cluster --help": "ok" if helped.returncode == 0 else f"exit {helped.returncode}",
         }
+
+
+def _installed(python: str) -> dict[str, str]:
+    """{distribution: version} in the venv of `python`."""
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, timeout=120, check=True
+    )
+    return {d["name"].lower(): d["version"] for d in json.loads(listed.stdout)}
 
 
 def main() -> None:

@@ -482,10 +482,10 @@ def _from_pbtxt(text: str, path: Any) -> dict:
     try:
         from google.protobuf import json_format, text_format
         from tritonclient.grpc import model_config_pb2
-    except ImportError as exc:  # pragma: no cover - tritonclient[grpc] is a dependency
+    except ImportError as exc:  # a slim install without the edge extra (README, Install by role)
         raise RepositoryError(
-            f"{path} is protobuf text (Triton's config.pbtxt), which needs tritonclient[grpc] to read ({exc}); "
-            "or write the config as config.json"
+            f"{path} is protobuf text (Triton's config.pbtxt), which needs tritonclient[grpc] to read ({exc}): "
+            "pip install 'tritonclient[grpc]' (the edge extra has it), or write the config as config.json"
         ) from None
     try:
         message = text_format.Parse(text, model_config_pb2.ModelConfig())
