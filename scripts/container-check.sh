@@ -130,17 +130,25 @@ CONTAINER_ID=$(podman run -d --name "$NAME" --network host -v "$RUN_DIR:/out" "$
   || fail "podman run: $(tail -1 "$STATE/run.err")"
 say "container $NAME started"
 
-edge=""
+# wait_for_edge CONTAINER READY_FILE LOG WHAT: sets EDGE_ADDRESS once the container has written the edge's address
+# to READY_FILE (a host path); fails, with the container's log in LOG, if it stops first or the deadline passes
+wait_for_edge() {
+  local id=$1 ready=$2 log=$3 what=$4 until=$(( $(date +%s) + ${CONTAINER_CHECK_START_DEADLINE:-240} ))
+  EDGE_ADDRESS=""
+  while [ -z "$EDGE_ADDRESS" ]; do
+    if [ "$(podman inspect "$id" --format '{{.State.Running}}' 2>/dev/null)" != "true" ]; then
+      podman logs "$id" >"$log" 2>&1
+      fail "$what stopped before the edge served: $(tail -1 "$log")"
+    fi
+    [ "$(date +%s)" -lt "$until" ] || { podman logs "$id" >"$log" 2>&1; fail "$what: no edge in the ready file within the deadline (see $log)"; }
+    [ -s "$ready" ] && EDGE_ADDRESS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"].get("edge", ""))' "$ready" 2>/dev/null)
+    [ -n "$EDGE_ADDRESS" ] || sleep 1
+  done
+}
+
 deadline=$(( $(date +%s) + ${CONTAINER_CHECK_START_DEADLINE:-240} ))
-while [ -z "$edge" ]; do
-  if [ "$(podman inspect "$CONTAINER_ID" --format '{{.State.Running}}' 2>/dev/null)" != "true" ]; then
-    podman logs "$CONTAINER_ID" >"$STATE/container.log" 2>&1
-    fail "the container stopped before the edge served: $(tail -1 "$STATE/container.log")"
-  fi
-  [ "$(date +%s)" -lt "$deadline" ] || { podman logs "$CONTAINER_ID" >"$STATE/container.log" 2>&1; fail "no edge in the ready file within the deadline (see $STATE/container.log)"; }
-  [ -s "$RUN_DIR/ready.json" ] && edge=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"].get("edge", ""))' "$RUN_DIR/ready.json" 2>/dev/null)
-  [ -n "$edge" ] || sleep 1
-done
+wait_for_edge "$CONTAINER_ID" "$RUN_DIR/ready.json" "$STATE/container.log" "the container"
+edge=$EDGE_ADDRESS
 say "edge at $edge"
 until curl -sf "$edge/v2/models/echo/ready" >/dev/null; do
   [ "$(date +%s)" -lt "$deadline" ] || { podman logs "$CONTAINER_ID" >"$STATE/container.log" 2>&1; fail "echo not ready at $edge within the deadline (see $STATE/container.log)"; }
@@ -182,17 +190,8 @@ for role in ${CONTAINER_CHECK_ROLES-edge}; do
       EDGE_ID=$(podman run -d --network host -v "$RUN_DIR:/out" "$role_image" edge --broker "$broker" \
         --host 127.0.0.1 --port 0 --grpc-port -1 --ready-file /out/edge-ready.json 2>"$STATE/run-edge.err") \
         || fail "podman run the edge image: $(tail -1 "$STATE/run-edge.err")"
-      role_edge=""
-      deadline=$(( $(date +%s) + ${CONTAINER_CHECK_START_DEADLINE:-240} ))
-      until [ -n "$role_edge" ]; do
-        if [ "$(podman inspect "$EDGE_ID" --format '{{.State.Running}}' 2>/dev/null)" != "true" ]; then
-          podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1
-          fail "the edge image's container stopped before it served: $(tail -1 "$STATE/edge.log")"
-        fi
-        [ "$(date +%s)" -lt "$deadline" ] || { podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1; fail "the edge image did not serve within the deadline (see $STATE/edge.log)"; }
-        [ -s "$RUN_DIR/edge-ready.json" ] && role_edge=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addresses"].get("edge", ""))' "$RUN_DIR/edge-ready.json" 2>/dev/null)
-        [ -n "$role_edge" ] || sleep 1
-      done
+      wait_for_edge "$EDGE_ID" "$RUN_DIR/edge-ready.json" "$STATE/edge.log" "the edge image's container"
+      role_edge=$EDGE_ADDRESS
       answer=$(curl -sS -m 30 -H 'Content-Type: application/json' -d "$body" "$role_edge/v2/models/echo/infer" 2>&1)
       podman logs "$EDGE_ID" >"$STATE/edge.log" 2>&1
       podman rm -f -t 5 "$EDGE_ID" >/dev/null 2>&1
