@@ -10,19 +10,16 @@ whose caller is cancelled never goes (and no CANCEL is sent for it). No timing i
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 
 import numpy as np
 import pytest
 import zmq
 
-from cluster import InferenceTimeoutError, client_core, protocol
+from cluster import InferenceTimeoutError, client_core
 from cluster import async_client as async_module
 from cluster.client import AsyncClient
-from cluster.protocol import Command
 from tests.harness import until
-from tests.test_client_io import FakeBroker, split_batch
+from tests.test_client_io import FakeBroker
 
 IN_FLIGHT = 64
 CALLS = 2000
@@ -143,57 +140,10 @@ def test_two_thousand_calls_through_a_real_broker_with_64_in_flight(echo_cluster
 BIG = 256 * 1024  # floats: 1 MiB a request, so a few fill the pipe and the TCP buffers
 
 
-class PausedBroker:
-    """A ROUTER that answers probes and echoes requests, but reads nothing while `paused` (with a receive HWM of 2
-    and small TCP buffers, its clients' pipes fill up); records the ids of the requests and cancels it read."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTING_ID, b"paused")
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 2)
-        self.sock.setsockopt(zmq.RCVBUF, 64 * 1024)
-        self.address = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
-        self.incarnation = os.urandom(8).hex()
-        self.paused = threading.Event()
-        self.requests: list[int] = []
-        self.cancelled: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="paused-broker", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            if self.paused.is_set() or not self.sock.poll(20):
-                self._stop.wait(0.01)
-                continue
-            for route, *frames in split_batch(self.sock.recv_multipart()):
-                self._answer(route, frames)
-
-    def _answer(self, route: bytes, frames: list) -> None:
-        if frames == [b""]:
-            hello = protocol.BrokerHello("paused", self.incarnation, True)
-            self.sock.send_multipart([route, *protocol.message(Command.READY, hello.to_wire())])
-            return
-        header = protocol.unpack_header(frames[1])
-        if protocol.parse_preamble(frames[0][: protocol.PREAMBLE_BYTES]) == Command.CANCEL:  # (a REQUEST: + head)
-            self.cancelled.append(header["id"])
-            return
-        self.requests.append(header["id"])
-        reply = {"id": header["id"], "model": "echo", "version": 1, "agent": "fake", "outputs": header["inputs"]}
-        self.sock.send_multipart([route, *protocol.message(Command.REPLY, reply, frames[2:])])
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close(0)
-        self.ctx.term()
-
-
 @pytest.fixture
 def paused_broker(monkeypatch):
-    """A PausedBroker, and clients whose socket has a send HWM of 2 and small TCP buffers."""
+    """A FakeBroker that reads nothing while `paused` (receive HWM 2, small TCP buffers), and clients whose socket
+    has a send HWM of 2 and small TCP buffers."""
     make_socket = client_core.make_socket
 
     def small_pipes(ctx, kind, **options):
@@ -207,7 +157,7 @@ def paused_broker(monkeypatch):
         return make_socket(ctx, kind, **{**options, "hwm": 2, "before_connect": small})
 
     monkeypatch.setattr(client_core, "make_socket", small_pipes)
-    broker = PausedBroker()
+    broker = FakeBroker(name=b"paused", receive_hwm=2, receive_buffer=64 * 1024)
     yield broker
     broker.stop()
 
@@ -216,7 +166,7 @@ def big(k: int) -> dict:
     return {"x": np.full((1, BIG), k, np.float32)}
 
 
-async def fill(client: AsyncClient, broker: PausedBroker, n: int = 24) -> list[asyncio.Task]:
+async def fill(client: AsyncClient, broker: FakeBroker, n: int = 24) -> list[asyncio.Task]:
     """Pause the broker and send `n` big calls: some must find the pipe full and wait for room."""
     await client.infer("echo", big(-1))  # the broker is live, and said hello
     broker.paused.set()

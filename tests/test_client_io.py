@@ -46,9 +46,13 @@ class FakeBroker:
     """A ROUTER in a thread speaking the client side of the protocol: echoes REQUESTs to model "echo" (and to
     "hold", once released), never answers model "sleep" (the client's deadline must fire), counts and swallows
     model "swallow" while `swallowing`, and answers QUERYs with their own fields; a probe (an empty frame) gets a
-    READY BrokerHello with this run's incarnation. Runs on a fixed port, so a new one takes over after stop()."""
+    READY BrokerHello with this run's incarnation. Runs on a fixed port, so a new one takes over after stop().
+    Records the ids of the REQUESTs and CANCELs it read; reads nothing while `paused` (with a small `receive_hwm`
+    and `receive_buffer`, its clients' pipes then fill up)."""
 
-    def __init__(self, port: int = 0, name: bytes = b"fake") -> None:
+    def __init__(
+        self, port: int = 0, name: bytes = b"fake", receive_hwm: int = 100_000, receive_buffer: int | None = None
+    ) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTING_ID, name)  # the bound side names itself (clients address it by name)
@@ -56,7 +60,9 @@ class FakeBroker:
         self.incarnation = os.urandom(8).hex()
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, receive_hwm)
+        if receive_buffer is not None:
+            self.sock.setsockopt(zmq.RCVBUF, receive_buffer)
         if port:
             self.sock.bind(f"tcp://127.0.0.1:{port}")
             self.port = port
@@ -67,8 +73,10 @@ class FakeBroker:
         self.swallowed = 0
         self.held: list[list] = []  # answers to model "hold", sent in order by release()
         self._release: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self.cancels = 0
+        self.requests: list[int] = []  # the ids of the REQUESTs read, in order
+        self.cancelled: list[int] = []  # the ids of the CANCELs read
         self.received: list[int] = []  # messages in each message read (a BATCH: more than one)
+        self.paused = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="fake-broker", daemon=True)
         self._thread.start()
@@ -81,9 +89,14 @@ class FakeBroker:
             while released and self.held:
                 self.sock.send_multipart(self.held.pop(0))
                 released -= 1
+            if self.paused.is_set():
+                self._stop.wait(0.01)
+                continue
             if not self.sock.poll(20):
                 continue
             for _ in range(256):
+                if self.paused.is_set():
+                    break
                 try:
                     received = self.sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -104,16 +117,21 @@ class FakeBroker:
         cmd = protocol.parse_preamble(frames[0][: protocol.PREAMBLE_BYTES])  # (a REQUEST's head follows)
         header = protocol.unpack_header(frames[1])
         if cmd == Command.CANCEL:
-            self.cancels += 1
+            self.cancelled.append(header["id"])
             return None
         if cmd == Command.QUERY:
             return protocol.message(Command.REPLY, {"id": header["id"], "result": header})
+        self.requests.append(header["id"])
         model = header["model"]
         if model == "sleep" or (model == "swallow" and self.swallowing):
             self.swallowed += model == "swallow"
             return None
         reply = {"id": header["id"], "model": model, "version": 1, "agent": "fake", "outputs": header["inputs"]}
         return protocol.message(Command.REPLY, reply, frames[2:])
+
+    @property
+    def cancels(self) -> int:
+        return len(self.cancelled)
 
     def release(self, n: int = 1) -> None:
         """Answer the next `n` held "hold" requests."""
