@@ -15,9 +15,8 @@ from cluster.role_settings import EdgeSettings
 @settings_command(EdgeSettings)
 def edge(settings: EdgeSettings, ready_file: str | None = ReadyFile):
     """Run the HTTP edge: Open Inference Protocol (KServe V2) REST and gRPC, /metrics, /agents, and the page at /."""
+    need_role("edge", what="cluster edge")  # before any import of FastAPI: say what to install
     import edge  # run_edge looked up on the package when called (tests replace it there)
-
-    need_role("edge", what="cluster edge")
 
     edge.run_edge(settings, ready_file=ready_file)
 

@@ -29,10 +29,18 @@ def only(role: str) -> dict[str, str]:
     return {"PYTHONPATH": str(ROLE_ONLY), "CLUSTER_TEST_ONLY_PACKAGES_OF": role}
 
 
+def role_env(role: str) -> dict[str, str]:
+    """This process's environment, for a child that runs the repository's code with only `role`'s packages."""
+    return {**os.environ, **only(role), "PYTHONPATH": f"{ROLE_ONLY}{os.pathsep}{REPO_ROOT}"}
+
+
 def run_as(role: str, code: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **only(role), "PYTHONPATH": f"{ROLE_ONLY}{os.pathsep}{REPO_ROOT}"}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=role_env(role),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -148,11 +156,15 @@ def test_bench_over_http_reads_its_token_file_with_the_bench_packages_alone(tmp_
     from reading the file with the edge's FastAPI module."""
     token_file = tmp_path / "token"
     token_file.write_text("# the edge's token\nsecret\n")
-    env = {**os.environ, **only("bench"), "PYTHONPATH": f"{ROLE_ONLY}{os.pathsep}{REPO_ROOT}"}
     argv = ["bench", "echo", "--http", "http://127.0.0.1:1", "--token-file", str(token_file)]
     argv += ["--concurrency", "1", "--duration", "0.2", "--warmup", "0"]
     done = subprocess.run(
-        [sys.executable, "-m", "cluster", *argv], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [sys.executable, "-m", "cluster", *argv],
+        env=role_env("bench"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "bench failed: ConnectError" in done.stderr, done.stderr[-2000:]
