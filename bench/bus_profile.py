@@ -11,7 +11,6 @@ includes the time the thread waited for the CPU after waking ZeroMQ's I/O thread
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import os
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bench.echo import echo_stacks
+from bench.echo import Payloads, async_throughput, echo_stacks
 from bench.lib import ECHO_FLOATS, IN_FLIGHT, closed_loop, percentile, sequential
 
 
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="measurement window of each load")
     parser.add_argument("--py-spy", type=Path, default=None, help="also profile each process with py-spy, here")
     args = parser.parse_args(argv)
-    from cluster import AsyncClient, Client
+    from cluster import Client
 
     x = np.ones((1, ECHO_FLOATS), np.float32)
     with echo_stacks("bench-bus-profile-") as (cluster, _bare):
@@ -118,22 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             measure("sequential-client", one_at_a_time)
             measure("64-in-flight-client", in_flight)
 
-        async def coroutines():
-            async with AsyncClient(cluster.addresses.broker_clients, timeout=60) as client:
-                done = 0
-                end = time.perf_counter() + args.seconds
+        def coroutines():
+            rate = async_throughput(cluster.addresses.broker_clients, Payloads(), IN_FLIGHT, args.seconds, 0.0)
+            return round(rate * args.seconds), f"{rate:.0f} req/s"
 
-                async def caller() -> None:
-                    nonlocal done
-                    while time.perf_counter() < end:
-                        await client.infer("echo", {"x": x})
-                        done += 1
-
-                start = time.perf_counter()
-                await asyncio.gather(*(caller() for _ in range(IN_FLIGHT)))
-                return done, f"{done / (time.perf_counter() - start):.0f} req/s"
-
-        measure("64-coroutines-asyncclient", lambda: asyncio.run(coroutines()))
+        measure("64-coroutines-asyncclient", coroutines)
     return 0
 
 
